@@ -1,0 +1,149 @@
+//! The command line of `haul-pbs` (clap derive only; validation happens in the commands).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "haul-pbs",
+    version,
+    about = "The haul backup server: owns repositories and keys, takes and restores backups"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Repository directory.
+    #[arg(long, short = 'r', env = "HAUL_REPO", global = true)]
+    pub repo: Option<PathBuf>,
+    /// File holding the repository passphrase (else $HAUL_PASSWORD, $HAUL_PASSWORD_FILE, or a prompt).
+    #[arg(long, env = "HAUL_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Directory for the local index cache (default: $XDG_CACHE_HOME/haul or ~/.cache/haul).
+    #[arg(long, env = "HAUL_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not use or write the local index cache.
+    #[arg(long, global = true)]
+    pub no_cache: bool,
+    /// Output one JSON object per line.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Manage the repository's keys (passphrases).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Back up directories of this machine into the repository.
+    BackupLocal(BackupLocalArgs),
+    /// List snapshots.
+    Snapshots(SnapshotsArgs),
+    /// List the contents of a snapshot.
+    Ls(LsArgs),
+    /// Restore a snapshot into a new or empty directory.
+    Restore(RestoreArgs),
+    /// Check the repository's structure, and with --read-data every stored byte.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// zstd compression level for chunks (1-22).
+    #[arg(long, default_value_t = 3)]
+    pub compression: i32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Add a key for another passphrase (read from --new-password-file, $HAUL_NEW_PASSWORD or a prompt).
+    Add {
+        #[arg(long, env = "HAUL_NEW_PASSWORD_FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// List the keys.
+    List,
+    /// Remove a key by id (or a unique prefix). The last key cannot be removed.
+    Remove { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct BackupLocalArgs {
+    /// Files and directories to back up.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Exclude entries whose path or name matches this glob (repeatable).
+    #[arg(long, short = 'e')]
+    pub exclude: Vec<String>,
+    /// Skip the contents of directories tagged with CACHEDIR.TAG.
+    #[arg(long)]
+    pub exclude_caches: bool,
+    /// Stay on the filesystem of each backup path.
+    #[arg(long, short = 'x')]
+    pub one_file_system: bool,
+    /// Tag the snapshot (repeatable).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Host name recorded in the snapshot (default: this machine's).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Compare against this snapshot instead of the latest of the same host and paths.
+    #[arg(long, conflicts_with = "force")]
+    pub parent: Option<String>,
+    /// Read every file, ignoring the parent snapshot.
+    #[arg(long)]
+    pub force: bool,
+    /// File-reading threads (default: the number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    /// Only snapshots of this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only snapshots with this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    pub snapshot: String,
+    /// List only below this path inside the snapshot.
+    pub path: Option<String>,
+    /// List only the named directory's entries, not everything below it.
+    #[arg(long)]
+    pub no_recursive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    pub snapshot: String,
+    /// Directory to restore into: must not exist or be empty.
+    #[arg(long, short = 't')]
+    pub target: PathBuf,
+    /// Restore only this path of the snapshot and what is below it (repeatable).
+    #[arg(long, short = 'i')]
+    pub include: Vec<String>,
+    /// Writing threads (default: the number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also read, decrypt, decompress and re-hash every blob.
+    #[arg(long)]
+    pub read_data: bool,
+}

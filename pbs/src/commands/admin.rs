@@ -1,0 +1,79 @@
+//! `init` and `key add|list|remove`.
+
+use super::Context;
+use crate::cli::InitArgs;
+use crate::error::CliError;
+use crate::output::json_line;
+use crate::password;
+use haul_repo::backend::LocalBackend;
+use haul_repo::crypto::KdfParams;
+use haul_repo::format::config::RepoConfig;
+use haul_repo::Repository;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub fn init(ctx: &Context, args: InitArgs) -> Result<(), CliError> {
+    let path = ctx.repo_path()?;
+    let config = RepoConfig::new(args.compression);
+    config.validate().map_err(CliError::usage)?;
+    let pass = password::new(ctx.global.password_file.as_deref(), "HAUL_PASSWORD")?;
+    let backend = Arc::new(LocalBackend::create(&path)?);
+    let repo = Repository::init(backend, &pass, KdfParams::default(), config)?;
+    if ctx.global.json {
+        json_line(&serde_json::json!({"type": "init", "repository": path, "id": repo.config().id}));
+    } else {
+        println!(
+            "created haul repository {} at {}",
+            &repo.config().id[..8],
+            path.display()
+        );
+        println!("Keep the passphrase safe: without it nothing in this repository can be read or restored.");
+    }
+    Ok(())
+}
+
+pub fn key_add(ctx: &Context, new_password_file: Option<PathBuf>) -> Result<(), CliError> {
+    let repo = ctx.open()?;
+    let pass = password::new(new_password_file.as_deref(), "HAUL_NEW_PASSWORD")?;
+    let id = repo.add_key(&pass, KdfParams::default())?;
+    if ctx.global.json {
+        json_line(&serde_json::json!({"type": "key-added", "id": id}));
+    } else {
+        println!("added key {}", &id[..8]);
+    }
+    Ok(())
+}
+
+pub fn key_list(ctx: &Context) -> Result<(), CliError> {
+    let repo = ctx.open()?;
+    let keys = repo.list_keys()?;
+    if ctx.global.json {
+        for k in &keys {
+            json_line(k);
+        }
+        return Ok(());
+    }
+    println!(" {:<10} {:<20} {:<16} HOST", "ID", "CREATED", "USER");
+    for k in keys {
+        println!(
+            "{}{:<10} {:<20} {:<16} {}",
+            if k.current { "*" } else { " " },
+            &k.id[..8],
+            k.created.format("%Y-%m-%d %H:%M:%S"),
+            k.username,
+            k.hostname
+        );
+    }
+    Ok(())
+}
+
+pub fn key_remove(ctx: &Context, id: &str) -> Result<(), CliError> {
+    let repo = ctx.open()?;
+    let removed = repo.remove_key(id)?;
+    if ctx.global.json {
+        json_line(&serde_json::json!({"type": "key-removed", "id": removed}));
+    } else {
+        println!("removed key {}", &removed[..8]);
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! `snapshots` and `ls`.
+
+use super::Context;
+use crate::cli::{LsArgs, SnapshotsArgs};
+use crate::error::CliError;
+use crate::output::{bytes, json_line};
+use haul_protocol::tree::{Node, NodeKind, Tree};
+use haul_repo::IndexedRepository;
+
+pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
+    let repo = ctx.open()?;
+    let list: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|(_, s)| args.host.as_ref().is_none_or(|h| &s.host == h))
+        .filter(|(_, s)| args.tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+        .collect();
+    if ctx.global.json {
+        for (id, s) in &list {
+            let mut v = serde_json::to_value(s).expect("snapshot serializes");
+            v["id"] = serde_json::Value::String(id.to_hex());
+            v["short_id"] = serde_json::Value::String(id.short());
+            json_line(&v);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:<20} {:<16} {:>10} {:<20} PATHS",
+        "ID", "TIME (UTC)", "HOST", "SIZE", "TAGS"
+    );
+    for (id, s) in &list {
+        println!(
+            "{:<9} {:<20} {:<16} {:>10} {:<20} {}",
+            id.short(),
+            s.time.format("%Y-%m-%d %H:%M:%S"),
+            s.host,
+            bytes(s.summary.bytes_total),
+            s.tags.join(","),
+            s.paths.join(" ")
+        );
+    }
+    println!("{} snapshot(s)", list.len());
+    Ok(())
+}
+
+/// Splits a snapshot path into components.
+pub fn components(path: &str) -> Vec<Vec<u8>> {
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .map(|c| c.as_bytes().to_vec())
+        .collect()
+}
+
+pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
+    let repo = ctx.open_indexed()?;
+    let (id, snap) = repo.find_snapshot(&args.snapshot)?;
+    let start = args.path.as_deref().unwrap_or("/");
+    let comps = components(start);
+    // Find the node at `start`.
+    let mut tree = repo.load_tree(&snap.tree)?;
+    let mut prefix = String::new();
+    let mut at_node: Option<Node> = None;
+    for (i, c) in comps.iter().enumerate() {
+        let node = tree
+            .find(c)
+            .cloned()
+            .ok_or_else(|| CliError::usage(format!("{start} is not in snapshot {}", id.short())))?;
+        prefix.push('/');
+        prefix.push_str(&String::from_utf8_lossy(c));
+        if i + 1 < comps.len() {
+            let sub = node
+                .subtree
+                .ok_or_else(|| CliError::usage(format!("{prefix} is not a directory")))?;
+            tree = repo.load_tree(&sub)?;
+        } else {
+            at_node = Some(node);
+        }
+    }
+    match at_node {
+        Some(node) if node.kind != NodeKind::Dir => print_node(ctx, &prefix, &node),
+        Some(node) => {
+            print_node(ctx, &prefix, &node);
+            if let Some(sub) = node.subtree {
+                list(
+                    ctx,
+                    &repo,
+                    &repo.load_tree(&sub)?,
+                    &prefix,
+                    !args.no_recursive,
+                )?;
+            }
+        }
+        None => list(ctx, &repo, &tree, "", !args.no_recursive)?,
+    }
+    Ok(())
+}
+
+fn list(
+    ctx: &Context,
+    repo: &IndexedRepository,
+    tree: &Tree,
+    prefix: &str,
+    recursive: bool,
+) -> Result<(), CliError> {
+    for node in &tree.nodes {
+        let path = format!("{prefix}/{}", String::from_utf8_lossy(&node.name));
+        print_node(ctx, &path, node);
+        if recursive {
+            if let Some(sub) = node.subtree {
+                list(ctx, repo, &repo.load_tree(&sub)?, &path, recursive)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mode_string(node: &Node) -> String {
+    let t = match node.kind {
+        NodeKind::File => '-',
+        NodeKind::Dir => 'd',
+        NodeKind::Symlink => 'l',
+        NodeKind::Fifo => 'p',
+        NodeKind::Socket => 's',
+        NodeKind::CharDevice => 'c',
+        NodeKind::BlockDevice => 'b',
+    };
+    let mut s = String::from(t);
+    for shift in [6, 3, 0] {
+        let bits = (node.mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn print_node(ctx: &Context, path: &str, node: &Node) {
+    let mtime =
+        chrono::DateTime::from_timestamp(node.mtime.sec, node.mtime.nsec).unwrap_or_default();
+    if ctx.global.json {
+        json_line(&serde_json::json!({
+            "path": path, "type": node.kind.word(), "mode": node.mode, "uid": node.uid, "gid": node.gid,
+            "user": String::from_utf8_lossy(&node.user), "group": String::from_utf8_lossy(&node.group),
+            "size": node.size, "mtime": mtime.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "target": (node.kind == NodeKind::Symlink).then(|| String::from_utf8_lossy(&node.target).into_owned()),
+            "chunks": node.content.len(), "nlink": node.nlink,
+        }));
+        return;
+    }
+    let owner = |name: &[u8], id: u32| {
+        if name.is_empty() {
+            id.to_string()
+        } else {
+            String::from_utf8_lossy(name).into_owned()
+        }
+    };
+    let mut line = format!(
+        "{} {:<8} {:<8} {:>10} {} {}",
+        mode_string(node),
+        owner(&node.user, node.uid),
+        owner(&node.group, node.gid),
+        node.size,
+        mtime.format("%Y-%m-%d %H:%M:%S"),
+        path
+    );
+    if node.kind == NodeKind::Symlink {
+        line.push_str(" -> ");
+        line.push_str(&String::from_utf8_lossy(&node.target));
+    }
+    println!("{line}");
+}

@@ -1,0 +1,83 @@
+//! `check [--read-data]`.
+
+use super::Context;
+use crate::cli::CheckArgs;
+use crate::error::CliError;
+use crate::output::{bytes, json_line, Progress};
+use haul_repo::check::{self, CheckOptions};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
+    // Check what the repository says, not what a local cache remembers.
+    let repo = ctx.open()?.load_index(None)?;
+    let done = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let report = {
+        let d = done.clone();
+        let _progress = Progress::start(!ctx.global.json, move || {
+            format!(
+                "checking packs: {} of {}",
+                d.0.load(Relaxed),
+                d.1.load(Relaxed)
+            )
+        });
+        let progress = |n: usize, total: usize| {
+            done.0.store(n, Relaxed);
+            done.1.store(total, Relaxed);
+        };
+        check::check(
+            &repo,
+            &CheckOptions {
+                read_data: args.read_data,
+            },
+            &progress,
+        )?
+    };
+    if ctx.global.json {
+        json_line(&report);
+    } else {
+        println!(
+            "{} snapshots, {} packs, {} blobs, {} trees checked{}",
+            report.snapshots,
+            report.packs,
+            report.blobs,
+            report.trees_checked,
+            if args.read_data {
+                format!(", {} read and verified", bytes(report.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+        for e in &report.errors {
+            println!("error: {e}");
+        }
+        for d in &report.damaged {
+            println!(
+                "damaged {} blob {}{}: {}",
+                d.kind,
+                d.blob,
+                d.pack
+                    .as_ref()
+                    .map(|p| format!(" in pack {}", &p[..16]))
+                    .unwrap_or_default(),
+                d.reason
+            );
+            for a in &d.affected {
+                println!("  affects snapshot {} file {}", a.snapshot, a.path);
+            }
+        }
+        if report.ok() {
+            println!("no errors found");
+        }
+    }
+    if !report.ok() {
+        return Err(CliError::Incomplete(format!(
+            "check found {} error(s); the damaged blobs and the files they affect are listed above",
+            report.errors.len()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! One module per group of commands; [`Context`] is what they share.
+
+pub mod admin;
+pub mod backup;
+pub mod browse;
+pub mod check;
+pub mod restore;
+
+use crate::cli::Global;
+use crate::error::CliError;
+use crate::password;
+use haul_repo::backend::{Backend, LocalBackend};
+use haul_repo::{IndexedRepository, Repository};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct Context {
+    pub global: Global,
+}
+
+impl Context {
+    pub fn new(global: Global) -> Self {
+        Context { global }
+    }
+
+    pub fn repo_path(&self) -> Result<PathBuf, CliError> {
+        self.global.repo.clone().ok_or_else(|| {
+            CliError::usage("no repository given: use --repo DIR or set HAUL_REPO (create one with `haul-pbs init`)")
+        })
+    }
+
+    pub fn backend(&self) -> Result<Arc<dyn Backend>, CliError> {
+        Ok(Arc::new(LocalBackend::open(&self.repo_path()?)?))
+    }
+
+    pub fn open(&self) -> Result<Repository, CliError> {
+        let backend = self.backend()?;
+        let pass = password::current(self.global.password_file.as_deref())?;
+        Ok(Repository::open(backend, &pass)?)
+    }
+
+    pub fn open_indexed(&self) -> Result<IndexedRepository, CliError> {
+        let repo = self.open()?;
+        Ok(repo.load_index(self.cache_dir().as_deref())?)
+    }
+
+    /// The index cache root, unless disabled.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if self.global.no_cache {
+            return None;
+        }
+        if let Some(d) = &self.global.cache_dir {
+            return Some(d.clone());
+        }
+        if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+            return Some(PathBuf::from(x).join("haul"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("haul"))
+    }
+
+    pub fn threads(&self, requested: Option<usize>) -> usize {
+        requested
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            })
+            .max(1)
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}

@@ -1,0 +1,36 @@
+//! How `haul-pbs` fails: one error type for the commands, mapped to exit codes in one
+//! place ([`CliError::exit_code`]).
+//!
+//! Exit codes: 0 success; 1 the operation failed (nothing was changed that is not
+//! safe to keep); 2 bad usage or input; 3 a backup was written but some files could not
+//! be read, or a check found damage.
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Repo(#[from] haul_repo::Error),
+    #[error(transparent)]
+    Walk(#[from] haul_protocol::walk::WalkError),
+    #[error(transparent)]
+    Restore(#[from] haul_protocol::restore::RestoreError),
+    #[error("{0}")]
+    Usage(String),
+    /// The operation finished, but not cleanly (already reported).
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+impl CliError {
+    pub fn usage(msg: impl Into<String>) -> Self {
+        CliError::Usage(msg.into())
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Repo(haul_repo::Error::InvalidInput(_)) => 2,
+            CliError::Incomplete(_) => 3,
+            _ => 1,
+        }
+    }
+}

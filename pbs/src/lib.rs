@@ -1,0 +1,32 @@
+//! `haul-pbs`, the backup server: the commands an operator runs on it.
+//!
+//! `main.rs` parses the command line and maps errors to exit codes; this library holds
+//! the commands so tests can drive them too.
+
+pub mod cli;
+pub mod commands;
+pub mod error;
+pub mod output;
+pub mod password;
+
+pub use error::CliError;
+
+use cli::{Cli, Command, KeyCommand};
+
+/// Runs one command.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let ctx = commands::Context::new(cli.global);
+    match cli.command {
+        Command::Init(a) => commands::admin::init(&ctx, a),
+        Command::Key(KeyCommand::Add { new_password_file }) => {
+            commands::admin::key_add(&ctx, new_password_file)
+        }
+        Command::Key(KeyCommand::List) => commands::admin::key_list(&ctx),
+        Command::Key(KeyCommand::Remove { id }) => commands::admin::key_remove(&ctx, &id),
+        Command::BackupLocal(a) => commands::backup::backup_local(&ctx, a),
+        Command::Snapshots(a) => commands::browse::snapshots(&ctx, a),
+        Command::Ls(a) => commands::browse::ls(&ctx, a),
+        Command::Restore(a) => commands::restore::restore(&ctx, a),
+        Command::Check(a) => commands::check::check(&ctx, a),
+    }
+}

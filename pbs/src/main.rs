@@ -1,0 +1,26 @@
+//! `haul-pbs`: parse the command line, install logging, run, map the outcome to an exit
+//! code (see `error.rs` for the codes).
+
+use clap::Parser;
+
+fn main() {
+    let cli = haul_pbs::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HAUL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
+    let json = cli.global.json;
+    if let Err(e) = haul_pbs::run(cli) {
+        if json {
+            haul_pbs::output::json_line(
+                &serde_json::json!({"type": "error", "message": e.to_string(), "exit_code": e.exit_code()}),
+            );
+        }
+        eprintln!("haul-pbs: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

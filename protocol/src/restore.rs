@@ -1,0 +1,472 @@
+//! The restorer: writes a snapshot's trees and chunks back to a filesystem.
+//!
+//! It is shared by `haul-pbs restore` (reading the repository in-process) and
+//! `haul-agent restore` (reading from a read-only server); where blobs come from is the
+//! [`BlobSource`]'s business. Every chunk's BLAKE3 is checked before it is written.
+//!
+//! Safety: everything is written into a fresh staging directory beside the target and
+//! renamed into place only when complete, so a failed restore leaves the target as it
+//! was. Tree names are validated ([`crate::tree::valid_name`]) and entries are created
+//! with `O_EXCL`/`O_NOFOLLOW` in directories the restorer itself made, so no crafted
+//! tree can write outside the target through `..` or a symlink.
+//!
+//! Memory: one chunk per worker, plus one small record per directory (its metadata is
+//! applied after its contents, so its mtime sticks).
+
+use crate::id::{ChunkId, TreeId};
+use crate::meta::{self, NameCache};
+use crate::tree::{Node, NodeKind, Tree};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Mutex};
+
+/// Where the restorer gets trees and chunks.
+pub trait BlobSource: Sync {
+    fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError>;
+    /// The plaintext of a chunk. The restorer verifies its BLAKE3.
+    fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError>;
+}
+
+/// A failure of the blob source: it ends the restore.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl SourceError {
+    pub fn new<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+        SourceError(Box::new(e))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("restore target {0} exists and is not an empty directory; choose a new or empty one")]
+    TargetNotEmpty(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("chunk {id} of {path} is corrupt: its content hashes to {actual}")]
+    ChunkMismatch {
+        id: ChunkId,
+        actual: ChunkId,
+        path: PathBuf,
+    },
+    #[error("{path}: restored {actual} bytes but the snapshot records {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("include path {0:?} is not in the snapshot")]
+    IncludeNotFound(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub target: PathBuf,
+    /// Paths inside the snapshot (like `/srv/www` or `srv/www/index.html`); when not
+    /// empty, only these and what lies below them are restored (with their parents).
+    pub includes: Vec<String>,
+    pub threads: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreStats {
+    pub files: AtomicU64,
+    pub dirs: AtomicU64,
+    pub others: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// A problem that did not stop the restore (e.g. a device node without root).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreWarning {
+    pub path: String,
+    pub message: String,
+}
+
+/// Restores the tree `root` into `opts.target`.
+pub fn restore(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    opts: &RestoreOptions,
+    stats: &RestoreStats,
+) -> Result<Vec<RestoreWarning>, RestoreError> {
+    let target = &opts.target;
+    let target_existed = match fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => {
+            if fs::read_dir(target)
+                .map_err(io_err(target))?
+                .next()
+                .is_some()
+            {
+                return Err(RestoreError::TargetNotEmpty(target.clone()));
+            }
+            true
+        }
+        Ok(_) => return Err(RestoreError::TargetNotEmpty(target.clone())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(RestoreError::Io {
+                path: target.clone(),
+                source: e,
+            })
+        }
+    };
+    let includes: Vec<Vec<Vec<u8>>> = opts
+        .includes
+        .iter()
+        .map(|p| {
+            p.split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .map(|c| c.as_bytes().to_vec())
+                .collect()
+        })
+        .collect();
+    let staging = staging_path(target);
+    fs::create_dir(&staging).map_err(io_err(&staging))?;
+    let result = restore_into(
+        source,
+        root,
+        &staging,
+        &includes,
+        opts.threads.max(1),
+        stats,
+    );
+    match result {
+        Ok(warnings) => {
+            let root_tree = source.load_tree(root)?;
+            for inc in &includes {
+                if !include_exists(source, &root_tree, inc)? {
+                    let _ = fs::remove_dir_all(&staging);
+                    return Err(RestoreError::IncludeNotFound(
+                        inc.iter()
+                            .map(|c| String::from_utf8_lossy(c))
+                            .collect::<Vec<_>>()
+                            .join("/"),
+                    ));
+                }
+            }
+            if target_existed {
+                fs::remove_dir(target).map_err(io_err(target))?;
+            }
+            fs::rename(&staging, target).map_err(io_err(target))?;
+            Ok(warnings)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn include_exists(
+    source: &dyn BlobSource,
+    root: &Tree,
+    path: &[Vec<u8>],
+) -> Result<bool, RestoreError> {
+    let mut tree = root.clone();
+    for (i, comp) in path.iter().enumerate() {
+        let Some(node) = tree.find(comp) else {
+            return Ok(false);
+        };
+        if i + 1 == path.len() {
+            return Ok(true);
+        }
+        match node.subtree {
+            Some(id) => tree = source.load_tree(&id)?,
+            None => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+fn staging_path(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "restore".into());
+    let mut staged = name;
+    staged.push(format!(".haul-staging-{}", std::process::id()));
+    target.with_file_name(staged)
+}
+
+struct FileJob {
+    path: PathBuf,
+    file: File,
+    node: Node,
+}
+
+struct Restorer<'a> {
+    source: &'a dyn BlobSource,
+    stats: &'a RestoreStats,
+    jobs: Option<mpsc::SyncSender<FileJob>>,
+    names: NameCache,
+    is_root: bool,
+    /// (device, inode) of multiply-linked files → the first path restored.
+    links: HashMap<(u64, u64), PathBuf>,
+    /// Directories whose metadata is applied after their contents.
+    dirs: Vec<(PathBuf, Node)>,
+    warnings: Vec<RestoreWarning>,
+}
+
+fn restore_into(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    staging: &Path,
+    includes: &[Vec<Vec<u8>>],
+    threads: usize,
+    stats: &RestoreStats,
+) -> Result<Vec<RestoreWarning>, RestoreError> {
+    let (tx, rx) = mpsc::sync_channel::<FileJob>(64);
+    let rx = Mutex::new(rx);
+    let worker_error: Mutex<Option<RestoreError>> = Mutex::new(None);
+    let is_root = meta::is_root();
+    let outcome = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (rx, worker_error) = (&rx, &worker_error);
+            scope.spawn(move || {
+                let mut names = NameCache::default();
+                loop {
+                    let job = match rx.lock().expect("restore queue").recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    if worker_error.lock().expect("error slot").is_some() {
+                        continue; // drain the queue after a failure
+                    }
+                    if let Err(e) = write_file(source, &job, stats, &mut names, is_root) {
+                        worker_error.lock().expect("error slot").get_or_insert(e);
+                    }
+                }
+            });
+        }
+        let mut r = Restorer {
+            source,
+            stats,
+            jobs: Some(tx),
+            names: NameCache::default(),
+            is_root,
+            links: HashMap::new(),
+            dirs: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let walked = source
+            .load_tree(root)
+            .map_err(RestoreError::from)
+            .and_then(|tree| {
+                let filter: Vec<&[Vec<u8>]> = includes.iter().map(|v| v.as_slice()).collect();
+                r.dir(staging, &tree, &filter)
+            });
+        r.jobs = None; // workers finish the queue and exit
+        (walked, r.dirs, r.warnings, r.names)
+    });
+    // The scope has joined every worker here.
+    let (walked, dirs, warnings, mut names) = outcome;
+    walked?;
+    if let Some(e) = worker_error.into_inner().expect("error slot") {
+        return Err(e);
+    }
+    // Deepest first, so setting a directory's mtime is the last change inside its parent.
+    for (path, node) in dirs.iter().rev() {
+        apply_metadata(path, node, &mut names, is_root)?;
+    }
+    Ok(warnings)
+}
+
+impl Restorer<'_> {
+    fn dir(
+        &mut self,
+        path: &Path,
+        tree: &Tree,
+        includes: &[&[Vec<u8>]],
+    ) -> Result<(), RestoreError> {
+        for node in &tree.nodes {
+            // Which include paths reach into this node?
+            let below: Vec<&[Vec<u8>]> = if includes.is_empty() {
+                Vec::new()
+            } else {
+                let matching: Vec<&[Vec<u8>]> = includes
+                    .iter()
+                    .filter(|inc| inc.first() == Some(&node.name))
+                    .map(|inc| &inc[1..])
+                    .collect();
+                if matching.is_empty() {
+                    continue;
+                }
+                // An include that ends here restores the whole node.
+                if matching.iter().any(|rest| rest.is_empty()) {
+                    Vec::new()
+                } else {
+                    matching
+                }
+            };
+            let child = path.join(OsStr::from_bytes(&node.name));
+            self.node(&child, node, &below)?;
+        }
+        Ok(())
+    }
+
+    fn node(
+        &mut self,
+        path: &Path,
+        node: &Node,
+        includes: &[&[Vec<u8>]],
+    ) -> Result<(), RestoreError> {
+        match node.kind {
+            NodeKind::Dir => {
+                fs::create_dir(path).map_err(io_err(path))?;
+                self.stats.dirs.fetch_add(1, Relaxed);
+                if let Some(id) = &node.subtree {
+                    let sub = self.source.load_tree(id)?;
+                    self.dir(path, &sub, includes)?;
+                }
+                self.dirs.push((path.to_path_buf(), node.clone()));
+                // Apply at the end; the list is one small record per directory.
+                return Ok(());
+            }
+            NodeKind::File => {
+                if node.nlink > 1 {
+                    if let Some(first) = self.links.get(&(node.device, node.inode)) {
+                        fs::hard_link(first, path).map_err(io_err(path))?;
+                        self.stats.files.fetch_add(1, Relaxed);
+                        return Ok(());
+                    }
+                    self.links
+                        .insert((node.device, node.inode), path.to_path_buf());
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(io_err(path))?;
+                let job = FileJob {
+                    path: path.to_path_buf(),
+                    file,
+                    node: node.clone(),
+                };
+                self.jobs
+                    .as_ref()
+                    .expect("queue open")
+                    .send(job)
+                    .expect("restore workers alive");
+                return Ok(());
+            }
+            NodeKind::Symlink => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(&node.target), path)
+                    .map_err(io_err(path))?;
+            }
+            NodeKind::CharDevice | NodeKind::BlockDevice if !self.is_root => {
+                self.warnings.push(RestoreWarning {
+                    path: path.display().to_string(),
+                    message: "device node not restored: creating it needs root".into(),
+                });
+                return Ok(());
+            }
+            _ => meta::make_special(path, node).map_err(io_err(path))?,
+        }
+        self.stats.others.fetch_add(1, Relaxed);
+        apply_metadata(path, node, &mut self.names, self.is_root)
+    }
+}
+
+/// Applies xattrs, owner, mode and mtime, in the order that keeps each one: owner
+/// before mode (chown clears setuid bits), mtime last.
+fn apply_metadata(
+    path: &Path,
+    node: &Node,
+    names: &mut NameCache,
+    is_root: bool,
+) -> Result<(), RestoreError> {
+    if node.kind != NodeKind::Symlink || is_root {
+        // user.* xattrs cannot be set on symlinks; trusted.*/security.* need root.
+        meta::apply_xattrs(path, node).map_err(io_err(path))?;
+    }
+    if is_root {
+        meta::apply_owner(path, node, names).map_err(io_err(path))?;
+    }
+    meta::apply_mode(path, node).map_err(io_err(path))?;
+    meta::apply_mtime(path, node).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// Blocks of zeros this large or larger are skipped, leaving a hole.
+const HOLE_BLOCK: usize = 64 * 1024;
+
+fn write_file(
+    source: &dyn BlobSource,
+    job: &FileJob,
+    stats: &RestoreStats,
+    names: &mut NameCache,
+    is_root: bool,
+) -> Result<(), RestoreError> {
+    let path = &job.path;
+    let mut offset = 0u64;
+    for id in &job.node.content {
+        let data = source.load_chunk(id)?;
+        let actual = ChunkId::of(&data);
+        if actual != *id {
+            return Err(RestoreError::ChunkMismatch {
+                id: *id,
+                actual,
+                path: path.clone(),
+            });
+        }
+        write_sparse(&job.file, &data, offset).map_err(io_err(path))?;
+        offset += data.len() as u64;
+        stats.bytes.fetch_add(data.len() as u64, Relaxed);
+    }
+    if offset != job.node.size {
+        return Err(RestoreError::SizeMismatch {
+            path: path.clone(),
+            expected: job.node.size,
+            actual: offset,
+        });
+    }
+    job.file.set_len(offset).map_err(io_err(path))?;
+    apply_metadata(path, &job.node, names, is_root)?;
+    stats.files.fetch_add(1, Relaxed);
+    Ok(())
+}
+
+/// Writes `data` at `offset`, skipping aligned all-zero blocks so they stay holes.
+fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + HOLE_BLOCK).min(data.len());
+        let block = &data[start..end];
+        if block.len() == HOLE_BLOCK && block.iter().all(|&b| b == 0) {
+            start = end;
+            continue;
+        }
+        // Coalesce consecutive non-zero blocks into one write.
+        let mut stop = end;
+        while stop < data.len() {
+            let next = (stop + HOLE_BLOCK).min(data.len());
+            let b = &data[stop..next];
+            if b.len() == HOLE_BLOCK && b.iter().all(|&x| x == 0) {
+                break;
+            }
+            stop = next;
+        }
+        file.write_all_at(&data[start..stop], offset + start as u64)?;
+        start = stop;
+    }
+    Ok(())
+}

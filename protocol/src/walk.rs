@@ -1,0 +1,701 @@
+//! The backup walker: walks paths, detects unchanged files against a parent snapshot,
+//! chunks and names new content, and builds one tree per directory.
+//!
+//! It is written once and used by every source of backups: `haul-agent` (which offers
+//! blobs to the pbs over the ingest protocol), `haul-pbs backup-local` (which offers
+//! them to an in-process ingest session) and the rdiff-backup import. Where the blobs go
+//! is the [`Sink`]'s business; the walker never sees a key or a pack.
+//!
+//! Concurrency: the calling thread walks directories in name order; files to read go to
+//! a bounded queue served by `threads` workers, each with its own [`Chunker`]. A
+//! directory's tree is finished after its subdirectories, by which time its files have
+//! usually been read, so workers rarely wait at directory boundaries. Memory is bounded
+//! by the queue, one chunk buffer per worker and the pending results of the directories
+//! on the current path, whatever the size of the tree or the repository.
+
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::id::{ChunkId, TreeId};
+use crate::meta::{node_from_metadata, read_xattrs, NameCache};
+use crate::tree::{Node, NodeKind, Tree};
+use std::collections::BTreeMap;
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Mutex};
+
+/// Where the walker sends what it produces. Implementations must be usable from
+/// several worker threads at once.
+pub trait Sink: Sync {
+    /// Loads a tree of the parent snapshot, for change detection.
+    fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError>;
+    /// Offers a chunk; the sink stores it unless the repository already has it.
+    fn offer_chunk(&self, id: ChunkId, plain: Vec<u8>) -> Result<(), SinkError>;
+    /// Offers a tree in its canonical encoding; stored unless already present.
+    fn offer_tree(&self, id: TreeId, encoded: Vec<u8>) -> Result<(), SinkError>;
+}
+
+/// A sink failure. It ends the backup: without the sink nothing can be stored.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl SinkError {
+    pub fn new<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+        SinkError(Box::new(e))
+    }
+}
+
+/// Why a backup could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error("backup path {path}: {source}")]
+    BadPath { path: PathBuf, source: io::Error },
+    #[error("backup path {0} is not absolute and the working directory is unknown")]
+    Relative(PathBuf),
+    #[error("no backup paths given")]
+    NoPaths,
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub paths: Vec<PathBuf>,
+    /// Glob patterns (`glob` crate syntax) matched against the full path and against the
+    /// entry's name; a match excludes the entry (and everything below it).
+    pub excludes: Vec<glob::Pattern>,
+    /// Skip the contents of directories holding a valid `CACHEDIR.TAG`.
+    pub exclude_caches: bool,
+    /// Do not descend into directories on another filesystem than their backup path.
+    pub one_file_system: bool,
+    /// File-reading worker threads.
+    pub threads: usize,
+    pub chunker: ChunkerParams,
+    /// The parent snapshot's root tree, for change detection.
+    pub parent: Option<TreeId>,
+}
+
+/// Counters, readable from another thread while the walk runs.
+#[derive(Debug, Default)]
+pub struct WalkStats {
+    pub files_new: AtomicU64,
+    pub files_changed: AtomicU64,
+    pub files_unchanged: AtomicU64,
+    pub dirs: AtomicU64,
+    pub others: AtomicU64,
+    /// Bytes read from files.
+    pub bytes_read: AtomicU64,
+    /// Total size of all files in the snapshot.
+    pub bytes_total: AtomicU64,
+}
+
+/// A problem with one file that does not stop the backup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Warning {
+    pub path: String,
+    pub message: String,
+}
+
+/// What a finished walk produced.
+#[derive(Debug)]
+pub struct WalkOutcome {
+    pub root: TreeId,
+    pub warnings: Vec<Warning>,
+}
+
+/// Patterns that exclude entries.
+pub fn compile_excludes(patterns: &[String]) -> Result<Vec<glob::Pattern>, String> {
+    patterns
+        .iter()
+        .map(|p| glob::Pattern::new(p).map_err(|e| format!("exclude pattern {p:?}: {e}")))
+        .collect()
+}
+
+/// Walks `opts.paths`, offering every new chunk and tree to `sink`, and returns the
+/// snapshot's root tree. The root tree holds the full path to each backup path (as
+/// restic does), so `/srv/www` is restored to `TARGET/srv/www`.
+pub fn backup(
+    sink: &dyn Sink,
+    opts: &BackupOptions,
+    stats: &WalkStats,
+) -> Result<WalkOutcome, WalkError> {
+    if opts.paths.is_empty() {
+        return Err(WalkError::NoPaths);
+    }
+    let root = virtual_root(&opts.paths)?;
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(256);
+    let job_rx = Mutex::new(job_rx);
+    let threads = opts.threads.max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let job_rx = &job_rx;
+            scope.spawn(move || {
+                let mut chunker = Chunker::new(opts.chunker);
+                loop {
+                    let job = match job_rx.lock().expect("job queue").recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    let result = read_file(&job.path, &job.node, &mut chunker, sink, stats);
+                    let _ = job.reply.send(result);
+                }
+            });
+        }
+        let mut walker = Walker {
+            sink,
+            opts,
+            stats,
+            jobs: Some(job_tx),
+            names: NameCache::default(),
+            warnings: Vec::new(),
+        };
+        let parent = match &opts.parent {
+            Some(id) => Some(sink.load_tree(id)?),
+            None => None,
+        };
+        let result = walker.virtual_dir(Path::new("/"), &root, parent.as_ref(), None);
+        walker.jobs = None; // closes the queue: workers exit
+        let root = result?;
+        Ok(WalkOutcome {
+            root,
+            warnings: walker.warnings,
+        })
+    })
+}
+
+/// The directory structure above the backup paths.
+#[derive(Debug, Default)]
+struct VirtualDir {
+    children: BTreeMap<Vec<u8>, VirtualEntry>,
+}
+
+#[derive(Debug)]
+enum VirtualEntry {
+    /// A backup path: walked in full.
+    Walk,
+    /// A directory on the way to backup paths.
+    Dir(VirtualDir),
+}
+
+fn virtual_root(paths: &[PathBuf]) -> Result<VirtualDir, WalkError> {
+    let mut root = VirtualDir::default();
+    let mut walk_root = false;
+    for p in paths {
+        let abs = if p.is_absolute() {
+            p.clone()
+        } else {
+            std::env::current_dir()
+                .map_err(|_| WalkError::Relative(p.clone()))?
+                .join(p)
+        };
+        fs::symlink_metadata(&abs).map_err(|source| WalkError::BadPath {
+            path: abs.clone(),
+            source,
+        })?;
+        // Resolve symlinks above the last component, keep the last as it is.
+        let normal: Vec<&std::ffi::OsStr> = abs
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let resolved = match normal.split_last() {
+            None => PathBuf::from("/"),
+            Some((last, above)) => {
+                let dir: PathBuf = std::iter::once(std::ffi::OsStr::new("/"))
+                    .chain(above.iter().copied())
+                    .collect();
+                let dir = fs::canonicalize(&dir).map_err(|source| WalkError::BadPath {
+                    path: dir.clone(),
+                    source,
+                })?;
+                dir.join(last)
+            }
+        };
+        let comps: Vec<Vec<u8>> = resolved
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.as_bytes().to_vec()),
+                _ => None,
+            })
+            .collect();
+        if comps.is_empty() {
+            walk_root = true;
+            continue;
+        }
+        let mut dir = &mut root;
+        for (i, c) in comps.iter().enumerate() {
+            let last = i + 1 == comps.len();
+            let entry = dir.children.entry(c.clone()).or_insert_with(|| {
+                if last {
+                    VirtualEntry::Walk
+                } else {
+                    VirtualEntry::Dir(VirtualDir::default())
+                }
+            });
+            match entry {
+                VirtualEntry::Walk => break, // an ancestor is walked in full already
+                VirtualEntry::Dir(d) if last => {
+                    let _ = d;
+                    *entry = VirtualEntry::Walk;
+                    break;
+                }
+                VirtualEntry::Dir(d) => dir = d,
+            }
+        }
+    }
+    if walk_root {
+        let mut only = VirtualDir::default();
+        only.children.insert(Vec::new(), VirtualEntry::Walk);
+        return Ok(only);
+    }
+    Ok(root)
+}
+
+struct Job {
+    path: PathBuf,
+    node: Node,
+    reply: mpsc::Sender<FileResult>,
+}
+
+enum FileResult {
+    Read {
+        node: Box<Node>,
+        warning: Option<String>,
+    },
+    Skipped(String),
+    Fatal(SinkError),
+}
+
+struct Walker<'a> {
+    sink: &'a dyn Sink,
+    opts: &'a BackupOptions,
+    stats: &'a WalkStats,
+    jobs: Option<mpsc::SyncSender<Job>>,
+    names: NameCache,
+    warnings: Vec<Warning>,
+}
+
+/// A node whose file content is still being read.
+enum Slot {
+    Ready,
+    Pending(mpsc::Receiver<FileResult>),
+    Subdir {
+        path: PathBuf,
+        parent: Option<TreeId>,
+        device: u64,
+    },
+}
+
+impl<'a> Walker<'a> {
+    fn warn(&mut self, path: &Path, message: impl Into<String>) {
+        let w = Warning {
+            path: path.display().to_string(),
+            message: message.into(),
+        };
+        tracing::warn!(path = %w.path, "{}", w.message);
+        self.warnings.push(w);
+    }
+
+    fn excluded(&self, path: &Path, name: &[u8]) -> bool {
+        if self.opts.excludes.is_empty() {
+            return false;
+        }
+        let name = String::from_utf8_lossy(name);
+        let opts = glob::MatchOptions {
+            require_literal_separator: true,
+            ..Default::default()
+        };
+        self.opts
+            .excludes
+            .iter()
+            .any(|p| p.matches_path_with(path, opts) || p.matches_with(&name, opts))
+    }
+
+    /// The tree of a directory above the backup paths, or of the virtual root.
+    fn virtual_dir(
+        &mut self,
+        path: &Path,
+        dir: &VirtualDir,
+        parent: Option<&Tree>,
+        _device: Option<u64>,
+    ) -> Result<TreeId, WalkError> {
+        // The "/" backup path: its listing is the root tree itself.
+        if let Some(VirtualEntry::Walk) = dir.children.get(&Vec::new()) {
+            let meta = fs::symlink_metadata("/").map_err(|source| WalkError::BadPath {
+                path: "/".into(),
+                source,
+            })?;
+            return self.listed_dir(Path::new("/"), parent, meta.dev());
+        }
+        let mut nodes = Vec::new();
+        let mut slots = Vec::new();
+        for (name, entry) in &dir.children {
+            let child = path.join(std::ffi::OsStr::from_bytes(name));
+            let parent_node = parent.and_then(|t| t.find(name));
+            match entry {
+                VirtualEntry::Walk => {
+                    let meta =
+                        fs::symlink_metadata(&child).map_err(|source| WalkError::BadPath {
+                            path: child.clone(),
+                            source,
+                        })?;
+                    if let Some((node, slot)) =
+                        self.entry(&child, name, meta, parent_node, meta_dev(&child))?
+                    {
+                        nodes.push(node);
+                        slots.push(slot);
+                    }
+                }
+                VirtualEntry::Dir(sub) => {
+                    let meta =
+                        fs::symlink_metadata(&child).map_err(|source| WalkError::BadPath {
+                            path: child.clone(),
+                            source,
+                        })?;
+                    let mut node = node_from_metadata(name, &meta, &mut self.names);
+                    node.xattrs = read_xattrs(&child).unwrap_or_default();
+                    let parent_sub = self.parent_subtree(parent_node);
+                    node.subtree =
+                        Some(self.virtual_dir(&child, sub, parent_sub.as_ref(), None)?);
+                    self.stats.dirs.fetch_add(1, Relaxed);
+                    nodes.push(node);
+                    slots.push(Slot::Ready);
+                }
+            }
+        }
+        self.finish_dir(path, nodes, slots)
+    }
+
+    fn parent_subtree(&mut self, parent_node: Option<&Node>) -> Option<Tree> {
+        let id = parent_node.filter(|n| n.kind == NodeKind::Dir)?.subtree?;
+        match self.sink.load_tree(&id) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(
+                    "parent tree {} unreadable, files below are read again: {e}",
+                    id.short()
+                );
+                None
+            }
+        }
+    }
+
+    /// The tree of a directory walked in full.
+    fn listed_dir(
+        &mut self,
+        path: &Path,
+        parent: Option<&Tree>,
+        device: u64,
+    ) -> Result<TreeId, WalkError> {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        match fs::read_dir(path) {
+            Ok(rd) => {
+                for e in rd {
+                    match e {
+                        Ok(e) => names.push(e.file_name().as_bytes().to_vec()),
+                        Err(e) => {
+                            self.warn(path, format!("listing directory: {e}"));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => self.warn(path, format!("cannot list directory: {e}")),
+        }
+        names.sort();
+        if self.opts.exclude_caches
+            && names.iter().any(|n| n == b"CACHEDIR.TAG")
+            && is_cache_dir(path)
+        {
+            names.retain(|n| n == b"CACHEDIR.TAG");
+        }
+        let mut nodes = Vec::with_capacity(names.len());
+        let mut slots = Vec::with_capacity(names.len());
+        for name in names {
+            let child = path.join(std::ffi::OsStr::from_bytes(&name));
+            let meta = match fs::symlink_metadata(&child) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.warn(&child, "vanished before it could be read");
+                    continue;
+                }
+                Err(e) => {
+                    self.warn(&child, format!("cannot stat: {e}"));
+                    continue;
+                }
+            };
+            let parent_node = parent.and_then(|t| t.find(&name));
+            if let Some((node, slot)) = self.entry(&child, &name, meta, parent_node, device)? {
+                nodes.push(node);
+                slots.push(slot);
+            }
+        }
+        self.finish_dir(path, nodes, slots)
+    }
+
+    /// The node of one entry; file content is queued for reading.
+    fn entry(
+        &mut self,
+        path: &Path,
+        name: &[u8],
+        meta: Metadata,
+        parent_node: Option<&Node>,
+        device: u64,
+    ) -> Result<Option<(Node, Slot)>, WalkError> {
+        if self.excluded(path, name) {
+            return Ok(None);
+        }
+        let mut node = node_from_metadata(name, &meta, &mut self.names);
+        match read_xattrs(path) {
+            Ok(x) => node.xattrs = x,
+            Err(e) => self.warn(path, format!("cannot read extended attributes: {e}")),
+        }
+        let slot = match node.kind {
+            NodeKind::File => {
+                self.stats.bytes_total.fetch_add(node.size, Relaxed);
+                match parent_node {
+                    Some(p) if unchanged(p, &node) => {
+                        node.content = p.content.clone();
+                        self.stats.files_unchanged.fetch_add(1, Relaxed);
+                        Slot::Ready
+                    }
+                    Some(p) if p.kind == NodeKind::File => {
+                        self.stats.files_changed.fetch_add(1, Relaxed);
+                        self.queue(path, &node)
+                    }
+                    _ => {
+                        self.stats.files_new.fetch_add(1, Relaxed);
+                        self.queue(path, &node)
+                    }
+                }
+            }
+            NodeKind::Dir => {
+                self.stats.dirs.fetch_add(1, Relaxed);
+                let parent = parent_node
+                    .filter(|n| n.kind == NodeKind::Dir)
+                    .and_then(|n| n.subtree);
+                Slot::Subdir {
+                    path: path.to_path_buf(),
+                    parent,
+                    device: meta.dev(),
+                }
+            }
+            NodeKind::Symlink => {
+                self.stats.others.fetch_add(1, Relaxed);
+                match fs::read_link(path) {
+                    Ok(t) => node.target = t.as_os_str().as_bytes().to_vec(),
+                    Err(e) => {
+                        self.warn(path, format!("cannot read symlink: {e}"));
+                        return Ok(None);
+                    }
+                }
+                Slot::Ready
+            }
+            _ => {
+                self.stats.others.fetch_add(1, Relaxed);
+                Slot::Ready
+            }
+        };
+        if let Slot::Subdir { device: d, .. } = &slot {
+            if self.opts.one_file_system && *d != device {
+                // A mount point: recorded, not entered.
+                let (id, bytes) = Tree::default().encode_with_id();
+                self.sink.offer_tree(id, bytes)?;
+                node.subtree = Some(id);
+                return Ok(Some((node, Slot::Ready)));
+            }
+        }
+        Ok(Some((node, slot)))
+    }
+
+    fn queue(&mut self, path: &Path, node: &Node) -> Slot {
+        let (tx, rx) = mpsc::channel();
+        let job = Job {
+            path: path.to_path_buf(),
+            node: node.clone(),
+            reply: tx,
+        };
+        self.jobs
+            .as_ref()
+            .expect("queue open during the walk")
+            .send(job)
+            .expect("workers alive");
+        Slot::Pending(rx)
+    }
+
+    /// Recurses into subdirectories, collects file results, stores the tree.
+    fn finish_dir(
+        &mut self,
+        path: &Path,
+        mut nodes: Vec<Node>,
+        slots: Vec<Slot>,
+    ) -> Result<TreeId, WalkError> {
+        let mut keep = vec![true; nodes.len()];
+        let mut pending = Vec::new();
+        for (i, slot) in slots.into_iter().enumerate() {
+            match slot {
+                Slot::Ready => {}
+                Slot::Pending(rx) => pending.push((i, rx)),
+                Slot::Subdir {
+                    path: sub,
+                    parent,
+                    device,
+                } => {
+                    let parent_tree = parent.and_then(|id| match self.sink.load_tree(&id) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            tracing::warn!("parent tree {} unreadable: {e}", id.short());
+                            None
+                        }
+                    });
+                    nodes[i].subtree = Some(self.listed_dir(&sub, parent_tree.as_ref(), device)?);
+                }
+            }
+        }
+        for (i, rx) in pending {
+            match rx.recv().expect("worker replies") {
+                FileResult::Read { node, warning } => {
+                    if let Some(w) = warning {
+                        self.warn(&path.join(std::ffi::OsStr::from_bytes(&node.name)), w);
+                    }
+                    nodes[i] = *node;
+                }
+                FileResult::Skipped(msg) => {
+                    self.warn(&path.join(std::ffi::OsStr::from_bytes(&nodes[i].name)), msg);
+                    keep[i] = false;
+                }
+                FileResult::Fatal(e) => return Err(e.into()),
+            }
+        }
+        let mut k = keep.iter();
+        nodes.retain(|_| *k.next().expect("one flag per node"));
+        let (id, bytes) = Tree { nodes }.encode_with_id();
+        self.sink.offer_tree(id, bytes)?;
+        Ok(id)
+    }
+}
+
+fn meta_dev(path: &Path) -> u64 {
+    fs::symlink_metadata(path).map(|m| m.dev()).unwrap_or(0)
+}
+
+/// A file is not read again when its type, size, mtime, ctime and inode match the parent.
+fn unchanged(parent: &Node, now: &Node) -> bool {
+    parent.kind == NodeKind::File
+        && parent.size == now.size
+        && parent.mtime == now.mtime
+        && parent.ctime == now.ctime
+        && parent.inode == now.inode
+}
+
+fn is_cache_dir(dir: &Path) -> bool {
+    const SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
+    let mut buf = [0u8; 43];
+    match File::open(dir.join("CACHEDIR.TAG")) {
+        Ok(mut f) => io::Read::read_exact(&mut f, &mut buf).is_ok() && buf == SIGNATURE,
+        Err(_) => false,
+    }
+}
+
+const READ_ATTEMPTS: usize = 3;
+
+/// Reads and chunks one file. A file that changes while it is read is read again; one
+/// that keeps changing is stored as last read, with a warning.
+fn read_file(
+    path: &Path,
+    expected: &Node,
+    chunker: &mut Chunker,
+    sink: &dyn Sink,
+    stats: &WalkStats,
+) -> FileResult {
+    let mut warning = None;
+    for attempt in 0..READ_ATTEMPTS {
+        let file = match open_noatime(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return FileResult::Skipped("vanished before it could be read".into())
+            }
+            Err(e) => return FileResult::Skipped(format!("cannot open: {e}")),
+        };
+        let before = match file.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => {
+                return FileResult::Skipped("was replaced by something other than a file".into())
+            }
+            Err(e) => return FileResult::Skipped(format!("cannot stat: {e}")),
+        };
+        let mut content = Vec::with_capacity((before.len() / (1 << 20) + 1) as usize);
+        let mut sink_error = None;
+        let read = chunker.chunk(&file, |plain| {
+            let id = ChunkId::of(&plain);
+            content.push(id);
+            sink.offer_chunk(id, plain).map_err(|e| {
+                sink_error = Some(e);
+                io::Error::other("sink failed")
+            })
+        });
+        if let Some(e) = sink_error {
+            return FileResult::Fatal(e);
+        }
+        let read = match read {
+            Ok(n) => n,
+            Err(e) => return FileResult::Skipped(format!("read error: {e}")),
+        };
+        stats.bytes_read.fetch_add(read, Relaxed);
+        let after = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => return FileResult::Skipped(format!("cannot stat: {e}")),
+        };
+        let stable = read == after.len()
+            && before.len() == after.len()
+            && before.mtime() == after.mtime()
+            && before.mtime_nsec() == after.mtime_nsec()
+            && before.ctime() == after.ctime()
+            && before.ctime_nsec() == after.ctime_nsec();
+        let mut node = expected.clone();
+        node.size = read;
+        node.mtime.sec = after.mtime();
+        node.mtime.nsec = after.mtime_nsec() as u32;
+        node.ctime.sec = after.ctime();
+        node.ctime.nsec = after.ctime_nsec() as u32;
+        node.inode = after.ino();
+        node.content = content;
+        if stable {
+            return FileResult::Read {
+                node: Box::new(node),
+                warning,
+            };
+        }
+        if attempt + 1 == READ_ATTEMPTS {
+            warning = Some(format!(
+                "changed while being read {READ_ATTEMPTS} times; stored as last read, which may be inconsistent"
+            ));
+            return FileResult::Read {
+                node: Box::new(node),
+                warning,
+            };
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn open_noatime(path: &Path) -> io::Result<File> {
+    let noatime = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME | libc::O_NOFOLLOW)
+        .open(path);
+    match noatime {
+        // O_NOATIME is only allowed to the file's owner (or root).
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path),
+        other => other,
+    }
+}

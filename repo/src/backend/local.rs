@@ -1,0 +1,223 @@
+//! The local filesystem backend.
+//!
+//! Layout: `config`, `keys/`, `data/<2 hex>/` (packs sharded by the first two hex
+//! digits), `index/`, `snapshots/`, `locks/`, `tmp/`. A write goes to a temporary file in
+//! `tmp/` (same filesystem), is fsynced, then hard-linked to its name (which fails if
+//! the name exists: write-once without a race), the temporary name is removed and the
+//! directory fsynced.
+
+use super::{check_name, Backend, FileType};
+use crate::error::{Error, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct LocalBackend {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl LocalBackend {
+    /// Opens an existing repository directory.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.join("config").is_file() {
+            return Err(Error::NoRepository(root.to_path_buf()));
+        }
+        Ok(LocalBackend {
+            root: root.to_path_buf(),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// Creates the directory layout (mode 0700) for a new repository. Fails if a
+    /// repository is already there.
+    pub fn create(root: &Path) -> Result<Self> {
+        if root.join("config").exists() {
+            return Err(Error::RepositoryExists(root.to_path_buf()));
+        }
+        if root.exists()
+            && fs::read_dir(root)
+                .map_err(Error::io(root.display().to_string()))?
+                .next()
+                .is_some()
+        {
+            return Err(Error::InvalidInput(format!(
+                "{} exists and is not empty: choose a new or empty directory for the repository",
+                root.display()
+            )));
+        }
+        let mut dirs = vec![root.to_path_buf()];
+        for d in ["keys", "data", "index", "snapshots", "locks", "tmp"] {
+            dirs.push(root.join(d));
+        }
+        for i in 0..256 {
+            dirs.push(root.join("data").join(format!("{i:02x}")));
+        }
+        for d in &dirs {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(Error::io(d.display().to_string()))?;
+        }
+        Ok(LocalBackend {
+            root: root.to_path_buf(),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir_of(&self, t: FileType, name: &str) -> PathBuf {
+        match t {
+            FileType::Config => self.root.clone(),
+            FileType::Data => self.root.join("data").join(&name[..2]),
+            _ => self.root.join(t.dir()),
+        }
+    }
+
+    fn path_of(&self, t: FileType, name: &str) -> Result<PathBuf> {
+        check_name(t, name)?;
+        Ok(self.dir_of(t, name).join(name))
+    }
+
+    fn not_found_or(t: FileType, name: &str, e: io::Error) -> Error {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::NotFound {
+                what: format!("{t} {name}"),
+            }
+        } else {
+            Error::Io {
+                what: format!("{t} {name}"),
+                source: e,
+            }
+        }
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn list(&self, t: FileType) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        if t == FileType::Config {
+            if let Ok(m) = fs::metadata(self.root.join("config")) {
+                out.push(("config".to_string(), m.len()));
+            }
+            return Ok(out);
+        }
+        let base = self.root.join(t.dir());
+        let dirs: Vec<PathBuf> = if t == FileType::Data {
+            (0..256).map(|i| base.join(format!("{i:02x}"))).collect()
+        } else {
+            vec![base]
+        };
+        for dir in dirs {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: dir.display().to_string(),
+                        source: e,
+                    })
+                }
+            };
+            for entry in rd {
+                let entry = entry.map_err(Error::io(dir.display().to_string()))?;
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                if check_name(t, &name).is_err() {
+                    continue;
+                }
+                let len = entry
+                    .metadata()
+                    .map_err(Error::io(entry.path().display().to_string()))?
+                    .len();
+                out.push((name, len));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        let path = self.path_of(t, name)?;
+        fs::read(&path).map_err(|e| Self::not_found_or(t, name, e))
+    }
+
+    fn read_range(&self, t: FileType, name: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
+        let path = self.path_of(t, name)?;
+        let file = File::open(&path).map_err(|e| Self::not_found_or(t, name, e))?;
+        let mut buf = vec![0u8; length as usize];
+        match file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::corrupt(
+                format!("{t} {name}"),
+                format!("range {offset}+{length} past its end"),
+            )),
+            Err(e) => Err(Error::Io {
+                what: format!("{t} {name}"),
+                source: e,
+            }),
+        }
+    }
+
+    fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.path_of(t, name)?;
+        let what = format!("{t} {name}");
+        if path.exists() {
+            return Err(Error::AlreadyExists { what });
+        }
+        let tmp_dir = self.root.join("tmp");
+        let tmp = tmp_dir.join(format!(
+            "{}-{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed),
+            &name[..name.len().min(16)]
+        ));
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Io { what, source: e });
+        }
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists { what })
+            }
+            Err(e) => return Err(Error::Io { what, source: e }),
+        }
+        fsync_dir(path.parent().expect("objects live in a directory")).map_err(Error::io(what))?;
+        Ok(())
+    }
+
+    fn delete(&self, t: FileType, name: &str) -> Result<()> {
+        let path = self.path_of(t, name)?;
+        fs::remove_file(&path).map_err(|e| Self::not_found_or(t, name, e))?;
+        fsync_dir(path.parent().expect("objects live in a directory"))
+            .map_err(Error::io(format!("{t} {name}")))
+    }
+}

@@ -1,0 +1,375 @@
+//! `check`: is every snapshot whole, and is every stored byte what it should be?
+//!
+//! Structure (always): every index entry's pack exists and its header lists the same
+//! blobs at the same places; every snapshot's trees and chunks are in the index. With
+//! `read_data`: every pack is read, its name checked against its BLAKE3, and every blob
+//! opened, decompressed and re-hashed. Each damaged or missing blob is reported with
+//! the snapshots and file paths it affects, so an operator knows what is at risk.
+
+use crate::backend::FileType;
+use crate::error::{Error, Result};
+use crate::format::pack_header::PackEntry;
+use crate::repository::{decode_blob, IndexedRepository, MAX_TREE_BYTES};
+use haul_protocol::tree::Tree;
+use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckOptions {
+    pub read_data: bool,
+}
+
+/// A file or directory a damaged blob makes unrestorable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Affected {
+    pub snapshot: String,
+    pub path: String,
+}
+
+/// A blob that is missing or damaged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Damage {
+    pub pack: Option<String>,
+    pub blob: String,
+    pub kind: String,
+    pub reason: String,
+    pub affected: Vec<Affected>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CheckReport {
+    pub snapshots: usize,
+    pub packs: usize,
+    pub blobs: usize,
+    pub trees_checked: usize,
+    pub bytes_read: u64,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub damaged: Vec<Damage>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty() && self.damaged.is_empty()
+    }
+}
+
+/// Progress callback: (packs done, packs total).
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+pub fn check(
+    repo: &IndexedRepository,
+    opts: &CheckOptions,
+    progress: Progress<'_>,
+) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let mut bad: HashMap<BlobRef, (Option<PackId>, String)> = HashMap::new();
+    let indexed = repo.index().packs()?;
+    let on_disk: HashMap<String, u64> = repo.backend().list(FileType::Data)?.into_iter().collect();
+    report.packs = indexed.len();
+    report.blobs = indexed.values().map(|v| v.len()).sum();
+
+    // Packs against the index.
+    let mut done = 0;
+    let mut packs: Vec<(&PackId, &Vec<PackEntry>)> = indexed.iter().collect();
+    packs.sort_by_key(|(id, _)| **id);
+    for (pack, entries) in packs {
+        done += 1;
+        progress(done, indexed.len());
+        let Some(&size) = on_disk.get(&pack.to_hex()) else {
+            report.errors.push(format!(
+                "pack {} is in the index but missing from data/",
+                pack
+            ));
+            for e in entries {
+                bad.insert(
+                    BlobRef {
+                        kind: e.kind,
+                        id: e.id,
+                    },
+                    (Some(*pack), "its pack is missing".into()),
+                );
+            }
+            continue;
+        };
+        if opts.read_data {
+            check_pack_data(repo, pack, size, entries, &mut report, &mut bad)?;
+            continue;
+        }
+        match repo.read_pack_header(pack, size) {
+            Ok(header) => compare_header(pack, &header, entries, &mut report, &mut bad),
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("pack {pack}: header unreadable: {e}"));
+                for e in entries {
+                    bad.insert(
+                        BlobRef {
+                            kind: e.kind,
+                            id: e.id,
+                        },
+                        (Some(*pack), "its pack header is damaged".into()),
+                    );
+                }
+            }
+        }
+    }
+    let indexed_names: HashSet<String> = indexed.keys().map(|p| p.to_hex()).collect();
+    for name in on_disk.keys() {
+        if !indexed_names.contains(name) {
+            report.warnings.push(format!(
+                "pack {name} is not in any index (left by an interrupted backup); its blobs are not used"
+            ));
+        }
+    }
+
+    // Snapshots against the index.
+    let snapshots = repo.snapshots()?;
+    report.snapshots = snapshots.len();
+    let mut seen_trees: HashSet<TreeId> = HashSet::new();
+    let mut seen_chunks: HashSet<[u8; 32]> = HashSet::new();
+    for (_, snap) in &snapshots {
+        let mut stack = vec![snap.tree];
+        while let Some(id) = stack.pop() {
+            if !seen_trees.insert(id) {
+                continue;
+            }
+            let r = BlobRef::tree(id);
+            if bad.contains_key(&r) {
+                continue;
+            }
+            let tree = match repo.index().get(BlobKind::Tree, &id.0)? {
+                None => {
+                    bad.insert(r, (None, "not in the index".into()));
+                    continue;
+                }
+                Some(_) => match repo.load_tree(&id) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        bad.insert(r, (None, format!("unreadable: {e}")));
+                        continue;
+                    }
+                },
+            };
+            report.trees_checked += 1;
+            for node in &tree.nodes {
+                if let Some(sub) = node.subtree {
+                    stack.push(sub);
+                }
+                for c in &node.content {
+                    if seen_chunks.insert(c.0) && !repo.index().contains(BlobKind::Data, &c.0)? {
+                        bad.entry(BlobRef::data(*c))
+                            .or_insert((None, "not in the index".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    if !bad.is_empty() {
+        report.damaged = locate(repo, &snapshots, bad)?;
+        for d in &report.damaged {
+            report.errors.push(format!(
+                "{} blob {} ({}): affects {} path(s)",
+                d.kind,
+                &d.blob[..16],
+                d.reason,
+                d.affected.len()
+            ));
+        }
+    }
+    Ok(report)
+}
+
+fn compare_header(
+    pack: &PackId,
+    header: &[PackEntry],
+    entries: &[PackEntry],
+    report: &mut CheckReport,
+    bad: &mut HashMap<BlobRef, (Option<PackId>, String)>,
+) {
+    let in_header: HashMap<([u8; 32], BlobKind), &PackEntry> =
+        header.iter().map(|e| ((e.id, e.kind), e)).collect();
+    for e in entries {
+        match in_header.get(&(e.id, e.kind)) {
+            Some(h) if h.offset == e.offset && h.length == e.length => {}
+            Some(_) => {
+                report.errors.push(format!(
+                    "pack {pack}: blob {} at a different place than the index says",
+                    hex::encode(e.id)
+                ));
+                bad.insert(
+                    BlobRef {
+                        kind: e.kind,
+                        id: e.id,
+                    },
+                    (Some(*pack), "index and pack header disagree".into()),
+                );
+            }
+            None => {
+                report.errors.push(format!(
+                    "pack {pack}: blob {} listed in the index is not in the pack",
+                    hex::encode(e.id)
+                ));
+                bad.insert(
+                    BlobRef {
+                        kind: e.kind,
+                        id: e.id,
+                    },
+                    (Some(*pack), "not in its pack".into()),
+                );
+            }
+        }
+    }
+}
+
+fn check_pack_data(
+    repo: &IndexedRepository,
+    pack: &PackId,
+    size: u64,
+    entries: &[PackEntry],
+    report: &mut CheckReport,
+    bad: &mut HashMap<BlobRef, (Option<PackId>, String)>,
+) -> Result<()> {
+    let bytes = repo.backend().read(FileType::Data, &pack.to_hex())?;
+    report.bytes_read += bytes.len() as u64;
+    if PackId::of(&bytes) != *pack {
+        report.errors.push(format!(
+            "pack {pack}: content does not match its name (damaged on disk)"
+        ));
+    }
+    match repo.read_pack_header(pack, size) {
+        Ok(header) => compare_header(pack, &header, entries, report, bad),
+        Err(e) => report
+            .errors
+            .push(format!("pack {pack}: header unreadable: {e}")),
+    }
+    let max = repo.config().chunker.max_size as usize;
+    for e in entries {
+        let r = BlobRef {
+            kind: e.kind,
+            id: e.id,
+        };
+        let end = e.offset as usize + e.length as usize;
+        let Some(sealed) = bytes.get(e.offset as usize..end) else {
+            bad.insert(r, (Some(*pack), "beyond the end of its pack".into()));
+            continue;
+        };
+        let limit = if e.kind == BlobKind::Data {
+            max
+        } else {
+            MAX_TREE_BYTES
+        };
+        let what = format!("{} blob {}", e.kind, hex::encode(&e.id[..8]));
+        match decode_blob(repo.data_key(), e.kind, &e.id, sealed, limit, &what) {
+            Ok(plain) if e.kind == BlobKind::Tree => {
+                if let Err(err) = Tree::decode(&plain) {
+                    bad.insert(r, (Some(*pack), format!("tree does not parse: {err}")));
+                }
+            }
+            Ok(_) => {}
+            Err(Error::Corrupt { detail, .. }) => {
+                bad.insert(r, (Some(*pack), detail));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(())
+}
+
+/// Finds the snapshot paths that depend on each bad blob.
+fn locate(
+    repo: &IndexedRepository,
+    snapshots: &[(SnapshotId, crate::format::snapshot::Snapshot)],
+    bad: HashMap<BlobRef, (Option<PackId>, String)>,
+) -> Result<Vec<Damage>> {
+    let mut affected: HashMap<BlobRef, BTreeSet<Affected>> = HashMap::new();
+    // Trees known to hold no bad blob anywhere below, to skip them on later snapshots.
+    let mut clean: HashSet<TreeId> = HashSet::new();
+    for (sid, snap) in snapshots {
+        let root = BlobRef::tree(snap.tree);
+        if bad.contains_key(&root) {
+            affected.entry(root).or_default().insert(Affected {
+                snapshot: sid.short(),
+                path: "/".into(),
+            });
+            continue;
+        }
+        walk(
+            repo,
+            &sid.short(),
+            snap.tree,
+            "",
+            &bad,
+            &mut clean,
+            &mut affected,
+        )?;
+    }
+    let mut out: Vec<Damage> = bad
+        .into_iter()
+        .map(|(r, (pack, reason))| Damage {
+            pack: pack.map(|p| p.to_hex()),
+            blob: r.to_hex(),
+            kind: r.kind.to_string(),
+            reason,
+            affected: affected
+                .remove(&r)
+                .map(|s| s.into_iter().collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.blob.cmp(&b.blob));
+    Ok(out)
+}
+
+/// Returns whether anything below `id` is bad.
+fn walk(
+    repo: &IndexedRepository,
+    snapshot: &str,
+    id: TreeId,
+    path: &str,
+    bad: &HashMap<BlobRef, (Option<PackId>, String)>,
+    clean: &mut HashSet<TreeId>,
+    affected: &mut HashMap<BlobRef, BTreeSet<Affected>>,
+) -> Result<bool> {
+    if clean.contains(&id) {
+        return Ok(false);
+    }
+    let Ok(tree) = repo.load_tree(&id) else {
+        return Ok(true);
+    };
+    let mut any = false;
+    for node in &tree.nodes {
+        let child = format!("{path}/{}", String::from_utf8_lossy(&node.name));
+        for c in &node.content {
+            if bad.contains_key(&BlobRef::data(*c)) {
+                affected
+                    .entry(BlobRef::data(*c))
+                    .or_default()
+                    .insert(Affected {
+                        snapshot: snapshot.into(),
+                        path: child.clone(),
+                    });
+                any = true;
+            }
+        }
+        if let Some(sub) = node.subtree {
+            if bad.contains_key(&BlobRef::tree(sub)) {
+                affected
+                    .entry(BlobRef::tree(sub))
+                    .or_default()
+                    .insert(Affected {
+                        snapshot: snapshot.into(),
+                        path: child.clone(),
+                    });
+                any = true;
+            } else if walk(repo, snapshot, sub, &child, bad, clean, affected)? {
+                any = true;
+            }
+        }
+    }
+    if !any {
+        clean.insert(id);
+    }
+    Ok(any)
+}

@@ -1,0 +1,78 @@
+//! Index files: which blobs each pack holds, so a repository can be used without
+//! reading every pack header.
+//!
+//! ```text
+//! index = "HIX1" packs:u32le (pack_id[32] count:u32le (kind:u8 id[32] offset:u32le length:u32le raw_length:u32le)*count)*packs
+//! ```
+
+use super::pack_header::PackEntry;
+use super::Cursor;
+use haul_protocol::{BlobKind, PackId};
+
+const MAGIC: &[u8; 4] = b"HIX1";
+
+/// The blobs of one pack, as an index file lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedPack {
+    pub pack: PackId,
+    pub blobs: Vec<PackEntry>,
+}
+
+pub fn encode(packs: &[IndexedPack]) -> Vec<u8> {
+    let n: usize = packs.iter().map(|p| 36 + p.blobs.len() * 45).sum();
+    let mut out = Vec::with_capacity(8 + n);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(packs.len() as u32).to_le_bytes());
+    for p in packs {
+        out.extend_from_slice(&p.pack.0);
+        out.extend_from_slice(&(p.blobs.len() as u32).to_le_bytes());
+        for b in &p.blobs {
+            out.push(b.kind.code());
+            out.extend_from_slice(&b.id);
+            out.extend_from_slice(&b.offset.to_le_bytes());
+            out.extend_from_slice(&b.length.to_le_bytes());
+            out.extend_from_slice(&b.raw_length.to_le_bytes());
+        }
+    }
+    out
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Vec<IndexedPack>, &'static str> {
+    let mut c = Cursor::new(bytes);
+    if c.take(4) != Some(MAGIC) {
+        return Err("bad index magic");
+    }
+    let packs = c.u32().ok_or("truncated")? as usize;
+    if packs > bytes.len() / 36 {
+        return Err("pack count larger than the file");
+    }
+    let mut out = Vec::with_capacity(packs);
+    for _ in 0..packs {
+        let pack = PackId(c.id().ok_or("truncated")?);
+        let count = c.u32().ok_or("truncated")? as usize;
+        if count > bytes.len() / 45 {
+            return Err("blob count larger than the file");
+        }
+        let mut blobs = Vec::with_capacity(count);
+        for _ in 0..count {
+            let kind =
+                BlobKind::from_code(c.u8().ok_or("truncated")?).ok_or("unknown blob kind")?;
+            let id = c.id().ok_or("truncated")?;
+            let offset = c.u32().ok_or("truncated")?;
+            let length = c.u32().ok_or("truncated")?;
+            let raw_length = c.u32().ok_or("truncated")?;
+            blobs.push(PackEntry {
+                kind,
+                id,
+                offset,
+                length,
+                raw_length,
+            });
+        }
+        out.push(IndexedPack { pack, blobs });
+    }
+    if !c.done() {
+        return Err("trailing bytes in index");
+    }
+    Ok(out)
+}

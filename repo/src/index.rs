@@ -1,0 +1,613 @@
+//! The in-memory index: blob → (pack, offset, length, raw length), at 24 bytes of RAM
+//! per blob, and its local cache.
+//!
+//! # Why 24 bytes, and why that is safe
+//!
+//! A full entry (32-byte id, pack, offset, length, raw length) takes 48 bytes; the
+//! budget is 32. RAM holds a sorted table of [`Entry`]s keyed by the first 8 bytes of
+//! the id (24 bytes each, plus 32 bytes per *pack*, and a pack holds many blobs). The
+//! full ids live on disk in the local index cache, in the same order, and every hit in
+//! RAM is **confirmed against the full id** with one positional read before it is
+//! believed. So a truncated-key collision can never make the index answer "present"
+//! for a blob it does not hold (which would silently drop data from a backup); at worst
+//! several entries share a prefix and each is checked in turn. With 2^64 prefixes, even
+//! 10^9 blobs give an expected number of colliding pairs of about 0.03, so the extra
+//! reads cost nothing in practice.
+//!
+//! # The cache
+//!
+//! Opening a repository must not decrypt every index file on every pull. The cache file
+//! (`<cache dir>/<repo id>/index.cache`, mode 0600 in a 0700 directory) holds the merged
+//! table and records the names of the index files it covers. On open, if the
+//! repository has new index files, only those are read and merged in; if index files
+//! were removed (prune), the cache is rebuilt from all of them. The cache is a local
+//! optimisation: it is checked by a BLAKE3 sum over everything RAM is loaded from, and
+//! rebuilt when damaged.
+//!
+//! Merging or rebuilding briefly holds full entries (48 bytes each); steady state is
+//! the 24-byte table.
+//!
+//! Blobs added by the running session are kept in a small map with full ids.
+
+use crate::backend::{Backend, FileType};
+use crate::crypto::Key;
+use crate::error::{Error, Result};
+use crate::format::{ad, index_file, pack_header::PackEntry};
+use haul_protocol::{BlobKind, BlobRef, PackId};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+/// Where a blob is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: PackId,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_length: u32,
+}
+
+/// One blob in RAM: 24 bytes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct Entry {
+    prefix: u64,
+    pack: u32,
+    offset: u32,
+    length: u32,
+    raw_length: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 24);
+const ENTRY_BYTES: usize = 24;
+
+fn prefix_of(id: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(id[..8].try_into().expect("8 bytes"))
+}
+
+/// A full index entry, used while building.
+#[derive(Debug, Clone, Copy)]
+struct FullEntry {
+    id: [u8; 32],
+    pack: u32,
+    offset: u32,
+    length: u32,
+    raw_length: u32,
+}
+
+/// Where full ids are read from to confirm a hit.
+struct IdStore {
+    file: File,
+    /// Byte offset of each kind's id column.
+    data_ids: u64,
+    tree_ids: u64,
+}
+
+pub struct Index {
+    packs: Vec<PackId>,
+    data: Vec<Entry>,
+    tree: Vec<Entry>,
+    ids: IdStore,
+    /// Blobs stored by this process since the index was loaded.
+    added: RwLock<HashMap<BlobRef, BlobLocation>>,
+    /// Index file names the table covers.
+    covered: BTreeSet<String>,
+}
+
+const MAGIC: &[u8; 8] = b"HAULIDX1";
+
+impl Index {
+    /// Loads the index of `backend`, using and refreshing the cache in `cache_dir` (or a
+    /// private temporary file when there is none).
+    pub fn load(backend: &dyn Backend, key: &Key, cache_dir: Option<&Path>) -> Result<Index> {
+        let names: BTreeSet<String> = backend
+            .list(FileType::Index)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let cache_path = cache_dir.map(|d| d.join("index.cache"));
+        if let Some(path) = &cache_path {
+            match read_cache(path) {
+                Ok(Some(index)) if index.covered == names => return Ok(index),
+                Ok(Some(index)) if index.covered.is_subset(&names) => {
+                    let new: Vec<&String> = names.difference(&index.covered).collect();
+                    tracing::debug!(new = new.len(), "merging new index files into the cache");
+                    let mut packs = index.packs.clone();
+                    let mut full = index.full_entries()?;
+                    for name in new {
+                        add_index_file(backend, key, name, &mut packs, &mut full)?;
+                    }
+                    return write_and_load(path, &names, packs, full);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("index cache {} unusable, rebuilding: {e}", path.display())
+                }
+            }
+        }
+        let mut packs = Vec::new();
+        let mut full = (Vec::new(), Vec::new());
+        for name in &names {
+            add_index_file(backend, key, name, &mut packs, &mut full)?;
+        }
+        match &cache_path {
+            Some(path) => write_and_load(path, &names, packs, full),
+            None => {
+                sort_dedup(&mut full);
+                let what = "temporary index file";
+                let tmp = tempfile::tempfile().map_err(Error::io(what))?;
+                write_cache(
+                    tmp.try_clone().map_err(Error::io(what))?,
+                    &names,
+                    &packs,
+                    &full,
+                )
+                .map_err(Error::io(what))?;
+                parse_cache(tmp)?
+                    .ok_or_else(|| Error::corrupt(what, "unreadable right after writing it"))
+            }
+        }
+    }
+
+    /// Number of blobs known (loaded plus added).
+    pub fn len(&self) -> usize {
+        self.data.len() + self.tree.len() + self.added.read().expect("index").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resident bytes of the loaded table (entries plus pack ids), for the benchmark.
+    pub fn table_bytes(&self) -> usize {
+        (self.data.capacity() + self.tree.capacity()) * ENTRY_BYTES + self.packs.capacity() * 32
+    }
+
+    /// Where blob `id` of `kind` is, if the repository holds it.
+    pub fn get(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Option<BlobLocation>> {
+        if let Some(loc) = self
+            .added
+            .read()
+            .expect("index")
+            .get(&BlobRef { kind, id: *id })
+        {
+            return Ok(Some(*loc));
+        }
+        let (table, column) = match kind {
+            BlobKind::Data => (&self.data, self.ids.data_ids),
+            BlobKind::Tree => (&self.tree, self.ids.tree_ids),
+        };
+        let prefix = prefix_of(id);
+        let start = table.partition_point(|e| e.prefix < prefix);
+        for (i, e) in table[start..]
+            .iter()
+            .enumerate()
+            .take_while(|(_, e)| e.prefix == prefix)
+        {
+            let mut full = [0u8; 32];
+            self.ids
+                .file
+                .read_exact_at(&mut full, column + ((start + i) * 32) as u64)
+                .map_err(Error::io("index cache"))?;
+            if full == *id {
+                return Ok(Some(BlobLocation {
+                    pack: self.packs[e.pack as usize],
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn contains(&self, kind: BlobKind, id: &[u8; 32]) -> Result<bool> {
+        Ok(self.get(kind, id)?.is_some())
+    }
+
+    /// Records blobs of a pack this process has just written.
+    pub fn add_pack(&self, pack: PackId, entries: &[PackEntry]) {
+        let mut added = self.added.write().expect("index");
+        for e in entries {
+            added.insert(
+                BlobRef {
+                    kind: e.kind,
+                    id: e.id,
+                },
+                BlobLocation {
+                    pack,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                },
+            );
+        }
+    }
+
+    /// Every pack the loaded table refers to, with its blobs (for `check`).
+    pub fn packs(&self) -> Result<HashMap<PackId, Vec<PackEntry>>> {
+        let mut out: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+        let (data, tree) = self.full_entries()?;
+        for (kind, list) in [(BlobKind::Data, data), (BlobKind::Tree, tree)] {
+            for e in list {
+                out.entry(self.packs[e.pack as usize])
+                    .or_default()
+                    .push(PackEntry {
+                        kind,
+                        id: e.id,
+                        offset: e.offset,
+                        length: e.length,
+                        raw_length: e.raw_length,
+                    });
+            }
+        }
+        for (r, loc) in self.added.read().expect("index").iter() {
+            out.entry(loc.pack).or_default().push(PackEntry {
+                kind: r.kind,
+                id: r.id,
+                offset: loc.offset,
+                length: loc.length,
+                raw_length: loc.raw_length,
+            });
+        }
+        for v in out.values_mut() {
+            v.sort_by_key(|e| e.offset);
+        }
+        Ok(out)
+    }
+
+    fn full_entries(&self) -> Result<(Vec<FullEntry>, Vec<FullEntry>)> {
+        let read = |table: &[Entry], column: u64| -> Result<Vec<FullEntry>> {
+            let mut ids = vec![0u8; table.len() * 32];
+            self.ids
+                .file
+                .read_exact_at(&mut ids, column)
+                .map_err(Error::io("index cache"))?;
+            Ok(table
+                .iter()
+                .zip(ids.chunks_exact(32))
+                .map(|(e, id)| FullEntry {
+                    id: id.try_into().expect("32 bytes"),
+                    pack: e.pack,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                })
+                .collect())
+        };
+        Ok((
+            read(&self.data, self.ids.data_ids)?,
+            read(&self.tree, self.ids.tree_ids)?,
+        ))
+    }
+}
+
+type Full = (Vec<FullEntry>, Vec<FullEntry>);
+
+fn add_index_file(
+    backend: &dyn Backend,
+    key: &Key,
+    name: &str,
+    packs: &mut Vec<PackId>,
+    full: &mut Full,
+) -> Result<()> {
+    let what = format!("index file {name}");
+    let sealed = backend.read(FileType::Index, name)?;
+    if blake3::hash(&sealed).to_hex().as_str() != name {
+        return Err(Error::corrupt(what, "content does not match its name"));
+    }
+    let plain = key.open(ad::INDEX, &sealed, &what)?;
+    let decoded = index_file::decode(&plain).map_err(|d| Error::corrupt(&what, d))?;
+    let mut pack_pos: HashMap<PackId, u32> = packs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (*p, i as u32))
+        .collect();
+    for p in decoded {
+        let idx = *pack_pos.entry(p.pack).or_insert_with(|| {
+            packs.push(p.pack);
+            (packs.len() - 1) as u32
+        });
+        for b in p.blobs {
+            let e = FullEntry {
+                id: b.id,
+                pack: idx,
+                offset: b.offset,
+                length: b.length,
+                raw_length: b.raw_length,
+            };
+            match b.kind {
+                BlobKind::Data => full.0.push(e),
+                BlobKind::Tree => full.1.push(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cache layout:
+/// ```text
+/// "HAULIDX1" names:u32 name[32]* packs:u32 pack[32]* data:u64 tree:u64
+/// entry[24]*data entry[24]*tree  sum[32]   id[32]*data id[32]*tree
+/// ```
+/// `sum` is BLAKE3 of everything before it (what RAM is loaded from). Entries are sorted
+/// by full id; duplicates (a blob in two packs) keep the first.
+fn write_cache(
+    file: File,
+    names: &BTreeSet<String>,
+    packs: &[PackId],
+    full: &Full,
+) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut h = blake3::Hasher::new();
+    let mut put = |w: &mut BufWriter<File>, b: &[u8]| -> std::io::Result<()> {
+        h.update(b);
+        w.write_all(b)
+    };
+    put(&mut w, MAGIC)?;
+    put(&mut w, &(names.len() as u32).to_le_bytes())?;
+    for n in names {
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(n, &mut raw).map_err(|_| std::io::Error::other("bad index name"))?;
+        put(&mut w, &raw)?;
+    }
+    put(&mut w, &(packs.len() as u32).to_le_bytes())?;
+    for p in packs {
+        put(&mut w, &p.0)?;
+    }
+    put(&mut w, &(full.0.len() as u64).to_le_bytes())?;
+    put(&mut w, &(full.1.len() as u64).to_le_bytes())?;
+    for list in [&full.0, &full.1] {
+        for e in list {
+            let mut b = [0u8; ENTRY_BYTES];
+            b[..8].copy_from_slice(&prefix_of(&e.id).to_le_bytes());
+            b[8..12].copy_from_slice(&e.pack.to_le_bytes());
+            b[12..16].copy_from_slice(&e.offset.to_le_bytes());
+            b[16..20].copy_from_slice(&e.length.to_le_bytes());
+            b[20..24].copy_from_slice(&e.raw_length.to_le_bytes());
+            put(&mut w, &b)?;
+        }
+    }
+    let sum = *h.finalize().as_bytes();
+    w.write_all(&sum)?;
+    for list in [&full.0, &full.1] {
+        for e in list {
+            w.write_all(&e.id)?;
+        }
+    }
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()
+}
+
+fn sort_dedup(full: &mut Full) {
+    for list in [&mut full.0, &mut full.1] {
+        list.sort_unstable_by_key(|e| e.id);
+        list.dedup_by(|a, b| a.id == b.id);
+    }
+}
+
+fn write_and_load(
+    path: &Path,
+    names: &BTreeSet<String>,
+    packs: Vec<PackId>,
+    mut full: Full,
+) -> Result<Index> {
+    sort_dedup(&mut full);
+    let dir = path.parent().expect("cache file in a directory");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io(dir.display().to_string()))?;
+    let tmp: PathBuf = dir.join(format!("index.cache.tmp-{}", std::process::id()));
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io(tmp.display().to_string()))?;
+    write_cache(file, names, &packs, &full).map_err(Error::io(tmp.display().to_string()))?;
+    drop(full);
+    fs::rename(&tmp, path).map_err(Error::io(path.display().to_string()))?;
+    match read_cache(path)? {
+        Some(index) => Ok(index),
+        None => Err(Error::corrupt(
+            path.display().to_string(),
+            "index cache unreadable right after writing it",
+        )),
+    }
+}
+
+/// Reads a cache file; `Ok(None)` when there is none or it is damaged.
+fn read_cache(path: &Path) -> Result<Option<Index>> {
+    match File::open(path) {
+        Ok(f) => parse_cache(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io {
+            what: path.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
+fn parse_cache(file: File) -> Result<Option<Index>> {
+    let len = file.metadata().map_err(Error::io("index cache"))?.len();
+    let mut reader = file.try_clone().map_err(Error::io("index cache"))?;
+    // A duplicated descriptor shares the offset of the one that wrote the file.
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))
+        .map_err(Error::io("index cache"))?;
+    let mut r = BufReader::with_capacity(1 << 20, reader);
+    let mut h = blake3::Hasher::new();
+    let read = |r: &mut BufReader<File>, h: &mut blake3::Hasher, buf: &mut [u8]| -> Option<()> {
+        r.read_exact(buf).ok()?;
+        h.update(buf);
+        Some(())
+    };
+    let parsed = (|| -> Option<Index> {
+        let mut magic = [0u8; 8];
+        read(&mut r, &mut h, &mut magic)?;
+        if &magic != MAGIC {
+            return None;
+        }
+        let mut n4 = [0u8; 4];
+        read(&mut r, &mut h, &mut n4)?;
+        let nnames = u32::from_le_bytes(n4) as u64;
+        if nnames * 32 > len {
+            return None;
+        }
+        let mut covered = BTreeSet::new();
+        for _ in 0..nnames {
+            let mut raw = [0u8; 32];
+            read(&mut r, &mut h, &mut raw)?;
+            covered.insert(hex::encode(raw));
+        }
+        read(&mut r, &mut h, &mut n4)?;
+        let npacks = u32::from_le_bytes(n4) as u64;
+        if npacks * 32 > len {
+            return None;
+        }
+        let mut packs = Vec::with_capacity(npacks as usize);
+        for _ in 0..npacks {
+            let mut raw = [0u8; 32];
+            read(&mut r, &mut h, &mut raw)?;
+            packs.push(PackId(raw));
+        }
+        let mut n8 = [0u8; 8];
+        read(&mut r, &mut h, &mut n8)?;
+        let ndata = u64::from_le_bytes(n8);
+        read(&mut r, &mut h, &mut n8)?;
+        let ntree = u64::from_le_bytes(n8);
+        let header = 8 + 4 + nnames * 32 + 4 + npacks * 32 + 16;
+        let body = (ndata + ntree).checked_mul(ENTRY_BYTES as u64 + 32)?;
+        if header + body + 32 != len {
+            return None;
+        }
+        let mut tables = Vec::with_capacity(2);
+        for n in [ndata, ntree] {
+            let mut t = Vec::with_capacity(n as usize);
+            let mut b = [0u8; ENTRY_BYTES];
+            for _ in 0..n {
+                read(&mut r, &mut h, &mut b)?;
+                let e = Entry {
+                    prefix: u64::from_le_bytes(b[..8].try_into().ok()?),
+                    pack: u32::from_le_bytes(b[8..12].try_into().ok()?),
+                    offset: u32::from_le_bytes(b[12..16].try_into().ok()?),
+                    length: u32::from_le_bytes(b[16..20].try_into().ok()?),
+                    raw_length: u32::from_le_bytes(b[20..24].try_into().ok()?),
+                };
+                if e.pack as u64 >= npacks {
+                    return None;
+                }
+                t.push(e);
+            }
+            tables.push(t);
+        }
+        let expected = *h.finalize().as_bytes();
+        let mut sum = [0u8; 32];
+        r.read_exact(&mut sum).ok()?;
+        if sum != expected {
+            return None;
+        }
+        let tree = tables.pop()?;
+        let data = tables.pop()?;
+        let data_ids = header + (ndata + ntree) * ENTRY_BYTES as u64 + 32;
+        Some(Index {
+            packs,
+            ids: IdStore {
+                file: r.into_inner(),
+                data_ids,
+                tree_ids: data_ids + ndata * 32,
+            },
+            data,
+            tree,
+            added: RwLock::new(HashMap::new()),
+            covered,
+        })
+    })();
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::format::index_file::IndexedPack;
+
+    fn write_index(b: &MemoryBackend, key: &Key, packs: &[IndexedPack]) -> String {
+        let sealed = key.seal(ad::INDEX, &index_file::encode(packs));
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        b.write_once(FileType::Index, &name, &sealed).unwrap();
+        name
+    }
+
+    fn entry(kind: BlobKind, id: [u8; 32], offset: u32) -> PackEntry {
+        PackEntry {
+            kind,
+            id,
+            offset,
+            length: 100,
+            raw_length: 90,
+        }
+    }
+
+    #[test]
+    fn confirms_full_ids_and_merges_new_index_files() {
+        let b = MemoryBackend::default();
+        let key = Key::random();
+        let cache = tempfile::tempdir().unwrap();
+        // Two ids sharing the 8-byte prefix: only the full id may match.
+        let mut a = [7u8; 32];
+        let mut c = [7u8; 32];
+        a[31] = 1;
+        c[31] = 2;
+        let p1 = PackId([1; 32]);
+        write_index(
+            &b,
+            &key,
+            &[IndexedPack {
+                pack: p1,
+                blobs: vec![entry(BlobKind::Data, a, 0)],
+            }],
+        );
+        let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+        assert_eq!(idx.get(BlobKind::Data, &a).unwrap().unwrap().pack, p1);
+        assert_eq!(
+            idx.get(BlobKind::Data, &c).unwrap(),
+            None,
+            "a prefix match is not a hit"
+        );
+        assert_eq!(idx.get(BlobKind::Tree, &a).unwrap(), None);
+
+        let p2 = PackId([2; 32]);
+        write_index(
+            &b,
+            &key,
+            &[IndexedPack {
+                pack: p2,
+                blobs: vec![entry(BlobKind::Data, c, 100), entry(BlobKind::Tree, a, 0)],
+            }],
+        );
+        let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+        assert_eq!(idx.get(BlobKind::Data, &c).unwrap().unwrap().offset, 100);
+        assert_eq!(idx.get(BlobKind::Data, &a).unwrap().unwrap().pack, p1);
+        assert_eq!(idx.get(BlobKind::Tree, &a).unwrap().unwrap().pack, p2);
+        assert_eq!(idx.covered.len(), 2);
+
+        // A damaged cache is rebuilt, not believed.
+        let path = cache.path().join("index.cache");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[60] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+        assert_eq!(idx.get(BlobKind::Data, &c).unwrap().unwrap().offset, 100);
+
+        // Without a cache directory the same answers come from a private file.
+        let idx = Index::load(&b, &key, None).unwrap();
+        assert_eq!(idx.get(BlobKind::Tree, &a).unwrap().unwrap().pack, p2);
+        assert_eq!(idx.len(), 3);
+    }
+}

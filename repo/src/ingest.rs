@@ -1,0 +1,500 @@
+//! Ingest sessions: how new data enters a repository.
+//!
+//! A session is the in-process form of the ingest protocol (the HTTP server is a thin
+//! adapter over it): [`IngestSession::start`] picks the parent snapshot and hands out
+//! the chunker parameters; the source reads parent trees, asks which blobs are missing,
+//! and adds blobs under claimed ids; [`IngestSession::commit`] writes the snapshot.
+//!
+//! Guarantees:
+//! - Every blob is checked before it is stored: decoded, and hashed against the id it
+//!   is offered under. A mismatch is refused ([`Error::IdMismatch`]), so a hostile
+//!   source cannot poison deduplication.
+//! - A snapshot is written only after every tree and chunk it references has been found
+//!   in the repository ([`Error::MissingBlobs`] otherwise, and nothing is written).
+//! - Packs are indexed as they are written (every few packs and at the end), so an
+//!   abandoned or failed session leaves its data usable: the next session finds those
+//!   blobs present and does not upload them again.
+
+use crate::backend::FileType;
+use crate::crypto;
+use crate::error::{Error, Result};
+use crate::format::ad;
+use crate::format::index_file::{self, IndexedPack};
+use crate::format::pack_header::{self, PackEntry};
+use crate::format::snapshot::{Snapshot, SourceKind, Summary};
+use crate::repository::{IndexedRepository, MAX_TREE_BYTES};
+use haul_protocol::chunker::{compress_blob, decompress_blob, ChunkerParams, BLOB_RAW};
+use haul_protocol::tree::{NodeKind, Tree};
+use haul_protocol::walk::{Sink, SinkError};
+use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Which snapshot a new one is compared against.
+#[derive(Debug, Clone)]
+pub enum ParentChoice {
+    /// The newest snapshot of the same host and paths, if any.
+    Latest,
+    /// This one.
+    Snapshot(SnapshotId),
+    /// None: read every file.
+    None,
+}
+
+/// What identifies the snapshot a session will write.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub host: String,
+    pub paths: Vec<String>,
+    pub tags: Vec<String>,
+    pub source: SourceKind,
+    pub parent: ParentChoice,
+}
+
+/// Write the index after this many packs, or this long after the last index write,
+/// whichever comes first, so an interrupted session loses little.
+const INDEX_EVERY_PACKS: usize = 8;
+const INDEX_EVERY: Duration = Duration::from_secs(60);
+
+struct Packer {
+    kind: BlobKind,
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl Packer {
+    fn new(kind: BlobKind) -> Self {
+        Packer {
+            kind,
+            buf: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+struct State {
+    data: Packer,
+    tree: Packer,
+    unindexed: Vec<IndexedPack>,
+    last_index: Instant,
+}
+
+/// Counters of what a session added.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub blobs_new: AtomicU64,
+    /// Plaintext bytes of new blobs.
+    pub bytes_new: AtomicU64,
+    /// Bytes added to packs (compressed and sealed).
+    pub bytes_stored: AtomicU64,
+}
+
+pub struct IngestSession<'r> {
+    repo: &'r IndexedRepository,
+    info: SessionInfo,
+    parent: Option<(SnapshotId, Snapshot)>,
+    state: Mutex<State>,
+    /// Blobs sealed into an open pack or being sealed: present, not yet readable.
+    in_flight: Mutex<HashSet<BlobRef>>,
+    stats: IngestStats,
+    started: Instant,
+    finished: bool,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<zstd::bulk::Decompressor<'static>> =
+        RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+}
+
+fn with_compressor<T>(level: i32, f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> T) -> T {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().map(|(l, _)| *l) != Some(level) {
+            *c = Some((
+                level,
+                zstd::bulk::Compressor::new(level).expect("zstd context"),
+            ));
+        }
+        f(&mut c.as_mut().expect("just set").1)
+    })
+}
+
+impl<'r> IngestSession<'r> {
+    /// Starts a session and resolves its parent snapshot.
+    pub fn start(repo: &'r IndexedRepository, info: SessionInfo) -> Result<IngestSession<'r>> {
+        let parent = match &info.parent {
+            ParentChoice::None => None,
+            ParentChoice::Snapshot(id) => Some((*id, repo.load_snapshot(id)?)),
+            ParentChoice::Latest => {
+                let mut paths = info.paths.clone();
+                paths.sort();
+                repo.snapshots()?.into_iter().rev().find(|(_, s)| {
+                    let mut p = s.paths.clone();
+                    p.sort();
+                    s.host == info.host && p == paths
+                })
+            }
+        };
+        Ok(IngestSession {
+            repo,
+            info,
+            parent,
+            state: Mutex::new(State {
+                data: Packer::new(BlobKind::Data),
+                tree: Packer::new(BlobKind::Tree),
+                unindexed: Vec::new(),
+                last_index: Instant::now(),
+            }),
+            in_flight: Mutex::new(HashSet::new()),
+            stats: IngestStats::default(),
+            started: Instant::now(),
+            finished: false,
+        })
+    }
+
+    /// The chunker parameters the source must use.
+    pub fn chunker_params(&self) -> ChunkerParams {
+        self.repo.config().chunker
+    }
+
+    /// The parent snapshot, if one was chosen.
+    pub fn parent(&self) -> Option<&(SnapshotId, Snapshot)> {
+        self.parent.as_ref()
+    }
+
+    /// The parent snapshot's root tree.
+    pub fn parent_tree(&self) -> Option<TreeId> {
+        self.parent.as_ref().map(|(_, s)| s.tree)
+    }
+
+    pub fn stats(&self) -> &IngestStats {
+        &self.stats
+    }
+
+    /// Reads a tree (the source's parent trees, for change detection).
+    pub fn read_tree(&self, id: &TreeId) -> Result<Tree> {
+        self.repo.load_tree(id)
+    }
+
+    /// Which of `blobs` the repository lacks.
+    pub fn missing(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>> {
+        let mut out = Vec::new();
+        for b in blobs {
+            if !self.known(b)? {
+                out.push(*b);
+            }
+        }
+        Ok(out)
+    }
+
+    fn known(&self, b: &BlobRef) -> Result<bool> {
+        Ok(self.repo.index().contains(b.kind, &b.id)?
+            || self.in_flight.lock().expect("in flight").contains(b))
+    }
+
+    /// Adds a blob in its transfer encoding (format byte, then zstd frame or raw bytes)
+    /// under the id the source claims. The blob is decoded and hashed; a mismatch is
+    /// refused. Returns whether it was new.
+    pub fn add_encoded(
+        &self,
+        kind: BlobKind,
+        claimed: &[u8; 32],
+        encoded: Vec<u8>,
+    ) -> Result<bool> {
+        let limit = self.limit(kind);
+        let plain_len = if encoded.first() == Some(&BLOB_RAW) {
+            let body = &encoded[1..];
+            if body.len() > limit {
+                return Err(Error::InvalidInput(format!(
+                    "{kind} blob of {} bytes exceeds the limit {limit}",
+                    body.len()
+                )));
+            }
+            self.verify(kind, claimed, body)?;
+            body.len()
+        } else {
+            let plain = DECOMPRESSOR
+                .with(|d| decompress_blob(&mut d.borrow_mut(), &encoded, limit))
+                .map_err(|e| {
+                    Error::InvalidInput(format!("{kind} blob {}: {e}", hex::encode(claimed)))
+                })?;
+            self.verify(kind, claimed, &plain)?;
+            plain.len()
+        };
+        self.store(kind, claimed, plain_len, encoded)
+    }
+
+    /// Adds a blob as plaintext (sources in the same process); the engine compresses.
+    pub fn add_plain(&self, kind: BlobKind, claimed: &[u8; 32], plain: &[u8]) -> Result<bool> {
+        if plain.len() > self.limit(kind) {
+            return Err(Error::InvalidInput(format!(
+                "{kind} blob of {} bytes exceeds the limit",
+                plain.len()
+            )));
+        }
+        self.verify(kind, claimed, plain)?;
+        if self.known(&BlobRef { kind, id: *claimed })? {
+            return Ok(false);
+        }
+        let level = self.repo.config().compression_level;
+        let encoded =
+            with_compressor(level, |c| compress_blob(c, plain)).map_err(Error::io("zstd"))?;
+        self.store(kind, claimed, plain.len(), encoded)
+    }
+
+    fn limit(&self, kind: BlobKind) -> usize {
+        match kind {
+            BlobKind::Data => self.repo.config().chunker.max_size as usize,
+            BlobKind::Tree => MAX_TREE_BYTES,
+        }
+    }
+
+    fn verify(&self, kind: BlobKind, claimed: &[u8; 32], plain: &[u8]) -> Result<()> {
+        let actual = blake3::hash(plain);
+        if actual.as_bytes() != claimed {
+            return Err(Error::IdMismatch {
+                kind,
+                claimed: hex::encode(claimed),
+                actual: actual.to_hex().to_string(),
+            });
+        }
+        if kind == BlobKind::Tree {
+            Tree::decode(plain)
+                .map_err(|e| Error::InvalidInput(format!("tree {}: {e}", hex::encode(claimed))))?;
+        }
+        Ok(())
+    }
+
+    fn store(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        plain_len: usize,
+        encoded: Vec<u8>,
+    ) -> Result<bool> {
+        let blob = BlobRef { kind, id: *id };
+        if self.repo.index().contains(kind, id)?
+            || !self.in_flight.lock().expect("in flight").insert(blob)
+        {
+            return Ok(false);
+        }
+        let sealed = self.repo.data_key().seal(&ad::blob(kind, id), &encoded);
+        drop(encoded);
+        self.stats.blobs_new.fetch_add(1, Relaxed);
+        self.stats.bytes_new.fetch_add(plain_len as u64, Relaxed);
+        self.stats
+            .bytes_stored
+            .fetch_add(sealed.len() as u64, Relaxed);
+        let full = {
+            let mut st = self.state.lock().expect("ingest state");
+            let packer = match kind {
+                BlobKind::Data => &mut st.data,
+                BlobKind::Tree => &mut st.tree,
+            };
+            let offset = packer.buf.len() as u32;
+            packer.buf.extend_from_slice(&sealed);
+            packer.entries.push(PackEntry {
+                kind,
+                id: *id,
+                offset,
+                length: sealed.len() as u32,
+                raw_length: plain_len as u32,
+            });
+            if packer.buf.len() >= self.repo.config().pack_size as usize {
+                Some(std::mem::replace(packer, Packer::new(kind)))
+            } else {
+                None
+            }
+        };
+        if let Some(packer) = full {
+            self.write_pack(packer)?;
+        }
+        Ok(true)
+    }
+
+    /// Seals the header, writes the pack, and makes its blobs known.
+    fn write_pack(&self, mut packer: Packer) -> Result<()> {
+        if packer.entries.is_empty() {
+            return Ok(());
+        }
+        let header = self
+            .repo
+            .data_key()
+            .seal(ad::PACK_HEADER, &pack_header::encode(&packer.entries));
+        packer.buf.extend_from_slice(&header);
+        packer
+            .buf
+            .extend_from_slice(&(header.len() as u32).to_le_bytes());
+        let id = self.repo.save_pack(&packer.buf)?;
+        drop(std::mem::take(&mut packer.buf));
+        self.repo.index().add_pack(id, &packer.entries);
+        {
+            let mut in_flight = self.in_flight.lock().expect("in flight");
+            for e in &packer.entries {
+                in_flight.remove(&BlobRef {
+                    kind: e.kind,
+                    id: e.id,
+                });
+            }
+        }
+        tracing::debug!(pack = %id.short(), kind = %packer.kind, blobs = packer.entries.len(), "pack written");
+        let due = {
+            let mut st = self.state.lock().expect("ingest state");
+            st.unindexed.push(IndexedPack {
+                pack: id,
+                blobs: packer.entries,
+            });
+            st.unindexed.len() >= INDEX_EVERY_PACKS || st.last_index.elapsed() >= INDEX_EVERY
+        };
+        if due {
+            self.write_index()?;
+        }
+        Ok(())
+    }
+
+    fn write_index(&self) -> Result<()> {
+        let packs = {
+            let mut st = self.state.lock().expect("ingest state");
+            st.last_index = Instant::now();
+            std::mem::take(&mut st.unindexed)
+        };
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let sealed = self
+            .repo
+            .data_key()
+            .seal(ad::INDEX, &index_file::encode(&packs));
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.repo
+            .backend()
+            .write_once(FileType::Index, &name, &sealed)
+    }
+
+    /// Writes the open packs and the index of everything written so far.
+    pub fn flush(&self) -> Result<()> {
+        let (data, tree) = {
+            let mut st = self.state.lock().expect("ingest state");
+            (
+                std::mem::replace(&mut st.data, Packer::new(BlobKind::Data)),
+                std::mem::replace(&mut st.tree, Packer::new(BlobKind::Tree)),
+            )
+        };
+        self.write_pack(data)?;
+        self.write_pack(tree)?;
+        self.write_index()
+    }
+
+    /// Checks that the tree `root` and everything below it is stored, then writes the
+    /// snapshot. On any missing blob nothing is written.
+    pub fn commit(mut self, root: TreeId, mut summary: Summary) -> Result<(SnapshotId, Snapshot)> {
+        self.flush()?;
+        self.check_complete(&root)?;
+        summary.blobs_new = self.stats.blobs_new.load(Relaxed);
+        summary.bytes_new = self.stats.bytes_new.load(Relaxed);
+        summary.bytes_stored = self.stats.bytes_stored.load(Relaxed);
+        summary.duration_ms = self.started.elapsed().as_millis() as u64;
+        let snapshot = Snapshot {
+            time: chrono::Utc::now(),
+            host: self.info.host.clone(),
+            paths: self.info.paths.clone(),
+            tags: self.info.tags.clone(),
+            tree: root,
+            parent: self.parent.as_ref().map(|(id, _)| *id),
+            source: self.info.source,
+            summary,
+        };
+        let id = self.repo.save_snapshot(&snapshot)?;
+        self.finished = true;
+        Ok((id, snapshot))
+    }
+
+    /// Ends the session without a snapshot; what was stored stays usable.
+    pub fn abandon(mut self) -> Result<()> {
+        self.finished = true;
+        self.flush()
+    }
+
+    fn check_complete(&self, root: &TreeId) -> Result<()> {
+        let index = self.repo.index();
+        let mut seen: HashSet<TreeId> = HashSet::new();
+        let mut stack = vec![*root];
+        let mut missing: Vec<String> = Vec::new();
+        let mut checked_chunks: HashSet<ChunkId> = HashSet::new();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            if !index.contains(BlobKind::Tree, &id.0)? {
+                missing.push(format!("tree {id}"));
+                continue;
+            }
+            let tree = self.repo.load_tree(&id)?;
+            for node in &tree.nodes {
+                if let Some(sub) = node.subtree {
+                    stack.push(sub);
+                } else if node.kind == NodeKind::Dir {
+                    missing.push(format!(
+                        "subtree of directory {}",
+                        String::from_utf8_lossy(&node.name)
+                    ));
+                }
+                for c in &node.content {
+                    if checked_chunks.insert(*c) && !index.contains(BlobKind::Data, &c.0)? {
+                        missing.push(format!(
+                            "chunk {c} of {}",
+                            String::from_utf8_lossy(&node.name)
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(first) = missing.first() {
+            return Err(Error::MissingBlobs {
+                count: missing.len(),
+                first: first.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for IngestSession<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Keep what was uploaded: the next session will not need to send it again.
+            if let Err(e) = self.flush() {
+                tracing::warn!("abandoned ingest session could not save its last packs: {e}");
+            }
+        }
+    }
+}
+
+/// In-process sources (`backup-local`, the rdiff-backup import) feed a session directly.
+impl Sink for IngestSession<'_> {
+    fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
+        self.read_tree(id).map_err(SinkError::new)
+    }
+    fn offer_chunk(&self, id: ChunkId, plain: Vec<u8>) -> Result<(), SinkError> {
+        self.add_plain(BlobKind::Data, &id.0, &plain)
+            .map(|_| ())
+            .map_err(SinkError::new)
+    }
+    fn offer_tree(&self, id: TreeId, encoded: Vec<u8>) -> Result<(), SinkError> {
+        self.add_plain(BlobKind::Tree, &id.0, &encoded)
+            .map(|_| ())
+            .map_err(SinkError::new)
+    }
+}
+
+#[allow(unused)]
+fn _assert_send_sync() {
+    fn is_sync<T: Sync>() {}
+    is_sync::<IngestSession<'static>>();
+    let _ = crypto::OVERHEAD;
+    let _ = PackId::of;
+}

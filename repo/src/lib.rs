@@ -1,0 +1,52 @@
+//! The haul repository engine.
+//!
+//! A repository stores file content as **chunks** (content-defined, BLAKE3-named,
+//! zstd-compressed, sealed with XChaCha20-Poly1305), directories as **trees**, and each
+//! backup as a **snapshot** pointing at a root tree. Blobs are gathered into **packs**
+//! of about 16 MiB; **index** files say which pack holds which blob. Every object is
+//! written once and named by the BLAKE3 of its stored bytes.
+//!
+//! The main types:
+//! - [`backend::Backend`]: where objects live (local directory, memory; decorators like
+//!   [`backend::AppendOnly`]).
+//! - [`Repository`]: opened with a passphrase; keys and snapshots.
+//! - [`IndexedRepository`]: with the index loaded; reads blobs, hands out
+//!   [`ingest::IngestSession`]s, serves restores, runs [`check`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use haul_repo::{backend::MemoryBackend, crypto::KdfParams, format::config::RepoConfig, Repository};
+//! use haul_repo::ingest::{IngestSession, SessionInfo, ParentChoice};
+//! use haul_repo::format::snapshot::{SourceKind, Summary};
+//! use haul_protocol::{tree::{Tree, Node, NodeKind}, ChunkId, BlobKind};
+//!
+//! let kdf = KdfParams { m_cost: 64, t_cost: 1, p_cost: 1 }; // tiny, for the example
+//! let repo = Repository::init(Arc::new(MemoryBackend::default()), b"secret", kdf, RepoConfig::new(3))?;
+//! let repo = repo.load_index(None)?;
+//! let info = SessionInfo { host: "web-1".into(), paths: vec!["/srv".into()], tags: vec![],
+//!                          source: SourceKind::Local, parent: ParentChoice::Latest };
+//! let session = IngestSession::start(&repo, info)?;
+//! let content = b"hello".to_vec();
+//! let chunk = ChunkId::of(&content);
+//! session.add_plain(BlobKind::Data, &chunk.0, &content)?;
+//! let tree = Tree { nodes: vec![Node { name: b"greeting".to_vec(), kind: NodeKind::File, size: 5,
+//!                                      content: vec![chunk], ..Default::default() }] };
+//! let (root, bytes) = tree.encode_with_id();
+//! session.add_plain(BlobKind::Tree, &root.0, &bytes)?;
+//! let (id, _) = session.commit(root, Summary::default())?;
+//! assert_eq!(repo.load_chunk(&chunk)?, b"hello");
+//! assert_eq!(repo.snapshots()?[0].0, id);
+//! # Ok::<(), haul_repo::Error>(())
+//! ```
+
+pub mod backend;
+pub mod check;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod ingest;
+pub mod repository;
+
+pub use error::{Error, Result};
+pub use repository::{IndexedRepository, KeyInfo, Repository};

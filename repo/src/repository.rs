@@ -1,0 +1,437 @@
+//! Opening a repository: backend + key, then (a second step) its index.
+//!
+//! [`Repository`] is an unlocked repository: config and keys, snapshots, key
+//! management. [`Repository::load_index`] turns it into an [`IndexedRepository`], which
+//! can read and write blobs: backups, restores and checks need it, key management and
+//! snapshot listing do not (typestate: the order is in the types).
+
+use crate::backend::{Backend, FileType};
+use crate::crypto::{self, KdfParams, Key};
+use crate::error::{Error, Result};
+use crate::format::config::RepoConfig;
+use crate::format::key_file::KeyFile;
+use crate::format::snapshot::Snapshot;
+use crate::format::{ad, pack_header};
+use crate::index::{BlobLocation, Index};
+use haul_protocol::chunker::{decompress_blob, BLOB_RAW};
+use haul_protocol::tree::Tree;
+use haul_protocol::{BlobKind, ChunkId, PackId, SnapshotId, TreeId};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Purposes of subkeys derived from the master key.
+const DATA_KEY_CONTEXT: &str = "haul 2026-11 data key";
+
+/// Largest tree blob accepted (a directory of a few million entries).
+pub const MAX_TREE_BYTES: usize = 512 * 1024 * 1024;
+
+/// An unlocked repository.
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: RepoConfig,
+    /// The key file that opened the repository.
+    key_name: String,
+    master: Key,
+    data_key: Key,
+}
+
+/// A key file as `key list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub current: bool,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub hostname: String,
+    pub username: String,
+}
+
+fn host_and_user() -> (String, String) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    (host, user)
+}
+
+fn seal_master(master: &Key, passphrase: &[u8], kdf: KdfParams) -> Result<(String, Vec<u8>)> {
+    let salt: [u8; 16] = crypto::random_bytes();
+    let kek = crypto::derive_from_passphrase(passphrase, &salt, kdf)?;
+    let (hostname, username) = host_and_user();
+    let file = KeyFile {
+        version: 1,
+        created: chrono::Utc::now(),
+        hostname,
+        username,
+        kdf,
+        salt: hex::encode(salt),
+        sealed_master: hex::encode(kek.seal(ad::MASTER_KEY, &master.0)),
+    };
+    let bytes = serde_json::to_vec_pretty(&file).expect("key file serializes");
+    Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
+}
+
+impl Repository {
+    /// Creates a repository in an empty backend, with one key for `passphrase`.
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        passphrase: &[u8],
+        kdf: KdfParams,
+        config: RepoConfig,
+    ) -> Result<Repository> {
+        if !backend.list(FileType::Config)?.is_empty() {
+            return Err(Error::RepositoryExists(PathBuf::from(backend.location())));
+        }
+        if passphrase.is_empty() {
+            return Err(Error::InvalidInput(
+                "an empty passphrase is not allowed".into(),
+            ));
+        }
+        config.validate().map_err(Error::InvalidInput)?;
+        let master = Key::random();
+        let data_key = master.derive(DATA_KEY_CONTEXT);
+        let (key_name, key_bytes) = seal_master(&master, passphrase, kdf)?;
+        backend.write_once(FileType::Key, &key_name, &key_bytes)?;
+        let cfg = serde_json::to_vec(&config).expect("config serializes");
+        backend.write_once(FileType::Config, "config", &data_key.seal(ad::CONFIG, &cfg))?;
+        Ok(Repository {
+            backend,
+            config,
+            key_name,
+            master,
+            data_key,
+        })
+    }
+
+    /// Opens a repository with a passphrase, trying each key file.
+    pub fn open(backend: Arc<dyn Backend>, passphrase: &[u8]) -> Result<Repository> {
+        let sealed_config = match backend.read(FileType::Config, "config") {
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NoRepository(PathBuf::from(backend.location())))
+            }
+            other => other?,
+        };
+        let keys = backend.list(FileType::Key)?;
+        for (name, _) in &keys {
+            let bytes = backend.read(FileType::Key, name)?;
+            let file: KeyFile = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
+            let salt = hex::decode(&file.salt)
+                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
+            let sealed = hex::decode(&file.sealed_master)
+                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
+            let kek = crypto::derive_from_passphrase(passphrase, &salt, file.kdf)?;
+            let Ok(raw) = kek.open(ad::MASTER_KEY, &sealed, "master key") else {
+                continue;
+            };
+            let master = Key(raw.try_into().map_err(|_| {
+                Error::corrupt(format!("key file {name}"), "master key is not 32 bytes")
+            })?);
+            let data_key = master.derive(DATA_KEY_CONTEXT);
+            let cfg = data_key.open(ad::CONFIG, &sealed_config, "config")?;
+            let config: RepoConfig =
+                serde_json::from_slice(&cfg).map_err(|e| Error::corrupt("config", e))?;
+            config.validate().map_err(|e| Error::corrupt("config", e))?;
+            return Ok(Repository {
+                backend,
+                config,
+                key_name: name.clone(),
+                master,
+                data_key,
+            });
+        }
+        Err(Error::WrongPassphrase { tried: keys.len() })
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub(crate) fn data_key(&self) -> &Key {
+        &self.data_key
+    }
+
+    /// Adds a key file for another passphrase; returns its id.
+    pub fn add_key(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
+        if passphrase.is_empty() {
+            return Err(Error::InvalidInput(
+                "an empty passphrase is not allowed".into(),
+            ));
+        }
+        let (name, bytes) = seal_master(&self.master, passphrase, kdf)?;
+        self.backend.write_once(FileType::Key, &name, &bytes)?;
+        Ok(name)
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let mut out = Vec::new();
+        for (name, _) in self.backend.list(FileType::Key)? {
+            let bytes = self.backend.read(FileType::Key, &name)?;
+            let f: KeyFile = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
+            out.push(KeyInfo {
+                current: name == self.key_name,
+                id: name,
+                created: f.created,
+                hostname: f.hostname,
+                username: f.username,
+            });
+        }
+        out.sort_by_key(|k| k.created);
+        Ok(out)
+    }
+
+    /// Removes a key file, given its id or a unique prefix of it. The last key, and the
+    /// key this repository was opened with, cannot be removed.
+    pub fn remove_key(&self, id_prefix: &str) -> Result<String> {
+        let keys = self.backend.list(FileType::Key)?;
+        let matches: Vec<&String> = keys
+            .iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with(id_prefix))
+            .collect();
+        let name = match matches.as_slice() {
+            [] => {
+                return Err(Error::NotFound {
+                    what: format!("key {id_prefix}"),
+                })
+            }
+            [one] => (*one).clone(),
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "key prefix {id_prefix:?} is ambiguous: give more digits"
+                )))
+            }
+        };
+        if keys.len() == 1 {
+            return Err(Error::LastKey);
+        }
+        if name == self.key_name {
+            return Err(Error::InvalidInput(
+                "cannot remove the key this command was opened with: open with another key's passphrase to remove it".into(),
+            ));
+        }
+        self.backend.delete(FileType::Key, &name)?;
+        Ok(name)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
+        let mut out = Vec::new();
+        for (name, _) in self.backend.list(FileType::Snapshot)? {
+            let id: SnapshotId = name
+                .parse()
+                .map_err(|e| Error::corrupt(format!("snapshot {name}"), e))?;
+            out.push((id, self.load_snapshot(&id)?));
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        let what = format!("snapshot {}", id.short());
+        let sealed = self.backend.read(FileType::Snapshot, &id.to_hex())?;
+        if SnapshotId::of(&sealed) != *id {
+            return Err(Error::corrupt(what, "content does not match its name"));
+        }
+        let plain = self.data_key.open(ad::SNAPSHOT, &sealed, &what)?;
+        serde_json::from_slice(&plain).map_err(|e| Error::corrupt(what, e))
+    }
+
+    /// Finds a snapshot by `latest`, a full id or a unique prefix of at least 4 digits.
+    pub fn find_snapshot(&self, spec: &str) -> Result<(SnapshotId, Snapshot)> {
+        let all = self.snapshots()?;
+        if spec == "latest" {
+            return all.into_iter().last().ok_or_else(|| Error::NotFound {
+                what: "any snapshot".into(),
+            });
+        }
+        if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::InvalidInput(format!(
+                "{spec:?} is not a snapshot id: give `latest` or at least 4 hex digits of an id from `haul-pbs snapshots`"
+            )));
+        }
+        let spec = spec.to_ascii_lowercase();
+        let mut found: Vec<(SnapshotId, Snapshot)> = all
+            .into_iter()
+            .filter(|(id, _)| id.to_hex().starts_with(&spec))
+            .collect();
+        match found.len() {
+            0 => Err(Error::NotFound {
+                what: format!("snapshot {spec}"),
+            }),
+            1 => Ok(found.pop().expect("one")),
+            _ => Err(Error::InvalidInput(format!(
+                "snapshot prefix {spec} is ambiguous: give more digits"
+            ))),
+        }
+    }
+
+    pub(crate) fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotId> {
+        let json = serde_json::to_vec(snapshot).expect("snapshot serializes");
+        let sealed = self.data_key.seal(ad::SNAPSHOT, &json);
+        let id = SnapshotId::of(&sealed);
+        self.backend
+            .write_once(FileType::Snapshot, &id.to_hex(), &sealed)?;
+        Ok(id)
+    }
+
+    /// Loads the index, using the local cache in `cache_root/<repo id>` if given.
+    pub fn load_index(self, cache_root: Option<&std::path::Path>) -> Result<IndexedRepository> {
+        let dir = cache_root.map(|r| r.join(&self.config.id));
+        let index = Index::load(self.backend.as_ref(), &self.data_key, dir.as_deref())?;
+        Ok(IndexedRepository { repo: self, index })
+    }
+}
+
+/// A repository with its index loaded: blobs can be read and written.
+pub struct IndexedRepository {
+    repo: Repository,
+    index: Index,
+}
+
+impl std::ops::Deref for IndexedRepository {
+    type Target = Repository;
+    fn deref(&self) -> &Repository {
+        &self.repo
+    }
+}
+
+impl IndexedRepository {
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Reads, opens, decodes and verifies a blob.
+    pub fn load_blob(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Vec<u8>> {
+        let loc = self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
+            what: format!("{kind} blob {}", hex::encode(id)),
+        })?;
+        self.load_blob_at(kind, id, &loc)
+    }
+
+    pub(crate) fn load_blob_at(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        loc: &BlobLocation,
+    ) -> Result<Vec<u8>> {
+        let limit = match kind {
+            BlobKind::Data => self.repo.config.chunker.max_size as usize,
+            BlobKind::Tree => MAX_TREE_BYTES,
+        };
+        let what = format!(
+            "{kind} blob {} in pack {}",
+            hex::encode(&id[..8]),
+            loc.pack.short()
+        );
+        if loc.length as usize > limit + crypto::OVERHEAD + 1 + 64 * 1024 {
+            return Err(Error::corrupt(
+                what,
+                format!("indexed length {} is larger than any blob", loc.length),
+            ));
+        }
+        let sealed = self.repo.backend.read_range(
+            FileType::Data,
+            &loc.pack.to_hex(),
+            loc.offset as u64,
+            loc.length,
+        )?;
+        decode_blob(&self.repo.data_key, kind, id, &sealed, limit, &what)
+    }
+
+    pub fn load_tree(&self, id: &TreeId) -> Result<Tree> {
+        let bytes = self.load_blob(BlobKind::Tree, &id.0)?;
+        Tree::decode(&bytes).map_err(|e| Error::corrupt(format!("tree {}", id.short()), e))
+    }
+
+    pub fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.load_blob(BlobKind::Data, &id.0)
+    }
+
+    /// Writes a finished pack; returns its id.
+    pub(crate) fn save_pack(&self, bytes: &[u8]) -> Result<PackId> {
+        let id = PackId::of(bytes);
+        match self
+            .repo
+            .backend
+            .write_once(FileType::Data, &id.to_hex(), bytes)
+        {
+            // The same bytes under the same name: already stored.
+            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(id),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a pack's header.
+    pub fn read_pack_header(
+        &self,
+        pack: &PackId,
+        size: u64,
+    ) -> Result<Vec<pack_header::PackEntry>> {
+        let what = format!("pack {}", pack.short());
+        if size < 4 {
+            return Err(Error::corrupt(what, "shorter than its header length field"));
+        }
+        let tail = self
+            .repo
+            .backend
+            .read_range(FileType::Data, &pack.to_hex(), size - 4, 4)?;
+        let hlen = u32::from_le_bytes(tail.try_into().expect("4 bytes")) as u64;
+        if hlen + 4 > size {
+            return Err(Error::corrupt(what, "header length larger than the pack"));
+        }
+        let sealed = self.repo.backend.read_range(
+            FileType::Data,
+            &pack.to_hex(),
+            size - 4 - hlen,
+            hlen as u32,
+        )?;
+        let plain = self.repo.data_key.open(ad::PACK_HEADER, &sealed, &what)?;
+        pack_header::decode(&plain, size - 4 - hlen).map_err(|d| Error::corrupt(what, d))
+    }
+}
+
+/// Opens a sealed blob, decodes its format byte and checks that it hashes to `id`.
+pub(crate) fn decode_blob(
+    key: &Key,
+    kind: BlobKind,
+    id: &[u8; 32],
+    sealed: &[u8],
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let encoded = key.open(&ad::blob(kind, id), sealed, what)?;
+    let plain = if encoded.first() == Some(&BLOB_RAW) {
+        let mut v = encoded;
+        v.remove(0);
+        v
+    } else {
+        thread_local! {
+            static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
+                std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+        }
+        DECOMPRESSOR
+            .with(|d| decompress_blob(&mut d.borrow_mut(), &encoded, limit))
+            .map_err(|e| Error::corrupt(what, e))?
+    };
+    if blake3::hash(&plain).as_bytes() != id {
+        return Err(Error::corrupt(what, "content does not hash to its id"));
+    }
+    Ok(plain)
+}
+
+/// Lets the restorer read from the repository in-process.
+impl haul_protocol::restore::BlobSource for IndexedRepository {
+    fn load_tree(&self, id: &TreeId) -> Result<Tree, haul_protocol::restore::SourceError> {
+        IndexedRepository::load_tree(self, id).map_err(haul_protocol::restore::SourceError::new)
+    }
+    fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, haul_protocol::restore::SourceError> {
+        IndexedRepository::load_chunk(self, id).map_err(haul_protocol::restore::SourceError::new)
+    }
+}
