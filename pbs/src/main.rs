@@ -4,6 +4,11 @@
 use clap::Parser;
 
 fn main() {
+    // `haul-pbs ls latest | head` must end quietly when the reader goes away, as other
+    // Unix tools do, instead of panicking inside println! on EPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = haul_pbs::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -33,6 +33,16 @@ impl Key {
         Key(random_bytes())
     }
 
+    /// A key from its raw bytes (benchmarks and tools that hand a key to a child).
+    pub fn from_bytes(bytes: [u8; 32]) -> Key {
+        Key(bytes)
+    }
+
+    /// The raw key bytes. Handle with care: whoever has them can read the repository.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
     /// A subkey for one purpose, so that no key is used for two jobs.
     pub fn derive(&self, context: &str) -> Key {
         Key(blake3::derive_key(context, &self.0))

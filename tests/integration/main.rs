@@ -1,1 +1,12 @@
+//! haul's integration tests: one binary, one module per area. Put a new test in the
+//! module of the area it covers; add a module here when a new area arrives (ingest
+//! server, SSH pull, daemon and feed, rdiff-backup import).
+//!
+//! These tests run the real `haul-pbs` binary on real files in temporary directories;
+//! build the binaries first (`cargo build --workspace --bins`, as scripts/test.sh does).
 
+mod check;
+mod dedup;
+mod ingest;
+mod keys;
+mod roundtrip;

@@ -1,1 +1,446 @@
+//! The test harness: temporary workspaces, the `haul-pbs` binary, fixture trees with
+//! every kind of file, and a comparison of two trees by bytes *and* metadata.
 
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/integration-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` before the tests (scripts/test.sh does)", p.display());
+    p
+}
+
+/// A scratch area with a repository path, a passphrase file and a cache dir.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the output unless the exit code is `code`.
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "exit code {} (wanted {code})\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The JSON lines of stdout.
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect()
+    }
+
+    /// The one line of stdout whose "type" is `t`.
+    pub fn json_of(&self, t: &str) -> serde_json::Value {
+        let v: Vec<_> = self.json().into_iter().filter(|v| v["type"] == t).collect();
+        assert_eq!(v.len(), 1, "one {t} line expected in:\n{}", self.stdout);
+        v.into_iter().next().unwrap()
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("haul-test-")
+            .tempdir()
+            .expect("tempdir");
+        fs::write(dir.path().join("pass"), "correct horse battery staple\n").unwrap();
+        Env { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.path("repo")
+    }
+
+    /// Runs `haul-pbs` with this env's repository, passphrase file and cache.
+    pub fn pbs(&self, args: &[&str]) -> Run {
+        self.pbs_with(args, &[])
+    }
+
+    pub fn pbs_with(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(bin("haul-pbs"));
+        cmd.arg("--repo").arg(self.repo());
+        if !args.contains(&"--password-file") {
+            cmd.arg("--password-file").arg(self.path("pass"));
+        }
+        cmd.arg("--cache-dir")
+            .arg(self.path("cache"))
+            .args(args)
+            .env_remove("HAUL_REPO")
+            .env_remove("HAUL_PASSWORD")
+            .env_remove("HAUL_PASSWORD_FILE")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Run::from(cmd.output().expect("run haul-pbs"))
+    }
+
+    pub fn init(&self) {
+        self.pbs(&["init"]).expect(0);
+    }
+
+    /// Backs `paths` up with `--json` and returns the summary line.
+    pub fn backup(&self, paths: &[&Path], extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["--json", "backup-local"];
+        let p: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        args.extend(p.iter().map(|s| s.as_str()));
+        args.extend_from_slice(extra);
+        self.pbs(&args).expect(0).json_of("summary")
+    }
+
+    pub fn count(&self, sub: &str) -> usize {
+        walk_files(&self.repo().join(sub)).len()
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Env::new()
+    }
+}
+
+/// Every regular file below `dir`.
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                out.extend(walk_files(&p));
+            } else if ft.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn set_mtime(path: &Path, sec: i64, nsec: i64) {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let ts = libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [ts, ts].as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(r, 0, "utimensat {}", path.display());
+}
+
+/// A tree with every kind of entry restore must bring back: files of many sizes
+/// (empty, multi-chunk), a sparse file, odd modes, xattrs, hard links, symlinks
+/// (relative, absolute, dangling), a fifo, a socket, device nodes and foreign
+/// ownership (as root), an empty directory, a non-UTF-8 name, nanosecond mtimes.
+pub fn make_fixture(root: &Path) {
+    fs::create_dir_all(root.join("dir/sub/deeper")).unwrap();
+    fs::create_dir_all(root.join("empty-dir")).unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    fs::write(root.join("small.txt"), b"hello haul\n").unwrap();
+    fs::write(root.join("dir/text.txt"), "line of text\n".repeat(5000)).unwrap();
+    fs::write(
+        root.join("dir/sub/big.bin"),
+        random_bytes(1, 5 * 1024 * 1024 + 12345),
+    )
+    .unwrap();
+    fs::write(
+        root.join("dir/sub/deeper/mid.bin"),
+        random_bytes(2, 700_000),
+    )
+    .unwrap();
+    // Sparse: 8 MiB hole, then data, then another hole up to 20 MiB.
+    {
+        let f = fs::File::create(root.join("sparse.img")).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&random_bytes(3, 100_000), 8 * 1024 * 1024)
+            .unwrap();
+        f.set_len(20 * 1024 * 1024).unwrap();
+    }
+    // Modes.
+    fs::write(root.join("setuid"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::write(root.join("private"), b"secret").unwrap();
+    fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("dir/sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    // Extended attributes on a file and a directory.
+    xattr::set(root.join("small.txt"), "user.haul.note", b"kept").unwrap();
+    xattr::set(root.join("small.txt"), "user.haul.bin", &[0u8, 255, 7]).unwrap();
+    xattr::set(root.join("dir"), "user.haul.dir", b"dir attr").unwrap();
+    // Hard links: three names for one file, across directories.
+    fs::write(root.join("linked-a"), b"one inode, several names").unwrap();
+    fs::hard_link(root.join("linked-a"), root.join("linked-b")).unwrap();
+    fs::hard_link(root.join("linked-a"), root.join("dir/linked-c")).unwrap();
+    // Symlinks.
+    std::os::unix::fs::symlink("small.txt", root.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("../..", root.join("dir/up-link")).unwrap();
+    // Non-UTF-8 name.
+    fs::write(
+        root.join(OsStr::from_bytes(b"caf\xe9-\xff.bin")),
+        b"latin-1 name",
+    )
+    .unwrap();
+    // Special files.
+    let fifo = std::ffi::CString::new(root.join("fifo").as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    {
+        let _l = std::os::unix::net::UnixListener::bind(root.join("socket")).unwrap();
+    }
+    if is_root() {
+        let dev = |name: &str, kind: libc::mode_t, major: u32, minor: u32| {
+            let c = std::ffi::CString::new(root.join(name).as_os_str().as_bytes()).unwrap();
+            assert_eq!(
+                unsafe { libc::mknod(c.as_ptr(), kind | 0o660, libc::makedev(major, minor)) },
+                0
+            );
+        };
+        dev("chardev", libc::S_IFCHR, 1, 3);
+        dev("blockdev", libc::S_IFBLK, 7, 200);
+        for (p, uid, gid) in [
+            ("private", 1234, 5678),
+            ("dir/sub", 4321, 8765),
+            ("rel-link", 99, 98),
+        ] {
+            std::os::unix::fs::lchown(root.join(p), Some(uid), Some(gid)).unwrap();
+        }
+    }
+    // Nanosecond mtimes, including a directory (set last, after its contents).
+    set_mtime(&root.join("small.txt"), 1_600_000_000, 123_456_789);
+    set_mtime(&root.join("rel-link"), 1_500_000_000, 987_654_321);
+    set_mtime(&root.join("dir/sub"), 1_400_000_000, 5);
+    set_mtime(&root.join("empty-dir"), 1_300_000_000, 999_999_999);
+}
+
+/// What is compared of each entry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub rdev: u64,
+    pub content: Option<[u8; 32]>,
+    pub target: Option<Vec<u8>>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Relative paths that share one inode.
+pub type LinkGroup = Vec<Vec<u8>>;
+
+/// Every entry below `root` by relative path, plus the hard-link groups (sets of paths
+/// sharing an inode).
+pub fn snapshot_of(root: &Path) -> (BTreeMap<Vec<u8>, Entry>, Vec<LinkGroup>) {
+    let mut entries = BTreeMap::new();
+    let mut inodes: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+    fn visit(
+        root: &Path,
+        dir: &Path,
+        out: &mut BTreeMap<Vec<u8>, Entry>,
+        inodes: &mut HashMap<u64, Vec<Vec<u8>>>,
+    ) {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names {
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            let ft = m.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            let kind = if ft.is_file() {
+                "file"
+            } else if ft.is_dir() {
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_char_device() {
+                "chardev"
+            } else {
+                "blockdev"
+            };
+            let xattrs = if ft.is_symlink() {
+                BTreeMap::new()
+            } else {
+                xattr::list(&p)
+                    .unwrap()
+                    .map(|n| {
+                        (
+                            n.as_bytes().to_vec(),
+                            xattr::get(&p, &n).unwrap().unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            };
+            if ft.is_file() && m.nlink() > 1 {
+                inodes.entry(m.ino()).or_default().push(rel.clone());
+            }
+            out.insert(
+                rel,
+                Entry {
+                    kind,
+                    mode: if ft.is_symlink() {
+                        0
+                    } else {
+                        m.mode() & 0o7777
+                    },
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: if ft.is_file() { m.size() } else { 0 },
+                    mtime: (m.mtime(), m.mtime_nsec()),
+                    rdev: m.rdev(),
+                    content: ft
+                        .is_file()
+                        .then(|| *blake3::hash(&fs::read(&p).unwrap()).as_bytes()),
+                    target: ft
+                        .is_symlink()
+                        .then(|| fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+                    xattrs,
+                },
+            );
+            if ft.is_dir() {
+                visit(root, &p, out, inodes);
+            }
+        }
+    }
+    visit(root, root, &mut entries, &mut inodes);
+    let mut groups: Vec<LinkGroup> = inodes
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    groups.sort();
+    (entries, groups)
+}
+
+/// Asserts that two trees are equal in bytes and metadata, entry by entry.
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let (a, ga) = snapshot_of(expected);
+    let (b, gb) = snapshot_of(actual);
+    let names_a: Vec<String> = a
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    let names_b: Vec<String> = b
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(
+        names_a,
+        names_b,
+        "entries differ between {} and {}",
+        expected.display(),
+        actual.display()
+    );
+    for (k, ea) in &a {
+        assert_eq!(
+            Some(ea),
+            b.get(k),
+            "entry {} differs",
+            String::from_utf8_lossy(k)
+        );
+    }
+    assert_eq!(ga, gb, "hard-link groups differ");
+}
+
+/// Bytes actually allocated to a file (to see holes).
+pub fn allocated(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Flips one byte of `path` at `offset`.
+pub fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Appends a line to a file (to make a change).
+pub fn append(path: &Path, text: &str) {
+    let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}

@@ -1,0 +1,152 @@
+//! Benchmark: resident memory of the index per blob.
+//!
+//! Writes 1,000,000 synthetic entries (16 blobs per pack, as 1 MiB chunks in 16 MiB
+//! packs give) as sealed index files into a local repository directory, loads them
+//! once (which builds the local cache), then loads the cache in a fresh child process
+//! and reports that process's resident-memory growth per entry, next to the table's
+//! own size. Run: `cargo run --release -p haul-repo --example index_memory [N]`.
+
+use haul_protocol::{BlobKind, PackId};
+use haul_repo::backend::{Backend, FileType, LocalBackend};
+use haul_repo::crypto::Key;
+use haul_repo::format::index_file::{encode, IndexedPack};
+use haul_repo::format::pack_header::PackEntry;
+use haul_repo::index::Index;
+use std::path::Path;
+use std::time::Instant;
+
+fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn id_of(n: u64) -> [u8; 32] {
+    *blake3::hash(&n.to_le_bytes()).as_bytes()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--child") {
+        return child(
+            Path::new(&args[2]),
+            Path::new(&args[3]),
+            &args[4],
+            args[5].parse().unwrap(),
+        );
+    }
+    let n: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let backend = LocalBackend::create(&dir.path().join("repo")).unwrap();
+    backend
+        .write_once(FileType::Config, "config", b"placeholder")
+        .unwrap();
+    let key = Key::random();
+    // Index files of 50,000 entries, like a large backup's.
+    let per_pack = 16u64;
+    let per_file = 50_000u64;
+    let mut i = 0u64;
+    let mut pack_no = 0u64;
+    while i < n {
+        let mut packs = Vec::new();
+        let end = (i + per_file).min(n);
+        while i < end {
+            let blobs: Vec<PackEntry> = (0..per_pack.min(end - i))
+                .map(|k| PackEntry {
+                    kind: if (i + k) % 50 == 0 {
+                        BlobKind::Tree
+                    } else {
+                        BlobKind::Data
+                    },
+                    id: id_of(i + k),
+                    offset: (k * 1_050_000) as u32,
+                    length: 1_050_000,
+                    raw_length: 1_048_576,
+                })
+                .collect();
+            i += blobs.len() as u64;
+            packs.push(IndexedPack {
+                pack: PackId::of(&pack_no.to_le_bytes()),
+                blobs,
+            });
+            pack_no += 1;
+        }
+        let sealed = key.seal(b"haul index v1", &encode(&packs));
+        backend
+            .write_once(FileType::Index, &blake3::hash(&sealed).to_hex(), &sealed)
+            .unwrap();
+    }
+    let cache = dir.path().join("cache");
+    let t = Instant::now();
+    let index = Index::load(&backend, &key, Some(&cache)).unwrap();
+    let build = t.elapsed();
+    assert_eq!(index.len() as u64, n);
+    drop(index);
+    let key_hex = hex::encode(key.to_bytes());
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--child",
+            dir.path().join("repo").to_str().unwrap(),
+            cache.to_str().unwrap(),
+            &key_hex,
+            &n.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("entries               {n}");
+    println!("packs                 {pack_no}");
+    println!(
+        "first load (decrypt {} index files, build cache): {:.2} s",
+        n.div_ceil(per_file),
+        build.as_secs_f64()
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+fn child(repo: &Path, cache: &Path, key_hex: &str, n: u64) {
+    let mut raw = [0u8; 32];
+    hex::decode_to_slice(key_hex, &mut raw).unwrap();
+    let key = Key::from_bytes(raw);
+    let backend = LocalBackend::open(repo).unwrap();
+    let rss0 = status_kib("VmRSS:");
+    let t = Instant::now();
+    let index = Index::load(&backend, &key, Some(cache)).unwrap();
+    let load = t.elapsed();
+    let rss1 = status_kib("VmRSS:");
+    assert_eq!(index.len() as u64, n);
+    // Every id is found, and ids not stored are not.
+    let t = Instant::now();
+    let probes = 100_000u64;
+    for k in 0..probes {
+        let j = k * (n / probes);
+        let kind = if j % 50 == 0 {
+            BlobKind::Tree
+        } else {
+            BlobKind::Data
+        };
+        assert!(index.get(kind, &id_of(j)).unwrap().is_some());
+        assert!(index.get(BlobKind::Data, &id_of(n + k)).unwrap().is_none());
+    }
+    let lookups = t.elapsed();
+    println!("cached load: {:.3} s", load.as_secs_f64());
+    println!(
+        "table bytes per entry (entries + pack ids): {:.1}",
+        index.table_bytes() as f64 / n as f64
+    );
+    println!(
+        "resident bytes per entry (VmRSS growth of a fresh process): {:.1}",
+        (rss1 - rss0) as f64 * 1024.0 / n as f64
+    );
+    println!(
+        "lookups: {:.2} us each (hit confirmed against the full id on disk, plus a miss)",
+        lookups.as_secs_f64() * 1e6 / (2 * probes) as f64
+    );
+}

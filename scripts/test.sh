@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs all of them. Used by .ci/run; run it yourself
+# on a fresh Debian machine with Rust: `scripts/test.sh` (as root, or with sudo for apt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests use: attr tools for xattr-capable filesystems are not
+# needed (the tests use the xattr crate); pkg-config and a C compiler build zstd.
+packages=(build-essential pkg-config python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
+  "${SUDO[@]}" apt-get update
+  "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The integration tests run the real binaries: build them first.
+cargo build --workspace --bins
+cargo test --workspace

@@ -1,0 +1,74 @@
+//! Deduplication: the same data twice adds no packs; shifted data shares most chunks.
+
+use haul_tests::*;
+use std::fs;
+
+#[test]
+fn same_data_twice_adds_no_data_packs() {
+    let env = Env::new();
+    env.init();
+    let a = env.path("a");
+    fs::create_dir_all(&a).unwrap();
+    fs::write(a.join("one.bin"), random_bytes(10, 3 * 1024 * 1024)).unwrap();
+    fs::write(a.join("two.bin"), random_bytes(11, 2 * 1024 * 1024)).unwrap();
+    let first = env.backup(&[&a], &[]);
+    assert!(first["bytes_new"].as_u64().unwrap() >= 5 * 1024 * 1024);
+    let packs = env.count("data");
+
+    // Read everything again (no parent): nothing new is stored.
+    let again = env.backup(&[&a], &["--force"]);
+    assert_eq!(again["bytes_read"], 5 * 1024 * 1024, "{again}");
+    assert_eq!(again["bytes_new"], 0, "{again}");
+    assert_eq!(env.count("data"), packs);
+
+    // The same content under other names, in another directory: no new data either.
+    let b = env.path("b");
+    fs::create_dir_all(&b).unwrap();
+    fs::copy(a.join("one.bin"), b.join("copy-of-one")).unwrap();
+    fs::copy(a.join("two.bin"), b.join("copy-of-two")).unwrap();
+    let copies = env.backup(&[&b], &[]);
+    assert_eq!(copies["bytes_read"], 5 * 1024 * 1024);
+    // Only the new trees are new.
+    assert!(copies["bytes_new"].as_u64().unwrap() < 4096, "{copies}");
+}
+
+#[test]
+fn shifted_file_shares_most_chunks() {
+    let env = Env::new();
+    env.init();
+    let dir = env.path("src");
+    fs::create_dir_all(&dir).unwrap();
+    let data = random_bytes(20, 16 * 1024 * 1024);
+    fs::write(dir.join("orig.bin"), &data).unwrap();
+    env.backup(&[&dir], &[]);
+    let mut shifted = b"a few bytes in front".to_vec();
+    shifted.extend_from_slice(&data);
+    fs::write(dir.join("shifted.bin"), &shifted).unwrap();
+    let s = env.backup(&[&dir], &[]);
+    assert_eq!(s["bytes_read"].as_u64().unwrap(), shifted.len() as u64);
+    let new = s["bytes_new"].as_u64().unwrap();
+    // Only the first chunk differs (at most the 8 MiB maximum, usually about 1 MiB).
+    assert!(
+        new < 6 * 1024 * 1024,
+        "shifting by 20 bytes stored {new} new bytes of 16 MiB"
+    );
+}
+
+#[test]
+fn compressible_data_is_stored_compressed() {
+    let env = Env::new();
+    env.init();
+    let dir = env.path("src");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("text"),
+        "the same words again and again\n".repeat(200_000),
+    )
+    .unwrap();
+    let s = env.backup(&[&dir], &[]);
+    let stored = s["bytes_stored"].as_u64().unwrap();
+    assert!(
+        stored < 200_000,
+        "6 MB of repetitive text stored as {stored} bytes"
+    );
+}

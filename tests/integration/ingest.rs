@@ -1,0 +1,235 @@
+//! The ingest session's guarantees, through the engine's API: claims are verified,
+//! commits are complete, interrupted sessions lose nothing.
+
+use haul_protocol::tree::{Node, NodeKind, Tree};
+use haul_protocol::{BlobKind, BlobRef, ChunkId};
+use haul_repo::backend::{Backend, FileType, LocalBackend};
+use haul_repo::crypto::KdfParams;
+use haul_repo::format::config::RepoConfig;
+use haul_repo::format::snapshot::{SourceKind, Summary};
+use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
+use haul_repo::{Error, IndexedRepository, Repository};
+use haul_tests::random_bytes;
+use std::sync::Arc;
+
+const KDF: KdfParams = KdfParams {
+    m_cost: 1024,
+    t_cost: 1,
+    p_cost: 1,
+};
+
+fn repo(dir: &std::path::Path) -> IndexedRepository {
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(&dir.join("repo")).unwrap());
+    Repository::init(backend, b"pw", KDF, RepoConfig::new(3)).unwrap();
+    reopen(dir)
+}
+
+fn reopen(dir: &std::path::Path) -> IndexedRepository {
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&dir.join("repo")).unwrap());
+    Repository::open(backend, b"pw")
+        .unwrap()
+        .load_index(Some(&dir.join("cache")))
+        .unwrap()
+}
+
+fn info() -> SessionInfo {
+    SessionInfo {
+        host: "h".into(),
+        paths: vec!["/x".into()],
+        tags: vec![],
+        source: SourceKind::Pull,
+        parent: ParentChoice::Latest,
+    }
+}
+
+fn zstd_encoded(plain: &[u8]) -> Vec<u8> {
+    let mut c = zstd::bulk::Compressor::new(3).unwrap();
+    haul_protocol::chunker::compress_blob(&mut c, plain).unwrap()
+}
+
+fn file_tree(chunks: &[ChunkId], size: u64) -> Tree {
+    Tree {
+        nodes: vec![Node {
+            name: b"f".to_vec(),
+            kind: NodeKind::File,
+            size,
+            content: chunks.to_vec(),
+            ..Default::default()
+        }],
+    }
+}
+
+#[test]
+fn a_chunk_with_a_wrong_claimed_id_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let real = b"the real content".repeat(100);
+    let garbage = b"garbage pretending to be the real content".to_vec();
+    let claimed = ChunkId::of(&real);
+    // Compressed and raw encodings are both checked.
+    for encoded in [zstd_encoded(&garbage), {
+        let mut v = vec![0u8];
+        v.extend_from_slice(&garbage);
+        v
+    }] {
+        let err = s
+            .add_encoded(BlobKind::Data, &claimed.0, encoded)
+            .unwrap_err();
+        match err {
+            Error::IdMismatch {
+                claimed: c, actual, ..
+            } => {
+                assert_eq!(c, claimed.to_hex());
+                assert_eq!(actual, ChunkId::of(&garbage).to_hex());
+            }
+            other => panic!("expected IdMismatch, got {other}"),
+        }
+    }
+    // The id is still missing: the lie did not poison deduplication.
+    assert_eq!(
+        s.missing(&[BlobRef::data(claimed)]).unwrap(),
+        vec![BlobRef::data(claimed)]
+    );
+    // The honest upload is accepted and then known.
+    assert!(s
+        .add_encoded(BlobKind::Data, &claimed.0, zstd_encoded(&real))
+        .unwrap());
+    assert!(s.missing(&[BlobRef::data(claimed)]).unwrap().is_empty());
+    // A tree that does not parse is refused even under its true hash.
+    let junk = b"not a tree".to_vec();
+    let err = s
+        .add_encoded(
+            BlobKind::Tree,
+            blake3::hash(&junk).as_bytes(),
+            zstd_encoded(&junk),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    let (root, bytes) = file_tree(&[claimed], real.len() as u64).encode_with_id();
+    s.add_encoded(BlobKind::Tree, &root.0, zstd_encoded(&bytes))
+        .unwrap();
+    s.commit(root, Summary::default()).unwrap();
+    let repo = reopen(dir.path());
+    assert_eq!(repo.load_chunk(&claimed).unwrap(), real);
+}
+
+#[test]
+fn a_commit_referencing_a_missing_blob_writes_no_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let present = b"present".to_vec();
+    s.add_plain(BlobKind::Data, &ChunkId::of(&present).0, &present)
+        .unwrap();
+    let absent = ChunkId::of(b"never uploaded");
+    let (root, bytes) = file_tree(&[ChunkId::of(&present), absent], 100).encode_with_id();
+    s.add_plain(BlobKind::Tree, &root.0, &bytes).unwrap();
+    let err = s.commit(root, Summary::default()).unwrap_err();
+    match &err {
+        Error::MissingBlobs { count, first } => {
+            assert_eq!(*count, 1);
+            assert!(first.contains(&absent.to_hex()), "{first}");
+        }
+        other => panic!("expected MissingBlobs, got {other}"),
+    }
+    assert!(repo.backend().list(FileType::Snapshot).unwrap().is_empty());
+    // A root tree that was never uploaded is refused too.
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let (ghost, _) = Tree::default().encode_with_id();
+    assert!(matches!(
+        s.commit(ghost, Summary::default()),
+        Err(Error::MissingBlobs { .. })
+    ));
+    assert!(repo.snapshots().unwrap().is_empty());
+}
+
+#[test]
+fn an_interrupted_session_leaves_its_data_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..40)
+        .map(|i| random_bytes(100 + i, 1024 * 1024))
+        .collect();
+    let ids: Vec<BlobRef> = chunks
+        .iter()
+        .map(|c| BlobRef::data(ChunkId::of(c)))
+        .collect();
+    {
+        let repo = repo(dir.path());
+        let s = IngestSession::start(&repo, info()).unwrap();
+        // 40 MiB: two packs are full and written, one is still open when the session ends.
+        for (c, id) in chunks.iter().zip(&ids) {
+            assert!(s.add_plain(BlobKind::Data, &id.id, c).unwrap());
+        }
+        // The session is dropped without a commit, as when the source disconnects.
+        drop(s);
+        assert!(repo.snapshots().unwrap().is_empty());
+    }
+    let repo = reopen(dir.path());
+    let s = IngestSession::start(&repo, info()).unwrap();
+    assert!(
+        s.missing(&ids).unwrap().is_empty(),
+        "everything stored before the interruption is known"
+    );
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert!(
+            !s.add_plain(BlobKind::Data, &id.id, c).unwrap(),
+            "re-offered chunk was stored again"
+        );
+    }
+    assert_eq!(
+        s.stats()
+            .bytes_stored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let content: Vec<ChunkId> = ids.iter().map(|r| ChunkId(r.id)).collect();
+    let (root, bytes) = file_tree(&content, 40 * 1024 * 1024).encode_with_id();
+    s.add_plain(BlobKind::Tree, &root.0, &bytes).unwrap();
+    s.commit(root, Summary::default()).unwrap();
+    for (c, id) in chunks.iter().zip(&ids).step_by(7) {
+        assert_eq!(&repo.load_chunk(&ChunkId(id.id)).unwrap(), c);
+    }
+}
+
+#[test]
+fn append_only_backend_keeps_history() {
+    use haul_repo::backend::AppendOnly;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let (root, bytes) = Tree::default().encode_with_id();
+    s.add_plain(BlobKind::Tree, &root.0, &bytes).unwrap();
+    let (snap, _) = s.commit(root, Summary::default()).unwrap();
+    let guarded = AppendOnly(LocalBackend::open(&dir.path().join("repo")).unwrap());
+    let err = guarded
+        .delete(FileType::Snapshot, &snap.to_hex())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::AppendOnly {
+                action: "delete",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "append-only repository refuses to delete snapshot {}",
+            snap.to_hex()
+        )
+    );
+    // The allowed path, adding, still works, and the snapshot is intact.
+    guarded
+        .write_once(FileType::Index, &"ab".repeat(32), b"x")
+        .unwrap();
+    assert_eq!(reopen_plain(dir.path()).snapshots().unwrap().len(), 1);
+}
+
+fn reopen_plain(dir: &std::path::Path) -> Repository {
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&dir.join("repo")).unwrap());
+    Repository::open(backend, b"pw").unwrap()
+}

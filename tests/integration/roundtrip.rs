@@ -1,0 +1,218 @@
+//! Backup and restore of every kind of file, compared byte for byte and metadata for
+//! metadata.
+
+use haul_tests::*;
+use std::fs;
+
+#[test]
+fn every_file_kind_round_trips() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    let summary = env.backup(&[&src], &["--tag", "first"]);
+    assert_eq!(summary["warnings"], 0);
+    assert!(summary["files_new"].as_u64().unwrap() >= 12, "{summary}");
+
+    let target = env.path("restored");
+    let run = env
+        .pbs(&[
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ])
+        .expect(0);
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    assert_same_tree(&src, &restored);
+
+    // The sparse file came back sparse: its 20 MiB hold 100 kB of data.
+    let sparse = restored.join("sparse.img");
+    assert_eq!(fs::metadata(&sparse).unwrap().len(), 20 * 1024 * 1024);
+    assert!(
+        allocated(&sparse) < 2 * 1024 * 1024,
+        "sparse file allocated {} bytes",
+        allocated(&sparse)
+    );
+    assert_eq!(run.json_of("summary")["warnings"], 0);
+}
+
+#[test]
+fn restore_of_an_include_brings_only_that_path() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    env.backup(&[&src], &[]);
+    let target = env.path("part");
+    let include = src.join("dir/sub");
+    env.pbs(&[
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--include",
+        include.to_str().unwrap(),
+    ])
+    .expect(0);
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    assert_same_tree(&src.join("dir/sub"), &restored.join("dir/sub"));
+    assert!(!restored.join("small.txt").exists());
+    assert!(!restored.join("dir/text.txt").exists());
+
+    // An include that is not in the snapshot is an error, and writes nothing.
+    let nowhere = env.path("nowhere");
+    let run = env
+        .pbs(&[
+            "restore",
+            "latest",
+            "--target",
+            nowhere.to_str().unwrap(),
+            "--include",
+            "/no/such/path",
+        ])
+        .expect(1);
+    assert!(
+        run.stderr
+            .contains("include path \"no/such/path\" is not in the snapshot"),
+        "{}",
+        run.stderr
+    );
+    assert!(!nowhere.exists());
+}
+
+#[test]
+fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    env.backup(&[&src], &[]);
+    let target = env.path("busy");
+    fs::create_dir_all(&target).unwrap();
+    fs::write(target.join("keep-me"), b"precious").unwrap();
+    let run = env
+        .pbs(&["restore", "latest", "--target", target.to_str().unwrap()])
+        .expect(1);
+    assert!(
+        run.stderr.contains("exists and is not an empty directory"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(fs::read(target.join("keep-me")).unwrap(), b"precious");
+    // An empty directory is fine.
+    let empty = env.path("empty-target");
+    fs::create_dir_all(&empty).unwrap();
+    env.pbs(&["restore", "latest", "--target", empty.to_str().unwrap()])
+        .expect(0);
+    assert_eq!(
+        fs::read(empty.join(src.strip_prefix("/").unwrap()).join("f")).unwrap(),
+        b"data"
+    );
+}
+
+#[test]
+fn unchanged_files_are_not_read_again_and_changes_are_seen() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    let first = env.backup(&[&src], &[]);
+    let second = env.backup(&[&src], &[]);
+    assert_eq!(second["bytes_read"], 0, "{second}");
+    assert_eq!(second["files_new"], 0);
+    assert_eq!(second["files_changed"], 0);
+    assert_eq!(second["files_unchanged"], first["files_new"]);
+    assert_eq!(
+        second["parent"],
+        serde_json::Value::String(first["snapshot"].as_str().unwrap()[..8].to_string())
+    );
+
+    append(&src.join("dir/text.txt"), "one more line\n");
+    fs::write(src.join("new-file"), b"brand new").unwrap();
+    let third = env.backup(&[&src], &[]);
+    assert_eq!(third["files_changed"], 1, "{third}");
+    assert_eq!(third["files_new"], 1);
+    let target = env.path("restored");
+    env.pbs(&["restore", "latest", "--target", target.to_str().unwrap()])
+        .expect(0);
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // The first snapshot still restores to the first state.
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    assert_eq!(snaps.len(), 3);
+    let old = env.path("old");
+    env.pbs(&[
+        "restore",
+        snaps[0]["short_id"].as_str().unwrap(),
+        "--target",
+        old.to_str().unwrap(),
+    ])
+    .expect(0);
+    let old_src = old.join(src.strip_prefix("/").unwrap());
+    assert!(!old_src.join("new-file").exists());
+    assert_eq!(
+        fs::read(old_src.join("dir/text.txt")).unwrap(),
+        "line of text\n".repeat(5000).as_bytes()
+    );
+}
+
+#[test]
+fn excludes_and_listing() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("cache")).unwrap();
+    fs::create_dir_all(src.join("keep")).unwrap();
+    fs::write(src.join("keep/a.txt"), b"a").unwrap();
+    fs::write(src.join("keep/b.log"), b"b").unwrap();
+    fs::write(
+        src.join("cache/CACHEDIR.TAG"),
+        b"Signature: 8a477f597d28d172789f06886806bc55\n",
+    )
+    .unwrap();
+    fs::write(src.join("cache/blob"), b"cached").unwrap();
+    env.backup(&[&src], &["--exclude", "*.log", "--exclude-caches"]);
+    let ls = env
+        .pbs(&["--json", "ls", "latest", src.to_str().unwrap()])
+        .expect(0)
+        .json();
+    let paths: Vec<String> = ls
+        .iter()
+        .map(|v| v["path"].as_str().unwrap().to_string())
+        .collect();
+    let base = src.display().to_string();
+    assert!(paths.contains(&format!("{base}/keep/a.txt")), "{paths:?}");
+    assert!(!paths.contains(&format!("{base}/keep/b.log")), "{paths:?}");
+    assert!(
+        paths.contains(&format!("{base}/cache/CACHEDIR.TAG")),
+        "{paths:?}"
+    );
+    assert!(!paths.contains(&format!("{base}/cache/blob")), "{paths:?}");
+    let file = ls
+        .iter()
+        .find(|v| v["path"] == format!("{base}/keep/a.txt"))
+        .unwrap();
+    assert_eq!(file["type"], "file");
+    assert_eq!(file["size"], 1);
+    // A bad pattern is a usage error naming the pattern.
+    let run = env
+        .pbs(&[
+            "backup-local",
+            src.to_str().unwrap(),
+            "--exclude",
+            "[unclosed",
+        ])
+        .expect(2);
+    assert!(
+        run.stderr.contains("exclude pattern \"[unclosed\""),
+        "{}",
+        run.stderr
+    );
+    // A missing path too, and no snapshot is written.
+    let run = env.pbs(&["backup-local", "/no/such/dir"]).expect(2);
+    assert!(run.stderr.contains("/no/such/dir"), "{}", run.stderr);
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
+}
