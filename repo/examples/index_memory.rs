@@ -56,7 +56,7 @@ fn main() {
         while i < end {
             let blobs: Vec<PackEntry> = (0..per_pack.min(end - i))
                 .map(|k| PackEntry {
-                    kind: if (i + k) % 50 == 0 {
+                    kind: if (i + k).is_multiple_of(50) {
                         BlobKind::Tree
                     } else {
                         BlobKind::Data
@@ -127,7 +127,7 @@ fn child(repo: &Path, cache: &Path, key_hex: &str, n: u64) {
     let probes = 100_000u64;
     for k in 0..probes {
         let j = k * (n / probes);
-        let kind = if j % 50 == 0 {
+        let kind = if j.is_multiple_of(50) {
             BlobKind::Tree
         } else {
             BlobKind::Data
