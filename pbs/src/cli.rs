@@ -100,7 +100,7 @@ pub struct BackupLocalArgs {
     /// Read every file, ignoring the parent snapshot.
     #[arg(long)]
     pub force: bool,
-    /// File-reading threads (default: the number of CPUs).
+    /// File-reading threads (default: twice the number of CPUs, at least 4).
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -136,7 +136,8 @@ pub struct RestoreArgs {
     /// Restore only this path of the snapshot and what is below it (repeatable).
     #[arg(long, short = 'i')]
     pub include: Vec<String>,
-    /// Writing threads (default: the number of CPUs).
+    /// Writing threads (default: the number of CPUs; more only contend for the
+    /// filesystem's locks when creating files).
     #[arg(long)]
     pub threads: Option<usize>,
 }

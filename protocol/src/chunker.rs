@@ -62,6 +62,7 @@ pub struct Chunker {
     gear: Box<[u64; 256]>,
     gear_ls: Box<[u64; 256]>,
     buf: Vec<u8>,
+    step: usize,
 }
 
 impl Chunker {
@@ -79,6 +80,7 @@ impl Chunker {
             gear,
             gear_ls,
             buf: Vec::new(),
+            step: READ_STEP,
         }
     }
 
@@ -87,22 +89,29 @@ impl Chunker {
     }
 
     /// Cuts `reader`'s bytes into chunks and hands each to `f` in order, as an owned
-    /// buffer. Reads at most `max_size` bytes ahead. Returns the number of bytes read.
+    /// buffer. Returns the number of bytes read.
+    ///
+    /// It reads ahead only as far as the next cut needs, in steps of [`READ_STEP`]: a
+    /// cut FastCDC finds before the end of the bytes at hand is the cut it would find
+    /// with more bytes (positions before the end are judged by the same masks, and the
+    /// gear hash looks only backwards), so only "no cut yet" needs more data. The
+    /// buffer thus holds about one average chunk, not `max_size`, in most cases.
     pub fn chunk<R: Read>(
         &mut self,
         mut reader: R,
         mut f: impl FnMut(Vec<u8>) -> io::Result<()>,
     ) -> io::Result<u64> {
         let max = self.params.max_size as usize;
-        if self.buf.len() < max {
-            self.buf.resize(max, 0);
-        }
         let mut len = 0usize; // valid bytes at the start of buf
         let mut eof = false;
         let mut total = 0u64;
+        let mut want = self.step.min(max);
         loop {
-            while !eof && len < max {
-                match reader.read(&mut self.buf[len..max]) {
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            while !eof && len < want {
+                match reader.read(&mut self.buf[len..want]) {
                     Ok(0) => eof = true,
                     Ok(n) => {
                         len += n;
@@ -113,6 +122,11 @@ impl Chunker {
                 }
             }
             if len == 0 {
+                if self.buf.len() > 2 * self.step {
+                    // A large file grew the buffer towards max_size: give it back
+                    // rather than keep it for the (usually small) files to come.
+                    self.buf = Vec::new();
+                }
                 return Ok(total);
             }
             let (_, cut) = cut_gear(
@@ -127,38 +141,81 @@ impl Chunker {
                 &self.gear,
                 &self.gear_ls,
             );
+            if cut == len && !eof && len < max {
+                // No cut in what we have: read further before deciding.
+                want = (want + self.step).min(max);
+                continue;
+            }
             f(self.buf[..cut].to_vec())?;
             self.buf.copy_within(cut..len, 0);
             len -= cut;
+            want = (len + self.step).min(max);
         }
     }
 }
 
-/// The first byte of a stored blob's plaintext: how the rest is encoded.
+/// How much further the chunker reads when it has not found a cut yet.
+pub const READ_STEP: usize = 2 * 1024 * 1024;
+
+/// The last byte of an encoded blob: how the bytes before it are encoded.
 pub const BLOB_RAW: u8 = 0;
 /// See [`BLOB_RAW`].
 pub const BLOB_ZSTD: u8 = 1;
 
-/// Encodes a chunk for transfer and storage: a format byte, then the zstd frame, or
-/// the raw bytes when compression does not make them smaller.
-pub fn compress_blob(
+/// Room to leave at the end of an encoded blob for sealing (tag and nonce).
+const SEAL_ROOM: usize = 64;
+
+/// Encodes a chunk for transfer and storage: a zstd frame, or the raw bytes when
+/// compression does not make them smaller, followed by one format byte. The format byte
+/// goes last so a raw chunk is encoded (and later sealed) in its own buffer, without a
+/// copy.
+pub fn encode_blob(
     compressor: &mut zstd::bulk::Compressor<'_>,
-    plain: &[u8],
+    plain: Vec<u8>,
 ) -> io::Result<Vec<u8>> {
-    // A destination no larger than the input: zstd fails when the frame would not be
-    // smaller, which is exactly when the chunk is stored raw.
-    let mut out = vec![0u8; 1 + plain.len()];
-    match compressor.compress_to_buffer(plain, &mut out[1..]) {
-        Ok(n) if n < plain.len() => {
-            out[0] = BLOB_ZSTD;
-            out.truncate(1 + n);
-        }
-        _ => {
-            out[0] = BLOB_RAW;
-            out[1..].copy_from_slice(plain);
+    let mut out = Vec::with_capacity(plain.len() + 1 + SEAL_ROOM);
+    if !looks_incompressible(compressor, &plain, &mut out) {
+        out.clear();
+        // A frame that would not be smaller than the input fails for lack of room,
+        // which is exactly when the chunk is stored raw.
+        if let Ok(n) = compressor.compress_to_buffer(&plain, &mut out) {
+            if n < plain.len() {
+                out.truncate(n);
+                out.push(BLOB_ZSTD);
+                return Ok(out);
+            }
         }
     }
-    Ok(out)
+    drop(out);
+    let mut raw = plain;
+    raw.reserve_exact(1 + SEAL_ROOM);
+    raw.push(BLOB_RAW);
+    Ok(raw)
+}
+
+/// Size of the sample that decides whether a large chunk is worth compressing.
+const PROBE: usize = 64 * 1024;
+
+/// Whether a sample of `plain` shrinks by less than 2%: then the whole chunk is stored
+/// raw without running zstd over it. Random, encrypted and already-compressed data
+/// (media, archives) is a large share of real backups, and zstd spends about as long
+/// failing to compress it as it does compressing text. Only chunks much larger than the
+/// sample are probed; `scratch` is a buffer of at least `PROBE` bytes' capacity.
+fn looks_incompressible(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    plain: &[u8],
+    scratch: &mut Vec<u8>,
+) -> bool {
+    if plain.len() < 4 * PROBE || scratch.capacity() < PROBE {
+        return false;
+    }
+    let mid = plain.len() / 2;
+    let sample = &plain[mid..mid + PROBE];
+    scratch.clear();
+    match compressor.compress_to_buffer(sample, scratch) {
+        Ok(n) => n * 50 >= PROBE * 49,
+        Err(_) => true,
+    }
 }
 
 /// Why a stored or received blob could not be decoded.
@@ -174,14 +231,35 @@ pub enum BlobDecodeError {
     TooLarge { actual: u64, limit: usize },
 }
 
-/// Reverses [`compress_blob`]. `limit` bounds the decoded size, so a hostile peer cannot
-/// make us allocate more than that.
-pub fn decompress_blob(
+/// The plaintext length of an encoded blob, without decoding it when it is raw.
+/// `limit` bounds the decoded size, so a hostile peer cannot make us allocate more.
+pub fn decode_blob(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
-    encoded: &[u8],
+    mut encoded: Vec<u8>,
     limit: usize,
 ) -> Result<Vec<u8>, BlobDecodeError> {
-    let (&format, body) = encoded.split_first().ok_or(BlobDecodeError::Empty)?;
+    match encoded.pop().ok_or(BlobDecodeError::Empty)? {
+        BLOB_RAW => {
+            if encoded.len() > limit {
+                return Err(BlobDecodeError::TooLarge {
+                    actual: encoded.len() as u64,
+                    limit,
+                });
+            }
+            Ok(encoded)
+        }
+        BLOB_ZSTD => decompress_frame(decompressor, &encoded, limit),
+        other => Err(BlobDecodeError::UnknownFormat(other)),
+    }
+}
+
+/// Decodes without taking ownership: the raw case borrows the bytes.
+pub fn decode_blob_ref<'a>(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    encoded: &'a [u8],
+    limit: usize,
+) -> Result<std::borrow::Cow<'a, [u8]>, BlobDecodeError> {
+    let (&format, body) = encoded.split_last().ok_or(BlobDecodeError::Empty)?;
     match format {
         BLOB_RAW => {
             if body.len() > limit {
@@ -190,25 +268,31 @@ pub fn decompress_blob(
                     limit,
                 });
             }
-            Ok(body.to_vec())
+            Ok(std::borrow::Cow::Borrowed(body))
         }
-        BLOB_ZSTD => {
-            let size = zstd::zstd_safe::get_frame_content_size(body)
-                .ok()
-                .flatten()
-                .unwrap_or(limit as u64);
-            if size > limit as u64 {
-                return Err(BlobDecodeError::TooLarge {
-                    actual: size,
-                    limit,
-                });
-            }
-            decompressor
-                .decompress(body, size as usize)
-                .map_err(BlobDecodeError::Zstd)
-        }
+        BLOB_ZSTD => decompress_frame(decompressor, body, limit).map(std::borrow::Cow::Owned),
         other => Err(BlobDecodeError::UnknownFormat(other)),
     }
+}
+
+fn decompress_frame(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    frame: &[u8],
+    limit: usize,
+) -> Result<Vec<u8>, BlobDecodeError> {
+    let size = zstd::zstd_safe::get_frame_content_size(frame)
+        .ok()
+        .flatten()
+        .unwrap_or(limit as u64);
+    if size > limit as u64 {
+        return Err(BlobDecodeError::TooLarge {
+            actual: size,
+            limit,
+        });
+    }
+    decompressor
+        .decompress(frame, size as usize)
+        .map_err(BlobDecodeError::Zstd)
 }
 
 #[cfg(test)]
@@ -226,8 +310,13 @@ mod tests {
     }
 
     fn chunks_of(params: ChunkerParams, data: &[u8]) -> Vec<Vec<u8>> {
+        chunks_with_step(params, data, READ_STEP)
+    }
+
+    fn chunks_with_step(params: ChunkerParams, data: &[u8], step: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut c = Chunker::new(params);
+        c.step = step;
         c.chunk(data, |ch| {
             out.push(ch);
             Ok(())
@@ -243,7 +332,8 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let params = small_params(seed);
-            let ours = chunks_of(params, &data);
+            // Reading ahead in small steps must not move any cut.
+            let ours = chunks_with_step(params, &data, 1 + (seed % 300) as usize);
             prop_assert_eq!(ours.concat(), data.clone());
             let theirs: Vec<Vec<u8>> = fastcdc::v2020::StreamCDC::with_level_and_seed(
                 data.as_slice(), params.min_size, params.avg_size, params.max_size,
@@ -257,9 +347,10 @@ mod tests {
             let data = data.repeat(repeat);
             let mut c = zstd::bulk::Compressor::new(3).unwrap();
             let mut d = zstd::bulk::Decompressor::new().unwrap();
-            let enc = compress_blob(&mut c, &data).unwrap();
+            let enc = encode_blob(&mut c, data.clone()).unwrap();
             prop_assert!(enc.len() <= data.len() + 1);
-            prop_assert_eq!(decompress_blob(&mut d, &enc, 1 << 20).unwrap(), data);
+            prop_assert_eq!(&*decode_blob_ref(&mut d, &enc, 1 << 20).unwrap(), data.as_slice());
+            prop_assert_eq!(decode_blob(&mut d, enc, 1 << 20).unwrap(), data);
         }
     }
 
@@ -299,13 +390,30 @@ mod tests {
             .collect();
         let mut c = zstd::bulk::Compressor::new(3).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
-        let enc = compress_blob(&mut c, &data).unwrap();
-        assert_eq!(enc[0], BLOB_RAW);
+        let enc = encode_blob(&mut c, data.clone()).unwrap();
+        assert_eq!(*enc.last().unwrap(), BLOB_RAW);
+        // Large random chunks are recognised by the probe and stored raw too.
+        let big: Vec<u8> = (0..1_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let enc = encode_blob(&mut c, big.clone()).unwrap();
+        assert_eq!(*enc.last().unwrap(), BLOB_RAW);
+        assert_eq!(decode_blob(&mut d, enc, 1 << 20).unwrap(), big);
         let zeros = vec![0u8; 100_000];
-        let enc = compress_blob(&mut c, &zeros).unwrap();
-        assert_eq!(enc[0], BLOB_ZSTD);
+        let enc = encode_blob(&mut c, zeros.clone()).unwrap();
+        assert_eq!(*enc.last().unwrap(), BLOB_ZSTD);
+        assert!(enc.len() < 1000);
+        assert_eq!(
+            &*decode_blob_ref(&mut d, &enc, 1 << 20).unwrap(),
+            zeros.as_slice()
+        );
         assert!(matches!(
-            decompress_blob(&mut d, &enc, 1000),
+            decode_blob(&mut d, enc, 1000),
             Err(BlobDecodeError::TooLarge { .. })
         ));
     }

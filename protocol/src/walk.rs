@@ -59,6 +59,9 @@ pub enum WalkError {
     NoPaths,
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The walk stopped because another part of the backup failed first.
+    #[error("backup interrupted")]
+    Interrupted,
 }
 
 /// What to back up and how.
@@ -118,6 +121,11 @@ pub fn compile_excludes(patterns: &[String]) -> Result<Vec<glob::Pattern>, Strin
 /// Walks `opts.paths`, offering every new chunk and tree to `sink`, and returns the
 /// snapshot's root tree. The root tree holds the full path to each backup path (as
 /// restic does), so `/srv/www` is restored to `TARGET/srv/www`.
+///
+/// Three kinds of thread: the caller walks directories in name order and queues files;
+/// `threads` workers read and chunk them; an assembler builds each directory's tree
+/// once its files are read. The walker never waits for file contents, so a large file
+/// does not stall the walk, and memory stays bounded by the two queues.
 pub fn backup(
     sink: &dyn Sink,
     opts: &BackupOptions,
@@ -127,10 +135,16 @@ pub fn backup(
         return Err(WalkError::NoPaths);
     }
     let root = virtual_root(&opts.paths)?;
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(256);
+    let parent = match &opts.parent {
+        Some(id) => Some(sink.load_tree(id)?),
+        None => None,
+    };
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(JOB_QUEUE);
+    let (event_tx, event_rx) = mpsc::sync_channel::<Event>(EVENT_QUEUE);
     let job_rx = Mutex::new(job_rx);
+    let warnings = Mutex::new(Vec::new());
     let threads = opts.threads.max(1);
-    std::thread::scope(|scope| {
+    let root = std::thread::scope(|scope| {
         for _ in 0..threads {
             let job_rx = &job_rx;
             scope.spawn(move || {
@@ -145,26 +159,118 @@ pub fn backup(
                 }
             });
         }
+        let assembler = {
+            let warnings = &warnings;
+            scope.spawn(move || assemble(sink, event_rx, warnings))
+        };
         let mut walker = Walker {
             sink,
             opts,
             stats,
-            jobs: Some(job_tx),
+            jobs: job_tx,
+            events: event_tx,
             names: NameCache::default(),
-            warnings: Vec::new(),
+            warnings: &warnings,
         };
-        let parent = match &opts.parent {
-            Some(id) => Some(sink.load_tree(id)?),
-            None => None,
-        };
-        let result = walker.virtual_dir(Path::new("/"), &root, parent.as_ref(), None);
-        walker.jobs = None; // closes the queue: workers exit
-        let root = result?;
-        Ok(WalkOutcome {
-            root,
-            warnings: walker.warnings,
-        })
+        let walked = walker.virtual_dir(Path::new("/"), &root, parent.as_ref(), None);
+        drop(walker); // closes both queues: workers and the assembler finish and exit
+        let assembled = assembler.join().expect("assembler thread");
+        // The assembler's error is the cause when it stopped first (the walker then
+        // only sees its queue closed).
+        match (assembled, walked) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(root), Ok(())) => Ok(root),
+        }
+    })?;
+    Ok(WalkOutcome {
+        root,
+        warnings: warnings.into_inner().expect("warnings"),
     })
+}
+
+/// Files queued for reading; each holds a path and a node, so memory stays small.
+const JOB_QUEUE: usize = 256;
+/// Walk events ahead of the assembler: lets the walker run past a directory whose
+/// files are still being read.
+const EVENT_QUEUE: usize = 8192;
+
+/// What the walker tells the assembler, in walk order.
+enum Event {
+    /// A directory's entries follow.
+    Open,
+    /// One entry of the open directory; its content is still being read if `pending`.
+    Entry {
+        node: Node,
+        pending: Option<mpsc::Receiver<FileResult>>,
+    },
+    /// The open directory is complete; `node` is its own node in its parent (none for
+    /// the root), `path` names it in warnings.
+    Close { path: PathBuf, node: Option<Node> },
+}
+
+type Frame = Vec<(Node, Option<mpsc::Receiver<FileResult>>)>;
+
+/// Builds trees bottom-up from the walker's events, waiting for file contents as
+/// needed; returns the root tree.
+fn assemble(
+    sink: &dyn Sink,
+    events: mpsc::Receiver<Event>,
+    warnings: &Mutex<Vec<Warning>>,
+) -> Result<TreeId, WalkError> {
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut root = None;
+    for event in events {
+        match event {
+            Event::Open => stack.push(Vec::new()),
+            Event::Entry { node, pending } => stack
+                .last_mut()
+                .expect("entry inside a directory")
+                .push((node, pending)),
+            Event::Close { path, node } => {
+                let frame = stack.pop().expect("close of an open directory");
+                let mut nodes = Vec::with_capacity(frame.len());
+                for (node, pending) in frame {
+                    let Some(rx) = pending else {
+                        nodes.push(node);
+                        continue;
+                    };
+                    let file = path.join(std::ffi::OsStr::from_bytes(&node.name));
+                    match rx.recv().expect("worker replies") {
+                        FileResult::Read { node, warning } => {
+                            if let Some(w) = warning {
+                                push_warning(warnings, &file, w);
+                            }
+                            nodes.push(*node);
+                        }
+                        FileResult::Skipped(msg) => push_warning(warnings, &file, msg),
+                        FileResult::Fatal(e) => return Err(e.into()),
+                    }
+                }
+                let (id, bytes) = Tree { nodes }.encode_with_id();
+                sink.offer_tree(id, bytes)?;
+                match node {
+                    Some(mut dir) => {
+                        dir.subtree = Some(id);
+                        stack
+                            .last_mut()
+                            .expect("a directory inside a directory")
+                            .push((dir, None));
+                    }
+                    None => root = Some(id),
+                }
+            }
+        }
+    }
+    root.ok_or(WalkError::Interrupted)
+}
+
+fn push_warning(warnings: &Mutex<Vec<Warning>>, path: &Path, message: impl Into<String>) {
+    let w = Warning {
+        path: path.display().to_string(),
+        message: message.into(),
+    };
+    tracing::warn!(path = %w.path, "{}", w.message);
+    warnings.lock().expect("warnings").push(w);
 }
 
 /// The directory structure above the backup paths.
@@ -276,30 +382,20 @@ struct Walker<'a> {
     sink: &'a dyn Sink,
     opts: &'a BackupOptions,
     stats: &'a WalkStats,
-    jobs: Option<mpsc::SyncSender<Job>>,
+    jobs: mpsc::SyncSender<Job>,
+    events: mpsc::SyncSender<Event>,
     names: NameCache,
-    warnings: Vec<Warning>,
+    warnings: &'a Mutex<Vec<Warning>>,
 }
 
-/// A node whose file content is still being read.
-enum Slot {
-    Ready,
-    Pending(mpsc::Receiver<FileResult>),
-    Subdir {
-        path: PathBuf,
-        parent: Option<TreeId>,
-        device: u64,
-    },
-}
-
-impl<'a> Walker<'a> {
+impl Walker<'_> {
     fn warn(&mut self, path: &Path, message: impl Into<String>) {
-        let w = Warning {
-            path: path.display().to_string(),
-            message: message.into(),
-        };
-        tracing::warn!(path = %w.path, "{}", w.message);
-        self.warnings.push(w);
+        push_warning(self.warnings, path, message);
+    }
+
+    fn emit(&self, event: Event) -> Result<(), WalkError> {
+        // A closed queue means the assembler stopped on an error, which it reports.
+        self.events.send(event).map_err(|_| WalkError::Interrupted)
     }
 
     fn excluded(&self, path: &Path, name: &[u8]) -> bool {
@@ -317,63 +413,55 @@ impl<'a> Walker<'a> {
             .any(|p| p.matches_path_with(path, opts) || p.matches_with(&name, opts))
     }
 
-    /// The tree of a directory above the backup paths, or of the virtual root.
+    /// A directory above the backup paths (or the virtual root, when `own` is None).
     fn virtual_dir(
         &mut self,
         path: &Path,
         dir: &VirtualDir,
         parent: Option<&Tree>,
-        _device: Option<u64>,
-    ) -> Result<TreeId, WalkError> {
+        own: Option<Node>,
+    ) -> Result<(), WalkError> {
         // The "/" backup path: its listing is the root tree itself.
         if let Some(VirtualEntry::Walk) = dir.children.get(&Vec::new()) {
             let meta = fs::symlink_metadata("/").map_err(|source| WalkError::BadPath {
                 path: "/".into(),
                 source,
             })?;
-            return self.listed_dir(Path::new("/"), parent, meta.dev());
+            return self.listed_dir(Path::new("/"), parent, meta.dev(), None);
         }
-        let mut nodes = Vec::new();
-        let mut slots = Vec::new();
+        self.emit(Event::Open)?;
         for (name, entry) in &dir.children {
             let child = path.join(std::ffi::OsStr::from_bytes(name));
             let parent_node = parent.and_then(|t| t.find(name));
+            let meta = fs::symlink_metadata(&child).map_err(|source| WalkError::BadPath {
+                path: child.clone(),
+                source,
+            })?;
             match entry {
                 VirtualEntry::Walk => {
-                    let meta =
-                        fs::symlink_metadata(&child).map_err(|source| WalkError::BadPath {
-                            path: child.clone(),
-                            source,
-                        })?;
-                    if let Some((node, slot)) =
-                        self.entry(&child, name, meta, parent_node, meta_dev(&child))?
-                    {
-                        nodes.push(node);
-                        slots.push(slot);
-                    }
+                    let device = meta.dev();
+                    self.entry(&child, name, meta, parent_node, device)?
                 }
                 VirtualEntry::Dir(sub) => {
-                    let meta =
-                        fs::symlink_metadata(&child).map_err(|source| WalkError::BadPath {
-                            path: child.clone(),
-                            source,
-                        })?;
                     let mut node = node_from_metadata(name, &meta, &mut self.names);
                     node.xattrs = read_xattrs(&child).unwrap_or_default();
-                    let parent_sub = self.parent_subtree(parent_node);
-                    node.subtree =
-                        Some(self.virtual_dir(&child, sub, parent_sub.as_ref(), None)?);
                     self.stats.dirs.fetch_add(1, Relaxed);
-                    nodes.push(node);
-                    slots.push(Slot::Ready);
+                    let parent_sub = self.parent_subtree(parent_node);
+                    self.virtual_dir(&child, sub, parent_sub.as_ref(), Some(node))?;
                 }
             }
         }
-        self.finish_dir(path, nodes, slots)
+        self.emit(Event::Close {
+            path: path.to_path_buf(),
+            node: own,
+        })
     }
 
+    /// The parent snapshot's tree for a directory, if it had one.
     fn parent_subtree(&mut self, parent_node: Option<&Node>) -> Option<Tree> {
-        let id = parent_node.filter(|n| n.kind == NodeKind::Dir)?.subtree?;
+        let id = parent_node
+            .filter(|n| n.kind == NodeKind::Dir)
+            .and_then(|n| n.subtree)?;
         match self.sink.load_tree(&id) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -386,13 +474,14 @@ impl<'a> Walker<'a> {
         }
     }
 
-    /// The tree of a directory walked in full.
+    /// A directory walked in full; `own` is its node in its parent.
     fn listed_dir(
         &mut self,
         path: &Path,
         parent: Option<&Tree>,
         device: u64,
-    ) -> Result<TreeId, WalkError> {
+        own: Option<Node>,
+    ) -> Result<(), WalkError> {
         let mut names: Vec<Vec<u8>> = Vec::new();
         match fs::read_dir(path) {
             Ok(rd) => {
@@ -415,8 +504,7 @@ impl<'a> Walker<'a> {
         {
             names.retain(|n| n == b"CACHEDIR.TAG");
         }
-        let mut nodes = Vec::with_capacity(names.len());
-        let mut slots = Vec::with_capacity(names.len());
+        self.emit(Event::Open)?;
         for name in names {
             let child = path.join(std::ffi::OsStr::from_bytes(&name));
             let meta = match fs::symlink_metadata(&child) {
@@ -431,15 +519,15 @@ impl<'a> Walker<'a> {
                 }
             };
             let parent_node = parent.and_then(|t| t.find(&name));
-            if let Some((node, slot)) = self.entry(&child, &name, meta, parent_node, device)? {
-                nodes.push(node);
-                slots.push(slot);
-            }
+            self.entry(&child, &name, meta, parent_node, device)?;
         }
-        self.finish_dir(path, nodes, slots)
+        self.emit(Event::Close {
+            path: path.to_path_buf(),
+            node: own,
+        })
     }
 
-    /// The node of one entry; file content is queued for reading.
+    /// Emits one entry: a file's content is queued for reading, a directory is walked.
     fn entry(
         &mut self,
         path: &Path,
@@ -447,43 +535,44 @@ impl<'a> Walker<'a> {
         meta: Metadata,
         parent_node: Option<&Node>,
         device: u64,
-    ) -> Result<Option<(Node, Slot)>, WalkError> {
+    ) -> Result<(), WalkError> {
         if self.excluded(path, name) {
-            return Ok(None);
+            return Ok(());
         }
         let mut node = node_from_metadata(name, &meta, &mut self.names);
         match read_xattrs(path) {
             Ok(x) => node.xattrs = x,
             Err(e) => self.warn(path, format!("cannot read extended attributes: {e}")),
         }
-        let slot = match node.kind {
+        let mut pending = None;
+        match node.kind {
             NodeKind::File => {
                 self.stats.bytes_total.fetch_add(node.size, Relaxed);
                 match parent_node {
                     Some(p) if unchanged(p, &node) => {
                         node.content = p.content.clone();
                         self.stats.files_unchanged.fetch_add(1, Relaxed);
-                        Slot::Ready
                     }
                     Some(p) if p.kind == NodeKind::File => {
                         self.stats.files_changed.fetch_add(1, Relaxed);
-                        self.queue(path, &node)
+                        pending = Some(self.queue(path, &node)?);
                     }
                     _ => {
                         self.stats.files_new.fetch_add(1, Relaxed);
-                        self.queue(path, &node)
+                        pending = Some(self.queue(path, &node)?);
                     }
                 }
             }
             NodeKind::Dir => {
                 self.stats.dirs.fetch_add(1, Relaxed);
-                let parent = parent_node
-                    .filter(|n| n.kind == NodeKind::Dir)
-                    .and_then(|n| n.subtree);
-                Slot::Subdir {
-                    path: path.to_path_buf(),
-                    parent,
-                    device: meta.dev(),
+                if self.opts.one_file_system && meta.dev() != device {
+                    // A mount point: recorded, not entered.
+                    let (id, bytes) = Tree::default().encode_with_id();
+                    self.sink.offer_tree(id, bytes)?;
+                    node.subtree = Some(id);
+                } else {
+                    let parent = self.parent_subtree(parent_node);
+                    return self.listed_dir(path, parent.as_ref(), meta.dev(), Some(node));
                 }
             }
             NodeKind::Symlink => {
@@ -492,97 +581,27 @@ impl<'a> Walker<'a> {
                     Ok(t) => node.target = t.as_os_str().as_bytes().to_vec(),
                     Err(e) => {
                         self.warn(path, format!("cannot read symlink: {e}"));
-                        return Ok(None);
+                        return Ok(());
                     }
                 }
-                Slot::Ready
             }
             _ => {
                 self.stats.others.fetch_add(1, Relaxed);
-                Slot::Ready
-            }
-        };
-        if let Slot::Subdir { device: d, .. } = &slot {
-            if self.opts.one_file_system && *d != device {
-                // A mount point: recorded, not entered.
-                let (id, bytes) = Tree::default().encode_with_id();
-                self.sink.offer_tree(id, bytes)?;
-                node.subtree = Some(id);
-                return Ok(Some((node, Slot::Ready)));
             }
         }
-        Ok(Some((node, slot)))
+        self.emit(Event::Entry { node, pending })
     }
 
-    fn queue(&mut self, path: &Path, node: &Node) -> Slot {
+    fn queue(&mut self, path: &Path, node: &Node) -> Result<mpsc::Receiver<FileResult>, WalkError> {
         let (tx, rx) = mpsc::channel();
         let job = Job {
             path: path.to_path_buf(),
             node: node.clone(),
             reply: tx,
         };
-        self.jobs
-            .as_ref()
-            .expect("queue open during the walk")
-            .send(job)
-            .expect("workers alive");
-        Slot::Pending(rx)
+        self.jobs.send(job).map_err(|_| WalkError::Interrupted)?;
+        Ok(rx)
     }
-
-    /// Recurses into subdirectories, collects file results, stores the tree.
-    fn finish_dir(
-        &mut self,
-        path: &Path,
-        mut nodes: Vec<Node>,
-        slots: Vec<Slot>,
-    ) -> Result<TreeId, WalkError> {
-        let mut keep = vec![true; nodes.len()];
-        let mut pending = Vec::new();
-        for (i, slot) in slots.into_iter().enumerate() {
-            match slot {
-                Slot::Ready => {}
-                Slot::Pending(rx) => pending.push((i, rx)),
-                Slot::Subdir {
-                    path: sub,
-                    parent,
-                    device,
-                } => {
-                    let parent_tree = parent.and_then(|id| match self.sink.load_tree(&id) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            tracing::warn!("parent tree {} unreadable: {e}", id.short());
-                            None
-                        }
-                    });
-                    nodes[i].subtree = Some(self.listed_dir(&sub, parent_tree.as_ref(), device)?);
-                }
-            }
-        }
-        for (i, rx) in pending {
-            match rx.recv().expect("worker replies") {
-                FileResult::Read { node, warning } => {
-                    if let Some(w) = warning {
-                        self.warn(&path.join(std::ffi::OsStr::from_bytes(&node.name)), w);
-                    }
-                    nodes[i] = *node;
-                }
-                FileResult::Skipped(msg) => {
-                    self.warn(&path.join(std::ffi::OsStr::from_bytes(&nodes[i].name)), msg);
-                    keep[i] = false;
-                }
-                FileResult::Fatal(e) => return Err(e.into()),
-            }
-        }
-        let mut k = keep.iter();
-        nodes.retain(|_| *k.next().expect("one flag per node"));
-        let (id, bytes) = Tree { nodes }.encode_with_id();
-        self.sink.offer_tree(id, bytes)?;
-        Ok(id)
-    }
-}
-
-fn meta_dev(path: &Path) -> u64 {
-    fs::symlink_metadata(path).map(|m| m.dev()).unwrap_or(0)
 }
 
 /// A file is not read again when its type, size, mtime, ctime and inode match the parent.

@@ -261,7 +261,14 @@ fn check_pack_data(
             MAX_TREE_BYTES
         };
         let what = format!("{} blob {}", e.kind, hex::encode(&e.id[..8]));
-        match decode_blob(repo.data_key(), e.kind, &e.id, sealed, limit, &what) {
+        match decode_blob(
+            repo.data_key(),
+            e.kind,
+            &e.id,
+            sealed.to_vec(),
+            limit,
+            &what,
+        ) {
             Ok(plain) if e.kind == BlobKind::Tree => {
                 if let Err(err) = Tree::decode(&plain) {
                     bad.insert(r, (Some(*pack), format!("tree does not parse: {err}")));

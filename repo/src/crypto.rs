@@ -2,16 +2,21 @@
 //!
 //! - Passphrases become key-encryption keys with Argon2id.
 //! - Blobs, pack headers, index files, snapshots and the config are sealed with
-//!   XChaCha20-Poly1305 under the repository's data key. The 24-byte nonce is random,
-//!   large enough that random nonces never repeat in practice. The associated data
+//!   XChaCha20-Poly1305 under the repository's data key. Nonces must never repeat under
+//!   one key: each is a 16-byte prefix drawn from the OS generator once per thread,
+//!   followed by that thread's 64-bit counter. Two threads share a prefix with
+//!   probability 2^-128, and a counter does not wrap, so nonces are unique without a
+//!   system call per blob (which cost about 15 µs each here, a second per GiB). The associated data
 //!   binds a ciphertext to its role (a blob to its kind and id), so a ciphertext cannot
 //!   be moved to stand for something else.
 //!
-//! Sealed layout: `nonce[24] || ciphertext || tag[16]`.
+//! Sealed layout: `ciphertext || tag[16] || nonce[24]`. The nonce goes last so a
+//! buffer can be sealed and opened in place: a chunk is encrypted where it lies and
+//! only grows by 40 bytes, with no copy of up to 8 MiB per blob.
 
 use crate::error::{Error, Result};
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
 /// Bytes a sealed message adds to its plaintext.
@@ -53,44 +58,64 @@ impl Key {
     }
 
     pub fn seal(&self, associated: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        let nonce: [u8; 24] = random_bytes();
-        let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
-        out.extend_from_slice(&nonce);
-        let ct = self
+        let mut buf = Vec::with_capacity(plaintext.len() + OVERHEAD);
+        buf.extend_from_slice(plaintext);
+        self.seal_vec(associated, buf)
+    }
+
+    /// Seals `buf` in place (appending tag and nonce).
+    pub fn seal_vec(&self, associated: &[u8], mut buf: Vec<u8>) -> Vec<u8> {
+        let nonce = next_nonce();
+        let tag = self
             .cipher()
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: associated,
-                },
-            )
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), associated, &mut buf)
             .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
-        out.extend_from_slice(&ct);
-        out
+        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(&nonce);
+        buf
     }
 
     /// Opens a sealed message; `what` names it in the error.
     pub fn open(&self, associated: &[u8], sealed: &[u8], what: &str) -> Result<Vec<u8>> {
-        if sealed.len() < OVERHEAD {
+        self.open_vec(associated, sealed.to_vec(), what)
+    }
+
+    /// Opens a sealed message in place.
+    pub fn open_vec(&self, associated: &[u8], mut buf: Vec<u8>, what: &str) -> Result<Vec<u8>> {
+        if buf.len() < OVERHEAD {
             return Err(Error::corrupt(what, "too short to be sealed"));
         }
-        let (nonce, ct) = sealed.split_at(24);
+        let n = buf.len() - OVERHEAD;
+        let tag = *Tag::from_slice(&buf[n..n + 16]);
+        let nonce = *XNonce::from_slice(&buf[n + 16..]);
+        buf.truncate(n);
         self.cipher()
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ct,
-                    aad: associated,
-                },
-            )
+            .decrypt_in_place_detached(&nonce, associated, &mut buf, &tag)
             .map_err(|_| {
                 Error::corrupt(
                     what,
                     "authentication failed (damaged, or not sealed with this key)",
                 )
-            })
+            })?;
+        Ok(buf)
     }
+}
+
+fn next_nonce() -> [u8; 24] {
+    thread_local! {
+        static NONCE: std::cell::Cell<([u8; 16], u64)> = std::cell::Cell::new((random_bytes(), 0));
+    }
+    NONCE.with(|n| {
+        let (prefix, counter) = n.get();
+        n.set((
+            prefix,
+            counter.checked_add(1).expect("2^64 nonces from one thread"),
+        ));
+        let mut out = [0u8; 24];
+        out[..16].copy_from_slice(&prefix);
+        out[16..].copy_from_slice(&counter.to_le_bytes());
+        out
+    })
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -168,6 +193,20 @@ mod tests {
             sealed[i] ^= 1 << bit;
             let refused = matches!(k.open(b"ad", &sealed, "m"), Err(Error::Corrupt { .. }));
             prop_assert!(refused);
+        }
+    }
+
+    #[test]
+    fn nonces_differ_within_and_across_threads() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(next_nonce()));
+        }
+        let other = std::thread::spawn(|| (0..1000).map(|_| next_nonce()).collect::<Vec<_>>())
+            .join()
+            .unwrap();
+        for n in other {
+            assert!(seen.insert(n));
         }
     }
 

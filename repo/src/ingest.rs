@@ -23,7 +23,7 @@ use crate::format::index_file::{self, IndexedPack};
 use crate::format::pack_header::{self, PackEntry};
 use crate::format::snapshot::{Snapshot, SourceKind, Summary};
 use crate::repository::{IndexedRepository, MAX_TREE_BYTES};
-use haul_protocol::chunker::{compress_blob, decompress_blob, ChunkerParams, BLOB_RAW};
+use haul_protocol::chunker::{decode_blob_ref, encode_blob, ChunkerParams};
 use haul_protocol::tree::{NodeKind, Tree};
 use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
@@ -71,6 +71,16 @@ impl Packer {
             kind,
             buf: Vec::new(),
             entries: Vec::new(),
+        }
+    }
+
+    /// Room for a full pack plus its largest last blob and header, reserved once: a
+    /// growing Vec would copy the pack several times and hold up to twice its size
+    /// while doing it. Untouched capacity costs address space, not memory.
+    fn reserve(&mut self, pack_size: usize, max_blob: usize) {
+        if self.buf.capacity() == 0 {
+            self.buf
+                .reserve_exact(pack_size + max_blob + crypto::OVERHEAD + 64 * 1024);
         }
     }
 }
@@ -206,19 +216,9 @@ impl<'r> IngestSession<'r> {
         encoded: Vec<u8>,
     ) -> Result<bool> {
         let limit = self.limit(kind);
-        let plain_len = if encoded.first() == Some(&BLOB_RAW) {
-            let body = &encoded[1..];
-            if body.len() > limit {
-                return Err(Error::InvalidInput(format!(
-                    "{kind} blob of {} bytes exceeds the limit {limit}",
-                    body.len()
-                )));
-            }
-            self.verify(kind, claimed, body)?;
-            body.len()
-        } else {
+        let plain_len = {
             let plain = DECOMPRESSOR
-                .with(|d| decompress_blob(&mut d.borrow_mut(), &encoded, limit))
+                .with(|d| decode_blob_ref(&mut d.borrow_mut(), &encoded, limit))
                 .map_err(|e| {
                     Error::InvalidInput(format!("{kind} blob {}: {e}", hex::encode(claimed)))
                 })?;
@@ -229,21 +229,22 @@ impl<'r> IngestSession<'r> {
     }
 
     /// Adds a blob as plaintext (sources in the same process); the engine compresses.
-    pub fn add_plain(&self, kind: BlobKind, claimed: &[u8; 32], plain: &[u8]) -> Result<bool> {
+    pub fn add_plain(&self, kind: BlobKind, claimed: &[u8; 32], plain: Vec<u8>) -> Result<bool> {
         if plain.len() > self.limit(kind) {
             return Err(Error::InvalidInput(format!(
                 "{kind} blob of {} bytes exceeds the limit",
                 plain.len()
             )));
         }
-        self.verify(kind, claimed, plain)?;
+        self.verify(kind, claimed, &plain)?;
         if self.known(&BlobRef { kind, id: *claimed })? {
             return Ok(false);
         }
+        let plain_len = plain.len();
         let level = self.repo.config().compression_level;
         let encoded =
-            with_compressor(level, |c| compress_blob(c, plain)).map_err(Error::io("zstd"))?;
-        self.store(kind, claimed, plain.len(), encoded)
+            with_compressor(level, |c| encode_blob(c, plain)).map_err(Error::io("zstd"))?;
+        self.store(kind, claimed, plain_len, encoded)
     }
 
     fn limit(&self, kind: BlobKind) -> usize {
@@ -282,8 +283,7 @@ impl<'r> IngestSession<'r> {
         {
             return Ok(false);
         }
-        let sealed = self.repo.data_key().seal(&ad::blob(kind, id), &encoded);
-        drop(encoded);
+        let sealed = self.repo.data_key().seal_vec(&ad::blob(kind, id), encoded);
         self.stats.blobs_new.fetch_add(1, Relaxed);
         self.stats.bytes_new.fetch_add(plain_len as u64, Relaxed);
         self.stats
@@ -295,6 +295,10 @@ impl<'r> IngestSession<'r> {
                 BlobKind::Data => &mut st.data,
                 BlobKind::Tree => &mut st.tree,
             };
+            let pack_size = self.repo.config().pack_size as usize;
+            if kind == BlobKind::Data {
+                packer.reserve(pack_size, self.limit(kind));
+            }
             let offset = packer.buf.len() as u32;
             packer.buf.extend_from_slice(&sealed);
             packer.entries.push(PackEntry {
@@ -480,12 +484,12 @@ impl Sink for IngestSession<'_> {
         self.read_tree(id).map_err(SinkError::new)
     }
     fn offer_chunk(&self, id: ChunkId, plain: Vec<u8>) -> Result<(), SinkError> {
-        self.add_plain(BlobKind::Data, &id.0, &plain)
+        self.add_plain(BlobKind::Data, &id.0, plain)
             .map(|_| ())
             .map_err(SinkError::new)
     }
     fn offer_tree(&self, id: TreeId, encoded: Vec<u8>) -> Result<(), SinkError> {
-        self.add_plain(BlobKind::Tree, &id.0, &encoded)
+        self.add_plain(BlobKind::Tree, &id.0, encoded)
             .map(|_| ())
             .map_err(SinkError::new)
     }

@@ -28,11 +28,11 @@
 //! let session = IngestSession::start(&repo, info)?;
 //! let content = b"hello".to_vec();
 //! let chunk = ChunkId::of(&content);
-//! session.add_plain(BlobKind::Data, &chunk.0, &content)?;
+//! session.add_plain(BlobKind::Data, &chunk.0, content)?;
 //! let tree = Tree { nodes: vec![Node { name: b"greeting".to_vec(), kind: NodeKind::File, size: 5,
 //!                                      content: vec![chunk], ..Default::default() }] };
 //! let (root, bytes) = tree.encode_with_id();
-//! session.add_plain(BlobKind::Tree, &root.0, &bytes)?;
+//! session.add_plain(BlobKind::Tree, &root.0, bytes)?;
 //! let (id, _) = session.commit(root, Summary::default())?;
 //! assert_eq!(repo.load_chunk(&chunk)?, b"hello");
 //! assert_eq!(repo.snapshots()?[0].0, id);

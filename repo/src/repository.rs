@@ -13,7 +13,7 @@ use crate::format::key_file::KeyFile;
 use crate::format::snapshot::Snapshot;
 use crate::format::{ad, pack_header};
 use crate::index::{BlobLocation, Index};
-use haul_protocol::chunker::{decompress_blob, BLOB_RAW};
+use haul_protocol::chunker::decode_blob as decode_encoded;
 use haul_protocol::tree::Tree;
 use haul_protocol::{BlobKind, ChunkId, PackId, SnapshotId, TreeId};
 use std::path::PathBuf;
@@ -342,7 +342,7 @@ impl IndexedRepository {
             loc.offset as u64,
             loc.length,
         )?;
-        decode_blob(&self.repo.data_key, kind, id, &sealed, limit, &what)
+        decode_blob(&self.repo.data_key, kind, id, sealed, limit, &what)
     }
 
     pub fn load_tree(&self, id: &TreeId) -> Result<Tree> {
@@ -402,24 +402,18 @@ pub(crate) fn decode_blob(
     key: &Key,
     kind: BlobKind,
     id: &[u8; 32],
-    sealed: &[u8],
+    sealed: Vec<u8>,
     limit: usize,
     what: &str,
 ) -> Result<Vec<u8>> {
-    let encoded = key.open(&ad::blob(kind, id), sealed, what)?;
-    let plain = if encoded.first() == Some(&BLOB_RAW) {
-        let mut v = encoded;
-        v.remove(0);
-        v
-    } else {
-        thread_local! {
-            static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
-                std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
-        }
-        DECOMPRESSOR
-            .with(|d| decompress_blob(&mut d.borrow_mut(), &encoded, limit))
-            .map_err(|e| Error::corrupt(what, e))?
-    };
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
+            std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+    }
+    let encoded = key.open_vec(&ad::blob(kind, id), sealed, what)?;
+    let plain = DECOMPRESSOR
+        .with(|d| decode_encoded(&mut d.borrow_mut(), encoded, limit))
+        .map_err(|e| Error::corrupt(what, e))?;
     if blake3::hash(&plain).as_bytes() != id {
         return Err(Error::corrupt(what, "content does not hash to its id"));
     }

@@ -44,7 +44,7 @@ fn info() -> SessionInfo {
 
 fn zstd_encoded(plain: &[u8]) -> Vec<u8> {
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
-    haul_protocol::chunker::compress_blob(&mut c, plain).unwrap()
+    haul_protocol::chunker::encode_blob(&mut c, plain.to_vec()).unwrap()
 }
 
 fn file_tree(chunks: &[ChunkId], size: u64) -> Tree {
@@ -65,14 +65,16 @@ fn a_chunk_with_a_wrong_claimed_id_is_rejected() {
     let repo = repo(dir.path());
     let s = IngestSession::start(&repo, info()).unwrap();
     let real = b"the real content".repeat(100);
-    let garbage = b"garbage pretending to be the real content".to_vec();
+    let garbage = b"garbage pretending to be the real content ".repeat(50);
+    assert_eq!(
+        *zstd_encoded(&garbage).last().unwrap(),
+        haul_protocol::chunker::BLOB_ZSTD
+    );
     let claimed = ChunkId::of(&real);
     // Compressed and raw encodings are both checked.
-    for encoded in [zstd_encoded(&garbage), {
-        let mut v = vec![0u8];
-        v.extend_from_slice(&garbage);
-        v
-    }] {
+    let mut raw = garbage.clone();
+    raw.push(haul_protocol::chunker::BLOB_RAW);
+    for encoded in [zstd_encoded(&garbage), raw] {
         let err = s
             .add_encoded(BlobKind::Data, &claimed.0, encoded)
             .unwrap_err();
@@ -120,11 +122,11 @@ fn a_commit_referencing_a_missing_blob_writes_no_snapshot() {
     let repo = repo(dir.path());
     let s = IngestSession::start(&repo, info()).unwrap();
     let present = b"present".to_vec();
-    s.add_plain(BlobKind::Data, &ChunkId::of(&present).0, &present)
+    s.add_plain(BlobKind::Data, &ChunkId::of(&present).0, present.clone())
         .unwrap();
     let absent = ChunkId::of(b"never uploaded");
     let (root, bytes) = file_tree(&[ChunkId::of(&present), absent], 100).encode_with_id();
-    s.add_plain(BlobKind::Tree, &root.0, &bytes).unwrap();
+    s.add_plain(BlobKind::Tree, &root.0, bytes.clone()).unwrap();
     let err = s.commit(root, Summary::default()).unwrap_err();
     match &err {
         Error::MissingBlobs { count, first } => {
@@ -159,7 +161,7 @@ fn an_interrupted_session_leaves_its_data_for_the_next() {
         let s = IngestSession::start(&repo, info()).unwrap();
         // 40 MiB: two packs are full and written, one is still open when the session ends.
         for (c, id) in chunks.iter().zip(&ids) {
-            assert!(s.add_plain(BlobKind::Data, &id.id, c).unwrap());
+            assert!(s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap());
         }
         // The session is dropped without a commit, as when the source disconnects.
         drop(s);
@@ -173,7 +175,7 @@ fn an_interrupted_session_leaves_its_data_for_the_next() {
     );
     for (c, id) in chunks.iter().zip(&ids) {
         assert!(
-            !s.add_plain(BlobKind::Data, &id.id, c).unwrap(),
+            !s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap(),
             "re-offered chunk was stored again"
         );
     }
@@ -185,7 +187,7 @@ fn an_interrupted_session_leaves_its_data_for_the_next() {
     );
     let content: Vec<ChunkId> = ids.iter().map(|r| ChunkId(r.id)).collect();
     let (root, bytes) = file_tree(&content, 40 * 1024 * 1024).encode_with_id();
-    s.add_plain(BlobKind::Tree, &root.0, &bytes).unwrap();
+    s.add_plain(BlobKind::Tree, &root.0, bytes.clone()).unwrap();
     s.commit(root, Summary::default()).unwrap();
     for (c, id) in chunks.iter().zip(&ids).step_by(7) {
         assert_eq!(&repo.load_chunk(&ChunkId(id.id)).unwrap(), c);
@@ -199,7 +201,7 @@ fn append_only_backend_keeps_history() {
     let repo = repo(dir.path());
     let s = IngestSession::start(&repo, info()).unwrap();
     let (root, bytes) = Tree::default().encode_with_id();
-    s.add_plain(BlobKind::Tree, &root.0, &bytes).unwrap();
+    s.add_plain(BlobKind::Tree, &root.0, bytes.clone()).unwrap();
     let (snap, _) = s.commit(root, Summary::default()).unwrap();
     let guarded = AppendOnly(LocalBackend::open(&dir.path().join("repo")).unwrap());
     let err = guarded

@@ -58,14 +58,13 @@ impl Context {
         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("haul"))
     }
 
+    /// Worker threads: by default twice the CPUs (at least 4), so that while some
+    /// workers wait for the disk the others keep every CPU busy.
     pub fn threads(&self, requested: Option<usize>) -> usize {
-        requested
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            })
-            .max(1)
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        requested.unwrap_or((2 * cpus).max(4)).max(1)
     }
 }
 

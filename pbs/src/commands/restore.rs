@@ -18,7 +18,14 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let opts = RestoreOptions {
         target: target.clone(),
         includes: args.include.clone(),
-        threads: ctx.threads(args.threads),
+        threads: args
+            .threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            })
+            .max(1),
     };
     let stats = Arc::new(RestoreStats::default());
     let warnings = {
