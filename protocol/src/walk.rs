@@ -31,10 +31,14 @@ use std::sync::{mpsc, Mutex};
 pub trait Sink: Sync {
     /// Loads a tree of the parent snapshot, for change detection.
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError>;
-    /// Offers a chunk; the sink stores it unless the repository already has it.
-    fn offer_chunk(&self, id: ChunkId, plain: Vec<u8>) -> Result<(), SinkError>;
-    /// Offers a tree in its canonical encoding; stored unless already present.
-    fn offer_tree(&self, id: TreeId, encoded: Vec<u8>) -> Result<(), SinkError>;
+    /// Offers a chunk and returns its id (BLAKE3 of `plain`); the sink stores it unless
+    /// the repository already has it. The sink names the chunk so that it is hashed
+    /// once: an in-process repository computes the id itself, a remote sink hashes
+    /// before it uploads and the server verifies the claim.
+    fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError>;
+    /// Offers a tree in its canonical encoding and returns its id; stored unless
+    /// already present.
+    fn offer_tree(&self, encoded: Vec<u8>) -> Result<TreeId, SinkError>;
 }
 
 /// A sink failure. It ends the backup: without the sink nothing can be stored.
@@ -246,8 +250,7 @@ fn assemble(
                         FileResult::Fatal(e) => return Err(e.into()),
                     }
                 }
-                let (id, bytes) = Tree { nodes }.encode_with_id();
-                sink.offer_tree(id, bytes)?;
+                let id = sink.offer_tree(Tree { nodes }.encode())?;
                 match node {
                     Some(mut dir) => {
                         dir.subtree = Some(id);
@@ -567,8 +570,7 @@ impl Walker<'_> {
                 self.stats.dirs.fetch_add(1, Relaxed);
                 if self.opts.one_file_system && meta.dev() != device {
                     // A mount point: recorded, not entered.
-                    let (id, bytes) = Tree::default().encode_with_id();
-                    self.sink.offer_tree(id, bytes)?;
+                    let id = self.sink.offer_tree(Tree::default().encode())?;
                     node.subtree = Some(id);
                 } else {
                     let parent = self.parent_subtree(parent_node);
@@ -651,13 +653,15 @@ fn read_file(
         };
         let mut content = Vec::with_capacity((before.len() / (1 << 20) + 1) as usize);
         let mut sink_error = None;
-        let read = chunker.chunk(&file, |plain| {
-            let id = ChunkId::of(&plain);
-            content.push(id);
-            sink.offer_chunk(id, plain).map_err(|e| {
+        let read = chunker.chunk(&file, |plain| match sink.offer_chunk(plain) {
+            Ok(id) => {
+                content.push(id);
+                Ok(())
+            }
+            Err(e) => {
                 sink_error = Some(e);
-                io::Error::other("sink failed")
-            })
+                Err(io::Error::other("sink failed"))
+            }
         });
         if let Some(e) = sink_error {
             return FileResult::Fatal(e);

@@ -15,7 +15,7 @@
 //!   abandoned or failed session leaves its data usable: the next session finds those
 //!   blobs present and does not upload them again.
 
-use crate::backend::FileType;
+use crate::backend::{Backend, FileType, ObjectWriter};
 use crate::crypto;
 use crate::error::{Error, Result};
 use crate::format::ad;
@@ -29,6 +29,7 @@ use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 use std::cell::RefCell;
 use std::collections::HashSet;
+use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -59,35 +60,48 @@ pub struct SessionInfo {
 const INDEX_EVERY_PACKS: usize = 8;
 const INDEX_EVERY: Duration = Duration::from_secs(60);
 
-struct Packer {
+/// A pack being written: sealed blobs go straight into a new backend object and are
+/// hashed on the way (a pack's name is the BLAKE3 of its bytes), so a 16 MiB pack
+/// costs a 1 MiB write buffer, not 16 MiB of memory.
+struct Packer<'r> {
     kind: BlobKind,
-    buf: Vec<u8>,
+    out: Option<(BufWriter<Box<dyn ObjectWriter + 'r>>, blake3::Hasher)>,
+    len: u64,
     entries: Vec<PackEntry>,
 }
 
-impl Packer {
+impl<'r> Packer<'r> {
     fn new(kind: BlobKind) -> Self {
         Packer {
             kind,
-            buf: Vec::new(),
+            out: None,
+            len: 0,
             entries: Vec::new(),
         }
     }
 
-    /// Room for a full pack plus its largest last blob and header, reserved once: a
-    /// growing Vec would copy the pack several times and hold up to twice its size
-    /// while doing it. Untouched capacity costs address space, not memory.
-    fn reserve(&mut self, pack_size: usize, max_blob: usize) {
-        if self.buf.capacity() == 0 {
-            self.buf
-                .reserve_exact(pack_size + max_blob + crypto::OVERHEAD + 64 * 1024);
+    /// Appends bytes to the pack; returns their offset.
+    fn append(&mut self, backend: &'r dyn Backend, bytes: &[u8]) -> Result<u32> {
+        if self.out.is_none() {
+            let writer = backend.writer(FileType::Data)?;
+            self.out = Some((
+                BufWriter::with_capacity(1 << 20, writer),
+                blake3::Hasher::new(),
+            ));
         }
+        let (w, h) = self.out.as_mut().expect("just opened");
+        w.write_all(bytes)
+            .map_err(Error::io("pack being written"))?;
+        h.update(bytes);
+        let offset = self.len;
+        self.len += bytes.len() as u64;
+        Ok(offset as u32)
     }
 }
 
-struct State {
-    data: Packer,
-    tree: Packer,
+struct State<'r> {
+    data: Packer<'r>,
+    tree: Packer<'r>,
     unindexed: Vec<IndexedPack>,
     last_index: Instant,
 }
@@ -106,7 +120,7 @@ pub struct IngestSession<'r> {
     repo: &'r IndexedRepository,
     info: SessionInfo,
     parent: Option<(SnapshotId, Snapshot)>,
-    state: Mutex<State>,
+    state: Mutex<State<'r>>,
     /// Blobs sealed into an open pack or being sealed: present, not yet readable.
     in_flight: Mutex<HashSet<BlobRef>>,
     stats: IngestStats,
@@ -228,15 +242,33 @@ impl<'r> IngestSession<'r> {
         self.store(kind, claimed, plain_len, encoded)
     }
 
-    /// Adds a blob as plaintext (sources in the same process); the engine compresses.
+    /// Adds a blob as plaintext under the id its source claims (which is checked);
+    /// the engine compresses. Returns whether it was new.
     pub fn add_plain(&self, kind: BlobKind, claimed: &[u8; 32], plain: Vec<u8>) -> Result<bool> {
+        self.verify(kind, claimed, &plain)?;
+        self.add_trusted(kind, claimed, plain)
+    }
+
+    /// Adds a blob as plaintext and returns its id, computed here (sources in the same
+    /// process, which need not hash the data themselves).
+    pub fn add_new(&self, kind: BlobKind, plain: Vec<u8>) -> Result<[u8; 32]> {
+        let id = *blake3::hash(&plain).as_bytes();
+        if kind == BlobKind::Tree {
+            self.verify(kind, &id, &plain)?;
+        }
+        self.add_trusted(kind, &id, plain)?;
+        Ok(id)
+    }
+
+    /// Stores `plain` under `id`, which the caller has verified.
+    fn add_trusted(&self, kind: BlobKind, id: &[u8; 32], plain: Vec<u8>) -> Result<bool> {
         if plain.len() > self.limit(kind) {
             return Err(Error::InvalidInput(format!(
                 "{kind} blob of {} bytes exceeds the limit",
                 plain.len()
             )));
         }
-        self.verify(kind, claimed, &plain)?;
+        let claimed = id;
         if self.known(&BlobRef { kind, id: *claimed })? {
             return Ok(false);
         }
@@ -295,12 +327,7 @@ impl<'r> IngestSession<'r> {
                 BlobKind::Data => &mut st.data,
                 BlobKind::Tree => &mut st.tree,
             };
-            let pack_size = self.repo.config().pack_size as usize;
-            if kind == BlobKind::Data {
-                packer.reserve(pack_size, self.limit(kind));
-            }
-            let offset = packer.buf.len() as u32;
-            packer.buf.extend_from_slice(&sealed);
+            let offset = packer.append(self.repo.backend().as_ref(), &sealed)?;
             packer.entries.push(PackEntry {
                 kind,
                 id: *id,
@@ -308,20 +335,22 @@ impl<'r> IngestSession<'r> {
                 length: sealed.len() as u32,
                 raw_length: plain_len as u32,
             });
-            if packer.buf.len() >= self.repo.config().pack_size as usize {
+            if packer.len >= self.repo.config().pack_size as u64 {
                 Some(std::mem::replace(packer, Packer::new(kind)))
             } else {
                 None
             }
         };
+        drop(sealed);
         if let Some(packer) = full {
             self.write_pack(packer)?;
         }
         Ok(true)
     }
 
-    /// Seals the header, writes the pack, and makes its blobs known.
-    fn write_pack(&self, mut packer: Packer) -> Result<()> {
+    /// Appends the sealed header, finishes the pack under its name, and makes its
+    /// blobs known.
+    fn write_pack(&self, mut packer: Packer<'r>) -> Result<()> {
         if packer.entries.is_empty() {
             return Ok(());
         }
@@ -329,12 +358,19 @@ impl<'r> IngestSession<'r> {
             .repo
             .data_key()
             .seal(ad::PACK_HEADER, &pack_header::encode(&packer.entries));
-        packer.buf.extend_from_slice(&header);
-        packer
-            .buf
-            .extend_from_slice(&(header.len() as u32).to_le_bytes());
-        let id = self.repo.save_pack(&packer.buf)?;
-        drop(std::mem::take(&mut packer.buf));
+        let backend = self.repo.backend().as_ref();
+        packer.append(backend, &header)?;
+        packer.append(backend, &(header.len() as u32).to_le_bytes())?;
+        let (writer, hasher) = packer.out.take().expect("a pack with entries is open");
+        let id = PackId(*hasher.finalize().as_bytes());
+        let writer = writer
+            .into_inner()
+            .map_err(|e| Error::io(format!("pack {}", id.short()))(e.into_error()))?;
+        match writer.finish(&id.to_hex()) {
+            // The same bytes under the same name: already stored.
+            Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
         self.repo.index().add_pack(id, &packer.entries);
         {
             let mut in_flight = self.in_flight.lock().expect("in flight");
@@ -483,14 +519,14 @@ impl Sink for IngestSession<'_> {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
         self.read_tree(id).map_err(SinkError::new)
     }
-    fn offer_chunk(&self, id: ChunkId, plain: Vec<u8>) -> Result<(), SinkError> {
-        self.add_plain(BlobKind::Data, &id.0, plain)
-            .map(|_| ())
+    fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError> {
+        self.add_new(BlobKind::Data, plain)
+            .map(ChunkId)
             .map_err(SinkError::new)
     }
-    fn offer_tree(&self, id: TreeId, encoded: Vec<u8>) -> Result<(), SinkError> {
-        self.add_plain(BlobKind::Tree, &id.0, encoded)
-            .map(|_| ())
+    fn offer_tree(&self, encoded: Vec<u8>) -> Result<TreeId, SinkError> {
+        self.add_new(BlobKind::Tree, encoded)
+            .map(TreeId)
             .map_err(SinkError::new)
     }
 }

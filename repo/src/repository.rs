@@ -354,20 +354,6 @@ impl IndexedRepository {
         self.load_blob(BlobKind::Data, &id.0)
     }
 
-    /// Writes a finished pack; returns its id.
-    pub(crate) fn save_pack(&self, bytes: &[u8]) -> Result<PackId> {
-        let id = PackId::of(bytes);
-        match self
-            .repo
-            .backend
-            .write_once(FileType::Data, &id.to_hex(), bytes)
-        {
-            // The same bytes under the same name: already stored.
-            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(id),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Reads a pack's header.
     pub fn read_pack_header(
         &self,

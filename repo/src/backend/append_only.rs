@@ -5,7 +5,7 @@
 //! `write_once`; this decorator makes sure no code path through it can shrink or
 //! rewrite history, whatever the caller asks.
 
-use super::{Backend, FileType};
+use super::{Backend, FileType, ObjectWriter};
 use crate::error::{Error, Result};
 
 pub struct AppendOnly<B>(pub B);
@@ -31,6 +31,15 @@ impl<B: Backend> Backend for AppendOnly<B> {
             });
         }
         self.0.write_once(t, name, data)
+    }
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+        if matches!(t, FileType::Key | FileType::Config) {
+            return Err(Error::AppendOnly {
+                action: "write",
+                what: t.to_string(),
+            });
+        }
+        self.0.writer(t)
     }
     fn delete(&self, t: FileType, name: &str) -> Result<()> {
         if t != FileType::Lock {

@@ -1,6 +1,6 @@
 //! An in-memory backend, for tests and examples.
 
-use super::{check_name, Backend, FileType};
+use super::{check_name, Backend, FileType, ObjectWriter};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -66,6 +66,14 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+        Ok(Box::new(MemoryWriter {
+            backend: self,
+            t,
+            data: Vec::new(),
+        }))
+    }
+
     fn delete(&self, t: FileType, name: &str) -> Result<()> {
         let mut objects = self.objects.lock().expect("memory backend");
         objects
@@ -74,5 +82,27 @@ impl Backend for MemoryBackend {
             .ok_or_else(|| Error::NotFound {
                 what: format!("{t} {name}"),
             })
+    }
+}
+
+struct MemoryWriter<'a> {
+    backend: &'a MemoryBackend,
+    t: FileType,
+    data: Vec<u8>,
+}
+
+impl std::io::Write for MemoryWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.data.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for MemoryWriter<'_> {
+    fn finish(self: Box<Self>, name: &str) -> Result<()> {
+        self.backend.write_once(self.t, name, &self.data)
     }
 }

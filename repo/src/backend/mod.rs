@@ -15,6 +15,10 @@
 //!   [`Error::Corrupt`] (a short read is never returned as success).
 //! - `list` returns every complete object of a type with its size, in no set order.
 //! - `delete` of a missing object is [`Error::NotFound`].
+//! - An [`ObjectWriter`] is `write_once` in pieces: nothing is visible under any name
+//!   until `finish`, which has `write_once`'s semantics; a writer dropped without
+//!   `finish` leaves nothing behind. Packs are streamed this way, so a 16 MiB pack
+//!   never sits in memory.
 
 mod append_only;
 mod local;
@@ -86,6 +90,14 @@ pub trait Backend: Send + Sync {
     /// Stores a new object; never replaces one.
     fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()>;
     fn delete(&self, t: FileType, name: &str) -> Result<()>;
+    /// Starts a new object of type `t` whose name is given when it is finished.
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>>;
+}
+
+/// A new object written in pieces (see the module doc).
+pub trait ObjectWriter: std::io::Write + Send {
+    /// Makes the bytes written durable and visible as `name`.
+    fn finish(self: Box<Self>, name: &str) -> Result<()>;
 }
 
 /// Object names: lower-case hex (or `config`). Refusing anything else keeps names from
