@@ -16,7 +16,7 @@
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{node_from_metadata, read_xattrs, NameCache};
-use crate::tree::{Node, NodeKind, Tree};
+use crate::tree::{Node, NodeKind, Timestamp, Tree};
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
 use std::io;
@@ -144,8 +144,10 @@ pub fn backup(
         None => None,
     };
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(JOB_QUEUE);
-    let (event_tx, event_rx) = mpsc::sync_channel::<Event>(EVENT_QUEUE);
+    let (event_tx, event_rx) = mpsc::sync_channel::<Vec<Event>>(EVENT_QUEUE / EVENT_BATCH);
     let job_rx = Mutex::new(job_rx);
+    let (prefetch_tx, prefetch_rx) = mpsc::sync_channel::<PathBuf>(PREFETCH_QUEUE);
+    let prefetch_rx = Mutex::new(prefetch_rx);
     let warnings = Mutex::new(Vec::new());
     let threads = opts.threads.max(1);
     let root = std::thread::scope(|scope| {
@@ -158,8 +160,33 @@ pub fn backup(
                         Ok(job) => job,
                         Err(_) => return,
                     };
-                    let result = read_file(&job.path, &job.node, &mut chunker, sink, stats);
-                    let _ = job.reply.send(result);
+                    let mut results = Vec::with_capacity(job.files.len());
+                    for (path, node) in &job.files {
+                        let result = read_file(path, node, &mut chunker, sink, stats);
+                        let fatal = matches!(result, FileResult::Fatal(_));
+                        results.push(result);
+                        if fatal {
+                            break;
+                        }
+                    }
+                    let _ = job.reply.send(results);
+                }
+            });
+        }
+        // Prefetchers stat the entries of directories the walker will reach soon, so
+        // its own lstat calls find the inodes in memory instead of waiting for the
+        // disk one at a time (a cold unchanged backup is mostly that wait).
+        for _ in 0..PREFETCH_THREADS {
+            let prefetch_rx = &prefetch_rx;
+            scope.spawn(move || loop {
+                let dir = match prefetch_rx.lock().expect("prefetch queue").recv() {
+                    Ok(dir) => dir,
+                    Err(_) => return,
+                };
+                if let Ok(rd) = fs::read_dir(&dir) {
+                    for e in rd.flatten() {
+                        let _ = fs::symlink_metadata(e.path());
+                    }
                 }
             });
         }
@@ -172,11 +199,16 @@ pub fn backup(
             opts,
             stats,
             jobs: job_tx,
+            batch: None,
+            prefetch: prefetch_tx,
             events: event_tx,
+            outbox: Vec::with_capacity(EVENT_BATCH),
             names: NameCache::default(),
             warnings: &warnings,
         };
-        let walked = walker.virtual_dir(Path::new("/"), &root, parent.as_ref(), None);
+        let walked = walker
+            .virtual_dir(Path::new("/"), &root, parent.as_ref(), None)
+            .and_then(|()| walker.send_events());
         drop(walker); // closes both queues: workers and the assembler finish and exit
         let assembled = assembler.join().expect("assembler thread");
         // The assembler's error is the cause when it stopped first (the walker then
@@ -197,6 +229,13 @@ const JOB_QUEUE: usize = 256;
 /// Walk events ahead of the assembler: lets the walker run past a directory whose
 /// files are still being read.
 const EVENT_QUEUE: usize = 8192;
+/// Threads warming the inode cache ahead of the walker, and their queue of
+/// directories (when it is full, the walker simply does not prefetch).
+const PREFETCH_THREADS: usize = 4;
+const PREFETCH_QUEUE: usize = 256;
+/// Events travel in batches: one per entry cost two thread wake-ups per file even
+/// when nothing had changed (a quarter of an unchanged backup's time).
+const EVENT_BATCH: usize = 512;
 
 /// What the walker tells the assembler, in walk order.
 enum Event {
@@ -205,25 +244,40 @@ enum Event {
     /// One entry of the open directory; its content is still being read if `pending`.
     Entry {
         node: Node,
-        pending: Option<mpsc::Receiver<FileResult>>,
+        pending: Option<Pending>,
     },
     /// The open directory is complete; `node` is its own node in its parent (none for
     /// the root), `path` names it in warnings.
     Close { path: PathBuf, node: Option<Node> },
 }
 
-type Frame = Vec<(Node, Option<mpsc::Receiver<FileResult>>)>;
+type Frame = Vec<(Node, Option<Pending>)>;
+
+/// Where an entry's file content will come from: files are read in batches (up to
+/// [`BATCH_FILES`] small files of one directory per job), so a tree of small files
+/// does not cost a queue round trip and two thread wake-ups per file.
+enum Pending {
+    /// The first file of a batch: the batch's results arrive here, in order.
+    First(mpsc::Receiver<Vec<FileResult>>),
+    /// A later file of the batch begun by the last `First` in the same directory.
+    Next,
+}
+
+/// Files per batch, at most.
+const BATCH_FILES: usize = 64;
+/// Bytes per batch, at most (a larger file is a batch of its own).
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Builds trees bottom-up from the walker's events, waiting for file contents as
 /// needed; returns the root tree.
 fn assemble(
     sink: &dyn Sink,
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Vec<Event>>,
     warnings: &Mutex<Vec<Warning>>,
 ) -> Result<TreeId, WalkError> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut root = None;
-    for event in events {
+    for event in events.into_iter().flatten() {
         match event {
             Event::Open => stack.push(Vec::new()),
             Event::Entry { node, pending } => stack
@@ -233,13 +287,22 @@ fn assemble(
             Event::Close { path, node } => {
                 let frame = stack.pop().expect("close of an open directory");
                 let mut nodes = Vec::with_capacity(frame.len());
+                let mut batch: std::collections::VecDeque<FileResult> = Default::default();
                 for (node, pending) in frame {
-                    let Some(rx) = pending else {
-                        nodes.push(node);
-                        continue;
-                    };
+                    match pending {
+                        None => {
+                            nodes.push(node);
+                            continue;
+                        }
+                        // A worker that stopped early (its sink failed) sends fewer
+                        // results, or none: the walk is over either way.
+                        Some(Pending::First(rx)) => {
+                            batch = rx.recv().map_err(|_| WalkError::Interrupted)?.into()
+                        }
+                        Some(Pending::Next) => {}
+                    }
                     let file = path.join(std::ffi::OsStr::from_bytes(&node.name));
-                    match rx.recv().expect("worker replies") {
+                    match batch.pop_front().ok_or(WalkError::Interrupted)? {
                         FileResult::Read { node, warning } => {
                             if let Some(w) = warning {
                                 push_warning(warnings, &file, w);
@@ -366,10 +429,17 @@ fn virtual_root(paths: &[PathBuf]) -> Result<VirtualDir, WalkError> {
     Ok(root)
 }
 
+/// The batch of files being gathered.
+struct Batch {
+    files: Vec<(PathBuf, Node)>,
+    bytes: u64,
+    reply: mpsc::Sender<Vec<FileResult>>,
+}
+
+/// Files of one directory for one worker; results go back in the same order.
 struct Job {
-    path: PathBuf,
-    node: Node,
-    reply: mpsc::Sender<FileResult>,
+    files: Vec<(PathBuf, Node)>,
+    reply: mpsc::Sender<Vec<FileResult>>,
 }
 
 enum FileResult {
@@ -386,7 +456,10 @@ struct Walker<'a> {
     opts: &'a BackupOptions,
     stats: &'a WalkStats,
     jobs: mpsc::SyncSender<Job>,
-    events: mpsc::SyncSender<Event>,
+    batch: Option<Batch>,
+    prefetch: mpsc::SyncSender<PathBuf>,
+    events: mpsc::SyncSender<Vec<Event>>,
+    outbox: Vec<Event>,
     names: NameCache,
     warnings: &'a Mutex<Vec<Warning>>,
 }
@@ -396,9 +469,22 @@ impl Walker<'_> {
         push_warning(self.warnings, path, message);
     }
 
-    fn emit(&self, event: Event) -> Result<(), WalkError> {
+    fn emit(&mut self, event: Event) -> Result<(), WalkError> {
+        if matches!(event, Event::Close { .. } | Event::Open) {
+            self.flush_batch()?;
+        }
+        self.outbox.push(event);
+        if self.outbox.len() >= EVENT_BATCH {
+            self.send_events()?;
+        }
+        Ok(())
+    }
+
+    fn send_events(&mut self) -> Result<(), WalkError> {
+        self.flush_batch()?;
+        let events = std::mem::replace(&mut self.outbox, Vec::with_capacity(EVENT_BATCH));
         // A closed queue means the assembler stopped on an error, which it reports.
-        self.events.send(event).map_err(|_| WalkError::Interrupted)
+        self.events.send(events).map_err(|_| WalkError::Interrupted)
     }
 
     fn excluded(&self, path: &Path, name: &[u8]) -> bool {
@@ -490,7 +576,14 @@ impl Walker<'_> {
             Ok(rd) => {
                 for e in rd {
                     match e {
-                        Ok(e) => names.push(e.file_name().as_bytes().to_vec()),
+                        Ok(e) => {
+                            // The directory entry's type is free (no stat): enough
+                            // to send subdirectories to the prefetchers.
+                            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                                let _ = self.prefetch.try_send(e.path());
+                            }
+                            names.push(e.file_name().as_bytes().to_vec())
+                        }
                         Err(e) => {
                             self.warn(path, format!("listing directory: {e}"));
                             break;
@@ -543,9 +636,17 @@ impl Walker<'_> {
             return Ok(());
         }
         let mut node = node_from_metadata(name, &meta, &mut self.names);
-        match read_xattrs(path) {
-            Ok(x) => node.xattrs = x,
-            Err(e) => self.warn(path, format!("cannot read extended attributes: {e}")),
+        match parent_node {
+            // Setting or removing an extended attribute changes ctime, so the same
+            // inode with the same ctime has the parent's attributes: no need to ask
+            // (one system call per entry, a third of an unchanged backup's time).
+            Some(p) if p.kind == node.kind && p.inode == node.inode && p.ctime == node.ctime => {
+                node.xattrs = p.xattrs.clone()
+            }
+            _ => match read_xattrs(path) {
+                Ok(x) => node.xattrs = x,
+                Err(e) => self.warn(path, format!("cannot read extended attributes: {e}")),
+            },
         }
         let mut pending = None;
         match node.kind {
@@ -594,15 +695,40 @@ impl Walker<'_> {
         self.emit(Event::Entry { node, pending })
     }
 
-    fn queue(&mut self, path: &Path, node: &Node) -> Result<mpsc::Receiver<FileResult>, WalkError> {
+    /// Adds a file to the current batch, or starts a new one.
+    fn queue(&mut self, path: &Path, node: &Node) -> Result<Pending, WalkError> {
+        let entry = (path.to_path_buf(), node.clone());
+        if let Some(batch) = &mut self.batch {
+            if batch.files.len() < BATCH_FILES && batch.bytes + node.size <= BATCH_BYTES {
+                batch.bytes += node.size;
+                batch.files.push(entry);
+                return Ok(Pending::Next);
+            }
+        }
+        self.flush_batch()?;
         let (tx, rx) = mpsc::channel();
-        let job = Job {
-            path: path.to_path_buf(),
-            node: node.clone(),
+        self.batch = Some(Batch {
+            files: vec![entry],
+            bytes: node.size,
             reply: tx,
-        };
-        self.jobs.send(job).map_err(|_| WalkError::Interrupted)?;
-        Ok(rx)
+        });
+        if node.size > BATCH_BYTES {
+            self.flush_batch()?;
+        }
+        Ok(Pending::First(rx))
+    }
+
+    /// Sends the current batch to the workers. Called before a directory closes and
+    /// before the walk descends, so a batch never spans directories.
+    fn flush_batch(&mut self) -> Result<(), WalkError> {
+        if let Some(b) = self.batch.take() {
+            let job = Job {
+                files: b.files,
+                reply: b.reply,
+            };
+            self.jobs.send(job).map_err(|_| WalkError::Interrupted)?;
+        }
+        Ok(())
     }
 }
 
@@ -628,6 +754,10 @@ const READ_ATTEMPTS: usize = 3;
 
 /// Reads and chunks one file. A file that changes while it is read is read again; one
 /// that keeps changing is stored as last read, with a warning.
+///
+/// "Changed" compares the `fstat` after reading with the state before it: the walker's
+/// `lstat` for the first attempt (which also catches a file replaced between the two),
+/// the previous attempt's `fstat` after that.
 fn read_file(
     path: &Path,
     expected: &Node,
@@ -635,23 +765,21 @@ fn read_file(
     sink: &dyn Sink,
     stats: &WalkStats,
 ) -> FileResult {
-    let mut warning = None;
+    let mut before = (
+        expected.inode,
+        expected.size,
+        expected.mtime,
+        expected.ctime,
+    );
     for attempt in 0..READ_ATTEMPTS {
-        let file = match open_noatime(path) {
+        let file = match open_for_backup(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return FileResult::Skipped("vanished before it could be read".into())
             }
             Err(e) => return FileResult::Skipped(format!("cannot open: {e}")),
         };
-        let before = match file.metadata() {
-            Ok(m) if m.is_file() => m,
-            Ok(_) => {
-                return FileResult::Skipped("was replaced by something other than a file".into())
-            }
-            Err(e) => return FileResult::Skipped(format!("cannot stat: {e}")),
-        };
-        let mut content = Vec::with_capacity((before.len() / (1 << 20) + 1) as usize);
+        let mut content = Vec::with_capacity((before.1 / (1 << 20) + 1) as usize);
         let mut sink_error = None;
         let read = chunker.chunk(&file, |plain| match sink.offer_chunk(plain) {
             Ok(id) => {
@@ -672,52 +800,65 @@ fn read_file(
         };
         stats.bytes_read.fetch_add(read, Relaxed);
         let after = match file.metadata() {
-            Ok(m) => m,
+            Ok(m) if m.is_file() => m,
+            Ok(_) => {
+                return FileResult::Skipped("was replaced by something other than a file".into())
+            }
             Err(e) => return FileResult::Skipped(format!("cannot stat: {e}")),
         };
-        let stable = read == after.len()
-            && before.len() == after.len()
-            && before.mtime() == after.mtime()
-            && before.mtime_nsec() == after.mtime_nsec()
-            && before.ctime() == after.ctime()
-            && before.ctime_nsec() == after.ctime_nsec();
+        let now = (
+            after.ino(),
+            after.len(),
+            Timestamp {
+                sec: after.mtime(),
+                nsec: after.mtime_nsec() as u32,
+            },
+            Timestamp {
+                sec: after.ctime(),
+                nsec: after.ctime_nsec() as u32,
+            },
+        );
         let mut node = expected.clone();
-        node.size = read;
-        node.mtime.sec = after.mtime();
-        node.mtime.nsec = after.mtime_nsec() as u32;
-        node.ctime.sec = after.ctime();
-        node.ctime.nsec = after.ctime_nsec() as u32;
-        node.inode = after.ino();
+        (node.inode, node.size, node.mtime, node.ctime) = now;
         node.content = content;
-        if stable {
+        let stable = read == after.len() && now == before;
+        if stable || attempt + 1 == READ_ATTEMPTS {
+            let warning = (!stable).then(|| {
+                format!("changed while being read {READ_ATTEMPTS} times; stored as last read, which may be inconsistent")
+            });
             return FileResult::Read {
                 node: Box::new(node),
                 warning,
             };
         }
-        if attempt + 1 == READ_ATTEMPTS {
-            warning = Some(format!(
-                "changed while being read {READ_ATTEMPTS} times; stored as last read, which may be inconsistent"
-            ));
-            return FileResult::Read {
-                node: Box::new(node),
-                warning,
-            };
-        }
+        before = now;
     }
     unreachable!("the last attempt returns")
+}
+
+/// Opens a file to back it up: without following a symlink, without blocking if it
+/// has been replaced by a fifo, without updating its atime where allowed, and with
+/// sequential read-ahead.
+fn open_for_backup(path: &Path) -> io::Result<File> {
+    let file = open_noatime(path)?;
+    #[cfg(target_os = "linux")]
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+    Ok(file)
 }
 
 fn open_noatime(path: &Path) -> io::Result<File> {
     let noatime = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOATIME | libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOATIME | libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path);
     match noatime {
         // O_NOATIME is only allowed to the file's owner (or root).
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path),
         other => other,
     }

@@ -120,6 +120,10 @@ pub struct IngestSession<'r> {
     repo: &'r IndexedRepository,
     info: SessionInfo,
     parent: Option<(SnapshotId, Snapshot)>,
+    /// Trees of the parent snapshot the source may read: its root, and the subtrees of
+    /// every tree read so far. They are also known to be complete (the parent was
+    /// checked when it was committed), so `commit` need not descend into them.
+    parent_trees: Mutex<HashSet<TreeId>>,
     state: Mutex<State<'r>>,
     /// Blobs sealed into an open pack or being sealed: present, not yet readable.
     in_flight: Mutex<HashSet<BlobRef>>,
@@ -163,10 +167,12 @@ impl<'r> IngestSession<'r> {
                 })
             }
         };
+        let parent_trees = Mutex::new(parent.iter().map(|(_, s)| s.tree).collect());
         Ok(IngestSession {
             repo,
             info,
             parent,
+            parent_trees,
             state: Mutex::new(State {
                 data: Packer::new(BlobKind::Data),
                 tree: Packer::new(BlobKind::Tree),
@@ -199,9 +205,19 @@ impl<'r> IngestSession<'r> {
         &self.stats
     }
 
-    /// Reads a tree (the source's parent trees, for change detection).
+    /// Reads a tree of the parent snapshot, for change detection. Append-only means
+    /// a source reads nothing else: any other tree is refused.
     pub fn read_tree(&self, id: &TreeId) -> Result<Tree> {
-        self.repo.load_tree(id)
+        if !self.parent_trees.lock().expect("parent trees").contains(id) {
+            return Err(Error::AppendOnly {
+                action: "read",
+                what: format!("tree {id}, which is not part of the parent snapshot"),
+            });
+        }
+        let tree = self.repo.load_tree(id)?;
+        let mut allowed = self.parent_trees.lock().expect("parent trees");
+        allowed.extend(tree.nodes.iter().filter_map(|n| n.subtree));
+        Ok(tree)
     }
 
     /// Which of `blobs` the repository lacks.
@@ -461,7 +477,8 @@ impl<'r> IngestSession<'r> {
 
     fn check_complete(&self, root: &TreeId) -> Result<()> {
         let index = self.repo.index();
-        let mut seen: HashSet<TreeId> = HashSet::new();
+        // Parent trees are complete with everything below them: no need to descend.
+        let mut seen: HashSet<TreeId> = self.parent_trees.lock().expect("parent trees").clone();
         let mut stack = vec![*root];
         let mut missing: Vec<String> = Vec::new();
         let mut checked_chunks: HashSet<ChunkId> = HashSet::new();

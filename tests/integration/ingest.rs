@@ -235,3 +235,58 @@ fn reopen_plain(dir: &std::path::Path) -> Repository {
     let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&dir.join("repo")).unwrap());
     Repository::open(backend, b"pw").unwrap()
 }
+
+#[test]
+fn a_source_reads_only_its_parent_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    // Snapshot of host "other", holding a secret file.
+    let other = SessionInfo {
+        host: "other".into(),
+        ..info()
+    };
+    let s = IngestSession::start(&repo, other).unwrap();
+    let secret = b"another host's secret".to_vec();
+    let secret_id = ChunkId::of(&secret);
+    s.add_plain(BlobKind::Data, &secret_id.0, secret).unwrap();
+    let (other_root, bytes) = file_tree(&[secret_id], 21).encode_with_id();
+    s.add_plain(BlobKind::Tree, &other_root.0, bytes).unwrap();
+    s.commit(other_root, Summary::default()).unwrap();
+
+    // Host "h": first backup, then a second session whose parent is the first.
+    let s = IngestSession::start(&repo, info()).unwrap();
+    assert!(s.parent().is_none());
+    let sub = Tree { nodes: vec![] };
+    let (sub_id, sub_bytes) = sub.encode_with_id();
+    s.add_plain(BlobKind::Tree, &sub_id.0, sub_bytes).unwrap();
+    let root = Tree {
+        nodes: vec![Node {
+            name: b"d".to_vec(),
+            kind: NodeKind::Dir,
+            subtree: Some(sub_id),
+            ..Default::default()
+        }],
+    };
+    let (root_id, root_bytes) = root.encode_with_id();
+    s.add_plain(BlobKind::Tree, &root_id.0, root_bytes).unwrap();
+    s.commit(root_id, Summary::default()).unwrap();
+
+    let s = IngestSession::start(&repo, info()).unwrap();
+    assert_eq!(s.parent_tree(), Some(root_id));
+    // Another host's tree is refused, by the exact rule.
+    let err = s.read_tree(&other_root).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("append-only repository refuses to read tree {other_root}, which is not part of the parent snapshot")
+    );
+    // A subtree is readable only once its parent tree has been read.
+    assert!(s.read_tree(&sub_id).is_err());
+    assert_eq!(
+        s.read_tree(&root_id).unwrap().nodes[0].subtree,
+        Some(sub_id)
+    );
+    assert_eq!(s.read_tree(&sub_id).unwrap(), Tree::default());
+    // Committing the unchanged root again is complete at once.
+    let (snap, _) = s.commit(root_id, Summary::default()).unwrap();
+    assert_eq!(repo.load_snapshot(&snap).unwrap().tree, root_id);
+}

@@ -13,11 +13,22 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub struct LocalBackend {
     root: PathBuf,
     counter: AtomicU64,
+    /// Recently read objects, kept open: a restore or a tree walk reads many blobs
+    /// from the same few packs, and opening the file for each blob cost more than
+    /// reading it. Objects never change, so a cached descriptor stays valid.
+    open_files: Mutex<Vec<(ObjectKey, Arc<File>)>>,
 }
+
+/// An object's type and name.
+type ObjectKey = (FileType, String);
+
+/// Open files kept by [`LocalBackend`].
+const OPEN_FILES: usize = 32;
 
 impl LocalBackend {
     /// Opens an existing repository directory.
@@ -25,10 +36,7 @@ impl LocalBackend {
         if !root.join("config").is_file() {
             return Err(Error::NoRepository(root.to_path_buf()));
         }
-        Ok(LocalBackend {
-            root: root.to_path_buf(),
-            counter: AtomicU64::new(0),
-        })
+        Ok(LocalBackend::at(root))
     }
 
     /// Creates the directory layout (mode 0700) for a new repository. Fails if a
@@ -62,10 +70,37 @@ impl LocalBackend {
                 .create(d)
                 .map_err(Error::io(d.display().to_string()))?;
         }
-        Ok(LocalBackend {
+        Ok(LocalBackend::at(root))
+    }
+
+    fn at(root: &Path) -> Self {
+        LocalBackend {
             root: root.to_path_buf(),
             counter: AtomicU64::new(0),
-        })
+            open_files: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The object, opened for reading, from the cache of open files if it is there.
+    fn open_cached(&self, t: FileType, name: &str) -> Result<Arc<File>> {
+        let key = (t, name.to_string());
+        {
+            let mut files = self.open_files.lock().expect("open files");
+            if let Some(i) = files.iter().position(|(k, _)| *k == key) {
+                let entry = files.remove(i);
+                let file = entry.1.clone();
+                files.push(entry); // most recently used last
+                return Ok(file);
+            }
+        }
+        let path = self.path_of(t, name)?;
+        let file = Arc::new(File::open(&path).map_err(|e| Self::not_found_or(t, name, e))?);
+        let mut files = self.open_files.lock().expect("open files");
+        if files.len() >= OPEN_FILES {
+            files.remove(0);
+        }
+        files.push((key, file.clone()));
+        Ok(file)
     }
 
     pub fn root(&self) -> &Path {
@@ -159,8 +194,7 @@ impl Backend for LocalBackend {
     }
 
     fn read_range(&self, t: FileType, name: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
-        let path = self.path_of(t, name)?;
-        let file = File::open(&path).map_err(|e| Self::not_found_or(t, name, e))?;
+        let file = self.open_cached(t, name)?;
         let mut buf = vec![0u8; length as usize];
         match file.read_exact_at(&mut buf, offset) {
             Ok(()) => Ok(buf),
@@ -212,6 +246,10 @@ impl Backend for LocalBackend {
 
     fn delete(&self, t: FileType, name: &str) -> Result<()> {
         let path = self.path_of(t, name)?;
+        self.open_files
+            .lock()
+            .expect("open files")
+            .retain(|(k, _)| !(k.0 == t && k.1 == name));
         fs::remove_file(&path).map_err(|e| Self::not_found_or(t, name, e))?;
         fsync_dir(path.parent().expect("objects live in a directory"))
             .map_err(Error::io(format!("{t} {name}")))
