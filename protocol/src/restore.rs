@@ -207,8 +207,21 @@ fn staging_path(target: &Path) -> PathBuf {
 
 struct FileJob {
     path: PathBuf,
-    file: File,
+    /// Already created (files with several links must exist before their other
+    /// names are linked); otherwise the worker creates it, so file creation, the
+    /// slowest part of a restore of many small files, runs in parallel.
+    file: Option<File>,
     node: Node,
+}
+
+fn create_file(path: &Path) -> Result<File, RestoreError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err(path))
 }
 
 struct Restorer<'a> {
@@ -340,6 +353,7 @@ impl Restorer<'_> {
                 return Ok(());
             }
             NodeKind::File => {
+                let mut file = None;
                 if node.nlink > 1 {
                     if let Some(first) = self.links.get(&(node.device, node.inode)) {
                         fs::hard_link(first, path).map_err(io_err(path))?;
@@ -348,14 +362,8 @@ impl Restorer<'_> {
                     }
                     self.links
                         .insert((node.device, node.inode), path.to_path_buf());
+                    file = Some(create_file(path)?);
                 }
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(path)
-                    .map_err(io_err(path))?;
                 let job = FileJob {
                     path: path.to_path_buf(),
                     file,
@@ -417,6 +425,14 @@ fn write_file(
     is_root: bool,
 ) -> Result<(), RestoreError> {
     let path = &job.path;
+    let created;
+    let file = match &job.file {
+        Some(f) => f,
+        None => {
+            created = create_file(path)?;
+            &created
+        }
+    };
     let mut offset = 0u64;
     for id in &job.node.content {
         let data = source.load_chunk(id)?;
@@ -428,7 +444,7 @@ fn write_file(
                 path: path.clone(),
             });
         }
-        write_sparse(&job.file, &data, offset).map_err(io_err(path))?;
+        write_sparse(file, &data, offset).map_err(io_err(path))?;
         offset += data.len() as u64;
         stats.bytes.fetch_add(data.len() as u64, Relaxed);
     }
@@ -439,7 +455,7 @@ fn write_file(
             actual: offset,
         });
     }
-    job.file.set_len(offset).map_err(io_err(path))?;
+    file.set_len(offset).map_err(io_err(path))?;
     apply_metadata(path, &job.node, names, is_root)?;
     stats.files.fetch_add(1, Relaxed);
     Ok(())
