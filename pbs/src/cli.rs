@@ -52,6 +52,12 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
     Check(CheckArgs),
+    /// Remove stale locks (left by processes that died), or with --all every lock.
+    Unlock {
+        /// Remove every lock, also those of running processes.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]

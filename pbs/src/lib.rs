@@ -28,5 +28,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Ls(a) => commands::browse::ls(&ctx, a),
         Command::Restore(a) => commands::restore::restore(&ctx, a),
         Command::Check(a) => commands::check::check(&ctx, a),
+        Command::Unlock { all } => commands::admin::unlock(&ctx, all),
     }
 }

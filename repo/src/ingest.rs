@@ -22,6 +22,7 @@ use crate::format::ad;
 use crate::format::index_file::{self, IndexedPack};
 use crate::format::pack_header::{self, PackEntry};
 use crate::format::snapshot::{Snapshot, SourceKind, Summary};
+use crate::lock::LockGuard;
 use crate::repository::{IndexedRepository, MAX_TREE_BYTES};
 use haul_protocol::chunker::{decode_blob_ref, encode_blob, ChunkerParams};
 use haul_protocol::tree::{NodeKind, Tree};
@@ -130,6 +131,8 @@ pub struct IngestSession<'r> {
     stats: IngestStats,
     started: Instant,
     finished: bool,
+    /// A shared lock: a session only adds, but nothing may delete under it.
+    _lock: LockGuard,
 }
 
 thread_local! {
@@ -167,6 +170,8 @@ impl<'r> IngestSession<'r> {
                 })
             }
         };
+        let mut lock = repo.lock(false, "backup")?;
+        lock.refresh_in_background();
         let parent_trees = Mutex::new(parent.iter().map(|(_, s)| s.tree).collect());
         Ok(IngestSession {
             repo,
@@ -183,6 +188,7 @@ impl<'r> IngestSession<'r> {
             stats: IngestStats::default(),
             started: Instant::now(),
             finished: false,
+            _lock: lock,
         })
     }
 

@@ -46,6 +46,7 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod ingest;
+pub mod lock;
 pub mod repository;
 
 pub use error::{Error, Result};

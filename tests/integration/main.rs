@@ -9,4 +9,5 @@ mod check;
 mod dedup;
 mod ingest;
 mod keys;
+mod locks;
 mod roundtrip;

@@ -69,11 +69,26 @@ pub fn key_list(ctx: &Context) -> Result<(), CliError> {
 
 pub fn key_remove(ctx: &Context, id: &str) -> Result<(), CliError> {
     let repo = ctx.open()?;
+    let _lock = repo.lock(true, "key remove")?;
     let removed = repo.remove_key(id)?;
     if ctx.global.json {
         json_line(&serde_json::json!({"type": "key-removed", "id": removed}));
     } else {
         println!("removed key {}", &removed[..8]);
+    }
+    Ok(())
+}
+
+pub fn unlock(ctx: &Context, all: bool) -> Result<(), CliError> {
+    let repo = ctx.open()?;
+    let removed = repo.unlock(all)?;
+    if ctx.global.json {
+        json_line(&serde_json::json!({"type": "unlock", "removed": removed}));
+    } else {
+        println!(
+            "removed {removed} {}lock(s)",
+            if all { "" } else { "stale " }
+        );
     }
     Ok(())
 }

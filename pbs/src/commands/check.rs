@@ -11,6 +11,7 @@ use std::sync::Arc;
 pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     // Check what the repository says, not what a local cache remembers.
     let repo = ctx.open()?.load_index(None)?;
+    let _lock = repo.lock(false, "check")?;
     let done = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
     let report = {
         let d = done.clone();

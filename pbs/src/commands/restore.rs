@@ -14,6 +14,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let target = std::path::absolute(&args.target)
         .map_err(|e| CliError::usage(format!("restore target {}: {e}", args.target.display())))?;
     let repo = ctx.open_indexed()?;
+    let _lock = repo.lock(false, "restore")?;
     let (id, snap) = repo.find_snapshot(&args.snapshot)?;
     let opts = RestoreOptions {
         target: target.clone(),

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod index_file;
 pub mod key_file;
+pub mod lock_file;
 pub mod pack_header;
 pub mod snapshot;
 

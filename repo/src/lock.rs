@@ -1,0 +1,324 @@
+//! Repository locks, and when a lock is stale.
+//!
+//! Operations that only add data (backups, checks, restores) take a **shared** lock;
+//! operations that delete (prune, forget, key removal) take an **exclusive** one. A
+//! shared lock conflicts only with exclusive locks; an exclusive lock conflicts with
+//! every lock. Locks are sealed objects in `locks/` (an observer of the storage learns
+//! nothing from them).
+//!
+//! Stale-lock rules (a stale lock is ignored, and removed by `unlock`):
+//! 1. A lock not refreshed for [`STALE_AFTER`] (30 minutes) is stale: its holder
+//!    refreshes it every [`REFRESH_EVERY`] (5 minutes) while it runs, so it is gone.
+//! 2. A lock written on this host by a process that no longer exists is stale at once.
+//! 3. A lock that cannot be read (damaged, or sealed under another key) counts as an
+//!    exclusive lock of an unknown holder and is never stale: `unlock --all` removes it.
+//!
+//! Taking a lock: check for conflicts, write the lock, then check again, so that two
+//! processes racing for an exclusive lock cannot both win (each sees the other's lock
+//! on the second look, and the later one backs off).
+
+use crate::backend::Backend;
+use crate::backend::FileType;
+use crate::crypto::Key;
+use crate::error::{Error, Result};
+use crate::format::lock_file::LockFile;
+use crate::repository::Repository;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// A lock older than this is stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// How often a held lock is refreshed.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+
+const AD: &[u8] = b"haul lock v1";
+
+/// A held lock; released (its file removed) on drop. It owns what it needs (the
+/// storage and the key), so a refresher thread can keep it fresh.
+pub struct LockGuard {
+    backend: Arc<dyn Backend>,
+    key: Key,
+    exclusive: bool,
+    purpose: String,
+    name: Arc<Mutex<String>>,
+    stop: Option<mpsc::Sender<()>>,
+    refresher: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A lock as `unlock` and error messages describe it.
+#[derive(Debug, Clone)]
+pub struct LockInfo {
+    pub name: String,
+    pub lock: Option<LockFile>,
+    pub stale: bool,
+}
+
+impl LockInfo {
+    fn holder(&self) -> String {
+        match &self.lock {
+            Some(l) => format!(
+                "{} lock of `{}` (pid {} on {}, refreshed {})",
+                if l.exclusive {
+                    "an exclusive"
+                } else {
+                    "a shared"
+                },
+                l.purpose,
+                l.pid,
+                l.hostname,
+                l.time.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+            None => "an unreadable lock".to_string(),
+        }
+    }
+}
+
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn process_exists(pid: u32) -> bool {
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn write_lock(backend: &dyn Backend, key: &Key, exclusive: bool, purpose: &str) -> Result<String> {
+    let lock = LockFile {
+        exclusive,
+        time: chrono::Utc::now(),
+        hostname: this_host(),
+        pid: std::process::id(),
+        purpose: purpose.to_string(),
+    };
+    let sealed = key.seal(AD, &serde_json::to_vec(&lock).expect("lock serializes"));
+    let name = blake3::hash(&sealed).to_hex().to_string();
+    backend.write_once(FileType::Lock, &name, &sealed)?;
+    Ok(name)
+}
+
+/// Whether a lock is stale by the rules in the module doc, at time `now`.
+pub fn is_stale(lock: &LockFile, now: chrono::DateTime<chrono::Utc>, host: &str) -> bool {
+    let age = now.signed_duration_since(lock.time);
+    if age.to_std().is_ok_and(|a| a > STALE_AFTER) {
+        return true;
+    }
+    lock.hostname == host && lock.pid != std::process::id() && !process_exists(lock.pid)
+}
+
+impl Repository {
+    /// Every lock in the repository, with its staleness.
+    pub fn locks(&self) -> Result<Vec<LockInfo>> {
+        let now = chrono::Utc::now();
+        let host = this_host();
+        let mut out = Vec::new();
+        for (name, _) in self.backend().list(FileType::Lock)? {
+            let lock = match self.backend().read(FileType::Lock, &name) {
+                Ok(sealed) => self
+                    .data_key()
+                    .open(AD, &sealed, "lock")
+                    .ok()
+                    .and_then(|p| serde_json::from_slice::<LockFile>(&p).ok()),
+                // Removed between list and read: released.
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let stale = lock.as_ref().is_some_and(|l| is_stale(l, now, &host));
+            out.push(LockInfo { name, lock, stale });
+        }
+        Ok(out)
+    }
+
+    /// Takes a lock; fails with [`Error::Locked`] naming the holder on a conflict.
+    pub fn lock(&self, exclusive: bool, purpose: &str) -> Result<LockGuard> {
+        self.check_conflicts(exclusive, None)?;
+        let name = write_lock(self.backend().as_ref(), self.data_key(), exclusive, purpose)?;
+        if let Err(e) = self.check_conflicts(exclusive, Some(&name)) {
+            let _ = self.backend().delete(FileType::Lock, &name);
+            return Err(e);
+        }
+        Ok(LockGuard {
+            backend: self.backend().clone(),
+            key: self.data_key().clone(),
+            exclusive,
+            purpose: purpose.to_string(),
+            name: Arc::new(Mutex::new(name)),
+            stop: None,
+            refresher: None,
+        })
+    }
+
+    fn check_conflicts(&self, exclusive: bool, own: Option<&str>) -> Result<()> {
+        for info in self.locks()? {
+            if Some(info.name.as_str()) == own || info.stale {
+                continue;
+            }
+            let other_exclusive = info.lock.as_ref().is_none_or(|l| l.exclusive);
+            if exclusive || other_exclusive {
+                return Err(Error::Locked {
+                    what: format!("repository {}", self.backend().location()),
+                    holder: info.holder(),
+                    path: format!(
+                        "lock {} (haul-pbs unlock removes stale locks)",
+                        &info.name[..16]
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes stale locks (all locks with `all`); returns how many.
+    pub fn unlock(&self, all: bool) -> Result<usize> {
+        let mut removed = 0;
+        for info in self.locks()? {
+            if all || info.stale {
+                match self.backend().delete(FileType::Lock, &info.name) {
+                    Ok(()) | Err(Error::NotFound { .. }) => removed += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl LockGuard {
+    /// Keeps the lock fresh from a background thread until the guard is dropped, for
+    /// operations that may outlive [`REFRESH_EVERY`]: a new lock is written, then the
+    /// old one removed, so the lock is never absent.
+    pub fn refresh_in_background(&mut self) {
+        if self.refresher.is_some() {
+            return;
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let (backend, key, name) = (self.backend.clone(), self.key.clone(), self.name.clone());
+        let (exclusive, purpose) = (self.exclusive, self.purpose.clone());
+        self.refresher = Some(std::thread::spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REFRESH_EVERY) {
+                match write_lock(backend.as_ref(), &key, exclusive, &purpose) {
+                    Ok(new) => {
+                        let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
+                        let _ = backend.delete(FileType::Lock, &old);
+                    }
+                    Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
+                }
+            }
+        }));
+        self.stop = Some(tx);
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take()); // wakes the refresher, which then exits
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
+        let name = self.name.lock().expect("lock name").clone();
+        if let Err(e) = self.backend.delete(FileType::Lock, &name) {
+            tracing::warn!("could not remove the repository lock {name}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::crypto::KdfParams;
+    use crate::format::config::RepoConfig;
+    use std::sync::Arc;
+
+    fn repo() -> Repository {
+        let kdf = KdfParams {
+            m_cost: 64,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        Repository::init(
+            Arc::new(MemoryBackend::default()),
+            b"pw",
+            kdf,
+            RepoConfig::new(3),
+        )
+        .unwrap()
+    }
+
+    fn plant(repo: &Repository, lock: &LockFile) -> String {
+        let sealed = repo.data_key().seal(AD, &serde_json::to_vec(lock).unwrap());
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        repo.backend()
+            .write_once(FileType::Lock, &name, &sealed)
+            .unwrap();
+        name
+    }
+
+    #[test]
+    fn shared_locks_coexist_and_exclusive_excludes() {
+        let repo = repo();
+        let a = repo.lock(false, "backup-local").unwrap();
+        let b = repo.lock(false, "check").unwrap();
+        let err = repo.lock(true, "prune").err().unwrap();
+        assert!(
+            err.to_string().contains("a shared lock of `backup-local`"),
+            "{err}"
+        );
+        assert!(matches!(err, Error::Locked { .. }));
+        assert!(err.is_retryable());
+        drop(a);
+        drop(b);
+        assert!(
+            repo.locks().unwrap().is_empty(),
+            "guards remove their locks"
+        );
+        let x = repo.lock(true, "prune").unwrap();
+        let err = repo.lock(false, "backup-local").err().unwrap();
+        assert!(
+            err.to_string().contains("an exclusive lock of `prune`"),
+            "{err}"
+        );
+        drop(x);
+        repo.lock(false, "backup-local").unwrap();
+    }
+
+    #[test]
+    fn stale_locks_are_ignored_and_removed_by_unlock() {
+        let repo = repo();
+        let host = this_host();
+        // Rule 1: not refreshed for longer than STALE_AFTER, wherever it was taken.
+        let old = LockFile {
+            exclusive: true,
+            time: chrono::Utc::now() - chrono::Duration::minutes(31),
+            hostname: "elsewhere".into(),
+            pid: 1,
+            purpose: "prune".into(),
+        };
+        plant(&repo, &old);
+        // Rule 2: this host, a pid that does not exist.
+        let mut dead = old.clone();
+        dead.time = chrono::Utc::now();
+        dead.hostname = host.clone();
+        dead.pid = 0x3fff_fff0;
+        plant(&repo, &dead);
+        // A fresh lock of a live process elsewhere is not stale.
+        let mut live = old.clone();
+        live.time = chrono::Utc::now() - chrono::Duration::minutes(29);
+        live.exclusive = false;
+        plant(&repo, &live);
+        let stale: Vec<bool> = {
+            let mut v: Vec<bool> = repo.locks().unwrap().iter().map(|l| l.stale).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(stale, vec![false, true, true]);
+        // Stale exclusive locks do not block a backup; the live shared one blocks prune.
+        drop(repo.lock(false, "backup-local").unwrap());
+        assert!(repo.lock(true, "prune").is_err());
+        assert_eq!(repo.unlock(false).unwrap(), 2);
+        assert_eq!(repo.locks().unwrap().len(), 1);
+        assert_eq!(repo.unlock(true).unwrap(), 1);
+        repo.lock(true, "prune").unwrap();
+    }
+}
