@@ -356,15 +356,7 @@ mod tests {
 
     #[test]
     fn shifted_data_shares_most_chunks() {
-        let mut rng = 0x1234_5678_u64;
-        let data: Vec<u8> = (0..200_000)
-            .map(|_| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng as u8
-            })
-            .collect();
+        let data = noise(200_000, 0x1234_5678);
         let mut shifted = b"xyz".to_vec();
         shifted.extend_from_slice(&data);
         let a = chunks_of(small_params(9), &data);
@@ -377,30 +369,27 @@ mod tests {
         );
     }
 
-    #[test]
-    fn incompressible_is_stored_raw_and_limit_holds() {
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        let data: Vec<u8> = (0..4096)
+    /// Incompressible bytes (xorshift).
+    fn noise(len: usize, mut x: u64) -> Vec<u8> {
+        (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 (x >> 32) as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_is_stored_raw_and_limit_holds() {
+        let data = noise(4096, 0x9e37_79b9_7f4a_7c15);
         let mut c = zstd::bulk::Compressor::new(3).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let enc = encode_blob(&mut c, data.clone()).unwrap();
         assert_eq!(*enc.last().unwrap(), BLOB_RAW);
         // Large random chunks are recognised by the probe and stored raw too.
-        let big: Vec<u8> = (0..1_000_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
+        let big = noise(1_000_000, 7);
         let enc = encode_blob(&mut c, big.clone()).unwrap();
         assert_eq!(*enc.last().unwrap(), BLOB_RAW);
         assert_eq!(decode_blob(&mut d, enc, 1 << 20).unwrap(), big);

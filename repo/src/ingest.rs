@@ -113,6 +113,8 @@ pub struct IngestStats {
     pub blobs_new: AtomicU64,
     /// Plaintext bytes of new blobs.
     pub bytes_new: AtomicU64,
+    /// Plaintext bytes of new chunks (file content; trees excluded).
+    pub data_new: AtomicU64,
     /// Bytes added to packs (compressed and sealed).
     pub bytes_stored: AtomicU64,
 }
@@ -340,6 +342,9 @@ impl<'r> IngestSession<'r> {
         let sealed = self.repo.data_key().seal_vec(&ad::blob(kind, id), encoded);
         self.stats.blobs_new.fetch_add(1, Relaxed);
         self.stats.bytes_new.fetch_add(plain_len as u64, Relaxed);
+        if kind == BlobKind::Data {
+            self.stats.data_new.fetch_add(plain_len as u64, Relaxed);
+        }
         self.stats
             .bytes_stored
             .fetch_add(sealed.len() as u64, Relaxed);
@@ -458,6 +463,7 @@ impl<'r> IngestSession<'r> {
         self.check_complete(&root)?;
         summary.blobs_new = self.stats.blobs_new.load(Relaxed);
         summary.bytes_new = self.stats.bytes_new.load(Relaxed);
+        summary.data_new = self.stats.data_new.load(Relaxed);
         summary.bytes_stored = self.stats.bytes_stored.load(Relaxed);
         summary.duration_ms = self.started.elapsed().as_millis() as u64;
         let snapshot = Snapshot {

@@ -48,9 +48,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
 
     // Restoring the damaged file fails and says which; the bystander still restores.
     let target = env.path("out");
-    let run = env
-        .pbs(&["restore", "latest", "--target", target.to_str().unwrap()])
-        .expect(1);
+    let run = env.restore(&target, &[]).expect(1);
     assert!(
         run.stderr.contains("authentication failed") || run.stderr.contains("corrupt"),
         "{}",
@@ -62,15 +60,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
     );
     let target = env.path("out2");
     let bystander = src.join("bystander.txt");
-    env.pbs(&[
-        "restore",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-        "--include",
-        bystander.to_str().unwrap(),
-    ])
-    .expect(0);
+    env.restore(&target, &[&bystander]).expect(0);
     assert_eq!(
         fs::read(target.join(bystander.strip_prefix("/").unwrap())).unwrap(),
         "fine\n".repeat(1000).as_bytes()

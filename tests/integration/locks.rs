@@ -12,11 +12,7 @@ fn open(env: &Env) -> Repository {
 
 #[test]
 fn an_exclusive_lock_stops_a_backup_with_a_clear_message_and_nothing_written() {
-    let env = Env::new();
-    env.init();
-    let src = env.path("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("f"), b"data").unwrap();
+    let (env, src) = Env::with_one_file();
     let repo = open(&env);
     let lock = repo.lock(true, "prune").unwrap();
     let run = env.pbs(&["backup-local", src.to_str().unwrap()]).expect(1);
@@ -44,11 +40,7 @@ fn an_exclusive_lock_stops_a_backup_with_a_clear_message_and_nothing_written() {
 
 #[test]
 fn shared_locks_let_backups_and_checks_run_together() {
-    let env = Env::new();
-    env.init();
-    let src = env.path("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("f"), b"data").unwrap();
+    let (env, src) = Env::with_one_file();
     let repo = open(&env);
     let shared = repo.lock(false, "another backup").unwrap();
     env.backup(&[&src], &[]);

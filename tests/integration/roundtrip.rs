@@ -47,15 +47,7 @@ fn restore_of_an_include_brings_only_that_path() {
     env.backup(&[&src], &[]);
     let target = env.path("part");
     let include = src.join("dir/sub");
-    env.pbs(&[
-        "restore",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-        "--include",
-        include.to_str().unwrap(),
-    ])
-    .expect(0);
+    env.restore(&target, &[&include]).expect(0);
     let restored = target.join(src.strip_prefix("/").unwrap());
     assert_same_tree(&src.join("dir/sub"), &restored.join("dir/sub"));
     assert!(!restored.join("small.txt").exists());
@@ -93,9 +85,7 @@ fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
     let target = env.path("busy");
     fs::create_dir_all(&target).unwrap();
     fs::write(target.join("keep-me"), b"precious").unwrap();
-    let run = env
-        .pbs(&["restore", "latest", "--target", target.to_str().unwrap()])
-        .expect(1);
+    let run = env.restore(&target, &[]).expect(1);
     assert!(
         run.stderr.contains("exists and is not an empty directory"),
         "{}",
@@ -105,8 +95,7 @@ fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
     // An empty directory is fine.
     let empty = env.path("empty-target");
     fs::create_dir_all(&empty).unwrap();
-    env.pbs(&["restore", "latest", "--target", empty.to_str().unwrap()])
-        .expect(0);
+    env.restore(&empty, &[]).expect(0);
     assert_eq!(
         fs::read(empty.join(src.strip_prefix("/").unwrap()).join("f")).unwrap(),
         b"data"
@@ -136,8 +125,7 @@ fn unchanged_files_are_not_read_again_and_changes_are_seen() {
     assert_eq!(third["files_changed"], 1, "{third}");
     assert_eq!(third["files_new"], 1);
     let target = env.path("restored");
-    env.pbs(&["restore", "latest", "--target", target.to_str().unwrap()])
-        .expect(0);
+    env.restore(&target, &[]).expect(0);
     assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
     // The first snapshot still restores to the first state.

@@ -127,6 +127,32 @@ impl Env {
         self.pbs(&args).expect(0).json_of("summary")
     }
 
+    /// `restore latest --target TARGET [--include P]...`.
+    pub fn restore(&self, target: &Path, includes: &[&Path]) -> Run {
+        let mut args = vec![
+            "restore".to_string(),
+            "latest".into(),
+            "--target".into(),
+            target.display().to_string(),
+        ];
+        for p in includes {
+            args.push("--include".into());
+            args.push(p.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.pbs(&args)
+    }
+
+    /// A new repository and a source directory `src` holding one small file.
+    pub fn with_one_file() -> (Env, PathBuf) {
+        let env = Env::new();
+        env.init();
+        let src = env.path("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), b"data").unwrap();
+        (env, src)
+    }
+
     pub fn count(&self, sub: &str) -> usize {
         walk_files(&self.repo().join(sub)).len()
     }

@@ -95,7 +95,7 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
         json_line(&serde_json::json!({
             "type": "summary", "snapshot": id.to_hex(), "parent": parent, "tree": snap.tree.to_hex(),
             "files_new": s.files_new, "files_changed": s.files_changed, "files_unchanged": s.files_unchanged,
-            "dirs": s.dirs, "bytes_read": s.bytes_read, "bytes_total": s.bytes_total, "bytes_new": s.bytes_new,
+            "dirs": s.dirs, "bytes_read": s.bytes_read, "bytes_total": s.bytes_total, "bytes_new": s.bytes_new, "data_new": s.data_new,
             "bytes_stored": s.bytes_stored, "blobs_new": s.blobs_new, "warnings": s.warnings,
             "duration_ms": started.elapsed().as_millis() as u64,
         }));

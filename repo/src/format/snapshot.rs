@@ -28,6 +28,9 @@ pub struct Summary {
     pub bytes_total: u64,
     /// Plaintext bytes of blobs the repository did not have.
     pub bytes_new: u64,
+    /// Of those, bytes of file content (the rest are trees).
+    #[serde(default)]
+    pub data_new: u64,
     /// Bytes added to the repository (compressed and sealed).
     pub bytes_stored: u64,
     pub blobs_new: u64,
