@@ -211,11 +211,10 @@ pub fn backup(
             .and_then(|()| walker.send_events());
         drop(walker); // closes both queues: workers and the assembler finish and exit
         let assembled = assembler.join().expect("assembler thread");
-        // The assembler's error is the cause when it stopped first (the walker then
-        // only sees its queue closed).
         match (assembled, walked) {
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
             (Ok(root), Ok(())) => Ok(root),
+            // Whichever stopped first reports `Interrupted`; the other has the cause.
+            (Err(WalkError::Interrupted), Err(e)) | (Err(e), _) | (Ok(_), Err(e)) => Err(e),
         }
     })?;
     Ok(WalkOutcome {
@@ -861,5 +860,144 @@ fn open_noatime(path: &Path) -> io::Result<File> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Keeps blobs in memory; fails once `fail_after` chunks were offered.
+    struct MemSink {
+        blobs: Mutex<HashMap<[u8; 32], Vec<u8>>>,
+        chunks: AtomicUsize,
+        fail_after: usize,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk full on the test sink")]
+    struct Full;
+
+    impl Sink for MemSink {
+        fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
+            let blobs = self.blobs.lock().unwrap();
+            Ok(Tree::decode(&blobs[&id.0]).unwrap())
+        }
+        fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError> {
+            if self.chunks.fetch_add(1, Relaxed) >= self.fail_after {
+                return Err(SinkError::new(Full));
+            }
+            let id = ChunkId::of(&plain);
+            self.blobs.lock().unwrap().insert(id.0, plain);
+            Ok(id)
+        }
+        fn offer_tree(&self, encoded: Vec<u8>) -> Result<TreeId, SinkError> {
+            let id = TreeId::of(&encoded);
+            self.blobs.lock().unwrap().insert(id.0, encoded);
+            Ok(id)
+        }
+    }
+
+    fn sink(fail_after: usize) -> MemSink {
+        MemSink {
+            blobs: Mutex::new(HashMap::new()),
+            chunks: AtomicUsize::new(0),
+            fail_after,
+        }
+    }
+
+    fn opts(path: &Path) -> BackupOptions {
+        BackupOptions {
+            paths: vec![path.to_path_buf()],
+            excludes: vec![],
+            exclude_caches: false,
+            one_file_system: false,
+            threads: 3,
+            chunker: ChunkerParams {
+                min_size: 64,
+                avg_size: 256,
+                max_size: 1024,
+                seed: 1,
+            },
+            parent: None,
+        }
+    }
+
+    /// A tree of 20 directories with 100 small files each (many batches) and a few
+    /// larger files (batches of their own).
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for d in 0..20 {
+            let sub = dir.path().join(format!("d{d:02}"));
+            fs::create_dir(&sub).unwrap();
+            for f in 0..100 {
+                fs::write(
+                    sub.join(format!("f{f:03}")),
+                    format!("{d}/{f}").repeat(f + 1),
+                )
+                .unwrap();
+            }
+        }
+        fs::write(dir.path().join("big"), vec![7u8; 5 * 1024 * 1024]).unwrap();
+        dir
+    }
+
+    /// The tree under `id` as (path, content) pairs.
+    fn files(sink: &MemSink, id: TreeId, prefix: &str, out: &mut Vec<(String, Vec<u8>)>) {
+        for n in sink.load_tree(&id).unwrap().nodes {
+            let path = format!("{prefix}/{}", String::from_utf8_lossy(&n.name));
+            match n.subtree {
+                Some(sub) => files(sink, sub, &path, out),
+                None => {
+                    let blobs = sink.blobs.lock().unwrap();
+                    out.push((
+                        path,
+                        n.content.iter().flat_map(|c| blobs[&c.0].clone()).collect(),
+                    ));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn walks_every_file_in_order_with_its_content() {
+        let dir = fixture();
+        let s = sink(usize::MAX);
+        let stats = WalkStats::default();
+        let out = backup(&s, &opts(dir.path()), &stats).unwrap();
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let mut got = Vec::new();
+        files(&s, out.root, "", &mut got);
+        let base = dir.path().display().to_string();
+        let mut expected: Vec<(String, Vec<u8>)> =
+            vec![(format!("{base}/big"), vec![7u8; 5 * 1024 * 1024])];
+        for d in 0..20 {
+            for f in 0..100 {
+                expected.push((
+                    format!("{base}/d{d:02}/f{f:03}"),
+                    format!("{d}/{f}").repeat(f + 1).into_bytes(),
+                ));
+            }
+        }
+        expected.sort();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "walked files differ from the fixture");
+        assert_eq!(stats.files_new.load(Relaxed), 2001);
+    }
+
+    #[test]
+    fn a_failing_sink_stops_the_walk_with_its_own_error() {
+        let dir = fixture();
+        for fail_after in [0, 10, 500] {
+            let s = sink(fail_after);
+            let err = backup(&s, &opts(dir.path()), &WalkStats::default()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "disk full on the test sink",
+                "after {fail_after} chunks"
+            );
+        }
     }
 }
