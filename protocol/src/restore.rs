@@ -246,12 +246,13 @@ fn restore_into(
     stats: &RestoreStats,
 ) -> Result<Vec<RestoreWarning>, RestoreError> {
     let (tx, rx) = mpsc::sync_channel::<FileJob>(64);
-    let rx = Mutex::new(rx);
+    // Owned by the workers, so that the queue closes if they all stop.
+    let rx = std::sync::Arc::new(Mutex::new(rx));
     let worker_error: Mutex<Option<RestoreError>> = Mutex::new(None);
     let is_root = meta::is_root();
     let outcome = std::thread::scope(|scope| {
         for _ in 0..threads {
-            let (rx, worker_error) = (&rx, &worker_error);
+            let (rx, worker_error) = (rx.clone(), &worker_error);
             scope.spawn(move || {
                 let mut names = NameCache::default();
                 loop {
@@ -268,6 +269,7 @@ fn restore_into(
                 }
             });
         }
+        drop(rx);
         let mut r = Restorer {
             source,
             stats,
@@ -294,8 +296,9 @@ fn restore_into(
     if let Some(e) = worker_error.into_inner().expect("error slot") {
         return Err(e);
     }
-    // Deepest first, so setting a directory's mtime is the last change inside its parent.
-    for (path, node) in dirs.iter().rev() {
+    // `dirs` is in post-order (a directory after everything below it): children
+    // before parents, so a parent's restrictive mode cannot lock us out of a child.
+    for (path, node) in &dirs {
         apply_metadata(path, node, &mut names, is_root)?;
     }
     Ok(warnings)
@@ -369,11 +372,13 @@ impl Restorer<'_> {
                     file,
                     node: node.clone(),
                 };
-                self.jobs
-                    .as_ref()
-                    .expect("queue open")
-                    .send(job)
-                    .expect("restore workers alive");
+                if self.jobs.as_ref().expect("queue open").send(job).is_err() {
+                    // Every worker is gone (they failed): their error is reported.
+                    return Err(RestoreError::Io {
+                        path: path.to_path_buf(),
+                        source: io::Error::other("restore workers stopped"),
+                    });
+                }
                 return Ok(());
             }
             NodeKind::Symlink => {

@@ -145,14 +145,16 @@ pub fn backup(
     };
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(JOB_QUEUE);
     let (event_tx, event_rx) = mpsc::sync_channel::<Vec<Event>>(EVENT_QUEUE / EVENT_BATCH);
-    let job_rx = Mutex::new(job_rx);
+    // Owned by the workers: if they all die, the queue closes and the walker's next
+    // send fails instead of blocking for ever.
+    let job_rx = std::sync::Arc::new(Mutex::new(job_rx));
     let (prefetch_tx, prefetch_rx) = mpsc::sync_channel::<PathBuf>(PREFETCH_QUEUE);
     let prefetch_rx = Mutex::new(prefetch_rx);
     let warnings = Mutex::new(Vec::new());
     let threads = opts.threads.max(1);
     let root = std::thread::scope(|scope| {
         for _ in 0..threads {
-            let job_rx = &job_rx;
+            let job_rx = job_rx.clone();
             scope.spawn(move || {
                 let mut chunker = Chunker::new(opts.chunker);
                 loop {
@@ -190,6 +192,7 @@ pub fn backup(
                 }
             });
         }
+        drop(job_rx);
         let assembler = {
             let warnings = &warnings;
             scope.spawn(move || assemble(sink, event_rx, warnings))
@@ -368,25 +371,17 @@ fn virtual_root(paths: &[PathBuf]) -> Result<VirtualDir, WalkError> {
             source,
         })?;
         // Resolve symlinks above the last component, keep the last as it is.
-        let normal: Vec<&std::ffi::OsStr> = abs
-            .components()
-            .filter_map(|c| match c {
-                Component::Normal(n) => Some(n),
-                _ => None,
+        let canonical = |p: &Path| {
+            fs::canonicalize(p).map_err(|source| WalkError::BadPath {
+                path: p.to_path_buf(),
+                source,
             })
-            .collect();
-        let resolved = match normal.split_last() {
-            None => PathBuf::from("/"),
-            Some((last, above)) => {
-                let dir: PathBuf = std::iter::once(std::ffi::OsStr::new("/"))
-                    .chain(above.iter().copied())
-                    .collect();
-                let dir = fs::canonicalize(&dir).map_err(|source| WalkError::BadPath {
-                    path: dir.clone(),
-                    source,
-                })?;
-                dir.join(last)
-            }
+        };
+        // Resolve `..` and symlinks above the last component; keep the last as it is
+        // (a symlink given as a backup path is backed up as a symlink).
+        let resolved = match (abs.parent(), abs.file_name()) {
+            (Some(parent), Some(name)) => canonical(parent)?.join(name),
+            _ => canonical(&abs)?,
         };
         let comps: Vec<Vec<u8>> = resolved
             .components()
@@ -778,7 +773,8 @@ fn read_file(
             }
             Err(e) => return FileResult::Skipped(format!("cannot open: {e}")),
         };
-        let mut content = Vec::with_capacity((before.1 / (1 << 20) + 1) as usize);
+        // Sized from st_size, which any user controls: capped.
+        let mut content = Vec::with_capacity((before.1 / (1 << 20) + 1).min(1024) as usize);
         let mut sink_error = None;
         let read = chunker.chunk(&file, |plain| match sink.offer_chunk(plain) {
             Ok(id) => {
@@ -817,6 +813,13 @@ fn read_file(
                 nsec: after.ctime_nsec() as u32,
             },
         );
+        if after.ino() != expected.inode || after.dev() != expected.device {
+            // Not the file the walker saw (renamed over, or a directory above it was
+            // swapped): its metadata is unknown here, so it waits for the next backup.
+            return FileResult::Skipped(
+                "was replaced while the backup ran; it is left for the next backup".into(),
+            );
+        }
         let mut node = expected.clone();
         (node.inode, node.size, node.mtime, node.ctime) = now;
         node.content = content;
@@ -985,6 +988,50 @@ mod tests {
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "walked files differ from the fixture");
         assert_eq!(stats.files_new.load(Relaxed), 2001);
+    }
+
+    #[test]
+    fn a_file_replaced_after_the_walker_saw_it_is_skipped_not_mislabelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"old").unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let seen = crate::meta::node_from_metadata(b"f", &meta, &mut NameCache::default());
+        // Renamed over by another file after the walker's lstat.
+        let tmp = dir.path().join("f.new");
+        fs::write(&tmp, b"new content").unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let s = sink(usize::MAX);
+        let mut chunker = Chunker::new(opts(dir.path()).chunker);
+        match read_file(&path, &seen, &mut chunker, &s, &WalkStats::default()) {
+            FileResult::Skipped(msg) => {
+                assert!(msg.contains("was replaced while the backup ran"), "{msg}")
+            }
+            _ => panic!("a replaced file must be skipped"),
+        }
+        // The same file, unchanged since the lstat, is read.
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let seen = crate::meta::node_from_metadata(b"f", &meta, &mut NameCache::default());
+        match read_file(&path, &seen, &mut chunker, &s, &WalkStats::default()) {
+            FileResult::Read { node, warning } => {
+                assert!(warning.is_none());
+                assert_eq!(node.size, 11);
+            }
+            _ => panic!("an unchanged file must be read"),
+        }
+    }
+
+    #[test]
+    fn dot_dot_in_a_backup_path_is_resolved() {
+        let dir = fixture();
+        let s = sink(usize::MAX);
+        let odd = dir.path().join("d03").join("..").join("d04");
+        let out = backup(&s, &opts(&odd), &WalkStats::default()).unwrap();
+        let mut got = Vec::new();
+        files(&s, out.root, "", &mut got);
+        assert_eq!(got.len(), 100);
+        let want = format!("{}/d04/f000", dir.path().canonicalize().unwrap().display());
+        assert_eq!(got[0].0, want);
     }
 
     #[test]

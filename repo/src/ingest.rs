@@ -354,7 +354,25 @@ impl<'r> IngestSession<'r> {
                 BlobKind::Data => &mut st.data,
                 BlobKind::Tree => &mut st.tree,
             };
-            let offset = packer.append(self.repo.backend().as_ref(), &sealed)?;
+            let offset = match packer.append(self.repo.backend().as_ref(), &sealed) {
+                Ok(offset) => offset,
+                Err(e) => {
+                    // Part of the blob may be in the file: the pack's offsets and hash
+                    // no longer describe it. Drop the whole pack (its temporary file
+                    // goes with it) and forget its blobs, so they are stored again if
+                    // offered again; a commit referencing them is refused meanwhile.
+                    let broken = std::mem::replace(packer, Packer::new(kind));
+                    let mut in_flight = self.in_flight.lock().expect("in flight");
+                    in_flight.remove(&blob);
+                    for e in &broken.entries {
+                        in_flight.remove(&BlobRef {
+                            kind: e.kind,
+                            id: e.id,
+                        });
+                    }
+                    return Err(e);
+                }
+            };
             packer.entries.push(PackEntry {
                 kind,
                 id: *id,
@@ -432,10 +450,23 @@ impl<'r> IngestSession<'r> {
         if packs.is_empty() {
             return Ok(());
         }
+        let result = self.write_index_file(&packs);
+        if result.is_err() {
+            // Keep them for the next attempt (the final flush), or their packs
+            // would stay on disk with no index pointing at them.
+            let mut st = self.state.lock().expect("ingest state");
+            let mut packs = packs;
+            packs.append(&mut st.unindexed);
+            st.unindexed = packs;
+        }
+        result
+    }
+
+    fn write_index_file(&self, packs: &[IndexedPack]) -> Result<()> {
         let sealed = self
             .repo
             .data_key()
-            .seal(ad::INDEX, &index_file::encode(&packs));
+            .seal(ad::INDEX, &index_file::encode(packs));
         let name = blake3::hash(&sealed).to_hex().to_string();
         self.repo
             .backend()
@@ -566,4 +597,134 @@ fn _assert_send_sync() {
     is_sync::<IngestSession<'static>>();
     let _ = crypto::OVERHEAD;
     let _ = PackId::of;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::crypto::KdfParams;
+    use crate::format::config::RepoConfig;
+    use crate::Repository;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// Memory storage whose pack writes fail while `full` is set, like a full disk.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryBackend,
+        full: Arc<AtomicBool>,
+    }
+
+    struct FlakyWriter<'a> {
+        inner: Box<dyn ObjectWriter + 'a>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Write for FlakyWriter<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.full.load(Relaxed) {
+                // A short write, then the error: part of the blob is in the file.
+                let n = self.inner.write(&buf[..buf.len() / 2])?;
+                let _ = n;
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ObjectWriter for FlakyWriter<'_> {
+        fn finish(self: Box<Self>, name: &str) -> Result<()> {
+            self.inner.finish(name)
+        }
+    }
+
+    impl Backend for Flaky {
+        fn location(&self) -> String {
+            "flaky".into()
+        }
+        fn list(&self, t: FileType) -> Result<Vec<(String, u64)>> {
+            self.inner.list(t)
+        }
+        fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+            self.inner.read(t, name)
+        }
+        fn read_range(&self, t: FileType, name: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
+            self.inner.read_range(t, name, offset, length)
+        }
+        fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+            self.inner.write_once(t, name, data)
+        }
+        fn delete(&self, t: FileType, name: &str) -> Result<()> {
+            self.inner.delete(t, name)
+        }
+        fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+            Ok(Box::new(FlakyWriter {
+                inner: self.inner.writer(t)?,
+                full: self.full.clone(),
+            }))
+        }
+    }
+
+    /// 2 MB of incompressible bytes: larger than the pack's write buffer, so each
+    /// one reaches the (failing) writer directly.
+    fn chunk(seed: u8) -> Vec<u8> {
+        let mut out = vec![0u8; 2_000_000];
+        blake3::Hasher::new()
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_failed_pack_write_never_leaves_blobs_claimed_present() {
+        let flaky = Arc::new(Flaky::default());
+        let full = flaky.full.clone();
+        let kdf = KdfParams {
+            m_cost: 64,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        let repo = Repository::init(flaky, b"pw", kdf, RepoConfig::new(3))
+            .unwrap()
+            .load_index(None)
+            .unwrap();
+        let info = SessionInfo {
+            host: "h".into(),
+            paths: vec!["/".into()],
+            tags: vec![],
+            source: SourceKind::Pull,
+            parent: ParentChoice::None,
+        };
+        let s = IngestSession::start(&repo, info).unwrap();
+        let before = s.add_new(BlobKind::Data, chunk(1)).unwrap();
+        full.store(true, Relaxed);
+        let err = s.add_new(BlobKind::Data, chunk(2)).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        full.store(false, Relaxed);
+        // The disk has room again: later blobs go to a new, sound pack.
+        let after = s.add_new(BlobKind::Data, chunk(3)).unwrap();
+        // The blob stored before the failure went down with its pack, and is known
+        // to be missing (so it would be stored again), not claimed present.
+        assert_eq!(
+            s.missing(&[BlobRef {
+                kind: BlobKind::Data,
+                id: before
+            }])
+            .unwrap()
+            .len(),
+            1
+        );
+        let again = s.add_new(BlobKind::Data, chunk(1)).unwrap();
+        assert_eq!(again, before);
+        s.flush().unwrap();
+        for (id, seed) in [(before, 1), (after, 3)] {
+            assert_eq!(repo.load_blob(BlobKind::Data, &id).unwrap(), chunk(seed));
+        }
+        drop(s);
+    }
 }
