@@ -118,7 +118,7 @@ pub fn check(
     for name in on_disk.keys() {
         if !indexed_names.contains(name) {
             report.warnings.push(format!(
-                "pack {name} is not in any index (left by an interrupted backup); its blobs are not used"
+                "pack {name} is not in any index (left by an interrupted backup); the next backup indexes and uses it"
             ));
         }
     }

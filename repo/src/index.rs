@@ -208,6 +208,13 @@ impl Index {
         Ok(self.get(kind, id)?.is_some())
     }
 
+    /// Every pack the index knows.
+    pub fn pack_ids(&self) -> std::collections::HashSet<PackId> {
+        let mut out: std::collections::HashSet<PackId> = self.packs.iter().copied().collect();
+        out.extend(self.added.read().expect("index").values().map(|l| l.pack));
+        out
+    }
+
     /// Records blobs of a pack this process has just written.
     pub fn add_pack(&self, pack: PackId, entries: &[PackEntry]) {
         let mut added = self.added.write().expect("index");

@@ -19,7 +19,7 @@ use crate::backend::{Backend, FileType, ObjectWriter};
 use crate::crypto;
 use crate::error::{Error, Result};
 use crate::format::ad;
-use crate::format::index_file::{self, IndexedPack};
+use crate::format::index_file::IndexedPack;
 use crate::format::pack_header::{self, PackEntry};
 use crate::format::snapshot::{Snapshot, SourceKind, Summary};
 use crate::lock::LockGuard;
@@ -174,6 +174,15 @@ impl<'r> IngestSession<'r> {
         };
         let mut lock = repo.lock(false, "backup")?;
         lock.refresh_in_background();
+        // Packs an interrupted session wrote after its last index file: indexed now,
+        // so their data is not uploaded again.
+        let recovered = repo.index_orphan_packs()?;
+        if recovered > 0 {
+            tracing::info!(
+                packs = recovered,
+                "indexed packs left by an interrupted backup"
+            );
+        }
         let parent_trees = Mutex::new(parent.iter().map(|(_, s)| s.tree).collect());
         Ok(IngestSession {
             repo,
@@ -463,14 +472,7 @@ impl<'r> IngestSession<'r> {
     }
 
     fn write_index_file(&self, packs: &[IndexedPack]) -> Result<()> {
-        let sealed = self
-            .repo
-            .data_key()
-            .seal(ad::INDEX, &index_file::encode(packs));
-        let name = blake3::hash(&sealed).to_hex().to_string();
-        self.repo
-            .backend()
-            .write_once(FileType::Index, &name, &sealed)
+        self.repo.write_index_file(packs)
     }
 
     /// Writes the open packs and the index of everything written so far.

@@ -354,6 +354,53 @@ impl IndexedRepository {
         self.load_blob(BlobKind::Data, &id.0)
     }
 
+    /// Seals and writes one index file for `packs`.
+    pub(crate) fn write_index_file(
+        &self,
+        packs: &[crate::format::index_file::IndexedPack],
+    ) -> Result<()> {
+        let sealed = self
+            .repo
+            .data_key
+            .seal(ad::INDEX, &crate::format::index_file::encode(packs));
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.repo
+            .backend
+            .write_once(FileType::Index, &name, &sealed)
+    }
+
+    /// Indexes packs that are in `data/` but in no index file: a backup killed
+    /// between writing packs and writing their index leaves such packs. A pack
+    /// appears in `data/` only complete (see the backend's contract), so its header
+    /// tells its blobs. Returns how many packs were indexed.
+    pub fn index_orphan_packs(&self) -> Result<usize> {
+        let known = self.index.pack_ids();
+        let mut found = Vec::new();
+        for (name, size) in self.repo.backend.list(FileType::Data)? {
+            let Ok(id) = name.parse::<PackId>() else {
+                continue;
+            };
+            if known.contains(&id) {
+                continue;
+            }
+            match self.read_pack_header(&id, size) {
+                Ok(blobs) => found.push(crate::format::index_file::IndexedPack { pack: id, blobs }),
+                Err(e) => tracing::warn!(
+                    "pack {} is in no index and unreadable, left as it is: {e}",
+                    id.short()
+                ),
+            }
+        }
+        if found.is_empty() {
+            return Ok(0);
+        }
+        self.write_index_file(&found)?;
+        for p in &found {
+            self.index.add_pack(p.pack, &p.blobs);
+        }
+        Ok(found.len())
+    }
+
     /// Reads a pack's header.
     pub fn read_pack_header(
         &self,

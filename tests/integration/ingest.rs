@@ -290,3 +290,40 @@ fn a_source_reads_only_its_parent_trees() {
     let (snap, _) = s.commit(root_id, Summary::default()).unwrap();
     assert_eq!(repo.load_snapshot(&snap).unwrap().tree, root_id);
 }
+
+#[test]
+fn packs_a_killed_session_left_unindexed_are_used_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..20)
+        .map(|i| random_bytes(200 + i, 1024 * 1024))
+        .collect();
+    let ids: Vec<BlobRef> = chunks
+        .iter()
+        .map(|c| BlobRef::data(ChunkId::of(c)))
+        .collect();
+    {
+        let repo = repo(dir.path());
+        let s = IngestSession::start(&repo, info()).unwrap();
+        for (c, id) in chunks.iter().zip(&ids) {
+            s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap();
+        }
+    }
+    // As if killed before its index was written: packs without an index file.
+    let backend = LocalBackend::open(&dir.path().join("repo")).unwrap();
+    for (name, _) in backend.list(FileType::Index).unwrap() {
+        backend.delete(FileType::Index, &name).unwrap();
+    }
+    let repo = reopen(dir.path());
+    assert_eq!(repo.index().len(), 0);
+    let s = IngestSession::start(&repo, info()).unwrap();
+    assert!(
+        s.missing(&ids).unwrap().is_empty(),
+        "the orphan packs were indexed"
+    );
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert!(!s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap());
+    }
+    drop(s);
+    // And they stay indexed for everyone after.
+    assert_eq!(reopen(dir.path()).index().len(), 20);
+}

@@ -31,12 +31,40 @@ type ObjectKey = (FileType, String);
 const OPEN_FILES: usize = 32;
 
 impl LocalBackend {
-    /// Opens an existing repository directory.
+    /// Opens an existing repository directory, and removes temporary files that
+    /// processes of this host left when they died (a killed backup leaves its last,
+    /// unfinished pack there).
     pub fn open(root: &Path) -> Result<Self> {
         if !root.join("config").is_file() {
             return Err(Error::NoRepository(root.to_path_buf()));
         }
-        Ok(LocalBackend::at(root))
+        let backend = LocalBackend::at(root);
+        backend.remove_orphans();
+        Ok(backend)
+    }
+
+    /// Temporary files are named `<pid>-<n>.tmp`; those of processes that no longer
+    /// exist are removed. Best effort: a file of a live process (or of a pid now
+    /// reused) stays.
+    fn remove_orphans(&self) {
+        let Ok(rd) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in rd.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if !alive && pid != std::process::id() as i32 {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Creates the directory layout (mode 0700) for a new repository. Fails if a

@@ -168,6 +168,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn local_backend_removes_temporary_files_of_dead_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let b = LocalBackend::create(&root).unwrap();
+        b.write_once(FileType::Config, "config", b"c").unwrap();
+        let dead = root.join("tmp").join(format!("{}-0.tmp", 0x3fff_fff0));
+        let live = root
+            .join("tmp")
+            .join(format!("{}-0.tmp", std::process::id()));
+        std::fs::write(&dead, b"half a pack").unwrap();
+        std::fs::write(&live, b"being written").unwrap();
+        LocalBackend::open(&root).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists());
+    }
+
+    #[test]
     fn local_backend_conforms() {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::create(&dir.path().join("repo")).unwrap();
