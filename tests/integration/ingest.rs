@@ -32,6 +32,26 @@ fn reopen(dir: &std::path::Path) -> IndexedRepository {
         .unwrap()
 }
 
+/// Creates a repository and stores `n` random 1 MiB chunks in a session that ends
+/// without a commit, as when the source disconnects.
+fn store_without_commit(dir: &std::path::Path, n: u64, seed: u64) -> (Vec<Vec<u8>>, Vec<BlobRef>) {
+    let chunks: Vec<Vec<u8>> = (0..n)
+        .map(|i| random_bytes(seed + i, 1024 * 1024))
+        .collect();
+    let ids: Vec<BlobRef> = chunks
+        .iter()
+        .map(|c| BlobRef::data(ChunkId::of(c)))
+        .collect();
+    let repo = repo(dir);
+    let s = IngestSession::start(&repo, info()).unwrap();
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert!(s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap());
+    }
+    drop(s);
+    assert!(repo.snapshots().unwrap().is_empty());
+    (chunks, ids)
+}
+
 fn info() -> SessionInfo {
     SessionInfo {
         host: "h".into(),
@@ -149,24 +169,8 @@ fn a_commit_referencing_a_missing_blob_writes_no_snapshot() {
 #[test]
 fn an_interrupted_session_leaves_its_data_for_the_next() {
     let dir = tempfile::tempdir().unwrap();
-    let chunks: Vec<Vec<u8>> = (0..40)
-        .map(|i| random_bytes(100 + i, 1024 * 1024))
-        .collect();
-    let ids: Vec<BlobRef> = chunks
-        .iter()
-        .map(|c| BlobRef::data(ChunkId::of(c)))
-        .collect();
-    {
-        let repo = repo(dir.path());
-        let s = IngestSession::start(&repo, info()).unwrap();
-        // 40 MiB: two packs are full and written, one is still open when the session ends.
-        for (c, id) in chunks.iter().zip(&ids) {
-            assert!(s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap());
-        }
-        // The session is dropped without a commit, as when the source disconnects.
-        drop(s);
-        assert!(repo.snapshots().unwrap().is_empty());
-    }
+    // 40 MiB: two packs are full and written, one is still open when the session ends.
+    let (chunks, ids) = store_without_commit(dir.path(), 40, 100);
     let repo = reopen(dir.path());
     let s = IngestSession::start(&repo, info()).unwrap();
     assert!(
@@ -294,20 +298,7 @@ fn a_source_reads_only_its_parent_trees() {
 #[test]
 fn packs_a_killed_session_left_unindexed_are_used_by_the_next() {
     let dir = tempfile::tempdir().unwrap();
-    let chunks: Vec<Vec<u8>> = (0..20)
-        .map(|i| random_bytes(200 + i, 1024 * 1024))
-        .collect();
-    let ids: Vec<BlobRef> = chunks
-        .iter()
-        .map(|c| BlobRef::data(ChunkId::of(c)))
-        .collect();
-    {
-        let repo = repo(dir.path());
-        let s = IngestSession::start(&repo, info()).unwrap();
-        for (c, id) in chunks.iter().zip(&ids) {
-            s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap();
-        }
-    }
+    let (chunks, ids) = store_without_commit(dir.path(), 20, 200);
     // As if killed before its index was written: packs without an index file.
     let backend = LocalBackend::open(&dir.path().join("repo")).unwrap();
     for (name, _) in backend.list(FileType::Index).unwrap() {
