@@ -137,6 +137,20 @@ pub fn restore(
                 .collect()
         })
         .collect();
+    // Every include must name something in the snapshot: checked before any work.
+    if !includes.is_empty() {
+        let root_tree = source.load_tree(root)?;
+        for inc in &includes {
+            if !include_exists(source, &root_tree, inc)? {
+                return Err(RestoreError::IncludeNotFound(
+                    inc.iter()
+                        .map(|c| String::from_utf8_lossy(c))
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                ));
+            }
+        }
+    }
     let staging = staging_path(target);
     fs::create_dir(&staging).map_err(io_err(&staging))?;
     let result = restore_into(
@@ -149,18 +163,6 @@ pub fn restore(
     );
     match result {
         Ok(warnings) => {
-            let root_tree = source.load_tree(root)?;
-            for inc in &includes {
-                if !include_exists(source, &root_tree, inc)? {
-                    let _ = fs::remove_dir_all(&staging);
-                    return Err(RestoreError::IncludeNotFound(
-                        inc.iter()
-                            .map(|c| String::from_utf8_lossy(c))
-                            .collect::<Vec<_>>()
-                            .join("/"),
-                    ));
-                }
-            }
             if target_existed {
                 fs::remove_dir(target).map_err(io_err(target))?;
             }

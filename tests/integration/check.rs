@@ -5,10 +5,7 @@ use std::fs;
 
 #[test]
 fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
-    let env = Env::new();
-    env.init();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
+    let (env, src) = Env::with_source();
     fs::write(src.join("victim.bin"), random_bytes(30, 3 * 1024 * 1024)).unwrap();
     fs::write(src.join("bystander.txt"), "fine\n".repeat(1000)).unwrap();
     env.backup(&[&src], &[]);
@@ -69,10 +66,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
 
 #[test]
 fn missing_pack_is_an_error_naming_the_affected_files() {
-    let env = Env::new();
-    env.init();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
+    let (env, src) = Env::with_source();
     fs::write(src.join("gone.bin"), random_bytes(31, 1024 * 1024)).unwrap();
     env.backup(&[&src], &[]);
     let pack = walk_files(&env.repo().join("data"))

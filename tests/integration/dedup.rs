@@ -40,10 +40,7 @@ fn same_data_twice_adds_no_data_packs() {
 
 #[test]
 fn shifted_file_shares_most_chunks() {
-    let env = Env::new();
-    env.init();
-    let dir = env.path("src");
-    fs::create_dir_all(&dir).unwrap();
+    let (env, dir) = Env::with_source();
     let data = random_bytes(20, 16 * 1024 * 1024);
     fs::write(dir.join("orig.bin"), &data).unwrap();
     env.backup(&[&dir], &[]);
@@ -62,10 +59,7 @@ fn shifted_file_shares_most_chunks() {
 
 #[test]
 fn compressible_data_is_stored_compressed() {
-    let env = Env::new();
-    env.init();
-    let dir = env.path("src");
-    fs::create_dir_all(&dir).unwrap();
+    let (env, dir) = Env::with_source();
     fs::write(
         dir.join("text"),
         "the same words again and again\n".repeat(200_000),

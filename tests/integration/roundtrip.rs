@@ -76,10 +76,7 @@ fn restore_of_an_include_brings_only_that_path() {
 
 #[test]
 fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
-    let env = Env::new();
-    env.init();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
+    let (env, src) = Env::with_source();
     fs::write(src.join("f"), b"data").unwrap();
     env.backup(&[&src], &[]);
     let target = env.path("busy");

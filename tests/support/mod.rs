@@ -143,12 +143,18 @@ impl Env {
         self.pbs(&args)
     }
 
-    /// A new repository and a source directory `src` holding one small file.
-    pub fn with_one_file() -> (Env, PathBuf) {
+    /// A new repository and an empty source directory `src`.
+    pub fn with_source() -> (Env, PathBuf) {
         let env = Env::new();
         env.init();
         let src = env.path("src");
         fs::create_dir_all(&src).unwrap();
+        (env, src)
+    }
+
+    /// A new repository and a source directory `src` holding one small file.
+    pub fn with_one_file() -> (Env, PathBuf) {
+        let (env, src) = Env::with_source();
         fs::write(src.join("f"), b"data").unwrap();
         (env, src)
     }
