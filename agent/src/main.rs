@@ -1,12 +1,21 @@
 //! `haul-agent`: runs on a source host (backup) or a clone host (restore), driven by
-//! the pbs through an SSH forced command. It holds no key and links no crypto or pack
-//! code: it walks, chunks, hashes and compresses with `haul-protocol`, and talks to the
-//! pbs's ingest server over a forwarded Unix socket.
+//! the pbs through an SSH forced command, or as a child of `haul-pbs pull --local`.
+//! It holds no key and links no crypto or pack code: it walks, chunks, hashes and
+//! compresses with `haul-protocol`, and talks to the pbs's repository server over a
+//! Unix socket.
 //!
-//! The backup and restore subcommands arrive with the ingest server (issue 3); until
-//! then the binary only describes itself.
+//! Output: JSON lines on stdout (`progress` events about once a second, `warning`s,
+//! then one `summary` or `error`); a human progress line on stderr when it is a
+//! terminal. Exit codes: 0 ok; 1 failed (nothing committed); 2 bad usage; 3 done with
+//! warnings (a snapshot was committed, but some files could not be read completely).
 
-use clap::Parser;
+mod backup;
+mod client;
+mod restore;
+
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -14,20 +23,211 @@ use clap::Parser;
     version,
     about = "The haul agent: walks, chunks and uploads a source host's files to the pbs; restores snapshots",
     long_about = "The haul agent runs on a source host (backup) or a clone host (restore), started by the \
-                  pbs through haul-wrapper. It holds no key: the pbs encrypts. The backup and restore \
-                  subcommands come with the ingest server.",
-    arg_required_else_help = true
+                  pbs (through haul-wrapper over SSH). It holds no key: the pbs encrypts."
 )]
 struct Cli {
-    /// Print the chunker defaults this agent was built with and exit.
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Back up paths into the repository server listening on --socket.
+    Backup(BackupArgs),
+    /// Restore a snapshot from the read-only server listening on --socket.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The repository server's Unix socket.
     #[arg(long)]
-    chunker_defaults: bool,
+    pub socket: PathBuf,
+    /// A path to back up (repeat for several).
+    #[arg(long = "path", required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Leave out entries matching this glob pattern (matched against the full path and the name).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Leave out the contents of directories holding a valid CACHEDIR.TAG.
+    #[arg(long)]
+    pub exclude_caches: bool,
+    /// Stay on the filesystem of each backup path.
+    #[arg(long)]
+    pub one_file_system: bool,
+    /// Read run parameters (host, tags, parent) as one JSON line from stdin.
+    #[arg(long)]
+    pub params_stdin: bool,
+    /// Host name to record (default: this machine's).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Tag the snapshot (repeat for several).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Parent snapshot for change detection: `latest`, `none`, or an id.
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// File-reading threads (default: twice the CPUs, at least 4).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The read-only repository server's Unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Snapshot id (or unique prefix) or `latest`.
+    #[arg(long)]
+    pub snapshot: String,
+    /// A new or empty directory to restore into.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Restore only this path of the snapshot (repeat for several).
+    #[arg(long)]
+    pub include: Vec<String>,
+    /// Writer threads (default: the number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// How a command ended.
+pub enum Outcome {
+    Ok,
+    /// Finished, with problems already reported as warnings.
+    Warnings,
+}
+
+/// A failure: the message, and whether it was the user's input.
+pub struct Failure {
+    pub message: String,
+    pub usage: bool,
+}
+
+impl Failure {
+    pub fn usage(m: impl Into<String>) -> Self {
+        Failure {
+            message: m.into(),
+            usage: true,
+        }
+    }
+    pub fn run(m: impl std::fmt::Display) -> Self {
+        Failure {
+            message: m.to_string(),
+            usage: false,
+        }
+    }
 }
 
 fn main() {
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
-    if cli.chunker_defaults {
-        let p = haul_protocol::chunker::ChunkerParams::with_seed(0);
-        println!("min {} avg {} max {}", p.min_size, p.avg_size, p.max_size);
+    let result = match cli.command {
+        Command::Backup(a) => backup_main(a),
+        Command::Restore(a) => restore::run(a),
+    };
+    let code = match result {
+        Ok(Outcome::Ok) => 0,
+        Ok(Outcome::Warnings) => 3,
+        Err(f) => {
+            event(&serde_json::json!({"type": "error", "message": f.message}));
+            eprintln!("haul-agent: {}", f.message);
+            if f.usage {
+                2
+            } else {
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn backup_main(a: BackupArgs) -> Result<Outcome, Failure> {
+    run::backup(a)
+}
+
+/// This process's peak resident memory in KiB (`VmHWM`: the high-water mark of this
+/// program's own memory, not inherited from the parent that started it, unlike
+/// `getrusage`'s `ru_maxrss`).
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Prints one JSON event line on stdout.
+pub fn event(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, v);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// A tokio runtime for the HTTP side; the walker and the restorer run on their own
+/// threads and call into it.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::run(format!("cannot start the I/O runtime: {e}")))
+}
+
+/// Emits progress: a JSON line about once a second on stdout when stdout is not a
+/// terminal, and a redrawn line on stderr when stderr is one.
+pub struct Progress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(
+        json: impl Fn() -> serde_json::Value + Send + 'static,
+        human: impl Fn() -> String + Send + 'static,
+    ) -> Progress {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let tty = std::io::stderr().is_terminal();
+        let json_out = !std::io::stdout().is_terminal();
+        let handle = std::thread::spawn(move || {
+            let mut ticks = 0u32;
+            while !s.load(Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                ticks += 1;
+                if tty {
+                    eprint!("\r\x1b[K{}", human());
+                }
+                if json_out && ticks.is_multiple_of(5) {
+                    event(&json());
+                }
+            }
+            if tty {
+                eprint!("\r\x1b[K");
+            }
+        });
+        Progress {
+            stop,
+            handle: Some(handle),
+        }
     }
 }
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+mod run;

@@ -52,6 +52,13 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
     Check(CheckArgs),
+    /// Back up a source through its agent: `--local PATH...` runs the agent on this
+    /// machine. Without --repo, uses (and on first use creates) the default repository
+    /// in the state directory.
+    Pull(PullArgs),
+    /// Serve the repository on a Unix socket (append-only for backups, read-only for
+    /// restores) until SIGTERM or SIGINT.
+    Serve(ServeArgs),
     /// Remove stale locks (left by processes that died), or with --all every lock.
     Unlock {
         /// Remove every lock, also those of running processes.
@@ -112,6 +119,63 @@ pub struct BackupLocalArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Back up these paths of this machine through a local haul-agent.
+    #[arg(long = "local", required = true, num_args = 1..)]
+    pub local: Vec<PathBuf>,
+    /// Exclude entries whose path or name matches this glob (repeatable).
+    #[arg(long, short = 'e')]
+    pub exclude: Vec<String>,
+    /// Skip the contents of directories tagged with CACHEDIR.TAG.
+    #[arg(long)]
+    pub exclude_caches: bool,
+    /// Stay on the filesystem of each backup path.
+    #[arg(long, short = 'x')]
+    pub one_file_system: bool,
+    /// Tag the snapshot (repeatable).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Host name recorded in the snapshot (default: this machine's).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Read every file, ignoring the parent snapshot.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Where a run keeps its state and finds its agent.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// State directory: the default repository, its key file and run records
+    /// (default: $HAUL_STATE_DIR, /var/lib/haul for root, else ~/.local/state/haul).
+    #[arg(long, env = "HAUL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
+    #[arg(long, env = "HAUL_AGENT")]
+    pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeMode {
+    AppendOnly,
+    ReadOnly,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The Unix socket to listen on (its directory is created 0700 if missing).
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long, value_enum)]
+    pub mode: ServeMode,
+    /// Accept sessions of this host only.
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct SnapshotsArgs {
     /// Only snapshots of this host.
     #[arg(long)]
@@ -146,6 +210,11 @@ pub struct RestoreArgs {
     /// filesystem's locks when creating files).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Restore through a read-only server and a haul-agent, as a clone host would.
+    #[arg(long)]
+    pub via_agent: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,12 @@ pub enum CliError {
     Restore(#[from] haul_protocol::restore::RestoreError),
     #[error("{0}")]
     Usage(String),
+    /// An operating-system error on the named thing.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// A run or a component failed; the message says what and what to do.
+    #[error("{0}")]
+    Failed(String),
     /// The operation finished, but not cleanly (already reported).
     #[error("{0}")]
     Incomplete(String),

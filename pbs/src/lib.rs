@@ -8,6 +8,7 @@ pub mod commands;
 pub mod error;
 pub mod output;
 pub mod password;
+pub mod run;
 
 pub use error::CliError;
 
@@ -28,6 +29,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Ls(a) => commands::browse::ls(&ctx, a),
         Command::Restore(a) => commands::restore::restore(&ctx, a),
         Command::Check(a) => commands::check::check(&ctx, a),
+        Command::Pull(a) => commands::pull::pull(&ctx, a),
+        Command::Serve(a) => commands::serve::serve(&ctx, a),
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
     }
 }
+pub mod server;

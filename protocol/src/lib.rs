@@ -20,3 +20,4 @@ pub mod tree;
 pub mod walk;
 
 pub use id::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
+pub mod wire;

@@ -345,6 +345,31 @@ impl IndexedRepository {
         decode_blob(&self.repo.data_key, kind, id, sealed, limit, &what)
     }
 
+    /// Reads and opens a blob, and returns it in its transfer encoding (format byte
+    /// last, see `haul_protocol::chunker::decode_blob`) without decompressing it: what
+    /// a read-only server sends, and the receiver decodes and hashes it. The seal
+    /// (kind and id are its associated data) already proves the bytes are the ones
+    /// stored under this id.
+    pub fn load_encoded(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Vec<u8>> {
+        let loc = self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
+            what: format!("{kind} blob {}", hex::encode(id)),
+        })?;
+        let what = format!(
+            "{kind} blob {} in pack {}",
+            hex::encode(&id[..8]),
+            loc.pack.short()
+        );
+        let sealed = self.repo.backend.read_range(
+            FileType::Data,
+            &loc.pack.to_hex(),
+            loc.offset as u64,
+            loc.length,
+        )?;
+        self.repo
+            .data_key
+            .open_vec(&ad::blob(kind, id), sealed, &what)
+    }
+
     pub fn load_tree(&self, id: &TreeId) -> Result<Tree> {
         let bytes = self.load_blob(BlobKind::Tree, &id.0)?;
         Tree::decode(&bytes).map_err(|e| Error::corrupt(format!("tree {}", id.short()), e))

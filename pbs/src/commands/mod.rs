@@ -4,7 +4,9 @@ pub mod admin;
 pub mod backup;
 pub mod browse;
 pub mod check;
+pub mod pull;
 pub mod restore;
+pub mod serve;
 
 use crate::cli::Global;
 use crate::error::CliError;

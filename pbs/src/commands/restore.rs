@@ -13,6 +13,9 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let target = std::path::absolute(&args.target)
         .map_err(|e| CliError::usage(format!("restore target {}: {e}", args.target.display())))?;
+    if args.via_agent {
+        return via_agent(ctx, args, target, started);
+    }
     let repo = ctx.open_indexed()?;
     let _lock = repo.lock(false, "restore")?;
     let (id, snap) = repo.find_snapshot(&args.snapshot)?;
@@ -77,4 +80,89 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// Restores through a read-only server of this process and a `haul-agent restore`
+/// child, the path a clone host's restore takes.
+fn via_agent(
+    ctx: &Context,
+    args: RestoreArgs,
+    target: std::path::PathBuf,
+    started: Instant,
+) -> Result<(), CliError> {
+    use crate::run;
+    use crate::server::{Mode, Server};
+    let repo = ctx.open_for_run(&args.run)?;
+    let lock = repo.lock(false, "restore")?;
+    let (id, _) = repo.find_snapshot(&args.snapshot)?;
+    let server = Server::new(repo, Mode::ReadOnly, None);
+    let mut agent_args: Vec<std::ffi::OsString> = vec![
+        "restore".into(),
+        "--snapshot".into(),
+        id.to_hex().into(),
+        "--target".into(),
+        target.clone().into(),
+    ];
+    for inc in &args.include {
+        agent_args.push("--include".into());
+        agent_args.push(inc.into());
+    }
+    if let Some(t) = args.threads {
+        agent_args.push("--threads".into());
+        agent_args.push(t.to_string().into());
+    }
+    let json = ctx.global.json;
+    let agent = run::agent_binary(args.run.agent.as_deref());
+    let r = run::run_agent(server, &agent, agent_args, None, &|v| {
+        if json {
+            json_line(&serde_json::json!({"type": "agent", "event": v}));
+        }
+    })?;
+    drop(lock);
+    for w in &r.warnings {
+        if !json {
+            eprintln!(
+                "warning: {}: {}",
+                w["path"].as_str().unwrap_or("?"),
+                w["message"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    match (r.exit, &r.summary) {
+        (Some(0) | Some(3), Some(s)) => {
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            if json {
+                json_line(
+                    &serde_json::json!({"type": "summary", "snapshot": id.to_hex(), "target": target,
+                    "files": n("files"), "dirs": n("dirs"), "others": n("others"), "bytes": n("bytes"),
+                    "warnings": n("warnings"), "connections": r.connections,
+                    "agent_peak_rss_kib": r.agent_peak_rss_kib, "pbs_peak_rss_kib": run::own_peak_rss_kib(),
+                    "duration_ms": started.elapsed().as_millis() as u64}),
+                );
+            } else {
+                println!(
+                    "restored snapshot {} to {} through the agent: {} files, {} dirs, {} other entries, {} in {:.1} s",
+                    id.short(),
+                    target.display(),
+                    n("files"),
+                    n("dirs"),
+                    n("others"),
+                    bytes(n("bytes")),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            if r.exit == Some(3) {
+                return Err(CliError::Incomplete(format!(
+                    "{} entries could not be restored as recorded",
+                    r.warnings.len()
+                )));
+            }
+            Ok(())
+        }
+        _ => Err(CliError::Failed(format!(
+            "restore through the agent failed: {}",
+            r.error
+                .unwrap_or_else(|| "the agent ended without a summary".into())
+        ))),
+    }
 }

@@ -1,0 +1,290 @@
+//! `haul-agent backup`: the shared walker (`haul_protocol::walk`) feeding a
+//! [`RemoteSink`], which names and compresses each blob and hands it to the uploader.
+//!
+//! The uploader turns the stream of blobs into batches: for each batch it asks the
+//! server which ids it lacks, then uploads only those, many per request. Up to
+//! [`BATCHES_IN_FLIGHT`] batches are under way at once, so the question of one batch
+//! travels while another uploads and a link with latency stays busy. The blobs
+//! waiting for upload hold a byte budget ([`UPLOAD_BUDGET`]); when it is spent the
+//! walker's workers wait, so the agent's memory does not depend on the size of the
+//! tree or of the repository.
+
+use crate::client::{Client, ClientError};
+use bytes::Bytes;
+use haul_protocol::chunker::encode_blob;
+use haul_protocol::tree::Tree;
+use haul_protocol::walk::{Sink, SinkError};
+use haul_protocol::wire;
+use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
+use hyper::Method;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// Batches being asked about or uploaded at once.
+pub const BATCHES_IN_FLIGHT: usize = 3;
+/// Encoded bytes of blobs waiting to be uploaded, at most.
+pub const UPLOAD_BUDGET: usize = 24 << 20;
+/// A batch closes at this many encoded bytes (plus one blob) or blobs.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_BLOBS: usize = 4096;
+
+/// What the uploader did.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    /// Blobs the server lacked and that were sent.
+    pub blobs_sent: AtomicU64,
+    /// Of those, blobs the server stored as new.
+    pub blobs_stored: AtomicU64,
+    /// Plaintext bytes of the blobs sent.
+    pub bytes_new: AtomicU64,
+    /// Bytes of upload bodies (compressed blobs and frame headers).
+    pub bytes_sent: AtomicU64,
+}
+
+struct Item {
+    r: BlobRef,
+    plain_len: usize,
+    encoded: Vec<u8>,
+    _budget: OwnedSemaphorePermit,
+}
+
+pub struct RemoteSink {
+    client: Arc<Client>,
+    rt: tokio::runtime::Handle,
+    tx: Mutex<Option<mpsc::UnboundedSender<Item>>>,
+    budget: Arc<Semaphore>,
+    failure: Arc<Mutex<Option<String>>>,
+    level: i32,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+}
+
+impl RemoteSink {
+    /// Starts the uploader on `rt`; [`RemoteSink::finish`] waits for it.
+    pub fn start(
+        client: Arc<Client>,
+        rt: tokio::runtime::Handle,
+        level: i32,
+        stats: Arc<UploadStats>,
+    ) -> (RemoteSink, tokio::task::JoinHandle<Result<(), ClientError>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(UPLOAD_BUDGET));
+        let failure = Arc::new(Mutex::new(None));
+        let task = rt.spawn(uploader(
+            client.clone(),
+            rx,
+            stats,
+            budget.clone(),
+            failure.clone(),
+        ));
+        let sink = RemoteSink {
+            client,
+            rt,
+            tx: Mutex::new(Some(tx)),
+            budget,
+            failure,
+            level,
+        };
+        (sink, task)
+    }
+
+    /// No more blobs: the uploader sends what it holds and ends.
+    pub fn close(&self) {
+        self.tx.lock().expect("sink").take();
+    }
+
+    fn failed(&self) -> SinkError {
+        let msg = self
+            .failure
+            .lock()
+            .expect("failure")
+            .clone()
+            .unwrap_or_else(|| "the uploader stopped".into());
+        SinkError(msg.into())
+    }
+
+    fn offer(&self, kind: BlobKind, id: [u8; 32], plain: Vec<u8>) -> Result<(), SinkError> {
+        let plain_len = plain.len();
+        let level = self.level;
+        let encoded = COMPRESSOR
+            .with(|c| {
+                let mut c = c.borrow_mut();
+                if c.as_ref().map(|(l, _)| *l) != Some(level) {
+                    *c = Some((level, zstd::bulk::Compressor::new(level)?));
+                }
+                encode_blob(&mut c.as_mut().expect("just set").1, plain)
+            })
+            .map_err(SinkError::new)?;
+        let cost = encoded.len().clamp(1024, UPLOAD_BUDGET) as u32;
+        let permit = self
+            .rt
+            .block_on(self.budget.clone().acquire_many_owned(cost))
+            .map_err(|_| self.failed())?;
+        let item = Item {
+            r: BlobRef { kind, id },
+            plain_len,
+            encoded,
+            _budget: permit,
+        };
+        let tx = self.tx.lock().expect("sink").clone();
+        match tx {
+            Some(tx) if tx.send(item).is_ok() => Ok(()),
+            _ => Err(self.failed()),
+        }
+    }
+}
+
+impl Sink for RemoteSink {
+    fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
+        let path = format!("/v1/backup/tree/{}", id.to_hex());
+        let bytes = self
+            .rt
+            .block_on(self.client.request(Method::GET, &path, Bytes::new()))
+            .map_err(SinkError::new)?;
+        if blake3::hash(&bytes).as_bytes() != &id.0 {
+            return Err(SinkError(
+                format!(
+                    "parent tree {} from the server does not hash to its id",
+                    id.short()
+                )
+                .into(),
+            ));
+        }
+        Tree::decode(&bytes).map_err(SinkError::new)
+    }
+
+    fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError> {
+        let id = *blake3::hash(&plain).as_bytes();
+        self.offer(BlobKind::Data, id, plain)?;
+        Ok(ChunkId(id))
+    }
+
+    fn offer_tree(&self, encoded: Vec<u8>) -> Result<TreeId, SinkError> {
+        let id = *blake3::hash(&encoded).as_bytes();
+        self.offer(BlobKind::Tree, id, encoded)?;
+        Ok(TreeId(id))
+    }
+}
+
+async fn uploader(
+    client: Arc<Client>,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    stats: Arc<UploadStats>,
+    budget: Arc<Semaphore>,
+    failure: Arc<Mutex<Option<String>>>,
+) -> Result<(), ClientError> {
+    let result = batches(client, &mut rx, stats).await;
+    if let Err(e) = &result {
+        *failure.lock().expect("failure") = Some(format!("upload failed: {e}"));
+        // Wake walker threads waiting for budget: they fail instead of waiting.
+        budget.close();
+        rx.close();
+    }
+    result
+}
+
+async fn batches(
+    client: Arc<Client>,
+    rx: &mut mpsc::UnboundedReceiver<Item>,
+    stats: Arc<UploadStats>,
+) -> Result<(), ClientError> {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
+    // Blobs of this run already asked about: each is asked and sent once. Grows with
+    // the run's new blobs, not with the repository.
+    let mut seen: HashSet<BlobRef> = HashSet::new();
+    loop {
+        // Wait for a free slot first: meanwhile blobs gather into a larger batch.
+        let slot = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        while let Some(r) = tasks.try_join_next() {
+            r.expect("batch task")?;
+        }
+        let Some(first) = rx.recv().await else { break };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            if seen.insert(item.r) {
+                bytes += item.encoded.len();
+                batch.push(item);
+            }
+            if bytes >= BATCH_BYTES || batch.len() >= BATCH_BLOBS {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let (client, stats) = (client.clone(), stats.clone());
+        tasks.spawn(async move {
+            let _slot = slot;
+            send_batch(&client, batch, &stats).await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("batch task")?;
+    }
+    Ok(())
+}
+
+/// Asks which blobs of `batch` the server lacks and uploads those in one request.
+async fn send_batch(
+    client: &Client,
+    batch: Vec<Item>,
+    stats: &UploadStats,
+) -> Result<(), ClientError> {
+    let mut query = Vec::with_capacity(batch.len() * wire::REF_LEN);
+    for item in &batch {
+        wire::encode_ref(&mut query, &item.r);
+    }
+    let answer = client
+        .request(Method::POST, "/v1/backup/missing", query.into())
+        .await?;
+    let missing: HashSet<BlobRef> = wire::decode_refs(&answer)
+        .map_err(|detail| ClientError::Protocol {
+            what: "POST /v1/backup/missing".into(),
+            detail,
+        })?
+        .into_iter()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut body = Vec::new();
+    let mut plain = 0u64;
+    let mut sent = 0u64;
+    for item in batch {
+        if !missing.contains(&item.r) {
+            continue;
+        }
+        wire::encode_frame_header(&mut body, &item.r, item.encoded.len() as u32);
+        body.extend_from_slice(&item.encoded);
+        plain += item.plain_len as u64;
+        sent += 1;
+    }
+    let len = body.len() as u64;
+    let done: wire::UploadDone = {
+        let bytes = client
+            .request(Method::POST, "/v1/backup/upload", body.into())
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            what: "POST /v1/backup/upload".into(),
+            detail: e.to_string(),
+        })?
+    };
+    stats.blobs_sent.fetch_add(sent, Relaxed);
+    stats.blobs_stored.fetch_add(done.stored, Relaxed);
+    stats.bytes_new.fetch_add(plain, Relaxed);
+    stats.bytes_sent.fetch_add(len, Relaxed);
+    Ok(())
+}

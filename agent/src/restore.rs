@@ -1,0 +1,133 @@
+//! `haul-agent restore`: the shared restorer (`haul_protocol::restore`) fed by a
+//! read-only repository server. Every tree and chunk is checked against its BLAKE3 id
+//! before it is used; the restorer writes into a staging directory beside the target
+//! and renames it into place only when everything is written.
+
+use crate::client::Client;
+use crate::{event, runtime, Failure, Outcome, Progress, RestoreArgs};
+use bytes::Bytes;
+use haul_protocol::chunker::decode_blob;
+use haul_protocol::restore::{self, BlobSource, RestoreOptions, RestoreStats, SourceError};
+use haul_protocol::tree::Tree;
+use haul_protocol::wire;
+use haul_protocol::{ChunkId, TreeId};
+use hyper::Method;
+use std::cell::RefCell;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+struct RemoteSource {
+    client: Arc<Client>,
+    rt: tokio::runtime::Handle,
+    max_chunk: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Bad(String);
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<zstd::bulk::Decompressor<'static>> =
+        RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+}
+
+impl RemoteSource {
+    fn get(&self, path: String) -> Result<Bytes, SourceError> {
+        self.rt
+            .block_on(self.client.request(Method::GET, &path, Bytes::new()))
+            .map_err(SourceError::new)
+    }
+}
+
+impl BlobSource for RemoteSource {
+    fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError> {
+        let bytes = self.get(format!("/v1/restore/tree/{}", id.to_hex()))?;
+        if blake3::hash(&bytes).as_bytes() != &id.0 {
+            return Err(SourceError::new(Bad(format!(
+                "tree {} from the server does not hash to its id",
+                id.short()
+            ))));
+        }
+        Tree::decode(&bytes).map_err(SourceError::new)
+    }
+
+    fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
+        let bytes = self.get(format!("/v1/restore/chunk/{}", id.to_hex()))?;
+        let plain = DECOMPRESSOR
+            .with(|d| decode_blob(&mut d.borrow_mut(), bytes.to_vec(), self.max_chunk))
+            .map_err(|e| SourceError::new(Bad(format!("chunk {}: {e}", id.short()))))?;
+        if blake3::hash(&plain).as_bytes() != &id.0 {
+            return Err(SourceError::new(Bad(format!(
+                "chunk {} from the server does not hash to its id",
+                id.short()
+            ))));
+        }
+        Ok(plain)
+    }
+}
+
+pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
+    let started = Instant::now();
+    let target = std::path::absolute(&a.target)
+        .map_err(|e| Failure::usage(format!("restore target {}: {e}", a.target.display())))?;
+    let rt = runtime()?;
+    let client = Arc::new(Client::new(a.socket.clone()));
+    let snap: wire::RestoreStarted = rt
+        .block_on(client.post_json(
+            "/v1/restore/start",
+            &wire::RestoreStart {
+                snapshot: a.snapshot.clone(),
+            },
+        ))
+        .map_err(Failure::run)?;
+    let root: TreeId = snap
+        .tree
+        .parse()
+        .map_err(|e| Failure::run(format!("server sent a bad tree id: {e}")))?;
+    let source = RemoteSource {
+        client: client.clone(),
+        rt: rt.handle().clone(),
+        max_chunk: snap.max_chunk as usize,
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let opts = RestoreOptions {
+        target: target.clone(),
+        includes: a.include.clone(),
+        threads: a.threads.unwrap_or(cpus).max(1),
+    };
+    let stats = Arc::new(RestoreStats::default());
+    let warnings = {
+        let (s, s2) = (stats.clone(), stats.clone());
+        let _progress = Progress::start(
+            move || serde_json::json!({"type": "progress", "files": s.files.load(Relaxed), "bytes": s.bytes.load(Relaxed)}),
+            move || {
+                format!(
+                    "{} files, {} MiB",
+                    s2.files.load(Relaxed),
+                    s2.bytes.load(Relaxed) >> 20
+                )
+            },
+        );
+        restore::restore(&source, &root, &opts, &stats).map_err(Failure::run)?
+    };
+    for w in &warnings {
+        event(&serde_json::json!({"type": "warning", "path": w.path, "message": w.message}));
+        eprintln!("warning: {}: {}", w.path, w.message);
+    }
+    event(&serde_json::json!({
+        "type": "summary", "snapshot": snap.snapshot, "target": target,
+        "files": stats.files.load(Relaxed), "dirs": stats.dirs.load(Relaxed),
+        "others": stats.others.load(Relaxed), "bytes": stats.bytes.load(Relaxed),
+        "warnings": warnings.len(), "connections": client.connections_opened(),
+        "peak_rss_kib": crate::peak_rss_kib(),
+        "duration_ms": started.elapsed().as_millis() as u64,
+    }));
+    Ok(if warnings.is_empty() {
+        Outcome::Ok
+    } else {
+        Outcome::Warnings
+    })
+}

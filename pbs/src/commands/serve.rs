@@ -1,0 +1,41 @@
+//! `serve`: the repository server as a long-running process (for supervisord or
+//! systemd), until SIGTERM or SIGINT.
+
+use super::Context;
+use crate::cli::{ServeArgs, ServeMode};
+use crate::error::CliError;
+use crate::run;
+use crate::server::{self, Mode, Server};
+
+pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
+    let repo = ctx.open_indexed()?;
+    let mode = match args.mode {
+        ServeMode::AppendOnly => Mode::AppendOnly,
+        ServeMode::ReadOnly => Mode::ReadOnly,
+    };
+    let server = Server::new(repo, mode, args.host.clone());
+    let rt = run::runtime()?;
+    rt.block_on(async {
+        let (listener, _guard) = server::bind(&args.socket)?;
+        eprintln!(
+            "haul-pbs: serving {} ({}) on {}",
+            ctx.repo_path()?.display(),
+            match mode {
+                Mode::AppendOnly => "append-only",
+                Mode::ReadOnly => "read-only",
+            },
+            args.socket.display()
+        );
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("signal handler");
+            let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutting down: no new connections; requests in progress finish");
+        };
+        server::serve(server, listener, shutdown).await
+    })
+}

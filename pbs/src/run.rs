@@ -1,0 +1,267 @@
+//! One run of an agent against a repository server of this process: the `local`
+//! transport (the agent is a child process; the server listens on a socket in a
+//! private directory of this run). SSH runs come later and reuse the record.
+
+use crate::error::CliError;
+use crate::server::{self, Server};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Lines of agent output kept for the run record.
+const TAIL_LINES: usize = 40;
+
+/// What the agent did, as seen from this side.
+pub struct AgentRun {
+    /// The agent's exit code (`None`: killed by a signal).
+    pub exit: Option<i32>,
+    /// Its last `summary` event, if it printed one.
+    pub summary: Option<serde_json::Value>,
+    pub warnings: Vec<serde_json::Value>,
+    /// Its `error` event's message, else the last line of its stderr.
+    pub error: Option<String>,
+    pub tail: Vec<String>,
+    /// Connections the server accepted during the run.
+    pub connections: u64,
+    pub agent_peak_rss_kib: u64,
+}
+
+/// The agent binary: `--agent`/`$HAUL_AGENT`, else `haul-agent` beside this
+/// executable, else on `$PATH`.
+pub fn agent_binary(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("haul-agent");
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("haul-agent")
+}
+
+/// A multi-threaded runtime for the server; blocking threads do the engine's work.
+pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.min(4))
+        .max_blocking_threads(2 * cpus + 2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io("cannot start the server runtime".into(), e))
+}
+
+/// Starts `server` on a fresh socket in a private directory, runs `agent` with
+/// `args` (the socket path is appended as `--socket PATH`) and `stdin`, relays its
+/// progress to `progress`, and stops the server when the agent has exited.
+pub fn run_agent(
+    server: Arc<Server>,
+    agent: &Path,
+    args: Vec<OsString>,
+    stdin: Option<String>,
+    progress: &(dyn Fn(&serde_json::Value) + Sync),
+) -> Result<AgentRun, CliError> {
+    let rt = runtime()?;
+    let dir = tempfile::Builder::new()
+        .prefix("haul-run-")
+        .tempdir()
+        .map_err(|e| CliError::Io("cannot create the run's private directory".into(), e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| CliError::Io(format!("cannot restrict {}", dir.path().display()), e))?;
+    }
+    let socket = dir.path().join("repo.sock");
+    rt.block_on(async {
+        let (listener, _guard) = server::bind(&socket)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server::serve(server.clone(), listener, async {
+            let _ = stop_rx.await;
+        }));
+        let result = drive_agent(agent, args, &socket, stdin, progress).await;
+        let _ = stop_tx.send(());
+        match serving.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(CliError::Failed(format!("repository server failed: {e}"))),
+        }
+        let mut run = result?;
+        run.connections = server.connections();
+        Ok(run)
+    })
+}
+
+async fn drive_agent(
+    agent: &Path,
+    mut args: Vec<OsString>,
+    socket: &Path,
+    stdin: Option<String>,
+    progress: &(dyn Fn(&serde_json::Value) + Sync),
+) -> Result<AgentRun, CliError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    args.push("--socket".into());
+    args.push(socket.into());
+    let mut child = tokio::process::Command::new(agent)
+        .args(&args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            CliError::Io(
+                format!(
+                    "cannot start the agent {} (install haul-agent beside haul-pbs or give --agent)",
+                    agent.display()
+                ),
+                e,
+            )
+        })?;
+    let mut input = child.stdin.take().expect("piped");
+    if let Some(line) = stdin {
+        let _ = input.write_all(line.as_bytes()).await;
+        let _ = input.write_all(b"\n").await;
+    }
+    drop(input);
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let mut run = AgentRun {
+        exit: None,
+        summary: None,
+        warnings: Vec::new(),
+        error: None,
+        tail: Vec::new(),
+        connections: 0,
+        agent_peak_rss_kib: 0,
+    };
+    let mut tail = VecDeque::new();
+    let keep = |line: &str, tail: &mut VecDeque<String>| {
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_string());
+    };
+    let err_task = tokio::spawn(async move {
+        let mut lines = stderr.lines();
+        let mut all = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            tracing::debug!("agent: {l}");
+            all.push(l);
+            if all.len() > TAIL_LINES {
+                all.remove(0);
+            }
+        }
+        all
+    });
+    let mut lines = stdout.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            keep(&line, &mut tail);
+            continue;
+        };
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("progress") => {}
+            Some("summary") => run.summary = Some(v.clone()),
+            Some("warning") => run.warnings.push(v.clone()),
+            Some("error") => {
+                run.error = v.get("message").and_then(|m| m.as_str()).map(String::from)
+            }
+            _ => {}
+        }
+        if v.get("type").and_then(|t| t.as_str()) != Some("progress") {
+            keep(&line, &mut tail);
+        }
+        progress(&v);
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| CliError::Io("waiting for the agent".into(), e))?;
+    let errs = err_task.await.unwrap_or_default();
+    for l in &errs {
+        keep(&format!("stderr: {l}"), &mut tail);
+    }
+    if run.error.is_none() && !status.success() && status.code() != Some(3) {
+        run.error = Some(
+            errs.last()
+                .cloned()
+                .unwrap_or_else(|| format!("the agent ended with {status}")),
+        );
+    }
+    run.exit = status.code();
+    run.tail = tail.into_iter().collect();
+    run.agent_peak_rss_kib = run
+        .summary
+        .as_ref()
+        .and_then(|s| s["peak_rss_kib"].as_u64())
+        .unwrap_or(0);
+    Ok(run)
+}
+
+/// Peak resident memory of this process, in KiB (`VmHWM`, which unlike `ru_maxrss`
+/// is not inherited from the process that started this one).
+pub fn own_peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A run, as recorded in the state directory.
+#[derive(Debug, Serialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub host: String,
+    pub kind: &'static str,
+    pub transport: &'static str,
+    pub start: chrono::DateTime<chrono::Utc>,
+    pub end: chrono::DateTime<chrono::Utc>,
+    /// `ok`, `warning` or `failed`.
+    pub status: &'static str,
+    pub snapshot: Option<String>,
+    pub counters: Option<serde_json::Value>,
+    pub connections: u64,
+    pub agent_peak_rss_kib: u64,
+    pub pbs_peak_rss_kib: u64,
+    pub output_tail: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl RunRecord {
+    /// Writes the record as `runs/<id>.json`, durably (temp file, fsync, rename).
+    pub fn save(&self, runs: &Path) -> Result<PathBuf, CliError> {
+        std::fs::create_dir_all(runs)
+            .map_err(|e| CliError::Io(format!("run records directory {}", runs.display()), e))?;
+        let path = runs.join(format!("{}.json", self.id));
+        let tmp = runs.join(format!(".{}.tmp", self.id));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            serde_json::to_writer_pretty(&mut f, self)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(runs)?.sync_all()
+        };
+        write().map_err(|e| CliError::Io(format!("run record {}", path.display()), e))?;
+        Ok(path)
+    }
+}
+
+/// A run id: sortable by time, unique.
+pub fn new_run_id(now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut r = [0u8; 4];
+    getrandom::getrandom(&mut r).expect("OS random numbers");
+    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), hex::encode(r))
+}

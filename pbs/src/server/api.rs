@@ -1,0 +1,454 @@
+//! Routes and handlers: each turns one HTTP request into calls on the engine, run on
+//! blocking threads (the engine does disk I/O and hashing), and its result into a
+//! response. The routes of a server are those of its mode, and no others: there is no
+//! route that deletes, overwrites or lists anything.
+
+use super::error::{ApiError, Code};
+use super::{Mode, RestoreScope, Server};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use haul_protocol::wire::{self, FRAME_HEADER_LEN};
+use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
+use haul_repo::format::snapshot::Summary;
+use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
+use http_body_util::BodyExt;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+type St = State<Arc<Server>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(server: Arc<Server>) -> Router {
+    let r = match server.mode {
+        Mode::AppendOnly => Router::new()
+            .route("/v1/backup/start", post(backup_start))
+            .route("/v1/backup/tree/{id}", get(backup_tree))
+            .route(
+                "/v1/backup/missing",
+                post(backup_missing).layer(DefaultBodyLimit::max(
+                    wire::MAX_REFS_PER_REQUEST * wire::REF_LEN,
+                )),
+            )
+            .route("/v1/backup/upload", post(backup_upload))
+            .route("/v1/backup/commit", post(backup_commit))
+            .route("/v1/backup/abandon", post(backup_abandon)),
+        Mode::ReadOnly => Router::new()
+            .route("/v1/restore/start", post(restore_start))
+            .route("/v1/restore/tree/{id}", get(restore_tree))
+            .route("/v1/restore/chunk/{id}", get(restore_chunk)),
+    };
+    r.fallback(|| async { ApiError::new(Code::NotFound, "no such API route on this server") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                Code::MethodNotAllowed,
+                "method not allowed: this server never deletes or replaces anything",
+            )
+        })
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(server)
+}
+
+/// Runs engine work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(Code::Internal, format!("worker failed: {e}")))?
+}
+
+fn parse_id(s: &str) -> ApiResult<[u8; 32]> {
+    let mut id = [0u8; 32];
+    if s.len() != 64 || hex::decode_to_slice(s, &mut id).is_err() {
+        return Err(ApiError::new(
+            Code::BadId,
+            format!(
+                "{:?} is not an id: ids are 64 lowercase hex digits",
+                s.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    Ok(id)
+}
+
+fn octets(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(Code::BadRequest, format!("request body: {e}")))
+}
+
+impl Server {
+    fn current_session(&self) -> ApiResult<Arc<IngestSession<'static>>> {
+        self.session
+            .lock()
+            .expect("session")
+            .clone()
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::NoSession,
+                    "no backup session: POST /v1/backup/start first",
+                )
+            })
+    }
+
+    fn check_host(&self, host: &str) -> ApiResult<()> {
+        match &self.host {
+            Some(h) if h != host => Err(ApiError::new(
+                Code::Forbidden,
+                format!("this server takes backups of host {h:?} only, not {host:?}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+// ---- append-only ----
+
+async fn backup_start(State(s): St, body: Bytes) -> ApiResult<Json<wire::BackupStarted>> {
+    let req: wire::BackupStart = json_body(&body)?;
+    s.check_host(&req.host)?;
+    if s.session.lock().expect("session").is_some() {
+        return Err(ApiError::new(
+            Code::SessionActive,
+            "a backup session is already running on this server",
+        ));
+    }
+    let server = s.clone();
+    let session = blocking(move || {
+        let repo = server.repo;
+        let parent = match req.parent.as_str() {
+            "latest" => ParentChoice::Latest,
+            "none" => ParentChoice::None,
+            spec => {
+                let (id, snap) = repo.find_snapshot(spec)?;
+                if snap.host != req.host {
+                    return Err(ApiError::new(
+                        Code::Forbidden,
+                        format!("snapshot {} is not one of host {:?}", id.short(), req.host),
+                    ));
+                }
+                ParentChoice::Snapshot(id)
+            }
+        };
+        let info = SessionInfo {
+            host: req.host,
+            paths: req.paths,
+            tags: req.tags,
+            source: server.source,
+            parent,
+        };
+        Ok(IngestSession::start(repo, info)?)
+    })
+    .await?;
+    let started = wire::BackupStarted {
+        chunker: session.chunker_params(),
+        compression_level: s.repo.config().compression_level,
+        parent_snapshot: session.parent().map(|(id, _)| id.to_hex()),
+        parent_tree: session.parent_tree().map(|t| t.to_hex()),
+        max_upload_body: wire::MAX_UPLOAD_BODY,
+    };
+    let mut slot = s.session.lock().expect("session");
+    if slot.is_some() {
+        return Err(ApiError::new(
+            Code::SessionActive,
+            "a backup session is already running on this server",
+        ));
+    }
+    *slot = Some(Arc::new(session));
+    Ok(Json(started))
+}
+
+async fn backup_tree(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = TreeId(parse_id(&id)?);
+    let session = s.current_session()?;
+    let bytes = blocking(move || Ok(session.read_tree(&id)?.encode())).await?;
+    Ok(octets(bytes))
+}
+
+async fn backup_missing(State(s): St, body: Bytes) -> ApiResult<Response> {
+    let refs = wire::decode_refs(&body).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+    let session = s.current_session()?;
+    let missing = blocking(move || Ok(session.missing(&refs)?)).await?;
+    let mut out = Vec::with_capacity(missing.len() * wire::REF_LEN);
+    for r in &missing {
+        wire::encode_ref(&mut out, r);
+    }
+    Ok(octets(out))
+}
+
+/// Reads the frames of an upload as they arrive and hands each complete one to a
+/// verifying thread at once: the body is always read at the speed it comes (over SSH
+/// an unread channel would stall the whole connection), and memory is bounded by the
+/// body limit, not by how far verification lags.
+async fn backup_upload(
+    State(s): St,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<wire::UploadDone>> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > wire::MAX_UPLOAD_BODY {
+            return Err(too_large(len));
+        }
+    }
+    let _permit = s.uploads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            Code::Busy,
+            format!(
+                "{} uploads are already running: wait for one to finish",
+                super::MAX_UPLOADS_IN_FLIGHT
+            ),
+        )
+    })?;
+    let session = s.current_session()?;
+    let max_blob = s.repo.config().chunker.max_size as u64 + 64 * 1024 + 1;
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total: u64 = 0;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut done = wire::UploadDone::default();
+    let mut failed: Option<ApiError> = None;
+    let mut pending: Option<(BlobRef, usize)> = None;
+    let reap = |r: Result<Result<bool, haul_repo::Error>, tokio::task::JoinError>,
+                done: &mut wire::UploadDone,
+                failed: &mut Option<ApiError>| match r {
+        Ok(Ok(new)) => done.stored += new as u64,
+        Ok(Err(e)) => {
+            failed.get_or_insert(e.into());
+        }
+        Err(e) => {
+            failed.get_or_insert(ApiError::new(
+                Code::Internal,
+                format!("verifier failed: {e}"),
+            ));
+        }
+    };
+    loop {
+        let frame = match body.frame().await {
+            None => break,
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                return Err(ApiError::new(
+                    Code::TruncatedBody,
+                    format!("upload body ended early: {e}"),
+                ))
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        if total > wire::MAX_UPLOAD_BODY {
+            return Err(too_large(total));
+        }
+        buf.extend_from_slice(&data);
+        let mut at = 0;
+        loop {
+            if pending.is_none() {
+                if buf.len() - at < FRAME_HEADER_LEN {
+                    break;
+                }
+                let h: &[u8; FRAME_HEADER_LEN] =
+                    buf[at..at + FRAME_HEADER_LEN].try_into().expect("header");
+                let (r, len) =
+                    wire::decode_frame_header(h).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+                if len as u64 > max_blob {
+                    return Err(ApiError::new(
+                        Code::BlobTooLarge,
+                        format!("{r} of {len} encoded bytes is larger than any chunk may be"),
+                    ));
+                }
+                at += FRAME_HEADER_LEN;
+                pending = Some((r, len as usize));
+            }
+            let (r, len) = pending.expect("set above");
+            if buf.len() - at < len {
+                break;
+            }
+            let encoded = buf[at..at + len].to_vec();
+            at += len;
+            pending = None;
+            done.received += 1;
+            while let Some(r) = tasks.try_join_next() {
+                reap(r, &mut done, &mut failed);
+            }
+            if failed.is_none() {
+                let session = session.clone();
+                tasks.spawn_blocking(move || session.add_encoded(r.kind, &r.id, encoded));
+            }
+        }
+        buf.drain(..at);
+    }
+    if pending.is_some() || !buf.is_empty() {
+        return Err(ApiError::new(
+            Code::TruncatedBody,
+            format!(
+                "upload body ends inside a frame ({} bytes of it left over)",
+                buf.len()
+            ),
+        ));
+    }
+    while let Some(r) = tasks.join_next().await {
+        reap(r, &mut done, &mut failed);
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(Json(done)),
+    }
+}
+
+fn too_large(len: u64) -> ApiError {
+    ApiError::new(
+        Code::BodyTooLarge,
+        format!(
+            "upload body of {len} bytes exceeds the limit of {} bytes: send fewer blobs per request",
+            wire::MAX_UPLOAD_BODY
+        ),
+    )
+}
+
+/// Takes the session out for good (commit or abandon). Refused while uploads still
+/// hold it: their blobs must be in before the completeness check.
+fn take_session(s: &Server) -> ApiResult<IngestSession<'static>> {
+    let mut slot = s.session.lock().expect("session");
+    let arc = slot.take().ok_or_else(|| {
+        ApiError::new(
+            Code::NoSession,
+            "no backup session: POST /v1/backup/start first",
+        )
+    })?;
+    match Arc::try_unwrap(arc) {
+        Ok(session) => Ok(session),
+        Err(arc) => {
+            *slot = Some(arc);
+            Err(ApiError::new(
+                Code::Busy,
+                "uploads of this session are still running: commit after they finish",
+            ))
+        }
+    }
+}
+
+async fn backup_commit(State(s): St, body: Bytes) -> ApiResult<Json<wire::Committed>> {
+    let req: wire::Commit = json_body(&body)?;
+    let root = TreeId(parse_id(&req.root)?);
+    let session = take_session(&s)?;
+    let server = s.clone();
+    let (id, snap) = blocking(move || {
+        let c = req.counters;
+        let summary = Summary {
+            files_new: c.files_new,
+            files_changed: c.files_changed,
+            files_unchanged: c.files_unchanged,
+            dirs: c.dirs,
+            bytes_read: c.bytes_read,
+            bytes_total: c.bytes_total,
+            warnings: c.warnings,
+            ..Default::default()
+        };
+        let committed = session.commit(root, summary)?;
+        *server.committed.lock().expect("committed") = Some(committed.clone());
+        Ok(committed)
+    })
+    .await?;
+    Ok(Json(wire::Committed {
+        snapshot: id.to_hex(),
+        time: snap.time.to_rfc3339(),
+        bytes_new: snap.summary.bytes_new,
+        bytes_stored: snap.summary.bytes_stored,
+        blobs_new: snap.summary.blobs_new,
+    }))
+}
+
+async fn backup_abandon(State(s): St) -> ApiResult<Json<serde_json::Value>> {
+    let session = take_session(&s)?;
+    blocking(move || Ok(session.abandon()?)).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+// ---- read-only ----
+
+async fn restore_start(State(s): St, body: Bytes) -> ApiResult<Json<wire::RestoreStarted>> {
+    let req: wire::RestoreStart = json_body(&body)?;
+    let server = s.clone();
+    let (id, snap) = blocking(move || Ok(server.repo.find_snapshot(&req.snapshot)?)).await?;
+    s.check_host(&snap.host)?;
+    *s.restore.lock().expect("restore scope") = Some(RestoreScope {
+        trees: HashSet::from([snap.tree]),
+        chunks: HashSet::new(),
+    });
+    Ok(Json(wire::RestoreStarted {
+        snapshot: id.to_hex(),
+        tree: snap.tree.to_hex(),
+        host: snap.host,
+        paths: snap.paths,
+        time: snap.time.to_rfc3339(),
+        max_chunk: s.repo.config().chunker.max_size,
+    }))
+}
+
+fn no_restore() -> ApiError {
+    ApiError::new(
+        Code::NoSession,
+        "no restore session: POST /v1/restore/start first",
+    )
+}
+
+async fn restore_tree(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = TreeId(parse_id(&id)?);
+    {
+        let scope = s.restore.lock().expect("restore scope");
+        let scope = scope.as_ref().ok_or_else(no_restore)?;
+        if !scope.trees.contains(&id) {
+            return Err(ApiError::new(
+                Code::Forbidden,
+                format!(
+                    "tree {} is not part of the snapshot being restored",
+                    id.short()
+                ),
+            ));
+        }
+    }
+    let server = s.clone();
+    let tree = blocking(move || Ok(server.repo.load_tree(&id)?)).await?;
+    {
+        let mut scope = s.restore.lock().expect("restore scope");
+        if let Some(scope) = scope.as_mut() {
+            for n in &tree.nodes {
+                scope.trees.extend(n.subtree);
+                scope.chunks.extend(n.content.iter().copied());
+            }
+        }
+    }
+    Ok(octets(tree.encode()))
+}
+
+async fn restore_chunk(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = ChunkId(parse_id(&id)?);
+    {
+        let scope = s.restore.lock().expect("restore scope");
+        let scope = scope.as_ref().ok_or_else(no_restore)?;
+        if !scope.chunks.contains(&id) {
+            return Err(ApiError::new(
+                Code::Forbidden,
+                format!(
+                    "chunk {} is not in a tree of the snapshot being restored that was read",
+                    id.short()
+                ),
+            ));
+        }
+    }
+    let server = s.clone();
+    let bytes = blocking(move || Ok(server.repo.load_encoded(BlobKind::Data, &id.0)?)).await?;
+    Ok(octets(bytes))
+}

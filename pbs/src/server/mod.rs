@@ -1,0 +1,212 @@
+//! The repository server: the ingest protocol (`haul_protocol::wire`) over HTTP/1.1 on
+//! a Unix socket, as a thin adapter over the engine's sessions.
+//!
+//! - [`Mode::AppendOnly`]: one backup session at a time (start, parent trees, which are
+//!   missing, upload, commit); nothing can be read but the parent's trees, nothing
+//!   deleted or overwritten.
+//! - [`Mode::ReadOnly`]: one snapshot is streamed out; only trees and chunks reachable
+//!   from it can be read.
+//!
+//! The socket lives in a directory only its owner can enter (0700) and is itself 0600;
+//! [`bind`] refuses to start over a live socket and replaces a stale one, and the
+//! returned guard removes the socket when the server ends.
+
+mod api;
+pub mod error;
+
+use crate::error::CliError;
+use haul_protocol::{ChunkId, SnapshotId, TreeId};
+use haul_repo::format::snapshot::{Snapshot, SourceKind};
+use haul_repo::ingest::IngestSession;
+use haul_repo::IndexedRepository;
+use std::collections::HashSet;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    AppendOnly,
+    ReadOnly,
+}
+
+/// Most upload requests handled at once; more are refused with `busy`. With the
+/// largest body this bounds what the server holds of uploads in memory.
+pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
+
+/// What one server serves, and what it has done.
+pub struct Server {
+    repo: &'static IndexedRepository,
+    mode: Mode,
+    /// When set, sessions may only be for this host (a pull knows whom it pulls).
+    host: Option<String>,
+    source: SourceKind,
+    session: Mutex<Option<Arc<IngestSession<'static>>>>,
+    committed: Mutex<Option<(SnapshotId, Snapshot)>>,
+    restore: Mutex<Option<RestoreScope>>,
+    connections: AtomicU64,
+    uploads: Arc<tokio::sync::Semaphore>,
+}
+
+/// What a restore session may read: the snapshot's trees and the chunks they name,
+/// learnt as its trees are read (so nothing else in the repository can be asked for).
+struct RestoreScope {
+    trees: HashSet<TreeId>,
+    chunks: HashSet<ChunkId>,
+}
+
+impl Server {
+    /// A server for `repo`, which it keeps for the rest of the process: a server
+    /// process serves one repository (it is leaked so that sessions can borrow it
+    /// from any task).
+    pub fn new(repo: IndexedRepository, mode: Mode, host: Option<String>) -> Arc<Server> {
+        let repo: &'static IndexedRepository = Box::leak(Box::new(repo));
+        Arc::new(Server {
+            repo,
+            mode,
+            host,
+            source: SourceKind::Pull,
+            session: Mutex::new(None),
+            committed: Mutex::new(None),
+            restore: Mutex::new(None),
+            connections: AtomicU64::new(0),
+            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
+        })
+    }
+
+    pub fn with_source(self: Arc<Self>, source: SourceKind) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        s.source = source;
+        Arc::new(s)
+    }
+
+    pub fn repo(&self) -> &'static IndexedRepository {
+        self.repo
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Relaxed)
+    }
+
+    /// The snapshot the last session committed, if one did.
+    pub fn committed(&self) -> Option<(SnapshotId, Snapshot)> {
+        self.committed.lock().expect("committed").clone()
+    }
+
+    /// Ends a session that did not commit; what it stored stays usable.
+    pub fn abandon_session(&self) {
+        let session = self.session.lock().expect("session").take();
+        if let Some(s) = session {
+            // Dropping the last reference flushes its packs and index.
+            drop(s);
+        }
+    }
+}
+
+/// Removes the socket file when the server ends, however it ends.
+pub struct SocketGuard {
+    pub path: PathBuf,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds a Unix socket at `path`, in a private directory, for the owner only. Must be
+/// called inside a tokio runtime.
+pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketGuard), CliError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            if !m.is_dir() {
+                return Err(CliError::usage(format!(
+                    "socket directory {} is not a directory",
+                    dir.display()
+                )));
+            }
+            if m.mode() & 0o077 != 0 || m.uid() != unsafe { libc::geteuid() } {
+                return Err(CliError::usage(format!(
+                    "socket directory {} must belong to this user and be private (mode 0700, it is {:o}): chmod 700 it or choose another",
+                    dir.display(),
+                    m.mode() & 0o7777
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    CliError::Io(
+                        format!("cannot create socket directory {}", dir.display()),
+                        e,
+                    )
+                })?;
+        }
+        Err(e) => {
+            return Err(CliError::Io(
+                format!("socket directory {}", dir.display()),
+                e,
+            ))
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(CliError::usage(format!(
+                    "a server is already listening on {}: stop it or choose another socket",
+                    path.display()
+                )));
+            }
+            // Nobody answers: a stale socket of a server that died.
+            std::fs::remove_file(path).map_err(|e| {
+                CliError::Io(format!("cannot remove stale socket {}", path.display()), e)
+            })?;
+        }
+        Ok(_) => {
+            return Err(CliError::usage(format!(
+                "{} exists and is not a socket: refusing to replace it",
+                path.display()
+            )))
+        }
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| CliError::Io(format!("cannot listen on {}", path.display()), e))?;
+    let guard = SocketGuard {
+        path: path.to_path_buf(),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| CliError::Io(format!("cannot restrict {}", path.display()), e))?;
+    Ok((listener, guard))
+}
+
+/// Serves `server` on `socket` until `shutdown` resolves; then stops accepting, lets
+/// requests in progress finish, and returns. A session that did not commit is
+/// abandoned safely (its packs and index are kept).
+pub async fn serve(
+    server: Arc<Server>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CliError> {
+    use axum::serve::ListenerExt;
+    let counter = server.clone();
+    let listener = listener.tap_io(move |_| {
+        counter.connections.fetch_add(1, Relaxed);
+    });
+    let app = api::router(server.clone());
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| CliError::Io("repository server".into(), e));
+    server.abandon_session();
+    result
+}

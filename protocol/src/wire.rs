@@ -1,0 +1,192 @@
+//! The ingest and restore protocol between `haul-agent` and the pbs: HTTP/1.1 over a
+//! Unix socket (forwarded over SSH in a real pull). Both sides use these types, so the
+//! agent and the server cannot disagree on a field or a frame.
+//!
+//! Append-only server (one backup session at a time):
+//!
+//! | request | body | answer |
+//! |---|---|---|
+//! | `POST /v1/backup/start` | [`BackupStart`] (JSON) | [`BackupStarted`] |
+//! | `GET /v1/backup/tree/{id}` | — | the tree's canonical bytes (parent trees only) |
+//! | `POST /v1/backup/missing` | [`BlobRef`]s, [`REF_LEN`] bytes each | the refs the repository lacks, same encoding |
+//! | `POST /v1/backup/upload` | frames (see [`encode_frame_header`]) | [`UploadDone`] |
+//! | `POST /v1/backup/commit` | [`Commit`] | [`Committed`] |
+//! | `POST /v1/backup/abandon` | — | `{}`: the session ends; what it stored is kept |
+//!
+//! Read-only server (restore):
+//!
+//! | request | body | answer |
+//! |---|---|---|
+//! | `POST /v1/restore/start` | [`RestoreStart`] | [`RestoreStarted`] |
+//! | `GET /v1/restore/tree/{id}` | — | the tree's canonical bytes |
+//! | `GET /v1/restore/chunk/{id}` | — | the chunk in its transfer encoding ([`crate::chunker::decode_blob`]) |
+//!
+//! Every error is a JSON [`ErrorBody`] with a stable machine `code`.
+
+use crate::chunker::ChunkerParams;
+use crate::id::{BlobKind, BlobRef};
+use serde::{Deserialize, Serialize};
+
+/// One blob reference on the wire: a kind byte ([`BlobKind::code`]) and the 32-byte id.
+pub const REF_LEN: usize = 33;
+/// A frame header: kind byte, 32-byte id, little-endian u32 length of the encoded blob.
+pub const FRAME_HEADER_LEN: usize = 37;
+/// Most refs in one `missing` request.
+pub const MAX_REFS_PER_REQUEST: usize = 65_536;
+/// Largest upload request body the server accepts.
+pub const MAX_UPLOAD_BODY: u64 = 32 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupStart {
+    pub host: String,
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `"latest"` (the newest snapshot of this host and paths), `"none"`, or a
+    /// snapshot id or unique prefix.
+    #[serde(default = "latest")]
+    pub parent: String,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupStarted {
+    pub chunker: ChunkerParams,
+    /// zstd level the repository asks for.
+    pub compression_level: i32,
+    pub parent_snapshot: Option<String>,
+    pub parent_tree: Option<String>,
+    /// Largest upload body the server accepts.
+    pub max_upload_body: u64,
+}
+
+/// The run's counters, as the agent saw them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunCounters {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unchanged: u64,
+    pub dirs: u64,
+    pub bytes_read: u64,
+    pub bytes_total: u64,
+    pub warnings: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Commit {
+    pub root: String,
+    pub counters: RunCounters,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Committed {
+    pub snapshot: String,
+    pub time: String,
+    /// Plaintext bytes of blobs new to the repository.
+    pub bytes_new: u64,
+    /// Bytes added to the repository (compressed and sealed).
+    pub bytes_stored: u64,
+    pub blobs_new: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UploadDone {
+    /// Blobs in the request.
+    pub received: u64,
+    /// Of those, blobs the repository did not have.
+    pub stored: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreStart {
+    /// A snapshot id, a unique prefix, or `"latest"`.
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreStarted {
+    pub snapshot: String,
+    pub tree: String,
+    pub host: String,
+    pub paths: Vec<String>,
+    pub time: String,
+    /// Largest chunk of the repository (the chunker's maximum): a receiver refuses
+    /// to decode anything larger.
+    pub max_chunk: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `id_mismatch`, `missing_blobs`, `no_session`, ...
+    pub code: String,
+    pub message: String,
+}
+
+pub fn encode_ref(out: &mut Vec<u8>, r: &BlobRef) {
+    out.push(r.kind.code());
+    out.extend_from_slice(&r.id);
+}
+
+/// Decodes a body of concatenated refs.
+pub fn decode_refs(bytes: &[u8]) -> Result<Vec<BlobRef>, String> {
+    if !bytes.len().is_multiple_of(REF_LEN) {
+        return Err(format!(
+            "{} bytes is not a whole number of {REF_LEN}-byte blob references",
+            bytes.len()
+        ));
+    }
+    bytes
+        .chunks_exact(REF_LEN)
+        .map(|c| {
+            let kind =
+                BlobKind::from_code(c[0]).ok_or_else(|| format!("unknown blob kind {}", c[0]))?;
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&c[1..]);
+            Ok(BlobRef { kind, id })
+        })
+        .collect()
+}
+
+/// Writes an upload frame's header; the `len` encoded bytes follow it.
+pub fn encode_frame_header(out: &mut Vec<u8>, r: &BlobRef, len: u32) {
+    encode_ref(out, r);
+    out.extend_from_slice(&len.to_le_bytes());
+}
+
+/// Reads a frame header.
+pub fn decode_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<(BlobRef, u32), String> {
+    let r = decode_refs(&h[..REF_LEN])?.remove(0);
+    let len = u32::from_le_bytes(h[REF_LEN..].try_into().expect("4 bytes"));
+    Ok((r, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ChunkId;
+
+    #[test]
+    fn refs_and_frames_round_trip_and_reject_garbage() {
+        let a = BlobRef::data(ChunkId::of(b"a"));
+        let mut buf = Vec::new();
+        encode_ref(&mut buf, &a);
+        assert_eq!(decode_refs(&buf).unwrap(), vec![a]);
+        assert!(decode_refs(&buf[..32]).is_err());
+        buf[0] = 9;
+        assert!(decode_refs(&buf)
+            .unwrap_err()
+            .contains("unknown blob kind 9"));
+        let mut h = Vec::new();
+        encode_frame_header(&mut h, &a, 12345);
+        let (r, len) = decode_frame_header(&h.try_into().unwrap()).unwrap();
+        assert_eq!((r, len), (a, 12345));
+    }
+}
