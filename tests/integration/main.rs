@@ -7,7 +7,9 @@
 
 mod check;
 mod dedup;
+mod hostile;
 mod ingest;
 mod keys;
 mod locks;
+mod pull;
 mod roundtrip;

@@ -6,6 +6,7 @@
 use super::error::{ApiError, Code};
 use super::{Mode, RestoreScope, Server};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
@@ -79,8 +80,23 @@ fn octets(bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(bytes)
+/// A whole small body (JSON or a list of refs); axum's own refusals (too large,
+/// truncated) become API errors with their machine code.
+type Whole = Result<Bytes, BytesRejection>;
+
+fn whole(body: Whole) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        let code = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            Code::BodyTooLarge
+        } else {
+            Code::TruncatedBody
+        };
+        ApiError::new(code, format!("request body: {}", e.body_text()))
+    })
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: Whole) -> ApiResult<T> {
+    serde_json::from_slice(&whole(body)?)
         .map_err(|e| ApiError::new(Code::BadRequest, format!("request body: {e}")))
 }
 
@@ -111,8 +127,8 @@ impl Server {
 
 // ---- append-only ----
 
-async fn backup_start(State(s): St, body: Bytes) -> ApiResult<Json<wire::BackupStarted>> {
-    let req: wire::BackupStart = json_body(&body)?;
+async fn backup_start(State(s): St, body: Whole) -> ApiResult<Json<wire::BackupStarted>> {
+    let req: wire::BackupStart = json_body(body)?;
     s.check_host(&req.host)?;
     if s.session.lock().expect("session").is_some() {
         return Err(ApiError::new(
@@ -172,8 +188,8 @@ async fn backup_tree(State(s): St, Path(id): Path<String>) -> ApiResult<Response
     Ok(octets(bytes))
 }
 
-async fn backup_missing(State(s): St, body: Bytes) -> ApiResult<Response> {
-    let refs = wire::decode_refs(&body).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+async fn backup_missing(State(s): St, body: Whole) -> ApiResult<Response> {
+    let refs = wire::decode_refs(&whole(body)?).map_err(|e| ApiError::new(Code::BadRequest, e))?;
     let session = s.current_session()?;
     let missing = blocking(move || Ok(session.missing(&refs)?)).await?;
     let mut out = Vec::with_capacity(missing.len() * wire::REF_LEN);
@@ -339,8 +355,8 @@ fn take_session(s: &Server) -> ApiResult<IngestSession<'static>> {
     }
 }
 
-async fn backup_commit(State(s): St, body: Bytes) -> ApiResult<Json<wire::Committed>> {
-    let req: wire::Commit = json_body(&body)?;
+async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Committed>> {
+    let req: wire::Commit = json_body(body)?;
     let root = TreeId(parse_id(&req.root)?);
     let session = take_session(&s)?;
     let server = s.clone();
@@ -378,8 +394,8 @@ async fn backup_abandon(State(s): St) -> ApiResult<Json<serde_json::Value>> {
 
 // ---- read-only ----
 
-async fn restore_start(State(s): St, body: Bytes) -> ApiResult<Json<wire::RestoreStarted>> {
-    let req: wire::RestoreStart = json_body(&body)?;
+async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::RestoreStarted>> {
+    let req: wire::RestoreStart = json_body(body)?;
     let server = s.clone();
     let (id, snap) = blocking(move || Ok(server.repo.find_snapshot(&req.snapshot)?)).await?;
     s.check_host(&snap.host)?;

@@ -1,0 +1,789 @@
+//! A hostile client against the append-only repository server: raw HTTP/1.1 on its
+//! Unix socket, trying what a compromised source host could — blobs under wrong ids,
+//! commits of incomplete snapshots, deletes and overwrites, other hosts' data, path
+//! tricks in ids, oversized and truncated bodies, requests without a session. Each gets
+//! its documented refusal (status and machine code), nothing stored is removed or
+//! changed, and afterwards a normal pull succeeds and `check --read-data` is clean.
+
+use haul_protocol::chunker::BLOB_RAW;
+use haul_protocol::tree::{Node, NodeKind, Tree};
+use haul_protocol::wire;
+use haul_protocol::{ChunkId, TreeId};
+use haul_tests::{bin, random_bytes, walk_files, Env};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// Blob kind bytes of the wire's refs and frame headers.
+const DATA: u8 = 0;
+const TREE: u8 = 1;
+/// The largest encoded blob the server takes: the default chunker maximum (8 MiB) plus
+/// 64 KiB of slack and one byte (see `backup_upload`).
+const MAX_BLOB: u32 = 8 * 1024 * 1024 + 64 * 1024 + 1;
+
+// ---- raw HTTP ----
+
+/// One HTTP response as it came off the socket.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// The request, for messages.
+    what: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}: HTTP {} {:?}",
+            self.what,
+            self.status,
+            String::from_utf8_lossy(&self.body[..self.body.len().min(2000)])
+        )
+    }
+
+    /// Asserts a refusal: exactly `status`, and a JSON error body with exactly `code`
+    /// and nothing else in it. Returns the message.
+    fn refused(&self, status: u16, code: &str) -> String {
+        assert_eq!(self.status, status, "{}", self.describe());
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{}",
+            self.describe()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{}: error body is not JSON: {e}", self.describe()));
+        let obj = v.as_object().expect("an object");
+        assert_eq!(
+            obj.keys().collect::<Vec<_>>(),
+            ["error"],
+            "{}",
+            self.describe()
+        );
+        let err = v["error"].as_object().expect("error object");
+        let mut keys: Vec<_> = err.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["code", "message"], "{}", self.describe());
+        assert_eq!(v["error"]["code"], code, "{}", self.describe());
+        let message = v["error"]["message"].as_str().expect("message").to_string();
+        assert!(!message.is_empty(), "{}", self.describe());
+        message
+    }
+
+    /// Asserts a 200 and returns the JSON body.
+    fn ok_json(&self) -> serde_json::Value {
+        assert_eq!(self.status, 200, "{}", self.describe());
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{}: not JSON: {e}", self.describe()))
+    }
+
+    /// Asserts a 200 and returns the octet body.
+    fn ok_octets(&self) -> &[u8] {
+        assert_eq!(self.status, 200, "{}", self.describe());
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/octet-stream"),
+            "{}",
+            self.describe()
+        );
+        &self.body
+    }
+}
+
+fn connect(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    // A server that hangs fails the test instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+/// Sends `head` (the request line and headers, without the blank line ending them;
+/// `Host` and `Connection: close` are added) and then `body` in `pieces` writes,
+/// optionally shuts down the writing half, and reads the answer to EOF. A server may
+/// answer before it has read all of a body it refuses and close the connection, so a
+/// failed write is not an error. `None`: the connection closed without an answer.
+fn exchange(sock: &Path, head: &str, body: &[u8], close_write: bool) -> Option<Reply> {
+    let what = head.lines().next().unwrap_or_default().to_string();
+    let mut s = connect(sock);
+    let head = format!("{head}\r\nHost: haul\r\nConnection: close\r\n\r\n");
+    let mut sent = s.write_all(head.as_bytes());
+    if sent.is_ok() {
+        for piece in body.chunks(1 << 20) {
+            sent = s.write_all(piece);
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+    if close_write {
+        let _ = s.shutdown(Shutdown::Write);
+    }
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        // A reset after the answer arrived: keep what was read.
+        assert!(
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+            "{what}: no answer within the timeout"
+        );
+    }
+    if raw.is_empty() {
+        return None;
+    }
+    Some(parse_reply(&raw, what))
+}
+
+fn parse_reply(raw: &[u8], what: String) -> Reply {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: no end of headers in {:?}",
+                String::from_utf8_lossy(raw)
+            )
+        });
+    let head = std::str::from_utf8(&raw[..end]).expect("ASCII headers");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let mut parts = status_line.splitn(3, ' ');
+    assert_eq!(parts.next(), Some("HTTP/1.1"), "{what}: {status_line}");
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').expect("header line");
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let rest = &raw[end + 4..];
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body = if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        dechunk(rest)
+    } else if let Some(len) = find("content-length") {
+        let len: usize = len.parse().expect("content-length");
+        assert!(
+            rest.len() >= len,
+            "{what}: body of {} bytes, {len} announced",
+            rest.len()
+        );
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+        what,
+    }
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size_line = std::str::from_utf8(&raw[..eol]).expect("chunk size");
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+            .expect("hex chunk size");
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+/// A request with a body of exactly `Content-Length` bytes; an answer is required.
+fn req(sock: &Path, method: &str, target: &str, body: &[u8]) -> Reply {
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nContent-Length: {}",
+        body.len()
+    );
+    exchange(sock, &head, body, false)
+        .unwrap_or_else(|| panic!("{method} {target}: connection closed without an answer"))
+}
+
+fn get(sock: &Path, target: &str) -> Reply {
+    req(sock, "GET", target, b"")
+}
+
+fn post(sock: &Path, target: &str, body: &[u8]) -> Reply {
+    req(sock, "POST", target, body)
+}
+
+fn post_json(sock: &Path, target: &str, v: &serde_json::Value) -> Reply {
+    post(sock, target, v.to_string().as_bytes())
+}
+
+// ---- wire bodies, by hand ----
+
+fn blob_ref(kind: u8, id: &[u8; 32]) -> Vec<u8> {
+    let mut r = vec![kind];
+    r.extend_from_slice(id);
+    r
+}
+
+/// One upload frame: ref, u32 LE length, the encoded bytes.
+fn frame(kind: u8, id: &[u8; 32], encoded: &[u8]) -> Vec<u8> {
+    let mut f = blob_ref(kind, id);
+    f.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+    f.extend_from_slice(encoded);
+    f
+}
+
+/// A blob in its raw transfer encoding.
+fn raw(plain: &[u8]) -> Vec<u8> {
+    let mut e = plain.to_vec();
+    e.push(BLOB_RAW);
+    e
+}
+
+fn hash(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+fn commit_body(root: &str) -> serde_json::Value {
+    serde_json::json!({
+        "root": root,
+        "counters": {
+            "files_new": 1, "files_changed": 0, "files_unchanged": 0, "dirs": 1,
+            "bytes_read": 1, "bytes_total": 1, "warnings": 0,
+        }
+    })
+}
+
+fn start_body(host: &str, parent: &str) -> serde_json::Value {
+    serde_json::json!({"host": host, "paths": ["/srv"], "tags": [], "parent": parent})
+}
+
+// ---- the server ----
+
+/// `haul-pbs serve` as a child process; killed and reaped however the test ends.
+struct Served {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Served {
+    fn start(env: &Env, host: &str) -> Served {
+        let dir = env.path("sock");
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let socket = dir.join("pbs.sock");
+        let log = env.path("serve.log");
+        let child = Command::new(bin("haul-pbs"))
+            .arg("--repo")
+            .arg(env.repo())
+            .arg("--password-file")
+            .arg(env.path("pass"))
+            .arg("--cache-dir")
+            .arg(env.path("cache"))
+            .args(["serve", "--mode", "append-only", "--host", host, "--socket"])
+            .arg(&socket)
+            .env_remove("HAUL_REPO")
+            .env_remove("HAUL_PASSWORD")
+            .env_remove("HAUL_PASSWORD_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn haul-pbs serve");
+        let mut served = Served {
+            child: Some(child),
+            socket,
+            log,
+        };
+        for _ in 0..200 {
+            if let Some(status) = served.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("haul-pbs serve ended with {status}:\n{}", served.log());
+            }
+            if UnixStream::connect(&served.socket).is_ok() {
+                return served;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "haul-pbs serve did not accept on {} within 10 s:\n{}",
+            served.socket.display(),
+            served.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().expect("running").id() as libc::pid_t
+    }
+
+    /// SIGTERM, then waits (bounded) for the server to end.
+    fn stop(mut self) -> (ExitStatus, String) {
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGTERM) }, 0);
+        let mut child = self.child.take().expect("running");
+        for _ in 0..200 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "haul-pbs serve did not end within 10 s of SIGTERM:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---- the repository's files ----
+
+/// Every file of the repository that holds data (not locks or temporaries), by
+/// relative path, with the BLAKE3 of its bytes.
+fn repo_files(env: &Env) -> BTreeMap<PathBuf, [u8; 32]> {
+    let repo = env.repo();
+    let mut files = vec![repo.join("config")];
+    for sub in ["data", "index", "snapshots", "keys"] {
+        files.extend(walk_files(&repo.join(sub)));
+    }
+    files
+        .into_iter()
+        .map(|p| {
+            let h = hash(&std::fs::read(&p).unwrap());
+            (p.strip_prefix(&repo).unwrap().to_path_buf(), h)
+        })
+        .collect()
+}
+
+/// Byte strings no answer may contain: windows of every stored file, and the magic of
+/// a plaintext tree.
+fn repo_needles(env: &Env) -> Vec<Vec<u8>> {
+    let mut needles = vec![b"HTR1".to_vec()];
+    for rel in repo_files(env).keys() {
+        let bytes = std::fs::read(env.repo().join(rel)).unwrap();
+        for at in [0, bytes.len() / 2, bytes.len().saturating_sub(24)] {
+            let w = &bytes[at.min(bytes.len())..(at + 24).min(bytes.len())];
+            if w.len() >= 16 {
+                needles.push(w.to_vec());
+            }
+        }
+    }
+    needles
+}
+
+fn assert_leaks_nothing(r: &Reply, needles: &[Vec<u8>]) {
+    for n in needles {
+        assert!(
+            !r.body.windows(n.len()).any(|w| w == n.as_slice()),
+            "{}: the answer contains repository bytes",
+            r.describe()
+        );
+    }
+}
+
+// ---- the test ----
+
+#[test]
+fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
+    let (env, src) = Env::with_source();
+    std::fs::write(src.join("a.txt"), b"hello from the source host\n").unwrap();
+    std::fs::create_dir_all(src.join("dir")).unwrap();
+    std::fs::write(src.join("dir/b.bin"), random_bytes(7, 300_000)).unwrap();
+    let src_s = src.display().to_string();
+
+    // Another host's snapshot: its data must stay out of web-1's reach.
+    env.pbs(&["backup-local", &src_s, "--host", "other-host"])
+        .expect(0);
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    assert_eq!(snaps.len(), 1);
+    let other_snapshot = snaps[0]["id"].as_str().unwrap().to_string();
+    let other_tree = snaps[0]["tree"].as_str().unwrap().to_string();
+    assert_eq!(snaps[0]["host"], "other-host");
+    // A chunk that is in the repository (a small file is one chunk).
+    let known_chunk = ChunkId::of(b"hello from the source host\n");
+
+    let before = repo_files(&env);
+    let needles = repo_needles(&env);
+    let snapshots_before = env.count("snapshots");
+
+    let server = Served::start(&env, "web-1");
+    let sock = server.socket.clone();
+    let zero = [0u8; 32];
+
+    // 1. No session yet: nothing but `start` is accepted.
+    post(&sock, "/v1/backup/missing", &blob_ref(DATA, &zero)).refused(409, "no_session");
+    post_json(&sock, "/v1/backup/commit", &commit_body(&other_tree)).refused(409, "no_session");
+    post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(DATA, &hash(b"x"), &raw(b"x")),
+    )
+    .refused(409, "no_session");
+    get(&sock, &format!("/v1/backup/tree/{other_tree}")).refused(409, "no_session");
+    post(&sock, "/v1/backup/abandon", b"").refused(409, "no_session");
+
+    // 2. Sessions: only for the server's host, never on another host's parent, one at
+    // a time.
+    post_json(&sock, "/v1/backup/start", &start_body("other-host", "none"))
+        .refused(403, "forbidden");
+    let m = post_json(
+        &sock,
+        "/v1/backup/start",
+        &start_body("web-1", &other_snapshot),
+    )
+    .refused(403, "forbidden");
+    assert!(m.contains(&other_snapshot[..8]), "{m}");
+    post_json(
+        &sock,
+        "/v1/backup/start",
+        &start_body("web-1", "../../config"),
+    )
+    .refused(400, "bad_request");
+    post(&sock, "/v1/backup/start", b"{\"host\": \"web-1\", ").refused(400, "bad_request");
+    let started = post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
+    assert_eq!(started["parent_snapshot"], serde_json::Value::Null);
+    assert_eq!(started["max_upload_body"], wire::MAX_UPLOAD_BODY);
+    assert_eq!(
+        started["chunker"]["max_size"].as_u64().unwrap() + 64 * 1024 + 1,
+        MAX_BLOB as u64
+    );
+    post_json(&sock, "/v1/backup/start", &start_body("web-1", "none"))
+        .refused(409, "session_active");
+
+    // 3. Reads: another host's trees, read routes, path tricks. None of the answers
+    // carries a byte of the repository.
+    let reads: Vec<(String, u16, &str)> = vec![
+        (format!("/v1/backup/tree/{other_tree}"), 403, "forbidden"),
+        // A chunk id is no tree of the (absent) parent either.
+        (
+            format!("/v1/backup/tree/{}", known_chunk.to_hex()),
+            403,
+            "forbidden",
+        ),
+        (
+            format!("/v1/restore/chunk/{}", known_chunk.to_hex()),
+            404,
+            "not_found",
+        ),
+        (format!("/v1/restore/tree/{other_tree}"), 404, "not_found"),
+        ("/config".into(), 404, "not_found"),
+        ("/keys".into(), 404, "not_found"),
+        ("/v1/backup/../../config".into(), 404, "not_found"),
+        ("/v1/backup/tree/../../../config".into(), 404, "not_found"),
+        (
+            format!("/v1/backup/tree/{other_tree}/../../../config"),
+            404,
+            "not_found",
+        ),
+        ("/v1/backup/tree/..%2f..%2fconfig".into(), 400, "bad_id"),
+        (
+            "/v1/backup/tree/..%2f..%2f..%2f..%2f..%2f..%2f..%2f..%2f..%2f..%2fetc%2fpasswd".into(),
+            400,
+            "bad_id",
+        ),
+        (format!("/v1/backup/tree/{}", "Z".repeat(64)), 400, "bad_id"),
+        (
+            format!("/v1/backup/tree/{}", &other_tree[..63]),
+            400,
+            "bad_id",
+        ),
+        (format!("/v1/backup/tree/{other_tree}0"), 400, "bad_id"),
+        ("/v1/backup/tree/".into(), 404, "not_found"),
+    ];
+    for (target, status, code) in &reads {
+        let r = get(&sock, target);
+        r.refused(*status, code);
+        assert_leaks_nothing(&r, &needles);
+    }
+    let r = post_json(
+        &sock,
+        "/v1/restore/start",
+        &serde_json::json!({"snapshot": "latest"}),
+    );
+    r.refused(404, "not_found");
+    assert_leaks_nothing(&r, &needles);
+
+    // 4. Nothing can be deleted or overwritten: no such methods, no such routes.
+    for (method, target) in [
+        ("DELETE", format!("/v1/backup/tree/{other_tree}")),
+        ("PUT", format!("/v1/backup/tree/{other_tree}")),
+        ("PUT", "/v1/backup/upload".to_string()),
+        ("DELETE", "/v1/backup/upload".to_string()),
+        ("PATCH", "/v1/backup/upload".to_string()),
+        ("DELETE", "/v1/backup/commit".to_string()),
+        ("GET", "/v1/backup/missing".to_string()),
+    ] {
+        req(&sock, method, &target, b"").refused(405, "method_not_allowed");
+    }
+    for (method, target) in [
+        ("DELETE", format!("/snapshots/{other_snapshot}")),
+        ("DELETE", format!("/v1/backup/snapshot/{other_snapshot}")),
+        ("PUT", "/config".to_string()),
+    ] {
+        req(&sock, method, &target, b"").refused(404, "not_found");
+    }
+
+    // 5. Blobs under wrong ids are refused, and nothing is stored under the claim.
+    let claimed = hash(b"the bytes the id belongs to");
+    let m = post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(DATA, &claimed, &raw(b"other bytes entirely")),
+    )
+    .refused(422, "id_mismatch");
+    assert!(m.contains(&hex::encode(claimed)), "{m}");
+    let still = post(&sock, "/v1/backup/missing", &blob_ref(DATA, &claimed));
+    assert_eq!(still.ok_octets(), blob_ref(DATA, &claimed));
+    // Overwriting a stored chunk or tree with other bytes is the same wrong claim.
+    post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(DATA, &known_chunk.0, &raw(b"poison for dedup")),
+    )
+    .refused(422, "id_mismatch");
+    let other_tree_id = TreeId(hex::decode(&other_tree).unwrap().try_into().unwrap());
+    post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(TREE, &other_tree_id.0, &raw(&Tree::default().encode())),
+    )
+    .refused(422, "id_mismatch");
+    // The honest bytes of a stored chunk are taken, and not stored again.
+    let same = post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(DATA, &known_chunk.0, &raw(b"hello from the source host\n")),
+    )
+    .ok_json();
+    assert_eq!(same, serde_json::json!({"received": 1, "stored": 0}));
+    let present = post(&sock, "/v1/backup/missing", &blob_ref(DATA, &known_chunk.0));
+    assert!(present.ok_octets().is_empty());
+    // An unknown blob kind, and a "tree" whose entry climbs out of its directory.
+    post(&sock, "/v1/backup/upload", &frame(9, &zero, &raw(b"?"))).refused(400, "bad_request");
+    let sneaky = {
+        let t = Tree {
+            nodes: vec![Node {
+                name: b"xx".to_vec(),
+                kind: NodeKind::File,
+                mode: 0o644,
+                ..Default::default()
+            }],
+        };
+        let mut bytes = t.encode();
+        let at = bytes.windows(2).position(|w| w == b"xx").unwrap();
+        bytes[at..at + 2].copy_from_slice(b"..");
+        bytes
+    };
+    post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(TREE, &hash(&sneaky), &raw(&sneaky)),
+    )
+    .refused(400, "bad_request");
+
+    // 6. Oversized and truncated bodies.
+    let m = exchange(
+        &sock,
+        "POST /v1/backup/upload HTTP/1.1\r\nContent-Length: 40000000",
+        b"",
+        false,
+    )
+    .expect("an answer to an announced oversized body")
+    .refused(413, "body_too_large");
+    assert!(m.contains("40000000"), "{m}");
+    let mut huge = blob_ref(DATA, &zero);
+    huge.extend_from_slice(&(MAX_BLOB + 1).to_le_bytes());
+    post(&sock, "/v1/backup/upload", &huge).refused(413, "blob_too_large");
+    // The largest allowed declaration is not refused for its size: only truncated.
+    let mut largest = blob_ref(DATA, &zero);
+    largest.extend_from_slice(&MAX_BLOB.to_le_bytes());
+    post(&sock, "/v1/backup/upload", &largest).refused(400, "truncated_body");
+    let mut cut = blob_ref(DATA, &zero);
+    cut.extend_from_slice(&100u32.to_le_bytes());
+    cut.extend_from_slice(&[7u8; 10]);
+    let m = post(&sock, "/v1/backup/upload", &cut).refused(400, "truncated_body");
+    assert!(m.contains("10 bytes"), "{m}");
+    post(&sock, "/v1/backup/upload", &cut[..20]).refused(400, "truncated_body");
+    // A body shorter than announced, then the client stops sending.
+    let head = format!(
+        "POST /v1/backup/upload HTTP/1.1\r\nContent-Length: {}",
+        cut.len() + 1000
+    );
+    if let Some(r) = exchange(&sock, &head, &cut, true) {
+        r.refused(400, "truncated_body");
+    }
+    // Without a Content-Length (chunked), the limit holds as the body arrives: frames
+    // of 8 MiB under a wrong id, over 32 MiB in all.
+    {
+        let mut body = Vec::new();
+        let blob = raw(&vec![0u8; 8 * 1024 * 1024]);
+        let one = frame(DATA, &zero, &blob);
+        let mut sent = 0u64;
+        let mut piece_no = 0;
+        while sent <= wire::MAX_UPLOAD_BODY + (1 << 20) {
+            for piece in one.chunks(1 << 20) {
+                body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                body.extend_from_slice(piece);
+                body.extend_from_slice(b"\r\n");
+                sent += piece.len() as u64;
+                piece_no += 1;
+            }
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        assert!(piece_no > 32);
+        let r = exchange(
+            &sock,
+            "POST /v1/backup/upload HTTP/1.1\r\nTransfer-Encoding: chunked",
+            &body,
+            false,
+        )
+        .expect("an answer to a chunked oversized body");
+        r.refused(413, "body_too_large");
+    }
+    // The server is still there and the session still open.
+    assert!(post(&sock, "/v1/backup/missing", b"")
+        .ok_octets()
+        .is_empty());
+    let too_many = vec![0u8; 2_500_000];
+    assert!(too_many.len() > wire::MAX_REFS_PER_REQUEST * wire::REF_LEN);
+    exchange(
+        &sock,
+        &format!(
+            "POST /v1/backup/missing HTTP/1.1\r\nContent-Length: {}",
+            too_many.len()
+        ),
+        &too_many,
+        false,
+    )
+    .expect("an answer to an oversized missing request")
+    .refused(413, "body_too_large");
+    post(&sock, "/v1/backup/missing", &[0u8; 34]).refused(400, "bad_request");
+    let mut bad_kind = blob_ref(DATA, &zero);
+    bad_kind[0] = 7;
+    post(&sock, "/v1/backup/missing", &bad_kind).refused(400, "bad_request");
+
+    // 7. Commits of incomplete snapshots write nothing.
+    post_json(&sock, "/v1/backup/commit", &commit_body("../../../config")).refused(400, "bad_id");
+    post(&sock, "/v1/backup/commit", b"{\"root\": 1}").refused(400, "bad_request");
+    let never_sent = ChunkId::of(b"a chunk the client never uploads");
+    let tree = Tree {
+        nodes: vec![Node {
+            name: b"file".to_vec(),
+            kind: NodeKind::File,
+            mode: 0o644,
+            size: 32,
+            content: vec![never_sent],
+            ..Default::default()
+        }],
+    };
+    let (tree_id, tree_bytes) = tree.encode_with_id();
+    assert_eq!(tree_id.0, hash(&tree_bytes));
+    let up = post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(TREE, &tree_id.0, &raw(&tree_bytes)),
+    )
+    .ok_json();
+    assert_eq!(up, serde_json::json!({"received": 1, "stored": 1}));
+    let mut both = blob_ref(TREE, &tree_id.0);
+    both.extend(blob_ref(DATA, &never_sent.0));
+    assert_eq!(
+        post(&sock, "/v1/backup/missing", &both).ok_octets(),
+        blob_ref(DATA, &never_sent.0)
+    );
+    let m = post_json(&sock, "/v1/backup/commit", &commit_body(&tree_id.to_hex()))
+        .refused(409, "missing_blobs");
+    assert!(m.contains(&never_sent.to_hex()), "{m}");
+    assert_eq!(env.count("snapshots"), snapshots_before);
+    // A refused commit ends the session: the client must start again.
+    post(&sock, "/v1/backup/missing", &both).refused(409, "no_session");
+    post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
+    let unsent = TreeId::of(b"a tree the client never uploads");
+    let m = post_json(&sock, "/v1/backup/commit", &commit_body(&unsent.to_hex()))
+        .refused(409, "missing_blobs");
+    assert!(m.contains(&unsent.to_hex()), "{m}");
+    assert_eq!(env.count("snapshots"), snapshots_before);
+    // A session left open when the server stops is abandoned safely.
+    post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
+
+    // 8. The server stops cleanly on SIGTERM and removes its socket.
+    let (status, log) = server.stop();
+    assert_eq!(status.code(), Some(0), "haul-pbs serve: {status}\n{log}");
+    assert!(!sock.exists(), "socket {} left behind", sock.display());
+
+    // Nothing stored was removed or changed; only packs and indexes were added.
+    let after = repo_files(&env);
+    for (rel, h) in &before {
+        assert_eq!(
+            after.get(rel),
+            Some(h),
+            "{} was removed or changed by the hostile client",
+            rel.display()
+        );
+    }
+    for rel in after.keys().filter(|r| !before.contains_key(*r)) {
+        assert!(
+            rel.starts_with("data") || rel.starts_with("index"),
+            "unexpected new file {}",
+            rel.display()
+        );
+    }
+    assert_eq!(env.count("snapshots"), snapshots_before);
+
+    // A normal pull still works, and the repository is clean.
+    let state = env.path("state").display().to_string();
+    let run = env
+        .pbs(&[
+            "--json",
+            "pull",
+            "--local",
+            &src_s,
+            "--host",
+            "web-1",
+            "--state-dir",
+            &state,
+        ])
+        .expect(0)
+        .json_of("run");
+    assert_eq!(run["run"]["status"], "ok", "{run}");
+    env.pbs(&["check", "--read-data"]).expect(0);
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    let mut hosts: Vec<&str> = snaps.iter().map(|s| s["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["other-host", "web-1"]);
+}

@@ -1,0 +1,317 @@
+//! `pull --local`: the agent walks and uploads over the ingest protocol on a real Unix
+//! socket; `restore --via-agent` brings snapshots back through a read-only server.
+
+use haul_tests::{assert_same_tree, bin, is_root, make_fixture, Env, Run};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// `pull --local PATH...` with `--json`; returns the run and its record.
+fn pull(env: &Env, paths: &[&Path], extra: &[&str]) -> (Run, serde_json::Value) {
+    let mut args = vec!["--json".to_string(), "pull".into()];
+    for p in paths {
+        args.push("--local".into());
+        args.push(p.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("--state-dir".into());
+    args.push(env.path("state").display().to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = env.pbs(&a);
+    let record = run
+        .json()
+        .into_iter()
+        .find(|v| v["type"] == "run")
+        .unwrap_or_else(|| panic!("no run record in:\n{}\n{}", run.stdout, run.stderr))["run"]
+        .clone();
+    (run, record)
+}
+
+fn restore_via_agent(env: &Env, target: &Path, extra: &[&str]) -> Run {
+    let t = target.display().to_string();
+    let mut args = vec!["--json", "restore", "latest", "--via-agent", "--target", &t];
+    args.extend_from_slice(extra);
+    env.pbs(&args)
+}
+
+/// `n` small files with varied sizes, spread over 100 directories.
+fn many_files(root: &Path, n: usize) -> Vec<PathBuf> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let dir = root.join(format!("d{:02}", i % 100));
+        if i < 100 {
+            fs::create_dir_all(&dir).unwrap();
+        }
+        let p = dir.join(format!("f{i:05}.txt"));
+        let line = format!("file {i} of the many-files tree\n");
+        fs::write(&p, line.repeat(i % 37)).unwrap();
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes() {
+    let (env, src) = Env::with_source();
+    make_fixture(&src.join("kinds"));
+    let files = many_files(&src.join("many"), 20_000);
+
+    let (run, rec) = pull(&env, &[&src], &[]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(rec["status"], "ok");
+    let c = &rec["counters"];
+    assert!(c["files_new"].as_u64().unwrap() > 20_000, "{c}");
+    assert_eq!(c["warnings"], 0);
+    // Few, kept-alive connections, whatever the number of files.
+    let conns = rec["connections"].as_u64().unwrap();
+    assert!(
+        (1..=4).contains(&conns),
+        "server accepted {conns} connections"
+    );
+    assert!(rec["snapshot"].as_str().unwrap().len() == 64);
+
+    let target = env.path("restored");
+    let r = restore_via_agent(&env, &target, &[]).expect(0);
+    let summary = r.json_of("summary");
+    assert!(summary["connections"].as_u64().unwrap() <= 4, "{summary}");
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // Nothing changed: no file content is read.
+    let (run, rec) = pull(&env, &[&src], &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let c = &rec["counters"];
+    assert_eq!(c["bytes_read"], 0, "{c}");
+    assert_eq!(c["files_new"], 0);
+    assert_eq!(c["files_changed"], 0);
+
+    // 1% of the files change: only they are read.
+    let mut changed_bytes = 0;
+    for p in files.iter().step_by(100) {
+        haul_tests::append(p, "a change\n");
+        changed_bytes += fs::metadata(p).unwrap().len();
+    }
+    let (run, rec) = pull(&env, &[&src], &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let c = &rec["counters"];
+    assert_eq!(c["files_changed"], 200, "{c}");
+    assert_eq!(c["files_new"], 0, "{c}");
+    assert_eq!(c["bytes_read"], changed_bytes, "{c}");
+
+    let target2 = env.path("restored-2");
+    restore_via_agent(&env, &target2, &[]).expect(0);
+    assert_same_tree(&src, &target2.join(src.strip_prefix("/").unwrap()));
+    env.pbs(&["check", "--read-data"]).expect(0);
+}
+
+#[test]
+fn restore_via_agent_honours_includes_and_refuses_a_non_empty_target() {
+    let (env, src) = Env::with_source();
+    make_fixture(&src);
+    let (run, _) = pull(&env, &[&src], &["--tag", "t1"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let target = env.path("part");
+    let inc = src.join("dir/sub").display().to_string();
+    restore_via_agent(&env, &target, &["--include", &inc]).expect(0);
+    let rel = src.strip_prefix("/").unwrap();
+    assert_same_tree(&src.join("dir/sub"), &target.join(rel).join("dir/sub"));
+    assert!(!target.join(rel).join("small.txt").exists());
+
+    let r = restore_via_agent(&env, &target, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is not an empty directory"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn the_first_pull_without_a_repository_creates_one_with_a_private_key_file() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), b"first").unwrap();
+    let state = env.path("state");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin("haul-pbs"))
+            .args(args)
+            .env("HAUL_STATE_DIR", &state)
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env_remove("HAUL_REPO")
+            .env_remove("HAUL_PASSWORD")
+            .env_remove("HAUL_PASSWORD_FILE")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let s = src.display().to_string();
+    let (code, out, err) = run(&["pull", "--local", &s]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let key = state.join("repo.key");
+    assert!(err.contains(&key.display().to_string()), "{err}");
+    assert!(err.contains("keep a copy"), "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(state.join("repo/config").is_file());
+    assert_eq!(fs::read_dir(state.join("runs")).unwrap().count(), 1);
+
+    // Later runs open it without a prompt (stdin is /dev/null) and say nothing of keys.
+    fs::write(src.join("b"), b"second").unwrap();
+    let (code, out, err) = run(&["pull", "--local", &s]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(!err.contains("keep a copy"), "{err}");
+    assert!(out.contains("1 new, 0 changed, 1 unchanged"), "{out}");
+    assert_eq!(fs::read_dir(state.join("runs")).unwrap().count(), 2);
+}
+
+#[test]
+fn a_failed_pull_is_recorded_and_leaves_the_repository_intact() {
+    let (env, src) = Env::with_one_file();
+    pull(&env, &[&src], &[]).0.expect(0);
+    let (run, rec) = pull(&env, &[&env.path("does-not-exist")], &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(rec["status"], "failed");
+    let err = rec["error"].as_str().unwrap();
+    assert!(err.contains("does-not-exist"), "{err}");
+    assert!(
+        run.stderr.contains("existing snapshots are untouched"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
+    env.pbs(&["check", "--read-data"]).expect(0);
+    let runs = fs::read_dir(env.path("state/runs")).unwrap().count();
+    assert_eq!(runs, 2);
+}
+
+/// A file rewritten all the time while the agent reads it is flagged, and a file the
+/// agent cannot read is named; the run ends as `warning` with a consistent snapshot.
+#[test]
+fn unreadable_and_changing_files_give_a_warning_run_naming_them() {
+    let (env, src) = Env::with_source();
+    fs::write(src.join("steady.txt"), b"steady content\n").unwrap();
+    let busy = src.join("busy.bin");
+    fs::write(&busy, haul_tests::random_bytes(7, 48 << 20)).unwrap();
+    let secret = src.join("secret.txt");
+    fs::write(&secret, b"no one may read this\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+
+    // Root reads anything: run the whole pull as an unprivileged user then.
+    let unprivileged = is_root();
+    if unprivileged {
+        chown_tree(env.dir.path(), 65534, 65534);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, busy) = (stop.clone(), busy.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(&busy).unwrap();
+            let mut i = 0u64;
+            // Bounded: at most 120 s of rewriting.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                f.write_all_at(&i.to_le_bytes(), (i * 4096) % (48 << 20))
+                    .unwrap();
+                i += 1;
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    let run = pull_as(&env, &src, unprivileged);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(run.code, 3, "{}\n{}", run.stdout, run.stderr);
+    let rec = run.json().into_iter().find(|v| v["type"] == "run").unwrap()["run"].clone();
+    assert_eq!(rec["status"], "warning");
+    assert_eq!(rec["counters"]["warnings"], 2, "{rec}");
+    let tail = rec["output_tail"].to_string();
+    assert!(
+        tail.contains("secret.txt") && tail.contains("Permission denied"),
+        "{tail}"
+    );
+    assert!(
+        tail.contains("busy.bin") && tail.contains("changed while being read"),
+        "{tail}"
+    );
+    let warned: Vec<String> = run
+        .json()
+        .into_iter()
+        .filter(|v| v["type"] == "agent" && v["event"]["type"] == "warning")
+        .map(|v| v["event"]["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(warned.len(), 2, "{}", run.stdout);
+    assert!(
+        warned.iter().any(|p| p.ends_with("/secret.txt")),
+        "{warned:?}"
+    );
+    assert!(
+        warned.iter().any(|p| p.ends_with("/busy.bin")),
+        "{warned:?}"
+    );
+
+    // The snapshot is complete and consistent: the steady file restores as it was.
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    assert_eq!(snaps.len(), 1);
+    env.pbs(&["check", "--read-data"]).expect(0);
+    let target = env.path("out");
+    env.restore(&target, &[]).expect(0);
+    let rel = target.join(src.strip_prefix("/").unwrap());
+    assert_eq!(
+        fs::read(rel.join("steady.txt")).unwrap(),
+        b"steady content\n"
+    );
+    assert!(!rel.join("secret.txt").exists());
+}
+
+fn pull_as(env: &Env, src: &Path, unprivileged: bool) -> Run {
+    let mut cmd = if unprivileged {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        c.arg(bin("haul-pbs"));
+        c
+    } else {
+        std::process::Command::new(bin("haul-pbs"))
+    };
+    cmd.arg("--repo")
+        .arg(env.repo())
+        .arg("--password-file")
+        .arg(env.path("pass"))
+        .arg("--cache-dir")
+        .arg(env.path("cache"))
+        .args(["--json", "pull", "--local"])
+        .arg(src)
+        .arg("--state-dir")
+        .arg(env.path("state"))
+        .env("HOME", env.dir.path())
+        .env("TMPDIR", env.dir.path())
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().expect("run haul-pbs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn chown_tree(root: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(root, Some(uid), Some(gid)).unwrap();
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            chown_tree(&p, uid, gid);
+        } else {
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).unwrap();
+        }
+    }
+}
