@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# The main job on one machine, end to end: create a repository, back up a sample
-# directory (twice), list it, restore it, compare, check. Everything lives in ./haul-demo.
+# The main job on one machine, end to end: pull a sample directory through haul-agent
+# into the built-in default repository (created on the first run, with a generated key
+# file), pull it again (nothing is re-read), list it, restore it through the agent,
+# compare, check. Everything lives in ./haul-demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pbs=${HAUL_PBS:-target/release/haul-pbs}
-[[ -x $pbs ]] || cargo build --release -p haul-pbs
+bin=${HAUL_BIN:-target/release}
+[[ -x $bin/haul-pbs && -x $bin/haul-agent ]] || cargo build --release -p haul-pbs -p haul-agent
+pbs=$bin/haul-pbs
 demo=$PWD/haul-demo
 rm -rf "$demo" && mkdir -p "$demo/sample/docs" "$demo/sample/bin"
-umask 077
-printf 'demo passphrase %s\n' "$RANDOM$RANDOM" >"$demo/passphrase"
-export HAUL_REPO=$demo/repo HAUL_PASSWORD_FILE=$demo/passphrase HAUL_CACHE_DIR=$demo/cache
+# The default state directory (repository, key file, run records) of this demo.
+export HAUL_STATE_DIR=$demo/state HAUL_CACHE_DIR=$demo/cache
+unset HAUL_REPO HAUL_PASSWORD HAUL_PASSWORD_FILE
 # A sample directory: text, binary, a symlink, an empty file.
 for i in $(seq 1 50); do seq 1 $((i * 200)) >"$demo/sample/docs/file$i.txt"; done
 head -c 5000000 /dev/urandom >"$demo/sample/bin/random.bin"
 ln -s docs/file1.txt "$demo/sample/link"
 : >"$demo/sample/empty"
 
-"$pbs" init
-"$pbs" backup-local "$demo/sample" --tag demo
-"$pbs" backup-local "$demo/sample" --tag demo
+"$pbs" pull --local "$demo/sample" --tag demo
+"$pbs" pull --local "$demo/sample" --tag demo
+# The other commands take the repository and its key file explicitly.
+export HAUL_REPO=$demo/state/repo HAUL_PASSWORD_FILE=$demo/state/repo.key
 "$pbs" snapshots
 "$pbs" ls latest "$demo/sample" --no-recursive
-"$pbs" restore latest --target "$demo/restored"
+"$pbs" restore latest --via-agent --target "$demo/restored"
 diff -r --no-dereference "$demo/sample" "$demo/restored$demo/sample" && echo "restored copy is identical"
 "$pbs" check --read-data
-echo "the passphrase is in $demo/passphrase: without it the repository cannot be read"
+echo "run records: $demo/state/runs; the key file $demo/state/repo.key must be kept safe"

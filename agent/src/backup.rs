@@ -10,6 +10,7 @@
 //! tree or of the repository.
 
 use crate::client::{Client, ClientError};
+use crate::prefetch::Prefetcher;
 use bytes::Bytes;
 use haul_protocol::chunker::encode_blob;
 use haul_protocol::tree::Tree;
@@ -27,6 +28,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 pub const BATCHES_IN_FLIGHT: usize = 3;
 /// Encoded bytes of blobs waiting to be uploaded, at most.
 pub const UPLOAD_BUDGET: usize = 24 << 20;
+/// Bytes of parent trees held ahead of their use.
+const TREE_BUDGET: usize = 4 << 20;
 /// A batch closes at this many encoded bytes (plus one blob) or blobs.
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_BLOBS: usize = 4096;
@@ -53,6 +56,8 @@ struct Item {
 
 pub struct RemoteSink {
     client: Arc<Client>,
+    /// Parent trees, fetched ahead: the subtrees of each tree read.
+    trees: Arc<Prefetcher>,
     rt: tokio::runtime::Handle,
     tx: Mutex<Option<mpsc::UnboundedSender<Item>>>,
     budget: Arc<Semaphore>,
@@ -82,8 +87,17 @@ impl RemoteSink {
             budget.clone(),
             failure.clone(),
         ));
+        let trees = Prefetcher::start(
+            client.clone(),
+            "/v1/backup/trees",
+            BlobKind::Tree,
+            TREE_BUDGET,
+            1,
+            &rt,
+        );
         let sink = RemoteSink {
             client,
+            trees,
             rt,
             tx: Mutex::new(Some(tx)),
             budget,
@@ -96,6 +110,7 @@ impl RemoteSink {
     /// No more blobs: the uploader sends what it holds and ends.
     pub fn close(&self) {
         self.tx.lock().expect("sink").take();
+        self.trees.close();
     }
 
     fn failed(&self) -> SinkError {

@@ -11,6 +11,7 @@
 
 mod backup;
 mod client;
+mod prefetch;
 mod restore;
 
 use clap::{Args, Parser, Subcommand};
@@ -122,6 +123,13 @@ impl Failure {
 fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // One malloc arena for all threads: the walker's workers pass chunks of up to
+    // 8 MiB through a few buffers, and with an arena per thread each keeps its own
+    // freed buffers (haul-pbs does the same, see its main.rs).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
     let cli = Cli::parse();
     let result = match cli.command {

@@ -1,16 +1,18 @@
 //! `haul-agent restore`: the shared restorer (`haul_protocol::restore`) fed by a
-//! read-only repository server. Every tree and chunk is checked against its BLAKE3 id
-//! before it is used; the restorer writes into a staging directory beside the target
+//! read-only repository server, with trees and chunks fetched ahead in batches
+//! ([`Prefetcher`]). Every tree and chunk is checked against its BLAKE3 id before it
+//! is used; the restorer writes into a staging directory beside the target
 //! and renames it into place only when everything is written.
 
 use crate::client::Client;
+use crate::prefetch::Prefetcher;
 use crate::{event, runtime, Failure, Outcome, Progress, RestoreArgs};
 use bytes::Bytes;
 use haul_protocol::chunker::decode_blob;
 use haul_protocol::restore::{self, BlobSource, RestoreOptions, RestoreStats, SourceError};
 use haul_protocol::tree::Tree;
 use haul_protocol::wire;
-use haul_protocol::{ChunkId, TreeId};
+use haul_protocol::{BlobKind, ChunkId, TreeId};
 use hyper::Method;
 use std::cell::RefCell;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,7 +23,13 @@ struct RemoteSource {
     client: Arc<Client>,
     rt: tokio::runtime::Handle,
     max_chunk: usize,
+    trees: Arc<Prefetcher>,
+    chunks: Arc<Prefetcher>,
 }
+
+/// Bytes of trees and of chunks held ahead of their use.
+const TREE_BUDGET: usize = 4 << 20;
+const CHUNK_BUDGET: usize = 24 << 20;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -42,28 +50,48 @@ impl RemoteSource {
 
 impl BlobSource for RemoteSource {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError> {
-        let bytes = self.get(format!("/v1/restore/tree/{}", id.to_hex()))?;
+        let bytes = match self
+            .trees
+            .take(&id.0)
+            .map_err(|e| SourceError::new(Bad(e)))?
+        {
+            Some(b) => b,
+            None => self
+                .get(format!("/v1/restore/tree/{}", id.to_hex()))?
+                .to_vec(),
+        };
         if blake3::hash(&bytes).as_bytes() != &id.0 {
             return Err(SourceError::new(Bad(format!(
                 "tree {} from the server does not hash to its id",
                 id.short()
             ))));
         }
-        Tree::decode(&bytes).map_err(SourceError::new)
+        let tree = Tree::decode(&bytes).map_err(SourceError::new)?;
+        // The restorer descends into every subdirectory next: fetch them ahead.
+        self.trees
+            .hint(tree.nodes.iter().filter_map(|n| n.subtree.map(|t| t.0)));
+        Ok(tree)
     }
 
+    /// Decodes the chunk; the restorer checks its BLAKE3 before writing it.
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
-        let bytes = self.get(format!("/v1/restore/chunk/{}", id.to_hex()))?;
-        let plain = DECOMPRESSOR
-            .with(|d| decode_blob(&mut d.borrow_mut(), bytes.to_vec(), self.max_chunk))
-            .map_err(|e| SourceError::new(Bad(format!("chunk {}: {e}", id.short()))))?;
-        if blake3::hash(&plain).as_bytes() != &id.0 {
-            return Err(SourceError::new(Bad(format!(
-                "chunk {} from the server does not hash to its id",
-                id.short()
-            ))));
-        }
-        Ok(plain)
+        let encoded = match self
+            .chunks
+            .take(&id.0)
+            .map_err(|e| SourceError::new(Bad(e)))?
+        {
+            Some(b) => b,
+            None => self
+                .get(format!("/v1/restore/chunk/{}", id.to_hex()))?
+                .to_vec(),
+        };
+        DECOMPRESSOR
+            .with(|d| decode_blob(&mut d.borrow_mut(), encoded, self.max_chunk))
+            .map_err(|e| SourceError::new(Bad(format!("chunk {}: {e}", id.short()))))
+    }
+
+    fn will_need(&self, ids: &[ChunkId]) {
+        self.chunks.hint(ids.iter().map(|c| c.0));
     }
 }
 
@@ -89,6 +117,22 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
         client: client.clone(),
         rt: rt.handle().clone(),
         max_chunk: snap.max_chunk as usize,
+        trees: Prefetcher::start(
+            client.clone(),
+            "/v1/restore/trees",
+            BlobKind::Tree,
+            TREE_BUDGET,
+            1,
+            rt.handle(),
+        ),
+        chunks: Prefetcher::start(
+            client.clone(),
+            "/v1/restore/chunks",
+            BlobKind::Data,
+            CHUNK_BUDGET,
+            2,
+            rt.handle(),
+        ),
     };
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -111,7 +155,10 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
                 )
             },
         );
-        restore::restore(&source, &root, &opts, &stats).map_err(Failure::run)?
+        let result = restore::restore(&source, &root, &opts, &stats);
+        source.trees.close();
+        source.chunks.close();
+        result.map_err(Failure::run)?
     };
     for w in &warnings {
         event(&serde_json::json!({"type": "warning", "path": w.path, "message": w.message}));

@@ -31,6 +31,9 @@ pub trait BlobSource: Sync {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError>;
     /// The plaintext of a chunk. The restorer verifies its BLAKE3.
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError>;
+    /// These chunks will be loaded soon, in this order (a file was just queued for
+    /// writing). A remote source fetches them ahead; the default does nothing.
+    fn will_need(&self, _ids: &[ChunkId]) {}
 }
 
 /// A failure of the blob source: it ends the restore.
@@ -369,6 +372,7 @@ impl Restorer<'_> {
                         .insert((node.device, node.inode), path.to_path_buf());
                     file = Some(create_file(path)?);
                 }
+                self.source.will_need(&node.content);
                 let job = FileJob {
                     path: path.to_path_buf(),
                     file,

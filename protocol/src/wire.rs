@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `POST /v1/backup/start` | [`BackupStart`] (JSON) | [`BackupStarted`] |
 //! | `GET /v1/backup/tree/{id}` | — | the tree's canonical bytes (parent trees only) |
+//! | `POST /v1/backup/trees` | tree refs | frames of the trees' canonical bytes, see below |
 //! | `POST /v1/backup/missing` | [`BlobRef`]s, [`REF_LEN`] bytes each | the refs the repository lacks, same encoding |
 //! | `POST /v1/backup/upload` | frames (see [`encode_frame_header`]) | [`UploadDone`] |
 //! | `POST /v1/backup/commit` | [`Commit`] | [`Committed`] |
@@ -20,8 +21,20 @@
 //! | `POST /v1/restore/start` | [`RestoreStart`] | [`RestoreStarted`] |
 //! | `GET /v1/restore/tree/{id}` | — | the tree's canonical bytes |
 //! | `GET /v1/restore/chunk/{id}` | — | the chunk in its transfer encoding ([`crate::chunker::decode_blob`]) |
+//! | `POST /v1/restore/trees` | tree refs | frames of trees |
+//! | `POST /v1/restore/chunks` | data refs | frames of chunks in their transfer encoding |
+//!
+//! The batch reads (`trees`, `chunks`) answer with frames for the refs in the order
+//! asked, and stop after [`MAX_FRAMES_RESPONSE`] bytes (at least one frame): the
+//! client asks again for the rest. So an answer's size is bounded whatever was asked.
 //!
 //! Every error is a JSON [`ErrorBody`] with a stable machine `code`.
+//!
+//! A commit ends the session whether it succeeds or is refused (`missing_blobs`): the
+//! client starts a new session to try again, and finds everything it uploaded already
+//! present. `missing` answers for the whole repository (deduplication across hosts
+//! means a client can learn whether some content is stored); a repository per host,
+//! as the daemon's configuration lays out, keeps hosts apart.
 
 use crate::chunker::ChunkerParams;
 use crate::id::{BlobKind, BlobRef};
@@ -33,6 +46,8 @@ pub const REF_LEN: usize = 33;
 pub const FRAME_HEADER_LEN: usize = 37;
 /// Most refs in one `missing` request.
 pub const MAX_REFS_PER_REQUEST: usize = 65_536;
+/// A batch read's answer stops after this many bytes of frames.
+pub const MAX_FRAMES_RESPONSE: usize = 8 * 1024 * 1024;
 /// Largest upload request body the server accepts.
 pub const MAX_UPLOAD_BODY: u64 = 32 * 1024 * 1024;
 
@@ -159,6 +174,25 @@ pub fn decode_refs(bytes: &[u8]) -> Result<Vec<BlobRef>, String> {
 pub fn encode_frame_header(out: &mut Vec<u8>, r: &BlobRef, len: u32) {
     encode_ref(out, r);
     out.extend_from_slice(&len.to_le_bytes());
+}
+
+/// Splits a body of frames into (ref, bytes) pairs.
+pub fn decode_frames(mut body: &[u8]) -> Result<Vec<(BlobRef, &[u8])>, String> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let h: &[u8; FRAME_HEADER_LEN] = body
+            .get(..FRAME_HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or("frames end inside a frame header")?;
+        let (r, len) = decode_frame_header(h)?;
+        let rest = &body[FRAME_HEADER_LEN..];
+        if rest.len() < len as usize {
+            return Err(format!("frame of {r} is cut short"));
+        }
+        out.push((r, &rest[..len as usize]));
+        body = &rest[len as usize..];
+    }
+    Ok(out)
 }
 
 /// Reads a frame header.

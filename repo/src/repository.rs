@@ -245,7 +245,20 @@ impl Repository {
 
     /// Finds a snapshot by `latest`, a full id or a unique prefix of at least 4 digits.
     pub fn find_snapshot(&self, spec: &str) -> Result<(SnapshotId, Snapshot)> {
-        let all = self.snapshots()?;
+        self.find_snapshot_of(spec, None)
+    }
+
+    /// Like [`Repository::find_snapshot`], among the snapshots of `host` only (all
+    /// when `None`).
+    pub fn find_snapshot_of(
+        &self,
+        spec: &str,
+        host: Option<&str>,
+    ) -> Result<(SnapshotId, Snapshot)> {
+        let mut all = self.snapshots()?;
+        if let Some(h) = host {
+            all.retain(|(_, s)| s.host == h);
+        }
         if spec == "latest" {
             return all.into_iter().last().ok_or_else(|| Error::NotFound {
                 what: "any snapshot".into(),

@@ -6,7 +6,7 @@
 use super::error::{ApiError, Code};
 use super::{Mode, RestoreScope, Server};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
@@ -28,11 +28,10 @@ pub fn router(server: Arc<Server>) -> Router {
         Mode::AppendOnly => Router::new()
             .route("/v1/backup/start", post(backup_start))
             .route("/v1/backup/tree/{id}", get(backup_tree))
+            .route("/v1/backup/trees", post(backup_trees).layer(refs_limit()))
             .route(
                 "/v1/backup/missing",
-                post(backup_missing).layer(DefaultBodyLimit::max(
-                    wire::MAX_REFS_PER_REQUEST * wire::REF_LEN,
-                )),
+                post(backup_missing).layer(refs_limit()),
             )
             .route("/v1/backup/upload", post(backup_upload))
             .route("/v1/backup/commit", post(backup_commit))
@@ -40,7 +39,12 @@ pub fn router(server: Arc<Server>) -> Router {
         Mode::ReadOnly => Router::new()
             .route("/v1/restore/start", post(restore_start))
             .route("/v1/restore/tree/{id}", get(restore_tree))
-            .route("/v1/restore/chunk/{id}", get(restore_chunk)),
+            .route("/v1/restore/chunk/{id}", get(restore_chunk))
+            .route("/v1/restore/trees", post(restore_trees).layer(refs_limit()))
+            .route(
+                "/v1/restore/chunks",
+                post(restore_chunks).layer(refs_limit()),
+            ),
     };
     r.fallback(|| async { ApiError::new(Code::NotFound, "no such API route on this server") })
         .method_not_allowed_fallback(|| async {
@@ -53,6 +57,40 @@ pub fn router(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
+fn refs_limit() -> DefaultBodyLimit {
+    DefaultBodyLimit::max(wire::MAX_REFS_PER_REQUEST * wire::REF_LEN)
+}
+
+/// Decodes a body of refs, all of `kind`.
+fn refs_of(body: Whole, kind: BlobKind) -> ApiResult<Vec<BlobRef>> {
+    let refs = wire::decode_refs(&whole(body)?).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+    if let Some(r) = refs.iter().find(|r| r.kind != kind) {
+        return Err(ApiError::new(
+            Code::BadRequest,
+            format!("{r} asked for where only {kind} blobs are served"),
+        ));
+    }
+    Ok(refs)
+}
+
+/// Answers a batch read: frames of `load(ref)` for the refs in order, stopping once
+/// [`wire::MAX_FRAMES_RESPONSE`] bytes are reached (the client asks for the rest).
+fn frames(
+    refs: &[BlobRef],
+    mut load: impl FnMut(&BlobRef) -> ApiResult<Vec<u8>>,
+) -> ApiResult<Vec<u8>> {
+    let mut out = Vec::new();
+    for r in refs {
+        if out.len() >= wire::MAX_FRAMES_RESPONSE {
+            break;
+        }
+        let bytes = load(r)?;
+        wire::encode_frame_header(&mut out, r, bytes.len() as u32);
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
 /// Runs engine work on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -62,9 +100,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::new(Code::Internal, format!("worker failed: {e}")))?
 }
 
+/// An id from the URL path; axum's own refusal (e.g. bytes that are not UTF-8)
+/// becomes `bad_id` too.
+type IdPath = Result<Path<String>, PathRejection>;
+
+fn path_id(p: IdPath) -> ApiResult<[u8; 32]> {
+    match p {
+        Ok(Path(s)) => parse_id(&s),
+        Err(e) => Err(ApiError::new(
+            Code::BadId,
+            format!(
+                "not an id: {}; ids are 64 lowercase hex digits",
+                e.body_text()
+            ),
+        )),
+    }
+}
+
 fn parse_id(s: &str) -> ApiResult<[u8; 32]> {
     let mut id = [0u8; 32];
-    if s.len() != 64 || hex::decode_to_slice(s, &mut id).is_err() {
+    let lower_hex = s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if s.len() != 64 || !lower_hex || hex::decode_to_slice(s, &mut id).is_err() {
         return Err(ApiError::new(
             Code::BadId,
             format!(
@@ -102,7 +160,8 @@ fn json_body<T: serde::de::DeserializeOwned>(body: Whole) -> ApiResult<T> {
 
 impl Server {
     fn current_session(&self) -> ApiResult<Arc<IngestSession<'static>>> {
-        self.session
+        let session = self
+            .session
             .lock()
             .expect("session")
             .clone()
@@ -111,7 +170,31 @@ impl Server {
                     Code::NoSession,
                     "no backup session: POST /v1/backup/start first",
                 )
-            })
+            })?;
+        *self.session_used.lock().expect("session time") = std::time::Instant::now();
+        Ok(session)
+    }
+
+    /// Refuses a new session while one is in use; abandons one left idle.
+    fn check_no_session(&self) -> ApiResult<()> {
+        let mut slot = self.session.lock().expect("session");
+        if slot.is_none() {
+            return Ok(());
+        }
+        let idle = self.session_used.lock().expect("session time").elapsed();
+        let unused = slot.as_ref().is_some_and(|a| Arc::strong_count(a) == 1);
+        if idle >= super::SESSION_IDLE && unused {
+            tracing::warn!(
+                "abandoning a backup session idle for {} s (its client is gone)",
+                idle.as_secs()
+            );
+            slot.take();
+            return Ok(());
+        }
+        Err(ApiError::new(
+            Code::SessionActive,
+            "a backup session is already running on this server",
+        ))
     }
 
     fn check_host(&self, host: &str) -> ApiResult<()> {
@@ -130,28 +213,16 @@ impl Server {
 async fn backup_start(State(s): St, body: Whole) -> ApiResult<Json<wire::BackupStarted>> {
     let req: wire::BackupStart = json_body(body)?;
     s.check_host(&req.host)?;
-    if s.session.lock().expect("session").is_some() {
-        return Err(ApiError::new(
-            Code::SessionActive,
-            "a backup session is already running on this server",
-        ));
-    }
+    s.check_no_session()?;
     let server = s.clone();
     let session = blocking(move || {
         let repo = server.repo;
         let parent = match req.parent.as_str() {
             "latest" => ParentChoice::Latest,
             "none" => ParentChoice::None,
-            spec => {
-                let (id, snap) = repo.find_snapshot(spec)?;
-                if snap.host != req.host {
-                    return Err(ApiError::new(
-                        Code::Forbidden,
-                        format!("snapshot {} is not one of host {:?}", id.short(), req.host),
-                    ));
-                }
-                ParentChoice::Snapshot(id)
-            }
+            // Resolved among this host's snapshots only: other hosts' ids are
+            // neither usable nor discoverable through this server.
+            spec => ParentChoice::Snapshot(repo.find_snapshot_of(spec, Some(&req.host))?.0),
         };
         let info = SessionInfo {
             host: req.host,
@@ -170,22 +241,25 @@ async fn backup_start(State(s): St, body: Whole) -> ApiResult<Json<wire::BackupS
         parent_tree: session.parent_tree().map(|t| t.to_hex()),
         max_upload_body: wire::MAX_UPLOAD_BODY,
     };
-    let mut slot = s.session.lock().expect("session");
-    if slot.is_some() {
-        return Err(ApiError::new(
-            Code::SessionActive,
-            "a backup session is already running on this server",
-        ));
-    }
-    *slot = Some(Arc::new(session));
+    s.check_no_session()?;
+    *s.session.lock().expect("session") = Some(Arc::new(session));
+    *s.session_used.lock().expect("session time") = std::time::Instant::now();
     Ok(Json(started))
 }
 
-async fn backup_tree(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
-    let id = TreeId(parse_id(&id)?);
+async fn backup_tree(State(s): St, id: IdPath) -> ApiResult<Response> {
+    let id = TreeId(path_id(id)?);
     let session = s.current_session()?;
     let bytes = blocking(move || Ok(session.read_tree(&id)?.encode())).await?;
     Ok(octets(bytes))
+}
+
+async fn backup_trees(State(s): St, body: Whole) -> ApiResult<Response> {
+    let refs = refs_of(body, BlobKind::Tree)?;
+    let session = s.current_session()?;
+    let out =
+        blocking(move || frames(&refs, |r| Ok(session.read_tree(&TreeId(r.id))?.encode()))).await?;
+    Ok(octets(out))
 }
 
 async fn backup_missing(State(s): St, body: Whole) -> ApiResult<Response> {
@@ -305,11 +379,20 @@ async fn backup_upload(
         }
         buf.drain(..at);
     }
-    if pending.is_some() || !buf.is_empty() {
+    if let Some((r, len)) = pending {
         return Err(ApiError::new(
             Code::TruncatedBody,
             format!(
-                "upload body ends inside a frame ({} bytes of it left over)",
+                "upload body ends inside the frame of {r}: {} of its {len} bytes arrived",
+                buf.len()
+            ),
+        ));
+    }
+    if !buf.is_empty() {
+        return Err(ApiError::new(
+            Code::TruncatedBody,
+            format!(
+                "upload body ends inside a frame header ({} of {FRAME_HEADER_LEN} bytes)",
                 buf.len()
             ),
         ));
@@ -397,7 +480,12 @@ async fn backup_abandon(State(s): St) -> ApiResult<Json<serde_json::Value>> {
 async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::RestoreStarted>> {
     let req: wire::RestoreStart = json_body(body)?;
     let server = s.clone();
-    let (id, snap) = blocking(move || Ok(server.repo.find_snapshot(&req.snapshot)?)).await?;
+    let (id, snap) = blocking(move || {
+        Ok(server
+            .repo
+            .find_snapshot_of(&req.snapshot, server.host.as_deref())?)
+    })
+    .await?;
     s.check_host(&snap.host)?;
     *s.restore.lock().expect("restore scope") = Some(RestoreScope {
         trees: HashSet::from([snap.tree]),
@@ -420,51 +508,80 @@ fn no_restore() -> ApiError {
     )
 }
 
-async fn restore_tree(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
-    let id = TreeId(parse_id(&id)?);
-    {
-        let scope = s.restore.lock().expect("restore scope");
+async fn restore_tree(State(s): St, id: IdPath) -> ApiResult<Response> {
+    let id = TreeId(path_id(id)?);
+    let server = s.clone();
+    let tree = blocking(move || server.restore_load_tree(&id)).await?;
+    Ok(octets(tree.encode()))
+}
+
+async fn restore_chunk(State(s): St, id: IdPath) -> ApiResult<Response> {
+    let id = ChunkId(path_id(id)?);
+    s.in_scope(&BlobRef::data(id))?;
+    let server = s.clone();
+    let bytes = blocking(move || Ok(server.repo.load_encoded(BlobKind::Data, &id.0)?)).await?;
+    Ok(octets(bytes))
+}
+
+impl Server {
+    /// Checks that a restore session may read `r`.
+    fn in_scope(&self, r: &BlobRef) -> ApiResult<()> {
+        let scope = self.restore.lock().expect("restore scope");
         let scope = scope.as_ref().ok_or_else(no_restore)?;
-        if !scope.trees.contains(&id) {
-            return Err(ApiError::new(
+        let ok = match r.kind {
+            BlobKind::Tree => scope.trees.contains(&TreeId(r.id)),
+            BlobKind::Data => scope.chunks.contains(&ChunkId(r.id)),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::new(
                 Code::Forbidden,
                 format!(
-                    "tree {} is not part of the snapshot being restored",
-                    id.short()
+                    "{r} is not part of the snapshot being restored (or not yet reached through its trees)"
                 ),
-            ));
+            ))
         }
     }
-    let server = s.clone();
-    let tree = blocking(move || Ok(server.repo.load_tree(&id)?)).await?;
-    {
-        let mut scope = s.restore.lock().expect("restore scope");
+
+    /// Loads a tree of the snapshot being restored and widens the scope to what it names.
+    fn restore_load_tree(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::Tree> {
+        self.in_scope(&BlobRef::tree(*id))?;
+        let tree = self.repo.load_tree(id)?;
+        let mut scope = self.restore.lock().expect("restore scope");
         if let Some(scope) = scope.as_mut() {
             for n in &tree.nodes {
                 scope.trees.extend(n.subtree);
                 scope.chunks.extend(n.content.iter().copied());
             }
         }
+        Ok(tree)
     }
-    Ok(octets(tree.encode()))
 }
 
-async fn restore_chunk(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
-    let id = ChunkId(parse_id(&id)?);
-    {
-        let scope = s.restore.lock().expect("restore scope");
-        let scope = scope.as_ref().ok_or_else(no_restore)?;
-        if !scope.chunks.contains(&id) {
-            return Err(ApiError::new(
-                Code::Forbidden,
-                format!(
-                    "chunk {} is not in a tree of the snapshot being restored that was read",
-                    id.short()
-                ),
-            ));
-        }
+async fn restore_trees(State(s): St, body: Whole) -> ApiResult<Response> {
+    let refs = refs_of(body, BlobKind::Tree)?;
+    let server = s.clone();
+    let out = blocking(move || {
+        frames(&refs, |r| {
+            Ok(server.restore_load_tree(&TreeId(r.id))?.encode())
+        })
+    })
+    .await?;
+    Ok(octets(out))
+}
+
+async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
+    let refs = refs_of(body, BlobKind::Data)?;
+    for r in &refs {
+        s.in_scope(r)?;
     }
     let server = s.clone();
-    let bytes = blocking(move || Ok(server.repo.load_encoded(BlobKind::Data, &id.0)?)).await?;
-    Ok(octets(bytes))
+    let out = blocking(move || {
+        frames(&refs, |r| {
+            Ok(server.repo.load_encoded(BlobKind::Data, &r.id)?)
+        })
+    })
+    .await?;
+    Ok(octets(out))
 }

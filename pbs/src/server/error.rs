@@ -23,8 +23,9 @@ pub enum Code {
     Forbidden,
     /// A request that needs a session came before `start`.
     NoSession,
-    /// `start` while a session is running, or `commit` while uploads are running.
+    /// `start` while a session is running.
     SessionActive,
+    /// Too many uploads at once, or `commit` while uploads of the session still run.
     Busy,
     BodyTooLarge,
     BlobTooLarge,

@@ -35,6 +35,10 @@ pub enum Mode {
 /// largest body this bounds what the server holds of uploads in memory.
 pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
 
+/// A backup session with no request for this long is abandoned when a new one
+/// starts, so a long-running server is not blocked for ever by a client that died.
+pub const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// What one server serves, and what it has done.
 pub struct Server {
     repo: &'static IndexedRepository,
@@ -43,6 +47,9 @@ pub struct Server {
     host: Option<String>,
     source: SourceKind,
     session: Mutex<Option<Arc<IngestSession<'static>>>>,
+    /// When the session was last used: one idle for [`SESSION_IDLE`] is abandoned
+    /// when another client starts (its agent died without saying so).
+    session_used: Mutex<std::time::Instant>,
     committed: Mutex<Option<(SnapshotId, Snapshot)>>,
     restore: Mutex<Option<RestoreScope>>,
     connections: AtomicU64,
@@ -68,6 +75,7 @@ impl Server {
             host,
             source: SourceKind::Pull,
             session: Mutex::new(None),
+            session_used: Mutex::new(std::time::Instant::now()),
             committed: Mutex::new(None),
             restore: Mutex::new(None),
             connections: AtomicU64::new(0),

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): `haul-pbs pull --local` (pbs + agent over the ingest protocol
+# on a Unix socket) and `restore --via-agent` against restic backup/restore, on the
+# same data in one run.
+#
+# usage: bench/pull.sh [--mib N] [--work DIR]      (defaults: 1024, /tmp/haul-bench-pull)
+# env:   HAUL_BIN=dir     directory holding haul-pbs and haul-agent (default: the
+#                         workspace's target/release, built if missing)
+#        HAUL_SHARED=dir  the shared/ checkout holding bench/gen_dataset.py
+#
+# Phases: full, unchanged, changed (after gen_dataset.py --mutate), restore. Page
+# caches are dropped before every phase. Printed per phase: wall, user+sys CPU of the
+# whole command (haul: pbs and agent together), and peak RSS; for haul the agent's
+# and the pbs's peak RSS separately (VmHWM each process reports in the run record).
+set -euo pipefail
+
+mib=1024 work=/tmp/haul-bench-pull
+while (($#)); do
+  case $1 in
+    --mib) mib=${2:?--mib needs a value}; shift 2 ;;
+    --work) work=${2:?--work needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "pull.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "pull.sh: --mib wants a positive integer" >&2; exit 2; }
+
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
+root=$(cd "$here/.." && pwd -P)
+shared=${HAUL_SHARED:-$root/../shared}
+gen="$shared/bench/gen_dataset.py"
+[[ -f $gen ]] || { echo "pull.sh: $gen not found (set HAUL_SHARED=/path/to/shared)" >&2; exit 2; }
+for t in restic python3 jq; do
+  command -v $t >/dev/null || { echo "pull.sh: needs $t (apt-get install -y restic python3 jq time)" >&2; exit 2; }
+done
+[[ -x /usr/bin/time ]] || { echo "pull.sh: needs /usr/bin/time (apt-get install -y time)" >&2; exit 2; }
+
+bin=${HAUL_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
+if [[ -z ${HAUL_BIN:-} && ( ! -x $bin/haul-pbs || ! -x $bin/haul-agent ) ]]; then
+  echo "building haul-pbs and haul-agent ..." >&2
+  (cd "$root" && cargo build --release -p haul-pbs -p haul-agent) >&2
+fi
+haul=$bin/haul-pbs
+
+mkdir -p "$work"
+work=$(cd "$work" && pwd -P)
+data="$work/data" logs="$work/logs"
+rm -rf "$data" "$logs" "$work"/{restic,haul}-{repo,cache} "$work"/restore-* "$work/state"
+mkdir -p "$logs"
+exec > >(tee "$work/results.txt")
+unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD
+export RESTIC_PASSWORD=bench
+printf 'bench\n' >"$work/password"
+chmod 600 "$work/password"
+
+echo "generating ${mib} MiB dataset in $data ..." >&2
+python3 "$gen" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
+
+restic_=(restic -r "$work/restic-repo" --cache-dir "$work/restic-cache")
+haul_=("$haul" --repo "$work/haul-repo" --password-file "$work/password" --cache-dir "$work/haul-cache")
+"${restic_[@]}" -q init --repository-version 2 >"$logs/restic.init.log" 2>&1
+"${haul_[@]}" init >"$logs/haul.init.log" 2>&1
+
+declare -A wall rss agent pbs
+measure() { # tool phase cmd...
+  local tool=$1 phase=$2 t="$logs/$1.$2.time"; shift 2
+  sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
+  if ! /usr/bin/time -f '%e %U %S %M' -o "$t" "$@" >"$logs/$tool.$phase.log" 2>&1; then
+    printf '%-7s %-10s FAILED\n' "$tool" "$phase"; tail -3 "$logs/$tool.$phase.log" | sed 's/^/        | /'
+    return 0
+  fi
+  local w u s m a="" p=""
+  read -r w u s m <"$t"
+  if [[ $tool == haul ]]; then
+    if [[ $phase == restore ]]; then
+      a=$(jq -r 'select(.type=="agent" and .event.type=="summary") | .event.peak_rss_kib' "$logs/$tool.$phase.log")
+      p=$(jq -r 'select(.type=="summary") | .pbs_peak_rss_kib' "$logs/$tool.$phase.log")
+    else
+      a=$(jq -r 'select(.type=="run") | .run.agent_peak_rss_kib' "$logs/$tool.$phase.log")
+      p=$(jq -r 'select(.type=="run") | .run.pbs_peak_rss_kib' "$logs/$tool.$phase.log")
+    fi
+    a=$((a / 1024)) p=$((p / 1024))
+  fi
+  wall[$tool.$phase]=$w rss[$tool.$phase]=$((m / 1024)) agent[$tool.$phase]=$a pbs[$tool.$phase]=$p
+  printf '%-7s %-10s %8s %8.2f %10d %10s %8s %8s\n' "$tool" "$phase" "$w" \
+    "$(awk -v u="$u" -v s="$s" 'BEGIN { print u + s }')" $((m / 1024)) "${a:--}" "${p:--}" \
+    "$(du -sm "$work/$tool-repo" | cut -f1)"
+}
+
+printf '%-7s %-10s %8s %8s %10s %10s %8s %8s\n' tool phase wall_s cpu_s rss_mib agent_mib pbs_mib repo_mib
+for phase in full unchanged; do
+  measure restic "$phase" "${restic_[@]}" backup -q "$data"
+  measure haul "$phase" "${haul_[@]}" --json pull --local "$data" --state-dir "$work/state"
+done
+python3 "$gen" "$data" --mutate >>"$logs/gen.log" 2>&1
+measure restic changed "${restic_[@]}" backup -q "$data"
+measure haul changed "${haul_[@]}" --json pull --local "$data" --state-dir "$work/state"
+measure restic restore "${restic_[@]}" restore latest --target "$work/restore-restic"
+measure haul restore "${haul_[@]}" --json restore latest --via-agent --target "$work/restore-haul"
+
+for t in restic haul; do
+  if diff -r --no-dereference "$data" "$work/restore-$t$data" >"$logs/$t.verify.log" 2>&1; then
+    printf '%-7s restore-verify OK\n' "$t"
+  else
+    printf '%-7s restore-verify FAILED (see %s)\n' "$t" "$logs/$t.verify.log"
+  fi
+done
+echo
+echo "haul/restic (below 1 = haul better):"
+for phase in full unchanged changed restore; do
+  hw=${wall[haul.$phase]:-} rw=${wall[restic.$phase]:-}
+  [[ -n $hw && -n $rw ]] || { printf '%-10s n/a\n' "$phase"; continue; }
+  awk -v p="$phase" -v hw="$hw" -v rw="$rw" -v a="${agent[haul.$phase]}" -v rm="${rss[restic.$phase]}" \
+    'BEGIN { printf "%-10s wall %.2fx   agent rss / restic rss %.2fx\n", p, hw / rw, a / rm }'
+done
+echo "logs: $logs" >&2
