@@ -25,13 +25,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Batches being asked about or uploaded at once.
-pub const BATCHES_IN_FLIGHT: usize = 3;
+pub const BATCHES_IN_FLIGHT: usize = 2;
 /// Encoded bytes of blobs waiting to be uploaded, at most.
-pub const UPLOAD_BUDGET: usize = 24 << 20;
+pub const UPLOAD_BUDGET: usize = 8 << 20;
 /// Bytes of parent trees held ahead of their use.
 const TREE_BUDGET: usize = 4 << 20;
 /// A batch closes at this many encoded bytes (plus one blob) or blobs.
-const BATCH_BYTES: usize = 4 << 20;
+const BATCH_BYTES: usize = 2 << 20;
 const BATCH_BLOBS: usize = 4096;
 
 /// What the uploader did.
@@ -135,11 +135,16 @@ impl RemoteSink {
                 encode_blob(&mut c.as_mut().expect("just set").1, plain)
             })
             .map_err(SinkError::new)?;
-        let cost = encoded.len().clamp(1024, UPLOAD_BUDGET) as u32;
-        let permit = self
-            .rt
-            .block_on(self.budget.clone().acquire_many_owned(cost))
-            .map_err(|_| self.failed())?;
+        let cost = encoded.capacity().clamp(1024, UPLOAD_BUDGET) as u32;
+        let permit = match self.budget.clone().try_acquire_many_owned(cost) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(self.failed()),
+            // The budget is spent: wait for uploads to free some.
+            Err(tokio::sync::TryAcquireError::NoPermits) => self
+                .rt
+                .block_on(self.budget.clone().acquire_many_owned(cost))
+                .map_err(|_| self.failed())?,
+        };
         let item = Item {
             r: BlobRef { kind, id },
             plain_len,

@@ -146,7 +146,11 @@ impl Chunker {
                 want = (want + self.step).min(max);
                 continue;
             }
-            f(self.buf[..cut].to_vec())?;
+            // Sized for the format byte and the seal, so neither reallocates (and
+            // copies) the chunk later.
+            let mut chunk = Vec::with_capacity(cut + 1 + SEAL_ROOM);
+            chunk.extend_from_slice(&self.buf[..cut]);
+            f(chunk)?;
             self.buf.copy_within(cut..len, 0);
             len -= cut;
             want = (len + self.step).min(max);
@@ -182,6 +186,12 @@ pub fn encode_blob(
             if n < plain.len() {
                 out.truncate(n);
                 out.push(BLOB_ZSTD);
+                // The buffer was sized for the whole chunk: a well-compressed one
+                // (a run of zeros) would keep megabytes for a few bytes while it
+                // waits to be uploaded or packed.
+                if out.capacity() > 2 * (n + 1 + SEAL_ROOM) {
+                    out.shrink_to(n + 1 + SEAL_ROOM);
+                }
                 return Ok(out);
             }
         }

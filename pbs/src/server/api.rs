@@ -301,18 +301,18 @@ async fn backup_upload(
         )
     })?;
     let session = s.current_session()?;
-    let max_blob = s.repo.config().chunker.max_size as u64 + 64 * 1024 + 1;
+    let mut reader = FrameReader::new(s.repo.config().chunker.max_size as u64 + 64 * 1024 + 1);
     let mut body = body;
-    let mut buf: Vec<u8> = Vec::new();
     let mut total: u64 = 0;
     let mut tasks = tokio::task::JoinSet::new();
     let mut done = wire::UploadDone::default();
     let mut failed: Option<ApiError> = None;
-    let mut pending: Option<(BlobRef, usize)> = None;
-    let reap = |r: Result<Result<bool, haul_repo::Error>, tokio::task::JoinError>,
+    let mut group: Vec<(BlobRef, Vec<u8>)> = Vec::new();
+    let mut group_bytes = 0usize;
+    let reap = |r: Result<Result<u64, haul_repo::Error>, tokio::task::JoinError>,
                 done: &mut wire::UploadDone,
                 failed: &mut Option<ApiError>| match r {
-        Ok(Ok(new)) => done.stored += new as u64,
+        Ok(Ok(new)) => done.stored += new,
         Ok(Err(e)) => {
             failed.get_or_insert(e.into());
         }
@@ -324,78 +324,46 @@ async fn backup_upload(
         }
     };
     loop {
-        let frame = match body.frame().await {
-            None => break,
-            Some(Ok(f)) => f,
-            Some(Err(e)) => {
-                return Err(ApiError::new(
-                    Code::TruncatedBody,
-                    format!("upload body ended early: {e}"),
-                ))
+        let frame = body.frame().await;
+        let end = frame.is_none();
+        if let Some(frame) = frame {
+            let frame = frame.map_err(|e| {
+                ApiError::new(Code::TruncatedBody, format!("upload body ended early: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else { continue };
+            total += data.len() as u64;
+            if total > wire::MAX_UPLOAD_BODY {
+                return Err(too_large(total));
             }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len() as u64;
-        if total > wire::MAX_UPLOAD_BODY {
-            return Err(too_large(total));
+            let before = group.len();
+            reader.feed(&data, &mut group)?;
+            done.received += (group.len() - before) as u64;
+            group_bytes += group[before..].iter().map(|(_, b)| b.len()).sum::<usize>();
+        } else {
+            reader.finish()?;
         }
-        buf.extend_from_slice(&data);
-        let mut at = 0;
-        loop {
-            if pending.is_none() {
-                if buf.len() - at < FRAME_HEADER_LEN {
-                    break;
-                }
-                let h: &[u8; FRAME_HEADER_LEN] =
-                    buf[at..at + FRAME_HEADER_LEN].try_into().expect("header");
-                let (r, len) =
-                    wire::decode_frame_header(h).map_err(|e| ApiError::new(Code::BadRequest, e))?;
-                if len as u64 > max_blob {
-                    return Err(ApiError::new(
-                        Code::BlobTooLarge,
-                        format!("{r} of {len} encoded bytes is larger than any chunk may be"),
-                    ));
-                }
-                at += FRAME_HEADER_LEN;
-                pending = Some((r, len as usize));
-            }
-            let (r, len) = pending.expect("set above");
-            if buf.len() - at < len {
-                break;
-            }
-            let encoded = buf[at..at + len].to_vec();
-            at += len;
-            pending = None;
-            done.received += 1;
+        // Verify and store in groups, each on a blocking thread, while the body keeps
+        // being read: a group per blob would cost a thread wake-up per small file.
+        if !group.is_empty() && (end || group_bytes >= VERIFY_GROUP_BYTES || group.len() >= 256) {
             while let Some(r) = tasks.try_join_next() {
                 reap(r, &mut done, &mut failed);
             }
+            let blobs = std::mem::take(&mut group);
+            group_bytes = 0;
             if failed.is_none() {
                 let session = session.clone();
-                tasks.spawn_blocking(move || session.add_encoded(r.kind, &r.id, encoded));
+                tasks.spawn_blocking(move || {
+                    let mut stored = 0;
+                    for (r, encoded) in blobs {
+                        stored += session.add_encoded(r.kind, &r.id, encoded)? as u64;
+                    }
+                    Ok(stored)
+                });
             }
         }
-        buf.drain(..at);
-    }
-    if let Some((r, len)) = pending {
-        return Err(ApiError::new(
-            Code::TruncatedBody,
-            format!(
-                "upload body ends inside the frame of {r}: {} of its {len} bytes arrived",
-                buf.len()
-            ),
-        ));
-    }
-    if !buf.is_empty() {
-        return Err(ApiError::new(
-            Code::TruncatedBody,
-            format!(
-                "upload body ends inside a frame header ({} of {FRAME_HEADER_LEN} bytes)",
-                buf.len()
-            ),
-        ));
+        if end {
+            break;
+        }
     }
     while let Some(r) = tasks.join_next().await {
         reap(r, &mut done, &mut failed);
@@ -405,6 +373,90 @@ async fn backup_upload(
         None => Ok(Json(done)),
     }
 }
+
+/// Blobs are handed to a verifying thread in groups of about this many bytes.
+const VERIFY_GROUP_BYTES: usize = 1 << 20;
+
+/// Splits an upload body into frames as its bytes arrive, copying each blob once, into
+/// a buffer with room for its seal.
+struct FrameReader {
+    max_blob: u64,
+    header: Vec<u8>,
+    current: Option<(BlobRef, Vec<u8>, usize)>,
+}
+
+impl FrameReader {
+    fn new(max_blob: u64) -> Self {
+        FrameReader {
+            max_blob,
+            header: Vec::with_capacity(FRAME_HEADER_LEN),
+            current: None,
+        }
+    }
+
+    /// Consumes `data`, appending every frame it completes to `out`.
+    fn feed(&mut self, mut data: &[u8], out: &mut Vec<(BlobRef, Vec<u8>)>) -> ApiResult<()> {
+        while !data.is_empty() {
+            if let Some((_, buf, len)) = &mut self.current {
+                let take = (*len - buf.len()).min(data.len());
+                buf.extend_from_slice(&data[..take]);
+                data = &data[take..];
+            } else {
+                let take = (FRAME_HEADER_LEN - self.header.len()).min(data.len());
+                self.header.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.header.len() < FRAME_HEADER_LEN {
+                    break;
+                }
+                let h: &[u8; FRAME_HEADER_LEN] = self.header[..].try_into().expect("full header");
+                let (r, len) =
+                    wire::decode_frame_header(h).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+                self.header.clear();
+                if len as u64 > self.max_blob {
+                    return Err(ApiError::new(
+                        Code::BlobTooLarge,
+                        format!("{r} of {len} encoded bytes is larger than any chunk may be"),
+                    ));
+                }
+                let len = len as usize;
+                self.current = Some((r, Vec::with_capacity(len + SEAL_ROOM), len));
+            }
+            if let Some((_, buf, len)) = &self.current {
+                if buf.len() == *len {
+                    let (r, buf, _) = self.current.take().expect("checked");
+                    out.push((r, buf));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The body ended: refuses a frame left incomplete.
+    fn finish(&self) -> ApiResult<()> {
+        if let Some((r, buf, len)) = &self.current {
+            return Err(ApiError::new(
+                Code::TruncatedBody,
+                format!(
+                    "upload body ends inside the frame of {r}: {} of its {len} bytes arrived",
+                    buf.len()
+                ),
+            ));
+        }
+        if !self.header.is_empty() {
+            return Err(ApiError::new(
+                Code::TruncatedBody,
+                format!(
+                    "upload body ends inside a frame header ({} of {FRAME_HEADER_LEN} bytes)",
+                    self.header.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Room a blob's buffer keeps for sealing in place (nonce and tag).
+const SEAL_ROOM: usize = 64;
 
 fn too_large(len: u64) -> ApiError {
     ApiError::new(
@@ -584,4 +636,53 @@ async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
     })
     .await?;
     Ok(octets(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haul_protocol::ChunkId;
+
+    fn body(blobs: &[Vec<u8>]) -> (Vec<u8>, Vec<(BlobRef, Vec<u8>)>) {
+        let mut out = Vec::new();
+        let mut want = Vec::new();
+        for b in blobs {
+            let r = BlobRef::data(ChunkId::of(b));
+            wire::encode_frame_header(&mut out, &r, b.len() as u32);
+            out.extend_from_slice(b);
+            want.push((r, b.clone()));
+        }
+        (out, want)
+    }
+
+    #[test]
+    fn frames_come_out_whole_however_the_body_is_split() {
+        let blobs = vec![vec![1u8; 5], (0..70_000u32).map(|i| i as u8).collect(), vec![9]];
+        let (bytes, want) = body(&blobs);
+        for step in [1, 7, FRAME_HEADER_LEN, 4096, bytes.len()] {
+            let mut r = FrameReader::new(1 << 20);
+            let mut got = Vec::new();
+            for piece in bytes.chunks(step) {
+                r.feed(piece, &mut got).unwrap();
+            }
+            r.finish().unwrap();
+            assert_eq!(got, want, "step {step}");
+        }
+    }
+
+    #[test]
+    fn cut_and_oversized_frames_are_refused() {
+        let (bytes, _) = body(&[vec![7u8; 100]]);
+        let mut r = FrameReader::new(1 << 20);
+        r.feed(&bytes[..50], &mut Vec::new()).unwrap();
+        let e = r.finish().unwrap_err();
+        assert_eq!(e.code, Code::TruncatedBody);
+        assert!(e.message.contains("13 of its 100 bytes"), "{}", e.message);
+        let mut r = FrameReader::new(1 << 20);
+        r.feed(&bytes[..10], &mut Vec::new()).unwrap();
+        assert_eq!(r.finish().unwrap_err().code, Code::TruncatedBody);
+        let mut r = FrameReader::new(99);
+        let e = r.feed(&bytes, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.code, Code::BlobTooLarge);
+    }
 }
