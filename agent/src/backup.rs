@@ -161,11 +161,16 @@ impl RemoteSink {
 
 impl Sink for RemoteSink {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
-        let path = format!("/v1/backup/tree/{}", id.to_hex());
-        let bytes = self
-            .rt
-            .block_on(self.client.request(Method::GET, &path, Bytes::new()))
-            .map_err(SinkError::new)?;
+        let bytes = match self.trees.take(&id.0).map_err(|e| SinkError(e.into()))? {
+            Some(b) => b,
+            None => {
+                let path = format!("/v1/backup/tree/{}", id.to_hex());
+                self.rt
+                    .block_on(self.client.request(Method::GET, &path, Bytes::new()))
+                    .map_err(SinkError::new)?
+                    .to_vec()
+            }
+        };
         if blake3::hash(&bytes).as_bytes() != &id.0 {
             return Err(SinkError(
                 format!(
@@ -175,7 +180,11 @@ impl Sink for RemoteSink {
                 .into(),
             ));
         }
-        Tree::decode(&bytes).map_err(SinkError::new)
+        let tree = Tree::decode(&bytes).map_err(SinkError::new)?;
+        // The walker compares each subdirectory next: fetch their parent trees ahead.
+        self.trees
+            .hint(tree.nodes.iter().filter_map(|n| n.subtree.map(|t| t.0)));
+        Ok(tree)
     }
 
     fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError> {
@@ -280,7 +289,13 @@ async fn send_batch(
     if missing.is_empty() {
         return Ok(());
     }
-    let mut body = Vec::new();
+    // Sized exactly: a body grown by doubling would hold up to twice its bytes.
+    let size: usize = batch
+        .iter()
+        .filter(|i| missing.contains(&i.r))
+        .map(|i| wire::FRAME_HEADER_LEN + i.encoded.len())
+        .sum();
+    let mut body = Vec::with_capacity(size);
     let mut plain = 0u64;
     let mut sent = 0u64;
     for item in batch {

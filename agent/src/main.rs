@@ -68,7 +68,8 @@ pub struct BackupArgs {
     /// Parent snapshot for change detection: `latest`, `none`, or an id.
     #[arg(long)]
     pub parent: Option<String>,
-    /// File-reading threads (default: twice the CPUs, at least 4).
+    /// File-reading threads (default: one more than the CPUs, at least 3: enough to
+    /// keep every CPU busy while one waits for the disk, and each costs a chunk buffer).
     #[arg(long)]
     pub threads: Option<usize>,
 }

@@ -116,9 +116,13 @@ impl Prefetcher {
                 }
                 st.wanted.remove(id);
                 let v = st.ready.remove(id).expect("checked");
+                let was_full = st.bytes >= self.budget;
                 st.bytes -= v.len();
                 drop(st);
-                self.wake.notify_waiters();
+                if was_full {
+                    // Fetching paused for the budget: room again.
+                    self.wake.notify_waiters();
+                }
                 return Ok(Some(v));
             }
             if st.requested.contains(id) {

@@ -81,7 +81,7 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         excludes,
         exclude_caches: a.exclude_caches,
         one_file_system: a.one_file_system,
-        threads: a.threads.unwrap_or((2 * cpus).max(4)).max(1),
+        threads: a.threads.unwrap_or((cpus + 1).max(3)).max(1),
         chunker: started_session.chunker,
         parent,
     };

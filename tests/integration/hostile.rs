@@ -461,19 +461,30 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     // a time.
     post_json(&sock, "/v1/backup/start", &start_body("other-host", "none"))
         .refused(403, "forbidden");
+    // Another host's snapshot is not found among this host's: neither usable as a
+    // parent nor told apart from an id that does not exist.
     let m = post_json(
         &sock,
         "/v1/backup/start",
         &start_body("web-1", &other_snapshot),
     )
-    .refused(403, "forbidden");
-    assert!(m.contains(&other_snapshot[..8]), "{m}");
+    .refused(404, "unknown_object");
+    let made_up = post_json(
+        &sock,
+        "/v1/backup/start",
+        &start_body("web-1", &"e".repeat(64)),
+    )
+    .refused(404, "unknown_object");
+    assert_eq!(
+        m.replace(&other_snapshot, "ID"),
+        made_up.replace(&"e".repeat(64), "ID")
+    );
     post_json(
         &sock,
         "/v1/backup/start",
         &start_body("web-1", &other_snapshot[..4]),
     )
-    .refused(403, "forbidden");
+    .refused(404, "unknown_object");
     post_json(
         &sock,
         "/v1/backup/start",
@@ -536,12 +547,16 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
         r.refused(*status, code);
         assert_leaks_nothing(&r, &needles);
     }
-    // A path parameter that is not UTF-8 once decoded. The server answers 400 but with
-    // axum's plain-text rejection, not a JSON error (`bad_id` would be right): only the
-    // status and that nothing leaks are asserted here.
+    // A path parameter that is not UTF-8 once decoded.
     let r = get(&sock, "/v1/backup/tree/%ff%fe..%2fconfig");
-    assert_eq!(r.status, 400, "{}", r.describe());
+    r.refused(400, "bad_id");
     assert_leaks_nothing(&r, &needles);
+    // Upper-case hex is not an id either: ids have one spelling.
+    get(
+        &sock,
+        &format!("/v1/backup/tree/{}", other_tree.to_uppercase()),
+    )
+    .refused(400, "bad_id");
     let r = post_json(
         &sock,
         "/v1/restore/start",
@@ -650,7 +665,7 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     cut.extend_from_slice(&100u32.to_le_bytes());
     cut.extend_from_slice(&[7u8; 10]);
     let m = post(&sock, "/v1/backup/upload", &cut).refused(400, "truncated_body");
-    assert!(m.contains("10 bytes"), "{m}");
+    assert!(m.contains("10 of its 100 bytes"), "{m}");
     post(&sock, "/v1/backup/upload", &cut[..20]).refused(400, "truncated_body");
     // A body shorter than announced, then the client stops sending.
     let head = format!(

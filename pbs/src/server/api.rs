@@ -330,7 +330,9 @@ async fn backup_upload(
             let frame = frame.map_err(|e| {
                 ApiError::new(Code::TruncatedBody, format!("upload body ended early: {e}"))
             })?;
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             total += data.len() as u64;
             if total > wire::MAX_UPLOAD_BODY {
                 return Err(too_large(total));
@@ -657,7 +659,11 @@ mod tests {
 
     #[test]
     fn frames_come_out_whole_however_the_body_is_split() {
-        let blobs = vec![vec![1u8; 5], (0..70_000u32).map(|i| i as u8).collect(), vec![9]];
+        let blobs = vec![
+            vec![1u8; 5],
+            (0..70_000u32).map(|i| i as u8).collect(),
+            vec![9],
+        ];
         let (bytes, want) = body(&blobs);
         for step in [1, 7, FRAME_HEADER_LEN, 4096, bytes.len()] {
             let mut r = FrameReader::new(1 << 20);
