@@ -159,7 +159,7 @@ impl Chunker {
 }
 
 /// How much further the chunker reads when it has not found a cut yet.
-pub const READ_STEP: usize = 2 * 1024 * 1024;
+pub const READ_STEP: usize = 1024 * 1024;
 
 /// The last byte of an encoded blob: how the bytes before it are encoded.
 pub const BLOB_RAW: u8 = 0;

@@ -393,7 +393,7 @@ impl IndexedRepository {
     }
 
     /// Seals and writes one index file for `packs`.
-    pub(crate) fn write_index_file(
+    pub fn write_index_file(
         &self,
         packs: &[crate::format::index_file::IndexedPack],
     ) -> Result<()> {
