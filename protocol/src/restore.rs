@@ -210,6 +210,11 @@ fn staging_path(target: &Path) -> PathBuf {
     target.with_file_name(staged)
 }
 
+/// Files queued for the writers. Deep enough that a source fetching chunks ahead
+/// (see [`BlobSource::will_need`]) sees far enough to batch many small files per
+/// request; a job is a path and a node, not file contents.
+const FILE_QUEUE: usize = 1024;
+
 struct FileJob {
     path: PathBuf,
     /// Already created (files with several links must exist before their other
@@ -250,7 +255,7 @@ fn restore_into(
     threads: usize,
     stats: &RestoreStats,
 ) -> Result<Vec<RestoreWarning>, RestoreError> {
-    let (tx, rx) = mpsc::sync_channel::<FileJob>(64);
+    let (tx, rx) = mpsc::sync_channel::<FileJob>(FILE_QUEUE);
     // Owned by the workers, so that the queue closes if they all stop.
     let rx = std::sync::Arc::new(Mutex::new(rx));
     let worker_error: Mutex<Option<RestoreError>> = Mutex::new(None);
