@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 /// Batches being asked about or uploaded at once.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 /// Encoded bytes of blobs waiting to be uploaded, at most.
-pub const UPLOAD_BUDGET: usize = 8 << 20;
+pub const UPLOAD_BUDGET: usize = 6 << 20;
 /// Bytes of parent trees held ahead of their use.
 const TREE_BUDGET: usize = 4 << 20;
 /// A batch closes at this many encoded bytes (plus one blob) or blobs.

@@ -29,7 +29,7 @@ struct RemoteSource {
 
 /// Bytes of trees and of chunks held ahead of their use.
 const TREE_BUDGET: usize = 4 << 20;
-const CHUNK_BUDGET: usize = 24 << 20;
+const CHUNK_BUDGET: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

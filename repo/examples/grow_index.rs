@@ -18,7 +18,10 @@ fn main() {
         std::process::exit(2);
     }
     let count: u64 = args[3].parse().expect("COUNT is a number");
-    let seed: u64 = args.get(4).map(|s| s.parse().expect("SEED is a number")).unwrap_or(0);
+    let seed: u64 = args
+        .get(4)
+        .map(|s| s.parse().expect("SEED is a number"))
+        .unwrap_or(0);
     let pass = std::fs::read(&args[2]).expect("readable passphrase file");
     let pass = pass.strip_suffix(b"\n").unwrap_or(&pass);
     let backend = Arc::new(LocalBackend::open(std::path::Path::new(&args[1])).expect("repository"));

@@ -393,10 +393,7 @@ impl IndexedRepository {
     }
 
     /// Seals and writes one index file for `packs`.
-    pub fn write_index_file(
-        &self,
-        packs: &[crate::format::index_file::IndexedPack],
-    ) -> Result<()> {
+    pub fn write_index_file(&self, packs: &[crate::format::index_file::IndexedPack]) -> Result<()> {
         let sealed = self
             .repo
             .data_key
