@@ -52,10 +52,13 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
     Check(CheckArgs),
-    /// Back up a source through its agent: `--local PATH...` runs the agent on this
-    /// machine. Without --repo, uses (and on first use creates) the default repository
-    /// in the state directory.
+    /// Back up a source through its agent: `HOST` (from the configuration) over SSH, or
+    /// `--local PATH...` with the agent on this machine. Without --repo, uses (and on
+    /// first use creates) the default repository in the state directory.
     Pull(PullArgs),
+    /// Print what a host needs for SSH pulls: the authorized_keys line, the wrapper's
+    /// policy and the sshd settings.
+    SshSetup(SshSetupArgs),
     /// Serve the repository on a Unix socket (append-only for backups, read-only for
     /// restores) until SIGTERM or SIGINT.
     Serve(ServeArgs),
@@ -120,9 +123,19 @@ pub struct BackupLocalArgs {
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
+    /// The host to pull, by its name in the configuration.
+    #[arg(
+        value_name = "HOST",
+        required_unless_present = "local",
+        conflicts_with = "local"
+    )]
+    pub name: Option<String>,
     /// Back up these paths of this machine through a local haul-agent.
-    #[arg(long = "local", required = true, num_args = 1..)]
+    #[arg(long = "local", num_args = 1..)]
     pub local: Vec<PathBuf>,
+    /// The configuration file with the hosts.
+    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
+    pub config: PathBuf,
     /// Exclude entries whose path or name matches this glob (repeatable).
     #[arg(long, short = 'e')]
     pub exclude: Vec<String>,
@@ -155,6 +168,21 @@ pub struct RunArgs {
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SshSetupArgs {
+    /// The host, by its name in the configuration.
+    pub host: String,
+    /// The configuration file with the hosts.
+    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
+    pub config: PathBuf,
+    /// Where haul-wrapper is installed on the host.
+    #[arg(long, default_value = "/usr/local/bin/haul-wrapper")]
+    pub wrapper: PathBuf,
+    /// Where haul-agent is installed on the host.
+    #[arg(long, default_value = "/usr/local/bin/haul-agent")]
+    pub agent: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -31,7 +31,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Check(a) => commands::check::check(&ctx, a),
         Command::Pull(a) => commands::pull::pull(&ctx, a),
         Command::Serve(a) => commands::serve::serve(&ctx, a),
+        Command::SshSetup(a) => commands::pull::ssh_setup(&ctx, a),
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
     }
 }
 pub mod server;
+pub mod ssh;

@@ -133,77 +133,100 @@ async fn drive_agent(
     drop(input);
     let stdout = BufReader::new(child.stdout.take().expect("piped"));
     let stderr = BufReader::new(child.stderr.take().expect("piped"));
-    let mut run = AgentRun {
-        exit: None,
-        summary: None,
-        warnings: Vec::new(),
-        error: None,
-        tail: Vec::new(),
-        connections: 0,
-        agent_peak_rss_kib: 0,
-    };
-    let mut tail = VecDeque::new();
-    let keep = |line: &str, tail: &mut VecDeque<String>| {
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line.to_string());
-    };
     let err_task = tokio::spawn(async move {
         let mut lines = stderr.lines();
         let mut all = Vec::new();
         while let Ok(Some(l)) = lines.next_line().await {
-            tracing::debug!("agent: {l}");
             all.push(l);
-            if all.len() > TAIL_LINES {
-                all.remove(0);
-            }
         }
         all
     });
+    let mut out = AgentOutput::default();
     let mut lines = stdout.lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            keep(&line, &mut tail);
-            continue;
-        };
-        match v.get("type").and_then(|t| t.as_str()) {
-            Some("progress") => {}
-            Some("summary") => run.summary = Some(v.clone()),
-            Some("warning") => run.warnings.push(v.clone()),
-            Some("error") => {
-                run.error = v.get("message").and_then(|m| m.as_str()).map(String::from)
-            }
-            _ => {}
-        }
-        if v.get("type").and_then(|t| t.as_str()) != Some("progress") {
-            keep(&line, &mut tail);
-        }
-        progress(&v);
+        out.stdout_line(&line, progress);
     }
     let status = child
         .wait()
         .await
         .map_err(|e| CliError::Io("waiting for the agent".into(), e))?;
-    let errs = err_task.await.unwrap_or_default();
-    for l in &errs {
-        keep(&format!("stderr: {l}"), &mut tail);
+    for l in err_task.await.unwrap_or_default() {
+        out.stderr_line(&l);
     }
-    if run.error.is_none() && !status.success() && status.code() != Some(3) {
-        run.error = Some(
-            errs.last()
-                .cloned()
-                .unwrap_or_else(|| format!("the agent ended with {status}")),
-        );
+    Ok(out.finish(status.code(), &status.to_string()))
+}
+
+/// Collects what an agent prints (JSON events on stdout, lines on stderr), however it
+/// runs: as a child process or over SSH.
+#[derive(Default)]
+pub struct AgentOutput {
+    summary: Option<serde_json::Value>,
+    warnings: Vec<serde_json::Value>,
+    error: Option<String>,
+    tail: VecDeque<String>,
+    last_stderr: Option<String>,
+}
+
+impl AgentOutput {
+    fn keep(&mut self, line: String) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
     }
-    run.exit = status.code();
-    run.tail = tail.into_iter().collect();
-    run.agent_peak_rss_kib = run
-        .summary
-        .as_ref()
-        .and_then(|s| s["peak_rss_kib"].as_u64())
-        .unwrap_or(0);
-    Ok(run)
+
+    /// One line of the agent's stdout; events other than progress are kept for the
+    /// record, and every event is handed to `progress`.
+    pub fn stdout_line(&mut self, line: &str, progress: &(dyn Fn(&serde_json::Value) + Sync)) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            self.keep(line.to_string());
+            return;
+        };
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("progress") => {}
+            Some("summary") => self.summary = Some(v.clone()),
+            Some("warning") => self.warnings.push(v.clone()),
+            Some("error") => {
+                self.error = v.get("message").and_then(|m| m.as_str()).map(String::from)
+            }
+            _ => {}
+        }
+        if v.get("type").and_then(|t| t.as_str()) != Some("progress") {
+            self.keep(line.to_string());
+        }
+        progress(&v);
+    }
+
+    pub fn stderr_line(&mut self, line: &str) {
+        tracing::debug!("agent: {line}");
+        self.keep(format!("stderr: {line}"));
+        self.last_stderr = Some(line.to_string());
+    }
+
+    /// The agent ended with `exit` (`None`: no exit status; `how` says what happened).
+    pub fn finish(self, exit: Option<i32>, how: &str) -> AgentRun {
+        let failed = !matches!(exit, Some(0) | Some(3));
+        let error = self.error.or_else(|| {
+            failed.then(|| {
+                self.last_stderr
+                    .clone()
+                    .unwrap_or_else(|| format!("the agent ended with {how}"))
+            })
+        });
+        AgentRun {
+            exit,
+            agent_peak_rss_kib: self
+                .summary
+                .as_ref()
+                .and_then(|s| s["peak_rss_kib"].as_u64())
+                .unwrap_or(0),
+            summary: self.summary,
+            warnings: self.warnings,
+            error,
+            tail: self.tail.into_iter().collect(),
+            connections: 0,
+        }
+    }
 }
 
 /// Peak resident memory of this process, in KiB (`VmHWM`, which unlike `ru_maxrss`

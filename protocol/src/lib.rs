@@ -13,6 +13,7 @@
 //! - [`meta`]: reading and applying file metadata.
 
 pub mod chunker;
+pub mod command;
 pub mod id;
 pub mod meta;
 pub mod restore;

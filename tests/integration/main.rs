@@ -13,3 +13,4 @@ mod keys;
 mod locks;
 mod pull;
 mod roundtrip;
+mod ssh;

@@ -476,3 +476,174 @@ pub fn append(path: &Path, text: &str) {
     let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
+
+/// A private OpenSSH sshd on 127.0.0.1 with its own host key, configuration and
+/// authorized_keys, whose one key may run only `haul-wrapper` with a policy of the
+/// test's. Killed when dropped.
+pub struct Sshd {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Sshd {
+    /// Starts sshd under `dir` (created). `backup_roots` go into the wrapper's policy.
+    pub fn start(dir: &Path, backup_roots: &[&Path]) -> Sshd {
+        fs::create_dir_all(dir.join("sockets")).unwrap();
+        fs::set_permissions(dir.join("sockets"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all("/run/sshd").ok();
+        for (name, file) in [("host", "hostkey"), ("client", "id_ed25519")] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(dir.join(file))
+                .output()
+                .expect("ssh-keygen (apt-get install openssh-client)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let roots: Vec<String> = backup_roots
+            .iter()
+            .map(|r| format!("{:?}", r.display().to_string()))
+            .collect();
+        fs::write(
+            dir.join("wrapper.toml"),
+            format!(
+                "agent = {:?}\nsocket_dir = {:?}\nbackup_roots = [{}]\n",
+                bin("haul-agent").display().to_string(),
+                dir.join("sockets").display().to_string(),
+                roots.join(", ")
+            ),
+        )
+        .unwrap();
+        let client_pub = fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
+        fs::write(
+            dir.join("authorized_keys"),
+            format!(
+                "command=\"{} --policy {}\",restrict,port-forwarding {}",
+                bin("haul-wrapper").display(),
+                dir.join("wrapper.toml").display(),
+                client_pub.trim()
+            ),
+        )
+        .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let host_pub = fs::read_to_string(dir.join("hostkey.pub")).unwrap();
+        let mut fields = host_pub.split_whitespace();
+        let (algo, key) = (fields.next().unwrap(), fields.next().unwrap());
+        fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {algo} {key}\n"),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nAllowTcpForwarding remote\nPermitListen none\n\
+                 PermitOpen none\nAllowStreamLocalForwarding remote\nStreamLocalBindUnlink yes\n\
+                 StreamLocalBindMask 0177\nX11Forwarding no\nAllowAgentForwarding no\nPermitTTY no\n\
+                 ClientAliveInterval 30\nClientAliveCountMax 3\nLogLevel VERBOSE\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-f"])
+            .arg(dir.join("sshd_config"))
+            .arg("-E")
+            .arg(dir.join("sshd.log"))
+            .spawn()
+            .expect("/usr/sbin/sshd (apt-get install openssh-server)");
+        let sshd = Sshd {
+            dir: dir.to_path_buf(),
+            port,
+            child,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return sshd;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("sshd did not listen on {port}: {}", sshd.log());
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// The user this process runs as: sshd (not run as root) admits only that one.
+    pub fn user() -> String {
+        let pw = unsafe { libc::getpwuid(libc::geteuid()) };
+        assert!(!pw.is_null());
+        unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A pbs configuration with one host `name` backing up `paths` through this sshd.
+    pub fn pbs_config(&self, name: &str, paths: &[&Path]) -> PathBuf {
+        let paths: Vec<String> = paths
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect();
+        let file = self.dir.join("pbs.toml");
+        fs::write(
+            &file,
+            format!(
+                "[[host]]\nname = {name:?}\naddress = \"127.0.0.1\"\nport = {}\nuser = {:?}\n\
+                 identity = {:?}\nknown_hosts = {:?}\nsocket_dir = {:?}\npaths = [{}]\n",
+                self.port,
+                Sshd::user(),
+                self.dir.join("id_ed25519").display().to_string(),
+                self.dir.join("known_hosts").display().to_string(),
+                self.dir.join("sockets").display().to_string(),
+                paths.join(", ")
+            ),
+        )
+        .unwrap();
+        file
+    }
+
+    /// Runs OpenSSH's own client with the pbs's key: `command` is what it asks to run.
+    pub fn ssh(&self, command: &str) -> Run {
+        let out = Command::new("ssh")
+            .args([
+                "-q",
+                "-T",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-i",
+            ])
+            .arg(self.dir.join("id_ed25519"))
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                self.dir.join("known_hosts").display()
+            ))
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{}@127.0.0.1", Sshd::user()))
+            .arg(command)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh (apt-get install openssh-client)");
+        Run::from(out)
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,9 +1,22 @@
-//! `haul-wrapper`: the SSH forced command on a source host. It will read
-//! `SSH_ORIGINAL_COMMAND`, admit only the `haul-agent` invocations its policy file
-//! allows, and exec the agent with a clean environment (issue 4). Until then it refuses
-//! everything, which is the safe default for a forced command.
+//! `haul-wrapper`: the SSH forced command on a source host. It reads
+//! `SSH_ORIGINAL_COMMAND`, admits only the `haul-agent backup`/`restore` invocations its
+//! policy file allows ([`policy::Policy::admit`]), and execs the agent with a clean
+//! environment. It never runs a shell.
+//!
+//! Install it in the pbs key's line of `authorized_keys`:
+//!
+//! ```text
+//! command="/usr/local/bin/haul-wrapper --policy /etc/haul/wrapper.toml",restrict,port-forwarding ssh-ed25519 AAAA... haul-pbs
+//! ```
+//!
+//! Exit codes: 126 the command was refused (one line on stderr says what and why);
+//! 125 the policy file is missing or invalid; 127 the agent could not be started;
+//! otherwise the agent's own.
+
+mod policy;
 
 use clap::Parser;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -16,14 +29,80 @@ struct Cli {
     /// Policy file (TOML).
     #[arg(long, default_value = "/etc/haul/wrapper.toml")]
     policy: PathBuf,
+    /// Check the policy file and print what it allows, then exit.
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let requested = std::env::var("SSH_ORIGINAL_COMMAND").unwrap_or_default();
+    let file = cli.policy.display().to_string();
+    let policy = match std::fs::read_to_string(&cli.policy)
+        .map_err(|e| policy::PolicyError(format!("policy {file}: {e}")))
+        .and_then(|text| policy::Policy::parse(&text, &file))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("haul-wrapper: {e}; fix the policy file (nothing was run)");
+            std::process::exit(125);
+        }
+    };
+    if cli.check {
+        println!(
+            "policy {file} is valid: runs {}, sockets in {}, backups of {}, restores into {}",
+            policy.agent.display(),
+            policy.socket_dir.display(),
+            list(&policy.backup_roots),
+            if policy.restore_targets.is_empty() {
+                "nothing (restores refused)".into()
+            } else {
+                list(&policy.restore_targets)
+            }
+        );
+        return;
+    }
+    let Some(requested) = std::env::var_os("SSH_ORIGINAL_COMMAND") else {
+        refuse(
+            "(none)",
+            "no SSH_ORIGINAL_COMMAND: haul-wrapper runs as an SSH forced command",
+        );
+    };
+    let Some(requested) = requested.to_str() else {
+        refuse("(not UTF-8)", "the command is not valid UTF-8");
+    };
+    let args = match policy.admit(requested) {
+        Ok(args) => args,
+        Err(denied) => refuse(requested, &denied.0),
+    };
     eprintln!(
-        "haul-wrapper: refused {requested:?}: this build has no command policy yet (policy file {} not read)",
-        cli.policy.display()
+        "haul-wrapper: running {} {}",
+        policy.agent.display(),
+        args.join(" ")
     );
+    let err = std::process::Command::new(&policy.agent)
+        .arg0("haul-agent")
+        .args(&args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LANG", "C.UTF-8")
+        .exec();
+    eprintln!(
+        "haul-wrapper: cannot run the agent {}: {err}; check `agent` in {file}",
+        policy.agent.display()
+    );
+    std::process::exit(127);
+}
+
+fn refuse(requested: &str, why: &str) -> ! {
+    let shown: String = requested.chars().take(200).collect();
+    eprintln!("haul-wrapper: refused {shown:?}: {why}");
     std::process::exit(126);
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -100,23 +100,60 @@ fn create_default(
     Ok(())
 }
 
-pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
-    let start = chrono::Utc::now();
-    let host = args.host.clone().unwrap_or_else(hostname);
-    let state = ctx.state_dir(&args.run);
-    let repo = ctx.open_for_run(&args.run)?;
-    let server =
-        Server::new(repo, Mode::AppendOnly, Some(host.clone())).with_source(SourceKind::Local);
-    let mut agent_args: Vec<OsString> = vec!["backup".into(), "--params-stdin".into()];
-    for p in &args.local {
-        let abs = std::path::absolute(p)
-            .map_err(|e| CliError::usage(format!("backup path {}: {e}", p.display())))?;
-        agent_args.push("--path".into());
-        agent_args.push(abs.into());
+/// What a pull runs: which host, how it is reached, and the agent's arguments.
+struct Plan {
+    host: String,
+    ssh: Option<haul_config::Host>,
+    transport: &'static str,
+    args: Vec<String>,
+    tags: Vec<String>,
+}
+
+fn plan(args: &PullArgs) -> Result<Plan, CliError> {
+    let (host, ssh, paths, excludes, tags) =
+        match &args.name {
+            Some(name) => {
+                let config =
+                    haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?;
+                let h = config.host(name).ok_or_else(|| {
+                    CliError::usage(format!(
+                        "no host {name:?} in {} (hosts there: {})",
+                        args.config.display(),
+                        config
+                            .hosts
+                            .iter()
+                            .map(|h| h.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                let mut excludes = h.excludes.clone();
+                excludes.extend(args.exclude.iter().cloned());
+                let mut tags = h.tags.clone();
+                tags.extend(args.tag.iter().cloned());
+                let ssh = (h.transport == haul_config::Transport::Ssh).then(|| h.clone());
+                (h.name.clone(), ssh, h.paths.clone(), excludes, tags)
+            }
+            None => {
+                let mut paths = Vec::new();
+                for p in &args.local {
+                    paths.push(std::path::absolute(p).map_err(|e| {
+                        CliError::usage(format!("backup path {}: {e}", p.display()))
+                    })?);
+                }
+                let host = args.host.clone().unwrap_or_else(hostname);
+                (host, None, paths, args.exclude.clone(), args.tag.clone())
+            }
+        };
+    let mut agent_args: Vec<String> = vec!["backup".into(), "--params-stdin".into()];
+    for p in &paths {
+        let p = p
+            .to_str()
+            .ok_or_else(|| CliError::usage(format!("backup path {} is not UTF-8", p.display())))?;
+        agent_args.extend(["--path".to_string(), p.to_string()]);
     }
-    for e in &args.exclude {
-        agent_args.push("--exclude".into());
-        agent_args.push(e.into());
+    for e in &excludes {
+        agent_args.extend(["--exclude".to_string(), e.clone()]);
     }
     if args.exclude_caches {
         agent_args.push("--exclude-caches".into());
@@ -124,9 +161,30 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     if args.one_file_system {
         agent_args.push("--one-file-system".into());
     }
+    Ok(Plan {
+        host,
+        transport: if ssh.is_some() { "ssh" } else { "local" },
+        ssh,
+        args: agent_args,
+        tags,
+    })
+}
+
+pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
+    let start = chrono::Utc::now();
+    let plan = plan(&args)?;
+    let host = plan.host.clone();
+    let state = ctx.state_dir(&args.run);
+    let repo = ctx.open_for_run(&args.run)?;
+    let source = if plan.ssh.is_some() {
+        SourceKind::Pull
+    } else {
+        SourceKind::Local
+    };
+    let server = Server::new(repo, Mode::AppendOnly, Some(host.clone())).with_source(source);
     let params = serde_json::json!({
         "host": host,
-        "tags": args.tag,
+        "tags": plan.tags,
         "parent": if args.force { "none" } else { "latest" },
     })
     .to_string();
@@ -144,14 +202,26 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
                 bytes(v["bytes_sent"].as_u64().unwrap_or(0))
             )
         });
-        run::run_agent(server.clone(), &agent, agent_args, Some(params), &|v| {
+        let relay = |v: &serde_json::Value| {
             if v["type"] == "progress" {
                 *last.lock().expect("progress") = v.clone();
             }
             if json {
                 json_line(&serde_json::json!({"type": "agent", "event": v}));
             }
-        })
+        };
+        match &plan.ssh {
+            Some(h) => {
+                crate::ssh::run_agent(server.clone(), h, plan.args.clone(), Some(params), &relay)
+            }
+            None => run::run_agent(
+                server.clone(),
+                &agent,
+                plan.args.iter().map(OsString::from).collect(),
+                Some(params),
+                &relay,
+            ),
+        }
     };
     let end = chrono::Utc::now();
     let committed = server.committed();
@@ -178,7 +248,7 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
         id: run::new_run_id(start),
         host: host.clone(),
         kind: "pull",
-        transport: "local",
+        transport: plan.transport,
         start,
         end,
         status,
@@ -240,4 +310,72 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&run::AgentRun>) {
         (r.end - r.start).num_milliseconds() as f64 / 1000.0,
         r.id
     );
+}
+
+/// `ssh-setup HOST`: what the host needs, printed to be pasted there.
+pub fn ssh_setup(_ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), CliError> {
+    let config = haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?;
+    let h = config.host(&args.host).ok_or_else(|| {
+        CliError::usage(format!(
+            "no host {:?} in {}",
+            args.host,
+            args.config.display()
+        ))
+    })?;
+    let key = russh::keys::load_secret_key(&h.identity, None).map_err(|e| {
+        CliError::usage(format!(
+            "identity {}: {e} (create one with `ssh-keygen -t ed25519 -N '' -f {}`)",
+            h.identity.display(),
+            h.identity.display()
+        ))
+    })?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| CliError::Failed(format!("public key of {}: {e}", h.identity.display())))?;
+    let roots: Vec<String> = h
+        .paths
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
+    println!(
+        r#"# On {name} ({address}), as root.
+# 1. Install haul-agent and haul-wrapper as {agent} and {wrapper}.
+# 2. /etc/haul/wrapper.toml, the wrapper's policy:
+agent = "{agent}"
+socket_dir = "{socket_dir}"
+backup_roots = [{roots}]
+restore_targets = []
+
+# 3. The socket directory, writable by {user} only:
+#    install -d -m 0700 -o {user} {socket_dir}
+# 4. In ~{user}/.ssh/authorized_keys, one line:
+command="{wrapper} --policy /etc/haul/wrapper.toml",restrict,port-forwarding {public}
+# 5. In /etc/ssh/sshd_config (then `sshd -t && systemctl reload ssh`):
+Match User {user}
+    AllowTcpForwarding remote
+    PermitListen none
+    PermitOpen none
+    AllowStreamLocalForwarding remote
+    StreamLocalBindUnlink yes
+    StreamLocalBindMask 0177
+    X11Forwarding no
+    AllowAgentForwarding no
+    PermitTTY no
+    ClientAliveInterval 30
+    ClientAliveCountMax 3
+# 6. On this server, pin the host key in {known_hosts}:
+#    ssh-keyscan -p {port} {address} >> {known_hosts}   (and compare the fingerprint)"#,
+        name = h.name,
+        address = h.address,
+        port = h.port,
+        user = h.user,
+        agent = args.agent.display(),
+        wrapper = args.wrapper.display(),
+        socket_dir = h.socket_dir.display(),
+        roots = roots.join(", "),
+        known_hosts = h.known_hosts.display(),
+        public = public.trim(),
+    );
+    Ok(())
 }

@@ -93,6 +93,12 @@ impl Server {
         self.repo
     }
 
+    /// Counts a connection that did not come through the listener (a channel
+    /// forwarded over SSH).
+    pub fn count_connection(&self) {
+        self.connections.fetch_add(1, Relaxed);
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Relaxed)
@@ -111,6 +117,11 @@ impl Server {
             drop(s);
         }
     }
+}
+
+/// The API's routes for `server`, to serve on any connection.
+pub fn router(server: Arc<Server>) -> axum::Router {
+    api::router(server)
 }
 
 /// Removes the socket file when the server ends, however it ends.

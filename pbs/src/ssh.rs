@@ -1,0 +1,418 @@
+//! A pull over SSH: the pbs is a russh client. It checks the host key against a pinned
+//! known_hosts file, authenticates with its key, asks the host's sshd for a Unix-socket
+//! forward (`streamlocal-forward@openssh.com`) at a fresh path for this run, serves the
+//! repository server's API on every channel forwarded from it, and runs the agent's
+//! command, which the host's forced command (`haul-wrapper`) checks before it runs
+//! anything. No `ssh`, `socat` or shell on this side.
+//!
+//! Around russh's limits (`../shared/reference/russh-tunnel.md`):
+//! - One forwarded channel whose reader stalls blocks the whole connection: the server
+//!   reads every request body as it arrives (`server/api.rs`), and the channel buffer
+//!   is raised to hold the largest upload body.
+//! - Upload throughput is about window / 2 per round trip: the window is the host's
+//!   `window_mib`.
+//! - Channels the pbs did not ask for are refused, and a forwarded channel must come
+//!   from this run's socket path.
+
+use crate::error::CliError;
+use crate::run::{AgentOutput, AgentRun};
+use crate::server::Server;
+use haul_config::Host;
+use russh::client::{self, Msg, Session};
+use russh::keys::{
+    check_known_hosts_path, load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate,
+};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// A whole run ends after this long, however far it got.
+const RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+struct Client {
+    server: Arc<Server>,
+    /// The forwarded socket of this run on the host: the only one served.
+    socket: String,
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+    /// Why the host key was refused, for the run's error.
+    key_problem: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            *self.key_problem.lock().expect("key problem") = Some(format!(
+                "{}:{} offered a host certificate; pin its plain host key in {}",
+                self.host,
+                self.port,
+                self.known_hosts.display()
+            ));
+            return Ok(false);
+        };
+        let fingerprint = key.fingerprint(Default::default());
+        let problem = match check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
+            Ok(true) => return Ok(true),
+            Ok(false) => format!(
+                "host key of {}:{} is not pinned in {}: the host offered {} {fingerprint}; if that is its key, add it there (e.g. `ssh-keyscan -p {} {} >> {}`, then compare the fingerprint)",
+                self.host,
+                self.port,
+                self.known_hosts.display(),
+                key.algorithm(),
+                self.port,
+                self.host,
+                self.known_hosts.display()
+            ),
+            Err(russh::keys::Error::KeyChanged { line }) => format!(
+                "HOST KEY CHANGED for {}:{}: the host offered {} {fingerprint}, but line {line} of {} pins another key; if the change is expected, fix that line, else do not trust this host",
+                self.host,
+                self.port,
+                key.algorithm(),
+                self.known_hosts.display()
+            ),
+            Err(e) => format!(
+                "cannot check the host key of {}:{} against {}: {e}",
+                self.host,
+                self.port,
+                self.known_hosts.display()
+            ),
+        };
+        *self.key_problem.lock().expect("key problem") = Some(problem);
+        Ok(false)
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if socket_path != self.socket {
+            tracing::warn!(
+                "refused a forwarded channel from {socket_path:?}, not this run's socket"
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        reply.accept().await;
+        self.server.count_connection();
+        let router = crate::server::router(self.server.clone());
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(channel.into_stream());
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!("forwarded connection ended: {e}");
+            }
+        });
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+}
+
+/// Runs the agent on `host` over SSH with `args` (the socket is appended as `--socket
+/// PATH`) and `stdin`, serving `server` to it, and returns what it did.
+pub fn run_agent(
+    server: Arc<Server>,
+    host: &Host,
+    args: Vec<String>,
+    stdin: Option<String>,
+    progress: &(dyn Fn(&serde_json::Value) + Sync),
+) -> Result<AgentRun, CliError> {
+    let rt = crate::run::runtime()?;
+    rt.block_on(async {
+        match tokio::time::timeout(
+            RUN_TIMEOUT,
+            pull(server.clone(), host, args, stdin, progress),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(CliError::Failed(format!(
+                "the run on {} took longer than {} h and was stopped",
+                host.name,
+                RUN_TIMEOUT.as_secs() / 3600
+            ))),
+        }
+    })
+    .map(|mut run| {
+        run.connections = server.connections();
+        run
+    })
+}
+
+async fn pull(
+    server: Arc<Server>,
+    host: &Host,
+    mut args: Vec<String>,
+    stdin: Option<String>,
+    progress: &(dyn Fn(&serde_json::Value) + Sync),
+) -> Result<AgentRun, CliError> {
+    let fail = |what: String| CliError::Failed(format!("{}: {what}", host.name));
+    let mut id = [0u8; 8];
+    getrandom::getrandom(&mut id).expect("OS random numbers");
+    let socket = host
+        .socket_dir
+        .join(format!("haul-{}.sock", hex::encode(id)))
+        .display()
+        .to_string();
+    // AES-GCM costs about a third less CPU than chacha20-poly1305 where the CPU has AES
+    // instructions (measured); the server's preference decides among what both offer.
+    let preferred = russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(&[
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+        ]),
+        ..Default::default()
+    };
+    let config = Arc::new(client::Config {
+        window_size: host.window_mib << 20,
+        // Room for a whole upload body per channel, so a busy channel does not stop
+        // the connection's loop (each message is at most one 32 KiB packet).
+        channel_buffer_size: 1024,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        nodelay: true,
+        preferred,
+        ..Default::default()
+    });
+    let key_problem = Arc::new(Mutex::new(None));
+    let handler = Client {
+        server: server.clone(),
+        socket: socket.clone(),
+        host: host.address.clone(),
+        port: host.port,
+        known_hosts: host.known_hosts.clone(),
+        key_problem: key_problem.clone(),
+    };
+    let addr = (host.address.as_str(), host.port);
+    let mut session =
+        match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(config, addr, handler)).await {
+            Err(_) => {
+                return Err(fail(format!(
+                    "no SSH connection to {}:{} within {} s",
+                    host.address,
+                    host.port,
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Err(e)) => {
+                if let Some(p) = key_problem.lock().expect("key problem").take() {
+                    return Err(fail(p));
+                }
+                return Err(fail(format!(
+                    "SSH connection to {}:{}: {e}",
+                    host.address, host.port
+                )));
+            }
+            Ok(Ok(s)) => s,
+        };
+    let passphrase = match &host.identity_passphrase_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| fail(format!("identity passphrase file {}: {e}", f.display())))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    let key = load_secret_key(&host.identity, passphrase.as_deref())
+        .map_err(|e| fail(format!("identity {}: {e}", host.identity.display())))?;
+    let hash = session
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+    let auth = session
+        .authenticate_publickey(
+            host.user.clone(),
+            PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+        )
+        .await
+        .map_err(|e| fail(format!("authentication: {e}")))?;
+    if !auth.success() {
+        return Err(fail(format!(
+            "{}@{}:{} refused the key {}: install its line in authorized_keys there (`haul-pbs ssh-setup {}` prints it)",
+            host.user,
+            host.address,
+            host.port,
+            host.identity.display(),
+            host.name
+        )));
+    }
+    if let Err(e) = session.streamlocal_forward(socket.clone()).await {
+        return Err(fail(format!(
+            "the host refused to forward {socket} ({e}): its sshd needs `AllowTcpForwarding remote`, `AllowStreamLocalForwarding remote`, `StreamLocalBindUnlink yes`, the key needs `port-forwarding` in authorized_keys, and {} must exist and be writable by {}",
+            host.socket_dir.display(),
+            host.user
+        )));
+    }
+    let result = exec_agent(&session, &mut args, &socket, stdin, progress).await;
+    // However the run ended: stop the forward, so nothing is left listening.
+    let _ = session.cancel_streamlocal_forward(socket.clone()).await;
+    let _ = session
+        .disconnect(russh::Disconnect::ByApplication, "run finished", "en")
+        .await;
+    result.map_err(fail)
+}
+
+async fn exec_agent(
+    session: &client::Handle<Client>,
+    args: &mut Vec<String>,
+    socket: &str,
+    stdin: Option<String>,
+    progress: &(dyn Fn(&serde_json::Value) + Sync),
+) -> Result<AgentRun, String> {
+    args.push("--socket".into());
+    args.push(socket.into());
+    let mut words = vec!["haul-agent"];
+    words.extend(args.iter().map(String::as_str));
+    let command = haul_protocol::command::join(&words);
+    let mut channel = session
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("opening a session channel: {e}"))?;
+    channel
+        .exec(true, command)
+        .await
+        .map_err(|e| format!("running the agent: {e}"))?;
+    if let Some(line) = stdin {
+        channel
+            .data_bytes(format!("{line}\n").into_bytes())
+            .await
+            .map_err(|e| format!("sending run parameters: {e}"))?;
+    }
+    let _ = channel.eof().await;
+    let mut out = AgentOutput::default();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut exit = None;
+    let mut how = "no exit status (the connection closed)".to_string();
+    // Until the channel closes: the exit status may come after end-of-output.
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                stdout.extend_from_slice(&data);
+                for line in take_lines(&mut stdout) {
+                    out.stdout_line(&line, progress);
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                stderr.extend_from_slice(&data);
+                for line in take_lines(&mut stderr) {
+                    out.stderr_line(&line);
+                }
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                exit = Some(exit_status as i32);
+                how = format!("exit status {exit_status}");
+            }
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                how = format!("signal {signal_name:?}");
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    for rest in [stdout, stderr] {
+        if !rest.is_empty() {
+            out.stderr_line(&String::from_utf8_lossy(&rest));
+        }
+    }
+    Ok(out.finish(exit, &how))
+}
+
+/// Complete lines at the front of `buf`, removed from it.
+fn take_lines(buf: &mut Vec<u8>) -> Vec<String> {
+    let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+        return Vec::new();
+    };
+    let lines: Vec<String> = buf[..end]
+        .split(|b| *b == b'\n')
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    buf.drain(..=end);
+    lines
+}

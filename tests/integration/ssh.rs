@@ -1,0 +1,192 @@
+//! Pulls over SSH against a real OpenSSH sshd (started by the test on 127.0.0.1 with
+//! its own host key and authorized_keys), through the real `haul-wrapper`.
+
+use haul_tests::{assert_same_tree, make_fixture, Env, Run, Sshd};
+use std::fs;
+use std::path::Path;
+
+fn pull(env: &Env, config: &Path, host: &str) -> (Run, serde_json::Value) {
+    let c = config.display().to_string();
+    let state = env.path("state").display().to_string();
+    let run = env.pbs(&[
+        "--json",
+        "pull",
+        host,
+        "--config",
+        &c,
+        "--state-dir",
+        &state,
+    ]);
+    let record = run
+        .json()
+        .into_iter()
+        .find(|v| v["type"] == "run")
+        .unwrap_or_else(|| panic!("no run record:\n{}\n{}", run.stdout, run.stderr))["run"]
+        .clone();
+    (run, record)
+}
+
+#[test]
+fn a_pull_over_ssh_round_trips_and_leaves_nothing_listening() {
+    let (env, src) = Env::with_source();
+    make_fixture(&src);
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(
+        run.code,
+        0,
+        "{}\n{}\nsshd log:\n{}",
+        run.stdout,
+        run.stderr,
+        sshd.log()
+    );
+    assert_eq!(rec["status"], "ok");
+    assert_eq!(rec["transport"], "ssh");
+    assert_eq!(rec["host"], "web-1");
+    let conns = rec["connections"].as_u64().unwrap();
+    assert!((1..=4).contains(&conns), "{conns} forwarded channels");
+    assert!(rec["counters"]["files_new"].as_u64().unwrap() > 10, "{rec}");
+
+    // The snapshot is the tree, bytes and metadata.
+    let target = env.path("restored");
+    env.restore(&target, &[]).expect(0);
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    assert_eq!(snaps[0]["host"], "web-1");
+    assert_eq!(snaps[0]["source"], "pull");
+
+    // Nothing listens on the host's side any more.
+    for e in fs::read_dir(sshd.dir.join("sockets")).unwrap() {
+        let p = e.unwrap().path();
+        assert!(
+            std::os::unix::net::UnixStream::connect(&p).is_err(),
+            "{} still accepts connections",
+            p.display()
+        );
+    }
+
+    // Unchanged: nothing is read again.
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(rec["counters"]["bytes_read"], 0, "{rec}");
+    env.pbs(&["check", "--read-data"]).expect(0);
+}
+
+#[test]
+fn an_unknown_or_changed_host_key_fails_the_run_and_says_what_to_fix() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let known = sshd.dir.join("known_hosts");
+    let pinned = fs::read_to_string(&known).unwrap();
+
+    fs::write(&known, "").unwrap();
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(rec["status"], "failed");
+    let err = rec["error"].as_str().unwrap();
+    assert!(err.contains("127.0.0.1"), "{err}");
+    assert!(err.contains("SHA256:"), "{err}");
+    assert!(err.contains(&known.display().to_string()), "{err}");
+    assert!(err.contains("not pinned"), "{err}");
+
+    // Another key pinned for the same host: a changed key.
+    let other = env.path("other");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let other_pub = fs::read_to_string(other.with_extension("pub")).unwrap();
+    let mut f = other_pub.split_whitespace();
+    fs::write(
+        &known,
+        format!(
+            "[127.0.0.1]:{} {} {}\n",
+            sshd.port,
+            f.next().unwrap(),
+            f.next().unwrap()
+        ),
+    )
+    .unwrap();
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let err = rec["error"].as_str().unwrap();
+    assert!(
+        err.contains("HOST KEY CHANGED") && err.contains("line 1"),
+        "{err}"
+    );
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 0);
+
+    // With the right key pinned the same pull works.
+    fs::write(&known, pinned).unwrap();
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
+    assert_eq!(rec["status"], "ok");
+}
+
+#[test]
+fn the_forced_command_refuses_everything_but_the_agent_it_allows() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let sockets = sshd.dir.join("sockets");
+    let cases = [
+        ("cat /etc/shadow", "only haul-agent may run, not \"cat\""),
+        ("sh -c id", "only haul-agent may run"),
+        (
+            "haul-agent backup --socket /tmp/x.sock --path /etc",
+            "directly in",
+        ),
+        (
+            &*format!(
+                "haul-agent backup --socket {}/x.sock --path /etc",
+                sockets.display()
+            ),
+            "outside the policy's backup_roots",
+        ),
+        (
+            &*format!(
+                "haul-agent backup --socket {}/x.sock --path {}; id",
+                sockets.display(),
+                src.display()
+            ),
+            "not allowed in the command",
+        ),
+        (
+            &*format!(
+                "haul-agent restore --socket {}/x.sock --snapshot latest --target /tmp/x",
+                sockets.display()
+            ),
+            "restores are not allowed",
+        ),
+    ];
+    for (cmd, why) in cases {
+        let r = sshd.ssh(cmd);
+        assert_eq!(r.code, 126, "{cmd:?}: {}\n{}", r.stderr, sshd.log());
+        assert!(
+            r.stderr.contains("haul-wrapper: refused") && r.stderr.contains(why),
+            "{cmd:?}: {}",
+            r.stderr
+        );
+    }
+    // The allowed command still runs (here it finds no server behind the socket).
+    let r = sshd.ssh(&format!(
+        "haul-agent backup --socket {}/x.sock --path {}",
+        sockets.display(),
+        src.display()
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot reach the repository server"),
+        "{}",
+        r.stderr
+    );
+    // And a pull through the same key works.
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
+    assert_eq!(rec["status"], "ok");
+}

@@ -1,0 +1,449 @@
+//! What the forced command admits: the policy file, the command-line grammar, and the
+//! one decision, [`Policy::admit`], which turns `SSH_ORIGINAL_COMMAND` into the exact
+//! argument vector of the agent, or a refusal that says why.
+//!
+//! The command is parsed here, never by a shell, with the grammar of
+//! [`haul_protocol::command`] (shell words without any expansion; anything a shell
+//! would treat specially is refused).
+
+use serde::Deserialize;
+use std::path::{Component, Path, PathBuf};
+
+/// The wrapper's policy file (default `/etc/haul/wrapper.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The agent binary the wrapper runs (absolute).
+    pub agent: PathBuf,
+    /// The directory the pbs's forwarded sockets are created in (absolute). A command's
+    /// `--socket` must name a `*.sock` file directly inside it.
+    pub socket_dir: PathBuf,
+    /// Backups may read only paths inside these directories (default: `/`).
+    #[serde(default = "root")]
+    pub backup_roots: Vec<PathBuf>,
+    /// Restores may write only into directories inside these; none: no restores.
+    #[serde(default)]
+    pub restore_targets: Vec<PathBuf>,
+}
+
+fn root() -> Vec<PathBuf> {
+    vec![PathBuf::from("/")]
+}
+
+/// A policy that could not be read; the message names the file, line and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(pub String);
+
+/// Why a command was refused: one line, for the pbs and the logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+fn deny<T>(why: impl Into<String>) -> Result<T, Denied> {
+    Err(Denied(why.into()))
+}
+
+impl Policy {
+    /// Parses and checks a policy; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Policy, PolicyError> {
+        let policy: Policy = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: ")
+                })
+                .unwrap_or_default();
+            PolicyError(format!("policy {file}: {at}{}", e.message().trim()))
+        })?;
+        let bad = |key: &str, why: &str| PolicyError(format!("policy {file}: {key}: {why}"));
+        let absolute = |p: &Path| p.is_absolute() && normal(p);
+        if !absolute(&policy.agent) {
+            return Err(bad("agent", "must be an absolute path without `..`"));
+        }
+        if !absolute(&policy.socket_dir) || policy.socket_dir == Path::new("/") {
+            return Err(bad(
+                "socket_dir",
+                "must be an absolute directory without `..`, not `/`",
+            ));
+        }
+        for (key, list) in [
+            ("backup_roots", &policy.backup_roots),
+            ("restore_targets", &policy.restore_targets),
+        ] {
+            if let Some(p) = list.iter().find(|p| !absolute(p)) {
+                return Err(bad(
+                    key,
+                    &format!("{} is not an absolute path without `..`", p.display()),
+                ));
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Admits `command` (the text of `SSH_ORIGINAL_COMMAND`) or says why not. The
+    /// returned arguments follow the agent binary; they are rebuilt from what was
+    /// checked, not copied from the input.
+    pub fn admit(&self, command: &str) -> Result<Vec<String>, Denied> {
+        let words = haul_protocol::command::split(command).map_err(Denied)?;
+        let mut words = words.into_iter();
+        match words.next().as_deref() {
+            Some("haul-agent") => {}
+            Some(other) => return deny(format!("only haul-agent may run, not {other:?}")),
+            None => return deny("empty command: only haul-agent may run"),
+        }
+        let rest: Vec<String> = words.collect();
+        match rest.first().map(String::as_str) {
+            Some("backup") => self.backup(&rest[1..]),
+            Some("restore") => self.restore(&rest[1..]),
+            Some(other) => deny(format!(
+                "haul-agent {other:?} is not allowed (only backup and restore)"
+            )),
+            None => deny("haul-agent needs backup or restore"),
+        }
+    }
+
+    fn backup(&self, args: &[String]) -> Result<Vec<String>, Denied> {
+        let mut socket = None;
+        let (mut paths, mut excludes) = (Vec::new(), Vec::new());
+        let (mut params, mut caches, mut one_fs) = (false, false, false);
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            match flag.as_str() {
+                "--socket" => set_once(&mut socket, self.socket(value(&mut it, flag)?)?, flag)?,
+                "--path" => paths.push(inside(
+                    value(&mut it, flag)?,
+                    &self.backup_roots,
+                    "backup path",
+                    "backup_roots",
+                )?),
+                "--exclude" => excludes.push(value(&mut it, flag)?.to_string()),
+                "--params-stdin" => flag_once(&mut params, flag)?,
+                "--exclude-caches" => flag_once(&mut caches, flag)?,
+                "--one-file-system" => flag_once(&mut one_fs, flag)?,
+                other => {
+                    return deny(format!(
+                        "{other:?} is not an allowed argument of haul-agent backup"
+                    ))
+                }
+            }
+        }
+        let socket = socket.ok_or_else(|| Denied("haul-agent backup needs --socket".into()))?;
+        if paths.is_empty() {
+            return deny("haul-agent backup needs at least one --path");
+        }
+        let mut argv = vec!["backup".to_string(), "--socket".into(), socket];
+        for p in paths {
+            argv.extend(["--path".to_string(), p]);
+        }
+        for e in excludes {
+            argv.extend(["--exclude".to_string(), e]);
+        }
+        for (on, flag) in [
+            (params, "--params-stdin"),
+            (caches, "--exclude-caches"),
+            (one_fs, "--one-file-system"),
+        ] {
+            if on {
+                argv.push(flag.into());
+            }
+        }
+        Ok(argv)
+    }
+
+    fn restore(&self, args: &[String]) -> Result<Vec<String>, Denied> {
+        if self.restore_targets.is_empty() {
+            return deny(
+                "restores are not allowed on this host (the policy has no restore_targets)",
+            );
+        }
+        let (mut socket, mut snapshot, mut target, mut threads) = (None, None, None, None);
+        let mut includes = Vec::new();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            match flag.as_str() {
+                "--socket" => set_once(&mut socket, self.socket(value(&mut it, flag)?)?, flag)?,
+                "--snapshot" => {
+                    let s = value(&mut it, flag)?;
+                    let hex = (4..=64).contains(&s.len())
+                        && s.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                    if s != "latest" && !hex {
+                        return deny(format!("--snapshot {s:?} is not a snapshot id"));
+                    }
+                    set_once(&mut snapshot, s.to_string(), flag)?
+                }
+                "--target" => set_once(
+                    &mut target,
+                    inside(
+                        value(&mut it, flag)?,
+                        &self.restore_targets,
+                        "restore target",
+                        "restore_targets",
+                    )?,
+                    flag,
+                )?,
+                "--include" => includes.push(value(&mut it, flag)?.to_string()),
+                "--threads" => {
+                    let n = value(&mut it, flag)?;
+                    if !n.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n)) {
+                        return deny(format!("--threads {n:?} is not a number from 1 to 64"));
+                    }
+                    set_once(&mut threads, n.to_string(), flag)?
+                }
+                other => {
+                    return deny(format!(
+                        "{other:?} is not an allowed argument of haul-agent restore"
+                    ))
+                }
+            }
+        }
+        let need = |v: Option<String>, f: &str| {
+            v.ok_or_else(|| Denied(format!("haul-agent restore needs {f}")))
+        };
+        let mut argv = vec![
+            "restore".to_string(),
+            "--socket".into(),
+            need(socket, "--socket")?,
+            "--snapshot".into(),
+            need(snapshot, "--snapshot")?,
+            "--target".into(),
+            need(target, "--target")?,
+        ];
+        for i in includes {
+            argv.extend(["--include".to_string(), i]);
+        }
+        if let Some(t) = threads {
+            argv.extend(["--threads".to_string(), t]);
+        }
+        Ok(argv)
+    }
+
+    /// A socket path: a `*.sock` file directly in the socket directory.
+    fn socket(&self, s: &str) -> Result<String, Denied> {
+        let p = Path::new(s);
+        let name_ok = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.len() > 5
+                && n.ends_with(".sock")
+                && !n.starts_with('.')
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+        if !name_ok || p.parent() != Some(self.socket_dir.as_path()) {
+            return deny(format!(
+                "--socket {s:?} is not a *.sock file directly in {}",
+                self.socket_dir.display()
+            ));
+        }
+        Ok(s.to_string())
+    }
+}
+
+/// True if `p` has no `.`/`..` components (and so means what it says).
+fn normal(p: &Path) -> bool {
+    let s = p.as_os_str().as_encoded_bytes();
+    !s.windows(2).any(|w| w == b"//")
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && !s.ends_with(b"/.")
+}
+
+/// `s` as an absolute, normal path inside one of `roots`.
+fn inside(s: &str, roots: &[PathBuf], what: &str, key: &str) -> Result<String, Denied> {
+    let p = Path::new(s);
+    if !p.is_absolute() || !normal(p) {
+        return deny(format!(
+            "{what} {s:?} is not an absolute path without `.` or `..`"
+        ));
+    }
+    if !roots.iter().any(|r| p.starts_with(r)) {
+        return deny(format!("{what} {s:?} is outside the policy's {key}"));
+    }
+    Ok(s.to_string())
+}
+
+fn value<'a>(it: &mut std::slice::Iter<'a, String>, flag: &str) -> Result<&'a str, Denied> {
+    match it.next() {
+        Some(v) if !v.starts_with("--") => Ok(v),
+        _ => deny(format!("{flag} needs a value")),
+    }
+}
+
+fn set_once(slot: &mut Option<String>, v: String, flag: &str) -> Result<(), Denied> {
+    if slot.replace(v).is_some() {
+        return deny(format!("{flag} given twice"));
+    }
+    Ok(())
+}
+
+fn flag_once(slot: &mut bool, flag: &str) -> Result<(), Denied> {
+    if std::mem::replace(slot, true) {
+        return deny(format!("{flag} given twice"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+agent = "/usr/local/bin/haul-agent"
+socket_dir = "/run/haul"
+backup_roots = ["/srv", "/etc"]
+restore_targets = ["/var/restore"]
+"#;
+
+    fn policy() -> Policy {
+        Policy::parse(POLICY, "wrapper.toml").unwrap()
+    }
+
+    fn refused(cmd: &str) -> String {
+        policy().admit(cmd).unwrap_err().0
+    }
+
+    #[test]
+    fn admits_the_pbs_commands_and_rebuilds_their_arguments() {
+        let p = policy();
+        let args = p
+            .admit("haul-agent backup --socket /run/haul/r1.sock --params-stdin --path /srv/www --path '/etc/my dir' --exclude '*.tmp' --one-file-system")
+            .unwrap();
+        assert_eq!(
+            args,
+            [
+                "backup",
+                "--socket",
+                "/run/haul/r1.sock",
+                "--path",
+                "/srv/www",
+                "--path",
+                "/etc/my dir",
+                "--exclude",
+                "*.tmp",
+                "--params-stdin",
+                "--one-file-system"
+            ]
+        );
+        let args = p
+            .admit("haul-agent restore --socket /run/haul/r2.sock --snapshot 0a1b2c3d --target /var/restore/web --include /srv --threads 4")
+            .unwrap();
+        assert_eq!(
+            args,
+            [
+                "restore",
+                "--socket",
+                "/run/haul/r2.sock",
+                "--snapshot",
+                "0a1b2c3d",
+                "--target",
+                "/var/restore/web",
+                "--include",
+                "/srv",
+                "--threads",
+                "4"
+            ]
+        );
+        // What the pbs sends, quoted by the shared quoting, is admitted as it was.
+        let words = [
+            "haul-agent",
+            "backup",
+            "--socket",
+            "/run/haul/x.sock",
+            "--path",
+            "/srv/it's",
+        ];
+        let args = p.admit(&haul_protocol::command::join(&words)).unwrap();
+        assert_eq!(
+            args,
+            [
+                "backup",
+                "--socket",
+                "/run/haul/x.sock",
+                "--path",
+                "/srv/it's"
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_everything_else_and_says_why() {
+        let cases = [
+            ("", "empty command"),
+            ("sh -c id", "only haul-agent may run, not \"sh\""),
+            ("/tmp/haul-agent backup", "only haul-agent may run"),
+            ("haul-agent", "needs backup or restore"),
+            ("haul-agent serve", "\"serve\" is not allowed"),
+            ("haul-agent backup --path /srv", "needs --socket"),
+            ("haul-agent backup --socket /run/haul/a.sock", "at least one --path"),
+            ("haul-agent backup --socket /tmp/a.sock --path /srv", "directly in /run/haul"),
+            ("haul-agent backup --socket /run/haul/sub/a.sock --path /srv", "directly in /run/haul"),
+            ("haul-agent backup --socket /run/haul/../a.sock --path /srv", "directly in /run/haul"),
+            ("haul-agent backup --socket /run/haul/a.txt --path /srv", "directly in /run/haul"),
+            ("haul-agent backup --socket /run/haul/a.sock --socket /run/haul/b.sock --path /srv", "--socket given twice"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /home", "outside the policy's backup_roots"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv/../root", "without `.` or `..`"),
+            ("haul-agent backup --socket /run/haul/a.sock --path srv", "not an absolute path"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srvx", "outside the policy's backup_roots"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --threads 9", "\"--threads\" is not an allowed argument"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --path=/etc", "\"--path=/etc\" is not an allowed"),
+            ("haul-agent backup --socket /run/haul/a.sock --path", "--path needs a value"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv; rm -rf /", "not allowed in the command"),
+            ("haul-agent backup --socket /run/haul/a.sock --path $(id)", "not allowed in the command"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /tmp/x", "outside the policy's restore_targets"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot ../x --target /var/restore/x", "not a snapshot id"),
+            ("haul-agent restore --socket /run/haul/a.sock --target /var/restore/x", "needs --snapshot"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --threads 0", "from 1 to 64"),
+        ];
+        for (cmd, why) in cases {
+            let got = refused(cmd);
+            assert!(got.contains(why), "{cmd:?}: {got:?} lacks {why:?}");
+        }
+    }
+
+    #[test]
+    fn restores_are_refused_without_restore_targets() {
+        let p = Policy::parse("agent = \"/a\"\nsocket_dir = \"/run/haul\"\n", "w.toml").unwrap();
+        assert_eq!(p.backup_roots, [PathBuf::from("/")]);
+        let e = p
+            .admit("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /x")
+            .unwrap_err();
+        assert!(e.0.contains("no restore_targets"), "{e}");
+        assert!(p
+            .admit("haul-agent backup --socket /run/haul/a.sock --path /home")
+            .is_ok());
+    }
+
+    #[test]
+    fn policy_errors_name_the_file_line_and_key() {
+        let e = Policy::parse(
+            "agent = \"/a\"\nsocket_dir = \"/run/haul\"\nbackup_rots = [\"/\"]\n",
+            "/etc/haul/wrapper.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("policy /etc/haul/wrapper.toml: line 3: "),
+            "{e}"
+        );
+        assert!(e.0.contains("backup_rots"), "{e}");
+        let e = Policy::parse("socket_dir = \"/run/haul\"\n", "w.toml").unwrap_err();
+        assert!(e.0.contains("agent"), "{e}");
+        let e = Policy::parse(
+            "agent = \"bin/agent\"\nsocket_dir = \"/run/haul\"\n",
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("w.toml: agent: must be an absolute path"),
+            "{e}"
+        );
+        let e = Policy::parse(
+            "agent = \"/a\"\nsocket_dir = \"/run/haul\"\nrestore_targets = [\"/x/../y\"]\n",
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("restore_targets: /x/../y"), "{e}");
+        let e = Policy::parse("agent = \"/a\"\nsocket_dir = \"/\"\n", "w.toml").unwrap_err();
+        assert!(e.0.contains("socket_dir"), "{e}");
+    }
+}
