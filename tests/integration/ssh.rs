@@ -121,8 +121,19 @@ fn an_unknown_or_changed_host_key_fails_the_run_and_says_what_to_fix() {
     );
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 0);
 
-    // With the right key pinned the same pull works.
+    // With the right key pinned the same pull works, also as a hashed entry.
     fs::write(&known, pinned).unwrap();
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
+    assert_eq!(rec["status"], "ok");
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(&known)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(fs::read_to_string(&known).unwrap().starts_with("|1|"));
     let (run, rec) = pull(&env, &config, "web-1");
     assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
     assert_eq!(rec["status"], "ok");
