@@ -132,7 +132,11 @@ fn an_unknown_or_changed_host_key_fails_the_run_and_says_what_to_fix() {
         .arg(&known)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(fs::read_to_string(&known).unwrap().starts_with("|1|"));
     let (run, rec) = pull(&env, &config, "web-1");
     assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
@@ -200,4 +204,39 @@ fn the_forced_command_refuses_everything_but_the_agent_it_allows() {
     let (run, rec) = pull(&env, &config, "web-1");
     assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
     assert_eq!(rec["status"], "ok");
+}
+
+#[test]
+fn ssh_setup_prints_the_key_line_policy_and_sshd_settings_that_work() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let c = config.display().to_string();
+    let out = env
+        .pbs(&["ssh-setup", "web-1", "--config", &c])
+        .expect(0)
+        .stdout;
+    let public = fs::read_to_string(sshd.dir.join("id_ed25519.pub")).unwrap();
+    let key_material = public.split_whitespace().nth(1).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("command="))
+        .unwrap_or_else(|| panic!("no authorized_keys line in:\n{out}"));
+    assert!(
+        line.contains(",restrict,port-forwarding ssh-ed25519 ") && line.contains(key_material),
+        "{line}"
+    );
+    for setting in [
+        "AllowTcpForwarding remote",
+        "PermitListen none",
+        "AllowStreamLocalForwarding remote",
+        "StreamLocalBindUnlink yes",
+        &*format!("socket_dir = \"{}\"", sshd.dir.join("sockets").display()),
+        &*format!("backup_roots = [\"{}\"]", src.display()),
+    ] {
+        assert!(out.contains(setting), "{setting:?} missing from:\n{out}");
+    }
+    let r = env.pbs(&["ssh-setup", "nope", "--config", &c]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no host \"nope\""), "{}", r.stderr);
 }

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): is the SSH tunnel the bottleneck of a pull? Pulls the same
+# dataset with the agent as a local child (`pull --local`) and over SSH through a private
+# OpenSSH sshd on 127.0.0.1 and haul-wrapper (`pull HOST`), with several SSH window
+# sizes, each into a fresh repository, page caches dropped before each run. cpu_s is
+# the pbs command's own CPU: locally that includes the agent, over SSH the agent and
+# sshd run under sshd and are not counted.
+#
+# usage: bench/ssh_pull.sh [--mib N] [--work DIR]    (defaults: 1024, /tmp/haul-bench-ssh)
+# needs: openssh-server, openssh-client, jq, python3, root (for sshd and drop_caches)
+set -euo pipefail
+mib=1024 work=/tmp/haul-bench-ssh
+while (($#)); do
+  case $1 in
+    --mib) mib=${2:?}; shift 2 ;;
+    --work) work=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "ssh_pull.sh: unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+root=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd -P)
+shared=${HAUL_SHARED:-$root/../shared}
+(cd "$root" && cargo build --release -q -p haul-pbs -p haul-agent -p haul-wrapper)
+bin=${CARGO_TARGET_DIR:-$root/target}/release
+rm -rf "$work" && mkdir -p "$work/sshd/sockets" /run/sshd && chmod 700 "$work/sshd/sockets"
+data=$work/data
+python3 "$shared/bench/gen_dataset.py" "$data" --mib "$mib" >/dev/null
+d=$work/sshd
+ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey" && ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'agent = "%s"\nsocket_dir = "%s"\nbackup_roots = ["%s"]\n' "$bin/haul-agent" "$d/sockets" "$data" >"$d/wrapper.toml"
+printf 'command="%s --policy %s",restrict,port-forwarding %s\n' "$bin/haul-wrapper" "$d/wrapper.toml" "$(cat "$d/id_ed25519.pub")" >"$d/authorized_keys"
+printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$d/hostkey.pub")" >"$d/known_hosts"
+cat >"$d/sshd_config" <<EOF
+Port $port
+ListenAddress 127.0.0.1
+HostKey $d/hostkey
+PidFile $d/sshd.pid
+AuthorizedKeysFile $d/authorized_keys
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+AllowTcpForwarding remote
+PermitListen none
+AllowStreamLocalForwarding remote
+StreamLocalBindUnlink yes
+EOF
+/usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
+trap 'kill $sshd 2>/dev/null' EXIT
+sleep 1
+printf 'x\n' >"$work/pass"
+printf '%-22s %8s %8s %10s %10s\n' run wall_s cpu_s agent_mib pbs_mib
+one() { # label, pull args...
+  local label=$1; shift
+  rm -rf "$work/repo" "$work/cache" "$work/state"
+  "$bin/haul-pbs" --repo "$work/repo" --password-file "$work/pass" init >/dev/null
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  /usr/bin/time -f '%e %U %S' -o "$work/t" "$bin/haul-pbs" --repo "$work/repo" --password-file "$work/pass" \
+    --cache-dir "$work/cache" --json pull "$@" --state-dir "$work/state" >"$work/$label.log"
+  read -r w u s <"$work/t"
+  local rec; rec=$(jq -c 'select(.type=="run") | .run' "$work/$label.log")
+  [[ $(jq -r .status <<<"$rec") == ok ]] || { echo "$label failed: $(jq -r .error <<<"$rec")"; return; }
+  printf '%-22s %8s %8.2f %10d %10d\n' "$label" "$w" "$(echo "$u + $s" | bc)" \
+    $(( $(jq .agent_peak_rss_kib <<<"$rec") / 1024 )) $(( $(jq .pbs_peak_rss_kib <<<"$rec") / 1024 ))
+}
+one local --local "$data"
+for win in 2 8 32; do
+  printf '[[host]]\nname = "bench"\naddress = "127.0.0.1"\nport = %s\nuser = "root"\nidentity = "%s"\nknown_hosts = "%s"\nsocket_dir = "%s"\nwindow_mib = %s\npaths = ["%s"]\n' \
+    "$port" "$d/id_ed25519" "$d/known_hosts" "$d/sockets" "$win" "$data" >"$work/pbs.toml"
+  one "ssh window ${win} MiB" bench --config "$work/pbs.toml"
+done
