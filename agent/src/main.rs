@@ -157,20 +157,6 @@ fn backup_main(a: BackupArgs) -> Result<Outcome, Failure> {
     run::backup(a)
 }
 
-/// This process's peak resident memory in KiB (`VmHWM`: the high-water mark of this
-/// program's own memory, not inherited from the parent that started it, unlike
-/// `getrusage`'s `ru_maxrss`).
-pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Prints one JSON event line on stdout.
 pub fn event(v: &serde_json::Value) {
     use std::io::Write;

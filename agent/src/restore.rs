@@ -169,7 +169,7 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
         "files": stats.files.load(Relaxed), "dirs": stats.dirs.load(Relaxed),
         "others": stats.others.load(Relaxed), "bytes": stats.bytes.load(Relaxed),
         "warnings": warnings.len(), "connections": client.connections_opened(),
-        "peak_rss_kib": crate::peak_rss_kib(),
+        "peak_rss_kib": haul_protocol::peak_rss_kib(),
         "duration_ms": started.elapsed().as_millis() as u64,
     }));
     Ok(if warnings.is_empty() {

@@ -175,7 +175,7 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         "bytes_stored": committed.bytes_stored,
         "warnings": counters.warnings,
         "connections": client.connections_opened(),
-        "peak_rss_kib": crate::peak_rss_kib(),
+        "peak_rss_kib": haul_protocol::peak_rss_kib(),
         "duration_ms": started.elapsed().as_millis() as u64,
     }));
     Ok(if outcome.warnings.is_empty() {

@@ -115,6 +115,18 @@ fn default_window_mib() -> u32 {
     8
 }
 
+/// A TOML error as `line N: message`, for messages that name the file and the line.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .map(|s| {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: ")
+        })
+        .unwrap_or_default();
+    format!("{at}{}", e.message().trim())
+}
+
 /// A configuration that could not be used; the message names the file, the line or
 /// the key, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -132,16 +144,8 @@ impl Config {
 
     /// Parses and checks a configuration; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}: ")
-                })
-                .unwrap_or_default();
-            ConfigError(format!("config {file}: {at}{}", e.message().trim()))
-        })?;
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("config {file}: {}", toml_error(text, &e))))?;
         let mut names = std::collections::HashSet::new();
         for (i, h) in config.hosts.iter().enumerate() {
             let bad = |key: &str, why: String| {

@@ -229,19 +229,6 @@ impl AgentOutput {
     }
 }
 
-/// Peak resident memory of this process, in KiB (`VmHWM`, which unlike `ru_maxrss`
-/// is not inherited from the process that started this one).
-pub fn own_peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// A run, as recorded in the state directory.
 #[derive(Debug, Serialize)]
 pub struct RunRecord {

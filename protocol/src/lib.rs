@@ -22,3 +22,18 @@ pub mod walk;
 
 pub use id::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 pub mod wire;
+
+/// This process's peak resident memory in KiB, as both sides report it in run records:
+/// `VmHWM`, the high-water mark of this program's own memory. (`getrusage`'s
+/// `ru_maxrss` would include the memory of the process that started this one, up to
+/// the `exec`.)
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -334,28 +334,15 @@ impl IndexedRepository {
         id: &[u8; 32],
         loc: &BlobLocation,
     ) -> Result<Vec<u8>> {
-        let limit = match kind {
-            BlobKind::Data => self.repo.config.chunker.max_size as usize,
-            BlobKind::Tree => MAX_TREE_BYTES,
-        };
-        let what = format!(
-            "{kind} blob {} in pack {}",
-            hex::encode(&id[..8]),
-            loc.pack.short()
-        );
-        if loc.length as usize > limit + crypto::OVERHEAD + 1 + 64 * 1024 {
-            return Err(Error::corrupt(
-                what,
-                format!("indexed length {} is larger than any blob", loc.length),
-            ));
-        }
-        let sealed = self.repo.backend.read_range(
-            FileType::Data,
-            &loc.pack.to_hex(),
-            loc.offset as u64,
-            loc.length,
-        )?;
-        decode_blob(&self.repo.data_key, kind, id, sealed, limit, &what)
+        let (sealed, what) = self.read_sealed(kind, id, loc)?;
+        decode_blob(
+            &self.repo.data_key,
+            kind,
+            id,
+            sealed,
+            self.limit(kind),
+            &what,
+        )
     }
 
     /// Reads and opens a blob, and returns it in its transfer encoding (format byte
@@ -367,20 +354,44 @@ impl IndexedRepository {
         let loc = self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
             what: format!("{kind} blob {}", hex::encode(id)),
         })?;
+        let (sealed, what) = self.read_sealed(kind, id, &loc)?;
+        self.repo
+            .data_key
+            .open_vec(&ad::blob(kind, id), sealed, &what)
+    }
+
+    fn limit(&self, kind: BlobKind) -> usize {
+        match kind {
+            BlobKind::Data => self.repo.config.chunker.max_size as usize,
+            BlobKind::Tree => MAX_TREE_BYTES,
+        }
+    }
+
+    /// The sealed bytes of a blob at `loc`, and how to name it in errors.
+    fn read_sealed(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        loc: &BlobLocation,
+    ) -> Result<(Vec<u8>, String)> {
         let what = format!(
             "{kind} blob {} in pack {}",
             hex::encode(&id[..8]),
             loc.pack.short()
         );
+        if loc.length as usize > self.limit(kind) + crypto::OVERHEAD + 1 + 64 * 1024 {
+            return Err(Error::corrupt(
+                what,
+                format!("indexed length {} is larger than any blob", loc.length),
+            ));
+        }
         let sealed = self.repo.backend.read_range(
             FileType::Data,
             &loc.pack.to_hex(),
             loc.offset as u64,
             loc.length,
         )?;
-        self.repo
-            .data_key
-            .open_vec(&ad::blob(kind, id), sealed, &what)
+        Ok((sealed, what))
     }
 
     pub fn load_tree(&self, id: &TreeId) -> Result<Tree> {

@@ -48,14 +48,10 @@ impl Policy {
     /// Parses and checks a policy; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Policy, PolicyError> {
         let policy: Policy = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}: ")
-                })
-                .unwrap_or_default();
-            PolicyError(format!("policy {file}: {at}{}", e.message().trim()))
+            PolicyError(format!(
+                "policy {file}: {}",
+                haul_config::toml_error(text, &e)
+            ))
         })?;
         let bad = |key: &str, why: &str| PolicyError(format!("policy {file}: {key}: {why}"));
         let absolute = |p: &Path| p.is_absolute() && normal(p);

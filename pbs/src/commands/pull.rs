@@ -256,7 +256,7 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
         counters: outcome.as_ref().ok().and_then(|r| r.summary.clone()),
         connections: outcome.as_ref().map(|r| r.connections).unwrap_or(0),
         agent_peak_rss_kib: outcome.as_ref().map(|r| r.agent_peak_rss_kib).unwrap_or(0),
-        pbs_peak_rss_kib: run::own_peak_rss_kib(),
+        pbs_peak_rss_kib: haul_protocol::peak_rss_kib(),
         output_tail: outcome.as_ref().map(|r| r.tail.clone()).unwrap_or_default(),
         error: error.clone(),
     };

@@ -136,7 +136,7 @@ fn via_agent(
                     &serde_json::json!({"type": "summary", "snapshot": id.to_hex(), "target": target,
                     "files": n("files"), "dirs": n("dirs"), "others": n("others"), "bytes": n("bytes"),
                     "warnings": n("warnings"), "connections": r.connections,
-                    "agent_peak_rss_kib": r.agent_peak_rss_kib, "pbs_peak_rss_kib": run::own_peak_rss_kib(),
+                    "agent_peak_rss_kib": r.agent_peak_rss_kib, "pbs_peak_rss_kib": haul_protocol::peak_rss_kib(),
                     "duration_ms": started.elapsed().as_millis() as u64}),
                 );
             } else {
