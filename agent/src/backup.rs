@@ -239,14 +239,20 @@ async fn batches(
         }
         let Some(first) = rx.recv().await else { break };
         let mut batch = Vec::new();
-        let mut bytes = 0;
+        let (mut bytes, mut plain) = (0, 0u64);
         let mut next = Some(first);
         while let Some(item) = next.take() {
             if seen.insert(item.r) {
                 bytes += item.encoded.len();
+                plain += item.plain_len as u64;
                 batch.push(item);
             }
-            if bytes >= BATCH_BYTES || batch.len() >= BATCH_BLOBS {
+            // The server takes at most MAX_UPLOAD_PLAIN per request; a blob is at most
+            // one chunk.
+            if bytes >= BATCH_BYTES
+                || batch.len() >= BATCH_BLOBS
+                || plain >= wire::MAX_UPLOAD_PLAIN / 2
+            {
                 break;
             }
             next = rx.try_recv().ok();

@@ -263,6 +263,17 @@ pub fn decode_blob(
     }
 }
 
+/// What an encoded blob says it decodes to, without decoding it: `None` when a zstd
+/// frame does not declare its size (or the bytes are no blob).
+pub fn declared_plain_len(encoded: &[u8]) -> Option<u64> {
+    let (&format, body) = encoded.split_last()?;
+    match format {
+        BLOB_RAW => Some(body.len() as u64),
+        BLOB_ZSTD => zstd::zstd_safe::get_frame_content_size(body).ok().flatten(),
+        _ => None,
+    }
+}
+
 /// Decodes without taking ownership: the raw case borrows the bytes.
 pub fn decode_blob_ref<'a>(
     decompressor: &mut zstd::bulk::Decompressor<'_>,

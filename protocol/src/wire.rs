@@ -48,6 +48,8 @@ pub const FRAME_HEADER_LEN: usize = 37;
 pub const MAX_REFS_PER_REQUEST: usize = 65_536;
 /// A batch read's answer stops after this many bytes of frames.
 pub const MAX_FRAMES_RESPONSE: usize = 8 * 1024 * 1024;
+/// Most bytes the blobs of one upload request may decompress to.
+pub const MAX_UPLOAD_PLAIN: u64 = 256 * 1024 * 1024;
 /// Largest upload request body the server accepts.
 pub const MAX_UPLOAD_BODY: u64 = 32 * 1024 * 1024;
 

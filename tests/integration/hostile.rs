@@ -623,6 +623,17 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     // An unknown blob kind, and a "tree" whose entry climbs out of its directory.
     post(&sock, "/v1/backup/upload", &frame(9, &zero, &raw(b"?"))).refused(400, "bad_request");
     post(&sock, "/v1/backup/upload", &frame(DATA, &hash(b""), b"")).refused(400, "bad_request");
+    // A compression bomb: small frames that would decompress to more than an upload
+    // may cost the server, refused before they are decompressed.
+    let zeros = vec![0u8; 8 << 20];
+    let mut bomb_blob = zstd::bulk::compress(&zeros, 1).unwrap();
+    bomb_blob.push(1);
+    let bomb: Vec<u8> = (0..33)
+        .flat_map(|_| frame(DATA, &hash(&zeros), &bomb_blob))
+        .collect();
+    assert!(bomb.len() < 1 << 20);
+    let m = post(&sock, "/v1/backup/upload", &bomb).refused(413, "body_too_large");
+    assert!(m.contains("decompress to more than"), "{m}");
     let sneaky = {
         let t = Tree {
             nodes: vec![Node {

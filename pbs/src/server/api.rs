@@ -309,12 +309,14 @@ async fn backup_upload(
     let mut failed: Option<ApiError> = None;
     let mut group: Vec<(BlobRef, Vec<u8>)> = Vec::new();
     let mut group_bytes = 0usize;
-    let reap = |r: Result<Result<u64, haul_repo::Error>, tokio::task::JoinError>,
+    let mut plain: u64 = 0;
+    let max_chunk = s.repo.config().chunker.max_size as u64;
+    let reap = |r: Result<Result<u64, ApiError>, tokio::task::JoinError>,
                 done: &mut wire::UploadDone,
                 failed: &mut Option<ApiError>| match r {
         Ok(Ok(new)) => done.stored += new,
         Ok(Err(e)) => {
-            failed.get_or_insert(e.into());
+            failed.get_or_insert(e);
         }
         Err(e) => {
             failed.get_or_insert(ApiError::new(
@@ -340,7 +342,23 @@ async fn backup_upload(
             let before = group.len();
             reader.feed(&data, &mut group)?;
             done.received += (group.len() - before) as u64;
-            group_bytes += group[before..].iter().map(|(_, b)| b.len()).sum::<usize>();
+            for (r, b) in &group[before..] {
+                group_bytes += b.len();
+                // Verifying costs what the blobs decompress to: bounded per request,
+                // so a compression bomb cannot buy unbounded work with a small body.
+                // (A blob that does not declare its size counts as a whole chunk;
+                // one that is no blob at all is refused by its verification.)
+                plain += haul_protocol::chunker::declared_plain_len(b).unwrap_or(max_chunk);
+                if plain > wire::MAX_UPLOAD_PLAIN {
+                    return Err(ApiError::new(
+                        Code::BodyTooLarge,
+                        format!(
+                            "the blobs of this upload (up to {r}) decompress to more than {} bytes: send fewer per request",
+                            wire::MAX_UPLOAD_PLAIN
+                        ),
+                    ));
+                }
+            }
         } else {
             reader.finish()?;
         }
@@ -354,12 +372,26 @@ async fn backup_upload(
             group_bytes = 0;
             if failed.is_none() {
                 let session = session.clone();
-                tasks.spawn_blocking(move || {
-                    let mut stored = 0;
-                    for (r, encoded) in blobs {
-                        stored += session.add_encoded(r.kind, &r.id, encoded)? as u64;
-                    }
-                    Ok(stored)
+                let slots = s.verifiers.clone();
+                // The wait for a verifier happens in its own task, never in the loop
+                // that reads the body; and verifiers are fewer than blocking threads,
+                // so other requests (`missing`, parent trees) still find one.
+                tasks.spawn(async move {
+                    let _slot = slots.acquire_owned().await.expect("never closed");
+                    tokio::task::spawn_blocking(move || {
+                        let mut stored = 0;
+                        for (r, encoded) in blobs {
+                            stored += session.add_encoded(r.kind, &r.id, encoded)? as u64;
+                        }
+                        Ok(stored)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ApiError::new(
+                            Code::Internal,
+                            format!("verifier failed: {e}"),
+                        ))
+                    })
                 });
             }
         }

@@ -54,6 +54,8 @@ pub struct Server {
     restore: Mutex<Option<RestoreScope>>,
     connections: AtomicU64,
     uploads: Arc<tokio::sync::Semaphore>,
+    /// Verification work running at once (one per CPU).
+    verifiers: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a restore session may read: the snapshot's trees and the chunks they name,
@@ -80,6 +82,11 @@ impl Server {
             restore: Mutex::new(None),
             connections: AtomicU64::new(0),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
+            verifiers: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            )),
         })
     }
 
