@@ -71,6 +71,19 @@ fn a_pull_over_ssh_round_trips_and_leaves_nothing_listening() {
     let (run, rec) = pull(&env, &config, "web-1");
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(rec["counters"]["bytes_read"], 0, "{rec}");
+
+    // One file changed: only it is read, and the new snapshot restores as the tree is.
+    haul_tests::append(&src.join("dir/text.txt"), "one more line\n");
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(rec["counters"]["files_changed"], 1, "{rec}");
+    assert_eq!(
+        rec["counters"]["bytes_read"].as_u64().unwrap(),
+        fs::metadata(src.join("dir/text.txt")).unwrap().len()
+    );
+    let target = env.path("restored-2");
+    env.restore(&target, &[]).expect(0);
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
     env.pbs(&["check", "--read-data"]).expect(0);
 }
 
@@ -177,7 +190,28 @@ fn the_forced_command_refuses_everything_but_the_agent_it_allows() {
             ),
             "restores are not allowed",
         ),
+        (
+            &*format!("haul-agent backup --socket {}/x.sock --path {}/link/passwd", sockets.display(), src.display()),
+            "with symlinks resolved, outside the policy's backup_roots",
+        ),
+        (
+            &*format!("haul-agent backup --socket {}/x.sock --path {} --path {}/../etc", sockets.display(), src.display(), src.display()),
+            "without `.` or `..`",
+        ),
+        (
+            &*format!("haul-agent backup --socket {}/x.sock --path {} --one-file-system --one-file-system", sockets.display(), src.display()),
+            "given twice",
+        ),
+        (
+            &*format!("haul-agent backup --socket {}/x.sock --path {} --exclude {}", sockets.display(), src.display(), "x".repeat(70_000)),
+            "at most 65536",
+        ),
+        (
+            "haul-agent backup --socket \"$HOME/x.sock\" --path /",
+            "not allowed in the command",
+        ),
     ];
+    std::os::unix::fs::symlink("/etc", src.join("link")).unwrap();
     for (cmd, why) in cases {
         let r = sshd.ssh(cmd);
         assert_eq!(r.code, 126, "{cmd:?}: {}\n{}", r.stderr, sshd.log());
@@ -239,4 +273,34 @@ fn ssh_setup_prints_the_key_line_policy_and_sshd_settings_that_work() {
     let r = env.pbs(&["ssh-setup", "nope", "--config", &c]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("no host \"nope\""), "{}", r.stderr);
+}
+
+#[test]
+fn a_stale_socket_is_no_obstacle_and_a_missing_agent_is_named() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    // A socket left by a killed run: a file nobody listens on.
+    drop(
+        std::os::unix::net::UnixListener::bind(sshd.dir.join("sockets/haul-0123456789abcdef.sock"))
+            .unwrap(),
+    );
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
+    assert_eq!(rec["status"], "ok");
+
+    // The policy names an agent that is not installed.
+    let policy = sshd.dir.join("wrapper.toml");
+    let text = fs::read_to_string(&policy).unwrap();
+    let agent = haul_tests::bin("haul-agent").display().to_string();
+    fs::write(&policy, text.replace(&agent, "/nonexistent/haul-agent")).unwrap();
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(rec["status"], "failed");
+    let err = rec["error"].as_str().unwrap();
+    assert!(
+        err.contains("cannot run the agent /nonexistent/haul-agent"),
+        "{err}"
+    );
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
 }

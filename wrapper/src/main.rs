@@ -70,7 +70,10 @@ fn main() {
     let Some(requested) = requested.to_str() else {
         refuse("(not UTF-8)", "the command is not valid UTF-8");
     };
-    let args = match policy.admit(requested) {
+    let args = match policy
+        .admit(requested)
+        .and_then(|a| policy.confine(&a).map(|()| a))
+    {
         Ok(args) => args,
         Err(denied) => refuse(requested, &denied.0),
     };

@@ -26,6 +26,9 @@ pub struct Policy {
     pub restore_targets: Vec<PathBuf>,
 }
 
+/// Longest command accepted (sshd itself takes up to 256 KiB).
+const MAX_COMMAND: usize = 64 * 1024;
+
 fn root() -> Vec<PathBuf> {
     vec![PathBuf::from("/")]
 }
@@ -82,6 +85,12 @@ impl Policy {
     /// returned arguments follow the agent binary; they are rebuilt from what was
     /// checked, not copied from the input.
     pub fn admit(&self, command: &str) -> Result<Vec<String>, Denied> {
+        if command.len() > MAX_COMMAND {
+            return deny(format!(
+                "the command is {} bytes long; at most {MAX_COMMAND} are accepted",
+                command.len()
+            ));
+        }
         let words = haul_protocol::command::split(command).map_err(Denied)?;
         let mut words = words.into_iter();
         match words.next().as_deref() {
@@ -216,6 +225,31 @@ impl Policy {
         Ok(argv)
     }
 
+    /// Checks the paths of admitted arguments (from [`Policy::admit`]) on the real
+    /// filesystem: with every symlink resolved, each backup path and restore target
+    /// must still be inside the policy's roots (`/srv/link/x` with `link -> /etc` is
+    /// not inside `/srv`).
+    pub fn confine(&self, args: &[String]) -> Result<(), Denied> {
+        let (roots, key) = match args.first().map(String::as_str) {
+            Some("backup") => (&self.backup_roots, "backup_roots"),
+            _ => (&self.restore_targets, "restore_targets"),
+        };
+        let roots: Vec<PathBuf> = roots.iter().map(|r| resolve(r)).collect();
+        for pair in args.windows(2) {
+            if pair[0] == "--path" || pair[0] == "--target" {
+                let real = resolve(Path::new(&pair[1]));
+                if !roots.iter().any(|r| real.starts_with(r)) {
+                    return deny(format!(
+                        "{:?} is {} with symlinks resolved, outside the policy's {key}",
+                        pair[1],
+                        real.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A socket path: a `*.sock` file directly in the socket directory.
     fn socket(&self, s: &str) -> Result<String, Denied> {
         let p = Path::new(s);
@@ -233,6 +267,25 @@ impl Policy {
             ));
         }
         Ok(s.to_string())
+    }
+}
+
+/// `p` with every symlink resolved: its longest existing ancestor canonicalized, the
+/// rest (what does not exist yet, like a restore target) appended.
+fn resolve(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = p;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return missing.iter().rev().fold(real, |acc, c| acc.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
     }
 }
 
@@ -395,6 +448,61 @@ restore_targets = ["/var/restore"]
             let got = refused(cmd);
             assert!(got.contains(why), "{cmd:?}: {got:?} lacks {why:?}");
         }
+    }
+
+    #[test]
+    fn symlinks_cannot_lead_a_path_out_of_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("srv");
+        std::fs::create_dir_all(root.join("www")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+        let p = Policy::parse(
+            &format!(
+                "agent = \"/a\"\nsocket_dir = \"/run/haul\"\nbackup_roots = [{:?}]\nrestore_targets = [{:?}]\n",
+                root.display().to_string(),
+                root.display().to_string()
+            ),
+            "w.toml",
+        )
+        .unwrap();
+        let cmd = |path: &Path| {
+            format!(
+                "haul-agent backup --socket /run/haul/a.sock --path {}",
+                path.display()
+            )
+        };
+        let ok = p.admit(&cmd(&root.join("www"))).unwrap();
+        p.confine(&ok).unwrap();
+        let sneaky = p.admit(&cmd(&root.join("link/passwd"))).unwrap();
+        let e = p.confine(&sneaky).unwrap_err();
+        assert!(
+            e.0.contains("/etc/passwd with symlinks resolved, outside the policy's backup_roots"),
+            "{e}"
+        );
+        // A restore target that does not exist yet is judged by its existing parent.
+        let t = p
+            .admit(&format!(
+                "haul-agent restore --socket /run/haul/a.sock --snapshot latest --target {}",
+                root.join("link/new").display()
+            ))
+            .unwrap();
+        assert!(p.confine(&t).unwrap_err().0.contains("restore_targets"));
+        let t = p
+            .admit(&format!(
+                "haul-agent restore --socket /run/haul/a.sock --snapshot latest --target {}",
+                root.join("www/new/deeper").display()
+            ))
+            .unwrap();
+        p.confine(&t).unwrap();
+    }
+
+    #[test]
+    fn an_overlong_command_is_refused() {
+        let long = format!(
+            "haul-agent backup --socket /run/haul/a.sock --path /srv --exclude {}",
+            "x".repeat(70_000)
+        );
+        assert!(refused(&long).contains("at most 65536 are accepted"));
     }
 
     #[test]
