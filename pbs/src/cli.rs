@@ -241,6 +241,14 @@ pub struct RestoreArgs {
     /// Restore through a read-only server and a haul-agent, as a clone host would.
     #[arg(long)]
     pub via_agent: bool,
+    /// Restore onto this host (from the configuration) over SSH, through a read-only
+    /// tunnel and the host's haul-wrapper (whose policy must list the target's
+    /// directory in `restore_targets`).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The configuration file with the hosts.
+    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
+    pub config: PathBuf,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -304,3 +304,40 @@ fn a_stale_socket_is_no_obstacle_and_a_missing_agent_is_named() {
     );
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
 }
+
+#[test]
+fn a_restore_onto_a_host_goes_through_a_read_only_tunnel() {
+    let (env, src) = Env::with_source();
+    make_fixture(&src);
+    let restores = env.path("restores");
+    fs::create_dir_all(&restores).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&restores]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let (run, _) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let c = config.display().to_string();
+    let target = restores.join("web-1");
+    let t = target.display().to_string();
+    let r = env
+        .pbs(&[
+            "--json", "restore", "latest", "--host", "web-1", "--config", &c, "--target", &t,
+        ])
+        .expect(0);
+    let summary = r.json_of("summary");
+    assert!(summary["connections"].as_u64().unwrap() >= 1, "{summary}");
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // Outside the policy's restore_targets: refused by the host's wrapper, nothing written.
+    let outside = env.path("elsewhere").display().to_string();
+    let r = env.pbs(&[
+        "restore", "latest", "--host", "web-1", "--config", &c, "--target", &outside,
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("outside the policy's restore_targets"),
+        "{}",
+        r.stderr
+    );
+    assert!(!env.path("elsewhere").exists());
+}

@@ -489,6 +489,11 @@ pub struct Sshd {
 impl Sshd {
     /// Starts sshd under `dir` (created). `backup_roots` go into the wrapper's policy.
     pub fn start(dir: &Path, backup_roots: &[&Path]) -> Sshd {
+        Sshd::start_with(dir, backup_roots, &[])
+    }
+
+    /// Like [`Sshd::start`], with restores allowed into `restore_targets`.
+    pub fn start_with(dir: &Path, backup_roots: &[&Path], restore_targets: &[&Path]) -> Sshd {
         fs::create_dir_all(dir.join("sockets")).unwrap();
         fs::set_permissions(dir.join("sockets"), fs::Permissions::from_mode(0o700)).unwrap();
         fs::create_dir_all("/run/sshd").ok();
@@ -504,17 +509,21 @@ impl Sshd {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let roots: Vec<String> = backup_roots
-            .iter()
-            .map(|r| format!("{:?}", r.display().to_string()))
-            .collect();
+        let list = |paths: &[&Path]| {
+            paths
+                .iter()
+                .map(|r| format!("{:?}", r.display().to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         fs::write(
             dir.join("wrapper.toml"),
             format!(
-                "agent = {:?}\nsocket_dir = {:?}\nbackup_roots = [{}]\n",
+                "agent = {:?}\nsocket_dir = {:?}\nbackup_roots = [{}]\nrestore_targets = [{}]\n",
                 bin("haul-agent").display().to_string(),
                 dir.join("sockets").display().to_string(),
-                roots.join(", ")
+                list(backup_roots),
+                list(restore_targets)
             ),
         )
         .unwrap();

@@ -13,7 +13,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let target = std::path::absolute(&args.target)
         .map_err(|e| CliError::usage(format!("restore target {}: {e}", args.target.display())))?;
-    if args.via_agent {
+    if args.via_agent || args.host.is_some() {
         return via_agent(ctx, args, target, started);
     }
     let repo = ctx.open_indexed()?;
@@ -96,28 +96,51 @@ fn via_agent(
     let lock = repo.lock(false, "restore")?;
     let (id, _) = repo.find_snapshot(&args.snapshot)?;
     let server = Server::new(repo, Mode::ReadOnly, None);
-    let mut agent_args: Vec<std::ffi::OsString> = vec![
+    let mut agent_args: Vec<String> = vec![
         "restore".into(),
         "--snapshot".into(),
-        id.to_hex().into(),
+        id.to_hex(),
         "--target".into(),
-        target.clone().into(),
+        target
+            .to_str()
+            .ok_or_else(|| {
+                CliError::usage(format!("restore target {} is not UTF-8", target.display()))
+            })?
+            .to_string(),
     ];
     for inc in &args.include {
         agent_args.push("--include".into());
-        agent_args.push(inc.into());
+        agent_args.push(inc.clone());
     }
     if let Some(t) = args.threads {
         agent_args.push("--threads".into());
-        agent_args.push(t.to_string().into());
+        agent_args.push(t.to_string());
     }
     let json = ctx.global.json;
-    let agent = run::agent_binary(args.run.agent.as_deref());
-    let r = run::run_agent(server, &agent, agent_args, None, &|v| {
+    let relay = |v: &serde_json::Value| {
         if json {
             json_line(&serde_json::json!({"type": "agent", "event": v}));
         }
-    })?;
+    };
+    let r = match &args.host {
+        // Onto another host: a read-only tunnel, the agent run by its haul-wrapper.
+        Some(name) => {
+            let config =
+                haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?;
+            let host = config.host(name).ok_or_else(|| {
+                CliError::usage(format!("no host {name:?} in {}", args.config.display()))
+            })?;
+            crate::ssh::run_agent(server, host, agent_args, None, &relay)?
+        }
+        None => {
+            let agent = run::agent_binary(args.run.agent.as_deref());
+            let args = agent_args
+                .into_iter()
+                .map(std::ffi::OsString::from)
+                .collect();
+            run::run_agent(server, &agent, args, None, &relay)?
+        }
+    };
     drop(lock);
     for w in &r.warnings {
         if !json {
