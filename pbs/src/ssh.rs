@@ -201,25 +201,29 @@ pub fn run_agent(
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, CliError> {
     let rt = crate::run::runtime()?;
-    rt.block_on(async {
-        match tokio::time::timeout(
-            RUN_TIMEOUT,
-            pull(server.clone(), host, args, stdin, progress),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(CliError::Failed(format!(
-                "the run on {} took longer than {} h and was stopped",
-                host.name,
-                RUN_TIMEOUT.as_secs() / 3600
-            ))),
-        }
-    })
-    .map(|mut run| {
-        run.connections = server.connections();
-        run
-    })
+    let result = rt
+        .block_on(async {
+            match tokio::time::timeout(
+                RUN_TIMEOUT,
+                pull(server.clone(), host, args, stdin, progress),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(CliError::Failed(format!(
+                    "the run on {} took longer than {} h and was stopped",
+                    host.name,
+                    RUN_TIMEOUT.as_secs() / 3600
+                ))),
+            }
+        })
+        .map(|mut run| {
+            run.connections = server.connections();
+            run
+        });
+    // A session the agent did not commit ends here; what it stored is kept.
+    server.abandon_session();
+    result
 }
 
 async fn pull(

@@ -341,3 +341,95 @@ fn a_restore_onto_a_host_goes_through_a_read_only_tunnel() {
     );
     assert!(!env.path("elsewhere").exists());
 }
+
+/// sshd killed while a pull runs: the run fails clearly, writes no snapshot, leaves
+/// nothing running on either side, and the next pull succeeds.
+#[test]
+fn sshd_killed_mid_pull_fails_the_run_and_the_next_pull_succeeds() {
+    let (env, src) = Env::with_source();
+    for i in 0..64 {
+        fs::write(
+            src.join(format!("f{i}")),
+            haul_tests::random_bytes(i, 3 << 20),
+        )
+        .unwrap();
+    }
+    let mut sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let state = env.path("state");
+    let mut pull_cmd = std::process::Command::new(haul_tests::bin("haul-pbs"));
+    pull_cmd
+        .arg("--repo")
+        .arg(env.repo())
+        .arg("--password-file")
+        .arg(env.path("pass"))
+        .args(["--json", "pull", "web-1", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = pull_cmd.spawn().unwrap();
+
+    // Wait (bounded) until the agent runs on the "host", then kill every sshd process.
+    let mut agents = Vec::new();
+    for _ in 0..400 {
+        agents = haul_tests::descendants(sshd.pid())
+            .into_iter()
+            .filter(|(_, comm)| comm == "haul-agent")
+            .map(|(p, _)| p)
+            .collect();
+        if !agents.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(
+        !agents.is_empty(),
+        "the agent never started: {}",
+        sshd.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for (p, comm) in haul_tests::descendants(sshd.pid()) {
+        if comm == "sshd" {
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+    }
+    unsafe { libc::kill(sshd.pid() as i32, libc::SIGKILL) };
+
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let rec: serde_json::Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "run")
+        .expect("a run record")["run"]
+        .clone();
+    assert_eq!(rec["status"], "failed");
+    assert!(stderr.contains("pull of web-1 failed"), "{stderr}");
+    assert!(stderr.contains("no snapshot was written"), "{stderr}");
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 0);
+    // The agent on the host side ends by itself (bounded wait).
+    for _ in 0..400 {
+        if agents.iter().all(|p| !haul_tests::alive(*p)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        agents.iter().all(|p| !haul_tests::alive(*p)),
+        "an agent is still running"
+    );
+    sshd.restart();
+    let c = config.display().to_string();
+    let s = state.display().to_string();
+    let r = env
+        .pbs(&["--json", "pull", "web-1", "--config", &c, "--state-dir", &s])
+        .expect(0);
+    let rec = r.json_of("run")["run"].clone();
+    assert_eq!(rec["status"], "ok");
+    env.pbs(&["check", "--read-data"]).expect(0);
+}

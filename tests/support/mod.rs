@@ -564,25 +564,46 @@ impl Sshd {
             ),
         )
         .unwrap();
-        let child = Command::new("/usr/sbin/sshd")
+        let mut sshd = Sshd {
+            dir: dir.to_path_buf(),
+            port,
+            child: Sshd::spawn(dir),
+        };
+        sshd.wait_listening();
+        sshd
+    }
+
+    fn spawn(dir: &Path) -> std::process::Child {
+        Command::new("/usr/sbin/sshd")
             .args(["-D", "-f"])
             .arg(dir.join("sshd_config"))
             .arg("-E")
             .arg(dir.join("sshd.log"))
             .spawn()
-            .expect("/usr/sbin/sshd (apt-get install openssh-server)");
-        let sshd = Sshd {
-            dir: dir.to_path_buf(),
-            port,
-            child,
-        };
+            .expect("/usr/sbin/sshd (apt-get install openssh-server)")
+    }
+
+    fn wait_listening(&mut self) {
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return sshd;
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("sshd did not listen on {port}: {}", sshd.log());
+        panic!("sshd did not listen on {}: {}", self.port, self.log());
+    }
+
+    /// The listening sshd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts sshd again (after it was killed) with the same keys, port and config.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Sshd::spawn(&self.dir);
+        self.wait_listening();
     }
 
     pub fn log(&self) -> String {
@@ -654,5 +675,36 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Every descendant of process `pid` (children first found, then theirs), with its
+/// command name.
+pub fn descendants(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let children =
+            fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+            out.push((c, comm.trim().to_string()));
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
