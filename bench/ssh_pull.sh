@@ -2,12 +2,13 @@
 # Benchmark (not a test): is the SSH tunnel the bottleneck of a pull? Pulls the same
 # dataset with the agent as a local child (`pull --local`) and over SSH through a private
 # OpenSSH sshd on 127.0.0.1 and haul-wrapper (`pull HOST`), with several SSH window
-# sizes, each into a fresh repository, page caches dropped before each run. cpu_s is
+# sizes, each into a fresh repository, page caches dropped before each run; and restic
+# backing the same data up over the same sshd with its sftp backend. cpu_s is
 # the pbs command's own CPU: locally that includes the agent, over SSH the agent and
 # sshd run under sshd and are not counted.
 #
 # usage: bench/ssh_pull.sh [--mib N] [--work DIR]    (defaults: 1024, /tmp/haul-bench-ssh)
-# needs: openssh-server, openssh-client, jq, python3, root (for sshd and drop_caches)
+# needs: openssh-server, openssh-client, restic, jq, python3, root (sshd, drop_caches)
 set -euo pipefail
 mib=1024 work=/tmp/haul-bench-ssh
 while (($#)); do
@@ -27,9 +28,11 @@ data=$work/data
 python3 "$shared/bench/gen_dataset.py" "$data" --mib "$mib" >/dev/null
 d=$work/sshd
 ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey" && ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519"
+ssh-keygen -q -t ed25519 -N '' -f "$d/id_restic"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 printf 'agent = "%s"\nsocket_dir = "%s"\nbackup_roots = ["%s"]\n' "$bin/haul-agent" "$d/sockets" "$data" >"$d/wrapper.toml"
 printf 'command="%s --policy %s",restrict,port-forwarding %s\n' "$bin/haul-wrapper" "$d/wrapper.toml" "$(cat "$d/id_ed25519.pub")" >"$d/authorized_keys"
+printf 'restrict %s\n' "$(cat "$d/id_restic.pub")" >>"$d/authorized_keys"   # restic: sftp only
 printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$d/hostkey.pub")" >"$d/known_hosts"
 cat >"$d/sshd_config" <<EOF
 Port $port
@@ -45,6 +48,7 @@ AllowTcpForwarding remote
 PermitListen none
 AllowStreamLocalForwarding remote
 StreamLocalBindUnlink yes
+Subsystem sftp internal-sftp
 EOF
 /usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
 trap 'kill $sshd 2>/dev/null' EXIT
@@ -70,3 +74,14 @@ for win in 2 8 32; do
     "$port" "$d/id_ed25519" "$d/known_hosts" "$d/sockets" "$win" "$data" >"$work/pbs.toml"
   one "ssh window ${win} MiB" bench --config "$work/pbs.toml"
 done
+
+# restic over sftp through the same sshd, into a fresh repository.
+export RESTIC_PASSWORD=bench
+sftp_cmd="ssh -i $d/id_restic -p $port -o UserKnownHostsFile=$d/known_hosts -o StrictHostKeyChecking=yes root@127.0.0.1 -s sftp"
+rm -rf "$work/restic-repo"
+restic -q -r "sftp:root@127.0.0.1:$work/restic-repo" -o sftp.command="$sftp_cmd" init --repository-version 2 >/dev/null
+sync; echo 3 >/proc/sys/vm/drop_caches
+/usr/bin/time -f '%e %U %S %M' -o "$work/t" restic -q -r "sftp:root@127.0.0.1:$work/restic-repo" \
+  -o sftp.command="$sftp_cmd" --cache-dir "$work/restic-cache" backup "$data" >"$work/restic.log" 2>&1
+read -r w u s m <"$work/t"
+printf '%-22s %8s %8.2f %10d %10s   (restic: cpu and rss of restic itself)\n' "restic sftp" "$w" "$(echo "$u + $s" | bc)" $((m / 1024)) -
