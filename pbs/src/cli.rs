@@ -90,11 +90,9 @@ pub enum KeyCommand {
     Remove { id: String },
 }
 
+/// What a backup takes and how it is labelled, for `backup-local` and `pull`.
 #[derive(Debug, Args)]
-pub struct BackupLocalArgs {
-    /// Files and directories to back up.
-    #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
+pub struct SelectArgs {
     /// Exclude entries whose path or name matches this glob (repeatable).
     #[arg(long, short = 'e')]
     pub exclude: Vec<String>,
@@ -110,6 +108,15 @@ pub struct BackupLocalArgs {
     /// Host name recorded in the snapshot (default: this machine's).
     #[arg(long)]
     pub host: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupLocalArgs {
+    /// Files and directories to back up.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Compare against this snapshot instead of the latest of the same host and paths.
     #[arg(long, conflicts_with = "force")]
     pub parent: Option<String>,
@@ -136,21 +143,8 @@ pub struct PullArgs {
     /// The configuration file with the hosts.
     #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
     pub config: PathBuf,
-    /// Exclude entries whose path or name matches this glob (repeatable).
-    #[arg(long, short = 'e')]
-    pub exclude: Vec<String>,
-    /// Skip the contents of directories tagged with CACHEDIR.TAG.
-    #[arg(long)]
-    pub exclude_caches: bool,
-    /// Stay on the filesystem of each backup path.
-    #[arg(long, short = 'x')]
-    pub one_file_system: bool,
-    /// Tag the snapshot (repeatable).
-    #[arg(long)]
-    pub tag: Vec<String>,
-    /// Host name recorded in the snapshot (default: this machine's).
-    #[arg(long)]
-    pub host: Option<String>,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Read every file, ignoring the parent snapshot.
     #[arg(long)]
     pub force: bool,

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError> {
     let started = Instant::now();
-    let excludes = walk::compile_excludes(&args.exclude).map_err(CliError::usage)?;
+    let excludes = walk::compile_excludes(&args.select.exclude).map_err(CliError::usage)?;
     let mut paths = Vec::new();
     for p in &args.paths {
         let abs = std::path::absolute(p)
@@ -32,9 +32,9 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
         ParentChoice::Latest
     };
     let info = SessionInfo {
-        host: args.host.clone().unwrap_or_else(hostname),
+        host: args.select.host.clone().unwrap_or_else(hostname),
         paths: paths.iter().map(|p| p.display().to_string()).collect(),
-        tags: args.tag.clone(),
+        tags: args.select.tag.clone(),
         source: SourceKind::Local,
         parent,
     };
@@ -42,8 +42,8 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
     let opts = BackupOptions {
         paths,
         excludes,
-        exclude_caches: args.exclude_caches,
-        one_file_system: args.one_file_system,
+        exclude_caches: args.select.exclude_caches,
+        one_file_system: args.select.one_file_system,
         threads: ctx.threads(args.threads),
         chunker: session.chunker_params(),
         parent: session.parent_tree(),

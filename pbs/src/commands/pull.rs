@@ -128,9 +128,9 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
                     ))
                 })?;
                 let mut excludes = h.excludes.clone();
-                excludes.extend(args.exclude.iter().cloned());
+                excludes.extend(args.select.exclude.iter().cloned());
                 let mut tags = h.tags.clone();
-                tags.extend(args.tag.iter().cloned());
+                tags.extend(args.select.tag.iter().cloned());
                 let ssh = (h.transport == haul_config::Transport::Ssh).then(|| h.clone());
                 (h.name.clone(), ssh, h.paths.clone(), excludes, tags)
             }
@@ -141,8 +141,14 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
                         CliError::usage(format!("backup path {}: {e}", p.display()))
                     })?);
                 }
-                let host = args.host.clone().unwrap_or_else(hostname);
-                (host, None, paths, args.exclude.clone(), args.tag.clone())
+                let host = args.select.host.clone().unwrap_or_else(hostname);
+                (
+                    host,
+                    None,
+                    paths,
+                    args.select.exclude.clone(),
+                    args.select.tag.clone(),
+                )
             }
         };
     let mut agent_args: Vec<String> = vec!["backup".into(), "--params-stdin".into()];
@@ -155,10 +161,10 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
     for e in &excludes {
         agent_args.extend(["--exclude".to_string(), e.clone()]);
     }
-    if args.exclude_caches {
+    if args.select.exclude_caches {
         agent_args.push("--exclude-caches".into());
     }
-    if args.one_file_system {
+    if args.select.one_file_system {
         agent_args.push("--one-file-system".into());
     }
     Ok(Plan {
