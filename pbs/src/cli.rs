@@ -195,6 +195,9 @@ pub struct ServeArgs {
     /// Accept sessions of this host only.
     #[arg(long)]
     pub host: Option<String>,
+    /// Read-only: stream this snapshot only (an id or unique prefix).
+    #[arg(long)]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Args)]

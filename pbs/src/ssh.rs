@@ -28,6 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// After the exit status, the channel should close; a host that keeps it open is left
+/// after this long.
+const AFTER_EXIT: Duration = Duration::from_secs(10);
+/// Longest line of agent output kept; longer ones are cut.
+const MAX_LINE: usize = 64 * 1024;
 /// A whole run ends after this long, however far it got.
 const RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -166,6 +171,20 @@ impl client::Handler for Client {
         _channel: Channel<Msg>,
         _host_to_connect: &str,
         _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
         _originator_address: &str,
         _originator_port: u32,
         reply: client::ChannelOpenHandle,
@@ -374,18 +393,26 @@ async fn exec_agent(
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut exit = None;
     let mut how = "no exit status (the connection closed)".to_string();
-    // Until the channel closes: the exit status may come after end-of-output.
-    while let Some(msg) = channel.wait().await {
+    // Until the channel closes: the exit status may come after end-of-output. Once it
+    // has come, a host that keeps the channel open is not waited for long.
+    loop {
+        let msg = if exit.is_some() {
+            match tokio::time::timeout(AFTER_EXIT, channel.wait()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        } else {
+            channel.wait().await
+        };
+        let Some(msg) = msg else { break };
         match msg {
             ChannelMsg::Data { data } => {
-                stdout.extend_from_slice(&data);
-                for line in take_lines(&mut stdout) {
+                for line in take_lines(&mut stdout, &data) {
                     out.stdout_line(&line, progress);
                 }
             }
             ChannelMsg::ExtendedData { data, ext: 1 } => {
-                stderr.extend_from_slice(&data);
-                for line in take_lines(&mut stderr) {
+                for line in take_lines(&mut stderr, &data) {
                     out.stderr_line(&line);
                 }
             }
@@ -408,15 +435,40 @@ async fn exec_agent(
     Ok(out.finish(exit, &how))
 }
 
-/// Complete lines at the front of `buf`, removed from it.
-fn take_lines(buf: &mut Vec<u8>) -> Vec<String> {
-    let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
-        return Vec::new();
-    };
-    let lines: Vec<String> = buf[..end]
-        .split(|b| *b == b'\n')
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect();
-    buf.drain(..=end);
-    lines
+/// Appends `data` to `buf` and returns the complete lines, removing them from it. A
+/// line longer than [`MAX_LINE`] is cut there (a host cannot make the pbs buffer
+/// output without end).
+fn take_lines(buf: &mut Vec<u8>, data: &[u8]) -> Vec<String> {
+    buf.extend_from_slice(data);
+    let mut lines = Vec::new();
+    loop {
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(end) if end <= MAX_LINE => {
+                lines.push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                buf.drain(..=end);
+            }
+            _ if buf.len() > MAX_LINE => {
+                lines.push(String::from_utf8_lossy(&buf[..MAX_LINE]).into_owned());
+                buf.drain(..MAX_LINE);
+            }
+            _ => return lines,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_across_packets_and_cut_when_endless() {
+        let mut buf = Vec::new();
+        assert!(take_lines(&mut buf, b"{\"a\"").is_empty());
+        assert_eq!(take_lines(&mut buf, b":1}\nnext"), ["{\"a\":1}"]);
+        assert_eq!(take_lines(&mut buf, b"\n"), ["next"]);
+        let endless = vec![b'x'; MAX_LINE * 2 + 10];
+        let lines = take_lines(&mut buf, &endless);
+        assert_eq!(lines.len(), 2);
+        assert!(buf.len() <= MAX_LINE);
+    }
 }

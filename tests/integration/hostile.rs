@@ -292,8 +292,17 @@ struct Served {
 
 impl Served {
     fn start(env: &Env, host: &str) -> Served {
+        Served::start_with(env, &["--mode", "append-only", "--host", host])
+    }
+
+    /// `serve` with these arguments (mode and restrictions).
+    fn start_with(env: &Env, serve_args: &[&str]) -> Served {
         let dir = env.path("sock");
-        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&dir)
+            .unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let socket = dir.join("pbs.sock");
         let log = env.path("serve.log");
@@ -304,7 +313,9 @@ impl Served {
             .arg(env.path("pass"))
             .arg("--cache-dir")
             .arg(env.path("cache"))
-            .args(["serve", "--mode", "append-only", "--host", host, "--socket"])
+            .arg("serve")
+            .args(serve_args)
+            .arg("--socket")
             .arg(&socket)
             .env_remove("HAUL_REPO")
             .env_remove("HAUL_PASSWORD")
@@ -827,4 +838,60 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     let mut hosts: Vec<&str> = snaps.iter().map(|s| s["host"].as_str().unwrap()).collect();
     hosts.sort();
     assert_eq!(hosts, ["other-host", "web-1"]);
+}
+
+/// A read-only server streams one snapshot: the one it was started for, or the first a
+/// client asked for; a client cannot move to another.
+#[test]
+fn a_read_only_server_streams_only_its_snapshot() {
+    let (env, src) = Env::with_one_file();
+    let s = src.display().to_string();
+    env.pbs(&["backup-local", &s, "--host", "a"]).expect(0);
+    std::fs::write(src.join("g"), b"other").unwrap();
+    env.pbs(&["backup-local", &s, "--host", "b"]).expect(0);
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    let id = |host: &str| {
+        snaps.iter().find(|v| v["host"] == host).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let tree = |host: &str| {
+        snaps.iter().find(|v| v["host"] == host).unwrap()["tree"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (a, b) = (id("a"), id("b"));
+    {
+        let server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", &a[..8]]);
+        let sock = server.socket.clone();
+        let start = |snap: &str| {
+            post_json(
+                &sock,
+                "/v1/restore/start",
+                &serde_json::json!({"snapshot": snap}),
+            )
+        };
+        let m = start(&b).refused(403, "forbidden");
+        assert!(m.contains(&a[..8]), "{m}");
+        assert_eq!(start("latest").ok_json()["snapshot"], a.as_str());
+        get(&sock, &format!("/v1/restore/tree/{}", tree("b"))).refused(403, "forbidden");
+        assert!(!get(&sock, &format!("/v1/restore/tree/{}", tree("a")))
+            .ok_octets()
+            .is_empty());
+    }
+    let server = Served::start_with(&env, &["--mode", "read-only"]);
+    let sock = server.socket.clone();
+    let start = |snap: &str| {
+        post_json(
+            &sock,
+            "/v1/restore/start",
+            &serde_json::json!({"snapshot": snap}),
+        )
+    };
+    start(&a).ok_json();
+    start(&b).refused(409, "session_active");
+    start(&a).ok_json();
+    get(&sock, &format!("/v1/restore/tree/{}", tree("b"))).refused(403, "forbidden");
 }

@@ -234,10 +234,18 @@ impl Policy {
             Some("backup") => (&self.backup_roots, "backup_roots"),
             _ => (&self.restore_targets, "restore_targets"),
         };
-        let roots: Vec<PathBuf> = roots.iter().map(|r| resolve(r)).collect();
+        let roots: Vec<PathBuf> = roots
+            .iter()
+            .map(|r| resolve(r).unwrap_or_else(|| r.clone()))
+            .collect();
         for pair in args.windows(2) {
             if pair[0] == "--path" || pair[0] == "--target" {
-                let real = resolve(Path::new(&pair[1]));
+                let real = resolve(Path::new(&pair[1])).ok_or_else(|| {
+                    Denied(format!(
+                        "{:?} cannot be resolved (a dangling or looping symlink)",
+                        pair[1]
+                    ))
+                })?;
                 if !roots.iter().any(|r| real.starts_with(r)) {
                     return deny(format!(
                         "{:?} is {} with symlinks resolved, outside the policy's {key}",
@@ -271,20 +279,23 @@ impl Policy {
 }
 
 /// `p` with every symlink resolved: its longest existing ancestor canonicalized, the
-/// rest (what does not exist yet, like a restore target) appended.
-fn resolve(p: &Path) -> PathBuf {
+/// rest (what does not exist yet, like a restore target) appended. `None` if some part
+/// exists but cannot be resolved (a dangling or looping symlink).
+fn resolve(p: &Path) -> Option<PathBuf> {
     let mut missing = Vec::new();
     let mut at = p;
     loop {
-        if let Ok(real) = std::fs::canonicalize(at) {
-            return missing.iter().rev().fold(real, |acc, c| acc.join(c));
+        match std::fs::canonicalize(at) {
+            Ok(real) => return Some(missing.iter().rev().fold(real, |acc, c| acc.join(c))),
+            Err(_) if std::fs::symlink_metadata(at).is_ok() => return None,
+            Err(_) => {}
         }
         match (at.parent(), at.file_name()) {
             (Some(parent), Some(name)) => {
                 missing.push(name.to_os_string());
                 at = parent;
             }
-            _ => return p.to_path_buf(),
+            _ => return Some(p.to_path_buf()),
         }
     }
 }
@@ -487,6 +498,15 @@ restore_targets = ["/var/restore"]
             ))
             .unwrap();
         assert!(p.confine(&t).unwrap_err().0.contains("restore_targets"));
+        // A dangling symlink is not taken for a directory that does not exist yet.
+        std::os::unix::fs::symlink("/nonexistent/x", root.join("dangling")).unwrap();
+        let t = p
+            .admit(&format!(
+                "haul-agent restore --socket /run/haul/a.sock --snapshot latest --target {}",
+                root.join("dangling/sub").display()
+            ))
+            .unwrap();
+        assert!(p.confine(&t).unwrap_err().0.contains("cannot be resolved"));
         let t = p
             .admit(&format!(
                 "haul-agent restore --socket /run/haul/a.sock --snapshot latest --target {}",

@@ -13,7 +13,19 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         ServeMode::AppendOnly => Mode::AppendOnly,
         ServeMode::ReadOnly => Mode::ReadOnly,
     };
-    let server = Server::new(repo, mode, args.host.clone());
+    let pinned = match &args.snapshot {
+        Some(_) if mode == Mode::AppendOnly => {
+            return Err(CliError::usage(
+                "--snapshot goes with --mode read-only: an append-only server takes backups",
+            ))
+        }
+        Some(spec) => Some(repo.find_snapshot(spec)?.0),
+        None => None,
+    };
+    let mut server = Server::new(repo, mode, args.host.clone());
+    if let Some(id) = pinned {
+        server = server.pinned_to(id);
+    }
     let rt = run::runtime()?;
     rt.block_on(async {
         let (listener, _guard) = server::bind(&args.socket)?;

@@ -567,16 +567,49 @@ async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::Restor
     let req: wire::RestoreStart = json_body(body)?;
     let server = s.clone();
     let (id, snap) = blocking(move || {
-        Ok(server
+        let found = server
             .repo
-            .find_snapshot_of(&req.snapshot, server.host.as_deref())?)
+            .find_snapshot_of(&req.snapshot, server.host.as_deref());
+        match server.pinned {
+            // The pbs chose the snapshot: the client may name it (or ask for
+            // "latest"), but gets that one or nothing.
+            Some(pinned) => {
+                if req.snapshot != "latest" && !pinned.to_hex().starts_with(&req.snapshot) {
+                    return Err(ApiError::new(
+                        Code::Forbidden,
+                        format!("this server streams snapshot {} only", pinned.short()),
+                    ));
+                }
+                Ok((pinned, server.repo.load_snapshot(&pinned)?))
+            }
+            None => Ok(found?),
+        }
     })
     .await?;
     s.check_host(&snap.host)?;
-    *s.restore.lock().expect("restore scope") = Some(RestoreScope {
-        trees: HashSet::from([snap.tree]),
-        chunks: HashSet::new(),
-    });
+    {
+        let mut scope = s.restore.lock().expect("restore scope");
+        match scope.as_ref() {
+            // One snapshot per server: a second start may not move the scope.
+            Some(existing) if existing.snapshot != id => {
+                return Err(ApiError::new(
+                    Code::SessionActive,
+                    format!(
+                        "a restore of snapshot {} is running on this server",
+                        existing.snapshot.short()
+                    ),
+                ))
+            }
+            Some(_) => {}
+            None => {
+                *scope = Some(RestoreScope {
+                    snapshot: id,
+                    trees: HashSet::from([snap.tree]),
+                    chunks: HashSet::new(),
+                })
+            }
+        }
+    }
     Ok(Json(wire::RestoreStarted {
         snapshot: id.to_hex(),
         tree: snap.tree.to_hex(),

@@ -52,6 +52,9 @@ pub struct Server {
     session_used: Mutex<std::time::Instant>,
     committed: Mutex<Option<(SnapshotId, Snapshot)>>,
     restore: Mutex<Option<RestoreScope>>,
+    /// The one snapshot a read-only server may stream, when the pbs chose it (a
+    /// restore onto a host: the agent there must not pick another).
+    pinned: Option<SnapshotId>,
     connections: AtomicU64,
     uploads: Arc<tokio::sync::Semaphore>,
     /// Verification work running at once (one per CPU).
@@ -61,6 +64,7 @@ pub struct Server {
 /// What a restore session may read: the snapshot's trees and the chunks they name,
 /// learnt as its trees are read (so nothing else in the repository can be asked for).
 struct RestoreScope {
+    snapshot: SnapshotId,
     trees: HashSet<TreeId>,
     chunks: HashSet<ChunkId>,
 }
@@ -80,6 +84,7 @@ impl Server {
             session_used: Mutex::new(std::time::Instant::now()),
             committed: Mutex::new(None),
             restore: Mutex::new(None),
+            pinned: None,
             connections: AtomicU64::new(0),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
             verifiers: Arc::new(tokio::sync::Semaphore::new(
@@ -88,6 +93,13 @@ impl Server {
                     .unwrap_or(2),
             )),
         })
+    }
+
+    /// Restricts a read-only server to one snapshot.
+    pub fn pinned_to(self: Arc<Self>, snapshot: SnapshotId) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        s.pinned = Some(snapshot);
+        Arc::new(s)
     }
 
     pub fn with_source(self: Arc<Self>, source: SourceKind) -> Arc<Self> {
