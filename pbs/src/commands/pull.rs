@@ -357,6 +357,9 @@ restore_targets = []
 #    install -d -m 0700 -o {user} {socket_dir}
 # 4. In ~{user}/.ssh/authorized_keys, one line:
 command="{wrapper} --policy /etc/haul/wrapper.toml",restrict,port-forwarding {public}
+#    Prefer a dedicated user to root: a key allowed to forward may bind (and, with
+#    StreamLocalBindUnlink, replace) a socket anywhere its user can write. Such a user's
+#    agent reads everything with: setcap cap_dac_read_search+ep {agent}
 # 5. In /etc/ssh/sshd_config (then `sshd -t && systemctl reload ssh`):
 Match User {user}
     AllowTcpForwarding remote
