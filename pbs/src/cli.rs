@@ -56,6 +56,8 @@ pub enum Command {
     /// `--local PATH...` with the agent on this machine. Without --repo, uses (and on
     /// first use creates) the default repository in the state directory.
     Pull(PullArgs),
+    /// List recorded runs, newest last.
+    Runs(RunsArgs),
     /// Print what a host needs for SSH pulls: the authorized_keys line, the wrapper's
     /// policy and the sshd settings.
     SshSetup(SshSetupArgs),
@@ -162,6 +164,18 @@ pub struct RunArgs {
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Only runs of this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only the last N runs.
+    #[arg(long)]
+    pub last: Option<usize>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,8 @@
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod feed;
+pub mod history;
 pub mod output;
 pub mod password;
 pub mod run;
@@ -32,6 +34,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pull(a) => commands::pull::pull(&ctx, a),
         Command::Serve(a) => commands::serve::serve(&ctx, a),
         Command::SshSetup(a) => commands::pull::ssh_setup(&ctx, a),
+        Command::Runs(a) => commands::pull::runs(&ctx, a),
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
     }
 }

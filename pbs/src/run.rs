@@ -7,7 +7,6 @@ use crate::server::{self, Server};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -229,17 +228,19 @@ impl AgentOutput {
     }
 }
 
-/// A run, as recorded in the state directory.
-#[derive(Debug, Serialize)]
+/// A run, as recorded in the run history (`history.rs`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunRecord {
     pub id: String,
     pub host: String,
-    pub kind: &'static str,
-    pub transport: &'static str,
+    /// `pull`, `restore`, ...
+    pub kind: String,
+    /// `ssh` or `local`.
+    pub transport: String,
     pub start: chrono::DateTime<chrono::Utc>,
     pub end: chrono::DateTime<chrono::Utc>,
     /// `ok`, `warning` or `failed`.
-    pub status: &'static str,
+    pub status: String,
     pub snapshot: Option<String>,
     pub counters: Option<serde_json::Value>,
     pub connections: u64,
@@ -247,26 +248,6 @@ pub struct RunRecord {
     pub pbs_peak_rss_kib: u64,
     pub output_tail: Vec<String>,
     pub error: Option<String>,
-}
-
-impl RunRecord {
-    /// Writes the record as `runs/<id>.json`, durably (temp file, fsync, rename).
-    pub fn save(&self, runs: &Path) -> Result<PathBuf, CliError> {
-        std::fs::create_dir_all(runs)
-            .map_err(|e| CliError::Io(format!("run records directory {}", runs.display()), e))?;
-        let path = runs.join(format!("{}.json", self.id));
-        let tmp = runs.join(format!(".{}.tmp", self.id));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            serde_json::to_writer_pretty(&mut f, self)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(runs)?.sync_all()
-        };
-        write().map_err(|e| CliError::Io(format!("run record {}", path.display()), e))?;
-        Ok(path)
-    }
 }
 
 /// A run id: sortable by time, unique.

@@ -160,7 +160,7 @@ fn the_first_pull_without_a_repository_creates_one_with_a_private_key_file() {
         0o600
     );
     assert!(state.join("repo/config").is_file());
-    assert_eq!(fs::read_dir(state.join("runs")).unwrap().count(), 1);
+    assert_eq!(run_lines(&state), 1);
 
     // Later runs open it without a prompt (stdin is /dev/null) and say nothing of keys.
     fs::write(src.join("b"), b"second").unwrap();
@@ -168,7 +168,7 @@ fn the_first_pull_without_a_repository_creates_one_with_a_private_key_file() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(!err.contains("keep a copy"), "{err}");
     assert!(out.contains("1 new, 0 changed, 1 unchanged"), "{out}");
-    assert_eq!(fs::read_dir(state.join("runs")).unwrap().count(), 2);
+    assert_eq!(run_lines(&state), 2);
 }
 
 #[test]
@@ -187,8 +187,58 @@ fn a_failed_pull_is_recorded_and_leaves_the_repository_intact() {
     );
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
     env.pbs(&["check", "--read-data"]).expect(0);
-    let runs = fs::read_dir(env.path("state/runs")).unwrap().count();
-    assert_eq!(runs, 2);
+    assert_eq!(run_lines(&env.path("state")), 2);
+
+    // The history lists both, and the feeds carry them, newest first, read by a
+    // parser nobody here wrote.
+    let s = env.path("state").display().to_string();
+    let listed = env.pbs(&["runs", "--state-dir", &s]).expect(0).stdout;
+    assert!(
+        listed.contains(" ok ") && listed.contains(" failed ") && listed.contains("2 run(s)"),
+        "{listed}"
+    );
+    let last = env
+        .pbs(&["--json", "runs", "--last", "1", "--state-dir", &s])
+        .expect(0)
+        .json();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0]["run"]["status"], "failed");
+    let feed = feedparser(&env.path("state/feed.xml"));
+    assert_eq!(feed["bozo"], false, "{feed}");
+    let entries = feed["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{feed}");
+    let newest = &entries[0];
+    assert!(
+        newest["title"]
+            .as_str()
+            .unwrap()
+            .contains(": pull FAILED — "),
+        "{newest}"
+    );
+    assert!(
+        newest["summary"].as_str().unwrap().starts_with("FAILED"),
+        "{newest}"
+    );
+    assert!(
+        newest["summary"]
+            .as_str()
+            .unwrap()
+            .contains("does-not-exist"),
+        "{newest}"
+    );
+    assert_eq!(newest["id"], last[0]["run"]["id"]);
+    assert_eq!(newest["guidislink"], false);
+    assert!(newest["published_parsed"].is_array(), "{newest}");
+    assert!(
+        entries[1]["title"]
+            .as_str()
+            .unwrap()
+            .contains(": pull OK — "),
+        "{feed}"
+    );
+    let host = rec["host"].as_str().unwrap();
+    let host_feed = feedparser(&env.path("state/hosts").join(host).join("feed.xml"));
+    assert_eq!(host_feed["entries"].as_array().unwrap().len(), 2);
 }
 
 /// A file rewritten all the time while the agent reads it is flagged, and a file the
@@ -314,4 +364,36 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) {
             std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).unwrap();
         }
     }
+}
+
+/// Lines of the run history.
+fn run_lines(state: &Path) -> usize {
+    fs::read_to_string(state.join("runs.jsonl"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// A feed as python3-feedparser reads it: `bozo`, and per entry title, summary, id,
+/// guidislink and published_parsed.
+fn feedparser(path: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys, feedparser
+d = feedparser.parse(sys.argv[1])
+print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries": [
+    {"title": e.get("title"), "summary": e.get("summary"), "id": e.get("id"),
+     "guidislink": e.get("guidislink"), "published_parsed": list(e.published_parsed) if e.get("published_parsed") else None}
+    for e in d.entries]}))
+"#;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .expect("/usr/bin/python3 with python3-feedparser (apt-get install python3-feedparser)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

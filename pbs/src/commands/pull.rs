@@ -253,11 +253,11 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     let record = RunRecord {
         id: run::new_run_id(start),
         host: host.clone(),
-        kind: "pull",
-        transport: plan.transport,
+        kind: "pull".into(),
+        transport: plan.transport.into(),
         start,
         end,
-        status,
+        status: status.into(),
         snapshot: committed.as_ref().map(|(id, _)| id.to_hex()),
         counters: outcome.as_ref().ok().and_then(|r| r.summary.clone()),
         connections: outcome.as_ref().map(|r| r.connections).unwrap_or(0),
@@ -266,7 +266,7 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
         output_tail: outcome.as_ref().map(|r| r.tail.clone()).unwrap_or_default(),
         error: error.clone(),
     };
-    let saved = record.save(&state.runs());
+    let saved = crate::history::History::new(state.0.clone()).record(&record);
     report(ctx, &record, outcome.as_ref().ok());
     saved?;
     match status {
@@ -386,5 +386,44 @@ Match User {user}
         known_hosts = h.known_hosts.display(),
         public = public.trim(),
     );
+    Ok(())
+}
+
+/// `runs`: the run history, newest last.
+pub fn runs(ctx: &Context, args: crate::cli::RunsArgs) -> Result<(), CliError> {
+    let history = crate::history::History::new(ctx.state_dir(&args.run).0);
+    let (mut records, warnings) = history.read()?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    records.retain(|r| args.host.as_ref().is_none_or(|h| &r.host == h));
+    if let Some(n) = args.last {
+        let skip = records.len().saturating_sub(n);
+        records.drain(..skip);
+    }
+    if ctx.global.json {
+        for r in &records {
+            json_line(&serde_json::json!({"type": "run", "run": r}));
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<16} {:<6} {:<8} {:<20} {:>8} {:<9} ERROR",
+        "RUN", "HOST", "KIND", "STATUS", "START (UTC)", "SECONDS", "SNAPSHOT"
+    );
+    for r in &records {
+        println!(
+            "{:<28} {:<16} {:<6} {:<8} {:<20} {:>8.1} {:<9} {}",
+            r.id,
+            r.host,
+            r.kind,
+            r.status,
+            r.start.format("%Y-%m-%d %H:%M:%S"),
+            (r.end - r.start).num_milliseconds() as f64 / 1000.0,
+            r.snapshot.as_deref().map_or("-", |s| &s[..8]),
+            r.error.as_deref().unwrap_or("")
+        );
+    }
+    println!("{} run(s)", records.len());
     Ok(())
 }

@@ -1,0 +1,165 @@
+//! RSS 2.0 feeds of the run history (records in, XML out), written with the `rss`
+//! crate: one item per run, newest first, the newest [`ITEMS`] kept. Monitors made for
+//! the system haul replaces look for the status word in the newest item, so titles
+//! carry it in capitals (`OK`, `WARNING`, `FAILED`) and descriptions begin with it.
+
+use crate::error::CliError;
+use crate::output::bytes;
+use crate::run::RunRecord;
+use rss::{ChannelBuilder, GuidBuilder, ItemBuilder};
+use std::io::Write;
+use std::path::Path;
+
+/// Items a feed keeps: the newest runs.
+pub const ITEMS: usize = 50;
+
+/// The feed of `records` (oldest first), for one host or all.
+pub fn render(records: &[RunRecord], host: Option<&str>) -> String {
+    let items: Vec<rss::Item> = records
+        .iter()
+        .rev()
+        .filter(|r| host.is_none_or(|h| r.host == h))
+        .take(ITEMS)
+        .map(item)
+        .collect();
+    let title = match host {
+        Some(h) => format!("haul: {h}"),
+        None => "haul: all hosts".to_string(),
+    };
+    ChannelBuilder::default()
+        .title(title)
+        .link("http://localhost/")
+        .description("Backup runs of the haul backup server, newest first")
+        .items(items)
+        .build()
+        .to_string()
+}
+
+fn word(status: &str) -> &'static str {
+    match status {
+        "ok" => "OK",
+        "warning" => "WARNING",
+        _ => "FAILED",
+    }
+}
+
+fn item(r: &RunRecord) -> rss::Item {
+    let n = |k: &str| r.counters.as_ref().and_then(|c| c[k].as_u64()).unwrap_or(0);
+    let secs = (r.end - r.start).num_milliseconds().max(0) as f64 / 1000.0;
+    let files = n("files_new") + n("files_changed") + n("files_unchanged");
+    let what = match (&r.error, r.status.as_str()) {
+        (Some(e), _) => e
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(160)
+            .collect(),
+        (None, _) => format!(
+            "{} files, {} new, {secs:.0} s",
+            group_thousands(files),
+            bytes(n("bytes_new"))
+        ),
+    };
+    let title = format!("{}: {} {} — {what}", r.host, r.kind, word(&r.status));
+    let mut description = format!(
+        "{} — {} of {} ({}), {} to {}, {secs:.1} s.\n",
+        word(&r.status),
+        r.kind,
+        r.host,
+        r.transport,
+        r.start.to_rfc3339(),
+        r.end.to_rfc3339()
+    );
+    if r.counters.is_some() {
+        description.push_str(&format!(
+            "Files: {} new, {} changed, {} unchanged; {} read, {} new, {} sent; {} warnings.\n",
+            n("files_new"),
+            n("files_changed"),
+            n("files_unchanged"),
+            bytes(n("bytes_read")),
+            bytes(n("bytes_new")),
+            bytes(n("bytes_sent")),
+            n("warnings")
+        ));
+    }
+    if let Some(s) = &r.snapshot {
+        description.push_str(&format!("Snapshot: {s}\n"));
+    }
+    if let Some(e) = &r.error {
+        description.push_str(&format!("Error: {e}\n"));
+    }
+    if !r.output_tail.is_empty() {
+        description.push_str("Output:\n");
+        for l in r.output_tail.iter().rev().take(10).rev() {
+            description.push_str(l);
+            description.push('\n');
+        }
+    }
+    ItemBuilder::default()
+        .title(title)
+        .description(description)
+        .guid(
+            GuidBuilder::default()
+                .value(r.id.clone())
+                .permalink(false)
+                .build(),
+        )
+        .pub_date(r.end.to_rfc2822())
+        .build()
+}
+
+fn group_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Writes `text` to `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomically(path: &Path, text: &str) -> Result<(), CliError> {
+    let dir = path.parent().expect("a feed path has a directory");
+    let err = |e| CliError::Io(format!("feed {}", path.display()), e);
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    tmp.write_all(text.as_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_that_looks_like_markup_survives_the_round_trip() {
+        let mut r = crate::history::tests::record("r1", "web-1", "warning");
+        r.output_tail = vec!["<b>&amp;</b> ]]> done".into()];
+        r.error = Some("a ]]> b".into());
+        let xml = render(std::slice::from_ref(&r), None);
+        let ch = rss::Channel::read_from(xml.as_bytes()).unwrap();
+        let item = &ch.items()[0];
+        assert!(item
+            .title()
+            .unwrap()
+            .starts_with("web-1: pull WARNING — a ]]> b"));
+        let d = item.description().unwrap();
+        assert!(d.starts_with("WARNING"), "{d}");
+        assert!(d.contains("<b>&amp;</b> ]]> done"), "{d}");
+        assert_eq!(item.guid().unwrap().value(), "r1");
+        assert!(!item.guid().unwrap().is_permalink());
+    }
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(group_thousands(1203), "1,203");
+        assert_eq!(group_thousands(12), "12");
+        assert_eq!(group_thousands(1_000_000), "1,000,000");
+    }
+}

@@ -1,0 +1,152 @@
+//! The run history: every run's record, appended durably to `STATE/runs.jsonl` (one
+//! JSON object per line), and the RSS feeds rendered from it after every run.
+//!
+//! Durability: a record is written with one `write` on a file opened for appending,
+//! then `fsync`ed. A crash mid-append can leave only the last line torn; earlier lines
+//! are never rewritten. Reading skips a line that does not parse, with a warning that
+//! names it (a torn last line is the expected case).
+
+use crate::error::CliError;
+use crate::feed;
+use crate::run::RunRecord;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+pub struct History {
+    state: PathBuf,
+}
+
+impl History {
+    pub fn new(state: PathBuf) -> History {
+        History { state }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.state.join("runs.jsonl")
+    }
+
+    /// The all-hosts feed.
+    pub fn feed_path(&self) -> PathBuf {
+        self.state.join("feed.xml")
+    }
+
+    /// A host's feed.
+    pub fn host_feed_path(&self, host: &str) -> PathBuf {
+        self.state.join("hosts").join(host).join("feed.xml")
+    }
+
+    /// Appends `record` durably, then rewrites the feeds (all hosts, and its host's).
+    pub fn record(&self, record: &RunRecord) -> Result<(), CliError> {
+        self.append(record)?;
+        let (all, _) = self.read()?;
+        feed::write_atomically(&self.feed_path(), &feed::render(&all, None))?;
+        feed::write_atomically(
+            &self.host_feed_path(&record.host),
+            &feed::render(&all, Some(&record.host)),
+        )
+    }
+
+    fn append(&self, record: &RunRecord) -> Result<(), CliError> {
+        let path = self.log_path();
+        let err = |e| CliError::Io(format!("run history {}", path.display()), e);
+        std::fs::create_dir_all(&self.state).map_err(err)?;
+        let mut line = serde_json::to_vec(record).expect("a record serializes");
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        // A torn line left by a crash: start on a fresh line, so this record is whole.
+        let len = f.metadata().map_err(err)?.len();
+        if len > 0 && !ends_with_newline(&path, len) {
+            line.insert(0, b'\n');
+        }
+        f.write_all(&line).map_err(err)?;
+        f.sync_all().map_err(err)
+    }
+
+    /// Every record, oldest first, and a warning for each line that was skipped.
+    pub fn read(&self) -> Result<(Vec<RunRecord>, Vec<String>), CliError> {
+        let path = self.log_path();
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], vec![])),
+            Err(e) => return Err(CliError::Io(format!("run history {}", path.display()), e)),
+        };
+        let mut records = Vec::new();
+        let mut warnings = Vec::new();
+        for (n, line) in text.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            match serde_json::from_slice::<RunRecord>(line) {
+                Ok(r) => records.push(r),
+                Err(e) => warnings.push(format!(
+                    "{} line {}: skipped, not a whole record ({e}); a run was interrupted while it was recorded",
+                    path.display(),
+                    n + 1
+                )),
+            }
+        }
+        Ok((records, warnings))
+    }
+}
+
+fn ends_with_newline(path: &Path, len: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut last = [0u8];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut last, len - 1))
+        .map(|()| last[0] == b'\n')
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn record(id: &str, host: &str, status: &str) -> RunRecord {
+        RunRecord {
+            id: id.into(),
+            host: host.into(),
+            kind: "pull".into(),
+            transport: "local".into(),
+            start: chrono::Utc::now(),
+            end: chrono::Utc::now(),
+            status: status.into(),
+            snapshot: None,
+            counters: None,
+            connections: 1,
+            agent_peak_rss_kib: 0,
+            pbs_peak_rss_kib: 0,
+            output_tail: vec!["<b>&".into()],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_the_next_record_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::new(dir.path().to_path_buf());
+        h.record(&record("r1", "a", "ok")).unwrap();
+        // A crash in the middle of the next append.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(h.log_path())
+            .unwrap();
+        f.write_all(b"{\"id\":\"r2\",\"host\":\"a\",\"ki").unwrap();
+        let (records, warnings) = h.read().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("line 2: skipped"), "{warnings:?}");
+        h.record(&record("r3", "b", "failed")).unwrap();
+        let (records, warnings) = h.read().unwrap();
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r1", "r3"]);
+        assert_eq!(warnings.len(), 1);
+        assert!(h.feed_path().is_file() && h.host_feed_path("b").is_file());
+    }
+}
