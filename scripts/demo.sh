@@ -28,4 +28,6 @@ export HAUL_REPO=$demo/state/repo HAUL_PASSWORD_FILE=$demo/state/repo.key
 "$pbs" restore latest --via-agent --target "$demo/restored"
 diff -r --no-dereference "$demo/sample" "$demo/restored$demo/sample" && echo "restored copy is identical"
 "$pbs" check --read-data
-echo "run records: $demo/state/runs; the key file $demo/state/repo.key must be kept safe"
+"$pbs" runs --state-dir "$demo/state"
+echo "run history: $demo/state/runs.jsonl, feed: $demo/state/feed.xml"
+echo "the key file $demo/state/repo.key must be kept safe: without it nothing can be restored"
