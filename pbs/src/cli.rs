@@ -58,6 +58,9 @@ pub enum Command {
     Pull(PullArgs),
     /// List recorded runs, newest last.
     Runs(RunsArgs),
+    /// Check the configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print what a host needs for SSH pulls: the authorized_keys line, the wrapper's
     /// policy and the sshd settings.
     SshSetup(SshSetupArgs),
@@ -93,7 +96,7 @@ pub enum KeyCommand {
 }
 
 /// What a backup takes and how it is labelled, for `backup-local` and `pull`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SelectArgs {
     /// Exclude entries whose path or name matches this glob (repeatable).
     #[arg(long, short = 'e')]
@@ -130,15 +133,18 @@ pub struct BackupLocalArgs {
     pub threads: Option<usize>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct PullArgs {
     /// The host to pull, by its name in the configuration.
     #[arg(
         value_name = "HOST",
-        required_unless_present = "local",
-        conflicts_with = "local"
+        required_unless_present_any = ["local", "all"],
+        conflicts_with_all = ["local", "all"]
     )]
     pub name: Option<String>,
+    /// Pull every host of the configuration, one after the other (for cron).
+    #[arg(long, conflicts_with = "local")]
+    pub all: bool,
     /// Back up these paths of this machine through a local haul-agent.
     #[arg(long = "local", num_args = 1..)]
     pub local: Vec<PathBuf>,
@@ -164,6 +170,16 @@ pub struct RunArgs {
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Read and check the configuration: the problems, or a summary of what it holds.
+    Check {
+        /// The configuration file.
+        #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

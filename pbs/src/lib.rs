@@ -35,6 +35,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(a) => commands::serve::serve(&ctx, a),
         Command::SshSetup(a) => commands::pull::ssh_setup(&ctx, a),
         Command::Runs(a) => commands::pull::runs(&ctx, a),
+        Command::Config(cli::ConfigCommand::Check { config }) => {
+            commands::pull::config_check(&ctx, &config)
+        }
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
     }
 }

@@ -397,3 +397,86 @@ print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries":
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+#[test]
+fn config_check_names_problems_and_pull_all_pulls_every_host() {
+    let (env, src) = Env::with_source();
+    let (a, b) = (src.join("a"), src.join("b"));
+    for d in [&a, &b] {
+        fs::create_dir_all(d).unwrap();
+        fs::write(d.join("f"), d.display().to_string()).unwrap();
+    }
+    let config = env.path("pbs.toml");
+    let host = |name: &str, path: &Path| {
+        format!(
+            "[[host]]\nname = {name:?}\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\n",
+            path.display().to_string()
+        )
+    };
+    let c = config.display().to_string();
+    fs::write(
+        &config,
+        format!(
+            "{}{}[[host]]\nname = \"far\"\naddress = \"192.0.2.1\"\npaths = [\"/srv\"]\nidentity = \"/nonexistent/key\"\n",
+            host("alpha", &a),
+            host("beta", &b)
+        ),
+    )
+    .unwrap();
+    let r = env.pbs(&["config", "check", "--config", &c]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("host[2].identity: /nonexistent/key cannot be read"),
+        "{}",
+        r.stderr
+    );
+
+    fs::write(
+        &config,
+        format!("{}{}", host("alpha", &a), host("beta", &b)),
+    )
+    .unwrap();
+    let out = env
+        .pbs(&["config", "check", "--config", &c])
+        .expect(0)
+        .stdout;
+    assert!(
+        out.contains("2 host(s): alpha (local), beta (local)"),
+        "{out}"
+    );
+
+    let s = env.path("state").display().to_string();
+    env.pbs(&["pull", "--all", "--config", &c, "--state-dir", &s])
+        .expect(0);
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    let mut hosts: Vec<&str> = snaps.iter().map(|v| v["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["alpha", "beta"]);
+
+    // One host failing does not stop the others; the exit code says it failed.
+    fs::remove_dir_all(&a).unwrap();
+    let r = env.pbs(&["pull", "--all", "--config", &c, "--state-dir", &s]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("pulls of alpha failed"), "{}", r.stderr);
+    let runs = env
+        .pbs(&["--json", "runs", "--state-dir", &s])
+        .expect(0)
+        .json();
+    let last: Vec<(String, String)> = runs[2..]
+        .iter()
+        .map(|v| {
+            (
+                v["run"]["host"].as_str().unwrap().into(),
+                v["run"]["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        last,
+        [
+            ("alpha".into(), "failed".into()),
+            ("beta".into(), "ok".into())
+        ]
+    );
+}

@@ -177,8 +177,51 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
 }
 
 pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
+    if !args.all {
+        return pull_one(ctx, &args);
+    }
+    // Every host of the configuration, one after the other; a failure does not stop
+    // the others. The exit code is the worst outcome.
+    let config = haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?;
+    if config.hosts.is_empty() {
+        return Err(CliError::usage(format!(
+            "no [[host]] in {}",
+            args.config.display()
+        )));
+    }
+    let mut failed = Vec::new();
+    let mut warned = Vec::new();
+    for h in &config.hosts {
+        let one = PullArgs {
+            name: Some(h.name.clone()),
+            all: false,
+            ..args.clone()
+        };
+        match pull_one(ctx, &one) {
+            Ok(()) => {}
+            Err(CliError::Incomplete(_)) => warned.push(h.name.clone()),
+            Err(e) => {
+                eprintln!("haul-pbs: {e}");
+                failed.push(h.name.clone());
+            }
+        }
+    }
+    match (failed.is_empty(), warned.is_empty()) {
+        (true, true) => Ok(()),
+        (true, false) => Err(CliError::Incomplete(format!(
+            "pulls of {} finished with warnings",
+            warned.join(", ")
+        ))),
+        _ => Err(CliError::Failed(format!(
+            "pulls of {} failed (see above); the other hosts were pulled",
+            failed.join(", ")
+        ))),
+    }
+}
+
+fn pull_one(ctx: &Context, args: &PullArgs) -> Result<(), CliError> {
     let start = chrono::Utc::now();
-    let plan = plan(&args)?;
+    let plan = plan(args)?;
     let host = plan.host.clone();
     let state = ctx.state_dir(&args.run);
     let repo = ctx.open_for_run(&args.run)?;
@@ -425,5 +468,55 @@ pub fn runs(ctx: &Context, args: crate::cli::RunsArgs) -> Result<(), CliError> {
         );
     }
     println!("{} run(s)", records.len());
+    Ok(())
+}
+
+/// `config check`: the configuration's problems (exit 2), or what it holds.
+pub fn config_check(ctx: &Context, path: &std::path::Path) -> Result<(), CliError> {
+    let config = haul_config::Config::load(path).map_err(|e| CliError::usage(e.0))?;
+    // Files an SSH host needs must be there and readable by the pbs.
+    let mut problems = Vec::new();
+    for (i, h) in config.hosts.iter().enumerate() {
+        if h.transport != haul_config::Transport::Ssh {
+            continue;
+        }
+        for (key, file) in [("identity", &h.identity), ("known_hosts", &h.known_hosts)] {
+            if let Err(e) = std::fs::File::open(file) {
+                problems.push(format!(
+                    "config {}: host[{i}].{key}: {} cannot be read: {e}",
+                    path.display(),
+                    file.display()
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CliError::usage(problems.join("\n")));
+    }
+    if ctx.global.json {
+        json_line(
+            &serde_json::json!({"type": "config", "file": path, "hosts": config.hosts.iter().map(|h| &h.name).collect::<Vec<_>>()}),
+        );
+    } else {
+        println!(
+            "{}: {} host(s): {}",
+            path.display(),
+            config.hosts.len(),
+            config
+                .hosts
+                .iter()
+                .map(|h| format!(
+                    "{} ({})",
+                    h.name,
+                    if h.transport == haul_config::Transport::Ssh {
+                        "ssh"
+                    } else {
+                        "local"
+                    }
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(())
 }
