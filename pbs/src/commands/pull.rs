@@ -178,7 +178,7 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
 
 pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     if !args.all {
-        return pull_one(ctx, &args);
+        return pull_one(ctx, &args, None);
     }
     // Every host of the configuration, one after the other; a failure does not stop
     // the others. The exit code is the worst outcome.
@@ -191,13 +191,15 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     }
     let mut failed = Vec::new();
     let mut warned = Vec::new();
+    // One repository for all hosts (see `server::keep`).
+    let repo = crate::server::keep(ctx.open_for_run(&args.run)?);
     for h in &config.hosts {
         let one = PullArgs {
             name: Some(h.name.clone()),
             all: false,
             ..args.clone()
         };
-        match pull_one(ctx, &one) {
+        match pull_one(ctx, &one, Some(repo)) {
             Ok(()) => {}
             Err(CliError::Incomplete(_)) => warned.push(h.name.clone()),
             Err(e) => {
@@ -219,12 +221,19 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     }
 }
 
-fn pull_one(ctx: &Context, args: &PullArgs) -> Result<(), CliError> {
+fn pull_one(
+    ctx: &Context,
+    args: &PullArgs,
+    repo: Option<&'static IndexedRepository>,
+) -> Result<(), CliError> {
     let start = chrono::Utc::now();
     let plan = plan(args)?;
     let host = plan.host.clone();
     let state = ctx.state_dir(&args.run);
-    let repo = ctx.open_for_run(&args.run)?;
+    let repo = match repo {
+        Some(r) => r,
+        None => crate::server::keep(ctx.open_for_run(&args.run)?),
+    };
     let source = if plan.ssh.is_some() {
         SourceKind::Pull
     } else {

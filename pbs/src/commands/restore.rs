@@ -95,7 +95,7 @@ fn via_agent(
     let repo = ctx.open_for_run(&args.run)?;
     let lock = repo.lock(false, "restore")?;
     let (id, _) = repo.find_snapshot(&args.snapshot)?;
-    let server = Server::new(repo, Mode::ReadOnly, None).pinned_to(id);
+    let server = Server::new(crate::server::keep(repo), Mode::ReadOnly, None).pinned_to(id);
     let mut agent_args: Vec<String> = vec![
         "restore".into(),
         "--snapshot".into(),

@@ -22,7 +22,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         Some(spec) => Some(repo.find_snapshot(spec)?.0),
         None => None,
     };
-    let mut server = Server::new(repo, mode, args.host.clone());
+    let mut server = Server::new(crate::server::keep(repo), mode, args.host.clone());
     if let Some(id) = pinned {
         server = server.pinned_to(id);
     }

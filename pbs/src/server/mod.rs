@@ -39,6 +39,14 @@ pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
 /// starts, so a long-running server is not blocked for ever by a client that died.
 pub const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
+/// Keeps an opened repository for the rest of the process, so that sessions (which
+/// borrow it) can live in any task. A process opens a repository once and serves all
+/// its runs from it (`pull --all` pulls every host through the same one): one
+/// repository's memory per process, not one per run.
+pub fn keep(repo: IndexedRepository) -> &'static IndexedRepository {
+    Box::leak(Box::new(repo))
+}
+
 /// What one server serves, and what it has done.
 pub struct Server {
     repo: &'static IndexedRepository,
@@ -70,11 +78,8 @@ struct RestoreScope {
 }
 
 impl Server {
-    /// A server for `repo`, which it keeps for the rest of the process: a server
-    /// process serves one repository (it is leaked so that sessions can borrow it
-    /// from any task).
-    pub fn new(repo: IndexedRepository, mode: Mode, host: Option<String>) -> Arc<Server> {
-        let repo: &'static IndexedRepository = Box::leak(Box::new(repo));
+    /// A server for `repo` (see [`keep`]).
+    pub fn new(repo: &'static IndexedRepository, mode: Mode, host: Option<String>) -> Arc<Server> {
         Arc::new(Server {
             repo,
             mode,
@@ -106,10 +111,6 @@ impl Server {
         let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
         s.source = source;
         Arc::new(s)
-    }
-
-    pub fn repo(&self) -> &'static IndexedRepository {
-        self.repo
     }
 
     /// Counts a connection that did not come through the listener (a channel
