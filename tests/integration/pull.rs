@@ -257,6 +257,12 @@ fn unreadable_and_changing_files_give_a_warning_run_naming_them() {
     // Root reads anything: run the whole pull as an unprivileged user then.
     let unprivileged = is_root();
     if unprivileged {
+        // The binaries may live where that user cannot go (a checkout under /root):
+        // run copies of them from the test's directory.
+        fs::create_dir_all(env.path("bin")).unwrap();
+        for b in ["haul-pbs", "haul-agent"] {
+            fs::copy(bin(b), env.path("bin").join(b)).unwrap();
+        }
         chown_tree(env.dir.path(), 65534, 65534);
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -328,7 +334,7 @@ fn pull_as(env: &Env, src: &Path, unprivileged: bool) -> Run {
     let mut cmd = if unprivileged {
         let mut c = std::process::Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
-        c.arg(bin("haul-pbs"));
+        c.arg(env.path("bin/haul-pbs"));
         c
     } else {
         std::process::Command::new(bin("haul-pbs"))
