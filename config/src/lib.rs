@@ -218,6 +218,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_is_valid() {
+        let c =
+            Config::parse(include_str!("../../examples/pbs.toml"), "examples/pbs.toml").unwrap();
+        let names: Vec<&str> = c.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["web-1", "db-1", "pbs"]);
+        assert_eq!(c.host("db-1").unwrap().port, 2222);
+        assert_eq!(c.host("pbs").unwrap().transport, Transport::Local);
+    }
+
+    #[test]
     fn errors_name_the_file_line_and_key() {
         let e = Config::parse(
             "[[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/srv\"]\nshedule = \"6h\"\n",

@@ -539,6 +539,20 @@ restore_targets = ["/var/restore"]
     }
 
     #[test]
+    fn the_example_policy_is_valid() {
+        let p = Policy::parse(
+            include_str!("../../examples/wrapper.toml"),
+            "examples/wrapper.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            p.backup_roots,
+            [PathBuf::from("/etc"), PathBuf::from("/srv/www")]
+        );
+        assert!(p.restore_targets.is_empty());
+    }
+
+    #[test]
     fn policy_errors_name_the_file_line_and_key() {
         let e = Policy::parse(
             "agent = \"/a\"\nsocket_dir = \"/run/haul\"\nbackup_rots = [\"/\"]\n",
