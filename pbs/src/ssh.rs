@@ -136,10 +136,7 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply).await
     }
 
     async fn server_channel_open_agent_forward(
@@ -148,10 +145,7 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply).await
     }
 
     async fn server_channel_open_session(
@@ -160,10 +154,7 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply).await
     }
 
     async fn server_channel_open_direct_tcpip(
@@ -176,10 +167,7 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply).await
     }
 
     async fn server_channel_open_x11(
@@ -190,10 +178,7 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply).await
     }
 
     async fn server_channel_open_direct_streamlocal(
@@ -203,11 +188,16 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
+        refuse(reply).await
     }
+}
+
+/// Refuses a channel the pbs never asks for (russh's default handlers accept them).
+async fn refuse(reply: client::ChannelOpenHandle) -> Result<(), russh::Error> {
+    reply
+        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+    Ok(())
 }
 
 /// Runs the agent on `host` over SSH with `args` (the socket is appended as `--socket

@@ -840,6 +840,14 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     assert_eq!(hosts, ["other-host", "web-1"]);
 }
 
+fn restore_start(sock: &Path, snapshot: &str) -> Reply {
+    post_json(
+        sock,
+        "/v1/restore/start",
+        &serde_json::json!({"snapshot": snapshot}),
+    )
+}
+
 /// A read-only server streams one snapshot: the one it was started for, or the first a
 /// client asked for; a client cannot move to another.
 #[test]
@@ -850,29 +858,20 @@ fn a_read_only_server_streams_only_its_snapshot() {
     std::fs::write(src.join("g"), b"other").unwrap();
     env.pbs(&["backup-local", &s, "--host", "b"]).expect(0);
     let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
-    let id = |host: &str| {
-        snaps.iter().find(|v| v["host"] == host).unwrap()["id"]
+    // A field of the snapshot of `host`.
+    let of = |host: &str, key: &str| {
+        snaps.iter().find(|v| v["host"] == host).unwrap()[key]
             .as_str()
             .unwrap()
             .to_string()
     };
-    let tree = |host: &str| {
-        snaps.iter().find(|v| v["host"] == host).unwrap()["tree"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let id = |host: &str| of(host, "id");
+    let tree = |host: &str| of(host, "tree");
     let (a, b) = (id("a"), id("b"));
     {
         let server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", &a[..8]]);
         let sock = server.socket.clone();
-        let start = |snap: &str| {
-            post_json(
-                &sock,
-                "/v1/restore/start",
-                &serde_json::json!({"snapshot": snap}),
-            )
-        };
+        let start = |snap: &str| restore_start(&sock, snap);
         let m = start(&b).refused(403, "forbidden");
         assert!(m.contains(&a[..8]), "{m}");
         assert_eq!(start("latest").ok_json()["snapshot"], a.as_str());
@@ -883,13 +882,7 @@ fn a_read_only_server_streams_only_its_snapshot() {
     }
     let server = Served::start_with(&env, &["--mode", "read-only"]);
     let sock = server.socket.clone();
-    let start = |snap: &str| {
-        post_json(
-            &sock,
-            "/v1/restore/start",
-            &serde_json::json!({"snapshot": snap}),
-        )
-    };
+    let start = |snap: &str| restore_start(&sock, snap);
     start(&a).ok_json();
     start(&b).refused(409, "session_active");
     start(&a).ok_json();
