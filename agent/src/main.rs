@@ -91,6 +91,9 @@ pub struct RestoreArgs {
     /// Writer threads (default: the number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Read run parameters as one JSON line from stdin.
+    #[arg(long)]
+    pub params_stdin: bool,
 }
 
 /// How a command ended.
@@ -155,6 +158,44 @@ fn main() {
 
 fn backup_main(a: BackupArgs) -> Result<Outcome, Failure> {
     run::backup(a)
+}
+
+/// Set by haul-wrapper in the agent's environment (to its policy file).
+pub const WRAPPER_ENV: &str = "HAUL_WRAPPER";
+
+/// Reads the run parameters from the first line of stdin (an empty line gives the
+/// defaults), and refuses to go on when they require haul-wrapper and it is absent.
+///
+/// Over SSH the pbs always requires it: without it, the key the pbs logs in with has
+/// no forced command and runs whatever it is given, so the host's sshd, not haul,
+/// decides what that key may do. The agent stops before it touches a file; the pbs
+/// reports the message. (A check for misconfiguration, not a security boundary: the
+/// boundary is the forced command, which makes the wrapper run whatever the key asks.)
+pub fn read_params<T: serde::de::DeserializeOwned + Default + RequiresWrapper>(
+) -> Result<T, Failure> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Failure::usage(format!("reading run parameters from stdin: {e}")))?;
+    let params: T = if line.trim().is_empty() {
+        T::default()
+    } else {
+        serde_json::from_str(&line)
+            .map_err(|e| Failure::usage(format!("run parameters on stdin: {e}")))?
+    };
+    if params.requires_wrapper() && std::env::var_os(WRAPPER_ENV).is_none() {
+        return Err(Failure::usage(
+            "refusing to run: not started by haul-wrapper, so the SSH key this pbs logs in with has no forced command and can run any command on this host. In the authorized_keys file, put command=\"/usr/local/bin/haul-wrapper --policy /etc/haul/wrapper.toml\",restrict,port-forwarding before the key (`haul-pbs ssh-setup HOST` prints the whole line)",
+        ));
+    }
+    Ok(params)
+}
+
+/// Run parameters that can demand the wrapper.
+pub trait RequiresWrapper {
+    fn requires_wrapper(&self) -> bool;
 }
 
 /// Prints one JSON event line on stdout.

@@ -95,8 +95,25 @@ impl BlobSource for RemoteSource {
     }
 }
 
+/// Run parameters of a restore on stdin: only whether the wrapper is required.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    #[serde(default)]
+    require_wrapper: bool,
+}
+
+impl crate::RequiresWrapper for Params {
+    fn requires_wrapper(&self) -> bool {
+        self.require_wrapper
+    }
+}
+
 pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
     let started = Instant::now();
+    if a.params_stdin {
+        crate::read_params::<Params>()?;
+    }
     let target = std::path::absolute(&a.target)
         .map_err(|e| Failure::usage(format!("restore target {}: {e}", a.target.display())))?;
     let rt = runtime()?;

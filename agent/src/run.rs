@@ -6,7 +6,6 @@ use crate::{event, runtime, BackupArgs, Failure, Outcome, Progress};
 use haul_protocol::walk::{self, BackupOptions, WalkStats};
 use haul_protocol::wire;
 use haul_protocol::TreeId;
-use std::io::BufRead;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +20,15 @@ struct Params {
     #[serde(default)]
     tags: Vec<String>,
     parent: Option<String>,
+    /// Refuse to run unless started by haul-wrapper (see [`crate::read_params`]).
+    #[serde(default)]
+    require_wrapper: bool,
+}
+
+impl crate::RequiresWrapper for Params {
+    fn requires_wrapper(&self) -> bool {
+        self.require_wrapper
+    }
 }
 
 fn hostname() -> String {
@@ -31,18 +39,11 @@ fn hostname() -> String {
 
 pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
     let started = Instant::now();
-    let mut params = Params::default();
-    if a.params_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|e| Failure::usage(format!("reading run parameters from stdin: {e}")))?;
-        if !line.trim().is_empty() {
-            params = serde_json::from_str(&line)
-                .map_err(|e| Failure::usage(format!("run parameters on stdin: {e}")))?;
-        }
-    }
+    let params: Params = if a.params_stdin {
+        crate::read_params()?
+    } else {
+        Params::default()
+    };
     let excludes = walk::compile_excludes(&a.exclude).map_err(Failure::usage)?;
     let mut paths = Vec::new();
     for p in &a.paths {

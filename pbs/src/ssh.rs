@@ -201,14 +201,24 @@ async fn refuse(reply: client::ChannelOpenHandle) -> Result<(), russh::Error> {
 }
 
 /// Runs the agent on `host` over SSH with `args` (the socket is appended as `--socket
-/// PATH`) and `stdin`, serving `server` to it, and returns what it did.
+/// PATH`) and the JSON object `stdin` as its run parameters, serving `server` to it,
+/// and returns what it did.
+///
+/// The parameters always say `require_wrapper`: an agent not started by haul-wrapper
+/// (a key installed without its forced command) refuses before it reads a file.
 pub fn run_agent(
     server: Arc<Server>,
     host: &Host,
-    args: Vec<String>,
-    stdin: Option<String>,
+    mut args: Vec<String>,
+    stdin: Option<serde_json::Value>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, CliError> {
+    let mut params = stdin.unwrap_or_else(|| serde_json::json!({}));
+    params["require_wrapper"] = true.into();
+    if !args.iter().any(|a| a == "--params-stdin") {
+        args.push("--params-stdin".into());
+    }
+    let stdin = Some(params.to_string());
     let rt = crate::run::runtime()?;
     let result = rt
         .block_on(async {

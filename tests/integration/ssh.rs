@@ -306,6 +306,57 @@ fn a_stale_socket_is_no_obstacle_and_a_missing_agent_is_named() {
 }
 
 #[test]
+fn a_key_without_the_forced_command_gets_no_shell_and_no_backup() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    // Paths that a shell would run as commands, were the pbs to hand them to one.
+    let mark = env.path("pwned");
+    let tricks = [
+        format!("{}/$(touch {})", src.display(), mark.display()),
+        format!("{}/`touch {}`", src.display(), mark.display()),
+        format!("{};touch {}", src.display(), mark.display()),
+    ];
+    let mut paths: Vec<&Path> = vec![&src];
+    paths.extend(tricks.iter().map(Path::new));
+    let config = sshd.pbs_config("web-1", &paths);
+    let keys = sshd.dir.join("authorized_keys");
+    let line = fs::read_to_string(&keys).unwrap();
+    let forced = &line[..line.find("restrict").unwrap()];
+    assert!(forced.starts_with("command="), "{line}");
+    fs::write(&keys, line.replacen(forced, "", 1)).unwrap();
+
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(rec["status"], "failed");
+    let err = rec["error"].as_str().unwrap();
+    assert!(
+        err.contains("not started by haul-wrapper")
+            && err.contains("no forced command")
+            && err.contains("haul-pbs ssh-setup"),
+        "{err}"
+    );
+    assert!(!mark.exists(), "a shell ran a word of the command");
+    assert!(env
+        .pbs(&["--json", "snapshots"])
+        .expect(0)
+        .json()
+        .is_empty());
+    // The pbs asked only to run the agent: no shell, no terminal.
+    let log = sshd.log();
+    assert!(log.contains("Starting session: command"), "{log}");
+    assert!(!log.contains("Starting session: shell"), "{log}");
+
+    // The same key with its forced command back: the wrapper admits the run (the trick
+    // paths are refused as outside the policy, so back up only the real one).
+    fs::write(&keys, &line).unwrap();
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
+    assert_eq!(rec["status"], "ok");
+    assert!(!mark.exists());
+}
+
+#[test]
 fn a_restore_onto_a_host_goes_through_a_read_only_tunnel() {
     let (env, src) = Env::with_source();
     make_fixture(&src);

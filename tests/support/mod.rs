@@ -559,8 +559,12 @@ impl Sshd {
                  KbdInteractiveAuthentication no\nAllowTcpForwarding remote\nPermitListen none\n\
                  PermitOpen none\nAllowStreamLocalForwarding remote\nStreamLocalBindUnlink yes\n\
                  StreamLocalBindMask 0177\nX11Forwarding no\nAllowAgentForwarding no\nPermitTTY no\n\
-                 ClientAliveInterval 30\nClientAliveCountMax 3\nLogLevel VERBOSE\n",
-                d = dir.display()
+                 ClientAliveInterval 30\nClientAliveCountMax 3\nLogLevel VERBOSE\n\
+                 SetEnv PATH={bins}:/usr/local/bin:/usr/bin:/bin\n",
+                d = dir.display(),
+                // The agent is on the login PATH, as where it is installed for real:
+                // a key without the forced command would find it.
+                bins = bin_dir().display()
             ),
         )
         .unwrap();

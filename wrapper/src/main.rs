@@ -88,6 +88,8 @@ fn main() {
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LANG", "C.UTF-8")
+        // Tells the agent it runs under the wrapper (see haul-agent's `read_params`).
+        .env("HAUL_WRAPPER", &file)
         .exec();
     eprintln!(
         "haul-wrapper: cannot run the agent {}: {err}; check `agent` in {file}",

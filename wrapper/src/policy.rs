@@ -164,6 +164,7 @@ impl Policy {
             );
         }
         let (mut socket, mut snapshot, mut target, mut threads) = (None, None, None, None);
+        let mut params = false;
         let mut includes = Vec::new();
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -197,6 +198,7 @@ impl Policy {
                     }
                     set_once(&mut threads, n.to_string(), flag)?
                 }
+                "--params-stdin" => flag_once(&mut params, flag)?,
                 other => {
                     return deny(format!(
                         "{other:?} is not an allowed argument of haul-agent restore"
@@ -221,6 +223,9 @@ impl Policy {
         }
         if let Some(t) = threads {
             argv.extend(["--threads".to_string(), t]);
+        }
+        if params {
+            argv.push("--params-stdin".into());
         }
         Ok(argv)
     }
@@ -386,7 +391,7 @@ restore_targets = ["/var/restore"]
             ]
         );
         let args = p
-            .admit("haul-agent restore --socket /run/haul/r2.sock --snapshot 0a1b2c3d --target /var/restore/web --include /srv --threads 4")
+            .admit("haul-agent restore --socket /run/haul/r2.sock --params-stdin --snapshot 0a1b2c3d --target /var/restore/web --include /srv --threads 4")
             .unwrap();
         assert_eq!(
             args,
@@ -401,7 +406,8 @@ restore_targets = ["/var/restore"]
                 "--include",
                 "/srv",
                 "--threads",
-                "4"
+                "4",
+                "--params-stdin"
             ]
         );
         // What the pbs sends, quoted by the shared quoting, is admitted as it was.
@@ -454,6 +460,7 @@ restore_targets = ["/var/restore"]
             ("haul-agent restore --socket /run/haul/a.sock --snapshot ../x --target /var/restore/x", "not a snapshot id"),
             ("haul-agent restore --socket /run/haul/a.sock --target /var/restore/x", "needs --snapshot"),
             ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --threads 0", "from 1 to 64"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --params-stdin --params-stdin", "--params-stdin given twice"),
         ];
         for (cmd, why) in cases {
             let got = refused(cmd);

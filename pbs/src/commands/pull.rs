@@ -244,8 +244,7 @@ fn pull_one(
         "host": host,
         "tags": plan.tags,
         "parent": if args.force { "none" } else { "latest" },
-    })
-    .to_string();
+    });
     let agent = run::agent_binary(args.run.agent.as_deref());
     let json = ctx.global.json;
     let last = Arc::new(Mutex::new(serde_json::Value::Null));
@@ -276,7 +275,7 @@ fn pull_one(
                 server.clone(),
                 &agent,
                 plan.args.iter().map(OsString::from).collect(),
-                Some(params),
+                Some(params.to_string()),
                 &relay,
             ),
         }
