@@ -356,6 +356,111 @@ fn a_key_without_the_forced_command_gets_no_shell_and_no_backup() {
     assert!(!mark.exists());
 }
 
+/// One request through the host's end of the tunnel; returns how long the answer took.
+fn probe(socket: &Path) -> Option<std::time::Duration> {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    s.write_all(b"GET /v1/probe HTTP/1.1\r\nHost: pbs\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    if answer.is_empty() {
+        return None; // the forward is gone: the run ended
+    }
+    assert!(
+        answer.starts_with("HTTP/1.1 404") && answer.contains("\"not_found\""),
+        "{answer}"
+    );
+    Some(started.elapsed())
+}
+
+#[test]
+fn a_slow_upload_does_not_freeze_the_other_traffic_of_the_connection() {
+    let (env, src) = Env::with_source();
+    for i in 0..4 {
+        fs::write(
+            src.join(format!("r{i}.bin")),
+            haul_tests::random_bytes(i, 2 << 20),
+        )
+        .unwrap();
+    }
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let sockets = sshd.dir.join("sockets");
+    // Storing each group of blobs takes 2 s, as on a very slow disk: the uploads wait
+    // for it, and the request bodies, other requests and the agent's output must not.
+    const DELAY_MS: u64 = 2000;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let ((run, took), latencies) = std::thread::scope(|s| {
+        let pull = s.spawn(|| {
+            let c = config.display().to_string();
+            let state = env.path("state").display().to_string();
+            let started = std::time::Instant::now();
+            let run = env.pbs_with(
+                &[
+                    "--json",
+                    "pull",
+                    "web-1",
+                    "--config",
+                    &c,
+                    "--state-dir",
+                    &state,
+                ],
+                &[("HAUL_FAULT_STORE_DELAY_MS", &DELAY_MS.to_string())],
+            );
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (run, started.elapsed())
+        });
+        let mut latencies = Vec::new();
+        let mut socket = None;
+        for _ in 0..600 {
+            if done.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            socket = socket.or_else(|| {
+                fs::read_dir(&sockets)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|e| e == "sock"))
+            });
+            if let Some(latency) = socket.as_deref().and_then(probe) {
+                latencies.push(latency);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (pull.join().unwrap(), latencies)
+    });
+    assert_eq!(
+        run.code,
+        0,
+        "{}\n{}\n{}",
+        run.stdout,
+        run.stderr,
+        sshd.log()
+    );
+    let rec = &run.json().into_iter().find(|v| v["type"] == "run").unwrap()["run"];
+    assert_eq!(rec["status"], "ok", "{rec}");
+    assert!(
+        took.as_millis() > 2 * DELAY_MS as u128,
+        "the slow storage was not slow: {took:?}"
+    );
+    // Requests were answered all through the run, each well within one storage delay.
+    assert!(latencies.len() >= 5, "{latencies:?}");
+    let worst = latencies.iter().max().unwrap();
+    assert!(
+        worst.as_millis() < (DELAY_MS / 2) as u128,
+        "a request waited {worst:?} behind a slow upload: {latencies:?}"
+    );
+    // And what was stored is the data.
+    let target = env.path("restored");
+    env.restore(&target, &[]).expect(0);
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+}
+
 #[test]
 fn a_restore_onto_a_host_goes_through_a_read_only_tunnel() {
     let (env, src) = Env::with_source();

@@ -379,6 +379,7 @@ async fn backup_upload(
                 tasks.spawn(async move {
                     let _slot = slots.acquire_owned().await.expect("never closed");
                     tokio::task::spawn_blocking(move || {
+                        slow_storage_fault();
                         let mut stored = 0;
                         for (r, encoded) in blobs {
                             stored += session.add_encoded(r.kind, &r.id, encoded)? as u64;
@@ -405,6 +406,20 @@ async fn backup_upload(
     match failed {
         Some(e) => Err(e),
         None => Ok(Json(done)),
+    }
+}
+
+/// Test builds only: `HAUL_FAULT_STORE_DELAY_MS=N` makes storing each group of an
+/// upload take N ms longer, as a slow disk would, so that tests can show that a slow
+/// upload stalls neither its request body nor the other traffic of the connection.
+/// Release builds ignore it.
+fn slow_storage_fault() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("HAUL_FAULT_STORE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
     }
 }
 
