@@ -321,8 +321,19 @@ async fn pull(
         ),
         None => None,
     };
-    let key = load_secret_key(&host.identity, passphrase.as_deref())
-        .map_err(|e| fail(format!("identity {}: {e}", host.identity.display())))?;
+    let key = load_secret_key(&host.identity, passphrase.as_deref()).map_err(|e| {
+        let hint = match (&e, &host.identity_passphrase_file) {
+            (russh::keys::Error::KeyIsEncrypted, None) => {
+                " (it is encrypted: give identity_passphrase_file)".to_string()
+            }
+            (_, Some(f)) => format!(
+                " (is the passphrase in {} the one of this key?)",
+                f.display()
+            ),
+            _ => String::new(),
+        };
+        fail(format!("identity {}: {e}{hint}", host.identity.display()))
+    })?;
     let hash = session
         .best_supported_rsa_hash()
         .await

@@ -356,6 +356,98 @@ fn a_key_without_the_forced_command_gets_no_shell_and_no_backup() {
     assert!(!mark.exists());
 }
 
+#[test]
+fn rsa_ecdsa_and_passphrase_protected_identities_work_and_a_wrong_passphrase_is_named() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let keys = sshd.dir.join("authorized_keys");
+    let line = fs::read_to_string(&keys).unwrap();
+    let options = &line[..line.find(" ssh-ed25519 ").unwrap()];
+    let ed25519 = sshd.dir.join("id_ed25519").display().to_string();
+    fs::write(sshd.dir.join("phrase"), "correct horse\n").unwrap();
+    fs::write(sshd.dir.join("wrong-phrase"), "battery staple\n").unwrap();
+    let kinds: [(&str, &[&str], &str, &str); 3] = [
+        ("rsa", &["-t", "rsa", "-b", "3072", "-N", ""], "", "RSA"),
+        (
+            "ecdsa",
+            &["-t", "ecdsa", "-b", "256", "-N", ""],
+            "",
+            "ECDSA",
+        ),
+        (
+            "ed25519-pass",
+            &["-t", "ed25519", "-N", "correct horse"],
+            "phrase",
+            "ED25519",
+        ),
+    ];
+    let mut expected_snapshots = 0;
+    for (name, args, phrase, label) in kinds {
+        let key = sshd.dir.join(format!("id_{name}"));
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-q")
+            .args(args)
+            .arg("-C")
+            .arg(name)
+            .arg("-f")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+        haul_tests::append(&keys, &format!("\n{options} {}", public.trim()));
+        let mut text = fs::read_to_string(&config)
+            .unwrap()
+            .replace(&ed25519, &key.display().to_string());
+        if !phrase.is_empty() {
+            text = text.replace(
+                "[[host]]\n",
+                &format!(
+                    "[[host]]\nidentity_passphrase_file = {:?}\n",
+                    sshd.dir.join(phrase).display().to_string()
+                ),
+            );
+        }
+        let this = sshd.dir.join(format!("pbs-{name}.toml"));
+        fs::write(&this, &text).unwrap();
+        let (run, rec) = pull(&env, &this, "web-1");
+        assert_eq!(run.code, 0, "{name}: {}\n{}", run.stderr, sshd.log());
+        assert_eq!(rec["status"], "ok", "{name}");
+        expected_snapshots += 1;
+        // sshd says which key it took: `... ssh2: RSA SHA256:<fingerprint>`.
+        let fingerprint = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(key.with_extension("pub"))
+            .output()
+            .unwrap();
+        let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        assert!(
+            sshd.log().contains(&format!("ssh2: {label} {fingerprint}")),
+            "{name}: {}",
+            sshd.log()
+        );
+        if !phrase.is_empty() {
+            // The wrong passphrase: the run fails naming the identity, nothing is sent.
+            fs::write(&this, text.replace("/phrase\"", "/wrong-phrase\"")).unwrap();
+            let (run, rec) = pull(&env, &this, "web-1");
+            assert_eq!(run.code, 1, "{}", run.stdout);
+            let err = rec["error"].as_str().unwrap();
+            assert!(
+                err.contains(&format!("identity {}", key.display()))
+                    && err.contains("wrong-phrase the one of this key"),
+                "{err}"
+            );
+        }
+    }
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    assert_eq!(snaps.len(), expected_snapshots);
+}
+
 /// One request through the host's end of the tunnel; returns how long the answer took.
 fn probe(socket: &Path) -> Option<std::time::Duration> {
     use std::io::{Read, Write};
