@@ -37,7 +37,10 @@ const MAX_LINE: usize = 64 * 1024;
 const RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 struct Client {
-    server: Arc<Server>,
+    /// Serves each forwarded connection.
+    router: axum::Router,
+    /// Counts the forwarded connections, when they are a repository server's.
+    server: Option<Arc<Server>>,
     /// The forwarded socket of this run on the host: the only one served.
     socket: String,
     host: String,
@@ -111,8 +114,10 @@ impl client::Handler for Client {
             return Ok(());
         }
         reply.accept().await;
-        self.server.count_connection();
-        let router = crate::server::router(self.server.clone());
+        if let Some(server) = &self.server {
+            server.count_connection();
+        }
+        let router = self.router.clone();
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(channel.into_stream());
             let service = hyper_util::service::TowerToHyperService::new(router);
@@ -253,138 +258,231 @@ async fn pull(
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, CliError> {
     let fail = |what: String| CliError::Failed(format!("{}: {what}", host.name));
-    let mut id = [0u8; 8];
-    getrandom::getrandom(&mut id).expect("OS random numbers");
-    let socket = host
-        .socket_dir
-        .join(format!("haul-{}.sock", hex::encode(id)))
-        .display()
-        .to_string();
-    // AES-GCM costs about a third less CPU than chacha20-poly1305 where the CPU has AES
-    // instructions (measured); the server's preference decides among what both offer.
-    let preferred = russh::Preferred {
-        cipher: std::borrow::Cow::Borrowed(&[
-            russh::cipher::AES_256_GCM,
-            russh::cipher::AES_128_GCM,
-            russh::cipher::CHACHA20_POLY1305,
-        ]),
-        ..Default::default()
-    };
-    let config = Arc::new(client::Config {
-        window_size: host.window_mib << 20,
-        // Room for a whole upload body per channel, so a busy channel does not stop
-        // the connection's loop (each message is at most one 32 KiB packet).
-        channel_buffer_size: 1024,
-        keepalive_interval: Some(Duration::from_secs(15)),
-        keepalive_max: 4,
-        nodelay: true,
-        preferred,
-        ..Default::default()
-    });
-    let key_problem = Arc::new(Mutex::new(None));
-    let handler = Client {
-        server: server.clone(),
-        socket: socket.clone(),
-        host: host.address.clone(),
-        port: host.port,
-        known_hosts: host.known_hosts.clone(),
-        key_problem: key_problem.clone(),
-    };
-    let addr = (host.address.as_str(), host.port);
-    let mut session =
-        match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(config, addr, handler)).await {
-            Err(_) => {
-                return Err(fail(format!(
-                    "no SSH connection to {}:{} within {} s",
-                    host.address,
-                    host.port,
-                    CONNECT_TIMEOUT.as_secs()
-                )))
-            }
-            Ok(Err(e)) => {
-                if let Some(p) = key_problem.lock().expect("key problem").take() {
-                    return Err(fail(p));
-                }
-                return Err(fail(format!(
-                    "SSH connection to {}:{}: {e}",
-                    host.address, host.port
-                )));
-            }
-            Ok(Ok(s)) => s,
-        };
-    let passphrase = match &host.identity_passphrase_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .map_err(|e| fail(format!("identity passphrase file {}: {e}", f.display())))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        ),
-        None => None,
-    };
-    let key = load_secret_key(&host.identity, passphrase.as_deref()).map_err(|e| {
-        let hint = match (&e, &host.identity_passphrase_file) {
-            (russh::keys::Error::KeyIsEncrypted, None) => {
-                " (it is encrypted: give identity_passphrase_file)".to_string()
-            }
-            (_, Some(f)) => format!(
-                " (is the passphrase in {} the one of this key?)",
-                f.display()
-            ),
-            _ => String::new(),
-        };
-        fail(format!("identity {}: {e}{hint}", host.identity.display()))
-    })?;
-    let hash = session
-        .best_supported_rsa_hash()
+    let router = crate::server::router(server.clone());
+    let tunnel = Tunnel::open(host, router, Some(server))
         .await
-        .ok()
-        .flatten()
-        .flatten();
-    let auth = session
-        .authenticate_publickey(
-            host.user.clone(),
-            PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-        )
-        .await
-        .map_err(|e| fail(format!("authentication: {e}")))?;
-    if !auth.success() {
-        return Err(fail(format!(
-            "{}@{}:{} refused the key {}: install its line in authorized_keys there (`haul-pbs ssh-setup {}` prints it)",
-            host.user,
-            host.address,
-            host.port,
-            host.identity.display(),
-            host.name
-        )));
-    }
-    if let Err(e) = session.streamlocal_forward(socket.clone()).await {
-        return Err(fail(format!(
-            "the host refused to forward {socket} ({e}): its sshd needs `AllowTcpForwarding remote`, `AllowStreamLocalForwarding remote`, `StreamLocalBindUnlink yes`, the key needs `port-forwarding` in authorized_keys, and {} must exist and be writable by {}",
-            host.socket_dir.display(),
-            host.user
-        )));
-    }
-    let result = exec_agent(&session, &mut args, &socket, stdin, progress).await;
-    // However the run ended: stop the forward, so nothing is left listening.
-    let _ = session.cancel_streamlocal_forward(socket.clone()).await;
-    let _ = session
-        .disconnect(russh::Disconnect::ByApplication, "run finished", "en")
-        .await;
+        .map_err(fail)?;
+    args.push("--socket".into());
+    args.push(tunnel.socket.clone());
+    let result = exec_agent(&tunnel.session, &args, stdin, progress).await;
+    tunnel.close().await;
     result.map_err(fail)
+}
+
+/// Runs `command(socket)` on `host` with this run's socket forwarded to `router`, and
+/// returns its exit status and output. For measuring the tunnel (see
+/// `examples/tunnel_bench.rs`): the pbs itself only ever runs the agent.
+pub fn run_command(
+    host: &Host,
+    router: axum::Router,
+    command: impl FnOnce(&str) -> String,
+) -> Result<CommandOutput, CliError> {
+    let fail = |what: String| CliError::Failed(format!("{}: {what}", host.name));
+    let rt = crate::run::runtime()?;
+    rt.block_on(async {
+        let tunnel = Tunnel::open(host, router, None).await.map_err(fail)?;
+        let mut out = CommandOutput::default();
+        let result = exec(
+            &tunnel.session,
+            command(&tunnel.socket),
+            None,
+            &mut |line| out.stdout.push(line),
+            &mut |line| out.stderr.push(line),
+        )
+        .await;
+        tunnel.close().await;
+        (out.exit, out.how) = result.map_err(fail)?;
+        Ok(out)
+    })
+}
+
+/// What a command run by [`run_command`] did.
+#[derive(Debug, Default)]
+pub struct CommandOutput {
+    pub exit: Option<i32>,
+    /// How it ended, in words (`exit status 0`, `signal "KILL"`, ...).
+    pub how: String,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+/// An authenticated SSH session to a host with a fresh socket of its socket directory
+/// forwarded here.
+struct Tunnel {
+    session: client::Handle<Client>,
+    socket: String,
+}
+
+impl Tunnel {
+    /// Connects, checks the host key, authenticates and asks for the forward; errors
+    /// are sentences about the host (the caller prefixes its name).
+    async fn open(
+        host: &Host,
+        router: axum::Router,
+        server: Option<Arc<Server>>,
+    ) -> Result<Tunnel, String> {
+        let fail = |what: String| what;
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id).expect("OS random numbers");
+        let socket = host
+            .socket_dir
+            .join(format!("haul-{}.sock", hex::encode(id)))
+            .display()
+            .to_string();
+        // AES-GCM costs about a third less CPU than chacha20-poly1305 where the CPU has AES
+        // instructions (measured); the server's preference decides among what both offer.
+        let preferred = russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(&[
+                russh::cipher::AES_256_GCM,
+                russh::cipher::AES_128_GCM,
+                russh::cipher::CHACHA20_POLY1305,
+            ]),
+            ..Default::default()
+        };
+        let config = Arc::new(client::Config {
+            window_size: host.window_mib << 20,
+            // Room for a whole upload body per channel, so a busy channel does not stop
+            // the connection's loop (each message is at most one 32 KiB packet).
+            channel_buffer_size: 1024,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            nodelay: true,
+            preferred,
+            ..Default::default()
+        });
+        let key_problem = Arc::new(Mutex::new(None));
+        let handler = Client {
+            router,
+            server,
+            socket: socket.clone(),
+            host: host.address.clone(),
+            port: host.port,
+            known_hosts: host.known_hosts.clone(),
+            key_problem: key_problem.clone(),
+        };
+        let addr = (host.address.as_str(), host.port);
+        let mut session =
+            match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(config, addr, handler))
+                .await
+            {
+                Err(_) => {
+                    return Err(fail(format!(
+                        "no SSH connection to {}:{} within {} s",
+                        host.address,
+                        host.port,
+                        CONNECT_TIMEOUT.as_secs()
+                    )))
+                }
+                Ok(Err(e)) => {
+                    if let Some(p) = key_problem.lock().expect("key problem").take() {
+                        return Err(fail(p));
+                    }
+                    return Err(fail(format!(
+                        "SSH connection to {}:{}: {e}",
+                        host.address, host.port
+                    )));
+                }
+                Ok(Ok(s)) => s,
+            };
+        let passphrase = match &host.identity_passphrase_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| fail(format!("identity passphrase file {}: {e}", f.display())))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let key = load_secret_key(&host.identity, passphrase.as_deref()).map_err(|e| {
+            let hint = match (&e, &host.identity_passphrase_file) {
+                (russh::keys::Error::KeyIsEncrypted, None) => {
+                    " (it is encrypted: give identity_passphrase_file)".to_string()
+                }
+                (_, Some(f)) => format!(
+                    " (is the passphrase in {} the one of this key?)",
+                    f.display()
+                ),
+                _ => String::new(),
+            };
+            fail(format!("identity {}: {e}{hint}", host.identity.display()))
+        })?;
+        let hash = session
+            .best_supported_rsa_hash()
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+        let auth = session
+            .authenticate_publickey(
+                host.user.clone(),
+                PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+            )
+            .await
+            .map_err(|e| fail(format!("authentication: {e}")))?;
+        if !auth.success() {
+            return Err(fail(format!(
+                "{}@{}:{} refused the key {}: install its line in authorized_keys there (`haul-pbs ssh-setup {}` prints it)",
+                host.user,
+                host.address,
+                host.port,
+                host.identity.display(),
+                host.name
+            )));
+        }
+        if let Err(e) = session.streamlocal_forward(socket.clone()).await {
+            return Err(fail(format!(
+                "the host refused to forward {socket} ({e}): its sshd needs `AllowTcpForwarding remote`, `AllowStreamLocalForwarding remote`, `StreamLocalBindUnlink yes`, the key needs `port-forwarding` in authorized_keys, and {} must exist and be writable by {}",
+                host.socket_dir.display(),
+                host.user
+            )));
+        }
+        Ok(Tunnel { session, socket })
+    }
+
+    /// Stops the forward, so nothing is left listening, and disconnects.
+    async fn close(self) {
+        let _ = self
+            .session
+            .cancel_streamlocal_forward(self.socket.clone())
+            .await;
+        let _ = self
+            .session
+            .disconnect(russh::Disconnect::ByApplication, "run finished", "en")
+            .await;
+    }
 }
 
 async fn exec_agent(
     session: &client::Handle<Client>,
-    args: &mut Vec<String>,
-    socket: &str,
+    args: &[String],
     stdin: Option<String>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, String> {
-    args.push("--socket".into());
-    args.push(socket.into());
     let mut words = vec!["haul-agent"];
     words.extend(args.iter().map(String::as_str));
     let command = haul_protocol::command::join(&words);
+    let out = std::cell::RefCell::new(AgentOutput::default());
+    let (exit, how) = exec(
+        session,
+        command,
+        stdin,
+        &mut |line| out.borrow_mut().stdout_line(&line, progress),
+        &mut |line| out.borrow_mut().stderr_line(&line),
+    )
+    .await?;
+    Ok(out.into_inner().finish(exit, &how))
+}
+
+/// Runs `command` in a session channel, sends `stdin` as one line, and hands stdout
+/// and stderr to the callbacks line by line, until the channel closes. Returns the
+/// exit status (none when the host did not send one) and how the command ended.
+async fn exec(
+    session: &client::Handle<Client>,
+    command: String,
+    stdin: Option<String>,
+    on_stdout: &mut dyn FnMut(String),
+    on_stderr: &mut dyn FnMut(String),
+) -> Result<(Option<i32>, String), String> {
     let mut channel = session
         .channel_open_session()
         .await
@@ -400,7 +498,6 @@ async fn exec_agent(
             .map_err(|e| format!("sending run parameters: {e}"))?;
     }
     let _ = channel.eof().await;
-    let mut out = AgentOutput::default();
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut exit = None;
     let mut how = "no exit status (the connection closed)".to_string();
@@ -419,12 +516,12 @@ async fn exec_agent(
         match msg {
             ChannelMsg::Data { data } => {
                 for line in take_lines(&mut stdout, &data) {
-                    out.stdout_line(&line, progress);
+                    on_stdout(line);
                 }
             }
             ChannelMsg::ExtendedData { data, ext: 1 } => {
                 for line in take_lines(&mut stderr, &data) {
-                    out.stderr_line(&line);
+                    on_stderr(line);
                 }
             }
             ChannelMsg::ExitStatus { exit_status } => {
@@ -440,10 +537,10 @@ async fn exec_agent(
     }
     for rest in [stdout, stderr] {
         if !rest.is_empty() {
-            out.stderr_line(&String::from_utf8_lossy(&rest));
+            on_stderr(String::from_utf8_lossy(&rest).into_owned());
         }
     }
-    Ok(out.finish(exit, &how))
+    Ok((exit, how))
 }
 
 /// Appends `data` to `buf` and returns the complete lines, removing them from it. A
