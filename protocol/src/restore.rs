@@ -21,7 +21,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Mutex};
@@ -110,8 +110,12 @@ pub fn restore(
     stats: &RestoreStats,
 ) -> Result<Vec<RestoreWarning>, RestoreError> {
     let target = &opts.target;
+    // The mode the target ends with: an empty target's own, else what a new directory
+    // gets under this process's umask.
+    let mut final_mode = None;
     let target_existed = match fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => {
+            final_mode = Some(m.permissions().mode() & 0o7777);
             if fs::read_dir(target)
                 .map_err(io_err(target))?
                 .next()
@@ -155,7 +159,14 @@ pub fn restore(
         }
     }
     let staging = staging_path(target);
-    fs::create_dir(&staging).map_err(io_err(&staging))?;
+    // Only this user can enter the staging directory until the restore is complete: a
+    // restored directory may be writable by others (a snapshot of /tmp), and nobody
+    // must be able to swap a directory below it for a symlink while files are being
+    // written by path (as root, they could then land anywhere).
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(io_err(&staging))?;
     let result = restore_into(
         source,
         root,
@@ -166,6 +177,9 @@ pub fn restore(
     );
     match result {
         Ok(warnings) => {
+            let mode = final_mode.unwrap_or_else(|| 0o777 & !umask());
+            fs::set_permissions(&staging, fs::Permissions::from_mode(mode))
+                .map_err(io_err(&staging))?;
             if target_existed {
                 fs::remove_dir(target).map_err(io_err(target))?;
             }
@@ -198,6 +212,18 @@ fn include_exists(
         }
     }
     Ok(true)
+}
+
+/// This process's umask, read without changing it (Linux 4.7+); 022 when unknown.
+fn umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 fn staging_path(target: &Path) -> PathBuf {

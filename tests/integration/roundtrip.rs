@@ -89,14 +89,30 @@ fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
         run.stderr
     );
     assert_eq!(fs::read(target.join("keep-me")).unwrap(), b"precious");
-    // An empty directory is fine.
+    // An empty directory is fine, and keeps its own mode (the restore is staged in a
+    // directory only its user can enter, swapped in when complete).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     let empty = env.path("empty-target");
     fs::create_dir_all(&empty).unwrap();
+    fs::set_permissions(&empty, fs::Permissions::from_mode(0o751)).unwrap();
     env.restore(&empty, &[]).expect(0);
     assert_eq!(
         fs::read(empty.join(src.strip_prefix("/").unwrap()).join("f")).unwrap(),
         b"data"
     );
+    assert_eq!(mode(&empty), 0o751);
+    // A new target gets a new directory's mode under the umask (the restorer inherits
+    // this process's).
+    let umask = fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+        .unwrap();
+    let fresh = env.path("fresh-target");
+    env.restore(&fresh, &[]).expect(0);
+    assert_eq!(mode(&fresh), 0o777 & !umask);
 }
 
 #[test]
