@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 # System packages the tests use: a C compiler and pkg-config build zstd and aws-lc (for
 # russh); OpenSSH's sshd and client for the SSH pull tests (each test starts its own
 # sshd on 127.0.0.1); util-linux's setpriv runs a pull as an unprivileged user.
-# Debian's python3-feedparser reads the RSS feeds (the tests call /usr/bin/python3).
-packages=(build-essential pkg-config python3 python3-feedparser openssh-server openssh-client util-linux)
+# Debian's python3-feedparser reads the RSS feeds and python3-prometheus-client the
+# metrics (the tests call /usr/bin/python3); supervisor runs the daemon as in production.
+packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
+          supervisor openssh-server openssh-client util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

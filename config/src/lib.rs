@@ -1,6 +1,6 @@
-//! Where haul keeps things on the backup server. The TOML model of hosts and clones
-//! comes with the daemon; for now this is the built-in default state directory, which
-//! holds the default repository, its generated key file and the run records.
+//! The backup server's configuration: where haul keeps things (the built-in default
+//! state directory holds the default repository, its generated key file and the run
+//! history) and the TOML file of the server, its feed, hosts and clones.
 
 use std::path::PathBuf;
 
@@ -41,13 +41,115 @@ impl StateDir {
     }
 }
 
-/// The backup server's configuration file (default `/etc/haul/pbs.toml`). For now the
-/// hosts to pull; the daemon's settings, the feed and clones come with the daemon.
+pub mod locate;
+pub mod schedule;
+
+use locate::Seg;
+pub use schedule::{parse_duration, Schedule};
+use std::time::Duration;
+
+/// The backup server's configuration file (default `/etc/haul/pbs.toml`): the server's
+/// settings, the feed, the hosts to pull and the clones to push to. Only `[[host]]`
+/// entries are needed; everything else has defaults.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub feed: FeedSettings,
     #[serde(default, rename = "host")]
     pub hosts: Vec<Host>,
+    #[serde(default, rename = "clone")]
+    pub clones: Vec<CloneTarget>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Run history, feeds, default key file (default: [`default_state_dir`]).
+    pub state_dir: PathBuf,
+    /// Where the repositories are: a host's is `repositories_dir/<its repository>`
+    /// (default: the state directory, so the default repository is `STATE/repo`).
+    pub repositories_dir: Option<PathBuf>,
+    /// Where the pbs puts the Unix sockets of its runs' repository servers (default
+    /// `STATE/sockets`).
+    pub socket_dir: Option<PathBuf>,
+    /// The status HTTP server (feeds, status, metrics): loopback by default.
+    pub status_listen: std::net::SocketAddr,
+    /// Runs at once, at most.
+    pub max_concurrent: usize,
+    /// A host's schedule unless it sets one.
+    pub schedule: Schedule,
+    /// A host without a successful run for this long is stale: a warning item in the
+    /// feed, and `stale` in status and metrics.
+    #[serde(deserialize_with = "de_duration")]
+    pub alert_window: Duration,
+    /// Retention unless a host sets its own (default: keep everything).
+    pub retention: Retention,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            state_dir: default_state_dir(),
+            repositories_dir: None,
+            socket_dir: None,
+            status_listen: ([127, 0, 0, 1], 9470).into(),
+            max_concurrent: 2,
+            schedule: Schedule::Every(Duration::from_secs(24 * 3600)),
+            alert_window: Duration::from_secs(26 * 3600),
+            retention: Retention::default(),
+        }
+    }
+}
+
+impl ServerSettings {
+    pub fn repositories_dir(&self) -> PathBuf {
+        self.repositories_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.clone())
+    }
+    pub fn socket_dir(&self) -> PathBuf {
+        self.socket_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("sockets"))
+    }
+}
+
+/// `[feed]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedSettings {
+    pub title: String,
+    /// The channel's link (default: the status server's address).
+    pub link: Option<String>,
+    /// Items kept per feed: the newest.
+    pub items: usize,
+}
+
+impl Default for FeedSettings {
+    fn default() -> Self {
+        FeedSettings {
+            title: "haul backups".into(),
+            link: None,
+            items: 50,
+        }
+    }
+}
+
+/// How many snapshots to keep (`keep-last/hourly/daily/weekly/monthly/yearly`, as
+/// restic and borg count them). Nothing set: keep everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
 }
 
 /// How the pbs reaches a host.
@@ -84,16 +186,69 @@ pub struct Host {
     pub paths: Vec<PathBuf>,
     #[serde(default)]
     pub excludes: Vec<String>,
+    /// When the daemon pulls it (default: `[server].schedule`).
+    pub schedule: Option<Schedule>,
+    /// Stale after this long without a successful run (default: `[server].alert_window`).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub alert_window: Option<Duration>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// An rdiff-backup tree of this host whose history is imported on its first pull.
+    pub legacy_rdiff_dir: Option<PathBuf>,
     /// Directory on the host where sshd creates the run's forwarded socket; the
     /// wrapper policy's `socket_dir`.
     #[serde(default = "default_socket_dir")]
     pub socket_dir: PathBuf,
+    /// The agent: for `local`, the binary run here (default: beside haul-pbs); over
+    /// SSH the wrapper's policy decides which binary runs, whatever this says.
+    pub agent: Option<PathBuf>,
+    /// The repository (a name in `[server].repositories_dir`; default `repo`, shared by
+    /// every host, so that what hosts have in common is stored once).
+    #[serde(default = "default_repository")]
+    pub repository: String,
+    /// Retention for this host's snapshots (default: `[server].retention`).
+    pub retention: Option<Retention>,
     /// SSH receive window in MiB: the upload direction moves at most about
     /// window / 2 per round trip (raise it on long links).
     #[serde(default = "default_window_mib")]
     pub window_mib: u32,
+}
+
+impl Host {
+    pub fn schedule<'a>(&'a self, config: &'a Config) -> &'a Schedule {
+        self.schedule.as_ref().unwrap_or(&config.server.schedule)
+    }
+    pub fn alert_window(&self, config: &Config) -> Duration {
+        self.alert_window.unwrap_or(config.server.alert_window)
+    }
+    pub fn retention<'a>(&'a self, config: &'a Config) -> &'a Retention {
+        self.retention.as_ref().unwrap_or(&config.server.retention)
+    }
+    pub fn repository_path(&self, config: &Config) -> PathBuf {
+        config.server.repositories_dir().join(&self.repository)
+    }
+}
+
+/// A clone host that snapshots are pushed to (`[[clone]]`; pushing comes in a later
+/// release, the entries are parsed and checked now).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneTarget {
+    pub name: String,
+    pub address: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default = "default_identity")]
+    pub identity: PathBuf,
+    #[serde(default = "default_known_hosts")]
+    pub known_hosts: PathBuf,
+    /// The repository on the clone host.
+    pub repository: PathBuf,
+    /// The hosts whose snapshots go there (default: every host).
     #[serde(default)]
-    pub tags: Vec<String>,
+    pub hosts: Vec<String>,
 }
 
 fn default_port() -> u16 {
@@ -114,21 +269,44 @@ fn default_socket_dir() -> PathBuf {
 fn default_window_mib() -> u32 {
     8
 }
-
-/// A TOML error as `line N: message`, for messages that name the file and the line.
-pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    let at = e
-        .span()
-        .map(|s| {
-            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: ")
-        })
-        .unwrap_or_default();
-    format!("{at}{}", e.message().trim())
+fn default_repository() -> String {
+    "repo".into()
 }
 
-/// A configuration that could not be used; the message names the file, the line or
-/// the key, and what to do.
+impl<'de> serde::Deserialize<'de> for Schedule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Schedule::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// A TOML error as `LINE:COLUMN: KEY.PATH: message`, for messages that also name the
+/// file (`config /etc/haul/pbs.toml:12:12: host[2].schedule: ...`).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let (line, col) = locate::line_col(text, span.start);
+            match locate::path_at(text, span.start) {
+                Some(path) => format!("{line}:{col}: {path}: {message}"),
+                None => format!("{line}:{col}: {message}"),
+            }
+        }
+        None => message.to_string(),
+    }
+}
+
+/// A configuration that could not be used; the message names the file, the line, the
+/// column and the key, and what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
@@ -145,20 +323,57 @@ impl Config {
     /// Parses and checks a configuration; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("config {file}: {}", toml_error(text, &e))))?;
+            .map_err(|e| ConfigError(format!("config {file}:{}", toml_error(text, &e))))?;
+        config.check().map_err(|(path, why)| {
+            let (line, col) = locate::offset_of(text, &path)
+                .map(|at| locate::line_col(text, at))
+                .unwrap_or((1, 1));
+            ConfigError(format!(
+                "config {file}:{line}:{col}: {}: {why}",
+                locate::render(&path)
+            ))
+        })?;
+        Ok(config)
+    }
+
+    /// The checks TOML types cannot express; a failure is the key path and why.
+    fn check(&self) -> Result<(), (Vec<Seg<'static>>, String)> {
+        let abs = |p: &PathBuf| {
+            if p.is_absolute() {
+                Ok(())
+            } else {
+                Err(format!("{} is not an absolute path", p.display()))
+            }
+        };
+        let at = |keys: &[Seg<'static>], why: String| (keys.to_vec(), why);
+        let s = &self.server;
+        for (key, p) in [
+            ("state_dir", Some(&s.state_dir)),
+            ("repositories_dir", s.repositories_dir.as_ref()),
+            ("socket_dir", s.socket_dir.as_ref()),
+        ] {
+            if let Some(p) = p {
+                abs(p).map_err(|why| at(&[Seg::Key("server"), Seg::Key(key)], why))?;
+            }
+        }
+        if !(1..=64).contains(&s.max_concurrent) {
+            return Err(at(
+                &[Seg::Key("server"), Seg::Key("max_concurrent")],
+                format!("{} is not from 1 to 64", s.max_concurrent),
+            ));
+        }
+        if !(1..=10_000).contains(&self.feed.items) {
+            return Err(at(
+                &[Seg::Key("feed"), Seg::Key("items")],
+                format!("{} is not from 1 to 10000", self.feed.items),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
-        for (i, h) in config.hosts.iter().enumerate() {
-            let bad = |key: &str, why: String| {
-                ConfigError(format!("config {file}: host[{i}].{key}: {why}"))
-            };
-            if h.name.is_empty()
-                || !h
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            {
-                return Err(bad(
-                    "name",
+        for (i, h) in self.hosts.iter().enumerate() {
+            let key = |k: &'static str| vec![Seg::Key("host"), Seg::Index(i), Seg::Key(k)];
+            if !valid_name(&h.name) {
+                return Err((
+                    key("name"),
                     format!(
                         "{:?} is not a host name (letters, digits, `.`, `_`, `-`)",
                         h.name
@@ -166,36 +381,100 @@ impl Config {
                 ));
             }
             if !names.insert(h.name.as_str()) {
-                return Err(bad(
-                    "name",
+                return Err((
+                    key("name"),
                     format!("{:?} is used by another host too", h.name),
                 ));
             }
             if h.paths.is_empty() {
-                return Err(bad("paths", "give at least one path to back up".into()));
+                return Err((key("paths"), "give at least one path to back up".into()));
             }
-            for (key, p) in h.paths.iter().map(|p| ("paths", p)).chain([
+            for (j, p) in h.paths.iter().enumerate() {
+                abs(p).map_err(|why| {
+                    let mut k = key("paths");
+                    k.push(Seg::Index(j));
+                    (k, why)
+                })?;
+            }
+            for (k, p) in [
                 ("identity", &h.identity),
                 ("known_hosts", &h.known_hosts),
                 ("socket_dir", &h.socket_dir),
-            ]) {
-                if !p.is_absolute() {
-                    return Err(bad(key, format!("{} is not an absolute path", p.display())));
-                }
+            ] {
+                abs(p).map_err(|why| (key(k), why))?;
+            }
+            if let Some(d) = &h.legacy_rdiff_dir {
+                abs(d).map_err(|why| (key("legacy_rdiff_dir"), why))?;
+            }
+            if !valid_name(&h.repository) {
+                return Err((
+                    key("repository"),
+                    format!(
+                        "{:?} is not a repository name (letters, digits, `.`, `_`, `-`; it is a directory in [server].repositories_dir)",
+                        h.repository
+                    ),
+                ));
             }
             if !(1..=256).contains(&h.window_mib) {
-                return Err(bad(
-                    "window_mib",
+                return Err((
+                    key("window_mib"),
                     format!("{} is not from 1 to 256", h.window_mib),
                 ));
             }
         }
-        Ok(config)
+        let mut clones = std::collections::HashSet::new();
+        for (i, c) in self.clones.iter().enumerate() {
+            let key = |k: &'static str| vec![Seg::Key("clone"), Seg::Index(i), Seg::Key(k)];
+            if !valid_name(&c.name) {
+                return Err((key("name"), format!("{:?} is not a clone name", c.name)));
+            }
+            if !clones.insert(c.name.as_str()) {
+                return Err((
+                    key("name"),
+                    format!("{:?} is used by another clone too", c.name),
+                ));
+            }
+            for (k, p) in [
+                ("repository", &c.repository),
+                ("identity", &c.identity),
+                ("known_hosts", &c.known_hosts),
+            ] {
+                abs(p).map_err(|why| (key(k), why))?;
+            }
+            if let Some((j, h)) = c
+                .hosts
+                .iter()
+                .enumerate()
+                .find(|(_, h)| !names.contains(h.as_str()))
+            {
+                let mut k = key("hosts");
+                k.push(Seg::Index(j));
+                return Err((k, format!("{h:?} is not a [[host]] of this file")));
+            }
+        }
+        Ok(())
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {
         self.hosts.iter().find(|h| h.name == name)
     }
+
+    /// Where the feed's channel links to.
+    pub fn feed_link(&self) -> String {
+        self.feed
+            .link
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/", self.server.status_listen))
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 #[cfg(test)]
@@ -228,17 +507,84 @@ mod tests {
     }
 
     #[test]
+    fn every_bad_input_names_its_line_column_and_key_path() {
+        const HOST: &str =
+            "[[host]]\nname = \"web-1\"\naddress = \"10.0.0.5\"\npaths = [\"/srv\"]\n";
+        let three = "[[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/srv\"]\n[[host]]\nname = \"b\"\naddress = \"y\"\npaths = [\"/srv\"]\n[[host]]\nname = \"c\"\naddress = \"z\"\npaths = [\"/srv\"]\nschedule = \"every 5 min\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            ("[server]\nmax_concurrent = 0\n".into(), "pbs.toml:2:18: server.max_concurrent: 0 is not from 1 to 64"),
+            ("[server]\nstatus_listen = \"localhost\"\n".into(), "pbs.toml:2:17: server.status_listen: invalid socket address syntax"),
+            ("[server]\nalert_window = \"a day\"\n".into(), "pbs.toml:2:16: server.alert_window: \"a day\" is not a duration; use e.g. \"30m\", \"26h\" or \"7d\""),
+            ("[server]\nstate_dir = \"var/lib/haul\"\n".into(), "pbs.toml:2:13: server.state_dir: var/lib/haul is not an absolute path"),
+            ("[server]\nretention = { keep_daily = -1 }\n".into(), "pbs.toml:2:28: server.retention.keep_daily: invalid value: integer `-1`, expected u32"),
+            ("[feed]\nitems = 0\n".into(), "pbs.toml:2:9: feed.items: 0 is not from 1 to 10000"),
+            ("[feed]\ncolour = \"red\"\n".into(), "pbs.toml:2:1: feed.colour: unknown field `colour`"),
+            (three.into(), "pbs.toml:13:12: host[2].schedule: \"every 5 min\" is not a schedule; use an interval like \"30m\" or \"6h\", or a cron expression like \"0 */6 * * *\""),
+            (format!("{HOST}schedule = \"0 25 * * *\"\n"), "pbs.toml:5:12: host[0].schedule: \"0 25 * * *\" is not a valid cron expression"),
+            (format!("{HOST}alert_window = \"soon\"\n"), "pbs.toml:5:16: host[0].alert_window: \"soon\" is not a duration"),
+            (format!("{HOST}transport = \"rsh\"\n"), "pbs.toml:5:13: host[0].transport: unknown variant `rsh`, expected `ssh` or `local`"),
+            (format!("{HOST}port = 70000\n"), "pbs.toml:5:8: host[0].port: invalid value: integer `70000`, expected u16"),
+            ("[[host]]\nname = \"web 1\"\naddress = \"x\"\npaths = [\"/srv\"]\n".into(), "pbs.toml:2:8: host[0].name: \"web 1\" is not a host name"),
+            ("[[host]]\nname = \"a\"\naddress = \"x\"\n".into(), "pbs.toml:1:1: host[0]: missing field `paths`"),
+            (format!("{HOST}legacy_rdiff_dir = \"old\"\n"), "pbs.toml:5:20: host[0].legacy_rdiff_dir: old is not an absolute path"),
+            (format!("{HOST}repository = \"../x\"\n"), "pbs.toml:5:14: host[0].repository: \"../x\" is not a repository name"),
+            (format!("{HOST}window_mib = 0\n"), "pbs.toml:5:14: host[0].window_mib: 0 is not from 1 to 256"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nrepository = \"/r\"\nhosts = [\"web-2\"]\n"), "pbs.toml:9:10: clone[0].hosts[0]: \"web-2\" is not a [[host]] of this file"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nrepository = \"r\"\n"), "pbs.toml:8:14: clone[0].repository: r is not an absolute path"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\n"), "pbs.toml:5:1: clone[0]: missing field `repository`"),
+        ];
+        let mut wrong = Vec::new();
+        for (text, want) in &cases {
+            match Config::parse(text, "pbs.toml") {
+                Ok(_) => wrong.push(format!("{text:?}: accepted, want {want:?}")),
+                Err(e) if !e.0.starts_with(&format!("config {want}")) => {
+                    wrong.push(format!("{text:?}:\n   got {:?}\n  want {want:?}", e.0))
+                }
+                Err(_) => {}
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn a_full_configuration_parses_with_its_defaults() {
+        let c = Config::parse(
+            "[server]\nstate_dir = \"/srv/haul\"\nmax_concurrent = 3\nalert_window = \"30h\"\n\
+             retention = { keep_daily = 7, keep_weekly = 4 }\n[feed]\ntitle = \"backups\"\n\
+             [[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/srv\"]\nschedule = \"0 */6 * * *\"\n\
+             [[host]]\nname = \"b\"\naddress = \"y\"\npaths = [\"/srv\"]\nrepository = \"b\"\nalert_window = \"2h\"\n\
+             [[clone]]\nname = \"off-site\"\naddress = \"z\"\nrepository = \"/backup/haul\"\nhosts = [\"a\"]\n",
+            "pbs.toml",
+        )
+        .unwrap();
+        let (a, b) = (c.host("a").unwrap(), c.host("b").unwrap());
+        assert!(matches!(a.schedule(&c), Schedule::Cron { .. }));
+        assert!(matches!(b.schedule(&c), Schedule::Every(d) if *d == Duration::from_secs(86_400)));
+        assert_eq!(a.alert_window(&c), Duration::from_secs(30 * 3600));
+        assert_eq!(b.alert_window(&c), Duration::from_secs(2 * 3600));
+        assert_eq!(a.repository_path(&c), PathBuf::from("/srv/haul/repo"));
+        assert_eq!(b.repository_path(&c), PathBuf::from("/srv/haul/b"));
+        assert_eq!(a.retention(&c).keep_daily, Some(7));
+        assert_eq!(c.server.status_listen.to_string(), "127.0.0.1:9470");
+        assert_eq!(c.feed_link(), "http://127.0.0.1:9470/");
+        assert_eq!(c.clones[0].hosts, ["a"]);
+    }
+
+    #[test]
     fn errors_name_the_file_line_and_key() {
         let e = Config::parse(
             "[[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/srv\"]\nshedule = \"6h\"\n",
             "pbs.toml",
         )
         .unwrap_err();
-        assert!(e.0.starts_with("config pbs.toml: line 5: "), "{e}");
+        assert!(
+            e.0.starts_with("config pbs.toml:5:1: host[0].shedule: "),
+            "{e}"
+        );
         assert!(e.0.contains("shedule"), "{e}");
         let e = Config::parse("[[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/srv\"]\n[[host]]\nname = \"a\"\naddress = \"y\"\npaths = [\"srv\"]\n", "pbs.toml").unwrap_err();
         assert!(
-            e.0.contains("host[1].name: \"a\" is used by another host too"),
+            e.0.contains("config pbs.toml:6:8: host[1].name: \"a\" is used by another host too"),
             "{e}"
         );
         let e = Config::parse(
@@ -247,7 +593,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            e.0.contains("host[0].paths: srv is not an absolute path"),
+            e.0.contains("config pbs.toml:4:10: host[0].paths[0]: srv is not an absolute path"),
             "{e}"
         );
     }

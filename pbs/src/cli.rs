@@ -16,7 +16,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Global {
     /// Repository directory.
     #[arg(long, short = 'r', env = "HAUL_REPO", global = true)]
@@ -61,6 +61,9 @@ pub enum Command {
     /// Check the configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Pull every configured host on its schedule, in the foreground (for supervisord
+    /// or systemd), and serve feeds, status and metrics over HTTP.
+    Daemon(DaemonArgs),
     /// Print what a host needs for SSH pulls: the authorized_keys line, the wrapper's
     /// policy and the sshd settings.
     SshSetup(SshSetupArgs),
@@ -170,6 +173,24 @@ pub struct RunArgs {
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The configuration file.
+    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
+    pub config: PathBuf,
+    /// Log JSON lines instead of human-readable ones (stderr either way).
+    #[arg(long)]
+    pub log_json: bool,
+    /// On SIGTERM, how long running pulls may take to finish before they are stopped
+    /// and recorded as failed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub grace: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    haul_config::parse_duration(s)
 }
 
 #[derive(Debug, Subcommand)]

@@ -10,25 +10,58 @@ use rss::{ChannelBuilder, GuidBuilder, ItemBuilder};
 use std::io::Write;
 use std::path::Path;
 
-/// Items a feed keeps: the newest runs.
+/// Items a feed keeps by default: the newest runs.
 pub const ITEMS: usize = 50;
+
+/// A feed's title, link and length (`[feed]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct FeedOptions {
+    pub title: String,
+    pub link: String,
+    pub items: usize,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        FeedOptions {
+            title: "haul backups".into(),
+            link: "http://localhost/".into(),
+            items: ITEMS,
+        }
+    }
+}
+
+impl FeedOptions {
+    pub fn from_config(c: &haul_config::Config) -> FeedOptions {
+        FeedOptions {
+            title: c.feed.title.clone(),
+            link: c.feed_link(),
+            items: c.feed.items,
+        }
+    }
+}
 
 /// The feed of `records` (oldest first), for one host or all.
 pub fn render(records: &[RunRecord], host: Option<&str>) -> String {
+    render_with(records, host, &FeedOptions::default())
+}
+
+/// [`render`] with a title, link and length.
+pub fn render_with(records: &[RunRecord], host: Option<&str>, o: &FeedOptions) -> String {
     let items: Vec<rss::Item> = records
         .iter()
         .rev()
         .filter(|r| host.is_none_or(|h| r.host == h))
-        .take(ITEMS)
+        .take(o.items)
         .map(item)
         .collect();
     let title = match host {
-        Some(h) => format!("haul: {h}"),
-        None => "haul: all hosts".to_string(),
+        Some(h) => format!("{}: {h}", o.title),
+        None => format!("{}: all hosts", o.title),
     };
     ChannelBuilder::default()
         .title(title)
-        .link("http://localhost/")
+        .link(o.link.clone())
         .description("Backup runs of the haul backup server, newest first")
         .items(items)
         .build()

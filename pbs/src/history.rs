@@ -15,11 +15,100 @@ use std::path::{Path, PathBuf};
 
 pub struct History {
     state: PathBuf,
+    feed: feed::FeedOptions,
+}
+
+/// One record at a time per process: runs of the daemon finish concurrently, and each
+/// rewrite of the feeds must see every earlier record.
+static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A run in progress, as its marker file says (`STATE/running/<id>.json`): written when
+/// the run starts and removed when its record is appended, so that a run whose process
+/// died (kill -9, power loss) is found and recorded as failed at the next start.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Running {
+    pub id: String,
+    pub host: String,
+    pub kind: String,
+    pub transport: String,
+    pub start: chrono::DateTime<chrono::Utc>,
+    pub pid: u32,
 }
 
 impl History {
     pub fn new(state: PathBuf) -> History {
-        History { state }
+        History {
+            state,
+            feed: feed::FeedOptions::default(),
+        }
+    }
+
+    /// Feeds with this title, link and length.
+    pub fn with_feed(mut self, feed: feed::FeedOptions) -> History {
+        self.feed = feed;
+        self
+    }
+
+    fn running_dir(&self) -> PathBuf {
+        self.state.join("running")
+    }
+
+    /// Notes that a run has started (see [`Running`]).
+    pub fn begin(&self, run: &Running) -> Result<(), CliError> {
+        let dir = self.running_dir();
+        let text = serde_json::to_string(run).expect("a marker serializes");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CliError::Io(format!("run markers {}", dir.display()), e))?;
+        feed::write_atomically(&dir.join(format!("{}.json", run.id)), &text)
+    }
+
+    /// The runs that were started and not recorded, each with whether its process is
+    /// still alive.
+    pub fn in_flight(&self) -> Vec<(Running, bool)> {
+        let Ok(entries) = std::fs::read_dir(self.running_dir()) else {
+            return Vec::new();
+        };
+        let mut runs: Vec<(Running, bool)> = entries
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|t| serde_json::from_slice::<Running>(&t).ok())
+            .map(|r| {
+                let alive = std::path::Path::new(&format!("/proc/{}", r.pid)).exists()
+                    && r.pid != std::process::id();
+                (r, alive)
+            })
+            .collect();
+        runs.sort_by_key(|a| a.0.start);
+        runs
+    }
+
+    /// Records every started run whose process is gone (or, with `mine`, every one of
+    /// this process) as failed with `why`; returns how many.
+    pub fn recover(&self, mine: bool, why: &str) -> Result<usize, CliError> {
+        let mut n = 0;
+        for (run, alive) in self.in_flight() {
+            let ours = run.pid == std::process::id();
+            if (mine && ours) || (!ours && !alive) {
+                self.record(&crate::run::RunRecord {
+                    id: run.id.clone(),
+                    host: run.host.clone(),
+                    kind: run.kind.clone(),
+                    transport: run.transport.clone(),
+                    start: run.start,
+                    end: chrono::Utc::now(),
+                    status: "failed".into(),
+                    snapshot: None,
+                    counters: None,
+                    connections: 0,
+                    agent_peak_rss_kib: 0,
+                    pbs_peak_rss_kib: 0,
+                    output_tail: Vec::new(),
+                    error: Some(why.replace("{pid}", &run.pid.to_string())),
+                })?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -36,14 +125,20 @@ impl History {
         self.state.join("hosts").join(host).join("feed.xml")
     }
 
-    /// Appends `record` durably, then rewrites the feeds (all hosts, and its host's).
+    /// Appends `record` durably, removes its run's marker, then rewrites the feeds
+    /// (all hosts, and its host's).
     pub fn record(&self, record: &RunRecord) -> Result<(), CliError> {
+        let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
         self.append(record)?;
+        let _ = std::fs::remove_file(self.running_dir().join(format!("{}.json", record.id)));
         let (all, _) = self.read()?;
-        feed::write_atomically(&self.feed_path(), &feed::render(&all, None))?;
+        feed::write_atomically(
+            &self.feed_path(),
+            &feed::render_with(&all, None, &self.feed),
+        )?;
         feed::write_atomically(
             &self.host_feed_path(&record.host),
-            &feed::render(&all, Some(&record.host)),
+            &feed::render_with(&all, Some(&record.host), &self.feed),
         )
     }
 

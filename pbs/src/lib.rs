@@ -39,7 +39,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             commands::pull::config_check(&ctx, &config)
         }
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
+        Command::Daemon(a) => daemon::daemon(&ctx, a),
     }
 }
+pub mod daemon;
 pub mod server;
 pub mod ssh;

@@ -11,14 +11,22 @@ fn main() {
     }
     limit_malloc_arenas();
     let cli = haul_pbs::cli::Cli::parse();
-    tracing_subscriber::fmt()
+    // The daemon logs what it does (info); commands only their problems (warn).
+    let (level, json_log) = match &cli.command {
+        haul_pbs::cli::Command::Daemon(a) => ("info", a.log_json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HAUL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let log = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HAUL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_target(false)
-        .init();
+        .with_env_filter(filter)
+        .with_target(false);
+    if json_log {
+        log.json().init();
+    } else {
+        log.init();
+    }
     let json = cli.global.json;
     if let Err(e) = haul_pbs::run(cli) {
         if json {

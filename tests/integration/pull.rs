@@ -1,7 +1,7 @@
 //! `pull --local`: the agent walks and uploads over the ingest protocol on a real Unix
 //! socket; `restore --via-agent` brings snapshots back through a read-only server.
 
-use haul_tests::{assert_same_tree, bin, is_root, make_fixture, Env, Run};
+use haul_tests::{assert_same_tree, bin, feedparser, is_root, make_fixture, Env, Run};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -378,30 +378,6 @@ fn run_lines(state: &Path) -> usize {
         .unwrap()
         .lines()
         .count()
-}
-
-/// A feed as python3-feedparser reads it: `bozo`, and per entry title, summary, id,
-/// guidislink and published_parsed.
-fn feedparser(path: &Path) -> serde_json::Value {
-    let script = r#"
-import json, sys, feedparser
-d = feedparser.parse(sys.argv[1])
-print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries": [
-    {"title": e.get("title"), "summary": e.get("summary"), "id": e.get("id"),
-     "guidislink": e.get("guidislink"), "published_parsed": list(e.published_parsed) if e.get("published_parsed") else None}
-    for e in d.entries]}))
-"#;
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .expect("/usr/bin/python3 with python3-feedparser (apt-get install python3-feedparser)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

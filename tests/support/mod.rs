@@ -712,3 +712,27 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A feed (a file, or a URL) as python3-feedparser reads it: `bozo`, and per entry title, summary, id,
+/// guidislink and published_parsed.
+pub fn feedparser(path: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys, feedparser
+d = feedparser.parse(sys.argv[1])
+print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries": [
+    {"title": e.get("title"), "summary": e.get("summary"), "id": e.get("id"),
+     "guidislink": e.get("guidislink"), "published_parsed": list(e.published_parsed) if e.get("published_parsed") else None}
+    for e in d.entries]}))
+"#;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .expect("/usr/bin/python3 with python3-feedparser (apt-get install python3-feedparser)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -52,7 +52,7 @@ impl Policy {
     pub fn parse(text: &str, file: &str) -> Result<Policy, PolicyError> {
         let policy: Policy = toml::from_str(text).map_err(|e| {
             PolicyError(format!(
-                "policy {file}: {}",
+                "policy {file}:{}",
                 haul_config::toml_error(text, &e)
             ))
         })?;
@@ -567,7 +567,7 @@ restore_targets = ["/var/restore"]
         )
         .unwrap_err();
         assert!(
-            e.0.starts_with("policy /etc/haul/wrapper.toml: line 3: "),
+            e.0.starts_with("policy /etc/haul/wrapper.toml:3:1: backup_rots: unknown field"),
             "{e}"
         );
         assert!(e.0.contains("backup_rots"), "{e}");

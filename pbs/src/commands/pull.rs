@@ -36,13 +36,22 @@ impl Context {
             return self.open_indexed();
         }
         let state = self.state_dir(run);
-        let (path, key) = (state.repo(), state.key_file());
+        self.open_with_key_file(&state.repo(), &state.key_file())
+    }
+
+    /// Opens the repository at `path` with the passphrase in `key` (or
+    /// `--password-file`), creating both on first use.
+    pub fn open_with_key_file(
+        &self,
+        path: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<IndexedRepository, CliError> {
         if !path.join("config").exists() {
-            create_default(&path, &key, self.global.json)?;
+            create_default(path, key, self.global.json)?;
         }
         let pass =
-            crate::password::current(Some(self.global.password_file.as_deref().unwrap_or(&key)))?;
-        let repo = Repository::open(Arc::new(LocalBackend::open(&path)?), &pass)?;
+            crate::password::current(Some(self.global.password_file.as_deref().unwrap_or(key)))?;
+        let repo = Repository::open(Arc::new(LocalBackend::open(path)?), &pass)?;
         Ok(repo.load_index(self.cache_dir().as_deref())?)
     }
 }
@@ -102,6 +111,8 @@ fn create_default(
 
 /// What a pull runs: which host, how it is reached, and the agent's arguments.
 struct Plan {
+    /// The configuration the host came from (none for `--local`).
+    config: Option<haul_config::Config>,
     host: String,
     ssh: Option<haul_config::Host>,
     transport: &'static str,
@@ -109,12 +120,18 @@ struct Plan {
     tags: Vec<String>,
 }
 
-fn plan(args: &PullArgs) -> Result<Plan, CliError> {
+fn plan(args: &PullArgs, config: Option<&haul_config::Config>) -> Result<Plan, CliError> {
+    let mut loaded = None;
     let (host, ssh, paths, excludes, tags) =
         match &args.name {
             Some(name) => {
-                let config =
-                    haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?;
+                let config = match config {
+                    Some(c) => c.clone(),
+                    None => {
+                        haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?
+                    }
+                };
+                let config = loaded.insert(config);
                 let h = config.host(name).ok_or_else(|| {
                     CliError::usage(format!(
                         "no host {name:?} in {} (hosts there: {})",
@@ -168,6 +185,7 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
         agent_args.push("--one-file-system".into());
     }
     Ok(Plan {
+        config: loaded,
         host,
         transport: if ssh.is_some() { "ssh" } else { "local" },
         ssh,
@@ -178,7 +196,7 @@ fn plan(args: &PullArgs) -> Result<Plan, CliError> {
 
 pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     if !args.all {
-        return pull_one(ctx, &args, None);
+        return pull_one(ctx, &args, None, None);
     }
     // Every host of the configuration, one after the other; a failure does not stop
     // the others. The exit code is the worst outcome.
@@ -199,7 +217,7 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
             all: false,
             ..args.clone()
         };
-        match pull_one(ctx, &one, Some(repo)) {
+        match pull_one(ctx, &one, Some(repo), Some(&config)) {
             Ok(()) => {}
             Err(CliError::Incomplete(_)) => warned.push(h.name.clone()),
             Err(e) => {
@@ -221,19 +239,38 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
     }
 }
 
-fn pull_one(
+/// Pulls one host (or `--local` paths) into `repo` (default: the run's repository),
+/// with the host from `config` when given (else from `args.config`), and records the
+/// run in the history.
+pub fn pull_one(
     ctx: &Context,
     args: &PullArgs,
     repo: Option<&'static IndexedRepository>,
+    config: Option<&haul_config::Config>,
 ) -> Result<(), CliError> {
     let start = chrono::Utc::now();
-    let plan = plan(args)?;
+    let plan = plan(args, config)?;
     let host = plan.host.clone();
     let state = ctx.state_dir(&args.run);
+    let history = crate::history::History::new(state.0.clone()).with_feed(
+        plan.config
+            .as_ref()
+            .map(crate::feed::FeedOptions::from_config)
+            .unwrap_or_default(),
+    );
     let repo = match repo {
         Some(r) => r,
         None => crate::server::keep(ctx.open_for_run(&args.run)?),
     };
+    let id = run::new_run_id(start);
+    history.begin(&crate::history::Running {
+        id: id.clone(),
+        host: host.clone(),
+        kind: "pull".into(),
+        transport: plan.transport.into(),
+        start,
+        pid: std::process::id(),
+    })?;
     let source = if plan.ssh.is_some() {
         SourceKind::Pull
     } else {
@@ -302,7 +339,7 @@ fn pull_one(
         },
     };
     let record = RunRecord {
-        id: run::new_run_id(start),
+        id,
         host: host.clone(),
         kind: "pull".into(),
         transport: plan.transport.into(),
@@ -317,7 +354,7 @@ fn pull_one(
         output_tail: outcome.as_ref().map(|r| r.tail.clone()).unwrap_or_default(),
         error: error.clone(),
     };
-    let saved = crate::history::History::new(state.0.clone()).record(&record);
+    let saved = history.record(&record);
     report(ctx, &record, outcome.as_ref().ok());
     saved?;
     match status {

@@ -1,0 +1,401 @@
+//! `haul-pbs daemon` under a real supervisord: schedules, concurrency, clean stops,
+//! restarts, a kill -9 in the middle of a run, and the status server read by parsers
+//! nobody here wrote (python3-feedparser, prometheus_client).
+
+use haul_tests::{bin, feedparser, Env};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// A supervisord of the test's, with one program: the daemon. Killed when dropped.
+struct Supervisor {
+    conf: PathBuf,
+    child: Child,
+}
+
+impl Supervisor {
+    fn start(dir: &Path, daemon: &str, env: &[(&str, String)]) -> Supervisor {
+        let d = dir.display();
+        let environment: Vec<String> = env.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let conf = dir.join("supervisord.conf");
+        fs::write(
+            &conf,
+            format!(
+                "[unix_http_server]\nfile={d}/supervisor.sock\n\n\
+                 [supervisord]\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nnodaemon=true\nchildlogdir={d}\n\n\
+                 [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
+                 [supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n\n\
+                 [program:haul]\ncommand={daemon}\nenvironment={}\nautostart=true\nautorestart=unexpected\nstartsecs=1\n\
+                 stopsignal=TERM\nstopwaitsecs=60\nstdout_logfile={d}/haul.out\nstderr_logfile={d}/haul.err\n",
+                environment.join(",")
+            ),
+        )
+        .unwrap();
+        let child = Command::new("supervisord")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("supervisord (apt-get install supervisor)");
+        let s = Supervisor { conf, child };
+        s.wait_for("RUNNING", Duration::from_secs(30));
+        s
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("supervisorctl")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .expect("supervisorctl");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    fn wait_for(&self, state: &str, limit: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.ctl(&["status", "haul"]).contains(state) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "haul did not reach {state}: {}",
+            self.ctl(&["status", "haul"])
+        );
+    }
+
+    fn pid(&self) -> i32 {
+        self.ctl(&["pid", "haul"]).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.ctl(&["shutdown"]);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn records(state: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(state.join("runs.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn time(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+/// Waits (at most `limit`) until `pred` holds for the records.
+fn wait_records(
+    state: &Path,
+    limit: Duration,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let r = records(state);
+        if pred(&r) {
+            return r;
+        }
+        assert!(t.elapsed() < limit, "timed out; records so far: {r:#?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn pulls_of<'a>(
+    r: &'a [serde_json::Value],
+    host: &'a str,
+) -> impl Iterator<Item = &'a serde_json::Value> {
+    r.iter()
+        .filter(move |v| v["host"] == host && v["kind"] == "pull")
+}
+
+#[test]
+fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kill_9() {
+    let env = Env::new();
+    let hosts = ["h1", "h2", "h3"];
+    for h in hosts {
+        let d = env.path(&format!("src/{h}"));
+        fs::create_dir_all(&d).unwrap();
+        for i in 0..20 {
+            fs::write(
+                d.join(format!("f{i}")),
+                format!("{h} file {i}\n").repeat(100),
+            )
+            .unwrap();
+        }
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let state = env.path("state");
+    let mut config = format!(
+        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\nmax_concurrent = 2\n\n[feed]\ntitle = \"test backups\"\n",
+        state.display().to_string()
+    );
+    for h in hosts {
+        config.push_str(&format!(
+            "\n[[host]]\nname = \"{h}\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"4s\"\n",
+            env.path(&format!("src/{h}")).display().to_string()
+        ));
+    }
+    let config_file = env.path("pbs.toml");
+    fs::write(&config_file, &config).unwrap();
+    let daemon = format!(
+        "{} daemon --config {} --grace 30s",
+        bin("haul-pbs").display(),
+        config_file.display()
+    );
+    let sup_dir = env.path("supervisor");
+    fs::create_dir_all(&sup_dir).unwrap();
+    let sup = Supervisor::start(
+        &sup_dir,
+        &daemon,
+        &[
+            ("HAUL_AGENT", bin("haul-agent").display().to_string()),
+            ("HAUL_CACHE_DIR", env.path("cache").display().to_string()),
+            // Each pull stores slowly (a debug-build fault hook), so runs overlap and
+            // a stop or a kill finds one running.
+            ("HAUL_FAULT_STORE_DELAY_MS", "1500".into()),
+        ],
+    );
+
+    // Each host is pulled again and again on its schedule.
+    let r = wait_records(&state, Duration::from_secs(120), |r| {
+        hosts
+            .iter()
+            .all(|h| pulls_of(r, h).filter(|v| v["status"] == "ok").count() >= 2)
+    });
+    for h in hosts {
+        let mut runs: Vec<_> = pulls_of(&r, h).collect();
+        runs.sort_by_key(|v| time(&v["start"]));
+        for w in runs.windows(2) {
+            // Never two runs of one host at once, and the interval between them.
+            assert!(
+                time(&w[1]["start"]) >= time(&w[0]["end"]),
+                "{h} overlapped: {w:#?}"
+            );
+            assert!(
+                time(&w[1]["start"]) - time(&w[0]["start"]) >= chrono::Duration::milliseconds(3900),
+                "{h} ran early: {w:#?}"
+            );
+        }
+    }
+    // At most max_concurrent (2) at any moment.
+    let all: Vec<_> = r.iter().filter(|v| v["kind"] == "pull").collect();
+    for a in &all {
+        let t = time(&a["start"]);
+        let at_once = all
+            .iter()
+            .filter(|b| time(&b["start"]) <= t && time(&b["end"]) > t)
+            .count();
+        assert!(at_once <= 2, "{at_once} runs at {t}");
+    }
+
+    // The status server: feeds for feedparser, metrics for prometheus_client.
+    let feed = feedparser(Path::new(&format!("http://127.0.0.1:{port}/feed.xml")));
+    assert_eq!(feed["bozo"], false, "{feed}");
+    assert_eq!(feed["title"], "test backups: all hosts");
+    let entries = feed["entries"].as_array().unwrap();
+    assert!(entries.len() >= 6, "{feed}");
+    let newest = records(&state);
+    let ids: Vec<&str> = entries.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert!(newest
+        .iter()
+        .rev()
+        .take(3)
+        .all(|r| ids.contains(&r["id"].as_str().unwrap())));
+    assert!(
+        entries[0]["title"].as_str().unwrap().contains(" OK — "),
+        "{feed}"
+    );
+    let h1 = feedparser(Path::new(&format!(
+        "http://127.0.0.1:{port}/hosts/h1/feed.xml"
+    )));
+    assert_eq!(h1["bozo"], false);
+    assert!(h1["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["title"].as_str().unwrap().starts_with("h1: pull")));
+    assert_eq!(get(port, "/hosts/nobody/feed.xml").0, 404);
+    let (code, status) = get(port, "/status.json");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(status["max_concurrent"], 2);
+    assert!(status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["stale"] == false && h["last_success"].is_string()));
+    let metrics = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import sys, json, urllib.request\n\
+             from prometheus_client.parser import text_string_to_metric_families\n\
+             text = urllib.request.urlopen(sys.argv[1]).read().decode()\n\
+             out = {}\n\
+             for f in text_string_to_metric_families(text):\n\
+             \x20   for s in f.samples:\n\
+             \x20       out.setdefault(f.name, []).append([s.labels, s.value])\n\
+             print(json.dumps(out))",
+        )
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .expect("python3-prometheus-client");
+    assert!(
+        metrics.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metrics.stderr)
+    );
+    let metrics: serde_json::Value = serde_json::from_slice(&metrics.stdout).unwrap();
+    for family in [
+        "haul_host_last_success_timestamp_seconds",
+        "haul_host_last_run_status",
+        "haul_host_last_run_duration_seconds",
+        "haul_host_last_run_bytes_new",
+        "haul_host_consecutive_failures",
+        "haul_host_stale",
+    ] {
+        let samples = metrics[family]
+            .as_array()
+            .unwrap_or_else(|| panic!("{family}: {metrics}"));
+        for h in hosts {
+            assert!(
+                samples.iter().any(|s| s[0]["host"] == h),
+                "{family} lacks {h}"
+            );
+        }
+    }
+    let last_success = metrics["haul_host_last_success_timestamp_seconds"]
+        .as_array()
+        .unwrap();
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(
+        last_success
+            .iter()
+            .all(|s| (now - s[1].as_f64().unwrap()).abs() < 300.0),
+        "{metrics}"
+    );
+
+    // A stop ends it within the grace period, with running work recorded.
+    let before = records(&state).len();
+    let t = Instant::now();
+    let out = sup.ctl(&["stop", "haul"]);
+    assert!(out.contains("stopped"), "{out}");
+    assert!(
+        t.elapsed() < Duration::from_secs(35),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    let log = fs::read_to_string(sup_dir.join("supervisord.log")).unwrap();
+    assert!(log.contains("stopped: haul (exit status 0)"), "{log}");
+    let err = fs::read_to_string(sup_dir.join("haul.err")).unwrap();
+    assert!(err.contains("daemon stopped"), "{err}");
+    let running_dir = state.join("running");
+    let left: Vec<_> = fs::read_dir(&running_dir)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "runs left unrecorded: {left:?}");
+    assert!(records(&state).len() >= before);
+
+    // A restart runs only what is due, one host after another, not all at once.
+    let restarted = chrono::Utc::now();
+    assert!(sup.ctl(&["start", "haul"]).contains("started"));
+    let r = wait_records(&state, Duration::from_secs(60), |r| {
+        r.iter()
+            .filter(|v| v["kind"] == "pull" && time(&v["start"]) > restarted)
+            .count()
+            >= 3
+    });
+    let mut starts: Vec<_> = r
+        .iter()
+        .filter(|v| v["kind"] == "pull" && time(&v["start"]) > restarted)
+        .map(|v| time(&v["start"]))
+        .collect();
+    starts.sort();
+    assert!(
+        starts[2] - starts[0] >= chrono::Duration::milliseconds(900),
+        "all hosts started at once after the restart: {starts:?}"
+    );
+
+    // kill -9 in the middle of a run: the next start records it as interrupted.
+    let t = Instant::now();
+    let marker = loop {
+        let m: Vec<PathBuf> = fs::read_dir(&running_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(m) = m.into_iter().next() {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no run in flight to kill"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let id = marker.file_stem().unwrap().to_string_lossy().into_owned();
+    let pid = sup.pid();
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    // supervisord starts it again (the exit was unexpected).
+    let r = wait_records(&state, Duration::from_secs(60), |r| {
+        r.iter().any(|v| v["id"] == id.as_str())
+    });
+    let rec = r.iter().find(|v| v["id"] == id.as_str()).unwrap();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert!(
+        rec["error"].as_str().unwrap().contains("interrupted"),
+        "{rec}"
+    );
+    sup.wait_for("RUNNING", Duration::from_secs(30));
+    assert_ne!(sup.pid(), pid);
+    // And the daemon goes on pulling after it.
+    let after = chrono::Utc::now();
+    wait_records(&state, Duration::from_secs(60), |r| {
+        r.iter()
+            .any(|v| v["kind"] == "pull" && v["status"] == "ok" && time(&v["start"]) > after)
+    });
+    let feed = feedparser(&state.join("feed.xml"));
+    assert_eq!(feed["bozo"], false);
+}
