@@ -2,7 +2,7 @@
 //! restarts, a kill -9 in the middle of a run, and the status server read by parsers
 //! nobody here wrote (python3-feedparser, prometheus_client).
 
-use haul_tests::{bin, feedparser, Env};
+use haul_tests::{bin, feedparser, Env, Sshd};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -145,7 +145,8 @@ fn pulls_of<'a>(
 #[test]
 fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kill_9() {
     let env = Env::new();
-    let hosts = ["h1", "h2", "h3"];
+    // Three hosts with the agent run here, and one over SSH through a private sshd.
+    let hosts = ["h1", "h2", "h3", "ssh1"];
     for h in hosts {
         let d = env.path(&format!("src/{h}"));
         fs::create_dir_all(&d).unwrap();
@@ -166,12 +167,16 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
         "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\nmax_concurrent = 2\n\n[feed]\ntitle = \"test backups\"\n",
         state.display().to_string()
     );
-    for h in hosts {
+    for h in &hosts[..3] {
         config.push_str(&format!(
             "\n[[host]]\nname = \"{h}\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"4s\"\n",
             env.path(&format!("src/{h}")).display().to_string()
         ));
     }
+    let ssh_src = env.path("src/ssh1");
+    let sshd = Sshd::start(&env.path("sshd"), &[&ssh_src]);
+    let ssh_host = fs::read_to_string(sshd.pbs_config("ssh1", &[&ssh_src])).unwrap();
+    config.push_str(&format!("\n{ssh_host}schedule = \"4s\"\n"));
     let config_file = env.path("pbs.toml");
     fs::write(&config_file, &config).unwrap();
     let daemon = format!(
@@ -255,7 +260,7 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
     let (code, status) = get(port, "/status.json");
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(status["hosts"].as_array().unwrap().len(), 4);
     assert_eq!(status["max_concurrent"], 2);
     assert!(status["hosts"]
         .as_array()
@@ -364,14 +369,23 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
                     .collect()
             })
             .unwrap_or_default();
-        if let Some(m) = m.into_iter().next() {
+        // A run that started just now: runs take at least the 1.5 s storage delay.
+        let fresh = m.into_iter().find(|p| {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| {
+                    chrono::Utc::now() - time(&v["start"]) < chrono::Duration::milliseconds(400)
+                })
+        });
+        if let Some(m) = fresh {
             break m;
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "no run in flight to kill"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     };
     let id = marker.file_stem().unwrap().to_string_lossy().into_owned();
     let pid = sup.pid();
