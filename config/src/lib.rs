@@ -504,7 +504,10 @@ mod tests {
         assert_eq!(names, ["web-1", "db-1", "pbs"]);
         assert_eq!(c.host("db-1").unwrap().port, 2222);
         assert_eq!(c.host("pbs").unwrap().transport, Transport::Local);
-        assert!(matches!(c.host("db-1").unwrap().schedule(&c), Schedule::Cron { .. }));
+        assert!(matches!(
+            c.host("db-1").unwrap().schedule(&c),
+            Schedule::Cron { .. }
+        ));
         assert_eq!(c.clones[0].name, "off-site");
         assert_eq!(c.server.max_concurrent, 2);
     }
