@@ -375,25 +375,18 @@ fn pull_host(
 /// Records a run that failed before it could start.
 fn record_failure(config: &Config, host: &Host, error: &str) {
     let now = Utc::now();
-    let record = RunRecord {
-        id: crate::run::new_run_id(now),
-        host: host.name.clone(),
-        kind: "pull".into(),
-        transport: match host.transport {
-            haul_config::Transport::Ssh => "ssh".into(),
-            haul_config::Transport::Local => "local".into(),
-        },
-        start: now,
-        end: now,
-        status: "failed".into(),
-        snapshot: None,
-        counters: None,
-        connections: 0,
-        agent_peak_rss_kib: 0,
-        pbs_peak_rss_kib: haul_protocol::peak_rss_kib(),
-        output_tail: Vec::new(),
-        error: Some(error.to_string()),
+    let transport = match host.transport {
+        haul_config::Transport::Ssh => "ssh",
+        haul_config::Transport::Local => "local",
     };
+    let record = RunRecord::bare(
+        crate::run::new_run_id(now),
+        &host.name,
+        ("pull", transport),
+        now,
+        "failed",
+        error.to_string(),
+    );
     if let Err(e) = history_of(config).record(&record) {
         tracing::error!("cannot record the run: {e}");
     }
@@ -558,25 +551,17 @@ fn raise_alerts(shared: &SharedRef) {
             ),
         };
         tracing::warn!(host = %h.name, "{what}");
-        let record = RunRecord {
-            id: crate::run::new_run_id(now),
-            host: h.name.clone(),
-            kind: "alert".into(),
-            transport: "-".into(),
-            start: now,
-            end: now,
-            status: "warning".into(),
-            snapshot: None,
-            counters: None,
-            connections: 0,
-            agent_peak_rss_kib: 0,
-            pbs_peak_rss_kib: 0,
-            output_tail: Vec::new(),
-            error: Some(format!(
+        let record = RunRecord::bare(
+            crate::run::new_run_id(now),
+            &h.name,
+            ("alert", "-"),
+            now,
+            "warning",
+            format!(
                 "{what} (alert window {})",
                 humantime::format_duration(health.window)
-            )),
-        };
+            ),
+        );
         if let Err(e) = history.record(&record) {
             tracing::error!("cannot record the alert: {e}");
         }

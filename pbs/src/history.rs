@@ -89,22 +89,14 @@ impl History {
         for (run, alive) in self.in_flight() {
             let ours = run.pid == std::process::id();
             if (mine && ours) || (!ours && !alive) {
-                self.record(&crate::run::RunRecord {
-                    id: run.id.clone(),
-                    host: run.host.clone(),
-                    kind: run.kind.clone(),
-                    transport: run.transport.clone(),
-                    start: run.start,
-                    end: chrono::Utc::now(),
-                    status: "failed".into(),
-                    snapshot: None,
-                    counters: None,
-                    connections: 0,
-                    agent_peak_rss_kib: 0,
-                    pbs_peak_rss_kib: 0,
-                    output_tail: Vec::new(),
-                    error: Some(why.replace("{pid}", &run.pid.to_string())),
-                })?;
+                self.record(&crate::run::RunRecord::bare(
+                    run.id.clone(),
+                    &run.host,
+                    (&run.kind, &run.transport),
+                    run.start,
+                    "failed",
+                    why.replace("{pid}", &run.pid.to_string()),
+                ))?;
                 n += 1;
             }
         }

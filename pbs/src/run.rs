@@ -250,6 +250,37 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+impl RunRecord {
+    /// A run without the agent's figures, ending now: one that failed before or without
+    /// its agent, one whose process died, or an alert. `kind`, `transport` and
+    /// `status` as in the fields.
+    pub fn bare(
+        id: String,
+        host: &str,
+        (kind, transport): (&str, &str),
+        start: chrono::DateTime<chrono::Utc>,
+        status: &str,
+        error: String,
+    ) -> RunRecord {
+        RunRecord {
+            id,
+            host: host.into(),
+            kind: kind.into(),
+            transport: transport.into(),
+            start,
+            end: chrono::Utc::now(),
+            status: status.into(),
+            snapshot: None,
+            counters: None,
+            connections: 0,
+            agent_peak_rss_kib: 0,
+            pbs_peak_rss_kib: haul_protocol::peak_rss_kib(),
+            output_tail: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
 /// A run id: sortable by time, unique.
 pub fn new_run_id(now: chrono::DateTime<chrono::Utc>) -> String {
     let mut r = [0u8; 4];
