@@ -542,13 +542,10 @@ fn raise_alerts(shared: &SharedRef) {
         {
             continue;
         }
-        let hours = (now - since).num_minutes() as f64 / 60.0;
+        let gap = human_gap(now - since);
         let what = match health.last_success {
-            Some(_) => format!("no successful backup for {}", human_hours(hours)),
-            None => format!(
-                "no successful backup since the daemon started {} ago",
-                human_hours(hours)
-            ),
+            Some(_) => format!("no successful backup for {gap}"),
+            None => format!("no successful backup since the daemon started {gap} ago"),
         };
         tracing::warn!(host = %h.name, "{what}");
         let record = RunRecord::bare(
@@ -568,11 +565,13 @@ fn raise_alerts(shared: &SharedRef) {
     }
 }
 
-fn human_hours(h: f64) -> String {
-    if h >= 1.0 {
-        format!("{h:.0} h")
+/// `27 h` for long gaps, `3m 20s` for short ones.
+fn human_gap(gap: chrono::Duration) -> String {
+    let secs = gap.num_seconds().max(0) as u64;
+    if secs >= 3600 {
+        format!("{:.0} h", secs as f64 / 3600.0)
     } else {
-        format!("{:.0} min", (h * 60.0).max(1.0))
+        humantime::format_duration(Duration::from_secs(secs)).to_string()
     }
 }
 

@@ -413,3 +413,199 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
     let feed = feedparser(&state.join("feed.xml"));
     assert_eq!(feed["bozo"], false);
 }
+
+/// The daemon as a plain child process; SIGKILLed if the test ends early.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn status_json(port: u16) -> serde_json::Value {
+    let (code, body) = get(port, "/status.json");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !pred() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config() {
+    let env = Env::new();
+    let good = env.path("src/good");
+    fs::create_dir_all(&good).unwrap();
+    fs::write(good.join("f"), "data").unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let state = env.path("state");
+    let base = format!(
+        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\n\n\
+         [[host]]\nname = \"good\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"5s\"\n\n\
+         [[host]]\nname = \"bad\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [\"/nonexistent/haul-test\"]\nschedule = \"2s\"\nalert_window = \"3s\"\n",
+        state.display().to_string(),
+        good.display().to_string()
+    );
+    let config = env.path("pbs.toml");
+    fs::write(&config, &base).unwrap();
+    let log = env.path("daemon.log");
+    let daemon = Daemon(
+        Command::new(bin("haul-pbs"))
+            .args(["daemon", "--grace", "10s", "--config"])
+            .arg(&config)
+            .env("HAUL_AGENT", bin("haul-agent"))
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = daemon.0.id() as i32;
+
+    // The bad host fails and fails; after its 3 s window it is stale, and alerted once
+    // per window.
+    let r = wait_records(&state, Duration::from_secs(60), |r| {
+        r.iter().filter(|v| v["kind"] == "alert").count() >= 2
+    });
+    let alerts: Vec<_> = r.iter().filter(|v| v["kind"] == "alert").collect();
+    assert!(
+        alerts
+            .iter()
+            .all(|a| a["host"] == "bad" && a["status"] == "warning"),
+        "{alerts:#?}"
+    );
+    let gap = time(&alerts[1]["end"]) - time(&alerts[0]["end"]);
+    assert!(
+        gap >= chrono::Duration::milliseconds(2900),
+        "alerts {gap} apart: {alerts:#?}"
+    );
+    assert!(
+        alerts[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no successful backup"),
+        "{alerts:#?}"
+    );
+    let failed = r
+        .iter()
+        .filter(|v| v["host"] == "bad" && v["kind"] == "pull")
+        .collect::<Vec<_>>();
+    assert!(
+        failed.iter().all(|v| v["status"] == "failed"),
+        "{failed:#?}"
+    );
+    assert!(r.iter().any(|v| v["host"] == "good" && v["status"] == "ok"));
+    let status = status_json(port);
+    let host = |s: &serde_json::Value, n: &str| {
+        s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(host(&status, "bad")["stale"], true, "{status}");
+    assert_eq!(host(&status, "good")["stale"], false, "{status}");
+    assert!(
+        host(&status, "bad")["consecutive_failures"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    let (_, metrics) = get(port, "/metrics");
+    assert!(
+        metrics.contains("haul_host_stale{host=\"bad\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("haul_host_stale{host=\"good\"} 0"),
+        "{metrics}"
+    );
+    let feed = feedparser(Path::new(&format!(
+        "http://127.0.0.1:{port}/hosts/bad/feed.xml"
+    )));
+    assert_eq!(feed["bozo"], false);
+    let titles: Vec<&str> = feed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["title"].as_str().unwrap())
+        .collect();
+    assert!(
+        titles
+            .iter()
+            .any(|t| t.starts_with("bad: alert WARNING — no successful backup")),
+        "{titles:?}"
+    );
+    assert!(
+        titles.iter().any(|t| t.starts_with("bad: pull FAILED — ")),
+        "{titles:?}"
+    );
+    assert!(feed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["published_parsed"].is_array()));
+
+    // SIGHUP with a broken file: logged, the old configuration stays.
+    fs::write(&config, "[[host]\nname = \"x\"\n").unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_until(
+        Duration::from_secs(20),
+        "the reload error in the log",
+        || {
+            fs::read_to_string(&log)
+                .unwrap()
+                .contains("the configuration is invalid, the old one stays in use")
+        },
+    );
+    assert_eq!(status_json(port)["hosts"].as_array().unwrap().len(), 2);
+    // A valid one with a third host: taken.
+    let third = env.path("src/third");
+    fs::create_dir_all(&third).unwrap();
+    fs::write(third.join("g"), "more").unwrap();
+    fs::write(
+        &config,
+        format!(
+            "{base}\n[[host]]\nname = \"third\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"5s\"\n",
+            third.display().to_string()
+        ),
+    )
+    .unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_until(
+        Duration::from_secs(20),
+        "the third host to be pulled",
+        || {
+            records(&state)
+                .iter()
+                .any(|v| v["host"] == "third" && v["status"] == "ok")
+        },
+    );
+    assert_eq!(status_json(port)["hosts"].as_array().unwrap().len(), 3);
+
+    // SIGTERM: a clean exit.
+    let mut daemon = daemon;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut code = None;
+    wait_until(Duration::from_secs(30), "the daemon to exit", || {
+        code = daemon.0.try_wait().unwrap();
+        code.is_some()
+    });
+    assert!(
+        code.unwrap().success(),
+        "{:?}\n{}",
+        code,
+        fs::read_to_string(&log).unwrap()
+    );
+}
