@@ -33,9 +33,12 @@ impl Supervisor {
             ),
         )
         .unwrap();
+        // It logs to its logfile (read by the test), and to stdout in the foreground.
         let child = Command::new("supervisord")
             .arg("-c")
             .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("supervisord (apt-get install supervisor)");
         let s = Supervisor { conf, child };
