@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 # sshd on 127.0.0.1); util-linux's setpriv runs a pull as an unprivileged user.
 # Debian's python3-feedparser reads the RSS feeds and python3-prometheus-client the
 # metrics (the tests call /usr/bin/python3); supervisor runs the daemon as in production.
+# rdiff-backup (with attr, acl and its Python EA/ACL modules) builds the import fixtures.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
-          supervisor openssh-server openssh-client util-linux)
+          supervisor openssh-server openssh-client util-linux
+          rdiff-backup attr acl python3-pyxattr python3-pylibacl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -61,6 +61,10 @@ pub enum Command {
     /// Check the configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Import every session of an rdiff-backup repository as a snapshot with its
+    /// original time (tags `rdiff-backup` and the session's timestring); sessions
+    /// already imported for the host are skipped.
+    ImportRdiff(ImportRdiffArgs),
     /// Pull every configured host on its schedule, in the foreground (for supervisord
     /// or systemd), and serve feeds, status and metrics over HTTP.
     Daemon(DaemonArgs),
@@ -173,6 +177,18 @@ pub struct RunArgs {
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportRdiffArgs {
+    /// The rdiff-backup repository: the mirror directory holding rdiff-backup-data.
+    pub dir: PathBuf,
+    /// The host the snapshots belong to (default: this machine's name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The path on that host the rdiff-backup tree is a backup of.
+    #[arg(long, default_value = "/")]
+    pub path: String,
 }
 
 #[derive(Debug, Args)]

@@ -159,6 +159,10 @@ pub fn restore(
         }
     }
     let staging = staging_path(target);
+    // A target in a directory that does not exist yet: made, as restic does.
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
     // Only this user can enter the staging directory until the restore is complete: a
     // restored directory may be writable by others (a snapshot of /tmp), and nobody
     // must be able to swap a directory below it for a symlink while files are being

@@ -491,7 +491,18 @@ impl<'r> IngestSession<'r> {
 
     /// Checks that the tree `root` and everything below it is stored, then writes the
     /// snapshot. On any missing blob nothing is written.
-    pub fn commit(mut self, root: TreeId, mut summary: Summary) -> Result<(SnapshotId, Snapshot)> {
+    pub fn commit(self, root: TreeId, summary: Summary) -> Result<(SnapshotId, Snapshot)> {
+        self.commit_at(root, summary, chrono::Utc::now())
+    }
+
+    /// [`IngestSession::commit`] with the snapshot's time given: an import keeps the
+    /// time of the backup it imports.
+    pub fn commit_at(
+        mut self,
+        root: TreeId,
+        mut summary: Summary,
+        time: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(SnapshotId, Snapshot)> {
         self.flush()?;
         self.check_complete(&root)?;
         summary.blobs_new = self.stats.blobs_new.load(Relaxed);
@@ -500,7 +511,7 @@ impl<'r> IngestSession<'r> {
         summary.bytes_stored = self.stats.bytes_stored.load(Relaxed);
         summary.duration_ms = self.started.elapsed().as_millis() as u64;
         let snapshot = Snapshot {
-            time: chrono::Utc::now(),
+            time,
             host: self.info.host.clone(),
             paths: self.info.paths.clone(),
             tags: self.info.tags.clone(),

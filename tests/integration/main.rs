@@ -9,6 +9,7 @@ mod check;
 mod daemon;
 mod dedup;
 mod hostile;
+mod import;
 mod ingest;
 mod keys;
 mod locks;

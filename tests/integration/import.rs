@@ -1,0 +1,325 @@
+//! `import-rdiff` against real rdiff-backup repositories, generated at run time by
+//! `../shared/fixtures/make-rdiff-fixture.sh` (Debian's rdiff-backup): every session of
+//! every variant, restored from haul, must equal the fixture's manifest of that
+//! session: contents, types, modes, ownership, mtimes, symlink targets, device numbers,
+//! hard-link groups and user xattrs.
+
+use haul_tests::{is_root, Env};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The fixture, built once per test process.
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("haul-rdiff-fixture-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/make-rdiff-fixture.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "{} failed (it needs rdiff-backup: apt-get install rdiff-backup):\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// The fixture's manifest format (see the script's header), without the display column,
+/// ACL xattrs left out (ACLs are not imported yet).
+fn manifest(root: &Path) -> Vec<String> {
+    let mut entries: BTreeMap<Vec<u8>, fs::Metadata> = BTreeMap::new();
+    fn visit(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, fs::Metadata>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            out.insert(
+                p.strip_prefix(root)
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+                m.clone(),
+            );
+            if m.is_dir() {
+                visit(root, &p, out);
+            }
+        }
+    }
+    entries.insert(b".".to_vec(), fs::symlink_metadata(root).unwrap());
+    visit(root, root, &mut entries);
+    let mut groups: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for (p, m) in &entries {
+        if m.is_file() && m.nlink() > 1 {
+            groups.entry(m.ino()).or_insert_with(|| p.clone());
+        }
+    }
+    entries
+        .iter()
+        .map(|(p, m)| {
+            let full = if p == b"." {
+                root.to_path_buf()
+            } else {
+                root.join(std::ffi::OsStr::from_bytes(p))
+            };
+            let ft = m.file_type();
+            let kind = if ft.is_file() {
+                "reg"
+            } else if ft.is_dir() {
+                "dir"
+            } else if ft.is_symlink() {
+                "sym"
+            } else if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "sock"
+            } else if ft.is_char_device() {
+                "chr"
+            } else {
+                "blk"
+            };
+            let dev = ft.is_char_device() || ft.is_block_device();
+            let perms = if ft.is_symlink() {
+                "-".to_string()
+            } else {
+                format!("{:04o}", m.mode() & 0o7777)
+            };
+            let mtime = if ft.is_symlink() || dev {
+                "-".to_string()
+            } else {
+                m.mtime().to_string()
+            };
+            let size = if ft.is_file() {
+                m.len().to_string()
+            } else {
+                "-".to_string()
+            };
+            let content = if ft.is_file() {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(fs::read(&full).unwrap()))
+            } else if ft.is_symlink() {
+                hex::encode(fs::read_link(&full).unwrap().as_os_str().as_bytes())
+            } else if dev {
+                format!("{},{}", libc::major(m.rdev()), libc::minor(m.rdev()))
+            } else {
+                "-".to_string()
+            };
+            let mut xattrs: Vec<String> = if ft.is_symlink() {
+                Vec::new()
+            } else {
+                xattr::list(&full)
+                    .unwrap()
+                    .filter(|n| !n.as_bytes().starts_with(b"system.posix_acl"))
+                    .map(|n| {
+                        let v = xattr::get(&full, &n).unwrap().unwrap_or_default();
+                        format!("{}={}", n.to_string_lossy(), hex::encode(v))
+                    })
+                    .collect()
+            };
+            xattrs.sort();
+            let xattrs = if xattrs.is_empty() {
+                "-".to_string()
+            } else {
+                xattrs.join(",")
+            };
+            let group = match groups.get(&m.ino()) {
+                Some(first) if m.is_file() && m.nlink() > 1 => hex::encode(first),
+                _ => "-".to_string(),
+            };
+            let path = if p == b"." {
+                ".".to_string()
+            } else {
+                hex::encode(p)
+            };
+            [
+                path,
+                kind.into(),
+                perms,
+                m.uid().to_string(),
+                m.gid().to_string(),
+                mtime,
+                size,
+                content,
+                xattrs,
+                group,
+            ]
+            .join("\t")
+        })
+        .collect()
+}
+
+/// The expected manifest: without the display column and without ACL xattrs.
+fn expected(file: &Path) -> Vec<String> {
+    fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f: Vec<String> = l.split('\t').take(10).map(str::to_string).collect();
+            let x: Vec<&str> = f[8]
+                .split(',')
+                .filter(|a| *a != "-" && !a.starts_with("system.posix_acl"))
+                .collect();
+            f[8] = if x.is_empty() {
+                "-".into()
+            } else {
+                x.join(",")
+            };
+            f.join("\t")
+        })
+        .collect()
+}
+
+fn snapshots(env: &Env) -> Vec<serde_json::Value> {
+    env.pbs(&["--json", "snapshots"]).expect(0).json()
+}
+
+#[test]
+fn every_session_of_every_variant_equals_its_manifest_and_reimport_adds_nothing() {
+    assert!(
+        is_root(),
+        "the import tests compare ownership and device nodes: run them as root"
+    );
+    let fx = fixture();
+    let env = Env::new();
+    env.init();
+    for variant in [
+        "repo",
+        "repo-quoted",
+        "repo-nocompress",
+        "repo-tz-newfoundland",
+        "repo-regressed",
+    ] {
+        let dir = fx.join(variant);
+        let run = env
+            .pbs(&[
+                "import-rdiff",
+                dir.to_str().unwrap(),
+                "--host",
+                variant,
+                "--path",
+                "/srv/legacy",
+            ])
+            .expect(0);
+        let sessions =
+            fs::read_to_string(fx.join("expected").join(variant).join("sessions.txt")).unwrap();
+        let sessions: Vec<(i64, String)> = sessions
+            .lines()
+            .map(|l| {
+                let (e, t) = l.split_once('\t').unwrap();
+                (e.parse().unwrap(), t.to_string())
+            })
+            .collect();
+        assert!(
+            run.stdout
+                .contains(&format!("{} sessions imported", sessions.len())),
+            "{}",
+            run.stdout
+        );
+        let snaps = snapshots(&env);
+        for (epoch, raw) in &sessions {
+            // By time: the tag keeps the timestring as rdiff-backup wrote it, which can
+            // differ from sessions.txt's (compatible `-` separators, the -04:30 quirk).
+            let snap = snaps
+                .iter()
+                .find(|s| {
+                    s["host"] == variant
+                        && s["time"]
+                            .as_str()
+                            .unwrap()
+                            .parse::<chrono::DateTime<chrono::Utc>>()
+                            .unwrap()
+                            .timestamp()
+                            == *epoch
+                })
+                .unwrap_or_else(|| panic!("{variant}: no snapshot for session {raw}"));
+            assert!(snap["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t == "rdiff-backup"));
+            let target = env.path(&format!("restored/{variant}/{epoch}"));
+            env.pbs(&[
+                "restore",
+                snap["id"].as_str().unwrap(),
+                "--target",
+                target.to_str().unwrap(),
+            ])
+            .expect(0);
+            let got = manifest(&target.join("srv/legacy"));
+            let want = expected(
+                &fx.join("expected")
+                    .join(variant)
+                    .join(format!("{epoch}.manifest")),
+            );
+            if got != want {
+                let only_got: Vec<_> = got.iter().filter(|l| !want.contains(l)).collect();
+                let only_want: Vec<_> = want.iter().filter(|l| !got.contains(l)).collect();
+                panic!("{variant} session {raw}:\nonly in haul's restore:\n{only_got:#?}\nonly in the manifest:\n{only_want:#?}");
+            }
+        }
+    }
+    // Again: nothing new.
+    let before = snapshots(&env).len();
+    let run = env
+        .pbs(&[
+            "import-rdiff",
+            fx.join("repo").to_str().unwrap(),
+            "--host",
+            "repo",
+            "--path",
+            "/srv/legacy",
+        ])
+        .expect(0);
+    assert!(
+        run.stdout.contains("0 sessions imported, 5 already there"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(snapshots(&env).len(), before);
+    env.pbs(&["check", "--read-data"]).expect(0);
+}
+
+#[test]
+fn an_interrupted_repository_is_refused_with_what_to_do() {
+    let fx = fixture();
+    let env = Env::new();
+    env.init();
+    for variant in ["repo-interrupted", "repo-interrupted-late"] {
+        let run = env
+            .pbs(&[
+                "import-rdiff",
+                fx.join(variant).to_str().unwrap(),
+                "--host",
+                variant,
+            ])
+            .expect(2);
+        assert!(
+            run.stderr
+                .contains("was interrupted (two current_mirror markers")
+                && run.stderr.contains(
+                    "run `rdiff-backup regress` on a copy of the repository and import the copy"
+                ),
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(snapshots(&env).is_empty());
+    // Not an rdiff-backup repository at all.
+    let run = env
+        .pbs(&["import-rdiff", env.path("").to_str().unwrap()])
+        .expect(2);
+    assert!(
+        run.stderr.contains("is not an rdiff-backup repository"),
+        "{}",
+        run.stderr
+    );
+}
