@@ -8,10 +8,10 @@
 //! changed nothing); rdiff-backup's timestamp arithmetic, cross-checked with
 //! `session_statistics`; metadata snapshots with reverse diffs; `.diff[.gz]`
 //! (librsync deltas, applied with `fast_rsync`), `.snapshot[.gz]`, `.missing`, `.dir`;
-//! `chars_to_quote`; `long_filename_data`; user extended attributes.
+//! `chars_to_quote`; `long_filename_data`; extended attributes and POSIX ACLs.
 //! Refused, with what to do: an interrupted session (two `current_mirror` markers; run
 //! `rdiff-backup regress` on a copy), no or more than two markers.
-//! Not yet: POSIX ACLs (`access_control_lists.*`), `special_escapes`.
+//! Not yet: `special_escapes`.
 //!
 //! Memory: a file is rebuilt in memory (its content and one delta at a time).
 
@@ -90,6 +90,7 @@ pub struct Repo {
     sessions: Vec<Time>,
     meta: Vec<MetaFile>,
     xattrs: HashMap<i64, PathBuf>,
+    acls: HashMap<i64, PathBuf>,
     /// Increments per directory of `increments/` (or `long_filename_data`), by base name
     /// as stored (quoted), read on first use.
     listings: Mutex<HashMap<PathBuf, Listing>>,
@@ -114,6 +115,7 @@ impl Repo {
         let mut markers = Vec::new();
         let mut meta = Vec::new();
         let mut xattrs = HashMap::new();
+        let mut acls = HashMap::new();
         let mut stats: HashMap<i64, PathBuf> = HashMap::new();
         for entry in std::fs::read_dir(&data).map_err(io(&data))? {
             let entry = entry.map_err(io(&data))?;
@@ -133,6 +135,9 @@ impl Repo {
                 }),
                 (b"extended_attributes", IncKind::Snapshot) => {
                     xattrs.insert(inc.time.epoch, entry.path());
+                }
+                (b"access_control_lists", IncKind::Snapshot) => {
+                    acls.insert(inc.time.epoch, entry.path());
                 }
                 (b"session_statistics", IncKind::Data) => {
                     stats.insert(inc.time.epoch, entry.path());
@@ -218,6 +223,7 @@ impl Repo {
             sessions: sessions.into_values().collect(),
             meta,
             xattrs,
+            acls,
             listings: Mutex::new(HashMap::new()),
             warnings,
         })
@@ -265,12 +271,23 @@ impl Repo {
         Ok(tree)
     }
 
-    /// User extended attributes at session `epoch`, per path (ACLs excluded).
+    /// Extended attributes at session `epoch`, per path: the recorded ones, and POSIX
+    /// ACLs as the kernel's `system.posix_acl_*` attributes.
     pub fn xattrs_at(&self, epoch: i64) -> Result<meta::XattrTree, Error> {
-        match self.xattrs.get(&epoch) {
-            Some(p) => meta::parse_xattrs(&read_maybe_gz(p)?, &p.display().to_string()),
-            None => Ok(meta::XattrTree::new()),
+        let mut out = match self.xattrs.get(&epoch) {
+            Some(p) => meta::parse_xattrs(&read_maybe_gz(p)?, &p.display().to_string())?,
+            None => meta::XattrTree::new(),
+        };
+        if let Some(p) = self.acls.get(&epoch) {
+            for (path, acls) in meta::parse_acls(&read_maybe_gz(p)?, &p.display().to_string())? {
+                let attrs = out.entry(path).or_default();
+                // The ACL file is the authority for ACLs.
+                attrs.retain(|(n, _)| !n.starts_with(b"system.posix_acl"));
+                attrs.extend(acls);
+                attrs.sort();
+            }
         }
+        Ok(out)
     }
 
     fn quoted_path(&self, comps: &[Vec<u8>]) -> PathBuf {

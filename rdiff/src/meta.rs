@@ -307,6 +307,105 @@ pub fn parse_xattrs(text: &[u8], file: &str) -> Result<XattrTree, Error> {
     Ok(out)
 }
 
+/// POSIX ACLs per path from an `access_control_lists` snapshot (getfacl's text form,
+/// `default:` lines for a directory's default ACL), as the extended attributes the
+/// kernel stores them in: `system.posix_acl_access` and `system.posix_acl_default`.
+/// An access ACL of only the owner, group and other entries is the mode itself and
+/// gives no attribute. Named users and groups must be numeric or resolve here.
+pub fn parse_acls(text: &[u8], file: &str) -> Result<XattrTree, Error> {
+    let mut access: BTreeMap<Vec<Vec<u8>>, Vec<(u16, u16, u32)>> = BTreeMap::new();
+    let mut default: BTreeMap<Vec<Vec<u8>>, Vec<(u16, u16, u32)>> = BTreeMap::new();
+    let mut current: Option<Vec<Vec<u8>>> = None;
+    for line in text.split(|b| *b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(p) = line.strip_prefix(b"# file: ") {
+            current = Some(split_path(&unquote_octal(p)));
+            continue;
+        }
+        if line.starts_with(b"#") {
+            continue;
+        }
+        let Some(path) = &current else {
+            return Err(Error::Format(format!(
+                "{file}: an ACL entry before the first `# file:` line"
+            )));
+        };
+        let bad = || {
+            Error::Format(format!(
+                "{file}: bad ACL entry {:?}",
+                String::from_utf8_lossy(line)
+            ))
+        };
+        let (line, into) = match line.strip_prefix(b"default:") {
+            Some(rest) => (rest, &mut default),
+            None => (line, &mut access),
+        };
+        let f: Vec<&[u8]> = line.split(|b| *b == b':').collect();
+        if f.len() != 3 || f[2].len() != 3 {
+            return Err(bad());
+        }
+        let perm = (u16::from(f[2][0] == b'r') << 2)
+            | (u16::from(f[2][1] == b'w') << 1)
+            | u16::from(f[2][2] == b'x');
+        let who = unquote_octal(f[1]);
+        let (tag, id) = match (f[0], who.is_empty()) {
+            (b"user", true) => (0x01, u32::MAX),
+            (b"user", false) => (0x02, principal(&who, true).ok_or_else(bad)?),
+            (b"group", true) => (0x04, u32::MAX),
+            (b"group", false) => (0x08, principal(&who, false).ok_or_else(bad)?),
+            (b"mask", _) => (0x10, u32::MAX),
+            (b"other", _) => (0x20, u32::MAX),
+            _ => return Err(bad()),
+        };
+        into.entry(path.clone()).or_default().push((tag, perm, id));
+    }
+    let mut out = XattrTree::new();
+    for (name, acls) in [
+        (&b"system.posix_acl_access"[..], access),
+        (&b"system.posix_acl_default"[..], default),
+    ] {
+        for (path, mut entries) in acls {
+            let minimal = entries
+                .iter()
+                .all(|(t, _, _)| matches!(t, 0x01 | 0x04 | 0x20));
+            if name == b"system.posix_acl_access" && minimal {
+                continue;
+            }
+            entries.sort_by_key(|(t, _, id)| (*t, *id));
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in entries {
+                v.extend_from_slice(&tag.to_le_bytes());
+                v.extend_from_slice(&perm.to_le_bytes());
+                v.extend_from_slice(&id.to_le_bytes());
+            }
+            out.entry(path).or_default().push((name.to_vec(), v));
+        }
+    }
+    for attrs in out.values_mut() {
+        attrs.sort();
+    }
+    Ok(out)
+}
+
+/// A user or group id: numeric, or a name known to this machine.
+fn principal(who: &[u8], user: bool) -> Option<u32> {
+    if let Some(n) = std::str::from_utf8(who).ok().and_then(|s| s.parse().ok()) {
+        return Some(n);
+    }
+    let name = std::ffi::CString::new(who).ok()?;
+    unsafe {
+        if user {
+            let pw = libc::getpwnam(name.as_ptr());
+            (!pw.is_null()).then(|| (*pw).pw_uid)
+        } else {
+            let gr = libc::getgrnam(name.as_ptr());
+            (!gr.is_null()).then(|| (*gr).gr_gid)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +431,16 @@ File gone\n  Type None\n";
         assert_eq!(r[2].target.as_deref(), Some(&b"odd\ntarget\\x"[..]));
         assert_eq!(r[3].kind, Kind::Dev(b'c', 1, 3));
         assert_eq!(r[4].kind, Kind::Absent);
+    }
+
+    #[test]
+    fn acls_become_the_kernels_binary_form() {
+        let x = parse_acls(b"# file: acl.txt\nuser::rw-\nuser:1234:r--\ngroup::r--\ngroup:5678:rw-\nmask::rw-\nother::r--\n# file: plain\nuser::rw-\ngroup::r--\nother::r--\n", "t").unwrap();
+        assert_eq!(
+            hex::encode(&x[&vec![b"acl.txt".to_vec()]][0].1),
+            "0200000001000600ffffffff02000400d204000004000400ffffffff080006002e16000010000600ffffffff20000400ffffffff"
+        );
+        assert!(!x.contains_key(&vec![b"plain".to_vec()]));
     }
 
     #[test]

@@ -298,16 +298,7 @@ fn node_of(rec: &Record, xattrs: &haul_rdiff::meta::XattrTree) -> Node {
         nlink: rec.nlink,
         rdev,
         target: rec.target.clone().unwrap_or_default(),
-        // ACLs live in access_control_lists.*, not imported yet.
-        xattrs: xattrs
-            .get(&rec.path)
-            .map(|x| {
-                x.iter()
-                    .filter(|(n, _)| !n.starts_with(b"system.posix_acl"))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default(),
+        xattrs: xattrs.get(&rec.path).cloned().unwrap_or_default(),
         content: Vec::new(),
         subtree: None,
     }
