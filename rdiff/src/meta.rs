@@ -307,14 +307,17 @@ pub fn parse_xattrs(text: &[u8], file: &str) -> Result<XattrTree, Error> {
     Ok(out)
 }
 
+/// ACL entries (tag, permissions, id) per path.
+type AclTree = BTreeMap<Vec<Vec<u8>>, Vec<(u16, u16, u32)>>;
+
 /// POSIX ACLs per path from an `access_control_lists` snapshot (getfacl's text form,
 /// `default:` lines for a directory's default ACL), as the extended attributes the
 /// kernel stores them in: `system.posix_acl_access` and `system.posix_acl_default`.
 /// An access ACL of only the owner, group and other entries is the mode itself and
 /// gives no attribute. Named users and groups must be numeric or resolve here.
 pub fn parse_acls(text: &[u8], file: &str) -> Result<XattrTree, Error> {
-    let mut access: BTreeMap<Vec<Vec<u8>>, Vec<(u16, u16, u32)>> = BTreeMap::new();
-    let mut default: BTreeMap<Vec<Vec<u8>>, Vec<(u16, u16, u32)>> = BTreeMap::new();
+    let mut access = AclTree::new();
+    let mut default = AclTree::new();
     let mut current: Option<Vec<Vec<u8>>> = None;
     for line in text.split(|b| *b == b'\n') {
         if line.is_empty() {
