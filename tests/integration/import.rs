@@ -309,3 +309,105 @@ fn an_interrupted_repository_is_refused_with_what_to_do() {
         run.stderr
     );
 }
+
+#[test]
+fn a_first_pull_imports_the_hosts_rdiff_backup_history_verifies_it_and_uses_it_as_parent() {
+    let fx = fixture();
+    let (env, src) = Env::with_source();
+    // The host's data as the rdiff-backup mirror has it.
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(fx.join("repo/."))
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    fs::remove_dir_all(src.join("rdiff-backup-data")).unwrap();
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[[host]]\nname = \"legacy\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nlegacy_rdiff_dir = {:?}\n",
+            src.display().to_string(),
+            fx.join("repo").display().to_string()
+        ),
+    )
+    .unwrap();
+    let state = env.path("state");
+    let pull = || {
+        env.pbs(&[
+            "--json",
+            "pull",
+            "legacy",
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+    };
+    let run = pull();
+    // The fixture holds files only root can read back as they were; a warning is fine.
+    assert!(
+        run.code == 0 || run.code == 3,
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let snaps = snapshots(&env);
+    let imported: Vec<_> = snaps
+        .iter()
+        .filter(|s| s["source"] == "rdiff-backup-import")
+        .collect();
+    assert_eq!(imported.len(), 5, "{snaps:#?}");
+    assert!(imported
+        .iter()
+        .all(|s| s["host"] == "legacy" && s["paths"][0] == src.to_str().unwrap()));
+    let newest = imported
+        .iter()
+        .max_by_key(|s| s["time"].as_str().unwrap().to_string())
+        .unwrap();
+    let pulled: Vec<_> = snaps.iter().filter(|s| s["source"] == "local").collect();
+    assert_eq!(pulled.len(), 1);
+    assert_eq!(
+        pulled[0]["parent"], newest["id"],
+        "the pull's parent is the newest imported snapshot"
+    );
+    // The import is a run of its own, verified, in the history and the feed.
+    let runs: Vec<serde_json::Value> = fs::read_to_string(state.join("runs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let import = runs
+        .iter()
+        .find(|r| r["kind"] == "import")
+        .expect("an import run");
+    assert_eq!(import["status"], "ok", "{import}");
+    assert_eq!(import["counters"]["sessions_imported"], 5);
+    assert!(
+        import["counters"]["files_verified"].as_u64().unwrap() >= 30,
+        "{import}"
+    );
+    let feed = haul_tests::feedparser(&state.join("feed.xml"));
+    assert!(feed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["title"]
+            .as_str()
+            .unwrap()
+            .starts_with("legacy: import OK")));
+
+    // The next pull imports nothing again.
+    let run = pull();
+    assert!(run.code == 0 || run.code == 3, "{}", run.stderr);
+    let snaps = snapshots(&env);
+    assert_eq!(
+        snaps
+            .iter()
+            .filter(|s| s["source"] == "rdiff-backup-import")
+            .count(),
+        5
+    );
+    assert_eq!(snaps.iter().filter(|s| s["source"] == "local").count(), 2);
+}

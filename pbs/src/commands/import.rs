@@ -13,58 +13,148 @@ use crate::error::CliError;
 use crate::output::{bytes, json_line};
 use haul_protocol::chunker::Chunker;
 use haul_protocol::tree::{Node, NodeKind, Timestamp, Tree};
+use haul_protocol::SnapshotId;
 use haul_protocol::{BlobKind, ChunkId, TreeId};
 use haul_rdiff::meta::{Kind, Record};
 use haul_repo::format::snapshot::{SourceKind, Summary};
 use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
+use haul_repo::IndexedRepository;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// The tag every imported snapshot carries.
 pub const TAG: &str = "rdiff-backup";
 
 pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError> {
-    let rd = haul_rdiff::Repo::open(&args.dir).map_err(|e| match e {
-        haul_rdiff::Error::Refused(m) => CliError::usage(m),
-        other => CliError::Failed(format!("{}: {other}", args.dir.display())),
+    let repo = ctx.open_indexed()?;
+    let host = args.host.clone().unwrap_or_else(hostname);
+    let json = ctx.global.json;
+    let outcome = import(&repo, &args.dir, &host, &args.path, &mut |event| {
+        report(json, event)
     })?;
-    for w in rd.warnings() {
-        eprintln!("warning: {}: {w}", args.dir.display());
+    if let Some(newest) = &outcome.newest {
+        let files = verify(&repo, &args.dir, newest)?;
+        report(
+            json,
+            Event::Verified {
+                snapshot: newest,
+                files,
+            },
+        );
     }
-    let path = args.path.clone();
-    let comps: Vec<Vec<u8>> = std::path::Path::new(&path)
+    report(
+        json,
+        Event::Done {
+            outcome: &outcome,
+            host: &host,
+        },
+    );
+    Ok(())
+}
+
+/// What an import did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub imported: usize,
+    pub skipped: usize,
+    /// The snapshot of the newest session (imported now or before).
+    pub newest: Option<SnapshotId>,
+    pub bytes_new: u64,
+    pub files_rebuilt: u64,
+}
+
+/// Progress of an import, for the command's output or a run's record.
+pub enum Event<'a> {
+    Skipped {
+        session: &'a str,
+    },
+    Imported {
+        session: &'a str,
+        snapshot: &'a SnapshotId,
+        summary: &'a Summary,
+    },
+    Verified {
+        snapshot: &'a SnapshotId,
+        files: u64,
+    },
+    Done {
+        outcome: &'a Outcome,
+        host: &'a str,
+    },
+}
+
+fn report(json: bool, e: Event) {
+    match e {
+        Event::Skipped { session } if json => {
+            json_line(&serde_json::json!({"type": "skipped", "session": session, "reason": "already imported"}))
+        }
+        Event::Skipped { session } => println!("session {session}: already imported"),
+        Event::Imported { session, snapshot, summary } if json => json_line(
+            &serde_json::json!({"type": "imported", "session": session, "snapshot": snapshot.to_hex(), "summary": summary}),
+        ),
+        Event::Imported { session, snapshot, summary } => println!(
+            "session {session} -> snapshot {}: {} files ({} rebuilt), {} new",
+            &snapshot.to_hex()[..8],
+            summary.files_new + summary.files_unchanged,
+            summary.files_new,
+            bytes(summary.data_new)
+        ),
+        Event::Verified { snapshot, files } if json => json_line(
+            &serde_json::json!({"type": "verified", "snapshot": snapshot.to_hex(), "files": files}),
+        ),
+        Event::Verified { snapshot, files } => println!(
+            "snapshot {} verified against the rdiff-backup mirror: {files} files, every byte and attribute",
+            &snapshot.to_hex()[..8]
+        ),
+        Event::Done { outcome, host } if json => json_line(
+            &serde_json::json!({"type": "import-summary", "imported": outcome.imported, "skipped": outcome.skipped, "host": host}),
+        ),
+        Event::Done { outcome, host } => println!(
+            "{} sessions imported, {} already there, as host {host} (tag {TAG})",
+            outcome.imported, outcome.skipped
+        ),
+    }
+}
+
+/// Imports every session of the rdiff-backup repository `dir` not yet imported for
+/// `host`, oldest first, as snapshots of `path`.
+pub fn import(
+    repo: &IndexedRepository,
+    dir: &std::path::Path,
+    host: &str,
+    path: &str,
+    events: &mut dyn FnMut(Event),
+) -> Result<Outcome, CliError> {
+    let rd = open(dir)?;
+    for w in rd.warnings() {
+        eprintln!("warning: {}: {w}", dir.display());
+    }
+    if !path.starts_with('/') {
+        return Err(CliError::usage(format!(
+            "--path {path}: give the absolute path the rdiff-backup tree was a backup of"
+        )));
+    }
+    let comps: Vec<Vec<u8>> = std::path::Path::new(path)
         .components()
         .filter_map(|c| match c {
             std::path::Component::Normal(n) => Some(n.as_encoded_bytes().to_vec()),
             _ => None,
         })
         .collect();
-    if !path.starts_with('/') {
-        return Err(CliError::usage(format!(
-            "--path {path}: give the absolute path the rdiff-backup tree was a backup of"
-        )));
-    }
-    let repo = ctx.open_indexed()?;
-    let host = args.host.clone().unwrap_or_else(hostname);
-    let done: HashSet<String> = repo
+    let done: HashMap<String, SnapshotId> = repo
         .snapshots()?
         .into_iter()
         .filter(|(_, s)| s.host == host && s.tags.iter().any(|t| t == TAG))
-        .flat_map(|(_, s)| s.tags)
+        .flat_map(|(id, s)| s.tags.into_iter().map(move |t| (t, id)))
         .collect();
     let mut cache: HashMap<([u8; 20], u64), Vec<ChunkId>> = HashMap::new();
     let mut chunker = Chunker::new(repo.config().chunker);
-    let (mut imported, mut skipped) = (0, 0);
+    let mut outcome = Outcome::default();
     for t in rd.sessions() {
-        if done.contains(&t.raw) {
-            skipped += 1;
-            if ctx.global.json {
-                json_line(
-                    &serde_json::json!({"type": "skipped", "session": t.raw, "reason": "already imported"}),
-                );
-            } else {
-                println!("session {}: already imported", t.raw);
-            }
+        if let Some(id) = done.get(&t.raw) {
+            outcome.skipped += 1;
+            outcome.newest = Some(*id);
+            events(Event::Skipped { session: &t.raw });
             continue;
         }
         let time = chrono::DateTime::from_timestamp(t.epoch, 0)
@@ -73,10 +163,10 @@ pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError
         let meta = rd.metadata_at(t.epoch).map_err(fail)?;
         let xattrs = rd.xattrs_at(t.epoch).map_err(fail)?;
         let session = IngestSession::start(
-            &repo,
+            repo,
             SessionInfo {
-                host: host.clone(),
-                paths: vec![path.clone()],
+                host: host.to_string(),
+                paths: vec![path.to_string()],
                 tags: vec![TAG.to_string(), t.raw.clone()],
                 source: SourceKind::RdiffBackupImport,
                 parent: ParentChoice::None,
@@ -92,41 +182,130 @@ pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError
             t.epoch,
             &mut cache,
             &mut summary,
-        );
-        let root_dir = match built {
+        )
+        .and_then(|root| wrap(&session, root, &comps));
+        let root = match built {
             Ok(r) => r,
             Err(e) => {
                 let _ = session.abandon();
                 return Err(e);
             }
         };
-        let root = wrap(&session, root_dir, &comps)?;
         let (id, snap) = session.commit_at(root, summary, time)?;
-        imported += 1;
-        if ctx.global.json {
-            json_line(
-                &serde_json::json!({"type": "imported", "session": t.raw, "snapshot": id.to_hex(), "time": snap.time, "summary": snap.summary}),
-            );
-        } else {
-            println!(
-                "session {} -> snapshot {}: {} files, {} new",
-                t.raw,
-                &id.to_hex()[..8],
-                snap.summary.files_new + snap.summary.files_unchanged,
-                bytes(snap.summary.data_new)
-            );
+        outcome.imported += 1;
+        outcome.newest = Some(id);
+        outcome.bytes_new += snap.summary.data_new;
+        outcome.files_rebuilt += snap.summary.files_new;
+        events(Event::Imported {
+            session: &t.raw,
+            snapshot: &id,
+            summary: &snap.summary,
+        });
+    }
+    Ok(outcome)
+}
+
+fn open(dir: &std::path::Path) -> Result<haul_rdiff::Repo, CliError> {
+    haul_rdiff::Repo::open(dir).map_err(|e| match e {
+        haul_rdiff::Error::Refused(m) => CliError::usage(m),
+        other => CliError::Failed(format!("{}: {other}", dir.display())),
+    })
+}
+
+/// Checks the snapshot of the newest session against the rdiff-backup mirror, file by
+/// file: every path of its metadata is in the snapshot with the same type, mode,
+/// owner, mtime, target and device, and every regular file's bytes, read back from
+/// the repository, equal the mirror's. Returns the number of files compared.
+pub fn verify(
+    repo: &IndexedRepository,
+    dir: &std::path::Path,
+    snapshot: &SnapshotId,
+) -> Result<u64, CliError> {
+    let rd = open(dir)?;
+    let newest = rd
+        .sessions()
+        .last()
+        .expect("a repository has a session")
+        .clone();
+    let meta = rd
+        .metadata_at(newest.epoch)
+        .map_err(|e| CliError::Failed(format!("{}: {e}", dir.display())))?;
+    let snap = repo.load_snapshot(snapshot)?;
+    // The tree of the rdiff-backup root: below the snapshot's path.
+    let mut tree = repo.load_tree(&snap.tree)?;
+    let path = snap.paths.first().cloned().unwrap_or_else(|| "/".into());
+    for comp in std::path::Path::new(&path).components() {
+        if let std::path::Component::Normal(n) = comp {
+            let sub = tree
+                .find(n.as_encoded_bytes())
+                .and_then(|n| n.subtree)
+                .ok_or_else(|| {
+                    CliError::Failed(format!("snapshot {}: no {path} in it", snapshot.to_hex()))
+                })?;
+            tree = repo.load_tree(&sub)?;
         }
     }
-    if ctx.global.json {
-        json_line(
-            &serde_json::json!({"type": "import-summary", "imported": imported, "skipped": skipped, "host": host}),
-        );
-    } else {
-        println!(
-            "{imported} sessions imported, {skipped} already there, as host {host} (tag {TAG})"
-        );
+    let mismatch = |rec: &Record, what: String| {
+        CliError::Failed(format!(
+            "verification of snapshot {} against the rdiff-backup mirror failed: {}: {what}; the import is incomplete, the rdiff-backup tree is left as it is",
+            &snapshot.to_hex()[..8],
+            rec.display()
+        ))
+    };
+    let mut trees: HashMap<Vec<Vec<u8>>, Tree> = HashMap::new();
+    trees.insert(Vec::new(), tree);
+    let mut files = 0;
+    for rec in meta.values() {
+        let Some((name, parent)) = rec.path.split_last() else {
+            continue;
+        };
+        let node = trees
+            .get(parent)
+            .and_then(|t| t.find(name))
+            .cloned()
+            .ok_or_else(|| mismatch(rec, "missing from the snapshot".into()))?;
+        let want = node_of(rec, &Default::default());
+        let same = node.kind == want.kind
+            && node.mode == want.mode
+            && node.uid == want.uid
+            && node.gid == want.gid
+            && node.mtime == want.mtime
+            && node.size == want.size
+            && node.target == want.target
+            && node.rdev == want.rdev;
+        if !same {
+            return Err(mismatch(
+                rec,
+                format!("the snapshot has {node:?}, the metadata says {want:?}"),
+            ));
+        }
+        match rec.kind {
+            Kind::Dir => {
+                let sub = node
+                    .subtree
+                    .ok_or_else(|| mismatch(rec, "a directory without a tree".into()))?;
+                trees.insert(rec.path.clone(), repo.load_tree(&sub)?);
+            }
+            Kind::Reg => {
+                let mut stored = Vec::with_capacity(rec.size as usize);
+                for c in &node.content {
+                    stored.extend_from_slice(&repo.load_chunk(c)?);
+                }
+                let mirror = rd
+                    .content(rec, newest.epoch)
+                    .map_err(|e| mismatch(rec, e.to_string()))?;
+                if stored != mirror {
+                    return Err(mismatch(
+                        rec,
+                        "its bytes in the repository differ from the mirror's".into(),
+                    ));
+                }
+                files += 1;
+            }
+            _ => {}
+        }
     }
-    Ok(())
+    Ok(files)
 }
 
 /// What the root of the rdiff-backup tree became: its node (its own metadata) and

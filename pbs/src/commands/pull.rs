@@ -262,6 +262,11 @@ pub fn pull_one(
         Some(r) => r,
         None => crate::server::keep(ctx.open_for_run(&args.run)?),
     };
+    if let Some(h) = plan.config.as_ref().and_then(|c| c.host(&host)) {
+        if let Some(dir) = &h.legacy_rdiff_dir {
+            legacy_import(ctx, &history, repo, h, dir)?;
+        }
+    }
     let id = run::new_run_id(start);
     history.begin(&crate::history::Running {
         id: id.clone(),
@@ -368,6 +373,97 @@ pub fn pull_one(
             error.unwrap_or_default()
         ))),
     }
+}
+
+/// A host's first pull with `legacy_rdiff_dir`: imports that rdiff-backup history
+/// (unless something of it is in the repository already), verifies the newest imported
+/// snapshot against the rdiff-backup mirror, and records the import as a run of its
+/// own. The pull that follows uses that snapshot as its parent (same host, same path).
+/// A failed import is recorded and reported; the pull goes on, and the next one tries
+/// the import again.
+fn legacy_import(
+    ctx: &Context,
+    history: &crate::history::History,
+    repo: &'static IndexedRepository,
+    h: &haul_config::Host,
+    dir: &std::path::Path,
+) -> Result<(), CliError> {
+    use super::import;
+    let imported = repo.snapshots()?.into_iter().any(|(_, s)| {
+        s.host == h.name
+            && s.source == SourceKind::RdiffBackupImport
+            && s.tags.iter().any(|t| t == import::TAG)
+    });
+    if imported {
+        return Ok(());
+    }
+    let start = chrono::Utc::now();
+    let json = ctx.global.json;
+    let result = match h.paths.as_slice() {
+        [one] => {
+            let path = one.display().to_string();
+            import::import(repo, dir, &h.name, &path, &mut |e| {
+                if json {
+                    if let import::Event::Imported { session, snapshot, .. } = e {
+                        json_line(&serde_json::json!({"type": "imported", "session": session, "snapshot": snapshot.to_hex()}));
+                    }
+                } else if let import::Event::Imported { session, .. } = e {
+                    eprintln!("{}: imported rdiff-backup session {session}", h.name);
+                }
+            })
+            .and_then(|outcome| {
+                let verified = match &outcome.newest {
+                    Some(newest) => import::verify(repo, dir, newest)?,
+                    None => 0,
+                };
+                Ok((outcome, verified))
+            })
+        }
+        _ => Err(CliError::usage(format!(
+            "host {}: legacy_rdiff_dir needs a host with exactly one path (the one the rdiff-backup tree is a backup of)",
+            h.name
+        ))),
+    };
+    let (status, error, counters) = match &result {
+        Ok((o, verified)) => (
+            "ok",
+            None,
+            Some(
+                serde_json::json!({"sessions_imported": o.imported, "sessions_skipped": o.skipped, "files_new": o.files_rebuilt, "bytes_new": o.bytes_new, "files_verified": verified}),
+            ),
+        ),
+        Err(e) => ("failed", Some(e.to_string()), None),
+    };
+    let mut record = RunRecord::bare(
+        run::new_run_id(start),
+        &h.name,
+        ("import", "local"),
+        start,
+        status,
+        error.clone().unwrap_or_default(),
+    );
+    record.error = error.clone();
+    record.counters = counters;
+    history.record(&record)?;
+    match result {
+        Ok((o, verified)) => {
+            if !json {
+                eprintln!(
+                    "{}: imported {} rdiff-backup sessions from {} ({} new); the newest is verified against its mirror ({verified} files)",
+                    h.name,
+                    o.imported,
+                    dir.display(),
+                    bytes(o.bytes_new)
+                );
+            }
+        }
+        Err(e) => eprintln!(
+            "haul-pbs: {}: the import of {} failed, the pull goes on without it: {e}",
+            h.name,
+            dir.display()
+        ),
+    }
+    Ok(())
 }
 
 fn report(ctx: &Context, r: &RunRecord, run: Option<&run::AgentRun>) {
