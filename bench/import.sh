@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): `haul-pbs import-rdiff` against rdiff-backup itself.
+#
+# usage: bench/import.sh [--sessions N] [--mib M] [--work DIR]
+#        (defaults: 20 sessions of 256 MiB, /tmp/haul-bench-import)
+#
+# 1. The shared fixture (../shared/fixtures/make-rdiff-fixture.sh): import time and
+#    repository size.
+# 2. A generated history: ../shared/bench/gen_dataset.py --mib M, backed up by
+#    rdiff-backup N times with `gen_dataset.py --mutate` between sessions (one session
+#    a day, via --current-time). Then, in one run: haul imports every session; and
+#    rdiff-backup restores every session (`restore --at`), which is what a user of the
+#    old tree must do to get a state back. Wall, CPU and peak RSS of both, and the sizes
+#    of the rdiff-backup tree and of haul's repository.
+set -euo pipefail
+
+sessions=20 mib=256 work=/tmp/haul-bench-import
+while (($#)); do
+  case $1 in
+    --sessions) sessions=${2:?}; shift 2 ;;
+    --mib) mib=${2:?}; shift 2 ;;
+    --work) work=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "import.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ $sessions =~ ^[1-9][0-9]*$ && $mib =~ ^[1-9][0-9]*$ ]] || { echo "import.sh: --sessions and --mib want positive integers" >&2; exit 2; }
+for t in rdiff-backup python3 /usr/bin/time; do
+  command -v $t >/dev/null || { echo "import.sh: needs $t (apt-get install -y rdiff-backup python3 time)" >&2; exit 2; }
+done
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
+root=$(cd "$here/.." && pwd -P)
+shared=${HAUL_SHARED:-$root/../shared}
+echo "building haul-pbs (release) ..." >&2
+(cd "$root" && cargo build --release -q -p haul-pbs)
+haul=${CARGO_TARGET_DIR:-$root/target}/release/haul-pbs
+
+rm -rf "$work"; mkdir -p "$work/logs"
+work=$(cd "$work" && pwd -P)
+logs=$work/logs
+printf 'bench\n' >"$work/pw"; chmod 600 "$work/pw"
+exec > >(tee "$work/results.txt")
+
+measure() { # label cmd...  -> prints wall cpu rss
+  local label=$1 t="$logs/$1.time"; shift
+  /usr/bin/time -f '%e %U %S %M' -o "$t" "$@" >"$logs/$label.log" 2>&1 || { echo "$label FAILED: see $logs/$label.log" >&2; tail -3 "$logs/$label.log" >&2; exit 1; }
+  read -r w u s m <"$t"
+  printf '%-34s %8s s wall %8.2f s cpu %7d MiB\n' "$label" "$w" "$(awk -v u="$u" -v s="$s" 'BEGIN{print u+s}')" $((m / 1024))
+}
+
+echo "== the shared fixture"
+bash "$shared/fixtures/make-rdiff-fixture.sh" "$work/fixture" >"$logs/fixture.log" 2>&1
+h=("$haul" --repo "$work/haul-fixture" --password-file "$work/pw" --cache-dir "$work/cache-fixture")
+"${h[@]}" init >/dev/null 2>&1
+measure "haul import (fixture repo)" "${h[@]}" import-rdiff "$work/fixture/repo" --host fixture --path /srv
+printf 'sizes: rdiff-backup tree %s MiB, haul repository %s MiB\n' \
+  "$(du -sm "$work/fixture/repo" | cut -f1)" "$(du -sm "$work/haul-fixture" | cut -f1)"
+
+echo "== a generated history: $sessions sessions of $mib MiB"
+data=$work/data rd=$work/rdiff
+python3 "$shared/bench/gen_dataset.py" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
+t0=1704067200   # 2024-01-01, one session a day
+start=$(date +%s)
+for i in $(seq 0 $((sessions - 1))); do
+  ((i > 0)) && python3 "$shared/bench/gen_dataset.py" "$data" --mutate --seed "$i" >>"$logs/gen.log" 2>&1
+  rdiff-backup --current-time $((t0 + i * 86400)) backup "$data" "$rd" >>"$logs/rdiff-backup.log" 2>&1
+done
+echo "rdiff-backup wrote the $sessions sessions in $(( $(date +%s) - start )) s"
+sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
+h=("$haul" --repo "$work/haul-history" --password-file "$work/pw" --cache-dir "$work/cache-history")
+"${h[@]}" init >/dev/null 2>&1
+measure "haul import ($sessions sessions)" "${h[@]}" import-rdiff "$rd" --host bench --path /data
+sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
+restore_all() {
+  for i in $(seq 0 $((sessions - 1))); do
+    rm -rf "$work/restore"
+    rdiff-backup restore --at $((t0 + i * 86400)) "$rd" "$work/restore"
+  done
+  rm -rf "$work/restore"
+}
+export -f restore_all; export work sessions t0 rd
+measure "rdiff-backup restore of every session" bash -c restore_all
+printf 'sizes: rdiff-backup tree %s MiB, haul repository %s MiB (%s sessions of %s MiB)\n' \
+  "$(du -sm "$rd" | cut -f1)" "$(du -sm "$work/haul-history" | cut -f1)" "$sessions" "$mib"
+echo "logs: $logs"
