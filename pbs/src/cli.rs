@@ -189,6 +189,10 @@ pub struct ImportRdiffArgs {
     /// The path on that host the rdiff-backup tree is a backup of.
     #[arg(long, default_value = "/")]
     pub path: String,
+    /// Where the run is recorded (default: $HAUL_STATE_DIR, /var/lib/haul for root,
+    /// else ~/.local/state/haul).
+    #[arg(long, env = "HAUL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -322,4 +326,8 @@ pub struct CheckArgs {
     /// Also read, decrypt, decompress and re-hash every blob.
     #[arg(long)]
     pub read_data: bool,
+    /// Where the run is recorded (default: $HAUL_STATE_DIR, /var/lib/haul for root,
+    /// else ~/.local/state/haul).
+    #[arg(long, env = "HAUL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }

@@ -43,6 +43,38 @@ impl History {
         }
     }
 
+    /// The history of `state` (default: [`haul_config::default_state_dir`]).
+    pub fn of(state: Option<&Path>) -> History {
+        History::new(
+            state
+                .map(Path::to_path_buf)
+                .unwrap_or_else(haul_config::default_state_dir),
+        )
+    }
+
+    /// Records a run that involves no agent (a check, an import), ending now: `ok`
+    /// with its counters, or `failed` with the error (and the counters it has).
+    pub fn record_local(
+        &self,
+        (host, kind): (&str, &str),
+        start: chrono::DateTime<chrono::Utc>,
+        counters: Option<serde_json::Value>,
+        error: Option<String>,
+    ) -> Result<(), CliError> {
+        let status = if error.is_some() { "failed" } else { "ok" };
+        let mut r = RunRecord::bare(
+            crate::run::new_run_id(start),
+            host,
+            (kind, "local"),
+            start,
+            status,
+            String::new(),
+        );
+        r.error = error;
+        r.counters = counters;
+        self.record(&r)
+    }
+
     /// Feeds with this title, link and length.
     pub fn with_feed(mut self, feed: feed::FeedOptions) -> History {
         self.feed = feed;

@@ -117,6 +117,7 @@ impl Repo {
         let mut xattrs = HashMap::new();
         let mut acls = HashMap::new();
         let mut stats: HashMap<i64, PathBuf> = HashMap::new();
+        let mut error_logs = Vec::new();
         for entry in std::fs::read_dir(&data).map_err(io(&data))? {
             let entry = entry.map_err(io(&data))?;
             if entry.file_type().map_err(io(&data))?.is_dir() {
@@ -141,6 +142,11 @@ impl Repo {
                 }
                 (b"session_statistics", IncKind::Data) => {
                     stats.insert(inc.time.epoch, entry.path());
+                }
+                (b"error_log", IncKind::Data)
+                    if entry.metadata().map(|m| m.len() > 0).unwrap_or(false) =>
+                {
+                    error_logs.push((inc.time.raw.clone(), entry.path()));
                 }
                 _ => {}
             }
@@ -190,6 +196,13 @@ impl Repo {
         }
         sessions.insert(mirror.epoch, mirror.clone());
         let mut warnings = Vec::new();
+        error_logs.sort();
+        for (raw, path) in error_logs {
+            warnings.push(format!(
+                "session {raw}: rdiff-backup logged errors ({}); the files it names may be stale or missing in that session",
+                path.display()
+            ));
+        }
         // Cross-check with session_statistics' StartTime (§2.3).
         for (epoch, t) in &sessions {
             if let Some(p) = stats.get(epoch) {

@@ -104,6 +104,8 @@ impl Env {
         cmd.arg("--cache-dir")
             .arg(self.path("cache"))
             .args(args)
+            // Runs that record themselves (check, import) do it here, not in /var/lib.
+            .env("HAUL_STATE_DIR", self.path("state"))
             .env_remove("HAUL_REPO")
             .env_remove("HAUL_PASSWORD")
             .env_remove("HAUL_PASSWORD_FILE")

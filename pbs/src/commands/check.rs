@@ -8,7 +8,41 @@ use haul_repo::check::{self, CheckOptions};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+/// Checks the repository and records the check as a run (host `repository`, kind
+/// `check`): `failed` when it found damage, with the first error.
 pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
+    let start = chrono::Utc::now();
+    let history = crate::history::History::of(args.state_dir.as_deref());
+    let result = check_repository(ctx, &args);
+    let (counters, error) = match &result {
+        Ok(r) => (
+            Some(
+                serde_json::json!({"snapshots": r.snapshots, "packs": r.packs, "blobs": r.blobs, "bytes_read": r.bytes_read, "errors": r.errors.len(), "read_data": args.read_data}),
+            ),
+            (!r.ok()).then(|| {
+                format!(
+                    "check found {} error(s): {}",
+                    r.errors.len(),
+                    r.errors.first().cloned().unwrap_or_default()
+                )
+            }),
+        ),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    if let Err(e) = history.record_local(("repository", "check"), start, counters, error) {
+        eprintln!("haul-pbs: the check's run record: {e}");
+    }
+    let report = result?;
+    if !report.ok() {
+        return Err(CliError::Incomplete(format!(
+            "check found {} error(s); the damaged blobs and the files they affect are listed above",
+            report.errors.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckReport, CliError> {
     // Check what the repository says, not what a local cache remembers.
     let repo = ctx.open()?.load_index(None)?;
     let _lock = repo.lock(false, "check")?;
@@ -74,11 +108,5 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
             println!("no errors found");
         }
     }
-    if !report.ok() {
-        return Err(CliError::Incomplete(format!(
-            "check found {} error(s); the damaged blobs and the files they affect are listed above",
-            report.errors.len()
-        )));
-    }
-    Ok(())
+    Ok(report)
 }

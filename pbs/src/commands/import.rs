@@ -25,20 +25,41 @@ use std::collections::HashMap;
 /// The tag every imported snapshot carries.
 pub const TAG: &str = "rdiff-backup";
 
+/// `import-rdiff`, recorded as a run (kind `import`) in the history.
 pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError> {
-    let repo = ctx.open_indexed()?;
+    let start = chrono::Utc::now();
     let host = args.host.clone().unwrap_or_else(hostname);
+    let result = import_command(ctx, &args, &host);
+    let history = crate::history::History::of(args.state_dir.as_deref());
+    let (counters, error) = match &result {
+        Ok(c) => (Some(c.clone()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    if let Err(e) = history.record_local((&host, "import"), start, counters, error) {
+        eprintln!("haul-pbs: the import's run record: {e}");
+    }
+    result.map(|_| ())
+}
+
+fn import_command(
+    ctx: &Context,
+    args: &ImportRdiffArgs,
+    host: &str,
+) -> Result<serde_json::Value, CliError> {
+    let repo = ctx.open_indexed()?;
+    let host = host.to_string();
     let json = ctx.global.json;
     let outcome = import(&repo, &args.dir, &host, &args.path, &mut |event| {
         report(json, event)
     })?;
+    let mut verified = 0;
     if let Some(newest) = &outcome.newest {
-        let files = verify(&repo, &args.dir, newest)?;
+        verified = verify(&repo, &args.dir, newest)?;
         report(
             json,
             Event::Verified {
                 snapshot: newest,
-                files,
+                files: verified,
             },
         );
     }
@@ -49,7 +70,9 @@ pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError
             host: &host,
         },
     );
-    Ok(())
+    Ok(
+        serde_json::json!({"sessions_imported": outcome.imported, "sessions_skipped": outcome.skipped, "files_new": outcome.files_rebuilt, "bytes_new": outcome.bytes_new, "files_verified": verified}),
+    )
 }
 
 /// What an import did.
