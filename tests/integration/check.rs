@@ -24,13 +24,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
     // ... and reading the data finds the damage, in both snapshots.
     let run = env.pbs(&["check", "--read-data"]).expect(3);
     // Every check is a run in the history: the last one FAILED, with the error.
-    let runs: Vec<_> = env
-        .pbs(&["--json", "runs"])
-        .expect(0)
-        .json()
-        .into_iter()
-        .map(|v| v["run"].clone())
-        .collect();
+    let runs = env.runs();
     let checks: Vec<_> = runs.iter().filter(|r| r["kind"] == "check").collect();
     assert_eq!(checks.len(), 3, "{runs:#?}");
     assert_eq!(checks[0]["status"], "ok");

@@ -273,13 +273,7 @@ fn every_session_of_every_variant_equals_its_manifest_and_reimport_adds_nothing(
     assert_eq!(snapshots(&env).len(), before);
     env.pbs(&["check", "--read-data"]).expect(0);
     // Each import is a run in the history, with what it did.
-    let runs: Vec<_> = env
-        .pbs(&["--json", "runs"])
-        .expect(0)
-        .json()
-        .into_iter()
-        .map(|v| v["run"].clone())
-        .collect();
+    let runs = env.runs();
     let imports: Vec<_> = runs.iter().filter(|r| r["kind"] == "import").collect();
     assert_eq!(imports.len(), 6, "{runs:#?}");
     assert!(imports.iter().all(|r| r["status"] == "ok"));

@@ -116,6 +116,16 @@ impl Env {
         Run::from(cmd.output().expect("run haul-pbs"))
     }
 
+    /// The run records of this workspace's history (`runs --json`), oldest first.
+    pub fn runs(&self) -> Vec<serde_json::Value> {
+        self.pbs(&["--json", "runs"])
+            .expect(0)
+            .json()
+            .into_iter()
+            .map(|v| v["run"].clone())
+            .collect()
+    }
+
     pub fn init(&self) {
         self.pbs(&["init"]).expect(0);
     }
