@@ -73,8 +73,8 @@ pub struct ServerSettings {
     /// Where the repositories are: a host's is `repositories_dir/<its repository>`
     /// (default: the state directory, so the default repository is `STATE/repo`).
     pub repositories_dir: Option<PathBuf>,
-    /// Where the pbs puts the Unix sockets of its runs' repository servers (default
-    /// `STATE/sockets`).
+    /// Where the pbs puts the Unix sockets of its runs' repository servers, each in a
+    /// private directory of its own (default: the system's temporary directory).
     pub socket_dir: Option<PathBuf>,
     /// The status HTTP server (feeds, status, metrics): loopback by default.
     pub status_listen: std::net::SocketAddr,
@@ -110,11 +110,6 @@ impl ServerSettings {
         self.repositories_dir
             .clone()
             .unwrap_or_else(|| self.state_dir.clone())
-    }
-    pub fn socket_dir(&self) -> PathBuf {
-        self.socket_dir
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("sockets"))
     }
 }
 

@@ -7,6 +7,7 @@ use crate::server::{self, Server};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,21 +57,38 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::Io("cannot start the server runtime".into(), e))
 }
 
-/// Starts `server` on a fresh socket in a private directory, runs `agent` with
-/// `args` (the socket path is appended as `--socket PATH`) and `stdin`, relays its
-/// progress to `progress`, and stops the server when the agent has exited.
+/// Starts `server` on a fresh socket in a private directory (in `socket_dir`, made
+/// 0700 if missing, else the temporary directory), runs `agent` with `args` (the
+/// socket path is appended as `--socket PATH`) and `stdin`, relays its progress to
+/// `progress`, and stops the server when the agent has exited.
 pub fn run_agent(
     server: Arc<Server>,
     agent: &Path,
     args: Vec<OsString>,
     stdin: Option<String>,
+    socket_dir: Option<&Path>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, CliError> {
     let rt = runtime()?;
-    let dir = tempfile::Builder::new()
-        .prefix("haul-run-")
-        .tempdir()
-        .map_err(|e| CliError::Io("cannot create the run's private directory".into(), e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("haul-run-");
+    let dir = match socket_dir {
+        Some(d) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| {
+                    CliError::Io(
+                        format!("socket directory {} ([server].socket_dir)", d.display()),
+                        e,
+                    )
+                })?;
+            builder.tempdir_in(d)
+        }
+        None => builder.tempdir(),
+    }
+    .map_err(|e| CliError::Io("cannot create the run's private directory".into(), e))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))

@@ -453,10 +453,11 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
     };
     let state = env.path("state");
     let base = format!(
-        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\n\n\
+        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\nsocket_dir = {:?}\n\n\
          [[host]]\nname = \"good\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"5s\"\n\n\
          [[host]]\nname = \"bad\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [\"/nonexistent/haul-test\"]\nschedule = \"2s\"\nalert_window = \"3s\"\n",
         state.display().to_string(),
+        env.path("sockets").display().to_string(),
         good.display().to_string()
     );
     let config = env.path("pbs.toml");
@@ -518,6 +519,10 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
             .unwrap()
     };
     assert_eq!(host(&status, "bad")["stale"], true, "{status}");
+    // Runs put their sockets in [server].socket_dir: made private, cleaned after each run.
+    use std::os::unix::fs::PermissionsExt;
+    let sockets = fs::metadata(env.path("sockets")).unwrap();
+    assert_eq!(sockets.permissions().mode() & 0o777, 0o700);
     assert_eq!(host(&status, "good")["stale"], false, "{status}");
     assert!(
         host(&status, "bad")["consecutive_failures"]

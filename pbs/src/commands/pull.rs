@@ -288,6 +288,12 @@ pub fn pull_one(
         "parent": if args.force { "none" } else { "latest" },
     });
     let agent = run::agent_binary(args.run.agent.as_deref());
+    // The run's socket goes in [server].socket_dir when the configuration sets one
+    // (else in a private temporary directory).
+    let socket_dir = plan
+        .config
+        .as_ref()
+        .and_then(|c| c.server.socket_dir.clone());
     let json = ctx.global.json;
     let last = Arc::new(Mutex::new(serde_json::Value::Null));
     let outcome = {
@@ -318,6 +324,7 @@ pub fn pull_one(
                 &agent,
                 plan.args.iter().map(OsString::from).collect(),
                 Some(params.to_string()),
+                socket_dir.as_deref(),
                 &relay,
             ),
         }

@@ -138,7 +138,7 @@ fn via_agent(
                 .into_iter()
                 .map(std::ffi::OsString::from)
                 .collect();
-            run::run_agent(server, &agent, args, None, &relay)?
+            run::run_agent(server, &agent, args, None, None, &relay)?
         }
     };
     drop(lock);
