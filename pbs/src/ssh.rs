@@ -108,10 +108,7 @@ impl client::Handler for Client {
             tracing::warn!(
                 "refused a forwarded channel from {socket_path:?}, not this run's socket"
             );
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
+            return refuse(reply).await;
         }
         reply.accept().await;
         if let Some(server) = &self.server {
@@ -321,7 +318,6 @@ impl Tunnel {
         router: axum::Router,
         server: Option<Arc<Server>>,
     ) -> Result<Tunnel, String> {
-        let fail = |what: String| what;
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id).expect("OS random numbers");
         let socket = host
@@ -366,28 +362,28 @@ impl Tunnel {
                 .await
             {
                 Err(_) => {
-                    return Err(fail(format!(
+                    return Err(format!(
                         "no SSH connection to {}:{} within {} s",
                         host.address,
                         host.port,
                         CONNECT_TIMEOUT.as_secs()
-                    )))
+                    ))
                 }
                 Ok(Err(e)) => {
                     if let Some(p) = key_problem.lock().expect("key problem").take() {
-                        return Err(fail(p));
+                        return Err(p);
                     }
-                    return Err(fail(format!(
+                    return Err(format!(
                         "SSH connection to {}:{}: {e}",
                         host.address, host.port
-                    )));
+                    ));
                 }
                 Ok(Ok(s)) => s,
             };
         let passphrase = match &host.identity_passphrase_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)
-                    .map_err(|e| fail(format!("identity passphrase file {}: {e}", f.display())))?
+                    .map_err(|e| format!("identity passphrase file {}: {e}", f.display()))?
                     .trim_end_matches(['\n', '\r'])
                     .to_string(),
             ),
@@ -404,7 +400,7 @@ impl Tunnel {
                 ),
                 _ => String::new(),
             };
-            fail(format!("identity {}: {e}{hint}", host.identity.display()))
+            format!("identity {}: {e}{hint}", host.identity.display())
         })?;
         let hash = session
             .best_supported_rsa_hash()
@@ -418,23 +414,23 @@ impl Tunnel {
                 PrivateKeyWithHashAlg::new(Arc::new(key), hash),
             )
             .await
-            .map_err(|e| fail(format!("authentication: {e}")))?;
+            .map_err(|e| format!("authentication: {e}"))?;
         if !auth.success() {
-            return Err(fail(format!(
+            return Err(format!(
                 "{}@{}:{} refused the key {}: install its line in authorized_keys there (`haul-pbs ssh-setup {}` prints it)",
                 host.user,
                 host.address,
                 host.port,
                 host.identity.display(),
                 host.name
-            )));
+            ));
         }
         if let Err(e) = session.streamlocal_forward(socket.clone()).await {
-            return Err(fail(format!(
+            return Err(format!(
                 "the host refused to forward {socket} ({e}): its sshd needs `AllowTcpForwarding remote`, `AllowStreamLocalForwarding remote`, `StreamLocalBindUnlink yes`, the key needs `port-forwarding` in authorized_keys, and {} must exist and be writable by {}",
                 host.socket_dir.display(),
                 host.user
-            )));
+            ));
         }
         Ok(Tunnel { session, socket })
     }

@@ -170,8 +170,11 @@ pub fn import(
         .filter(|(_, s)| s.host == host && s.tags.iter().any(|t| t == TAG))
         .flat_map(|(id, s)| s.tags.into_iter().map(move |t| (t, id)))
         .collect();
-    let mut cache: HashMap<([u8; 20], u64), Vec<ChunkId>> = HashMap::new();
-    let mut chunker = Chunker::new(repo.config().chunker);
+    let mut contents = Contents {
+        rd: &rd,
+        chunker: Chunker::new(repo.config().chunker),
+        stored: HashMap::new(),
+    };
     let mut outcome = Outcome::default();
     for t in rd.sessions() {
         if let Some(id) = done.get(&t.raw) {
@@ -197,13 +200,11 @@ pub fn import(
         )?;
         let mut summary = Summary::default();
         let built = build(
-            &rd,
+            &mut contents,
             &session,
-            &mut chunker,
             &meta,
             &xattrs,
             t.epoch,
-            &mut cache,
             &mut summary,
         )
         .and_then(|root| wrap(&session, root, &comps));
@@ -338,16 +339,51 @@ struct RootDir {
     tree: TreeId,
 }
 
+/// File contents across the sessions of one import: each distinct version (by SHA-1
+/// and size) is rebuilt and stored once.
+struct Contents<'a> {
+    rd: &'a haul_rdiff::Repo,
+    chunker: Chunker,
+    stored: HashMap<([u8; 20], u64), Vec<ChunkId>>,
+}
+
+impl Contents<'_> {
+    /// The chunks of `rec` at `epoch`, whose content must have SHA-1 `sha` (when known).
+    fn chunks(
+        &mut self,
+        session: &IngestSession,
+        rec: &Record,
+        sha: Option<[u8; 20]>,
+        epoch: i64,
+        summary: &mut Summary,
+    ) -> Result<Vec<ChunkId>, CliError> {
+        if let Some(ids) = sha.and_then(|sha| self.stored.get(&(sha, rec.size))) {
+            summary.files_unchanged += 1;
+            return Ok(ids.clone());
+        }
+        let mut checked = rec.clone();
+        checked.sha1 = sha;
+        let content = self
+            .rd
+            .content(&checked, epoch)
+            .map_err(|e| CliError::Failed(format!("rdiff-backup import: {e}")))?;
+        summary.bytes_read += content.len() as u64;
+        summary.files_new += 1;
+        let ids = store(session, &mut self.chunker, &content)?;
+        if let Some(sha) = sha {
+            self.stored.insert((sha, rec.size), ids.clone());
+        }
+        Ok(ids)
+    }
+}
+
 /// Stores the trees of one session bottom-up and returns the root.
-#[allow(clippy::too_many_arguments)]
 fn build(
-    rd: &haul_rdiff::Repo,
+    contents: &mut Contents,
     session: &IngestSession,
-    chunker: &mut Chunker,
     meta: &haul_rdiff::meta::Tree,
     xattrs: &haul_rdiff::meta::XattrTree,
     epoch: i64,
-    cache: &mut HashMap<([u8; 20], u64), Vec<ChunkId>>,
     summary: &mut Summary,
 ) -> Result<RootDir, CliError> {
     // Hard-link groups of this session: the content of a member without a SHA-1 is
@@ -370,26 +406,7 @@ fn build(
                 let sha = rec
                     .sha1
                     .or_else(|| group.and_then(|g| group_sha.get(&g).copied()));
-                node.content = match sha {
-                    Some(sha) if cache.contains_key(&(sha, rec.size)) => {
-                        summary.files_unchanged += 1;
-                        cache[&(sha, rec.size)].clone()
-                    }
-                    sha => {
-                        let mut checked = rec.clone();
-                        checked.sha1 = sha;
-                        let content = rd
-                            .content(&checked, epoch)
-                            .map_err(|e| CliError::Failed(format!("rdiff-backup import: {e}")))?;
-                        summary.bytes_read += content.len() as u64;
-                        summary.files_new += 1;
-                        let ids = store(session, chunker, &content)?;
-                        if let Some(sha) = sha {
-                            cache.insert((sha, rec.size), ids.clone());
-                        }
-                        ids
-                    }
-                };
+                node.content = contents.chunks(session, rec, sha, epoch, summary)?;
                 summary.bytes_total += rec.size;
             }
             Kind::Dir => {
