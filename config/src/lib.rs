@@ -158,6 +158,16 @@ pub enum Transport {
     Local,
 }
 
+impl Transport {
+    /// As the configuration and the run records spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ssh => "ssh",
+            Transport::Local => "local",
+        }
+    }
+}
+
 /// A source host (`[[host]]`). Only `name`, `address` and `paths` are required.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

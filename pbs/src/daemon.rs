@@ -40,7 +40,18 @@ use std::time::Duration;
 struct HostState {
     next: DateTime<Utc>,
     failures: u32,
-    running: bool,
+    /// When the running pull started; none while idle.
+    running_since: Option<DateTime<Utc>>,
+    /// End of the last successful pull, and time of the last stale alert (from the
+    /// history at start, kept up to date here: the scheduler never rereads it).
+    last_success: Option<DateTime<Utc>>,
+    last_alert: Option<DateTime<Utc>>,
+}
+
+impl HostState {
+    fn running(&self) -> bool {
+        self.running_since.is_some()
+    }
 }
 
 /// Shared by the scheduler and the HTTP handlers.
@@ -123,7 +134,10 @@ fn jitter() -> f64 {
     u32::from_le_bytes(b) as f64 / u32::MAX as f64
 }
 
-fn pulls_of<'a>(records: &'a [RunRecord], host: &'a str) -> impl Iterator<Item = &'a RunRecord> {
+fn pulls_of<'a>(
+    records: &'a [RunRecord],
+    host: &'a str,
+) -> impl DoubleEndedIterator<Item = &'a RunRecord> {
     records
         .iter()
         .filter(move |r| r.host == host && r.kind == "pull")
@@ -167,8 +181,6 @@ fn state_from_history(
     let schedule = h.schedule(config);
     let last = pulls_of(records, &h.name).max_by_key(|r| r.start);
     let failures = pulls_of(records, &h.name)
-        .collect::<Vec<_>>()
-        .iter()
         .rev()
         .take_while(|r| !succeeded(r))
         .count() as u32;
@@ -182,7 +194,16 @@ fn state_from_history(
     HostState {
         next,
         failures,
-        running: false,
+        running_since: None,
+        last_success: pulls_of(records, &h.name)
+            .filter(|r| succeeded(r))
+            .map(|r| r.end)
+            .max(),
+        last_alert: records
+            .iter()
+            .filter(|r| r.host == h.name && r.kind == "alert")
+            .map(|r| r.end)
+            .max(),
     }
 }
 
@@ -194,7 +215,7 @@ async fn scheduler(ctx: Arc<Context>, args: DaemonArgs, shared: SharedRef) -> Re
         sig(SignalKind::interrupt())?,
         sig(SignalKind::hangup())?,
     );
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, &'static str)>();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let repos: Arc<Mutex<HashMap<PathBuf, &'static IndexedRepository>>> = Default::default();
     tracing::info!("daemon started");
     loop {
@@ -202,7 +223,7 @@ async fn scheduler(ctx: Arc<Context>, args: DaemonArgs, shared: SharedRef) -> Re
         raise_alerts(&shared);
         tokio::select! {
             _ = tokio::time::sleep(wake) => {}
-            Some((host, status)) = done_rx.recv() => finished(&shared, &host, status),
+            Some(done) = done_rx.recv() => finished(&shared, done),
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => reload(&args, &shared),
@@ -217,7 +238,7 @@ async fn scheduler(ctx: Arc<Context>, args: DaemonArgs, shared: SharedRef) -> Re
             "waiting for running pulls"
         );
         tokio::select! {
-            Some((host, status)) = done_rx.recv() => finished(&shared, &host, status),
+            Some(done) = done_rx.recv() => finished(&shared, done),
             _ = tokio::time::sleep_until(deadline) => break,
         }
     }
@@ -230,7 +251,7 @@ async fn scheduler(ctx: Arc<Context>, args: DaemonArgs, shared: SharedRef) -> Re
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while running(&shared) > 0 {
             tokio::select! {
-                Some((host, status)) = done_rx.recv() => finished(&shared, &host, status),
+                Some(done) = done_rx.recv() => finished(&shared, done),
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
@@ -252,7 +273,7 @@ fn running(shared: &SharedRef) -> usize {
         .expect("daemon state")
         .hosts
         .values()
-        .filter(|s| s.running)
+        .filter(|s| s.running())
         .count()
 }
 
@@ -263,17 +284,17 @@ fn start_due(
     args: &DaemonArgs,
     shared: &SharedRef,
     repos: &Arc<Mutex<HashMap<PathBuf, &'static IndexedRepository>>>,
-    done: &tokio::sync::mpsc::UnboundedSender<(String, &'static str)>,
+    done: &tokio::sync::mpsc::UnboundedSender<Done>,
 ) -> Duration {
     let now = Utc::now();
     let mut s = shared.lock().expect("daemon state");
     let cap = s.config.server.max_concurrent;
-    let mut busy = s.hosts.values().filter(|h| h.running).count();
+    let mut busy = s.hosts.values().filter(|h| h.running()).count();
     // Most overdue first.
     let mut due: Vec<(DateTime<Utc>, String)> = s
         .hosts
         .iter()
-        .filter(|(_, h)| !h.running && h.next <= now)
+        .filter(|(_, h)| !h.running() && h.next <= now)
         .map(|(n, h)| (h.next, n.clone()))
         .collect();
     due.sort();
@@ -284,21 +305,25 @@ fn start_due(
         let Some(host) = s.config.host(&name).cloned() else {
             continue;
         };
-        s.hosts.get_mut(&name).expect("known host").running = true;
+        s.hosts.get_mut(&name).expect("known host").running_since = Some(now);
         busy += 1;
         let config = s.config.clone();
         let (ctx, repos, done) = (ctx.clone(), repos.clone(), done.clone());
         let config_path = args.config.clone();
         tracing::info!(host = %name, "pull starting");
         std::thread::spawn(move || {
-            let status = pull_host(&ctx, &config, &config_path, &host, &repos);
-            let _ = done.send((host.name.clone(), status));
+            let (status, started) = pull_host(&ctx, &config, &config_path, &host, &repos);
+            let _ = done.send(Done {
+                host: host.name.clone(),
+                status,
+                started,
+            });
         });
     }
     let next = s
         .hosts
         .values()
-        .filter(|h| !h.running)
+        .filter(|h| !h.running())
         .map(|h| h.next)
         .min()
         .unwrap_or(now + chrono::Duration::seconds(60));
@@ -315,7 +340,7 @@ fn pull_host(
     config_path: &std::path::Path,
     host: &Host,
     repos: &Mutex<HashMap<PathBuf, &'static IndexedRepository>>,
-) -> &'static str {
+) -> (&'static str, DateTime<Utc>) {
     let path = host.repository_path(config);
     let repo = {
         let mut open = repos.lock().expect("repositories");
@@ -339,7 +364,7 @@ fn pull_host(
         Err(e) => {
             tracing::error!(host = %host.name, "repository {}: {e}", path.display());
             record_failure(config, host, &format!("repository {}: {e}", path.display()));
-            return "failed";
+            return ("failed", Utc::now());
         }
     };
     let args = PullArgs {
@@ -360,6 +385,8 @@ fn pull_host(
             agent: host.agent.clone(),
         },
     };
+    // The run starts now, the repository open (its first open takes a while).
+    let started = Utc::now();
     let status = match crate::commands::pull::pull_one(ctx, &args, Some(repo), Some(config)) {
         Ok(()) => "ok",
         Err(CliError::Incomplete(_)) => "warning",
@@ -369,20 +396,16 @@ fn pull_host(
         }
     };
     tracing::info!(host = %host.name, status, "pull finished");
-    status
+    (status, started)
 }
 
 /// Records a run that failed before it could start.
 fn record_failure(config: &Config, host: &Host, error: &str) {
     let now = Utc::now();
-    let transport = match host.transport {
-        haul_config::Transport::Ssh => "ssh",
-        haul_config::Transport::Local => "local",
-    };
     let record = RunRecord::bare(
         crate::run::new_run_id(now),
         &host.name,
-        ("pull", transport),
+        ("pull", host.transport.name()),
         now,
         "failed",
         error.to_string(),
@@ -392,7 +415,21 @@ fn record_failure(config: &Config, host: &Host, error: &str) {
     }
 }
 
-fn finished(shared: &SharedRef, host: &str, status: &str) {
+/// A pull's end, as its thread reports it.
+struct Done {
+    host: String,
+    status: &'static str,
+    /// When the pull itself started: the next one of an interval schedule follows it.
+    started: DateTime<Utc>,
+}
+
+fn finished(shared: &SharedRef, done: Done) {
+    let Done {
+        host,
+        status,
+        started,
+    } = done;
+    let host = host.as_str();
     let now = Utc::now();
     let mut s = shared.lock().expect("daemon state");
     let Some(h) = s.config.host(host).cloned() else {
@@ -402,7 +439,7 @@ fn finished(shared: &SharedRef, host: &str, status: &str) {
     };
     let schedule = h.schedule(&s.config).clone();
     let state = s.hosts.get_mut(host).expect("known host");
-    state.running = false;
+    state.running_since = None;
     if status == "failed" {
         state.failures += 1;
         let wait = backoff(state.failures, schedule.period());
@@ -415,7 +452,8 @@ fn finished(shared: &SharedRef, host: &str, status: &str) {
         );
     } else {
         state.failures = 0;
-        state.next = schedule.next_after(Some(now), now, jitter());
+        state.last_success = Some(now);
+        state.next = schedule.next_after(Some(started), now, jitter());
     }
 }
 
@@ -439,14 +477,14 @@ fn reload(args: &DaemonArgs, shared: &SharedRef) {
         let state = match s.hosts.get(&h.name) {
             // A running host keeps its state; an idle one is rescheduled (its schedule
             // may have changed).
-            Some(old) if old.running => old.clone(),
+            Some(old) if old.running() => old.clone(),
             _ => state_from_history(&config, h, &records, now),
         };
         hosts.insert(h.name.clone(), state);
     }
     // Running hosts that were removed stay until their run ends.
     for (name, old) in &s.hosts {
-        if old.running && !hosts.contains_key(name) {
+        if old.running() && !hosts.contains_key(name) {
             hosts.insert(name.clone(), old.clone());
         }
     }
@@ -496,67 +534,62 @@ struct Health {
 fn health(
     config: &Config,
     h: &Host,
-    records: &[RunRecord],
+    state: &HostState,
     started: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Health {
     let window = h.alert_window(config);
-    let last_success = pulls_of(records, &h.name)
-        .filter(|r| succeeded(r))
-        .map(|r| r.end)
-        .max();
     // Never succeeded: counted from when this daemon started.
-    let since = last_success.unwrap_or(started);
-    let stale = (now - since).to_std().unwrap_or_default() > window;
+    let since = state.last_success.unwrap_or(started);
     Health {
-        last_success,
-        stale,
+        last_success: state.last_success,
+        stale: (now - since).to_std().unwrap_or_default() > window,
         window,
     }
 }
 
-/// A `WARNING` item for each stale host, once per alert window.
+/// A `WARNING` item for each stale host, once per alert window. Decided from the
+/// scheduler's state; the history is only written.
 fn raise_alerts(shared: &SharedRef) {
-    let (config, started) = {
-        let s = shared.lock().expect("daemon state");
-        (s.config.clone(), s.started)
+    let now = Utc::now();
+    let mut alerts = Vec::new();
+    let config = {
+        let mut s = shared.lock().expect("daemon state");
+        let (config, started) = (s.config.clone(), s.started);
+        for h in &config.hosts {
+            let Some(state) = s.hosts.get_mut(&h.name) else {
+                continue;
+            };
+            let health = health(&config, h, state, started, now);
+            let since = state.last_success.unwrap_or(started);
+            let alerted = state.last_alert.is_some_and(|a| {
+                a > since && (now - a).to_std().unwrap_or_default() < health.window
+            });
+            if !health.stale || alerted {
+                continue;
+            }
+            state.last_alert = Some(now);
+            let gap = human_gap(now - since);
+            let what = match health.last_success {
+                Some(_) => format!("no successful backup for {gap}"),
+                None => format!("no successful backup since the daemon started {gap} ago"),
+            };
+            alerts.push((h.name.clone(), what, health.window));
+        }
+        config
     };
     let history = history_of(&config);
-    let Ok((records, _)) = history.read() else {
-        return;
-    };
-    let now = Utc::now();
-    for h in &config.hosts {
-        let health = health(&config, h, &records, started, now);
-        if !health.stale {
-            continue;
-        }
-        let last_alert = records
-            .iter()
-            .filter(|r| r.host == h.name && r.kind == "alert")
-            .map(|r| r.end)
-            .max();
-        let since = health.last_success.unwrap_or(started);
-        if last_alert
-            .is_some_and(|a| a > since && (now - a).to_std().unwrap_or_default() < health.window)
-        {
-            continue;
-        }
-        let gap = human_gap(now - since);
-        let what = match health.last_success {
-            Some(_) => format!("no successful backup for {gap}"),
-            None => format!("no successful backup since the daemon started {gap} ago"),
-        };
-        tracing::warn!(host = %h.name, "{what}");
+    for (host, what, window) in alerts {
+        tracing::warn!(host = %host, "{what}");
         let record = RunRecord::bare(
             crate::run::new_run_id(now),
-            &h.name,
+            &host,
             ("alert", "-"),
             now,
             "warning",
             format!(
                 "{what} (alert window {})",
-                humantime::format_duration(health.window)
+                humantime::format_duration(window)
             ),
         );
         if let Err(e) = history.record(&record) {
@@ -647,26 +680,33 @@ fn snapshot(s: &SharedRef) -> (Config, Vec<RunRecord>) {
 /// Per host, what status and metrics show.
 struct Row {
     name: String,
-    state: Option<HostState>,
+    state: HostState,
     last: Option<RunRecord>,
     health: Health,
 }
 
 fn rows(s: &SharedRef) -> (Vec<Row>, Config) {
-    let (config, records) = snapshot(s);
-    let (states, started) = {
+    // Configuration and states from one look, so a reload cannot come between them.
+    let (config, states, started) = {
         let g = s.lock().expect("daemon state");
-        (g.hosts.clone(), g.started)
+        (g.config.clone(), g.hosts.clone(), g.started)
     };
+    let records = history_of(&config)
+        .read()
+        .map(|(r, _)| r)
+        .unwrap_or_default();
     let now = Utc::now();
     let rows = config
         .hosts
         .iter()
-        .map(|h| Row {
-            name: h.name.clone(),
-            state: states.get(&h.name).cloned(),
-            last: pulls_of(&records, &h.name).max_by_key(|r| r.start).cloned(),
-            health: health(&config, h, &records, started, now),
+        .filter_map(|h| {
+            let state = states.get(&h.name)?.clone();
+            Some(Row {
+                name: h.name.clone(),
+                last: pulls_of(&records, &h.name).max_by_key(|r| r.start).cloned(),
+                health: health(&config, h, &state, started, now),
+                state,
+            })
         })
         .collect();
     (rows, config)
@@ -681,9 +721,9 @@ fn status(s: &SharedRef) -> serde_json::Value {
             serde_json::json!({
                 "name": r.name,
                 "schedule": h.schedule(&config).to_string(),
-                "running": r.state.as_ref().is_some_and(|s| s.running),
-                "next_run": r.state.as_ref().map(|s| s.next.to_rfc3339()),
-                "consecutive_failures": r.state.as_ref().map_or(0, |s| s.failures),
+                "running": r.state.running(),
+                "next_run": r.state.next.to_rfc3339(),
+                "consecutive_failures": r.state.failures,
                 "last_run": r.last.as_ref().map(|l| serde_json::json!({
                     "id": l.id, "status": l.status, "start": l.start.to_rfc3339(),
                     "end": l.end.to_rfc3339(), "error": l.error, "snapshot": l.snapshot,
@@ -767,12 +807,7 @@ fn metrics(s: &SharedRef) -> String {
     family(
         "haul_host_consecutive_failures",
         "Failed pulls of the host since its last successful one.",
-        &|r| {
-            vec![(
-                String::new(),
-                r.state.as_ref().map_or(0, |s| s.failures) as f64,
-            )]
-        },
+        &|r| vec![(String::new(), r.state.failures as f64)],
     );
     family(
         "haul_host_stale",
@@ -782,16 +817,7 @@ fn metrics(s: &SharedRef) -> String {
     family(
         "haul_host_running",
         "1 while a pull of the host runs.",
-        &|r| {
-            vec![(
-                String::new(),
-                if r.state.as_ref().is_some_and(|s| s.running) {
-                    1.0
-                } else {
-                    0.0
-                },
-            )]
-        },
+        &|r| vec![(String::new(), if r.state.running() { 1.0 } else { 0.0 })],
     );
     let _ = writeln!(
         out,
