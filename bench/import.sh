@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): `haul-pbs import-rdiff` against rdiff-backup itself.
 #
-# usage: bench/import.sh [--sessions N] [--mib M] [--work DIR]
-#        (defaults: 20 sessions of 256 MiB, /tmp/haul-bench-import)
+# usage: bench/import.sh [--sessions N] [--mib M] [--big-mib B] [--work DIR]
+#        (defaults: 20 sessions of 256 MiB, a 512 MiB file, /tmp/haul-bench-import)
 #
 # 1. The shared fixture (../shared/fixtures/make-rdiff-fixture.sh): import time and
 #    repository size.
@@ -12,19 +12,22 @@
 #    rdiff-backup restores every session (`restore --at`), which is what a user of the
 #    old tree must do to get a state back. Wall, CPU and peak RSS of both, and the sizes
 #    of the rdiff-backup tree and of haul's repository.
+# 3. One large file (--big-mib) rewritten in part between three sessions: haul's peak
+#    RSS while it rebuilds the old versions.
 set -euo pipefail
 
-sessions=20 mib=256 work=/tmp/haul-bench-import
+sessions=20 mib=256 big=512 work=/tmp/haul-bench-import
 while (($#)); do
   case $1 in
     --sessions) sessions=${2:?}; shift 2 ;;
     --mib) mib=${2:?}; shift 2 ;;
+    --big-mib) big=${2:?}; shift 2 ;;
     --work) work=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "import.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ $sessions =~ ^[1-9][0-9]*$ && $mib =~ ^[1-9][0-9]*$ ]] || { echo "import.sh: --sessions and --mib want positive integers" >&2; exit 2; }
+[[ $sessions =~ ^[1-9][0-9]*$ && $mib =~ ^[1-9][0-9]*$ && $big =~ ^[1-9][0-9]*$ ]] || { echo "import.sh: --sessions, --mib and --big-mib want positive integers" >&2; exit 2; }
 for t in rdiff-backup python3 /usr/bin/time; do
   command -v $t >/dev/null || { echo "import.sh: needs $t (apt-get install -y rdiff-backup python3 time)" >&2; exit 2; }
 done
@@ -82,4 +85,28 @@ export -f restore_all; export work sessions t0 rd
 measure "rdiff-backup restore of every session" bash -c restore_all
 printf 'sizes: rdiff-backup tree %s MiB, haul repository %s MiB (%s sessions of %s MiB)\n' \
   "$(du -sm "$rd" | cut -f1)" "$(du -sm "$work/haul-history" | cut -f1)" "$sessions" "$mib"
+
+echo "== one large file: $big MiB of random bytes, three sessions (half, then a quarter, of its MiB rewritten)"
+# Peak RSS shows whether a file is rebuilt in bounded memory: large versions spill to
+# \$TMPDIR and deltas are streamed, so it stays far below the file's size.
+big_src=$work/big-src big_rd=$work/big-rdiff
+mkdir -p "$big_src"
+for i in 0 1 2; do
+  python3 - "$big_src/big" "$big" "$i" <<'PY'
+import random, sys
+path, mib, step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(step)
+with open(path, "wb" if step == 0 else "r+b") as f:
+    for m in range(0 if step < 2 else 1, mib, [1, 2, 4][step]):
+        f.seek(m << 20)
+        f.write(r.randbytes(1 << 20))
+PY
+  touch -d "@$((t0 + i * 86400))" "$big_src/big"
+  rdiff-backup --current-time $((t0 + i * 86400)) backup "$big_src" "$big_rd" >>"$logs/rdiff-backup-big.log" 2>&1
+done
+h=("$haul" --repo "$work/haul-big" --password-file "$work/pw" --cache-dir "$work/cache-big")
+"${h[@]}" init >/dev/null 2>&1
+measure "haul import (one $big MiB file)" "${h[@]}" import-rdiff "$big_rd" --host big --path /big
+printf 'sizes: rdiff-backup tree %s MiB, haul repository %s MiB\n' \
+  "$(du -sm "$big_rd" | cut -f1)" "$(du -sm "$work/haul-big" | cut -f1)"
 echo "logs: $logs"

@@ -7,17 +7,20 @@
 //! Supported: sessions from `mirror_metadata` and `current_mirror` (also sessions that
 //! changed nothing); rdiff-backup's timestamp arithmetic, cross-checked with
 //! `session_statistics`; metadata snapshots with reverse diffs; `.diff[.gz]`
-//! (librsync deltas, applied with `fast_rsync`), `.snapshot[.gz]`, `.missing`, `.dir`;
+//! (librsync deltas, applied streaming: [`content`]), `.snapshot[.gz]`, `.missing`, `.dir`;
 //! `chars_to_quote`; `long_filename_data`; extended attributes and POSIX ACLs.
 //! Refused, with what to do: an interrupted session (two `current_mirror` markers; run
 //! `rdiff-backup regress` on a copy), no or more than two markers.
 //! Not yet: `special_escapes`.
 //!
-//! Memory: a file is rebuilt in memory (its content and one delta at a time).
+//! Memory: a file version up to [`content::INLINE_LIMIT`] is rebuilt in memory; a larger
+//! one in an unnamed temporary file in `$TMPDIR`. Deltas are streamed, never held whole.
 
+pub mod content;
 pub mod meta;
 pub mod names;
 
+pub use content::Content;
 use meta::Record;
 use names::{IncKind, IncName, Quoting, Time};
 use std::collections::{BTreeMap, HashMap};
@@ -46,6 +49,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// A reader of `f`, un-gzipping it when it is gzip (by magic, whatever its name).
+fn maybe_gz(f: std::fs::File) -> std::io::Result<Box<dyn Read>> {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::with_capacity(256 << 10, f);
+    if r.fill_buf()?.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(r)))
+    } else {
+        Ok(Box::new(r))
     }
 }
 
@@ -351,7 +365,7 @@ impl Repo {
 
     /// The content of the regular file `rec` at session `epoch` (§3.1), checked against
     /// the recorded size and SHA-1.
-    pub fn content(&self, rec: &Record, epoch: i64) -> Result<Vec<u8>, Error> {
+    pub fn content(&self, rec: &Record, epoch: i64) -> Result<Content, Error> {
         let shown = rec.display();
         let (name, parent) = rec
             .path
@@ -387,34 +401,41 @@ impl Repo {
                 break;
             }
         }
+        let rebuild = |e: std::io::Error, what: &Path| {
+            Error::Content(format!("{shown}: {}: {e}", what.display()))
+        };
         let mut content = match base {
             Some(Inc {
                 kind: IncKind::Snapshot,
                 path,
                 ..
-            }) => read_maybe_gz(&path)?,
+            }) => {
+                let f = std::fs::File::open(&path).map_err(io(&path))?;
+                Content::read_from(maybe_gz(f).map_err(io(&path))?).map_err(io(&path))?
+            }
             Some(i) => {
                 return Err(Error::Content(format!(
                     "{shown}: a regular file at {epoch}, but its increment {} says otherwise",
                     i.path.display()
                 )))
             }
-            None => std::fs::read(&mirror).map_err(io(&mirror))?,
+            None => {
+                let f = std::fs::File::open(&mirror).map_err(io(&mirror))?;
+                let len = f.metadata().map_err(io(&mirror))?.len();
+                Content::of_file(f, len).map_err(io(&mirror))?
+            }
         };
         for d in chain.iter().rev() {
-            let delta = read_maybe_gz(&d.path)?;
-            let mut out = Vec::with_capacity(rec.size as usize);
-            fast_rsync::apply_limited(&content, &delta, &mut out, usize::MAX >> 1).map_err(
-                |e| {
-                    Error::Content(format!(
-                        "{shown}: increment {} does not apply: {e}",
-                        d.path.display()
-                    ))
-                },
-            )?;
-            content = out;
+            let f = std::fs::File::open(&d.path).map_err(io(&d.path))?;
+            let delta = maybe_gz(f).map_err(io(&d.path))?;
+            content = content::apply(&content, delta).map_err(|e| {
+                Error::Content(format!(
+                    "{shown}: increment {} does not apply: {e}",
+                    d.path.display()
+                ))
+            })?;
         }
-        if content.len() as u64 != rec.size {
+        if content.len() != rec.size {
             return Err(Error::Content(format!(
                 "{shown} at {epoch}: rebuilt {} bytes, the metadata says {}",
                 content.len(),
@@ -423,7 +444,16 @@ impl Repo {
         }
         if let Some(want) = rec.sha1 {
             use sha1::Digest;
-            let got: [u8; 20] = sha1::Sha1::digest(&content).into();
+            let mut h = sha1::Sha1::new();
+            let mut r = content.reader();
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                match r.read(&mut buf).map_err(|e| rebuild(e, &mirror))? {
+                    0 => break,
+                    n => h.update(&buf[..n]),
+                }
+            }
+            let got: [u8; 20] = h.finalize().into();
             if got != want {
                 return Err(Error::Content(format!(
                     "{shown} at {epoch}: the rebuilt content's SHA-1 is {}, the metadata says {}",

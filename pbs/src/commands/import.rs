@@ -311,14 +311,10 @@ pub fn verify(
                 trees.insert(rec.path.clone(), repo.load_tree(&sub)?);
             }
             Kind::Reg => {
-                let mut stored = Vec::with_capacity(rec.size as usize);
-                for c in &node.content {
-                    stored.extend_from_slice(&repo.load_chunk(c)?);
-                }
                 let mirror = rd
                     .content(rec, newest.epoch)
                     .map_err(|e| mismatch(rec, e.to_string()))?;
-                if stored != mirror {
+                if !same_bytes(repo, &node.content, mirror.reader())? {
                     return Err(mismatch(
                         rec,
                         "its bytes in the repository differ from the mirror's".into(),
@@ -330,6 +326,27 @@ pub fn verify(
         }
     }
     Ok(files)
+}
+
+/// Whether the chunks `ids`, read back from the repository, are exactly the bytes of
+/// `want`, compared a chunk at a time.
+fn same_bytes(
+    repo: &IndexedRepository,
+    ids: &[ChunkId],
+    mut want: impl std::io::Read,
+) -> Result<bool, CliError> {
+    let mut buf = Vec::new();
+    for c in ids {
+        let chunk = repo.load_chunk(c)?;
+        buf.resize(chunk.len(), 0);
+        if want.read_exact(&mut buf).is_err() || buf != *chunk {
+            return Ok(false);
+        }
+    }
+    Ok(want
+        .read(&mut [0u8; 1])
+        .map_err(|e| CliError::Failed(e.to_string()))?
+        == 0)
 }
 
 /// What the root of the rdiff-backup tree became: its node (its own metadata) and
@@ -367,9 +384,9 @@ impl Contents<'_> {
             .rd
             .content(&checked, epoch)
             .map_err(|e| CliError::Failed(format!("rdiff-backup import: {e}")))?;
-        summary.bytes_read += content.len() as u64;
+        summary.bytes_read += content.len();
         summary.files_new += 1;
-        let ids = store(session, &mut self.chunker, &content)?;
+        let ids = store(session, &mut self.chunker, content.reader())?;
         if let Some(sha) = sha {
             self.stored.insert((sha, rec.size), ids.clone());
         }
@@ -437,7 +454,7 @@ fn build(
 fn store(
     session: &IngestSession,
     chunker: &mut Chunker,
-    content: &[u8],
+    content: impl std::io::Read,
 ) -> Result<Vec<ChunkId>, CliError> {
     let mut ids = Vec::new();
     let mut failed = None;
