@@ -23,7 +23,7 @@ while (($#)); do
     --mib) mib=${2:?}; shift 2 ;;
     --big-mib) big=${2:?}; shift 2 ;;
     --work) work=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "import.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
