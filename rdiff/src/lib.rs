@@ -8,10 +8,9 @@
 //! changed nothing); rdiff-backup's timestamp arithmetic, cross-checked with
 //! `session_statistics`; metadata snapshots with reverse diffs; `.diff[.gz]`
 //! (librsync deltas, applied streaming: [`content`]), `.snapshot[.gz]`, `.missing`, `.dir`;
-//! `chars_to_quote`; `long_filename_data`; extended attributes and POSIX ACLs.
+//! `chars_to_quote` and `special_escapes`; `long_filename_data`; extended attributes and POSIX ACLs.
 //! Refused, with what to do: an interrupted session (two `current_mirror` markers; run
 //! `rdiff-backup regress` on a copy), no or more than two markers.
-//! Not yet: `special_escapes`.
 //!
 //! Memory: a file version up to [`content::INLINE_LIMIT`] is rebuilt in memory; a larger
 //! one in an unnamed temporary file in `$TMPDIR`. Deltas are streamed, never held whole.
@@ -125,6 +124,11 @@ impl Repo {
             Ok(class) => Quoting::parse(&class)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Quoting::none(),
             Err(e) => return Err(io(&data.join("chars_to_quote"))(e)),
+        };
+        let quoting = match std::fs::read(data.join("special_escapes")) {
+            Ok(text) => quoting.with_special_escapes(&text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => quoting,
+            Err(e) => return Err(io(&data.join("special_escapes"))(e)),
         };
         let mut markers = Vec::new();
         let mut meta = Vec::new();

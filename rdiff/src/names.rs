@@ -113,11 +113,31 @@ pub fn parse_inc(name: &[u8]) -> Option<IncName> {
     })
 }
 
+/// Whether `name` is a DOS device name, perhaps with an extension: rdiff-backup's
+/// `^(aux|prn|con|nul|com[0-9]|lpt[1-9])(\..*)*$`, case-insensitive (`.` does not
+/// match a newline).
+fn is_dos_device(name: &[u8]) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let stem = match lower.get(..3) {
+        Some(b"aux" | b"prn" | b"con" | b"nul") => 3,
+        Some(b"com") if lower.get(3).is_some_and(u8::is_ascii_digit) => 4,
+        Some(b"lpt") if lower.get(3).is_some_and(|b| (b'1'..=b'9').contains(b)) => 4,
+        _ => return false,
+    };
+    let rest = &lower[stem..];
+    rest.is_empty() || (rest[0] == b'.' && !rest.contains(&b'\n'))
+}
+
 /// The repository's `chars_to_quote`: which bytes of on-disk names are written `;NNN`.
 #[derive(Debug, Clone)]
 pub struct Quoting {
     quoted: [bool; 256],
     active: bool,
+    /// `special_escapes` (§2.8): a trailing space or `.` is quoted too.
+    trailing: bool,
+    /// `special_escapes`: the first byte of a DOS device name (`aux`, `prn`, `con`,
+    /// `nul`, `com0`-`com9`, `lpt1`-`lpt9`, with any extension) is quoted.
+    dos_devices: bool,
 }
 
 impl Quoting {
@@ -125,7 +145,28 @@ impl Quoting {
         Quoting {
             quoted: [false; 256],
             active: false,
+            trailing: false,
+            dos_devices: false,
         }
+    }
+
+    /// Adds the escapes named in `special_escapes` (one per line). They apply only
+    /// when quoting is active, as in rdiff-backup. Unknown lines are refused.
+    pub fn with_special_escapes(mut self, text: &[u8]) -> Result<Quoting, Error> {
+        for line in text.split(|&b| b == b'\n').map(|l| l.trim_ascii()) {
+            match line {
+                b"" => {}
+                b"escape_trailing_spaces" => self.trailing = true,
+                b"escape_dos_devices" => self.dos_devices = true,
+                other => {
+                    return Err(Error::Format(format!(
+                        "special_escapes: unknown escape {:?}",
+                        String::from_utf8_lossy(other)
+                    )))
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// From the contents of `chars_to_quote`: a regex character class (ranges `a-z`,
@@ -197,6 +238,16 @@ impl Quoting {
             } else {
                 out.push(b);
             }
+        }
+        if self.trailing {
+            if let Some(&last @ (b' ' | b'.')) = out.last() {
+                out.pop();
+                out.extend_from_slice(format!(";{last:03}").as_bytes());
+            }
+        }
+        if self.dos_devices && is_dos_device(&out) {
+            let first = out[0];
+            out.splice(0..1, format!(";{first:03}").into_bytes());
         }
         out
     }
@@ -293,5 +344,38 @@ mod tests {
         );
         let none = Quoting::parse(b"").unwrap();
         assert_eq!(none.quote(b"A;b"), b"A;b");
+    }
+
+    #[test]
+    fn special_escapes_quote_trailing_dots_and_dos_devices_as_rdiff_backup_does() {
+        let q = Quoting::parse(b"A-Z")
+            .unwrap()
+            .with_special_escapes(b"escape_dos_devices\nescape_trailing_spaces\n")
+            .unwrap();
+        let cases: [(&[u8], &[u8]); 11] = [
+            (b"name ", b"name;032"),
+            (b"name.", b"name;046"),
+            (b"aux", b";097ux"),
+            // Quoting comes first: `;067on.txt` is no device name.
+            (b"Con.txt", b";067on.txt"),
+            (b"con.TXT", b";099on.;084;088;084"),
+            (b"nul.tar.gz", b";110ul.tar.gz"),
+            (b"com7", b";099om7"),
+            (b"lpt0", b"lpt0"),
+            (b"auxiliary", b"auxiliary"),
+            // The trailing dot is escaped first, so `aux.` is no device any more.
+            (b"aux.", b"aux;046"),
+            (b"prn.\n", b"prn.\n"),
+        ];
+        for (name, stored) in cases {
+            assert_eq!(q.quote(name), stored, "{:?}", String::from_utf8_lossy(name));
+            assert_eq!(q.unquote(stored), name);
+        }
+        // Without chars_to_quote nothing is escaped, as in rdiff-backup.
+        let off = Quoting::none()
+            .with_special_escapes(b"escape_trailing_spaces")
+            .unwrap();
+        assert_eq!(off.quote(b"name "), b"name ");
+        assert!(Quoting::none().with_special_escapes(b"escape_all").is_err());
     }
 }

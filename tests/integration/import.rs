@@ -282,6 +282,136 @@ fn every_session_of_every_variant_equals_its_manifest_and_reimport_adds_nothing(
     assert!(imports[5]["counters"]["files_verified"].as_u64().unwrap() > 0);
 }
 
+/// Runs rdiff-backup with `args`; it must succeed.
+fn rdiff_backup(args: &[&str]) {
+    let out = std::process::Command::new("rdiff-backup")
+        .args(args)
+        .output()
+        .expect("rdiff-backup (apt-get install rdiff-backup)");
+    assert!(
+        out.status.success(),
+        "rdiff-backup {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A repository with `chars_to_quote` and `special_escapes` (rdiff-backup keeps an
+/// existing `special_escapes`, so the test writes one after the first session, as a
+/// repository once made on a FAT disk has), and a file larger than what the import
+/// rebuilds in memory, rewritten in part between sessions: every session imported must
+/// equal rdiff-backup's own `restore --at` of it.
+#[test]
+fn special_escapes_and_large_files_import_as_rdiff_backup_restores_them() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("escapes-src");
+    let rd = env.path("escapes-rdiff");
+    fs::create_dir_all(&src).unwrap();
+    let t0: i64 = 1_700_000_000;
+    let times = [t0, t0 + 86_400, t0 + 2 * 86_400];
+    let backup = |t: i64| {
+        rdiff_backup(&[
+            "--chars-to-quote",
+            "A-Z",
+            "--current-time",
+            &t.to_string(),
+            "backup",
+            src.to_str().unwrap(),
+            rd.to_str().unwrap(),
+        ])
+    };
+    // Larger than haul_rdiff::content::INLINE_LIMIT (16 MiB).
+    let mut big = haul_tests::random_bytes(1, 20 << 20);
+    fs::write(src.join("Big"), &big).unwrap();
+    fs::write(src.join("Plain"), b"plain").unwrap();
+    backup(times[0]);
+    fs::write(
+        rd.join("rdiff-backup-data/special_escapes"),
+        "escape_dos_devices\nescape_trailing_spaces\n",
+    )
+    .unwrap();
+    for (name, body) in [
+        ("trail ", "a trailing space"),
+        ("dot.", "a trailing dot"),
+        ("aux.txt", "a DOS device with an extension"),
+        ("Con", "quoted before the device check"),
+    ] {
+        fs::write(src.join(name), body).unwrap();
+    }
+    fs::create_dir(src.join("nul.d")).unwrap();
+    fs::write(src.join("nul.d/lpt3"), "in a device-named directory").unwrap();
+    big[8 << 20..12 << 20].copy_from_slice(&haul_tests::random_bytes(2, 4 << 20));
+    fs::write(src.join("Big"), &big).unwrap();
+    backup(times[1]);
+    big.extend_from_slice(&haul_tests::random_bytes(3, 1 << 20));
+    big[1 << 20..2 << 20].copy_from_slice(&haul_tests::random_bytes(4, 1 << 20));
+    fs::write(src.join("Big"), &big).unwrap();
+    fs::write(src.join("trail "), "changed").unwrap();
+    fs::write(src.join("dot."), "changed too").unwrap();
+    fs::remove_file(src.join("Plain")).unwrap();
+    backup(times[2]);
+    // The escapes are in force: these are the names on disk.
+    for stored in [
+        "trail;032",
+        "dot;046",
+        ";097ux.txt",
+        ";067on",
+        ";110ul.d/;108pt3",
+    ] {
+        assert!(rd.join(stored).exists(), "{stored} missing from the mirror");
+    }
+    let run = env
+        .pbs(&[
+            "import-rdiff",
+            rd.to_str().unwrap(),
+            "--host",
+            "escapes",
+            "--path",
+            "/srv/escapes",
+        ])
+        .expect(0);
+    assert!(run.stdout.contains("3 sessions imported"), "{}", run.stdout);
+    let snaps = snapshots(&env);
+    for t in times {
+        let snap = snaps
+            .iter()
+            .find(|s| {
+                s["time"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<chrono::DateTime<chrono::Utc>>()
+                    .unwrap()
+                    .timestamp()
+                    == t
+            })
+            .unwrap_or_else(|| panic!("no snapshot for {t}"));
+        let ours = env.path(&format!("escapes-haul/{t}"));
+        env.pbs(&[
+            "restore",
+            snap["id"].as_str().unwrap(),
+            "--target",
+            ours.to_str().unwrap(),
+        ])
+        .expect(0);
+        let theirs = env.path(&format!("escapes-rdiff-restore/{t}"));
+        fs::create_dir_all(theirs.parent().unwrap()).unwrap();
+        rdiff_backup(&[
+            "restore",
+            "--at",
+            &t.to_string(),
+            rd.to_str().unwrap(),
+            theirs.to_str().unwrap(),
+        ]);
+        let got = manifest(&ours.join("srv/escapes"));
+        let want = manifest(&theirs);
+        assert_eq!(got, want, "session {t}");
+        assert!(
+            got.iter().any(|l| l.starts_with(&hex::encode("trail "))) == (t != times[0]),
+            "{got:#?}"
+        );
+    }
+}
+
 #[test]
 fn an_interrupted_repository_is_refused_with_what_to_do() {
     let fx = fixture();
