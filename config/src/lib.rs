@@ -200,6 +200,10 @@ pub struct Host {
     pub tags: Vec<String>,
     /// An rdiff-backup tree of this host whose history is imported on its first pull.
     pub legacy_rdiff_dir: Option<PathBuf>,
+    /// Keep `legacy_rdiff_dir` after retention has removed a snapshot of the host
+    /// (by default it is then deleted: the imported history has taken its place).
+    #[serde(default)]
+    pub keep_legacy_rdiff_dir: bool,
     /// Directory on the host where sshd creates the run's forwarded socket; the
     /// wrapper policy's `socket_dir`.
     #[serde(default = "default_socket_dir")]

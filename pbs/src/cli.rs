@@ -52,6 +52,10 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
     Check(CheckArgs),
+    /// Remove snapshots: those a keep policy does not keep (restic's and borg's rules,
+    /// per host and paths; the newest always stays), or the ones named. Data only they
+    /// referenced stays in the packs.
+    Forget(ForgetArgs),
     /// Back up a source through its agent: `HOST` (from the configuration) over SSH, or
     /// `--local PATH...` with the agent on this machine. Without --repo, uses (and on
     /// first use creates) the default repository in the state directory.
@@ -319,6 +323,41 @@ pub struct RestoreArgs {
     pub config: PathBuf,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Snapshots to remove (ids or unique prefixes), instead of a policy.
+    #[arg(conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])]
+    pub snapshots: Vec<String>,
+    /// Only this host's snapshots.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Say what would be removed, remove nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Where the run is recorded (default: $HAUL_STATE_DIR, /var/lib/haul for root,
+    /// else ~/.local/state/haul).
+    #[arg(long, env = "HAUL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

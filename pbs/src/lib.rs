@@ -41,6 +41,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
         Command::Daemon(a) => daemon::daemon(&ctx, a),
         Command::ImportRdiff(a) => commands::import::import_rdiff(&ctx, a),
+        Command::Forget(a) => commands::forget::forget(&ctx, a),
     }
 }
 pub mod daemon;

@@ -43,6 +43,7 @@ pub mod backend;
 pub mod check;
 pub mod crypto;
 pub mod error;
+pub mod forget;
 pub mod format;
 pub mod index;
 pub mod ingest;

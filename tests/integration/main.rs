@@ -8,6 +8,7 @@
 mod check;
 mod daemon;
 mod dedup;
+mod forget;
 mod hostile;
 mod import;
 mod ingest;

@@ -369,6 +369,20 @@ pub fn pull_one(
     let saved = history.record(&record);
     report(ctx, &record, outcome.as_ref().ok());
     saved?;
+    // Retention only after a fully successful pull: its snapshot is the newest, which
+    // retention never removes. A failure here is recorded as a failed `forget` run
+    // (and reported); the pull itself stands.
+    if status == "ok" {
+        if let Some((c, h)) = plan
+            .config
+            .as_ref()
+            .and_then(|c| c.host(&host).map(|h| (c, h)))
+        {
+            if let Err(e) = super::forget::after_pull(&history, repo, c, h) {
+                eprintln!("haul-pbs: {e}");
+            }
+        }
+    }
     match status {
         "ok" => Ok(()),
         "warning" => Err(CliError::Incomplete(format!(

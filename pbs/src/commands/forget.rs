@@ -1,0 +1,261 @@
+//! `forget`: removes snapshots by a keep policy or by id, recorded as a run (kind
+//! `forget`). Also the retention a successful pull applies to its host
+//! ([`after_pull`]), and the retirement of the host's legacy rdiff-backup tree once
+//! retention has removed one of its snapshots.
+
+use super::Context;
+use crate::cli::ForgetArgs;
+use crate::error::CliError;
+use crate::history::History;
+use crate::output::json_line;
+use haul_repo::forget::{plan, Decision, KeepPolicy};
+use haul_repo::Repository;
+
+/// `forget`, recorded as a run (host: `--host`, else `repository`).
+pub fn forget(ctx: &Context, args: ForgetArgs) -> Result<(), CliError> {
+    let start = chrono::Utc::now();
+    let result = forget_command(ctx, &args);
+    if !args.dry_run {
+        let history = History::of(args.state_dir.as_deref());
+        let (counters, error) = match &result {
+            Ok(d) => (Some(counters(d)), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let host = args.host.as_deref().unwrap_or("repository");
+        if let Err(e) = history.record_local((host, "forget"), start, counters, error) {
+            eprintln!("haul-pbs: the forget's run record: {e}");
+        }
+    }
+    result.map(|_| ())
+}
+
+fn policy_of(args: &ForgetArgs) -> KeepPolicy {
+    KeepPolicy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+    }
+}
+
+/// The policy of a host's configured retention.
+pub fn policy_of_config(r: &haul_config::Retention) -> KeepPolicy {
+    KeepPolicy {
+        last: r.keep_last,
+        hourly: r.keep_hourly,
+        daily: r.keep_daily,
+        weekly: r.keep_weekly,
+        monthly: r.keep_monthly,
+        yearly: r.keep_yearly,
+    }
+}
+
+fn counters(d: &[Decision]) -> serde_json::Value {
+    let removed: Vec<String> = d
+        .iter()
+        .filter(|d| !d.keep())
+        .map(|d| d.id.to_hex())
+        .collect();
+    serde_json::json!({"removed": removed.len(), "kept": d.len() - removed.len(), "snapshots_removed": removed})
+}
+
+fn forget_command(ctx: &Context, args: &ForgetArgs) -> Result<Vec<Decision>, CliError> {
+    let repo = ctx.open()?;
+    let decisions = if args.snapshots.is_empty() {
+        let policy = policy_of(args);
+        if policy.is_empty() {
+            return Err(CliError::usage(
+                "forget: give snapshot ids or at least one --keep-* rule (with none, every snapshot would be kept)",
+            ));
+        }
+        decide(&repo, args.host.as_deref(), &policy)?
+    } else {
+        let mut out = Vec::new();
+        for spec in &args.snapshots {
+            let (id, s) = repo.find_snapshot_of(spec, args.host.as_deref())?;
+            out.push(Decision {
+                id,
+                host: s.host,
+                time: s.time,
+                reasons: Vec::new(),
+            });
+        }
+        out
+    };
+    for d in &decisions {
+        report(ctx.global.json, d, args.dry_run);
+    }
+    let gone: Vec<_> = decisions
+        .iter()
+        .filter(|d| !d.keep())
+        .map(|d| d.id)
+        .collect();
+    if !args.dry_run {
+        repo.forget(&gone)?;
+    }
+    if !ctx.global.json {
+        println!(
+            "{} {} snapshot(s), kept {}{}",
+            if args.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
+            gone.len(),
+            decisions.len() - gone.len(),
+            if gone.is_empty() || args.dry_run {
+                ""
+            } else {
+                "; their data stays in the packs until a prune"
+            }
+        );
+    }
+    Ok(decisions)
+}
+
+/// The policy's decisions for the snapshots of `host` (all hosts when `None`), with
+/// periods in the local time zone (as restic counts them).
+fn decide(
+    repo: &Repository,
+    host: Option<&str>,
+    policy: &KeepPolicy,
+) -> Result<Vec<Decision>, CliError> {
+    let mut snaps = repo.snapshots()?;
+    if let Some(h) = host {
+        snaps.retain(|(_, s)| s.host == h);
+    }
+    Ok(plan(&snaps, policy, &chrono::Local))
+}
+
+fn report(json: bool, d: &Decision, dry_run: bool) {
+    let verb = match (d.keep(), dry_run) {
+        (true, _) => "keep",
+        (false, true) => "would remove",
+        (false, false) => "remove",
+    };
+    if json {
+        json_line(
+            &serde_json::json!({"type": "decision", "snapshot": d.id.to_hex(), "host": d.host, "time": d.time, "keep": d.keep(), "reasons": d.reasons, "dry_run": dry_run}),
+        );
+    } else {
+        println!(
+            "{verb:<12} {} {} {:<16} {}",
+            &d.id.to_hex()[..8],
+            d.time
+                .with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S"),
+            d.host,
+            d.reasons.join(", ")
+        );
+    }
+}
+
+/// After a successful pull of `host`: applies its retention (nothing when it has
+/// none) and records a `forget` run when something was removed or it failed. Then,
+/// if retention has ever removed a snapshot of the host, retires its legacy
+/// rdiff-backup tree (see [`retire_legacy`]). Errors are recorded and returned; the
+/// pull's own snapshot is never removed (it is the newest).
+pub fn after_pull(
+    history: &History,
+    repo: &Repository,
+    config: &haul_config::Config,
+    host: &haul_config::Host,
+) -> Result<(), CliError> {
+    let policy = policy_of_config(host.retention(config));
+    if policy.is_empty() {
+        return Ok(());
+    }
+    let start = chrono::Utc::now();
+    let mut note = None;
+    let result = decide(repo, Some(&host.name), &policy).and_then(|d| {
+        let gone: Vec<_> = d.iter().filter(|d| !d.keep()).map(|d| d.id).collect();
+        repo.forget(&gone)?;
+        Ok(d)
+    });
+    let removed = result
+        .as_ref()
+        .map(|d| d.iter().any(|d| !d.keep()))
+        .unwrap_or(false);
+    let retired = match &result {
+        Ok(_) => retire_legacy(history, host, removed),
+        Err(_) => Ok(None),
+    };
+    let mut counters = result.as_ref().ok().map(|d| counters(d));
+    let error = match (&result, &retired) {
+        (Err(e), _) => Some(e.to_string()),
+        (_, Err(e)) => Some(e.to_string()),
+        (Ok(_), Ok(Some(dir))) => {
+            if let Some(c) = counters.as_mut() {
+                c["legacy_rdiff_dir_removed"] = dir.display().to_string().into();
+            }
+            note = Some(format!(
+                "{}: retention has removed snapshots of the host and its rdiff-backup history was imported and verified: the legacy tree {} is removed (keep_legacy_rdiff_dir = true keeps it)",
+                host.name,
+                dir.display()
+            ));
+            None
+        }
+        _ => None,
+    };
+    if removed || error.is_some() || note.is_some() {
+        history.record_local((&host.name, "forget"), start, counters, error.clone())?;
+    }
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    match error {
+        Some(e) => Err(CliError::Failed(format!(
+            "{}: retention after the pull: {e}",
+            host.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Removes the host's `legacy_rdiff_dir` when retention has removed any snapshot of
+/// the host (now, `removed_now`, or in an earlier recorded run), the import of that
+/// tree succeeded and was verified (a recorded `import` run with status `ok`), the
+/// host does not set `keep_legacy_rdiff_dir`, and the directory is still an
+/// rdiff-backup tree. Returns the directory removed.
+pub fn retire_legacy(
+    history: &History,
+    host: &haul_config::Host,
+    removed_now: bool,
+) -> Result<Option<std::path::PathBuf>, CliError> {
+    let Some(dir) = &host.legacy_rdiff_dir else {
+        return Ok(None);
+    };
+    if host.keep_legacy_rdiff_dir || !dir.join("rdiff-backup-data").is_dir() {
+        return Ok(None);
+    }
+    let (runs, _) = history.read()?;
+    let mine = |kind: &'static str| {
+        runs.iter()
+            .filter(move |r| r.host == host.name && r.kind == kind && r.status == "ok")
+    };
+    let verified = mine("import").any(|r| {
+        r.counters
+            .as_ref()
+            .is_some_and(|c| c.get("files_verified").is_some())
+    });
+    let retention_removed = removed_now
+        || mine("forget").any(|r| {
+            r.counters
+                .as_ref()
+                .and_then(|c| c["removed"].as_u64())
+                .is_some_and(|n| n > 0)
+        });
+    if !(verified && retention_removed) {
+        return Ok(None);
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| {
+        CliError::Failed(format!(
+            "removing the legacy rdiff-backup tree {}: {e}; remove it by hand or set keep_legacy_rdiff_dir = true for host {}",
+            dir.display(),
+            host.name
+        ))
+    })?;
+    Ok(Some(dir.clone()))
+}
