@@ -88,7 +88,8 @@ pub struct RestoreArgs {
     /// Restore only this path of the snapshot (repeat for several).
     #[arg(long)]
     pub include: Vec<String>,
-    /// Writer threads (default: the number of CPUs).
+    /// Writer threads (default: four per CPU, 4 to 16: a writer mostly waits in the
+    /// kernel).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Read run parameters as one JSON line from stdin.

@@ -151,13 +151,10 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
             rt.handle(),
         ),
     };
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
     let opts = RestoreOptions {
         target: target.clone(),
         includes: a.include.clone(),
-        threads: a.threads.unwrap_or(cpus).max(1),
+        threads: a.threads.unwrap_or_else(restore::default_threads).max(1),
     };
     let stats = Arc::new(RestoreStats::default());
     let warnings = {

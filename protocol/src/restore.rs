@@ -78,6 +78,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     }
 }
 
+/// Writer threads when none are asked for: four per CPU, 4 to 16. A restoring thread
+/// spends most of its time in the kernel (allocating page cache, ext4's block and
+/// inode work, metadata calls), not computing, so more threads than CPUs keep the
+/// CPUs busy. Measured on 2 CPUs, 1 GiB of `gen_dataset.py` data, caches dropped:
+/// 8 threads restore in 4.6-5.0 s through the agent against 5.4-6.6 s with 2, and in
+/// 3.5-4.0 s in-process against 4.5 s; the agent's peak RSS grows from 58 to 63 MiB.
+pub fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (4 * cpus).clamp(4, 16)
+}
+
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub target: PathBuf,
@@ -480,6 +491,8 @@ fn write_file(
         }
     };
     let mut offset = 0u64;
+    // The end of the last bytes written: the file (created empty) is this long.
+    let mut written = 0u64;
     for id in &job.node.content {
         let data = source.load_chunk(id)?;
         let actual = ChunkId::of(&data);
@@ -490,7 +503,9 @@ fn write_file(
                 path: path.clone(),
             });
         }
-        write_sparse(file, &data, offset).map_err(io_err(path))?;
+        if let Some(end) = write_sparse(file, &data, offset).map_err(io_err(path))? {
+            written = end;
+        }
         offset += data.len() as u64;
         stats.bytes.fetch_add(data.len() as u64, Relaxed);
     }
@@ -501,14 +516,20 @@ fn write_file(
             actual: offset,
         });
     }
-    file.set_len(offset).map_err(io_err(path))?;
+    // Only a file ending in a hole needs its length set (ftruncate is not free: it
+    // takes the inode's locks and a journal entry).
+    if written != offset {
+        file.set_len(offset).map_err(io_err(path))?;
+    }
     apply_metadata(path, &job.node, names, is_root)?;
     stats.files.fetch_add(1, Relaxed);
     Ok(())
 }
 
 /// Writes `data` at `offset`, skipping aligned all-zero blocks so they stay holes.
-fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+/// Returns the end of the last write, if anything was written.
+fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<Option<u64>> {
+    let mut end_written = None;
     let mut start = 0;
     while start < data.len() {
         let end = (start + HOLE_BLOCK).min(data.len());
@@ -528,7 +549,8 @@ fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
             stop = next;
         }
         file.write_all_at(&data[start..stop], offset + start as u64)?;
+        end_written = Some(offset + stop as u64);
         start = stop;
     }
-    Ok(())
+    Ok(end_written)
 }

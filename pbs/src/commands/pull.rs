@@ -92,7 +92,7 @@ fn create_default(
         backend,
         pass.as_bytes(),
         KdfParams::default(),
-        RepoConfig::new(3),
+        RepoConfig::new(haul_repo::format::config::DEFAULT_COMPRESSION),
     )?;
     if json {
         json_line(

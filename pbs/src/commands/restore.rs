@@ -24,11 +24,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         includes: args.include.clone(),
         threads: args
             .threads
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            })
+            .unwrap_or_else(haul_protocol::restore::default_threads)
             .max(1),
     };
     let stats = Arc::new(RestoreStats::default());
