@@ -2,7 +2,7 @@
 //! and the retirement of a host's legacy rdiff-backup tree once retention has removed
 //! one of its snapshots.
 
-use haul_tests::Env;
+use haul_tests::{rdiff_backup, Env};
 use std::fs;
 use std::path::Path;
 
@@ -104,17 +104,13 @@ fn rdiff_history(src: &Path, rd: &Path) {
             .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(time as u64))
             .unwrap();
         fs::write(src.join(format!("file-{day}")), vec![day as u8; 5000]).unwrap();
-        let out = std::process::Command::new("rdiff-backup")
-            .args(["--current-time", &time.to_string(), "backup"])
-            .arg(src)
-            .arg(rd)
-            .output()
-            .expect("rdiff-backup (apt-get install rdiff-backup)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rdiff_backup(&[
+            "--current-time",
+            &time.to_string(),
+            "backup",
+            src.to_str().unwrap(),
+            rd.to_str().unwrap(),
+        ]);
     }
 }
 

@@ -4,7 +4,7 @@
 //! session: contents, types, modes, ownership, mtimes, symlink targets, device numbers,
 //! hard-link groups and user xattrs.
 
-use haul_tests::{is_root, Env};
+use haul_tests::{is_root, rdiff_backup, Env};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -280,19 +280,6 @@ fn every_session_of_every_variant_equals_its_manifest_and_reimport_adds_nothing(
     assert_eq!(imports[0]["counters"]["sessions_imported"], 5);
     assert_eq!(imports[5]["counters"]["sessions_skipped"], 5);
     assert!(imports[5]["counters"]["files_verified"].as_u64().unwrap() > 0);
-}
-
-/// Runs rdiff-backup with `args`; it must succeed.
-fn rdiff_backup(args: &[&str]) {
-    let out = std::process::Command::new("rdiff-backup")
-        .args(args)
-        .output()
-        .expect("rdiff-backup (apt-get install rdiff-backup)");
-    assert!(
-        out.status.success(),
-        "rdiff-backup {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A repository with `chars_to_quote` and `special_escapes` (rdiff-backup keeps an

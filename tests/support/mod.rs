@@ -199,6 +199,19 @@ pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Runs rdiff-backup with `args`; it must succeed.
+pub fn rdiff_backup(args: &[&str]) {
+    let out = std::process::Command::new("rdiff-backup")
+        .args(args)
+        .output()
+        .expect("rdiff-backup (apt-get install rdiff-backup)");
+    assert!(
+        out.status.success(),
+        "rdiff-backup {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
