@@ -91,7 +91,11 @@ impl Read for ContentReader<'_> {
                 buf[..n].copy_from_slice(&b[start..start + n]);
                 n
             }
-            Content::File { file, .. } => file.read_at(&mut buf[..n], self.pos)?,
+            Content::File { file, .. } => match file.read_at(&mut buf[..n], self.pos)? {
+                // The file shrank under us: an error, never a short content.
+                0 if n > 0 => return Err(past_end()),
+                got => got,
+            },
         };
         self.pos += n as u64;
         Ok(n)
@@ -282,6 +286,17 @@ mod tests {
         assert!(matches!(got, Content::File { .. }));
         assert_eq!(got.len(), new.len() as u64);
         assert!(bytes_of(&got) == new);
+    }
+
+    #[test]
+    fn a_file_that_shrinks_while_read_is_an_error_not_a_short_content() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![7u8; INLINE_LIMIT + 4096]).unwrap();
+        let c = Content::of_file(f.try_clone().unwrap(), INLINE_LIMIT as u64 + 4096).unwrap();
+        assert!(matches!(c, Content::File { .. }));
+        f.set_len(100).unwrap();
+        let e = c.reader().read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

@@ -405,9 +405,6 @@ impl Repo {
                 break;
             }
         }
-        let rebuild = |e: std::io::Error, what: &Path| {
-            Error::Content(format!("{shown}: {}: {e}", what.display()))
-        };
         let mut content = match base {
             Some(Inc {
                 kind: IncKind::Snapshot,
@@ -452,7 +449,9 @@ impl Repo {
             let mut r = content.reader();
             let mut buf = vec![0u8; 256 << 10];
             loop {
-                match r.read(&mut buf).map_err(|e| rebuild(e, &mirror))? {
+                match r.read(&mut buf).map_err(|e| {
+                    Error::Content(format!("{shown}: reading the rebuilt content: {e}"))
+                })? {
                     0 => break,
                     n => h.update(&buf[..n]),
                 }

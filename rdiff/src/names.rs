@@ -124,7 +124,9 @@ fn is_dos_device(name: &[u8]) -> bool {
         Some(b"lpt") if lower.get(3).is_some_and(|b| (b'1'..=b'9').contains(b)) => 4,
         _ => return false,
     };
+    // Python's `$` also matches before one final newline.
     let rest = &lower[stem..];
+    let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
     rest.is_empty() || (rest[0] == b'.' && !rest.contains(&b'\n'))
 }
 
@@ -352,7 +354,7 @@ mod tests {
             .unwrap()
             .with_special_escapes(b"escape_dos_devices\nescape_trailing_spaces\n")
             .unwrap();
-        let cases: [(&[u8], &[u8]); 11] = [
+        let cases: [(&[u8], &[u8]); 14] = [
             (b"name ", b"name;032"),
             (b"name.", b"name;046"),
             (b"aux", b";097ux"),
@@ -365,7 +367,11 @@ mod tests {
             (b"auxiliary", b"auxiliary"),
             // The trailing dot is escaped first, so `aux.` is no device any more.
             (b"aux.", b"aux;046"),
-            (b"prn.\n", b"prn.\n"),
+            // Python's `$` matches before a final newline, so these are devices too.
+            (b"prn.\n", b";112rn.\n"),
+            (b"aux\n", b";097ux\n"),
+            (b"aux\n\n", b"aux\n\n"),
+            (b"con.a\nb", b"con.a\nb"),
         ];
         for (name, stored) in cases {
             assert_eq!(q.quote(name), stored, "{:?}", String::from_utf8_lossy(name));

@@ -149,12 +149,19 @@ impl Repository {
     /// Removes the snapshots `ids` (under a shared lock: it deletes no data). Each must
     /// exist. Returns how many were removed.
     pub fn forget(&self, ids: &[SnapshotId]) -> Result<usize> {
+        // Two prefixes of one snapshot name it once.
+        let mut ids = ids.to_vec();
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(0);
+        }
         let _lock = self.lock(false, "forget")?;
-        for id in ids {
+        for id in &ids {
             // Named and readable: a typo or a foreign file is not silently "forgotten".
             self.load_snapshot(id)?;
         }
-        for id in ids {
+        for id in &ids {
             self.backend()
                 .delete(crate::backend::FileType::Snapshot, &id.to_hex())?;
         }

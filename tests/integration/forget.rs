@@ -73,7 +73,8 @@ fn forget_keeps_what_the_policy_keeps_removes_named_snapshots_and_refuses_withou
     let run = env.pbs(&["forget", "0000000000"]).expect(1);
     assert!(run.stderr.contains("snapshot 0000000000"), "{}", run.stderr);
     assert_eq!(ids(&env).len(), 2);
-    env.pbs(&["forget", &before[2][..8]]).expect(0);
+    // Named twice (a prefix and the whole id): removed once.
+    env.pbs(&["forget", &before[2][..8], &before[2]]).expect(0);
     assert_eq!(ids(&env), before[3..]);
     env.pbs(&["check", "--read-data"]).expect(0);
 
@@ -308,6 +309,56 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
         .collect();
     assert_eq!(broken_forget.len(), 1, "{runs:#?}");
     assert_eq!(broken_forget[0]["counters"]["removed"], 1);
+
+    // A host whose rdiff-backup history came from another tree (imported by hand under
+    // its name): its legacy_rdiff_dir was never imported, so it is never retired.
+    let other_src = env.path("other-src");
+    let other = env.path("other-rdiff");
+    let elsewhere = env.path("elsewhere-rdiff");
+    rdiff_history(&other_src, &other);
+    rdiff_history(&env.path("elsewhere-src"), &elsewhere);
+    env.pbs(&[
+        "import-rdiff",
+        elsewhere.to_str().unwrap(),
+        "--host",
+        "other",
+        "--path",
+        other_src.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ])
+    .expect(0);
+    let other_config = env.path("other.toml");
+    fs::write(
+        &other_config,
+        format!(
+            "[[host]]\nname = \"other\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nlegacy_rdiff_dir = {:?}\nretention = {{ keep_last = 1 }}\n",
+            other_src.display().to_string(),
+            other.display().to_string()
+        ),
+    )
+    .unwrap();
+    env.pbs(&[
+        "pull",
+        "other",
+        "--config",
+        other_config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ])
+    .expect(0);
+    assert_eq!(
+        snapshots(&env)
+            .iter()
+            .filter(|s| s["host"] == "other")
+            .count(),
+        1,
+        "retention removed the imported ones"
+    );
+    assert!(
+        other.join("rdiff-backup-data").is_dir(),
+        "a tree that was never imported stays"
+    );
 
     // The next pull of "old": one more snapshot, one more removed; no tree to retire.
     env.pbs(&[

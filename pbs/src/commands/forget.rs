@@ -75,6 +75,9 @@ fn forget_command(ctx: &Context, args: &ForgetArgs) -> Result<Vec<Decision>, Cli
         let mut out = Vec::new();
         for spec in &args.snapshots {
             let (id, s) = repo.find_snapshot_of(spec, args.host.as_deref())?;
+            if out.iter().any(|d: &Decision| d.id == id) {
+                continue;
+            }
             out.push(Decision {
                 id,
                 host: s.host,
@@ -231,21 +234,26 @@ pub fn retire_legacy(
         return Ok(None);
     }
     let (runs, _) = history.read()?;
-    let mine = |kind: &'static str| {
-        runs.iter()
-            .filter(move |r| r.host == host.name && r.kind == kind && r.status == "ok")
-    };
-    let verified = mine("import").any(|r| {
-        r.counters
-            .as_ref()
-            .is_some_and(|c| c.get("files_verified").is_some())
+    // This very directory was imported and verified (an import of another tree under
+    // the same host name does not count).
+    let this_dir = super::import::canonical(dir);
+    let verified = runs.iter().any(|r| {
+        r.host == host.name
+            && r.kind == "import"
+            && r.status == "ok"
+            && r.counters.as_ref().is_some_and(|c| {
+                c.get("files_verified").is_some() && c["rdiff_dir"].as_str() == Some(&this_dir)
+            })
     });
+    // Whatever became of the rest of that run (a failed retirement is tried again).
     let retention_removed = removed_now
-        || mine("forget").any(|r| {
-            r.counters
-                .as_ref()
-                .and_then(|c| c["removed"].as_u64())
-                .is_some_and(|n| n > 0)
+        || runs.iter().any(|r| {
+            r.host == host.name
+                && r.kind == "forget"
+                && r.counters
+                    .as_ref()
+                    .and_then(|c| c["removed"].as_u64())
+                    .is_some_and(|n| n > 0)
         });
     if !(verified && retention_removed) {
         return Ok(None);

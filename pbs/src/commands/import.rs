@@ -71,8 +71,17 @@ fn import_command(
         },
     );
     Ok(
-        serde_json::json!({"sessions_imported": outcome.imported, "sessions_skipped": outcome.skipped, "files_new": outcome.files_rebuilt, "bytes_new": outcome.bytes_new, "files_verified": verified}),
+        serde_json::json!({"sessions_imported": outcome.imported, "sessions_skipped": outcome.skipped, "files_new": outcome.files_rebuilt, "bytes_new": outcome.bytes_new, "files_verified": verified, "rdiff_dir": canonical(&args.dir)}),
     )
+}
+
+/// `dir` as recorded in an import run's counters (`rdiff_dir`): what retiring a legacy
+/// tree compares with the host's `legacy_rdiff_dir`.
+pub fn canonical(dir: &std::path::Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// What an import did.
@@ -339,14 +348,21 @@ fn same_bytes(
     for c in ids {
         let chunk = repo.load_chunk(c)?;
         buf.resize(chunk.len(), 0);
-        if want.read_exact(&mut buf).is_err() || buf != *chunk {
-            return Ok(false);
+        match want.read_exact(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => {
+                return Err(CliError::Failed(format!(
+                    "reading the mirror's content: {e}"
+                )))
+            }
+            Ok(()) if buf != *chunk => return Ok(false),
+            Ok(()) => {}
         }
     }
-    Ok(want
+    let more = want
         .read(&mut [0u8; 1])
-        .map_err(|e| CliError::Failed(e.to_string()))?
-        == 0)
+        .map_err(|e| CliError::Failed(format!("reading the mirror's content: {e}")))?;
+    Ok(more == 0)
 }
 
 /// What the root of the rdiff-backup tree became: its node (its own metadata) and

@@ -450,7 +450,7 @@ fn legacy_import(
             "ok",
             None,
             Some(
-                serde_json::json!({"sessions_imported": o.imported, "sessions_skipped": o.skipped, "files_new": o.files_rebuilt, "bytes_new": o.bytes_new, "files_verified": verified}),
+                serde_json::json!({"sessions_imported": o.imported, "sessions_skipped": o.skipped, "files_new": o.files_rebuilt, "bytes_new": o.bytes_new, "files_verified": verified, "rdiff_dir": import::canonical(dir)}),
             ),
         ),
         Err(e) => ("failed", Some(e.to_string()), None),
