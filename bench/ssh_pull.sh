@@ -54,19 +54,26 @@ EOF
 trap 'kill $sshd 2>/dev/null' EXIT
 sleep 1
 printf 'x\n' >"$work/pass"
-printf '%-22s %8s %8s %10s %10s\n' run wall_s cpu_s agent_mib pbs_mib
+# Machine-wide busy CPU (user, nice, system, irq, softirq, steal) in seconds: with
+# nothing else running, the CPU of both sides (pbs, agent, sshd; restic, its ssh client
+# and sshd's sftp server).
+hz=$(getconf CLK_TCK)
+busy() { awk -v hz="$hz" '/^cpu /{printf "%.2f", ($2+$3+$4+$7+$8+$9)/hz}' /proc/stat; }
+printf '%-22s %8s %8s %10s %10s %10s\n' run wall_s cpu_s agent_mib pbs_mib all_cpu_s
 one() { # label, pull args...
   local label=$1; shift
   rm -rf "$work/repo" "$work/cache" "$work/state"
   "$bin/haul-pbs" --repo "$work/repo" --password-file "$work/pass" init >/dev/null
   sync; echo 3 >/proc/sys/vm/drop_caches
+  local b0; b0=$(busy)
   /usr/bin/time -f '%e %U %S' -o "$work/t" "$bin/haul-pbs" --repo "$work/repo" --password-file "$work/pass" \
     --cache-dir "$work/cache" --json pull "$@" --state-dir "$work/state" >"$work/$label.log"
+  local all; all=$(echo "$(busy) - $b0" | bc)
   read -r w u s <"$work/t"
   local rec; rec=$(jq -c 'select(.type=="run") | .run' "$work/$label.log")
   [[ $(jq -r .status <<<"$rec") == ok ]] || { echo "$label failed: $(jq -r .error <<<"$rec")"; return; }
-  printf '%-22s %8s %8.2f %10d %10d\n' "$label" "$w" "$(echo "$u + $s" | bc)" \
-    $(( $(jq .agent_peak_rss_kib <<<"$rec") / 1024 )) $(( $(jq .pbs_peak_rss_kib <<<"$rec") / 1024 ))
+  printf '%-22s %8s %8.2f %10d %10d %10.2f\n' "$label" "$w" "$(echo "$u + $s" | bc)" \
+    $(( $(jq .agent_peak_rss_kib <<<"$rec") / 1024 )) $(( $(jq .pbs_peak_rss_kib <<<"$rec") / 1024 )) "$all"
 }
 one local --local "$data"
 for win in 2 8 32; do
@@ -81,7 +88,9 @@ sftp_cmd="ssh -i $d/id_restic -p $port -o UserKnownHostsFile=$d/known_hosts -o S
 rm -rf "$work/restic-repo"
 restic -q -r "sftp:root@127.0.0.1:$work/restic-repo" -o sftp.command="$sftp_cmd" init --repository-version 2 >/dev/null
 sync; echo 3 >/proc/sys/vm/drop_caches
+b0=$(busy)
 /usr/bin/time -f '%e %U %S %M' -o "$work/t" restic -q -r "sftp:root@127.0.0.1:$work/restic-repo" \
   -o sftp.command="$sftp_cmd" --cache-dir "$work/restic-cache" backup "$data" >"$work/restic.log" 2>&1
+all=$(echo "$(busy) - $b0" | bc)
 read -r w u s m <"$work/t"
-printf '%-22s %8s %8.2f %10d %10s   (restic: cpu and rss of restic itself)\n' "restic sftp" "$w" "$(echo "$u + $s" | bc)" $((m / 1024)) -
+printf '%-22s %8s %8.2f %10d %10s %10.2f   (restic: cpu and rss of restic itself)\n' "restic sftp" "$w" "$(echo "$u + $s" | bc)" $((m / 1024)) - "$all"

@@ -68,8 +68,8 @@ pub struct BackupArgs {
     /// Parent snapshot for change detection: `latest`, `none`, or an id.
     #[arg(long)]
     pub parent: Option<String>,
-    /// File-reading threads (default: one more than the CPUs, at least 3: enough to
-    /// keep every CPU busy while one waits for the disk, and each costs a chunk buffer).
+    /// File-reading threads (default: the number of CPUs, at least 2: the walker reads
+    /// ahead of them, and each costs a chunk buffer).
     #[arg(long)]
     pub threads: Option<usize>,
 }

@@ -82,7 +82,11 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         excludes,
         exclude_caches: a.exclude_caches,
         one_file_system: a.one_file_system,
-        threads: a.threads.unwrap_or((cpus + 1).max(3)).max(1),
+        // One reader per CPU: the walker's read-ahead threads keep the disk busy, so
+        // a reader seldom waits for it, and each reader costs a chunk buffer of up to
+        // the maximum chunk size. Measured on 2 CPUs, cold 1 GiB pull, alternating:
+        // 2 readers 4.9-5.8 s and 47-60 MiB peak, 3 readers 4.7-6.0 s and 58-67 MiB.
+        threads: a.threads.unwrap_or(cpus.max(2)).max(1),
         chunker: started_session.chunker,
         parent,
     };
