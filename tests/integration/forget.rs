@@ -115,6 +115,29 @@ fn rdiff_history(src: &Path, rd: &Path) {
     }
 }
 
+/// A `[[host]]` pulled locally from `src`, with the legacy rdiff-backup tree `rdiff`
+/// and the extra lines `extra`.
+fn legacy_host(name: &str, src: &Path, rdiff: &Path, extra: &str) -> String {
+    format!(
+        "[[host]]\nname = \"{name}\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nlegacy_rdiff_dir = {:?}\n{extra}",
+        src.display().to_string(),
+        rdiff.display().to_string()
+    )
+}
+
+/// `pull HOST --config CONFIG --state-dir STATE`; it must exit 0.
+fn pull(env: &Env, host: &str, config: &Path, state: &Path) -> haul_tests::Run {
+    env.pbs(&[
+        "pull",
+        host,
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ])
+    .expect(0)
+}
+
 #[test]
 fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree() {
     let env = Env::new();
@@ -131,27 +154,18 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
         ),
         ("roomy", "retention = { keep_last = 10 }\n"),
     ] {
-        let src = env.path(&format!("{host}-src"));
-        rdiff_history(&src, &env.path(&format!("{host}-rdiff")));
-        config += &format!(
-            "[[host]]\nname = \"{host}\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nlegacy_rdiff_dir = {:?}\n{extra}",
-            src.display().to_string(),
-            env.path(&format!("{host}-rdiff")).display().to_string()
+        let (src, rdiff) = (
+            env.path(&format!("{host}-src")),
+            env.path(&format!("{host}-rdiff")),
         );
+        rdiff_history(&src, &rdiff);
+        config += &legacy_host(host, &src, &rdiff, extra);
     }
     let config_file = env.path("pbs.toml");
     fs::write(&config_file, config).unwrap();
     let state = env.path("state");
     for host in ["old", "kept", "roomy"] {
-        env.pbs(&[
-            "pull",
-            host,
-            "--config",
-            config_file.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ])
-        .expect(0);
+        pull(&env, host, &config_file, &state);
     }
     let snaps = snapshots(&env);
     let of = |h: &str| {
@@ -267,26 +281,14 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
     rdiff_history(&broken_src, &broken);
     fs::write(broken.join("file-0"), b"not what the metadata says").unwrap();
     let broken_config = env.path("broken.toml");
+    let keep_one = "retention = { keep_last = 1 }\n";
     fs::write(
         &broken_config,
-        format!(
-            "[[host]]\nname = \"broken\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nlegacy_rdiff_dir = {:?}\nretention = {{ keep_last = 1 }}\n",
-            broken_src.display().to_string(),
-            broken.display().to_string()
-        ),
+        legacy_host("broken", &broken_src, &broken, keep_one),
     )
     .unwrap();
     for _ in 0..2 {
-        let run = env
-            .pbs(&[
-                "pull",
-                "broken",
-                "--config",
-                broken_config.to_str().unwrap(),
-                "--state-dir",
-                state.to_str().unwrap(),
-            ])
-            .expect(0);
+        let run = pull(&env, "broken", &broken_config, &state);
         assert!(
             run.stderr.contains("the pull goes on without it"),
             "{}",
@@ -331,22 +333,10 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
     let other_config = env.path("other.toml");
     fs::write(
         &other_config,
-        format!(
-            "[[host]]\nname = \"other\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nlegacy_rdiff_dir = {:?}\nretention = {{ keep_last = 1 }}\n",
-            other_src.display().to_string(),
-            other.display().to_string()
-        ),
+        legacy_host("other", &other_src, &other, keep_one),
     )
     .unwrap();
-    env.pbs(&[
-        "pull",
-        "other",
-        "--config",
-        other_config.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ])
-    .expect(0);
+    pull(&env, "other", &other_config, &state);
     assert_eq!(
         snapshots(&env)
             .iter()
@@ -361,15 +351,7 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
     );
 
     // The next pull of "old": one more snapshot, one more removed; no tree to retire.
-    env.pbs(&[
-        "pull",
-        "old",
-        "--config",
-        config_file.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ])
-    .expect(0);
+    pull(&env, "old", &config_file, &state);
     let now: Vec<_> = snapshots(&env)
         .into_iter()
         .filter(|s| s["host"] == "old")
