@@ -194,6 +194,23 @@ impl client::Handler for Client {
     }
 }
 
+/// Bytes read from the SSH connection at once.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Connects to `addr` and starts the SSH session. russh reads each packet with two
+/// reads of the socket (its length, then the rest); through a buffer most packets
+/// cost no system call at all.
+async fn connect(
+    config: Arc<client::Config>,
+    addr: (&str, u16),
+    handler: Client,
+) -> Result<client::Handle<Client>, russh::Error> {
+    let socket = tokio::net::TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    let socket = tokio::io::BufReader::with_capacity(READ_BUFFER, socket);
+    client::connect_stream(config, socket, handler).await
+}
+
 /// Refuses a channel the pbs never asks for (russh's default handlers accept them).
 async fn refuse(reply: client::ChannelOpenHandle) -> Result<(), russh::Error> {
     reply
@@ -342,7 +359,6 @@ impl Tunnel {
             channel_buffer_size: 1024,
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
-            nodelay: true,
             preferred,
             ..Default::default()
         });
@@ -358,7 +374,7 @@ impl Tunnel {
         };
         let addr = (host.address.as_str(), host.port);
         let mut session =
-            match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(config, addr, handler))
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect(config, addr, handler))
                 .await
             {
                 Err(_) => {
