@@ -12,7 +12,7 @@
 use crate::client::{Client, ClientError};
 use crate::prefetch::Prefetcher;
 use bytes::Bytes;
-use haul_protocol::chunker::encode_blob;
+use haul_protocol::chunker::encode_blob_with;
 use haul_protocol::tree::Tree;
 use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::wire;
@@ -66,7 +66,8 @@ pub struct RemoteSink {
 }
 
 thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    /// Each walker thread's compressor (at the run's level) and its scratch buffer.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>)>> = const { RefCell::new(None) };
 }
 
 impl RemoteSink {
@@ -129,10 +130,11 @@ impl RemoteSink {
         let encoded = COMPRESSOR
             .with(|c| {
                 let mut c = c.borrow_mut();
-                if c.as_ref().map(|(l, _)| *l) != Some(level) {
-                    *c = Some((level, zstd::bulk::Compressor::new(level)?));
+                if c.as_ref().map(|(l, _, _)| *l) != Some(level) {
+                    *c = Some((level, zstd::bulk::Compressor::new(level)?, Vec::new()));
                 }
-                encode_blob(&mut c.as_mut().expect("just set").1, plain)
+                let (_, compressor, scratch) = c.as_mut().expect("just set");
+                encode_blob_with(compressor, scratch, plain)
             })
             .map_err(SinkError::new)?;
         let cost = encoded.capacity().clamp(1024, UPLOAD_BUDGET) as u32;

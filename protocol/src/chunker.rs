@@ -177,26 +177,43 @@ pub fn encode_blob(
     compressor: &mut zstd::bulk::Compressor<'_>,
     plain: Vec<u8>,
 ) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(plain.len() + 1 + SEAL_ROOM);
-    if !looks_incompressible(compressor, &plain, &mut out) {
-        out.clear();
-        // A frame that would not be smaller than the input fails for lack of room,
-        // which is exactly when the chunk is stored raw.
-        if let Ok(n) = compressor.compress_to_buffer(&plain, &mut out) {
+    encode_blob_with(compressor, &mut Vec::new(), plain)
+}
+
+/// [`encode_blob`] compressing into `scratch`, a buffer the caller keeps between calls:
+/// a compressed blob is then allocated at its compressed size, instead of a chunk-sized
+/// buffer being allocated, filled and shrunk (a copy) for every chunk. Threads that
+/// encode many chunks thus call the allocator less, which they share.
+pub fn encode_blob_with(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    scratch: &mut Vec<u8>,
+    plain: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    scratch.clear();
+    scratch.reserve(PROBE);
+    let mut compressed = None;
+    if !looks_incompressible(compressor, &plain, scratch) {
+        scratch.clear();
+        // A frame that would not be smaller than the input fails for lack of room (or
+        // is refused below), which is exactly when the chunk is stored raw.
+        scratch.reserve(plain.len());
+        if let Ok(n) = compressor.compress_to_buffer(&plain, scratch) {
             if n < plain.len() {
-                out.truncate(n);
+                let mut out = Vec::with_capacity(n + 1 + SEAL_ROOM);
+                out.extend_from_slice(&scratch[..n]);
                 out.push(BLOB_ZSTD);
-                // The buffer was sized for the whole chunk: a well-compressed one
-                // (a run of zeros) would keep megabytes for a few bytes while it
-                // waits to be uploaded or packed.
-                if out.capacity() > 2 * (n + 1 + SEAL_ROOM) {
-                    out.shrink_to(n + 1 + SEAL_ROOM);
-                }
-                return Ok(out);
+                compressed = Some(out);
             }
         }
     }
-    drop(out);
+    // A large chunk grew the scratch buffer: give it back rather than keep it for the
+    // (usually smaller) chunks to come.
+    if scratch.capacity() > 2 * READ_STEP {
+        *scratch = Vec::new();
+    }
+    if let Some(out) = compressed {
+        return Ok(out);
+    }
     let mut raw = plain;
     raw.reserve_exact(1 + SEAL_ROOM);
     raw.push(BLOB_RAW);

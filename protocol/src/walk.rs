@@ -172,11 +172,12 @@ pub fn backup(
                         Err(_) => return,
                     };
                     let mut results = Vec::with_capacity(job.files.len());
-                    for (path, node) in &job.files {
-                        let result = read_file(path, node, &mut chunker, sink, stats);
+                    for (path, node) in job.files {
+                        let size = node.size;
+                        let result = read_file(&path, node, &mut chunker, sink, stats);
                         readahead
                             .consumed
-                            .fetch_add(ReadAhead::share(node.size), Relaxed);
+                            .fetch_add(ReadAhead::share(size), Relaxed);
                         let fatal = matches!(result, FileResult::Fatal(_));
                         results.push(result);
                         if fatal {
@@ -849,7 +850,7 @@ const READ_ATTEMPTS: usize = 3;
 /// the previous attempt's `fstat` after that.
 fn read_file(
     path: &Path,
-    expected: &Node,
+    expected: Node,
     chunker: &mut Chunker,
     sink: &dyn Sink,
     stats: &WalkStats,
@@ -915,11 +916,11 @@ fn read_file(
                 "was replaced while the backup ran; it is left for the next backup".into(),
             );
         }
-        let mut node = expected.clone();
-        (node.inode, node.size, node.mtime, node.ctime) = now;
-        node.content = content;
         let stable = read == after.len() && now == before;
         if stable || attempt + 1 == READ_ATTEMPTS {
+            let mut node = expected;
+            (node.inode, node.size, node.mtime, node.ctime) = now;
+            node.content = content;
             let warning = (!stable).then(|| {
                 format!("changed while being read {READ_ATTEMPTS} times; stored as last read, which may be inconsistent")
             });
@@ -1098,7 +1099,7 @@ mod tests {
         fs::rename(&tmp, &path).unwrap();
         let s = sink(usize::MAX);
         let mut chunker = Chunker::new(opts(dir.path()).chunker);
-        match read_file(&path, &seen, &mut chunker, &s, &WalkStats::default()) {
+        match read_file(&path, seen.clone(), &mut chunker, &s, &WalkStats::default()) {
             FileResult::Skipped(msg) => {
                 assert!(msg.contains("was replaced while the backup ran"), "{msg}")
             }
@@ -1107,7 +1108,7 @@ mod tests {
         // The same file, unchanged since the lstat, is read.
         let meta = fs::symlink_metadata(&path).unwrap();
         let seen = crate::meta::node_from_metadata(b"f", &meta, &mut NameCache::default());
-        match read_file(&path, &seen, &mut chunker, &s, &WalkStats::default()) {
+        match read_file(&path, seen.clone(), &mut chunker, &s, &WalkStats::default()) {
             FileResult::Read { node, warning } => {
                 assert!(warning.is_none());
                 assert_eq!(node.size, 11);
