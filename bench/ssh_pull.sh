@@ -50,8 +50,21 @@ AllowStreamLocalForwarding remote
 StreamLocalBindUnlink yes
 Subsystem sftp internal-sftp
 EOF
+# Both log in as a uid-0 account whose shell is /bin/sh (as BSD's `toor`): sshd runs a
+# forced command through the login shell, and bash sourcing a heavy ~/.bashrc there (on
+# the machine this was written on, root's runs `pyenv init`: 0.14 s) would be counted
+# against haul only, since restic's sftp subsystem runs inside sshd. Created here if
+# missing, removed at exit (`--force`: uid 0 always has processes).
+login=haulbench
+made_login=
+if ! getent passwd "$login" >/dev/null; then
+  mkdir -p "$work/home"
+  useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir "$work/home" --shell /bin/sh "$login" 2>/dev/null
+  usermod --password '*' "$login"   # no password, not locked: key logins only
+  made_login=1
+fi
 /usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
-trap 'kill $sshd 2>/dev/null' EXIT
+trap 'kill $sshd 2>/dev/null; [[ -z $made_login ]] || userdel --force "$login" 2>/dev/null' EXIT
 sleep 1
 printf 'x\n' >"$work/pass"
 # Machine-wide busy CPU (user, nice, system, irq, softirq, steal) in seconds: with
@@ -77,19 +90,19 @@ one() { # label, pull args...
 }
 one local --local "$data"
 for win in 2 8 32; do
-  printf '[[host]]\nname = "bench"\naddress = "127.0.0.1"\nport = %s\nuser = "root"\nidentity = "%s"\nknown_hosts = "%s"\nsocket_dir = "%s"\nwindow_mib = %s\npaths = ["%s"]\n' \
-    "$port" "$d/id_ed25519" "$d/known_hosts" "$d/sockets" "$win" "$data" >"$work/pbs.toml"
+  printf '[[host]]\nname = "bench"\naddress = "127.0.0.1"\nport = %s\nuser = "%s"\nidentity = "%s"\nknown_hosts = "%s"\nsocket_dir = "%s"\nwindow_mib = %s\npaths = ["%s"]\n' \
+    "$port" "$login" "$d/id_ed25519" "$d/known_hosts" "$d/sockets" "$win" "$data" >"$work/pbs.toml"
   one "ssh window ${win} MiB" bench --config "$work/pbs.toml"
 done
 
 # restic over sftp through the same sshd, into a fresh repository.
 export RESTIC_PASSWORD=bench
-sftp_cmd="ssh -i $d/id_restic -p $port -o UserKnownHostsFile=$d/known_hosts -o StrictHostKeyChecking=yes root@127.0.0.1 -s sftp"
+sftp_cmd="ssh -i $d/id_restic -p $port -o UserKnownHostsFile=$d/known_hosts -o StrictHostKeyChecking=yes $login@127.0.0.1 -s sftp"
 rm -rf "$work/restic-repo"
-restic -q -r "sftp:root@127.0.0.1:$work/restic-repo" -o sftp.command="$sftp_cmd" init --repository-version 2 >/dev/null
+restic -q -r "sftp:$login@127.0.0.1:$work/restic-repo" -o sftp.command="$sftp_cmd" init --repository-version 2 >/dev/null
 sync; echo 3 >/proc/sys/vm/drop_caches
 b0=$(busy)
-/usr/bin/time -f '%e %U %S %M' -o "$work/t" restic -q -r "sftp:root@127.0.0.1:$work/restic-repo" \
+/usr/bin/time -f '%e %U %S %M' -o "$work/t" restic -q -r "sftp:$login@127.0.0.1:$work/restic-repo" \
   -o sftp.command="$sftp_cmd" --cache-dir "$work/restic-cache" backup "$data" >"$work/restic.log" 2>&1
 all=$(echo "$(busy) - $b0" | bc)
 read -r w u s m <"$work/t"
