@@ -374,9 +374,7 @@ impl Tunnel {
         };
         let addr = (host.address.as_str(), host.port);
         let mut session =
-            match tokio::time::timeout(CONNECT_TIMEOUT, connect(config, addr, handler))
-                .await
-            {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect(config, addr, handler)).await {
                 Err(_) => {
                     return Err(format!(
                         "no SSH connection to {}:{} within {} s",

@@ -422,6 +422,36 @@ mod tests {
     }
 
     #[test]
+    fn one_scratch_buffer_encodes_a_run_of_chunks_as_fresh_buffers_do() {
+        let text: Vec<u8> = b"alpha beta gamma delta backup restore snapshot chunk "
+            .iter()
+            .cycle()
+            .take(300_000)
+            .copied()
+            .collect();
+        let chunks = [
+            text.clone(),
+            noise(3_000_000, 3), // grows the scratch past the size it keeps
+            text[..5000].to_vec(),
+            noise(2000, 5),
+            vec![0u8; 4_000_000],
+            Vec::new(),
+            text,
+        ];
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let mut scratch = Vec::new();
+        for chunk in chunks {
+            let shared = encode_blob_with(&mut c, &mut scratch, chunk.clone()).unwrap();
+            assert_eq!(shared, encode_blob(&mut c, chunk.clone()).unwrap());
+            assert!(scratch.capacity() <= 2 * READ_STEP + PROBE);
+            // Sized to the blob plus the seal, not to the chunk.
+            assert!(shared.capacity() <= shared.len() + SEAL_ROOM);
+            assert_eq!(decode_blob(&mut d, shared, 8 << 20).unwrap(), chunk);
+        }
+    }
+
+    #[test]
     fn incompressible_is_stored_raw_and_limit_holds() {
         let data = noise(4096, 0x9e37_79b9_7f4a_7c15);
         let mut c = zstd::bulk::Compressor::new(3).unwrap();
