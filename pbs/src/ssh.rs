@@ -343,7 +343,8 @@ impl Tunnel {
             .display()
             .to_string();
         // AES-GCM costs about a third less CPU than chacha20-poly1305 where the CPU has AES
-        // instructions (measured); the server's preference decides among what both offer.
+        // instructions (measured); the first of these the server also offers is used (RFC 4253:
+        // the client's order decides).
         let preferred = russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(&[
                 russh::cipher::AES_256_GCM,
