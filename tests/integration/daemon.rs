@@ -2,7 +2,7 @@
 //! restarts, a kill -9 in the middle of a run, and the status server read by parsers
 //! nobody here wrote (python3-feedparser, prometheus_client).
 
-use haul_tests::{bin, feedparser, Env, Sshd};
+use haul_tests::{bin, feedparser, run_tool, Env, Sshd};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -270,7 +270,8 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
         .unwrap()
         .iter()
         .all(|h| h["stale"] == false && h["last_success"].is_string()));
-    let metrics = std::process::Command::new("/usr/bin/python3")
+    let mut python = std::process::Command::new("/usr/bin/python3");
+    python
         .arg("-c")
         .arg(
             "import sys, json, urllib.request\n\
@@ -282,15 +283,9 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
              \x20       out.setdefault(f.name, []).append([s.labels, s.value])\n\
              print(json.dumps(out))",
         )
-        .arg(format!("http://127.0.0.1:{port}/metrics"))
-        .output()
-        .expect("python3-prometheus-client");
-    assert!(
-        metrics.status.success(),
-        "{}",
-        String::from_utf8_lossy(&metrics.stderr)
-    );
-    let metrics: serde_json::Value = serde_json::from_slice(&metrics.stdout).unwrap();
+        .arg(format!("http://127.0.0.1:{port}/metrics"));
+    let metrics = run_tool(&mut python, "python3-prometheus-client");
+    let metrics: serde_json::Value = serde_json::from_slice(&metrics).unwrap();
     for family in [
         "haul_host_last_success_timestamp_seconds",
         "haul_host_last_run_status",

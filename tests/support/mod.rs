@@ -199,17 +199,23 @@ pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Runs rdiff-backup with `args`; it must succeed.
-pub fn rdiff_backup(args: &[&str]) {
-    let out = std::process::Command::new("rdiff-backup")
-        .args(args)
-        .output()
-        .expect("rdiff-backup (apt-get install rdiff-backup)");
+/// Runs a tool the tests depend on (`what` names it and its package); it must succeed.
+/// Returns its stdout.
+pub fn run_tool(cmd: &mut std::process::Command, what: &str) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
-        "rdiff-backup {args:?}: {}",
+        "{what} {cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
+}
+
+/// Runs rdiff-backup with `args`; it must succeed.
+pub fn rdiff_backup(args: &[&str]) {
+    let mut cmd = std::process::Command::new("rdiff-backup");
+    cmd.args(args);
+    run_tool(&mut cmd, "rdiff-backup (apt-get install rdiff-backup)");
 }
 
 /// Deterministic pseudo-random bytes.
@@ -749,15 +755,11 @@ print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries":
      "guidislink": e.get("guidislink"), "published_parsed": list(e.published_parsed) if e.get("published_parsed") else None}
     for e in d.entries]}))
 "#;
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .expect("/usr/bin/python3 with python3-feedparser (apt-get install python3-feedparser)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", script]).arg(path);
+    let out = run_tool(
+        &mut cmd,
+        "/usr/bin/python3 with python3-feedparser (apt-get install python3-feedparser)",
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
 }
