@@ -1,13 +1,16 @@
 //! Content-defined chunking with FastCDC v2020, and per-chunk compression.
 //!
-//! The cut points are the `fastcdc` crate's own (`v2020::cut_gear` with the gear tables
-//! of `get_gear_with_seed`), so a file chunks exactly as `fastcdc::v2020::StreamCDC`
-//! would chunk it (a test holds us to that). We drive `cut_gear` ourselves because
-//! `StreamCDC` allocates a `max_size` buffer per file and moves the buffer's tail after
-//! every chunk; a [`Chunker`] is built once per worker and reuses its buffer for every
-//! file, which matters when a tree holds a hundred thousand small files.
+//! The cut points are the `fastcdc` crate's own (the loop of `v2020::cut_gear`, with the
+//! crate's gear tables from `get_gear_with_seed` and its masks), so a file chunks
+//! exactly as `fastcdc::v2020::StreamCDC` would chunk it (tests hold us to that). We
+//! do not use `StreamCDC` because it allocates a `max_size` buffer per file and moves
+//! the buffer's tail after every chunk; a [`Chunker`] is built once per worker, reads
+//! ahead only as far as the next cut needs, and reuses its buffer for every file, which
+//! matters when a tree holds a hundred thousand small files. Its scan for a cut can stop
+//! at the end of the bytes read so far and go on when more arrive, which `cut_gear`
+//! cannot (see [`Chunker::cut`]).
 
-use fastcdc::v2020::{cut_gear, get_gear_with_seed, logarithm2, Normalization, MASKS};
+use fastcdc::v2020::{get_gear_with_seed, logarithm2, Normalization, MASKS};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read};
 
@@ -54,6 +57,13 @@ impl ChunkerParams {
     }
 }
 
+/// Where a scan for a cut stopped: the next pair of bytes to hash (two bytes per step,
+/// as FastCDC v2020 does) and the gear hash so far.
+struct Scan {
+    pair: usize,
+    hash: u64,
+}
+
 /// A reusable FastCDC chunker. Not `Sync`: one per worker thread.
 pub struct Chunker {
     params: ChunkerParams,
@@ -88,6 +98,53 @@ impl Chunker {
         self.params
     }
 
+    fn scan_start(&self) -> Scan {
+        Scan {
+            pair: self.params.min_size as usize / 2,
+            hash: 0,
+        }
+    }
+
+    /// The cut `fastcdc::v2020::cut_gear` finds in `source` (its length if none),
+    /// going on from `scan`, where an earlier call on a prefix of `source` stopped
+    /// without a cut. The crate's function starts at `min_size` on every call, so
+    /// after reading further the chunker would hash again the bytes it had already
+    /// found no cut in: with reads of 1 MiB, about twice the bytes of each chunk.
+    ///
+    /// The loop is the crate's: two bytes per step, the first with the tables and
+    /// masks shifted left by one; the strict mask (`mask_s`) before `avg_size`, the
+    /// loose one (`mask_l`) from there to at most `max_size`. A position is judged
+    /// the same however much data follows it, which is what makes stopping and going
+    /// on exact (a test holds it to `StreamCDC`).
+    fn cut(&self, source: &[u8], scan: &mut Scan) -> usize {
+        let min = self.params.min_size as usize;
+        let remaining = source.len().min(self.params.max_size as usize);
+        if source.len() <= min {
+            return source.len();
+        }
+        let center = (self.params.avg_size as usize).min(remaining) / 2;
+        let (gear, gear_ls) = (&*self.gear, &*self.gear_ls);
+        let mut hash = scan.hash;
+        let mut pair = scan.pair;
+        for (end, mask) in [(center, self.mask_s), (remaining / 2, self.mask_l)] {
+            let mask_ls = mask << 1;
+            while pair < end {
+                let a = pair * 2;
+                hash = (hash << 2).wrapping_add(gear_ls[source[a] as usize]);
+                if hash & mask_ls == 0 {
+                    return a;
+                }
+                hash = hash.wrapping_add(gear[source[a + 1] as usize]);
+                if hash & mask == 0 {
+                    return a + 1;
+                }
+                pair += 1;
+            }
+        }
+        *scan = Scan { pair, hash };
+        remaining
+    }
+
     /// Cuts `reader`'s bytes into chunks and hands each to `f` in order, as an owned
     /// buffer. Returns the number of bytes read.
     ///
@@ -106,6 +163,7 @@ impl Chunker {
         let mut eof = false;
         let mut total = 0u64;
         let mut want = self.step.min(max);
+        let mut scan = self.scan_start();
         loop {
             if self.buf.len() < want {
                 self.buf.resize(want, 0);
@@ -129,23 +187,14 @@ impl Chunker {
                 }
                 return Ok(total);
             }
-            let (_, cut) = cut_gear(
-                &self.buf[..len],
-                self.params.min_size as usize,
-                self.params.avg_size as usize,
-                max,
-                self.mask_s,
-                self.mask_l,
-                self.mask_s << 1,
-                self.mask_l << 1,
-                &self.gear,
-                &self.gear_ls,
-            );
+            let cut = self.cut(&self.buf[..len], &mut scan);
             if cut == len && !eof && len < max {
-                // No cut in what we have: read further before deciding.
+                // No cut in what we have: read further before deciding; the scan
+                // goes on from where it stopped.
                 want = (want + self.step).min(max);
                 continue;
             }
+            scan = self.scan_start();
             // Sized for the format byte and the seal, so neither reallocates (and
             // copies) the chunk later.
             let mut chunk = Vec::with_capacity(cut + 1 + SEAL_ROOM);
@@ -373,6 +422,31 @@ mod tests {
             // Reading ahead in small steps must not move any cut.
             let ours = chunks_with_step(params, &data, 1 + (seed % 300) as usize);
             prop_assert_eq!(ours.concat(), data.clone());
+            let theirs: Vec<Vec<u8>> = fastcdc::v2020::StreamCDC::with_level_and_seed(
+                data.as_slice(), params.min_size, params.avg_size, params.max_size,
+                Normalization::Level1, seed,
+            ).map(|c| c.unwrap().data).collect();
+            prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn any_valid_sizes_and_reads_match_stream_cdc(
+            data in proptest::collection::vec(any::<u8>(), 0..12_000),
+            zeros in 0usize..3000,
+            min in 64u32..300,
+            avg_extra in 0u32..700,
+            max_extra in 0u32..3000,
+            step in 1usize..2000,
+            seed in any::<u64>(),
+        ) {
+            // Odd sizes, steps that end anywhere, and a zero run (no cut until max).
+            let avg = (min + avg_extra).max(256);
+            let params = ChunkerParams { min_size: min, avg_size: avg, max_size: (avg + max_extra).max(1024), seed };
+            prop_assume!(params.validate().is_ok());
+            let mut data = data;
+            let at = data.len() / 3;
+            data.splice(at..at, std::iter::repeat_n(0u8, zeros));
+            let ours = chunks_with_step(params, &data, step);
             let theirs: Vec<Vec<u8>> = fastcdc::v2020::StreamCDC::with_level_and_seed(
                 data.as_slice(), params.min_size, params.avg_size, params.max_size,
                 Normalization::Level1, seed,
