@@ -24,7 +24,7 @@ use russh::keys::{
 };
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -36,11 +36,17 @@ const MAX_LINE: usize = 64 * 1024;
 /// A whole run ends after this long, however far it got.
 const RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
-struct Client {
-    /// Serves each forwarded connection.
+/// What serves the forwarded connections of a run: set once the connection is made
+/// and the server exists. Until then nothing may be forwarded, for the agent has not
+/// been started.
+struct Served {
     router: axum::Router,
     /// Counts the forwarded connections, when they are a repository server's.
     server: Option<Arc<Server>>,
+}
+
+struct Client {
+    served: Arc<OnceLock<Served>>,
     /// The forwarded socket of this run on the host: the only one served.
     socket: String,
     host: String,
@@ -110,11 +116,16 @@ impl client::Handler for Client {
             );
             return refuse(reply).await;
         }
+        let Some(served) = self.served.get() else {
+            tracing::warn!("refused a forwarded channel that came before the agent was started");
+            return refuse(reply).await;
+        };
         reply.accept().await;
-        if let Some(server) = &self.server {
+        tracing::debug!("forwarded connection accepted");
+        if let Some(server) = &served.server {
             server.count_connection();
         }
-        let router = self.router.clone();
+        let router = served.router.clone();
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(channel.into_stream());
             let service = hyper_util::service::TowerToHyperService::new(router);
@@ -222,65 +233,106 @@ async fn refuse(reply: client::ChannelOpenHandle) -> Result<(), russh::Error> {
 /// Runs the agent on `host` over SSH with `args` (the socket is appended as `--socket
 /// PATH`) and the JSON object `stdin` as its run parameters, serving `server` to it,
 /// and returns what it did.
-///
-/// The parameters always say `require_wrapper`: an agent not started by haul-wrapper
-/// (a key installed without its forced command) refuses before it reads a file.
 pub fn run_agent(
     server: Arc<Server>,
     host: &Host,
-    mut args: Vec<String>,
+    args: Vec<String>,
     stdin: Option<serde_json::Value>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, CliError> {
-    let mut params = stdin.unwrap_or_else(|| serde_json::json!({}));
-    params["require_wrapper"] = true.into();
-    if !args.iter().any(|a| a == "--params-stdin") {
-        args.push("--params-stdin".into());
-    }
-    let stdin = Some(params.to_string());
-    let rt = crate::run::runtime()?;
-    let result = rt
-        .block_on(async {
-            match tokio::time::timeout(
-                RUN_TIMEOUT,
-                pull(server.clone(), host, args, stdin, progress),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(CliError::Failed(format!(
-                    "the run on {} took longer than {} h and was stopped",
-                    host.name,
-                    RUN_TIMEOUT.as_secs() / 3600
-                ))),
-            }
-        })
-        .map(|mut run| {
-            run.connections = server.connections();
-            run
-        });
-    // A session the agent did not commit ends here; what it stored is kept.
-    server.abandon_session();
-    result
+    Connection::open(host)?.run_agent(server, args, stdin, progress)
 }
 
-async fn pull(
-    server: Arc<Server>,
-    host: &Host,
-    mut args: Vec<String>,
-    stdin: Option<String>,
-    progress: &(dyn Fn(&serde_json::Value) + Sync),
-) -> Result<AgentRun, CliError> {
-    let fail = |what: String| CliError::Failed(format!("{}: {what}", host.name));
-    let router = crate::server::router(server.clone());
-    let tunnel = Tunnel::open(host, router, Some(server))
-        .await
-        .map_err(fail)?;
-    args.push("--socket".into());
-    args.push(tunnel.socket.clone());
-    let result = exec_agent(&tunnel.session, &args, stdin, progress).await;
-    tunnel.close().await;
-    result.map_err(fail)
+/// An SSH connection to a host, authenticated, with a fresh socket of the host's socket
+/// directory forwarded here: what a run needs before its agent starts. It can be opened
+/// while the repository opens (see `pull_one`). Dropping it cancels the forward and
+/// disconnects.
+pub struct Connection {
+    rt: tokio::runtime::Runtime,
+    tunnel: Option<Tunnel>,
+    name: String,
+}
+
+impl Connection {
+    /// Connects to `host`, checks its host key, authenticates and asks for the forward.
+    pub fn open(host: &Host) -> Result<Connection, CliError> {
+        let rt = crate::run::runtime()?;
+        let tunnel = rt.block_on(async {
+            match tokio::time::timeout(RUN_TIMEOUT, Tunnel::open(host)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "no SSH session within {} h",
+                    RUN_TIMEOUT.as_secs() / 3600
+                )),
+            }
+        });
+        let tunnel = tunnel.map_err(|what| CliError::Failed(format!("{}: {what}", host.name)))?;
+        Ok(Connection {
+            rt,
+            tunnel: Some(tunnel),
+            name: host.name.clone(),
+        })
+    }
+
+    fn fail(&self, what: String) -> CliError {
+        CliError::Failed(format!("{}: {what}", self.name))
+    }
+
+    /// Runs the agent with `args` (the socket is appended as `--socket PATH`) and the
+    /// JSON object `stdin` as its run parameters, serving `server` to it, and returns
+    /// what it did.
+    ///
+    /// The parameters always say `require_wrapper`: an agent not started by
+    /// haul-wrapper (a key installed without its forced command) refuses before it
+    /// reads a file.
+    pub fn run_agent(
+        mut self,
+        server: Arc<Server>,
+        mut args: Vec<String>,
+        stdin: Option<serde_json::Value>,
+        progress: &(dyn Fn(&serde_json::Value) + Sync),
+    ) -> Result<AgentRun, CliError> {
+        let mut params = stdin.unwrap_or_else(|| serde_json::json!({}));
+        params["require_wrapper"] = true.into();
+        if !args.iter().any(|a| a == "--params-stdin") {
+            args.push("--params-stdin".into());
+        }
+        let stdin = Some(params.to_string());
+        let tunnel = self.tunnel.take().expect("a connection runs one command");
+        tunnel.serve(crate::server::router(server.clone()), Some(server.clone()));
+        args.push("--socket".into());
+        args.push(tunnel.socket.clone());
+        let result = self.rt.block_on(async {
+            let result = tokio::time::timeout(
+                RUN_TIMEOUT,
+                exec_agent(&tunnel.session, &args, stdin, progress),
+            )
+            .await;
+            tunnel.close().await;
+            match result {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "the run took longer than {} h and was stopped",
+                    RUN_TIMEOUT.as_secs() / 3600
+                )),
+            }
+        });
+        // A session the agent did not commit ends here; what it stored is kept.
+        server.abandon_session();
+        let mut run = result.map_err(|what| self.fail(what))?;
+        run.connections = server.connections();
+        Ok(run)
+    }
+}
+
+impl Drop for Connection {
+    /// A connection dropped unused (the run failed before its agent could start) leaves
+    /// nothing listening on the host.
+    fn drop(&mut self) {
+        if let Some(tunnel) = self.tunnel.take() {
+            self.rt.block_on(tunnel.close());
+        }
+    }
 }
 
 /// Runs `command(socket)` on `host` with this run's socket forwarded to `router`, and
@@ -291,11 +343,11 @@ pub fn run_command(
     router: axum::Router,
     command: impl FnOnce(&str) -> String,
 ) -> Result<CommandOutput, CliError> {
-    let fail = |what: String| CliError::Failed(format!("{}: {what}", host.name));
-    let rt = crate::run::runtime()?;
-    rt.block_on(async {
-        let tunnel = Tunnel::open(host, router, None).await.map_err(fail)?;
-        let mut out = CommandOutput::default();
+    let mut connection = Connection::open(host)?;
+    let tunnel = connection.tunnel.take().expect("just opened");
+    tunnel.serve(router, None);
+    let mut out = CommandOutput::default();
+    let result = connection.rt.block_on(async {
         let result = exec(
             &tunnel.session,
             command(&tunnel.socket),
@@ -305,9 +357,10 @@ pub fn run_command(
         )
         .await;
         tunnel.close().await;
-        (out.exit, out.how) = result.map_err(fail)?;
-        Ok(out)
-    })
+        result
+    });
+    (out.exit, out.how) = result.map_err(|what| connection.fail(what))?;
+    Ok(out)
 }
 
 /// What a command run by [`run_command`] did.
@@ -325,16 +378,13 @@ pub struct CommandOutput {
 struct Tunnel {
     session: client::Handle<Client>,
     socket: String,
+    served: Arc<OnceLock<Served>>,
 }
 
 impl Tunnel {
     /// Connects, checks the host key, authenticates and asks for the forward; errors
     /// are sentences about the host (the caller prefixes its name).
-    async fn open(
-        host: &Host,
-        router: axum::Router,
-        server: Option<Arc<Server>>,
-    ) -> Result<Tunnel, String> {
+    async fn open(host: &Host) -> Result<Tunnel, String> {
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id).expect("OS random numbers");
         let socket = host
@@ -364,9 +414,9 @@ impl Tunnel {
             ..Default::default()
         });
         let key_problem = Arc::new(Mutex::new(None));
+        let served = Arc::new(OnceLock::new());
         let handler = Client {
-            router,
-            server,
+            served: served.clone(),
             socket: socket.clone(),
             host: host.address.clone(),
             port: host.port,
@@ -393,7 +443,10 @@ impl Tunnel {
                         host.address, host.port
                     ));
                 }
-                Ok(Ok(s)) => s,
+                Ok(Ok(s)) => {
+                    tracing::debug!(host = %host.name, "SSH connection made, host key checked");
+                    s
+                }
             };
         let passphrase = match &host.identity_passphrase_file {
             Some(f) => Some(
@@ -440,6 +493,7 @@ impl Tunnel {
                 host.name
             ));
         }
+        tracing::debug!(host = %host.name, user = %host.user, "authenticated");
         if let Err(e) = session.streamlocal_forward(socket.clone()).await {
             return Err(format!(
                 "the host refused to forward {socket} ({e}): its sshd needs `AllowTcpForwarding remote`, `AllowStreamLocalForwarding remote`, `StreamLocalBindUnlink yes`, the key needs `port-forwarding` in authorized_keys, and {} must exist and be writable by {}",
@@ -447,7 +501,19 @@ impl Tunnel {
                 host.user
             ));
         }
-        Ok(Tunnel { session, socket })
+        tracing::debug!(%socket, "forwarded");
+        Ok(Tunnel {
+            session,
+            socket,
+            served,
+        })
+    }
+
+    /// From now on, forwarded connections are served by `router`.
+    fn serve(&self, router: axum::Router, server: Option<Arc<Server>>) {
+        if self.served.set(Served { router, server }).is_err() {
+            unreachable!("a tunnel serves one run");
+        }
     }
 
     /// Stops the forward, so nothing is left listening, and disconnects.
@@ -502,6 +568,7 @@ async fn exec(
         .exec(true, command)
         .await
         .map_err(|e| format!("running the agent: {e}"))?;
+    tracing::debug!("command sent");
     if let Some(line) = stdin {
         channel
             .data_bytes(format!("{line}\n").into_bytes())

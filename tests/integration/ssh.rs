@@ -306,6 +306,62 @@ fn a_stale_socket_is_no_obstacle_and_a_missing_agent_is_named() {
 }
 
 #[test]
+fn a_repository_that_does_not_open_stops_the_pull_before_the_agent_starts() {
+    // The pbs connects while the repository opens; when it does not open, the
+    // connection is closed unused: nothing runs on the host, nothing is left listening.
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    fs::write(env.path("wrong"), "not the passphrase\n").unwrap();
+    let (c, state) = (config.display().to_string(), env.path("state"));
+    let run = env
+        .pbs(&[
+            "--password-file",
+            env.path("wrong").to_str().unwrap(),
+            "pull",
+            "web-1",
+            "--config",
+            &c,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .expect(1);
+    assert!(
+        run.stderr
+            .contains("wrong passphrase: none of the 1 key file(s)"),
+        "{}",
+        run.stderr
+    );
+    // It did connect (and ask for the forward) while the passphrase was tried, and
+    // started nothing.
+    let log = sshd.log();
+    assert!(log.contains("Accepted publickey"), "{log}");
+    assert!(!log.contains("Starting session"), "{log}");
+    for e in fs::read_dir(sshd.dir.join("sockets")).unwrap() {
+        let p = e.unwrap().path();
+        assert!(
+            std::os::unix::net::UnixStream::connect(&p).is_err(),
+            "{} still accepts connections",
+            p.display()
+        );
+    }
+    // As before the connection was made first: a pull whose repository did not open is
+    // no run.
+    let runs = env.pbs(&["--json", "runs", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(runs.expect(0).json().len(), 0);
+
+    // The same pull with the right passphrase starts the agent and saves a snapshot.
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, sshd.log());
+    assert_eq!(rec["status"], "ok");
+    assert!(
+        sshd.log().contains("Starting session: forced-command"),
+        "{}",
+        sshd.log()
+    );
+}
+
+#[test]
 fn a_key_without_the_forced_command_gets_no_shell_and_no_backup() {
     let (env, src) = Env::with_one_file();
     let sshd = Sshd::start(&env.path("sshd"), &[&src]);

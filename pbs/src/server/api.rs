@@ -242,6 +242,7 @@ async fn backup_start(State(s): St, body: Whole) -> ApiResult<Json<wire::BackupS
         max_upload_body: wire::MAX_UPLOAD_BODY,
     };
     s.check_no_session()?;
+    tracing::debug!(parent = ?started.parent_snapshot, "backup session started");
     *s.session.lock().expect("session") = Some(Arc::new(session));
     *s.session_used.lock().expect("session time") = std::time::Instant::now();
     Ok(Json(started))
