@@ -226,8 +226,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// Emits progress: a JSON line about once a second on stdout when stdout is not a
 /// terminal, and a redrawn line on stderr when stderr is one.
 pub struct Progress {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
+    _ticker: haul_protocol::Ticker,
 }
 
 impl Progress {
@@ -235,15 +234,12 @@ impl Progress {
         json: impl Fn() -> serde_json::Value + Send + 'static,
         human: impl Fn() -> String + Send + 'static,
     ) -> Progress {
-        use std::sync::atomic::Ordering::Relaxed;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
         let tty = std::io::stderr().is_terminal();
         let json_out = !std::io::stdout().is_terminal();
-        let handle = std::thread::spawn(move || {
-            let mut ticks = 0u32;
-            while !s.load(Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut ticks = 0u32;
+        let ticker = haul_protocol::Ticker::start(
+            std::time::Duration::from_millis(200),
+            move || {
                 ticks += 1;
                 if tty {
                     eprint!("\r\x1b[K{}", human());
@@ -251,24 +247,14 @@ impl Progress {
                 if json_out && ticks.is_multiple_of(5) {
                     event(&json());
                 }
-            }
-            if tty {
-                eprint!("\r\x1b[K");
-            }
-        });
-        Progress {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+            },
+            move || {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+            },
+        );
+        Progress { _ticker: ticker }
     }
 }
 

@@ -3,8 +3,6 @@
 
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Prints one JSON object on its own line.
@@ -32,37 +30,23 @@ pub fn bytes(n: u64) -> String {
 
 /// A line redrawn on stderr while a long operation runs, if stderr is a terminal.
 pub struct Progress {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
+    _ticker: Option<haul_protocol::Ticker>,
 }
 
 impl Progress {
     /// `line` is called about five times a second to produce the text.
     pub fn start(enabled: bool, line: impl Fn() -> String + Send + 'static) -> Progress {
-        let stop = Arc::new(AtomicBool::new(false));
         if !enabled || !std::io::stderr().is_terminal() {
-            return Progress { stop, handle: None };
+            return Progress { _ticker: None };
         }
-        let s = stop.clone();
-        let handle = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                eprint!("\r\x1b[K{}", line());
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            eprint!("\r\x1b[K");
-        });
+        eprint!("\r\x1b[K{}", line());
+        let ticker = haul_protocol::Ticker::start(
+            Duration::from_millis(200),
+            move || eprint!("\r\x1b[K{}", line()),
+            || eprint!("\r\x1b[K"),
+        );
         Progress {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            _ticker: Some(ticker),
         }
     }
 }

@@ -308,7 +308,9 @@ impl Connection {
                 exec_agent(&tunnel.session, &args, stdin, progress),
             )
             .await;
+            tracing::debug!("agent ended");
             tunnel.close().await;
+            tracing::debug!("SSH connection closed");
             match result {
                 Ok(r) => r,
                 Err(_) => Err(format!(

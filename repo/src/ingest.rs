@@ -504,7 +504,9 @@ impl<'r> IngestSession<'r> {
         time: chrono::DateTime<chrono::Utc>,
     ) -> Result<(SnapshotId, Snapshot)> {
         self.flush()?;
+        tracing::debug!("commit: open packs and the index written");
         self.check_complete(&root)?;
+        tracing::debug!("commit: everything below the root tree is stored");
         summary.blobs_new = self.stats.blobs_new.load(Relaxed);
         summary.bytes_new = self.stats.bytes_new.load(Relaxed);
         summary.data_new = self.stats.data_new.load(Relaxed);

@@ -396,6 +396,7 @@ pub fn pull_one(
         error: error.clone(),
     };
     let saved = history.record(&record);
+    tracing::debug!("run recorded");
     report(ctx, &record, outcome.as_ref().ok());
     saved?;
     // Retention only after a fully successful pull: its snapshot is the newest, which

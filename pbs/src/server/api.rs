@@ -544,6 +544,7 @@ async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Commit
     let req: wire::Commit = json_body(body)?;
     let root = TreeId(parse_id(&req.root)?);
     let session = take_session(&s)?;
+    tracing::debug!("commit asked");
     let server = s.clone();
     let (id, snap) = blocking(move || {
         let c = req.counters;
@@ -558,6 +559,7 @@ async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Commit
             ..Default::default()
         };
         let committed = session.commit(root, summary)?;
+        tracing::debug!(snapshot = %committed.0.short(), "snapshot saved");
         *server.committed.lock().expect("committed") = Some(committed.clone());
         Ok(committed)
     })
