@@ -23,7 +23,7 @@ use crate::crypto::Key;
 use crate::error::{Error, Result};
 use crate::format::lock_file::LockFile;
 use crate::repository::Repository;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A lock older than this is stale.
@@ -41,8 +41,7 @@ pub struct LockGuard {
     exclusive: bool,
     purpose: String,
     name: Arc<Mutex<String>>,
-    stop: Option<mpsc::Sender<()>>,
-    refresher: Option<std::thread::JoinHandle<()>>,
+    refresher: Option<haul_protocol::Ticker>,
 }
 
 /// A lock as `unlock` and error messages describe it.
@@ -144,7 +143,6 @@ impl Repository {
             exclusive,
             purpose: purpose.to_string(),
             name: Arc::new(Mutex::new(name)),
-            stop: None,
             refresher: None,
         })
     }
@@ -192,30 +190,22 @@ impl LockGuard {
         if self.refresher.is_some() {
             return;
         }
-        let (tx, rx) = mpsc::channel::<()>();
         let (backend, key, name) = (self.backend.clone(), self.key.clone(), self.name.clone());
         let (exclusive, purpose) = (self.exclusive, self.purpose.clone());
-        self.refresher = Some(std::thread::spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REFRESH_EVERY) {
-                match write_lock(backend.as_ref(), &key, exclusive, &purpose) {
-                    Ok(new) => {
-                        let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
-                        let _ = backend.delete(FileType::Lock, &old);
-                    }
-                    Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
-                }
+        let refresh = move || match write_lock(backend.as_ref(), &key, exclusive, &purpose) {
+            Ok(new) => {
+                let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
+                let _ = backend.delete(FileType::Lock, &old);
             }
-        }));
-        self.stop = Some(tx);
+            Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
+        };
+        self.refresher = Some(haul_protocol::Ticker::start(REFRESH_EVERY, refresh, || {}));
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        drop(self.stop.take()); // wakes the refresher, which then exits
-        if let Some(t) = self.refresher.take() {
-            let _ = t.join();
-        }
+        drop(self.refresher.take()); // stops the refresher at once
         let name = self.name.lock().expect("lock name").clone();
         if let Err(e) = self.backend.delete(FileType::Lock, &name) {
             tracing::warn!("could not remove the repository lock {name}: {e}");
