@@ -200,7 +200,8 @@ pub fn backup(
                 };
                 if let Ok(rd) = fs::read_dir(&dir) {
                     for e in rd.flatten() {
-                        let _ = fs::symlink_metadata(e.path());
+                        // Relative to the directory (fstatat): no walk of the path.
+                        let _ = e.metadata();
                     }
                 }
             });
@@ -679,6 +680,8 @@ impl Walker<'_> {
             }
             Err(e) => self.warn(path, format!("cannot list directory: {e}")),
         }
+        // By name, after the listing is closed: a directory handle held open while
+        // the walk descends would cost a descriptor per level of depth.
         names.sort();
         if self.opts.exclude_caches
             && names.iter().any(|n| n == b"CACHEDIR.TAG")
