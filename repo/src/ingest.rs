@@ -29,7 +29,7 @@ use haul_protocol::tree::{NodeKind, Tree};
 use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -127,6 +127,9 @@ pub struct IngestSession<'r> {
     /// every tree read so far. They are also known to be complete (the parent was
     /// checked when it was committed), so `commit` need not descend into them.
     parent_trees: Mutex<HashSet<TreeId>>,
+    /// The trees added in this session, each with what `commit` still has to check
+    /// below it (see [`Received`]).
+    received: Mutex<HashMap<TreeId, Received>>,
     state: Mutex<State<'r>>,
     /// Blobs sealed into an open pack or being sealed: present, not yet readable.
     in_flight: Mutex<HashSet<BlobRef>>,
@@ -135,6 +138,18 @@ pub struct IngestSession<'r> {
     finished: bool,
     /// A shared lock: a session only adds, but nothing may delete under it.
     _lock: LockGuard,
+}
+
+/// A tree as it was added: decoded once to verify it, and looked at then, so `commit`
+/// need not read, decrypt and decode it again. Its chunks that were already in the
+/// index then are in it for good (nothing is removed under the session's lock); only
+/// the others are kept, with its subtrees, which `commit` walks as it walks any tree.
+#[derive(Debug, Default)]
+struct Received {
+    subtrees: Vec<TreeId>,
+    chunks_not_indexed: Vec<(ChunkId, Vec<u8>)>,
+    /// Names of directory nodes that have no subtree.
+    dirs_without_subtree: Vec<Vec<u8>>,
 }
 
 thread_local! {
@@ -189,6 +204,7 @@ impl<'r> IngestSession<'r> {
             info,
             parent,
             parent_trees,
+            received: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 data: Packer::new(BlobKind::Data),
                 tree: Packer::new(BlobKind::Tree),
@@ -319,6 +335,8 @@ impl<'r> IngestSession<'r> {
         }
     }
 
+    /// Checks that `plain` hashes to `claimed` and, for a tree, that it decodes; notes
+    /// what the tree refers to for `commit`.
     fn verify(&self, kind: BlobKind, claimed: &[u8; 32], plain: &[u8]) -> Result<()> {
         let actual = blake3::hash(plain);
         if actual.as_bytes() != claimed {
@@ -329,9 +347,42 @@ impl<'r> IngestSession<'r> {
             });
         }
         if kind == BlobKind::Tree {
-            Tree::decode(plain)
+            let tree = Tree::decode(plain)
                 .map_err(|e| Error::InvalidInput(format!("tree {}: {e}", hex::encode(claimed))))?;
+            self.receive_tree(TreeId(*claimed), &tree)?;
         }
+        Ok(())
+    }
+
+    /// Notes what a verified tree refers to (see [`Received`]). Noting a tree whose
+    /// storing then fails is harmless: `commit` checks that every tree it reaches is
+    /// in the index before it looks at its children.
+    fn receive_tree(&self, id: TreeId, tree: &Tree) -> Result<()> {
+        if self
+            .received
+            .lock()
+            .expect("received trees")
+            .contains_key(&id)
+        {
+            return Ok(());
+        }
+        let index = self.repo.index();
+        let mut r = Received::default();
+        for node in &tree.nodes {
+            match node.subtree {
+                Some(sub) => r.subtrees.push(sub),
+                None if node.kind == NodeKind::Dir => {
+                    r.dirs_without_subtree.push(node.name.clone())
+                }
+                None => {}
+            }
+            for c in &node.content {
+                if !index.contains(BlobKind::Data, &c.0)? {
+                    r.chunks_not_indexed.push((*c, node.name.clone()));
+                }
+            }
+        }
+        self.received.lock().expect("received trees").insert(id, r);
         Ok(())
     }
 
@@ -533,13 +584,26 @@ impl<'r> IngestSession<'r> {
         self.flush()
     }
 
+    /// Walks the snapshot's trees from `root`: every tree and chunk must be indexed.
+    /// Trees of the parent are complete (it was checked when it was committed); trees
+    /// added in this session are looked at as they were noted when they arrived; any
+    /// other tree (already in the repository, from another snapshot or an interrupted
+    /// session) is read and looked at here.
     fn check_complete(&self, root: &TreeId) -> Result<()> {
         let index = self.repo.index();
-        // Parent trees are complete with everything below them: no need to descend.
         let mut seen: HashSet<TreeId> = self.parent_trees.lock().expect("parent trees").clone();
+        let received = self.received.lock().expect("received trees");
         let mut stack = vec![*root];
         let mut missing: Vec<String> = Vec::new();
         let mut checked_chunks: HashSet<ChunkId> = HashSet::new();
+        let mut check_chunk = |c: &ChunkId, name: &[u8], missing: &mut Vec<String>| {
+            if checked_chunks.insert(*c) && !index.contains(BlobKind::Data, &c.0)? {
+                missing.push(format!("chunk {c} of {}", String::from_utf8_lossy(name)));
+            }
+            Ok::<(), Error>(())
+        };
+        let no_subtree =
+            |name: &[u8]| format!("subtree of directory {}", String::from_utf8_lossy(name));
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
                 continue;
@@ -548,23 +612,23 @@ impl<'r> IngestSession<'r> {
                 missing.push(format!("tree {id}"));
                 continue;
             }
+            if let Some(r) = received.get(&id) {
+                stack.extend(&r.subtrees);
+                missing.extend(r.dirs_without_subtree.iter().map(|n| no_subtree(n)));
+                for (c, name) in &r.chunks_not_indexed {
+                    check_chunk(c, name, &mut missing)?;
+                }
+                continue;
+            }
             let tree = self.repo.load_tree(&id)?;
             for node in &tree.nodes {
                 if let Some(sub) = node.subtree {
                     stack.push(sub);
                 } else if node.kind == NodeKind::Dir {
-                    missing.push(format!(
-                        "subtree of directory {}",
-                        String::from_utf8_lossy(&node.name)
-                    ));
+                    missing.push(no_subtree(&node.name));
                 }
                 for c in &node.content {
-                    if checked_chunks.insert(*c) && !index.contains(BlobKind::Data, &c.0)? {
-                        missing.push(format!(
-                            "chunk {c} of {}",
-                            String::from_utf8_lossy(&node.name)
-                        ));
-                    }
+                    check_chunk(c, &node.name, &mut missing)?;
                 }
             }
         }

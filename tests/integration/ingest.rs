@@ -2,7 +2,7 @@
 //! commits are complete, interrupted sessions lose nothing.
 
 use haul_protocol::tree::{Node, NodeKind, Tree};
-use haul_protocol::{BlobKind, BlobRef, ChunkId};
+use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
 use haul_repo::backend::{Backend, FileType, LocalBackend};
 use haul_repo::crypto::KdfParams;
 use haul_repo::format::config::RepoConfig;
@@ -164,6 +164,70 @@ fn a_commit_referencing_a_missing_blob_writes_no_snapshot() {
         Err(Error::MissingBlobs { .. })
     ));
     assert!(repo.snapshots().unwrap().is_empty());
+}
+
+/// A tree with one directory `name` whose subtree is `sub` (none: a directory node
+/// without its subtree).
+fn dir_tree(name: &str, sub: Option<TreeId>) -> Tree {
+    Tree {
+        nodes: vec![Node {
+            name: name.as_bytes().to_vec(),
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            subtree: sub,
+            ..Default::default()
+        }],
+    }
+}
+
+#[test]
+fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
+    // The commit looks at the trees of its session as they were noted on arrival, and
+    // reads the others: each way, every chunk below the root must be stored.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+
+    // A chunk that arrives after the tree that refers to it: complete.
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let late = b"uploaded after its tree".to_vec();
+    let (leaf, leaf_bytes) = file_tree(&[ChunkId::of(&late)], late.len() as u64).encode_with_id();
+    s.add_plain(BlobKind::Tree, &leaf.0, leaf_bytes.clone()).unwrap();
+    let (root, root_bytes) = dir_tree("d", Some(leaf)).encode_with_id();
+    s.add_plain(BlobKind::Tree, &root.0, root_bytes).unwrap();
+    s.add_plain(BlobKind::Data, &ChunkId::of(&late).0, late.clone())
+        .unwrap();
+    s.commit(root, Summary::default()).unwrap();
+
+    // A tree stored by an interrupted session, whose chunk never came: in the index,
+    // yet incomplete. A later root that refers to it without sending it again is
+    // refused, naming that chunk.
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let lost = ChunkId::of(b"never stored");
+    let (orphan, orphan_bytes) = file_tree(&[lost], 12).encode_with_id();
+    s.add_plain(BlobKind::Tree, &orphan.0, orphan_bytes).unwrap();
+    s.abandon().unwrap();
+    let s = IngestSession::start(&repo, info()).unwrap();
+    assert!(s.missing(&[BlobRef::tree(orphan)]).unwrap().is_empty());
+    let (root2, root2_bytes) = dir_tree("old", Some(orphan)).encode_with_id();
+    s.add_plain(BlobKind::Tree, &root2.0, root2_bytes).unwrap();
+    match s.commit(root2, Summary::default()).unwrap_err() {
+        Error::MissingBlobs { count, first } => {
+            assert_eq!(count, 1);
+            assert!(first.contains(&lost.to_hex()), "{first}");
+        }
+        other => panic!("expected MissingBlobs, got {other}"),
+    }
+
+    // A directory node without its subtree is refused, with the directory's name.
+    let s = IngestSession::start(&repo, info()).unwrap();
+    let (root3, root3_bytes) = dir_tree("hollow", None).encode_with_id();
+    s.add_plain(BlobKind::Tree, &root3.0, root3_bytes).unwrap();
+    match s.commit(root3, Summary::default()).unwrap_err() {
+        Error::MissingBlobs { first, .. } => assert!(first.contains("hollow"), "{first}"),
+        other => panic!("expected MissingBlobs, got {other}"),
+    }
+    // One snapshot: the complete one.
+    assert_eq!(repo.snapshots().unwrap().len(), 1);
 }
 
 #[test]
