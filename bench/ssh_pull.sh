@@ -5,17 +5,21 @@
 # sizes, each into a fresh repository, page caches dropped before each run; and restic
 # backing the same data up over the same sshd with its sftp backend. cpu_s is
 # the pbs command's own CPU: locally that includes the agent, over SSH the agent and
-# sshd run under sshd and are not counted.
+# sshd run under sshd and are not counted. With --rounds N, N-1 more rounds follow, each
+# an SSH pull with the default window and a restic backup, alternating, and the medians
+# close the report: on a machine whose speed drifts, only interleaved rounds compare.
 #
-# usage: bench/ssh_pull.sh [--mib N] [--work DIR]    (defaults: 1024, /tmp/haul-bench-ssh)
+# usage: bench/ssh_pull.sh [--mib N] [--work DIR] [--rounds N]
+#        (defaults: 1024, /tmp/haul-bench-ssh, 1)
 # needs: openssh-server, openssh-client, restic, jq, python3, root (sshd, drop_caches)
 set -euo pipefail
-mib=1024 work=/tmp/haul-bench-ssh
+mib=1024 work=/tmp/haul-bench-ssh rounds=1
 while (($#)); do
   case $1 in
     --mib) mib=${2:?}; shift 2 ;;
     --work) work=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --rounds) rounds=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "ssh_pull.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -87,23 +91,49 @@ one() { # label, pull args...
   [[ $(jq -r .status <<<"$rec") == ok ]] || { echo "$label failed: $(jq -r .error <<<"$rec")"; return; }
   printf '%-22s %8s %8.2f %10d %10d %10.2f\n' "$label" "$w" "$(echo "$u + $s" | bc)" \
     $(( $(jq .agent_peak_rss_kib <<<"$rec") / 1024 )) $(( $(jq .pbs_peak_rss_kib <<<"$rec") / 1024 )) "$all"
+  echo "$w" >>"$work/walls.$label"
 }
-one local --local "$data"
-for win in 2 8 32; do
+config() { # window in MiB
   printf '[[host]]\nname = "bench"\naddress = "127.0.0.1"\nport = %s\nuser = "%s"\nidentity = "%s"\nknown_hosts = "%s"\nsocket_dir = "%s"\nwindow_mib = %s\npaths = ["%s"]\n' \
-    "$port" "$login" "$d/id_ed25519" "$d/known_hosts" "$d/sockets" "$win" "$data" >"$work/pbs.toml"
-  one "ssh window ${win} MiB" bench --config "$work/pbs.toml"
-done
+    "$port" "$login" "$d/id_ed25519" "$d/known_hosts" "$d/sockets" "$1" "$data" >"$work/pbs.toml"
+}
 
 # restic over sftp through the same sshd, into a fresh repository.
 export RESTIC_PASSWORD=bench
 sftp_cmd="ssh -i $d/id_restic -p $port -o UserKnownHostsFile=$d/known_hosts -o StrictHostKeyChecking=yes $login@127.0.0.1 -s sftp"
-rm -rf "$work/restic-repo"
-restic -q -r "sftp:$login@127.0.0.1:$work/restic-repo" -o sftp.command="$sftp_cmd" init --repository-version 2 >/dev/null
-sync; echo 3 >/proc/sys/vm/drop_caches
-b0=$(busy)
-/usr/bin/time -f '%e %U %S %M' -o "$work/t" restic -q -r "sftp:$login@127.0.0.1:$work/restic-repo" \
-  -o sftp.command="$sftp_cmd" --cache-dir "$work/restic-cache" backup "$data" >"$work/restic.log" 2>&1
-all=$(echo "$(busy) - $b0" | bc)
-read -r w u s m <"$work/t"
-printf '%-22s %8s %8.2f %10d %10s %10.2f   (restic: cpu and rss of restic itself)\n' "restic sftp" "$w" "$(echo "$u + $s" | bc)" $((m / 1024)) - "$all"
+restic_run() {
+  rm -rf "$work/restic-repo"
+  restic -q -r "sftp:$login@127.0.0.1:$work/restic-repo" -o sftp.command="$sftp_cmd" init --repository-version 2 >/dev/null
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  local b0; b0=$(busy)
+  /usr/bin/time -f '%e %U %S %M' -o "$work/t" restic -q -r "sftp:$login@127.0.0.1:$work/restic-repo" \
+    -o sftp.command="$sftp_cmd" --cache-dir "$work/restic-cache" backup "$data" >"$work/restic.log" 2>&1
+  local all; all=$(echo "$(busy) - $b0" | bc)
+  read -r w u s m <"$work/t"
+  printf '%-22s %8s %8.2f %10d %10s %10.2f   (restic: cpu and rss of restic itself)\n' "restic sftp" "$w" "$(echo "$u + $s" | bc)" $((m / 1024)) - "$all"
+  echo "$w" >>"$work/walls.restic"
+}
+
+rm -f "$work"/walls.*
+one local --local "$data"
+for win in 2 8 32; do
+  config "$win"
+  one "ssh window ${win} MiB" bench --config "$work/pbs.toml"
+done
+restic_run
+config 8
+for ((r = 2; r <= rounds; r++)); do
+  one "ssh window 8 MiB" bench --config "$work/pbs.toml"
+  restic_run
+done
+if ((rounds > 1)); then
+  paste "$work/walls.ssh window 8 MiB" "$work/walls.restic" | python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+haul, restic = [r[0] for r in rows], [r[1] for r in rows]
+ratios = [h / r for h, r in rows]
+print("rounds: " + ", ".join(f"{h:.2f}/{r:.2f} s = {h / r:.3f}x" for h, r in rows))
+print(f"median SSH pull {statistics.median(haul):.2f} s, median restic {statistics.median(restic):.2f} s: "
+      f"{statistics.median(haul) / statistics.median(restic):.3f}x; median of the ratios "
+      f"{statistics.median(ratios):.3f}x, mean {statistics.mean(ratios):.3f}x")'
+fi

@@ -191,7 +191,7 @@ fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
     let s = IngestSession::start(&repo, info()).unwrap();
     let late = b"uploaded after its tree".to_vec();
     let (leaf, leaf_bytes) = file_tree(&[ChunkId::of(&late)], late.len() as u64).encode_with_id();
-    s.add_plain(BlobKind::Tree, &leaf.0, leaf_bytes.clone()).unwrap();
+    s.add_plain(BlobKind::Tree, &leaf.0, leaf_bytes).unwrap();
     let (root, root_bytes) = dir_tree("d", Some(leaf)).encode_with_id();
     s.add_plain(BlobKind::Tree, &root.0, root_bytes).unwrap();
     s.add_plain(BlobKind::Data, &ChunkId::of(&late).0, late.clone())
@@ -204,7 +204,8 @@ fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
     let s = IngestSession::start(&repo, info()).unwrap();
     let lost = ChunkId::of(b"never stored");
     let (orphan, orphan_bytes) = file_tree(&[lost], 12).encode_with_id();
-    s.add_plain(BlobKind::Tree, &orphan.0, orphan_bytes).unwrap();
+    s.add_plain(BlobKind::Tree, &orphan.0, orphan_bytes)
+        .unwrap();
     s.abandon().unwrap();
     let s = IngestSession::start(&repo, info()).unwrap();
     assert!(s.missing(&[BlobRef::tree(orphan)]).unwrap().is_empty());
