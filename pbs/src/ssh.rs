@@ -24,6 +24,7 @@ use russh::keys::{
 };
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -210,16 +211,95 @@ const READ_BUFFER: usize = 256 * 1024;
 
 /// Connects to `addr` and starts the SSH session. russh reads each packet with two
 /// reads of the socket (its length, then the rest); through a buffer most packets
-/// cost no system call at all.
+/// cost no system call at all. The socket acknowledges at once while `quick_acks` is
+/// set (see [`QuickAcks`]).
 async fn connect(
     config: Arc<client::Config>,
     addr: (&str, u16),
     handler: Client,
+    quick_acks: Arc<AtomicBool>,
 ) -> Result<client::Handle<Client>, russh::Error> {
     let socket = tokio::net::TcpStream::connect(addr).await?;
     socket.set_nodelay(true)?;
+    let socket = QuickAcks {
+        socket,
+        on: quick_acks,
+    };
     let socket = tokio::io::BufReader::with_capacity(READ_BUFFER, socket);
     client::connect_stream(config, socket, handler).await
+}
+
+/// The SSH connection's socket, which sets `TCP_QUICKACK` after each read while `on`:
+/// while the session is set up. sshd sends its small messages with Nagle's algorithm
+/// (it sets `TCP_NODELAY` only for interactive sessions), so its answer to the forward
+/// waited for our acknowledgement of the message before it (the host keys it announces
+/// after authentication), which Linux delays by 40 ms when it has nothing to send back:
+/// 40 ms of every run's start. Bulk transfers are acknowledged promptly anyway.
+struct QuickAcks {
+    socket: tokio::net::TcpStream,
+    on: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for QuickAcks {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let read = std::pin::Pin::new(&mut this.socket).poll_read(cx, buf);
+        if read.is_ready() && this.on.load(Ordering::Relaxed) {
+            use std::os::fd::AsRawFd;
+            let one: libc::c_int = 1;
+            // Best effort: without it the session only starts later.
+            unsafe {
+                libc::setsockopt(
+                    this.socket.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_QUICKACK,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAcks {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().socket).poll_shutdown(cx)
+    }
 }
 
 /// Refuses a channel the pbs never asks for (russh's default handlers accept them).
@@ -381,6 +461,8 @@ struct Tunnel {
     session: client::Handle<Client>,
     socket: String,
     served: Arc<OnceLock<Served>>,
+    /// Cleared when the session is set up (see [`QuickAcks`]).
+    quick_acks: Arc<AtomicBool>,
 }
 
 impl Tunnel {
@@ -426,30 +508,31 @@ impl Tunnel {
             key_problem: key_problem.clone(),
         };
         let addr = (host.address.as_str(), host.port);
-        let mut session =
-            match tokio::time::timeout(CONNECT_TIMEOUT, connect(config, addr, handler)).await {
-                Err(_) => {
-                    return Err(format!(
-                        "no SSH connection to {}:{} within {} s",
-                        host.address,
-                        host.port,
-                        CONNECT_TIMEOUT.as_secs()
-                    ))
+        let quick_acks = Arc::new(AtomicBool::new(true));
+        let connecting = connect(config, addr, handler, quick_acks.clone());
+        let mut session = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(format!(
+                    "no SSH connection to {}:{} within {} s",
+                    host.address,
+                    host.port,
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            }
+            Ok(Err(e)) => {
+                if let Some(p) = key_problem.lock().expect("key problem").take() {
+                    return Err(p);
                 }
-                Ok(Err(e)) => {
-                    if let Some(p) = key_problem.lock().expect("key problem").take() {
-                        return Err(p);
-                    }
-                    return Err(format!(
-                        "SSH connection to {}:{}: {e}",
-                        host.address, host.port
-                    ));
-                }
-                Ok(Ok(s)) => {
-                    tracing::debug!(host = %host.name, "SSH connection made, host key checked");
-                    s
-                }
-            };
+                return Err(format!(
+                    "SSH connection to {}:{}: {e}",
+                    host.address, host.port
+                ));
+            }
+            Ok(Ok(s)) => {
+                tracing::debug!(host = %host.name, "SSH connection made, host key checked");
+                s
+            }
+        };
         let passphrase = match &host.identity_passphrase_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)
@@ -508,11 +591,13 @@ impl Tunnel {
             session,
             socket,
             served,
+            quick_acks,
         })
     }
 
     /// From now on, forwarded connections are served by `router`.
     fn serve(&self, router: axum::Router, server: Option<Arc<Server>>) {
+        self.quick_acks.store(false, Ordering::Relaxed);
         if self.served.set(Served { router, server }).is_err() {
             unreachable!("a tunnel serves one run");
         }
