@@ -58,14 +58,7 @@ fn a_pull_over_ssh_round_trips_and_leaves_nothing_listening() {
     assert_eq!(snaps[0]["source"], "pull");
 
     // Nothing listens on the host's side any more.
-    for e in fs::read_dir(sshd.dir.join("sockets")).unwrap() {
-        let p = e.unwrap().path();
-        assert!(
-            std::os::unix::net::UnixStream::connect(&p).is_err(),
-            "{} still accepts connections",
-            p.display()
-        );
-    }
+    sshd.assert_nothing_listening();
 
     // Unchanged: nothing is read again.
     let (run, rec) = pull(&env, &config, "web-1");
@@ -337,14 +330,7 @@ fn a_repository_that_does_not_open_stops_the_pull_before_the_agent_starts() {
     let log = sshd.log();
     assert!(log.contains("Accepted publickey"), "{log}");
     assert!(!log.contains("Starting session"), "{log}");
-    for e in fs::read_dir(sshd.dir.join("sockets")).unwrap() {
-        let p = e.unwrap().path();
-        assert!(
-            std::os::unix::net::UnixStream::connect(&p).is_err(),
-            "{} still accepts connections",
-            p.display()
-        );
-    }
+    sshd.assert_nothing_listening();
     // As before the connection was made first: a pull whose repository did not open is
     // no run.
     let runs = env.pbs(&["--json", "runs", "--state-dir", state.to_str().unwrap()]);

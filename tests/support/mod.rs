@@ -645,6 +645,19 @@ impl Sshd {
         fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
 
+    /// Asserts that no socket in the host's socket directory accepts connections: no
+    /// forward of a run is left listening.
+    pub fn assert_nothing_listening(&self) {
+        for e in fs::read_dir(self.dir.join("sockets")).unwrap() {
+            let p = e.unwrap().path();
+            assert!(
+                std::os::unix::net::UnixStream::connect(&p).is_err(),
+                "{} still accepts connections",
+                p.display()
+            );
+        }
+    }
+
     /// The user this process runs as: sshd (not run as root) admits only that one.
     pub fn user() -> String {
         let pw = unsafe { libc::getpwuid(libc::geteuid()) };
