@@ -4,7 +4,7 @@
 //! is used; the restorer writes into a staging directory beside the target
 //! and renames it into place only when everything is written.
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::prefetch::Prefetcher;
 use crate::{event, runtime, Failure, Outcome, Progress, RestoreArgs};
 use bytes::Bytes;
@@ -41,10 +41,19 @@ thread_local! {
 }
 
 impl RemoteSource {
+    /// Fetches one blob. The server's refusal to give it (it is missing or damaged in
+    /// the repository) concerns that blob only; a broken connection ends the restore.
     fn get(&self, path: String) -> Result<Bytes, SourceError> {
         self.rt
             .block_on(self.client.request(Method::GET, &path, Bytes::new()))
-            .map_err(SourceError::new)
+            .map_err(|e| match &e {
+                ClientError::Api { code, .. }
+                    if !matches!(code.as_str(), "forbidden" | "no_session") =>
+                {
+                    SourceError::blob(e)
+                }
+                _ => SourceError::new(e),
+            })
     }
 }
 
@@ -55,18 +64,19 @@ impl BlobSource for RemoteSource {
             .take(&id.0)
             .map_err(|e| SourceError::new(Bad(e)))?
         {
-            Some(b) => b,
-            None => self
+            // An empty frame: the server could not read it; asked alone for the reason.
+            Some(b) if !b.is_empty() => b,
+            _ => self
                 .get(format!("/v1/restore/tree/{}", id.to_hex()))?
                 .to_vec(),
         };
         if blake3::hash(&bytes).as_bytes() != &id.0 {
-            return Err(SourceError::new(Bad(format!(
+            return Err(SourceError::blob(Bad(format!(
                 "tree {} from the server does not hash to its id",
                 id.short()
             ))));
         }
-        let tree = Tree::decode(&bytes).map_err(SourceError::new)?;
+        let tree = Tree::decode(&bytes).map_err(SourceError::blob)?;
         // The restorer descends into every subdirectory next: fetch them ahead.
         self.trees
             .hint(tree.nodes.iter().filter_map(|n| n.subtree.map(|t| t.0)));
@@ -80,14 +90,14 @@ impl BlobSource for RemoteSource {
             .take(&id.0)
             .map_err(|e| SourceError::new(Bad(e)))?
         {
-            Some(b) => b,
-            None => self
+            Some(b) if !b.is_empty() => b,
+            _ => self
                 .get(format!("/v1/restore/chunk/{}", id.to_hex()))?
                 .to_vec(),
         };
         DECOMPRESSOR
             .with(|d| decode_blob(&mut d.borrow_mut(), encoded, self.max_chunk))
-            .map_err(|e| SourceError::new(Bad(format!("chunk {}: {e}", id.short()))))
+            .map_err(|e| SourceError::blob(Bad(format!("chunk {}: {e}", id.short()))))
     }
 
     fn will_need(&self, ids: &[ChunkId]) {
@@ -175,7 +185,9 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
         result.map_err(Failure::run)?
     };
     for w in &warnings {
-        event(&serde_json::json!({"type": "warning", "path": w.path, "message": w.message}));
+        event(
+            &serde_json::json!({"type": "warning", "path": w.path, "kind": w.kind, "message": w.message}),
+        );
         eprintln!("warning: {}: {}", w.path, w.message);
     }
     event(&serde_json::json!({

@@ -3,7 +3,7 @@
 //! Everything here works on the entry itself, never on what a symlink points at
 //! (`lstat`, `lchown`, `utimensat(AT_SYMLINK_NOFOLLOW)`, `l*xattr`).
 
-use crate::tree::{Node, NodeKind, Timestamp};
+use crate::tree::{Node, NodeFlags, NodeKind, Timestamp};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::Metadata;
@@ -60,8 +60,20 @@ pub fn node_from_metadata(name: &[u8], meta: &Metadata, names: &mut NameCache) -
         } else {
             0
         },
+        flags: if kind == NodeKind::File && is_sparse(meta) {
+            NodeFlags::SPARSE
+        } else {
+            NodeFlags::default()
+        },
         ..Default::default()
     }
+}
+
+/// Whether a file has holes: fewer bytes allocated than its size. (A file whose
+/// blocks are shared or compressed by its filesystem may look so too; restoring its
+/// zero runs as holes then costs nothing that matters.)
+fn is_sparse(meta: &Metadata) -> bool {
+    meta.blocks().saturating_mul(512) < meta.size()
 }
 
 /// Extended attributes of `path` (not following symlinks), sorted by name. A

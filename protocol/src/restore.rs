@@ -10,12 +10,23 @@
 //! with `O_EXCL`/`O_NOFOLLOW` in directories the restorer itself made, so no crafted
 //! tree can write outside the target through `..` or a symlink.
 //!
+//! Damage: a file whose chunk is missing or damaged (or whose chunks do not add up to
+//! its recorded size), and a directory whose listing cannot be read, are not restored:
+//! nothing is left under their names, each is reported as [`ProblemKind::NotRestored`]
+//! with its reason, and everything else is restored (as restic and borg do). Only a
+//! failure of the source itself (a connection gone) or of the target (a full disk)
+//! ends a restore.
+//!
+//! Holes: a file is restored as allocated as it was. Only a file recorded as sparse
+//! ([`NodeFlags::SPARSE`]) gets its long zero runs back as holes: a preallocated file
+//! (a database's write-ahead log) must not come back sparse.
+//!
 //! Memory: one chunk per worker, plus one small record per directory (its metadata is
 //! applied after its contents, so its mtime sticks).
 
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{self, NameCache};
-use crate::tree::{Node, NodeKind, Tree};
+use crate::tree::{Node, NodeFlags, NodeKind, Tree};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -36,14 +47,38 @@ pub trait BlobSource: Sync {
     fn will_need(&self, _ids: &[ChunkId]) {}
 }
 
-/// A failure of the blob source: it ends the restore.
+/// A failure of the blob source.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceError(pub Box<dyn std::error::Error + Send + Sync>);
+#[error("{error}")]
+pub struct SourceError {
+    pub error: Box<dyn std::error::Error + Send + Sync>,
+    pub scope: FailureScope,
+}
+
+/// How much a [`SourceError`] takes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureScope {
+    /// This one blob cannot be had (missing, damaged): the entries that need it are
+    /// not restored, the rest is.
+    Blob,
+    /// The source itself failed (a connection closed): the restore ends.
+    Source,
+}
 
 impl SourceError {
+    /// The source failed: nothing more can be read from it.
     pub fn new<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
-        SourceError(Box::new(e))
+        SourceError {
+            error: Box::new(e),
+            scope: FailureScope::Source,
+        }
+    }
+    /// One blob is missing or damaged; others can still be read.
+    pub fn blob<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+        SourceError {
+            error: Box::new(e),
+            scope: FailureScope::Blob,
+        }
     }
 }
 
@@ -106,11 +141,40 @@ pub struct RestoreStats {
     pub bytes: AtomicU64,
 }
 
-/// A problem that did not stop the restore (e.g. a device node without root).
+/// A problem that did not stop the restore.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreWarning {
     pub path: String,
+    pub kind: ProblemKind,
     pub message: String,
+}
+
+/// What a [`RestoreWarning`] means for its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// Nothing was restored under this name (damaged data, a device node without root).
+    NotRestored,
+}
+
+impl RestoreError {
+    /// Whether this error concerns one entry only (its data is damaged or missing),
+    /// so that the restore can go on without it.
+    fn is_entry_only(&self) -> bool {
+        match self {
+            RestoreError::ChunkMismatch { .. } | RestoreError::SizeMismatch { .. } => true,
+            RestoreError::Source(e) => e.scope == FailureScope::Blob,
+            _ => false,
+        }
+    }
+}
+
+fn not_restored(path: &Path, message: impl std::fmt::Display) -> RestoreWarning {
+    RestoreWarning {
+        path: path.display().to_string(),
+        kind: ProblemKind::NotRestored,
+        message: message.to_string(),
+    }
 }
 
 /// Restores the tree `root` into `opts.target`.
@@ -191,7 +255,14 @@ pub fn restore(
         stats,
     );
     match result {
-        Ok(warnings) => {
+        Ok(mut warnings) => {
+            // Problems were noted under the staging directory's name.
+            let staged = staging.display().to_string();
+            for w in &mut warnings {
+                if let Some(rest) = w.path.strip_prefix(&staged) {
+                    w.path = format!("{}{rest}", target.display());
+                }
+            }
             let mode = final_mode.unwrap_or_else(|| 0o777 & !umask());
             fs::set_permissions(&staging, fs::Permissions::from_mode(mode))
                 .map_err(io_err(&staging))?;
@@ -285,6 +356,9 @@ struct Restorer<'a> {
     links: HashMap<(u64, u64), PathBuf>,
     /// Directories whose metadata is applied after their contents.
     dirs: Vec<(PathBuf, Node)>,
+    /// The other names of a multiply-linked file, by its first name: removed with it
+    /// if its content cannot be restored.
+    other_links: HashMap<PathBuf, Vec<PathBuf>>,
     warnings: Vec<RestoreWarning>,
 }
 
@@ -300,10 +374,12 @@ fn restore_into(
     // Owned by the workers, so that the queue closes if they all stop.
     let rx = std::sync::Arc::new(Mutex::new(rx));
     let worker_error: Mutex<Option<RestoreError>> = Mutex::new(None);
+    // Files the workers could not restore (removed), with why.
+    let failed: Mutex<Vec<(PathBuf, RestoreError)>> = Mutex::new(Vec::new());
     let is_root = meta::is_root();
     let outcome = std::thread::scope(|scope| {
         for _ in 0..threads {
-            let (rx, worker_error) = (rx.clone(), &worker_error);
+            let (rx, worker_error, failed) = (rx.clone(), &worker_error, &failed);
             scope.spawn(move || {
                 let mut names = NameCache::default();
                 loop {
@@ -314,8 +390,25 @@ fn restore_into(
                     if worker_error.lock().expect("error slot").is_some() {
                         continue; // drain the queue after a failure
                     }
-                    if let Err(e) = write_file(source, &job, stats, &mut names, is_root) {
-                        worker_error.lock().expect("error slot").get_or_insert(e);
+                    match write_file(source, &job, stats, &mut names, is_root) {
+                        Ok(()) => {}
+                        Err(e) if e.is_entry_only() => {
+                            // Nothing half-written stays under the file's name.
+                            match fs::remove_file(&job.path) {
+                                Ok(()) => failed.lock().expect("failed").push((job.path, e)),
+                                Err(r) => {
+                                    worker_error.lock().expect("error slot").get_or_insert(
+                                        RestoreError::Io {
+                                            path: job.path,
+                                            source: r,
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            worker_error.lock().expect("error slot").get_or_insert(e);
+                        }
                     }
                 }
             });
@@ -329,6 +422,7 @@ fn restore_into(
             is_root,
             links: HashMap::new(),
             dirs: Vec::new(),
+            other_links: HashMap::new(),
             warnings: Vec::new(),
         };
         let walked = source
@@ -339,13 +433,26 @@ fn restore_into(
                 r.dir(staging, &tree, &filter)
             });
         r.jobs = None; // workers finish the queue and exit
-        (walked, r.dirs, r.warnings, r.names)
+        (walked, r.dirs, r.warnings, r.names, r.other_links)
     });
     // The scope has joined every worker here.
-    let (walked, dirs, warnings, mut names) = outcome;
+    let (walked, dirs, mut warnings, mut names, mut other_links) = outcome;
     walked?;
     if let Some(e) = worker_error.into_inner().expect("error slot") {
         return Err(e);
+    }
+    let mut failed = failed.into_inner().expect("failed");
+    failed.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, e) in failed {
+        for other in other_links.remove(&path).unwrap_or_default() {
+            fs::remove_file(&other).map_err(io_err(&other))?;
+            let why = format!(
+                "a hard link to {}, which could not be restored",
+                path.display()
+            );
+            warnings.push(not_restored(&other, why));
+        }
+        warnings.push(not_restored(&path, e));
     }
     // `dirs` is in post-order (a directory after everything below it): children
     // before parents, so a parent's restrictive mode cannot lock us out of a child.
@@ -396,11 +503,24 @@ impl Restorer<'_> {
     ) -> Result<(), RestoreError> {
         match node.kind {
             NodeKind::Dir => {
+                let sub = match node.subtree.as_ref().map(|id| self.source.load_tree(id)) {
+                    None => None,
+                    Some(Ok(sub)) => Some(sub),
+                    Some(Err(e)) if e.scope == FailureScope::Blob => {
+                        // Its entries are unknown: an empty directory would say it
+                        // had none, so it is not made at all.
+                        self.warnings.push(not_restored(
+                            path,
+                            format!("its listing cannot be read: {e}"),
+                        ));
+                        return Ok(());
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                };
                 fs::create_dir(path).map_err(io_err(path))?;
                 self.stats.dirs.fetch_add(1, Relaxed);
-                if let Some(id) = &node.subtree {
-                    let sub = self.source.load_tree(id)?;
-                    self.dir(path, &sub, includes)?;
+                if let Some(sub) = &sub {
+                    self.dir(path, sub, includes)?;
                 }
                 self.dirs.push((path.to_path_buf(), node.clone()));
                 // Apply at the end; the list is one small record per directory.
@@ -411,6 +531,10 @@ impl Restorer<'_> {
                 if node.nlink > 1 {
                     if let Some(first) = self.links.get(&(node.device, node.inode)) {
                         fs::hard_link(first, path).map_err(io_err(path))?;
+                        self.other_links
+                            .entry(first.clone())
+                            .or_default()
+                            .push(path.to_path_buf());
                         self.stats.files.fetch_add(1, Relaxed);
                         return Ok(());
                     }
@@ -438,10 +562,8 @@ impl Restorer<'_> {
                     .map_err(io_err(path))?;
             }
             NodeKind::CharDevice | NodeKind::BlockDevice if !self.is_root => {
-                self.warnings.push(RestoreWarning {
-                    path: path.display().to_string(),
-                    message: "device node not restored: creating it needs root".into(),
-                });
+                self.warnings
+                    .push(not_restored(path, "a device node: creating it needs root"));
                 return Ok(());
             }
             _ => meta::make_special(path, node).map_err(io_err(path))?,
@@ -451,20 +573,21 @@ impl Restorer<'_> {
     }
 }
 
-/// Applies xattrs, owner, mode and mtime, in the order that keeps each one: owner
-/// before mode (chown clears setuid bits), mtime last.
+/// Applies owner, xattrs, mode and mtime, in the order that keeps each one: chown
+/// clears setuid bits and file capabilities (`security.capability`), so the owner comes
+/// before both; the mode after the xattrs, whose ACL it may adjust; mtime last.
 fn apply_metadata(
     path: &Path,
     node: &Node,
     names: &mut NameCache,
     is_root: bool,
 ) -> Result<(), RestoreError> {
+    if is_root {
+        meta::apply_owner(path, node, names).map_err(io_err(path))?;
+    }
     if node.kind != NodeKind::Symlink || is_root {
         // user.* xattrs cannot be set on symlinks; trusted.*/security.* need root.
         meta::apply_xattrs(path, node).map_err(io_err(path))?;
-    }
-    if is_root {
-        meta::apply_owner(path, node, names).map_err(io_err(path))?;
     }
     meta::apply_mode(path, node).map_err(io_err(path))?;
     meta::apply_mtime(path, node).map_err(io_err(path))?;
@@ -490,6 +613,7 @@ fn write_file(
             &created
         }
     };
+    let sparse = job.node.flags.contains(NodeFlags::SPARSE);
     let mut offset = 0u64;
     // The end of the last bytes written: the file (created empty) is this long.
     let mut written = 0u64;
@@ -503,7 +627,10 @@ fn write_file(
                 path: path.clone(),
             });
         }
-        if let Some(end) = write_sparse(file, &data, offset).map_err(io_err(path))? {
+        if !sparse {
+            file.write_all_at(&data, offset).map_err(io_err(path))?;
+            written = offset + data.len() as u64;
+        } else if let Some(end) = write_sparse(file, &data, offset).map_err(io_err(path))? {
             written = end;
         }
         offset += data.len() as u64;

@@ -11,14 +11,21 @@
 //! the bytes):
 //!
 //! ```text
-//! tree  = "HTR1" count:varint node*count
+//! tree  = "HTR1" count:varint node*count        (every node's flags are empty)
+//!       | "HTR2" count:varint (node flags)*count (some node has a flag)
 //! node  = name:bytes kind:u8 mode uid gid user:bytes group:bytes size
 //!         mtime_sec:zigzag mtime_nsec ctime_sec:zigzag ctime_nsec
 //!         inode device nlink rdev target:bytes
 //!         xattr_count (name:bytes value:bytes)*   (sorted by name, unique)
 //!         content_count chunk_id[32]*
 //!         has_subtree:u8 [tree_id[32]]
+//! flags = varint                                  (see [`NodeFlags`])
 //! ```
+//!
+//! Flags came after the first trees were written: a tree without any keeps the `HTR1`
+//! form, so an unchanged directory still encodes to the bytes (and the id) it had, and
+//! deduplication of trees goes on across the change. An `HTR2` tree whose flags are all
+//! empty is not canonical and is refused.
 //!
 //! Names and symlink targets are raw bytes: non-UTF-8 names round-trip. A name is never
 //! empty, `.`, `..`, and never contains `/` or NUL, so a restorer that joins names onto a
@@ -27,6 +34,7 @@
 use crate::id::{ChunkId, TreeId};
 
 const MAGIC: &[u8; 4] = b"HTR1";
+const MAGIC_FLAGS: &[u8; 4] = b"HTR2";
 
 /// What kind of file a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -86,6 +94,32 @@ pub struct Timestamp {
     pub nsec: u32,
 }
 
+/// Facts about a node that its metadata alone does not tell. Bits this version does not
+/// know are kept as they are (a tree written by a newer version re-encodes to itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct NodeFlags(pub u64);
+
+impl NodeFlags {
+    /// The file changed while it was read, every time it was read: its content is the
+    /// bytes that were read (its `size` is their length), which may mix two states of
+    /// the file. The next backup reads it again whatever its metadata says.
+    pub const CHANGED_WHILE_READ: NodeFlags = NodeFlags(1);
+    /// The file had holes on the source (fewer blocks allocated than its size needs):
+    /// a restore leaves its long zero runs as holes. A file without this flag is
+    /// restored fully allocated, as it was (a preallocated database file stays so).
+    pub const SPARSE: NodeFlags = NodeFlags(2);
+
+    pub fn contains(self, f: NodeFlags) -> bool {
+        self.0 & f.0 == f.0
+    }
+    pub fn insert(&mut self, f: NodeFlags) {
+        self.0 |= f.0;
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
 /// One entry of a directory with all the metadata haul keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Node {
@@ -117,6 +151,7 @@ pub struct Node {
     pub content: Vec<ChunkId>,
     /// A directory's own tree.
     pub subtree: Option<TreeId>,
+    pub flags: NodeFlags,
 }
 
 /// A directory listing: nodes sorted by name, names unique.
@@ -157,7 +192,8 @@ impl Tree {
     /// off a filesystem, so either is a bug, not bad input.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.nodes.len() * 96);
-        out.extend_from_slice(MAGIC);
+        let flagged = self.nodes.iter().any(|n| !n.flags.is_empty());
+        out.extend_from_slice(if flagged { MAGIC_FLAGS } else { MAGIC });
         put_varint(&mut out, self.nodes.len() as u64);
         let mut prev: Option<&[u8]> = None;
         for node in &self.nodes {
@@ -171,6 +207,9 @@ impl Tree {
             }
             prev = Some(&node.name);
             encode_node(&mut out, node);
+            if flagged {
+                put_varint(&mut out, node.flags.0);
+            }
         }
         out
     }
@@ -184,9 +223,11 @@ impl Tree {
     /// Parses a canonical encoding, rejecting anything [`Tree::encode`] would not produce.
     pub fn decode(bytes: &[u8]) -> Result<Tree, DecodeError> {
         let mut r = Reader { buf: bytes, pos: 0 };
-        if r.take(4)? != MAGIC {
-            return Err(r.err("not a haul tree (bad magic)"));
-        }
+        let flagged = match r.take(4)? {
+            m if m == MAGIC => false,
+            m if m == MAGIC_FLAGS => true,
+            _ => return Err(r.err("not a haul tree (bad magic)")),
+        };
         let count = r.varint()?;
         // Every node takes at least one byte, so a larger count is a lie (and must not
         // size an allocation).
@@ -195,7 +236,10 @@ impl Tree {
         }
         let mut nodes = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let node = decode_node(&mut r)?;
+            let mut node = decode_node(&mut r)?;
+            if flagged {
+                node.flags = NodeFlags(r.varint()?);
+            }
             if let Some(prev) = nodes.last() {
                 let prev: &Node = prev;
                 if prev.name >= node.name {
@@ -206,6 +250,9 @@ impl Tree {
         }
         if r.pos != bytes.len() {
             return Err(r.err("trailing bytes after the last node"));
+        }
+        if flagged && nodes.iter().all(|n| n.flags.is_empty()) {
+            return Err(r.err("flagged tree without a flagged node"));
         }
         Ok(Tree { nodes })
     }
@@ -324,6 +371,7 @@ fn decode_node(r: &mut Reader<'_>) -> Result<Node, DecodeError> {
         xattrs,
         content,
         subtree,
+        flags: NodeFlags::default(),
     })
 }
 
@@ -439,9 +487,10 @@ mod tests {
             ),
             proptest::collection::vec(any::<[u8; 32]>(), 0..4),
             proptest::option::of(any::<[u8; 32]>()),
+            prop_oneof![3 => Just(0u64), 1 => 0u64..4, 1 => any::<u64>()],
         )
             .prop_map(
-                |(name, kind, (mode, uid, gid), user, t, d, target, x, content, sub)| Node {
+                |(name, kind, (mode, uid, gid), user, t, d, target, x, content, sub, flags)| Node {
                     name,
                     kind: NodeKind::from_code(kind).unwrap(),
                     mode,
@@ -466,6 +515,7 @@ mod tests {
                     xattrs: x.into_iter().collect(),
                     content: content.into_iter().map(ChunkId).collect(),
                     subtree: sub.map(TreeId),
+                    flags: NodeFlags(flags),
                 },
             )
     }
@@ -489,8 +539,8 @@ mod tests {
         }
 
         #[test]
-        fn decode_never_panics_and_accepts_only_canonical(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut input = MAGIC.to_vec();
+        fn decode_never_panics_and_accepts_only_canonical(flagged: bool, bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut input = if flagged { MAGIC_FLAGS } else { MAGIC }.to_vec();
             input.extend_from_slice(&bytes);
             if let Ok(t) = Tree::decode(&input) {
                 prop_assert_eq!(t.encode(), input);
@@ -501,6 +551,49 @@ mod tests {
         fn zigzag_round_trip(v in any::<i64>()) {
             prop_assert_eq!(unzigzag(zigzag(v)), v);
         }
+    }
+
+    #[test]
+    fn a_tree_without_flags_keeps_the_first_form_and_its_id() {
+        let mut tree = Tree {
+            nodes: vec![
+                Node {
+                    name: b"a".to_vec(),
+                    size: 3,
+                    ..Default::default()
+                },
+                Node {
+                    name: b"b".to_vec(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let plain = tree.encode();
+        assert_eq!(&plain[..4], MAGIC);
+        tree.nodes[1].flags.insert(NodeFlags::CHANGED_WHILE_READ);
+        let flagged = tree.encode();
+        assert_eq!(&flagged[..4], MAGIC_FLAGS);
+        let back = Tree::decode(&flagged).unwrap();
+        assert!(back.nodes[1].flags.contains(NodeFlags::CHANGED_WHILE_READ));
+        assert!(!back.nodes[1].flags.contains(NodeFlags::SPARSE));
+        assert!(back.nodes[0].flags.is_empty());
+        // The same nodes, all flags empty, in the second form: not canonical.
+        let mut forged = MAGIC_FLAGS.to_vec();
+        forged.extend_from_slice(&plain[4..5]);
+        let mut body = plain[5..].to_vec();
+        // Each node's encoding is followed by its flags varint (0) in this form.
+        let first_len = {
+            let mut out = Vec::new();
+            encode_node(&mut out, &tree.nodes[0]);
+            out.len()
+        };
+        body.insert(first_len, 0);
+        body.push(0);
+        forged.extend_from_slice(&body);
+        assert_eq!(
+            Tree::decode(&forged).unwrap_err().reason,
+            "flagged tree without a flagged node"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{node_from_metadata, read_xattrs, NameCache};
-use crate::tree::{Node, NodeKind, Timestamp, Tree};
+use crate::tree::{Node, NodeFlags, NodeKind, Timestamp, Tree};
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
 use std::io;
@@ -825,9 +825,12 @@ impl Walker<'_> {
     }
 }
 
-/// A file is not read again when its type, size, mtime, ctime and inode match the parent.
+/// A file is not read again when its type, size, mtime, ctime and inode match the
+/// parent, unless the parent's copy was read while the file changed (its metadata then
+/// describes a state the content may not be).
 fn unchanged(parent: &Node, now: &Node) -> bool {
     parent.kind == NodeKind::File
+        && !parent.flags.contains(NodeFlags::CHANGED_WHILE_READ)
         && parent.size == now.size
         && parent.mtime == now.mtime
         && parent.ctime == now.ctime
@@ -922,10 +925,14 @@ fn read_file(
         let stable = read == after.len() && now == before;
         if stable || attempt + 1 == READ_ATTEMPTS {
             let mut node = expected;
-            (node.inode, node.size, node.mtime, node.ctime) = now;
+            (node.inode, node.mtime, node.ctime) = (now.0, now.2, now.3);
+            // The size is what was read, whatever the file's length is now: content,
+            // chunks and size must agree, or the snapshot cannot be restored.
+            node.size = read;
             node.content = content;
             let warning = (!stable).then(|| {
-                format!("changed while being read {READ_ATTEMPTS} times; stored as last read, which may be inconsistent")
+                node.flags.insert(NodeFlags::CHANGED_WHILE_READ);
+                format!("changed while being read {READ_ATTEMPTS} times; stored as last read ({read} bytes), which may mix two states of the file; the next backup reads it again")
             });
             return FileResult::Read {
                 node: Box::new(node),

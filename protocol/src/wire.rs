@@ -27,6 +27,9 @@
 //! The batch reads (`trees`, `chunks`) answer with frames for the refs in the order
 //! asked, and stop after [`MAX_FRAMES_RESPONSE`] bytes (at least one frame): the
 //! client asks again for the rest. So an answer's size is bounded whatever was asked.
+//! In a restore's batch, a blob the repository cannot read (missing, damaged) is a frame
+//! of length 0 (no stored blob encodes to nothing): the client asks for it alone to
+//! learn why, and the rest of the batch still arrives.
 //!
 //! Every error is a JSON [`ErrorBody`] with a stable machine `code`.
 //!

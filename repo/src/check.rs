@@ -1,7 +1,8 @@
 //! `check`: is every snapshot whole, and is every stored byte what it should be?
 //!
 //! Structure (always): every index entry's pack exists and its header lists the same
-//! blobs at the same places; every snapshot's trees and chunks are in the index. With
+//! blobs at the same places; every snapshot's trees and chunks are in the index, and
+//! every file's recorded size is what its chunks add up to. With
 //! `read_data`: every pack is read, its name checked against its BLAKE3, and every blob
 //! opened, decompressed and re-hashed. Each damaged or missing blob is reported with
 //! the snapshots and file paths it affects, so an operator knows what is at risk.
@@ -10,7 +11,7 @@ use crate::backend::FileType;
 use crate::error::{Error, Result};
 use crate::format::pack_header::PackEntry;
 use crate::repository::{decode_blob, IndexedRepository, MAX_TREE_BYTES};
-use haul_protocol::tree::Tree;
+use haul_protocol::tree::{NodeKind, Tree};
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -152,16 +153,39 @@ pub fn check(
                 },
             };
             report.trees_checked += 1;
+            let mut disagree = Vec::new();
             for node in &tree.nodes {
                 if let Some(sub) = node.subtree {
                     stack.push(sub);
                 }
+                // What the chunks hold, as far as the index knows them.
+                let mut held = Some(0u64);
                 for c in &node.content {
-                    if seen_chunks.insert(c.0) && !repo.index().contains(BlobKind::Data, &c.0)? {
-                        bad.entry(BlobRef::data(*c))
-                            .or_insert((None, "not in the index".into()));
+                    match repo.index().get(BlobKind::Data, &c.0)? {
+                        Some(loc) => held = held.map(|h| h + loc.raw_length as u64),
+                        None => {
+                            held = None;
+                            if seen_chunks.insert(c.0) {
+                                bad.entry(BlobRef::data(*c))
+                                    .or_insert((None, "not in the index".into()));
+                            }
+                        }
                     }
                 }
+                match held {
+                    Some(h) if node.kind == NodeKind::File && h != node.size => {
+                        disagree.push(format!(
+                            "file {:?} records {} bytes but its chunks hold {h}",
+                            String::from_utf8_lossy(&node.name),
+                            node.size
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            // A file whose size and content disagree cannot be restored as recorded.
+            if !disagree.is_empty() {
+                bad.insert(r, (None, disagree.join("; ")));
             }
         }
     }

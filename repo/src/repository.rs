@@ -499,12 +499,14 @@ pub(crate) fn decode_blob(
     Ok(plain)
 }
 
-/// Lets the restorer read from the repository in-process.
+/// Lets the restorer read from the repository in-process. Every failure here concerns
+/// the one blob asked for (not indexed, its pack missing, short or damaged): the
+/// restorer skips what needs it and restores the rest.
 impl haul_protocol::restore::BlobSource for IndexedRepository {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, haul_protocol::restore::SourceError> {
-        IndexedRepository::load_tree(self, id).map_err(haul_protocol::restore::SourceError::new)
+        IndexedRepository::load_tree(self, id).map_err(haul_protocol::restore::SourceError::blob)
     }
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, haul_protocol::restore::SourceError> {
-        IndexedRepository::load_chunk(self, id).map_err(haul_protocol::restore::SourceError::new)
+        IndexedRepository::load_chunk(self, id).map_err(haul_protocol::restore::SourceError::blob)
     }
 }

@@ -553,5 +553,7 @@ fn node_of(rec: &Record, xattrs: &haul_rdiff::meta::XattrTree) -> Node {
         xattrs: xattrs.get(&rec.path).cloned().unwrap_or_default(),
         content: Vec::new(),
         subtree: None,
+        // rdiff-backup does not record holes: restored fully allocated.
+        flags: Default::default(),
     }
 }

@@ -50,7 +50,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     if ctx.global.json {
         for w in &warnings {
             json_line(
-                &serde_json::json!({"type": "warning", "path": w.path, "message": w.message}),
+                &serde_json::json!({"type": "warning", "path": w.path, "kind": w.kind, "message": w.message}),
             );
         }
         json_line(&serde_json::json!({
@@ -59,7 +59,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         }));
     } else {
         for w in &warnings {
-            eprintln!("warning: {}: {}", w.path, w.message);
+            eprintln!("not restored: {}: {}", w.path, w.message);
         }
         println!(
             "restored snapshot {} to {}: {files} files, {dirs} dirs, {others} other entries, {} in {:.1} s",
@@ -71,7 +71,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     }
     if !warnings.is_empty() {
         return Err(CliError::Incomplete(format!(
-            "{} entries could not be restored as recorded",
+            "{} entries could not be restored (named above); everything else was; `haul-pbs check --read-data` tells what is damaged",
             warnings.len()
         )));
     }
@@ -141,7 +141,7 @@ fn via_agent(
     for w in &r.warnings {
         if !json {
             eprintln!(
-                "warning: {}: {}",
+                "not restored: {}: {}",
                 w["path"].as_str().unwrap_or("?"),
                 w["message"].as_str().unwrap_or("?")
             );
@@ -172,7 +172,7 @@ fn via_agent(
             }
             if r.exit == Some(3) {
                 return Err(CliError::Incomplete(format!(
-                    "{} entries could not be restored as recorded",
+                    "{} entries could not be restored (named above); everything else was; `haul-pbs check --read-data` tells what is damaged",
                     r.warnings.len()
                 )));
             }

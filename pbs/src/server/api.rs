@@ -701,11 +701,28 @@ async fn restore_trees(State(s): St, body: Whole) -> ApiResult<Response> {
     let server = s.clone();
     let out = blocking(move || {
         frames(&refs, |r| {
-            Ok(server.restore_load_tree(&TreeId(r.id))?.encode())
+            damaged_as_empty(server.restore_load_tree(&TreeId(r.id)).map(|t| t.encode()))
         })
     })
     .await?;
     Ok(octets(out))
+}
+
+/// In a restore's batch read, a blob that cannot be read (missing, damaged) is an
+/// empty frame, so that one damaged blob does not fail the whole batch: the client
+/// asks for it alone and gets the reason (no stored blob encodes to zero bytes).
+fn damaged_as_empty(loaded: ApiResult<Vec<u8>>) -> ApiResult<Vec<u8>> {
+    match loaded {
+        Err(e)
+            if matches!(
+                e.code,
+                Code::RepositoryCorrupt | Code::UnknownObject | Code::Internal
+            ) =>
+        {
+            Ok(Vec::new())
+        }
+        other => other,
+    }
 }
 
 async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
@@ -716,7 +733,12 @@ async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
     let server = s.clone();
     let out = blocking(move || {
         frames(&refs, |r| {
-            Ok(server.repo.load_encoded(BlobKind::Data, &r.id)?)
+            damaged_as_empty(
+                server
+                    .repo
+                    .load_encoded(BlobKind::Data, &r.id)
+                    .map_err(ApiError::from),
+            )
         })
     })
     .await?;
