@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # Debian's python3-feedparser reads the RSS feeds and python3-prometheus-client the
 # metrics (the tests call /usr/bin/python3); supervisor runs the daemon as in production.
 # rdiff-backup (with attr, acl and its Python EA/ACL modules) builds the import fixtures.
+# libcap2-bin's setcap and getcap give a fixture file a capability and read it back.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
           supervisor openssh-server openssh-client util-linux
-          rdiff-backup attr acl python3-pyxattr python3-pylibacl)
+          rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -8,6 +8,7 @@
 mod check;
 mod daemon;
 mod dedup;
+mod faults;
 mod forget;
 mod hostile;
 mod import;

@@ -36,6 +36,26 @@ fn every_file_kind_round_trips() {
         allocated(&sparse)
     );
     assert_eq!(run.json_of("summary")["warnings"], 0);
+    // A fully allocated file with a long zero run came back fully allocated.
+    let wal = restored.join("prealloc.wal");
+    assert!(
+        allocated(&wal) >= fs::metadata(&wal).unwrap().len(),
+        "prealloc.wal came back with holes: {} bytes allocated",
+        allocated(&wal)
+    );
+    // The file capability survived the owner being set (assert_same_tree compared
+    // every xattr; this names the one chown clears).
+    if is_root() {
+        let caps = run_tool(
+            std::process::Command::new("getcap").arg(restored.join("capable")),
+            "getcap",
+        );
+        assert!(
+            String::from_utf8_lossy(&caps).contains("cap_net_raw=ep"),
+            "{}",
+            String::from_utf8_lossy(&caps)
+        );
+    }
 }
 
 #[test]

@@ -281,6 +281,14 @@ pub fn make_fixture(root: &Path) {
             .unwrap();
         f.set_len(20 * 1024 * 1024).unwrap();
     }
+    // Fully allocated, with a long run of zeros (a preallocated write-ahead log): it
+    // must not come back with holes.
+    {
+        let mut wal = random_bytes(4, 1024 * 1024);
+        wal.resize(5 * 1024 * 1024, 0);
+        wal.extend_from_slice(&random_bytes(5, 1024 * 1024));
+        fs::write(root.join("prealloc.wal"), wal).unwrap();
+    }
     // Modes.
     fs::write(root.join("setuid"), b"#!/bin/sh\n").unwrap();
     fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
@@ -329,6 +337,15 @@ pub fn make_fixture(root: &Path) {
         ] {
             std::os::unix::fs::lchown(root.join(p), Some(uid), Some(gid)).unwrap();
         }
+        // A file capability (security.capability), on a file of another owner: chown
+        // clears it, so a restore that sets the owner after it loses it.
+        let capable = root.join("capable");
+        fs::write(&capable, b"#!/bin/sh\nexit 0\n").unwrap();
+        std::os::unix::fs::lchown(&capable, Some(1000), Some(1000)).unwrap();
+        run_tool(
+            Command::new("setcap").arg("cap_net_raw+ep").arg(&capable),
+            "setcap (Debian's libcap2-bin)",
+        );
     }
     // Nanosecond mtimes, including a directory (set last, after its contents).
     set_mtime(&root.join("small.txt"), 1_600_000_000, 123_456_789);
