@@ -4,11 +4,10 @@
 use clap::Parser;
 
 fn main() {
-    // `haul-pbs ls latest | head` must end quietly when the reader goes away, as other
-    // Unix tools do, instead of panicking inside println! on EPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): a pbs writing to an agent that died, or
+    // answering a client that hung up, gets EPIPE and records the run, instead of
+    // dying with no message and its markers left behind. Output never panics on a
+    // closed stdout, and `haul-pbs ls latest | head` still ends quietly (output.rs).
     limit_malloc_arenas();
     let cli = haul_pbs::cli::Cli::parse();
     // The daemon logs what it does (info); commands only their problems (warn).
@@ -34,7 +33,7 @@ fn main() {
                 &serde_json::json!({"type": "error", "message": e.to_string(), "exit_code": e.exit_code()}),
             );
         }
-        eprintln!("haul-pbs: {e}");
+        haul_pbs::errln!("haul-pbs: {e}");
         std::process::exit(e.exit_code());
     }
 }

@@ -1,15 +1,72 @@
 //! Output: human lines or JSON lines, and a progress line that only appears on a
 //! terminal.
+//!
+//! SIGPIPE stays ignored in `haul-pbs` (Rust's default): a process that holds a run, a
+//! lock or a socket must never die of it, whether an agent it writes to died or a
+//! client it answers hung up. So nothing here may panic when stdout or stderr is gone,
+//! as `println!` does: [`outln!`](crate::outln) and [`errln!`](crate::errln) drop what
+//! cannot be written. When the reader of stdout has gone (`haul-pbs ls latest | head`),
+//! [`stdout_closed`] turns true and listings stop early; the command still ends as it
+//! would have (its runs recorded, its locks released), quietly.
+//!
+//! Global state: [`STDOUT_CLOSED`] is process-wide because stdout is.
 
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
+
+/// Set once a write to stdout failed because its reader went away.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether stdout's reader has gone away: a listing may stop.
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(Relaxed)
+}
+
+/// Writes `args` and a newline to stdout; a failed write is noted, never fatal.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .is_err()
+    {
+        STDOUT_CLOSED.store(true, Relaxed);
+    }
+}
+
+/// Writes `args` to stderr (with a newline if `newline`); a failed write is dropped.
+pub fn write_err(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args);
+    if newline {
+        let _ = err.write_all(b"\n");
+    }
+}
+
+/// `println!` that cannot panic or kill: see the module doc.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::output::write_out(format_args!($($arg)*)) };
+}
+
+/// `eprintln!` that cannot panic or kill: see the module doc.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::output::write_err(format_args!($($arg)*), true) };
+}
 
 /// Prints one JSON object on its own line.
 pub fn json_line<T: Serialize>(value: &T) {
     let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, value);
-    let _ = out.write_all(b"\n");
+    if serde_json::to_writer(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| out.write_all(b"\n"))
+        .is_err()
+    {
+        STDOUT_CLOSED.store(true, Relaxed);
+    }
 }
 
 /// Bytes for people: `1.5 GiB`.
@@ -39,11 +96,11 @@ impl Progress {
         if !enabled || !std::io::stderr().is_terminal() {
             return Progress { _ticker: None };
         }
-        eprint!("\r\x1b[K{}", line());
+        write_err(format_args!("\r\x1b[K{}", line()), false);
         let ticker = haul_protocol::Ticker::start(
             Duration::from_millis(200),
-            move || eprint!("\r\x1b[K{}", line()),
-            || eprint!("\r\x1b[K"),
+            move || write_err(format_args!("\r\x1b[K{}", line()), false),
+            || write_err(format_args!("\r\x1b[K"), false),
         );
         Progress {
             _ticker: Some(ticker),

@@ -114,3 +114,208 @@ fn a_file_appended_to_during_pulls_restores_from_every_snapshot() {
         fs::remove_dir_all(&target).unwrap();
     }
 }
+
+/// Sixteen pulls, each with its agent killed (SIGKILL) at another moment, from its
+/// start to the end of its upload: the pbs never dies (of SIGPIPE or anything else),
+/// records every run, and leaves a repository that checks clean and pulls again.
+#[test]
+fn pulls_whose_agent_is_killed_at_random_moments_are_each_recorded() {
+    let (env, src) = Env::with_source();
+    for i in 0..12u64 {
+        fs::write(
+            src.join(format!("big{i}.bin")),
+            random_bytes(100 + i, 3 << 20),
+        )
+        .unwrap();
+    }
+    fs::create_dir_all(src.join("small")).unwrap();
+    for i in 0..400 {
+        fs::write(
+            src.join(format!("small/{i}.txt")),
+            format!("{i}\n").repeat(i),
+        )
+        .unwrap();
+    }
+    let state = env.path("state");
+    let runs = || {
+        fs::read_to_string(state.join("runs.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let mut killed = 0;
+    for i in 0..16u64 {
+        // New content each time, so that every pull has something to read and send.
+        for f in 0..12u64 {
+            fs::write(
+                src.join(format!("big{f}.bin")),
+                random_bytes(1000 * i + f, 3 << 20),
+            )
+            .unwrap();
+        }
+        // Spread over the pull (about half a second here): at once, then every 15 ms
+        // up to 225 ms.
+        let delay = Duration::from_millis((i * 7 % 16) * 15);
+        let mut pbs = std::process::Command::new(bin("haul-pbs"))
+            .arg("--repo")
+            .arg(env.repo())
+            .arg("--password-file")
+            .arg(env.path("pass"))
+            .arg("--cache-dir")
+            .arg(env.path("cache"))
+            .args(["--json", "pull", "--local"])
+            .arg(&src)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let agent = loop {
+            if let Some((pid, _)) = descendants(pbs.id())
+                .into_iter()
+                .find(|(_, name)| name == "haul-agent")
+            {
+                break Some(pid);
+            }
+            if pbs.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(20) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if let Some(pid) = agent {
+            std::thread::sleep(delay);
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let out = pbs.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            None,
+            "pull {i}: the pbs died of a signal: {stderr}"
+        );
+        let code = out.status.code().unwrap();
+        // 3: killed right after it committed; the snapshot is complete.
+        assert!(code <= 1 || code == 3, "pull {i}: exit {code}: {stderr}");
+        let records = runs();
+        assert_eq!(records.len() as u64, i + 1, "pull {i}: {stderr}");
+        let last = records.last().unwrap();
+        if code == 1 {
+            killed += 1;
+            assert_eq!(last["status"], "failed", "{last}");
+            assert!(
+                last["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{last}"
+            );
+        } else if code == 3 {
+            assert_eq!(last["status"], "warning", "{last}");
+            assert!(last["snapshot"].is_string(), "{last}");
+            assert!(
+                stderr.contains("the snapshot is complete, but the agent ended abnormally"),
+                "{stderr}"
+            );
+        } else {
+            assert_eq!(last["status"], "ok", "{last}");
+        }
+    }
+    assert!(killed >= 8, "only {killed} pulls were cut by the kill");
+    // Nothing is left half-done: the repository checks clean, and a pull completes.
+    env.pbs(&["check", "--read-data"]).expect(0);
+    let (run, rec) = pull_local(&env, &src);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(rec["status"], "ok");
+    assert_eq!(
+        fs::read_dir(state.join("running"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "a run marker was left behind"
+    );
+}
+
+/// A daemon whose local agent fails at once, run after run, keeps running and records
+/// each failure with the agent's own words.
+#[test]
+fn a_daemon_whose_agents_all_fail_at_start_keeps_running_and_records_each() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "data").unwrap();
+    let agent = env.path("failing-agent");
+    fs::write(
+        &agent,
+        "#!/bin/sh\nexec 0<&-\necho 'haul-agent: cannot start: test agent refuses' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
+    let state = env.path("state");
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = {:?}\nsocket_dir = {:?}\n\n\
+             [[host]]\nname = \"failing\"\naddress = \"localhost\"\ntransport = \"local\"\n\
+             paths = [{:?}]\nschedule = \"1s\"\nagent = {:?}\n",
+            state.display().to_string(),
+            env.path("sockets").display().to_string(),
+            src.display().to_string(),
+            agent.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let log = env.path("daemon.log");
+    let mut daemon = std::process::Command::new(bin("haul-pbs"))
+        .args(["daemon", "--grace", "5s", "--config"])
+        .arg(&config)
+        .env("HAUL_CACHE_DIR", env.path("cache"))
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let records = || {
+        fs::read_to_string(state.join("runs.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "pull")
+            .collect::<Vec<_>>()
+    };
+    let t = Instant::now();
+    while records().len() < 5 {
+        let exited = daemon.try_wait().unwrap();
+        if exited.is_some() || t.elapsed() > Duration::from_secs(120) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            panic!(
+                "the daemon ended ({exited:?}) or recorded too few runs: {:?}\n{}",
+                records(),
+                fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
+    for r in records() {
+        assert_eq!(r["status"], "failed", "{r}");
+        assert_eq!(
+            r["error"], "haul-agent: cannot start: test agent refuses",
+            "{r}"
+        );
+    }
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = daemon.kill();
+            panic!("the daemon did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+}

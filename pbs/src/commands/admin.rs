@@ -22,12 +22,12 @@ pub fn init(ctx: &Context, args: InitArgs) -> Result<(), CliError> {
     if ctx.global.json {
         json_line(&serde_json::json!({"type": "init", "repository": path, "id": repo.config().id}));
     } else {
-        println!(
+        crate::outln!(
             "created haul repository {} at {}",
             &repo.config().id[..8],
             path.display()
         );
-        println!("Keep the passphrase safe: without it nothing in this repository can be read or restored.");
+        crate::outln!("Keep the passphrase safe: without it nothing in this repository can be read or restored.");
     }
     Ok(())
 }
@@ -39,7 +39,7 @@ pub fn key_add(ctx: &Context, new_password_file: Option<PathBuf>) -> Result<(), 
     if ctx.global.json {
         json_line(&serde_json::json!({"type": "key-added", "id": id}));
     } else {
-        println!("added key {}", &id[..8]);
+        crate::outln!("added key {}", &id[..8]);
     }
     Ok(())
 }
@@ -53,9 +53,9 @@ pub fn key_list(ctx: &Context) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    println!(" {:<10} {:<20} {:<16} HOST", "ID", "CREATED", "USER");
+    crate::outln!(" {:<10} {:<20} {:<16} HOST", "ID", "CREATED", "USER");
     for k in keys {
-        println!(
+        crate::outln!(
             "{}{:<10} {:<20} {:<16} {}",
             if k.current { "*" } else { " " },
             &k.id[..8],
@@ -74,7 +74,7 @@ pub fn key_remove(ctx: &Context, id: &str) -> Result<(), CliError> {
     if ctx.global.json {
         json_line(&serde_json::json!({"type": "key-removed", "id": removed}));
     } else {
-        println!("removed key {}", &removed[..8]);
+        crate::outln!("removed key {}", &removed[..8]);
     }
     Ok(())
 }
@@ -85,7 +85,7 @@ pub fn unlock(ctx: &Context, all: bool) -> Result<(), CliError> {
     if ctx.global.json {
         json_line(&serde_json::json!({"type": "unlock", "removed": removed}));
     } else {
-        println!(
+        crate::outln!(
             "removed {removed} {}lock(s)",
             if all { "" } else { "stale " }
         );

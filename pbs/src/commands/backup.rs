@@ -101,9 +101,9 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
         }));
     } else {
         for w in &outcome.warnings {
-            eprintln!("warning: {}: {}", w.path, w.message);
+            crate::errln!("warning: {}: {}", w.path, w.message);
         }
-        println!(
+        crate::outln!(
             "snapshot {} saved{}: {} new, {} changed, {} unchanged files in {} dirs",
             id.short(),
             parent.map(|p| format!(" (parent {p})")).unwrap_or_default(),
@@ -112,7 +112,7 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
             s.files_unchanged,
             s.dirs
         );
-        println!(
+        crate::outln!(
             "{} read of {}, {} new, {} added to the repository, in {:.1} s",
             bytes(s.bytes_read),
             bytes(s.bytes_total),

@@ -24,12 +24,16 @@ pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "{:<9} {:<20} {:<16} {:>10} {:<20} PATHS",
-        "ID", "TIME (UTC)", "HOST", "SIZE", "TAGS"
+        "ID",
+        "TIME (UTC)",
+        "HOST",
+        "SIZE",
+        "TAGS"
     );
     for (id, s) in &list {
-        println!(
+        crate::outln!(
             "{:<9} {:<20} {:<16} {:>10} {:<20} {}",
             id.short(),
             s.time.format("%Y-%m-%d %H:%M:%S"),
@@ -39,7 +43,7 @@ pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
             s.paths.join(" ")
         );
     }
-    println!("{} snapshot(s)", list.len());
+    crate::outln!("{} snapshot(s)", list.len());
     Ok(())
 }
 
@@ -103,6 +107,9 @@ fn list(
     recursive: bool,
 ) -> Result<(), CliError> {
     for node in &tree.nodes {
+        if crate::output::stdout_closed() {
+            return Ok(()); // `ls | head`: nobody reads the rest
+        }
         let path = format!("{prefix}/{}", String::from_utf8_lossy(&node.name));
         print_node(ctx, &path, node);
         if recursive {
@@ -167,5 +174,5 @@ fn print_node(ctx: &Context, path: &str, node: &Node) {
         line.push_str(" -> ");
         line.push_str(&String::from_utf8_lossy(&node.target));
     }
-    println!("{line}");
+    crate::outln!("{line}");
 }

@@ -30,7 +30,7 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
         Err(e) => (None, Some(e.to_string())),
     };
     if let Err(e) = history.record_local(("repository", "check"), start, counters, error) {
-        eprintln!("haul-pbs: the check's run record: {e}");
+        crate::errln!("haul-pbs: the check's run record: {e}");
     }
     let report = result?;
     if !report.ok() {
@@ -71,7 +71,7 @@ fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckRepor
     if ctx.global.json {
         json_line(&report);
     } else {
-        println!(
+        crate::outln!(
             "{} snapshots, {} packs, {} blobs, {} trees checked{}",
             report.snapshots,
             report.packs,
@@ -84,13 +84,13 @@ fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckRepor
             }
         );
         for w in &report.warnings {
-            println!("warning: {w}");
+            crate::outln!("warning: {w}");
         }
         for e in &report.errors {
-            println!("error: {e}");
+            crate::outln!("error: {e}");
         }
         for d in &report.damaged {
-            println!(
+            crate::outln!(
                 "damaged {} blob {}{}: {}",
                 d.kind,
                 d.blob,
@@ -101,11 +101,11 @@ fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckRepor
                 d.reason
             );
             for a in &d.affected {
-                println!("  affects snapshot {} file {}", a.snapshot, a.path);
+                crate::outln!("  affects snapshot {} file {}", a.snapshot, a.path);
             }
         }
         if report.ok() {
-            println!("no errors found");
+            crate::outln!("no errors found");
         }
     }
     Ok(report)

@@ -23,7 +23,7 @@ pub fn forget(ctx: &Context, args: ForgetArgs) -> Result<(), CliError> {
         };
         let host = args.host.as_deref().unwrap_or("repository");
         if let Err(e) = history.record_local((host, "forget"), start, counters, error) {
-            eprintln!("haul-pbs: the forget's run record: {e}");
+            crate::errln!("haul-pbs: the forget's run record: {e}");
         }
     }
     result.map(|_| ())
@@ -99,7 +99,7 @@ fn forget_command(ctx: &Context, args: &ForgetArgs) -> Result<Vec<Decision>, Cli
         repo.forget(&gone)?;
     }
     if !ctx.global.json {
-        println!(
+        crate::outln!(
             "{} {} snapshot(s), kept {}{}",
             if args.dry_run {
                 "would remove"
@@ -143,7 +143,7 @@ fn report(json: bool, d: &Decision, dry_run: bool) {
             &serde_json::json!({"type": "decision", "snapshot": d.id.to_hex(), "host": d.host, "time": d.time, "keep": d.keep(), "reasons": d.reasons, "dry_run": dry_run}),
         );
     } else {
-        println!(
+        crate::outln!(
             "{verb:<12} {} {} {:<16} {}",
             &d.id.to_hex()[..8],
             d.time
@@ -206,7 +206,7 @@ pub fn after_pull(
         history.record_local((&host.name, "forget"), start, counters, error.clone())?;
     }
     if let Some(n) = note {
-        eprintln!("{n}");
+        crate::errln!("{n}");
     }
     match error {
         Some(e) => Err(CliError::Failed(format!(

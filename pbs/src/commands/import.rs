@@ -36,7 +36,7 @@ pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError
         Err(e) => (None, Some(e.to_string())),
     };
     if let Err(e) = history.record_local((&host, "import"), start, counters, error) {
-        eprintln!("haul-pbs: the import's run record: {e}");
+        crate::errln!("haul-pbs: the import's run record: {e}");
     }
     result.map(|_| ())
 }
@@ -120,11 +120,11 @@ fn report(json: bool, e: Event) {
         Event::Skipped { session } if json => {
             json_line(&serde_json::json!({"type": "skipped", "session": session, "reason": "already imported"}))
         }
-        Event::Skipped { session } => println!("session {session}: already imported"),
+        Event::Skipped { session } => crate::outln!("session {session}: already imported"),
         Event::Imported { session, snapshot, summary } if json => json_line(
             &serde_json::json!({"type": "imported", "session": session, "snapshot": snapshot.to_hex(), "summary": summary}),
         ),
-        Event::Imported { session, snapshot, summary } => println!(
+        Event::Imported { session, snapshot, summary } => crate::outln!(
             "session {session} -> snapshot {}: {} files ({} rebuilt), {} new",
             &snapshot.to_hex()[..8],
             summary.files_new + summary.files_unchanged,
@@ -134,14 +134,14 @@ fn report(json: bool, e: Event) {
         Event::Verified { snapshot, files } if json => json_line(
             &serde_json::json!({"type": "verified", "snapshot": snapshot.to_hex(), "files": files}),
         ),
-        Event::Verified { snapshot, files } => println!(
+        Event::Verified { snapshot, files } => crate::outln!(
             "snapshot {} verified against the rdiff-backup mirror: {files} files, every byte and attribute",
             &snapshot.to_hex()[..8]
         ),
         Event::Done { outcome, host } if json => json_line(
             &serde_json::json!({"type": "import-summary", "imported": outcome.imported, "skipped": outcome.skipped, "host": host}),
         ),
-        Event::Done { outcome, host } => println!(
+        Event::Done { outcome, host } => crate::outln!(
             "{} sessions imported, {} already there, as host {host} (tag {TAG})",
             outcome.imported, outcome.skipped
         ),
@@ -159,7 +159,7 @@ pub fn import(
 ) -> Result<Outcome, CliError> {
     let rd = open(dir)?;
     for w in rd.warnings() {
-        eprintln!("warning: {}: {w}", dir.display());
+        crate::errln!("warning: {}: {w}", dir.display());
     }
     if !path.starts_with('/') {
         return Err(CliError::usage(format!(

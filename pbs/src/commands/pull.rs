@@ -102,7 +102,7 @@ fn create_default(
             &serde_json::json!({"type": "init", "repository": path, "key_file": key, "id": repo.config().id}),
         );
     } else {
-        eprintln!(
+        crate::errln!(
             "created repository {} at {}\nits key is in {}: keep a copy of that file somewhere safe, without it nothing in the repository can be read",
             &repo.config().id[..8],
             path.display(),
@@ -224,7 +224,7 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<(), CliError> {
             Ok(()) => {}
             Err(CliError::Incomplete(_)) => warned.push(h.name.clone()),
             Err(e) => {
-                eprintln!("haul-pbs: {e}");
+                crate::errln!("haul-pbs: {e}");
                 failed.push(h.name.clone());
             }
         }
@@ -366,7 +366,10 @@ pub fn pull_one(
             (Some(_), Some(3)) => ("warning", None),
             (Some(_), code) => (
                 "warning",
-                Some(format!("the agent committed, then ended with {code:?}")),
+                Some(format!(
+                    "the snapshot is complete, but the agent ended abnormally after committing it ({})",
+                    code.map_or("killed by a signal".to_string(), |c| format!("exit code {c}"))
+                )),
             ),
             (None, _) => (
                 "failed",
@@ -408,15 +411,18 @@ pub fn pull_one(
             .and_then(|c| c.host(&host).map(|h| (c, h)))
         {
             if let Err(e) = super::forget::after_pull(&history, repo, c, h) {
-                eprintln!("haul-pbs: {e}");
+                crate::errln!("haul-pbs: {e}");
             }
         }
     }
     match status {
         "ok" => Ok(()),
         "warning" => Err(CliError::Incomplete(format!(
-            "snapshot {} saved, but some files could not be read completely (see the warnings above)",
-            record.snapshot.as_deref().map_or("?", |s| &s[..8])
+            "snapshot {} saved, but {}",
+            record.snapshot.as_deref().map_or("?", |s| &s[..8]),
+            error.unwrap_or_else(|| {
+                "some files could not be read completely (see the warnings above)".into()
+            })
         ))),
         _ => Err(CliError::Failed(format!(
             "pull of {host} failed: {}; no snapshot was written, existing snapshots are untouched",
@@ -458,7 +464,7 @@ fn legacy_import(
                         json_line(&serde_json::json!({"type": "imported", "session": session, "snapshot": snapshot.to_hex()}));
                     }
                 } else if let import::Event::Imported { session, .. } = e {
-                    eprintln!("{}: imported rdiff-backup session {session}", h.name);
+                    crate::errln!("{}: imported rdiff-backup session {session}", h.name);
                 }
             })
             .and_then(|outcome| {
@@ -498,7 +504,7 @@ fn legacy_import(
     match result {
         Ok((o, verified)) => {
             if !json {
-                eprintln!(
+                crate::errln!(
                     "{}: imported {} rdiff-backup sessions from {} ({} new); the newest is verified against its mirror ({verified} files)",
                     h.name,
                     o.imported,
@@ -507,7 +513,7 @@ fn legacy_import(
                 );
             }
         }
-        Err(e) => eprintln!(
+        Err(e) => crate::errln!(
             "haul-pbs: {}: the import of {} failed, the pull goes on without it: {e}",
             h.name,
             dir.display()
@@ -523,7 +529,7 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&run::AgentRun>) {
     }
     if let Some(run) = run {
         for w in &run.warnings {
-            eprintln!(
+            crate::errln!(
                 "warning: {}: {}",
                 w["path"].as_str().unwrap_or("?"),
                 w["message"].as_str().unwrap_or("?")
@@ -532,7 +538,7 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&run::AgentRun>) {
     }
     let Some(c) = &r.counters else { return };
     let n = |k: &str| c[k].as_u64().unwrap_or(0);
-    println!(
+    crate::outln!(
         "snapshot {} of {} saved: {} new, {} changed, {} unchanged files in {} dirs",
         r.snapshot.as_deref().map(|s| &s[..8]).unwrap_or("(none)"),
         r.host,
@@ -541,7 +547,7 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&run::AgentRun>) {
         n("files_unchanged"),
         n("dirs")
     );
-    println!(
+    crate::outln!(
         "{} read of {}, {} new, {} sent, in {:.1} s (run {})",
         bytes(n("bytes_read")),
         bytes(n("bytes_total")),
@@ -578,7 +584,7 @@ pub fn ssh_setup(_ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), C
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
         .collect();
-    println!(
+    crate::outln!(
         r#"# On {name} ({address}), as root.
 # 1. Install haul-agent and haul-wrapper as {agent} and {wrapper}.
 # 2. /etc/haul/wrapper.toml, the wrapper's policy:
@@ -628,7 +634,7 @@ pub fn runs(ctx: &Context, args: crate::cli::RunsArgs) -> Result<(), CliError> {
     let history = crate::history::History::new(ctx.state_dir(&args.run).0);
     let (mut records, warnings) = history.read()?;
     for w in &warnings {
-        eprintln!("warning: {w}");
+        crate::errln!("warning: {w}");
     }
     records.retain(|r| args.host.as_ref().is_none_or(|h| &r.host == h));
     if let Some(n) = args.last {
@@ -641,12 +647,18 @@ pub fn runs(ctx: &Context, args: crate::cli::RunsArgs) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "{:<28} {:<16} {:<6} {:<8} {:<20} {:>8} {:<9} ERROR",
-        "RUN", "HOST", "KIND", "STATUS", "START (UTC)", "SECONDS", "SNAPSHOT"
+        "RUN",
+        "HOST",
+        "KIND",
+        "STATUS",
+        "START (UTC)",
+        "SECONDS",
+        "SNAPSHOT"
     );
     for r in &records {
-        println!(
+        crate::outln!(
             "{:<28} {:<16} {:<6} {:<8} {:<20} {:>8.1} {:<9} {}",
             r.id,
             r.host,
@@ -658,7 +670,7 @@ pub fn runs(ctx: &Context, args: crate::cli::RunsArgs) -> Result<(), CliError> {
             r.error.as_deref().unwrap_or("")
         );
     }
-    println!("{} run(s)", records.len());
+    crate::outln!("{} run(s)", records.len());
     Ok(())
 }
 
@@ -689,7 +701,7 @@ pub fn config_check(ctx: &Context, path: &std::path::Path) -> Result<(), CliErro
             &serde_json::json!({"type": "config", "file": path, "hosts": config.hosts.iter().map(|h| &h.name).collect::<Vec<_>>()}),
         );
     } else {
-        println!(
+        crate::outln!(
             "{}: {} host(s): {}",
             path.display(),
             config.hosts.len(),

@@ -59,9 +59,9 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         }));
     } else {
         for w in &warnings {
-            eprintln!("not restored: {}: {}", w.path, w.message);
+            crate::errln!("not restored: {}: {}", w.path, w.message);
         }
-        println!(
+        crate::outln!(
             "restored snapshot {} to {}: {files} files, {dirs} dirs, {others} other entries, {} in {:.1} s",
             id.short(),
             target.display(),
@@ -140,7 +140,7 @@ fn via_agent(
     drop(lock);
     for w in &r.warnings {
         if !json {
-            eprintln!(
+            crate::errln!(
                 "not restored: {}: {}",
                 w["path"].as_str().unwrap_or("?"),
                 w["message"].as_str().unwrap_or("?")
@@ -159,7 +159,7 @@ fn via_agent(
                     "duration_ms": started.elapsed().as_millis() as u64}),
                 );
             } else {
-                println!(
+                crate::outln!(
                     "restored snapshot {} to {} through the agent: {} files, {} dirs, {} other entries, {} in {:.1} s",
                     id.short(),
                     target.display(),

@@ -29,7 +29,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
     let rt = run::runtime()?;
     rt.block_on(async {
         let (listener, _guard) = server::bind(&args.socket)?;
-        eprintln!(
+        crate::errln!(
             "haul-pbs: serving {} ({}) on {}",
             ctx.repo_path()?.display(),
             match mode {
