@@ -385,7 +385,7 @@ impl Connection {
         let result = self.rt.block_on(async {
             let result = tokio::time::timeout(
                 RUN_TIMEOUT,
-                exec_agent(&tunnel.session, &args, stdin, progress),
+                exec_agent(&tunnel.session, &self.name, &args, stdin, progress),
             )
             .await;
             tracing::debug!("agent ended");
@@ -441,7 +441,8 @@ pub fn run_command(
         tunnel.close().await;
         result
     });
-    (out.exit, out.how) = result.map_err(|what| connection.fail(what))?;
+    let ended = result.map_err(|what| connection.fail(what))?;
+    (out.exit, out.how) = (ended.exit, ended.how);
     Ok(out)
 }
 
@@ -618,6 +619,7 @@ impl Tunnel {
 
 async fn exec_agent(
     session: &client::Handle<Client>,
+    host: &str,
     args: &[String],
     stdin: Option<String>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
@@ -626,7 +628,7 @@ async fn exec_agent(
     words.extend(args.iter().map(String::as_str));
     let command = haul_protocol::command::join(&words);
     let out = std::cell::RefCell::new(AgentOutput::default());
-    let (exit, how) = exec(
+    let ended = exec(
         session,
         command,
         stdin,
@@ -634,7 +636,24 @@ async fn exec_agent(
         &mut |line| out.borrow_mut().stderr_line(&line),
     )
     .await?;
-    Ok(out.into_inner().finish(exit, &how))
+    let mut run = out.into_inner().finish(ended.exit, &ended.how);
+    if ended.cut {
+        // Whatever the wrapper or the agent printed last is not why the run ended.
+        run.error = Some(format!(
+            "the connection to {host} closed during the run (the host, its sshd or the network went away)"
+        ));
+    }
+    Ok(run)
+}
+
+/// How a command run over SSH ended.
+struct Ended {
+    /// Its exit status, if the host sent one.
+    exit: Option<i32>,
+    /// In words (`exit status 0`, `signal "KILL"`, `the connection closed`).
+    how: String,
+    /// The connection went away before the channel closed and before any exit status.
+    cut: bool,
 }
 
 /// Runs `command` in a session channel, sends `stdin` as one line, and hands stdout
@@ -646,7 +665,7 @@ async fn exec(
     stdin: Option<String>,
     on_stdout: &mut dyn FnMut(String),
     on_stderr: &mut dyn FnMut(String),
-) -> Result<(Option<i32>, String), String> {
+) -> Result<Ended, String> {
     let mut channel = session
         .channel_open_session()
         .await
@@ -665,7 +684,8 @@ async fn exec(
     let _ = channel.eof().await;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut exit = None;
-    let mut how = "no exit status (the connection closed)".to_string();
+    let mut how = "no exit status".to_string();
+    let mut cut = true;
     // Until the channel closes: the exit status may come after end-of-output. Once it
     // has come, a host that keeps the channel open is not waited for long.
     loop {
@@ -677,7 +697,12 @@ async fn exec(
         } else {
             channel.wait().await
         };
-        let Some(msg) = msg else { break };
+        let Some(msg) = msg else {
+            if cut {
+                how = "no exit status (the connection closed)".to_string();
+            }
+            break;
+        };
         match msg {
             ChannelMsg::Data { data } => {
                 for line in take_lines(&mut stdout, &data) {
@@ -690,13 +715,18 @@ async fn exec(
                 }
             }
             ChannelMsg::ExitStatus { exit_status } => {
+                cut = false;
                 exit = Some(exit_status as i32);
                 how = format!("exit status {exit_status}");
             }
             ChannelMsg::ExitSignal { signal_name, .. } => {
+                cut = false;
                 how = format!("signal {signal_name:?}");
             }
-            ChannelMsg::Close => break,
+            ChannelMsg::Close => {
+                cut = false;
+                break;
+            }
             _ => {}
         }
     }
@@ -705,7 +735,7 @@ async fn exec(
             on_stderr(String::from_utf8_lossy(&rest).into_owned());
         }
     }
-    Ok((exit, how))
+    Ok(Ended { exit, how, cut })
 }
 
 /// Appends `data` to `buf` and returns the complete lines, removing them from it. A

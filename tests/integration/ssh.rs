@@ -699,7 +699,14 @@ fn sshd_killed_mid_pull_fails_the_run_and_the_next_pull_succeeds() {
         .expect("a run record")["run"]
         .clone();
     assert_eq!(rec["status"], "failed");
+    // The reason is the cut, not the last line the wrapper happened to log.
+    let cut = "the connection to web-1 closed during the run";
+    assert!(
+        rec["error"].as_str().unwrap().starts_with(cut),
+        "{rec}"
+    );
     assert!(stderr.contains("pull of web-1 failed"), "{stderr}");
+    assert!(stderr.contains(cut), "{stderr}");
     assert!(stderr.contains("no snapshot was written"), "{stderr}");
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 0);
     // The agent on the host side ends by itself (bounded wait).
