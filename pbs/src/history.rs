@@ -33,6 +33,10 @@ pub struct Running {
     pub transport: String,
     pub start: chrono::DateTime<chrono::Utc>,
     pub pid: u32,
+    /// The snapshot the run saved, once it has: a run whose process died after this
+    /// is recorded as `warning` with its (complete) snapshot, not as failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 impl History {
@@ -81,6 +85,11 @@ impl History {
         self
     }
 
+    /// The state directory this history lives in.
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
     fn running_dir(&self) -> PathBuf {
         self.state.join("running")
     }
@@ -121,14 +130,30 @@ impl History {
         for (run, alive) in self.in_flight() {
             let ours = run.pid == std::process::id();
             if (mine && ours) || (!ours && !alive) {
-                self.record(&crate::run::RunRecord::bare(
-                    run.id.clone(),
-                    &run.host,
-                    (&run.kind, &run.transport),
-                    run.start,
-                    "failed",
-                    why.replace("{pid}", &run.pid.to_string()),
-                ))?;
+                let why = why.replace("{pid}", &run.pid.to_string());
+                let record = match &run.snapshot {
+                    Some(snap) => {
+                        let mut r = crate::run::RunRecord::bare(
+                            run.id.clone(),
+                            &run.host,
+                            (&run.kind, &run.transport),
+                            run.start,
+                            "warning",
+                            format!("snapshot {} was saved and is complete, then {why}; the run's figures are lost", &snap[..8.min(snap.len())]),
+                        );
+                        r.snapshot = Some(snap.clone());
+                        r
+                    }
+                    None => crate::run::RunRecord::bare(
+                        run.id.clone(),
+                        &run.host,
+                        (&run.kind, &run.transport),
+                        run.start,
+                        "failed",
+                        why,
+                    ),
+                };
+                self.record(&record)?;
                 n += 1;
             }
         }

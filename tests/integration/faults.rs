@@ -319,3 +319,123 @@ fn a_daemon_whose_agents_all_fail_at_start_keeps_running_and_records_each() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A pbs killed (SIGKILL) after its snapshot was saved and before the run was recorded:
+/// the next daemon records that run as a `warning` with its complete snapshot, not as
+/// failed.
+#[test]
+fn a_pull_killed_right_after_its_snapshot_was_saved_is_recorded_with_it() {
+    let (env, src) = Env::with_source();
+    let state = env.path("state");
+    let mut caught = None;
+    // The window between the commit and the record is short: tried a few times.
+    for attempt in 0..8u64 {
+        fs::write(src.join("data.bin"), random_bytes(500 + attempt, 8 << 20)).unwrap();
+        let before = env.count("snapshots");
+        let mut pbs = std::process::Command::new(bin("haul-pbs"))
+            .arg("--repo")
+            .arg(env.repo())
+            .arg("--password-file")
+            .arg(env.path("pass"))
+            .arg("--cache-dir")
+            .arg(env.path("cache"))
+            .args(["pull", "--local"])
+            .arg(&src)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while env.count("snapshots") == before
+            && pbs.try_wait().unwrap().is_none()
+            && t.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // The marker notes the snapshot just after it is saved: a moment later.
+        std::thread::sleep(Duration::from_millis(1 + attempt));
+        let _ = pbs.kill();
+        let _ = pbs.wait();
+        let markers: Vec<_> = fs::read_dir(state.join("running"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if env.count("snapshots") > before && !markers.is_empty() {
+            let marker: serde_json::Value =
+                serde_json::from_slice(&fs::read(&markers[0]).unwrap()).unwrap();
+            if marker["snapshot"].is_string() {
+                caught = Some(marker);
+                break;
+            }
+        }
+        eprintln!(
+            "attempt {attempt}: snapshots {before} -> {}, markers {markers:?}",
+            env.count("snapshots")
+        );
+        // Recorded before the kill, or killed before the marker was updated: again.
+        for m in markers {
+            fs::remove_file(m).unwrap();
+        }
+    }
+    let marker = caught.expect("never killed between the commit and the record in 8 tries");
+
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = {:?}\n\n[[host]]\nname = \"other\"\naddress = \"localhost\"\n\
+             transport = \"local\"\npaths = [{:?}]\nschedule = \"1h\"\n",
+            state.display().to_string(),
+            src.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut daemon = std::process::Command::new(bin("haul-pbs"))
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .env("HAUL_CACHE_DIR", env.path("cache"))
+        .env("HAUL_AGENT", bin("haul-agent"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let recorded = || {
+        fs::read_to_string(state.join("runs.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["id"] == marker["id"])
+    };
+    let t = Instant::now();
+    let record = loop {
+        if let Some(r) = recorded() {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the run was never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    assert_eq!(record["status"], "warning", "{record}");
+    assert_eq!(record["snapshot"], marker["snapshot"], "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("was saved and is complete, then interrupted"),
+        "{record}"
+    );
+    // And it is: the snapshot checks clean and restores the file.
+    env.pbs(&["check", "--read-data"]).expect(0);
+    let id = marker["snapshot"].as_str().unwrap();
+    let target = env.path("out");
+    let t = target.display().to_string();
+    env.pbs(&["restore", id, "--target", &t]).expect(0);
+    assert_eq!(
+        fs::read(target.join(src.strip_prefix("/").unwrap()).join("data.bin")).unwrap(),
+        fs::read(src.join("data.bin")).unwrap()
+    );
+}

@@ -701,10 +701,7 @@ fn sshd_killed_mid_pull_fails_the_run_and_the_next_pull_succeeds() {
     assert_eq!(rec["status"], "failed");
     // The reason is the cut, not the last line the wrapper happened to log.
     let cut = "the connection to web-1 closed during the run";
-    assert!(
-        rec["error"].as_str().unwrap().starts_with(cut),
-        "{rec}"
-    );
+    assert!(rec["error"].as_str().unwrap().starts_with(cut), "{rec}");
     assert!(stderr.contains("pull of web-1 failed"), "{stderr}");
     assert!(stderr.contains(cut), "{stderr}");
     assert!(stderr.contains("no snapshot was written"), "{stderr}");

@@ -295,20 +295,33 @@ pub fn pull_one(
         legacy_import(ctx, &history, repo, h, dir)?;
     }
     let id = run::new_run_id(start);
-    history.begin(&crate::history::Running {
+    let marker = crate::history::Running {
         id: id.clone(),
         host: host.clone(),
         kind: "pull".into(),
         transport: plan.transport.into(),
         start,
         pid: std::process::id(),
-    })?;
+        snapshot: None,
+    };
+    history.begin(&marker)?;
     let source = if plan.ssh.is_some() {
         SourceKind::Pull
     } else {
         SourceKind::Local
     };
-    let server = Server::new(repo, Mode::AppendOnly, Some(host.clone())).with_source(source);
+    let marker_history = crate::history::History::new(history.state().to_path_buf());
+    let server = Server::new(repo, Mode::AppendOnly, Some(host.clone()))
+        .with_source(source)
+        .on_commit(Box::new(move |snapshot| {
+            let saved = crate::history::Running {
+                snapshot: Some(snapshot.to_hex()),
+                ..marker.clone()
+            };
+            if let Err(e) = marker_history.begin(&saved) {
+                tracing::warn!("noting the saved snapshot in the run's marker: {e}");
+            }
+        }));
     let params = serde_json::json!({
         "host": host,
         "tags": plan.tags,

@@ -560,7 +560,7 @@ async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Commit
         };
         let committed = session.commit(root, summary)?;
         tracing::debug!(snapshot = %committed.0.short(), "snapshot saved");
-        *server.committed.lock().expect("committed") = Some(committed.clone());
+        server.committed_now(&committed);
         Ok(committed)
     })
     .await?;

@@ -48,6 +48,9 @@ pub fn keep(repo: IndexedRepository) -> &'static IndexedRepository {
 }
 
 /// What one server serves, and what it has done.
+/// See [`Server::on_commit`].
+pub type CommitHook = Box<dyn Fn(&SnapshotId) + Send + Sync>;
+
 pub struct Server {
     repo: &'static IndexedRepository,
     mode: Mode,
@@ -59,6 +62,8 @@ pub struct Server {
     /// when another client starts (its agent died without saying so).
     session_used: Mutex<std::time::Instant>,
     committed: Mutex<Option<(SnapshotId, Snapshot)>>,
+    /// Called when a session's snapshot is saved, before the agent is answered.
+    on_commit: Option<CommitHook>,
     restore: Mutex<Option<RestoreScope>>,
     /// The one snapshot a read-only server may stream, when the pbs chose it (a
     /// restore onto a host: the agent there must not pick another).
@@ -88,6 +93,7 @@ impl Server {
             session: Mutex::new(None),
             session_used: Mutex::new(std::time::Instant::now()),
             committed: Mutex::new(None),
+            on_commit: None,
             restore: Mutex::new(None),
             pinned: None,
             connections: AtomicU64::new(0),
@@ -105,6 +111,22 @@ impl Server {
         let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
         s.pinned = Some(snapshot);
         Arc::new(s)
+    }
+
+    /// Calls `hook` with each snapshot a session of this server saves (a run notes it
+    /// in its marker, so that a pbs killed between the commit and the run's record is
+    /// later recorded as having saved it).
+    pub fn on_commit(self: Arc<Self>, hook: CommitHook) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        s.on_commit = Some(hook);
+        Arc::new(s)
+    }
+
+    pub(crate) fn committed_now(&self, committed: &(SnapshotId, Snapshot)) {
+        *self.committed.lock().expect("committed") = Some(committed.clone());
+        if let Some(hook) = &self.on_commit {
+            hook(&committed.0);
+        }
     }
 
     pub fn with_source(self: Arc<Self>, source: SourceKind) -> Arc<Self> {
