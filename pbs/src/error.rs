@@ -34,7 +34,13 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Usage(_) => 2,
-            CliError::Repo(haul_repo::Error::InvalidInput(_)) => 2,
+            CliError::Repo(haul_repo::Error::InvalidInput(_) | haul_repo::Error::NoSuch { .. }) => {
+                2
+            }
+            CliError::Restore(
+                haul_protocol::restore::RestoreError::TargetNotEmpty(_)
+                | haul_protocol::restore::RestoreError::IncludeNotFound(_),
+            ) => 2,
             CliError::Incomplete(_) => 3,
             _ => 1,
         }

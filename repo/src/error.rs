@@ -31,6 +31,11 @@ pub enum Error {
     #[error("{what} not found")]
     NotFound { what: String },
 
+    /// A name the user gave (a snapshot id, a key id) matches nothing: bad input, not
+    /// damage.
+    #[error("{what} not found: {hint}")]
+    NoSuch { what: String, hint: &'static str },
+
     #[error("{what} already exists: objects are written once and never replaced")]
     AlreadyExists { what: String },
 

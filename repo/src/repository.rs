@@ -197,8 +197,9 @@ impl Repository {
             .collect();
         let name = match matches.as_slice() {
             [] => {
-                return Err(Error::NotFound {
+                return Err(Error::NoSuch {
                     what: format!("key {id_prefix}"),
+                    hint: "`haul-pbs key list` shows the keys",
                 })
             }
             [one] => (*one).clone(),
@@ -260,8 +261,9 @@ impl Repository {
             all.retain(|(_, s)| s.host == h);
         }
         if spec == "latest" {
-            return all.into_iter().last().ok_or_else(|| Error::NotFound {
+            return all.into_iter().last().ok_or_else(|| Error::NoSuch {
                 what: "any snapshot".into(),
+                hint: "the repository (or the host asked for) has no snapshot yet",
             });
         }
         if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -275,8 +277,9 @@ impl Repository {
             .filter(|(id, _)| id.to_hex().starts_with(&spec))
             .collect();
         match found.len() {
-            0 => Err(Error::NotFound {
+            0 => Err(Error::NoSuch {
                 what: format!("snapshot {spec}"),
+                hint: "`haul-pbs snapshots` lists them",
             }),
             1 => Ok(found.pop().expect("one")),
             _ => Err(Error::InvalidInput(format!(

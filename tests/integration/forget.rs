@@ -70,7 +70,7 @@ fn forget_keeps_what_the_policy_keeps_removes_named_snapshots_and_refuses_withou
     );
 
     // By id (a prefix), and a wrong id is refused without removing anything.
-    let run = env.pbs(&["forget", "0000000000"]).expect(1);
+    let run = env.pbs(&["forget", "0000000000"]).expect(2);
     assert!(run.stderr.contains("snapshot 0000000000"), "{}", run.stderr);
     assert_eq!(ids(&env).len(), 2);
     // Named twice (a prefix and the whole id): removed once.

@@ -84,7 +84,7 @@ fn restore_of_an_include_brings_only_that_path() {
             "--include",
             "/no/such/path",
         ])
-        .expect(1);
+        .expect(2);
     assert!(
         run.stderr
             .contains("include path \"no/such/path\" is not in the snapshot"),
@@ -102,7 +102,7 @@ fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
     let target = env.path("busy");
     fs::create_dir_all(&target).unwrap();
     fs::write(target.join("keep-me"), b"precious").unwrap();
-    let run = env.restore(&target, &[]).expect(1);
+    let run = env.restore(&target, &[]).expect(2);
     assert!(
         run.stderr.contains("exists and is not an empty directory"),
         "{}",
@@ -236,4 +236,45 @@ fn excludes_and_listing() {
     let run = env.pbs(&["backup-local", "/no/such/dir"]).expect(2);
     assert!(run.stderr.contains("/no/such/dir"), "{}", run.stderr);
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
+}
+
+/// What the user typed wrong exits 2 (bad usage or input), names the thing, and says
+/// what to do; the same command with the right input works.
+#[test]
+fn bad_input_exits_2_naming_the_thing() {
+    let (env, src) = Env::with_one_file();
+    env.backup(&[&src], &[]);
+    let out = env.path("out");
+    let o = out.display().to_string();
+    let s = src.display().to_string();
+    let nope = src.join("nope").display().to_string();
+    for (args, says) in [
+        (
+            vec!["restore", "abcd", "--target", &o],
+            "snapshot abcd not found: `haul-pbs snapshots` lists them",
+        ),
+        (
+            vec!["restore", "latest", "--target", &o, "--include", &nope],
+            "is not in the snapshot",
+        ),
+        (
+            vec!["restore", "latest", "--target", &s],
+            "exists and is not an empty directory; choose a new or empty one",
+        ),
+        (
+            vec!["key", "remove", "ffff"],
+            "key ffff not found: `haul-pbs key list` shows the keys",
+        ),
+        (vec!["snapshots", "--host", "x"], ""),
+    ] {
+        let run = env.pbs(&args);
+        if says.is_empty() {
+            assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+            continue;
+        }
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert!(!out.exists(), "{args:?} wrote something");
+    }
+    env.restore(&out, &[]).expect(0);
 }

@@ -99,7 +99,7 @@ impl From<haul_repo::Error> for ApiError {
             E::IdMismatch { .. } => Code::IdMismatch,
             E::MissingBlobs { .. } => Code::MissingBlobs,
             E::AppendOnly { .. } => Code::Forbidden,
-            E::NotFound { .. } => Code::UnknownObject,
+            E::NotFound { .. } | E::NoSuch { .. } => Code::UnknownObject,
             E::InvalidInput(_) => Code::BadRequest,
             E::Locked { .. } => Code::Locked,
             E::Corrupt { .. } => Code::RepositoryCorrupt,
