@@ -347,24 +347,35 @@ fn a_pull_killed_right_after_its_snapshot_was_saved_is_recorded_with_it() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // The run's marker names the snapshot once it is saved, before the agent is
+        // told: kill the pbs the moment it does.
+        let marker_of = || -> Option<(std::path::PathBuf, serde_json::Value)> {
+            fs::read_dir(state.join("running"))
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .find_map(|p| {
+                    let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).ok()?).ok()?;
+                    v["snapshot"].is_string().then_some((p, v))
+                })
+        };
         let t = Instant::now();
-        while env.count("snapshots") == before
-            && pbs.try_wait().unwrap().is_none()
-            && t.elapsed() < Duration::from_secs(60)
-        {
+        let mut seen = None;
+        while pbs.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(60) {
+            if let Some(m) = marker_of() {
+                seen = Some(m);
+                break;
+            }
             std::thread::sleep(Duration::from_micros(200));
         }
-        // The marker notes the snapshot just after it is saved: a moment later.
-        std::thread::sleep(Duration::from_millis(1 + attempt));
         let _ = pbs.kill();
         let _ = pbs.wait();
         let markers: Vec<_> = fs::read_dir(state.join("running"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
-        if env.count("snapshots") > before && !markers.is_empty() {
-            let marker: serde_json::Value =
-                serde_json::from_slice(&fs::read(&markers[0]).unwrap()).unwrap();
-            if marker["snapshot"].is_string() {
+        if let Some((path, marker)) = seen {
+            if path.exists() && env.count("snapshots") > before {
                 caught = Some(marker);
                 break;
             }
