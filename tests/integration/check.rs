@@ -197,3 +197,139 @@ fn missing_pack_is_an_error_naming_the_affected_files() {
         run.stdout
     );
 }
+
+/// Where the latest snapshot stores the tree of directory `path`, or the first chunk
+/// of file `path` (a path that was backed up): its pack file and the blob's offset.
+fn blob_location(env: &Env, path: &std::path::Path) -> (std::path::PathBuf, u64) {
+    use haul_protocol::BlobKind;
+    use haul_repo::backend::{Backend, LocalBackend};
+    use std::sync::Arc;
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&env.repo()).unwrap());
+    let pass = fs::read_to_string(env.path("pass")).unwrap();
+    let repo = haul_repo::Repository::open(backend, pass.trim_end().as_bytes())
+        .unwrap()
+        .load_index(None)
+        .unwrap();
+    let (_, snap) = repo.find_snapshot("latest").unwrap();
+    let mut tree = repo.load_tree(&snap.tree).unwrap();
+    let comps: Vec<_> = path.components().skip(1).collect();
+    let mut found = None;
+    for (i, comp) in comps.iter().enumerate() {
+        let node = tree
+            .find(comp.as_os_str().as_encoded_bytes())
+            .unwrap()
+            .clone();
+        if i + 1 == comps.len() {
+            found = Some(match node.subtree {
+                Some(t) => (BlobKind::Tree, t.0),
+                None => (BlobKind::Data, node.content[0].0),
+            });
+        } else {
+            tree = repo.load_tree(&node.subtree.unwrap()).unwrap();
+        }
+    }
+    let (kind, id) = found.unwrap();
+    let loc = repo.index().get(kind, &id).unwrap().unwrap();
+    let pack = walk_files(&env.repo().join("data"))
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy() == loc.pack.to_hex())
+        .unwrap();
+    (pack, loc.offset as u64)
+}
+
+/// A file with three names whose data is damaged: none of its names is left behind,
+/// each is named, the rest is restored.
+#[test]
+fn a_damaged_file_with_hard_links_leaves_none_of_its_names() {
+    let (env, src) = Env::with_source();
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("linked-a"), random_bytes(41, 200_000)).unwrap();
+    fs::hard_link(src.join("linked-a"), src.join("linked-b")).unwrap();
+    fs::hard_link(src.join("linked-a"), src.join("sub/linked-c")).unwrap();
+    fs::write(src.join("sub/other.txt"), "other\n").unwrap();
+    env.backup(&[&src], &[]);
+    let (pack, offset) = blob_location(&env, &src.join("linked-a"));
+    flip_byte(&pack, offset + 100);
+    let target = env.path("out");
+    let t = target.display().to_string();
+    let run = env
+        .pbs(&["--json", "restore", "latest", "--target", &t])
+        .expect(3);
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    let mut named: Vec<String> = run
+        .json()
+        .into_iter()
+        .filter(|v| v["type"] == "warning")
+        .map(|v| v["path"].as_str().unwrap().to_string())
+        .collect();
+    named.sort();
+    let expected: Vec<String> = ["linked-a", "linked-b", "sub/linked-c"]
+        .iter()
+        .map(|n| restored.join(n).display().to_string())
+        .collect();
+    assert_eq!(named, expected, "{}", run.stdout);
+    for n in ["linked-a", "linked-b", "sub/linked-c"] {
+        assert!(!restored.join(n).exists(), "{n} was left behind");
+    }
+    assert_eq!(
+        fs::read(restored.join("sub/other.txt")).unwrap(),
+        b"other\n"
+    );
+}
+
+/// A directory whose listing (its tree) is damaged: a restore leaves it out entirely,
+/// names it, restores everything else, and exits 3, in-process and through the agent.
+#[test]
+fn a_damaged_directory_listing_leaves_out_that_directory_only() {
+    let (env, src) = Env::with_source();
+    fs::create_dir_all(src.join("hit")).unwrap();
+    fs::create_dir_all(src.join("spared/deeper")).unwrap();
+    fs::write(src.join("hit/x.txt"), "x\n".repeat(100)).unwrap();
+    fs::write(src.join("hit/y.bin"), random_bytes(40, 100_000)).unwrap();
+    fs::write(src.join("spared/deeper/z.txt"), "z\n".repeat(100)).unwrap();
+    fs::write(src.join("top.txt"), "top\n").unwrap();
+    env.backup(&[&src], &[]);
+    let (pack, offset) = blob_location(&env, &src.join("hit"));
+    flip_byte(&pack, offset + 20);
+    let run = env.pbs(&["check"]).expect(3);
+    assert!(run.stdout.contains("affects snapshot"), "{}", run.stdout);
+    for via_agent in [false, true] {
+        let target = env.path(if via_agent { "out-agent" } else { "out" });
+        let t = target.display().to_string();
+        let mut args = vec!["--json", "restore", "latest", "--target", &t];
+        if via_agent {
+            args.push("--via-agent");
+        }
+        let run = env.pbs(&args).expect(3);
+        let restored = target.join(src.strip_prefix("/").unwrap());
+        let warnings: Vec<serde_json::Value> = run
+            .json()
+            .into_iter()
+            .map(|v| {
+                if v["type"] == "agent" {
+                    v["event"].clone()
+                } else {
+                    v
+                }
+            })
+            .filter(|v| v["type"] == "warning")
+            .collect();
+        assert_eq!(warnings.len(), 1, "{}\n{}", run.stdout, run.stderr);
+        assert_eq!(
+            warnings[0]["path"],
+            restored.join("hit").display().to_string()
+        );
+        assert_eq!(warnings[0]["kind"], "not_restored");
+        assert!(
+            warnings[0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("its listing cannot be read"),
+            "{}",
+            warnings[0]
+        );
+        assert!(!restored.join("hit").exists());
+        assert_eq!(fs::read(restored.join("top.txt")).unwrap(), b"top\n");
+        assert_same_tree(&src.join("spared"), &restored.join("spared"));
+    }
+}
