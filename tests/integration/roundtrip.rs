@@ -278,3 +278,41 @@ fn bad_input_exits_2_naming_the_thing() {
     }
     env.restore(&out, &[]).expect(0);
 }
+
+/// A repository this user may not read is named as such, with its path: not reported as
+/// "no repository" (which would invite `init` over it).
+#[test]
+fn an_unreadable_repository_is_named_not_called_missing() {
+    if !is_root() {
+        return; // needs another user to be refused
+    }
+    let (env, src) = Env::with_one_file();
+    env.backup(&[&src], &[]);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(env.repo(), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    // The binary may live where that user cannot go (a checkout under /root).
+    let pbs = env.path("haul-pbs");
+    fs::copy(bin("haul-pbs"), &pbs).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&pbs)
+        .arg("--repo")
+        .arg(env.repo())
+        .arg("snapshots")
+        .env("HAUL_PASSWORD", "irrelevant")
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "repository config {}: Permission denied",
+            env.repo().join("config").display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("no haul repository"), "{stderr}");
+    // Its owner still reads it.
+    env.pbs(&["snapshots"]).expect(0);
+}

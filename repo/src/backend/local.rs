@@ -35,8 +35,20 @@ impl LocalBackend {
     /// processes of this host left when they died (a killed backup leaves its last,
     /// unfinished pack there).
     pub fn open(root: &Path) -> Result<Self> {
-        if !root.join("config").is_file() {
-            return Err(Error::NoRepository(root.to_path_buf()));
+        let config = root.join("config");
+        match fs::metadata(&config) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(Error::NoRepository(root.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NoRepository(root.to_path_buf()))
+            }
+            // There may well be a repository: one this user cannot reach is not "none".
+            Err(e) => {
+                return Err(Error::Io {
+                    what: format!("repository config {}", config.display()),
+                    source: e,
+                })
+            }
         }
         let backend = LocalBackend::at(root);
         backend.remove_orphans();
