@@ -13,6 +13,11 @@ use std::sync::Arc;
 
 /// Lines of agent output kept for the run record.
 const TAIL_LINES: usize = 40;
+/// Warnings kept whole for the report; the rest are counted. An agent (or a host
+/// speaking for it) may print any number: the pbs's memory must not follow.
+const KEPT_WARNINGS: usize = 100;
+/// Longest line of agent output kept; longer ones are cut.
+const MAX_LINE: usize = 64 * 1024;
 
 /// What the agent did, as seen from this side.
 pub struct AgentRun {
@@ -20,7 +25,10 @@ pub struct AgentRun {
     pub exit: Option<i32>,
     /// Its last `summary` event, if it printed one.
     pub summary: Option<serde_json::Value>,
+    /// Its first [`KEPT_WARNINGS`] warnings.
     pub warnings: Vec<serde_json::Value>,
+    /// How many warnings it printed in all.
+    pub warnings_total: u64,
     /// Its `error` event's message, else the last line of its stderr.
     pub error: Option<String>,
     pub tail: Vec<String>,
@@ -124,7 +132,7 @@ async fn drive_agent(
     stdin: Option<String>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
 ) -> Result<AgentRun, CliError> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     args.push("--socket".into());
     args.push(socket.into());
     let mut child = tokio::process::Command::new(agent)
@@ -151,20 +159,34 @@ async fn drive_agent(
         let _ = input.write_all(b"\n").await;
     }
     drop(input);
-    let stdout = BufReader::new(child.stdout.take().expect("piped"));
-    let stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    // Only the last lines of stderr matter (the tail and the error): bounded.
     let err_task = tokio::spawn(async move {
-        let mut lines = stderr.lines();
-        let mut all = Vec::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            all.push(l);
+        let (mut buf, mut data) = (Vec::new(), vec![0u8; 16 * 1024]);
+        let mut last: VecDeque<String> = VecDeque::new();
+        while let Ok(n @ 1..) = stderr.read(&mut data).await {
+            for line in take_lines(&mut buf, &data[..n]) {
+                if last.len() == TAIL_LINES {
+                    last.pop_front();
+                }
+                last.push_back(line);
+            }
         }
-        all
+        if !buf.is_empty() {
+            last.push_back(String::from_utf8_lossy(&buf).into_owned());
+        }
+        last
     });
     let mut out = AgentOutput::default();
-    let mut lines = stdout.lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        out.stdout_line(&line, progress);
+    let (mut buf, mut data) = (Vec::new(), vec![0u8; 64 * 1024]);
+    while let Ok(n @ 1..) = stdout.read(&mut data).await {
+        for line in take_lines(&mut buf, &data[..n]) {
+            out.stdout_line(&line, progress);
+        }
+    }
+    if !buf.is_empty() {
+        out.stdout_line(&String::from_utf8_lossy(&buf), progress);
     }
     let status = child
         .wait()
@@ -182,6 +204,7 @@ async fn drive_agent(
 pub struct AgentOutput {
     summary: Option<serde_json::Value>,
     warnings: Vec<serde_json::Value>,
+    warnings_total: u64,
     error: Option<String>,
     tail: VecDeque<String>,
     last_stderr: Option<String>,
@@ -205,7 +228,12 @@ impl AgentOutput {
         match v.get("type").and_then(|t| t.as_str()) {
             Some("progress") => {}
             Some("summary") => self.summary = Some(v.clone()),
-            Some("warning") => self.warnings.push(v.clone()),
+            Some("warning") => {
+                self.warnings_total += 1;
+                if self.warnings.len() < KEPT_WARNINGS {
+                    self.warnings.push(v.clone());
+                }
+            }
             Some("error") => {
                 self.error = v.get("message").and_then(|m| m.as_str()).map(String::from)
             }
@@ -242,9 +270,31 @@ impl AgentOutput {
                 .unwrap_or(0),
             summary: self.summary,
             warnings: self.warnings,
+            warnings_total: self.warnings_total,
             error,
             tail: self.tail.into_iter().collect(),
             connections: 0,
+        }
+    }
+}
+
+/// Appends `data` to `buf` and returns the complete lines, removing them from it. A
+/// line longer than [`MAX_LINE`] is cut there (an agent or a host cannot make the pbs
+/// buffer output without end).
+pub(crate) fn take_lines(buf: &mut Vec<u8>, data: &[u8]) -> Vec<String> {
+    buf.extend_from_slice(data);
+    let mut lines = Vec::new();
+    loop {
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(end) if end <= MAX_LINE => {
+                lines.push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                buf.drain(..=end);
+            }
+            _ if buf.len() > MAX_LINE => {
+                lines.push(String::from_utf8_lossy(&buf[..MAX_LINE]).into_owned());
+                buf.drain(..MAX_LINE);
+            }
+            _ => return lines,
         }
     }
 }
@@ -307,4 +357,36 @@ pub fn new_run_id(now: chrono::DateTime<chrono::Utc>) -> String {
     let mut r = [0u8; 4];
     getrandom::getrandom(&mut r).expect("OS random numbers");
     format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), hex::encode(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_across_packets_and_cut_when_endless() {
+        let mut buf = Vec::new();
+        assert!(take_lines(&mut buf, b"{\"a\"").is_empty());
+        assert_eq!(take_lines(&mut buf, b":1}\nnext"), ["{\"a\":1}"]);
+        assert_eq!(take_lines(&mut buf, b"\n"), ["next"]);
+        let endless = vec![b'x'; MAX_LINE * 2 + 10];
+        let lines = take_lines(&mut buf, &endless);
+        assert_eq!(lines.len(), 2);
+        assert!(buf.len() <= MAX_LINE);
+    }
+
+    #[test]
+    fn warnings_past_the_kept_ones_are_counted_not_kept() {
+        let mut out = AgentOutput::default();
+        for i in 0..KEPT_WARNINGS + 50 {
+            out.stdout_line(
+                &format!(r#"{{"type":"warning","path":"/f{i}","message":"m"}}"#),
+                &|_| {},
+            );
+        }
+        let run = out.finish(Some(3), "exit status 3");
+        assert_eq!(run.warnings.len(), KEPT_WARNINGS);
+        assert_eq!(run.warnings_total, KEPT_WARNINGS as u64 + 50);
+        assert_eq!(run.warnings[0]["path"], "/f0");
+    }
 }

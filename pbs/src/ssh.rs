@@ -15,7 +15,7 @@
 //!   from this run's socket path.
 
 use crate::error::CliError;
-use crate::run::{AgentOutput, AgentRun};
+use crate::run::{take_lines, AgentOutput, AgentRun};
 use crate::server::Server;
 use haul_config::Host;
 use russh::client::{self, Msg, Session};
@@ -32,8 +32,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// After the exit status, the channel should close; a host that keeps it open is left
 /// after this long.
 const AFTER_EXIT: Duration = Duration::from_secs(10);
-/// Longest line of agent output kept; longer ones are cut.
-const MAX_LINE: usize = 64 * 1024;
 /// A whole run ends after this long, however far it got.
 const RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -736,42 +734,4 @@ async fn exec(
         }
     }
     Ok(Ended { exit, how, cut })
-}
-
-/// Appends `data` to `buf` and returns the complete lines, removing them from it. A
-/// line longer than [`MAX_LINE`] is cut there (a host cannot make the pbs buffer
-/// output without end).
-fn take_lines(buf: &mut Vec<u8>, data: &[u8]) -> Vec<String> {
-    buf.extend_from_slice(data);
-    let mut lines = Vec::new();
-    loop {
-        match buf.iter().position(|b| *b == b'\n') {
-            Some(end) if end <= MAX_LINE => {
-                lines.push(String::from_utf8_lossy(&buf[..end]).into_owned());
-                buf.drain(..=end);
-            }
-            _ if buf.len() > MAX_LINE => {
-                lines.push(String::from_utf8_lossy(&buf[..MAX_LINE]).into_owned());
-                buf.drain(..MAX_LINE);
-            }
-            _ => return lines,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_are_split_across_packets_and_cut_when_endless() {
-        let mut buf = Vec::new();
-        assert!(take_lines(&mut buf, b"{\"a\"").is_empty());
-        assert_eq!(take_lines(&mut buf, b":1}\nnext"), ["{\"a\":1}"]);
-        assert_eq!(take_lines(&mut buf, b"\n"), ["next"]);
-        let endless = vec![b'x'; MAX_LINE * 2 + 10];
-        let lines = take_lines(&mut buf, &endless);
-        assert_eq!(lines.len(), 2);
-        assert!(buf.len() <= MAX_LINE);
-    }
 }

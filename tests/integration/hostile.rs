@@ -888,3 +888,49 @@ fn a_read_only_server_streams_only_its_snapshot() {
     start(&a).ok_json();
     get(&sock, &format!("/v1/restore/tree/{}", tree("b"))).refused(403, "forbidden");
 }
+
+/// An agent (or whatever answers in its place) that prints 100,000 warnings and an
+/// endless line: the pbs keeps a bounded number of them, counts the rest, and its
+/// memory stays what a normal pull needs.
+#[test]
+fn an_agent_flooding_warnings_does_not_grow_the_pbs() {
+    let (env, src) = Env::with_one_file();
+    let state = env.path("state").display().to_string();
+    let s = src.display().to_string();
+    let normal = env
+        .pbs(&["--json", "pull", "--local", &s, "--state-dir", &state])
+        .expect(0);
+    let normal_rss = normal.json_of("run")["run"]["pbs_peak_rss_kib"]
+        .as_u64()
+        .unwrap();
+
+    let flood = env.path("flooding-agent");
+    std::fs::write(
+        &flood,
+        "#!/usr/bin/python3\nimport sys\nw = sys.stdout.write\n\
+         for i in range(100000):\n    w('{\"type\":\"warning\",\"path\":\"/f/%d\",\"message\":\"%s\"}\\n' % (i, 'm' * 300))\n\
+         w('x' * (16 << 20))\nsys.stdout.flush()\nsys.exit(3)\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&flood, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a = flood.display().to_string();
+    let run = env.pbs(&["pull", "--local", &s, "--state-dir", &state, "--agent", &a]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("... and 99900 more warnings"),
+        "{}",
+        &run.stderr[run.stderr.len().saturating_sub(2000)..]
+    );
+    let records = env.runs();
+    let rec = records.last().unwrap();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    let rss = rec["pbs_peak_rss_kib"].as_u64().unwrap();
+    assert!(
+        rss < normal_rss + 16 * 1024,
+        "the pbs grew to {rss} KiB (a normal pull: {normal_rss} KiB)"
+    );
+    // The flood stored nothing: the repository is as it was, and pulls again.
+    env.pbs(&["check", "--read-data"]).expect(0);
+    env.pbs(&["pull", "--local", &s, "--state-dir", &state])
+        .expect(0);
+}

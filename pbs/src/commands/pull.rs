@@ -548,6 +548,10 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&run::AgentRun>) {
                 w["message"].as_str().unwrap_or("?")
             );
         }
+        let more = run.warnings_total - run.warnings.len() as u64;
+        if more > 0 {
+            crate::errln!("... and {more} more warnings (`--json` relays every one)");
+        }
     }
     let Some(c) = &r.counters else { return };
     let n = |k: &str| c[k].as_u64().unwrap_or(0);

@@ -173,7 +173,7 @@ fn via_agent(
             if r.exit == Some(3) {
                 return Err(CliError::Incomplete(format!(
                     "{} entries could not be restored (named above); everything else was; `haul-pbs check --read-data` tells what is damaged",
-                    r.warnings.len()
+                    r.warnings_total
                 )));
             }
             Ok(())
