@@ -934,3 +934,58 @@ fn an_agent_flooding_warnings_does_not_grow_the_pbs() {
     env.pbs(&["pull", "--local", &s, "--state-dir", &state])
         .expect(0);
 }
+
+/// Clients that hang up in the middle of an upload body, or before reading an answer:
+/// `serve` answers into closed sockets (EPIPE, once a fatal SIGPIPE) and goes on; the
+/// next session on the same server commits, and the server stops cleanly.
+#[test]
+fn clients_that_hang_up_mid_upload_do_not_kill_the_server() {
+    let (env, src) = Env::with_one_file();
+    let served = Served::start(&env, "h");
+    let sock = served.socket.clone();
+    let started = post_json(&sock, "/v1/backup/start", &start_body("h", "none"));
+    assert_eq!(started.status, 200, "{}", started.describe());
+    for round in 0..8 {
+        let mut s = connect(&sock);
+        let head = format!(
+            "POST /v1/backup/upload HTTP/1.1\r\nHost: haul\r\nContent-Length: {}\r\n\r\n",
+            32 << 20
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // Part of a frame, then gone without reading anything.
+        let plain = random_bytes(700 + round, 1 << 20);
+        let _ = s.write_all(&frame(DATA, &hash(&plain), &raw(&plain))[..(512 << 10)]);
+        drop(s);
+        // A request whose answer is never read.
+        let mut s = connect(&sock);
+        let _ = s.write_all(b"GET /v1/nothing-here HTTP/1.1\r\nHost: haul\r\n\r\n");
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut served = served;
+    assert!(
+        served.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the server died:\n{}",
+        served.log()
+    );
+    // The session is still there and answers; given up, it makes way for the agent's.
+    let gone = post(&sock, "/v1/backup/abandon", b"");
+    assert_eq!(gone.status, 200, "{}", gone.describe());
+    let out = Command::new(bin("haul-agent"))
+        .args(["backup", "--host", "h", "--parent", "none", "--socket"])
+        .arg(&sock)
+        .arg("--path")
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        served.log()
+    );
+    let (status, log) = served.stop();
+    assert!(status.success(), "{status}: {log}");
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
+    env.pbs(&["check", "--read-data"]).expect(0);
+}
