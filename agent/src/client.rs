@@ -4,7 +4,9 @@
 //! every request of a run, however many files it has (restic once ran out of ports by
 //! opening a connection per request). A request waits for a free connection; a
 //! connection opens only when none is idle and fewer than the maximum exist. Every
-//! response body is read to its end before the connection is reused.
+//! response body is read to its end before the connection is reused. A connection idle
+//! for [`wire::CLIENT_IDLE_REUSE`] is not reused: the server closes idle ones, and one
+//! it is closing must not be handed a request.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,6 +16,9 @@ use hyper_util::rt::TokioIo;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::time::Instant;
+
+use haul_protocol::wire;
 
 /// Connections one agent opens at most.
 pub const MAX_CONNECTIONS: usize = 4;
@@ -41,7 +46,8 @@ pub enum ClientError {
 
 pub struct Client {
     socket: PathBuf,
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// Idle connections, with when each was last used.
+    idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
     slots: tokio::sync::Semaphore,
     opened: AtomicU64,
 }
@@ -65,11 +71,11 @@ impl Client {
         loop {
             let idle = self.idle.lock().expect("pool").pop();
             match idle {
-                Some(mut s) => {
-                    if s.ready().await.is_ok() {
+                Some((mut s, used)) => {
+                    if used.elapsed() < wire::CLIENT_IDLE_REUSE && s.ready().await.is_ok() {
                         return Ok(s);
                     }
-                    // Closed by the server meanwhile: drop it, try the next.
+                    // Closed by the server meanwhile, or soon to be: drop it, try the next.
                 }
                 None => break,
             }
@@ -108,7 +114,10 @@ impl Client {
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        self.idle.lock().expect("pool").push(sender);
+        self.idle
+            .lock()
+            .expect("pool")
+            .push((sender, Instant::now()));
         if status != StatusCode::OK {
             let what = format!("{method} {path}");
             return Err(

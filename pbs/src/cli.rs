@@ -274,6 +274,13 @@ pub struct ServeArgs {
     /// Read-only: stream this snapshot only (an id or unique prefix).
     #[arg(long)]
     pub snapshot: Option<String>,
+    /// A client that sends nothing for this long in the middle of a request (its head
+    /// or its body) is cut off; an idle connection is closed after it too.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// On SIGTERM, connections still open this long are closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub grace: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -125,16 +125,17 @@ impl client::Handler for Client {
             server.count_connection();
         }
         let router = served.router.clone();
-        tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(channel.into_stream());
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!("forwarded connection ended: {e}");
-            }
-        });
+        let limits = served
+            .server
+            .as_ref()
+            .map(|s| s.limits())
+            .unwrap_or_default();
+        tokio::spawn(crate::server::conn::serve_connection(
+            channel.into_stream(),
+            router,
+            limits,
+            None,
+        ));
         Ok(())
     }
 

@@ -49,6 +49,11 @@ pub const REF_LEN: usize = 33;
 pub const FRAME_HEADER_LEN: usize = 37;
 /// Most refs in one `missing` request.
 pub const MAX_REFS_PER_REQUEST: usize = 65_536;
+/// A client does not reuse a connection it left idle this long: the server closes a
+/// connection idle for its request limit (60 s unless set lower), and a request sent as
+/// it closes would be lost.
+pub const CLIENT_IDLE_REUSE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A batch read's answer stops after this many bytes of frames.
 pub const MAX_FRAMES_RESPONSE: usize = 8 * 1024 * 1024;
 /// Most bytes the blobs of one upload request may decompress to.

@@ -989,3 +989,121 @@ fn clients_that_hang_up_mid_upload_do_not_kill_the_server() {
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
     env.pbs(&["check", "--read-data"]).expect(0);
 }
+
+/// Reads what the server sends on `s` until it closes the connection (or `limit`
+/// passes); returns the bytes and how long it took.
+fn read_until_closed(s: &mut UnixStream, limit: Duration) -> (Vec<u8>, Duration) {
+    let t = std::time::Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    (raw, t.elapsed())
+}
+
+/// Clients that stall: half-sent request heads, upload bodies that stop, connections
+/// left open through a SIGTERM. Each is cut at the server's request limit (2 s here),
+/// the upload slots and the session come back, and the server stops within its grace.
+#[test]
+fn stalled_heads_bodies_and_connections_are_cut_at_their_limits() {
+    let (env, src) = Env::with_one_file();
+    let mut served = Served::start_with(
+        &env,
+        &[
+            "--mode",
+            "append-only",
+            "--host",
+            "h",
+            "--request-timeout",
+            "2s",
+            "--grace",
+            "2s",
+        ],
+    );
+    let sock = served.socket.clone();
+    // 50 heads that never end.
+    let mut heads: Vec<UnixStream> = (0..50)
+        .map(|_| {
+            let mut s = connect(&sock);
+            s.write_all(b"POST /v1/backup/missing HTTP/1.1\r\nHost: ha")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Meanwhile the server answers others.
+    post(&sock, "/v1/backup/missing", &blob_ref(DATA, &[0; 32])).refused(409, "no_session");
+    for s in &mut heads {
+        let (_, took) = read_until_closed(s, Duration::from_secs(20));
+        assert!(
+            took < Duration::from_secs(10),
+            "a stalled head stayed {took:?}"
+        );
+    }
+    // Six uploads (more than the upload slots) whose bodies stop after a few bytes.
+    let started = post_json(&sock, "/v1/backup/start", &start_body("h", "none"));
+    assert_eq!(started.status, 200, "{}", started.describe());
+    let t = std::time::Instant::now();
+    let mut hung: Vec<UnixStream> = (0..6)
+        .map(|_| {
+            let mut s = connect(&sock);
+            s.write_all(
+                b"POST /v1/backup/upload HTTP/1.1\r\nHost: haul\r\nContent-Length: 1048576\r\n\r\nabc",
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    for s in &mut hung {
+        let (raw, _) = read_until_closed(s, Duration::from_secs(20));
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.is_empty() || text.contains("truncated_body") || text.contains("busy"),
+            "{text}"
+        );
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "hung uploads held {:?}",
+        t.elapsed()
+    );
+    // The slots are free again: an upload goes through, and the session still works.
+    let plain = b"after the stall".to_vec();
+    let r = post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(DATA, &hash(&plain), &raw(&plain)),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let gone = post(&sock, "/v1/backup/abandon", b"");
+    assert_eq!(gone.status, 200, "{}", gone.describe());
+    // An agent's backup still works on this server.
+    let out = Command::new(bin("haul-agent"))
+        .args(["backup", "--host", "h", "--parent", "none", "--socket"])
+        .arg(&sock)
+        .arg("--path")
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Connections left open (mid-head and idle) do not hold a SIGTERM past the grace.
+    let _stalled: Vec<UnixStream> = (0..5)
+        .map(|_| {
+            let mut s = connect(&sock);
+            s.write_all(b"GET /v1/backup/tr").unwrap();
+            s
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    assert!(served.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    let (status, log) = served.stop();
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
+}

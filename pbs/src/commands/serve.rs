@@ -22,7 +22,12 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         Some(spec) => Some(repo.find_snapshot(spec)?.0),
         None => None,
     };
-    let mut server = Server::new(crate::server::keep(repo), mode, args.host.clone());
+    let mut server = Server::new(crate::server::keep(repo), mode, args.host.clone()).with_limits(
+        server::conn::Limits {
+            request: args.request_timeout,
+            grace: args.grace,
+        },
+    );
     if let Some(id) = pinned {
         server = server.pinned_to(id);
     }

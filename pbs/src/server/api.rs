@@ -54,6 +54,10 @@ pub fn router(server: Arc<Server>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(1 << 20))
+        .layer(axum::middleware::from_fn_with_state(
+            (server.limits.request, server.activity.clone()),
+            super::conn::limit_body,
+        ))
         .with_state(server)
 }
 

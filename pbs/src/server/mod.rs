@@ -12,6 +12,7 @@
 //! returned guard removes the socket when the server ends.
 
 mod api;
+pub mod conn;
 pub mod error;
 
 use crate::error::CliError;
@@ -69,6 +70,10 @@ pub struct Server {
     /// restore onto a host: the agent there must not pick another).
     pinned: Option<SnapshotId>,
     connections: AtomicU64,
+    /// Time limits of its connections.
+    limits: conn::Limits,
+    /// When it last saw a request or body bytes.
+    activity: Arc<conn::Activity>,
     uploads: Arc<tokio::sync::Semaphore>,
     /// Verification work running at once (one per CPU).
     verifiers: Arc<tokio::sync::Semaphore>,
@@ -97,6 +102,8 @@ impl Server {
             restore: Mutex::new(None),
             pinned: None,
             connections: AtomicU64::new(0),
+            limits: conn::Limits::default(),
+            activity: Arc::default(),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
             verifiers: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism()
@@ -104,6 +111,22 @@ impl Server {
                     .unwrap_or(2),
             )),
         })
+    }
+
+    /// Other time limits than the defaults (see [`conn::Limits`]).
+    pub fn with_limits(self: Arc<Self>, limits: conn::Limits) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        s.limits = limits;
+        Arc::new(s)
+    }
+
+    pub fn limits(&self) -> conn::Limits {
+        self.limits
+    }
+
+    /// When the server last saw a request or body bytes from a client.
+    pub fn last_activity(&self) -> std::time::Instant {
+        self.activity.last()
     }
 
     /// Restricts a read-only server to one snapshot.
@@ -251,23 +274,58 @@ pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketGuard), CliE
 }
 
 /// Serves `server` on `socket` until `shutdown` resolves; then stops accepting, lets
-/// requests in progress finish, and returns. A session that did not commit is
-/// abandoned safely (its packs and index are kept).
+/// requests in progress finish for the grace period of its [`conn::Limits`], closes
+/// what is still open, and returns. At most [`conn::MAX_CONNECTIONS`] connections are
+/// served at once. A session that did not commit is abandoned safely (its packs and
+/// index are kept).
 pub async fn serve(
     server: Arc<Server>,
     listener: tokio::net::UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CliError> {
-    use axum::serve::ListenerExt;
-    let counter = server.clone();
-    let listener = listener.tap_io(move |_| {
-        counter.connections.fetch_add(1, Relaxed);
-    });
     let app = api::router(server.clone());
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| CliError::Io("repository server".into(), e));
+    let limits = server.limits;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(conn::MAX_CONNECTIONS));
+    let mut open = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait, and go on serving the others.
+                    tracing::warn!("repository server: accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        server.count_connection();
+        let (app, watcher) = (app.clone(), graceful.watcher());
+        open.spawn(async move {
+            conn::serve_connection(stream, app, limits, Some(watcher)).await;
+            drop(slot);
+        });
+        // Reap the connections that ended, so the set does not grow with the run.
+        while open.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let drained = async {
+        graceful.shutdown().await;
+        while open.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(limits.grace, drained).await.is_err() {
+        tracing::warn!(
+            "connections still open {} s after the shutdown began were closed",
+            limits.grace.as_secs()
+        );
+    }
     server.abandon_session();
-    result
+    Ok(())
 }

@@ -1,0 +1,119 @@
+//! The repository server's connections, wherever they come from (its Unix listener, or
+//! an SSH channel a host forwarded), and the limits that keep one client from holding
+//! the server: how long a request may stall, how many connections may be open, and how
+//! long a stopping server waits for the ones still open.
+//!
+//! A source host is not trusted to behave: a request head sent a byte at a time, a body
+//! that stops halfway, a connection opened and left must each end by themselves, free
+//! what they held (an upload slot, the session), and never keep the server from
+//! stopping.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Time limits of a server's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive whole within this long, and a request body may send
+    /// nothing for at most this long. An idle kept-alive connection is closed after it
+    /// too (clients do not reuse connections idle for half as long, see the agent's
+    /// client).
+    pub request: Duration,
+    /// After a shutdown is asked for, connections still open this long are closed.
+    pub grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request: Duration::from_secs(60),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connections one listener serves at once; more wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// When the server last saw a request or body bytes: a run's watchdog reads it.
+#[derive(Debug)]
+pub struct Activity(std::sync::Mutex<Instant>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity(std::sync::Mutex::new(Instant::now()))
+    }
+}
+
+impl Activity {
+    pub fn touch(&self) {
+        *self.0.lock().expect("activity") = Instant::now();
+    }
+    pub fn last(&self) -> Instant {
+        *self.0.lock().expect("activity")
+    }
+}
+
+/// Serves one connection with `router` until the client closes it, a limit cuts it,
+/// or `graceful` (when given) asks it to finish.
+pub async fn serve_connection<I>(
+    io: I,
+    router: axum::Router,
+    limits: Limits,
+    graceful: Option<hyper_util::server::graceful::Watcher>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.request)
+        .serve_connection(io, service);
+    let result = match graceful {
+        Some(g) => g.watch(conn).await,
+        None => conn.await,
+    };
+    if let Err(e) = result {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+/// The layer every route passes through: notes activity, and cuts a request body that
+/// sends nothing for `idle` (the handler then sees the body end early and refuses it
+/// as `truncated_body`).
+pub async fn limit_body(
+    axum::extract::State((idle, activity)): axum::extract::State<(Duration, Arc<Activity>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    activity.touch();
+    let (parts, body) = request.into_parts();
+    let stream = futures_util::stream::unfold(
+        Some((body.into_data_stream(), activity)),
+        move |state| async move {
+            let (mut data, activity) = state?;
+            match tokio::time::timeout(idle, data.next()).await {
+                Ok(Some(item)) => {
+                    activity.touch();
+                    Some((item, Some((data, activity))))
+                }
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(axum::Error::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no body bytes for {} s", idle.as_secs()),
+                    ))),
+                    None,
+                )),
+            }
+        },
+    );
+    next.run(Request::from_parts(parts, Body::from_stream(stream)))
+        .await
+}
