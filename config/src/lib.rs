@@ -88,6 +88,10 @@ pub struct ServerSettings {
     pub alert_window: Duration,
     /// Retention unless a host sets its own (default: keep everything).
     pub retention: Retention,
+    /// A run whose agent prints nothing (not even progress, which it prints every
+    /// second) and sends no request for this long is stopped as stalled.
+    #[serde(deserialize_with = "de_duration")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -101,6 +105,7 @@ impl Default for ServerSettings {
             schedule: Schedule::Every(Duration::from_secs(24 * 3600)),
             alert_window: Duration::from_secs(26 * 3600),
             retention: Retention::default(),
+            stall_timeout: Duration::from_secs(10 * 60),
         }
     }
 }

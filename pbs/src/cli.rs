@@ -182,6 +182,10 @@ pub struct RunArgs {
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
+    /// Stop the run when its agent prints nothing and sends no request for this long
+    /// (default: the configuration's `[server].stall_timeout`, else 10 minutes).
+    #[arg(long, value_parser = parse_duration)]
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -383,6 +383,7 @@ fn pull_host(
         run: RunArgs {
             state_dir: Some(config.server.state_dir.clone()),
             agent: host.agent.clone(),
+            stall_timeout: Some(config.server.stall_timeout),
         },
     };
     // The run starts now, the repository open (its first open takes a while).

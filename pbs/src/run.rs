@@ -112,7 +112,8 @@ pub fn run_agent(
         let serving = tokio::spawn(server::serve(server.clone(), listener, async {
             let _ = stop_rx.await;
         }));
-        let result = drive_agent(agent, args, &socket, stdin, progress).await;
+        let watchdog = server::conn::Watchdog::new(&server);
+        let result = drive_agent(agent, args, &socket, stdin, progress, watchdog).await;
         let _ = stop_tx.send(());
         match serving.await {
             Ok(Ok(())) => {}
@@ -131,6 +132,7 @@ async fn drive_agent(
     socket: &Path,
     stdin: Option<String>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
+    mut watchdog: server::conn::Watchdog,
 ) -> Result<AgentRun, CliError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     args.push("--socket".into());
@@ -180,9 +182,22 @@ async fn drive_agent(
     });
     let mut out = AgentOutput::default();
     let (mut buf, mut data) = (Vec::new(), vec![0u8; 64 * 1024]);
-    while let Ok(n @ 1..) = stdout.read(&mut data).await {
-        for line in take_lines(&mut buf, &data[..n]) {
-            out.stdout_line(&line, progress);
+    loop {
+        match tokio::time::timeout(watchdog.wait(), stdout.read(&mut data)).await {
+            Ok(Ok(n @ 1..)) => {
+                watchdog.output();
+                for line in take_lines(&mut buf, &data[..n]) {
+                    out.stdout_line(&line, progress);
+                }
+            }
+            Ok(_) => break,
+            Err(_) => {
+                if let Some(why) = watchdog.stalled() {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(CliError::Failed(why));
+                }
+            }
         }
     }
     if !buf.is_empty() {

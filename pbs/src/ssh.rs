@@ -384,7 +384,14 @@ impl Connection {
         let result = self.rt.block_on(async {
             let result = tokio::time::timeout(
                 RUN_TIMEOUT,
-                exec_agent(&tunnel.session, &self.name, &args, stdin, progress),
+                exec_agent(
+                    &tunnel.session,
+                    &self.name,
+                    &args,
+                    stdin,
+                    progress,
+                    crate::server::conn::Watchdog::new(&server),
+                ),
             )
             .await;
             tracing::debug!("agent ended");
@@ -435,6 +442,7 @@ pub fn run_command(
             None,
             &mut |line| out.stdout.push(line),
             &mut |line| out.stderr.push(line),
+            None,
         )
         .await;
         tunnel.close().await;
@@ -622,6 +630,7 @@ async fn exec_agent(
     args: &[String],
     stdin: Option<String>,
     progress: &(dyn Fn(&serde_json::Value) + Sync),
+    watchdog: crate::server::conn::Watchdog,
 ) -> Result<AgentRun, String> {
     let mut words = vec!["haul-agent"];
     words.extend(args.iter().map(String::as_str));
@@ -633,6 +642,7 @@ async fn exec_agent(
         stdin,
         &mut |line| out.borrow_mut().stdout_line(&line, progress),
         &mut |line| out.borrow_mut().stderr_line(&line),
+        Some(watchdog),
     )
     .await?;
     let mut run = out.into_inner().finish(ended.exit, &ended.how);
@@ -664,6 +674,7 @@ async fn exec(
     stdin: Option<String>,
     on_stdout: &mut dyn FnMut(String),
     on_stderr: &mut dyn FnMut(String),
+    mut watchdog: Option<crate::server::conn::Watchdog>,
 ) -> Result<Ended, String> {
     let mut channel = session
         .channel_open_session()
@@ -693,9 +704,24 @@ async fn exec(
                 Ok(m) => m,
                 Err(_) => break,
             }
+        } else if let Some(w) = &watchdog {
+            match tokio::time::timeout(w.wait(), channel.wait()).await {
+                Ok(m) => m,
+                Err(_) => match w.stalled() {
+                    // Closing the channel ends the command on the host (sshd hangs up).
+                    Some(why) => {
+                        let _ = channel.close().await;
+                        return Err(why);
+                    }
+                    None => continue,
+                },
+            }
         } else {
             channel.wait().await
         };
+        if let Some(w) = &mut watchdog {
+            w.output();
+        }
         let Some(msg) = msg else {
             if cut {
                 how = "no exit status (the connection closed)".to_string();

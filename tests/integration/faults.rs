@@ -450,3 +450,71 @@ fn a_pull_killed_right_after_its_snapshot_was_saved_is_recorded_with_it() {
         fs::read(src.join("data.bin")).unwrap()
     );
 }
+
+/// An agent that starts and then neither prints nor sends anything: the run is stopped
+/// at its stall limit with a clear error, recorded as failed, and nothing is left
+/// running.
+#[test]
+fn a_silent_agent_is_stopped_at_the_stall_limit() {
+    let (env, src) = Env::with_source();
+    fs::write(src.join("f"), "data").unwrap();
+    let agent = env.path("silent-agent");
+    let pid_file = env.path("agent.pid");
+    fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
+    let (s, a) = (src.display().to_string(), agent.display().to_string());
+    let state = env.path("state").display().to_string();
+    let t = Instant::now();
+    let run = env.pbs(&[
+        "pull",
+        "--local",
+        &s,
+        "--state-dir",
+        &state,
+        "--agent",
+        &a,
+        "--stall-timeout",
+        "2s",
+    ]);
+    let took = t.elapsed();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(
+        run.stderr
+            .contains("the run stalled: the agent printed nothing and sent no request for 2s"),
+        "{}",
+        run.stderr
+    );
+    let rec = env.runs().pop().unwrap();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert!(
+        rec["error"].as_str().unwrap().contains("the run stalled"),
+        "{rec}"
+    );
+    // The agent was stopped with the run.
+    let pid: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!alive(pid), "the silent agent {pid} is still running");
+    // A real agent, with the same limit, is never silent that long.
+    let run = env.pbs(&[
+        "pull",
+        "--local",
+        &s,
+        "--state-dir",
+        &state,
+        "--stall-timeout",
+        "2s",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}

@@ -727,3 +727,68 @@ fn sshd_killed_mid_pull_fails_the_run_and_the_next_pull_succeeds() {
     assert_eq!(rec["status"], "ok");
     env.pbs(&["check", "--read-data"]).expect(0);
 }
+
+/// A host whose forced command accepts the run and then says and sends nothing (an
+/// attacker's program in place of the agent): the run is stopped at its stall limit,
+/// recorded as failed with why, and the next honest pull succeeds.
+#[test]
+fn a_host_that_never_answers_is_cut_at_the_stall_limit() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let policy = sshd.dir.join("wrapper.toml");
+    let honest = fs::read_to_string(&policy).unwrap();
+    let silent = env.path("silent-agent");
+    fs::write(&silent, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&silent, fs::Permissions::from_mode(0o755)).unwrap();
+    let agent_line = honest.lines().next().unwrap().to_string();
+    fs::write(
+        &policy,
+        honest.replacen(
+            &agent_line,
+            &format!("agent = {:?}", silent.display().to_string()),
+            1,
+        ),
+    )
+    .unwrap();
+    let (c, state) = (config.display().to_string(), env.path("state"));
+    let s = state.display().to_string();
+    let t = std::time::Instant::now();
+    let run = env.pbs(&[
+        "pull",
+        "web-1",
+        "--config",
+        &c,
+        "--state-dir",
+        &s,
+        "--stall-timeout",
+        "3s",
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(run.stderr.contains("the run stalled"), "{}", run.stderr);
+    let rec = env.runs().pop().unwrap();
+    assert_eq!(rec["status"], "failed");
+    assert!(
+        rec["error"].as_str().unwrap().contains("the run stalled"),
+        "{rec}"
+    );
+    sshd.assert_nothing_listening();
+    fs::write(&policy, honest).unwrap();
+    env.pbs(&[
+        "pull",
+        "web-1",
+        "--config",
+        &c,
+        "--state-dir",
+        &s,
+        "--stall-timeout",
+        "3s",
+    ])
+    .expect(0);
+}

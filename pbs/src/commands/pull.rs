@@ -311,8 +311,17 @@ pub fn pull_one(
         SourceKind::Local
     };
     let marker_history = crate::history::History::new(history.state().to_path_buf());
+    let stall = args
+        .run
+        .stall_timeout
+        .or_else(|| plan.config.as_ref().map(|c| c.server.stall_timeout))
+        .unwrap_or(crate::server::conn::Limits::default().stall);
     let server = Server::new(repo, Mode::AppendOnly, Some(host.clone()))
         .with_source(source)
+        .with_limits(crate::server::conn::Limits {
+            stall,
+            ..Default::default()
+        })
         .on_commit(Box::new(move |snapshot| {
             let saved = crate::history::Running {
                 snapshot: Some(snapshot.to_hex()),

@@ -26,6 +26,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         server::conn::Limits {
             request: args.request_timeout,
             grace: args.grace,
+            ..Default::default()
         },
     );
     if let Some(id) = pinned {

@@ -26,6 +26,9 @@ pub struct Limits {
     pub request: Duration,
     /// After a shutdown is asked for, connections still open this long are closed.
     pub grace: Duration,
+    /// A run whose agent prints nothing and sends nothing for this long is stopped
+    /// (the agent prints its progress every second).
+    pub stall: Duration,
 }
 
 impl Default for Limits {
@@ -33,7 +36,51 @@ impl Default for Limits {
         Limits {
             request: Duration::from_secs(60),
             grace: Duration::from_secs(10),
+            stall: Duration::from_secs(10 * 60),
         }
+    }
+}
+
+/// Watches a run for stalls: the agent's output and the server's requests both count
+/// as life.
+pub struct Watchdog {
+    limit: Duration,
+    activity: Arc<Activity>,
+    output: Instant,
+}
+
+impl Watchdog {
+    pub fn new(server: &super::Server) -> Watchdog {
+        Watchdog {
+            limit: server.limits.stall,
+            activity: server.activity.clone(),
+            output: Instant::now(),
+        }
+    }
+
+    /// The agent printed something.
+    pub fn output(&mut self) {
+        self.output = Instant::now();
+    }
+
+    /// How long to wait for the agent's next output before [`Watchdog::stalled`] is
+    /// asked again.
+    pub fn wait(&self) -> Duration {
+        let last = self.output.max(self.activity.last());
+        (last + self.limit)
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    }
+
+    /// The error of a stalled run, once it is one.
+    pub fn stalled(&self) -> Option<String> {
+        let last = self.output.max(self.activity.last());
+        (last.elapsed() >= self.limit).then(|| {
+            format!(
+                "the run stalled: the agent printed nothing and sent no request for {}; it was stopped (raise [server].stall_timeout or --stall-timeout if the host is just slow)",
+                humantime::format_duration(self.limit)
+            )
+        })
     }
 }
 
