@@ -92,6 +92,10 @@ pub struct ServerSettings {
     /// second) and sends no request for this long is stopped as stalled.
     #[serde(deserialize_with = "de_duration")]
     pub stall_timeout: Duration,
+    /// A request of a run's agent (its head, its body, or the reading of its answer)
+    /// that makes no progress for this long is cut off.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -106,6 +110,7 @@ impl Default for ServerSettings {
             alert_window: Duration::from_secs(26 * 3600),
             retention: Retention::default(),
             stall_timeout: Duration::from_secs(10 * 60),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }

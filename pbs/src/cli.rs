@@ -186,6 +186,10 @@ pub struct RunArgs {
     /// (default: the configuration's `[server].stall_timeout`, else 10 minutes).
     #[arg(long, value_parser = parse_duration)]
     pub stall_timeout: Option<std::time::Duration>,
+    /// Cut a request of the agent that makes no progress for this long (its head, its
+    /// body, or the reading of its answer) (default: `[server].request_timeout`, else 60 s).
+    #[arg(long, value_parser = parse_duration)]
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -279,7 +283,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub snapshot: Option<String>,
     /// A client that sends nothing for this long in the middle of a request (its head
-    /// or its body) is cut off; an idle connection is closed after it too.
+    /// or its body), or reads nothing of an answer, is cut off; an idle connection is
+    /// closed after it too.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub request_timeout: std::time::Duration,
     /// On SIGTERM, connections still open this long are closed.

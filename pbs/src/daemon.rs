@@ -384,6 +384,7 @@ fn pull_host(
             state_dir: Some(config.server.state_dir.clone()),
             agent: host.agent.clone(),
             stall_timeout: Some(config.server.stall_timeout),
+            request_timeout: Some(config.server.request_timeout),
         },
     };
     // The run starts now, the repository open (its first open takes a while).

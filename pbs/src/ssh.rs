@@ -42,7 +42,19 @@ struct Served {
     router: axum::Router,
     /// Counts the forwarded connections, when they are a repository server's.
     server: Option<Arc<Server>>,
+    /// Forwarded connections open at once: the agent needs a few; more are refused.
+    open: Arc<tokio::sync::Semaphore>,
 }
+
+/// Forwarded connections one run serves at once (the agent opens at most 4). Each may
+/// hold up to [`CHANNEL_BUFFER`] packets of 32 KiB its handler has not read yet: with
+/// this cap, a host can make the pbs hold at most 8 × 8 MiB however it behaves.
+const MAX_CHANNELS: usize = 8;
+
+/// Packets a channel may have received and not yet been read: room for an upload
+/// batch (2 MiB), so one busy channel does not stop the others' traffic, and a bound
+/// on what a host that never reads its answers can make the pbs keep.
+const CHANNEL_BUFFER: usize = 256;
 
 struct Client {
     served: Arc<OnceLock<Served>>,
@@ -119,6 +131,12 @@ impl client::Handler for Client {
             tracing::warn!("refused a forwarded channel that came before the agent was started");
             return refuse(reply).await;
         };
+        let Ok(slot) = served.open.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "refused a forwarded channel: {MAX_CHANNELS} are open already (the agent needs fewer)"
+            );
+            return refuse(reply).await;
+        };
         reply.accept().await;
         tracing::debug!("forwarded connection accepted");
         if let Some(server) = &served.server {
@@ -130,12 +148,11 @@ impl client::Handler for Client {
             .as_ref()
             .map(|s| s.limits())
             .unwrap_or_default();
-        tokio::spawn(crate::server::conn::serve_connection(
-            channel.into_stream(),
-            router,
-            limits,
-            None,
-        ));
+        tokio::spawn(async move {
+            crate::server::conn::serve_connection(channel.into_stream(), router, limits, None)
+                .await;
+            drop(slot);
+        });
         Ok(())
     }
 
@@ -497,9 +514,7 @@ impl Tunnel {
         };
         let config = Arc::new(client::Config {
             window_size: host.window_mib << 20,
-            // Room for a whole upload body per channel, so a busy channel does not stop
-            // the connection's loop (each message is at most one 32 KiB packet).
-            channel_buffer_size: 1024,
+            channel_buffer_size: CHANNEL_BUFFER,
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
             preferred,
@@ -606,7 +621,16 @@ impl Tunnel {
     /// From now on, forwarded connections are served by `router`.
     fn serve(&self, router: axum::Router, server: Option<Arc<Server>>) {
         self.quick_acks.store(false, Ordering::Relaxed);
-        if self.served.set(Served { router, server }).is_err() {
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS));
+        if self
+            .served
+            .set(Served {
+                router,
+                server,
+                open,
+            })
+            .is_err()
+        {
             unreachable!("a tunnel serves one run");
         }
     }

@@ -792,3 +792,98 @@ fn a_host_that_never_answers_is_cut_at_the_stall_limit() {
     ])
     .expect(0);
 }
+
+/// An attacker's program in place of the agent opens 16 connections through the
+/// forwarded socket and sends pipelined requests on each without ever reading an
+/// answer: at most 8 are served, what each may hold is bounded, the stalled ones are
+/// cut at the request limit, the pbs's memory stays near a normal pull's, and the run
+/// ends by itself with its failure recorded.
+#[test]
+fn sixteen_unread_channels_do_not_grow_the_pbs() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let (c, state) = (config.display().to_string(), env.path("state"));
+    let s = state.display().to_string();
+    let normal = env
+        .pbs(&["--json", "pull", "web-1", "--config", &c, "--state-dir", &s])
+        .expect(0);
+    let normal_rss = normal.json_of("run")["run"]["pbs_peak_rss_kib"]
+        .as_u64()
+        .unwrap();
+
+    let policy = sshd.dir.join("wrapper.toml");
+    let honest = fs::read_to_string(&policy).unwrap();
+    let flood = env.path("unread-channels");
+    fs::write(
+        &flood,
+        r#"#!/usr/bin/python3
+import socket, sys, time
+path = sys.argv[sys.argv.index("--socket") + 1]
+request = b"POST /v1/backup/missing HTTP/1.1\r\nHost: h\r\nContent-Length: 33\r\n\r\n" + b"\0" * 33
+burst = request * 4000
+conns = []
+for _ in range(16):
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(path)
+    c.setblocking(False)
+    conns.append(c)
+deadline = time.time() + 10
+sent = 0
+while time.time() < deadline:
+    for c in conns:
+        try:
+            sent += c.send(burst)
+        except OSError:
+            pass
+    time.sleep(0.005)
+print("sent %d bytes, read none" % sent, file=sys.stderr)
+sys.exit(1)
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&flood, fs::Permissions::from_mode(0o755)).unwrap();
+    let agent_line = honest.lines().next().unwrap().to_string();
+    fs::write(
+        &policy,
+        honest.replacen(
+            &agent_line,
+            &format!("agent = {:?}", flood.display().to_string()),
+            1,
+        ),
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let run = env.pbs(&[
+        "pull",
+        "web-1",
+        "--config",
+        &c,
+        "--state-dir",
+        &s,
+        "--request-timeout",
+        "3s",
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        t.elapsed()
+    );
+    let rec = env.runs().pop().unwrap();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    let rss = rec["pbs_peak_rss_kib"].as_u64().unwrap();
+    eprintln!(
+        "pbs peak: {rss} KiB under 16 unread channels, {normal_rss} KiB for a normal pull, {:?}",
+        t.elapsed()
+    );
+    assert!(
+        rss < normal_rss + 80 * 1024,
+        "the pbs grew to {rss} KiB (a normal pull: {normal_rss} KiB)"
+    );
+    sshd.assert_nothing_listening();
+    fs::write(&policy, honest).unwrap();
+    env.pbs(&["pull", "web-1", "--config", &c, "--state-dir", &s])
+        .expect(0);
+}

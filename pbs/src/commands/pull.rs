@@ -320,6 +320,11 @@ pub fn pull_one(
         .with_source(source)
         .with_limits(crate::server::conn::Limits {
             stall,
+            request: args
+                .run
+                .request_timeout
+                .or_else(|| plan.config.as_ref().map(|c| c.server.request_timeout))
+                .unwrap_or(crate::server::conn::Limits::default().request),
             ..Default::default()
         })
         .on_commit(Box::new(move |snapshot| {

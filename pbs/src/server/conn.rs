@@ -116,7 +116,7 @@ pub async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let io = hyper_util::rt::TokioIo::new(io);
+    let io = hyper_util::rt::TokioIo::new(WriteStall::new(io, limits.request));
     let service = hyper_util::service::TowerToHyperService::new(router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -128,6 +128,90 @@ pub async fn serve_connection<I>(
     };
     if let Err(e) = result {
         tracing::debug!("connection ended: {e}");
+    }
+}
+
+/// A connection whose answers cannot be written for `limit` (the client reads none)
+/// fails instead of waiting: over SSH a stalled channel would otherwise hold, behind it,
+/// everything the host sends on the whole connection.
+struct WriteStall<I> {
+    io: I,
+    limit: Duration,
+    blocked: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteStall<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        WriteStall {
+            io,
+            limit,
+            blocked: None,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> WriteStall<I> {
+    /// Runs one write-side poll; a `Pending` that lasts past the limit is an error.
+    fn guard<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: impl FnOnce(
+            std::pin::Pin<&mut I>,
+            &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        match poll(std::pin::Pin::new(&mut self.io), cx) {
+            std::task::Poll::Ready(r) => {
+                self.blocked = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .blocked
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {} s", limit.as_secs()),
+                    ))),
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<I> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().guard(cx, |io, cx| io.poll_write(cx, buf))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().guard(cx, |io, cx| io.poll_flush(cx))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().guard(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 
