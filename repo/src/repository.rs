@@ -65,7 +65,20 @@ fn read_key_file(backend: &dyn Backend, name: &str) -> Result<KeyFile> {
     let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(&what, e))?;
     // Out-of-range cost parameters are damage too (and must not exhaust the pbs).
     file.kdf.check().map_err(|e| Error::corrupt(&what, e))?;
+    for field in [&file.salt, &file.sealed_master] {
+        hex::decode(field).map_err(|e| Error::corrupt(&what, e))?;
+    }
     Ok(file)
+}
+
+/// Reports a damaged key file (a warning) and returns it.
+fn warn_damaged_key(name: &str, e: &Error) -> DamagedFile {
+    let damaged = DamagedFile::new(FileType::Key, name, e);
+    tracing::warn!(
+        "key file {damaged} is damaged and was skipped: if it is the key of this passphrase, put back a copy of it; `haul-pbs key remove {}` removes it",
+        &name[..name.len().min(8)]
+    );
+    damaged
 }
 
 /// The master key sealed in `file`, if `passphrase` opens it (`None`: it does not).
@@ -158,26 +171,27 @@ impl Repository {
         let mut keys = backend.list(FileType::Key)?;
         // A set order, so that which key opens (and is `current`) does not vary.
         keys.sort();
-        let mut tried = 0;
+        // Every key file is read first, so a damaged one is reported whichever key opens.
+        let mut readable = Vec::new();
         let mut broken = Vec::new();
         for (name, _) in &keys {
-            let master = match read_key_file(backend.as_ref(), name)
-                .and_then(|file| unseal_master(name, &file, passphrase))
-            {
+            match read_key_file(backend.as_ref(), name) {
+                Ok(file) => readable.push((name, file)),
+                // Removed while we looked (another `key remove`): not damage.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => broken.push(warn_damaged_key(name, &e)),
+            }
+        }
+        let mut tried = 0;
+        for (name, file) in readable {
+            let master = match unseal_master(name, &file, passphrase) {
                 Ok(Some(master)) => master,
                 Ok(None) => {
                     tried += 1;
                     continue;
                 }
-                // Removed while we looked (another `key remove`): not damage.
-                Err(Error::NotFound { .. }) => continue,
                 Err(e) => {
-                    let damaged = DamagedFile::new(FileType::Key, name, &e);
-                    tracing::warn!(
-                        "key file {damaged} is damaged and was skipped: if it is the key of this passphrase, put back a copy of it; `haul-pbs key remove {}` removes it",
-                        &name[..name.len().min(8)]
-                    );
-                    broken.push(damaged);
+                    broken.push(warn_damaged_key(name, &e));
                     continue;
                 }
             };
