@@ -100,12 +100,6 @@ mod tests {
     use haul_protocol::{BlobKind, ChunkId};
     use std::sync::Arc;
 
-    const KDF: KdfParams = KdfParams {
-        m_cost: 64,
-        t_cost: 1,
-        p_cost: 1,
-    };
-
     /// A snapshot of one file holding `content`.
     fn backup(repo: &IndexedRepository, content: &[u8]) -> haul_protocol::SnapshotId {
         let info = SessionInfo {
@@ -144,7 +138,7 @@ mod tests {
     fn damaged_index_and_snapshot_files_are_skipped_then_repaired() {
         let memory = Arc::new(MemoryBackend::default());
         let backend: Arc<dyn Backend> = memory.clone();
-        let repo = Repository::init(backend.clone(), b"pw", KDF, RepoConfig::new(3))
+        let repo = Repository::init(backend.clone(), b"pw", KdfParams::TESTS, RepoConfig::new(3))
             .unwrap()
             .load_index(None)
             .unwrap();

@@ -705,17 +705,17 @@ mod tests {
     use super::*;
     use crate::backend::MemoryBackend;
 
-    const KDF: KdfParams = KdfParams {
-        m_cost: 64,
-        t_cost: 1,
-        p_cost: 1,
-    };
-
     #[test]
     fn a_damaged_key_file_does_not_lock_out_the_others() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
-        let repo = Repository::init(backend.clone(), b"one", KDF, RepoConfig::new(3)).unwrap();
-        let two = repo.add_key(b"two", KDF).unwrap();
+        let repo = Repository::init(
+            backend.clone(),
+            b"one",
+            KdfParams::TESTS,
+            RepoConfig::new(3),
+        )
+        .unwrap();
+        let two = repo.add_key(b"two", KdfParams::TESTS).unwrap();
         // Damage whichever key is tried first, and open with the other's passphrase.
         let mut names: Vec<String> = backend
             .list(FileType::Key)
