@@ -131,6 +131,28 @@ fn a_truncated_index_file_and_a_damaged_snapshot_leave_the_rest_usable_until_rep
     );
     assert!(!out3.exists());
 
+    // `ls` reads the others; `forget` plans without the damaged one.
+    let run = env.pbs(&["ls", &second]).expect(0);
+    assert!(run.stdout.contains("second.bin"), "{}", run.stdout);
+    let plan = env
+        .pbs(&["--json", "forget", "--keep-last", "1", "--dry-run"])
+        .expect(0)
+        .json();
+    let planned: BTreeSet<(String, bool)> = plan
+        .iter()
+        .filter(|v| v["type"] == "decision")
+        .map(|v| {
+            (
+                v["snapshot"].as_str().unwrap().to_string(),
+                v["keep"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        planned,
+        BTreeSet::from([(first.clone(), false), (second.clone(), true)])
+    );
+
     // A backup still runs, on the newest readable snapshot as its parent.
     fs::write(src.join("fourth.txt"), "fourth\n").unwrap();
     let summary = other.backup(&[&src], &[]);
