@@ -33,6 +33,10 @@ pub struct Global {
     /// Output one JSON object per line.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Take no lock: for commands that only read (snapshots, ls, restore, check, key
+    /// list, repair --dry-run), e.g. on a read-only disk. Commands that write refuse it.
+    #[arg(long, global = true)]
+    pub no_lock: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,12 +82,63 @@ pub enum Command {
     /// Serve the repository on a Unix socket (append-only for backups, read-only for
     /// restores) until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Repair damaged repository files, as `check` names them.
+    #[command(subcommand)]
+    Repair(RepairCommand),
     /// Remove stale locks (left by processes that died), or with --all every lock.
     Unlock {
         /// Remove every lock, also those of running processes.
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepairCommand {
+    /// Index every pack that no readable index file lists, from the pack's own header,
+    /// then move damaged index files aside (into damaged/index/).
+    Index {
+        /// Say what would be done, change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// Move snapshot files that cannot be read aside (into damaged/snapshots/), so
+    /// that listing and checking the others is clean again.
+    Snapshots {
+        /// Say what would be done, change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+}
+
+impl RepairCommand {
+    pub fn dry_run(&self) -> bool {
+        match self {
+            RepairCommand::Index { dry_run } | RepairCommand::Snapshots { dry_run } => *dry_run,
+        }
+    }
+}
+
+impl Command {
+    /// The name of a command that writes to the repository (and so must hold a lock),
+    /// `None` for one that only reads it or does not use one.
+    pub fn writes(&self) -> Option<&'static str> {
+        Some(match self {
+            Command::Init(_) => "init",
+            Command::Key(KeyCommand::Add { .. }) => "key add",
+            Command::Key(KeyCommand::Remove { .. }) => "key remove",
+            Command::BackupLocal(_) => "backup-local",
+            Command::Forget(_) => "forget",
+            Command::Pull(_) => "pull",
+            Command::ImportRdiff(_) => "import-rdiff",
+            Command::Daemon(_) => "daemon",
+            Command::Serve(a) if a.mode == ServeMode::AppendOnly => "serve --mode append-only",
+            Command::Repair(RepairCommand::Index { dry_run: false }) => "repair index",
+            Command::Repair(RepairCommand::Snapshots { dry_run: false }) => "repair snapshots",
+            Command::Unlock { .. } => "unlock",
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Args)]

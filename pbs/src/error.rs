@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (nothing was changed that is not
 //! safe to keep); 2 bad usage or input; 3 a backup was written but some files could not
-//! be read, or a check found damage.
+//! be read, a check found damage, a restore skipped entries, or a repair left packs it
+//! could not index.
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {

@@ -18,6 +18,11 @@ use cli::{Cli, Command, KeyCommand};
 
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    if let (true, Some(name)) = (cli.global.no_lock, cli.command.writes()) {
+        return Err(CliError::usage(format!(
+            "--no-lock is only for commands that read the repository (snapshots, ls, restore, check, key list, repair --dry-run): `{name}` changes it and must hold a lock; run it without --no-lock"
+        )));
+    }
     let ctx = commands::Context::new(cli.global);
     match cli.command {
         Command::Init(a) => commands::admin::init(&ctx, a),
@@ -42,6 +47,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Daemon(a) => daemon::daemon(&ctx, a),
         Command::ImportRdiff(a) => commands::import::import_rdiff(&ctx, a),
         Command::Forget(a) => commands::forget::forget(&ctx, a),
+        Command::Repair(c) => commands::repair::repair(&ctx, c),
     }
 }
 pub mod daemon;

@@ -6,11 +6,13 @@
 //! `read_data`: every pack is read, its name checked against its BLAKE3, and every blob
 //! opened, decompressed and re-hashed. Each damaged or missing blob is reported with
 //! the snapshots and file paths it affects, so an operator knows what is at risk.
+//! Index and snapshot files that cannot be read are errors too, named with what to do
+//! (`haul-pbs repair index` / `repair snapshots`); the check goes on without them.
 
 use crate::backend::FileType;
-use crate::error::{Error, Result};
+use crate::error::{DamagedFile, Error, Result};
 use crate::format::pack_header::PackEntry;
-use crate::repository::{decode_blob, IndexedRepository, MAX_TREE_BYTES};
+use crate::repository::{decode_blob, IndexedRepository, SnapshotList, MAX_TREE_BYTES};
 use haul_protocol::tree::{NodeKind, Tree};
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -47,6 +49,8 @@ pub struct CheckReport {
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
     pub damaged: Vec<Damage>,
+    /// Index and snapshot files that cannot be read.
+    pub damaged_files: Vec<DamagedFile>,
 }
 
 impl CheckReport {
@@ -64,6 +68,12 @@ pub fn check(
     progress: Progress<'_>,
 ) -> Result<CheckReport> {
     let mut report = CheckReport::default();
+    for d in repo.index().damaged() {
+        report.errors.push(format!(
+            "index file {d} is damaged; the packs it listed were indexed from their own headers for this check: `haul-pbs repair index` writes a new index and moves the damaged file aside"
+        ));
+        report.damaged_files.push(d.clone());
+    }
     let mut bad: HashMap<BlobRef, (Option<PackId>, String)> = HashMap::new();
     let indexed = repo.index().packs()?;
     let on_disk: HashMap<String, u64> = repo.backend().list(FileType::Data)?.into_iter().collect();
@@ -125,7 +135,16 @@ pub fn check(
     }
 
     // Snapshots against the index.
-    let snapshots = repo.snapshots()?;
+    let SnapshotList {
+        snapshots,
+        damaged: damaged_snapshots,
+    } = repo.read_snapshots()?;
+    for d in damaged_snapshots {
+        report.errors.push(format!(
+            "snapshot file {d} cannot be read, so nothing of that snapshot can be restored: `haul-pbs repair snapshots` moves it aside"
+        ));
+        report.damaged_files.push(d);
+    }
     report.snapshots = snapshots.len();
     let mut seen_trees: HashSet<TreeId> = HashSet::new();
     let mut seen_chunks: HashSet<[u8; 32]> = HashSet::new();

@@ -145,6 +145,14 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
+    /// Tiny parameters for unit tests: derivation in microseconds, no strength at all.
+    #[cfg(test)]
+    pub(crate) const TESTS: KdfParams = KdfParams {
+        m_cost: 64,
+        t_cost: 1,
+        p_cost: 1,
+    };
+
     /// Refuses parameters that would take absurd memory or time (a crafted key file must
     /// not exhaust the pbs).
     pub fn check(&self) -> Result<()> {

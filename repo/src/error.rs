@@ -15,8 +15,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An I/O error on a named object or path.
-    #[error("{what}: {source}")]
+    /// An I/O error on a named object or path. A full disk says so, and what to do.
+    #[error("{what}: {source}{}", if is_disk_full(.source) { DISK_FULL_ADVICE } else { "" })]
     Io { what: String, source: io::Error },
 
     #[error("no haul repository at {0} (no config file): create one with `haul-pbs init`")]
@@ -25,8 +25,13 @@ pub enum Error {
     #[error("a repository already exists at {0}")]
     RepositoryExists(PathBuf),
 
-    #[error("wrong passphrase: none of the {tried} key file(s) of this repository opens with it")]
-    WrongPassphrase { tried: usize },
+    /// No key file opens with the passphrase. `broken` are the key files that could
+    /// not even be tried (damaged): the passphrase may belong to one of them.
+    #[error("wrong passphrase: none of the {tried} key file(s) of this repository opens with it{}", broken_keys(.broken))]
+    WrongPassphrase {
+        tried: usize,
+        broken: Vec<DamagedFile>,
+    },
 
     #[error("{what} not found")]
     NotFound { what: String },
@@ -73,6 +78,78 @@ pub enum Error {
     InvalidInput(String),
 }
 
+const DISK_FULL_ADVICE: &str =
+    " (the disk is full: nothing stored before was changed; free some space on it before anything is written there again)";
+
+/// ENOSPC or EDQUOT: no room for what was being written.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+fn broken_keys(broken: &[DamagedFile]) -> String {
+    if broken.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = broken.iter().map(|d| d.to_string()).collect();
+    format!(
+        "; {} damaged key file(s) could not be tried: {}; if the passphrase belongs to one of them, put back a copy of that file in keys/",
+        broken.len(),
+        list.join("; ")
+    )
+}
+
+/// A repository file that could not be read (damaged, truncated, or not sealed with
+/// this repository's key), which the operation that met it skipped and reported.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedFile {
+    /// `snapshot`, `index file`, `key` (the backend's name for the file's type).
+    #[serde(rename = "type", serialize_with = "as_display")]
+    pub file_type: crate::backend::FileType,
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn as_display<S: serde::Serializer>(
+    t: &crate::backend::FileType,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(t)
+}
+
+impl DamagedFile {
+    /// The damage `error` shows in file `name`: the detail of a corruption, else the
+    /// whole message.
+    pub(crate) fn new(file_type: crate::backend::FileType, name: &str, error: &Error) -> Self {
+        let reason = match error {
+            Error::Corrupt { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        };
+        DamagedFile {
+            file_type,
+            name: name.to_string(),
+            reason,
+        }
+    }
+
+    /// Where the file is, relative to the repository (`keys/3fa4…`).
+    pub fn path(&self) -> String {
+        match self.file_type.dir() {
+            "" => self.name.clone(),
+            dir => format!("{dir}/{}", self.name),
+        }
+    }
+}
+
+impl std::fmt::Display for DamagedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.path(), self.reason)
+    }
+}
+
 impl Error {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
         let what = what.into();
@@ -89,16 +166,23 @@ impl Error {
     /// Whether the same operation might succeed if tried again.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { source, .. } => matches!(
-                source.kind(),
-                io::ErrorKind::Interrupted
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::WouldBlock
-                    | io::ErrorKind::StorageFull
-                    | io::ErrorKind::ConnectionReset
-            ),
+            Error::Io { source, .. } => {
+                is_disk_full(source)
+                    || matches!(
+                        source.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::WouldBlock
+                            | io::ErrorKind::ConnectionReset
+                    )
+            }
             Error::Locked { .. } => true,
             _ => false,
         }
+    }
+
+    /// Whether this is a full disk (or an exhausted quota) on the named path.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if is_disk_full(source))
     }
 }

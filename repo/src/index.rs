@@ -18,7 +18,7 @@
 //!
 //! Opening a repository must not decrypt every index file on every pull. The cache file
 //! (`<cache dir>/<repo id>/index.cache`, mode 0600 in a 0700 directory) holds the merged
-//! table and records the names of the index files it covers. On open, if the
+//! table and records the names and sizes of the index files it covers. On open, if the
 //! repository has new index files, only those are read and merged in; if index files
 //! were removed (prune), the cache is rebuilt from all of them. The cache is a local
 //! optimisation: it is checked by a BLAKE3 sum over everything RAM is loaded from, and
@@ -31,10 +31,10 @@
 
 use crate::backend::{Backend, FileType};
 use crate::crypto::Key;
-use crate::error::{Error, Result};
+use crate::error::{DamagedFile, Error, Result};
 use crate::format::{ad, index_file, pack_header::PackEntry};
 use haul_protocol::{BlobKind, BlobRef, PackId};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -93,34 +93,60 @@ pub struct Index {
     ids: IdStore,
     /// Blobs stored by this process since the index was loaded.
     added: RwLock<HashMap<BlobRef, BlobLocation>>,
-    /// Index file names the table covers.
-    covered: BTreeSet<String>,
+    /// Index files the table covers: name → size.
+    covered: Files,
+    /// Index files skipped because they do not verify.
+    damaged: Vec<DamagedFile>,
 }
 
-const MAGIC: &[u8; 8] = b"HAULIDX1";
+const MAGIC: &[u8; 8] = b"HAULIDX2";
+
+/// Index files by name, with their sizes.
+type Files = BTreeMap<String, u64>;
 
 impl Index {
     /// Loads the index of `backend`, using and refreshing the cache in `cache_dir` (or a
     /// private temporary file when there is none).
+    ///
+    /// An index file that does not verify (damaged, truncated) is skipped and listed in
+    /// [`Index::damaged`]; it is never recorded as covered by the cache, so every load
+    /// meets it again until it is repaired. A cache that cannot be written (a full or
+    /// read-only disk) does not fail the load: the table goes to a private temporary
+    /// file instead, or to memory when even that has no room.
     pub fn load(backend: &dyn Backend, key: &Key, cache_dir: Option<&Path>) -> Result<Index> {
-        let names: BTreeSet<String> = backend
-            .list(FileType::Index)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let names: Files = backend.list(FileType::Index)?.into_iter().collect();
+        let mut damaged = Vec::new();
         let cache_path = cache_dir.map(|d| d.join("index.cache"));
         if let Some(path) = &cache_path {
             match read_cache(path) {
                 Ok(Some(index)) if index.covered == names => return Ok(index),
-                Ok(Some(index)) if index.covered.is_subset(&names) => {
-                    let new: Vec<&String> = names.difference(&index.covered).collect();
+                // A covered file whose size changed (truncated) is not a subset: the
+                // cache is rebuilt, and the damage found, not hidden.
+                Ok(Some(mut index))
+                    if index
+                        .covered
+                        .iter()
+                        .all(|(n, size)| names.get(n) == Some(size)) =>
+                {
+                    let new: Vec<(&String, &u64)> = names
+                        .iter()
+                        .filter(|(n, _)| !index.covered.contains_key(*n))
+                        .collect();
                     tracing::debug!(new = new.len(), "merging new index files into the cache");
                     let mut packs = index.packs.clone();
                     let mut full = index.full_entries()?;
-                    for name in new {
-                        add_index_file(backend, key, name, &mut packs, &mut full)?;
+                    let mut covered = index.covered.clone();
+                    for (name, size) in new {
+                        if add_or_note(backend, key, name, &mut packs, &mut full, &mut damaged)? {
+                            covered.insert(name.clone(), *size);
+                        }
                     }
-                    return write_and_load(path, &names, packs, full);
+                    if covered.len() == index.covered.len() {
+                        // Only damaged files were new: the cache stays as it is.
+                        index.damaged = damaged;
+                        return Ok(index);
+                    }
+                    return finish(Some(path), &covered, packs, full, damaged);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -130,26 +156,18 @@ impl Index {
         }
         let mut packs = Vec::new();
         let mut full = (Vec::new(), Vec::new());
-        for name in &names {
-            add_index_file(backend, key, name, &mut packs, &mut full)?;
-        }
-        match &cache_path {
-            Some(path) => write_and_load(path, &names, packs, full),
-            None => {
-                sort_dedup(&mut full);
-                let what = "temporary index file";
-                let tmp = tempfile::tempfile().map_err(Error::io(what))?;
-                write_cache(
-                    tmp.try_clone().map_err(Error::io(what))?,
-                    &names,
-                    &packs,
-                    &full,
-                )
-                .map_err(Error::io(what))?;
-                parse_cache(tmp)?
-                    .ok_or_else(|| Error::corrupt(what, "unreadable right after writing it"))
+        let mut covered = Files::new();
+        for (name, size) in &names {
+            if add_or_note(backend, key, name, &mut packs, &mut full, &mut damaged)? {
+                covered.insert(name.clone(), *size);
             }
         }
+        finish(cache_path.as_deref(), &covered, packs, full, damaged)
+    }
+
+    /// The index files that were skipped because they do not verify.
+    pub fn damaged(&self) -> &[DamagedFile] {
+        &self.damaged
     }
 
     /// Number of blobs known (loaded plus added).
@@ -294,6 +312,27 @@ impl Index {
 
 type Full = (Vec<FullEntry>, Vec<FullEntry>);
 
+/// Adds the entries of index file `name`; if it does not verify, notes it in
+/// `damaged` instead and returns `false`.
+fn add_or_note(
+    backend: &dyn Backend,
+    key: &Key,
+    name: &str,
+    packs: &mut Vec<PackId>,
+    full: &mut Full,
+    damaged: &mut Vec<DamagedFile>,
+) -> Result<bool> {
+    match add_index_file(backend, key, name, packs, full) {
+        Ok(()) => Ok(true),
+        Err(e @ Error::Corrupt { .. }) => {
+            damaged.push(DamagedFile::new(FileType::Index, name, &e));
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Adds the entries of index file `name` (nothing when it does not verify).
 fn add_index_file(
     backend: &dyn Backend,
     key: &Key,
@@ -337,17 +376,12 @@ fn add_index_file(
 
 /// Cache layout:
 /// ```text
-/// "HAULIDX1" names:u32 name[32]* packs:u32 pack[32]* data:u64 tree:u64
+/// "HAULIDX2" names:u32 (name[32] size:u64)* packs:u32 pack[32]* data:u64 tree:u64
 /// entry[24]*data entry[24]*tree  sum[32]   id[32]*data id[32]*tree
 /// ```
 /// `sum` is BLAKE3 of everything before it (what RAM is loaded from). Entries are sorted
 /// by full id; duplicates (a blob in two packs) keep the first.
-fn write_cache(
-    file: File,
-    names: &BTreeSet<String>,
-    packs: &[PackId],
-    full: &Full,
-) -> std::io::Result<()> {
+fn write_cache(file: File, names: &Files, packs: &[PackId], full: &Full) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut h = blake3::Hasher::new();
     let mut put = |w: &mut BufWriter<File>, b: &[u8]| -> std::io::Result<()> {
@@ -356,10 +390,11 @@ fn write_cache(
     };
     put(&mut w, MAGIC)?;
     put(&mut w, &(names.len() as u32).to_le_bytes())?;
-    for n in names {
+    for (n, size) in names {
         let mut raw = [0u8; 32];
         hex::decode_to_slice(n, &mut raw).map_err(|_| std::io::Error::other("bad index name"))?;
         put(&mut w, &raw)?;
+        put(&mut w, &size.to_le_bytes())?;
     }
     put(&mut w, &(packs.len() as u32).to_le_bytes())?;
     for p in packs {
@@ -396,37 +431,102 @@ fn sort_dedup(full: &mut Full) {
     }
 }
 
-fn write_and_load(
-    path: &Path,
-    names: &BTreeSet<String>,
+/// The loaded table, from the cache file at `path` (written first), or, when there is
+/// none or it cannot be written, from a private file.
+fn finish(
+    path: Option<&Path>,
+    covered: &Files,
     packs: Vec<PackId>,
     mut full: Full,
+    damaged: Vec<DamagedFile>,
 ) -> Result<Index> {
     sort_dedup(&mut full);
+    let mut index = match path {
+        Some(path) => match write_cache_file(path, covered, &packs, &full) {
+            Ok(()) => {
+                drop(full);
+                read_cache(path)?.ok_or_else(|| {
+                    Error::corrupt(
+                        path.display().to_string(),
+                        "index cache unreadable right after writing it",
+                    )
+                })?
+            }
+            // The cache is an optimisation: a full or read-only disk must not stop a
+            // restore or a check (issue 14).
+            Err(e) => {
+                tracing::warn!("the index cache could not be written, so this run reads the index without it: {e}");
+                private_index(covered, &packs, full)?
+            }
+        },
+        None => private_index(covered, &packs, full)?,
+    };
+    index.damaged = damaged;
+    Ok(index)
+}
+
+/// Writes the cache file at `path` (through a temporary file, renamed into place);
+/// removes the temporary file if that fails.
+fn write_cache_file(path: &Path, names: &Files, packs: &[PackId], full: &Full) -> Result<()> {
     let dir = path.parent().expect("cache file in a directory");
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(Error::io(dir.display().to_string()))?;
+        .map_err(Error::io(format!(
+            "index cache directory {}",
+            dir.display()
+        )))?;
     let tmp: PathBuf = dir.join(format!("index.cache.tmp-{}", std::process::id()));
-    let file = fs::OpenOptions::new()
+    let written = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(Error::io(tmp.display().to_string()))?;
-    write_cache(file, names, &packs, &full).map_err(Error::io(tmp.display().to_string()))?;
+        .and_then(|file| write_cache(file, names, packs, full))
+        .and_then(|()| fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::Io {
+            what: format!("index cache {}", path.display()),
+            source: e,
+        }
+    })
+}
+
+/// The table in a private file: an unnamed temporary file, or, when the temporary
+/// directory has no room either, an anonymous file in memory (the full ids then cost
+/// 32 bytes of RAM per blob more).
+fn private_index(names: &Files, packs: &[PackId], full: Full) -> Result<Index> {
+    let write = |file: File| -> std::io::Result<File> {
+        write_cache(file.try_clone()?, names, packs, &full)?;
+        Ok(file)
+    };
+    let file = match tempfile::tempfile().and_then(write) {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(
+                "no room for a temporary index file ({e}): the index is kept in memory for this run"
+            );
+            memory_file()
+                .and_then(write)
+                .map_err(Error::io("index file in memory"))?
+        }
+    };
     drop(full);
-    fs::rename(&tmp, path).map_err(Error::io(path.display().to_string()))?;
-    match read_cache(path)? {
-        Some(index) => Ok(index),
-        None => Err(Error::corrupt(
-            path.display().to_string(),
-            "index cache unreadable right after writing it",
-        )),
+    parse_cache(file)?
+        .ok_or_else(|| Error::corrupt("temporary index file", "unreadable right after writing it"))
+}
+
+/// An anonymous file in memory (`memfd_create`), which needs no disk space.
+fn memory_file() -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::memfd_create(c"haul-index".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Reads a cache file; `Ok(None)` when there is none or it is damaged.
@@ -463,14 +563,16 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
         let mut n4 = [0u8; 4];
         read(&mut r, &mut h, &mut n4)?;
         let nnames = u32::from_le_bytes(n4) as u64;
-        if nnames * 32 > len {
+        if nnames * 40 > len {
             return None;
         }
-        let mut covered = BTreeSet::new();
+        let mut covered = Files::new();
         for _ in 0..nnames {
             let mut raw = [0u8; 32];
             read(&mut r, &mut h, &mut raw)?;
-            covered.insert(hex::encode(raw));
+            let mut size = [0u8; 8];
+            read(&mut r, &mut h, &mut size)?;
+            covered.insert(hex::encode(raw), u64::from_le_bytes(size));
         }
         read(&mut r, &mut h, &mut n4)?;
         let npacks = u32::from_le_bytes(n4) as u64;
@@ -488,7 +590,7 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
         let ndata = u64::from_le_bytes(n8);
         read(&mut r, &mut h, &mut n8)?;
         let ntree = u64::from_le_bytes(n8);
-        let header = 8 + 4 + nnames * 32 + 4 + npacks * 32 + 16;
+        let header = 8 + 4 + nnames * 40 + 4 + npacks * 32 + 16;
         let body = (ndata + ntree).checked_mul(ENTRY_BYTES as u64 + 32)?;
         if header + body + 32 != len {
             return None;
@@ -533,6 +635,7 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
             tree,
             added: RwLock::new(HashMap::new()),
             covered,
+            damaged: Vec::new(),
         })
     })();
     Ok(parsed)
@@ -616,5 +719,55 @@ mod tests {
         let idx = Index::load(&b, &key, None).unwrap();
         assert_eq!(idx.get(BlobKind::Tree, &a).unwrap().unwrap().pack, p2);
         assert_eq!(idx.len(), 3);
+    }
+
+    #[test]
+    fn a_damaged_index_file_is_skipped_never_cached_and_never_hidden() {
+        let b = MemoryBackend::default();
+        let key = Key::random();
+        let cache = tempfile::tempdir().unwrap();
+        let (a, c) = ([1u8; 32], [2u8; 32]);
+        let good = write_index(
+            &b,
+            &key,
+            &[IndexedPack {
+                pack: PackId([1; 32]),
+                blobs: vec![entry(BlobKind::Data, a, 0)],
+            }],
+        );
+        let other = write_index(
+            &b,
+            &key,
+            &[IndexedPack {
+                pack: PackId([2; 32]),
+                blobs: vec![entry(BlobKind::Data, c, 0)],
+            }],
+        );
+        // Cached while sound, then truncated: the cache must not hide it.
+        Index::load(&b, &key, Some(cache.path())).unwrap();
+        let mut bytes = b.read(FileType::Index, &other).unwrap();
+        bytes.truncate(bytes.len() - 5);
+        b.delete(FileType::Index, &other).unwrap();
+        b.write_once(FileType::Index, &other, &bytes).unwrap();
+        for _ in 0..2 {
+            let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+            assert_eq!(idx.damaged().len(), 1);
+            assert_eq!(idx.damaged()[0].name, other);
+            assert!(idx.covered.contains_key(&good));
+            assert!(!idx.covered.contains_key(&other), "damage is never covered");
+            assert!(idx.get(BlobKind::Data, &a).unwrap().is_some());
+            assert!(idx.get(BlobKind::Data, &c).unwrap().is_none());
+        }
+        let cached = read_cache(&cache.path().join("index.cache"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cached.covered.keys().collect::<Vec<_>>(), vec![&good]);
+
+        // A cache that cannot be written (here its directory is a file) fails nothing.
+        let blocked = cache.path().join("blocked");
+        fs::write(&blocked, b"not a directory").unwrap();
+        let idx = Index::load(&b, &key, Some(&blocked)).unwrap();
+        assert!(idx.get(BlobKind::Data, &a).unwrap().is_some());
+        assert_eq!(idx.damaged().len(), 1);
     }
 }

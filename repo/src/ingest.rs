@@ -523,7 +523,7 @@ impl<'r> IngestSession<'r> {
     }
 
     fn write_index_file(&self, packs: &[IndexedPack]) -> Result<()> {
-        self.repo.write_index_file(packs)
+        self.repo.write_index_file(packs).map(|_| ())
     }
 
     /// Writes the open packs and the index of everything written so far.
@@ -739,6 +739,9 @@ mod tests {
         }
         fn delete(&self, t: FileType, name: &str) -> Result<()> {
             self.inner.delete(t, name)
+        }
+        fn move_aside(&self, t: FileType, name: &str) -> Result<String> {
+            self.inner.move_aside(t, name)
         }
         fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
             Ok(Box::new(FlakyWriter {

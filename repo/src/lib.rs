@@ -12,6 +12,9 @@
 //! - [`Repository`]: opened with a passphrase; keys and snapshots.
 //! - [`IndexedRepository`]: with the index loaded; reads blobs, hands out
 //!   [`ingest::IngestSession`]s, serves restores, runs [`check`].
+//! - [`repair`]: a new index for packs a damaged index file hid, damaged snapshot files
+//!   moved aside. Until then a damaged index or snapshot file is skipped with a warning
+//!   ([`error::DamagedFile`]), so it never blocks the rest of the repository.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -48,7 +51,8 @@ pub mod format;
 pub mod index;
 pub mod ingest;
 pub mod lock;
+pub mod repair;
 pub mod repository;
 
-pub use error::{Error, Result};
-pub use repository::{IndexedRepository, KeyInfo, Repository};
+pub use error::{DamagedFile, Error, Result};
+pub use repository::{IndexedRepository, KeyInfo, Repository, SnapshotList};

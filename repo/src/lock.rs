@@ -16,6 +16,16 @@
 //! Taking a lock: check for conflicts, write the lock, then check again, so that two
 //! processes racing for an exclusive lock cannot both win (each sees the other's lock
 //! on the second look, and the later one backs off).
+//!
+//! Reading without a lock ([`Repository::lock_for_reading`]): an operation that only
+//! reads must not need free space in the repository (issue 14: a restore from a full
+//! disk). When its shared lock cannot be written (the disk is full, read-only, or not
+//! writable by this user) it still refuses to start beside an exclusive lock, then goes
+//! on without a lock, with a warning; `--no-lock` asks for that from the start, and
+//! skips the look at other locks too, as restic's does. The risk is the one restic
+//! names: an operation that deletes data (prune), started meanwhile, cannot see the
+//! reader and may remove what it is about to read; the reader then fails, it never
+//! changes anything.
 
 use crate::backend::Backend;
 use crate::backend::FileType;
@@ -97,6 +107,25 @@ fn write_lock(backend: &dyn Backend, key: &Key, exclusive: bool, purpose: &str) 
     Ok(name)
 }
 
+/// Whether `e` says the repository cannot take a new file: a full disk or quota, a
+/// read-only filesystem, no permission to write.
+fn cannot_write(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => {
+            e.is_disk_full()
+                || matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+                )
+                || matches!(
+                    source.raw_os_error(),
+                    Some(libc::EROFS) | Some(libc::EACCES)
+                )
+        }
+        _ => false,
+    }
+}
+
 /// Whether a lock is stale by the rules in the module doc, at time `now`.
 pub fn is_stale(lock: &LockFile, now: chrono::DateTime<chrono::Utc>, host: &str) -> bool {
     let age = now.signed_duration_since(lock.time);
@@ -132,7 +161,17 @@ impl Repository {
     /// Takes a lock; fails with [`Error::Locked`] naming the holder on a conflict.
     pub fn lock(&self, exclusive: bool, purpose: &str) -> Result<LockGuard> {
         self.check_conflicts(exclusive, None)?;
-        let name = write_lock(self.backend().as_ref(), self.data_key(), exclusive, purpose)?;
+        let name = write_lock(self.backend().as_ref(), self.data_key(), exclusive, purpose)
+            .map_err(|e| match e {
+                Error::Io { what, source } => Error::Io {
+                    what: format!(
+                        "cannot write a lock in repository {}: {what}",
+                        self.backend().location()
+                    ),
+                    source,
+                },
+                other => other,
+            })?;
         if let Err(e) = self.check_conflicts(exclusive, Some(&name)) {
             let _ = self.backend().delete(FileType::Lock, &name);
             return Err(e);
@@ -145,6 +184,23 @@ impl Repository {
             name: Arc::new(Mutex::new(name)),
             refresher: None,
         })
+    }
+
+    /// A shared lock for an operation that only reads (see the module doc): `None`
+    /// when none was written, because `write` is false (`--no-lock`) or because the
+    /// repository cannot take one (full, read-only, or not writable by this user).
+    pub fn lock_for_reading(&self, write: bool, purpose: &str) -> Result<Option<LockGuard>> {
+        if !write {
+            return Ok(None);
+        }
+        match self.lock(false, purpose) {
+            Ok(guard) => Ok(Some(guard)),
+            Err(e) if cannot_write(&e) => {
+                tracing::warn!("{purpose} goes on without a lock: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn check_conflicts(&self, exclusive: bool, own: Option<&str>) -> Result<()> {

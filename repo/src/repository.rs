@@ -7,8 +7,9 @@
 
 use crate::backend::{Backend, FileType};
 use crate::crypto::{self, KdfParams, Key};
-use crate::error::{Error, Result};
+use crate::error::{DamagedFile, Error, Result};
 use crate::format::config::RepoConfig;
+use crate::format::index_file::IndexedPack;
 use crate::format::key_file::KeyFile;
 use crate::format::snapshot::Snapshot;
 use crate::format::{ad, pack_header};
@@ -16,8 +17,9 @@ use crate::index::{BlobLocation, Index};
 use haul_protocol::chunker::decode_blob as decode_encoded;
 use haul_protocol::tree::Tree;
 use haul_protocol::{BlobKind, ChunkId, PackId, SnapshotId, TreeId};
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Purposes of subkeys derived from the master key.
 const DATA_KEY_CONTEXT: &str = "haul 2026-11 data key";
@@ -35,14 +37,65 @@ pub struct Repository {
     data_key: Key,
 }
 
+/// The snapshots of a repository, and the snapshot files that could not be read.
+#[derive(Debug, Default)]
+pub struct SnapshotList {
+    /// Oldest first.
+    pub snapshots: Vec<(SnapshotId, Snapshot)>,
+    pub damaged: Vec<DamagedFile>,
+}
+
 /// A key file as `key list` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeyInfo {
     pub id: String,
     pub current: bool,
-    pub created: chrono::DateTime<chrono::Utc>,
+    /// `None` when the file is damaged.
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
     pub hostname: String,
     pub username: String,
+    /// What is wrong with the file, when it cannot be read or parsed.
+    pub damaged: Option<String>,
+}
+
+/// Reads and parses a key file (not yet opened).
+fn read_key_file(backend: &dyn Backend, name: &str) -> Result<KeyFile> {
+    let what = format!("key file {name}");
+    let bytes = backend.read(FileType::Key, name)?;
+    let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(&what, e))?;
+    // Out-of-range cost parameters are damage too (and must not exhaust the pbs).
+    file.kdf.check().map_err(|e| Error::corrupt(&what, e))?;
+    for field in [&file.salt, &file.sealed_master] {
+        hex::decode(field).map_err(|e| Error::corrupt(&what, e))?;
+    }
+    Ok(file)
+}
+
+/// Reports a damaged key file (a warning) and returns it.
+fn warn_damaged_key(name: &str, e: &Error) -> DamagedFile {
+    let damaged = DamagedFile::new(FileType::Key, name, e);
+    tracing::warn!(
+        "key file {damaged} is damaged and was skipped: if it is the key of this passphrase, put back a copy of it; `haul-pbs key remove {}` removes it",
+        &name[..name.len().min(8)]
+    );
+    damaged
+}
+
+/// The master key sealed in `file`, if `passphrase` opens it (`None`: it does not).
+/// An error means the file is damaged.
+fn unseal_master(name: &str, file: &KeyFile, passphrase: &[u8]) -> Result<Option<Key>> {
+    let what = format!("key file {name}");
+    let salt = hex::decode(&file.salt).map_err(|e| Error::corrupt(&what, e))?;
+    let sealed = hex::decode(&file.sealed_master).map_err(|e| Error::corrupt(&what, e))?;
+    let kek = crypto::derive_from_passphrase(passphrase, &salt, file.kdf)
+        .map_err(|e| Error::corrupt(&what, e))?;
+    let Ok(raw) = kek.open(ad::MASTER_KEY, &sealed, "master key") else {
+        return Ok(None);
+    };
+    let raw: [u8; 32] = raw
+        .try_into()
+        .map_err(|_| Error::corrupt(&what, "master key is not 32 bytes"))?;
+    Ok(Some(Key(raw)))
 }
 
 fn host_and_user() -> (String, String) {
@@ -104,7 +157,10 @@ impl Repository {
         })
     }
 
-    /// Opens a repository with a passphrase, trying each key file.
+    /// Opens a repository with a passphrase, trying every key file. A key file that
+    /// cannot be read or parsed is skipped with a warning, so one damaged key does not
+    /// lock out the others (issue 14); if no key opens, the error names the damaged
+    /// ones too (the passphrase may be theirs).
     pub fn open(backend: Arc<dyn Backend>, passphrase: &[u8]) -> Result<Repository> {
         let sealed_config = match backend.read(FileType::Config, "config") {
             Err(Error::NotFound { .. }) => {
@@ -112,22 +168,33 @@ impl Repository {
             }
             other => other?,
         };
-        let keys = backend.list(FileType::Key)?;
+        let mut keys = backend.list(FileType::Key)?;
+        // A set order, so that which key opens (and is `current`) does not vary.
+        keys.sort();
+        // Every key file is read first, so a damaged one is reported whichever key opens.
+        let mut readable = Vec::new();
+        let mut broken = Vec::new();
         for (name, _) in &keys {
-            let bytes = backend.read(FileType::Key, name)?;
-            let file: KeyFile = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
-            let salt = hex::decode(&file.salt)
-                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
-            let sealed = hex::decode(&file.sealed_master)
-                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
-            let kek = crypto::derive_from_passphrase(passphrase, &salt, file.kdf)?;
-            let Ok(raw) = kek.open(ad::MASTER_KEY, &sealed, "master key") else {
-                continue;
+            match read_key_file(backend.as_ref(), name) {
+                Ok(file) => readable.push((name, file)),
+                // Removed while we looked (another `key remove`): not damage.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => broken.push(warn_damaged_key(name, &e)),
+            }
+        }
+        let mut tried = 0;
+        for (name, file) in readable {
+            let master = match unseal_master(name, &file, passphrase) {
+                Ok(Some(master)) => master,
+                Ok(None) => {
+                    tried += 1;
+                    continue;
+                }
+                Err(e) => {
+                    broken.push(warn_damaged_key(name, &e));
+                    continue;
+                }
             };
-            let master = Key(raw.try_into().map_err(|_| {
-                Error::corrupt(format!("key file {name}"), "master key is not 32 bytes")
-            })?);
             let data_key = master.derive(DATA_KEY_CONTEXT);
             let cfg = data_key.open(ad::CONFIG, &sealed_config, "config")?;
             let config: RepoConfig =
@@ -141,7 +208,7 @@ impl Repository {
                 data_key,
             });
         }
-        Err(Error::WrongPassphrase { tried: keys.len() })
+        Err(Error::WrongPassphrase { tried, broken })
     }
 
     pub fn config(&self) -> &RepoConfig {
@@ -168,21 +235,35 @@ impl Repository {
         Ok(name)
     }
 
+    /// Every key file, oldest first; a damaged one is listed with what is wrong with it
+    /// (and no creation time), last.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
         let mut out = Vec::new();
         for (name, _) in self.backend.list(FileType::Key)? {
-            let bytes = self.backend.read(FileType::Key, &name)?;
-            let f: KeyFile = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::corrupt(format!("key file {name}"), e))?;
-            out.push(KeyInfo {
-                current: name == self.key_name,
-                id: name,
-                created: f.created,
-                hostname: f.hostname,
-                username: f.username,
-            });
+            let info = match read_key_file(self.backend.as_ref(), &name) {
+                Ok(f) => KeyInfo {
+                    current: name == self.key_name,
+                    id: name,
+                    created: Some(f.created),
+                    hostname: f.hostname,
+                    username: f.username,
+                    damaged: None,
+                },
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => KeyInfo {
+                    current: false,
+                    damaged: Some(DamagedFile::new(FileType::Key, &name, &e).reason),
+                    id: name,
+                    created: None,
+                    hostname: String::new(),
+                    username: String::new(),
+                },
+            };
+            out.push(info);
         }
-        out.sort_by_key(|k| k.created);
+        out.sort_by(|a, b| {
+            (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
+        });
         Ok(out)
     }
 
@@ -221,17 +302,43 @@ impl Repository {
         Ok(name)
     }
 
-    /// Every snapshot, oldest first.
+    /// Every readable snapshot, oldest first. A snapshot file that cannot be read is
+    /// skipped with a warning (see [`Repository::read_snapshots`]).
     pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
-        let mut out = Vec::new();
-        for (name, _) in self.backend.list(FileType::Snapshot)? {
-            let id: SnapshotId = name
-                .parse()
-                .map_err(|e| Error::corrupt(format!("snapshot {name}"), e))?;
-            out.push((id, self.load_snapshot(&id)?));
+        let list = self.read_snapshots()?;
+        for d in &list.damaged {
+            tracing::warn!(
+                "snapshot file {d} is damaged and was skipped: `haul-pbs repair snapshots` moves it aside"
+            );
         }
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
+        Ok(list.snapshots)
+    }
+
+    /// Every snapshot, oldest first, and the snapshot files that could not be read:
+    /// damaged, truncated, sealed under another key, or not named like a snapshot.
+    /// One damaged snapshot must not hide the others (issue 14); a file removed while
+    /// the list was read (a concurrent `forget`) is neither.
+    pub fn read_snapshots(&self) -> Result<SnapshotList> {
+        let mut list = SnapshotList::default();
+        for (name, _) in self.backend.list(FileType::Snapshot)? {
+            let loaded = name
+                .parse::<SnapshotId>()
+                .map_err(|e| Error::corrupt(format!("snapshot {name}"), e))
+                .and_then(|id| Ok((id, self.load_snapshot(&id)?)));
+            match loaded {
+                Ok(s) => list.snapshots.push(s),
+                Err(Error::NotFound { .. }) => {}
+                Err(e @ Error::Corrupt { .. }) => {
+                    list.damaged
+                        .push(DamagedFile::new(FileType::Snapshot, &name, &e))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        list.snapshots
+            .sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        list.damaged.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
     }
 
     pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
@@ -256,11 +363,19 @@ impl Repository {
         spec: &str,
         host: Option<&str>,
     ) -> Result<(SnapshotId, Snapshot)> {
-        let mut all = self.snapshots()?;
+        let SnapshotList {
+            snapshots: mut all,
+            damaged,
+        } = self.read_snapshots()?;
         if let Some(h) = host {
             all.retain(|(_, s)| s.host == h);
         }
         if spec == "latest" {
+            for d in &damaged {
+                tracing::warn!(
+                    "snapshot file {d} is damaged and was skipped: `latest` is the newest readable snapshot; `haul-pbs repair snapshots` moves it aside"
+                );
+            }
             return all.into_iter().last().ok_or_else(|| Error::NoSuch {
                 what: "any snapshot".into(),
                 hint: "the repository (or the host asked for) has no snapshot yet",
@@ -277,10 +392,20 @@ impl Repository {
             .filter(|(id, _)| id.to_hex().starts_with(&spec))
             .collect();
         match found.len() {
-            0 => Err(Error::NoSuch {
-                what: format!("snapshot {spec}"),
-                hint: "`haul-pbs snapshots` lists them",
-            }),
+            0 => match damaged.iter().find(|d| d.name.starts_with(&spec)) {
+                // Named, but unreadable: say so, rather than "not found".
+                Some(d) => Err(Error::corrupt(
+                    d.path(),
+                    format!(
+                        "{}: it cannot be read, so nothing of it can be listed or restored; `haul-pbs repair snapshots` moves it aside",
+                        d.reason
+                    ),
+                )),
+                None => Err(Error::NoSuch {
+                    what: format!("snapshot {spec}"),
+                    hint: "`haul-pbs snapshots` lists them",
+                }),
+            },
             1 => Ok(found.pop().expect("one")),
             _ => Err(Error::InvalidInput(format!(
                 "snapshot prefix {spec} is ambiguous: give more digits"
@@ -298,10 +423,56 @@ impl Repository {
     }
 
     /// Loads the index, using the local cache in `cache_root/<repo id>` if given.
+    ///
+    /// A damaged index file is skipped with a warning, and the packs that no readable
+    /// index file lists are indexed from their own headers, in memory only (nothing is
+    /// written: this works on a read-only or full disk). A backup then writes their
+    /// index ([`IndexedRepository::index_orphan_packs`]); `haul-pbs repair index`
+    /// replaces the damaged file for good.
     pub fn load_index(self, cache_root: Option<&std::path::Path>) -> Result<IndexedRepository> {
         let dir = cache_root.map(|r| r.join(&self.config.id));
         let index = Index::load(self.backend.as_ref(), &self.data_key, dir.as_deref())?;
-        Ok(IndexedRepository { repo: self, index })
+        let repo = IndexedRepository {
+            repo: self,
+            index,
+            recovered: Mutex::new(HashSet::new()),
+        };
+        if repo.index.damaged().is_empty() {
+            return Ok(repo);
+        }
+        let scan = repo.unindexed_packs()?;
+        for p in &scan.packs {
+            repo.index.add_pack(p.pack, &p.blobs);
+        }
+        *repo.recovered.lock().expect("recovered packs") =
+            scan.packs.iter().map(|p| p.pack).collect();
+        for d in repo.index.damaged() {
+            tracing::warn!(
+                "index file {d} is damaged and was skipped; {} pack(s) that no readable index file lists were indexed from their own headers (in memory); `haul-pbs repair index` writes a new index and moves the damaged file aside",
+                scan.packs.len()
+            );
+        }
+        scan.warn_unreadable();
+        Ok(repo)
+    }
+}
+
+/// Packs in `data/` that no readable index file lists, read from their own headers.
+#[derive(Debug, Default)]
+pub struct UnindexedPacks {
+    pub packs: Vec<IndexedPack>,
+    /// Packs whose header could not be read: their blobs stay unknown.
+    pub unreadable: Vec<(PackId, Error)>,
+}
+
+impl UnindexedPacks {
+    fn warn_unreadable(&self) {
+        for (id, e) in &self.unreadable {
+            tracing::warn!(
+                "pack {} is in no index and its header is unreadable, left as it is: {e}",
+                id.short()
+            );
+        }
     }
 }
 
@@ -309,6 +480,9 @@ impl Repository {
 pub struct IndexedRepository {
     repo: Repository,
     index: Index,
+    /// Packs indexed in memory at load, from their headers, because a damaged index
+    /// file hid them: in no index file yet.
+    recovered: Mutex<HashSet<PackId>>,
 }
 
 impl std::ops::Deref for IndexedRepository {
@@ -406,8 +580,8 @@ impl IndexedRepository {
         self.load_blob(BlobKind::Data, &id.0)
     }
 
-    /// Seals and writes one index file for `packs`.
-    pub fn write_index_file(&self, packs: &[crate::format::index_file::IndexedPack]) -> Result<()> {
+    /// Seals and writes one index file for `packs`; returns its name.
+    pub fn write_index_file(&self, packs: &[IndexedPack]) -> Result<String> {
         let sealed = self
             .repo
             .data_key
@@ -415,16 +589,20 @@ impl IndexedRepository {
         let name = blake3::hash(&sealed).to_hex().to_string();
         self.repo
             .backend
-            .write_once(FileType::Index, &name, &sealed)
+            .write_once(FileType::Index, &name, &sealed)?;
+        Ok(name)
     }
 
-    /// Indexes packs that are in `data/` but in no index file: a backup killed
-    /// between writing packs and writing their index leaves such packs. A pack
-    /// appears in `data/` only complete (see the backend's contract), so its header
-    /// tells its blobs. Returns how many packs were indexed.
-    pub fn index_orphan_packs(&self) -> Result<usize> {
-        let known = self.index.pack_ids();
-        let mut found = Vec::new();
+    /// The packs in `data/` that no readable index file lists, with their blobs read
+    /// from their headers: those a backup killed between writing packs and writing
+    /// their index left, and those of a damaged index file. A pack appears in `data/`
+    /// only complete (see the backend's contract), so its header tells its blobs.
+    pub fn unindexed_packs(&self) -> Result<UnindexedPacks> {
+        let mut known = self.index.pack_ids();
+        for p in self.recovered.lock().expect("recovered packs").iter() {
+            known.remove(p);
+        }
+        let mut out = UnindexedPacks::default();
         for (name, size) in self.repo.backend.list(FileType::Data)? {
             let Ok(id) = name.parse::<PackId>() else {
                 continue;
@@ -433,21 +611,29 @@ impl IndexedRepository {
                 continue;
             }
             match self.read_pack_header(&id, size) {
-                Ok(blobs) => found.push(crate::format::index_file::IndexedPack { pack: id, blobs }),
-                Err(e) => tracing::warn!(
-                    "pack {} is in no index and unreadable, left as it is: {e}",
-                    id.short()
-                ),
+                Ok(blobs) => out.packs.push(IndexedPack { pack: id, blobs }),
+                Err(e) => out.unreadable.push((id, e)),
             }
         }
-        if found.is_empty() {
+        out.packs.sort_by_key(|p| p.pack);
+        Ok(out)
+    }
+
+    /// Writes an index file for the packs that are in no index file (see
+    /// [`IndexedRepository::unindexed_packs`]), so a backup neither uploads their data
+    /// again nor leaves them unindexed. Returns how many packs were indexed.
+    pub fn index_orphan_packs(&self) -> Result<usize> {
+        let scan = self.unindexed_packs()?;
+        scan.warn_unreadable();
+        if scan.packs.is_empty() {
             return Ok(0);
         }
-        self.write_index_file(&found)?;
-        for p in &found {
+        self.write_index_file(&scan.packs)?;
+        for p in &scan.packs {
             self.index.add_pack(p.pack, &p.blobs);
         }
-        Ok(found.len())
+        self.recovered.lock().expect("recovered packs").clear();
+        Ok(scan.packs.len())
     }
 
     /// Reads a pack's header.
@@ -511,5 +697,57 @@ impl haul_protocol::restore::BlobSource for IndexedRepository {
     }
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, haul_protocol::restore::SourceError> {
         IndexedRepository::load_chunk(self, id).map_err(haul_protocol::restore::SourceError::blob)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    #[test]
+    fn a_damaged_key_file_does_not_lock_out_the_others() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let repo = Repository::init(
+            backend.clone(),
+            b"one",
+            KdfParams::TESTS,
+            RepoConfig::new(3),
+        )
+        .unwrap();
+        let two = repo.add_key(b"two", KdfParams::TESTS).unwrap();
+        // Damage whichever key is tried first, and open with the other's passphrase.
+        let mut names: Vec<String> = backend
+            .list(FileType::Key)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        let first = names[0].clone();
+        let pass: &[u8] = if first == two { b"one" } else { b"two" };
+        backend.delete(FileType::Key, &first).unwrap();
+        backend
+            .write_once(FileType::Key, &first, b"{\"version\": 1, \"crea")
+            .unwrap();
+        let repo = Repository::open(backend.clone(), pass).unwrap();
+        assert_ne!(repo.key_name, first);
+        let keys = repo.list_keys().unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys[0].current && keys[0].damaged.is_none());
+        assert_eq!(keys[1].id, first);
+        assert!(keys[1].damaged.is_some() && keys[1].created.is_none());
+
+        // A passphrase no key opens names the damaged key too.
+        let err = Repository::open(backend, b"three").err().unwrap();
+        match &err {
+            Error::WrongPassphrase { tried: 1, broken } => assert_eq!(broken[0].name, first),
+            other => panic!("{other}"),
+        }
+        assert!(
+            err.to_string()
+                .contains(&format!("could not be tried: keys/{first} (")),
+            "{err}"
+        );
     }
 }

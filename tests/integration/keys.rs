@@ -144,3 +144,86 @@ fn init_refuses_an_existing_repository() {
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("haul-pbs init"));
 }
+
+#[test]
+fn a_damaged_key_file_does_not_lock_out_another_key() {
+    let env = Env::new();
+    env.init();
+    let second = env.path("second");
+    fs::write(&second, "another passphrase\n").unwrap();
+    env.pbs(&[
+        "key",
+        "add",
+        "--new-password-file",
+        second.to_str().unwrap(),
+    ])
+    .expect(0);
+    // Damage the key file the repository lists first (its directory's order), and
+    // open with the other key's passphrase.
+    let first = fs::read_dir(env.repo().join("keys"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let name = first.file_name().unwrap().to_str().unwrap().to_string();
+    let keys = env.pbs(&["--json", "key", "list"]).expect(0).json();
+    let current = keys.iter().find(|k| k["current"] == true).unwrap()["id"].clone();
+    let (damaged_pass, other_pass) = if current == name.as_str() {
+        (env.path("pass"), second.clone())
+    } else {
+        (second.clone(), env.path("pass"))
+    };
+    let other = other_pass.to_str().unwrap();
+    fs::write(&first, b"{\"version\": 1, \"crea").unwrap();
+
+    let run = env.pbs(&["--password-file", other, "snapshots"]).expect(0);
+    assert!(
+        run.stderr.contains(&format!(
+            "key file keys/{name} (EOF while parsing a string at line 1 column 20) is damaged and was skipped: if it is the key of this passphrase, put back a copy of it; `haul-pbs key remove {}` removes it",
+            &name[..8]
+        )),
+        "{}",
+        run.stderr
+    );
+    // `key list` lists it as damaged.
+    let keys = env
+        .pbs(&["--password-file", other, "--json", "key", "list"])
+        .expect(0)
+        .json();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let broken = keys.iter().find(|k| k["id"] == name.as_str()).unwrap();
+    assert_eq!(
+        broken["damaged"],
+        "EOF while parsing a string at line 1 column 20"
+    );
+    assert!(broken["created"].is_null() && broken["current"] == false);
+    let run = env
+        .pbs(&["--password-file", other, "key", "list"])
+        .expect(0);
+    assert!(
+        run.stdout.contains(&format!("{}   DAMAGED: ", &name[..8])),
+        "{}",
+        run.stdout
+    );
+    // The damaged key's passphrase opens nothing, and the error says why.
+    let run = env
+        .pbs(&[
+            "--password-file",
+            damaged_pass.to_str().unwrap(),
+            "snapshots",
+        ])
+        .expect(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "haul-pbs: wrong passphrase: none of the 1 key file(s) of this repository opens with it; 1 damaged key file(s) could not be tried: keys/{name} (EOF while parsing a string at line 1 column 20); if the passphrase belongs to one of them, put back a copy of that file in keys/"
+        )),
+        "{}",
+        run.stderr
+    );
+    // The other key removes it; then nothing is damaged.
+    env.pbs(&["--password-file", other, "key", "remove", &name[..8]])
+        .expect(0);
+    let run = env.pbs(&["--password-file", other, "snapshots"]).expect(0);
+    assert!(!run.stderr.contains("damaged"), "{}", run.stderr);
+}

@@ -16,5 +16,6 @@ mod ingest;
 mod keys;
 mod locks;
 mod pull;
+mod repair;
 mod roundtrip;
 mod ssh;

@@ -54,15 +54,24 @@ pub fn key_list(ctx: &Context) -> Result<(), CliError> {
         return Ok(());
     }
     crate::outln!(" {:<10} {:<20} {:<16} HOST", "ID", "CREATED", "USER");
-    for k in keys {
-        crate::outln!(
-            "{}{:<10} {:<20} {:<16} {}",
-            if k.current { "*" } else { " " },
-            &k.id[..8],
-            k.created.format("%Y-%m-%d %H:%M:%S"),
-            k.username,
-            k.hostname
-        );
+    for k in &keys {
+        match (k.created, &k.damaged) {
+            (Some(created), None) => crate::outln!(
+                "{}{:<10} {:<20} {:<16} {}",
+                if k.current { "*" } else { " " },
+                &k.id[..8],
+                created.format("%Y-%m-%d %H:%M:%S"),
+                k.username,
+                k.hostname
+            ),
+            (_, reason) => crate::outln!(
+                " {:<10} DAMAGED: {} (keys/{}): put back a copy, or remove it with `haul-pbs key remove {}`",
+                &k.id[..8],
+                reason.as_deref().unwrap_or("unreadable"),
+                k.id,
+                &k.id[..8]
+            ),
+        }
     }
     Ok(())
 }

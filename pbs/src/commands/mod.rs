@@ -7,6 +7,7 @@ pub mod check;
 pub mod forget;
 pub mod import;
 pub mod pull;
+pub mod repair;
 pub mod restore;
 pub mod serve;
 
@@ -46,6 +47,16 @@ impl Context {
     pub fn open_indexed(&self) -> Result<IndexedRepository, CliError> {
         let repo = self.open()?;
         Ok(repo.load_index(self.cache_dir().as_deref())?)
+    }
+
+    /// The shared lock of a command that only reads: none with `--no-lock`, or when
+    /// the repository cannot take one (see `haul_repo::lock`).
+    pub fn read_lock(
+        &self,
+        repo: &Repository,
+        purpose: &str,
+    ) -> Result<Option<haul_repo::lock::LockGuard>, CliError> {
+        Ok(repo.lock_for_reading(!self.global.no_lock, purpose)?)
     }
 
     /// The index cache root, unless disabled.

@@ -17,7 +17,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         return via_agent(ctx, args, target, started);
     }
     let repo = ctx.open_indexed()?;
-    let _lock = repo.lock(false, "restore")?;
+    let _lock = ctx.read_lock(&repo, "restore")?;
     let (id, snap) = repo.find_snapshot(&args.snapshot)?;
     let opts = RestoreOptions {
         target: target.clone(),
@@ -89,7 +89,7 @@ fn via_agent(
     use crate::run;
     use crate::server::{Mode, Server};
     let repo = ctx.open_for_run(&args.run)?;
-    let lock = repo.lock(false, "restore")?;
+    let lock = ctx.read_lock(&repo, "restore")?;
     let (id, _) = repo.find_snapshot(&args.snapshot)?;
     let server = Server::new(crate::server::keep(repo), Mode::ReadOnly, None).pinned_to(id);
     let mut agent_args: Vec<String> = vec![

@@ -50,6 +50,12 @@ impl<B: Backend> Backend for AppendOnly<B> {
         }
         self.0.delete(t, name)
     }
+    fn move_aside(&self, t: FileType, name: &str) -> Result<String> {
+        Err(Error::AppendOnly {
+            action: "move aside",
+            what: format!("{t} {name}"),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +99,14 @@ mod tests {
             Err(Error::AlreadyExists { .. })
         ));
         assert_eq!(b.read(FileType::Data, &name).unwrap(), b"pack");
+        assert!(matches!(
+            b.move_aside(FileType::Snapshot, &name),
+            Err(Error::AppendOnly {
+                action: "move aside",
+                ..
+            })
+        ));
+        assert_eq!(b.read(FileType::Snapshot, &name).unwrap(), b"snap");
         b.write_once(FileType::Lock, &name, b"l").unwrap();
         b.delete(FileType::Lock, &name).unwrap();
     }

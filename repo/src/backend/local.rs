@@ -1,7 +1,8 @@
 //! The local filesystem backend.
 //!
 //! Layout: `config`, `keys/`, `data/<2 hex>/` (packs sharded by the first two hex
-//! digits), `index/`, `snapshots/`, `locks/`, `tmp/`. A write goes to a temporary file in
+//! digits), `index/`, `snapshots/`, `locks/`, `tmp/`, and `damaged/<type dir>/` for
+//! objects moved aside (made when first needed). A write goes to a temporary file in
 //! `tmp/` (same filesystem), is fsynced, then hard-linked to its name (which fails if
 //! the name exists: write-once without a race), the temporary name is removed and the
 //! directory fsynced.
@@ -293,6 +294,41 @@ impl Backend for LocalBackend {
         fs::remove_file(&path).map_err(|e| Self::not_found_or(t, name, e))?;
         fsync_dir(path.parent().expect("objects live in a directory"))
             .map_err(Error::io(format!("{t} {name}")))
+    }
+
+    /// Renames the object into `damaged/<type dir>/` (a second copy of one name gets a
+    /// `.1`, `.2`, ... suffix). A rename needs no free space.
+    fn move_aside(&self, t: FileType, name: &str) -> Result<String> {
+        let path = self.path_of(t, name)?;
+        let what = format!("{t} {name}");
+        if !path.exists() {
+            return Err(Error::NotFound { what });
+        }
+        let dir = self.root.join("damaged").join(match t.dir() {
+            "" => "config",
+            d => d,
+        });
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(Error::io(dir.display().to_string()))?;
+        let mut dest = dir.join(name);
+        for n in 1.. {
+            if !dest.exists() {
+                break;
+            }
+            dest = dir.join(format!("{name}.{n}"));
+        }
+        self.open_files
+            .lock()
+            .expect("open files")
+            .retain(|(k, _)| !(k.0 == t && k.1 == name));
+        fs::rename(&path, &dest).map_err(|e| Self::not_found_or(t, name, e))?;
+        fsync_dir(&dir)
+            .and_then(|()| fsync_dir(path.parent().expect("objects live in a directory")))
+            .map_err(Error::io(what))?;
+        Ok(dest.display().to_string())
     }
 }
 

@@ -8,6 +8,8 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub struct MemoryBackend {
     objects: Mutex<BTreeMap<(FileType, String), Vec<u8>>>,
+    /// Objects moved aside, in order.
+    aside: Mutex<Vec<(FileType, String, Vec<u8>)>>,
 }
 
 impl Backend for MemoryBackend {
@@ -82,6 +84,27 @@ impl Backend for MemoryBackend {
             .ok_or_else(|| Error::NotFound {
                 what: format!("{t} {name}"),
             })
+    }
+
+    fn move_aside(&self, t: FileType, name: &str) -> Result<String> {
+        let data = self
+            .objects
+            .lock()
+            .expect("memory backend")
+            .remove(&(t, name.to_string()))
+            .ok_or_else(|| Error::NotFound {
+                what: format!("{t} {name}"),
+            })?;
+        let mut aside = self.aside.lock().expect("memory backend");
+        aside.push((t, name.to_string(), data));
+        Ok(format!("moved aside #{}", aside.len()))
+    }
+}
+
+impl MemoryBackend {
+    /// The objects moved aside so far: (type, name, bytes).
+    pub fn moved_aside(&self) -> Vec<(FileType, String, Vec<u8>)> {
+        self.aside.lock().expect("memory backend").clone()
     }
 }
 

@@ -15,6 +15,10 @@
 //!   [`Error::Corrupt`] (a short read is never returned as success).
 //! - `list` returns every complete object of a type with its size, in no set order.
 //! - `delete` of a missing object is [`Error::NotFound`].
+//! - `move_aside` takes a damaged object out of its type's namespace but keeps its
+//!   bytes, for an operator to look at (`haul-pbs repair`): afterwards `list` does not
+//!   return it and reading it is [`Error::NotFound`]; a missing object is
+//!   [`Error::NotFound`]. An object moved aside twice under one name keeps both copies.
 //! - An [`ObjectWriter`] is `write_once` in pieces: nothing is visible under any name
 //!   until `finish`, which has `write_once`'s semantics; a writer dropped without
 //!   `finish` leaves nothing behind. Packs are streamed this way, so a 16 MiB pack
@@ -90,6 +94,9 @@ pub trait Backend: Send + Sync {
     /// Stores a new object; never replaces one.
     fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()>;
     fn delete(&self, t: FileType, name: &str) -> Result<()>;
+    /// Moves a damaged object aside (see the module doc); returns where it went, for
+    /// messages.
+    fn move_aside(&self, t: FileType, name: &str) -> Result<String>;
     /// Starts a new object of type `t` whose name is given when it is finished.
     fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>>;
 }
@@ -160,6 +167,23 @@ pub(crate) mod tests {
             Err(Error::NotFound { .. })
         ));
         assert!(b.list(FileType::Data).unwrap().is_empty());
+
+        // Moved aside: gone from its namespace, twice under one name without loss.
+        let snap = "cd".repeat(32);
+        b.write_once(FileType::Snapshot, &snap, b"damaged").unwrap();
+        let first = b.move_aside(FileType::Snapshot, &snap).unwrap();
+        assert!(b.list(FileType::Snapshot).unwrap().is_empty());
+        assert!(matches!(
+            b.read(FileType::Snapshot, &snap),
+            Err(Error::NotFound { .. })
+        ));
+        b.write_once(FileType::Snapshot, &snap, b"again").unwrap();
+        let second = b.move_aside(FileType::Snapshot, &snap).unwrap();
+        assert_ne!(first, second);
+        assert!(matches!(
+            b.move_aside(FileType::Snapshot, &snap),
+            Err(Error::NotFound { .. })
+        ));
     }
 
     #[test]
