@@ -96,6 +96,12 @@ pub struct ServerSettings {
     /// that makes no progress for this long is cut off.
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
+    /// Repositories (by name) whose hosts trust each other: a pull may build on any
+    /// content in them without sending it, so what hosts share crosses the wire once.
+    /// Elsewhere (the default) a host sees only its own history: it sends content
+    /// other hosts stored (stored once all the same), and can neither learn what they
+    /// store nor borrow their data.
+    pub cross_host_dedup: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -111,6 +117,7 @@ impl Default for ServerSettings {
             retention: Retention::default(),
             stall_timeout: Duration::from_secs(10 * 60),
             request_timeout: Duration::from_secs(60),
+            cross_host_dedup: Vec::new(),
         }
     }
 }
@@ -380,6 +387,14 @@ impl Config {
                 &[Seg::Key("server"), Seg::Key("max_concurrent")],
                 format!("{} is not from 1 to 64", s.max_concurrent),
             ));
+        }
+        for (i, name) in s.cross_host_dedup.iter().enumerate() {
+            if !self.hosts.iter().any(|h| &h.repository == name) {
+                return Err(at(
+                    &[Seg::Key("server"), Seg::Key("cross_host_dedup"), Seg::Index(i)],
+                    format!("no host uses a repository {name:?} (a host's `repository`, default \"repo\")"),
+                ));
+            }
         }
         if !(1..=10_000).contains(&self.feed.items) {
             return Err(at(

@@ -345,6 +345,10 @@ pub struct ServeArgs {
     /// On SIGTERM, connections still open this long are closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub grace: std::time::Duration,
+    /// Append-only: let a session build on any content of the repository, not only on
+    /// its host's own history (for hosts that trust each other; see README, Security).
+    #[arg(long)]
+    pub cross_host_dedup: bool,
 }
 
 #[derive(Debug, Args)]

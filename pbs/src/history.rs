@@ -90,6 +90,51 @@ impl History {
         &self.state
     }
 
+    /// Where the packs of a host's uncommitted sessions are kept between runs.
+    fn own_packs_path(&self, host: &str) -> PathBuf {
+        self.state
+            .join("resume")
+            .join(format!("{}.packs", blake3::hash(host.as_bytes()).to_hex()))
+    }
+
+    /// The packs `host`'s earlier pulls wrote and never committed (a pull cut short):
+    /// its next pull counts their blobs as its own and does not send them again.
+    pub fn own_packs(&self, host: &str) -> haul_repo::ingest::OwnPacks {
+        let packs = std::fs::read_to_string(self.own_packs_path(host))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse::<haul_protocol::PackId>().ok())
+            .collect();
+        std::sync::Arc::new(std::sync::Mutex::new(packs))
+    }
+
+    /// After a pull: forgets the packs once a snapshot holds what they hold, keeps
+    /// them (with the new ones) for the next pull otherwise.
+    pub fn settle_own_packs(
+        &self,
+        host: &str,
+        own: &haul_repo::ingest::OwnPacks,
+        committed: bool,
+    ) -> Result<(), CliError> {
+        let path = self.own_packs_path(host);
+        let packs = own.lock().expect("own packs");
+        if committed || packs.is_empty() {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CliError::Io(
+                    format!("pull resume record {}", path.display()),
+                    e,
+                )),
+                _ => Ok(()),
+            };
+        }
+        let mut text: Vec<String> = packs.iter().map(|p| p.to_hex()).collect();
+        text.sort();
+        let dir = path.parent().expect("in resume/");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::Io(format!("pull resume records {}", dir.display()), e))?;
+        feed::write_atomically(&path, &(text.join("\n") + "\n"))
+    }
+
     fn running_dir(&self) -> PathBuf {
         self.state.join("running")
     }

@@ -14,6 +14,12 @@
 //! - Packs are indexed as they are written (every few packs and at the end), so an
 //!   abandoned or failed session leaves its data usable: the next session finds those
 //!   blobs present and does not upload them again.
+//! - A source sees only its own history ([`DedupScope::OwnHistory`], the default):
+//!   `missing` calls a blob present only if the parent snapshot references it (as the
+//!   source learns by reading the parent's trees) or this session received it, and a
+//!   commit may reference nothing else ([`Error::ForeignBlobs`]). A host sharing a
+//!   repository with others can neither learn whether they store some content nor
+//!   borrow their trees to read them; what it sends is still stored once.
 
 use crate::backend::{Backend, FileType, ObjectWriter};
 use crate::crypto;
@@ -46,6 +52,24 @@ pub enum ParentChoice {
     None,
 }
 
+/// Packs a source's sessions wrote, shared with whoever keeps them between sessions.
+pub type OwnPacks = std::sync::Arc<Mutex<HashSet<PackId>>>;
+
+/// Which stored blobs a session's source may build on without sending them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DedupScope {
+    /// What its parent snapshot references and what it sent in this session (as in
+    /// Proxmox Backup Server, where a client reuses only its previous snapshot's
+    /// chunks). Content another host stored is sent again over the wire (verified, and
+    /// stored once).
+    #[default]
+    OwnHistory,
+    /// Anything in the repository: for hosts that trust each other, whose common
+    /// content then crosses the wire once. A host learns whether the repository holds
+    /// any content it can name, and can commit trees that other hosts wrote.
+    Repository,
+}
+
 /// What identifies the snapshot a session will write.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -54,6 +78,7 @@ pub struct SessionInfo {
     pub tags: Vec<String>,
     pub source: SourceKind,
     pub parent: ParentChoice,
+    pub scope: DedupScope,
 }
 
 /// Write the index after this many packs, or this long after the last index write,
@@ -127,6 +152,14 @@ pub struct IngestSession<'r> {
     /// every tree read so far. They are also known to be complete (the parent was
     /// checked when it was committed), so `commit` need not descend into them.
     parent_trees: Mutex<HashSet<TreeId>>,
+    /// The chunks of the parent's trees read so far ([`DedupScope::OwnHistory`]).
+    parent_chunks: Mutex<HashSet<ChunkId>>,
+    /// Blobs the source sent (verified) that were stored already: its own now. Those
+    /// it sent that were new are in `in_flight` or in a pack of `packs_written`.
+    sent_stored: Mutex<HashSet<BlobRef>>,
+    /// The packs this session wrote, and those its caller says earlier sessions of
+    /// the same source wrote and never committed (see [`IngestSession::share_own_packs`]).
+    packs_written: OwnPacks,
     /// The trees added in this session, each with what `commit` still has to check
     /// below it (see [`Received`]).
     received: Mutex<HashMap<TreeId, Received>>,
@@ -142,12 +175,13 @@ pub struct IngestSession<'r> {
 
 /// A tree as it was added: decoded once to verify it, and looked at then, so `commit`
 /// need not read, decrypt and decode it again. Its chunks that were already in the
-/// index then are in it for good (nothing is removed under the session's lock); only
-/// the others are kept, with its subtrees, which `commit` walks as it walks any tree.
+/// index and visible to the source then stay so (nothing is removed under the
+/// session's lock, and what a source may see only grows); only the others are kept,
+/// with its subtrees, which `commit` walks as it walks any tree.
 #[derive(Debug, Default)]
 struct Received {
     subtrees: Vec<TreeId>,
-    chunks_not_indexed: Vec<(ChunkId, Vec<u8>)>,
+    chunks_to_check: Vec<(ChunkId, Vec<u8>)>,
     /// Names of directory nodes that have no subtree.
     dirs_without_subtree: Vec<Vec<u8>>,
 }
@@ -204,6 +238,9 @@ impl<'r> IngestSession<'r> {
             info,
             parent,
             parent_trees,
+            parent_chunks: Mutex::new(HashSet::new()),
+            sent_stored: Mutex::new(HashSet::new()),
+            packs_written: OwnPacks::default(),
             received: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 data: Packer::new(BlobKind::Data),
@@ -217,6 +254,21 @@ impl<'r> IngestSession<'r> {
             finished: false,
             _lock: lock,
         })
+    }
+
+    /// Shares the record of the packs this source's sessions wrote: `own` holds those
+    /// of earlier sessions that never committed (a pull cut short), whose blobs this
+    /// session then counts as the source's own, so a resumed pull does not send them
+    /// again; the packs this session writes are added to it. Call it before the
+    /// session stores anything. Only the caller (the pbs) keeps `own`: a source cannot
+    /// add to it.
+    pub fn share_own_packs(&mut self, own: OwnPacks) {
+        let mine = std::mem::replace(&mut self.packs_written, own);
+        let mine = mine.lock().expect("packs written").clone();
+        self.packs_written
+            .lock()
+            .expect("packs written")
+            .extend(mine);
     }
 
     /// The chunker parameters the source must use.
@@ -250,18 +302,66 @@ impl<'r> IngestSession<'r> {
         let tree = self.repo.load_tree(id)?;
         let mut allowed = self.parent_trees.lock().expect("parent trees");
         allowed.extend(tree.nodes.iter().filter_map(|n| n.subtree));
+        drop(allowed);
+        if self.info.scope == DedupScope::OwnHistory {
+            let mut chunks = self.parent_chunks.lock().expect("parent chunks");
+            chunks.extend(tree.nodes.iter().flat_map(|n| n.content.iter().copied()));
+        }
         Ok(tree)
     }
 
-    /// Which of `blobs` the repository lacks.
+    /// Which of `blobs` the source must send: those the repository lacks, and, in its
+    /// own-history scope, those it has only from others.
     pub fn missing(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>> {
         let mut out = Vec::new();
         for b in blobs {
-            if !self.known(b)? {
+            if !(self.known(b)? && self.visible(b)?) {
                 out.push(*b);
             }
         }
         Ok(out)
+    }
+
+    /// Whether the source may build on `b` without sending it (see [`DedupScope`]).
+    /// Says nothing of whether `b` is stored: ask [`IngestSession::known`] too.
+    fn visible(&self, b: &BlobRef) -> Result<bool> {
+        if self.info.scope == DedupScope::Repository {
+            return Ok(true);
+        }
+        let from_parent = match b.kind {
+            BlobKind::Tree => self
+                .parent_trees
+                .lock()
+                .expect("parent trees")
+                .contains(&TreeId(b.id)),
+            BlobKind::Data => self
+                .parent_chunks
+                .lock()
+                .expect("parent chunks")
+                .contains(&ChunkId(b.id)),
+        };
+        if from_parent
+            || self.sent_stored.lock().expect("sent").contains(b)
+            || self.in_flight.lock().expect("in flight").contains(b)
+        {
+            return Ok(true);
+        }
+        Ok(match self.repo.index().get(b.kind, &b.id)? {
+            Some(loc) => self
+                .packs_written
+                .lock()
+                .expect("packs written")
+                .contains(&loc.pack),
+            None => false,
+        })
+    }
+
+    /// The source sent `b` (verified): from now on it is its own.
+    fn note_sent(&self, b: BlobRef) -> Result<()> {
+        if self.info.scope == DedupScope::OwnHistory && self.repo.index().contains(b.kind, &b.id)? {
+            self.sent_stored.lock().expect("sent").insert(b);
+        }
+        Ok(())
     }
 
     fn known(&self, b: &BlobRef) -> Result<bool> {
@@ -288,6 +388,7 @@ impl<'r> IngestSession<'r> {
             self.verify(kind, claimed, &plain)?;
             plain.len()
         };
+        self.note_sent(BlobRef { kind, id: *claimed })?;
         self.store(kind, claimed, plain_len, encoded)
     }
 
@@ -318,6 +419,7 @@ impl<'r> IngestSession<'r> {
             )));
         }
         let claimed = id;
+        self.note_sent(BlobRef { kind, id: *claimed })?;
         if self.known(&BlobRef { kind, id: *claimed })? {
             return Ok(false);
         }
@@ -377,8 +479,9 @@ impl<'r> IngestSession<'r> {
                 None => {}
             }
             for c in &node.content {
-                if !index.contains(BlobKind::Data, &c.0)? {
-                    r.chunks_not_indexed.push((*c, node.name.clone()));
+                let b = BlobRef::data(*c);
+                if !(index.contains(BlobKind::Data, &c.0)? && self.visible(&b)?) {
+                    r.chunks_to_check.push((*c, node.name.clone()));
                 }
             }
         }
@@ -477,6 +580,7 @@ impl<'r> IngestSession<'r> {
             Err(e) => return Err(e),
         }
         self.repo.index().add_pack(id, &packer.entries);
+        self.packs_written.lock().expect("packs written").insert(id);
         {
             let mut in_flight = self.in_flight.lock().expect("in flight");
             for e in &packer.entries {
@@ -584,24 +688,34 @@ impl<'r> IngestSession<'r> {
         self.flush()
     }
 
-    /// Walks the snapshot's trees from `root`: every tree and chunk must be indexed.
-    /// Trees of the parent are complete (it was checked when it was committed); trees
-    /// added in this session are looked at as they were noted when they arrived; any
-    /// other tree (already in the repository, from another snapshot or an interrupted
-    /// session) is read and looked at here.
+    /// Walks the snapshot's trees from `root`: every tree and chunk must be indexed,
+    /// and, in the own-history scope, the source's own (see [`DedupScope`]). Trees of
+    /// the parent are complete (it was checked when it was committed); trees added in
+    /// this session are looked at as they were noted when they arrived; any other tree
+    /// (already in the repository, from another snapshot or an interrupted session) is
+    /// read and looked at here if the scope lets the source build on it, and refused
+    /// otherwise.
     fn check_complete(&self, root: &TreeId) -> Result<()> {
         let index = self.repo.index();
         let mut seen: HashSet<TreeId> = self.parent_trees.lock().expect("parent trees").clone();
         let received = self.received.lock().expect("received trees");
         let mut stack = vec![*root];
         let mut missing: Vec<String> = Vec::new();
+        let mut foreign: Vec<String> = Vec::new();
         let mut checked_chunks: HashSet<ChunkId> = HashSet::new();
-        let mut check_chunk = |c: &ChunkId, name: &[u8], missing: &mut Vec<String>| {
-            if checked_chunks.insert(*c) && !index.contains(BlobKind::Data, &c.0)? {
-                missing.push(format!("chunk {c} of {}", String::from_utf8_lossy(name)));
-            }
-            Ok::<(), Error>(())
-        };
+        let mut check_chunk =
+            |c: &ChunkId, name: &[u8], missing: &mut Vec<String>, foreign: &mut Vec<String>| {
+                if !checked_chunks.insert(*c) {
+                    return Ok(());
+                }
+                let what = || format!("chunk {c} of {}", String::from_utf8_lossy(name));
+                if !index.contains(BlobKind::Data, &c.0)? {
+                    missing.push(what());
+                } else if !self.visible(&BlobRef::data(*c))? {
+                    foreign.push(what());
+                }
+                Ok::<(), Error>(())
+            };
         let no_subtree =
             |name: &[u8]| format!("subtree of directory {}", String::from_utf8_lossy(name));
         while let Some(id) = stack.pop() {
@@ -615,9 +729,15 @@ impl<'r> IngestSession<'r> {
             if let Some(r) = received.get(&id) {
                 stack.extend(&r.subtrees);
                 missing.extend(r.dirs_without_subtree.iter().map(|n| no_subtree(n)));
-                for (c, name) in &r.chunks_not_indexed {
-                    check_chunk(c, name, &mut missing)?;
+                for (c, name) in &r.chunks_to_check {
+                    check_chunk(c, name, &mut missing, &mut foreign)?;
                 }
+                continue;
+            }
+            if self.info.scope == DedupScope::OwnHistory {
+                // Neither sent in this session nor part of its own parent: another
+                // host's tree (or one it cannot have seen). Not read.
+                foreign.push(format!("tree {id}"));
                 continue;
             }
             let tree = self.repo.load_tree(&id)?;
@@ -628,9 +748,15 @@ impl<'r> IngestSession<'r> {
                     missing.push(no_subtree(&node.name));
                 }
                 for c in &node.content {
-                    check_chunk(c, &node.name, &mut missing)?;
+                    check_chunk(c, &node.name, &mut missing, &mut foreign)?;
                 }
             }
+        }
+        if let Some(first) = foreign.first() {
+            return Err(Error::ForeignBlobs {
+                count: foreign.len(),
+                first: first.clone(),
+            });
         }
         if let Some(first) = missing.first() {
             return Err(Error::MissingBlobs {
@@ -781,6 +907,7 @@ mod tests {
             tags: vec![],
             source: SourceKind::Pull,
             parent: ParentChoice::None,
+            scope: DedupScope::OwnHistory,
         };
         let s = IngestSession::start(&repo, info).unwrap();
         let before = s.add_new(BlobKind::Data, chunk(1)).unwrap();

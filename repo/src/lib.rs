@@ -27,7 +27,8 @@
 //! let repo = Repository::init(Arc::new(MemoryBackend::default()), b"secret", kdf, RepoConfig::new(3))?;
 //! let repo = repo.load_index(None)?;
 //! let info = SessionInfo { host: "web-1".into(), paths: vec!["/srv".into()], tags: vec![],
-//!                          source: SourceKind::Local, parent: ParentChoice::Latest };
+//!                          source: SourceKind::Local, parent: ParentChoice::Latest,
+//!                          scope: Default::default() };
 //! let session = IngestSession::start(&repo, info)?;
 //! let content = b"hello".to_vec();
 //! let chunk = ChunkId::of(&content);

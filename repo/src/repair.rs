@@ -108,6 +108,7 @@ mod tests {
             tags: vec![],
             source: SourceKind::Local,
             parent: ParentChoice::None,
+            scope: Default::default(),
         };
         let session = IngestSession::start(repo, info).unwrap();
         let chunk = ChunkId::of(content);

@@ -130,6 +130,7 @@ fn a_file_whose_size_disagrees_with_its_chunks_is_named_by_check_and_restore() {
                 tags: vec![],
                 source: SourceKind::Pull,
                 parent: ParentChoice::None,
+                scope: Default::default(),
             },
         )
         .unwrap();

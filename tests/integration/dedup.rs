@@ -72,3 +72,70 @@ fn compressible_data_is_stored_compressed() {
         "6 MB of repetitive text stored as {stored} bytes"
     );
 }
+
+/// Hosts sharing a repository each see only their own history: a second host with the
+/// same data sends it all (stored once all the same), and only a repository named in
+/// `[server].cross_host_dedup` lets a host build on what others stored.
+#[test]
+fn a_host_sends_what_others_stored_unless_the_repository_trusts_its_hosts() {
+    let env = Env::new();
+    let data = env.path("data");
+    fs::create_dir_all(&data).unwrap();
+    for i in 0..4 {
+        fs::write(
+            data.join(format!("f{i}.bin")),
+            random_bytes(60 + i, 2 << 20),
+        )
+        .unwrap();
+    }
+    let state = env.path("state");
+    let config = env.path("pbs.toml");
+    let write_config = |trusting: bool| {
+        let mut text = format!("[server]\nstate_dir = {:?}\n", state.display().to_string());
+        if trusting {
+            text.push_str("cross_host_dedup = [\"repo\"]\n");
+        }
+        for h in ["a", "b", "c"] {
+            text.push_str(&format!(
+                "\n[[host]]\nname = \"{h}\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\n",
+                data.display().to_string()
+            ));
+        }
+        fs::write(&config, text).unwrap();
+    };
+    let pull = |host: &str| -> serde_json::Value {
+        let c = config.display().to_string();
+        let out = std::process::Command::new(bin("haul-pbs"))
+            .args(["--json", "pull", host, "--config", &c])
+            .env("HAUL_AGENT", bin("haul-agent"))
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env_remove("HAUL_REPO")
+            .env_remove("HAUL_PASSWORD_FILE")
+            .output()
+            .unwrap();
+        let run = Run::from_output(out).expect(0);
+        run.json_of("run")["run"]["counters"].clone()
+    };
+    write_config(false);
+    let a = pull("a");
+    let b = pull("b");
+    let sent = |c: &serde_json::Value| c["bytes_sent"].as_u64().unwrap();
+    let stored = |c: &serde_json::Value| c["bytes_stored"].as_u64().unwrap();
+    assert!(sent(&a) >= 8 << 20, "{a}");
+    // b sent everything again; the repository stored only its trees.
+    assert!(sent(&b) >= 8 << 20, "{b}");
+    assert!(stored(&b) < 64 << 10, "{b}");
+    // b's next pull builds on its own snapshot: nothing is sent.
+    fs::write(data.join("new.txt"), "one more file\n").unwrap();
+    let b2 = pull("b");
+    assert!(sent(&b2) < 64 << 10, "{b2}");
+    // Trusting hosts: c sends only what nobody stored.
+    write_config(true);
+    let c = pull("c");
+    assert!(sent(&c) < 64 << 10, "{c}");
+    eprintln!(
+        "a new host whose data another host stored: {} bytes sent alone, {} with cross_host_dedup",
+        sent(&b),
+        sent(&c)
+    );
+}

@@ -621,7 +621,15 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
         &frame(TREE, &other_tree_id.0, &raw(&Tree::default().encode())),
     )
     .refused(422, "id_mismatch");
-    // The honest bytes of a stored chunk are taken, and not stored again.
+    // Another host stores this chunk: to this host it is missing all the same, so
+    // nobody can learn what others store by asking.
+    let theirs = blob_ref(DATA, &known_chunk.0);
+    assert_eq!(
+        post(&sock, "/v1/backup/missing", &theirs).ok_octets(),
+        theirs
+    );
+    // The honest bytes of a stored chunk are taken, and not stored again; sent, the
+    // chunk is this host's too.
     let same = post(
         &sock,
         "/v1/backup/upload",
@@ -784,6 +792,44 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     assert_eq!(env.count("snapshots"), snapshots_before);
     // A refused commit ends the session: the client must start again.
     post(&sock, "/v1/backup/missing", &both).refused(409, "no_session");
+    // Another host's data cannot be borrowed: its tree is "missing" to this host (no
+    // confirmation that anyone stores it), and a commit naming it is refused with
+    // `foreign_blobs`, whose message says what to do; nothing is written.
+    post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
+    let theirs = blob_ref(TREE, &other_tree_id.0);
+    assert_eq!(
+        post(&sock, "/v1/backup/missing", &theirs).ok_octets(),
+        theirs
+    );
+    let m = post_json(&sock, "/v1/backup/commit", &commit_body(&other_tree))
+        .refused(403, "foreign_blobs");
+    assert!(m.contains(&other_tree), "{m}");
+    assert!(m.contains("send them"), "{m}");
+    // Nor wrapped in a tree of its own.
+    post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
+    let wrapper = Tree {
+        nodes: vec![Node {
+            name: b"borrowed".to_vec(),
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            subtree: Some(other_tree_id),
+            ..Default::default()
+        }],
+    };
+    let (wrapper_id, wrapper_bytes) = wrapper.encode_with_id();
+    post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(TREE, &wrapper_id.0, &raw(&wrapper_bytes)),
+    )
+    .ok_json();
+    post_json(
+        &sock,
+        "/v1/backup/commit",
+        &commit_body(&wrapper_id.to_hex()),
+    )
+    .refused(403, "foreign_blobs");
+    assert_eq!(env.count("snapshots"), snapshots_before);
     post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
     let unsent = TreeId::of(b"a tree the client never uploads");
     let m = post_json(&sock, "/v1/backup/commit", &commit_body(&unsent.to_hex()))

@@ -7,7 +7,7 @@ use haul_repo::backend::{Backend, FileType, LocalBackend};
 use haul_repo::crypto::KdfParams;
 use haul_repo::format::config::RepoConfig;
 use haul_repo::format::snapshot::{SourceKind, Summary};
-use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
+use haul_repo::ingest::{DedupScope, IngestSession, OwnPacks, ParentChoice, SessionInfo};
 use haul_repo::{Error, IndexedRepository, Repository};
 use haul_tests::random_bytes;
 use std::sync::Arc;
@@ -33,8 +33,13 @@ fn reopen(dir: &std::path::Path) -> IndexedRepository {
 }
 
 /// Creates a repository and stores `n` random 1 MiB chunks in a session that ends
-/// without a commit, as when the source disconnects.
-fn store_without_commit(dir: &std::path::Path, n: u64, seed: u64) -> (Vec<Vec<u8>>, Vec<BlobRef>) {
+/// without a commit, as when the source disconnects; returns the chunks, their refs,
+/// and the packs the session wrote (as the pbs keeps them for the host's next pull).
+fn store_without_commit(
+    dir: &std::path::Path,
+    n: u64,
+    seed: u64,
+) -> (Vec<Vec<u8>>, Vec<BlobRef>, OwnPacks) {
     let chunks: Vec<Vec<u8>> = (0..n)
         .map(|i| random_bytes(seed + i, 1024 * 1024))
         .collect();
@@ -43,13 +48,15 @@ fn store_without_commit(dir: &std::path::Path, n: u64, seed: u64) -> (Vec<Vec<u8
         .map(|c| BlobRef::data(ChunkId::of(c)))
         .collect();
     let repo = repo(dir);
-    let s = IngestSession::start(&repo, info()).unwrap();
+    let own = OwnPacks::default();
+    let mut s = IngestSession::start(&repo, info()).unwrap();
+    s.share_own_packs(own.clone());
     for (c, id) in chunks.iter().zip(&ids) {
         assert!(s.add_plain(BlobKind::Data, &id.id, c.clone()).unwrap());
     }
     drop(s);
     assert!(repo.snapshots().unwrap().is_empty());
-    (chunks, ids)
+    (chunks, ids, own)
 }
 
 fn info() -> SessionInfo {
@@ -59,6 +66,7 @@ fn info() -> SessionInfo {
         tags: vec![],
         source: SourceKind::Pull,
         parent: ParentChoice::Latest,
+        scope: Default::default(),
     }
 }
 
@@ -207,7 +215,12 @@ fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
     s.add_plain(BlobKind::Tree, &orphan.0, orphan_bytes)
         .unwrap();
     s.abandon().unwrap();
-    let s = IngestSession::start(&repo, info()).unwrap();
+    // A source that sees the whole repository finds it present ...
+    let trusting = || SessionInfo {
+        scope: DedupScope::Repository,
+        ..info()
+    };
+    let s = IngestSession::start(&repo, trusting()).unwrap();
     assert!(s.missing(&[BlobRef::tree(orphan)]).unwrap().is_empty());
     let (root2, root2_bytes) = dir_tree("old", Some(orphan)).encode_with_id();
     s.add_plain(BlobKind::Tree, &root2.0, root2_bytes).unwrap();
@@ -217,6 +230,26 @@ fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
             assert!(first.contains(&lost.to_hex()), "{first}");
         }
         other => panic!("expected MissingBlobs, got {other}"),
+    }
+    // ... one that sees only its own history (the default) is told to send it, and
+    // may not refer to it unsent.
+    let s = IngestSession::start(&repo, info()).unwrap();
+    assert_eq!(
+        s.missing(&[BlobRef::tree(orphan)]).unwrap(),
+        vec![BlobRef::tree(orphan)]
+    );
+    s.add_plain(
+        BlobKind::Tree,
+        &root2.0,
+        dir_tree("old", Some(orphan)).encode(),
+    )
+    .unwrap();
+    match s.commit(root2, Summary::default()).unwrap_err() {
+        Error::ForeignBlobs { count, first } => {
+            assert_eq!(count, 1);
+            assert!(first.contains(&orphan.to_hex()), "{first}");
+        }
+        other => panic!("expected ForeignBlobs, got {other}"),
     }
 
     // A directory node without its subtree is refused, with the directory's name.
@@ -235,9 +268,21 @@ fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
 fn an_interrupted_session_leaves_its_data_for_the_next() {
     let dir = tempfile::tempdir().unwrap();
     // 40 MiB: two packs are full and written, one is still open when the session ends.
-    let (chunks, ids) = store_without_commit(dir.path(), 40, 100);
+    let (chunks, ids, own) = store_without_commit(dir.path(), 40, 100);
     let repo = reopen(dir.path());
+    // A source that sees only its own history is not told of what another's
+    // interrupted session stored ...
     let s = IngestSession::start(&repo, info()).unwrap();
+    assert_eq!(
+        s.missing(&ids).unwrap(),
+        ids,
+        "another source's blobs are not its own"
+    );
+    drop(s);
+    // ... but its own interrupted session's blobs are known, as the pbs keeps them
+    // (`share_own_packs`), the open pack included.
+    let mut s = IngestSession::start(&repo, info()).unwrap();
+    s.share_own_packs(own);
     assert!(
         s.missing(&ids).unwrap().is_empty(),
         "everything stored before the interruption is known"
@@ -363,7 +408,7 @@ fn a_source_reads_only_its_parent_trees() {
 #[test]
 fn packs_a_killed_session_left_unindexed_are_used_by_the_next() {
     let dir = tempfile::tempdir().unwrap();
-    let (chunks, ids) = store_without_commit(dir.path(), 20, 200);
+    let (chunks, ids, _) = store_without_commit(dir.path(), 20, 200);
     // As if killed before its index was written: packs without an index file.
     let backend = LocalBackend::open(&dir.path().join("repo")).unwrap();
     for (name, _) in backend.list(FileType::Index).unwrap() {
@@ -371,7 +416,16 @@ fn packs_a_killed_session_left_unindexed_are_used_by_the_next() {
     }
     let repo = reopen(dir.path());
     assert_eq!(repo.index().len(), 0);
-    let s = IngestSession::start(&repo, info()).unwrap();
+    // The packs' record was lost with the killed process: a source that trusts the
+    // repository is the one that finds them.
+    let s = IngestSession::start(
+        &repo,
+        SessionInfo {
+            scope: DedupScope::Repository,
+            ..info()
+        },
+    )
+    .unwrap();
     assert!(
         s.missing(&ids).unwrap().is_empty(),
         "the orphan packs were indexed"

@@ -38,7 +38,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(out: Output) -> Run {
+    pub fn from_output(out: Output) -> Run {
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -113,7 +113,7 @@ impl Env {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Run::from(cmd.output().expect("run haul-pbs"))
+        Run::from_output(cmd.output().expect("run haul-pbs"))
     }
 
     /// The run records of this workspace's history (`runs --json`), oldest first.
@@ -732,7 +732,7 @@ impl Sshd {
             .stdin(std::process::Stdio::null())
             .output()
             .expect("ssh (apt-get install openssh-client)");
-        Run::from(out)
+        Run::from_output(out)
     }
 }
 

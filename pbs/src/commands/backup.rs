@@ -7,7 +7,7 @@ use crate::error::CliError;
 use crate::output::{bytes, json_line, Progress};
 use haul_protocol::walk::{self, BackupOptions, WalkStats};
 use haul_repo::format::snapshot::{SourceKind, Summary};
-use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
+use haul_repo::ingest::{DedupScope, IngestSession, ParentChoice, SessionInfo};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,6 +37,8 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
         tags: args.select.tag.clone(),
         source: SourceKind::Local,
         parent,
+        // The pbs reads its own files: nothing to keep from it.
+        scope: DedupScope::Repository,
     };
     let session = IngestSession::start(&repo, info)?;
     let opts = BackupOptions {

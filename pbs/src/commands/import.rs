@@ -17,7 +17,7 @@ use haul_protocol::SnapshotId;
 use haul_protocol::{BlobKind, ChunkId, TreeId};
 use haul_rdiff::meta::{Kind, Record};
 use haul_repo::format::snapshot::{SourceKind, Summary};
-use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
+use haul_repo::ingest::{DedupScope, IngestSession, ParentChoice, SessionInfo};
 use haul_repo::IndexedRepository;
 
 use std::collections::HashMap;
@@ -205,6 +205,8 @@ pub fn import(
                 tags: vec![TAG.to_string(), t.raw.clone()],
                 source: SourceKind::RdiffBackupImport,
                 parent: ParentChoice::None,
+                // The pbs reads the tree itself: nothing to keep from it.
+                scope: DedupScope::Repository,
             },
         )?;
         let mut summary = Summary::default();

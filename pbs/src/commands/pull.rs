@@ -13,6 +13,7 @@ use haul_repo::backend::LocalBackend;
 use haul_repo::crypto::KdfParams;
 use haul_repo::format::config::RepoConfig;
 use haul_repo::format::snapshot::SourceKind;
+use haul_repo::ingest::DedupScope;
 use haul_repo::{IndexedRepository, Repository};
 use std::ffi::OsString;
 use std::io::Write;
@@ -316,8 +317,19 @@ pub fn pull_one(
         .stall_timeout
         .or_else(|| plan.config.as_ref().map(|c| c.server.stall_timeout))
         .unwrap_or(crate::server::conn::Limits::default().stall);
+    let own_packs = history.own_packs(&host);
+    let scope = match plan
+        .config
+        .as_ref()
+        .and_then(|c| c.host(&host).map(|h| (c, h)))
+    {
+        Some((c, h)) if c.server.cross_host_dedup.contains(&h.repository) => DedupScope::Repository,
+        _ => DedupScope::OwnHistory,
+    };
     let server = Server::new(repo, Mode::AppendOnly, Some(host.clone()))
         .with_source(source)
+        .with_own_packs(own_packs.clone())
+        .with_scope(scope)
         .with_limits(crate::server::conn::Limits {
             stall,
             request: args
@@ -386,6 +398,10 @@ pub fn pull_one(
     };
     let end = chrono::Utc::now();
     let committed = server.committed();
+    server.abandon_session();
+    if let Err(e) = history.settle_own_packs(&host, &own_packs, committed.is_some()) {
+        tracing::warn!("{e}: the next pull sends again what this one sent");
+    }
     let (status, error) = match &outcome {
         Err(e) => ("failed", Some(e.to_string())),
         Ok(r) => match (&committed, r.exit) {

@@ -32,6 +32,9 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
     if let Some(id) = pinned {
         server = server.pinned_to(id);
     }
+    if args.cross_host_dedup {
+        server = server.with_scope(haul_repo::ingest::DedupScope::Repository);
+    }
     let rt = run::runtime()?;
     rt.block_on(async {
         let (listener, _guard) = server::bind(&args.socket)?;

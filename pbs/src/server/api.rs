@@ -234,8 +234,13 @@ async fn backup_start(State(s): St, body: Whole) -> ApiResult<Json<wire::BackupS
             tags: req.tags,
             source: server.source,
             parent,
+            scope: server.scope,
         };
-        Ok(IngestSession::start(repo, info)?)
+        let mut session = IngestSession::start(repo, info)?;
+        if let Some(own) = &server.own_packs {
+            session.share_own_packs(own.clone());
+        }
+        Ok(session)
     })
     .await?;
     let started = wire::BackupStarted {

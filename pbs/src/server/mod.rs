@@ -18,7 +18,7 @@ pub mod error;
 use crate::error::CliError;
 use haul_protocol::{ChunkId, SnapshotId, TreeId};
 use haul_repo::format::snapshot::{Snapshot, SourceKind};
-use haul_repo::ingest::IngestSession;
+use haul_repo::ingest::{DedupScope, IngestSession, OwnPacks};
 use haul_repo::IndexedRepository;
 use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -72,6 +72,11 @@ pub struct Server {
     connections: AtomicU64,
     /// Time limits of its connections.
     limits: conn::Limits,
+    /// What a backup session's source may build on without sending it.
+    scope: DedupScope,
+    /// The packs this host's uncommitted sessions wrote (see
+    /// `IngestSession::share_own_packs`).
+    own_packs: Option<OwnPacks>,
     /// When it last saw a request or body bytes.
     activity: Arc<conn::Activity>,
     uploads: Arc<tokio::sync::Semaphore>,
@@ -103,6 +108,8 @@ impl Server {
             pinned: None,
             connections: AtomicU64::new(0),
             limits: conn::Limits::default(),
+            scope: DedupScope::default(),
+            own_packs: None,
             activity: Arc::default(),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
             verifiers: Arc::new(tokio::sync::Semaphore::new(
@@ -117,6 +124,22 @@ impl Server {
     pub fn with_limits(self: Arc<Self>, limits: conn::Limits) -> Arc<Self> {
         let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
         s.limits = limits;
+        Arc::new(s)
+    }
+
+    /// Lets sessions build on everything in the repository, not only on their own
+    /// host's history (see [`DedupScope`]).
+    pub fn with_scope(self: Arc<Self>, scope: DedupScope) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        s.scope = scope;
+        Arc::new(s)
+    }
+
+    /// Sessions count the blobs of `own` (packs earlier sessions of the host wrote and
+    /// never committed) as the host's own, and add the packs they write to it.
+    pub fn with_own_packs(self: Arc<Self>, own: OwnPacks) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        s.own_packs = Some(own);
         Arc::new(s)
     }
 
