@@ -378,7 +378,16 @@ impl<'r> IngestSession<'r> {
         claimed: &[u8; 32],
         encoded: Vec<u8>,
     ) -> Result<bool> {
-        let limit = self.limit(kind);
+        // A frame that does not say what it decodes to may decode to one chunk's worth
+        // at most: that is what an upload's budget counted it as (a 9 KB tree frame
+        // must not become hundreds of MiB of memory). A larger tree declares its size,
+        // and the budget counts that.
+        let limit = match haul_protocol::chunker::declared_plain_len(&encoded) {
+            Some(_) => self.limit(kind),
+            None => self
+                .limit(kind)
+                .min(self.repo.config().chunker.max_size as usize),
+        };
         let plain_len = {
             let plain = DECOMPRESSOR
                 .with(|d| decode_blob_ref(&mut d.borrow_mut(), &encoded, limit))

@@ -1153,3 +1153,63 @@ fn stalled_heads_bodies_and_connections_are_cut_at_their_limits() {
     );
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
 }
+
+/// Peak resident memory of process `pid`, in KiB.
+fn peak_rss_kib(pid: libc::pid_t) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Tree frames that do not say what they decode to, each about 10 KB and 300 MiB
+/// decoded, four uploads at once: refused before they grow the server, whose peak stays
+/// under 100 MiB; the session goes on.
+#[test]
+fn decompression_bombs_are_bounded_by_what_their_frames_were_counted_as() {
+    let (env, src) = Env::with_one_file();
+    let served = Served::start(&env, "h");
+    let sock = served.socket.clone();
+    let started = post_json(&sock, "/v1/backup/start", &start_body("h", "none"));
+    assert_eq!(started.status, 200, "{}", started.describe());
+    let before = peak_rss_kib(served.pid());
+    // A stream-compressed frame declares no size.
+    let zeros = std::io::repeat(0).take(300 << 20);
+    let mut bomb = zstd::stream::encode_all(zeros, 19).unwrap();
+    assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+    assert!(matches!(
+        zstd::zstd_safe::get_frame_content_size(&bomb),
+        Ok(None)
+    ));
+    bomb.push(1); // the zstd format byte
+    let body = frame(TREE, &hash(b"a bomb"), &bomb);
+    let answers: Vec<Reply> = std::thread::scope(|s| {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| post(&sock, "/v1/backup/upload", &body)))
+            .collect();
+        tasks.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for a in &answers {
+        let m = a.refused(400, "bad_request");
+        assert!(m.contains("tree blob"), "{m}");
+    }
+    let after = peak_rss_kib(served.pid());
+    eprintln!("serve peak: {before} KiB before, {after} KiB after four bombs");
+    assert!(after < 100 * 1024, "the server grew to {after} KiB");
+    // The session is unharmed: an agent's backup goes through after it is given up.
+    post(&sock, "/v1/backup/abandon", b"");
+    let out = Command::new(bin("haul-agent"))
+        .args(["backup", "--host", "h", "--parent", "none", "--socket"])
+        .arg(&sock)
+        .arg("--path")
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
