@@ -257,10 +257,11 @@ fn a_daemon_whose_agents_all_fail_at_start_keeps_running_and_records_each() {
     fs::write(
         &config,
         format!(
-            "[server]\nstate_dir = {:?}\nsocket_dir = {:?}\n\n\
+            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}\"\nsocket_dir = {:?}\n\n\
              [[host]]\nname = \"failing\"\naddress = \"localhost\"\ntransport = \"local\"\n\
              paths = [{:?}]\nschedule = \"1s\"\nagent = {:?}\n",
             state.display().to_string(),
+            free_listen(),
             env.path("sockets").display().to_string(),
             src.display().to_string(),
             agent.display().to_string(),
@@ -268,13 +269,17 @@ fn a_daemon_whose_agents_all_fail_at_start_keeps_running_and_records_each() {
     )
     .unwrap();
     let log = env.path("daemon.log");
-    let mut daemon = std::process::Command::new(bin("haul-pbs"))
-        .args(["daemon", "--grace", "5s", "--config"])
-        .arg(&config)
-        .env("HAUL_CACHE_DIR", env.path("cache"))
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(
+        std::process::Command::new(bin("haul-pbs"))
+            .args(["daemon", "--grace", "5s", "--config"])
+            .arg(&config)
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon = &mut guard.0;
     let records = || {
         fs::read_to_string(state.join("runs.jsonl"))
             .unwrap_or_default()
@@ -395,21 +400,26 @@ fn a_pull_killed_right_after_its_snapshot_was_saved_is_recorded_with_it() {
     fs::write(
         &config,
         format!(
-            "[server]\nstate_dir = {:?}\n\n[[host]]\nname = \"other\"\naddress = \"localhost\"\n\
+            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}\"\n\n[[host]]\nname = \"other\"\naddress = \"localhost\"\n\
              transport = \"local\"\npaths = [{:?}]\nschedule = \"1h\"\n",
             state.display().to_string(),
+            free_listen(),
             src.display().to_string(),
         ),
     )
     .unwrap();
-    let mut daemon = std::process::Command::new(bin("haul-pbs"))
-        .args(["daemon", "--config"])
-        .arg(&config)
-        .env("HAUL_CACHE_DIR", env.path("cache"))
-        .env("HAUL_AGENT", bin("haul-agent"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(
+        std::process::Command::new(bin("haul-pbs"))
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env("HAUL_AGENT", bin("haul-agent"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon = &mut guard.0;
     let recorded = || {
         fs::read_to_string(state.join("runs.jsonl"))
             .unwrap_or_default()
@@ -517,4 +527,125 @@ fn a_silent_agent_is_stopped_at_the_stall_limit() {
         "2s",
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+/// A child process killed and reaped however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon's pulls whose agents are killed in the middle of their uploads: the
+/// daemon keeps running, records each as failed, and pulls the host when it is let be.
+#[test]
+fn a_daemon_survives_its_agents_killed_mid_upload() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let state = env.path("state");
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}\"\nsocket_dir = {:?}\n\n\
+             [[host]]\nname = \"victim\"\naddress = \"localhost\"\ntransport = \"local\"\n\
+             paths = [{:?}]\nschedule = \"1s\"\n",
+            state.display().to_string(),
+            free_listen(),
+            env.path("sockets").display().to_string(),
+            src.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut daemon = KillOnDrop(
+        std::process::Command::new(bin("haul-pbs"))
+            .args(["daemon", "--grace", "5s", "--config"])
+            .arg(&config)
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env("HAUL_AGENT", bin("haul-agent"))
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(env.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon = &mut daemon.0;
+    let pulls = || {
+        fs::read_to_string(state.join("runs.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "pull")
+            .collect::<Vec<_>>()
+    };
+    let t = Instant::now();
+    let mut killed = 0;
+    let mut round = 0u64;
+    while killed < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "only {killed} agents killed"
+        );
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
+        // New content each round, so every pull has data to send.
+        for i in 0..8u64 {
+            fs::write(
+                src.join(format!("f{i}.bin")),
+                random_bytes(9000 + round * 10 + i, 4 << 20),
+            )
+            .unwrap();
+        }
+        round += 1;
+        // Wait for the next agent, let it upload a little, kill it.
+        let agent = loop {
+            if let Some((pid, _)) = descendants(daemon.id())
+                .into_iter()
+                .find(|(_, name)| name == "haul-agent")
+            {
+                break pid;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "no agent started");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        std::thread::sleep(Duration::from_millis(60));
+        if unsafe { libc::kill(agent as i32, libc::SIGKILL) } == 0 {
+            killed += 1;
+        }
+        // Wait until that run is recorded.
+        let before = pulls().len();
+        while pulls().len() == before {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the run was never recorded"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let records = pulls();
+    assert!(
+        records.iter().filter(|r| r["status"] == "failed").count() >= 1,
+        "{records:#?}"
+    );
+    // Let be, it pulls the host.
+    let t = Instant::now();
+    while !pulls().iter().any(|r| r["status"] == "ok") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no pull succeeded after the kills"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A loopback address for a daemon's status server that no other test uses.
+fn free_listen() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }

@@ -749,8 +749,17 @@ pub fn descendants(pid: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
-        let children =
-            fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        // A child belongs to the thread that started it: ask every thread.
+        let mut children = String::new();
+        for task in fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            children
+                .push_str(&fs::read_to_string(task.path().join("children")).unwrap_or_default());
+            children.push(' ');
+        }
         for c in children
             .split_whitespace()
             .filter_map(|c| c.parse::<u32>().ok())
