@@ -39,6 +39,27 @@
 
 use proptest::prelude::*;
 
+/// JSON's syntax and values that stress a JSON document's parser (numbers out of
+/// range, lone surrogates, impossible dates), for [`corrupted_with`].
+pub const JSON: &[&[u8]] = &[
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b":",
+    b",",
+    b"null",
+    b"-",
+    b"1e999",
+    b"18446744073709551616",
+    b"-9223372036854775809",
+    b"\\u0000",
+    b"\\ud800",
+    b"\"2026-02-30T25:61:00Z\"",
+    b"\"+275760-09-13T00:00:00Z\"",
+];
+
 /// Values that parsers must not trust when they find them in a length or count field.
 const BOUNDARIES: [u64; 14] = [
     0,
@@ -194,7 +215,7 @@ pub fn random_bytes(max_len: usize) -> impl Strategy<Value = Vec<u8>> {
 /// A valid encoding from `valid` with one to four edits applied.
 pub fn corrupted<S>(valid: S) -> BoxedStrategy<Vec<u8>>
 where
-    S: Strategy<Value = Vec<u8>> + Clone + 'static,
+    S: Strategy<Value = Vec<u8>> + 'static,
 {
     corrupted_with(valid, &[])
 }
@@ -202,8 +223,9 @@ where
 /// [`corrupted`], with edits that also insert `tokens` (the syntax of a text format).
 pub fn corrupted_with<S>(valid: S, tokens: &'static [&'static [u8]]) -> BoxedStrategy<Vec<u8>>
 where
-    S: Strategy<Value = Vec<u8>> + Clone + 'static,
+    S: Strategy<Value = Vec<u8>> + 'static,
 {
+    let valid = valid.boxed();
     (
         valid.clone(),
         valid,
@@ -222,7 +244,7 @@ where
 /// ones (the rest): what a parser's robustness test feeds it.
 pub fn inputs<S>(valid: S, max_random: usize) -> BoxedStrategy<Vec<u8>>
 where
-    S: Strategy<Value = Vec<u8>> + Clone + 'static,
+    S: Strategy<Value = Vec<u8>> + 'static,
 {
     inputs_with(valid, max_random, &[])
 }
@@ -234,8 +256,9 @@ pub fn inputs_with<S>(
     tokens: &'static [&'static [u8]],
 ) -> BoxedStrategy<Vec<u8>>
 where
-    S: Strategy<Value = Vec<u8>> + Clone + 'static,
+    S: Strategy<Value = Vec<u8>> + 'static,
 {
+    let valid = valid.boxed();
     prop_oneof![
         2 => random_bytes(max_random),
         1 => valid.clone(),
