@@ -11,7 +11,9 @@
 //! flips, overwritten bytes, boundary integers written over what may be a length or a
 //! count (little- and big-endian, and as LEB128 varints), truncations, deletions,
 //! duplications, random insertions and pieces of a second valid encoding spliced in.
-//! [`corrupted_with`] also inserts tokens of a text format (`"`, `[[`, `=` ...).
+//! [`corrupted_with`] also inserts tokens of a text format (`"`, `[[`, `=` ...; [`JSON`]
+//! has JSON's). [`inputs`] and [`inputs_with`] mix random bytes, valid encodings and
+//! corrupted ones: what each parser's test draws from.
 //!
 //! The default case count (256) keeps each test well under a second; set
 //! `PROPTEST_CASES` to run more, e.g. `PROPTEST_CASES=20000 cargo test -p haul-repo format`.
