@@ -88,7 +88,13 @@ mod tests {
                     }
                     let mut c = RepoConfig::new(compression_level);
                     // Around the sizes FastCDC accepts, and anywhere.
-                    let near = |v: u32, at: u32| if v.is_multiple_of(2) { v } else { at + v % 64 - 32 };
+                    let near = |v: u32, at: u32| {
+                        if v.is_multiple_of(2) {
+                            v
+                        } else {
+                            at + v % 64 - 32
+                        }
+                    };
                     c.chunker = ChunkerParams {
                         min_size: near(min_size, 64),
                         avg_size: near(avg_size, 256),
