@@ -514,6 +514,99 @@ fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const SCHEDULES: &[&str] = &[
+        "6h",
+        "30m",
+        "1h 30m",
+        "0 */6 * * *",
+        "30 2 * * *",
+        "*/10 * * * *",
+        "0 0 29 2 *",
+        "1s",
+        "584542046090y",
+        "18446744073709551615s",
+    ];
+
+    /// TOML's syntax and the file's own keys, for the mutations to insert.
+    const TOML_TOKENS: &[&[u8]] = &[
+        b"\n",
+        b"[[host]]\n",
+        b"[server]\n",
+        b"[[clone]]\n",
+        b" = ",
+        b"\"",
+        b"'''",
+        b"[",
+        b"]",
+        b"{",
+        b"}",
+        b",",
+        b".",
+        b"#",
+        b"schedule = \"",
+        b"alert_window = \"",
+        b"9999999999999999999",
+        b"-1",
+        b"1e400",
+        b"inf",
+        b"\"0 0 31 2 *\"",
+        b"\"99999999999d\"",
+        b"\\u0000",
+        b"\xc3\xa9",
+    ];
+
+    fn arb_config() -> impl Strategy<Value = Vec<u8>> {
+        let schedule = || proptest::sample::select(SCHEDULES);
+        (
+            schedule(),
+            schedule(),
+            schedule(),
+            (0usize..70, 0u32..300, any::<u16>(), 0usize..10_002),
+        )
+            .prop_map(|(server, host, window, (concurrent, window_mib, port, items))| {
+                format!(
+                    "[server]\nmax_concurrent = {concurrent}\nschedule = \"{server}\"\nalert_window = \"{window}\"\n\
+                     retention = {{ keep_daily = 7 }}\n[feed]\nitems = {items}\n\
+                     [[host]]\nname = \"web-1\"\naddress = \"192.0.2.10\"\npaths = [\"/srv\"]\nschedule = \"{host}\"\n\
+                     port = {port}\nwindow_mib = {window_mib}\nalert_window = \"{window}\"\n\
+                     [[host]]\nname = \"db-1\"\naddress = \"db\"\npaths = [\"/var\"]\n\
+                     [[clone]]\nname = \"off\"\naddress = \"z\"\nrepository = \"/r\"\nhosts = [\"web-1\"]\n"
+                )
+                .into_bytes()
+            })
+    }
+
+    /// What the daemon computes from an accepted configuration.
+    fn use_config(c: &Config) {
+        let now = chrono::DateTime::from_timestamp(1_793_534_580, 0).unwrap();
+        let _ = c.feed_link();
+        for h in &c.hosts {
+            let s = h.schedule(c);
+            for (last, jitter) in [(None, 0.0), (Some(now), 1.0), (Some(now), 0.5)] {
+                assert!(s.next_after(last, now, jitter) >= now - chrono::Duration::seconds(1));
+            }
+            let _ = s.period();
+            let _ = (h.alert_window(c), h.retention(c), h.repository_path(c));
+        }
+    }
+
+    proptest! {
+        /// The stable counterpart of the `pbs_config` fuzz target (docs/fuzzing.md): a
+        /// configuration is refused with its file and position, or it can be used
+        /// without a panic.
+        #[test]
+        fn hostile_configurations_are_refused_with_a_position_or_usable(
+            bytes in haul_mutate::inputs_with(arb_config(), 200, TOML_TOKENS),
+        ) {
+            let text = String::from_utf8_lossy(&bytes);
+            match Config::parse(&text, "pbs.toml") {
+                Ok(c) => use_config(&c),
+                Err(e) => prop_assert!(e.0.starts_with("config pbs.toml:"), "{}", e),
+            }
+        }
+    }
 
     #[test]
     fn a_host_with_name_address_and_paths_is_enough() {

@@ -62,11 +62,16 @@ impl Schedule {
                 let spread = (*every / 10)
                     .min(MAX_JITTER)
                     .mul_f64(jitter.clamp(0.0, 1.0));
-                match last {
-                    Some(last) => last + chrono_duration(*every + spread),
+                // Saturating: an interval parsed from the configuration may be too long
+                // to add to a date (`"584542046090y"`), which means never, not a panic.
+                let next = match last {
+                    Some(last) => {
+                        last.checked_add_signed(chrono_duration(every.saturating_add(spread)))
+                    }
                     // Never run: soon, spread over the jitter so a fleet does not start at once.
-                    None => now + chrono_duration(spread),
-                }
+                    None => now.checked_add_signed(chrono_duration(spread)),
+                };
+                next.unwrap_or(DateTime::<Utc>::MAX_UTC)
             }
             Schedule::Cron { schedule, .. } => {
                 let from = last.unwrap_or(now).max(now - chrono::Duration::seconds(1));
@@ -164,6 +169,23 @@ mod tests {
         );
         // Never run: within the jitter from now.
         assert!(s.next_after(None, t0, 0.5) <= t0 + chrono::Duration::minutes(3));
+    }
+
+    /// Found by the configuration's robustness test (`hostile_configurations_...` in
+    /// lib.rs): an interval that parses but is too long to add to a date panicked
+    /// (`Duration` overflow, or `DateTime` overflow) when the daemon computed the next run.
+    #[test]
+    fn an_interval_too_long_to_add_to_a_date_means_never() {
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).unwrap();
+        for text in ["18446744073709551615s", "584542046090y", "300000y"] {
+            let s = Schedule::parse(text).unwrap();
+            assert_eq!(
+                s.next_after(Some(t0), t0, 1.0),
+                DateTime::<Utc>::MAX_UTC,
+                "{text}"
+            );
+            assert!(s.next_after(None, t0, 1.0) <= t0 + chrono::Duration::minutes(15));
+        }
     }
 
     #[test]

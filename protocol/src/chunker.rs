@@ -362,24 +362,65 @@ pub fn decode_blob_ref<'a>(
     }
 }
 
+/// The most a zstd frame can decode to per byte of it: every block takes at least 3
+/// bytes (its header) and decodes to at most 128 KiB.
+const ZSTD_MAX_BLOCK: u64 = 128 * 1024;
+
+/// The largest window a frame without a declared size may use (8 MiB, the window every
+/// decoder must support by RFC 8878); only such frames need a window buffer.
+const UNSIZED_WINDOW_LOG_MAX: u32 = 23;
+
+/// Decodes a blob's zstd frame. Memory follows what the frame can hold, never the
+/// limit alone: a frame that declares its size (every frame [`encode_blob`] writes does)
+/// is decoded in one call into a buffer of that size, once the size has been checked
+/// against the limit and against what the frame's bytes could decode to; a frame that
+/// declares none is decoded as a stream, its buffer growing with its actual output.
+/// (Sizing the buffer by the limit let a few bytes reserve the whole limit: 8 MiB for
+/// a chunk, 512 MiB for a tree; found by the `blob_decode` fuzz target.)
 fn decompress_frame(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     frame: &[u8],
     limit: usize,
 ) -> Result<Vec<u8>, BlobDecodeError> {
-    let size = zstd::zstd_safe::get_frame_content_size(frame)
-        .ok()
-        .flatten()
-        .unwrap_or(limit as u64);
-    if size > limit as u64 {
-        return Err(BlobDecodeError::TooLarge {
-            actual: size,
-            limit,
-        });
+    let corrupt = |why: &str| {
+        BlobDecodeError::Zstd(io::Error::new(io::ErrorKind::InvalidData, why.to_string()))
+    };
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Err(_) => Err(corrupt("not a zstd frame")),
+        Ok(Some(size)) => {
+            if size > limit as u64 {
+                return Err(BlobDecodeError::TooLarge {
+                    actual: size,
+                    limit,
+                });
+            }
+            if size > frame.len() as u64 / 3 * ZSTD_MAX_BLOCK {
+                return Err(corrupt("the frame declares more than its bytes can hold"));
+            }
+            decompressor
+                .decompress(frame, size as usize)
+                .map_err(BlobDecodeError::Zstd)
+        }
+        Ok(None) => {
+            let mut stream =
+                zstd::stream::read::Decoder::with_buffer(frame).map_err(BlobDecodeError::Zstd)?;
+            stream
+                .window_log_max(UNSIZED_WINDOW_LOG_MAX)
+                .map_err(BlobDecodeError::Zstd)?;
+            let mut out = Vec::new();
+            stream
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(BlobDecodeError::Zstd)?;
+            if out.len() > limit {
+                return Err(BlobDecodeError::TooLarge {
+                    actual: out.len() as u64,
+                    limit,
+                });
+            }
+            Ok(out)
+        }
     }
-    decompressor
-        .decompress(frame, size as usize)
-        .map_err(BlobDecodeError::Zstd)
 }
 
 #[cfg(test)]
@@ -461,9 +502,109 @@ mod tests {
             let mut d = zstd::bulk::Decompressor::new().unwrap();
             let enc = encode_blob(&mut c, data.clone()).unwrap();
             prop_assert!(enc.len() <= data.len() + 1);
+            // Every blob we write declares its size (decode_blob relies on it for speed).
+            prop_assert_eq!(declared_plain_len(&enc), Some(data.len() as u64));
             prop_assert_eq!(&*decode_blob_ref(&mut d, &enc, 1 << 20).unwrap(), data.as_slice());
             prop_assert_eq!(decode_blob(&mut d, enc, 1 << 20).unwrap(), data);
         }
+    }
+
+    /// Valid transfer encodings: zstd frames of compressible bytes, raw random ones.
+    fn arb_blob() -> impl Strategy<Value = Vec<u8>> {
+        (proptest::collection::vec(any::<u8>(), 0..200), 1usize..8).prop_map(|(data, repeat)| {
+            let mut c = zstd::bulk::Compressor::new(1).unwrap();
+            encode_blob(&mut c, data.repeat(repeat)).unwrap()
+        })
+    }
+
+    proptest! {
+        /// The stable counterpart of the `blob_decode` fuzz target (docs/fuzzing.md).
+        #[test]
+        fn hostile_blobs_are_refused_or_decoded_within_the_limit(
+            encoded in haul_mutate::inputs(arb_blob(), 200),
+            limit in 0usize..3000,
+        ) {
+            let mut d = zstd::bulk::Decompressor::new().unwrap();
+            let owned = decode_blob(&mut d, encoded.clone(), limit);
+            let borrowed = decode_blob_ref(&mut d, &encoded, limit);
+            match (owned, borrowed) {
+                (Ok(a), Ok(b)) => {
+                    prop_assert_eq!(&a, &*b);
+                    prop_assert!(a.len() <= limit);
+                    if let Some(n) = declared_plain_len(&encoded) {
+                        prop_assert_eq!(n, a.len() as u64);
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "decode_blob {:?} but decode_blob_ref {:?}", a, b),
+            }
+        }
+    }
+
+    /// A zstd frame without a content size: a 1 KiB window and raw blocks.
+    fn unsized_frame(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x00];
+        let blocks: Vec<&[u8]> = if data.is_empty() {
+            vec![&[]]
+        } else {
+            data.chunks(1024).collect()
+        };
+        for (i, block) in blocks.iter().enumerate() {
+            let last = u32::from(i + 1 == blocks.len());
+            out.extend_from_slice(&((block.len() as u32) << 3 | last).to_le_bytes()[..3]);
+            out.extend_from_slice(block);
+        }
+        out.push(BLOB_ZSTD);
+        out
+    }
+
+    /// Far more than this machine has: a decoder that sized its buffer by the limit
+    /// would abort the test.
+    const HUGE_LIMIT: usize = 1 << 40;
+
+    /// The first `blob_decode` fuzz crash: the zstd format byte after bytes that are no
+    /// zstd frame reserved the whole limit before zstd refused them.
+    #[test]
+    fn garbage_after_the_zstd_format_byte_does_not_reserve_the_limit() {
+        let crash =
+            b"\x28\xb5\x2f\xff\x60\x88\x12\x4d\x00\x00\x10\x00\x00\x01\x00\x83\xd3\x03\x2c\x01";
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let e = decode_blob_ref(&mut d, crash, HUGE_LIMIT).unwrap_err();
+        assert!(e.to_string().contains("not a zstd frame"), "{e}");
+    }
+
+    #[test]
+    fn a_frame_declaring_more_than_its_bytes_can_hold_is_refused_before_decoding() {
+        // Single segment, an 8-byte content size of 512 MiB, one empty raw block.
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0xe0];
+        frame.extend_from_slice(&(512u64 << 20).to_le_bytes());
+        frame.extend_from_slice(&[0x01, 0x00, 0x00, BLOB_ZSTD]);
+        assert_eq!(declared_plain_len(&frame), Some(512 << 20));
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let e = decode_blob(&mut d, frame, HUGE_LIMIT).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("declares more than its bytes can hold"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_frame_without_a_declared_size_decodes_as_a_stream_within_the_limit() {
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let data = noise(5000, 11);
+        let frame = unsized_frame(&data);
+        assert_eq!(declared_plain_len(&frame), None);
+        assert_eq!(
+            decode_blob(&mut d, frame.clone(), HUGE_LIMIT).unwrap(),
+            data
+        );
+        assert_eq!(decode_blob(&mut d, frame.clone(), 5000).unwrap(), data);
+        assert!(matches!(
+            decode_blob(&mut d, frame, 4999),
+            Err(BlobDecodeError::TooLarge { limit: 4999, .. })
+        ));
+        assert_eq!(decode_blob(&mut d, unsized_frame(b""), 0).unwrap(), b"");
     }
 
     #[test]

@@ -88,7 +88,45 @@ mod tests {
         }
     }
 
+    /// Pieces of the grammar and of what it refuses, for the mutations to insert.
+    const TOKENS: &[&[u8]] = &[
+        b" ",
+        b"'",
+        b"\\'",
+        b"\\",
+        b";",
+        b"$(",
+        b"`",
+        b"\"",
+        b"\n",
+        b"\t",
+        b"\x7f",
+        b"\xc3\xa9",
+        b"--path",
+        b"haul-agent",
+    ];
+
+    fn arb_command() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec("[^\\x00-\\x1f\\x7f-\\u{9f}]{0,8}", 1..5).prop_map(|words| {
+            let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+            join(&refs).into_bytes()
+        })
+    }
+
     proptest! {
+        /// The stable counterpart of the `command_split` fuzz target (docs/fuzzing.md):
+        /// whatever `split` accepts, `join` quotes back to the same words.
+        #[test]
+        fn accepted_commands_quote_back_to_their_words(
+            bytes in haul_mutate::inputs_with(arb_command(), 60, TOKENS),
+        ) {
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(words) = split(&text) {
+                let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+                prop_assert_eq!(split(&join(&refs)), Ok(words));
+            }
+        }
+
         #[test]
         fn join_then_split_gives_the_words_back(words in proptest::collection::vec("[^\\x00-\\x1f\\x7f-\\u{9f}]{0,12}", 1..6)) {
             let refs: Vec<&str> = words.iter().map(String::as_str).collect();

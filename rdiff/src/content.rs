@@ -271,6 +271,39 @@ mod tests {
         }
     }
 
+    /// Deltas fast_rsync makes between small related buffers, with their base.
+    fn arb_delta() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        (
+            proptest::collection::vec(0u8..4, 0..300),
+            proptest::collection::vec(any::<u8>(), 0..40),
+            any::<proptest::sample::Index>(),
+        )
+            .prop_map(|(base, ins, at)| {
+                let mut new = base.clone();
+                let at = at.index(new.len() + 1);
+                new.splice(at..at, ins);
+                let delta = delta_of(&base, &new, 16);
+                (base, delta)
+            })
+    }
+
+    proptest! {
+        /// The stable counterpart of the `rdiff_delta` fuzz target (docs/fuzzing.md):
+        /// a delta we apply, fast_rsync applies to the same result.
+        #[test]
+        fn hostile_deltas_are_refused_or_applied_as_fast_rsync_applies_them(
+            (base, delta) in arb_delta().prop_flat_map(|(base, delta)| {
+                (Just(base), haul_mutate::inputs(Just(delta), 60))
+            }),
+        ) {
+            if let Ok(out) = apply(&Content::Bytes(base.clone()), &delta[..]) {
+                let mut theirs = Vec::new();
+                prop_assert!(fast_rsync::apply(&base, &delta, &mut theirs).is_ok());
+                prop_assert_eq!(bytes_of(&out), theirs);
+            }
+        }
+    }
+
     #[test]
     fn a_large_version_spills_to_a_file_and_reads_back() {
         let base: Vec<u8> = (0..INLINE_LIMIT as u32 / 2 + 1000)

@@ -412,6 +412,70 @@ fn principal(who: &[u8], user: bool) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The metadata formats' fields and escapes, for the mutations to insert.
+    const TOKENS: &[&[u8]] = &[
+        b"\n",
+        b"File ",
+        b"  Type ",
+        b"reg",
+        b"dev",
+        b"  DeviceNum ",
+        b"c 1 3",
+        b"  Size ",
+        b"  SHA1Digest ",
+        b"-99999999999999999999",
+        b"\\",
+        b"\\n",
+        b"# file: ",
+        b"=0s",
+        b"=0x",
+        b"\\101",
+        b"\\777",
+        b"default:",
+        b"user:",
+        b"::",
+        b"rwx",
+        b"\0",
+    ];
+
+    /// Valid `mirror_metadata`, `extended_attributes` and `access_control_lists` texts.
+    const TEXTS: &[&[u8]] = &[
+            b"File .\n  Type dir\n  ModTime 1711623600\n  Uid 0\n  Uname root\n  Gid 0\n  Gname root\n  Permissions 493\nFile dir/f\n  Type reg\n  Size 20\n  NumHardLinks 3\n  Inode 10275319\n  DeviceLoc 65024\n  SHA1Digest 5c8bff62f4401ea2e4e2b4ca972bff665ec65060\n  ModTime -315619200\n  Uid 1234\n  Uname :\n  Gid 0\n  Gname root\n  Permissions 2541\n",
+            b"File odd\\nname\n  Type sym\n  SymData odd\\ntarget\\\\x\n  Uid 0\n  Gid 0\n  Permissions 511\nFile cdev\n  Type dev\n  DeviceNum c 1 3\nFile gone\n  Type None\n",
+            b"# file: xattr.txt\nuser.comment=0sc2Vjb25kIHZhbHVl\nuser.binary=0sAP8Q\nuser.hex=0x00ff\n# file: odd\\040name\nuser.a=\"b\"\nuser.empty\n",
+            b"# file: acl.txt\nuser::rw-\nuser:1234:r--\ngroup::r--\ngroup:5678:rw-\nmask::rw-\nother::r--\ndefault:user::rwx\ndefault:other::---\n",
+    ];
+
+    fn arb_text() -> impl Strategy<Value = Vec<u8>> {
+        proptest::sample::select(TEXTS).prop_map(<[u8]>::to_vec)
+    }
+
+    proptest! {
+        /// The stable counterpart of the `rdiff_meta` fuzz target (docs/fuzzing.md).
+        #[test]
+        fn hostile_metadata_is_refused_or_parsed_consistently(
+            text in haul_mutate::inputs_with(arb_text(), 200, TOKENS),
+        ) {
+            if let Ok(records) = parse_records(&text, "mirror_metadata") {
+                let files = text.split(|b| *b == b'\n').filter(|l| l.starts_with(b"File ")).count();
+                prop_assert_eq!(records.len(), files);
+                let mut tree = Tree::new();
+                apply_diff(&mut tree, records);
+            }
+            if let Ok(x) = parse_xattrs(&text, "extended_attributes") {
+                for attrs in x.values() {
+                    prop_assert!(attrs.windows(2).all(|w| w[0].0 < w[1].0), "{:?}", attrs);
+                }
+            }
+            if let Ok(x) = parse_acls(&text, "access_control_lists") {
+                for (_, value) in x.values().flatten() {
+                    prop_assert_eq!(value.len() % 8, 4);
+                }
+            }
+        }
+    }
 
     #[test]
     fn records_parse_with_their_odd_fields() {

@@ -284,6 +284,98 @@ impl Quoting {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn kind_word(kind: IncKind) -> &'static str {
+        match kind {
+            IncKind::Snapshot => "snapshot",
+            IncKind::Diff => "diff",
+            IncKind::Missing => "missing",
+            IncKind::Dir => "dir",
+            IncKind::Data => "data",
+        }
+    }
+
+    /// Increment names, timestrings and `chars_to_quote` classes.
+    fn arb_name() -> impl Strategy<Value = Vec<u8>> {
+        (
+            "[a-z.;]{0,6}",
+            (
+                1901i64..2100,
+                1i64..13,
+                1i64..32,
+                0i64..24,
+                0i64..60,
+                0i64..62,
+            ),
+            proptest::sample::select(&["Z", "+01:00", "-04:30", "+02-00"][..]),
+            proptest::sample::select(&["snapshot", "diff", "missing", "dir", "data"][..]),
+            any::<bool>(),
+        )
+            .prop_map(|(base, (y, mo, d, h, mi, s), zone, kind, gz)| {
+                let gz = if gz { ".gz" } else { "" };
+                format!("{base}.{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{zone}.{kind}{gz}")
+                    .into_bytes()
+            })
+    }
+
+    const TOKENS: &[&[u8]] = &[
+        b".",
+        b"-",
+        b":",
+        b"T",
+        b"+",
+        b"Z",
+        b".gz",
+        b".diff",
+        b";",
+        b";059",
+        b"\\",
+        b"\\073",
+        b"\xc3\xa9",
+    ];
+
+    proptest! {
+        /// The stable counterpart of the `rdiff_names` fuzz target (docs/fuzzing.md): a
+        /// parsed increment name is its parts joined again.
+        #[test]
+        fn hostile_increment_names_are_refused_or_their_parts(
+            name in haul_mutate::inputs_with(arb_name(), 60, TOKENS),
+        ) {
+            if let Some(t) = std::str::from_utf8(&name).ok().and_then(parse_time) {
+                prop_assert_eq!(t.raw.as_bytes(), &name[..]);
+            }
+            if let Some(n) = parse_inc(&name) {
+                let mut again = n.base.clone();
+                again.extend_from_slice(format!(".{}.{}", n.time.raw, kind_word(n.kind)).as_bytes());
+                if n.gz {
+                    again.extend_from_slice(b".gz");
+                }
+                prop_assert_eq!(again, name);
+                prop_assert!((-2_200_000_000..4_200_000_000).contains(&n.time.epoch));
+            }
+        }
+
+        /// Whatever `chars_to_quote` and `special_escapes` say, a quoted name unquotes
+        /// to itself.
+        #[test]
+        fn quoted_names_unquote_to_themselves(
+            class in haul_mutate::inputs_with(Just(b"A-Z:\\\\\\073".to_vec()), 12, TOKENS),
+            dos in any::<bool>(),
+            trailing in any::<bool>(),
+            name in haul_mutate::inputs_with(Just(b"Con.TXT ;0a ".to_vec()), 16, TOKENS),
+        ) {
+            let escapes = [
+                if dos { &b"escape_dos_devices\n"[..] } else { b"" },
+                if trailing { b"escape_trailing_spaces\n" } else { b"" },
+            ]
+            .concat();
+            if let Ok(q) = Quoting::parse(&class).and_then(|q| q.with_special_escapes(&escapes)) {
+                let _ = q.unquote(&name);
+                prop_assert_eq!(q.unquote(&q.quote(&name)), name);
+            }
+        }
+    }
 
     #[test]
     fn timestrings_parse_as_rdiff_backup_parses_them() {

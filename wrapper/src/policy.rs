@@ -352,6 +352,7 @@ fn flag_once(slot: &mut bool, flag: &str) -> Result<(), Denied> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const POLICY: &str = r#"
 agent = "/usr/local/bin/haul-agent"
@@ -366,6 +367,105 @@ restore_targets = ["/var/restore"]
 
     fn refused(cmd: &str) -> String {
         policy().admit(cmd).unwrap_err().0
+    }
+
+    /// Commands the pbs sends, quoted as it quotes them.
+    fn arb_command() -> impl Strategy<Value = Vec<u8>> {
+        let path = || {
+            proptest::sample::select(
+                &[
+                    "/srv/www",
+                    "/etc",
+                    "/srv/it's",
+                    "/srv/a b",
+                    "/etc/../root",
+                    "/home",
+                ][..],
+            )
+        };
+        (
+            any::<bool>(),
+            path(),
+            path(),
+            "[a-z0-9]{1,6}",
+            any::<(bool, bool)>(),
+        )
+            .prop_map(|(backup, a, b, sock, (stdin, extra))| {
+                let socket = format!("/run/haul/{sock}.sock");
+                let mut words: Vec<&str> = vec!["haul-agent"];
+                if backup {
+                    words.extend(["backup", "--socket", &socket, "--path", a, "--path", b]);
+                    if extra {
+                        words.extend(["--exclude", "*.tmp", "--one-file-system"]);
+                    }
+                } else {
+                    words.extend(["restore", "--socket", &socket, "--snapshot", "latest"]);
+                    words.extend(["--target", "/var/restore/web", "--include", a]);
+                    if extra {
+                        words.extend(["--threads", "4"]);
+                    }
+                }
+                if stdin {
+                    words.push("--params-stdin");
+                }
+                haul_protocol::command::join(&words).into_bytes()
+            })
+    }
+
+    const TOKENS: &[&[u8]] = &[
+        b" ",
+        b"'",
+        b"\\'",
+        b"--socket",
+        b"--path",
+        b"--target",
+        b"--snapshot",
+        b"--threads",
+        b"/run/haul/x.sock",
+        b"/..",
+        b"//",
+        b"/.",
+        b"=",
+        b";",
+        b"$(id)",
+        b"\n",
+        b"\xc3\xa9",
+    ];
+
+    proptest! {
+        /// The stable counterpart of the `wrapper_policy` fuzz target (docs/fuzzing.md):
+        /// admitted arguments, quoted and admitted again, come back unchanged.
+        #[test]
+        fn hostile_commands_are_refused_or_admitted_stably(
+            bytes in haul_mutate::inputs_with(arb_command(), 120, TOKENS),
+        ) {
+            let p = policy();
+            let command = String::from_utf8_lossy(&bytes);
+            if let Ok(args) = p.admit(&command) {
+                prop_assert!(args[0] == "backup" || args[0] == "restore");
+                let socket = &args[args.iter().position(|a| a == "--socket").unwrap() + 1];
+                prop_assert_eq!(Path::new(socket).parent(), Some(p.socket_dir.as_path()));
+                let mut words = vec!["haul-agent"];
+                words.extend(args.iter().map(String::as_str));
+                prop_assert_eq!(p.admit(&haul_protocol::command::join(&words)), Ok(args));
+            }
+        }
+
+        /// A policy file is refused with its name, or every path in it is absolute and
+        /// normal.
+        #[test]
+        fn hostile_policies_are_refused_or_absolute(
+            bytes in haul_mutate::inputs_with(Just(POLICY.as_bytes().to_vec()), 120, TOKENS),
+        ) {
+            match Policy::parse(&String::from_utf8_lossy(&bytes), "wrapper.toml") {
+                Ok(p) => {
+                    for path in [&p.agent, &p.socket_dir].into_iter().chain(&p.backup_roots).chain(&p.restore_targets) {
+                        prop_assert!(path.is_absolute() && normal(path), "{}", path.display());
+                    }
+                }
+                Err(e) => prop_assert!(e.0.starts_with("policy wrapper.toml"), "{}", e),
+            }
+        }
     }
 
     #[test]

@@ -61,3 +61,71 @@ impl RepoConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::lock_file::LockFile;
+    use proptest::prelude::*;
+
+    fn arb_files() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<bool>(),
+            any::<(u32, u32, u32, u64)>(),
+            any::<(i32, u32)>(),
+        )
+            .prop_map(
+                |(lock, (min_size, avg_size, max_size, seed), (compression_level, pack_size))| {
+                    if lock {
+                        return serde_json::to_vec(&LockFile {
+                            exclusive: seed.is_multiple_of(2),
+                            time: chrono::DateTime::from_timestamp(min_size.into(), 0).unwrap(),
+                            hostname: "pbs".into(),
+                            pid: avg_size,
+                            purpose: "backup".into(),
+                        })
+                        .unwrap();
+                    }
+                    let mut c = RepoConfig::new(compression_level);
+                    // Around the sizes FastCDC accepts, and anywhere.
+                    let near = |v: u32, at: u32| {
+                        if v.is_multiple_of(2) {
+                            v
+                        } else {
+                            at + v % 64 - 32
+                        }
+                    };
+                    c.chunker = ChunkerParams {
+                        min_size: near(min_size, 64),
+                        avg_size: near(avg_size, 256),
+                        max_size: near(max_size, 1024),
+                        seed,
+                    };
+                    c.pack_size = pack_size;
+                    serde_json::to_vec(&c).unwrap()
+                },
+            )
+    }
+
+    proptest! {
+        /// The stable counterpart of the `repo_config` fuzz target (docs/fuzzing.md): a
+        /// config that validates builds a chunker (FastCDC asserts on the sizes it does
+        /// not support), and both files round-trip through serde.
+        #[test]
+        fn hostile_configs_and_locks_are_refused_or_usable(
+            bytes in haul_mutate::inputs_with(arb_files(), 200, haul_mutate::JSON),
+        ) {
+            if let Ok(c) = serde_json::from_slice::<RepoConfig>(&bytes) {
+                let again: RepoConfig = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+                prop_assert_eq!(&again, &c);
+                if c.validate().is_ok() {
+                    drop(haul_protocol::chunker::Chunker::new(c.chunker));
+                }
+            }
+            if let Ok(l) = serde_json::from_slice::<LockFile>(&bytes) {
+                let again: LockFile = serde_json::from_slice(&serde_json::to_vec(&l).unwrap()).unwrap();
+                prop_assert_eq!(again, l);
+            }
+        }
+    }
+}

@@ -76,3 +76,45 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<IndexedPack>, &'static str> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_index() -> impl Strategy<Value = Vec<u8>> {
+        let entry = (any::<bool>(), any::<[u8; 32]>(), any::<(u32, u32, u32)>()).prop_map(
+            |(tree, id, (offset, length, raw_length))| PackEntry {
+                kind: if tree { BlobKind::Tree } else { BlobKind::Data },
+                id,
+                offset,
+                length,
+                raw_length,
+            },
+        );
+        proptest::collection::vec(
+            (any::<[u8; 32]>(), proptest::collection::vec(entry, 0..3)),
+            0..3,
+        )
+        .prop_map(|packs| {
+            let packs: Vec<IndexedPack> = packs
+                .into_iter()
+                .map(|(pack, blobs)| IndexedPack {
+                    pack: PackId(pack),
+                    blobs,
+                })
+                .collect();
+            encode(&packs)
+        })
+    }
+
+    proptest! {
+        /// The stable counterpart of the `index_file` fuzz target (docs/fuzzing.md).
+        #[test]
+        fn hostile_index_files_are_refused_or_canonical(bytes in haul_mutate::inputs(arb_index(), 200)) {
+            if let Ok(packs) = decode(&bytes) {
+                prop_assert_eq!(encode(&packs), bytes);
+            }
+        }
+    }
+}

@@ -50,3 +50,57 @@ pub struct Snapshot {
     pub source: SourceKind,
     pub summary: Summary,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_snapshot() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0i64..4_000_000_000,
+            "[a-z0-9-]{0,8}",
+            proptest::collection::vec("/[a-z]{0,6}", 0..3),
+            any::<[u8; 32]>(),
+            proptest::option::of(any::<[u8; 32]>()),
+            any::<(u64, u64, bool)>(),
+        )
+            .prop_map(
+                |(secs, host, paths, tree, parent, (files_new, bytes_new, pretty))| {
+                    let s = Snapshot {
+                        time: chrono::DateTime::from_timestamp(secs, 0).unwrap(),
+                        host,
+                        paths,
+                        tags: vec!["nightly".into()],
+                        tree: TreeId(tree),
+                        parent: parent.map(haul_protocol::SnapshotId),
+                        source: SourceKind::Pull,
+                        summary: Summary {
+                            files_new,
+                            bytes_new,
+                            ..Summary::default()
+                        },
+                    };
+                    if pretty {
+                        serde_json::to_vec_pretty(&s).unwrap()
+                    } else {
+                        serde_json::to_vec(&s).unwrap()
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// The stable counterpart of the `snapshot` fuzz target (docs/fuzzing.md): an
+        /// accepted snapshot serializes and parses back to itself.
+        #[test]
+        fn hostile_snapshots_are_refused_or_round_trip(
+            bytes in haul_mutate::inputs_with(arb_snapshot(), 200, haul_mutate::JSON),
+        ) {
+            if let Ok(s) = serde_json::from_slice::<Snapshot>(&bytes) {
+                let again: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+                prop_assert_eq!(again, s);
+            }
+        }
+    }
+}
