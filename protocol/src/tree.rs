@@ -35,6 +35,10 @@ use crate::id::{ChunkId, TreeId};
 
 const MAGIC: &[u8; 4] = b"HTR1";
 const MAGIC_FLAGS: &[u8; 4] = b"HTR2";
+/// The fewest bytes a node encodes to: a one-byte name with its length, then a byte for
+/// each other field (kind, mode, uid, gid, user, group, size, mtime and ctime in two
+/// each, inode, device, nlink, rdev, target, xattr and content counts, subtree flag).
+const MIN_NODE_BYTES: usize = 21;
 
 /// What kind of file a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -222,40 +226,69 @@ impl Tree {
 
     /// Parses a canonical encoding, rejecting anything [`Tree::encode`] would not produce.
     pub fn decode(bytes: &[u8]) -> Result<Tree, DecodeError> {
+        let mut nodes = Vec::new();
+        Tree::for_each_node(bytes, |node| {
+            nodes.push(node);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|e| match e {
+            VisitError::Decode(d) => d,
+            VisitError::Visitor(never) => match never {},
+        })?;
+        Ok(Tree { nodes })
+    }
+
+    /// Checks a canonical encoding as [`Tree::decode`] does, handing each node to
+    /// `visit` as it is decoded instead of keeping them all: memory is one node, not
+    /// the directory (a node takes ten times its smallest encoding in memory, and the
+    /// server checks every tree a host uploads). On a visitor's error, stops with it.
+    pub fn for_each_node<E>(
+        bytes: &[u8],
+        mut visit: impl FnMut(Node) -> Result<(), E>,
+    ) -> Result<(), VisitError<E>> {
         let mut r = Reader { buf: bytes, pos: 0 };
         let flagged = match r.take(4)? {
             m if m == MAGIC => false,
             m if m == MAGIC_FLAGS => true,
-            _ => return Err(r.err("not a haul tree (bad magic)")),
+            _ => return Err(r.err("not a haul tree (bad magic)").into()),
         };
         let count = r.varint()?;
-        // Every node takes at least one byte, so a larger count is a lie (and must not
-        // size an allocation).
-        if count > r.remaining() as u64 {
-            return Err(r.err("node count larger than the encoding"));
+        // Every node takes at least MIN_NODE_BYTES: a larger count is a lie.
+        if count > (r.remaining() / MIN_NODE_BYTES) as u64 {
+            return Err(r.err("node count larger than the encoding").into());
         }
-        let mut nodes = Vec::with_capacity(count as usize);
-        for _ in 0..count {
+        let mut prev: Vec<u8> = Vec::new();
+        let mut any_flag = false;
+        for i in 0..count {
             let mut node = decode_node(&mut r)?;
             if flagged {
                 node.flags = NodeFlags(r.varint()?);
+                any_flag |= !node.flags.is_empty();
             }
-            if let Some(prev) = nodes.last() {
-                let prev: &Node = prev;
-                if prev.name >= node.name {
-                    return Err(r.err("node names not sorted and unique"));
-                }
+            if i > 0 && prev >= node.name {
+                return Err(r.err("node names not sorted and unique").into());
             }
-            nodes.push(node);
+            prev.clear();
+            prev.extend_from_slice(&node.name);
+            visit(node).map_err(VisitError::Visitor)?;
         }
         if r.pos != bytes.len() {
-            return Err(r.err("trailing bytes after the last node"));
+            return Err(r.err("trailing bytes after the last node").into());
         }
-        if flagged && nodes.iter().all(|n| n.flags.is_empty()) {
-            return Err(r.err("flagged tree without a flagged node"));
+        if flagged && !any_flag {
+            return Err(r.err("flagged tree without a flagged node").into());
         }
-        Ok(Tree { nodes })
+        Ok(())
     }
+}
+
+/// Why [`Tree::for_each_node`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum VisitError<E> {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    Visitor(E),
 }
 
 fn encode_node(out: &mut Vec<u8>, n: &Node) {
@@ -325,7 +358,8 @@ fn decode_node(r: &mut Reader<'_>) -> Result<Node, DecodeError> {
     let rdev = r.varint()?;
     let target = r.bytes()?.to_vec();
     let nx = r.varint()?;
-    if nx > r.remaining() as u64 {
+    // A pair takes at least two bytes (two empty lengths), however it is counted.
+    if nx > (r.remaining() / 2) as u64 {
         return Err(r.err("xattr count larger than the encoding"));
     }
     let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(nx as usize);
@@ -593,6 +627,42 @@ mod tests {
         assert_eq!(
             Tree::decode(&forged).unwrap_err().reason,
             "flagged tree without a flagged node"
+        );
+    }
+
+    /// Found by the tree_decode fuzz target: a node count near the input's length made
+    /// the decoder reserve 264 bytes per input byte (26 GB for a 100 MB upload).
+    #[test]
+    fn a_node_count_the_bytes_cannot_hold_reserves_nothing() {
+        let mut lie = MAGIC.to_vec();
+        put_varint(&mut lie, 100_000_000);
+        lie.resize(lie.len() + 64 * 1024, 0);
+        assert_eq!(
+            Tree::decode(&lie).unwrap_err().reason,
+            "node count larger than the encoding"
+        );
+        // A count the bytes could hold decodes node by node and fails at the first.
+        let mut zeros = MAGIC.to_vec();
+        put_varint(&mut zeros, 3000);
+        zeros.resize(zeros.len() + 64 * 1024, 0);
+        assert_eq!(
+            Tree::decode(&zeros).unwrap_err().reason,
+            "invalid node name"
+        );
+        // Likewise an xattr count.
+        let mut out = MAGIC.to_vec();
+        put_varint(&mut out, 1);
+        let node = Node {
+            name: b"x".to_vec(),
+            ..Default::default()
+        };
+        encode_node(&mut out, &node);
+        let at = out.len() - 3; // xattr count, content count, subtree flag
+        out[at] = 0x80;
+        out.insert(at + 1, 0x40); // 8192 pairs in three bytes
+        assert_eq!(
+            Tree::decode(&out).unwrap_err().reason,
+            "xattr count larger than the encoding"
         );
     }
 

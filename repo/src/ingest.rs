@@ -31,7 +31,7 @@ use crate::format::snapshot::{Snapshot, SourceKind, Summary};
 use crate::lock::LockGuard;
 use crate::repository::{IndexedRepository, MAX_TREE_BYTES};
 use haul_protocol::chunker::{decode_blob_ref, encode_blob, ChunkerParams};
-use haul_protocol::tree::{NodeKind, Tree};
+use haul_protocol::tree::{NodeKind, Tree, VisitError};
 use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 use std::cell::RefCell;
@@ -458,9 +458,7 @@ impl<'r> IngestSession<'r> {
             });
         }
         if kind == BlobKind::Tree {
-            let tree = Tree::decode(plain)
-                .map_err(|e| Error::InvalidInput(format!("tree {}: {e}", hex::encode(claimed))))?;
-            self.receive_tree(TreeId(*claimed), &tree)?;
+            self.receive_tree(TreeId(*claimed), plain)?;
         }
         Ok(())
     }
@@ -468,18 +466,21 @@ impl<'r> IngestSession<'r> {
     /// Notes what a verified tree refers to (see [`Received`]). Noting a tree whose
     /// storing then fails is harmless: `commit` checks that every tree it reaches is
     /// in the index before it looks at its children.
-    fn receive_tree(&self, id: TreeId, tree: &Tree) -> Result<()> {
+    ///
+    /// The tree is checked node by node, never held whole: its bytes (bounded by the
+    /// upload's budget) are all the memory it takes.
+    fn receive_tree(&self, id: TreeId, plain: &[u8]) -> Result<()> {
         if self
             .received
             .lock()
             .expect("received trees")
             .contains_key(&id)
         {
-            return Ok(());
+            return Ok(()); // the same bytes (they hash to its id): valid
         }
         let index = self.repo.index();
         let mut r = Received::default();
-        for node in &tree.nodes {
+        Tree::for_each_node(plain, |node| {
             match node.subtree {
                 Some(sub) => r.subtrees.push(sub),
                 None if node.kind == NodeKind::Dir => {
@@ -493,7 +494,14 @@ impl<'r> IngestSession<'r> {
                     r.chunks_to_check.push((*c, node.name.clone()));
                 }
             }
-        }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            VisitError::Decode(d) => {
+                Error::InvalidInput(format!("tree {}: {d}", hex::encode(id.0)))
+            }
+            VisitError::Visitor(e) => e,
+        })?;
         self.received.lock().expect("received trees").insert(id, r);
         Ok(())
     }
