@@ -971,6 +971,7 @@ fn an_agent_flooding_warnings_does_not_grow_the_pbs() {
     let rec = records.last().unwrap();
     assert_eq!(rec["status"], "failed", "{rec}");
     let rss = rec["pbs_peak_rss_kib"].as_u64().unwrap();
+    eprintln!("pbs peak: {rss} KiB under 100,000 warnings, {normal_rss} KiB for a normal pull");
     assert!(
         rss < normal_rss + 16 * 1024,
         "the pbs grew to {rss} KiB (a normal pull: {normal_rss} KiB)"
