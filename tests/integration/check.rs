@@ -62,23 +62,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
     for via_agent in [false, true] {
         let target = env.path(if via_agent { "out-agent" } else { "out" });
         let t = target.display().to_string();
-        let mut args = vec!["--json", "restore", "latest", "--target", &t];
-        if via_agent {
-            args.push("--via-agent");
-        }
-        let run = env.pbs(&args).expect(3);
-        let warnings: Vec<serde_json::Value> = run
-            .json()
-            .into_iter()
-            .map(|v| {
-                if v["type"] == "agent" {
-                    v["event"].clone()
-                } else {
-                    v
-                }
-            })
-            .filter(|v| v["type"] == "warning")
-            .collect();
+        let (run, warnings) = restore_with_problems(&env, &t, via_agent);
         assert_eq!(warnings.len(), 1, "{}\n{}", run.stdout, run.stderr);
         let restored = target.join(src.strip_prefix("/").unwrap());
         assert_eq!(
@@ -172,6 +156,33 @@ fn a_file_whose_size_disagrees_with_its_chunks_is_named_by_check_and_restore() {
     );
     assert!(!target.join("grown.log").exists());
     assert_eq!(fs::read(target.join("ok.txt")).unwrap(), b"fine\n");
+}
+
+/// `restore latest --target T` (through the agent if `via_agent`) that must exit 3;
+/// the run and the problems it named (the agent's relayed ones too).
+fn restore_with_problems(
+    env: &Env,
+    target: &str,
+    via_agent: bool,
+) -> (Run, Vec<serde_json::Value>) {
+    let mut args = vec!["--json", "restore", "latest", "--target", target];
+    if via_agent {
+        args.push("--via-agent");
+    }
+    let run = env.pbs(&args).expect(3);
+    let problems = run
+        .json()
+        .into_iter()
+        .map(|v| {
+            if v["type"] == "agent" {
+                v["event"].clone()
+            } else {
+                v
+            }
+        })
+        .filter(|v| v["type"] == "warning")
+        .collect();
+    (run, problems)
 }
 
 #[test]
@@ -297,24 +308,8 @@ fn a_damaged_directory_listing_leaves_out_that_directory_only() {
     for via_agent in [false, true] {
         let target = env.path(if via_agent { "out-agent" } else { "out" });
         let t = target.display().to_string();
-        let mut args = vec!["--json", "restore", "latest", "--target", &t];
-        if via_agent {
-            args.push("--via-agent");
-        }
-        let run = env.pbs(&args).expect(3);
+        let (run, warnings) = restore_with_problems(&env, &t, via_agent);
         let restored = target.join(src.strip_prefix("/").unwrap());
-        let warnings: Vec<serde_json::Value> = run
-            .json()
-            .into_iter()
-            .map(|v| {
-                if v["type"] == "agent" {
-                    v["event"].clone()
-                } else {
-                    v
-                }
-            })
-            .filter(|v| v["type"] == "warning")
-            .collect();
         assert_eq!(warnings.len(), 1, "{}\n{}", run.stdout, run.stderr);
         assert_eq!(
             warnings[0]["path"],

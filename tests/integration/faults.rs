@@ -269,25 +269,9 @@ fn a_daemon_whose_agents_all_fail_at_start_keeps_running_and_records_each() {
     )
     .unwrap();
     let log = env.path("daemon.log");
-    let mut guard = KillOnDrop(
-        std::process::Command::new(bin("haul-pbs"))
-            .args(["daemon", "--grace", "5s", "--config"])
-            .arg(&config)
-            .env("HAUL_CACHE_DIR", env.path("cache"))
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut guard = start_daemon(&env, &config, &log);
     let daemon = &mut guard.0;
-    let records = || {
-        fs::read_to_string(state.join("runs.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["kind"] == "pull")
-            .collect::<Vec<_>>()
-    };
+    let records = || pull_records(&state);
     let t = Instant::now();
     while records().len() < 5 {
         let exited = daemon.try_wait().unwrap();
@@ -529,6 +513,31 @@ fn a_silent_agent_is_stopped_at_the_stall_limit() {
     assert_eq!(run.code, 0, "{}", run.stderr);
 }
 
+/// `haul-pbs daemon` on `config` (with the built agent), logging to `log`.
+fn start_daemon(env: &Env, config: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        std::process::Command::new(bin("haul-pbs"))
+            .args(["daemon", "--grace", "5s", "--config"])
+            .arg(config)
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env("HAUL_AGENT", bin("haul-agent"))
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The pull records of the history in `state`, oldest first.
+fn pull_records(state: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(state.join("runs.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "pull")
+        .collect()
+}
+
 /// A child process killed and reaped however the test ends.
 struct KillOnDrop(std::process::Child);
 
@@ -561,26 +570,9 @@ fn a_daemon_survives_its_agents_killed_mid_upload() {
         ),
     )
     .unwrap();
-    let mut daemon = KillOnDrop(
-        std::process::Command::new(bin("haul-pbs"))
-            .args(["daemon", "--grace", "5s", "--config"])
-            .arg(&config)
-            .env("HAUL_CACHE_DIR", env.path("cache"))
-            .env("HAUL_AGENT", bin("haul-agent"))
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(env.path("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut daemon = start_daemon(&env, &config, &env.path("daemon.log"));
     let daemon = &mut daemon.0;
-    let pulls = || {
-        fs::read_to_string(state.join("runs.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["kind"] == "pull")
-            .collect::<Vec<_>>()
-    };
+    let pulls = || pull_records(&state);
     let t = Instant::now();
     let mut killed = 0;
     let mut round = 0u64;

@@ -1018,13 +1018,7 @@ fn clients_that_hang_up_mid_upload_do_not_kill_the_server() {
     // The session is still there and answers; given up, it makes way for the agent's.
     let gone = post(&sock, "/v1/backup/abandon", b"");
     assert_eq!(gone.status, 200, "{}", gone.describe());
-    let out = Command::new(bin("haul-agent"))
-        .args(["backup", "--host", "h", "--parent", "none", "--socket"])
-        .arg(&sock)
-        .arg("--path")
-        .arg(&src)
-        .output()
-        .unwrap();
+    let out = agent_backup(&sock, "h", &src);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -1123,13 +1117,7 @@ fn stalled_heads_bodies_and_connections_are_cut_at_their_limits() {
     let gone = post(&sock, "/v1/backup/abandon", b"");
     assert_eq!(gone.status, 200, "{}", gone.describe());
     // An agent's backup still works on this server.
-    let out = Command::new(bin("haul-agent"))
-        .args(["backup", "--host", "h", "--parent", "none", "--socket"])
-        .arg(&sock)
-        .arg("--path")
-        .arg(&src)
-        .output()
-        .unwrap();
+    let out = agent_backup(&sock, "h", &src);
     assert!(
         out.status.success(),
         "{}",
@@ -1153,6 +1141,17 @@ fn stalled_heads_bodies_and_connections_are_cut_at_their_limits() {
         t.elapsed()
     );
     assert_eq!(env.pbs(&["--json", "snapshots"]).expect(0).json().len(), 1);
+}
+
+/// `haul-agent backup` of `path` for `host` into the server on `sock`.
+fn agent_backup(sock: &Path, host: &str, path: &Path) -> std::process::Output {
+    Command::new(bin("haul-agent"))
+        .args(["backup", "--host", host, "--parent", "none", "--socket"])
+        .arg(sock)
+        .arg("--path")
+        .arg(path)
+        .output()
+        .unwrap()
 }
 
 /// Peak resident memory of process `pid`, in KiB.
@@ -1201,13 +1200,7 @@ fn decompression_bombs_are_bounded_by_what_their_frames_were_counted_as() {
     assert!(after < 100 * 1024, "the server grew to {after} KiB");
     // The session is unharmed: an agent's backup goes through after it is given up.
     post(&sock, "/v1/backup/abandon", b"");
-    let out = Command::new(bin("haul-agent"))
-        .args(["backup", "--host", "h", "--parent", "none", "--socket"])
-        .arg(&sock)
-        .arg("--path")
-        .arg(&src)
-        .output()
-        .unwrap();
+    let out = agent_backup(&sock, "h", &src);
     assert!(
         out.status.success(),
         "{}",

@@ -736,22 +736,8 @@ fn a_host_that_never_answers_is_cut_at_the_stall_limit() {
     let (env, src) = Env::with_one_file();
     let sshd = Sshd::start(&env.path("sshd"), &[&src]);
     let config = sshd.pbs_config("web-1", &[&src]);
-    let policy = sshd.dir.join("wrapper.toml");
-    let honest = fs::read_to_string(&policy).unwrap();
     let silent = env.path("silent-agent");
-    fs::write(&silent, "#!/bin/sh\nexec sleep 600\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&silent, fs::Permissions::from_mode(0o755)).unwrap();
-    let agent_line = honest.lines().next().unwrap().to_string();
-    fs::write(
-        &policy,
-        honest.replacen(
-            &agent_line,
-            &format!("agent = {:?}", silent.display().to_string()),
-            1,
-        ),
-    )
-    .unwrap();
+    let honest = put_in_place_of_the_agent(&sshd, &silent, "#!/bin/sh\nexec sleep 600\n");
     let (c, state) = (config.display().to_string(), env.path("state"));
     let s = state.display().to_string();
     let t = std::time::Instant::now();
@@ -779,7 +765,7 @@ fn a_host_that_never_answers_is_cut_at_the_stall_limit() {
         "{rec}"
     );
     sshd.assert_nothing_listening();
-    fs::write(&policy, honest).unwrap();
+    fs::write(sshd.dir.join("wrapper.toml"), honest).unwrap();
     env.pbs(&[
         "pull",
         "web-1",
@@ -812,10 +798,9 @@ fn sixteen_unread_channels_do_not_grow_the_pbs() {
         .as_u64()
         .unwrap();
 
-    let policy = sshd.dir.join("wrapper.toml");
-    let honest = fs::read_to_string(&policy).unwrap();
     let flood = env.path("unread-channels");
-    fs::write(
+    let honest = put_in_place_of_the_agent(
+        &sshd,
         &flood,
         r#"#!/usr/bin/python3
 import socket, sys, time
@@ -840,20 +825,7 @@ while time.time() < deadline:
 print("sent %d bytes, read none" % sent, file=sys.stderr)
 sys.exit(1)
 "#,
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&flood, fs::Permissions::from_mode(0o755)).unwrap();
-    let agent_line = honest.lines().next().unwrap().to_string();
-    fs::write(
-        &policy,
-        honest.replacen(
-            &agent_line,
-            &format!("agent = {:?}", flood.display().to_string()),
-            1,
-        ),
-    )
-    .unwrap();
+    );
     let t = std::time::Instant::now();
     let run = env.pbs(&[
         "pull",
@@ -883,7 +855,27 @@ sys.exit(1)
         "the pbs grew to {rss} KiB (a normal pull: {normal_rss} KiB)"
     );
     sshd.assert_nothing_listening();
-    fs::write(&policy, honest).unwrap();
+    fs::write(sshd.dir.join("wrapper.toml"), honest).unwrap();
     env.pbs(&["pull", "web-1", "--config", &c, "--state-dir", &s])
         .expect(0);
+}
+
+/// Writes `script` to `path` as an executable and makes the wrapper's policy run it
+/// instead of the agent (an attacker's program behind the forced command); returns the
+/// honest policy, to put back.
+fn put_in_place_of_the_agent(sshd: &Sshd, path: &std::path::Path, script: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, script).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = sshd.dir.join("wrapper.toml");
+    let honest = fs::read_to_string(&policy).unwrap();
+    let agent_line = honest.lines().next().unwrap().to_string();
+    assert!(agent_line.starts_with("agent = "), "{honest}");
+    let replaced = honest.replacen(
+        &agent_line,
+        &format!("agent = {:?}", path.display().to_string()),
+        1,
+    );
+    fs::write(&policy, replaced).unwrap();
+    honest
 }
