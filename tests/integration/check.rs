@@ -93,19 +93,12 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
 fn a_file_whose_size_disagrees_with_its_chunks_is_named_by_check_and_restore() {
     use haul_protocol::tree::{Node, NodeKind, Tree};
     use haul_protocol::{BlobKind, ChunkId};
-    use haul_repo::backend::{Backend, LocalBackend};
     use haul_repo::format::snapshot::{SourceKind, Summary};
     use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
-    use std::sync::Arc;
     let env = Env::new();
     env.init();
     {
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&env.repo()).unwrap());
-        let pass = fs::read_to_string(env.path("pass")).unwrap();
-        let repo = haul_repo::Repository::open(backend, pass.trim_end().as_bytes())
-            .unwrap()
-            .load_index(None)
-            .unwrap();
+        let repo = env.open_repo();
         let s = IngestSession::start(
             &repo,
             SessionInfo {
@@ -214,14 +207,7 @@ fn missing_pack_is_an_error_naming_the_affected_files() {
 /// of file `path` (a path that was backed up): its pack file and the blob's offset.
 fn blob_location(env: &Env, path: &std::path::Path) -> (std::path::PathBuf, u64) {
     use haul_protocol::BlobKind;
-    use haul_repo::backend::{Backend, LocalBackend};
-    use std::sync::Arc;
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&env.repo()).unwrap());
-    let pass = fs::read_to_string(env.path("pass")).unwrap();
-    let repo = haul_repo::Repository::open(backend, pass.trim_end().as_bytes())
-        .unwrap()
-        .load_index(None)
-        .unwrap();
+    let repo = env.open_repo();
     let (_, snap) = repo.find_snapshot("latest").unwrap();
     let mut tree = repo.load_tree(&snap.tree).unwrap();
     let comps: Vec<_> = path.components().skip(1).collect();

@@ -9,20 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// `pull --local PATH` with `--json`; returns the run and its record.
-fn pull_local(env: &Env, src: &Path) -> (Run, serde_json::Value) {
-    let s = src.display().to_string();
-    let state = env.path("state").display().to_string();
-    let run = env.pbs(&["--json", "pull", "--local", &s, "--state-dir", &state]);
-    let record = run
-        .json()
-        .into_iter()
-        .find(|v| v["type"] == "run")
-        .unwrap_or_else(|| panic!("no run record in:\n{}\n{}", run.stdout, run.stderr))["run"]
-        .clone();
-    (run, record)
-}
-
 /// The line number `i` of the growing log: each line tells where it belongs, so a
 /// restored log can be checked to be a state the file had (a prefix of its last state).
 fn log_line(i: u64) -> String {
@@ -73,7 +59,7 @@ fn a_file_appended_to_during_pulls_restores_from_every_snapshot() {
     };
     let mut changed_while_read = 0;
     for _ in 0..5 {
-        let (run, rec) = pull_local(&env, &src);
+        let (run, rec) = env.pull_local(&[&src], &[]);
         assert!(
             run.code == 0 || run.code == 3,
             "{}\n{}",
@@ -224,7 +210,7 @@ fn pulls_whose_agent_is_killed_at_random_moments_are_each_recorded() {
     assert!(killed >= 8, "only {killed} pulls were cut by the kill");
     // Nothing is left half-done: the repository checks clean, and a pull completes.
     env.pbs(&["check", "--read-data"]).expect(0);
-    let (run, rec) = pull_local(&env, &src);
+    let (run, rec) = env.pull_local(&[&src], &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(rec["status"], "ok");
     assert_eq!(
@@ -253,21 +239,12 @@ fn a_daemon_whose_agents_all_fail_at_start_keeps_running_and_records_each() {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
     let state = env.path("state");
-    let config = env.path("pbs.toml");
-    fs::write(
-        &config,
-        format!(
-            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}\"\nsocket_dir = {:?}\n\n\
-             [[host]]\nname = \"failing\"\naddress = \"localhost\"\ntransport = \"local\"\n\
-             paths = [{:?}]\nschedule = \"1s\"\nagent = {:?}\n",
-            state.display().to_string(),
-            free_listen(),
-            env.path("sockets").display().to_string(),
-            src.display().to_string(),
-            agent.display().to_string(),
-        ),
-    )
-    .unwrap();
+    let config = daemon_config(
+        &env,
+        "failing",
+        &src,
+        &format!("agent = {:?}\n", agent.display().to_string()),
+    );
     let log = env.path("daemon.log");
     let mut guard = start_daemon(&env, &config, &log);
     let daemon = &mut guard.0;
@@ -556,20 +533,7 @@ fn a_daemon_survives_its_agents_killed_mid_upload() {
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();
     let state = env.path("state");
-    let config = env.path("pbs.toml");
-    fs::write(
-        &config,
-        format!(
-            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}\"\nsocket_dir = {:?}\n\n\
-             [[host]]\nname = \"victim\"\naddress = \"localhost\"\ntransport = \"local\"\n\
-             paths = [{:?}]\nschedule = \"1s\"\n",
-            state.display().to_string(),
-            free_listen(),
-            env.path("sockets").display().to_string(),
-            src.display().to_string(),
-        ),
-    )
-    .unwrap();
+    let config = daemon_config(&env, "victim", &src, "");
     let mut daemon = start_daemon(&env, &config, &env.path("daemon.log"));
     let daemon = &mut daemon.0;
     let pulls = || pull_records(&state);
@@ -634,6 +598,26 @@ fn a_daemon_survives_its_agents_killed_mid_upload() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let status = daemon.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A configuration with one host `name` backing up `src` through a local agent every
+/// second (plus `host_extra` lines), its state in the env's `state`.
+fn daemon_config(env: &Env, name: &str, src: &Path, host_extra: &str) -> std::path::PathBuf {
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}\"\nsocket_dir = {:?}\n\n\
+             [[host]]\nname = {name:?}\naddress = \"localhost\"\ntransport = \"local\"\n\
+             paths = [{:?}]\nschedule = \"1s\"\n{host_extra}",
+            env.path("state").display().to_string(),
+            free_listen(),
+            env.path("sockets").display().to_string(),
+            src.display().to_string(),
+        ),
+    )
+    .unwrap();
+    config
 }
 
 /// A loopback address for a daemon's status server that no other test uses.

@@ -5,27 +5,6 @@ use haul_tests::{assert_same_tree, bin, feedparser, is_root, make_fixture, Env, 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// `pull --local PATH...` with `--json`; returns the run and its record.
-fn pull(env: &Env, paths: &[&Path], extra: &[&str]) -> (Run, serde_json::Value) {
-    let mut args = vec!["--json".to_string(), "pull".into()];
-    for p in paths {
-        args.push("--local".into());
-        args.push(p.display().to_string());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.push("--state-dir".into());
-    args.push(env.path("state").display().to_string());
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = env.pbs(&a);
-    let record = run
-        .json()
-        .into_iter()
-        .find(|v| v["type"] == "run")
-        .unwrap_or_else(|| panic!("no run record in:\n{}\n{}", run.stdout, run.stderr))["run"]
-        .clone();
-    (run, record)
-}
-
 fn restore_via_agent(env: &Env, target: &Path, extra: &[&str]) -> Run {
     let t = target.display().to_string();
     let mut args = vec!["--json", "restore", "latest", "--via-agent", "--target", &t];
@@ -55,7 +34,7 @@ fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes(
     make_fixture(&src.join("kinds"));
     let files = many_files(&src.join("many"), 20_000);
 
-    let (run, rec) = pull(&env, &[&src], &[]);
+    let (run, rec) = env.pull_local(&[&src], &[]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert_eq!(rec["status"], "ok");
     let c = &rec["counters"];
@@ -76,7 +55,7 @@ fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes(
     assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
     // Nothing changed: no file content is read.
-    let (run, rec) = pull(&env, &[&src], &[]);
+    let (run, rec) = env.pull_local(&[&src], &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let c = &rec["counters"];
     assert_eq!(c["bytes_read"], 0, "{c}");
@@ -89,7 +68,7 @@ fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes(
         haul_tests::append(p, "a change\n");
         changed_bytes += fs::metadata(p).unwrap().len();
     }
-    let (run, rec) = pull(&env, &[&src], &[]);
+    let (run, rec) = env.pull_local(&[&src], &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let c = &rec["counters"];
     assert_eq!(c["files_changed"], 200, "{c}");
@@ -106,7 +85,7 @@ fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes(
 fn restore_via_agent_honours_includes_and_refuses_a_non_empty_target() {
     let (env, src) = Env::with_source();
     make_fixture(&src);
-    let (run, _) = pull(&env, &[&src], &["--tag", "t1"]);
+    let (run, _) = env.pull_local(&[&src], &["--tag", "t1"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let target = env.path("part");
     let inc = src.join("dir/sub").display().to_string();
@@ -174,8 +153,8 @@ fn the_first_pull_without_a_repository_creates_one_with_a_private_key_file() {
 #[test]
 fn a_failed_pull_is_recorded_and_leaves_the_repository_intact() {
     let (env, src) = Env::with_one_file();
-    pull(&env, &[&src], &[]).0.expect(0);
-    let (run, rec) = pull(&env, &[&env.path("does-not-exist")], &[]);
+    env.pull_local(&[&src], &[]).0.expect(0);
+    let (run, rec) = env.pull_local(&[&env.path("does-not-exist")], &[]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert_eq!(rec["status"], "failed");
     let err = rec["error"].as_str().unwrap();

@@ -130,6 +130,39 @@ impl Env {
         self.pbs(&["init"]).expect(0);
     }
 
+    /// `pull --local PATH...` with `--json`, recorded in this env's state directory;
+    /// returns the run and its record.
+    pub fn pull_local(&self, paths: &[&Path], extra: &[&str]) -> (Run, serde_json::Value) {
+        let mut args = vec!["--json".to_string(), "pull".into()];
+        for p in paths {
+            args.push("--local".into());
+            args.push(p.display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--state-dir".into());
+        args.push(self.path("state").display().to_string());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = self.pbs(&a);
+        let record = run
+            .json()
+            .into_iter()
+            .find(|v| v["type"] == "run")
+            .unwrap_or_else(|| panic!("no run record in:\n{}\n{}", run.stdout, run.stderr))["run"]
+            .clone();
+        (run, record)
+    }
+
+    /// This env's repository, opened in-process with its passphrase and indexed.
+    pub fn open_repo(&self) -> haul_repo::IndexedRepository {
+        let backend: std::sync::Arc<dyn haul_repo::backend::Backend> =
+            std::sync::Arc::new(haul_repo::backend::LocalBackend::open(&self.repo()).unwrap());
+        let pass = fs::read_to_string(self.path("pass")).unwrap();
+        haul_repo::Repository::open(backend, pass.trim_end().as_bytes())
+            .unwrap()
+            .load_index(None)
+            .unwrap()
+    }
+
     /// Backs `paths` up with `--json` and returns the summary line.
     pub fn backup(&self, paths: &[&Path], extra: &[&str]) -> serde_json::Value {
         let mut args = vec!["--json", "backup-local"];
