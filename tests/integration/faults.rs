@@ -143,17 +143,9 @@ fn pulls_whose_agent_is_killed_at_random_moments_are_each_recorded() {
         // Spread over the pull (about half a second here): at once, then every 15 ms
         // up to 225 ms.
         let delay = Duration::from_millis((i * 7 % 16) * 15);
-        let mut pbs = std::process::Command::new(bin("haul-pbs"))
-            .arg("--repo")
-            .arg(env.repo())
-            .arg("--password-file")
-            .arg(env.path("pass"))
-            .arg("--cache-dir")
-            .arg(env.path("cache"))
-            .args(["--json", "pull", "--local"])
-            .arg(&src)
-            .arg("--state-dir")
-            .arg(&state)
+        let (s, st) = (src.display().to_string(), state.display().to_string());
+        let mut pbs = env
+            .pbs_command(&["--json", "pull", "--local", &s, "--state-dir", &st])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -298,17 +290,9 @@ fn a_pull_killed_right_after_its_snapshot_was_saved_is_recorded_with_it() {
     for attempt in 0..8u64 {
         fs::write(src.join("data.bin"), random_bytes(500 + attempt, 8 << 20)).unwrap();
         let before = env.count("snapshots");
-        let mut pbs = std::process::Command::new(bin("haul-pbs"))
-            .arg("--repo")
-            .arg(env.repo())
-            .arg("--password-file")
-            .arg(env.path("pass"))
-            .arg("--cache-dir")
-            .arg(env.path("cache"))
-            .args(["pull", "--local"])
-            .arg(&src)
-            .arg("--state-dir")
-            .arg(&state)
+        let (s, st) = (src.display().to_string(), state.display().to_string());
+        let mut pbs = env
+            .pbs_command(&["pull", "--local", &s, "--state-dir", &st])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -96,6 +96,15 @@ impl Env {
     }
 
     pub fn pbs_with(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = self.pbs_command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Run::from_output(cmd.output().expect("run haul-pbs"))
+    }
+
+    /// The `haul-pbs` command [`Env::pbs`] runs, to start it in the background.
+    pub fn pbs_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("haul-pbs"));
         cmd.arg("--repo").arg(self.repo());
         if !args.contains(&"--password-file") {
@@ -110,10 +119,7 @@ impl Env {
             .env_remove("HAUL_PASSWORD")
             .env_remove("HAUL_PASSWORD_FILE")
             .stdin(std::process::Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Run::from_output(cmd.output().expect("run haul-pbs"))
+        cmd
     }
 
     /// The run records of this workspace's history (`runs --json`), oldest first.
