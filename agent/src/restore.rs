@@ -47,8 +47,11 @@ impl RemoteSource {
         self.rt
             .block_on(self.client.request(Method::GET, &path, Bytes::new()))
             .map_err(|e| match &e {
+                // The repository lacks it or holds it damaged: that blob only. Any other
+                // refusal (the server's disk failing, say) ends the restore rather than
+                // leave it hollow.
                 ClientError::Api { code, .. }
-                    if !matches!(code.as_str(), "forbidden" | "no_session") =>
+                    if matches!(code.as_str(), "repository_corrupt" | "unknown_object") =>
                 {
                     SourceError::blob(e)
                 }

@@ -27,7 +27,14 @@ fn main() {
         log.init();
     }
     let json = cli.global.json;
-    if let Err(e) = haul_pbs::run(cli) {
+    let result = haul_pbs::run(cli);
+    // Output that could not be written (other than to a reader that went away) fails
+    // the command, unless it failed for a reason of its own.
+    if let (Ok(()), Some(e)) = (&result, haul_pbs::output::stdout_error()) {
+        haul_pbs::errln!("haul-pbs: {e}");
+        std::process::exit(1);
+    }
+    if let Err(e) = result {
         if json {
             haul_pbs::output::json_line(
                 &serde_json::json!({"type": "error", "message": e.to_string(), "exit_code": e.exit_code()}),

@@ -16,23 +16,42 @@ use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Set once a write to stdout failed because its reader went away.
+/// Set once a write to stdout failed: its reader went away, or (see
+/// [`STDOUT_ERROR`]) the write itself failed.
 static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// The first error writing stdout other than its reader going away (a full disk under
+/// `haul-pbs ls > file`): the command ends with it, not as if all was written.
+static STDOUT_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// Whether stdout's reader has gone away: a listing may stop.
 pub fn stdout_closed() -> bool {
     STDOUT_CLOSED.load(Relaxed)
 }
 
+/// The first failed write to stdout that was not its reader going away.
+pub fn stdout_error() -> Option<String> {
+    STDOUT_ERROR
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+fn failed_write(e: std::io::Error) {
+    STDOUT_CLOSED.store(true, Relaxed);
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        STDOUT_ERROR
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| format!("writing to standard output: {e}"));
+    }
+}
+
 /// Writes `args` and a newline to stdout; a failed write is noted, never fatal.
 pub fn write_out(args: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
-    if out
-        .write_fmt(args)
-        .and_then(|()| out.write_all(b"\n"))
-        .is_err()
-    {
-        STDOUT_CLOSED.store(true, Relaxed);
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        failed_write(e);
     }
 }
 
@@ -60,12 +79,11 @@ macro_rules! errln {
 /// Prints one JSON object on its own line.
 pub fn json_line<T: Serialize>(value: &T) {
     let mut out = std::io::stdout().lock();
-    if serde_json::to_writer(&mut out, value)
+    if let Err(e) = serde_json::to_writer(&mut out, value)
         .map_err(std::io::Error::from)
         .and_then(|()| out.write_all(b"\n"))
-        .is_err()
     {
-        STDOUT_CLOSED.store(true, Relaxed);
+        failed_write(e);
     }
 }
 

@@ -392,19 +392,10 @@ fn restore_into(
                     }
                     match write_file(source, &job, stats, &mut names, is_root) {
                         Ok(()) => {}
+                        // Removed once every worker and the walk are done: the walk may
+                        // still make other names of this file from this one.
                         Err(e) if e.is_entry_only() => {
-                            // Nothing half-written stays under the file's name.
-                            match fs::remove_file(&job.path) {
-                                Ok(()) => failed.lock().expect("failed").push((job.path, e)),
-                                Err(r) => {
-                                    worker_error.lock().expect("error slot").get_or_insert(
-                                        RestoreError::Io {
-                                            path: job.path,
-                                            source: r,
-                                        },
-                                    );
-                                }
-                            }
+                            failed.lock().expect("failed").push((job.path, e))
                         }
                         Err(e) => {
                             worker_error.lock().expect("error slot").get_or_insert(e);
@@ -443,7 +434,9 @@ fn restore_into(
     }
     let mut failed = failed.into_inner().expect("failed");
     failed.sort_by(|a, b| a.0.cmp(&b.0));
+    // Nothing half-written stays under a name.
     for (path, e) in failed {
+        fs::remove_file(&path).map_err(io_err(&path))?;
         for other in other_links.remove(&path).unwrap_or_default() {
             fs::remove_file(&other).map_err(io_err(&other))?;
             let why = format!(

@@ -56,14 +56,11 @@ pub enum Error {
         actual: String,
     },
 
-    /// A snapshot would reference blobs the repository does not have.
-    #[error("commit refused: {count} referenced blob(s) are not in the repository (first: {first}); no snapshot written")]
+    /// A snapshot would reference blobs the repository does not have, or, in a
+    /// session that sees only its host's history, blobs that are not that host's
+    /// (the two are not told apart).
+    #[error("commit refused: {count} referenced blob(s) are not in the repository, or not this host's to use (first: {first}); send them; no snapshot written")]
     MissingBlobs { count: usize, first: String },
-
-    /// A snapshot would reference blobs its source neither sent nor has in its own
-    /// parent snapshot (another host's data, see `ingest::DedupScope`).
-    #[error("commit refused: {count} referenced blob(s) are neither in this host's parent snapshot nor sent in this session (first: {first}); send them, or back up without borrowing other hosts' data; no snapshot written")]
-    ForeignBlobs { count: usize, first: String },
 
     /// The append-only decorator refused a delete or an overwrite.
     #[error("append-only repository refuses to {action} {what}")]

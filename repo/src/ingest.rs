@@ -17,7 +17,8 @@
 //! - A source sees only its own history ([`DedupScope::OwnHistory`], the default):
 //!   `missing` calls a blob present only if the parent snapshot references it (as the
 //!   source learns by reading the parent's trees) or this session received it, and a
-//!   commit may reference nothing else ([`Error::ForeignBlobs`]). A host sharing a
+//!   commit may reference nothing else ([`Error::MissingBlobs`], as for a blob nobody
+//!   stored: the two are not told apart). A host sharing a
 //!   repository with others can neither learn whether they store some content nor
 //!   borrow their trees to read them; what it sends is still stored once.
 
@@ -132,6 +133,32 @@ struct State<'r> {
     last_index: Instant,
 }
 
+/// What the source of an own-history session sent that was new to it.
+#[derive(Debug, Default)]
+struct SourceView {
+    blobs: AtomicU64,
+    plain: AtomicU64,
+    /// What storing those would take (the encoded bytes and the seal).
+    sealed: AtomicU64,
+}
+
+impl SourceView {
+    fn add(&self, plain: usize, encoded: usize) {
+        self.blobs.fetch_add(1, Relaxed);
+        self.plain.fetch_add(plain as u64, Relaxed);
+        self.sealed
+            .fetch_add((encoded + crypto::OVERHEAD) as u64, Relaxed);
+    }
+}
+
+/// The figures a source is told at its commit (see [`IngestSession::source_figures`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SourceFigures {
+    pub blobs_new: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+}
+
 /// Counters of what a session added.
 #[derive(Debug, Default)]
 pub struct IngestStats {
@@ -154,9 +181,11 @@ pub struct IngestSession<'r> {
     parent_trees: Mutex<HashSet<TreeId>>,
     /// The chunks of the parent's trees read so far ([`DedupScope::OwnHistory`]).
     parent_chunks: Mutex<HashSet<ChunkId>>,
-    /// Blobs the source sent (verified) that were stored already: its own now. Those
-    /// it sent that were new are in `in_flight` or in a pack of `packs_written`.
-    sent_stored: Mutex<HashSet<BlobRef>>,
+    /// Blobs the source sent in this session (verified): its own, wherever the index
+    /// points for them (another session may have stored the same bytes first).
+    sent: Mutex<HashSet<BlobRef>>,
+    /// What the source is told it added: blobs new *to it* (see [`SourceView`]).
+    source_view: SourceView,
     /// The packs this session wrote, and those its caller says earlier sessions of
     /// the same source wrote and never committed (see [`IngestSession::share_own_packs`]).
     packs_written: OwnPacks,
@@ -181,7 +210,10 @@ pub struct IngestSession<'r> {
 #[derive(Debug, Default)]
 struct Received {
     subtrees: Vec<TreeId>,
-    chunks_to_check: Vec<(ChunkId, Vec<u8>)>,
+    /// Chunks to check at commit, each with the index of its node's name in `names`.
+    chunks_to_check: Vec<(ChunkId, u32)>,
+    /// Names of the nodes in `chunks_to_check`, once each.
+    names: Vec<Vec<u8>>,
     /// Names of directory nodes that have no subtree.
     dirs_without_subtree: Vec<Vec<u8>>,
 }
@@ -239,7 +271,8 @@ impl<'r> IngestSession<'r> {
             parent,
             parent_trees,
             parent_chunks: Mutex::new(HashSet::new()),
-            sent_stored: Mutex::new(HashSet::new()),
+            sent: Mutex::new(HashSet::new()),
+            source_view: SourceView::default(),
             packs_written: OwnPacks::default(),
             received: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
@@ -341,7 +374,7 @@ impl<'r> IngestSession<'r> {
                 .contains(&ChunkId(b.id)),
         };
         if from_parent
-            || self.sent_stored.lock().expect("sent").contains(b)
+            || self.sent.lock().expect("sent").contains(b)
             || self.in_flight.lock().expect("in flight").contains(b)
         {
             return Ok(true);
@@ -356,12 +389,32 @@ impl<'r> IngestSession<'r> {
         })
     }
 
-    /// The source sent `b` (verified): from now on it is its own.
-    fn note_sent(&self, b: BlobRef) -> Result<()> {
-        if self.info.scope == DedupScope::OwnHistory && self.repo.index().contains(b.kind, &b.id)? {
-            self.sent_stored.lock().expect("sent").insert(b);
+    /// The source sent `b` (verified): from now on it is its own. Returns whether it
+    /// was new to the source (not stored, or not visible to it before).
+    fn note_sent(&self, b: BlobRef) -> Result<bool> {
+        let new_to_source = !(self.known(&b)? && self.visible(&b)?);
+        if self.info.scope == DedupScope::OwnHistory {
+            self.sent.lock().expect("sent").insert(b);
         }
-        Ok(())
+        Ok(new_to_source)
+    }
+
+    /// What the source may be told this session added: in the own-history scope, the
+    /// blobs that were new to it, whether or not the repository had them (telling it
+    /// which were stored already would tell it what other hosts store).
+    pub fn source_figures(&self) -> SourceFigures {
+        if self.info.scope == DedupScope::Repository {
+            return SourceFigures {
+                blobs_new: self.stats.blobs_new.load(Relaxed),
+                bytes_new: self.stats.bytes_new.load(Relaxed),
+                bytes_stored: self.stats.bytes_stored.load(Relaxed),
+            };
+        }
+        SourceFigures {
+            blobs_new: self.source_view.blobs.load(Relaxed),
+            bytes_new: self.source_view.plain.load(Relaxed),
+            bytes_stored: self.source_view.sealed.load(Relaxed),
+        }
     }
 
     fn known(&self, b: &BlobRef) -> Result<bool> {
@@ -397,8 +450,15 @@ impl<'r> IngestSession<'r> {
             self.verify(kind, claimed, &plain)?;
             plain.len()
         };
-        self.note_sent(BlobRef { kind, id: *claimed })?;
-        self.store(kind, claimed, plain_len, encoded)
+        let new_to_source = self.note_sent(BlobRef { kind, id: *claimed })?;
+        if new_to_source {
+            self.source_view.add(plain_len, encoded.len());
+        }
+        let stored = self.store(kind, claimed, plain_len, encoded)?;
+        Ok(match self.info.scope {
+            DedupScope::Repository => stored,
+            DedupScope::OwnHistory => new_to_source,
+        })
     }
 
     /// Adds a blob as plaintext under the id its source claims (which is checked);
@@ -467,8 +527,8 @@ impl<'r> IngestSession<'r> {
     /// storing then fails is harmless: `commit` checks that every tree it reaches is
     /// in the index before it looks at its children.
     ///
-    /// The tree is checked node by node, never held whole: its bytes (bounded by the
-    /// upload's budget) are all the memory it takes.
+    /// The tree is checked node by node, never held whole; what is kept of it is a
+    /// chunk id per chunk to check and each name once, less than its bytes.
     fn receive_tree(&self, id: TreeId, plain: &[u8]) -> Result<()> {
         if self
             .received
@@ -488,10 +548,15 @@ impl<'r> IngestSession<'r> {
                 }
                 None => {}
             }
+            let mut named = false;
             for c in &node.content {
                 let b = BlobRef::data(*c);
                 if !(index.contains(BlobKind::Data, &c.0)? && self.visible(&b)?) {
-                    r.chunks_to_check.push((*c, node.name.clone()));
+                    if !named {
+                        r.names.push(node.name.clone());
+                        named = true;
+                    }
+                    r.chunks_to_check.push((*c, (r.names.len() - 1) as u32));
                 }
             }
             Ok(())
@@ -718,45 +783,38 @@ impl<'r> IngestSession<'r> {
         let received = self.received.lock().expect("received trees");
         let mut stack = vec![*root];
         let mut missing: Vec<String> = Vec::new();
-        let mut foreign: Vec<String> = Vec::new();
         let mut checked_chunks: HashSet<ChunkId> = HashSet::new();
-        let mut check_chunk =
-            |c: &ChunkId, name: &[u8], missing: &mut Vec<String>, foreign: &mut Vec<String>| {
-                if !checked_chunks.insert(*c) {
-                    return Ok(());
-                }
-                let what = || format!("chunk {c} of {}", String::from_utf8_lossy(name));
-                if !index.contains(BlobKind::Data, &c.0)? {
-                    missing.push(what());
-                } else if !self.visible(&BlobRef::data(*c))? {
-                    foreign.push(what());
-                }
-                Ok::<(), Error>(())
-            };
+        // A blob that is stored but not the source's to use is missing to it, with the
+        // same refusal as one nobody stored: the answer must not tell it apart.
+        let mut check_chunk = |c: &ChunkId, name: &[u8], missing: &mut Vec<String>| {
+            if checked_chunks.insert(*c)
+                && !(index.contains(BlobKind::Data, &c.0)? && self.visible(&BlobRef::data(*c))?)
+            {
+                missing.push(format!("chunk {c} of {}", String::from_utf8_lossy(name)));
+            }
+            Ok::<(), Error>(())
+        };
         let no_subtree =
             |name: &[u8]| format!("subtree of directory {}", String::from_utf8_lossy(name));
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
                 continue;
             }
-            if !index.contains(BlobKind::Tree, &id.0)? {
+            if !(index.contains(BlobKind::Tree, &id.0)? && self.visible(&BlobRef::tree(id))?) {
                 missing.push(format!("tree {id}"));
                 continue;
             }
             if let Some(r) = received.get(&id) {
                 stack.extend(&r.subtrees);
                 missing.extend(r.dirs_without_subtree.iter().map(|n| no_subtree(n)));
-                for (c, name) in &r.chunks_to_check {
-                    check_chunk(c, name, &mut missing, &mut foreign)?;
+                for (c, node) in &r.chunks_to_check {
+                    check_chunk(c, &r.names[*node as usize], &mut missing)?;
                 }
                 continue;
             }
-            if self.info.scope == DedupScope::OwnHistory {
-                // Neither sent in this session nor part of its own parent: another
-                // host's tree (or one it cannot have seen). Not read.
-                foreign.push(format!("tree {id}"));
-                continue;
-            }
+            // Stored and the source's to use, but not looked at in this session: from
+            // another snapshot (the whole repository's scope), or sent by one of its own
+            // pulls that was cut short. Read and looked at here.
             let tree = self.repo.load_tree(&id)?;
             for node in &tree.nodes {
                 if let Some(sub) = node.subtree {
@@ -765,15 +823,9 @@ impl<'r> IngestSession<'r> {
                     missing.push(no_subtree(&node.name));
                 }
                 for c in &node.content {
-                    check_chunk(c, &node.name, &mut missing, &mut foreign)?;
+                    check_chunk(c, &node.name, &mut missing)?;
                 }
             }
-        }
-        if let Some(first) = foreign.first() {
-            return Err(Error::ForeignBlobs {
-                count: foreign.len(),
-                first: first.clone(),
-            });
         }
         if let Some(first) = missing.first() {
             return Err(Error::MissingBlobs {

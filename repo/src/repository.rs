@@ -688,15 +688,23 @@ pub(crate) fn decode_blob(
     Ok(plain)
 }
 
-/// Lets the restorer read from the repository in-process. Every failure here concerns
-/// the one blob asked for (not indexed, its pack missing, short or damaged): the
-/// restorer skips what needs it and restores the rest.
+/// Lets the restorer read from the repository in-process. A blob that is not indexed,
+/// or whose pack is missing, short or damaged, concerns that blob only: the restorer
+/// skips what needs it and restores the rest. An I/O error of the disk ends the restore
+/// rather than leave it hollow.
 impl haul_protocol::restore::BlobSource for IndexedRepository {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, haul_protocol::restore::SourceError> {
-        IndexedRepository::load_tree(self, id).map_err(haul_protocol::restore::SourceError::blob)
+        IndexedRepository::load_tree(self, id).map_err(source_error)
     }
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, haul_protocol::restore::SourceError> {
-        IndexedRepository::load_chunk(self, id).map_err(haul_protocol::restore::SourceError::blob)
+        IndexedRepository::load_chunk(self, id).map_err(source_error)
+    }
+}
+
+fn source_error(e: Error) -> haul_protocol::restore::SourceError {
+    match e {
+        Error::Io { .. } => haul_protocol::restore::SourceError::new(e),
+        e => haul_protocol::restore::SourceError::blob(e),
     }
 }
 

@@ -245,6 +245,12 @@ fn a_damaged_file_with_hard_links_leaves_none_of_its_names() {
     fs::hard_link(src.join("linked-a"), src.join("linked-b")).unwrap();
     fs::hard_link(src.join("linked-a"), src.join("sub/linked-c")).unwrap();
     fs::write(src.join("sub/other.txt"), "other\n").unwrap();
+    // Many files between the first name and the last, so the walk reaches the last
+    // long after a worker found the first one damaged.
+    fs::create_dir_all(src.join("m")).unwrap();
+    for i in 0..2000 {
+        fs::write(src.join(format!("m/{i:04}")), format!("{i}\n")).unwrap();
+    }
     env.backup(&[&src], &[]);
     let (pack, offset) = blob_location(&env, &src.join("linked-a"));
     flip_byte(&pack, offset + 100);

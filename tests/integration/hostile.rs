@@ -628,15 +628,16 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
         post(&sock, "/v1/backup/missing", &theirs).ok_octets(),
         theirs
     );
-    // The honest bytes of a stored chunk are taken, and not stored again; sent, the
-    // chunk is this host's too.
+    // The honest bytes of a stored chunk are taken (stored once: nothing is written)
+    // and counted as new, as they are to this host: the answer does not say that
+    // another host had them. Sent, the chunk is this host's too.
     let same = post(
         &sock,
         "/v1/backup/upload",
         &frame(DATA, &known_chunk.0, &raw(b"hello from the source host\n")),
     )
     .ok_json();
-    assert_eq!(same, serde_json::json!({"received": 1, "stored": 0}));
+    assert_eq!(same, serde_json::json!({"received": 1, "stored": 1}));
     let present = post(&sock, "/v1/backup/missing", &blob_ref(DATA, &known_chunk.0));
     assert!(present.ok_octets().is_empty());
     // An unknown blob kind, and a "tree" whose entry climbs out of its directory.
@@ -794,17 +795,18 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
     post(&sock, "/v1/backup/missing", &both).refused(409, "no_session");
     // Another host's data cannot be borrowed: its tree is "missing" to this host (no
     // confirmation that anyone stores it), and a commit naming it is refused with
-    // `foreign_blobs`, whose message says what to do; nothing is written.
+    // `missing_blobs`, exactly as a tree nobody stored (tried just below), with what to
+    // do; nothing is written.
     post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
     let theirs = blob_ref(TREE, &other_tree_id.0);
     assert_eq!(
         post(&sock, "/v1/backup/missing", &theirs).ok_octets(),
         theirs
     );
-    let m = post_json(&sock, "/v1/backup/commit", &commit_body(&other_tree))
-        .refused(403, "foreign_blobs");
-    assert!(m.contains(&other_tree), "{m}");
-    assert!(m.contains("send them"), "{m}");
+    let foreign = post_json(&sock, "/v1/backup/commit", &commit_body(&other_tree))
+        .refused(409, "missing_blobs");
+    assert!(foreign.contains(&other_tree), "{foreign}");
+    assert!(foreign.contains("send them"), "{foreign}");
     // Nor wrapped in a tree of its own.
     post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
     let wrapper = Tree {
@@ -828,13 +830,18 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
         "/v1/backup/commit",
         &commit_body(&wrapper_id.to_hex()),
     )
-    .refused(403, "foreign_blobs");
+    .refused(409, "missing_blobs");
     assert_eq!(env.count("snapshots"), snapshots_before);
     post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
     let unsent = TreeId::of(b"a tree the client never uploads");
     let m = post_json(&sock, "/v1/backup/commit", &commit_body(&unsent.to_hex()))
         .refused(409, "missing_blobs");
     assert!(m.contains(&unsent.to_hex()), "{m}");
+    // Word for word the refusal of another host's tree.
+    assert_eq!(
+        m.replace(&unsent.to_hex(), "ID"),
+        foreign.replace(&other_tree, "ID")
+    );
     assert_eq!(env.count("snapshots"), snapshots_before);
     // A session left open when the server stops is abandoned safely.
     post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();

@@ -245,11 +245,11 @@ fn a_commit_checks_what_arrived_late_and_what_was_already_there() {
     )
     .unwrap();
     match s.commit(root2, Summary::default()).unwrap_err() {
-        Error::ForeignBlobs { count, first } => {
+        Error::MissingBlobs { count, first } => {
             assert_eq!(count, 1);
             assert!(first.contains(&orphan.to_hex()), "{first}");
         }
-        other => panic!("expected ForeignBlobs, got {other}"),
+        other => panic!("expected MissingBlobs, got {other}"),
     }
 
     // A directory node without its subtree is refused, with the directory's name.
@@ -436,4 +436,55 @@ fn packs_a_killed_session_left_unindexed_are_used_by_the_next() {
     drop(s);
     // And they stay indexed for everyone after.
     assert_eq!(reopen(dir.path()).index().len(), 20);
+}
+
+/// A pull cut short after it had sent a directory's tree: the resumed pull is told the
+/// tree is there, does not send it again, and its commit holds (the tree is read and
+/// checked, as the source's own); to another source the same tree is missing.
+#[test]
+fn a_resumed_session_builds_on_the_trees_its_cut_session_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let own = OwnPacks::default();
+    let content = b"a file in a directory that did not change".to_vec();
+    let chunk = ChunkId::of(&content);
+    let (sub, sub_bytes) = file_tree(&[chunk], content.len() as u64).encode_with_id();
+    {
+        let mut s = IngestSession::start(&repo, info()).unwrap();
+        s.share_own_packs(own.clone());
+        s.add_plain(BlobKind::Data, &chunk.0, content.clone())
+            .unwrap();
+        s.add_plain(BlobKind::Tree, &sub.0, sub_bytes).unwrap();
+        // Cut short: no commit.
+    }
+    let (root, root_bytes) = dir_tree("unchanged", Some(sub)).encode_with_id();
+    // Another source may not build on it.
+    let s = IngestSession::start(
+        &repo,
+        SessionInfo {
+            host: "other".into(),
+            ..info()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        s.missing(&[BlobRef::tree(sub)]).unwrap(),
+        vec![BlobRef::tree(sub)]
+    );
+    s.add_plain(BlobKind::Tree, &root.0, root_bytes.clone())
+        .unwrap();
+    assert!(matches!(
+        s.commit(root, Summary::default()).unwrap_err(),
+        Error::MissingBlobs { .. }
+    ));
+    // The resumed one does.
+    let mut s = IngestSession::start(&repo, info()).unwrap();
+    s.share_own_packs(own);
+    assert!(s
+        .missing(&[BlobRef::tree(sub), BlobRef::data(chunk)])
+        .unwrap()
+        .is_empty());
+    s.add_plain(BlobKind::Tree, &root.0, root_bytes).unwrap();
+    let (snap, _) = s.commit(root, Summary::default()).unwrap();
+    assert_eq!(repo.load_snapshot(&snap).unwrap().tree, root);
 }

@@ -316,3 +316,36 @@ fn an_unreadable_repository_is_named_not_called_missing() {
     // Its owner still reads it.
     env.pbs(&["snapshots"]).expect(0);
 }
+
+/// A listing whose reader goes away ends quietly (exit 0); one whose output cannot be
+/// written (a full disk) fails and says so, instead of passing for complete.
+#[test]
+fn output_that_cannot_be_written_fails_the_command_and_a_gone_reader_does_not() {
+    let (env, src) = Env::with_one_file();
+    for i in 0..3000 {
+        fs::write(src.join(format!("f{i}")), "x").unwrap();
+    }
+    env.backup(&[&src], &[]);
+    let full = env
+        .pbs_command(&["ls", "latest"])
+        .stdout(fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&full.stderr)
+            .contains("writing to standard output: No space left on device"),
+        "{}",
+        String::from_utf8_lossy(&full.stderr)
+    );
+    let mut ls = env
+        .pbs_command(&["ls", "latest"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(ls.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(ls.stdout.take());
+    let status = ls.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

@@ -555,7 +555,10 @@ async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Commit
     let session = take_session(&s)?;
     tracing::debug!("commit asked");
     let server = s.clone();
-    let (id, snap) = blocking(move || {
+    let (id, snap, told) = blocking(move || {
+        // What the source may be told, taken before the session is consumed: in its
+        // own-history scope, what was new to it, not what the repository lacked.
+        let told = session.source_figures();
         let c = req.counters;
         let summary = Summary {
             files_new: c.files_new,
@@ -570,15 +573,15 @@ async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Commit
         let committed = session.commit(root, summary)?;
         tracing::debug!(snapshot = %committed.0.short(), "snapshot saved");
         server.committed_now(&committed);
-        Ok(committed)
+        Ok((committed.0, committed.1, told))
     })
     .await?;
     Ok(Json(wire::Committed {
         snapshot: id.to_hex(),
         time: snap.time.to_rfc3339(),
-        bytes_new: snap.summary.bytes_new,
-        bytes_stored: snap.summary.bytes_stored,
-        blobs_new: snap.summary.blobs_new,
+        bytes_new: told.bytes_new,
+        bytes_stored: told.bytes_stored,
+        blobs_new: told.blobs_new,
     }))
 }
 
@@ -722,14 +725,9 @@ async fn restore_trees(State(s): St, body: Whole) -> ApiResult<Response> {
 /// asks for it alone and gets the reason (no stored blob encodes to zero bytes).
 fn damaged_as_empty(loaded: ApiResult<Vec<u8>>) -> ApiResult<Vec<u8>> {
     match loaded {
-        Err(e)
-            if matches!(
-                e.code,
-                Code::RepositoryCorrupt | Code::UnknownObject | Code::Internal
-            ) =>
-        {
-            Ok(Vec::new())
-        }
+        // Not `internal` (an I/O error of the repository's disk): that fails the restore
+        // rather than leave it hollow.
+        Err(e) if matches!(e.code, Code::RepositoryCorrupt | Code::UnknownObject) => Ok(Vec::new()),
         other => other,
     }
 }

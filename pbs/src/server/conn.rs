@@ -87,22 +87,54 @@ impl Watchdog {
 /// Connections one listener serves at once; more wait to be accepted.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// When the server last saw a request or body bytes: a run's watchdog reads it.
+/// When the server last saw a request or body bytes, and how many requests it is
+/// handling: a run's watchdog reads it (a long commit is work, not a stall).
 #[derive(Debug)]
-pub struct Activity(std::sync::Mutex<Instant>);
+pub struct Activity {
+    last: std::sync::Mutex<Instant>,
+    handling: std::sync::atomic::AtomicUsize,
+}
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity(std::sync::Mutex::new(Instant::now()))
+        Activity {
+            last: std::sync::Mutex::new(Instant::now()),
+            handling: Default::default(),
+        }
     }
 }
 
 impl Activity {
     pub fn touch(&self) {
-        *self.0.lock().expect("activity") = Instant::now();
+        *self.last.lock().expect("activity") = Instant::now();
     }
+    /// When the server last saw something, or now while it handles a request.
     pub fn last(&self) -> Instant {
-        *self.0.lock().expect("activity")
+        if self.handling.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Instant::now();
+        }
+        *self.last.lock().expect("activity")
+    }
+}
+
+/// Counts a request as being handled while it lives.
+struct Handling(Arc<Activity>);
+
+impl Handling {
+    fn new(activity: Arc<Activity>) -> Handling {
+        activity
+            .handling
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Handling(activity)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .handling
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -224,6 +256,7 @@ pub async fn limit_body(
     next: Next,
 ) -> Response {
     activity.touch();
+    let _handling = Handling::new(activity.clone());
     let (parts, body) = request.into_parts();
     let stream = futures_util::stream::unfold(
         Some((body.into_data_stream(), activity)),

@@ -19,9 +19,6 @@ pub enum Code {
     IdMismatch,
     /// A commit references blobs the repository lacks.
     MissingBlobs,
-    /// A commit references blobs that are another host's (neither sent in the session
-    /// nor in the host's own parent snapshot).
-    ForeignBlobs,
     /// Reading or writing something this session may not touch.
     Forbidden,
     /// A request that needs a session came before `start`.
@@ -49,7 +46,6 @@ impl Code {
             Code::BadId => "bad_id",
             Code::IdMismatch => "id_mismatch",
             Code::MissingBlobs => "missing_blobs",
-            Code::ForeignBlobs => "foreign_blobs",
             Code::Forbidden => "forbidden",
             Code::NoSession => "no_session",
             Code::SessionActive => "session_active",
@@ -73,7 +69,7 @@ impl Code {
             Code::MissingBlobs | Code::NoSession | Code::SessionActive | Code::Locked => {
                 StatusCode::CONFLICT
             }
-            Code::Forbidden | Code::ForeignBlobs => StatusCode::FORBIDDEN,
+            Code::Forbidden => StatusCode::FORBIDDEN,
             Code::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Code::BodyTooLarge | Code::BlobTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::RepositoryCorrupt | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -102,7 +98,6 @@ impl From<haul_repo::Error> for ApiError {
         let code = match &e {
             E::IdMismatch { .. } => Code::IdMismatch,
             E::MissingBlobs { .. } => Code::MissingBlobs,
-            E::ForeignBlobs { .. } => Code::ForeignBlobs,
             E::AppendOnly { .. } => Code::Forbidden,
             E::NotFound { .. } | E::NoSuch { .. } => Code::UnknownObject,
             E::InvalidInput(_) => Code::BadRequest,
