@@ -35,9 +35,12 @@
 //!
 //! A commit ends the session whether it succeeds or is refused (`missing_blobs`): the
 //! client starts a new session to try again, and finds everything it uploaded already
-//! present. `missing` answers for the whole repository (deduplication across hosts
-//! means a client can learn whether some content is stored); a repository per host,
-//! as the daemon's configuration lays out, keeps hosts apart.
+//! present. `missing` answers for the client's host: a blob is present only if that
+//! host's parent snapshot references it or the host sent it (in this session, or in its
+//! own pulls cut short); content other hosts stored is missing to it, and a commit
+//! naming it is refused as `missing_blobs`, so a host learns nothing of others' data.
+//! A server may let hosts that trust each other build on everything
+//! (`serve --cross-host-dedup`, `[server].cross_host_dedup`).
 
 use crate::chunker::ChunkerParams;
 use crate::id::{BlobKind, BlobRef};
