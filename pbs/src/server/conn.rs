@@ -233,6 +233,19 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<I> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.get_mut().guard(cx, |io, cx| io.poll_write(cx, buf))
     }
+    /// Vectored writes pass through: without them hyper copies every answer body into
+    /// its own buffer before writing it (32 MiB more at the peak of a restore).
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut()
+            .guard(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
