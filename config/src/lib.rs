@@ -651,6 +651,7 @@ mod tests {
             ("[server]\nstate_dir = \"var/lib/haul\"\n".into(), "pbs.toml:2:13: server.state_dir: var/lib/haul is not an absolute path"),
             ("[server]\nretention = { keep_daily = -1 }\n".into(), "pbs.toml:2:28: server.retention.keep_daily: invalid value: integer `-1`, expected u32"),
             ("[feed]\nitems = 0\n".into(), "pbs.toml:2:9: feed.items: 0 is not from 1 to 10000"),
+            (format!("[server]\ncross_host_dedup = [\"repo\", \"lab\"]\n{HOST}"), "pbs.toml:2:29: server.cross_host_dedup[1]: no host uses a repository \"lab\""),
             ("[feed]\ncolour = \"red\"\n".into(), "pbs.toml:2:1: feed.colour: unknown field `colour`"),
             (three.into(), "pbs.toml:13:12: host[2].schedule: \"every 5 min\" is not a schedule; use an interval like \"30m\" or \"6h\", or a cron expression like \"0 */6 * * *\""),
             (format!("{HOST}schedule = \"0 25 * * *\"\n"), "pbs.toml:5:12: host[0].schedule: \"0 25 * * *\" is not a valid cron expression"),
