@@ -4,7 +4,6 @@
 # usage: bench/compare.sh [--mib N] [--work DIR]      (defaults: 1024, /tmp/haul-bench)
 # env:   HAUL_PBS=path      use this haul-pbs (default: the workspace's release build,
 #                           built with `cargo build --release -p haul-pbs` if missing)
-#        HAUL_SHARED=dir    the shared/ checkout holding bench/gen_dataset.py
 #        MUTATE=0           skip the `changed` phase (mutate the data, back up again)
 #
 # Phases per tool: full, unchanged, [changed], restore (of the latest snapshot, then
@@ -26,9 +25,8 @@ done
 
 here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
 root=$(cd "$here/.." && pwd -P)
-shared=${HAUL_SHARED:-$root/../shared}
-gen="$shared/bench/gen_dataset.py"
-[[ -f $gen ]] || { echo "compare.sh: $gen not found (set HAUL_SHARED=/path/to/shared)" >&2; exit 2; }
+gen="$root/bench/gen_dataset.py"
+[[ -f $gen ]] || { echo "compare.sh: $gen not found" >&2; exit 2; }
 if ! command -v restic >/dev/null || [[ ! -x /usr/bin/time ]]; then
   echo "compare.sh: needs restic and /usr/bin/time; install them with: apt-get install -y restic time" >&2
   exit 2

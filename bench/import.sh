@@ -4,9 +4,9 @@
 # usage: bench/import.sh [--sessions N] [--mib M] [--big-mib B] [--work DIR]
 #        (defaults: 20 sessions of 256 MiB, a 512 MiB file, /tmp/haul-bench-import)
 #
-# 1. The shared fixture (../shared/fixtures/make-rdiff-fixture.sh): import time and
+# 1. The rdiff-backup fixture (tests/fixtures/make-rdiff-fixture.sh): import time and
 #    repository size.
-# 2. A generated history: ../shared/bench/gen_dataset.py --mib M, backed up by
+# 2. A generated history: bench/gen_dataset.py --mib M, backed up by
 #    rdiff-backup N times with `gen_dataset.py --mutate` between sessions (one session
 #    a day, via --current-time). Then, in one run: haul imports every session; and
 #    rdiff-backup restores every session (`restore --at`), which is what a user of the
@@ -33,7 +33,6 @@ for t in rdiff-backup python3 /usr/bin/time; do
 done
 here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
 root=$(cd "$here/.." && pwd -P)
-shared=${HAUL_SHARED:-$root/../shared}
 echo "building haul-pbs (release) ..." >&2
 (cd "$root" && cargo build --release -q -p haul-pbs)
 haul=${CARGO_TARGET_DIR:-$root/target}/release/haul-pbs
@@ -51,8 +50,8 @@ measure() { # label cmd...  -> prints wall cpu rss
   printf '%-34s %8s s wall %8.2f s cpu %7d MiB\n' "$label" "$w" "$(awk -v u="$u" -v s="$s" 'BEGIN{print u+s}')" $((m / 1024))
 }
 
-echo "== the shared fixture"
-bash "$shared/fixtures/make-rdiff-fixture.sh" "$work/fixture" >"$logs/fixture.log" 2>&1
+echo "== the rdiff-backup fixture"
+bash "$root/tests/fixtures/make-rdiff-fixture.sh" "$work/fixture" >"$logs/fixture.log" 2>&1
 h=("$haul" --repo "$work/haul-fixture" --password-file "$work/pw" --cache-dir "$work/cache-fixture")
 "${h[@]}" init >/dev/null 2>&1
 measure "haul import (fixture repo)" "${h[@]}" import-rdiff "$work/fixture/repo" --host fixture --path /srv
@@ -61,11 +60,11 @@ printf 'sizes: rdiff-backup tree %s MiB, haul repository %s MiB\n' \
 
 echo "== a generated history: $sessions sessions of $mib MiB"
 data=$work/data rd=$work/rdiff
-python3 "$shared/bench/gen_dataset.py" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
+python3 "$root/bench/gen_dataset.py" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
 t0=1704067200   # 2024-01-01, one session a day
 start=$(date +%s)
 for i in $(seq 0 $((sessions - 1))); do
-  ((i > 0)) && python3 "$shared/bench/gen_dataset.py" "$data" --mutate --seed "$i" >>"$logs/gen.log" 2>&1
+  ((i > 0)) && python3 "$root/bench/gen_dataset.py" "$data" --mutate --seed "$i" >>"$logs/gen.log" 2>&1
   rdiff-backup --current-time $((t0 + i * 86400)) backup "$data" "$rd" >>"$logs/rdiff-backup.log" 2>&1
 done
 echo "rdiff-backup wrote the $sessions sessions in $(( $(date +%s) - start )) s"

@@ -6,7 +6,6 @@
 # usage: bench/pull.sh [--mib N] [--work DIR]      (defaults: 1024, /tmp/haul-bench-pull)
 # env:   HAUL_BIN=dir     directory holding haul-pbs and haul-agent (default: the
 #                         workspace's target/release, built if missing)
-#        HAUL_SHARED=dir  the shared/ checkout holding bench/gen_dataset.py
 #
 # Phases: full, unchanged, changed (after gen_dataset.py --mutate), restore. Page
 # caches are dropped before every phase. Printed per phase: wall, user+sys CPU of the
@@ -27,9 +26,8 @@ done
 
 here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
 root=$(cd "$here/.." && pwd -P)
-shared=${HAUL_SHARED:-$root/../shared}
-gen="$shared/bench/gen_dataset.py"
-[[ -f $gen ]] || { echo "pull.sh: $gen not found (set HAUL_SHARED=/path/to/shared)" >&2; exit 2; }
+gen="$root/bench/gen_dataset.py"
+[[ -f $gen ]] || { echo "pull.sh: $gen not found" >&2; exit 2; }
 for t in restic python3 jq; do
   command -v $t >/dev/null || { echo "pull.sh: needs $t (apt-get install -y restic python3 jq time)" >&2; exit 2; }
 done

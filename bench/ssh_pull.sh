@@ -24,12 +24,11 @@ while (($#)); do
   esac
 done
 root=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd -P)
-shared=${HAUL_SHARED:-$root/../shared}
 (cd "$root" && cargo build --release -q -p haul-pbs -p haul-agent -p haul-wrapper)
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 rm -rf "$work" && mkdir -p "$work/sshd/sockets" /run/sshd && chmod 700 "$work/sshd/sockets"
 data=$work/data
-python3 "$shared/bench/gen_dataset.py" "$data" --mib "$mib" >/dev/null
+python3 "$root/bench/gen_dataset.py" "$data" --mib "$mib" >/dev/null
 d=$work/sshd
 ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey" && ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_restic"

@@ -5,10 +5,11 @@
 //! command, which the host's forced command (`haul-wrapper`) checks before it runs
 //! anything. No `ssh`, `socat` or shell on this side.
 //!
-//! Around russh's limits (`../shared/reference/russh-tunnel.md`):
+//! Around russh's limits (`docs/reference/russh-tunnel.md`):
 //! - One forwarded channel whose reader stalls blocks the whole connection: the server
-//!   reads every request body as it arrives (`server/api.rs`), and the channel buffer
-//!   is raised to hold the largest upload body.
+//!   reads every request body as it arrives (`server/api.rs`), each channel may hold
+//!   [`CHANNEL_BUFFER`] unread packets, and a connection whose answers go unread is cut
+//!   (`server/conn.rs`).
 //! - Upload throughput is about window / 2 per round trip: the window is the host's
 //!   `window_mib`.
 //! - Channels the pbs did not ask for are refused, and a forwarded channel must come

@@ -2,7 +2,7 @@
 //! its sessions, the metadata of every path at every session, and every regular file's
 //! content at every session, rebuilt from the mirror and the increments and checked
 //! against the recorded size and SHA-1. The format notes are
-//! `../shared/reference/rdiff-backup-format.md`; section numbers below refer to them.
+//! `docs/reference/rdiff-backup-format.md`; section numbers below refer to them.
 //!
 //! Supported: sessions from `mirror_metadata` and `current_mirror` (also sessions that
 //! changed nothing); rdiff-backup's timestamp arithmetic, cross-checked with

@@ -1,5 +1,5 @@
 //! Names in an rdiff-backup repository: session timestamps, increment file names and
-//! the `chars_to_quote` quoting of every on-disk name (`../shared/reference/
+//! the `chars_to_quote` quoting of every on-disk name (`docs/reference/
 //! rdiff-backup-format.md` §2.2, §2.3, §2.8).
 
 use crate::Error;

@@ -1,5 +1,5 @@
 //! `import-rdiff` against real rdiff-backup repositories, generated at run time by
-//! `../shared/fixtures/make-rdiff-fixture.sh` (Debian's rdiff-backup): every session of
+//! `tests/fixtures/make-rdiff-fixture.sh` (Debian's rdiff-backup): every session of
 //! every variant, restored from haul, must equal the fixture's manifest of that
 //! session: contents, types, modes, ownership, mtimes, symlink targets, device numbers,
 //! hard-link groups and user xattrs.
@@ -18,7 +18,7 @@ fn fixture() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("haul-rdiff-fixture-{}", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/make-rdiff-fixture.sh");
+            .join("fixtures/make-rdiff-fixture.sh");
         let out = std::process::Command::new("bash")
             .arg(&script)
             .arg(&dir)
