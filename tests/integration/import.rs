@@ -17,8 +17,7 @@ fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("haul-rdiff-fixture-{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/make-rdiff-fixture.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/make-rdiff-fixture.sh");
         let out = std::process::Command::new("bash")
             .arg(&script)
             .arg(&dir)

@@ -879,3 +879,81 @@ fn put_in_place_of_the_agent(sshd: &Sshd, path: &std::path::Path, script: &str) 
     fs::write(&policy, replaced).unwrap();
     honest
 }
+
+/// An attacker's program behind a real sshd that sends half a request head on one
+/// forwarded connection and half a body on another, then waits: the pbs cuts both at
+/// its request limit (the program sees them closed), and the run is recorded with the
+/// program's own last words.
+#[test]
+fn stalled_heads_and_bodies_through_the_tunnel_are_cut_at_the_request_limit() {
+    let (env, src) = Env::with_one_file();
+    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
+    let config = sshd.pbs_config("web-1", &[&src]);
+    let staller = env.path("staller");
+    let honest = put_in_place_of_the_agent(
+        &sshd,
+        &staller,
+        r#"#!/usr/bin/python3
+import socket, sys, time
+path = sys.argv[sys.argv.index("--socket") + 1]
+head = socket.socket(socket.AF_UNIX); head.connect(path)
+head.sendall(b"POST /v1/backup/missing HTTP/1.1\r\nHost: h")
+body = socket.socket(socket.AF_UNIX); body.connect(path)
+body.sendall(b"POST /v1/backup/missing HTTP/1.1\r\nHost: h\r\nContent-Length: 330\r\n\r\n" + b"\0" * 33)
+start = time.time()
+cut = {}
+for name, s in (("head", head), ("body", body)):
+    s.settimeout(max(0.1, 30 - (time.time() - start)))
+    try:
+        while s.recv(4096):
+            pass
+        cut[name] = time.time() - start
+    except socket.timeout:
+        pass
+print("stalled head cut after %.0f s, stalled body cut after %.0f s"
+      % (cut.get("head", -1), cut.get("body", -1)), file=sys.stderr)
+sys.exit(1)
+"#,
+    );
+    let (c, s) = (
+        config.display().to_string(),
+        env.path("state").display().to_string(),
+    );
+    let t = std::time::Instant::now();
+    let run = env.pbs(&[
+        "pull",
+        "web-1",
+        "--config",
+        &c,
+        "--state-dir",
+        &s,
+        "--request-timeout",
+        "2s",
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(25),
+        "{:?}",
+        t.elapsed()
+    );
+    let rec = env.runs().pop().unwrap();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    let said = rec["error"].as_str().unwrap();
+    let secs = |what: &str| -> i64 {
+        let at = said.find(what).unwrap_or_else(|| panic!("{rec}")) + what.len();
+        said[at..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for what in ["stalled head cut after ", "stalled body cut after "] {
+        let cut = secs(what);
+        assert!((1..=6).contains(&cut), "{what}{cut} s: {rec}");
+    }
+    sshd.assert_nothing_listening();
+    fs::write(sshd.dir.join("wrapper.toml"), honest).unwrap();
+    env.pbs(&["pull", "web-1", "--config", &c, "--state-dir", &s])
+        .expect(0);
+}
