@@ -391,11 +391,14 @@ impl<'r> IngestSession<'r> {
 
     /// The source sent `b` (verified): from now on it is its own. Returns whether it
     /// was new to the source (not stored, or not visible to it before).
+    /// (Nothing to note in the whole repository's scope: there the source is told what
+    /// the repository lacked, and `false` is returned without a look-up.)
     fn note_sent(&self, b: BlobRef) -> Result<bool> {
-        let new_to_source = !(self.known(&b)? && self.visible(&b)?);
-        if self.info.scope == DedupScope::OwnHistory {
-            self.sent.lock().expect("sent").insert(b);
+        if self.info.scope == DedupScope::Repository {
+            return Ok(false);
         }
+        let new_to_source = !(self.known(&b)? && self.visible(&b)?);
+        self.sent.lock().expect("sent").insert(b);
         Ok(new_to_source)
     }
 

@@ -397,8 +397,8 @@ pub fn pull_one(
         }
     };
     let end = chrono::Utc::now();
+    // Both transports have ended the session by now (its packs are in `own_packs`).
     let committed = server.committed();
-    server.abandon_session();
     if let Err(e) = history.settle_own_packs(&host, &own_packs, committed.is_some()) {
         tracing::warn!("{e}: the next pull sends again what this one sent");
     }

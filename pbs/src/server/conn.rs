@@ -63,19 +63,22 @@ impl Watchdog {
         self.output = Instant::now();
     }
 
+    /// When the run last showed life: the agent's output or a request.
+    fn last_life(&self) -> Instant {
+        self.output.max(self.activity.last())
+    }
+
     /// How long to wait for the agent's next output before [`Watchdog::stalled`] is
     /// asked again.
     pub fn wait(&self) -> Duration {
-        let last = self.output.max(self.activity.last());
-        (last + self.limit)
+        (self.last_life() + self.limit)
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100))
     }
 
     /// The error of a stalled run, once it is one.
     pub fn stalled(&self) -> Option<String> {
-        let last = self.output.max(self.activity.last());
-        (last.elapsed() >= self.limit).then(|| {
+        (self.last_life().elapsed() >= self.limit).then(|| {
             format!(
                 "the run stalled: the agent printed nothing and sent no request for {}; it was stopped (raise [server].stall_timeout or --stall-timeout if the host is just slow)",
                 humantime::format_duration(self.limit)

@@ -120,52 +120,44 @@ impl Server {
         })
     }
 
+    /// Changes a setting of a server nobody serves with yet (the builder methods below).
+    fn configured(self: Arc<Self>, set: impl FnOnce(&mut Server)) -> Arc<Self> {
+        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
+        set(&mut s);
+        Arc::new(s)
+    }
+
     /// Other time limits than the defaults (see [`conn::Limits`]).
     pub fn with_limits(self: Arc<Self>, limits: conn::Limits) -> Arc<Self> {
-        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
-        s.limits = limits;
-        Arc::new(s)
+        self.configured(|s| s.limits = limits)
     }
 
     /// Lets sessions build on everything in the repository, not only on their own
     /// host's history (see [`DedupScope`]).
     pub fn with_scope(self: Arc<Self>, scope: DedupScope) -> Arc<Self> {
-        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
-        s.scope = scope;
-        Arc::new(s)
+        self.configured(|s| s.scope = scope)
     }
 
     /// Sessions count the blobs of `own` (packs earlier sessions of the host wrote and
     /// never committed) as the host's own, and add the packs they write to it.
     pub fn with_own_packs(self: Arc<Self>, own: OwnPacks) -> Arc<Self> {
-        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
-        s.own_packs = Some(own);
-        Arc::new(s)
+        self.configured(|s| s.own_packs = Some(own))
     }
 
     pub fn limits(&self) -> conn::Limits {
         self.limits
     }
 
-    /// When the server last saw a request or body bytes from a client.
-    pub fn last_activity(&self) -> std::time::Instant {
-        self.activity.last()
-    }
-
     /// Restricts a read-only server to one snapshot.
     pub fn pinned_to(self: Arc<Self>, snapshot: SnapshotId) -> Arc<Self> {
-        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
-        s.pinned = Some(snapshot);
-        Arc::new(s)
+        self.configured(|s| s.pinned = Some(snapshot))
     }
 
     /// Calls `hook` with each snapshot a session of this server saves (a run notes it
     /// in its marker, so that a pbs killed between the commit and the run's record is
     /// later recorded as having saved it).
     pub fn on_commit(self: Arc<Self>, hook: CommitHook) -> Arc<Self> {
-        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
-        s.on_commit = Some(hook);
-        Arc::new(s)
+        self.configured(|s| s.on_commit = Some(hook))
     }
 
     pub(crate) fn committed_now(&self, committed: &(SnapshotId, Snapshot)) {
@@ -176,9 +168,7 @@ impl Server {
     }
 
     pub fn with_source(self: Arc<Self>, source: SourceKind) -> Arc<Self> {
-        let mut s = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("configured before use"));
-        s.source = source;
-        Arc::new(s)
+        self.configured(|s| s.source = source)
     }
 
     /// Counts a connection that did not come through the listener (a channel
