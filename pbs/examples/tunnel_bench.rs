@@ -95,7 +95,8 @@ fn russh(config: &str, host: &str, how: &str, what: &str) -> Result<(), String> 
     if !matches!(how, "--upload" | "--download") {
         return Err(USAGE.into());
     }
-    let out = haul_pbs::ssh::run_command(host, router(), command).map_err(|e| e.to_string())?;
+    let out = haul_pbs::transport::ssh::run_command(host, router(), command)
+        .map_err(|e| e.to_string())?;
     for line in &out.stdout {
         println!("{line}");
     }

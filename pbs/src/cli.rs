@@ -37,6 +37,17 @@ pub struct Global {
     /// list, repair --dry-run), e.g. on a read-only disk. Commands that write refuse it.
     #[arg(long, global = true)]
     pub no_lock: bool,
+    /// The configuration file (default: /etc/haul/pbs.toml when it exists). Its
+    /// `[server]` settings say where the state and the repositories are, for every
+    /// command, as for the daemon.
+    #[arg(long, env = "HAUL_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// State directory: run history, feeds, and (unless `[server].repositories_dir`
+    /// says otherwise) the default repository and its key file (default:
+    /// `[server].state_dir`, else $HAUL_STATE_DIR, /var/lib/haul for root, else
+    /// ~/.local/state/haul).
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,9 +226,6 @@ pub struct PullArgs {
     /// Back up these paths of this machine through a local haul-agent.
     #[arg(long = "local", num_args = 1..)]
     pub local: Vec<PathBuf>,
-    /// The configuration file with the hosts.
-    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
-    pub config: PathBuf,
     #[command(flatten)]
     pub select: SelectArgs,
     /// Read every file, ignoring the parent snapshot.
@@ -227,13 +235,9 @@ pub struct PullArgs {
     pub run: RunArgs,
 }
 
-/// Where a run keeps its state and finds its agent.
-#[derive(Debug, Args, Clone)]
+/// How a run finds its agent and how long it waits for it.
+#[derive(Debug, Args, Clone, Default)]
 pub struct RunArgs {
-    /// State directory: the default repository, its key file and run records
-    /// (default: $HAUL_STATE_DIR, /var/lib/haul for root, else ~/.local/state/haul).
-    #[arg(long, env = "HAUL_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
     /// The haul-agent binary (default: beside haul-pbs, else on $PATH).
     #[arg(long, env = "HAUL_AGENT")]
     pub agent: Option<PathBuf>,
@@ -257,17 +261,10 @@ pub struct ImportRdiffArgs {
     /// The path on that host the rdiff-backup tree is a backup of.
     #[arg(long, default_value = "/")]
     pub path: String,
-    /// Where the run is recorded (default: $HAUL_STATE_DIR, /var/lib/haul for root,
-    /// else ~/.local/state/haul).
-    #[arg(long, env = "HAUL_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// The configuration file.
-    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
-    pub config: PathBuf,
     /// Log JSON lines instead of human-readable ones (stderr either way).
     #[arg(long)]
     pub log_json: bool,
@@ -284,11 +281,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Read and check the configuration: the problems, or a summary of what it holds.
-    Check {
-        /// The configuration file.
-        #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
-        config: PathBuf,
-    },
+    Check,
 }
 
 #[derive(Debug, Args)]
@@ -299,17 +292,12 @@ pub struct RunsArgs {
     /// Only the last N runs.
     #[arg(long)]
     pub last: Option<usize>,
-    #[command(flatten)]
-    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct SshSetupArgs {
     /// The host, by its name in the configuration.
     pub host: String,
-    /// The configuration file with the hosts.
-    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
-    pub config: PathBuf,
     /// Where haul-wrapper is installed on the host.
     #[arg(long, default_value = "/usr/local/bin/haul-wrapper")]
     pub wrapper: PathBuf,
@@ -353,18 +341,32 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
+}
+
+/// Which snapshots a command considers: also what `latest` is the newest of. A host
+/// named here that the configuration knows is looked for in that host's repository.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SnapshotFilter {
     /// Only snapshots of this host.
     #[arg(long)]
     pub host: Option<String>,
-    /// Only snapshots with this tag.
+    /// Only snapshots with this path among their paths (repeatable: all of them).
+    #[arg(long = "path")]
+    pub paths: Vec<String>,
+    /// Only snapshots with this tag (repeatable: all of them).
     #[arg(long)]
-    pub tag: Option<String>,
+    pub tag: Vec<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Snapshot id (or unique prefix), or `latest`.
+    /// Snapshot: an id (or unique prefix), `latest` (the newest that the filters
+    /// select), or `HOST:latest`.
     pub snapshot: String,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
     /// List only below this path inside the snapshot.
     pub path: Option<String>,
     /// List only the named directory's entries, not everything below it.
@@ -374,8 +376,11 @@ pub struct LsArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot id (or unique prefix), or `latest`.
+    /// Snapshot: an id (or unique prefix), `latest` (the newest that the filters
+    /// select), or `HOST:latest`.
     pub snapshot: String,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
     /// Directory to restore into: must not exist or be empty.
     #[arg(long, short = 't')]
     pub target: PathBuf,
@@ -389,14 +394,11 @@ pub struct RestoreArgs {
     /// Restore through a read-only server and a haul-agent, as a clone host would.
     #[arg(long)]
     pub via_agent: bool,
-    /// Restore onto this host (from the configuration) over SSH, through a read-only
-    /// tunnel and the host's haul-wrapper (whose policy must list the target's
-    /// directory in `restore_targets`).
-    #[arg(long)]
-    pub host: Option<String>,
-    /// The configuration file with the hosts.
-    #[arg(long, env = "HAUL_CONFIG", default_value = "/etc/haul/pbs.toml")]
-    pub config: PathBuf,
+    /// Restore onto this host (by its name in the configuration) over SSH, through a
+    /// read-only tunnel and the host's haul-wrapper (whose policy must list the
+    /// target's directory in `restore_targets`). The target is a path on that host.
+    #[arg(long, value_name = "HOST")]
+    pub to_host: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -406,9 +408,8 @@ pub struct ForgetArgs {
     /// Snapshots to remove (ids or unique prefixes), instead of a policy.
     #[arg(conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])]
     pub snapshots: Vec<String>,
-    /// Only this host's snapshots.
-    #[arg(long)]
-    pub host: Option<String>,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
@@ -430,10 +431,6 @@ pub struct ForgetArgs {
     /// Say what would be removed, remove nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
-    /// Where the run is recorded (default: $HAUL_STATE_DIR, /var/lib/haul for root,
-    /// else ~/.local/state/haul).
-    #[arg(long, env = "HAUL_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -441,8 +438,4 @@ pub struct CheckArgs {
     /// Also read, decrypt, decompress and re-hash every blob.
     #[arg(long)]
     pub read_data: bool,
-    /// Where the run is recorded (default: $HAUL_STATE_DIR, /var/lib/haul for root,
-    /// else ~/.local/state/haul).
-    #[arg(long, env = "HAUL_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
 }

@@ -5,7 +5,7 @@
 
 use crate::error::CliError;
 use crate::output::bytes;
-use crate::run::RunRecord;
+use crate::record::{Details, RunRecord};
 use rss::{ChannelBuilder, GuidBuilder, ItemBuilder};
 use std::io::Write;
 use std::path::Path;
@@ -68,52 +68,57 @@ pub fn render_with(records: &[RunRecord], host: Option<&str>, o: &FeedOptions) -
         .to_string()
 }
 
-fn word(status: &str) -> &'static str {
-    match status {
-        "ok" => "OK",
-        "warning" => "WARNING",
-        _ => "FAILED",
-    }
-}
-
 fn item(r: &RunRecord) -> rss::Item {
-    let n = |k: &str| r.counters.as_ref().and_then(|c| c[k].as_u64()).unwrap_or(0);
-    let secs = (r.end - r.start).num_milliseconds().max(0) as f64 / 1000.0;
-    let files = n("files_new") + n("files_changed") + n("files_unchanged");
-    let what = match (&r.error, r.status.as_str()) {
-        (Some(e), _) => e
+    let secs = r.seconds();
+    let what = match (&r.error, &r.counters, &r.details) {
+        (Some(e), _, _) => e
             .lines()
             .next()
             .unwrap_or_default()
             .chars()
             .take(160)
             .collect(),
-        (None, _) => format!(
+        (None, Some(c), _) => format!(
             "{} files, {} new, {secs:.0} s",
-            group_thousands(files),
-            bytes(n("bytes_new"))
+            group_thousands(c.files()),
+            bytes(c.bytes_new)
         ),
+        (None, None, Some(Details::Forget(d))) => {
+            format!("{} snapshots removed, {} kept", d.removed.len(), d.kept)
+        }
+        (None, None, Some(Details::Import(d))) => format!(
+            "{} sessions imported, {} new",
+            d.sessions_imported,
+            bytes(d.bytes_new)
+        ),
+        (None, None, Some(Details::Check(d))) => {
+            format!("{} snapshots, {} packs checked", d.snapshots, d.packs)
+        }
+        (None, None, Some(Details::Restore(d))) => {
+            format!("{} files, {} restored", d.files, bytes(d.bytes))
+        }
+        (None, None, None) => format!("{secs:.0} s"),
     };
-    let title = format!("{}: {} {} — {what}", r.host, r.kind, word(&r.status));
+    let title = format!("{}: {} {} — {what}", r.host, r.kind, r.status.shout());
     let mut description = format!(
         "{} — {} of {} ({}), {} to {}, {secs:.1} s.\n",
-        word(&r.status),
+        r.status.shout(),
         r.kind,
         r.host,
-        r.transport,
+        r.transport.word(),
         r.start.to_rfc3339(),
         r.end.to_rfc3339()
     );
-    if r.counters.is_some() {
+    if let Some(c) = &r.counters {
         description.push_str(&format!(
-            "Files: {} new, {} changed, {} unchanged; {} read, {} new, {} sent; {} warnings.\n",
-            n("files_new"),
-            n("files_changed"),
-            n("files_unchanged"),
-            bytes(n("bytes_read")),
-            bytes(n("bytes_new")),
-            bytes(n("bytes_sent")),
-            n("warnings")
+            "Files: {} new, {} changed, {} unchanged; {} read, {} new, {} received; {} warnings.\n",
+            c.files_new,
+            c.files_changed,
+            c.files_unchanged,
+            bytes(c.bytes_read),
+            bytes(c.bytes_new),
+            bytes(c.bytes_received),
+            c.warnings
         ));
     }
     if let Some(s) = &r.snapshot {
@@ -172,7 +177,7 @@ mod tests {
 
     #[test]
     fn output_that_looks_like_markup_survives_the_round_trip() {
-        let mut r = crate::history::tests::record("r1", "web-1", "warning");
+        let mut r = crate::history::tests::record("r1", "web-1", crate::record::RunStatus::Warning);
         r.output_tail = vec!["<b>&amp;</b> ]]> done".into()];
         r.error = Some("a ]]> b".into());
         let xml = render(std::slice::from_ref(&r), None);

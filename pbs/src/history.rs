@@ -1,21 +1,53 @@
 //! The run history: every run's record, appended durably to `STATE/runs.jsonl` (one
 //! JSON object per line), and the RSS feeds rendered from it after every run.
 //!
-//! Durability: a record is written with one `write` on a file opened for appending,
-//! then `fsync`ed. A crash mid-append can leave only the last line torn; earlier lines
-//! are never rewritten. Reading skips a line that does not parse, with a warning that
-//! names it (a torn last line is the expected case).
+//! - Durability: a record is written with one `write` on a file opened for appending,
+//!   then `fsync`ed. A crash mid-append can leave only the last line torn. Reading
+//!   skips a line that does not parse, with a warning that names it (a torn last line
+//!   is the expected case).
+//! - One read per process: the records are read once and kept (shared by every clone
+//!   of a [`History`]); later reads take only what other processes appended since.
+//! - Bounded: when the file holds more than [`COMPACT_AT`] records, the oldest are
+//!   moved to `STATE/runs-archive.jsonl` (appended, never read by the pbs) and the file
+//!   is rewritten with each host's newest [`KEEP_PER_HOST`] records, plus the records
+//!   later decisions rest on (a host's last verified import, its last retention that
+//!   removed something). A year of hourly pulls of 100 hosts keeps ten thousand
+//!   records here. Appends and the rewrite hold an exclusive `flock` on
+//!   `STATE/runs.lock`, so a pull recorded by another process while the file is
+//!   rewritten is not lost.
 
 use crate::error::CliError;
 use crate::feed;
-use crate::run::RunRecord;
+use crate::record::{Details, RunKind, RunRecord, RunStatus, TransportKind};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+/// Records in the history file past which it is compacted (see the module doc).
+pub const COMPACT_AT: usize = 20_000;
+/// Records of each host a compaction keeps.
+pub const KEEP_PER_HOST: usize = 100;
+
+#[derive(Clone)]
 pub struct History {
     state: PathBuf,
     feed: feed::FeedOptions,
+    cache: Arc<Mutex<Option<Cache>>>,
+}
+
+/// The history file as this process has read it.
+#[derive(Default)]
+struct Cache {
+    records: Vec<RunRecord>,
+    warnings: Vec<String>,
+    /// The last line, when it is not whole yet (torn by a crash, or being written).
+    torn: Option<String>,
+    /// Bytes of the file read, and its inode (a compaction makes a new one).
+    len: u64,
+    ino: u64,
+    /// The number of records past which it is compacted next.
+    compact_at: usize,
 }
 
 /// One record at a time per process: runs of the daemon finish concurrently, and each
@@ -29,8 +61,8 @@ static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub struct Running {
     pub id: String,
     pub host: String,
-    pub kind: String,
-    pub transport: String,
+    pub kind: RunKind,
+    pub transport: TransportKind,
     pub start: chrono::DateTime<chrono::Utc>,
     pub pid: u32,
     /// The snapshot the run saved, once it has: a run whose process died after this
@@ -44,38 +76,34 @@ impl History {
         History {
             state,
             feed: feed::FeedOptions::default(),
+            cache: Arc::default(),
         }
     }
 
-    /// The history of `state` (default: [`haul_config::default_state_dir`]).
-    pub fn of(state: Option<&Path>) -> History {
-        History::new(
-            state
-                .map(Path::to_path_buf)
-                .unwrap_or_else(haul_config::default_state_dir),
-        )
-    }
-
-    /// Records a run that involves no agent (a check, an import), ending now: `ok`
-    /// with its counters, or `failed` with the error (and the counters it has).
+    /// Records a run that involves no agent (a check, an import, a forget), ending
+    /// now: `ok` with its details, or `failed` with the error.
     pub fn record_local(
         &self,
-        (host, kind): (&str, &str),
+        (host, kind): (&str, RunKind),
         start: chrono::DateTime<chrono::Utc>,
-        counters: Option<serde_json::Value>,
-        error: Option<String>,
+        result: Result<Details, String>,
     ) -> Result<(), CliError> {
-        let status = if error.is_some() { "failed" } else { "ok" };
-        let mut r = RunRecord::bare(
-            crate::run::new_run_id(start),
+        let r = RunRecord::new(
+            crate::record::new_run_id(start),
             host,
-            (kind, "local"),
+            kind,
+            TransportKind::Local,
             start,
-            status,
-            String::new(),
         );
-        r.error = error;
-        r.counters = counters;
+        let r = match result {
+            Ok(details) => r.with_details(details),
+            Err(e) => {
+                let mut r = r;
+                r.status = RunStatus::Failed;
+                r.error = Some(e);
+                r
+            }
+        };
         self.record(&r)
     }
 
@@ -176,28 +204,25 @@ impl History {
             let ours = run.pid == std::process::id();
             if (mine && ours) || (!ours && !alive) {
                 let why = why.replace("{pid}", &run.pid.to_string());
-                let record = match &run.snapshot {
+                let mut record = RunRecord::new(
+                    run.id.clone(),
+                    &run.host,
+                    run.kind,
+                    run.transport,
+                    run.start,
+                );
+                record.error_kind = Some(crate::record::ErrorKind::Interrupted);
+                match &run.snapshot {
                     Some(snap) => {
-                        let mut r = crate::run::RunRecord::bare(
-                            run.id.clone(),
-                            &run.host,
-                            (&run.kind, &run.transport),
-                            run.start,
-                            "warning",
-                            format!("snapshot {} was saved and is complete, then {why}; the run's figures are lost", &snap[..8.min(snap.len())]),
-                        );
-                        r.snapshot = Some(snap.clone());
-                        r
+                        record.status = RunStatus::Warning;
+                        record.error = Some(format!("snapshot {} was saved and is complete, then {why}; the run's figures are lost", &snap[..8.min(snap.len())]));
+                        record.snapshot = Some(snap.clone());
                     }
-                    None => crate::run::RunRecord::bare(
-                        run.id.clone(),
-                        &run.host,
-                        (&run.kind, &run.transport),
-                        run.start,
-                        "failed",
-                        why,
-                    ),
-                };
+                    None => {
+                        record.status = RunStatus::Failed;
+                        record.error = Some(why);
+                    }
+                }
                 self.record(&record)?;
                 n += 1;
             }
@@ -223,17 +248,45 @@ impl History {
     /// (all hosts, and its host's).
     pub fn record(&self, record: &RunRecord) -> Result<(), CliError> {
         let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
-        self.append(record)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let _file = self.file_lock()?;
+            self.refresh(&mut cache)?;
+            self.append(record)?;
+            // Read back what was appended (and anything before it that another process
+            // appended, or a torn line it completed).
+            self.refresh(&mut cache)?;
+            let c = cache.as_mut().expect("refreshed");
+            if c.records.len() > c.compact_at {
+                self.compact(c)?;
+            }
+        }
         let _ = std::fs::remove_file(self.running_dir().join(format!("{}.json", record.id)));
-        let (all, _) = self.read()?;
-        feed::write_atomically(
-            &self.feed_path(),
-            &feed::render_with(&all, None, &self.feed),
-        )?;
+        let all = &cache.as_ref().expect("refreshed").records;
+        feed::write_atomically(&self.feed_path(), &feed::render_with(all, None, &self.feed))?;
         feed::write_atomically(
             &self.host_feed_path(&record.host),
-            &feed::render_with(&all, Some(&record.host), &self.feed),
+            &feed::render_with(all, Some(&record.host), &self.feed),
         )
+    }
+
+    /// An exclusive lock on the history file, for an append or a rewrite.
+    fn file_lock(&self) -> Result<std::fs::File, CliError> {
+        use std::os::fd::AsRawFd;
+        let path = self.state.join("runs.lock");
+        let err = |e| CliError::Io(format!("run history lock {}", path.display()), e);
+        std::fs::create_dir_all(&self.state).map_err(err)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(f)
     }
 
     fn append(&self, record: &RunRecord) -> Result<(), CliError> {
@@ -259,29 +312,154 @@ impl History {
 
     /// Every record, oldest first, and a warning for each line that was skipped.
     pub fn read(&self) -> Result<(Vec<RunRecord>, Vec<String>), CliError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh(&mut cache)?;
+        let c = cache.as_ref().expect("refreshed");
+        let mut warnings = c.warnings.clone();
+        warnings.extend(c.torn.clone());
+        Ok((c.records.clone(), warnings))
+    }
+
+    /// Calls `f` with every record, oldest first, without copying them.
+    pub fn with_records<T>(&self, f: impl FnOnce(&[RunRecord]) -> T) -> Result<T, CliError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh(&mut cache)?;
+        Ok(f(&cache.as_ref().expect("refreshed").records))
+    }
+
+    /// Brings the cache up to the file: all of it the first time (or after another
+    /// process compacted it), else what was appended since.
+    fn refresh(&self, cache: &mut Option<Cache>) -> Result<(), CliError> {
         let path = self.log_path();
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], vec![])),
-            Err(e) => return Err(CliError::Io(format!("run history {}", path.display()), e)),
+        let err = |e| CliError::Io(format!("run history {}", path.display()), e);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(err(e)),
         };
-        let mut records = Vec::new();
-        let mut warnings = Vec::new();
-        for (n, line) in text.split(|b| *b == b'\n').enumerate() {
+        let (size, ino) = meta.map_or((0, 0), |m| (m.len(), m.ino()));
+        let c = cache.get_or_insert_with(|| Cache {
+            compact_at: COMPACT_AT,
+            ..Default::default()
+        });
+        if c.ino != ino || size < c.len {
+            *c = Cache {
+                compact_at: COMPACT_AT,
+                ..Default::default()
+            };
+            c.ino = ino;
+        }
+        c.torn = None;
+        if size == c.len {
+            return Ok(());
+        }
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&path).map_err(err)?;
+        f.seek(std::io::SeekFrom::Start(c.len)).map_err(err)?;
+        let mut text = Vec::new();
+        f.take(size - c.len).read_to_end(&mut text).map_err(err)?;
+        // Only whole lines: a line still being written is read next time.
+        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let first_line = c.records.len() + c.warnings.len();
+        for (n, line) in text[..whole].split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
             match serde_json::from_slice::<RunRecord>(line) {
-                Ok(r) => records.push(r),
-                Err(e) => warnings.push(format!(
+                Ok(r) => c.records.push(r),
+                Err(e) => c.warnings.push(format!(
                     "{} line {}: skipped, not a whole record ({e}); a run was interrupted while it was recorded",
                     path.display(),
-                    n + 1
+                    first_line + n + 1
                 )),
             }
         }
-        Ok((records, warnings))
+        c.len += whole as u64;
+        if whole < text.len() {
+            c.torn = Some(format!(
+                "{} line {}: skipped, not a whole record; a run was interrupted while it was recorded",
+                path.display(),
+                c.records.len() + c.warnings.len() + 1
+            ));
+        }
+        Ok(())
     }
+
+    /// After this process appended: the file's size and inode as read.
+    fn note_read(&self, c: &mut Cache) -> Result<(), CliError> {
+        let path = self.log_path();
+        let m = std::fs::metadata(&path)
+            .map_err(|e| CliError::Io(format!("run history {}", path.display()), e))?;
+        c.len = m.len();
+        c.ino = m.ino();
+        Ok(())
+    }
+
+    /// Moves the records compaction does not keep to the archive and rewrites the
+    /// history file with the rest (see the module doc). Called with the file locked.
+    fn compact(&self, c: &mut Cache) -> Result<(), CliError> {
+        let keep = keep_after_compaction(&c.records, KEEP_PER_HOST.max(self.feed.items));
+        let (kept, gone): (Vec<_>, Vec<_>) =
+            c.records.drain(..).zip(keep).partition(|(_, keep)| *keep);
+        let lines = |rs: &[(RunRecord, bool)]| {
+            let mut out = Vec::new();
+            for (r, _) in rs {
+                out.extend(serde_json::to_vec(r).expect("a record serializes"));
+                out.push(b'\n');
+            }
+            out
+        };
+        let archive = self.state.join("runs-archive.jsonl");
+        let err = |p: &Path, e| CliError::Io(format!("run history {}", p.display()), e);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&archive)
+            .map_err(|e| err(&archive, e))?;
+        f.write_all(&lines(&gone))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| err(&archive, e))?;
+        // Then the shorter file, in one rename: a crash before it leaves the old file
+        // (and the archive holding some of its records twice), never a torn one.
+        let text = String::from_utf8(lines(&kept)).expect("JSON is UTF-8");
+        feed::write_atomically(&self.log_path(), &text)?;
+        c.records = kept.into_iter().map(|(r, _)| r).collect();
+        c.warnings.clear();
+        self.note_read(c)?;
+        c.compact_at = COMPACT_AT.max(2 * c.records.len());
+        tracing::info!(
+            kept = c.records.len(),
+            archived = gone.len(),
+            "run history compacted into {}",
+            archive.display()
+        );
+        Ok(())
+    }
+}
+
+/// Which records a compaction keeps: each host's newest `per_host`, and for each
+/// host its newest verified import and newest retention that removed something (the
+/// retirement of a legacy rdiff-backup tree rests on them).
+fn keep_after_compaction(records: &[RunRecord], per_host: usize) -> Vec<bool> {
+    let mut keep = vec![false; records.len()];
+    let mut seen: std::collections::HashMap<(&str, u8), usize> = Default::default();
+    for (i, r) in records.iter().enumerate().rev() {
+        let n = seen.entry((&r.host, 0)).or_default();
+        *n += 1;
+        keep[i] |= *n <= per_host;
+        let decision = match (&r.details, r.status) {
+            (Some(Details::Import(d)), RunStatus::Ok) if d.files_verified.is_some() => Some(1),
+            (Some(Details::Forget(d)), RunStatus::Ok) if !d.removed.is_empty() => Some(2),
+            _ => None,
+        };
+        if let Some(k) = decision {
+            let n = seen.entry((&r.host, k)).or_default();
+            *n += 1;
+            keep[i] |= *n == 1;
+        }
+    }
+    keep
 }
 
 fn ends_with_newline(path: &Path, len: u64) -> bool {
@@ -297,30 +475,24 @@ fn ends_with_newline(path: &Path, len: u64) -> bool {
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn record(id: &str, host: &str, status: &str) -> RunRecord {
-        RunRecord {
-            id: id.into(),
-            host: host.into(),
-            kind: "pull".into(),
-            transport: "local".into(),
-            start: chrono::Utc::now(),
-            end: chrono::Utc::now(),
-            status: status.into(),
-            snapshot: None,
-            counters: None,
-            connections: 1,
-            agent_peak_rss_kib: 0,
-            pbs_peak_rss_kib: 0,
-            output_tail: vec!["<b>&".into()],
-            error: None,
-        }
+    pub(crate) fn record(id: &str, host: &str, status: RunStatus) -> RunRecord {
+        let mut r = RunRecord::new(
+            id.into(),
+            host,
+            RunKind::Pull,
+            TransportKind::Local,
+            chrono::Utc::now(),
+        );
+        r.status = status;
+        r.output_tail = vec!["<b>&".into()];
+        r
     }
 
     #[test]
     fn a_torn_last_line_is_skipped_and_the_next_record_is_whole() {
         let dir = tempfile::tempdir().unwrap();
         let h = History::new(dir.path().to_path_buf());
-        h.record(&record("r1", "a", "ok")).unwrap();
+        h.record(&record("r1", "a", RunStatus::Ok)).unwrap();
         // A crash in the middle of the next append.
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -331,7 +503,7 @@ pub(crate) mod tests {
         assert_eq!(records.len(), 1);
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("line 2: skipped"), "{warnings:?}");
-        h.record(&record("r3", "b", "failed")).unwrap();
+        h.record(&record("r3", "b", RunStatus::Failed)).unwrap();
         let (records, warnings) = h.read().unwrap();
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r1", "r3"]);

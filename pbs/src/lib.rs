@@ -3,14 +3,22 @@
 //! `main.rs` parses the command line and maps errors to exit codes; this library holds
 //! the commands so tests can drive them too.
 
+pub mod agent;
 pub mod cli;
 pub mod commands;
+pub mod daemon;
 pub mod error;
 pub mod feed;
 pub mod history;
 pub mod output;
 pub mod password;
-pub mod run;
+pub mod pipeline;
+pub mod plan;
+pub mod record;
+pub mod repos;
+pub mod server;
+pub mod site;
+pub mod transport;
 
 pub use error::CliError;
 
@@ -40,9 +48,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(a) => commands::serve::serve(&ctx, a),
         Command::SshSetup(a) => commands::pull::ssh_setup(&ctx, a),
         Command::Runs(a) => commands::pull::runs(&ctx, a),
-        Command::Config(cli::ConfigCommand::Check { config }) => {
-            commands::pull::config_check(&ctx, &config)
-        }
+        Command::Config(cli::ConfigCommand::Check) => commands::pull::config_check(&ctx),
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),
         Command::Daemon(a) => daemon::daemon(&ctx, a),
         Command::ImportRdiff(a) => commands::import::import_rdiff(&ctx, a),
@@ -50,6 +56,3 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Repair(c) => commands::repair::repair(&ctx, c),
     }
 }
-pub mod daemon;
-pub mod server;
-pub mod ssh;

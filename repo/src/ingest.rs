@@ -90,14 +90,14 @@ const INDEX_EVERY: Duration = Duration::from_secs(60);
 /// A pack being written: sealed blobs go straight into a new backend object and are
 /// hashed on the way (a pack's name is the BLAKE3 of its bytes), so a 16 MiB pack
 /// costs a 1 MiB write buffer, not 16 MiB of memory.
-struct Packer<'r> {
+struct Packer {
     kind: BlobKind,
-    out: Option<(BufWriter<Box<dyn ObjectWriter + 'r>>, blake3::Hasher)>,
+    out: Option<(BufWriter<Box<dyn ObjectWriter>>, blake3::Hasher)>,
     len: u64,
     entries: Vec<PackEntry>,
 }
 
-impl<'r> Packer<'r> {
+impl Packer {
     fn new(kind: BlobKind) -> Self {
         Packer {
             kind,
@@ -108,7 +108,7 @@ impl<'r> Packer<'r> {
     }
 
     /// Appends bytes to the pack; returns their offset.
-    fn append(&mut self, backend: &'r dyn Backend, bytes: &[u8]) -> Result<u32> {
+    fn append(&mut self, backend: &dyn Backend, bytes: &[u8]) -> Result<u32> {
         if self.out.is_none() {
             let writer = backend.writer(FileType::Data)?;
             self.out = Some((
@@ -126,9 +126,9 @@ impl<'r> Packer<'r> {
     }
 }
 
-struct State<'r> {
-    data: Packer<'r>,
-    tree: Packer<'r>,
+struct State {
+    data: Packer,
+    tree: Packer,
     unindexed: Vec<IndexedPack>,
     last_index: Instant,
 }
@@ -172,7 +172,7 @@ pub struct IngestStats {
 }
 
 pub struct IngestSession<'r> {
-    repo: &'r IndexedRepository,
+    repo: RepoRef<'r>,
     info: SessionInfo,
     parent: Option<(SnapshotId, Snapshot)>,
     /// Trees of the parent snapshot the source may read: its root, and the subtrees of
@@ -192,7 +192,7 @@ pub struct IngestSession<'r> {
     /// The trees added in this session, each with what `commit` still has to check
     /// below it (see [`Received`]).
     received: Mutex<HashMap<TreeId, Received>>,
-    state: Mutex<State<'r>>,
+    state: Mutex<State>,
     /// Blobs sealed into an open pack or being sealed: present, not yet readable.
     in_flight: Mutex<HashSet<BlobRef>>,
     stats: IngestStats,
@@ -237,9 +237,39 @@ fn with_compressor<T>(level: i32, f: impl FnOnce(&mut zstd::bulk::Compressor<'st
     })
 }
 
+/// The repository a session writes to: borrowed (a command's own session), or shared
+/// (a server's session, which outlives any one request and so owns a handle).
+pub enum RepoRef<'r> {
+    Borrowed(&'r IndexedRepository),
+    Shared(std::sync::Arc<IndexedRepository>),
+}
+
+impl std::ops::Deref for RepoRef<'_> {
+    type Target = IndexedRepository;
+    fn deref(&self) -> &IndexedRepository {
+        match self {
+            RepoRef::Borrowed(r) => r,
+            RepoRef::Shared(r) => r,
+        }
+    }
+}
+
+impl<'r> From<&'r IndexedRepository> for RepoRef<'r> {
+    fn from(r: &'r IndexedRepository) -> Self {
+        RepoRef::Borrowed(r)
+    }
+}
+
+impl From<std::sync::Arc<IndexedRepository>> for RepoRef<'static> {
+    fn from(r: std::sync::Arc<IndexedRepository>) -> Self {
+        RepoRef::Shared(r)
+    }
+}
+
 impl<'r> IngestSession<'r> {
     /// Starts a session and resolves its parent snapshot.
-    pub fn start(repo: &'r IndexedRepository, info: SessionInfo) -> Result<IngestSession<'r>> {
+    pub fn start(repo: impl Into<RepoRef<'r>>, info: SessionInfo) -> Result<IngestSession<'r>> {
+        let repo = repo.into();
         let parent = match &info.parent {
             ParentChoice::None => None,
             ParentChoice::Snapshot(id) => Some((*id, repo.load_snapshot(id)?)),
@@ -643,7 +673,7 @@ impl<'r> IngestSession<'r> {
 
     /// Appends the sealed header, finishes the pack under its name, and makes its
     /// blobs known.
-    fn write_pack(&self, mut packer: Packer<'r>) -> Result<()> {
+    fn write_pack(&self, mut packer: Packer) -> Result<()> {
         if packer.entries.is_empty() {
             return Ok(());
         }
@@ -941,7 +971,7 @@ mod tests {
         fn move_aside(&self, t: FileType, name: &str) -> Result<String> {
             self.inner.move_aside(t, name)
         }
-        fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+        fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>> {
             Ok(Box::new(FlakyWriter {
                 inner: self.inner.writer(t)?,
                 full: self.full.clone(),

@@ -56,4 +56,4 @@ pub mod repair;
 pub mod repository;
 
 pub use error::{DamagedFile, Error, Result};
-pub use repository::{IndexedRepository, KeyInfo, Repository, SnapshotList};
+pub use repository::{IndexedRepository, KeyInfo, Repository, SnapshotFilter, SnapshotList};

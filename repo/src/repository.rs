@@ -363,13 +363,27 @@ impl Repository {
         spec: &str,
         host: Option<&str>,
     ) -> Result<(SnapshotId, Snapshot)> {
+        self.find_snapshot_matching(
+            spec,
+            &SnapshotFilter {
+                host: host.map(String::from),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Like [`Repository::find_snapshot`], among the snapshots `filter` selects:
+    /// `latest` is the newest of those, and an id outside them is not found.
+    pub fn find_snapshot_matching(
+        &self,
+        spec: &str,
+        filter: &SnapshotFilter,
+    ) -> Result<(SnapshotId, Snapshot)> {
         let SnapshotList {
             snapshots: mut all,
             damaged,
         } = self.read_snapshots()?;
-        if let Some(h) = host {
-            all.retain(|(_, s)| s.host == h);
-        }
+        all.retain(|(_, s)| filter.matches(s));
         if spec == "latest" {
             for d in &damaged {
                 tracing::warn!(
@@ -377,8 +391,11 @@ impl Repository {
                 );
             }
             return all.into_iter().last().ok_or_else(|| Error::NoSuch {
-                what: "any snapshot".into(),
-                hint: "the repository (or the host asked for) has no snapshot yet",
+                what: match filter.is_empty() {
+                    true => "any snapshot".into(),
+                    false => format!("any snapshot of {filter}"),
+                },
+                hint: "`haul-pbs snapshots` lists them (with the same filters, those that match)",
             });
         }
         if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -402,7 +419,10 @@ impl Repository {
                     ),
                 )),
                 None => Err(Error::NoSuch {
-                    what: format!("snapshot {spec}"),
+                    what: match filter.is_empty() {
+                        true => format!("snapshot {spec}"),
+                        false => format!("snapshot {spec} of {filter}"),
+                    },
                     hint: "`haul-pbs snapshots` lists them",
                 }),
             },
@@ -705,6 +725,42 @@ fn source_error(e: Error) -> haul_protocol::restore::SourceError {
     match e {
         Error::Io { .. } => haul_protocol::restore::SourceError::new(e),
         e => haul_protocol::restore::SourceError::blob(e),
+    }
+}
+
+/// Which snapshots a lookup or a listing considers (restic's `--host`, `--path`,
+/// `--tag`): all that match every condition given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub host: Option<String>,
+    /// Paths the snapshot must include (all of them).
+    pub paths: Vec<String>,
+    /// Tags the snapshot must carry (all of them).
+    pub tags: Vec<String>,
+}
+
+impl SnapshotFilter {
+    pub fn is_empty(&self) -> bool {
+        self.host.is_none() && self.paths.is_empty() && self.tags.is_empty()
+    }
+
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.host.as_ref().is_none_or(|h| &s.host == h)
+            && self.paths.iter().all(|p| s.paths.contains(p))
+            && self.tags.iter().all(|t| s.tags.contains(t))
+    }
+}
+
+impl std::fmt::Display for SnapshotFilter {
+    /// `host web-1, path /etc, tag daily`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(h) = &self.host {
+            parts.push(format!("host {h}"));
+        }
+        parts.extend(self.paths.iter().map(|p| format!("path {p}")));
+        parts.extend(self.tags.iter().map(|t| format!("tag {t}")));
+        f.write_str(&parts.join(", "))
     }
 }
 

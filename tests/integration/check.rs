@@ -36,7 +36,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
             .starts_with("check found "),
         "{runs:#?}"
     );
-    assert_eq!(checks[2]["counters"]["read_data"], true);
+    assert_eq!(checks[2]["details"]["check"]["read_data"], true);
     let victim = src.join("victim.bin").display().to_string();
     assert!(
         run.stdout.contains(&format!("file {victim}")),

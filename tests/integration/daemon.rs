@@ -464,18 +464,27 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
     );
     let pid = daemon.0.id() as i32;
 
-    // The bad host fails and fails; after its 3 s window it is stale, and alerted once
-    // per window.
+    // The bad host fails on a path that is not there: a person must fix that, so it is
+    // not retried but alerted at once; after its 3 s window it is stale, and alerted
+    // once per window.
+    let stale = |v: &&serde_json::Value| v["kind"] == "alert" && v["status"] == "warning";
     let r = wait_records(&state, Duration::from_secs(60), |r| {
-        r.iter().filter(|v| v["kind"] == "alert").count() >= 2
+        r.iter().filter(stale).count() >= 2
     });
-    let alerts: Vec<_> = r.iter().filter(|v| v["kind"] == "alert").collect();
+    let held: Vec<_> = r
+        .iter()
+        .filter(|v| v["kind"] == "alert" && v["status"] == "failed")
+        .collect();
+    assert_eq!(held.len(), 1, "{r:#?}");
+    assert_eq!(held[0]["host"], "bad");
+    let why = held[0]["error"].as_str().unwrap();
     assert!(
-        alerts
-            .iter()
-            .all(|a| a["host"] == "bad" && a["status"] == "warning"),
-        "{alerts:#?}"
+        why.starts_with("not retried until it is fixed: ")
+            && why.contains("/nonexistent/haul-test"),
+        "{why}"
     );
+    let alerts: Vec<_> = r.iter().filter(stale).collect();
+    assert!(alerts.iter().all(|a| a["host"] == "bad"), "{alerts:#?}");
     let gap = time(&alerts[1]["end"]) - time(&alerts[0]["end"]);
     assert!(
         gap >= chrono::Duration::milliseconds(2900),
@@ -492,10 +501,9 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
         .iter()
         .filter(|v| v["host"] == "bad" && v["kind"] == "pull")
         .collect::<Vec<_>>();
-    assert!(
-        failed.iter().all(|v| v["status"] == "failed"),
-        "{failed:#?}"
-    );
+    assert_eq!(failed.len(), 1, "tried once, not every 2 s: {failed:#?}");
+    assert_eq!(failed[0]["status"], "failed");
+    assert_eq!(failed[0]["error_kind"], "usage");
     assert!(r.iter().any(|v| v["host"] == "good" && v["status"] == "ok"));
     let status = status_json(port);
     let host = |s: &serde_json::Value, n: &str| {
@@ -508,6 +516,8 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
             .unwrap()
     };
     assert_eq!(host(&status, "bad")["stale"], true, "{status}");
+    assert!(host(&status, "bad")["held"].is_string(), "{status}");
+    assert!(host(&status, "bad")["next_run"].is_null(), "{status}");
     // Runs put their sockets in [server].socket_dir: made private, cleaned after each run.
     use std::os::unix::fs::PermissionsExt;
     let sockets = fs::metadata(env.path("sockets")).unwrap();

@@ -109,9 +109,8 @@ fn a_host_sends_what_others_stored_unless_the_repository_trusts_its_hosts() {
             .args(["--json", "pull", host, "--config", &c])
             .env("HAUL_AGENT", bin("haul-agent"))
             .env("HAUL_CACHE_DIR", env.path("cache"))
-            // A one-shot `pull HOST` does not yet take [server].state_dir (issue 16):
-            // keep it in the test's directory.
-            .env("HAUL_STATE_DIR", &state)
+            // [server].state_dir says where the state is, whatever this says.
+            .env("HAUL_STATE_DIR", env.path("elsewhere"))
             .env_remove("HAUL_REPO")
             .env_remove("HAUL_PASSWORD_FILE")
             .output()
@@ -122,24 +121,25 @@ fn a_host_sends_what_others_stored_unless_the_repository_trusts_its_hosts() {
     write_config(false);
     let a = pull("a");
     let b = pull("b");
-    let sent = |c: &serde_json::Value| c["bytes_sent"].as_u64().unwrap();
+    let sent = |c: &serde_json::Value| c["bytes_received"].as_u64().unwrap();
     assert!(sent(&a) >= 8 << 20, "{a}");
     // b sent everything again (and was told it was all new: nothing says a had it);
-    // the repository stored only its trees, as the operator sees.
+    // the repository stored only its trees, as the run's record says.
     assert!(sent(&b) >= 8 << 20, "{b}");
-    assert!(b["bytes_stored"].as_u64().unwrap() >= 8 << 20, "{b}");
-    let repo = state.join("repo").display().to_string();
-    let key = state.join("repo.key").display().to_string();
+    assert!(b["bytes_stored"].as_u64().unwrap() < 64 << 10, "{b}");
+    assert!(!env.path("elsewhere").exists());
+    // The configuration says where the repository is: no --repo, no passphrase.
     let snaps = Run::from_output(
         std::process::Command::new(bin("haul-pbs"))
             .args([
-                "--repo",
-                &repo,
-                "--password-file",
-                &key,
                 "--json",
                 "snapshots",
+                "--config",
+                &config.display().to_string(),
             ])
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env_remove("HAUL_REPO")
+            .env_remove("HAUL_PASSWORD_FILE")
             .output()
             .unwrap(),
     )

@@ -86,9 +86,15 @@ fn forget_keeps_what_the_policy_keeps_removes_named_snapshots_and_refuses_withou
     // The refusal, the policy, the wrong id and the id: the dry run is not a run.
     assert_eq!(forgets.len(), 4, "{forgets:#?}");
     assert_eq!(forgets[1]["status"], "ok");
-    assert_eq!(forgets[1]["counters"]["removed"], 2);
+    assert_eq!(
+        forgets[1]["details"]["forget"]["removed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(forgets[2]["status"], "failed");
-    assert_eq!(forgets[3]["counters"]["snapshots_removed"][0], before[2]);
+    assert_eq!(forgets[3]["details"]["forget"]["removed"][0], before[2]);
 }
 
 /// An rdiff-backup tree of `src` with three daily sessions, `src` changing between them.
@@ -214,15 +220,15 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
     let old_forget = forget("old");
     assert_eq!(old_forget.len(), 1, "{runs:#?}");
     assert_eq!(old_forget[0]["status"], "ok");
-    assert_eq!(old_forget[0]["counters"]["removed"], 2);
+    let removed =
+        |r: &serde_json::Value| r["details"]["forget"]["removed"].as_array().unwrap().len();
+    assert_eq!(removed(&old_forget[0]), 2);
     assert_eq!(
-        old_forget[0]["counters"]["legacy_rdiff_dir_removed"],
+        old_forget[0]["details"]["forget"]["legacy_rdiff_dir_removed"],
         env.path("old-rdiff").display().to_string()
     );
-    assert_eq!(forget("kept")[0]["counters"]["removed"], 2);
-    assert!(forget("kept")[0]["counters"]
-        .get("legacy_rdiff_dir_removed")
-        .is_none());
+    assert_eq!(removed(&forget("kept")[0]), 2);
+    assert!(forget("kept")[0]["details"]["forget"]["legacy_rdiff_dir_removed"].is_null());
     assert!(forget("roomy").is_empty(), "nothing removed, no run");
     let feed = haul_tests::feedparser(&state.join("feed.xml"));
     assert!(
@@ -310,7 +316,13 @@ fn a_pull_applies_its_hosts_retention_and_then_retires_the_verified_legacy_tree(
         .filter(|r| r["kind"] == "forget" && r["host"] == "broken")
         .collect();
     assert_eq!(broken_forget.len(), 1, "{runs:#?}");
-    assert_eq!(broken_forget[0]["counters"]["removed"], 1);
+    assert_eq!(
+        broken_forget[0]["details"]["forget"]["removed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // A host whose rdiff-backup history came from another tree (imported by hand under
     // its name): its legacy_rdiff_dir was never imported, so it is never retired.

@@ -276,9 +276,14 @@ fn every_session_of_every_variant_equals_its_manifest_and_reimport_adds_nothing(
     let imports: Vec<_> = runs.iter().filter(|r| r["kind"] == "import").collect();
     assert_eq!(imports.len(), 6, "{runs:#?}");
     assert!(imports.iter().all(|r| r["status"] == "ok"));
-    assert_eq!(imports[0]["counters"]["sessions_imported"], 5);
-    assert_eq!(imports[5]["counters"]["sessions_skipped"], 5);
-    assert!(imports[5]["counters"]["files_verified"].as_u64().unwrap() > 0);
+    assert_eq!(imports[0]["details"]["import"]["sessions_imported"], 5);
+    assert_eq!(imports[5]["details"]["import"]["sessions_skipped"], 5);
+    assert!(
+        imports[5]["details"]["import"]["files_verified"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 /// A repository with `chars_to_quote` and `special_escapes` (rdiff-backup keeps an
@@ -507,9 +512,12 @@ fn a_first_pull_imports_the_hosts_rdiff_backup_history_verifies_it_and_uses_it_a
         .find(|r| r["kind"] == "import")
         .expect("an import run");
     assert_eq!(import["status"], "ok", "{import}");
-    assert_eq!(import["counters"]["sessions_imported"], 5);
+    assert_eq!(import["details"]["import"]["sessions_imported"], 5);
     assert!(
-        import["counters"]["files_verified"].as_u64().unwrap() >= 30,
+        import["details"]["import"]["files_verified"]
+            .as_u64()
+            .unwrap()
+            >= 30,
         "{import}"
     );
     let feed = haul_tests::feedparser(&state.join("feed.xml"));

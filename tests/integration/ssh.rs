@@ -611,7 +611,17 @@ fn a_restore_onto_a_host_goes_through_a_read_only_tunnel() {
     let t = target.display().to_string();
     let r = env
         .pbs(&[
-            "--json", "restore", "latest", "--host", "web-1", "--config", &c, "--target", &t,
+            "--json",
+            "restore",
+            "latest",
+            "--host",
+            "web-1",
+            "--to-host",
+            "web-1",
+            "--config",
+            &c,
+            "--target",
+            &t,
         ])
         .expect(0);
     let summary = r.json_of("summary");
@@ -621,7 +631,14 @@ fn a_restore_onto_a_host_goes_through_a_read_only_tunnel() {
     // Outside the policy's restore_targets: refused by the host's wrapper, nothing written.
     let outside = env.path("elsewhere").display().to_string();
     let r = env.pbs(&[
-        "restore", "latest", "--host", "web-1", "--config", &c, "--target", &outside,
+        "restore",
+        "latest",
+        "--to-host",
+        "web-1",
+        "--config",
+        &c,
+        "--target",
+        &outside,
     ]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(

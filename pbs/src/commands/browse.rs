@@ -1,19 +1,49 @@
 //! `snapshots` and `ls`.
 
 use super::Context;
-use crate::cli::{LsArgs, SnapshotsArgs};
+use crate::cli::{LsArgs, SnapshotFilter, SnapshotsArgs};
 use crate::error::CliError;
 use crate::output::{bytes, json_line};
 use haul_protocol::tree::{Node, NodeKind, Tree};
 use haul_repo::IndexedRepository;
 
+impl SnapshotFilter {
+    pub fn to_filter(&self) -> haul_repo::SnapshotFilter {
+        haul_repo::SnapshotFilter {
+            host: self.host.clone(),
+            paths: self.paths.clone(),
+            tags: self.tag.clone(),
+        }
+    }
+
+    /// The snapshot `spec` names, with these filters: `HOST:latest` is `latest` among
+    /// HOST's snapshots (as `latest --host HOST`).
+    pub fn select(&self, spec: &str) -> Result<(String, haul_repo::SnapshotFilter), CliError> {
+        let mut filter = self.to_filter();
+        let spec = match spec.rsplit_once(':') {
+            Some((host, rest)) if !host.is_empty() => {
+                if filter.host.as_ref().is_some_and(|h| h != host) {
+                    return Err(CliError::usage(format!(
+                        "snapshot {spec:?} names host {host:?}, but --host says {:?}: give one",
+                        filter.host.as_deref().unwrap_or_default()
+                    )));
+                }
+                filter.host = Some(host.to_string());
+                rest.to_string()
+            }
+            _ => spec.to_string(),
+        };
+        Ok((spec, filter))
+    }
+}
+
 pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
-    let repo = ctx.open()?;
+    let filter = args.filter.to_filter();
+    let repo = ctx.open_for(filter.host.as_deref())?;
     let list: Vec<_> = repo
         .snapshots()?
         .into_iter()
-        .filter(|(_, s)| args.host.as_ref().is_none_or(|h| &s.host == h))
-        .filter(|(_, s)| args.tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+        .filter(|(_, s)| filter.matches(s))
         .collect();
     if ctx.global.json {
         for (id, s) in &list {
@@ -56,8 +86,9 @@ pub fn components(path: &str) -> Vec<Vec<u8>> {
 }
 
 pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
-    let repo = ctx.open_indexed()?;
-    let (id, snap) = repo.find_snapshot(&args.snapshot)?;
+    let (spec, filter) = args.filter.select(&args.snapshot)?;
+    let repo = ctx.open_indexed_for(filter.host.as_deref())?;
+    let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
     let start = args.path.as_deref().unwrap_or("/");
     let comps = components(start);
     // Find the node at `start`.

@@ -4,6 +4,9 @@ use super::Context;
 use crate::cli::CheckArgs;
 use crate::error::CliError;
 use crate::output::{bytes, json_line, Progress};
+use crate::record::{
+    new_run_id, CheckDetails, Details, RunKind, RunRecord, RunStatus, TransportKind,
+};
 use haul_repo::check::{self, CheckOptions};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -12,24 +15,40 @@ use std::sync::Arc;
 /// `check`): `failed` when it found damage, with the first error.
 pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     let start = chrono::Utc::now();
-    let history = crate::history::History::of(args.state_dir.as_deref());
+    let history = ctx.site()?.history();
     let result = check_repository(ctx, &args);
-    let (counters, error) = match &result {
-        Ok(r) => (
-            Some(
-                serde_json::json!({"snapshots": r.snapshots, "packs": r.packs, "blobs": r.blobs, "bytes_read": r.bytes_read, "errors": r.errors.len(), "read_data": args.read_data}),
-            ),
-            (!r.ok()).then(|| {
-                format!(
+    let mut record = RunRecord::new(
+        new_run_id(start),
+        "repository",
+        RunKind::Check,
+        TransportKind::Local,
+        start,
+    );
+    match &result {
+        Ok(r) => {
+            record.details = Some(Details::Check(CheckDetails {
+                snapshots: r.snapshots as u64,
+                packs: r.packs as u64,
+                blobs: r.blobs as u64,
+                bytes_read: r.bytes_read,
+                errors: r.errors.len() as u64,
+                read_data: args.read_data,
+            }));
+            if !r.ok() {
+                record.status = RunStatus::Failed;
+                record.error = Some(format!(
                     "check found {} error(s): {}",
                     r.errors.len(),
                     r.errors.first().cloned().unwrap_or_default()
-                )
-            }),
-        ),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    if let Err(e) = history.record_local(("repository", "check"), start, counters, error) {
+                ));
+            }
+        }
+        Err(e) => {
+            record.status = RunStatus::Failed;
+            record.error = Some(e.to_string());
+        }
+    }
+    if let Err(e) = history.record(&record) {
         crate::errln!("haul-pbs: the check's run record: {e}");
     }
     let report = result?;

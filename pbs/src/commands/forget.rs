@@ -8,21 +8,23 @@ use crate::cli::ForgetArgs;
 use crate::error::CliError;
 use crate::history::History;
 use crate::output::json_line;
+use crate::plan::PullPlan;
+use crate::record::{Details, ForgetDetails, RunKind, RunStatus};
 use haul_repo::forget::{plan, Decision, KeepPolicy};
-use haul_repo::Repository;
+use haul_repo::{Repository, SnapshotFilter};
 
 /// `forget`, recorded as a run (host: `--host`, else `repository`).
 pub fn forget(ctx: &Context, args: ForgetArgs) -> Result<(), CliError> {
     let start = chrono::Utc::now();
     let result = forget_command(ctx, &args);
     if !args.dry_run {
-        let history = History::of(args.state_dir.as_deref());
-        let (counters, error) = match &result {
-            Ok(d) => (Some(counters(d)), None),
-            Err(e) => (None, Some(e.to_string())),
+        let history = ctx.site()?.history();
+        let details = match &result {
+            Ok(d) => Ok(Details::Forget(details(d))),
+            Err(e) => Err(e.to_string()),
         };
-        let host = args.host.as_deref().unwrap_or("repository");
-        if let Err(e) = history.record_local((host, "forget"), start, counters, error) {
+        let host = args.filter.host.as_deref().unwrap_or("repository");
+        if let Err(e) = history.record_local((host, RunKind::Forget), start, details) {
             crate::errln!("haul-pbs: the forget's run record: {e}");
         }
     }
@@ -52,17 +54,22 @@ pub fn policy_of_config(r: &haul_config::Retention) -> KeepPolicy {
     }
 }
 
-fn counters(d: &[Decision]) -> serde_json::Value {
+fn details(d: &[Decision]) -> ForgetDetails {
     let removed: Vec<String> = d
         .iter()
         .filter(|d| !d.keep())
         .map(|d| d.id.to_hex())
         .collect();
-    serde_json::json!({"removed": removed.len(), "kept": d.len() - removed.len(), "snapshots_removed": removed})
+    ForgetDetails {
+        kept: (d.len() - removed.len()) as u64,
+        removed,
+        legacy_rdiff_dir_removed: None,
+    }
 }
 
 fn forget_command(ctx: &Context, args: &ForgetArgs) -> Result<Vec<Decision>, CliError> {
-    let repo = ctx.open()?;
+    let filter = args.filter.to_filter();
+    let repo = ctx.open_for(filter.host.as_deref())?;
     let decisions = if args.snapshots.is_empty() {
         let policy = policy_of(args);
         if policy.is_empty() {
@@ -70,11 +77,11 @@ fn forget_command(ctx: &Context, args: &ForgetArgs) -> Result<Vec<Decision>, Cli
                 "forget: give snapshot ids or at least one --keep-* rule (with none, every snapshot would be kept)",
             ));
         }
-        decide(&repo, args.host.as_deref(), &policy)?
+        decide(&repo, &filter, &policy)?
     } else {
         let mut out = Vec::new();
         for spec in &args.snapshots {
-            let (id, s) = repo.find_snapshot_of(spec, args.host.as_deref())?;
+            let (id, s) = repo.find_snapshot_matching(spec, &filter)?;
             if out.iter().any(|d: &Decision| d.id == id) {
                 continue;
             }
@@ -118,17 +125,15 @@ fn forget_command(ctx: &Context, args: &ForgetArgs) -> Result<Vec<Decision>, Cli
     Ok(decisions)
 }
 
-/// The policy's decisions for the snapshots of `host` (all hosts when `None`), with
-/// periods in the local time zone (as restic counts them).
+/// The policy's decisions for the snapshots `filter` selects, with periods in the
+/// local time zone (as restic counts them).
 fn decide(
     repo: &Repository,
-    host: Option<&str>,
+    filter: &SnapshotFilter,
     policy: &KeepPolicy,
 ) -> Result<Vec<Decision>, CliError> {
     let mut snaps = repo.snapshots()?;
-    if let Some(h) = host {
-        snaps.retain(|(_, s)| s.host == h);
-    }
+    snaps.retain(|(_, s)| filter.matches(s));
     Ok(plan(&snaps, policy, &chrono::Local))
 }
 
@@ -155,24 +160,23 @@ fn report(json: bool, d: &Decision, dry_run: bool) {
     }
 }
 
-/// After a successful pull of `host`: applies its retention (nothing when it has
-/// none) and records a `forget` run when something was removed or it failed. Then,
-/// if retention has ever removed a snapshot of the host, retires its legacy
-/// rdiff-backup tree (see [`retire_legacy`]). Errors are recorded and returned; the
-/// pull's own snapshot is never removed (it is the newest).
-pub fn after_pull(
-    history: &History,
-    repo: &Repository,
-    config: &haul_config::Config,
-    host: &haul_config::Host,
-) -> Result<(), CliError> {
-    let policy = policy_of_config(host.retention(config));
-    if policy.is_empty() {
+/// After a successful pull: applies the host's retention (nothing when it has none)
+/// and records a `forget` run when something was removed or it failed. Then, if
+/// retention has ever removed a snapshot of the host, retires its legacy rdiff-backup
+/// tree (see [`retire_legacy`]). Errors are recorded and returned; the pull's own
+/// snapshot is never removed (it is the newest).
+pub fn after_pull(history: &History, repo: &Repository, plan: &PullPlan) -> Result<(), CliError> {
+    if plan.retention.is_empty() {
         return Ok(());
     }
+    let host = &plan.host;
     let start = chrono::Utc::now();
     let mut note = None;
-    let result = decide(repo, Some(&host.name), &policy).and_then(|d| {
+    let filter = SnapshotFilter {
+        host: Some(host.clone()),
+        ..Default::default()
+    };
+    let result = decide(repo, &filter, &plan.retention).and_then(|d| {
         let gone: Vec<_> = d.iter().filter(|d| !d.keep()).map(|d| d.id).collect();
         repo.forget(&gone)?;
         Ok(d)
@@ -182,20 +186,19 @@ pub fn after_pull(
         .map(|d| d.iter().any(|d| !d.keep()))
         .unwrap_or(false);
     let retired = match &result {
-        Ok(_) => retire_legacy(history, host, removed),
+        Ok(_) => retire_legacy(history, plan, removed),
         Err(_) => Ok(None),
     };
-    let mut counters = result.as_ref().ok().map(|d| counters(d));
+    let mut details = result.as_ref().ok().map(|d| details(d));
     let error = match (&result, &retired) {
         (Err(e), _) => Some(e.to_string()),
         (_, Err(e)) => Some(e.to_string()),
         (Ok(_), Ok(Some(dir))) => {
-            if let Some(c) = counters.as_mut() {
-                c["legacy_rdiff_dir_removed"] = dir.display().to_string().into();
+            if let Some(d) = details.as_mut() {
+                d.legacy_rdiff_dir_removed = Some(dir.display().to_string());
             }
             note = Some(format!(
-                "{}: retention has removed snapshots of the host and its rdiff-backup history was imported and verified: the legacy tree {} is removed (keep_legacy_rdiff_dir = true keeps it)",
-                host.name,
+                "{host}: retention has removed snapshots of the host and its rdiff-backup history was imported and verified: the legacy tree {} is removed (keep_legacy_rdiff_dir = true keeps it)",
                 dir.display()
             ));
             None
@@ -203,66 +206,65 @@ pub fn after_pull(
         _ => None,
     };
     if removed || error.is_some() || note.is_some() {
-        history.record_local((&host.name, "forget"), start, counters, error.clone())?;
+        let outcome = match (&error, details) {
+            (Some(e), _) => Err(e.clone()),
+            (None, d) => Ok(Details::Forget(d.unwrap_or_default())),
+        };
+        history.record_local((host, RunKind::Forget), start, outcome)?;
     }
     if let Some(n) = note {
         crate::errln!("{n}");
     }
     match error {
         Some(e) => Err(CliError::Failed(format!(
-            "{}: retention after the pull: {e}",
-            host.name
+            "{host}: retention after the pull: {e}"
         ))),
         None => Ok(()),
     }
 }
 
-/// Removes the host's `legacy_rdiff_dir` when retention has removed any snapshot of
-/// the host (now, `removed_now`, or in an earlier recorded run), the import of that
+/// Removes the host's legacy rdiff-backup tree when retention has removed any snapshot
+/// of the host (now, `removed_now`, or in an earlier recorded run), the import of that
 /// tree succeeded and was verified (a recorded `import` run with status `ok`), the
 /// host does not set `keep_legacy_rdiff_dir`, and the directory is still an
 /// rdiff-backup tree. Returns the directory removed.
 pub fn retire_legacy(
     history: &History,
-    host: &haul_config::Host,
+    plan: &PullPlan,
     removed_now: bool,
 ) -> Result<Option<std::path::PathBuf>, CliError> {
-    let Some(dir) = &host.legacy_rdiff_dir else {
+    let Some(legacy) = &plan.legacy else {
         return Ok(None);
     };
-    if host.keep_legacy_rdiff_dir || !dir.join("rdiff-backup-data").is_dir() {
+    let dir = &legacy.dir;
+    if legacy.keep || !dir.join("rdiff-backup-data").is_dir() {
         return Ok(None);
     }
-    let (runs, _) = history.read()?;
     // This very directory was imported and verified (an import of another tree under
     // the same host name does not count).
     let this_dir = super::import::canonical(dir);
-    let verified = runs.iter().any(|r| {
-        r.host == host.name
-            && r.kind == "import"
-            && r.status == "ok"
-            && r.counters.as_ref().is_some_and(|c| {
-                c.get("files_verified").is_some() && c["rdiff_dir"].as_str() == Some(&this_dir)
-            })
-    });
-    // Whatever became of the rest of that run (a failed retirement is tried again).
-    let retention_removed = removed_now
-        || runs.iter().any(|r| {
-            r.host == host.name
-                && r.kind == "forget"
-                && r.counters
-                    .as_ref()
-                    .and_then(|c| c["removed"].as_u64())
-                    .is_some_and(|n| n > 0)
+    let host = plan.host.as_str();
+    let (verified, retention_removed) = history.with_records(|runs| {
+        let verified = runs.iter().any(|r| {
+            r.host == host
+                && r.status == RunStatus::Ok
+                && matches!(&r.details, Some(Details::Import(d))
+                    if d.files_verified.is_some() && d.rdiff_dir == this_dir)
         });
-    if !(verified && retention_removed) {
+        // Whatever became of the rest of that run (a failed retirement is tried again).
+        let removed = runs.iter().any(|r| {
+            r.host == host
+                && matches!(&r.details, Some(Details::Forget(d)) if !d.removed.is_empty())
+        });
+        (verified, removed)
+    })?;
+    if !(verified && (removed_now || retention_removed)) {
         return Ok(None);
     }
     std::fs::remove_dir_all(dir).map_err(|e| {
         CliError::Failed(format!(
-            "removing the legacy rdiff-backup tree {}: {e}; remove it by hand or set keep_legacy_rdiff_dir = true for host {}",
+            "removing the legacy rdiff-backup tree {}: {e}; remove it by hand or set keep_legacy_rdiff_dir = true for host {host}",
             dir.display(),
-            host.name
         ))
     })?;
     Ok(Some(dir.clone()))

@@ -11,6 +11,7 @@ use super::{hostname, Context};
 use crate::cli::ImportRdiffArgs;
 use crate::error::CliError;
 use crate::output::{bytes, json_line};
+use crate::record::ImportDetails;
 use haul_protocol::chunker::Chunker;
 use haul_protocol::tree::{Node, NodeKind, Timestamp, Tree};
 use haul_protocol::SnapshotId;
@@ -30,12 +31,12 @@ pub fn import_rdiff(ctx: &Context, args: ImportRdiffArgs) -> Result<(), CliError
     let start = chrono::Utc::now();
     let host = args.host.clone().unwrap_or_else(hostname);
     let result = import_command(ctx, &args, &host);
-    let history = crate::history::History::of(args.state_dir.as_deref());
-    let (counters, error) = match &result {
-        Ok(c) => (Some(c.clone()), None),
-        Err(e) => (None, Some(e.to_string())),
+    let history = ctx.site()?.history();
+    let details = match &result {
+        Ok(d) => Ok(crate::record::Details::Import(d.clone())),
+        Err(e) => Err(e.to_string()),
     };
-    if let Err(e) = history.record_local((&host, "import"), start, counters, error) {
+    if let Err(e) = history.record_local((&host, crate::record::RunKind::Import), start, details) {
         crate::errln!("haul-pbs: the import's run record: {e}");
     }
     result.map(|_| ())
@@ -45,8 +46,8 @@ fn import_command(
     ctx: &Context,
     args: &ImportRdiffArgs,
     host: &str,
-) -> Result<serde_json::Value, CliError> {
-    let repo = ctx.open_indexed()?;
+) -> Result<ImportDetails, CliError> {
+    let repo = ctx.open_indexed_for(Some(host))?;
     let host = host.to_string();
     let json = ctx.global.json;
     let outcome = import(&repo, &args.dir, &host, &args.path, &mut |event| {
@@ -70,9 +71,22 @@ fn import_command(
             host: &host,
         },
     );
-    Ok(
-        serde_json::json!({"sessions_imported": outcome.imported, "sessions_skipped": outcome.skipped, "files_new": outcome.files_rebuilt, "bytes_new": outcome.bytes_new, "files_verified": verified, "rdiff_dir": canonical(&args.dir)}),
-    )
+    Ok(ImportDetails {
+        files_verified: Some(verified),
+        ..details(&outcome, &args.dir)
+    })
+}
+
+/// What an import's run record says of it (without its verification).
+pub fn details(o: &Outcome, dir: &std::path::Path) -> ImportDetails {
+    ImportDetails {
+        rdiff_dir: canonical(dir),
+        sessions_imported: o.imported as u64,
+        sessions_skipped: o.skipped as u64,
+        files_rebuilt: o.files_rebuilt,
+        bytes_new: o.bytes_new,
+        files_verified: None,
+    }
 }
 
 /// `dir` as recorded in an import run's counters (`rdiff_dir`): what retiring a legacy

@@ -13,40 +13,66 @@ pub mod serve;
 
 use crate::cli::Global;
 use crate::error::CliError;
-use crate::password;
-use haul_repo::backend::{Backend, LocalBackend};
+use crate::repos::Repositories;
+use crate::site::Site;
+use haul_repo::backend::LocalBackend;
 use haul_repo::{IndexedRepository, Repository};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub struct Context {
     pub global: Global,
+    site: OnceLock<Site>,
 }
 
 impl Context {
     pub fn new(global: Global) -> Self {
-        Context { global }
+        Context {
+            global,
+            site: OnceLock::new(),
+        }
     }
 
+    /// Where things are (see `site.rs`), resolved on first use.
+    pub fn site(&self) -> Result<&Site, CliError> {
+        if let Some(s) = self.site.get() {
+            return Ok(s);
+        }
+        let site = Site::resolve(&self.global)?;
+        Ok(self.site.get_or_init(|| site))
+    }
+
+    /// The repository directory `init` creates: only ever the one named.
     pub fn repo_path(&self) -> Result<PathBuf, CliError> {
         self.global.repo.clone().ok_or_else(|| {
-            CliError::usage("no repository given: use --repo DIR or set HAUL_REPO (create one with `haul-pbs init`)")
+            CliError::usage("no repository given: use --repo DIR or set HAUL_REPO (a pull creates the default one by itself)")
         })
     }
 
-    pub fn backend(&self) -> Result<Arc<dyn Backend>, CliError> {
-        Ok(Arc::new(LocalBackend::open(&self.repo_path()?)?))
+    /// The existing repository of `host` (see `Site::repository`): `--repo`, the
+    /// host's configured one, else the default one.
+    pub fn open_for(&self, host: Option<&str>) -> Result<Repository, CliError> {
+        let loc = self.site()?.existing_repository(host)?;
+        let backend = Arc::new(LocalBackend::open(&loc.path)?);
+        Ok(Repository::open(backend, &loc.passphrase()?)?)
     }
 
     pub fn open(&self) -> Result<Repository, CliError> {
-        let backend = self.backend()?;
-        let pass = password::current(self.global.password_file.as_deref())?;
-        Ok(Repository::open(backend, &pass)?)
+        self.open_for(None)
+    }
+
+    pub fn open_indexed_for(&self, host: Option<&str>) -> Result<IndexedRepository, CliError> {
+        let repo = self.open_for(host)?;
+        Ok(repo.load_index(self.cache_dir().as_deref())?)
     }
 
     pub fn open_indexed(&self) -> Result<IndexedRepository, CliError> {
-        let repo = self.open()?;
-        Ok(repo.load_index(self.cache_dir().as_deref())?)
+        self.open_indexed_for(None)
+    }
+
+    /// The repositories this process opens for runs (created on first use).
+    pub fn repositories(&self) -> Repositories {
+        Repositories::new(self.cache_dir(), self.global.json)
     }
 
     /// The shared lock of a command that only reads: none with `--no-lock`, or when

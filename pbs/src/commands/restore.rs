@@ -13,12 +13,13 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let target = std::path::absolute(&args.target)
         .map_err(|e| CliError::usage(format!("restore target {}: {e}", args.target.display())))?;
-    if args.via_agent || args.host.is_some() {
-        return via_agent(ctx, args, target, started);
+    let (spec, filter) = args.filter.select(&args.snapshot)?;
+    let repo = ctx.open_indexed_for(filter.host.as_deref())?;
+    let lock = ctx.read_lock(&repo, "restore")?;
+    let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
+    if args.via_agent || args.to_host.is_some() {
+        return via_agent(ctx, args, repo, lock, id, target, started);
     }
-    let repo = ctx.open_indexed()?;
-    let _lock = ctx.read_lock(&repo, "restore")?;
-    let (id, snap) = repo.find_snapshot(&args.snapshot)?;
     let opts = RestoreOptions {
         target: target.clone(),
         includes: args.include.clone(),
@@ -83,15 +84,15 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
 fn via_agent(
     ctx: &Context,
     args: RestoreArgs,
+    repo: haul_repo::IndexedRepository,
+    lock: Option<haul_repo::lock::LockGuard>,
+    id: haul_protocol::SnapshotId,
     target: std::path::PathBuf,
     started: Instant,
 ) -> Result<(), CliError> {
-    use crate::run;
     use crate::server::{Mode, Server};
-    let repo = ctx.open_for_run(&args.run)?;
-    let lock = ctx.read_lock(&repo, "restore")?;
-    let (id, _) = repo.find_snapshot(&args.snapshot)?;
-    let server = Server::new(crate::server::keep(repo), Mode::ReadOnly, None).pinned_to(id);
+    use crate::transport::{AgentCall, Source};
+    let server = Server::new(Arc::new(repo), Mode::ReadOnly, None).pinned_to(id);
     let mut agent_args: Vec<String> = vec![
         "restore".into(),
         "--snapshot".into(),
@@ -118,25 +119,22 @@ fn via_agent(
             json_line(&serde_json::json!({"type": "agent", "event": v}));
         }
     };
-    let r = match &args.host {
+    let source = match &args.to_host {
         // Onto another host: a read-only tunnel, the agent run by its haul-wrapper.
-        Some(name) => {
-            let config =
-                haul_config::Config::load(&args.config).map_err(|e| CliError::usage(e.0))?;
-            let host = config.host(name).ok_or_else(|| {
-                CliError::usage(format!("no host {name:?} in {}", args.config.display()))
-            })?;
-            crate::ssh::run_agent(server, host, agent_args, None, &relay)?
-        }
-        None => {
-            let agent = run::agent_binary(args.run.agent.as_deref());
-            let args = agent_args
-                .into_iter()
-                .map(std::ffi::OsString::from)
-                .collect();
-            run::run_agent(server, &agent, args, None, None, &relay)?
-        }
+        Some(name) => Source::Ssh(Box::new(ctx.site()?.host(name)?.clone())),
+        None => Source::Local {
+            agent: crate::plan::agent_binary(args.run.agent.as_deref()),
+            socket_dir: None,
+        },
     };
+    let call = AgentCall {
+        args: agent_args,
+        params: None,
+    };
+    let r = source
+        .connect()
+        .and_then(|t| t.run_agent(server, call, &relay))
+        .map_err(|e| CliError::Failed(e.message))?;
     drop(lock);
     for w in &r.warnings {
         if !json {

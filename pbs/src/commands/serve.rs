@@ -4,7 +4,6 @@
 use super::Context;
 use crate::cli::{ServeArgs, ServeMode};
 use crate::error::CliError;
-use crate::run;
 use crate::server::{self, Mode, Server};
 
 pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
@@ -22,7 +21,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         Some(spec) => Some(repo.find_snapshot(spec)?.0),
         None => None,
     };
-    let mut server = Server::new(crate::server::keep(repo), mode, args.host.clone()).with_limits(
+    let mut server = Server::new(std::sync::Arc::new(repo), mode, args.host.clone()).with_limits(
         server::conn::Limits {
             request: args.request_timeout,
             grace: args.grace,
@@ -35,12 +34,12 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
     if args.cross_host_dedup {
         server = server.with_scope(haul_repo::ingest::DedupScope::Repository);
     }
-    let rt = run::runtime()?;
+    let rt = crate::transport::runtime()?;
     rt.block_on(async {
         let (listener, _guard) = server::bind(&args.socket)?;
         crate::errln!(
             "haul-pbs: serving {} ({}) on {}",
-            ctx.repo_path()?.display(),
+            ctx.site()?.existing_repository(None)?.path.display(),
             match mode {
                 Mode::AppendOnly => "append-only",
                 Mode::ReadOnly => "read-only",

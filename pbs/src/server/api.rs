@@ -220,7 +220,7 @@ async fn backup_start(State(s): St, body: Whole) -> ApiResult<Json<wire::BackupS
     s.check_no_session()?;
     let server = s.clone();
     let session = blocking(move || {
-        let repo = server.repo;
+        let repo = server.repo.clone();
         let parent = match req.parent.as_str() {
             "latest" => ParentChoice::Latest,
             "none" => ParentChoice::None,

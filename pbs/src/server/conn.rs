@@ -96,6 +96,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub struct Activity {
     last: std::sync::Mutex<Instant>,
     handling: std::sync::atomic::AtomicUsize,
+    /// Request body bytes received: what the run's record reports as received, counted
+    /// here rather than taken from the agent's word.
+    received: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Activity {
@@ -103,6 +106,7 @@ impl Default for Activity {
         Activity {
             last: std::sync::Mutex::new(Instant::now()),
             handling: Default::default(),
+            received: Default::default(),
         }
     }
 }
@@ -110,6 +114,10 @@ impl Default for Activity {
 impl Activity {
     pub fn touch(&self) {
         *self.last.lock().expect("activity") = Instant::now();
+    }
+    /// Request body bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
     /// When the server last saw something, or now while it handles a request.
     pub fn last(&self) -> Instant {
@@ -138,6 +146,55 @@ impl Drop for Handling {
         self.0
             .handling
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Serves `router` on every connection `listener` accepts, [`MAX_CONNECTIONS`] at a
+/// time, each under `limits`, until `shutdown`; then connections in progress get
+/// `limits.grace` to finish. `accepted` is called for each connection.
+pub async fn serve_listener<L>(
+    mut listener: L,
+    router: axum::Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    accepted: impl Fn(),
+) where
+    L: axum::serve::Listener,
+    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut open = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            _ = &mut shutdown => break,
+        };
+        // `accept` waits out errors (out of file descriptors, say) by itself.
+        let stream = tokio::select! {
+            (stream, _) = listener.accept() => stream,
+            _ = &mut shutdown => break,
+        };
+        accepted();
+        let (app, watcher) = (router.clone(), graceful.watcher());
+        open.spawn(async move {
+            serve_connection(stream, app, limits, Some(watcher)).await;
+            drop(slot);
+        });
+        // Reap the connections that ended, so the set does not grow with the run.
+        while open.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let drained = async {
+        graceful.shutdown().await;
+        while open.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(limits.grace, drained).await.is_err() {
+        tracing::warn!(
+            "connections still open {} s after the shutdown began were closed",
+            limits.grace.as_secs()
+        );
     }
 }
 
@@ -281,6 +338,11 @@ pub async fn limit_body(
             match tokio::time::timeout(idle, data.next()).await {
                 Ok(Some(item)) => {
                     activity.touch();
+                    if let Ok(bytes) = &item {
+                        activity
+                            .received
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Some((item, Some((data, activity))))
                 }
                 Ok(None) => None,

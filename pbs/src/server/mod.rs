@@ -40,20 +40,12 @@ pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
 /// starts, so a long-running server is not blocked for ever by a client that died.
 pub const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-/// Keeps an opened repository for the rest of the process, so that sessions (which
-/// borrow it) can live in any task. A process opens a repository once and serves all
-/// its runs from it (`pull --all` pulls every host through the same one): one
-/// repository's memory per process, not one per run.
-pub fn keep(repo: IndexedRepository) -> &'static IndexedRepository {
-    Box::leak(Box::new(repo))
-}
-
 /// What one server serves, and what it has done.
 /// See [`Server::on_commit`].
 pub type CommitHook = Box<dyn Fn(&SnapshotId) + Send + Sync>;
 
 pub struct Server {
-    repo: &'static IndexedRepository,
+    repo: Arc<IndexedRepository>,
     mode: Mode,
     /// When set, sessions may only be for this host (a pull knows whom it pulls).
     host: Option<String>,
@@ -93,8 +85,10 @@ struct RestoreScope {
 }
 
 impl Server {
-    /// A server for `repo` (see [`keep`]).
-    pub fn new(repo: &'static IndexedRepository, mode: Mode, host: Option<String>) -> Arc<Server> {
+    /// A server for `repo`. A process opens a repository once and serves all its runs
+    /// from it (the daemon and `pull --all` share one per repository: see
+    /// `crate::repos`): one repository's memory per process, not one per run.
+    pub fn new(repo: Arc<IndexedRepository>, mode: Mode, host: Option<String>) -> Arc<Server> {
         Arc::new(Server {
             repo,
             mode,
@@ -118,6 +112,11 @@ impl Server {
                     .unwrap_or(2),
             )),
         })
+    }
+
+    /// Request body bytes this server received.
+    pub fn bytes_received(&self) -> u64 {
+        self.activity.received()
     }
 
     /// Changes a setting of a server nobody serves with yet (the builder methods below).
@@ -297,48 +296,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CliError> {
     let app = api::router(server.clone());
-    let limits = server.limits;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(conn::MAX_CONNECTIONS));
-    let mut open = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            _ = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, say: wait, and go on serving the others.
-                    tracing::warn!("repository server: accepting a connection: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        server.count_connection();
-        let (app, watcher) = (app.clone(), graceful.watcher());
-        open.spawn(async move {
-            conn::serve_connection(stream, app, limits, Some(watcher)).await;
-            drop(slot);
-        });
-        // Reap the connections that ended, so the set does not grow with the run.
-        while open.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let drained = async {
-        graceful.shutdown().await;
-        while open.join_next().await.is_some() {}
-    };
-    if tokio::time::timeout(limits.grace, drained).await.is_err() {
-        tracing::warn!(
-            "connections still open {} s after the shutdown began were closed",
-            limits.grace.as_secs()
-        );
-    }
+    let counted = server.clone();
+    conn::serve_listener(listener, app, server.limits, shutdown, move || {
+        counted.count_connection()
+    })
+    .await;
     server.abandon_session();
     Ok(())
 }

@@ -32,7 +32,7 @@ impl<B: Backend> Backend for AppendOnly<B> {
         }
         self.0.write_once(t, name, data)
     }
-    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>> {
         if matches!(t, FileType::Key | FileType::Config) {
             return Err(Error::AppendOnly {
                 action: "write",

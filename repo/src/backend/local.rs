@@ -148,17 +148,8 @@ impl LocalBackend {
         &self.root
     }
 
-    fn dir_of(&self, t: FileType, name: &str) -> PathBuf {
-        match t {
-            FileType::Config => self.root.clone(),
-            FileType::Data => self.root.join("data").join(&name[..2]),
-            _ => self.root.join(t.dir()),
-        }
-    }
-
     fn path_of(&self, t: FileType, name: &str) -> Result<PathBuf> {
-        check_name(t, name)?;
-        Ok(self.dir_of(t, name).join(name))
+        path_in(&self.root, t, name)
     }
 
     fn not_found_or(t: FileType, name: &str, e: io::Error) -> Error {
@@ -263,7 +254,7 @@ impl Backend for LocalBackend {
         w.finish(name)
     }
 
-    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>> {
         let tmp = self.root.join("tmp").join(format!(
             "{}-{}.tmp",
             std::process::id(),
@@ -276,7 +267,7 @@ impl Backend for LocalBackend {
             .open(&tmp)
             .map_err(Error::io(tmp.display().to_string()))?;
         Ok(Box::new(LocalWriter {
-            backend: self,
+            root: self.root.clone(),
             t,
             tmp,
             file: Some(file),
@@ -333,8 +324,23 @@ impl Backend for LocalBackend {
 }
 
 /// A temporary file in `tmp/`, linked to its name at `finish`.
-struct LocalWriter<'a> {
-    backend: &'a LocalBackend,
+/// Where an object of type `t` named `name` lives under `root`.
+fn dir_in(root: &Path, t: FileType, name: &str) -> PathBuf {
+    match t {
+        FileType::Config => root.to_path_buf(),
+        FileType::Data => root.join("data").join(&name[..2]),
+        _ => root.join(t.dir()),
+    }
+}
+
+fn path_in(root: &Path, t: FileType, name: &str) -> Result<PathBuf> {
+    check_name(t, name)?;
+    Ok(dir_in(root, t, name).join(name))
+}
+
+struct LocalWriter {
+    /// The repository's root (the writer owns what it needs: see `Backend::writer`).
+    root: PathBuf,
     t: FileType,
     tmp: PathBuf,
     file: Option<File>,
@@ -346,7 +352,7 @@ struct LocalWriter<'a> {
 /// Start write-back after this many new bytes.
 const WRITEBACK_STEP: u64 = 4 * 1024 * 1024;
 
-impl LocalWriter<'_> {
+impl LocalWriter {
     /// Starts write-back of what was written since the last call, without waiting, so
     /// the `fsync` in `finish` finds little left to do and does not stall the writer
     /// (a pack is 16 MiB; waiting for all of it at the end took up to 0.2 s here).
@@ -366,7 +372,7 @@ impl LocalWriter<'_> {
     }
 }
 
-impl Write for LocalWriter<'_> {
+impl Write for LocalWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self
             .file
@@ -382,10 +388,10 @@ impl Write for LocalWriter<'_> {
     }
 }
 
-impl ObjectWriter for LocalWriter<'_> {
+impl ObjectWriter for LocalWriter {
     fn finish(mut self: Box<Self>, name: &str) -> Result<()> {
         let (t, what) = (self.t, format!("{} {name}", self.t));
-        let path = self.backend.path_of(t, name)?;
+        let path = path_in(&self.root, t, name)?;
         let file = self.file.take().expect("finished once");
         file.sync_all().map_err(Error::io(what.clone()))?;
         drop(file);
@@ -403,7 +409,7 @@ impl ObjectWriter for LocalWriter<'_> {
     }
 }
 
-impl Drop for LocalWriter<'_> {
+impl Drop for LocalWriter {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.tmp);
     }

@@ -3,11 +3,13 @@
 use super::{check_name, Backend, FileType, ObjectWriter};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+type Objects = Arc<Mutex<BTreeMap<(FileType, String), Vec<u8>>>>;
 
 #[derive(Default)]
 pub struct MemoryBackend {
-    objects: Mutex<BTreeMap<(FileType, String), Vec<u8>>>,
+    objects: Objects,
     /// Objects moved aside, in order.
     aside: Mutex<Vec<(FileType, String, Vec<u8>)>>,
 }
@@ -56,21 +58,12 @@ impl Backend for MemoryBackend {
     }
 
     fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
-        check_name(t, name)?;
-        let mut objects = self.objects.lock().expect("memory backend");
-        let key = (t, name.to_string());
-        if objects.contains_key(&key) {
-            return Err(Error::AlreadyExists {
-                what: format!("{t} {name}"),
-            });
-        }
-        objects.insert(key, data.to_vec());
-        Ok(())
+        insert(&self.objects, t, name, data)
     }
 
-    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>> {
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>> {
         Ok(Box::new(MemoryWriter {
-            backend: self,
+            objects: self.objects.clone(),
             t,
             data: Vec::new(),
         }))
@@ -108,13 +101,26 @@ impl MemoryBackend {
     }
 }
 
-struct MemoryWriter<'a> {
-    backend: &'a MemoryBackend,
+fn insert(objects: &Objects, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+    check_name(t, name)?;
+    let mut objects = objects.lock().expect("memory backend");
+    let key = (t, name.to_string());
+    if objects.contains_key(&key) {
+        return Err(Error::AlreadyExists {
+            what: format!("{t} {name}"),
+        });
+    }
+    objects.insert(key, data.to_vec());
+    Ok(())
+}
+
+struct MemoryWriter {
+    objects: Objects,
     t: FileType,
     data: Vec<u8>,
 }
 
-impl std::io::Write for MemoryWriter<'_> {
+impl std::io::Write for MemoryWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.data.extend_from_slice(buf);
         Ok(buf.len())
@@ -124,8 +130,8 @@ impl std::io::Write for MemoryWriter<'_> {
     }
 }
 
-impl ObjectWriter for MemoryWriter<'_> {
+impl ObjectWriter for MemoryWriter {
     fn finish(self: Box<Self>, name: &str) -> Result<()> {
-        self.backend.write_once(self.t, name, &self.data)
+        insert(&self.objects, self.t, name, &self.data)
     }
 }

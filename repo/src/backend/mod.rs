@@ -97,8 +97,10 @@ pub trait Backend: Send + Sync {
     /// Moves a damaged object aside (see the module doc); returns where it went, for
     /// messages.
     fn move_aside(&self, t: FileType, name: &str) -> Result<String>;
-    /// Starts a new object of type `t` whose name is given when it is finished.
-    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter + '_>>;
+    /// Starts a new object of type `t` whose name is given when it is finished. The
+    /// writer owns what it needs: a session that owns its repository (through an
+    /// `Arc`) can keep one open.
+    fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>>;
 }
 
 /// A new object written in pieces (see the module doc).

@@ -1,0 +1,167 @@
+//! What an agent printed and how it ended, however it ran (a child process, a command
+//! over SSH): its events on stdout, the tail of its output, its exit — bounded, for an
+//! agent (or a host speaking for it) may print anything.
+
+use std::collections::VecDeque;
+
+/// Lines of agent output kept for the run record.
+pub(crate) const TAIL_LINES: usize = 40;
+/// Warnings kept whole for the report; the rest are counted. An agent (or a host
+/// speaking for it) may print any number: the pbs's memory must not follow.
+const KEPT_WARNINGS: usize = 100;
+/// Longest line of agent output kept; longer ones are cut.
+const MAX_LINE: usize = 64 * 1024;
+
+/// What the agent did, as seen from this side.
+pub struct AgentRun {
+    /// The agent's exit code (`None`: killed by a signal).
+    pub exit: Option<i32>,
+    /// Its last `summary` event, if it printed one.
+    pub summary: Option<serde_json::Value>,
+    /// Its first [`KEPT_WARNINGS`] warnings.
+    pub warnings: Vec<serde_json::Value>,
+    /// How many warnings it printed in all.
+    pub warnings_total: u64,
+    /// Its `error` event's message, else the last line of its stderr.
+    pub error: Option<String>,
+    pub tail: Vec<String>,
+    /// Connections the server accepted during the run.
+    pub connections: u64,
+    pub agent_peak_rss_kib: u64,
+    /// The connection to its host went away before it ended.
+    pub cut: bool,
+}
+
+/// Collects what an agent prints (JSON events on stdout, lines on stderr), however it
+/// runs: as a child process or over SSH.
+#[derive(Default)]
+pub struct AgentOutput {
+    summary: Option<serde_json::Value>,
+    warnings: Vec<serde_json::Value>,
+    warnings_total: u64,
+    error: Option<String>,
+    tail: VecDeque<String>,
+    last_stderr: Option<String>,
+}
+
+impl AgentOutput {
+    fn keep(&mut self, line: String) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+
+    /// One line of the agent's stdout; events other than progress are kept for the
+    /// record, and every event is handed to `progress`.
+    pub fn stdout_line(&mut self, line: &str, progress: &(dyn Fn(&serde_json::Value) + Sync)) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            self.keep(line.to_string());
+            return;
+        };
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("progress") => {}
+            Some("summary") => self.summary = Some(v.clone()),
+            Some("warning") => {
+                self.warnings_total += 1;
+                if self.warnings.len() < KEPT_WARNINGS {
+                    self.warnings.push(v.clone());
+                }
+            }
+            Some("error") => {
+                self.error = v.get("message").and_then(|m| m.as_str()).map(String::from)
+            }
+            _ => {}
+        }
+        if v.get("type").and_then(|t| t.as_str()) != Some("progress") {
+            self.keep(line.to_string());
+        }
+        progress(&v);
+    }
+
+    pub fn stderr_line(&mut self, line: &str) {
+        tracing::debug!("agent: {line}");
+        self.keep(format!("stderr: {line}"));
+        self.last_stderr = Some(line.to_string());
+    }
+
+    /// The agent ended with `exit` (`None`: no exit status; `how` says what happened).
+    pub fn finish(self, exit: Option<i32>, how: &str) -> AgentRun {
+        let failed = !matches!(exit, Some(0) | Some(3));
+        let error = self.error.or_else(|| {
+            failed.then(|| {
+                self.last_stderr
+                    .clone()
+                    .unwrap_or_else(|| format!("the agent ended with {how}"))
+            })
+        });
+        AgentRun {
+            exit,
+            agent_peak_rss_kib: self
+                .summary
+                .as_ref()
+                .and_then(|s| s["peak_rss_kib"].as_u64())
+                .unwrap_or(0),
+            summary: self.summary,
+            warnings: self.warnings,
+            warnings_total: self.warnings_total,
+            error,
+            tail: self.tail.into_iter().collect(),
+            connections: 0,
+            cut: false,
+        }
+    }
+}
+
+/// Appends `data` to `buf` and returns the complete lines, removing them from it. A
+/// line longer than [`MAX_LINE`] is cut there (an agent or a host cannot make the pbs
+/// buffer output without end).
+pub(crate) fn take_lines(buf: &mut Vec<u8>, data: &[u8]) -> Vec<String> {
+    buf.extend_from_slice(data);
+    let mut lines = Vec::new();
+    loop {
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(end) if end <= MAX_LINE => {
+                lines.push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                buf.drain(..=end);
+            }
+            _ if buf.len() > MAX_LINE => {
+                lines.push(String::from_utf8_lossy(&buf[..MAX_LINE]).into_owned());
+                buf.drain(..MAX_LINE);
+            }
+            _ => return lines,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_across_packets_and_cut_when_endless() {
+        let mut buf = Vec::new();
+        assert!(take_lines(&mut buf, b"{\"a\"").is_empty());
+        assert_eq!(take_lines(&mut buf, b":1}\nnext"), ["{\"a\":1}"]);
+        assert_eq!(take_lines(&mut buf, b"\n"), ["next"]);
+        let endless = vec![b'x'; MAX_LINE * 2 + 10];
+        let lines = take_lines(&mut buf, &endless);
+        assert_eq!(lines.len(), 2);
+        assert!(buf.len() <= MAX_LINE);
+    }
+
+    #[test]
+    fn warnings_past_the_kept_ones_are_counted_not_kept() {
+        let mut out = AgentOutput::default();
+        for i in 0..KEPT_WARNINGS + 50 {
+            out.stdout_line(
+                &format!(r#"{{"type":"warning","path":"/f{i}","message":"m"}}"#),
+                &|_| {},
+            );
+        }
+        let run = out.finish(Some(3), "exit status 3");
+        assert_eq!(run.warnings.len(), KEPT_WARNINGS);
+        assert_eq!(run.warnings_total, KEPT_WARNINGS as u64 + 50);
+        assert_eq!(run.warnings[0]["path"], "/f0");
+    }
+}

@@ -1,0 +1,395 @@
+//! `haul-pbs daemon`: pulls every configured host on its schedule, in the foreground
+//! (for supervisord or systemd), and serves the feeds, a status document and metrics
+//! over HTTP.
+//!
+//! - [`schedule`]: when each host runs, retries, is held or is stale (pure; the clock
+//!   is an argument).
+//! - [`http`]: the status server.
+//! - This module: the loop that starts due runs (each in a thread, through the same
+//!   `pipeline::pull` as `haul-pbs pull`), records alerts, and handles signals.
+//!
+//! Signals: SIGTERM or SIGINT: no new runs; running ones get `--grace` to finish; then
+//! their agents are stopped and the runs recorded as failed; the status server stops;
+//! exit status 0. SIGHUP: the configuration is read again (and held hosts are released);
+//! when it is invalid the error is logged and the old one kept. Runs that an earlier
+//! process left unfinished (killed mid-run) are recorded as failed at start
+//! (`History::recover`).
+//!
+//! Each repository is opened once for the daemon's lifetime and shared by its runs
+//! (`repos.rs`).
+
+pub mod http;
+pub mod schedule;
+
+use crate::cli::DaemonArgs;
+use crate::commands::Context;
+use crate::error::CliError;
+use crate::history::History;
+use crate::pipeline::{self, Quiet};
+use crate::plan::{PullOptions, PullPlan};
+use crate::record::{
+    new_run_id, ErrorKind, RunError, RunKind, RunRecord, RunStatus, TransportKind,
+};
+use crate::repos::Repositories;
+use crate::site::Site;
+use chrono::{DateTime, Utc};
+use schedule::{Alert, Ended, Schedule};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Shared by the loop, the runs and the HTTP handlers.
+pub struct Shared {
+    site: Site,
+    schedule: Schedule,
+    history: History,
+}
+
+pub type SharedRef = Arc<Mutex<Shared>>;
+
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    getrandom::getrandom(&mut b).expect("OS random numbers");
+    u32::from_le_bytes(b) as f64 / u32::MAX as f64
+}
+
+pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
+    let site = Site::resolve(&ctx.global)?;
+    site.require_config()?;
+    let history = site.history();
+    let recovered = history.recover(
+        false,
+        "interrupted: haul-pbs (pid {pid}) stopped during the run (killed, or the machine went down)",
+    )?;
+    if recovered > 0 {
+        tracing::warn!(
+            runs = recovered,
+            "recorded runs of an earlier process as failed: it stopped while they ran"
+        );
+    }
+    let now = Utc::now();
+    let schedule = history.with_records(|r| Schedule::new(&site.config, r, now, &mut jitter))?;
+    for h in &site.config.hosts {
+        let next = schedule.host(&h.name).and_then(|s| s.next);
+        tracing::info!(host = %h.name, schedule = %h.schedule(&site.config), next = ?next.map(|t| t.to_rfc3339()), "scheduled");
+    }
+    let listen = site.config.server.status_listen;
+    let shared = Arc::new(Mutex::new(Shared {
+        site,
+        schedule,
+        history,
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the runtime: {e}")))?;
+    let repos = Arc::new(ctx.repositories());
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            CliError::Io(
+                format!("status server on {listen} ([server].status_listen)"),
+                e,
+            )
+        })?;
+        tracing::info!(%listen, "status server listening");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let status = tokio::spawn(crate::server::conn::serve_listener(
+            listener,
+            http::router(shared.clone()),
+            crate::server::conn::Limits {
+                grace: Duration::from_secs(5),
+                ..Default::default()
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+            || {},
+        ));
+        let result = scheduler(ctx, &args, &shared, repos).await;
+        let _ = stop_tx.send(());
+        let _ = status.await;
+        result
+    })
+}
+
+/// A run's end, as its thread reports it.
+struct Done {
+    host: String,
+    /// When the pull itself started: the next one of an interval schedule follows it.
+    started: DateTime<Utc>,
+    ended: Ended,
+}
+
+async fn scheduler(
+    ctx: &Context,
+    args: &DaemonArgs,
+    shared: &SharedRef,
+    repos: Arc<Repositories>,
+) -> Result<(), CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig = |k| signal(k).map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")));
+    let (mut term, mut int, mut hup) = (
+        sig(SignalKind::terminate())?,
+        sig(SignalKind::interrupt())?,
+        sig(SignalKind::hangup())?,
+    );
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    tracing::info!("daemon started");
+    loop {
+        let wake = start_due(shared, &repos, &done_tx);
+        raise_stale_alerts(shared);
+        tokio::select! {
+            _ = tokio::time::sleep(wake) => {}
+            Some(done) = done_rx.recv() => finished(shared, done),
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => reload(ctx, shared, &repos),
+        }
+    }
+    // No new runs. Running ones get the grace period, then are stopped.
+    let running = || shared.lock().expect("daemon state").schedule.running();
+    let deadline = tokio::time::Instant::now() + args.grace;
+    while running() > 0 {
+        tracing::info!(
+            running = running(),
+            grace_s = args.grace.as_secs_f64(),
+            "waiting for running pulls"
+        );
+        tokio::select! {
+            Some(done) = done_rx.recv() => finished(shared, done),
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    if running() > 0 {
+        tracing::warn!(
+            running = running(),
+            "grace period over: stopping the running pulls"
+        );
+        stop_agents();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while running() > 0 {
+            tokio::select! {
+                Some(done) = done_rx.recv() => finished(shared, done),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // Whatever is still running (an SSH pull waiting on its host) ends with the
+        // process; its record says so.
+        let history = shared.lock().expect("daemon state").history.clone();
+        history.recover(
+            true,
+            "aborted: the daemon was stopped (SIGTERM) and the run did not finish within the grace period",
+        )?;
+    }
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// Starts the runs that are due; returns how long to sleep before looking again.
+fn start_due(
+    shared: &SharedRef,
+    repos: &Arc<Repositories>,
+    done: &tokio::sync::mpsc::UnboundedSender<Done>,
+) -> Duration {
+    let now = Utc::now();
+    let mut s = shared.lock().expect("daemon state");
+    let Shared {
+        site,
+        schedule,
+        history,
+    } = &mut *s;
+    for name in schedule.start_due(&site.config, now) {
+        let host = site.config.host(&name).expect("due hosts are configured");
+        let plan = PullPlan::for_host(site, host, &PullOptions::default());
+        let (history, repos, done) = (history.clone(), repos.clone(), done.clone());
+        tracing::info!(host = %name, "pull starting");
+        std::thread::spawn(move || {
+            let (started, ended) = pull_host(&history, &repos, &name, plan);
+            let _ = done.send(Done {
+                host: name,
+                started,
+                ended,
+            });
+        });
+    }
+    schedule.wake_in(now)
+}
+
+/// One pull through the pipeline (which records it); how it ended for the schedule.
+fn pull_host(
+    history: &History,
+    repos: &Repositories,
+    name: &str,
+    plan: Result<PullPlan, CliError>,
+) -> (DateTime<Utc>, Ended) {
+    let started = Utc::now();
+    let result = plan.and_then(|plan| pipeline::pull(history, repos, &plan, &Quiet));
+    let ended = match result {
+        Ok(outcome) if outcome.record.status.saved() => Ended::Saved,
+        Ok(outcome) => {
+            let error = outcome
+                .error
+                .unwrap_or_else(|| RunError::new(ErrorKind::Agent, "failed"));
+            tracing::warn!(host = %name, kind = ?error.kind, "pull failed: {}", error.message);
+            Ended::Failed {
+                retry: error.kind.retry(),
+                error: error.message,
+            }
+        }
+        // It could not start (its repository did not open): recorded here.
+        Err(e) => {
+            tracing::error!(host = %name, "pull failed before it started: {e}");
+            let error = RunError::new(ErrorKind::Repository, e.to_string());
+            let record = RunRecord::new(
+                new_run_id(started),
+                name,
+                RunKind::Pull,
+                TransportKind::None,
+                started,
+            )
+            .failed(&error);
+            if let Err(e) = history.record(&record) {
+                tracing::error!("cannot record the run: {e}");
+            }
+            Ended::Failed {
+                retry: true,
+                error: error.message,
+            }
+        }
+    };
+    tracing::info!(host = %name, saved = matches!(ended, Ended::Saved), "pull finished");
+    (started, ended)
+}
+
+fn finished(shared: &SharedRef, done: Done) {
+    let now = Utc::now();
+    let (alert, history) = {
+        let mut s = shared.lock().expect("daemon state");
+        let Shared {
+            site,
+            schedule,
+            history,
+        } = &mut *s;
+        let alert = schedule.finished(
+            &site.config,
+            &done.host,
+            done.started,
+            done.ended,
+            now,
+            &mut jitter,
+        );
+        if let Some(st) = schedule.host(&done.host) {
+            tracing::info!(host = %done.host, failures = st.failures, next = ?st.next.map(|t| t.to_rfc3339()), "scheduled");
+        }
+        (alert, history.clone())
+    };
+    if let Some(alert) = alert {
+        record_alert(&history, alert, RunStatus::Failed);
+    }
+}
+
+/// A `WARNING` item for each stale host, once per alert window.
+fn raise_stale_alerts(shared: &SharedRef) {
+    let (alerts, history) = {
+        let mut s = shared.lock().expect("daemon state");
+        let Shared {
+            site,
+            schedule,
+            history,
+        } = &mut *s;
+        (
+            schedule.stale_alerts(&site.config, Utc::now()),
+            history.clone(),
+        )
+    };
+    for alert in alerts {
+        record_alert(&history, alert, RunStatus::Warning);
+    }
+}
+
+fn record_alert(history: &History, alert: Alert, status: RunStatus) {
+    tracing::warn!(host = %alert.host, "{}", alert.message);
+    let now = Utc::now();
+    let mut record = RunRecord::new(
+        new_run_id(now),
+        &alert.host,
+        RunKind::Alert,
+        TransportKind::None,
+        now,
+    );
+    record.status = status;
+    record.error = Some(alert.message);
+    if let Err(e) = history.record(&record) {
+        tracing::error!("cannot record the alert: {e}");
+    }
+}
+
+/// SIGHUP: read the configuration again; keep the old one when the new one is invalid.
+fn reload(ctx: &Context, shared: &SharedRef, repos: &Repositories) {
+    let site = match Site::resolve(&ctx.global) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("SIGHUP: the configuration is invalid, the old one stays in use: {e}");
+            return;
+        }
+    };
+    let now = Utc::now();
+    let mut s = shared.lock().expect("daemon state");
+    if site.config.server.status_listen != s.site.config.server.status_listen {
+        tracing::warn!("SIGHUP: [server].status_listen changes only when the daemon restarts");
+    }
+    if site.state != s.site.state {
+        tracing::warn!("SIGHUP: [server].state_dir changes only when the daemon restarts");
+    }
+    let Shared {
+        site: old,
+        schedule,
+        history,
+    } = &mut *s;
+    let config = site.config.clone();
+    if let Err(e) = history.with_records(|r| schedule.reload(&config, r, now, &mut jitter)) {
+        tracing::error!(
+            "SIGHUP: the run history cannot be read, the old configuration stays in use: {e}"
+        );
+        return;
+    }
+    // Repositories no host uses any more are closed.
+    let used: Vec<_> = config
+        .hosts
+        .iter()
+        .map(|h| site.repository(Some(&h.name)).path)
+        .collect();
+    repos.retain(|p| used.iter().any(|u| u == p));
+    tracing::info!(hosts = config.hosts.len(), "SIGHUP: configuration reloaded");
+    *old = Site {
+        state: old.state.clone(),
+        ..site
+    };
+}
+
+/// SIGTERM to this process's haul-agent children: their pulls then fail and are
+/// recorded.
+fn stop_agents() {
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1);
+        if ppid == Some(me.as_str()) && head.contains("(haul-agent") {
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}

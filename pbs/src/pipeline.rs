@@ -1,0 +1,329 @@
+//! The one way a pull runs, for the daemon and the command line alike:
+//!
+//! 1. open the repository (once per process, see `repos.rs`) while the transport gets
+//!    ready (for SSH: connect, check the host key, authenticate, forward);
+//! 2. on a host's first pull with `legacy_rdiff_dir`, import that history first;
+//! 3. mark the run as started (`History::begin`), serve an append-only server for this
+//!    host to its agent through the transport, and note the snapshot as soon as it is
+//!    saved;
+//! 4. conclude: the status and the typed error from what the server saw (a committed
+//!    snapshot or not) and how the agent ended; the counters from the snapshot the
+//!    server verified, never from what the agent printed;
+//! 5. record the run (history and feeds), then apply the host's retention after a
+//!    fully successful pull.
+
+use crate::agent::AgentRun;
+use crate::error::CliError;
+use crate::history::{History, Running};
+use crate::output::{bytes, json_line};
+use crate::plan::{LegacyTree, PullPlan};
+use crate::record::{
+    new_run_id, Counters, Details, ErrorKind, ImportDetails, RunError, RunKind, RunRecord,
+    RunStatus, TransportKind,
+};
+use crate::repos::Repositories;
+use crate::server::{Mode, Server};
+use crate::transport::{Source, Transport};
+use haul_repo::format::snapshot::SourceKind;
+use haul_repo::IndexedRepository;
+use std::sync::Arc;
+
+/// How a run talks to the person who started it.
+pub trait Observer: Sync {
+    /// Each event the agent prints.
+    fn agent_event(&self, _event: &serde_json::Value) {}
+    /// Something worth saying that is not an error (an import's progress).
+    fn note(&self, _text: &str) {}
+}
+
+/// Says nothing (the daemon logs instead).
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// What a pull did.
+pub struct PullOutcome {
+    pub record: RunRecord,
+    /// What its agent printed, when it ran (warnings for the report).
+    pub agent: Option<AgentRun>,
+    /// A failure that kept the run from its end.
+    pub error: Option<RunError>,
+}
+
+/// Runs `plan`, records it in `history`, and applies the host's retention. An error
+/// means the run could not start (its repository did not open): nothing was started
+/// on the host and nothing is recorded.
+pub fn pull(
+    history: &History,
+    repos: &Repositories,
+    plan: &PullPlan,
+    observer: &dyn Observer,
+) -> Result<PullOutcome, CliError> {
+    let start = chrono::Utc::now();
+    tracing::debug!(host = %plan.host, "pull starting");
+    // Over SSH, the connection is made while the repository opens: deriving its key
+    // (Argon2id, ~0.15 s of one core) takes longer than connecting, authenticating and
+    // setting up the forward (~0.06 s). Not before a legacy import, which takes long.
+    let import_first = plan.legacy.is_some();
+    let (repo, transport) = std::thread::scope(|s| {
+        let opening = s.spawn(|| repos.open(&plan.repository));
+        let transport = (!import_first).then(|| plan.source.connect());
+        (
+            opening.join().expect("the thread opening the repository"),
+            transport,
+        )
+    });
+    // A failure to open ends here; a connection made meanwhile is dropped unused.
+    let repo = repo?;
+    if let Some(legacy) = &plan.legacy {
+        legacy_import(history, &repo, &plan.host, legacy, observer)?;
+    }
+    let transport = transport.unwrap_or_else(|| plan.source.connect());
+    let id = new_run_id(start);
+    let marker = Running {
+        id: id.clone(),
+        host: plan.host.clone(),
+        kind: RunKind::Pull,
+        transport: plan.source.kind(),
+        start,
+        pid: std::process::id(),
+        snapshot: None,
+    };
+    history.begin(&marker)?;
+    let (server, own_packs) = append_only_server(history, &repo, plan, marker);
+    let outcome = transport.and_then(|t: Box<dyn Transport>| {
+        t.run_agent(server.clone(), plan.call.clone(), &|v| {
+            observer.agent_event(v)
+        })
+    });
+    // Both transports have ended the session by now (its packs are in `own_packs`).
+    let committed = server.committed();
+    if let Err(e) = history.settle_own_packs(&plan.host, &own_packs, committed.is_some()) {
+        tracing::warn!("{e}: the next pull sends again what this one sent");
+    }
+    let (status, error) = conclude(&outcome, committed.is_some());
+    let mut record = RunRecord::new(id, &plan.host, RunKind::Pull, plan.source.kind(), start);
+    record.status = status;
+    if let Some(e) = &error {
+        record.error = Some(e.message.clone());
+        record.error_kind = Some(e.kind);
+    }
+    record.snapshot = committed.as_ref().map(|(id, _)| id.to_hex());
+    record.counters = committed
+        .as_ref()
+        .map(|(_, snap)| Counters::of(&snap.summary, server.bytes_received()));
+    if let Ok(r) = &outcome {
+        record.connections = r.connections;
+        record.agent_peak_rss_kib = r.agent_peak_rss_kib;
+        record.output_tail = r.tail.clone();
+    }
+    let saved = history.record(&record);
+    tracing::debug!("run recorded");
+    saved?;
+    // Retention only after a fully successful pull: its snapshot is the newest, which
+    // retention never removes. A failure here is recorded as a failed `forget` run
+    // (and reported); the pull itself stands.
+    if status == RunStatus::Ok && !plan.retention.is_empty() {
+        if let Err(e) = crate::commands::forget::after_pull(history, &repo, plan) {
+            crate::errln!("haul-pbs: {e}");
+        }
+    }
+    Ok(PullOutcome {
+        record,
+        agent: outcome.ok(),
+        error,
+    })
+}
+
+/// The append-only server of this pull: sessions of its host only, its packs of
+/// earlier cut-short pulls counted as its own, the snapshot noted in the run's marker
+/// as soon as it is saved.
+fn append_only_server(
+    history: &History,
+    repo: &Arc<IndexedRepository>,
+    plan: &PullPlan,
+    marker: Running,
+) -> (Arc<Server>, haul_repo::ingest::OwnPacks) {
+    let own_packs = history.own_packs(&plan.host);
+    let marker_history = History::new(history.state().to_path_buf());
+    let server = Server::new(repo.clone(), Mode::AppendOnly, Some(plan.host.clone()))
+        .with_source(match plan.source {
+            Source::Ssh(_) => SourceKind::Pull,
+            Source::Local { .. } => SourceKind::Local,
+        })
+        .with_own_packs(own_packs.clone())
+        .with_scope(plan.scope)
+        .with_limits(plan.limits)
+        .on_commit(Box::new(move |snapshot| {
+            let saved = Running {
+                snapshot: Some(snapshot.to_hex()),
+                ..marker.clone()
+            };
+            if let Err(e) = marker_history.begin(&saved) {
+                tracing::warn!("noting the saved snapshot in the run's marker: {e}");
+            }
+        }));
+    (server, own_packs)
+}
+
+/// How a run ended, from whether its snapshot was saved and how its agent ended.
+pub fn conclude(
+    outcome: &Result<AgentRun, RunError>,
+    committed: bool,
+) -> (RunStatus, Option<RunError>) {
+    let r = match outcome {
+        Err(e) => return (RunStatus::Failed, Some(e.clone())),
+        Ok(r) => r,
+    };
+    match (committed, r.exit) {
+        (true, Some(0)) => (RunStatus::Ok, None),
+        (true, Some(3)) => (RunStatus::Warning, None),
+        (true, code) => (
+            RunStatus::Warning,
+            Some(RunError::new(
+                ErrorKind::Agent,
+                format!(
+                    "the snapshot is complete, but the agent ended abnormally after committing it ({})",
+                    code.map_or("killed by a signal".to_string(), |c| format!("exit code {c}"))
+                ),
+            )),
+        ),
+        (false, code) => {
+            let kind = if r.cut {
+                ErrorKind::Cut
+            } else {
+                match code {
+                    // The forced command refused the run, its policy is invalid, or it
+                    // could not start the agent (haul-wrapper's codes).
+                    Some(125..=127) => ErrorKind::Refused,
+                    Some(2) => ErrorKind::Usage,
+                    _ => ErrorKind::Agent,
+                }
+            };
+            let message = r
+                .error
+                .clone()
+                .unwrap_or_else(|| "the agent ended without committing a snapshot".into());
+            (RunStatus::Failed, Some(RunError::new(kind, message)))
+        }
+    }
+}
+
+/// A host's first pull with `legacy_rdiff_dir`: imports that rdiff-backup history
+/// (unless something of it is in the repository already), verifies the newest imported
+/// snapshot against the rdiff-backup mirror, and records the import as a run of its
+/// own. The pull that follows uses that snapshot as its parent (same host, same path).
+/// A failed import is recorded and reported; the pull goes on, and the next one tries
+/// the import again.
+fn legacy_import(
+    history: &History,
+    repo: &IndexedRepository,
+    host: &str,
+    legacy: &LegacyTree,
+    observer: &dyn Observer,
+) -> Result<(), CliError> {
+    use crate::commands::import;
+    let imported = repo.snapshots()?.into_iter().any(|(_, s)| {
+        s.host == host
+            && s.source == SourceKind::RdiffBackupImport
+            && s.tags.iter().any(|t| t == import::TAG)
+    });
+    if imported {
+        return Ok(());
+    }
+    let start = chrono::Utc::now();
+    let dir = &legacy.dir;
+    let result = match legacy.paths.as_slice() {
+        [one] => {
+            let path = one.display().to_string();
+            import::import(repo, dir, host, &path, &mut |e| {
+                if let import::Event::Imported { session, .. } = e {
+                    observer.note(&format!("{host}: imported rdiff-backup session {session}"));
+                }
+            })
+            .and_then(|outcome| {
+                let verified = match &outcome.newest {
+                    Some(newest) => import::verify(repo, dir, newest)?,
+                    None => 0,
+                };
+                Ok((outcome, verified))
+            })
+        }
+        _ => Err(CliError::usage(format!(
+            "host {host}: legacy_rdiff_dir needs a host with exactly one path (the one the rdiff-backup tree is a backup of)"
+        ))),
+    };
+    let record = RunRecord::new(
+        new_run_id(start),
+        host,
+        RunKind::Import,
+        TransportKind::Local,
+        start,
+    );
+    let record = match &result {
+        Ok((o, verified)) => record.with_details(Details::Import(ImportDetails {
+            files_verified: Some(*verified),
+            ..import::details(o, dir)
+        })),
+        Err(e) => record.failed(&RunError::new(ErrorKind::Setup, e.to_string())),
+    };
+    history.record(&record)?;
+    match result {
+        Ok((o, verified)) => observer.note(&format!(
+            "{host}: imported {} rdiff-backup sessions from {} ({} new); the newest is verified against its mirror ({verified} files)",
+            o.imported,
+            dir.display(),
+            bytes(o.bytes_new)
+        )),
+        Err(e) => crate::errln!(
+            "haul-pbs: {host}: the import of {} failed, the pull goes on without it: {e}",
+            dir.display()
+        ),
+    }
+    Ok(())
+}
+
+/// The command line's observer: a progress line on a terminal, agent events relayed
+/// as JSON lines with `--json`.
+pub struct Console {
+    pub json: bool,
+    last: Arc<std::sync::Mutex<serde_json::Value>>,
+    _progress: crate::output::Progress,
+}
+
+impl Console {
+    pub fn new(json: bool) -> Console {
+        let last = Arc::new(std::sync::Mutex::new(serde_json::Value::Null));
+        let l = last.clone();
+        let progress = crate::output::Progress::start(!json, move || {
+            let v = l.lock().expect("progress").clone();
+            format!(
+                "{} files, {} read, {} sent",
+                v["files"].as_u64().unwrap_or(0),
+                bytes(v["bytes_read"].as_u64().unwrap_or(0)),
+                bytes(v["bytes_sent"].as_u64().unwrap_or(0))
+            )
+        });
+        Console {
+            json,
+            last,
+            _progress: progress,
+        }
+    }
+}
+
+impl Observer for Console {
+    fn agent_event(&self, v: &serde_json::Value) {
+        if v["type"] == "progress" {
+            *self.last.lock().expect("progress") = v.clone();
+        }
+        if self.json {
+            json_line(&serde_json::json!({"type": "agent", "event": v}));
+        }
+    }
+
+    fn note(&self, text: &str) {
+        if !self.json {
+            crate::errln!("{text}");
+        }
+    }
+}

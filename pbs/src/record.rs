@@ -1,0 +1,405 @@
+//! A run as the history keeps it ([`RunRecord`]), and the types of its fields: what
+//! kind of run, how it ended, what it counted and, when it failed, why and whether
+//! trying again can help. The history file, the feeds, the status document, the
+//! metrics and the daemon's schedule all read these fields, never words in a string.
+//!
+//! The JSON form is the history's (`STATE/runs.jsonl`): kinds, statuses and transports
+//! are lower-case words, so a record written before a field existed still reads (a
+//! missing field takes its default).
+
+use haul_repo::format::snapshot::Summary;
+use serde::{Deserialize, Serialize};
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// A backup through an agent.
+    Pull,
+    /// A restore through an agent.
+    Restore,
+    /// An rdiff-backup history imported.
+    Import,
+    /// Snapshots removed (by a keep policy or by id).
+    Forget,
+    /// The repository checked.
+    Check,
+    /// No run: the daemon's warning about a host (stale, or a failure it will not
+    /// retry by itself).
+    Alert,
+}
+
+impl RunKind {
+    pub fn word(self) -> &'static str {
+        match self {
+            RunKind::Pull => "pull",
+            RunKind::Restore => "restore",
+            RunKind::Import => "import",
+            RunKind::Forget => "forget",
+            RunKind::Check => "check",
+            RunKind::Alert => "alert",
+        }
+    }
+}
+
+impl std::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.word())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Ok,
+    /// It did its work, not cleanly: a snapshot was saved but some files could not be
+    /// read, a restore skipped damaged entries, or an alert.
+    Warning,
+    Failed,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 3] = [RunStatus::Ok, RunStatus::Warning, RunStatus::Failed];
+
+    pub fn word(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Warning => "warning",
+            RunStatus::Failed => "failed",
+        }
+    }
+
+    /// The word monitors look for in a feed item's title.
+    pub fn shout(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "OK",
+            RunStatus::Warning => "WARNING",
+            RunStatus::Failed => "FAILED",
+        }
+    }
+
+    /// A pull that ended so saved a snapshot.
+    pub fn saved(self) -> bool {
+        matches!(self, RunStatus::Ok | RunStatus::Warning)
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.word())
+    }
+}
+
+/// How the pbs reached the agent of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TransportKind {
+    #[serde(rename = "ssh")]
+    Ssh,
+    #[serde(rename = "local")]
+    Local,
+    /// No agent (an alert).
+    #[serde(rename = "-")]
+    None,
+}
+
+impl TransportKind {
+    pub fn word(self) -> &'static str {
+        match self {
+            TransportKind::Ssh => "ssh",
+            TransportKind::Local => "local",
+            TransportKind::None => "-",
+        }
+    }
+}
+
+impl From<haul_config::Transport> for TransportKind {
+    fn from(t: haul_config::Transport) -> Self {
+        match t {
+            haul_config::Transport::Ssh => TransportKind::Ssh,
+            haul_config::Transport::Local => TransportKind::Local,
+        }
+    }
+}
+
+/// What a pull stored, as the server counted it. Files, directories and sizes are
+/// what the source reported in its commit (a host can only misstate its own data);
+/// blobs and bytes new, stored and received are the server's own counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unchanged: u64,
+    pub dirs: u64,
+    pub bytes_read: u64,
+    pub bytes_total: u64,
+    /// Plaintext bytes of blobs the repository did not have.
+    pub bytes_new: u64,
+    /// Of those, file content.
+    pub data_new: u64,
+    /// Bytes added to the repository (compressed, sealed).
+    pub bytes_stored: u64,
+    pub blobs_new: u64,
+    /// Request body bytes the server received from the agent.
+    pub bytes_received: u64,
+    pub warnings: u64,
+}
+
+impl Counters {
+    /// The figures of a committed snapshot, and what the server received for it.
+    pub fn of(summary: &Summary, bytes_received: u64) -> Counters {
+        Counters {
+            files_new: summary.files_new,
+            files_changed: summary.files_changed,
+            files_unchanged: summary.files_unchanged,
+            dirs: summary.dirs,
+            bytes_read: summary.bytes_read,
+            bytes_total: summary.bytes_total,
+            bytes_new: summary.bytes_new,
+            data_new: summary.data_new,
+            bytes_stored: summary.bytes_stored,
+            blobs_new: summary.blobs_new,
+            bytes_received,
+            warnings: summary.warnings,
+        }
+    }
+
+    pub fn files(&self) -> u64 {
+        self.files_new + self.files_changed + self.files_unchanged
+    }
+}
+
+/// What runs other than pulls did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Details {
+    Import(ImportDetails),
+    Forget(ForgetDetails),
+    Check(CheckDetails),
+    Restore(RestoreDetails),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImportDetails {
+    /// The rdiff-backup tree, canonical: what retiring a legacy tree compares with.
+    pub rdiff_dir: String,
+    pub sessions_imported: u64,
+    pub sessions_skipped: u64,
+    pub files_rebuilt: u64,
+    pub bytes_new: u64,
+    /// Files of the newest session verified against the rdiff-backup mirror (none:
+    /// not verified).
+    pub files_verified: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ForgetDetails {
+    /// The snapshots removed (full ids).
+    pub removed: Vec<String>,
+    pub kept: u64,
+    /// The legacy rdiff-backup tree removed after this retention.
+    pub legacy_rdiff_dir_removed: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckDetails {
+    pub snapshots: u64,
+    pub packs: u64,
+    pub blobs: u64,
+    pub bytes_read: u64,
+    pub errors: u64,
+    pub read_data: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RestoreDetails {
+    pub target: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub others: u64,
+    pub bytes: u64,
+    pub warnings: u64,
+}
+
+/// Why a run failed, as far as it matters for what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The host could not be reached (no connection, a timeout).
+    Unreachable,
+    /// The connection went away during the run.
+    Cut,
+    /// The agent went silent for the stall timeout.
+    Stalled,
+    /// The host's key is not the pinned one (or none is pinned).
+    HostKey,
+    /// The host refused the pbs's key.
+    Authentication,
+    /// The host's forced command refused the run, its policy is invalid, or the
+    /// agent could not start there.
+    Refused,
+    /// Something on this side is set up wrong: an identity, a forward, a path.
+    Setup,
+    /// The agent refused its input (a backup path missing, bad parameters).
+    Usage,
+    /// The agent failed during the run.
+    Agent,
+    /// The repository could not be opened or written.
+    Repository,
+    /// The pbs stopped during the run (killed, or its grace period ran out).
+    Interrupted,
+}
+
+impl ErrorKind {
+    /// Whether trying again later can help by itself. A changed host key, a refused
+    /// key or command, or a wrong setup needs a person: the daemon alerts at once
+    /// instead of retrying every so often.
+    pub fn retry(self) -> bool {
+        !matches!(
+            self,
+            ErrorKind::HostKey
+                | ErrorKind::Authentication
+                | ErrorKind::Refused
+                | ErrorKind::Setup
+                | ErrorKind::Usage
+        )
+    }
+}
+
+/// A run's failure: what kind, and the sentence that says what and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RunError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl RunError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> RunError {
+        RunError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// One run, as recorded in the run history (`history.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub host: String,
+    pub kind: RunKind,
+    pub transport: TransportKind,
+    pub start: chrono::DateTime<chrono::Utc>,
+    pub end: chrono::DateTime<chrono::Utc>,
+    pub status: RunStatus,
+    pub snapshot: Option<String>,
+    /// A pull's figures (see [`Counters`]).
+    #[serde(default)]
+    pub counters: Option<Counters>,
+    /// What other kinds of run did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Details>,
+    #[serde(default)]
+    pub connections: u64,
+    #[serde(default)]
+    pub agent_peak_rss_kib: u64,
+    #[serde(default)]
+    pub pbs_peak_rss_kib: u64,
+    #[serde(default)]
+    pub output_tail: Vec<String>,
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+}
+
+impl RunRecord {
+    /// A run of `kind` on `host` that started at `start` and ends now, without figures
+    /// yet: `ok` until told otherwise.
+    pub fn new(
+        id: String,
+        host: &str,
+        kind: RunKind,
+        transport: TransportKind,
+        start: chrono::DateTime<chrono::Utc>,
+    ) -> RunRecord {
+        RunRecord {
+            id,
+            host: host.into(),
+            kind,
+            transport,
+            start,
+            end: chrono::Utc::now(),
+            status: RunStatus::Ok,
+            snapshot: None,
+            counters: None,
+            details: None,
+            connections: 0,
+            agent_peak_rss_kib: 0,
+            pbs_peak_rss_kib: haul_protocol::peak_rss_kib(),
+            output_tail: Vec::new(),
+            error: None,
+            error_kind: None,
+        }
+    }
+
+    /// Marks the run failed with `error`.
+    pub fn failed(mut self, error: &RunError) -> RunRecord {
+        self.status = RunStatus::Failed;
+        self.error = Some(error.message.clone());
+        self.error_kind = Some(error.kind);
+        self
+    }
+
+    pub fn with_details(mut self, details: Details) -> RunRecord {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn seconds(&self) -> f64 {
+        (self.end - self.start).num_milliseconds().max(0) as f64 / 1000.0
+    }
+
+    /// The snapshot's short id, or `-`.
+    pub fn short_snapshot(&self) -> &str {
+        self.snapshot
+            .as_deref()
+            .map_or("-", |s| &s[..8.min(s.len())])
+    }
+}
+
+/// A run id: sortable by time, unique.
+pub fn new_run_id(now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut r = [0u8; 4];
+    getrandom::getrandom(&mut r).expect("OS random numbers");
+    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), hex::encode(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_written_before_the_typed_fields_still_reads() {
+        // An import record of an earlier version: its counters held other names.
+        let old = r#"{"id":"r1","host":"a","kind":"import","transport":"local","start":"2026-01-01T00:00:00Z","end":"2026-01-01T00:00:01Z","status":"ok","snapshot":null,"counters":{"sessions_imported":3,"rdiff_dir":"/x"},"connections":0,"agent_peak_rss_kib":0,"pbs_peak_rss_kib":0,"output_tail":[],"error":null}"#;
+        let r: RunRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.kind, RunKind::Import);
+        assert_eq!(r.status, RunStatus::Ok);
+        assert!(r.details.is_none());
+        let alert = r#"{"id":"r2","host":"a","kind":"alert","transport":"-","start":"2026-01-01T00:00:00Z","end":"2026-01-01T00:00:01Z","status":"warning","snapshot":null,"counters":null,"error":"stale"}"#;
+        let r: RunRecord = serde_json::from_str(alert).unwrap();
+        assert_eq!(r.transport, TransportKind::None);
+    }
+
+    #[test]
+    fn only_failures_a_person_must_fix_are_not_retried() {
+        assert!(ErrorKind::Unreachable.retry() && ErrorKind::Cut.retry());
+        assert!(!ErrorKind::HostKey.retry() && !ErrorKind::Refused.retry());
+    }
+}

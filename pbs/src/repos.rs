@@ -1,0 +1,109 @@
+//! The repositories a process has open: each is opened (its key derived, its index
+//! loaded) once and shared by `Arc` among every run that uses it — the daemon's pulls,
+//! `pull --all`'s hosts — so a process holds one repository's memory per repository,
+//! not one per run. The default repository is created here on first use, with a
+//! random passphrase in a key file only its owner can read.
+
+use crate::error::CliError;
+use crate::output::json_line;
+use crate::site::RepoLocation;
+use haul_repo::backend::LocalBackend;
+use haul_repo::crypto::KdfParams;
+use haul_repo::format::config::RepoConfig;
+use haul_repo::{IndexedRepository, Repository};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub struct Repositories {
+    open: Mutex<HashMap<PathBuf, Arc<IndexedRepository>>>,
+    cache_dir: Option<PathBuf>,
+    /// Announce a created repository as a JSON line (else a sentence on stderr).
+    json: bool,
+}
+
+impl Repositories {
+    pub fn new(cache_dir: Option<PathBuf>, json: bool) -> Repositories {
+        Repositories {
+            open: Mutex::default(),
+            cache_dir,
+            json,
+        }
+    }
+
+    /// The repository at `loc`, opened on first use (and created when it is a
+    /// default one that does not exist yet).
+    pub fn open(&self, loc: &RepoLocation) -> Result<Arc<IndexedRepository>, CliError> {
+        // One at a time: two runs of one repository must not both derive its key.
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = open.get(&loc.path) {
+            return Ok(r.clone());
+        }
+        if let Some(key) = loc.creatable() {
+            create_default(&loc.path, key, self.json)?;
+        }
+        let pass = loc.passphrase()?;
+        let repo = Repository::open(Arc::new(LocalBackend::open(&loc.path)?), &pass)?;
+        let repo = Arc::new(repo.load_index(self.cache_dir.as_deref())?);
+        tracing::debug!(repository = %loc.path.display(), "repository open");
+        open.insert(loc.path.clone(), repo.clone());
+        Ok(repo)
+    }
+
+    /// Forgets the repositories no run uses any more (after the configuration changed).
+    pub fn retain(&self, keep: impl Fn(&Path) -> bool) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|path, _| keep(path));
+    }
+}
+
+/// Creates a default repository with a random passphrase in a 0600 key file.
+fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
+    let dir = key.parent().expect("a key file in a directory");
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::Io(format!("repositories directory {}", dir.display()), e))?;
+    let mut secret = [0u8; 32];
+    getrandom::getrandom(&mut secret).expect("OS random numbers");
+    let pass = hex::encode(secret);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key)
+        .map_err(|e| {
+            CliError::Io(
+                format!(
+                    "cannot create key file {} (if it is left from an earlier attempt and {} holds no repository, remove it)",
+                    key.display(),
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+    f.write_all(pass.as_bytes())
+        .and_then(|_| f.write_all(b"\n"))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| CliError::Io(format!("key file {}", key.display()), e))?;
+    let backend = Arc::new(LocalBackend::create(path)?);
+    let repo = Repository::init(
+        backend,
+        pass.as_bytes(),
+        KdfParams::default(),
+        RepoConfig::new(haul_repo::format::config::DEFAULT_COMPRESSION),
+    )?;
+    if json {
+        json_line(
+            &serde_json::json!({"type": "init", "repository": path, "key_file": key, "id": repo.config().id}),
+        );
+    } else {
+        crate::errln!(
+            "created repository {} at {}\nits key is in {}: keep a copy of that file somewhere safe, without it nothing in the repository can be read",
+            &repo.config().id[..8],
+            path.display(),
+            key.display()
+        );
+    }
+    Ok(())
+}
