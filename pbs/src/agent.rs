@@ -52,8 +52,8 @@ impl AgentOutput {
         self.tail.push_back(line);
     }
 
-    /// One line of the agent's stdout; events other than progress are kept for the
-    /// record, and every event is handed to `progress`.
+    /// One line of the agent's stdout: an event is noted (a summary, a warning, an
+    /// error) and handed to `progress`; any other line is kept in the tail.
     pub fn stdout_line(&mut self, line: &str, progress: &(dyn Fn(&serde_json::Value) + Sync)) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             self.keep(line.to_string());
@@ -73,9 +73,8 @@ impl AgentOutput {
             }
             _ => {}
         }
-        if v.get("type").and_then(|t| t.as_str()) != Some("progress") {
-            self.keep(line.to_string());
-        }
+        // Events are not kept in the tail: the record has what they say, from the
+        // server where it counts, and the agent's words stay out of feeds.
         progress(&v);
     }
 

@@ -474,41 +474,6 @@ fn a_silent_agent_is_stopped_at_the_stall_limit() {
     assert_eq!(run.code, 0, "{}", run.stderr);
 }
 
-/// `haul-pbs daemon` on `config` (with the built agent), logging to `log`.
-fn start_daemon(env: &Env, config: &Path, log: &Path) -> KillOnDrop {
-    KillOnDrop(
-        std::process::Command::new(bin("haul-pbs"))
-            .args(["daemon", "--grace", "5s", "--config"])
-            .arg(config)
-            .env("HAUL_CACHE_DIR", env.path("cache"))
-            .env("HAUL_AGENT", bin("haul-agent"))
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// The pull records of the history in `state`, oldest first.
-fn pull_records(state: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(state.join("runs.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "pull")
-        .collect()
-}
-
-/// A child process killed and reaped however the test ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The daemon's pulls whose agents are killed in the middle of their uploads: the
 /// daemon keeps running, records each as failed, and pulls the host when it is let be.
 #[test]
@@ -602,10 +567,4 @@ fn daemon_config(env: &Env, name: &str, src: &Path, host_extra: &str) -> std::pa
     )
     .unwrap();
     config
-}
-
-/// A loopback address for a daemon's status server that no other test uses.
-fn free_listen() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }

@@ -15,6 +15,7 @@ mod import;
 mod ingest;
 mod keys;
 mod locks;
+mod pipeline;
 mod pull;
 mod repair;
 mod roundtrip;

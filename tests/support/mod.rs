@@ -841,3 +841,44 @@ print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries":
     );
     serde_json::from_slice(&out).unwrap()
 }
+
+/// `haul-pbs daemon` on `config` (with the built agent), logging to `log`.
+pub fn start_daemon(env: &Env, config: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        std::process::Command::new(bin("haul-pbs"))
+            .args(["daemon", "--grace", "5s", "--config"])
+            .arg(config)
+            .env("HAUL_CACHE_DIR", env.path("cache"))
+            .env("HAUL_AGENT", bin("haul-agent"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The pull records of the history in `state`, oldest first.
+pub fn pull_records(state: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(state.join("runs.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "pull")
+        .collect()
+}
+
+/// A child process killed and reaped however the test ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback address for a daemon's status server that no other test uses.
+pub fn free_listen() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
