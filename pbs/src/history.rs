@@ -34,6 +34,8 @@ pub struct History {
     state: PathBuf,
     feed: feed::FeedOptions,
     cache: Arc<Mutex<Option<Cache>>>,
+    /// [`COMPACT_AT`] and [`KEEP_PER_HOST`], smaller in tests.
+    compaction: (usize, usize),
 }
 
 /// The history file as this process has read it.
@@ -77,7 +79,14 @@ impl History {
             state,
             feed: feed::FeedOptions::default(),
             cache: Arc::default(),
+            compaction: (COMPACT_AT, KEEP_PER_HOST),
         }
+    }
+
+    /// Compacts past `at` records, keeping `per_host` of each host.
+    pub fn with_compaction(mut self, at: usize, per_host: usize) -> History {
+        self.compaction = (at, per_host);
+        self
     }
 
     /// Records a run that involves no agent (a check, an import, a forget), ending
@@ -339,12 +348,12 @@ impl History {
         };
         let (size, ino) = meta.map_or((0, 0), |m| (m.len(), m.ino()));
         let c = cache.get_or_insert_with(|| Cache {
-            compact_at: COMPACT_AT,
+            compact_at: self.compaction.0,
             ..Default::default()
         });
         if c.ino != ino || size < c.len {
             *c = Cache {
-                compact_at: COMPACT_AT,
+                compact_at: self.compaction.0,
                 ..Default::default()
             };
             c.ino = ino;
@@ -398,7 +407,7 @@ impl History {
     /// Moves the records compaction does not keep to the archive and rewrites the
     /// history file with the rest (see the module doc). Called with the file locked.
     fn compact(&self, c: &mut Cache) -> Result<(), CliError> {
-        let keep = keep_after_compaction(&c.records, KEEP_PER_HOST.max(self.feed.items));
+        let keep = keep_after_compaction(&c.records, self.compaction.1.max(self.feed.items));
         let (kept, gone): (Vec<_>, Vec<_>) =
             c.records.drain(..).zip(keep).partition(|(_, keep)| *keep);
         let lines = |rs: &[(RunRecord, bool)]| {
@@ -427,7 +436,7 @@ impl History {
         c.records = kept.into_iter().map(|(r, _)| r).collect();
         c.warnings.clear();
         self.note_read(c)?;
-        c.compact_at = COMPACT_AT.max(2 * c.records.len());
+        c.compact_at = self.compaction.0.max(2 * c.records.len());
         tracing::info!(
             kept = c.records.len(),
             archived = gone.len(),
@@ -509,5 +518,56 @@ pub(crate) mod tests {
         assert_eq!(ids, ["r1", "r3"]);
         assert_eq!(warnings.len(), 1);
         assert!(h.feed_path().is_file() && h.host_feed_path("b").is_file());
+    }
+
+    #[test]
+    fn a_long_history_is_compacted_into_the_archive_keeping_what_decisions_need() {
+        use crate::record::{ForgetDetails, ImportDetails};
+        let dir = tempfile::tempdir().unwrap();
+        let feed = feed::FeedOptions {
+            items: 3,
+            ..Default::default()
+        };
+        let h = History::new(dir.path().to_path_buf())
+            .with_feed(feed.clone())
+            .with_compaction(20, 4);
+        // Another process's view of the same history, read before the compaction.
+        let other = History::new(dir.path().to_path_buf());
+        let mut import = record("import-a", "a", RunStatus::Ok);
+        import.kind = RunKind::Import;
+        import.details = Some(Details::Import(ImportDetails {
+            files_verified: Some(3),
+            ..Default::default()
+        }));
+        h.record(&import).unwrap();
+        let mut forget = record("forget-a", "a", RunStatus::Ok);
+        forget.kind = RunKind::Forget;
+        forget.details = Some(Details::Forget(ForgetDetails {
+            removed: vec!["x".into()],
+            ..Default::default()
+        }));
+        h.record(&forget).unwrap();
+        assert_eq!(other.read().unwrap().0.len(), 2);
+        for i in 0..19 {
+            let host = if i % 2 == 0 { "a" } else { "b" };
+            h.record(&record(&format!("r{i:02}"), host, RunStatus::Ok))
+                .unwrap();
+        }
+        let (kept, warnings) = h.read().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["import-a", "forget-a", "r11", "r12", "r13", "r14", "r15", "r16", "r17", "r18"]
+        );
+        let archived = std::fs::read_to_string(dir.path().join("runs-archive.jsonl")).unwrap();
+        assert_eq!(archived.lines().count(), 11);
+        // The other process sees the rewritten file, and its next record is kept.
+        assert_eq!(other.read().unwrap().0.len(), 10);
+        other
+            .record(&record("late", "c", RunStatus::Failed))
+            .unwrap();
+        assert_eq!(h.read().unwrap().0.last().unwrap().id, "late");
+        assert_eq!(h.read().unwrap().0.len(), 11);
     }
 }
