@@ -21,13 +21,12 @@ ln -s docs/file1.txt "$demo/sample/link"
 
 "$pbs" pull --local "$demo/sample" --tag demo
 "$pbs" pull --local "$demo/sample" --tag demo
-# The other commands take the repository and its key file explicitly.
-export HAUL_REPO=$demo/state/repo HAUL_PASSWORD_FILE=$demo/state/repo.key
+# The other commands find the repository the pulls created, and its key file.
 "$pbs" snapshots
 "$pbs" ls latest "$demo/sample" --no-recursive
 "$pbs" restore latest --via-agent --target "$demo/restored"
 diff -r --no-dereference "$demo/sample" "$demo/restored$demo/sample" && echo "restored copy is identical"
 "$pbs" check --read-data
-"$pbs" runs --state-dir "$demo/state"
+"$pbs" runs
 echo "run history: $demo/state/runs.jsonl, feed: $demo/state/feed.xml"
 echo "the key file $demo/state/repo.key must be kept safe: without it nothing can be restored"
