@@ -36,9 +36,13 @@ pub trait Observer: Sync {
     fn note(&self, _text: &str) {}
 }
 
-/// Says nothing (the daemon logs instead).
+/// Logs notes, relays nothing (the daemon's).
 pub struct Quiet;
-impl Observer for Quiet {}
+impl Observer for Quiet {
+    fn note(&self, text: &str) {
+        tracing::info!("{text}");
+    }
+}
 
 /// What a pull did.
 pub struct PullOutcome {

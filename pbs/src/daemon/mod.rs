@@ -223,6 +223,9 @@ fn pull_host(
     plan: Result<PullPlan, CliError>,
 ) -> (DateTime<Utc>, Ended) {
     let started = Utc::now();
+    let transport = plan
+        .as_ref()
+        .map_or(TransportKind::None, |p| p.source.kind());
     let result = plan.and_then(|plan| pipeline::pull(history, repos, &plan, &Quiet));
     let ended = match result {
         Ok(outcome) if outcome.record.status.saved() => Ended::Saved,
@@ -240,14 +243,9 @@ fn pull_host(
         Err(e) => {
             tracing::error!(host = %name, "pull failed before it started: {e}");
             let error = RunError::new(ErrorKind::Repository, e.to_string());
-            let record = RunRecord::new(
-                new_run_id(started),
-                name,
-                RunKind::Pull,
-                TransportKind::None,
-                started,
-            )
-            .failed(&error);
+            let record =
+                RunRecord::new(new_run_id(started), name, RunKind::Pull, transport, started)
+                    .failed(&error);
             if let Err(e) = history.record(&record) {
                 tracing::error!("cannot record the run: {e}");
             }
