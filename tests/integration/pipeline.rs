@@ -331,26 +331,7 @@ fn a_changed_host_key_is_alerted_at_once_and_not_retried() {
     ));
     fs::write(&config, text).unwrap();
     let known = sshd.dir.join("known_hosts");
-    let pinned = fs::read_to_string(&known).unwrap();
-    let other = env.path("other");
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let other_pub = fs::read_to_string(other.with_extension("pub")).unwrap();
-    let mut f = other_pub.split_whitespace();
-    fs::write(
-        &known,
-        format!(
-            "[127.0.0.1]:{} {} {}\n",
-            sshd.port,
-            f.next().unwrap(),
-            f.next().unwrap()
-        ),
-    )
-    .unwrap();
+    let pinned = sshd.pin_another_key();
     let mut daemon = start_daemon(&env, &config, &env.path("daemon.log"));
     let records = || {
         fs::read_to_string(state.join("runs.jsonl"))

@@ -99,25 +99,7 @@ fn an_unknown_or_changed_host_key_fails_the_run_and_says_what_to_fix() {
     assert!(err.contains("not pinned"), "{err}");
 
     // Another key pinned for the same host: a changed key.
-    let other = env.path("other");
-    let out = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let other_pub = fs::read_to_string(other.with_extension("pub")).unwrap();
-    let mut f = other_pub.split_whitespace();
-    fs::write(
-        &known,
-        format!(
-            "[127.0.0.1]:{} {} {}\n",
-            sshd.port,
-            f.next().unwrap(),
-            f.next().unwrap()
-        ),
-    )
-    .unwrap();
+    sshd.pin_another_key();
     let (run, rec) = pull(&env, &config, "web-1");
     assert_eq!(run.code, 1, "{}", run.stderr);
     let err = rec["error"].as_str().unwrap();

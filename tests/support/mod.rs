@@ -723,6 +723,34 @@ impl Sshd {
             .into_owned()
     }
 
+    /// Pins a freshly made key for this sshd's address in its known_hosts (as if the
+    /// host's key had changed); returns the pinned line it replaced.
+    pub fn pin_another_key(&self) -> String {
+        let known = self.dir.join("known_hosts");
+        let pinned = fs::read_to_string(&known).unwrap();
+        let other = self.dir.join("other_hostkey");
+        let _ = fs::remove_file(&other);
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&other)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let other_pub = fs::read_to_string(other.with_extension("pub")).unwrap();
+        let mut f = other_pub.split_whitespace();
+        fs::write(
+            &known,
+            format!(
+                "[127.0.0.1]:{} {} {}\n",
+                self.port,
+                f.next().unwrap(),
+                f.next().unwrap()
+            ),
+        )
+        .unwrap();
+        pinned
+    }
+
     /// A pbs configuration with one host `name` backing up `paths` through this sshd.
     pub fn pbs_config(&self, name: &str, paths: &[&Path]) -> PathBuf {
         let paths: Vec<String> = paths

@@ -192,15 +192,19 @@ fn start_due(
     done: &tokio::sync::mpsc::UnboundedSender<Done>,
 ) -> Duration {
     let now = Utc::now();
-    let mut s = shared.lock().expect("daemon state");
-    let Shared {
-        site,
-        schedule,
-        history,
-    } = &mut *s;
-    for name in schedule.start_due(&site.config, now) {
-        let host = site.config.host(&name).expect("due hosts are configured");
-        let plan = PullPlan::for_host(site, host, &PullOptions::default());
+    let ((due, wake), history) = locked(shared, |site, schedule| {
+        let due: Vec<_> = schedule
+            .start_due(&site.config, now)
+            .into_iter()
+            .map(|name| {
+                let host = site.config.host(&name).expect("due hosts are configured");
+                let plan = PullPlan::for_host(site, host, &PullOptions::default());
+                (name, plan)
+            })
+            .collect();
+        (due, schedule.wake_in(now))
+    });
+    for (name, plan) in due {
         let (history, repos, done) = (history.clone(), repos.clone(), done.clone());
         tracing::info!(host = %name, "pull starting");
         std::thread::spawn(move || {
@@ -212,7 +216,7 @@ fn start_due(
             });
         });
     }
-    schedule.wake_in(now)
+    wake
 }
 
 /// One pull through the pipeline (which records it); how it ended for the schedule.
@@ -259,15 +263,21 @@ fn pull_host(
     (started, ended)
 }
 
+/// Calls `f` with the site and the schedule, under the lock; returns what it returns
+/// and the history (to record in after the lock is released).
+fn locked<T>(shared: &SharedRef, f: impl FnOnce(&Site, &mut Schedule) -> T) -> (T, History) {
+    let mut s = shared.lock().expect("daemon state");
+    let Shared {
+        site,
+        schedule,
+        history,
+    } = &mut *s;
+    (f(site, schedule), history.clone())
+}
+
 fn finished(shared: &SharedRef, done: Done) {
     let now = Utc::now();
-    let (alert, history) = {
-        let mut s = shared.lock().expect("daemon state");
-        let Shared {
-            site,
-            schedule,
-            history,
-        } = &mut *s;
+    let (alert, history) = locked(shared, |site, schedule| {
         let alert = schedule.finished(
             &site.config,
             &done.host,
@@ -279,8 +289,8 @@ fn finished(shared: &SharedRef, done: Done) {
         if let Some(st) = schedule.host(&done.host) {
             tracing::info!(host = %done.host, failures = st.failures, next = ?st.next.map(|t| t.to_rfc3339()), "scheduled");
         }
-        (alert, history.clone())
-    };
+        alert
+    });
     if let Some(alert) = alert {
         record_alert(&history, alert, RunStatus::Failed);
     }
@@ -288,18 +298,9 @@ fn finished(shared: &SharedRef, done: Done) {
 
 /// A `WARNING` item for each stale host, once per alert window.
 fn raise_stale_alerts(shared: &SharedRef) {
-    let (alerts, history) = {
-        let mut s = shared.lock().expect("daemon state");
-        let Shared {
-            site,
-            schedule,
-            history,
-        } = &mut *s;
-        (
-            schedule.stale_alerts(&site.config, Utc::now()),
-            history.clone(),
-        )
-    };
+    let (alerts, history) = locked(shared, |site, schedule| {
+        schedule.stale_alerts(&site.config, Utc::now())
+    });
     for alert in alerts {
         record_alert(&history, alert, RunStatus::Warning);
     }
