@@ -5,7 +5,10 @@
 use std::collections::VecDeque;
 
 /// Lines of agent output kept for the run record.
-pub(crate) const TAIL_LINES: usize = 40;
+pub(crate) const TAIL_LINES: usize = 20;
+/// Longest line of the tail kept in a record: records stay in the daemon's memory and
+/// in every feed, whatever a host prints.
+const TAIL_LINE: usize = 300;
 /// Warnings kept whole for the report; the rest are counted. An agent (or a host
 /// speaking for it) may print any number: the pbs's memory must not follow.
 const KEPT_WARNINGS: usize = 100;
@@ -45,7 +48,15 @@ pub struct AgentOutput {
 }
 
 impl AgentOutput {
-    fn keep(&mut self, line: String) {
+    fn keep(&mut self, mut line: String) {
+        if line.len() > TAIL_LINE {
+            let mut end = TAIL_LINE;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push('…');
+        }
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }
@@ -162,5 +173,23 @@ mod tests {
         assert_eq!(run.warnings.len(), KEPT_WARNINGS);
         assert_eq!(run.warnings_total, KEPT_WARNINGS as u64 + 50);
         assert_eq!(run.warnings[0]["path"], "/f0");
+    }
+
+    #[test]
+    fn the_tail_a_record_keeps_is_bounded_however_much_a_host_prints() {
+        let mut out = AgentOutput::default();
+        for i in 0..100 {
+            out.stderr_line(&format!("{i} {}", "é".repeat(10_000)));
+        }
+        out.stdout_line("not an event", &|_| {});
+        let run = out.finish(Some(1), "exit status 1");
+        assert_eq!(run.tail.len(), TAIL_LINES);
+        assert_eq!(run.tail.last().unwrap(), "not an event");
+        assert!(
+            run.tail[0].starts_with("stderr: 81 "),
+            "{}",
+            &run.tail[0][..20]
+        );
+        assert!(run.tail.iter().all(|l| l.len() <= TAIL_LINE + 3));
     }
 }

@@ -11,8 +11,9 @@
 //!   moved to `STATE/runs-archive.jsonl` (appended, never read by the pbs) and the file
 //!   is rewritten with each host's newest [`KEEP_PER_HOST`] records, plus the records
 //!   later decisions rest on (a host's last verified import, its last retention that
-//!   removed something). A year of hourly pulls of 100 hosts keeps ten thousand
-//!   records here. Appends and the rewrite hold an exclusive `flock` on
+//!   removed something). However long it runs, the file and the memory a daemon
+//!   keeps for it stay below about ten thousand records (a record's output tail is
+//!   bounded too, see `agent.rs`). Appends and the rewrite hold an exclusive `flock` on
 //!   `STATE/runs.lock`, so a pull recorded by another process while the file is
 //!   rewritten is not lost.
 
@@ -25,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Records in the history file past which it is compacted (see the module doc).
-pub const COMPACT_AT: usize = 20_000;
+pub const COMPACT_AT: usize = 10_000;
 /// Records of each host a compaction keeps.
-pub const KEEP_PER_HOST: usize = 100;
+pub const KEEP_PER_HOST: usize = 50;
 
 #[derive(Clone)]
 pub struct History {
