@@ -27,4 +27,5 @@ pub use events::{
 pub use exit::{AgentExit, WrapperExit};
 pub use params::{
     BackupParams, BadSnapshot, Parent, RestoreParams, RunParams, SnapshotChoice, SnapshotPrefix,
+    WRAPPER_ENV,
 };

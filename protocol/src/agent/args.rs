@@ -117,6 +117,12 @@ pub const BACKUP: Subcommand = Subcommand {
             "Leave out entries matching this glob pattern (matched against the full path and the name)",
         ),
         flag(
+            "--params-stdin",
+            "",
+            Arity::Switch,
+            "Read run parameters (host, tags, parent) as one JSON line from stdin",
+        ),
+        flag(
             "--exclude-caches",
             "",
             Arity::Switch,
@@ -127,12 +133,6 @@ pub const BACKUP: Subcommand = Subcommand {
             "",
             Arity::Switch,
             "Stay on the filesystem of each backup path",
-        ),
-        flag(
-            "--params-stdin",
-            "",
-            Arity::Switch,
-            "Read run parameters (host, tags, parent) as one JSON line from stdin",
         ),
         flag(
             "--host",
@@ -295,9 +295,9 @@ impl AgentCommand {
                 out.value("--socket", &b.socket);
                 out.values("--path", &b.paths);
                 out.values("--exclude", &b.excludes);
+                out.switch("--params-stdin", b.params_stdin);
                 out.switch("--exclude-caches", b.exclude_caches);
                 out.switch("--one-file-system", b.one_file_system);
-                out.switch("--params-stdin", b.params_stdin);
                 if let Some(h) = &b.host {
                     out.value("--host", h);
                 }

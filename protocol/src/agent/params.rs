@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+/// Set by haul-wrapper in the environment of the agent it starts (to the path of its
+/// policy file): how the agent knows it runs under the wrapper, for
+/// [`RunParams::require_wrapper`].
+pub const WRAPPER_ENV: &str = "HAUL_WRAPPER";
+
 /// Run parameters of either command.
 pub trait RunParams: Serialize + DeserializeOwned + Default {
     /// The agent must refuse to run unless started by haul-wrapper. Over SSH the pbs
