@@ -163,7 +163,7 @@ impl RemoteSink {
 
 impl Sink for RemoteSink {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
-        let bytes = match self.trees.take(&id.0).map_err(|e| SinkError(e.into()))? {
+        let bytes = match self.trees.take(&id.0).map_err(SinkError::new)? {
             Some(b) => b,
             None => {
                 let path = format!("/v1/backup/tree/{}", id.to_hex());

@@ -15,6 +15,8 @@
 //! runs ahead of the fetcher is slowed by at most one round trip.
 
 use crate::client::Client;
+use crate::failure::Failure;
+use haul_protocol::agent::ErrorCode;
 use haul_protocol::wire;
 use haul_protocol::{BlobKind, BlobRef};
 use hyper::Method;
@@ -46,7 +48,7 @@ struct State {
     wanted: HashMap<[u8; 32], usize>,
     ready: HashMap<[u8; 32], Vec<u8>>,
     bytes: usize,
-    failed: Option<String>,
+    failed: Option<Failure>,
     closed: bool,
 }
 
@@ -99,7 +101,7 @@ impl Prefetcher {
 
     /// The blob `id` if it was fetched ahead (waiting for it if it is on its way);
     /// `None` if the caller must fetch it itself.
-    pub fn take(&self, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
+    pub fn take(&self, id: &[u8; 32]) -> Result<Option<Vec<u8>>, Failure> {
         let mut st = self.st.lock().expect("prefetch");
         loop {
             if let Some(e) = &st.failed {
@@ -192,9 +194,10 @@ impl Prefetcher {
                 .client
                 .request(Method::POST, self.path, body.into())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Failure::from)
                 .and_then(|bytes| {
-                    let frames = wire::decode_frames(&bytes)?
+                    let frames = wire::decode_frames(&bytes)
+                        .map_err(|e| Failure::new(ErrorCode::Protocol, e))?
                         .into_iter()
                         .map(|(r, b)| (r.id, b.to_vec()))
                         .collect::<Vec<_>>();
@@ -203,9 +206,12 @@ impl Prefetcher {
             let mut st = self.st.lock().expect("prefetch");
             match answer {
                 Ok(frames) if frames.is_empty() => {
-                    st.failed = Some(format!(
-                        "the server answered none of {} blobs asked for",
-                        batch.len()
+                    st.failed = Some(Failure::new(
+                        ErrorCode::Protocol,
+                        format!(
+                            "the server answered none of {} blobs asked for",
+                            batch.len()
+                        ),
                     ));
                     st.requested.clear();
                 }
@@ -225,7 +231,7 @@ impl Prefetcher {
                     }
                 }
                 Err(e) => {
-                    st.failed = Some(format!("fetching ahead from the server: {e}"));
+                    st.failed = Some(e.context("fetching ahead from the server"));
                     st.requested.clear();
                 }
             }

@@ -6,8 +6,12 @@
 
 use crate::client::{Client, ClientError};
 use crate::prefetch::Prefetcher;
-use crate::{event, runtime, Failure, Outcome, Progress, RestoreArgs};
+use crate::{event, runtime, Failure, Outcome, Progress};
 use bytes::Bytes;
+use haul_protocol::agent::{
+    AgentEvent, AgentProgress, AgentSummary, ErrorCode, RestoreCommand, RestoreParams,
+    RestoreProgress, RestoreSummary, WarningEvent,
+};
 use haul_protocol::chunker::decode_blob;
 use haul_protocol::restore::{self, BlobSource, RestoreOptions, RestoreStats, SourceError};
 use haul_protocol::tree::Tree;
@@ -62,11 +66,7 @@ impl RemoteSource {
 
 impl BlobSource for RemoteSource {
     fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError> {
-        let bytes = match self
-            .trees
-            .take(&id.0)
-            .map_err(|e| SourceError::new(Bad(e)))?
-        {
+        let bytes = match self.trees.take(&id.0).map_err(SourceError::new)? {
             // An empty frame: the server could not read it; asked alone for the reason.
             Some(b) if !b.is_empty() => b,
             _ => self
@@ -88,11 +88,7 @@ impl BlobSource for RemoteSource {
 
     /// Decodes the chunk; the restorer checks its BLAKE3 before writing it.
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
-        let encoded = match self
-            .chunks
-            .take(&id.0)
-            .map_err(|e| SourceError::new(Bad(e)))?
-        {
+        let encoded = match self.chunks.take(&id.0).map_err(SourceError::new)? {
             Some(b) if !b.is_empty() => b,
             _ => self
                 .get(format!("/v1/restore/chunk/{}", id.to_hex()))?
@@ -108,41 +104,30 @@ impl BlobSource for RemoteSource {
     }
 }
 
-/// Run parameters of a restore on stdin: only whether the wrapper is required.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    #[serde(default)]
-    require_wrapper: bool,
-}
-
-impl crate::RequiresWrapper for Params {
-    fn requires_wrapper(&self) -> bool {
-        self.require_wrapper
-    }
-}
-
-pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
+/// Restores `a.snapshot` into `a.target`.
+pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
     let started = Instant::now();
     if a.params_stdin {
-        crate::read_params::<Params>()?;
+        crate::read_params::<RestoreParams>()?;
     }
     let target = std::path::absolute(&a.target)
-        .map_err(|e| Failure::usage(format!("restore target {}: {e}", a.target.display())))?;
+        .map_err(|e| Failure::usage(format!("restore target {}: {e}", a.target)))?;
     let rt = runtime()?;
-    let client = Arc::new(Client::new(a.socket.clone()));
+    let client = Arc::new(Client::new(a.socket.into()));
     let snap: wire::RestoreStarted = rt
         .block_on(client.post_json(
             "/v1/restore/start",
             &wire::RestoreStart {
-                snapshot: a.snapshot.clone(),
+                snapshot: a.snapshot.to_string(),
             },
         ))
-        .map_err(Failure::run)?;
-    let root: TreeId = snap
-        .tree
-        .parse()
-        .map_err(|e| Failure::run(format!("server sent a bad tree id: {e}")))?;
+        .map_err(Failure::from)?;
+    let root: TreeId = snap.tree.parse().map_err(|e| {
+        Failure::new(
+            ErrorCode::Protocol,
+            format!("server sent a bad tree id: {e}"),
+        )
+    })?;
     let source = RemoteSource {
         client: client.clone(),
         rt: rt.handle().clone(),
@@ -166,14 +151,22 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
     };
     let opts = RestoreOptions {
         target: target.clone(),
-        includes: a.include.clone(),
-        threads: a.threads.unwrap_or_else(restore::default_threads).max(1),
+        includes: a.includes,
+        threads: a
+            .threads
+            .map_or_else(restore::default_threads, |t| t as usize)
+            .max(1),
     };
     let stats = Arc::new(RestoreStats::default());
     let warnings = {
         let (s, s2) = (stats.clone(), stats.clone());
         let _progress = Progress::start(
-            move || serde_json::json!({"type": "progress", "files": s.files.load(Relaxed), "bytes": s.bytes.load(Relaxed)}),
+            move || {
+                AgentProgress::Restore(RestoreProgress {
+                    files: s.files.load(Relaxed),
+                    bytes: s.bytes.load(Relaxed),
+                })
+            },
             move || {
                 format!(
                     "{} files, {} MiB",
@@ -185,22 +178,30 @@ pub fn run(a: RestoreArgs) -> Result<Outcome, Failure> {
         let result = restore::restore(&source, &root, &opts, &stats);
         source.trees.close();
         source.chunks.close();
-        result.map_err(Failure::run)?
+        result.map_err(Failure::from)?
     };
     for w in &warnings {
-        event(
-            &serde_json::json!({"type": "warning", "path": w.path, "kind": w.kind, "message": w.message}),
-        );
+        event(&AgentEvent::Warning(WarningEvent {
+            path: w.path.clone(),
+            kind: Some(w.kind),
+            message: w.message.clone(),
+        }));
         eprintln!("warning: {}: {}", w.path, w.message);
     }
-    event(&serde_json::json!({
-        "type": "summary", "snapshot": snap.snapshot, "target": target,
-        "files": stats.files.load(Relaxed), "dirs": stats.dirs.load(Relaxed),
-        "others": stats.others.load(Relaxed), "bytes": stats.bytes.load(Relaxed),
-        "warnings": warnings.len(), "connections": client.connections_opened(),
-        "peak_rss_kib": haul_protocol::peak_rss_kib(),
-        "duration_ms": started.elapsed().as_millis() as u64,
-    }));
+    event(&AgentEvent::Summary(AgentSummary::Restore(
+        RestoreSummary {
+            snapshot: snap.snapshot,
+            target: target.display().to_string(),
+            files: stats.files.load(Relaxed),
+            dirs: stats.dirs.load(Relaxed),
+            others: stats.others.load(Relaxed),
+            bytes: stats.bytes.load(Relaxed),
+            warnings: warnings.len() as u64,
+            connections: client.connections_opened(),
+            peak_rss_kib: haul_protocol::peak_rss_kib(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        },
+    )));
     Ok(if warnings.is_empty() {
         Outcome::Ok
     } else {

@@ -2,7 +2,11 @@
 
 use crate::backup::{RemoteSink, UploadStats};
 use crate::client::Client;
-use crate::{event, runtime, BackupArgs, Failure, Outcome, Progress};
+use crate::{event, runtime, Failure, Outcome, Progress};
+use haul_protocol::agent::{
+    AgentEvent, AgentProgress, AgentSummary, BackupCommand, BackupParams, BackupProgress,
+    BackupSummary, ErrorCode, Parent, WarningEvent,
+};
 use haul_protocol::walk::{self, BackupOptions, WalkStats};
 use haul_protocol::wire;
 use haul_protocol::TreeId;
@@ -10,68 +14,60 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Run parameters that may come on stdin (over SSH the command line is fixed by the
-/// wrapper's policy; these are not security-relevant: the server decides what a run
-/// may read and write).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    host: Option<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-    parent: Option<String>,
-    /// Refuse to run unless started by haul-wrapper (see [`crate::read_params`]).
-    #[serde(default)]
-    require_wrapper: bool,
-}
-
-impl crate::RequiresWrapper for Params {
-    fn requires_wrapper(&self) -> bool {
-        self.require_wrapper
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
 }
 
-pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
+/// Backs up `a.paths`; run parameters on stdin fill in what the command line leaves
+/// out (over SSH, the wrapper admits no `--host`, `--tag` or `--parent`).
+pub fn backup(a: BackupCommand) -> Result<Outcome, Failure> {
     let started = Instant::now();
-    let params: Params = if a.params_stdin {
+    let params: BackupParams = if a.params_stdin {
         crate::read_params()?
     } else {
-        Params::default()
+        BackupParams::default()
     };
-    let excludes = walk::compile_excludes(&a.exclude).map_err(Failure::usage)?;
+    let excludes = walk::compile_excludes(&a.excludes).map_err(Failure::usage)?;
     let mut paths = Vec::new();
     for p in &a.paths {
-        let abs = std::path::absolute(p)
-            .map_err(|e| Failure::usage(format!("backup path {}: {e}", p.display())))?;
-        std::fs::symlink_metadata(&abs)
-            .map_err(|e| Failure::usage(format!("backup path {}: {e}", abs.display())))?;
+        let abs =
+            std::path::absolute(p).map_err(|e| Failure::usage(format!("backup path {p}: {e}")))?;
+        std::fs::symlink_metadata(&abs).map_err(|e| {
+            Failure::new(
+                ErrorCode::Source,
+                format!("backup path {}: {e}", abs.display()),
+            )
+        })?;
         paths.push(abs);
     }
     let start = wire::BackupStart {
         host: a.host.or(params.host).unwrap_or_else(hostname),
         paths: paths.iter().map(|p| p.display().to_string()).collect(),
-        tags: if a.tag.is_empty() { params.tags } else { a.tag },
+        tags: if a.tags.is_empty() {
+            params.tags
+        } else {
+            a.tags
+        },
         parent: a
             .parent
             .or(params.parent)
-            .unwrap_or_else(|| "latest".into()),
+            .unwrap_or(Parent::Latest)
+            .to_string(),
     };
     let rt = runtime()?;
-    let client = Arc::new(Client::new(a.socket.clone()));
+    let client = Arc::new(Client::new(a.socket.into()));
     let started_session: wire::BackupStarted = rt
         .block_on(client.post_json("/v1/backup/start", &start))
-        .map_err(Failure::run)?;
+        .map_err(Failure::from)?;
     let parent = match &started_session.parent_tree {
-        Some(t) => Some(
-            t.parse::<TreeId>()
-                .map_err(|e| Failure::run(format!("server sent a bad parent tree id: {e}")))?,
-        ),
+        Some(t) => Some(t.parse::<TreeId>().map_err(|e| {
+            Failure::new(
+                ErrorCode::Protocol,
+                format!("server sent a bad parent tree id: {e}"),
+            )
+        })?),
         None => None,
     };
     let cpus = std::thread::available_parallelism()
@@ -86,7 +82,7 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         // a reader seldom waits for it, and each reader costs a chunk buffer of up to
         // the maximum chunk size. Measured on 2 CPUs, cold 1 GiB pull, alternating:
         // 2 readers 4.9-5.8 s and 47-60 MiB peak, 3 readers 4.7-6.0 s and 58-67 MiB.
-        threads: a.threads.unwrap_or(cpus.max(2)).max(1),
+        threads: a.threads.map_or(cpus.max(2), |t| t as usize).max(1),
         chunker: started_session.chunker,
         parent,
     };
@@ -103,10 +99,14 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         let (w2, u2) = (walk_stats.clone(), up.clone());
         let _progress = Progress::start(
             move || {
-                serde_json::json!({"type": "progress",
-                    "files": w.files_new.load(Relaxed) + w.files_changed.load(Relaxed) + w.files_unchanged.load(Relaxed),
-                    "dirs": w.dirs.load(Relaxed), "bytes_read": w.bytes_read.load(Relaxed),
-                    "bytes_sent": u.bytes_sent.load(Relaxed)})
+                AgentProgress::Backup(BackupProgress {
+                    files: w.files_new.load(Relaxed)
+                        + w.files_changed.load(Relaxed)
+                        + w.files_unchanged.load(Relaxed),
+                    dirs: w.dirs.load(Relaxed),
+                    bytes_read: w.bytes_read.load(Relaxed),
+                    bytes_sent: u.bytes_sent.load(Relaxed),
+                })
             },
             move || {
                 format!(
@@ -125,9 +125,12 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         match (outcome, uploaded) {
             (Ok(o), Ok(Ok(()))) => Ok(o),
             // The uploader's own error says more than the walker's "upload failed".
-            (_, Ok(Err(e))) => Err(Failure::run(e)),
-            (Err(e), _) => Err(Failure::run(e)),
-            (_, Err(e)) => Err(Failure::run(format!("uploader failed: {e}"))),
+            (_, Ok(Err(e))) => Err(Failure::from(e)),
+            (Err(e), _) => Err(Failure::from(e)),
+            (_, Err(e)) => Err(Failure::new(
+                ErrorCode::Internal,
+                format!("uploader failed: {e}"),
+            )),
         }
     };
     let outcome = match outcome {
@@ -143,7 +146,11 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
         }
     };
     for w in &outcome.warnings {
-        event(&serde_json::json!({"type": "warning", "path": w.path, "message": w.message}));
+        event(&AgentEvent::Warning(WarningEvent {
+            path: w.path.clone(),
+            kind: None,
+            message: w.message.clone(),
+        }));
         eprintln!("warning: {}: {}", w.path, w.message);
     }
     let counters = wire::RunCounters {
@@ -163,26 +170,19 @@ pub fn backup(a: BackupArgs) -> Result<Outcome, Failure> {
                 counters: counters.clone(),
             },
         ))
-        .map_err(Failure::run)?;
-    event(&serde_json::json!({
-        "type": "summary",
-        "snapshot": committed.snapshot,
-        "parent": started_session.parent_snapshot,
-        "files_new": counters.files_new,
-        "files_changed": counters.files_changed,
-        "files_unchanged": counters.files_unchanged,
-        "dirs": counters.dirs,
-        "bytes_read": counters.bytes_read,
-        "bytes_total": counters.bytes_total,
-        "bytes_new": up.bytes_new.load(Relaxed),
-        "bytes_sent": up.bytes_sent.load(Relaxed),
-        "blobs_sent": up.blobs_sent.load(Relaxed),
-        "bytes_stored": committed.bytes_stored,
-        "warnings": counters.warnings,
-        "connections": client.connections_opened(),
-        "peak_rss_kib": haul_protocol::peak_rss_kib(),
-        "duration_ms": started.elapsed().as_millis() as u64,
-    }));
+        .map_err(Failure::from)?;
+    event(&AgentEvent::Summary(AgentSummary::Backup(BackupSummary {
+        snapshot: committed.snapshot,
+        parent: started_session.parent_snapshot,
+        counters,
+        bytes_new: up.bytes_new.load(Relaxed),
+        bytes_sent: up.bytes_sent.load(Relaxed),
+        blobs_sent: up.blobs_sent.load(Relaxed),
+        bytes_stored: committed.bytes_stored,
+        connections: client.connections_opened(),
+        peak_rss_kib: haul_protocol::peak_rss_kib(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    })));
     Ok(if outcome.warnings.is_empty() {
         Outcome::Ok
     } else {

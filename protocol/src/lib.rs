@@ -11,7 +11,12 @@
 //! - [`walk`]: the backup walker with change detection, feeding a [`walk::Sink`].
 //! - [`restore`]: the restorer, fed by a [`restore::BlobSource`].
 //! - [`meta`]: reading and applying file metadata.
+//! - [`wire`]: the HTTP protocol between the agent and the repository server.
+//! - [`agent`]: the agent's command line, run parameters, output events and exit
+//!   codes, which the pbs, the agent and the wrapper share.
+//! - [`command`]: the quoting of a command line into an SSH exec request.
 
+pub mod agent;
 pub mod chunker;
 pub mod command;
 pub mod id;

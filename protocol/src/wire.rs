@@ -92,7 +92,7 @@ pub struct BackupStarted {
 }
 
 /// The run's counters, as the agent saw them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunCounters {
     pub files_new: u64,
     pub files_changed: u64,

@@ -9,13 +9,14 @@
 //! command="/usr/local/bin/haul-wrapper --policy /etc/haul/wrapper.toml",restrict,port-forwarding ssh-ed25519 AAAA... haul-pbs
 //! ```
 //!
-//! Exit codes: 126 the command was refused (one line on stderr says what and why);
-//! 125 the policy file is missing or invalid; 127 the agent could not be started;
-//! otherwise the agent's own.
+//! Exit codes ([`WrapperExit`]): 126 the command was refused (one line on stderr says
+//! what and why); 125 the policy file is missing or invalid; 127 the agent could not be
+//! started; otherwise the agent's own.
 
 mod policy;
 
 use clap::Parser;
+use haul_protocol::agent::{WrapperExit, WRAPPER_ENV};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
@@ -44,7 +45,7 @@ fn main() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("haul-wrapper: {e}; fix the policy file (nothing was run)");
-            std::process::exit(125);
+            std::process::exit(WrapperExit::PolicyInvalid.code());
         }
     };
     if cli.check {
@@ -88,20 +89,20 @@ fn main() {
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LANG", "C.UTF-8")
-        // Tells the agent it runs under the wrapper (see haul-agent's `read_params`).
-        .env("HAUL_WRAPPER", &file)
+        // Tells the agent it runs under the wrapper (see `RunParams::require_wrapper`).
+        .env(WRAPPER_ENV, &file)
         .exec();
     eprintln!(
         "haul-wrapper: cannot run the agent {}: {err}; check `agent` in {file}",
         policy.agent.display()
     );
-    std::process::exit(127);
+    std::process::exit(WrapperExit::AgentNotStarted.code());
 }
 
 fn refuse(requested: &str, why: &str) -> ! {
     let shown: String = requested.chars().take(200).collect();
     eprintln!("haul-wrapper: refused {shown:?}: {why}");
-    std::process::exit(126);
+    std::process::exit(WrapperExit::Refused.code());
 }
 
 fn list(paths: &[PathBuf]) -> String {

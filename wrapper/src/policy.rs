@@ -1,11 +1,14 @@
-//! What the forced command admits: the policy file, the command-line grammar, and the
-//! one decision, [`Policy::admit`], which turns `SSH_ORIGINAL_COMMAND` into the exact
-//! argument vector of the agent, or a refusal that says why.
+//! What the forced command admits: the policy file, and the one decision,
+//! [`Policy::admit`], which turns `SSH_ORIGINAL_COMMAND` into the exact argument vector
+//! of the agent, or a refusal that says why.
 //!
-//! The command is parsed here, never by a shell, with the grammar of
+//! The command is split here, never by a shell, with the grammar of
 //! [`haul_protocol::command`] (shell words without any expansion; anything a shell
-//! would treat specially is refused).
+//! would treat specially is refused), and its words are read by the agent's own parser,
+//! [`AgentCommand::parse`]: the policy judges the command the agent will run, not a
+//! reading of its own.
 
+use haul_protocol::agent::{AgentCommand, BackupCommand, CommandError, RestoreCommand};
 use serde::Deserialize;
 use std::path::{Component, Path, PathBuf};
 
@@ -83,8 +86,12 @@ impl Policy {
 
     /// Admits `command` (the text of `SSH_ORIGINAL_COMMAND`) or says why not. The
     /// returned arguments follow the agent binary; they are rebuilt from what was
-    /// checked, not copied from the input.
+    /// checked ([`AgentCommand::to_args`]), not copied from the input.
     pub fn admit(&self, command: &str) -> Result<Vec<String>, Denied> {
+        self.check(command).map(|c| c.to_args())
+    }
+
+    fn check(&self, command: &str) -> Result<AgentCommand, Denied> {
         if command.len() > MAX_COMMAND {
             return deny(format!(
                 "the command is {} bytes long; at most {MAX_COMMAND} are accepted",
@@ -99,135 +106,59 @@ impl Policy {
             None => return deny("empty command: only haul-agent may run"),
         }
         let rest: Vec<String> = words.collect();
-        match rest.first().map(String::as_str) {
-            Some("backup") => self.backup(&rest[1..]),
-            Some("restore") => self.restore(&rest[1..]),
-            Some(other) => deny(format!(
-                "haul-agent {other:?} is not allowed (only backup and restore)"
-            )),
-            None => deny("haul-agent needs backup or restore"),
-        }
-    }
-
-    fn backup(&self, args: &[String]) -> Result<Vec<String>, Denied> {
-        let mut socket = None;
-        let (mut paths, mut excludes) = (Vec::new(), Vec::new());
-        let (mut params, mut caches, mut one_fs) = (false, false, false);
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            match flag.as_str() {
-                "--socket" => set_once(&mut socket, self.socket(value(&mut it, flag)?)?, flag)?,
-                "--path" => paths.push(inside(
-                    value(&mut it, flag)?,
-                    &self.backup_roots,
-                    "backup path",
-                    "backup_roots",
-                )?),
-                "--exclude" => excludes.push(value(&mut it, flag)?.to_string()),
-                "--params-stdin" => flag_once(&mut params, flag)?,
-                "--exclude-caches" => flag_once(&mut caches, flag)?,
-                "--one-file-system" => flag_once(&mut one_fs, flag)?,
-                other => {
-                    return deny(format!(
-                        "{other:?} is not an allowed argument of haul-agent backup"
-                    ))
-                }
-            }
-        }
-        let socket = socket.ok_or_else(|| Denied("haul-agent backup needs --socket".into()))?;
-        if paths.is_empty() {
-            return deny("haul-agent backup needs at least one --path");
-        }
-        let mut argv = vec!["backup".to_string(), "--socket".into(), socket];
-        for p in paths {
-            argv.extend(["--path".to_string(), p]);
-        }
-        for e in excludes {
-            argv.extend(["--exclude".to_string(), e]);
-        }
-        for (on, flag) in [
-            (params, "--params-stdin"),
-            (caches, "--exclude-caches"),
-            (one_fs, "--one-file-system"),
-        ] {
-            if on {
-                argv.push(flag.into());
-            }
-        }
-        Ok(argv)
-    }
-
-    fn restore(&self, args: &[String]) -> Result<Vec<String>, Denied> {
-        if self.restore_targets.is_empty() {
+        // Said first: whatever the flags, this host takes no restores.
+        if rest.first().is_some_and(|w| w == "restore") && self.restore_targets.is_empty() {
             return deny(
                 "restores are not allowed on this host (the policy has no restore_targets)",
             );
         }
-        let (mut socket, mut snapshot, mut target, mut threads) = (None, None, None, None);
-        let mut params = false;
-        let mut includes = Vec::new();
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            match flag.as_str() {
-                "--socket" => set_once(&mut socket, self.socket(value(&mut it, flag)?)?, flag)?,
-                "--snapshot" => {
-                    let s = value(&mut it, flag)?;
-                    let hex = (4..=64).contains(&s.len())
-                        && s.bytes()
-                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-                    if s != "latest" && !hex {
-                        return deny(format!("--snapshot {s:?} is not a snapshot id"));
-                    }
-                    set_once(&mut snapshot, s.to_string(), flag)?
-                }
-                "--target" => set_once(
-                    &mut target,
-                    inside(
-                        value(&mut it, flag)?,
-                        &self.restore_targets,
-                        "restore target",
-                        "restore_targets",
-                    )?,
-                    flag,
-                )?,
-                "--include" => includes.push(value(&mut it, flag)?.to_string()),
-                "--threads" => {
-                    let n = value(&mut it, flag)?;
-                    if !n.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n)) {
-                        return deny(format!("--threads {n:?} is not a number from 1 to 64"));
-                    }
-                    set_once(&mut threads, n.to_string(), flag)?
-                }
-                "--params-stdin" => flag_once(&mut params, flag)?,
-                other => {
-                    return deny(format!(
-                        "{other:?} is not an allowed argument of haul-agent restore"
-                    ))
-                }
+        let agent_command = AgentCommand::parse(rest).map_err(refusal)?;
+        match &agent_command {
+            AgentCommand::Backup(b) => self.backup(b)?,
+            AgentCommand::Restore(r) => self.restore(r)?,
+        }
+        Ok(agent_command)
+    }
+
+    fn backup(&self, b: &BackupCommand) -> Result<(), Denied> {
+        self.socket(&b.socket)?;
+        for p in &b.paths {
+            inside(p, &self.backup_roots, "backup path", "backup_roots")?;
+        }
+        no_flag_like("--exclude", &b.excludes)?;
+        // Over SSH these come in the run parameters, where they cannot change what is
+        // read (and the threads stay the agent's choice).
+        for (given, flag) in [
+            (b.host.is_some(), "--host"),
+            (!b.tags.is_empty(), "--tag"),
+            (b.parent.is_some(), "--parent"),
+            (b.threads.is_some(), "--threads"),
+        ] {
+            if given {
+                return deny(format!(
+                    "{flag:?} is not an allowed argument of haul-agent backup"
+                ));
             }
         }
-        let need = |v: Option<String>, f: &str| {
-            v.ok_or_else(|| Denied(format!("haul-agent restore needs {f}")))
-        };
-        let mut argv = vec![
-            "restore".to_string(),
-            "--socket".into(),
-            need(socket, "--socket")?,
-            "--snapshot".into(),
-            need(snapshot, "--snapshot")?,
-            "--target".into(),
-            need(target, "--target")?,
-        ];
-        for i in includes {
-            argv.extend(["--include".to_string(), i]);
+        Ok(())
+    }
+
+    /// The snapshot's form (`latest` or hex digits) is checked by the parser.
+    fn restore(&self, r: &RestoreCommand) -> Result<(), Denied> {
+        self.socket(&r.socket)?;
+        inside(
+            &r.target,
+            &self.restore_targets,
+            "restore target",
+            "restore_targets",
+        )?;
+        no_flag_like("--include", &r.includes)?;
+        if let Some(n) = r.threads {
+            if !(1..=64).contains(&n) {
+                return deny(format!("--threads {n} is not a number from 1 to 64"));
+            }
         }
-        if let Some(t) = threads {
-            argv.extend(["--threads".to_string(), t]);
-        }
-        if params {
-            argv.push("--params-stdin".into());
-        }
-        Ok(argv)
+        Ok(())
     }
 
     /// Checks the paths of admitted arguments (from [`Policy::admit`]) on the real
@@ -235,36 +166,32 @@ impl Policy {
     /// must still be inside the policy's roots (`/srv/link/x` with `link -> /etc` is
     /// not inside `/srv`).
     pub fn confine(&self, args: &[String]) -> Result<(), Denied> {
-        let (roots, key) = match args.first().map(String::as_str) {
-            Some("backup") => (&self.backup_roots, "backup_roots"),
-            _ => (&self.restore_targets, "restore_targets"),
+        let (paths, roots, key) = match AgentCommand::parse(args).map_err(refusal)? {
+            AgentCommand::Backup(b) => (b.paths, &self.backup_roots, "backup_roots"),
+            AgentCommand::Restore(r) => (vec![r.target], &self.restore_targets, "restore_targets"),
         };
         let roots: Vec<PathBuf> = roots
             .iter()
             .map(|r| resolve(r).unwrap_or_else(|| r.clone()))
             .collect();
-        for pair in args.windows(2) {
-            if pair[0] == "--path" || pair[0] == "--target" {
-                let real = resolve(Path::new(&pair[1])).ok_or_else(|| {
-                    Denied(format!(
-                        "{:?} cannot be resolved (a dangling or looping symlink)",
-                        pair[1]
-                    ))
-                })?;
-                if !roots.iter().any(|r| real.starts_with(r)) {
-                    return deny(format!(
-                        "{:?} is {} with symlinks resolved, outside the policy's {key}",
-                        pair[1],
-                        real.display()
-                    ));
-                }
+        for path in paths {
+            let real = resolve(Path::new(&path)).ok_or_else(|| {
+                Denied(format!(
+                    "{path:?} cannot be resolved (a dangling or looping symlink)"
+                ))
+            })?;
+            if !roots.iter().any(|r| real.starts_with(r)) {
+                return deny(format!(
+                    "{path:?} is {} with symlinks resolved, outside the policy's {key}",
+                    real.display()
+                ));
             }
         }
         Ok(())
     }
 
     /// A socket path: a `*.sock` file directly in the socket directory.
-    fn socket(&self, s: &str) -> Result<String, Denied> {
+    fn socket(&self, s: &str) -> Result<(), Denied> {
         let p = Path::new(s);
         let name_ok = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
             n.len() > 5
@@ -279,8 +206,22 @@ impl Policy {
                 self.socket_dir.display()
             ));
         }
-        Ok(s.to_string())
+        Ok(())
     }
+}
+
+/// The parser's refusal, in the policy's words where they differ: a word the agent
+/// does not take is one the policy does not allow.
+fn refusal(e: CommandError) -> Denied {
+    Denied(match e {
+        CommandError::UnknownCommand(word) => {
+            format!("haul-agent {word:?} is not allowed (only backup and restore)")
+        }
+        CommandError::UnknownFlag { command, word } => {
+            format!("{word:?} is not an allowed argument of haul-agent {command}")
+        }
+        e => e.to_string(),
+    })
 }
 
 /// `p` with every symlink resolved: its longest existing ancestor canonicalized, the
@@ -314,8 +255,18 @@ fn normal(p: &Path) -> bool {
         && !s.ends_with(b"/.")
 }
 
-/// `s` as an absolute, normal path inside one of `roots`.
-fn inside(s: &str, roots: &[PathBuf], what: &str, key: &str) -> Result<String, Denied> {
+/// The parser takes the word after a flag as its value whatever it is; a value that
+/// looks like a flag is far more likely a forgotten value than a pattern, and is
+/// refused. (Paths and sockets must be absolute, so only free-form values need this.)
+fn no_flag_like(flag: &str, values: &[String]) -> Result<(), Denied> {
+    match values.iter().find(|v| v.starts_with("--")) {
+        Some(v) => deny(format!("{flag} needs a value, not the flag {v:?}")),
+        None => Ok(()),
+    }
+}
+
+/// `s` is an absolute, normal path inside one of `roots`.
+fn inside(s: &str, roots: &[PathBuf], what: &str, key: &str) -> Result<(), Denied> {
     let p = Path::new(s);
     if !p.is_absolute() || !normal(p) {
         return deny(format!(
@@ -324,27 +275,6 @@ fn inside(s: &str, roots: &[PathBuf], what: &str, key: &str) -> Result<String, D
     }
     if !roots.iter().any(|r| p.starts_with(r)) {
         return deny(format!("{what} {s:?} is outside the policy's {key}"));
-    }
-    Ok(s.to_string())
-}
-
-fn value<'a>(it: &mut std::slice::Iter<'a, String>, flag: &str) -> Result<&'a str, Denied> {
-    match it.next() {
-        Some(v) if !v.starts_with("--") => Ok(v),
-        _ => deny(format!("{flag} needs a value")),
-    }
-}
-
-fn set_once(slot: &mut Option<String>, v: String, flag: &str) -> Result<(), Denied> {
-    if slot.replace(v).is_some() {
-        return deny(format!("{flag} given twice"));
-    }
-    Ok(())
-}
-
-fn flag_once(slot: &mut bool, flag: &str) -> Result<(), Denied> {
-    if std::mem::replace(slot, true) {
-        return deny(format!("{flag} given twice"));
     }
     Ok(())
 }
@@ -554,6 +484,20 @@ restore_targets = ["/var/restore"]
             ("haul-agent backup --socket /run/haul/a.sock --path /srv --threads 9", "\"--threads\" is not an allowed argument"),
             ("haul-agent backup --socket /run/haul/a.sock --path /srv --path=/etc", "\"--path=/etc\" is not an allowed"),
             ("haul-agent backup --socket /run/haul/a.sock --path", "--path needs a value"),
+            ("haul-agent backup --socket /run/haul/a.sock --path --one-file-system", "not an absolute path"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --exclude --one-file-system", "--exclude needs a value"),
+            ("haul-agent backup --socket --path /srv", "\"/srv\" is not an allowed argument"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --host h", "\"--host\" is not an allowed argument"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --tag t", "\"--tag\" is not an allowed argument"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --parent none", "\"--parent\" is not an allowed argument"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --help", "\"--help\" is not an allowed argument"),
+            ("haul-agent backup --socket /run/haul/a.sock --path /srv --include /srv", "\"--include\" is not an allowed argument"),
+            ("haul-agent --version", "\"--version\" is not allowed"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --include --threads", "--include needs a value"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --threads 65", "from 1 to 64"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --threads x", "--threads \"x\" is not a number"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot ABCD --target /var/restore/x", "not a snapshot id"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --exclude x", "\"--exclude\" is not an allowed argument of haul-agent restore"),
             ("haul-agent backup --socket /run/haul/a.sock --path /srv; rm -rf /", "not allowed in the command"),
             ("haul-agent backup --socket /run/haul/a.sock --path $(id)", "not allowed in the command"),
             ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /tmp/x", "outside the policy's restore_targets"),
