@@ -14,12 +14,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 /// Backs up `a.paths`; run parameters on stdin fill in what the command line leaves
 /// out (over SSH, the wrapper admits no `--host`, `--tag` or `--parent`).
 pub fn backup(a: BackupCommand) -> Result<Outcome, Failure> {
@@ -43,7 +37,10 @@ pub fn backup(a: BackupCommand) -> Result<Outcome, Failure> {
         paths.push(abs);
     }
     let start = wire::BackupStart {
-        host: a.host.or(params.host).unwrap_or_else(hostname),
+        host: a
+            .host
+            .or(params.host)
+            .unwrap_or_else(haul_protocol::hostname),
         paths: paths.iter().map(|p| p.display().to_string()).collect(),
         tags: if a.tags.is_empty() {
             params.tags

@@ -2,6 +2,9 @@
 //! over SSH): its events on stdout, the tail of its output, its exit — bounded, for an
 //! agent (or a host speaking for it) may print anything.
 
+use haul_protocol::agent::{
+    AgentEvent, AgentExit, AgentSummary, ErrorCode, ErrorEvent, WarningEvent,
+};
 use std::collections::VecDeque;
 
 /// Lines of agent output kept for the run record.
@@ -17,16 +20,19 @@ const MAX_LINE: usize = 64 * 1024;
 
 /// What the agent did, as seen from this side.
 pub struct AgentRun {
-    /// The agent's exit code (`None`: killed by a signal).
+    /// The exit code (`None`: killed by a signal): the agent's, or over SSH the
+    /// wrapper's when it did not start the agent (`WrapperExit`).
     pub exit: Option<i32>,
-    /// Its last `summary` event, if it printed one.
-    pub summary: Option<serde_json::Value>,
+    /// Its last `summary` event, if it printed one: the agent's own account.
+    pub summary: Option<AgentSummary>,
     /// Its first [`KEPT_WARNINGS`] warnings.
-    pub warnings: Vec<serde_json::Value>,
+    pub warnings: Vec<WarningEvent>,
     /// How many warnings it printed in all.
     pub warnings_total: u64,
     /// Its `error` event's message, else the last line of its stderr.
     pub error: Option<String>,
+    /// Its `error` event's code, if it printed one.
+    pub error_code: Option<ErrorCode>,
     pub tail: Vec<String>,
     /// Connections the server accepted during the run.
     pub connections: u64,
@@ -39,10 +45,10 @@ pub struct AgentRun {
 /// runs: as a child process or over SSH.
 #[derive(Default)]
 pub struct AgentOutput {
-    summary: Option<serde_json::Value>,
-    warnings: Vec<serde_json::Value>,
+    summary: Option<AgentSummary>,
+    warnings: Vec<WarningEvent>,
     warnings_total: u64,
-    error: Option<String>,
+    error: Option<ErrorEvent>,
     tail: VecDeque<String>,
     last_stderr: Option<String>,
 }
@@ -64,29 +70,26 @@ impl AgentOutput {
     }
 
     /// One line of the agent's stdout: an event is noted (a summary, a warning, an
-    /// error) and handed to `progress`; any other line is kept in the tail.
-    pub fn stdout_line(&mut self, line: &str, progress: &(dyn Fn(&serde_json::Value) + Sync)) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+    /// error) and handed to `progress`; any other line is kept in the tail. Events are
+    /// not kept in the tail: the record has what they say, from the server where it
+    /// counts, and the agent's words stay out of feeds.
+    pub fn stdout_line(&mut self, line: &str, progress: &(dyn Fn(&AgentEvent) + Sync)) {
+        let Ok(event) = AgentEvent::from_line(line) else {
             self.keep(line.to_string());
             return;
         };
-        match v.get("type").and_then(|t| t.as_str()) {
-            Some("progress") => {}
-            Some("summary") => self.summary = Some(v.clone()),
-            Some("warning") => {
+        match &event {
+            AgentEvent::Progress(_) => {}
+            AgentEvent::Summary(s) => self.summary = Some(s.clone()),
+            AgentEvent::Warning(w) => {
                 self.warnings_total += 1;
                 if self.warnings.len() < KEPT_WARNINGS {
-                    self.warnings.push(v.clone());
+                    self.warnings.push(w.clone());
                 }
             }
-            Some("error") => {
-                self.error = v.get("message").and_then(|m| m.as_str()).map(String::from)
-            }
-            _ => {}
+            AgentEvent::Error(e) => self.error = Some(e.clone()),
         }
-        // Events are not kept in the tail: the record has what they say, from the
-        // server where it counts, and the agent's words stay out of feeds.
-        progress(&v);
+        progress(&event);
     }
 
     pub fn stderr_line(&mut self, line: &str) {
@@ -97,9 +100,12 @@ impl AgentOutput {
 
     /// The agent ended with `exit` (`None`: no exit status; `how` says what happened).
     pub fn finish(self, exit: Option<i32>, how: &str) -> AgentRun {
-        let failed = !matches!(exit, Some(0) | Some(3));
-        let error = self.error.or_else(|| {
-            failed.then(|| {
+        let succeeded = exit
+            .and_then(AgentExit::from_code)
+            .is_some_and(AgentExit::succeeded);
+        let error_code = self.error.as_ref().map(|e| e.code);
+        let error = self.error.map(|e| e.message).or_else(|| {
+            (!succeeded).then(|| {
                 self.last_stderr
                     .clone()
                     .unwrap_or_else(|| format!("the agent ended with {how}"))
@@ -107,15 +113,16 @@ impl AgentOutput {
         });
         AgentRun {
             exit,
-            agent_peak_rss_kib: self
-                .summary
-                .as_ref()
-                .and_then(|s| s["peak_rss_kib"].as_u64())
-                .unwrap_or(0),
+            agent_peak_rss_kib: match &self.summary {
+                Some(AgentSummary::Backup(s)) => s.peak_rss_kib,
+                Some(AgentSummary::Restore(s)) => s.peak_rss_kib,
+                None => 0,
+            },
             summary: self.summary,
             warnings: self.warnings,
             warnings_total: self.warnings_total,
             error,
+            error_code,
             tail: self.tail.into_iter().collect(),
             connections: 0,
             cut: false,
@@ -172,7 +179,7 @@ mod tests {
         let run = out.finish(Some(3), "exit status 3");
         assert_eq!(run.warnings.len(), KEPT_WARNINGS);
         assert_eq!(run.warnings_total, KEPT_WARNINGS as u64 + 50);
-        assert_eq!(run.warnings[0]["path"], "/f0");
+        assert_eq!(run.warnings[0].path, "/f0");
     }
 
     #[test]

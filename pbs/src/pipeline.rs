@@ -24,6 +24,9 @@ use crate::record::{
 use crate::repos::Repositories;
 use crate::server::{Mode, Server};
 use crate::transport::{Source, Transport};
+use haul_protocol::agent::{
+    AgentEvent, AgentExit, AgentProgress, BackupProgress, ErrorCode, WrapperExit,
+};
 use haul_repo::format::snapshot::SourceKind;
 use haul_repo::IndexedRepository;
 use std::sync::Arc;
@@ -31,7 +34,7 @@ use std::sync::Arc;
 /// How a run talks to the person who started it.
 pub trait Observer: Sync {
     /// Each event the agent prints.
-    fn agent_event(&self, _event: &serde_json::Value) {}
+    fn agent_event(&self, _event: &AgentEvent) {}
     /// Something worth saying that is not an error (an import's progress).
     fn note(&self, _text: &str) {}
 }
@@ -178,28 +181,33 @@ pub fn conclude(
         Err(e) => return (RunStatus::Failed, Some(e.clone())),
         Ok(r) => r,
     };
-    match (committed, r.exit) {
-        (true, Some(0)) => (RunStatus::Ok, None),
-        (true, Some(3)) => (RunStatus::Warning, None),
-        (true, code) => (
+    let exit = r.exit.and_then(AgentExit::from_code);
+    match (committed, exit) {
+        (true, Some(AgentExit::Ok)) => (RunStatus::Ok, None),
+        (true, Some(AgentExit::Warnings)) => (RunStatus::Warning, None),
+        (true, _) => (
             RunStatus::Warning,
             Some(RunError::new(
                 ErrorKind::Agent,
                 format!(
                     "the snapshot is complete, but the agent ended abnormally after committing it ({})",
-                    code.map_or("killed by a signal".to_string(), |c| format!("exit code {c}"))
+                    r.exit.map_or("killed by a signal".to_string(), |c| format!("exit code {c}"))
                 ),
             )),
         ),
-        (false, code) => {
+        (false, _) => {
             let kind = if r.cut {
                 ErrorKind::Cut
+            } else if r.exit.and_then(WrapperExit::from_code).is_some() {
+                // The forced command refused the run, its policy is invalid, or it
+                // could not start the agent.
+                ErrorKind::Refused
             } else {
-                match code {
-                    // The forced command refused the run, its policy is invalid, or it
-                    // could not start the agent (haul-wrapper's codes).
-                    Some(125..=127) => ErrorKind::Refused,
-                    Some(2) => ErrorKind::Usage,
+                match r.error_code {
+                    // The key's line lacks its forced command.
+                    Some(ErrorCode::WrapperRequired) => ErrorKind::Refused,
+                    Some(code) if !code.retry_may_help() => ErrorKind::Usage,
+                    _ if exit == Some(AgentExit::Usage) => ErrorKind::Usage,
                     _ => ErrorKind::Agent,
                 }
             };
@@ -290,21 +298,21 @@ fn legacy_import(
 /// as JSON lines with `--json`.
 pub struct Console {
     pub json: bool,
-    last: Arc<std::sync::Mutex<serde_json::Value>>,
+    last: Arc<std::sync::Mutex<BackupProgress>>,
     _progress: crate::output::Progress,
 }
 
 impl Console {
     pub fn new(json: bool) -> Console {
-        let last = Arc::new(std::sync::Mutex::new(serde_json::Value::Null));
+        let last = Arc::new(std::sync::Mutex::new(BackupProgress::default()));
         let l = last.clone();
         let progress = crate::output::Progress::start(!json, move || {
-            let v = l.lock().expect("progress").clone();
+            let p = l.lock().expect("progress").clone();
             format!(
                 "{} files, {} read, {} sent",
-                v["files"].as_u64().unwrap_or(0),
-                bytes(v["bytes_read"].as_u64().unwrap_or(0)),
-                bytes(v["bytes_sent"].as_u64().unwrap_or(0))
+                p.files,
+                bytes(p.bytes_read),
+                bytes(p.bytes_sent)
             )
         });
         Console {
@@ -316,12 +324,12 @@ impl Console {
 }
 
 impl Observer for Console {
-    fn agent_event(&self, v: &serde_json::Value) {
-        if v["type"] == "progress" {
-            *self.last.lock().expect("progress") = v.clone();
+    fn agent_event(&self, event: &AgentEvent) {
+        if let AgentEvent::Progress(AgentProgress::Backup(p)) = event {
+            *self.last.lock().expect("progress") = p.clone();
         }
         if self.json {
-            json_line(&serde_json::json!({"type": "agent", "event": v}));
+            json_line(&serde_json::json!({"type": "agent", "event": event}));
         }
     }
 
@@ -329,5 +337,53 @@ impl Observer for Console {
         if !self.json {
             crate::errln!("{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::AgentOutput;
+
+    fn run(exit: Option<i32>, stdout: &[&str]) -> Result<AgentRun, RunError> {
+        let mut out = AgentOutput::default();
+        for line in stdout {
+            out.stdout_line(line, &|_| {});
+        }
+        Ok(out.finish(exit, "exit status"))
+    }
+
+    #[test]
+    fn a_run_is_concluded_from_the_commit_and_how_its_agent_ended() {
+        let kind = |r, committed| conclude(&r, committed).1.map(|e| e.kind);
+        assert_eq!(conclude(&run(Some(0), &[]), true), (RunStatus::Ok, None));
+        assert_eq!(conclude(&run(Some(3), &[]), true).0, RunStatus::Warning);
+        // A snapshot saved and then the agent killed: saved, with a warning.
+        let (status, error) = conclude(&run(None, &[]), true);
+        assert_eq!(status, RunStatus::Warning);
+        assert!(error.unwrap().message.contains("killed by a signal"));
+        // The forced command refused it: not worth retrying.
+        assert_eq!(kind(run(Some(126), &[]), false), Some(ErrorKind::Refused));
+        let missing =
+            r#"{"type":"error","message":"backup path /x: No such file","code":"source"}"#;
+        assert_eq!(
+            kind(run(Some(2), &[missing]), false),
+            Some(ErrorKind::Usage)
+        );
+        let no_wrapper =
+            r#"{"type":"error","message":"refusing to run","code":"wrapper_required"}"#;
+        assert_eq!(
+            kind(run(Some(2), &[no_wrapper]), false),
+            Some(ErrorKind::Refused)
+        );
+        // A broken connection to the server, or an agent of unknown make: retried.
+        let cut = r#"{"type":"error","message":"connection reset","code":"connection"}"#;
+        assert_eq!(kind(run(Some(1), &[cut]), false), Some(ErrorKind::Agent));
+        assert_eq!(kind(run(Some(1), &[]), false), Some(ErrorKind::Agent));
+        let mut gone = run(None, &[]).unwrap();
+        gone.cut = true;
+        assert_eq!(kind(Ok(gone), false), Some(ErrorKind::Cut));
+        let stalled = Err(RunError::new(ErrorKind::Stalled, "silent"));
+        assert_eq!(kind(stalled, false), Some(ErrorKind::Stalled));
     }
 }

@@ -9,6 +9,7 @@ use crate::server::conn::Limits;
 use crate::site::{RepoLocation, Site};
 use crate::transport::{AgentCall, Source};
 use haul_config::{Host, Transport};
+use haul_protocol::agent::{BackupCommand, BackupParams, Parent};
 use haul_repo::forget::KeepPolicy;
 use haul_repo::ingest::DedupScope;
 use std::path::{Path, PathBuf};
@@ -139,31 +140,31 @@ fn backup_call(
     tags: &[String],
     opts: &PullOptions,
 ) -> Result<AgentCall, CliError> {
-    let mut args: Vec<String> = vec!["backup".into(), "--params-stdin".into()];
+    let mut text = Vec::new();
     for p in paths {
         let p = p
             .to_str()
             .ok_or_else(|| CliError::usage(format!("backup path {} is not UTF-8", p.display())))?;
-        args.extend(["--path".to_string(), p.to_string()]);
+        text.push(p.to_string());
     }
-    for e in excludes {
-        args.extend(["--exclude".to_string(), e.clone()]);
-    }
-    if opts.exclude_caches {
-        args.push("--exclude-caches".into());
-    }
-    if opts.one_file_system {
-        args.push("--one-file-system".into());
-    }
-    let params = serde_json::json!({
-        "host": host,
-        "tags": tags,
-        "parent": if opts.force { "none" } else { "latest" },
-    });
-    Ok(AgentCall {
-        args,
-        params: Some(params),
-    })
+    let command = BackupCommand {
+        paths: text,
+        excludes: excludes.to_vec(),
+        exclude_caches: opts.exclude_caches,
+        one_file_system: opts.one_file_system,
+        ..Default::default()
+    };
+    let params = BackupParams {
+        host: Some(host.to_string()),
+        tags: tags.to_vec(),
+        parent: Some(if opts.force {
+            Parent::None
+        } else {
+            Parent::Latest
+        }),
+        require_wrapper: false,
+    };
+    Ok(AgentCall::backup(command, params))
 }
 
 /// The agent binary: the one named, else `haul-agent` beside this executable, else on

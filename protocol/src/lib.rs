@@ -28,6 +28,13 @@ pub mod walk;
 pub use id::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 pub mod wire;
 
+/// This machine's host name (what a snapshot records by default).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// This process's peak resident memory in KiB, as both sides report it in run records:
 /// `VmHWM`, the high-water mark of this program's own memory. (`getrusage`'s
 /// `ru_maxrss` would include the memory of the process that started this one, up to

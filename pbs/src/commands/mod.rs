@@ -109,9 +109,4 @@ impl Context {
     }
 }
 
-/// This machine's host name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
+pub use haul_protocol::hostname;

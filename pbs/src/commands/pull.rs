@@ -123,11 +123,7 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&AgentRun>) {
     }
     if let Some(run) = run {
         for w in &run.warnings {
-            crate::errln!(
-                "warning: {}: {}",
-                w["path"].as_str().unwrap_or("?"),
-                w["message"].as_str().unwrap_or("?")
-            );
+            crate::errln!("warning: {}: {}", w.path, w.message);
         }
         let more = run.warnings_total - run.warnings.len() as u64;
         if more > 0 {

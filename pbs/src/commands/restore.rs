@@ -92,31 +92,27 @@ fn via_agent(
 ) -> Result<(), CliError> {
     use crate::server::{Mode, Server};
     use crate::transport::{AgentCall, Source};
+    use haul_protocol::agent::{
+        AgentEvent, AgentExit, AgentSummary, RestoreCommand, RestoreParams, SnapshotChoice,
+    };
     let server = Server::new(Arc::new(repo), Mode::ReadOnly, None).pinned_to(id);
-    let mut agent_args: Vec<String> = vec![
-        "restore".into(),
-        "--snapshot".into(),
-        id.to_hex(),
-        "--target".into(),
-        target
+    let command = RestoreCommand {
+        socket: String::new(),
+        snapshot: SnapshotChoice::Snapshot(id.to_hex().parse().expect("an id is a prefix")),
+        target: target
             .to_str()
             .ok_or_else(|| {
                 CliError::usage(format!("restore target {} is not UTF-8", target.display()))
             })?
             .to_string(),
-    ];
-    for inc in &args.include {
-        agent_args.push("--include".into());
-        agent_args.push(inc.clone());
-    }
-    if let Some(t) = args.threads {
-        agent_args.push("--threads".into());
-        agent_args.push(t.to_string());
-    }
+        includes: args.include.clone(),
+        threads: args.threads.map(|t| t.min(u32::MAX as usize) as u32),
+        params_stdin: true,
+    };
     let json = ctx.global.json;
-    let relay = |v: &serde_json::Value| {
+    let relay = |event: &AgentEvent| {
         if json {
-            json_line(&serde_json::json!({"type": "agent", "event": v}));
+            json_line(&serde_json::json!({"type": "agent", "event": event}));
         }
     };
     let source = match &args.to_host {
@@ -127,10 +123,7 @@ fn via_agent(
             socket_dir: None,
         },
     };
-    let call = AgentCall {
-        args: agent_args,
-        params: None,
-    };
+    let call = AgentCall::restore(command, RestoreParams::default());
     let r = source
         .connect()
         .and_then(|t| t.run_agent(server, call, &relay))
@@ -138,21 +131,17 @@ fn via_agent(
     drop(lock);
     for w in &r.warnings {
         if !json {
-            crate::errln!(
-                "not restored: {}: {}",
-                w["path"].as_str().unwrap_or("?"),
-                w["message"].as_str().unwrap_or("?")
-            );
+            crate::errln!("not restored: {}: {}", w.path, w.message);
         }
     }
-    match (r.exit, &r.summary) {
-        (Some(0) | Some(3), Some(s)) => {
-            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let exit = r.exit.and_then(AgentExit::from_code);
+    match (exit, &r.summary) {
+        (Some(e), Some(AgentSummary::Restore(s))) if e.succeeded() => {
             if json {
                 json_line(
                     &serde_json::json!({"type": "summary", "snapshot": id.to_hex(), "target": target,
-                    "files": n("files"), "dirs": n("dirs"), "others": n("others"), "bytes": n("bytes"),
-                    "warnings": n("warnings"), "connections": r.connections,
+                    "files": s.files, "dirs": s.dirs, "others": s.others, "bytes": s.bytes,
+                    "warnings": s.warnings, "connections": r.connections,
                     "agent_peak_rss_kib": r.agent_peak_rss_kib, "pbs_peak_rss_kib": haul_protocol::peak_rss_kib(),
                     "duration_ms": started.elapsed().as_millis() as u64}),
                 );
@@ -161,14 +150,14 @@ fn via_agent(
                     "restored snapshot {} to {} through the agent: {} files, {} dirs, {} other entries, {} in {:.1} s",
                     id.short(),
                     target.display(),
-                    n("files"),
-                    n("dirs"),
-                    n("others"),
-                    bytes(n("bytes")),
+                    s.files,
+                    s.dirs,
+                    s.others,
+                    bytes(s.bytes),
                     started.elapsed().as_secs_f64()
                 );
             }
-            if r.exit == Some(3) {
+            if exit == Some(AgentExit::Warnings) {
                 return Err(CliError::Incomplete(format!(
                     "{} entries could not be restored (named above); everything else was; `haul-pbs check --read-data` tells what is damaged",
                     r.warnings_total

@@ -5,8 +5,8 @@ use super::{runtime, AgentCall, Transport};
 use crate::agent::{take_lines, AgentOutput, AgentRun, TAIL_LINES};
 use crate::record::{ErrorKind, RunError};
 use crate::server::{self, Server};
+use haul_protocol::agent::AgentEvent;
 use std::collections::VecDeque;
-use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,15 +22,12 @@ impl Transport for Child {
         self: Box<Self>,
         server: Arc<Server>,
         call: AgentCall,
-        progress: &(dyn Fn(&serde_json::Value) + Sync),
+        progress: &(dyn Fn(&AgentEvent) + Sync),
     ) -> Result<AgentRun, RunError> {
-        let args = call.args.into_iter().map(OsString::from).collect();
-        let stdin = call.params.map(|p| p.to_string());
         let run = run_agent(
             server.clone(),
             &self.agent,
-            args,
-            stdin,
+            call,
             self.socket_dir.as_deref(),
             progress,
         );
@@ -41,16 +38,15 @@ impl Transport for Child {
 }
 
 /// Starts `server` on a fresh socket in a private directory (in `socket_dir`, made
-/// 0700 if missing, else the temporary directory), runs `agent` with `args` (the
-/// socket path is appended as `--socket PATH`) and `stdin`, relays its progress to
+/// 0700 if missing, else the temporary directory), runs `agent` as `call` says (with
+/// that socket), relays its events to
 /// `progress`, and stops the server when the agent has exited.
 fn run_agent(
     server: Arc<Server>,
     agent: &Path,
-    args: Vec<OsString>,
-    stdin: Option<String>,
+    call: AgentCall,
     socket_dir: Option<&Path>,
-    progress: &(dyn Fn(&serde_json::Value) + Sync),
+    progress: &(dyn Fn(&AgentEvent) + Sync),
 ) -> Result<AgentRun, RunError> {
     let setup =
         |what: String, e: std::io::Error| RunError::new(ErrorKind::Setup, format!("{what}: {e}"));
@@ -80,6 +76,16 @@ fn run_agent(
             .map_err(|e| setup(format!("cannot restrict {}", dir.path().display()), e))?;
     }
     let socket = dir.path().join("repo.sock");
+    let Some(socket_text) = socket.to_str() else {
+        return Err(RunError::new(
+            ErrorKind::Setup,
+            format!(
+                "the run's socket {} is not UTF-8: choose a [server].socket_dir whose path is",
+                socket.display()
+            ),
+        ));
+    };
+    let call = call.at(socket_text);
     rt.block_on(async {
         let (listener, _guard) =
             server::bind(&socket).map_err(|e| RunError::new(ErrorKind::Setup, e.to_string()))?;
@@ -88,7 +94,7 @@ fn run_agent(
             let _ = stop_rx.await;
         }));
         let watchdog = server::conn::Watchdog::new(&server);
-        let result = drive_agent(agent, args, &socket, stdin, progress, watchdog).await;
+        let result = drive_agent(agent, &call, progress, watchdog).await;
         let _ = stop_tx.send(());
         match serving.await {
             Ok(Ok(())) => {}
@@ -108,19 +114,15 @@ fn run_agent(
 
 async fn drive_agent(
     agent: &Path,
-    mut args: Vec<OsString>,
-    socket: &Path,
-    stdin: Option<String>,
-    progress: &(dyn Fn(&serde_json::Value) + Sync),
+    call: &AgentCall,
+    progress: &(dyn Fn(&AgentEvent) + Sync),
     mut watchdog: server::conn::Watchdog,
 ) -> Result<AgentRun, RunError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let setup =
         |what: String, e: std::io::Error| RunError::new(ErrorKind::Setup, format!("{what}: {e}"));
-    args.push("--socket".into());
-    args.push(socket.into());
     let mut child = tokio::process::Command::new(agent)
-        .args(&args)
+        .args(call.args())
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(std::process::Stdio::piped())
@@ -138,10 +140,9 @@ async fn drive_agent(
             )
         })?;
     let mut input = child.stdin.take().expect("piped");
-    if let Some(line) = stdin {
-        let _ = input.write_all(line.as_bytes()).await;
-        let _ = input.write_all(b"\n").await;
-    }
+    let _ = input
+        .write_all(format!("{}\n", call.stdin_line()).as_bytes())
+        .await;
     drop(input);
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");

@@ -10,14 +10,73 @@ use crate::agent::AgentRun;
 use crate::error::CliError;
 use crate::record::{RunError, TransportKind};
 use crate::server::Server;
+use haul_protocol::agent::{
+    AgentCommand, AgentEvent, BackupCommand, BackupParams, RestoreCommand, RestoreParams, RunParams,
+};
 use std::sync::Arc;
 
-/// What the agent is asked to do: its command line after `haul-agent` (the transport
-/// adds `--socket`) and its run parameters (one JSON line on stdin).
+/// What the agent is asked to do: its command line (the transport sets the socket) and
+/// its run parameters, one JSON line on its stdin.
 #[derive(Debug, Clone)]
 pub struct AgentCall {
-    pub args: Vec<String>,
-    pub params: Option<serde_json::Value>,
+    command: AgentCommand,
+    params: Params,
+}
+
+#[derive(Debug, Clone)]
+enum Params {
+    Backup(BackupParams),
+    Restore(RestoreParams),
+}
+
+impl AgentCall {
+    pub fn backup(mut command: BackupCommand, params: BackupParams) -> AgentCall {
+        command.params_stdin = true;
+        AgentCall {
+            command: AgentCommand::Backup(command),
+            params: Params::Backup(params),
+        }
+    }
+
+    pub fn restore(mut command: RestoreCommand, params: RestoreParams) -> AgentCall {
+        command.params_stdin = true;
+        AgentCall {
+            command: AgentCommand::Restore(command),
+            params: Params::Restore(params),
+        }
+    }
+
+    /// The command with the server's socket.
+    fn at(mut self, socket: &str) -> AgentCall {
+        match &mut self.command {
+            AgentCommand::Backup(c) => c.socket = socket.to_string(),
+            AgentCommand::Restore(c) => c.socket = socket.to_string(),
+        }
+        self
+    }
+
+    /// Over SSH: the agent refuses to run unless haul-wrapper started it (a key
+    /// installed without its forced command would otherwise run anything it is given).
+    fn requiring_wrapper(mut self) -> AgentCall {
+        match &mut self.params {
+            Params::Backup(p) => p.require_wrapper = true,
+            Params::Restore(p) => p.require_wrapper = true,
+        }
+        self
+    }
+
+    /// The words after `haul-agent`.
+    fn args(&self) -> Vec<String> {
+        self.command.to_args()
+    }
+
+    /// The run parameters' line, without its newline.
+    fn stdin_line(&self) -> String {
+        match &self.params {
+            Params::Backup(p) => p.to_line(),
+            Params::Restore(p) => p.to_line(),
+        }
+    }
 }
 
 /// Where a run's agent runs.
@@ -64,7 +123,7 @@ pub trait Transport: Send {
         self: Box<Self>,
         server: Arc<Server>,
         call: AgentCall,
-        progress: &(dyn Fn(&serde_json::Value) + Sync),
+        progress: &(dyn Fn(&AgentEvent) + Sync),
     ) -> Result<AgentRun, RunError>;
 }
 

@@ -17,7 +17,7 @@ pub(super) async fn exec_agent(
     host: &str,
     args: &[String],
     stdin: Option<String>,
-    progress: &(dyn Fn(&serde_json::Value) + Sync),
+    progress: &(dyn Fn(&haul_protocol::agent::AgentEvent) + Sync),
     watchdog: crate::server::conn::Watchdog,
 ) -> Result<AgentRun, RunError> {
     let mut words = vec!["haul-agent"];

@@ -30,6 +30,7 @@ use crate::record::{ErrorKind, RunError};
 use crate::server::Server;
 use exec::{exec, exec_agent};
 use haul_config::Host;
+use haul_protocol::agent::AgentEvent;
 use std::sync::Arc;
 use std::time::Duration;
 use tunnel::Tunnel;
@@ -84,27 +85,19 @@ impl Transport for Connection {
         mut self: Box<Self>,
         server: Arc<Server>,
         call: AgentCall,
-        progress: &(dyn Fn(&serde_json::Value) + Sync),
+        progress: &(dyn Fn(&AgentEvent) + Sync),
     ) -> Result<AgentRun, RunError> {
-        let AgentCall { mut args, params } = call;
-        let mut params = params.unwrap_or_else(|| serde_json::json!({}));
-        params["require_wrapper"] = true.into();
-        if !args.iter().any(|a| a == "--params-stdin") {
-            args.push("--params-stdin".into());
-        }
-        let stdin = Some(params.to_string());
         let tunnel = self.tunnel.take().expect("a connection runs one command");
         tunnel.serve(crate::server::router(server.clone()), Some(server.clone()));
-        args.push("--socket".into());
-        args.push(tunnel.socket.clone());
+        let call = call.at(&tunnel.socket).requiring_wrapper();
         let result = self.rt.block_on(async {
             let result = tokio::time::timeout(
                 RUN_TIMEOUT,
                 exec_agent(
                     &tunnel.session,
                     &self.name,
-                    &args,
-                    stdin,
+                    &call.args(),
+                    Some(call.stdin_line()),
                     progress,
                     crate::server::conn::Watchdog::new(&server),
                 ),
