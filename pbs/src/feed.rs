@@ -94,9 +94,6 @@ fn item(r: &RunRecord) -> rss::Item {
         (None, None, Some(Details::Check(d))) => {
             format!("{} snapshots, {} packs checked", d.snapshots, d.packs)
         }
-        (None, None, Some(Details::Restore(d))) => {
-            format!("{} files, {} restored", d.files, bytes(d.bytes))
-        }
         (None, None, None) => format!("{secs:.0} s"),
     };
     let title = format!("{}: {} {} — {what}", r.host, r.kind, r.status.shout());

@@ -115,9 +115,10 @@ pub fn pull(
         record.error_kind = Some(e.kind);
     }
     record.snapshot = committed.as_ref().map(|(id, _)| id.to_hex());
-    record.counters = committed
-        .as_ref()
-        .map(|(_, snap)| Counters::of(&snap.summary, server.bytes_received()));
+    record.counters = committed.as_ref().map(|(_, snap)| Counters {
+        snapshot: snap.summary.clone(),
+        bytes_received: server.bytes_received(),
+    });
     if let Ok(r) = &outcome {
         record.connections = r.connections;
         record.agent_peak_rss_kib = r.agent_peak_rss_kib;

@@ -122,49 +122,27 @@ impl From<haul_config::Transport> for TransportKind {
     }
 }
 
-/// What a pull stored, as the server counted it. Files, directories and sizes are
-/// what the source reported in its commit (a host can only misstate its own data);
-/// blobs and bytes new, stored and received are the server's own counts.
+/// What a pull stored, as the server counted it: the summary of the snapshot it
+/// committed (files, directories and sizes as the source reported them in its commit —
+/// a host can only misstate its own data; blobs and bytes new and stored as the
+/// repository counted them) and the request bytes it received.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Counters {
-    pub files_new: u64,
-    pub files_changed: u64,
-    pub files_unchanged: u64,
-    pub dirs: u64,
-    pub bytes_read: u64,
-    pub bytes_total: u64,
-    /// Plaintext bytes of blobs the repository did not have.
-    pub bytes_new: u64,
-    /// Of those, file content.
-    pub data_new: u64,
-    /// Bytes added to the repository (compressed, sealed).
-    pub bytes_stored: u64,
-    pub blobs_new: u64,
+    #[serde(flatten)]
+    pub snapshot: Summary,
     /// Request body bytes the server received from the agent.
     pub bytes_received: u64,
-    pub warnings: u64,
+}
+
+impl std::ops::Deref for Counters {
+    type Target = Summary;
+    fn deref(&self) -> &Summary {
+        &self.snapshot
+    }
 }
 
 impl Counters {
-    /// The figures of a committed snapshot, and what the server received for it.
-    pub fn of(summary: &Summary, bytes_received: u64) -> Counters {
-        Counters {
-            files_new: summary.files_new,
-            files_changed: summary.files_changed,
-            files_unchanged: summary.files_unchanged,
-            dirs: summary.dirs,
-            bytes_read: summary.bytes_read,
-            bytes_total: summary.bytes_total,
-            bytes_new: summary.bytes_new,
-            data_new: summary.data_new,
-            bytes_stored: summary.bytes_stored,
-            blobs_new: summary.blobs_new,
-            bytes_received,
-            warnings: summary.warnings,
-        }
-    }
-
     pub fn files(&self) -> u64 {
         self.files_new + self.files_changed + self.files_unchanged
     }
@@ -177,7 +155,6 @@ pub enum Details {
     Import(ImportDetails),
     Forget(ForgetDetails),
     Check(CheckDetails),
-    Restore(RestoreDetails),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,17 +190,6 @@ pub struct CheckDetails {
     pub bytes_read: u64,
     pub errors: u64,
     pub read_data: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RestoreDetails {
-    pub target: String,
-    pub files: u64,
-    pub dirs: u64,
-    pub others: u64,
-    pub bytes: u64,
-    pub warnings: u64,
 }
 
 /// Why a run failed, as far as it matters for what to do next.

@@ -15,8 +15,10 @@ pub enum SourceKind {
     RdiffBackupImport,
 }
 
-/// The run's counters.
+/// The run's counters. A field missing from the JSON reads as 0 (run records embed
+/// these and outlive versions).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Summary {
     pub files_new: u64,
     pub files_changed: u64,
