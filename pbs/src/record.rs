@@ -190,6 +190,8 @@ pub struct CheckDetails {
     pub bytes_read: u64,
     pub errors: u64,
     pub read_data: bool,
+    /// Stored bytes no snapshot uses.
+    pub unused_bytes: u64,
 }
 
 /// Why a run failed, as far as it matters for what to do next.

@@ -13,6 +13,7 @@ use crate::backend::FileType;
 use crate::error::{DamagedFile, Error, Result};
 use crate::format::pack_header::PackEntry;
 use crate::repository::{decode_blob, IndexedRepository, SnapshotList, MAX_TREE_BYTES};
+use crate::usage::{Marks, Usage};
 use haul_protocol::tree::{NodeKind, Tree};
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -51,6 +52,44 @@ pub struct CheckReport {
     pub damaged: Vec<Damage>,
     /// Index and snapshot files that cannot be read.
     pub damaged_files: Vec<DamagedFile>,
+    /// What the snapshots do not use of what the index holds (data of forgotten
+    /// snapshots, copies stored twice).
+    pub unused: Unused,
+}
+
+/// The unused share of a repository (see `crate::usage`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unused {
+    pub blobs: u64,
+    /// Stored bytes of those blobs.
+    pub bytes: u64,
+    /// Stored bytes of every indexed blob.
+    pub total_bytes: u64,
+    /// Packs holding only unused blobs.
+    pub packs: usize,
+    /// Packs holding used and unused blobs.
+    pub packs_partly: usize,
+}
+
+impl Unused {
+    pub fn of(usage: &crate::usage::Usage) -> Unused {
+        Unused {
+            blobs: usage.unused_blobs(),
+            bytes: usage.unused_bytes(),
+            total_bytes: usage.used_bytes() + usage.unused_bytes(),
+            packs: usage.packs_unused(),
+            packs_partly: usage.packs_partly_used(),
+        }
+    }
+
+    /// The unused share of the stored bytes, in percent.
+    pub fn percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            0.0
+        } else {
+            self.bytes as f64 * 100.0 / self.total_bytes as f64
+        }
+    }
 }
 
 impl CheckReport {
@@ -146,23 +185,22 @@ pub fn check(
         report.damaged_files.push(d);
     }
     report.snapshots = snapshots.len();
-    let mut seen_trees: HashSet<TreeId> = HashSet::new();
+    // A tree's mark says it was looked at (see `crate::usage`).
+    let mut marks = Marks::new(repo.index().table_len());
     let mut seen_chunks: HashSet<[u8; 32]> = HashSet::new();
     for (_, snap) in &snapshots {
         let mut stack = vec![snap.tree];
         while let Some(id) = stack.pop() {
-            if !seen_trees.insert(id) {
-                continue;
-            }
             let r = BlobRef::tree(id);
             if bad.contains_key(&r) {
                 continue;
             }
-            let tree = match repo.index().get(BlobKind::Tree, &id.0)? {
+            let tree = match repo.index().slot(BlobKind::Tree, &id.0)? {
                 None => {
                     bad.insert(r, (None, "not in the index".into()));
                     continue;
                 }
+                Some(slot) if !marks.set(slot) => continue,
                 Some(_) => match repo.load_tree(&id) {
                     Ok(t) => t,
                     Err(e) => {
@@ -180,8 +218,12 @@ pub fn check(
                 // What the chunks hold, as far as the index knows them.
                 let mut held = Some(0u64);
                 for c in &node.content {
-                    match repo.index().get(BlobKind::Data, &c.0)? {
-                        Some(loc) => held = held.map(|h| h + loc.raw_length as u64),
+                    match repo.index().slot(BlobKind::Data, &c.0)? {
+                        Some(slot) => {
+                            marks.set(slot);
+                            let (_, _, raw_length) = repo.index().slot_entry(slot);
+                            held = held.map(|h| h + raw_length as u64);
+                        }
                         None => {
                             held = None;
                             if seen_chunks.insert(c.0) {
@@ -208,6 +250,8 @@ pub fn check(
             }
         }
     }
+
+    report.unused = Unused::of(&Usage::of(repo, &marks));
 
     if !bad.is_empty() {
         report.damaged = locate(repo, &snapshots, bad)?;

@@ -194,32 +194,68 @@ impl Index {
         {
             return Ok(Some(*loc));
         }
+        Ok(self.table_position(kind, id)?.map(|(table, i)| {
+            let e = &table[i];
+            BlobLocation {
+                pack: self.packs[e.pack as usize],
+                offset: e.offset,
+                length: e.length,
+                raw_length: e.raw_length,
+            }
+        }))
+    }
+
+    /// The loaded table of `kind` and the position of blob `id` in it, confirmed
+    /// against the full id.
+    fn table_position(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Option<(&[Entry], usize)>> {
         let (table, column) = match kind {
             BlobKind::Data => (&self.data, self.ids.data_ids),
             BlobKind::Tree => (&self.tree, self.ids.tree_ids),
         };
         let prefix = prefix_of(id);
         let start = table.partition_point(|e| e.prefix < prefix);
-        for (i, e) in table[start..]
-            .iter()
-            .enumerate()
-            .take_while(|(_, e)| e.prefix == prefix)
-        {
+        for i in (start..table.len()).take_while(|i| table[*i].prefix == prefix) {
             let mut full = [0u8; 32];
             self.ids
                 .file
-                .read_exact_at(&mut full, column + ((start + i) * 32) as u64)
+                .read_exact_at(&mut full, column + (i * 32) as u64)
                 .map_err(Error::io("index cache"))?;
             if full == *id {
-                return Ok(Some(BlobLocation {
-                    pack: self.packs[e.pack as usize],
-                    offset: e.offset,
-                    length: e.length,
-                    raw_length: e.raw_length,
-                }));
+                return Ok(Some((table, i)));
             }
         }
         Ok(None)
+    }
+
+    /// Blobs of the loaded table (not those this process added since): the slots of
+    /// [`Index::slot`], data blobs first, then trees.
+    pub fn table_len(&self) -> usize {
+        self.data.len() + self.tree.len()
+    }
+
+    /// Where blob `id` of `kind` sits in the loaded table, for a bit per blob (see
+    /// `usage.rs`); `None` if the table does not hold it. A blob stored twice has the
+    /// slot of the copy [`Index::get`] finds.
+    pub fn slot(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Option<usize>> {
+        Ok(self.table_position(kind, id)?.map(|(_, i)| match kind {
+            BlobKind::Data => i,
+            BlobKind::Tree => self.data.len() + i,
+        }))
+    }
+
+    /// The pack (a position in [`Index::table_packs`]), stored length and plain length
+    /// of the blob in `slot`.
+    pub fn slot_entry(&self, slot: usize) -> (u32, u32, u32) {
+        let e = match slot.checked_sub(self.data.len()) {
+            None => &self.data[slot],
+            Some(t) => &self.tree[t],
+        };
+        (e.pack, e.length, e.raw_length)
+    }
+
+    /// The packs the loaded table refers to.
+    pub fn table_packs(&self) -> &[PackId] {
+        &self.packs
     }
 
     pub fn contains(&self, kind: BlobKind, id: &[u8; 32]) -> Result<bool> {

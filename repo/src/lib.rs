@@ -54,6 +54,7 @@ pub mod ingest;
 pub mod lock;
 pub mod repair;
 pub mod repository;
+pub mod usage;
 
 pub use error::{DamagedFile, Error, Result};
 pub use repository::{IndexedRepository, KeyInfo, Repository, SnapshotFilter, SnapshotList};

@@ -321,3 +321,46 @@ fn a_damaged_directory_listing_leaves_out_that_directory_only() {
         assert_same_tree(&src.join("spared"), &restored.join("spared"));
     }
 }
+
+/// `check` says how much of the repository no snapshot uses: nothing while every
+/// snapshot is kept, the forgotten data once one is forgotten.
+#[test]
+fn check_reports_the_unused_share_left_by_forgotten_snapshots() {
+    let (env, src) = Env::with_source();
+    let s = src.display().to_string();
+    fs::write(src.join("kept"), random_bytes(1, 300_000)).unwrap();
+    fs::write(src.join("file"), random_bytes(2, 1_000_000)).unwrap();
+    env.pbs(&["backup-local", &s]).expect(0);
+    let unused = |env: &Env| {
+        let r = env.pbs(&["--json", "check"]).expect(0);
+        r.json()
+            .into_iter()
+            .find(|v| v["unused"].is_object())
+            .unwrap()["unused"]
+            .clone()
+    };
+    let before = unused(&env);
+    assert_eq!(before["bytes"], 0, "{before}");
+    assert_eq!(before["packs"], 0, "{before}");
+    fs::write(src.join("file"), random_bytes(3, 1_000_000)).unwrap();
+    env.pbs(&["backup-local", &s]).expect(0);
+    let first = env.pbs(&["--json", "snapshots"]).expect(0).json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.pbs(&["forget", &first]).expect(0);
+    let after = unused(&env);
+    let bytes = after["bytes"].as_u64().unwrap();
+    // The first version of `file` (incompressible) and the first snapshot's tree.
+    assert!((1_000_000..1_100_000).contains(&bytes), "{after}");
+    assert!(after["blobs"].as_u64().unwrap() >= 2, "{after}");
+    // Each backup wrote its own data pack: the first one's holds only the old file.
+    assert_eq!(after["packs"], 1, "{after}");
+    let total = after["total_bytes"].as_u64().unwrap();
+    assert!(total > 2_300_000, "{after}");
+    let text = env.pbs(&["check"]).expect(0).stdout;
+    assert!(
+        text.contains("unused: ") && text.contains("1 packs hold only unused blobs"),
+        "{text}"
+    );
+}

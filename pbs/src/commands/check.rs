@@ -33,6 +33,7 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
                 bytes_read: r.bytes_read,
                 errors: r.errors.len() as u64,
                 read_data: args.read_data,
+                unused_bytes: r.unused.bytes,
             }));
             if !r.ok() {
                 record.status = RunStatus::Failed;
@@ -101,6 +102,16 @@ fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckRepor
             } else {
                 String::new()
             }
+        );
+        let u = &report.unused;
+        crate::outln!(
+            "unused: {} of {} stored ({:.1}%) in {} blobs; {} packs hold only unused blobs, {} some",
+            bytes(u.bytes),
+            bytes(u.total_bytes),
+            u.percent(),
+            u.blobs,
+            u.packs,
+            u.packs_partly
         );
         for w in &report.warnings {
             crate::outln!("warning: {w}");

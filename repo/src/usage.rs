@@ -1,0 +1,256 @@
+//! Which stored blobs the snapshots still use: the mark phase a prune needs, and the
+//! unused share `check` reports.
+//!
+//! Memory stays flat: one bit per blob of the loaded index ([`Marks`], by the index's
+//! slots) and one [`PackUsage`] (48 bytes) per pack, however many snapshots, trees or
+//! files there are. A tree's bit also says it was read, so a tree shared by many
+//! snapshots is read once and no set of visited trees is kept.
+//!
+//! A blob stored twice (two sessions raced to store it) has one slot marked, the copy
+//! the index finds; the other copy counts as unused, which it is.
+
+use crate::error::Result;
+use crate::repository::IndexedRepository;
+use haul_protocol::{BlobKind, PackId, TreeId};
+
+/// A bit per blob of the loaded index.
+pub struct Marks {
+    bits: Vec<u64>,
+}
+
+impl Marks {
+    pub fn new(blobs: usize) -> Marks {
+        Marks {
+            bits: vec![0; blobs.div_ceil(64)],
+        }
+    }
+
+    /// Marks `slot`; `true` if it was not marked before.
+    pub fn set(&mut self, slot: usize) -> bool {
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        let new = self.bits[word] & bit == 0;
+        self.bits[word] |= bit;
+        new
+    }
+
+    pub fn get(&self, slot: usize) -> bool {
+        self.bits[slot / 64] & (1u64 << (slot % 64)) != 0
+    }
+
+    /// Bytes this takes.
+    pub fn bytes(&self) -> usize {
+        self.bits.capacity() * 8
+    }
+}
+
+/// What one pack holds that the snapshots use, and what they do not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PackUsage {
+    pub pack: PackId,
+    pub used_blobs: u32,
+    pub unused_blobs: u32,
+    /// Stored (compressed, sealed) bytes of its blobs.
+    pub used_bytes: u64,
+    pub unused_bytes: u64,
+}
+
+/// How much of the indexed data the snapshots use, pack by pack.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub packs: Vec<PackUsage>,
+}
+
+impl Usage {
+    /// Counts, pack by pack, the blobs of `repo`'s loaded index that `marks` marks.
+    pub fn of(repo: &IndexedRepository, marks: &Marks) -> Usage {
+        let index = repo.index();
+        let mut packs: Vec<PackUsage> = index
+            .table_packs()
+            .iter()
+            .map(|p| PackUsage {
+                pack: *p,
+                used_blobs: 0,
+                unused_blobs: 0,
+                used_bytes: 0,
+                unused_bytes: 0,
+            })
+            .collect();
+        for slot in 0..index.table_len() {
+            let (pack, length, _) = index.slot_entry(slot);
+            let p = &mut packs[pack as usize];
+            if marks.get(slot) {
+                p.used_blobs += 1;
+                p.used_bytes += length as u64;
+            } else {
+                p.unused_blobs += 1;
+                p.unused_bytes += length as u64;
+            }
+        }
+        // A pack the table names but holds no blob of (all its entries superseded).
+        packs.retain(|p| p.used_blobs + p.unused_blobs > 0);
+        Usage { packs }
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.packs.iter().map(|p| p.used_bytes).sum()
+    }
+
+    pub fn unused_bytes(&self) -> u64 {
+        self.packs.iter().map(|p| p.unused_bytes).sum()
+    }
+
+    pub fn unused_blobs(&self) -> u64 {
+        self.packs.iter().map(|p| p.unused_blobs as u64).sum()
+    }
+
+    /// Packs that hold only unused blobs (a prune deletes them whole).
+    pub fn packs_unused(&self) -> usize {
+        self.packs.iter().filter(|p| p.used_blobs == 0).count()
+    }
+
+    /// Packs that hold both (a prune repacks those worth it).
+    pub fn packs_partly_used(&self) -> usize {
+        self.packs
+            .iter()
+            .filter(|p| p.used_blobs > 0 && p.unused_blobs > 0)
+            .count()
+    }
+}
+
+/// Marks every tree and chunk reachable from `roots` (trees and chunks the index does
+/// not hold are skipped: finding them is `check`'s work).
+pub fn mark(repo: &IndexedRepository, roots: impl IntoIterator<Item = TreeId>) -> Result<Marks> {
+    let index = repo.index();
+    let mut marks = Marks::new(index.table_len());
+    let mut stack: Vec<TreeId> = roots.into_iter().collect();
+    while let Some(id) = stack.pop() {
+        let Some(slot) = index.slot(BlobKind::Tree, &id.0)? else {
+            continue;
+        };
+        if !marks.set(slot) {
+            continue;
+        }
+        let tree = repo.load_tree(&id)?;
+        for node in &tree.nodes {
+            if let Some(sub) = node.subtree {
+                stack.push(sub);
+            }
+            for c in &node.content {
+                if let Some(slot) = index.slot(BlobKind::Data, &c.0)? {
+                    marks.set(slot);
+                }
+            }
+        }
+    }
+    Ok(marks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, MemoryBackend};
+    use crate::crypto::KdfParams;
+    use crate::format::config::RepoConfig;
+    use crate::format::snapshot::{SourceKind, Summary};
+    use crate::ingest::{IngestSession, ParentChoice, SessionInfo};
+    use crate::Repository;
+    use haul_protocol::tree::{Node, NodeKind, Tree};
+    use haul_protocol::ChunkId;
+    use std::sync::Arc;
+
+    /// A snapshot of a directory `d` holding one file per content (the same `d` tree
+    /// for equal contents: shared trees are read once).
+    fn backup(repo: &IndexedRepository, contents: &[&[u8]]) -> haul_protocol::SnapshotId {
+        let info = SessionInfo {
+            host: "h".into(),
+            paths: vec!["/srv".into()],
+            tags: vec![],
+            source: SourceKind::Local,
+            parent: ParentChoice::None,
+            scope: Default::default(),
+        };
+        let session = IngestSession::start(repo, info).unwrap();
+        let mut nodes = Vec::new();
+        for (i, content) in contents.iter().enumerate() {
+            let chunk = ChunkId::of(content);
+            session
+                .add_plain(BlobKind::Data, &chunk.0, content.to_vec())
+                .unwrap();
+            nodes.push(Node {
+                name: format!("f{i}").into_bytes(),
+                kind: NodeKind::File,
+                size: content.len() as u64,
+                content: vec![chunk],
+                ..Default::default()
+            });
+        }
+        let (dir, bytes) = Tree { nodes }.encode_with_id();
+        session.add_plain(BlobKind::Tree, &dir.0, bytes).unwrap();
+        let (root, bytes) = Tree {
+            nodes: vec![Node {
+                name: b"d".to_vec(),
+                kind: NodeKind::Dir,
+                subtree: Some(dir),
+                ..Default::default()
+            }],
+        }
+        .encode_with_id();
+        session.add_plain(BlobKind::Tree, &root.0, bytes).unwrap();
+        session.commit(root, Summary::default()).unwrap().0
+    }
+
+    #[test]
+    fn what_only_forgotten_snapshots_held_is_unused() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let repo = Repository::init(backend.clone(), b"pw", KdfParams::TESTS, RepoConfig::new(3))
+            .unwrap()
+            .load_index(None)
+            .unwrap();
+        let shared = vec![7u8; 50_000];
+        let gone: Vec<u8> = (0..80_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let first = backup(&repo, &[&shared, &gone]);
+        let second = backup(&repo, &[&shared, b"new"]);
+        backup(&repo, &[&shared, b"new"]);
+        repo.forget(&[first]).unwrap();
+        // What a new process sees: the index as stored.
+        drop(repo);
+        let repo = Repository::open(backend, b"pw")
+            .unwrap()
+            .load_index(None)
+            .unwrap();
+        let roots: Vec<TreeId> = repo
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| s.tree)
+            .collect();
+        let marks = mark(&repo, roots).unwrap();
+        let usage = Usage::of(&repo, &marks);
+        // Unused: the forgotten file's chunk and the first snapshot's two trees.
+        assert_eq!(usage.unused_blobs(), 3, "{usage:#?}");
+        let gone_stored = repo
+            .index()
+            .get(BlobKind::Data, &ChunkId::of(&gone).0)
+            .unwrap()
+            .unwrap()
+            .length as u64;
+        assert!(usage.unused_bytes() > gone_stored, "{usage:#?}");
+        assert!(usage.used_bytes() > 0);
+        // Each session wrote its own packs: the first one's data pack is shared with
+        // nothing later, but holds the shared chunk too: partly used.
+        assert!(usage.packs_partly_used() >= 1, "{usage:#?}");
+        assert!(marks.bytes() <= 8 * repo.index().table_len().div_ceil(64));
+        // Forgetting the rest leaves nothing used.
+        let rest: Vec<_> = repo
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert!(rest.contains(&second));
+        repo.forget(&rest).unwrap();
+        let usage = Usage::of(&repo, &mark(&repo, []).unwrap());
+        assert_eq!(usage.used_bytes(), 0);
+        assert_eq!(usage.packs_unused(), usage.packs.len());
+    }
+}
