@@ -2,9 +2,8 @@
 //! restarts, a kill -9 in the middle of a run, and the status server read by parsers
 //! nobody here wrote (python3-feedparser, prometheus_client).
 
-use haul_tests::{bin, feedparser, run_tool, Env, Sshd};
+use haul_tests::{bin, feedparser, http_get, run_tool, Env, Sshd};
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -91,21 +90,7 @@ impl Drop for Supervisor {
 }
 
 fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    http_get(&format!("127.0.0.1:{port}"), path)
 }
 
 fn records(state: &Path) -> Vec<serde_json::Value> {

@@ -5,7 +5,8 @@
 //! person must fix is alerted at once and not retried.
 
 use haul_tests::{
-    assert_same_tree, bin, free_listen, pull_records, random_bytes, start_daemon, Env, Run, Sshd,
+    assert_same_tree, bin, free_listen, http_get, pull_records, random_bytes, start_daemon, Env,
+    Run, Sshd,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,7 @@ fn a_configured_host_lands_in_its_repository_and_history_however_it_is_pulled() 
     write_source(&b, 2);
     let (state, repos) = (env.path("state"), env.path("repos"));
     let config = env.path("pbs.toml");
+    let listen = free_listen();
     let write_config = |schedule: &str| {
         fs::write(
             &config,
@@ -62,7 +64,7 @@ fn a_configured_host_lands_in_its_repository_and_history_however_it_is_pulled() 
                  [[host]]\nname = \"b\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nrepository = \"b\"\n",
                 state.display().to_string(),
                 repos.display().to_string(),
-                free_listen(),
+                listen,
                 env.path("sockets").display().to_string(),
                 a.display().to_string(),
                 b.display().to_string(),
@@ -97,6 +99,16 @@ fn a_configured_host_lands_in_its_repository_and_history_however_it_is_pulled() 
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        // A pull from the command line meanwhile is in the daemon's feed: it reads
+        // what another process appended to the history.
+        let run = pbs(&env, c, &["--json", "pull", "b"]).expect(0);
+        let id = run.json_of("run")["run"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (code, feed) = http_get(&listen, "/hosts/b/feed.xml");
+        assert_eq!(code, 200);
+        assert!(feed.contains(&id), "{id} not in {feed}");
         unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
         assert!(daemon.0.wait().unwrap().success());
     }
