@@ -25,11 +25,9 @@ fn pbs(env: &Env, config: Option<&Path>, args: &[&str]) -> Run {
         .env_remove("HAUL_REPO")
         .env_remove("HAUL_PASSWORD")
         .env_remove("HAUL_PASSWORD_FILE")
-        .env_remove("HAUL_CONFIG")
         .stdin(std::process::Stdio::null());
-    if let Some(c) = config {
-        cmd.env("HAUL_CONFIG", c);
-    }
+    // Without one, an empty configuration: not the machine's /etc/haul/pbs.toml.
+    cmd.env("HAUL_CONFIG", config.unwrap_or(Path::new("/dev/null")));
     Run::from_output(cmd.output().unwrap())
 }
 
@@ -165,7 +163,7 @@ fn after_a_pull_the_default_repository_is_found_without_flags() {
         .env("HAUL_CACHE_DIR", env.path("cache"))
         .env_remove("HAUL_REPO")
         .env_remove("HAUL_PASSWORD_FILE")
-        .env_remove("HAUL_CONFIG");
+        .env("HAUL_CONFIG", "/dev/null");
     assert_eq!(
         Run::from_output(cmd.output().unwrap())
             .expect(0)

@@ -113,8 +113,10 @@ impl Env {
         cmd.arg("--cache-dir")
             .arg(self.path("cache"))
             .args(args)
-            // Runs that record themselves (check, import) do it here, not in /var/lib.
+            // Runs that record themselves (check, import) do it here, not in /var/lib,
+            // and a configuration of the machine's (/etc/haul/pbs.toml) is not used.
             .env("HAUL_STATE_DIR", self.path("state"))
+            .env("HAUL_CONFIG", "/dev/null")
             .env_remove("HAUL_REPO")
             .env_remove("HAUL_PASSWORD")
             .env_remove("HAUL_PASSWORD_FILE")
