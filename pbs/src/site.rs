@@ -61,7 +61,10 @@ impl Site {
     pub fn resolve(global: &Global) -> Result<Site, CliError> {
         let config_path = match &global.config {
             Some(p) => Some(p.clone()),
-            None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
+            // The default one only when this user can read it: `haul-pbs snapshots
+            // --repo DIR` of a user other than the pbs's must not fail on it.
+            None => Some(PathBuf::from(DEFAULT_CONFIG))
+                .filter(|p| std::fs::File::open(p).is_ok()),
         };
         let config = match &config_path {
             Some(p) => Config::load(p).map_err(|e| CliError::usage(e.0))?,
