@@ -5,7 +5,7 @@
 //! however they were started, and browsing finds what a pull created.
 //!
 //! - Configuration: `--config`/`$HAUL_CONFIG`, else `/etc/haul/pbs.toml` when it
-//!   exists, else none (the built-in defaults).
+//!   exists and can be read, else none (the built-in defaults).
 //! - State directory: `--state-dir`, else the configuration's `[server].state_dir`
 //!   (whose default is `$HAUL_STATE_DIR`, `/var/lib/haul` for root, else
 //!   `~/.local/state/haul`).
