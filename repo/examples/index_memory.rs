@@ -4,7 +4,8 @@
 //! packs give) as sealed index files into a local repository directory, loads them
 //! once (which builds the local cache), then loads the cache in a fresh child process
 //! and reports that process's resident-memory growth per entry, next to the table's
-//! own size. Run: `cargo run --release -p haul-repo --example index_memory [N]`.
+//! own size, and what a prune's mark phase adds (`haul_repo::usage`). Run:
+//! `cargo run --release -p haul-repo --example index_memory [N]`.
 
 use haul_protocol::{BlobKind, PackId};
 use haul_repo::backend::{Backend, FileType, LocalBackend};
@@ -12,6 +13,7 @@ use haul_repo::crypto::Key;
 use haul_repo::format::index_file::{encode, IndexedPack};
 use haul_repo::format::pack_header::PackEntry;
 use haul_repo::index::Index;
+use haul_repo::usage::{Marks, Usage};
 use std::path::Path;
 use std::time::Instant;
 
@@ -148,5 +150,20 @@ fn child(repo: &Path, cache: &Path, key_hex: &str, n: u64) {
     println!(
         "lookups: {:.2} us each (hit confirmed against the full id on disk, plus a miss)",
         lookups.as_secs_f64() * 1e6 / (2 * probes) as f64
+    );
+    // What a prune's mark phase adds over the index: a bit per blob, and the usage of
+    // each pack (every other blob marked, as if half the data were forgotten).
+    let rss2 = status_kib("VmRSS:");
+    let mut marks = Marks::new(index.table_len());
+    for slot in (0..index.table_len()).step_by(2) {
+        marks.set(slot);
+    }
+    let usage = Usage::of(&index, &marks);
+    let rss3 = status_kib("VmRSS:");
+    assert_eq!(usage.unused_blobs(), n / 2);
+    println!(
+        "mark phase: {:.2} resident bytes per entry over the index ({} packs)",
+        (rss3 - rss2) as f64 * 1024.0 / n as f64,
+        usage.packs.len()
     );
 }

@@ -251,7 +251,7 @@ pub fn check(
         }
     }
 
-    report.unused = Unused::of(&Usage::of(repo, &marks));
+    report.unused = Unused::of(&Usage::of(repo.index(), &marks));
 
     if !bad.is_empty() {
         report.damaged = locate(repo, &snapshots, bad)?;

@@ -10,6 +10,7 @@
 //! the index finds; the other copy counts as unused, which it is.
 
 use crate::error::Result;
+use crate::index::Index;
 use crate::repository::IndexedRepository;
 use haul_protocol::{BlobKind, PackId, TreeId};
 
@@ -61,9 +62,8 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Counts, pack by pack, the blobs of `repo`'s loaded index that `marks` marks.
-    pub fn of(repo: &IndexedRepository, marks: &Marks) -> Usage {
-        let index = repo.index();
+    /// Counts, pack by pack, the blobs of the loaded `index` that `marks` marks.
+    pub fn of(index: &Index, marks: &Marks) -> Usage {
         let mut packs: Vec<PackUsage> = index
             .table_packs()
             .iter()
@@ -225,7 +225,7 @@ mod tests {
             .map(|(_, s)| s.tree)
             .collect();
         let marks = mark(&repo, roots).unwrap();
-        let usage = Usage::of(&repo, &marks);
+        let usage = Usage::of(repo.index(), &marks);
         // Unused: the forgotten file's chunk and the first snapshot's two trees.
         assert_eq!(usage.unused_blobs(), 3, "{usage:#?}");
         let gone_stored = repo
@@ -249,7 +249,7 @@ mod tests {
             .collect();
         assert!(rest.contains(&second));
         repo.forget(&rest).unwrap();
-        let usage = Usage::of(&repo, &mark(&repo, []).unwrap());
+        let usage = Usage::of(repo.index(), &mark(&repo, []).unwrap());
         assert_eq!(usage.used_bytes(), 0);
         assert_eq!(usage.packs_unused(), usage.packs.len());
     }
