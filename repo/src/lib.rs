@@ -52,6 +52,7 @@ pub mod format;
 pub mod index;
 pub mod ingest;
 pub mod lock;
+pub mod prune;
 pub mod repair;
 pub mod repository;
 pub mod usage;
