@@ -54,15 +54,8 @@ pub struct AgentOutput {
 }
 
 impl AgentOutput {
-    fn keep(&mut self, mut line: String) {
-        if line.len() > TAIL_LINE {
-            let mut end = TAIL_LINE;
-            while !line.is_char_boundary(end) {
-                end -= 1;
-            }
-            line.truncate(end);
-            line.push('…');
-        }
+    fn keep(&mut self, line: String) {
+        let line = crate::pipeline::cut_to(line, TAIL_LINE);
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }

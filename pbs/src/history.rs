@@ -259,17 +259,17 @@ impl History {
     pub fn record(&self, record: &RunRecord) -> Result<(), CliError> {
         let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        {
-            let _file = self.file_lock()?;
-            self.refresh(&mut cache)?;
-            self.append(record)?;
-            // Read back what was appended (and anything before it that another process
-            // appended, or a torn line it completed).
-            self.refresh(&mut cache)?;
-            let c = cache.as_mut().expect("refreshed");
-            if c.records.len() > c.compact_at {
-                self.compact(c)?;
-            }
+        // The feeds too are written under the file lock: two processes recording at
+        // once cannot leave the older feed in place.
+        let _file = self.file_lock()?;
+        self.refresh(&mut cache)?;
+        self.append(record)?;
+        // Read back what was appended (and anything before it that another process
+        // appended, or a torn line it completed).
+        self.refresh(&mut cache)?;
+        let c = cache.as_mut().expect("refreshed");
+        if c.records.len() > c.compact_at {
+            self.compact(c)?;
         }
         let _ = std::fs::remove_file(self.running_dir().join(format!("{}.json", record.id)));
         let all = &cache.as_ref().expect("refreshed").records;
@@ -342,12 +342,19 @@ impl History {
     fn refresh(&self, cache: &mut Option<Cache>) -> Result<(), CliError> {
         let path = self.log_path();
         let err = |e| CliError::Io(format!("run history {}", path.display()), e);
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => Some(m),
+        // Size and identity from the file as opened: a compaction that renames a new
+        // file into place cannot come between the look and the read.
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => Some(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(err(e)),
         };
-        let (size, ino) = meta.map_or((0, 0), |m| (m.len(), m.ino()));
+        let meta = file
+            .as_ref()
+            .map(|f| f.metadata())
+            .transpose()
+            .map_err(err)?;
+        let (size, ino) = meta.map_or((0, 0), |m| (m.len(), m.ino() ^ (m.dev() << 48)));
         let c = cache.get_or_insert_with(|| Cache {
             compact_at: self.compaction.0,
             ..Default::default()
@@ -364,7 +371,7 @@ impl History {
             return Ok(());
         }
         use std::io::{Read, Seek};
-        let mut f = std::fs::File::open(&path).map_err(err)?;
+        let mut f = file.expect("a size above 0 is a file");
         f.seek(std::io::SeekFrom::Start(c.len)).map_err(err)?;
         let mut text = Vec::new();
         f.take(size - c.len).read_to_end(&mut text).map_err(err)?;
@@ -401,7 +408,7 @@ impl History {
         let m = std::fs::metadata(&path)
             .map_err(|e| CliError::Io(format!("run history {}", path.display()), e))?;
         c.len = m.len();
-        c.ino = m.ino();
+        c.ino = m.ino() ^ (m.dev() << 48);
         Ok(())
     }
 

@@ -54,6 +54,8 @@ pub struct PullOutcome {
     pub agent: Option<AgentRun>,
     /// A failure that kept the run from its end.
     pub error: Option<RunError>,
+    /// Why the record could not be written, if it could not.
+    pub unrecorded: Option<CliError>,
 }
 
 /// Runs `plan`, records it in `history`, and applies the host's retention. An error
@@ -108,6 +110,7 @@ pub fn pull(
         tracing::warn!("{e}: the next pull sends again what this one sent");
     }
     let (status, error) = conclude(&outcome, committed.is_some());
+    let error = error.map(|e| RunError::new(e.kind, cut_to(e.message, MAX_ERROR)));
     let mut record = RunRecord::new(id, &plan.host, RunKind::Pull, plan.source.kind(), start);
     record.status = status;
     if let Some(e) = &error {
@@ -124,9 +127,12 @@ pub fn pull(
         record.agent_peak_rss_kib = r.agent_peak_rss_kib;
         record.output_tail = r.tail.clone();
     }
-    let saved = history.record(&record);
-    tracing::debug!("run recorded");
-    saved?;
+    // A record that cannot be written (a full disk, a feed directory another user
+    // owns) does not undo the run: it is said, and the outcome stands.
+    let unrecorded = history.record(&record).err();
+    if let Some(e) = &unrecorded {
+        crate::errln!("haul-pbs: the run {} could not be recorded: {e}", record.id);
+    }
     // Retention only after a fully successful pull: its snapshot is the newest, which
     // retention never removes. A failure here is recorded as a failed `forget` run
     // (and reported); the pull itself stands.
@@ -139,6 +145,7 @@ pub fn pull(
         record,
         agent: outcome.ok(),
         error,
+        unrecorded,
     })
 }
 
@@ -173,12 +180,35 @@ fn append_only_server(
     (server, own_packs)
 }
 
+/// Longest error kept in a record: an agent's or a host's words, repeated in feeds,
+/// status and alerts.
+const MAX_ERROR: usize = 1024;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// How a run ended, from whether its snapshot was saved and how its agent ended.
 pub fn conclude(
     outcome: &Result<AgentRun, RunError>,
     committed: bool,
 ) -> (RunStatus, Option<RunError>) {
     let r = match outcome {
+        // Saved, then the transport failed (a stall after the commit, say): the
+        // snapshot stands.
+        Err(e) if committed => {
+            let message = format!("the snapshot is complete, but then {}", e.message);
+            return (RunStatus::Warning, Some(RunError::new(e.kind, message)));
+        }
         Err(e) => return (RunStatus::Failed, Some(e.clone())),
         Ok(r) => r,
     };
@@ -207,6 +237,7 @@ pub fn conclude(
                 match r.error_code {
                     // The key's line lacks its forced command.
                     Some(ErrorCode::WrapperRequired) => ErrorKind::Refused,
+                    Some(ErrorCode::Source) => ErrorKind::Source,
                     Some(code) if !code.retry_may_help() => ErrorKind::Usage,
                     _ if exit == Some(AgentExit::Usage) => ErrorKind::Usage,
                     _ => ErrorKind::Agent,
@@ -369,6 +400,11 @@ mod tests {
             r#"{"type":"error","message":"backup path /x: No such file","code":"source"}"#;
         assert_eq!(
             kind(run(Some(2), &[missing]), false),
+            Some(ErrorKind::Source)
+        );
+        let bad_flag = r#"{"type":"error","message":"--exclude: bad pattern","code":"usage"}"#;
+        assert_eq!(
+            kind(run(Some(2), &[bad_flag]), false),
             Some(ErrorKind::Usage)
         );
         let no_wrapper =
@@ -384,7 +420,9 @@ mod tests {
         let mut gone = run(None, &[]).unwrap();
         gone.cut = true;
         assert_eq!(kind(Ok(gone), false), Some(ErrorKind::Cut));
-        let stalled = Err(RunError::new(ErrorKind::Stalled, "silent"));
-        assert_eq!(kind(stalled, false), Some(ErrorKind::Stalled));
+        let stalled = || Err(RunError::new(ErrorKind::Stalled, "silent"));
+        assert_eq!(kind(stalled(), false), Some(ErrorKind::Stalled));
+        // Saved before the transport failed: the snapshot stands.
+        assert_eq!(conclude(&stalled(), true).0, RunStatus::Warning);
     }
 }

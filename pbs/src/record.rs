@@ -213,8 +213,11 @@ pub enum ErrorKind {
     Refused,
     /// Something on this side is set up wrong: an identity, a forward, a path.
     Setup,
-    /// The agent refused its input (a backup path missing, bad parameters).
+    /// The agent refused its input (bad flags or parameters).
     Usage,
+    /// A backup path could not be read when the backup started (missing, unmounted,
+    /// no permission): retried, as a mount may come back.
+    Source,
     /// The agent failed during the run.
     Agent,
     /// The repository could not be opened or written.

@@ -63,12 +63,20 @@ impl Site {
             Some(p) => Some(p.clone()),
             // The default one only when this user can read it: `haul-pbs snapshots
             // --repo DIR` of a user other than the pbs's must not fail on it.
-            None => Some(PathBuf::from(DEFAULT_CONFIG))
-                .filter(|p| std::fs::File::open(p).is_ok()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| std::fs::File::open(p).is_ok()),
         };
-        let config = match &config_path {
-            Some(p) => Config::load(p).map_err(|e| CliError::usage(e.0))?,
-            None => Config::default(),
+        let (config, config_path) = match config_path {
+            Some(p) => match Config::load(&p) {
+                Ok(c) => (c, Some(p)),
+                // The default file, unreadable to this version, need not stop a command
+                // given its repository (a restore in a hurry): said, and left out.
+                Err(e) if global.config.is_none() && global.repo.is_some() => {
+                    crate::errln!("haul-pbs: warning: {} (not used: --repo is given)", e.0);
+                    (Config::default(), None)
+                }
+                Err(e) => return Err(CliError::usage(e.0)),
+            },
+            None => (Config::default(), None),
         };
         Ok(Site::with_config(config, config_path, global))
     }

@@ -449,27 +449,18 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
     );
     let pid = daemon.0.id() as i32;
 
-    // The bad host fails on a path that is not there: a person must fix that, so it is
-    // not retried but alerted at once; after its 3 s window it is stale, and alerted
-    // once per window.
-    let stale = |v: &&serde_json::Value| v["kind"] == "alert" && v["status"] == "warning";
+    // The bad host fails on a path that is not there (a mount may come back: retried);
+    // after its 3 s window it is stale, and alerted once per window.
     let r = wait_records(&state, Duration::from_secs(60), |r| {
-        r.iter().filter(stale).count() >= 2
+        r.iter().filter(|v| v["kind"] == "alert").count() >= 2
     });
-    let held: Vec<_> = r
-        .iter()
-        .filter(|v| v["kind"] == "alert" && v["status"] == "failed")
-        .collect();
-    assert_eq!(held.len(), 1, "{r:#?}");
-    assert_eq!(held[0]["host"], "bad");
-    let why = held[0]["error"].as_str().unwrap();
+    let alerts: Vec<_> = r.iter().filter(|v| v["kind"] == "alert").collect();
     assert!(
-        why.starts_with("not retried until it is fixed: ")
-            && why.contains("/nonexistent/haul-test"),
-        "{why}"
+        alerts
+            .iter()
+            .all(|a| a["host"] == "bad" && a["status"] == "warning"),
+        "{alerts:#?}"
     );
-    let alerts: Vec<_> = r.iter().filter(stale).collect();
-    assert!(alerts.iter().all(|a| a["host"] == "bad"), "{alerts:#?}");
     let gap = time(&alerts[1]["end"]) - time(&alerts[0]["end"]);
     assert!(
         gap >= chrono::Duration::milliseconds(2900),
@@ -486,9 +477,12 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
         .iter()
         .filter(|v| v["host"] == "bad" && v["kind"] == "pull")
         .collect::<Vec<_>>();
-    assert_eq!(failed.len(), 1, "tried once, not every 2 s: {failed:#?}");
-    assert_eq!(failed[0]["status"], "failed");
-    assert_eq!(failed[0]["error_kind"], "usage");
+    assert!(
+        failed
+            .iter()
+            .all(|v| v["status"] == "failed" && v["error_kind"] == "source"),
+        "{failed:#?}"
+    );
     assert!(r.iter().any(|v| v["host"] == "good" && v["status"] == "ok"));
     let status = status_json(port);
     let host = |s: &serde_json::Value, n: &str| {
@@ -501,8 +495,7 @@ fn a_stale_host_gets_one_alert_per_window_and_sighup_reloads_only_a_valid_config
             .unwrap()
     };
     assert_eq!(host(&status, "bad")["stale"], true, "{status}");
-    assert!(host(&status, "bad")["held"].is_string(), "{status}");
-    assert!(host(&status, "bad")["next_run"].is_null(), "{status}");
+    assert!(host(&status, "bad")["held"].is_null(), "{status}");
     // Runs put their sockets in [server].socket_dir: made private, cleaned after each run.
     use std::os::unix::fs::PermissionsExt;
     let sockets = fs::metadata(env.path("sockets")).unwrap();

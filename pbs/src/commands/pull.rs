@@ -93,11 +93,15 @@ fn pull_one(
         record,
         agent,
         error,
+        unrecorded,
     } = {
         let console = Console::new(ctx.global.json);
         pipeline::pull(history, repos, plan, &console)?
     };
     report(ctx, &record, agent.as_ref());
+    if let Some(e) = unrecorded {
+        return Err(e);
+    }
     let error = error.map(|e| e.message);
     match record.status {
         RunStatus::Ok => Ok(()),

@@ -13,7 +13,20 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let target = std::path::absolute(&args.target)
         .map_err(|e| CliError::usage(format!("restore target {}: {e}", args.target.display())))?;
-    let (spec, filter) = args.filter.select(&args.snapshot)?;
+    let (spec, mut filter) = args.filter.select(&args.snapshot)?;
+    match (&args.to_host, &filter.host) {
+        // Onto a host, its own newest unless another is named: never another host's
+        // data by accident.
+        (Some(to), None) if spec == "latest" => filter.host = Some(to.clone()),
+        // `--host` once meant the destination: say where this restore goes.
+        (None, Some(h)) if !ctx.global.json && ctx.site()?.config.host(h).is_some() => {
+            crate::errln!(
+                "restoring {h}'s snapshot into {} on this machine; to restore onto {h} over SSH, add --to-host {h}",
+                target.display()
+            )
+        }
+        _ => {}
+    }
     let repo = ctx.open_indexed_for(filter.host.as_deref())?;
     let lock = ctx.read_lock(&repo, "restore")?;
     let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;

@@ -192,7 +192,7 @@ fn start_due(
     done: &tokio::sync::mpsc::UnboundedSender<Done>,
 ) -> Duration {
     let now = Utc::now();
-    let ((due, wake), history) = locked(shared, |site, schedule| {
+    let ((due, wake), history) = locked(shared, |site, schedule, _| {
         let due: Vec<_> = schedule
             .start_due(&site.config, now)
             .into_iter()
@@ -208,7 +208,23 @@ fn start_due(
         let (history, repos, done) = (history.clone(), repos.clone(), done.clone());
         tracing::info!(host = %name, "pull starting");
         std::thread::spawn(move || {
-            let (started, ended) = pull_host(&history, &repos, &name, plan);
+            let started = Utc::now();
+            // A run that panics still ends for the schedule: the host is not left
+            // "running" for ever, holding a place of max_concurrent.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pull_host(&history, &repos, &name, plan)
+            }));
+            let (started, ended) = run.unwrap_or_else(|_| {
+                tracing::error!(host = %name, "the pull's thread panicked");
+                let error = "the pull stopped on an internal error (see the daemon's log)";
+                (
+                    started,
+                    Ended::Failed {
+                        retry: true,
+                        error: error.into(),
+                    },
+                )
+            });
             let _ = done.send(Done {
                 host: name,
                 started,
@@ -265,19 +281,22 @@ fn pull_host(
 
 /// Calls `f` with the site and the schedule, under the lock; returns what it returns
 /// and the history (to record in after the lock is released).
-fn locked<T>(shared: &SharedRef, f: impl FnOnce(&Site, &mut Schedule) -> T) -> (T, History) {
+fn locked<T>(
+    shared: &SharedRef,
+    f: impl FnOnce(&Site, &mut Schedule, &History) -> T,
+) -> (T, History) {
     let mut s = shared.lock().expect("daemon state");
     let Shared {
         site,
         schedule,
         history,
     } = &mut *s;
-    (f(site, schedule), history.clone())
+    (f(site, schedule, history), history.clone())
 }
 
 fn finished(shared: &SharedRef, done: Done) {
     let now = Utc::now();
-    let (alert, history) = locked(shared, |site, schedule| {
+    let (alert, history) = locked(shared, |site, schedule, _| {
         let alert = schedule.finished(
             &site.config,
             &done.host,
@@ -298,8 +317,15 @@ fn finished(shared: &SharedRef, done: Done) {
 
 /// A `WARNING` item for each stale host, once per alert window.
 fn raise_stale_alerts(shared: &SharedRef) {
-    let (alerts, history) = locked(shared, |site, schedule| {
-        schedule.stale_alerts(&site.config, Utc::now())
+    let (alerts, history) = locked(shared, |site, schedule, history| {
+        let now = Utc::now();
+        // Pulls other processes recorded count too (the history is read incrementally).
+        if let Err(e) =
+            history.with_records(|r| schedule.observe(&site.config, r, now, &mut jitter))
+        {
+            tracing::warn!("reading the run history: {e}");
+        }
+        schedule.stale_alerts(&site.config, now)
     });
     for alert in alerts {
         record_alert(&history, alert, RunStatus::Warning);
@@ -323,9 +349,22 @@ fn record_alert(history: &History, alert: Alert, status: RunStatus) {
     }
 }
 
-/// SIGHUP: read the configuration again; keep the old one when the new one is invalid.
+/// SIGHUP: read the configuration file the daemon started with again; keep the old
+/// configuration when the file is invalid or gone.
 fn reload(ctx: &Context, shared: &SharedRef, repos: &Repositories) {
-    let site = match Site::resolve(&ctx.global) {
+    let path = shared
+        .lock()
+        .expect("daemon state")
+        .site
+        .config_path
+        .clone();
+    let global = crate::cli::Global {
+        config: path,
+        ..ctx.global.clone()
+    };
+    // The path is the one found at start (the daemon needs one), so a file gone
+    // meanwhile is an error here, not an empty configuration.
+    let site = match Site::resolve(&global) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("SIGHUP: the configuration is invalid, the old one stays in use: {e}");

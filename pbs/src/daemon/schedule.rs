@@ -252,6 +252,35 @@ impl Schedule {
         }
     }
 
+    /// Takes in pulls that other processes recorded (`haul-pbs pull H` while the daemon
+    /// runs): a newer saved pull of an idle host counts as its success, and releases it
+    /// when it was held (a person fixed it and pulled it by hand).
+    pub fn observe(
+        &mut self,
+        config: &Config,
+        records: &[RunRecord],
+        now: DateTime<Utc>,
+        jitter: &mut dyn FnMut() -> f64,
+    ) {
+        for h in &config.hosts {
+            let Some(state) = self.hosts.get_mut(&h.name) else {
+                continue;
+            };
+            let newest = pulls_of(records, &h.name)
+                .filter(|r| r.status.saved())
+                .max_by_key(|r| r.end);
+            let Some(r) = newest else { continue };
+            if state.running() || state.last_success.is_some_and(|t| t >= r.end) {
+                continue;
+            }
+            state.last_success = Some(r.end);
+            state.failures = 0;
+            state.held = None;
+            let next = h.schedule(config).next_after(Some(r.start), now, jitter());
+            state.next = Some(state.next.map_or(next, |n| n.max(next)));
+        }
+    }
+
     pub fn health(&self, config: &Config, h: &Host, now: DateTime<Utc>) -> Option<Health> {
         let state = self.hosts.get(&h.name)?;
         let window = h.alert_window(config);
@@ -531,6 +560,33 @@ mod tests {
         s.reload(&c, &records, later, &mut no_jitter());
         assert_eq!(s.host("a").unwrap().held, None);
         assert_eq!(s.start_due(&c, later), ["a"]);
+    }
+
+    #[test]
+    fn a_held_host_pulled_by_hand_is_released() {
+        let c = hosts(&["a"], "schedule = \"1h\"");
+        let t0 = at(6, 0, 0);
+        let mut s = Schedule::new(&c, &[], t0, &mut no_jitter());
+        s.start_due(&c, t0);
+        let refused = Ended::Failed {
+            retry: false,
+            error: "refused".into(),
+        };
+        s.finished(&c, "a", t0, refused, t0, &mut no_jitter());
+        assert_eq!(s.host("a").unwrap().next, None);
+        // Someone fixed it and ran `haul-pbs pull a`.
+        let by_hand = t0 + chrono::Duration::minutes(10);
+        let records = vec![rec("a", by_hand, RunStatus::Ok)];
+        s.observe(&c, &records, by_hand, &mut no_jitter());
+        let st = s.host("a").unwrap();
+        assert_eq!(st.held, None);
+        assert_eq!(st.failures, 0);
+        assert_eq!(st.next, Some(by_hand + chrono::Duration::hours(1)));
+        assert!(!s.health(&c, &c.hosts[0], by_hand).unwrap().stale);
+        // Seen once: observing again changes nothing.
+        let before = s.host("a").cloned();
+        s.observe(&c, &records, by_hand, &mut || 1.0);
+        assert_eq!(s.host("a").cloned(), before);
     }
 
     #[test]

@@ -48,9 +48,7 @@ fn run_agent(
     socket_dir: Option<&Path>,
     progress: &(dyn Fn(&AgentEvent) + Sync),
 ) -> Result<AgentRun, RunError> {
-    let setup =
-        |what: String, e: std::io::Error| RunError::new(ErrorKind::Setup, format!("{what}: {e}"));
-    let rt = runtime().map_err(|e| RunError::new(ErrorKind::Setup, e.to_string()))?;
+    let rt = runtime().map_err(|e| RunError::new(ErrorKind::Agent, e.to_string()))?;
     let mut builder = tempfile::Builder::new();
     builder.prefix("haul-run-");
     let dir = match socket_dir {
@@ -60,7 +58,7 @@ fn run_agent(
                 .mode(0o700)
                 .create(d)
                 .map_err(|e| {
-                    setup(
+                    io_error(
                         format!("socket directory {} ([server].socket_dir)", d.display()),
                         e,
                     )
@@ -69,11 +67,11 @@ fn run_agent(
         }
         None => builder.tempdir(),
     }
-    .map_err(|e| setup("cannot create the run's private directory".into(), e))?;
+    .map_err(|e| io_error("cannot create the run's private directory".into(), e))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| setup(format!("cannot restrict {}", dir.path().display()), e))?;
+            .map_err(|e| io_error(format!("cannot restrict {}", dir.path().display()), e))?;
     }
     let socket = dir.path().join("repo.sock");
     let Some(socket_text) = socket.to_str() else {
@@ -88,7 +86,7 @@ fn run_agent(
     let call = call.at(socket_text);
     rt.block_on(async {
         let (listener, _guard) =
-            server::bind(&socket).map_err(|e| RunError::new(ErrorKind::Setup, e.to_string()))?;
+            server::bind(&socket).map_err(|e| RunError::new(ErrorKind::Agent, e.to_string()))?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(server::serve(server.clone(), listener, async {
             let _ = stop_rx.await;
@@ -119,8 +117,6 @@ async fn drive_agent(
     mut watchdog: server::conn::Watchdog,
 ) -> Result<AgentRun, RunError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let setup =
-        |what: String, e: std::io::Error| RunError::new(ErrorKind::Setup, format!("{what}: {e}"));
     let mut child = tokio::process::Command::new(agent)
         .args(call.args())
         .env_clear()
@@ -131,7 +127,7 @@ async fn drive_agent(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
-            setup(
+            io_error(
                 format!(
                     "cannot start the agent {} (install haul-agent beside haul-pbs or give --agent)",
                     agent.display()
@@ -194,4 +190,15 @@ async fn drive_agent(
         out.stderr_line(&l);
     }
     Ok(out.finish(status.code(), &status.to_string()))
+}
+
+/// An operating-system error on `what`: a setup to fix (a missing binary, a permission)
+/// or a passing shortage (memory, processes, descriptors, space) worth a retry.
+fn io_error(what: String, e: std::io::Error) -> RunError {
+    use std::io::ErrorKind as K;
+    let kind = match e.kind() {
+        K::NotFound | K::PermissionDenied | K::InvalidInput | K::NotADirectory => ErrorKind::Setup,
+        _ => ErrorKind::Agent,
+    };
+    RunError::new(kind, format!("{what}: {e}"))
 }

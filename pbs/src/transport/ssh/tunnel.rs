@@ -245,7 +245,12 @@ impl Tunnel {
         }
         tracing::debug!(host = %host.name, user = %host.user, "authenticated");
         if let Err(e) = session.streamlocal_forward(socket.clone()).await {
-            return Err(fail(ErrorKind::Setup, format!(
+            // Refused by the host's sshd: its setup. Anything else: the connection.
+            let kind = match e {
+                russh::Error::RequestDenied => ErrorKind::Setup,
+                _ => ErrorKind::Cut,
+            };
+            return Err(fail(kind, format!(
                 "the host refused to forward {socket} ({e}): its sshd needs `AllowTcpForwarding remote`, `AllowStreamLocalForwarding remote`, `StreamLocalBindUnlink yes`, the key needs `port-forwarding` in authorized_keys, and {} must exist and be writable by {}",
                 host.socket_dir.display(),
                 host.user
