@@ -44,6 +44,9 @@ pub struct History {
 struct Cache {
     records: Vec<RunRecord>,
     warnings: Vec<String>,
+    /// Lines that are not records this version reads (torn by a crash, or written by a
+    /// newer version): a compaction moves them to the archive as they are.
+    unreadable: Vec<Vec<u8>>,
     /// The last line, when it is not whole yet (torn by a crash, or being written).
     torn: Option<String>,
     /// Bytes of the file read, and its inode (a compaction makes a new one).
@@ -384,11 +387,14 @@ impl History {
             }
             match serde_json::from_slice::<RunRecord>(line) {
                 Ok(r) => c.records.push(r),
-                Err(e) => c.warnings.push(format!(
-                    "{} line {}: skipped, not a whole record ({e}); a run was interrupted while it was recorded",
-                    path.display(),
-                    first_line + n + 1
-                )),
+                Err(e) => {
+                    c.warnings.push(format!(
+                        "{} line {}: skipped, not a whole record ({e}); a run was interrupted while it was recorded",
+                        path.display(),
+                        first_line + n + 1
+                    ));
+                    c.unreadable.push(line.to_vec());
+                }
             }
         }
         c.len += whole as u64;
@@ -434,7 +440,12 @@ impl History {
             .mode(0o600)
             .open(&archive)
             .map_err(|e| err(&archive, e))?;
-        f.write_all(&lines(&gone))
+        let mut archived = lines(&gone);
+        for line in c.unreadable.drain(..) {
+            archived.extend(line);
+            archived.push(b'\n');
+        }
+        f.write_all(&archived)
             .and_then(|()| f.sync_all())
             .map_err(|e| err(&archive, e))?;
         // Then the shorter file, in one rename: a crash before it leaves the old file
@@ -443,6 +454,7 @@ impl History {
         feed::write_atomically(&self.log_path(), &text)?;
         c.records = kept.into_iter().map(|(r, _)| r).collect();
         c.warnings.clear();
+        c.unreadable.clear();
         self.note_read(c)?;
         c.compact_at = self.compaction.0.max(2 * c.records.len());
         tracing::info!(
@@ -556,6 +568,11 @@ pub(crate) mod tests {
         }));
         h.record(&forget).unwrap();
         assert_eq!(other.read().unwrap().0.len(), 2);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(h.log_path())
+            .unwrap();
+        f.write_all(b"{\"kind\":\"from-the-future\"}\n").unwrap();
         for i in 0..19 {
             let host = if i % 2 == 0 { "a" } else { "b" };
             h.record(&record(&format!("r{i:02}"), host, RunStatus::Ok))
@@ -569,7 +586,12 @@ pub(crate) mod tests {
             ["import-a", "forget-a", "r11", "r12", "r13", "r14", "r15", "r16", "r17", "r18"]
         );
         let archived = std::fs::read_to_string(dir.path().join("runs-archive.jsonl")).unwrap();
-        assert_eq!(archived.lines().count(), 11);
+        assert_eq!(archived.lines().count(), 12);
+        // A line of a newer version, unreadable here, is archived as it was.
+        assert!(
+            archived.contains(r#"{"kind":"from-the-future"}"#),
+            "{archived}"
+        );
         // The other process sees the rewritten file, and its next record is kept.
         assert_eq!(other.read().unwrap().0.len(), 10);
         other

@@ -69,6 +69,22 @@ pub fn pull(
 ) -> Result<PullOutcome, CliError> {
     let start = chrono::Utc::now();
     tracing::debug!(host = %plan.host, "pull starting");
+    // A host that has saved snapshots before finds no repository: its disk is not
+    // mounted, or the configuration changed. Not a reason to start a new one there
+    // (with a new key, sending everything again, onto whatever disk is underneath).
+    if plan.repository.creatable().is_some() {
+        let pulled = history.with_records(|r| {
+            r.iter()
+                .any(|r| r.host == plan.host && r.kind == RunKind::Pull && r.status.saved())
+        })?;
+        if pulled {
+            return Err(CliError::Failed(format!(
+                "no repository at {}, but {} has saved snapshots before: is its disk mounted, or did [server].repositories_dir or the host's repository change? (a repository is created only for a host's first pull)",
+                plan.repository.path.display(),
+                plan.host
+            )));
+        }
+    }
     // Over SSH, the connection is made while the repository opens: deriving its key
     // (Argon2id, ~0.15 s of one core) takes longer than connecting, authenticating and
     // setting up the forward (~0.06 s). Not before a legacy import, which takes long.

@@ -261,6 +261,7 @@ impl RunError {
 
 /// One run, as recorded in the run history (`history.rs`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "OnDisk")]
 pub struct RunRecord {
     pub id: String,
     pub host: String,
@@ -287,6 +288,109 @@ pub struct RunRecord {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<ErrorKind>,
+}
+
+/// A record as any version wrote it. Before `details` existed, imports, forgets and
+/// checks kept their figures in `counters` under other names: they are read into
+/// `details`, so the decisions that rest on them (retiring a legacy rdiff-backup tree)
+/// still see them.
+#[derive(Deserialize)]
+struct OnDisk {
+    id: String,
+    host: String,
+    kind: RunKind,
+    transport: TransportKind,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+    status: RunStatus,
+    snapshot: Option<String>,
+    #[serde(default)]
+    counters: Option<serde_json::Value>,
+    #[serde(default)]
+    details: Option<Details>,
+    #[serde(default)]
+    connections: u64,
+    #[serde(default)]
+    agent_peak_rss_kib: u64,
+    #[serde(default)]
+    pbs_peak_rss_kib: u64,
+    #[serde(default)]
+    output_tail: Vec<String>,
+    error: Option<String>,
+    #[serde(default)]
+    error_kind: Option<ErrorKind>,
+}
+
+impl From<OnDisk> for RunRecord {
+    fn from(d: OnDisk) -> RunRecord {
+        let number = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let (counters, details) = match (d.kind, d.counters, d.details) {
+            (_, c, Some(details)) => (
+                c.and_then(|c| serde_json::from_value(c).ok()),
+                Some(details),
+            ),
+            (RunKind::Pull, c, None) => (c.and_then(|c| serde_json::from_value(c).ok()), None),
+            (RunKind::Import, Some(c), None) => (
+                None,
+                Some(Details::Import(ImportDetails {
+                    rdiff_dir: c["rdiff_dir"].as_str().unwrap_or_default().to_string(),
+                    sessions_imported: number(&c, "sessions_imported"),
+                    sessions_skipped: number(&c, "sessions_skipped"),
+                    files_rebuilt: number(&c, "files_new"),
+                    bytes_new: number(&c, "bytes_new"),
+                    files_verified: c["files_verified"].as_u64(),
+                })),
+            ),
+            (RunKind::Forget, Some(c), None) => (
+                None,
+                Some(Details::Forget(ForgetDetails {
+                    removed: c["snapshots_removed"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    kept: number(&c, "kept"),
+                    legacy_rdiff_dir_removed: c["legacy_rdiff_dir_removed"]
+                        .as_str()
+                        .map(String::from),
+                })),
+            ),
+            (RunKind::Check, Some(c), None) => (
+                None,
+                Some(Details::Check(CheckDetails {
+                    snapshots: number(&c, "snapshots"),
+                    packs: number(&c, "packs"),
+                    blobs: number(&c, "blobs"),
+                    bytes_read: number(&c, "bytes_read"),
+                    errors: number(&c, "errors"),
+                    read_data: c["read_data"].as_bool().unwrap_or(false),
+                    unused_bytes: 0,
+                })),
+            ),
+            _ => (None, None),
+        };
+        RunRecord {
+            id: d.id,
+            host: d.host,
+            kind: d.kind,
+            transport: d.transport,
+            start: d.start,
+            end: d.end,
+            status: d.status,
+            snapshot: d.snapshot,
+            counters,
+            details,
+            connections: d.connections,
+            agent_peak_rss_kib: d.agent_peak_rss_kib,
+            pbs_peak_rss_kib: d.pbs_peak_rss_kib,
+            output_tail: d.output_tail,
+            error: d.error,
+            error_kind: d.error_kind,
+        }
+    }
 }
 
 impl RunRecord {
@@ -362,7 +466,23 @@ mod tests {
         let r: RunRecord = serde_json::from_str(old).unwrap();
         assert_eq!(r.kind, RunKind::Import);
         assert_eq!(r.status, RunStatus::Ok);
-        assert!(r.details.is_none());
+        let Some(Details::Import(d)) = &r.details else {
+            panic!("{r:?}")
+        };
+        assert_eq!((d.sessions_imported, d.rdiff_dir.as_str()), (3, "/x"));
+        assert_eq!(d.files_verified, None);
+        let forget = old.replace("\"import\"", "\"forget\"").replace(
+            r#"{"sessions_imported":3,"rdiff_dir":"/x"}"#,
+            r#"{"removed":1,"kept":2,"snapshots_removed":["ab"]}"#,
+        );
+        let r: RunRecord = serde_json::from_str(&forget).unwrap();
+        let Some(Details::Forget(d)) = &r.details else {
+            panic!("{r:?}")
+        };
+        assert_eq!((d.removed.as_slice(), d.kept), (&["ab".to_string()][..], 2));
+        // Written again, it reads the same.
+        let again: RunRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(again.details, r.details);
         let alert = r#"{"id":"r2","host":"a","kind":"alert","transport":"-","start":"2026-01-01T00:00:00Z","end":"2026-01-01T00:00:01Z","status":"warning","snapshot":null,"counters":null,"error":"stale"}"#;
         let r: RunRecord = serde_json::from_str(alert).unwrap();
         assert_eq!(r.transport, TransportKind::None);

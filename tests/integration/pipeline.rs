@@ -184,6 +184,18 @@ fn after_a_pull_the_default_repository_is_found_without_flags() {
     assert!(ls.stdout.contains("note.txt"), "{}", ls.stdout);
     let runs = pbs(&env, None, &["--json", "runs", "--state-dir", &state]).expect(0);
     assert_eq!(runs.json().len(), 1);
+    // The repository gone (its disk not mounted): the next pull does not start a new
+    // one under it.
+    let repo = env.path("state/repo");
+    fs::rename(&repo, env.path("unmounted")).unwrap();
+    let r = pbs(&env, None, &["pull", "--local", &s, "--state-dir", &state]).expect(1);
+    assert!(
+        r.stderr.contains("has saved snapshots before"),
+        "{}",
+        r.stderr
+    );
+    assert!(!repo.exists());
+    fs::rename(env.path("unmounted"), &repo).unwrap();
     // Nothing there: a refusal that says how to get one.
     let empty = env.path("empty").display().to_string();
     let r = pbs(&env, None, &["snapshots", "--state-dir", &empty]).expect(2);

@@ -143,7 +143,7 @@ async fn scheduler(
             Some(done) = done_rx.recv() => finished(shared, done),
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => reload(ctx, shared, &repos),
+            _ = hup.recv() => reload(ctx, shared, repos.clone()),
         }
     }
     // No new runs. Running ones get the grace period, then are stopped.
@@ -351,7 +351,7 @@ fn record_alert(history: &History, alert: Alert, status: RunStatus) {
 
 /// SIGHUP: read the configuration file the daemon started with again; keep the old
 /// configuration when the file is invalid or gone.
-fn reload(ctx: &Context, shared: &SharedRef, repos: &Repositories) {
+fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
     let path = shared
         .lock()
         .expect("daemon state")
@@ -397,7 +397,8 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: &Repositories) {
         .iter()
         .map(|h| site.repository(Some(&h.name)).path)
         .collect();
-    repos.retain(|p| used.iter().any(|u| u == p));
+    // Off this task: a repository being opened holds the map for as long as that takes.
+    std::thread::spawn(move || repos.retain(|p| used.iter().any(|u| u == p)));
     tracing::info!(hosts = config.hosts.len(), "SIGHUP: configuration reloaded");
     *old = Site {
         state: old.state.clone(),
