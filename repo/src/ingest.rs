@@ -907,6 +907,21 @@ fn _assert_send_sync() {
 }
 
 #[cfg(test)]
+impl SessionInfo {
+    /// A local backup of `/srv` by host `h`, without a parent: what engine tests store.
+    pub(crate) fn for_tests() -> SessionInfo {
+        SessionInfo {
+            host: "h".into(),
+            paths: vec!["/srv".into()],
+            tags: vec![],
+            source: SourceKind::Local,
+            parent: ParentChoice::None,
+            scope: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::MemoryBackend;

@@ -94,23 +94,15 @@ mod tests {
     use crate::backend::{Backend, MemoryBackend};
     use crate::crypto::KdfParams;
     use crate::format::config::RepoConfig;
-    use crate::format::snapshot::{SourceKind, Summary};
-    use crate::ingest::{IngestSession, ParentChoice, SessionInfo};
+    use crate::format::snapshot::Summary;
+    use crate::ingest::{IngestSession, SessionInfo};
     use haul_protocol::tree::{Node, NodeKind, Tree};
     use haul_protocol::{BlobKind, ChunkId};
     use std::sync::Arc;
 
     /// A snapshot of one file holding `content`.
     fn backup(repo: &IndexedRepository, content: &[u8]) -> haul_protocol::SnapshotId {
-        let info = SessionInfo {
-            host: "h".into(),
-            paths: vec!["/srv".into()],
-            tags: vec![],
-            source: SourceKind::Local,
-            parent: ParentChoice::None,
-            scope: Default::default(),
-        };
-        let session = IngestSession::start(repo, info).unwrap();
+        let session = IngestSession::start(repo, SessionInfo::for_tests()).unwrap();
         let chunk = ChunkId::of(content);
         session
             .add_plain(BlobKind::Data, &chunk.0, content.to_vec())

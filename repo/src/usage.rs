@@ -151,8 +151,8 @@ mod tests {
     use crate::backend::{Backend, MemoryBackend};
     use crate::crypto::KdfParams;
     use crate::format::config::RepoConfig;
-    use crate::format::snapshot::{SourceKind, Summary};
-    use crate::ingest::{IngestSession, ParentChoice, SessionInfo};
+    use crate::format::snapshot::Summary;
+    use crate::ingest::{IngestSession, SessionInfo};
     use crate::Repository;
     use haul_protocol::tree::{Node, NodeKind, Tree};
     use haul_protocol::ChunkId;
@@ -161,15 +161,7 @@ mod tests {
     /// A snapshot of a directory `d` holding one file per content (the same `d` tree
     /// for equal contents: shared trees are read once).
     fn backup(repo: &IndexedRepository, contents: &[&[u8]]) -> haul_protocol::SnapshotId {
-        let info = SessionInfo {
-            host: "h".into(),
-            paths: vec!["/srv".into()],
-            tags: vec![],
-            source: SourceKind::Local,
-            parent: ParentChoice::None,
-            scope: Default::default(),
-        };
-        let session = IngestSession::start(repo, info).unwrap();
+        let session = IngestSession::start(repo, SessionInfo::for_tests()).unwrap();
         let mut nodes = Vec::new();
         for (i, content) in contents.iter().enumerate() {
             let chunk = ChunkId::of(content);
