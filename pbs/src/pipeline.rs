@@ -23,7 +23,7 @@ use crate::record::{
 };
 use crate::repos::Repositories;
 use crate::server::{Mode, Server};
-use crate::transport::{Source, Transport};
+use crate::transport::Transport;
 use haul_protocol::agent::{
     AgentEvent, AgentExit, AgentProgress, BackupProgress, ErrorCode, WrapperExit,
 };
@@ -177,10 +177,7 @@ fn append_only_server(
     let own_packs = history.own_packs(&plan.host);
     let marker_history = History::new(history.state().to_path_buf());
     let server = Server::new(repo.clone(), Mode::AppendOnly, Some(plan.host.clone()))
-        .with_source(match plan.source {
-            Source::Ssh(_) => SourceKind::Pull,
-            Source::Local { .. } => SourceKind::Local,
-        })
+        .with_source(plan.source.snapshot_source())
         .with_own_packs(own_packs.clone())
         .with_scope(plan.scope)
         .with_limits(plan.limits)

@@ -101,6 +101,14 @@ impl Source {
         }
     }
 
+    /// What a snapshot taken through this source records as its source.
+    pub fn snapshot_source(&self) -> haul_repo::format::snapshot::SourceKind {
+        match self {
+            Source::Ssh(_) => haul_repo::format::snapshot::SourceKind::Pull,
+            Source::Local { .. } => haul_repo::format::snapshot::SourceKind::Local,
+        }
+    }
+
     /// Gets ready to run an agent: for SSH, connects, checks the host key,
     /// authenticates and asks for the forward (nothing runs on the host yet).
     pub fn connect(&self) -> Result<Box<dyn Transport>, RunError> {
