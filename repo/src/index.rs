@@ -253,6 +253,30 @@ impl Index {
         (e.pack, e.length, e.raw_length)
     }
 
+    /// The blob in `slot`: its kind, full id and place.
+    pub fn slot_blob(&self, slot: usize) -> Result<(BlobKind, [u8; 32], BlobLocation)> {
+        let (kind, table, column, i) = match slot.checked_sub(self.data.len()) {
+            None => (BlobKind::Data, &self.data, self.ids.data_ids, slot),
+            Some(t) => (BlobKind::Tree, &self.tree, self.ids.tree_ids, t),
+        };
+        let mut id = [0u8; 32];
+        self.ids
+            .file
+            .read_exact_at(&mut id, column + (i * 32) as u64)
+            .map_err(Error::io("index cache"))?;
+        let e = &table[i];
+        Ok((
+            kind,
+            id,
+            BlobLocation {
+                pack: self.packs[e.pack as usize],
+                offset: e.offset,
+                length: e.length,
+                raw_length: e.raw_length,
+            },
+        ))
+    }
+
     /// The packs the loaded table refers to.
     pub fn table_packs(&self) -> &[PackId] {
         &self.packs

@@ -90,15 +90,19 @@ const INDEX_EVERY: Duration = Duration::from_secs(60);
 /// A pack being written: sealed blobs go straight into a new backend object and are
 /// hashed on the way (a pack's name is the BLAKE3 of its bytes), so a 16 MiB pack
 /// costs a 1 MiB write buffer, not 16 MiB of memory.
-struct Packer {
+pub(crate) struct Packer {
     kind: BlobKind,
     out: Option<(BufWriter<Box<dyn ObjectWriter>>, blake3::Hasher)>,
-    len: u64,
-    entries: Vec<PackEntry>,
+    pub(crate) len: u64,
+    pub(crate) entries: Vec<PackEntry>,
 }
 
 impl Packer {
-    fn new(kind: BlobKind) -> Self {
+    pub(crate) fn kind(&self) -> BlobKind {
+        self.kind
+    }
+
+    pub(crate) fn new(kind: BlobKind) -> Self {
         Packer {
             kind,
             out: None,
@@ -108,7 +112,7 @@ impl Packer {
     }
 
     /// Appends bytes to the pack; returns their offset.
-    fn append(&mut self, backend: &dyn Backend, bytes: &[u8]) -> Result<u32> {
+    pub(crate) fn append(&mut self, backend: &dyn Backend, bytes: &[u8]) -> Result<u32> {
         if self.out.is_none() {
             let writer = backend.writer(FileType::Data)?;
             self.out = Some((
@@ -123,6 +127,31 @@ impl Packer {
         let offset = self.len;
         self.len += bytes.len() as u64;
         Ok(offset as u32)
+    }
+
+    /// Seals the header (the entries), appends it and its length, and makes the pack
+    /// durable under its name. `None` for a pack nothing was appended to.
+    pub(crate) fn finish(
+        &mut self,
+        key: &crypto::Key,
+        backend: &dyn Backend,
+    ) -> Result<Option<PackId>> {
+        if self.entries.is_empty() {
+            return Ok(None);
+        }
+        let header = key.seal(ad::PACK_HEADER, &pack_header::encode(&self.entries));
+        self.append(backend, &header)?;
+        self.append(backend, &(header.len() as u32).to_le_bytes())?;
+        let (writer, hasher) = self.out.take().expect("a pack with entries is open");
+        let id = PackId(*hasher.finalize().as_bytes());
+        let writer = writer
+            .into_inner()
+            .map_err(|e| Error::io(format!("pack {}", id.short()))(e.into_error()))?;
+        match writer.finish(&id.to_hex()) {
+            // The same bytes under the same name: already stored.
+            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(Some(id)),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -674,26 +703,9 @@ impl<'r> IngestSession<'r> {
     /// Appends the sealed header, finishes the pack under its name, and makes its
     /// blobs known.
     fn write_pack(&self, mut packer: Packer) -> Result<()> {
-        if packer.entries.is_empty() {
+        let Some(id) = packer.finish(self.repo.data_key(), self.repo.backend().as_ref())? else {
             return Ok(());
-        }
-        let header = self
-            .repo
-            .data_key()
-            .seal(ad::PACK_HEADER, &pack_header::encode(&packer.entries));
-        let backend = self.repo.backend().as_ref();
-        packer.append(backend, &header)?;
-        packer.append(backend, &(header.len() as u32).to_le_bytes())?;
-        let (writer, hasher) = packer.out.take().expect("a pack with entries is open");
-        let id = PackId(*hasher.finalize().as_bytes());
-        let writer = writer
-            .into_inner()
-            .map_err(|e| Error::io(format!("pack {}", id.short()))(e.into_error()))?;
-        match writer.finish(&id.to_hex()) {
-            // The same bytes under the same name: already stored.
-            Ok(()) | Err(Error::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e),
-        }
+        };
         self.repo.index().add_pack(id, &packer.entries);
         self.packs_written.lock().expect("packs written").insert(id);
         {

@@ -565,7 +565,7 @@ impl IndexedRepository {
     }
 
     /// The sealed bytes of a blob at `loc`, and how to name it in errors.
-    fn read_sealed(
+    pub(crate) fn read_sealed(
         &self,
         kind: BlobKind,
         id: &[u8; 32],

@@ -117,6 +117,12 @@ impl Usage {
     }
 }
 
+/// Marks everything the repository's snapshots reach.
+pub fn mark_snapshots(repo: &IndexedRepository) -> Result<Marks> {
+    let roots: Vec<TreeId> = repo.snapshots()?.into_iter().map(|(_, s)| s.tree).collect();
+    mark(repo, roots)
+}
+
 /// Marks every tree and chunk reachable from `roots` (trees and chunks the index does
 /// not hold are skipped: finding them is `check`'s work).
 pub fn mark(repo: &IndexedRepository, roots: impl IntoIterator<Item = TreeId>) -> Result<Marks> {
@@ -146,7 +152,7 @@ pub fn mark(repo: &IndexedRepository, roots: impl IntoIterator<Item = TreeId>) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::{Backend, MemoryBackend};
     use crate::crypto::KdfParams;
@@ -160,7 +166,10 @@ mod tests {
 
     /// A snapshot of a directory `d` holding one file per content (the same `d` tree
     /// for equal contents: shared trees are read once).
-    fn backup(repo: &IndexedRepository, contents: &[&[u8]]) -> haul_protocol::SnapshotId {
+    pub(crate) fn backup(
+        repo: &IndexedRepository,
+        contents: &[&[u8]],
+    ) -> haul_protocol::SnapshotId {
         let session = IngestSession::start(repo, SessionInfo::for_tests()).unwrap();
         let mut nodes = Vec::new();
         for (i, content) in contents.iter().enumerate() {
@@ -191,32 +200,37 @@ mod tests {
         session.commit(root, Summary::default()).unwrap().0
     }
 
-    #[test]
-    fn what_only_forgotten_snapshots_held_is_unused() {
+    /// A new repository in memory, and its backend (to open it again as a new process
+    /// would, with [`reopen`]).
+    pub(crate) fn memory_repo() -> (Arc<dyn Backend>, IndexedRepository) {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
         let repo = Repository::init(backend.clone(), b"pw", KdfParams::TESTS, RepoConfig::new(3))
             .unwrap()
             .load_index(None)
             .unwrap();
+        (backend, repo)
+    }
+
+    /// The repository of `backend` as a new process sees it: the index as stored.
+    pub(crate) fn reopen(backend: Arc<dyn Backend>) -> IndexedRepository {
+        Repository::open(backend, b"pw")
+            .unwrap()
+            .load_index(None)
+            .unwrap()
+    }
+
+    #[test]
+    fn what_only_forgotten_snapshots_held_is_unused() {
+        let (backend, repo) = memory_repo();
         let shared = vec![7u8; 50_000];
         let gone: Vec<u8> = (0..80_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let first = backup(&repo, &[&shared, &gone]);
         let second = backup(&repo, &[&shared, b"new"]);
         backup(&repo, &[&shared, b"new"]);
         repo.forget(&[first]).unwrap();
-        // What a new process sees: the index as stored.
         drop(repo);
-        let repo = Repository::open(backend, b"pw")
-            .unwrap()
-            .load_index(None)
-            .unwrap();
-        let roots: Vec<TreeId> = repo
-            .snapshots()
-            .unwrap()
-            .into_iter()
-            .map(|(_, s)| s.tree)
-            .collect();
-        let marks = mark(&repo, roots).unwrap();
+        let repo = reopen(backend);
+        let marks = mark_snapshots(&repo).unwrap();
         let usage = Usage::of(repo.index(), &marks);
         // Unused: the forgotten file's chunk and the first snapshot's two trees.
         assert_eq!(usage.unused_blobs(), 3, "{usage:#?}");
