@@ -634,21 +634,16 @@ mod tests {
     /// the decoder reserve 264 bytes per input byte (26 GB for a 100 MB upload).
     #[test]
     fn a_node_count_the_bytes_cannot_hold_reserves_nothing() {
-        let mut lie = MAGIC.to_vec();
-        put_varint(&mut lie, 100_000_000);
-        lie.resize(lie.len() + 64 * 1024, 0);
-        assert_eq!(
-            Tree::decode(&lie).unwrap_err().reason,
-            "node count larger than the encoding"
-        );
+        // A node count followed by 64 KiB of zeros: why it does not decode.
+        let refusal = |count| {
+            let mut bytes = MAGIC.to_vec();
+            put_varint(&mut bytes, count);
+            bytes.resize(bytes.len() + 64 * 1024, 0);
+            Tree::decode(&bytes).unwrap_err().reason
+        };
+        assert_eq!(refusal(100_000_000), "node count larger than the encoding");
         // A count the bytes could hold decodes node by node and fails at the first.
-        let mut zeros = MAGIC.to_vec();
-        put_varint(&mut zeros, 3000);
-        zeros.resize(zeros.len() + 64 * 1024, 0);
-        assert_eq!(
-            Tree::decode(&zeros).unwrap_err().reason,
-            "invalid node name"
-        );
+        assert_eq!(refusal(3000), "invalid node name");
         // Likewise an xattr count.
         let mut out = MAGIC.to_vec();
         put_varint(&mut out, 1);

@@ -826,24 +826,7 @@ sys.exit(1)
 "#,
     );
     let t = std::time::Instant::now();
-    let run = env.pbs(&[
-        "pull",
-        "web-1",
-        "--config",
-        &c,
-        "--state-dir",
-        &s,
-        "--request-timeout",
-        "3s",
-    ]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(60),
-        "{:?}",
-        t.elapsed()
-    );
-    let rec = env.runs().pop().unwrap();
-    assert_eq!(rec["status"], "failed", "{rec}");
+    let rec = pull_fails_within(&env, &config, "3s", 60);
     let rss = rec["pbs_peak_rss_kib"].as_u64().unwrap();
     eprintln!(
         "pbs peak: {rss} KiB under 16 unread channels, {normal_rss} KiB for a normal pull, {:?}",
@@ -855,6 +838,10 @@ sys.exit(1)
     );
     sshd.assert_nothing_listening();
     fs::write(sshd.dir.join("wrapper.toml"), honest).unwrap();
+    let (c, s) = (
+        config.display().to_string(),
+        env.path("state").display().to_string(),
+    );
     env.pbs(&["pull", "web-1", "--config", &c, "--state-dir", &s])
         .expect(0);
 }
@@ -862,6 +849,38 @@ sys.exit(1)
 /// Writes `script` to `path` as an executable and makes the wrapper's policy run it
 /// instead of the agent (an attacker's program behind the forced command); returns the
 /// honest policy, to put back.
+/// `pull web-1` with `request_timeout`: it fails (exit 1) within `limit_s` seconds and
+/// records a failed run, which is returned.
+fn pull_fails_within(
+    env: &Env,
+    config: &Path,
+    request_timeout: &str,
+    limit_s: u64,
+) -> serde_json::Value {
+    let c = config.display().to_string();
+    let s = env.path("state").display().to_string();
+    let t = std::time::Instant::now();
+    let run = env.pbs(&[
+        "pull",
+        "web-1",
+        "--config",
+        &c,
+        "--state-dir",
+        &s,
+        "--request-timeout",
+        request_timeout,
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(limit_s),
+        "{:?}",
+        t.elapsed()
+    );
+    let rec = env.runs().pop().unwrap();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    rec
+}
+
 fn put_in_place_of_the_agent(sshd: &Sshd, path: &std::path::Path, script: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     fs::write(path, script).unwrap();
@@ -914,29 +933,7 @@ print("stalled head cut after %.0f s, stalled body cut after %.0f s"
 sys.exit(1)
 "#,
     );
-    let (c, s) = (
-        config.display().to_string(),
-        env.path("state").display().to_string(),
-    );
-    let t = std::time::Instant::now();
-    let run = env.pbs(&[
-        "pull",
-        "web-1",
-        "--config",
-        &c,
-        "--state-dir",
-        &s,
-        "--request-timeout",
-        "2s",
-    ]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(25),
-        "{:?}",
-        t.elapsed()
-    );
-    let rec = env.runs().pop().unwrap();
-    assert_eq!(rec["status"], "failed", "{rec}");
+    let rec = pull_fails_within(&env, &config, "2s", 25);
     let said = rec["error"].as_str().unwrap();
     let secs = |what: &str| -> i64 {
         let at = said.find(what).unwrap_or_else(|| panic!("{rec}")) + what.len();
@@ -953,6 +950,10 @@ sys.exit(1)
     }
     sshd.assert_nothing_listening();
     fs::write(sshd.dir.join("wrapper.toml"), honest).unwrap();
+    let (c, s) = (
+        config.display().to_string(),
+        env.path("state").display().to_string(),
+    );
     env.pbs(&["pull", "web-1", "--config", &c, "--state-dir", &s])
         .expect(0);
 }
