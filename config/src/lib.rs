@@ -82,6 +82,9 @@ pub struct ServerSettings {
     pub max_concurrent: usize,
     /// A host's schedule unless it sets one.
     pub schedule: Schedule,
+    /// When the daemon prunes each repository, if a snapshot of it was forgotten
+    /// since its last prune (default: weekly).
+    pub prune_schedule: Schedule,
     /// A host without a successful run for this long is stale: a warning item in the
     /// feed, and `stale` in status and metrics.
     #[serde(deserialize_with = "de_duration")]
@@ -113,6 +116,7 @@ impl Default for ServerSettings {
             status_listen: ([127, 0, 0, 1], 9470).into(),
             max_concurrent: 2,
             schedule: Schedule::Every(Duration::from_secs(24 * 3600)),
+            prune_schedule: Schedule::Every(Duration::from_secs(7 * 24 * 3600)),
             alert_window: Duration::from_secs(26 * 3600),
             retention: Retention::default(),
             stall_timeout: Duration::from_secs(10 * 60),

@@ -127,6 +127,8 @@ fn main() {
     );
     let lock = LockFile {
         exclusive: false,
+        prune: false,
+        holder: "0f".repeat(16),
         time,
         hostname: "pbs".into(),
         pid: 4242,

@@ -71,6 +71,9 @@ pub enum Command {
     /// per host and paths; the newest always stays), or the ones named. Data only they
     /// referenced stays in the packs.
     Forget(ForgetArgs),
+    /// Reclaim the space of data no snapshot uses any more: delete packs that hold only
+    /// such data, repack those where it is worth it, while pulls go on.
+    Prune(PruneArgs),
     /// Back up a source through its agent: `HOST` (from the configuration) over SSH, or
     /// `--local PATH...` with the agent on this machine. Without --repo, uses (and on
     /// first use creates) the default repository in the state directory.
@@ -140,6 +143,7 @@ impl Command {
             Command::Key(KeyCommand::Remove { .. }) => "key remove",
             Command::BackupLocal(_) => "backup-local",
             Command::Forget(_) => "forget",
+            Command::Prune(a) if !a.dry_run => "prune",
             Command::Pull(_) => "pull",
             Command::ImportRdiff(_) => "import-rdiff",
             Command::Daemon(_) => "daemon",
@@ -431,6 +435,66 @@ pub struct ForgetArgs {
     /// Say what would be removed, remove nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// How much unused data may stay: a share of the used data (`5%`, the default),
+    /// a size (`2G`, `500MiB`), or `unlimited` (delete only packs that hold nothing
+    /// used; repack nothing for its unused share).
+    #[arg(long, default_value = "5%", value_parser = parse_max_unused)]
+    pub max_unused: haul_repo::prune::MaxUnused,
+    /// Rewrite at most this much used data into new packs (default: no limit).
+    #[arg(long, value_parser = parse_size)]
+    pub max_repack: Option<u64>,
+    /// Also combine small packs into full-sized ones.
+    #[arg(long)]
+    pub repack_small: bool,
+    /// Say what would be done, change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// How long to wait for pulls that began before the condemnation before deleting
+    /// its packs; after that they are left for the next prune.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub max_wait: std::time::Duration,
+}
+
+/// `5%`, a size, or `unlimited`.
+fn parse_max_unused(s: &str) -> Result<haul_repo::prune::MaxUnused, String> {
+    use haul_repo::prune::MaxUnused;
+    let s = s.trim();
+    if s == "unlimited" {
+        return Ok(MaxUnused::Unlimited);
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if (0.0..=100.0).contains(&v) => Ok(MaxUnused::Percent(v)),
+            _ => Err(format!("{s:?} is not a percentage from 0% to 100%")),
+        };
+    }
+    parse_size(s).map(MaxUnused::Bytes)
+}
+
+/// A size: a number with an optional unit (`K`, `M`, `G`, `T`, each of 1024 of the
+/// one before, also written `KiB` or `KB`; `B` or none: bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} is not a size; use e.g. 500M, 2G or 1T")),
+    };
+    match number.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok((v * (1u64 << shift) as f64) as u64),
+        _ => Err(format!("{s:?} is not a size; use e.g. 500M, 2G or 1T")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -94,6 +94,7 @@ fn item(r: &RunRecord) -> rss::Item {
         (None, None, Some(Details::Check(d))) => {
             format!("{} snapshots, {} packs checked", d.snapshots, d.packs)
         }
+        (None, None, Some(Details::Prune(d))) => crate::output::prune_summary(d),
         (None, None, None) => format!("{secs:.0} s"),
     };
     let title = format!("{}: {} {} — {what}", r.host, r.kind, r.status.shout());

@@ -125,3 +125,20 @@ impl Progress {
         }
     }
 }
+
+/// A prune in a line: `2.1 GiB freed, 14 packs deleted, 9 repacked`.
+pub fn prune_summary(d: &crate::record::PruneDetails) -> String {
+    let mut s = format!(
+        "{} freed, {} packs deleted, {} repacked",
+        bytes(d.bytes_freed),
+        d.packs_deleted,
+        d.packs_repacked
+    );
+    if d.packs_pending > 0 {
+        s.push_str(&format!(
+            ", {} left for the next prune while older pulls run",
+            d.packs_pending
+        ));
+    }
+    s
+}

@@ -24,6 +24,8 @@ pub enum RunKind {
     Forget,
     /// The repository checked.
     Check,
+    /// The space of data no snapshot uses reclaimed.
+    Prune,
     /// No run: the daemon's warning about a host (stale, or a failure it will not
     /// retry by itself).
     Alert,
@@ -37,6 +39,7 @@ impl RunKind {
             RunKind::Import => "import",
             RunKind::Forget => "forget",
             RunKind::Check => "check",
+            RunKind::Prune => "prune",
             RunKind::Alert => "alert",
         }
     }
@@ -155,6 +158,49 @@ pub enum Details {
     Import(ImportDetails),
     Forget(ForgetDetails),
     Check(CheckDetails),
+    Prune(PruneDetails),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PruneDetails {
+    /// Where the repository is.
+    pub repository: String,
+    pub snapshots: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    pub packs_kept: u64,
+    pub packs_written: u64,
+    /// Condemned packs indexed again: snapshots committed during the prune use them.
+    pub packs_rescued: u64,
+    /// Condemned packs left for the next prune (pulls older than the condemnation
+    /// still ran).
+    pub packs_pending: u64,
+    pub bytes_freed: u64,
+    /// Bytes of the packs in storage, before and after.
+    pub storage_before: u64,
+    pub storage_after: u64,
+    /// Stored bytes no snapshot uses, left in kept packs.
+    pub unused_after: u64,
+}
+
+impl PruneDetails {
+    pub fn of(r: &haul_repo::prune::PruneReport) -> PruneDetails {
+        PruneDetails {
+            repository: String::new(),
+            snapshots: r.snapshots as u64,
+            packs_deleted: r.packs_deleted as u64,
+            packs_repacked: r.plan.repack.len() as u64,
+            packs_kept: r.plan.keep as u64,
+            packs_written: r.packs_written as u64,
+            packs_rescued: r.packs_rescued as u64,
+            packs_pending: r.packs_pending as u64,
+            bytes_freed: r.storage_freed(),
+            storage_before: r.storage_before,
+            storage_after: r.storage_after,
+            unused_after: r.plan.unused_after,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

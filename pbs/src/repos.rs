@@ -2,7 +2,8 @@
 //! loaded) once and shared by `Arc` among every run that uses it — the daemon's pulls,
 //! `pull --all`'s hosts — so a process holds one repository's memory per repository,
 //! not one per run. The default repository is created here on first use, with a
-//! random passphrase in a key file only its owner can read.
+//! random passphrase in a key file only its owner can read. A repository whose index
+//! a prune has changed since it was loaded is loaded again for the next run.
 
 use crate::error::CliError;
 use crate::output::json_line;
@@ -39,7 +40,15 @@ impl Repositories {
         // One at a time: two runs of one repository must not both derive its key.
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = open.get(&loc.path) {
-            return Ok(r.clone());
+            // After a prune condemned packs, later runs answer from a new view (runs
+            // still going keep theirs; see `haul_repo::prune`).
+            if r.is_current()? {
+                return Ok(r.clone());
+            }
+            let fresh = Arc::new(r.reloaded()?);
+            tracing::debug!(repository = %loc.path.display(), "index loaded again after a prune");
+            open.insert(loc.path.clone(), fresh.clone());
+            return Ok(fresh);
         }
         if let Some(key) = loc.creatable() {
             create_default(&loc.path, key, self.json)?;

@@ -165,12 +165,24 @@ pub fn check(
         }
     }
     let indexed_names: HashSet<String> = indexed.keys().map(|p| p.to_hex()).collect();
-    for name in on_disk.keys() {
-        if !indexed_names.contains(name) {
-            report.warnings.push(format!(
-                "pack {name} is not in any index (left by an interrupted backup); the next backup indexes and uses it"
-            ));
-        }
+    let condemnations = repo.condemnations()?;
+    for d in &condemnations.damaged {
+        report.warnings.push(format!(
+            "condemnation record {d} cannot be read: the packs it names are not deleted; remove it to let the next prune decide again"
+        ));
+    }
+    let condemned: HashSet<String> = condemnations.packs().iter().map(|p| p.to_hex()).collect();
+    let mut unindexed: Vec<(&String, &u64)> = on_disk
+        .iter()
+        .filter(|(name, _)| !indexed_names.contains(*name))
+        .collect();
+    unindexed.sort();
+    for (name, size) in unindexed {
+        report.warnings.push(if condemned.contains(name) {
+            format!("pack {name} ({size} bytes) was condemned by a prune and is reclaimable: the prune's sweep, or the next prune, deletes it")
+        } else {
+            format!("pack {name} ({size} bytes) is in no index, left by an interrupted backup or prune: reclaimable; the next backup indexes it, and a prune then deletes what no snapshot uses")
+        });
     }
 
     // Snapshots against the index.

@@ -156,7 +156,7 @@ impl Repository {
         if ids.is_empty() {
             return Ok(0);
         }
-        let _lock = self.lock(false, "forget")?;
+        let _lock = self.lock(crate::lock::LockKind::Shared, "forget")?;
         for id in &ids {
             // Named and readable: a typo or a foreign file is not silently "forgotten".
             self.load_snapshot(id)?;

@@ -32,7 +32,8 @@
 use crate::backend::{Backend, FileType};
 use crate::crypto::Key;
 use crate::error::{DamagedFile, Error, Result};
-use crate::format::{ad, index_file, pack_header::PackEntry};
+use crate::format::index_file::{self, IndexedPack};
+use crate::format::{ad, pack_header::PackEntry};
 use haul_protocol::{BlobKind, BlobRef, PackId};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -97,6 +98,8 @@ pub struct Index {
     covered: Files,
     /// Index files skipped because they do not verify.
     damaged: Vec<DamagedFile>,
+    /// See [`Index::first_extra_pack`].
+    first_extra: usize,
 }
 
 const MAGIC: &[u8; 8] = b"HAULIDX2";
@@ -163,6 +166,36 @@ impl Index {
             }
         }
         finish(cache_path.as_deref(), &covered, packs, full, damaged)
+    }
+
+    /// The index of `backend` with the `extra` packs after those of its index files,
+    /// built privately and never cached: a prune's sweep sees the packs it condemned
+    /// this way. A blob both list keeps the index files' copy.
+    pub(crate) fn load_with(
+        backend: &dyn Backend,
+        key: &Key,
+        extra: Vec<IndexedPack>,
+    ) -> Result<Index> {
+        let mut packs = Vec::new();
+        let mut full = (Vec::new(), Vec::new());
+        let mut covered = Files::new();
+        let mut damaged = Vec::new();
+        for (name, size) in backend.list(FileType::Index)? {
+            if add_or_note(backend, key, &name, &mut packs, &mut full, &mut damaged)? {
+                covered.insert(name, size);
+            }
+        }
+        let first_extra = packs.len();
+        add_packs(&mut packs, &mut full, extra);
+        let mut index = finish(None, &covered, packs, full, damaged)?;
+        index.first_extra = first_extra;
+        Ok(index)
+    }
+
+    /// The position in [`Index::table_packs`] of the first pack [`Index::load_with`]
+    /// added after the index files' (the number of packs when there are none).
+    pub fn first_extra_pack(&self) -> usize {
+        self.first_extra.min(self.packs.len())
     }
 
     /// The index files that were skipped because they do not verify.
@@ -400,13 +433,27 @@ fn add_index_file(
     packs: &mut Vec<PackId>,
     full: &mut Full,
 ) -> Result<()> {
+    add_packs(packs, full, read_index_file(backend, key, name)?);
+    Ok(())
+}
+
+/// The packs index file `name` lists, verified.
+pub(crate) fn read_index_file(
+    backend: &dyn Backend,
+    key: &Key,
+    name: &str,
+) -> Result<Vec<IndexedPack>> {
     let what = format!("index file {name}");
     let sealed = backend.read(FileType::Index, name)?;
     if blake3::hash(&sealed).to_hex().as_str() != name {
         return Err(Error::corrupt(what, "content does not match its name"));
     }
     let plain = key.open(ad::INDEX, &sealed, &what)?;
-    let decoded = index_file::decode(&plain).map_err(|d| Error::corrupt(&what, d))?;
+    index_file::decode(&plain).map_err(|d| Error::corrupt(&what, d))
+}
+
+/// Adds the blobs of `decoded` to the table being built.
+fn add_packs(packs: &mut Vec<PackId>, full: &mut Full, decoded: Vec<IndexedPack>) {
     let mut pack_pos: HashMap<PackId, u32> = packs
         .iter()
         .enumerate()
@@ -431,7 +478,6 @@ fn add_index_file(
             }
         }
     }
-    Ok(())
 }
 
 /// Cache layout:
@@ -440,7 +486,7 @@ fn add_index_file(
 /// entry[24]*data entry[24]*tree  sum[32]   id[32]*data id[32]*tree
 /// ```
 /// `sum` is BLAKE3 of everything before it (what RAM is loaded from). Entries are sorted
-/// by full id; duplicates (a blob in two packs) keep the first.
+/// by full id; duplicates (a blob in two packs) keep the one of the pack met first.
 fn write_cache(file: File, names: &Files, packs: &[PackId], full: &Full) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut h = blake3::Hasher::new();
@@ -486,7 +532,7 @@ fn write_cache(file: File, names: &Files, packs: &[PackId], full: &Full) -> std:
 
 fn sort_dedup(full: &mut Full) {
     for list in [&mut full.0, &mut full.1] {
-        list.sort_unstable_by_key(|e| e.id);
+        list.sort_unstable_by_key(|e| (e.id, e.pack));
         list.dedup_by(|a, b| a.id == b.id);
     }
 }
@@ -696,6 +742,7 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
             added: RwLock::new(HashMap::new()),
             covered,
             damaged: Vec::new(),
+            first_extra: usize::MAX,
         })
     })();
     Ok(parsed)
@@ -705,7 +752,6 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
 mod tests {
     use super::*;
     use crate::backend::MemoryBackend;
-    use crate::format::index_file::IndexedPack;
 
     fn write_index(b: &MemoryBackend, key: &Key, packs: &[IndexedPack]) -> String {
         let sealed = key.seal(ad::INDEX, &index_file::encode(packs));

@@ -312,8 +312,29 @@ impl<'r> IngestSession<'r> {
                 })
             }
         };
-        let mut lock = repo.lock(false, "backup")?;
+        let mut lock = repo.lock(crate::lock::LockKind::Shared, "backup")?;
         lock.refresh_in_background();
+        // Looked at once the lock is visible, so that a prune's sweep either waits
+        // for this session or finished before this look and is seen by it: a view
+        // that predates a condemnation is never answered from (see `crate::prune`).
+        let repo = if repo.is_current()? {
+            repo
+        } else {
+            tracing::info!("a prune condemned packs since the index was loaded: loading it again");
+            RepoRef::Shared(std::sync::Arc::new(repo.reloaded()?))
+        };
+        // A parent committed while a prune ran may have its trees in condemned packs
+        // until the prune's sweep takes them back: then the pull reads everything.
+        let parent = match parent {
+            Some((id, s)) if !repo.index().contains(BlobKind::Tree, &s.tree.0)? => {
+                tracing::warn!(
+                    "the trees of parent snapshot {} are not in the index (a prune is still sweeping): every file is read again",
+                    id.short()
+                );
+                None
+            }
+            p => p,
+        };
         // Packs an interrupted session wrote after its last index file: indexed now,
         // so their data is not uploaded again.
         let recovered = repo.index_orphan_packs()?;

@@ -1,9 +1,10 @@
 //! Repository locks, and when a lock is stale.
 //!
-//! Operations that only add data (backups, checks, restores) take a **shared** lock;
-//! operations that delete (prune, forget, key removal) take an **exclusive** one. A
-//! shared lock conflicts only with exclusive locks; an exclusive lock conflicts with
-//! every lock. Locks are sealed objects in `locks/` (an observer of the storage learns
+//! Operations that only add data or read (backups, checks, restores) take a **shared**
+//! lock, and so does `forget` (it removes snapshot files, never data). Key removal and
+//! repairs take an **exclusive** one. A prune takes a **prune** lock: shared, so pulls
+//! go on beside it, but excluding another prune (its safety rests on its lock holders
+//! instead, see `crate::prune`). An exclusive lock conflicts with every lock. Locks are sealed objects in `locks/` (an observer of the storage learns
 //! nothing from them).
 //!
 //! Stale-lock rules (a stale lock is ignored, and removed by `unlock`):
@@ -48,10 +49,46 @@ const AD: &[u8] = b"haul lock v1";
 pub struct LockGuard {
     backend: Arc<dyn Backend>,
     key: Key,
-    exclusive: bool,
+    kind: LockKind,
     purpose: String,
+    holder: String,
     name: Arc<Mutex<String>>,
     refresher: Option<haul_protocol::Ticker>,
+}
+
+/// What a lock lets its holder do beside others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind {
+    Shared,
+    /// Shared, but not beside another prune.
+    Prune,
+    Exclusive,
+}
+
+impl LockKind {
+    fn of(lock: &LockFile) -> LockKind {
+        match (lock.exclusive, lock.prune) {
+            (true, _) => LockKind::Exclusive,
+            (false, true) => LockKind::Prune,
+            (false, false) => LockKind::Shared,
+        }
+    }
+
+    fn conflicts_with(self, other: LockKind) -> bool {
+        use LockKind::*;
+        matches!(
+            (self, other),
+            (Exclusive, _) | (_, Exclusive) | (Prune, Prune)
+        )
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            LockKind::Shared => "a shared",
+            LockKind::Prune => "a prune",
+            LockKind::Exclusive => "an exclusive",
+        }
+    }
 }
 
 /// A lock as `unlock` and error messages describe it.
@@ -67,11 +104,7 @@ impl LockInfo {
         match &self.lock {
             Some(l) => format!(
                 "{} lock of `{}` (pid {} on {}, refreshed {})",
-                if l.exclusive {
-                    "an exclusive"
-                } else {
-                    "a shared"
-                },
+                LockKind::of(l).describe(),
                 l.purpose,
                 l.pid,
                 l.hostname,
@@ -93,9 +126,17 @@ fn process_exists(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn write_lock(backend: &dyn Backend, key: &Key, exclusive: bool, purpose: &str) -> Result<String> {
+fn write_lock(
+    backend: &dyn Backend,
+    key: &Key,
+    kind: LockKind,
+    purpose: &str,
+    holder: &str,
+) -> Result<String> {
     let lock = LockFile {
-        exclusive,
+        exclusive: kind == LockKind::Exclusive,
+        prune: kind == LockKind::Prune,
+        holder: holder.to_string(),
         time: chrono::Utc::now(),
         hostname: this_host(),
         pid: std::process::id(),
@@ -159,28 +200,38 @@ impl Repository {
     }
 
     /// Takes a lock; fails with [`Error::Locked`] naming the holder on a conflict.
-    pub fn lock(&self, exclusive: bool, purpose: &str) -> Result<LockGuard> {
-        self.check_conflicts(exclusive, None)?;
-        let name = write_lock(self.backend().as_ref(), self.data_key(), exclusive, purpose)
-            .map_err(|e| match e {
-                Error::Io { what, source } => Error::Io {
-                    what: format!(
-                        "cannot write a lock in repository {}: {what}",
-                        self.backend().location()
-                    ),
-                    source,
-                },
-                other => other,
-            })?;
-        if let Err(e) = self.check_conflicts(exclusive, Some(&name)) {
+    pub fn lock(&self, kind: LockKind, purpose: &str) -> Result<LockGuard> {
+        self.check_conflicts(kind, None)?;
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).expect("OS random numbers");
+        let holder = hex::encode(id);
+        let name = write_lock(
+            self.backend().as_ref(),
+            self.data_key(),
+            kind,
+            purpose,
+            &holder,
+        )
+        .map_err(|e| match e {
+            Error::Io { what, source } => Error::Io {
+                what: format!(
+                    "cannot write a lock in repository {}: {what}",
+                    self.backend().location()
+                ),
+                source,
+            },
+            other => other,
+        })?;
+        if let Err(e) = self.check_conflicts(kind, Some(&name)) {
             let _ = self.backend().delete(FileType::Lock, &name);
             return Err(e);
         }
         Ok(LockGuard {
             backend: self.backend().clone(),
             key: self.data_key().clone(),
-            exclusive,
+            kind,
             purpose: purpose.to_string(),
+            holder,
             name: Arc::new(Mutex::new(name)),
             refresher: None,
         })
@@ -193,7 +244,7 @@ impl Repository {
         if !write {
             return Ok(None);
         }
-        match self.lock(false, purpose) {
+        match self.lock(LockKind::Shared, purpose) {
             Ok(guard) => Ok(Some(guard)),
             Err(e) if cannot_write(&e) => {
                 tracing::warn!("{purpose} goes on without a lock: {e}");
@@ -203,13 +254,14 @@ impl Repository {
         }
     }
 
-    fn check_conflicts(&self, exclusive: bool, own: Option<&str>) -> Result<()> {
+    fn check_conflicts(&self, kind: LockKind, own: Option<&str>) -> Result<()> {
         for info in self.locks()? {
             if Some(info.name.as_str()) == own || info.stale {
                 continue;
             }
-            let other_exclusive = info.lock.as_ref().is_none_or(|l| l.exclusive);
-            if exclusive || other_exclusive {
+            // An unreadable lock counts as an exclusive one.
+            let other = info.lock.as_ref().map_or(LockKind::Exclusive, LockKind::of);
+            if kind.conflicts_with(other) {
                 return Err(Error::Locked {
                     what: format!("repository {}", self.backend().location()),
                     holder: info.holder(),
@@ -221,6 +273,44 @@ impl Repository {
             }
         }
         Ok(())
+    }
+
+    /// The holders of the live locks other than `own`'s (an unreadable lock is a
+    /// holder of its own): what a prune's sweep waits for.
+    pub fn lock_holders(&self, own: &LockGuard) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .locks()?
+            .into_iter()
+            .filter(|info| !info.stale)
+            .map(|info| match info.lock {
+                Some(l) if !l.holder.is_empty() => l.holder,
+                // Written before locks named their holder: the file is the holder.
+                _ => format!("file {}", info.name),
+            })
+            .filter(|h| *h != own.holder)
+            .collect())
+    }
+
+    /// Waits until none of `holders` holds a live lock any more, looking every
+    /// `poll`; `false` if some still did at `deadline`.
+    pub fn wait_for_holders(
+        &self,
+        own: &LockGuard,
+        holders: &std::collections::HashSet<String>,
+        deadline: std::time::Instant,
+        poll: Duration,
+    ) -> Result<bool> {
+        loop {
+            let live = self.lock_holders(own)?;
+            if holders.is_disjoint(&live) {
+                return Ok(true);
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(poll.min(deadline - now));
+        }
     }
 
     /// Removes stale locks (all locks with `all`); returns how many.
@@ -247,8 +337,8 @@ impl LockGuard {
             return;
         }
         let (backend, key, name) = (self.backend.clone(), self.key.clone(), self.name.clone());
-        let (exclusive, purpose) = (self.exclusive, self.purpose.clone());
-        let refresh = move || match write_lock(backend.as_ref(), &key, exclusive, &purpose) {
+        let (kind, purpose, holder) = (self.kind, self.purpose.clone(), self.holder.clone());
+        let refresh = move || match write_lock(backend.as_ref(), &key, kind, &purpose, &holder) {
             Ok(new) => {
                 let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
                 let _ = backend.delete(FileType::Lock, &old);
@@ -304,9 +394,9 @@ mod tests {
     #[test]
     fn shared_locks_coexist_and_exclusive_excludes() {
         let repo = repo();
-        let a = repo.lock(false, "backup-local").unwrap();
-        let b = repo.lock(false, "check").unwrap();
-        let err = repo.lock(true, "prune").err().unwrap();
+        let a = repo.lock(LockKind::Shared, "backup-local").unwrap();
+        let b = repo.lock(LockKind::Shared, "check").unwrap();
+        let err = repo.lock(LockKind::Exclusive, "key remove").err().unwrap();
         // Either holder may be named: locks are listed in no set order.
         let msg = err.to_string();
         assert!(
@@ -322,14 +412,41 @@ mod tests {
             repo.locks().unwrap().is_empty(),
             "guards remove their locks"
         );
-        let x = repo.lock(true, "prune").unwrap();
-        let err = repo.lock(false, "backup-local").err().unwrap();
+        let x = repo.lock(LockKind::Exclusive, "key remove").unwrap();
+        let err = repo.lock(LockKind::Shared, "backup-local").err().unwrap();
         assert!(
-            err.to_string().contains("an exclusive lock of `prune`"),
+            err.to_string()
+                .contains("an exclusive lock of `key remove`"),
             "{err}"
         );
         drop(x);
-        repo.lock(false, "backup-local").unwrap();
+        repo.lock(LockKind::Shared, "backup-local").unwrap();
+    }
+
+    #[test]
+    fn a_prune_runs_beside_backups_but_not_beside_another_prune() {
+        let repo = repo();
+        let backup = repo.lock(LockKind::Shared, "backup").unwrap();
+        let mut prune = repo.lock(LockKind::Prune, "prune").unwrap();
+        let err = repo.lock(LockKind::Prune, "prune").err().unwrap();
+        assert!(err.to_string().contains("a prune lock of `prune`"), "{err}");
+        assert!(repo.lock(LockKind::Exclusive, "key remove").is_err());
+        let late = repo.lock(LockKind::Shared, "backup").unwrap();
+        // The sweep waits for holders, whose lock files change name on refresh.
+        let holders = repo.lock_holders(&prune).unwrap();
+        assert_eq!(holders.len(), 2);
+        assert!(!holders.contains(&prune.holder));
+        prune.refresh_in_background();
+        let never = std::time::Instant::now() + Duration::from_millis(50);
+        assert!(!repo
+            .wait_for_holders(&prune, &holders, never, Duration::from_millis(10))
+            .unwrap());
+        drop(backup);
+        drop(late);
+        let soon = std::time::Instant::now() + Duration::from_secs(5);
+        assert!(repo
+            .wait_for_holders(&prune, &holders, soon, Duration::from_millis(10))
+            .unwrap());
     }
 
     #[test]
@@ -339,6 +456,8 @@ mod tests {
         // Rule 1: not refreshed for longer than STALE_AFTER, wherever it was taken.
         let old = LockFile {
             exclusive: true,
+            prune: false,
+            holder: "old".into(),
             time: chrono::Utc::now() - chrono::Duration::minutes(31),
             hostname: "elsewhere".into(),
             pid: 1,
@@ -363,11 +482,11 @@ mod tests {
         };
         assert_eq!(stale, vec![false, true, true]);
         // Stale exclusive locks do not block a backup; the live shared one blocks prune.
-        drop(repo.lock(false, "backup-local").unwrap());
-        assert!(repo.lock(true, "prune").is_err());
+        drop(repo.lock(LockKind::Shared, "backup-local").unwrap());
+        assert!(repo.lock(LockKind::Exclusive, "key remove").is_err());
         assert_eq!(repo.unlock(false).unwrap(), 2);
         assert_eq!(repo.locks().unwrap().len(), 1);
         assert_eq!(repo.unlock(true).unwrap(), 1);
-        repo.lock(true, "prune").unwrap();
+        repo.lock(LockKind::Exclusive, "key remove").unwrap();
     }
 }

@@ -28,6 +28,7 @@ const DATA_KEY_CONTEXT: &str = "haul 2026-11 data key";
 pub const MAX_TREE_BYTES: usize = 512 * 1024 * 1024;
 
 /// An unlocked repository.
+#[derive(Clone)]
 pub struct Repository {
     backend: Arc<dyn Backend>,
     config: RepoConfig,
@@ -451,11 +452,15 @@ impl Repository {
     /// replaces the damaged file for good.
     pub fn load_index(self, cache_root: Option<&std::path::Path>) -> Result<IndexedRepository> {
         let dir = cache_root.map(|r| r.join(&self.config.id));
+        // Before the index files: see `IndexedRepository::is_current`.
+        let epochs = self.epochs()?;
         let index = Index::load(self.backend.as_ref(), &self.data_key, dir.as_deref())?;
         let repo = IndexedRepository {
             repo: self,
             index,
             recovered: Mutex::new(HashSet::new()),
+            epochs,
+            cache_root: cache_root.map(|p| p.to_path_buf()),
         };
         if repo.index.damaged().is_empty() {
             return Ok(repo);
@@ -475,6 +480,20 @@ impl Repository {
         scan.warn_unreadable();
         Ok(repo)
     }
+
+    /// The repository with the index files' packs and then `extra` (see
+    /// [`Index::load_with`]), never cached.
+    pub(crate) fn load_index_with(self, extra: Vec<IndexedPack>) -> Result<IndexedRepository> {
+        let epochs = self.epochs()?;
+        let index = Index::load_with(self.backend.as_ref(), &self.data_key, extra)?;
+        Ok(IndexedRepository {
+            repo: self,
+            index,
+            recovered: Mutex::new(HashSet::new()),
+            epochs,
+            cache_root: None,
+        })
+    }
 }
 
 /// Packs in `data/` that no readable index file lists, read from their own headers.
@@ -483,6 +502,8 @@ pub struct UnindexedPacks {
     pub packs: Vec<IndexedPack>,
     /// Packs whose header could not be read: their blobs stay unknown.
     pub unreadable: Vec<(PackId, Error)>,
+    /// Packs in no index file because a prune condemned them: left alone.
+    pub condemned: usize,
 }
 
 impl UnindexedPacks {
@@ -503,6 +524,9 @@ pub struct IndexedRepository {
     /// Packs indexed in memory at load, from their headers, because a damaged index
     /// file hid them: in no index file yet.
     recovered: Mutex<HashSet<PackId>>,
+    /// The prune epoch markers there were just before the index was loaded.
+    epochs: std::collections::BTreeSet<String>,
+    cache_root: Option<PathBuf>,
 }
 
 impl std::ops::Deref for IndexedRepository {
@@ -515,6 +539,24 @@ impl std::ops::Deref for IndexedRepository {
 impl IndexedRepository {
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// Whether no prune has condemned packs since this index was loaded. A view that
+    /// is not current may know blobs of packs a prune is deleting: a session must not
+    /// answer from it (see `crate::prune`). It looks at the epoch markers only.
+    pub fn is_current(&self) -> Result<bool> {
+        Ok(self.repo.epochs()?.is_subset(&self.epochs))
+    }
+
+    /// The same repository with its index loaded again (no key derivation).
+    pub fn reloaded(&self) -> Result<IndexedRepository> {
+        self.repo.clone().load_index(self.cache_root.as_deref())
+    }
+
+    /// The repository without its index (whose memory is freed), and the index
+    /// cache root it was loaded with.
+    pub fn unload(self) -> (Repository, Option<PathBuf>) {
+        (self.repo, self.cache_root)
     }
 
     /// Reads, opens, decodes and verifies a blob.
@@ -617,17 +659,33 @@ impl IndexedRepository {
     /// from their headers: those a backup killed between writing packs and writing
     /// their index left, and those of a damaged index file. A pack appears in `data/`
     /// only complete (see the backend's contract), so its header tells its blobs.
+    ///
+    /// Packs a prune condemned are not among them: they are in no index file on
+    /// purpose, and indexing them again would hand their blobs to sessions while a
+    /// sweep deletes them (see `crate::prune`).
     pub fn unindexed_packs(&self) -> Result<UnindexedPacks> {
         let mut known = self.index.pack_ids();
         for p in self.recovered.lock().expect("recovered packs").iter() {
             known.remove(p);
         }
         let mut out = UnindexedPacks::default();
-        for (name, size) in self.repo.backend.list(FileType::Data)? {
-            let Ok(id) = name.parse::<PackId>() else {
-                continue;
-            };
-            if known.contains(&id) {
+        let candidates: Vec<(PackId, u64)> = self
+            .repo
+            .backend
+            .list(FileType::Data)?
+            .into_iter()
+            .filter_map(|(name, size)| Some((name.parse::<PackId>().ok()?, size)))
+            .filter(|(id, _)| !known.contains(id))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(out);
+        }
+        // Listed after the packs: a pack condemned before it went missing from the
+        // index files is in a record written before that (see `crate::prune`).
+        let condemned = self.repo.condemnations()?.packs();
+        for (id, size) in candidates {
+            if condemned.contains(&id) {
+                out.condemned += 1;
                 continue;
             }
             match self.read_pack_header(&id, size) {

@@ -86,8 +86,9 @@ impl Usage {
                 p.unused_bytes += length as u64;
             }
         }
-        // A pack the table names but holds no blob of (all its entries superseded).
-        packs.retain(|p| p.used_blobs + p.unused_blobs > 0);
+        // A pack the table names but holds no blob of keeps its place: each of its
+        // blobs has a copy in another pack, the one the index finds, so it holds
+        // nothing the snapshots need, and a prune deletes it.
         Usage { packs }
     }
 

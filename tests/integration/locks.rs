@@ -1,6 +1,7 @@
 //! Repository locks as the operator meets them.
 
 use haul_repo::backend::{Backend, LocalBackend};
+use haul_repo::lock::LockKind;
 use haul_repo::Repository;
 use haul_tests::*;
 use std::sync::Arc;
@@ -14,11 +15,11 @@ fn open(env: &Env) -> Repository {
 fn an_exclusive_lock_stops_a_backup_with_a_clear_message_and_nothing_written() {
     let (env, src) = Env::with_one_file();
     let repo = open(&env);
-    let lock = repo.lock(true, "prune").unwrap();
+    let lock = repo.lock(LockKind::Exclusive, "repair index").unwrap();
     let run = env.pbs(&["backup-local", src.to_str().unwrap()]).expect(1);
     assert!(
         run.stderr
-            .contains("is locked by an exclusive lock of `prune`"),
+            .contains("is locked by an exclusive lock of `repair index`"),
         "{}",
         run.stderr
     );
@@ -42,7 +43,7 @@ fn an_exclusive_lock_stops_a_backup_with_a_clear_message_and_nothing_written() {
 fn shared_locks_let_backups_and_checks_run_together() {
     let (env, src) = Env::with_one_file();
     let repo = open(&env);
-    let shared = repo.lock(false, "another backup").unwrap();
+    let shared = repo.lock(LockKind::Shared, "another backup").unwrap();
     env.backup(&[&src], &[]);
     env.pbs(&["check"]).expect(0);
     // But key removal, which deletes, waits for them.
@@ -229,12 +230,12 @@ fn no_lock_is_refused_by_commands_that_write_and_lets_readers_past_locks() {
 
     // Under an exclusive lock a restore waits; with --no-lock it reads, and leaves no lock.
     let repo = open(&env);
-    let lock = repo.lock(true, "prune").unwrap();
+    let lock = repo.lock(LockKind::Exclusive, "repair index").unwrap();
     let target = env.path("out");
     let run = env.restore(&target, &[]).expect(1);
     assert!(
         run.stderr
-            .contains("is locked by an exclusive lock of `prune`"),
+            .contains("is locked by an exclusive lock of `repair index`"),
         "{}",
         run.stderr
     );

@@ -78,7 +78,7 @@ pub fn key_list(ctx: &Context) -> Result<(), CliError> {
 
 pub fn key_remove(ctx: &Context, id: &str) -> Result<(), CliError> {
     let repo = ctx.open()?;
-    let _lock = repo.lock(true, "key remove")?;
+    let _lock = repo.lock(haul_repo::lock::LockKind::Exclusive, "key remove")?;
     let removed = repo.remove_key(id)?;
     if ctx.global.json {
         json_line(&serde_json::json!({"type": "key-removed", "id": removed}));

@@ -6,6 +6,7 @@ pub mod browse;
 pub mod check;
 pub mod forget;
 pub mod import;
+pub mod prune;
 pub mod pull;
 pub mod repair;
 pub mod restore;

@@ -17,7 +17,7 @@ pub fn repair(ctx: &Context, command: RepairCommand) -> Result<(), CliError> {
     let _lock = if dry_run {
         ctx.read_lock(&repo, purpose)?
     } else {
-        Some(repo.lock(true, purpose)?)
+        Some(repo.lock(haul_repo::lock::LockKind::Exclusive, purpose)?)
     };
     match command {
         RepairCommand::Index { .. } => {

@@ -34,6 +34,8 @@ use crate::repos::Repositories;
 use crate::site::Site;
 use chrono::{DateTime, Utc};
 use schedule::{Alert, Ended, Schedule};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +44,11 @@ pub struct Shared {
     site: Site,
     schedule: Schedule,
     history: History,
+    /// Repositories being pruned.
+    pruning: HashSet<PathBuf>,
+    /// When this process last started a prune of each repository (a prune that could
+    /// not even open its repository has no record to tell).
+    pruned: HashMap<PathBuf, DateTime<Utc>>,
 }
 
 pub type SharedRef = Arc<Mutex<Shared>>;
@@ -77,6 +84,8 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         site,
         schedule,
         history,
+        pruning: HashSet::new(),
+        pruned: HashMap::new(),
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -137,6 +146,7 @@ async fn scheduler(
     tracing::info!("daemon started");
     loop {
         let wake = start_due(shared, &repos, &done_tx);
+        start_prunes(shared, &repos);
         raise_stale_alerts(shared);
         tokio::select! {
             _ = tokio::time::sleep(wake) => {}
@@ -235,6 +245,110 @@ fn start_due(
     wake
 }
 
+/// Starts the prunes that are due (see [`schedule::prune_due`]), each in a thread of
+/// its own: pulls go on meanwhile.
+fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
+    let now = Utc::now();
+    let due: Vec<(PathBuf, crate::site::RepoLocation)> = {
+        let mut s = shared.lock().expect("daemon state");
+        // Each repository once, with the hosts that use it.
+        let mut repos_hosts: Vec<(crate::site::RepoLocation, Vec<String>)> = Vec::new();
+        for h in &s.site.config.hosts {
+            let loc = s.site.repository(Some(&h.name));
+            match repos_hosts.iter_mut().find(|(l, _)| l.path == loc.path) {
+                Some((_, hosts)) => hosts.push(h.name.clone()),
+                None => repos_hosts.push((loc, vec![h.name.clone()])),
+            }
+        }
+        let schedule = s.site.config.server.prune_schedule.clone();
+        let last = s.history.with_records(|runs| {
+            repos_hosts
+                .iter()
+                .map(|(loc, hosts)| {
+                    let location = loc.path.display().to_string();
+                    let pruned = runs
+                        .iter()
+                        .filter(|r| {
+                            r.kind == RunKind::Prune
+                                && matches!(&r.details, Some(crate::record::Details::Prune(d)) if d.repository == location)
+                        })
+                        .map(|r| r.start)
+                        .max();
+                    let forgotten = runs
+                        .iter()
+                        .filter(|r| {
+                            hosts.contains(&r.host)
+                                && matches!(&r.details, Some(crate::record::Details::Forget(d)) if !d.removed.is_empty())
+                        })
+                        .map(|r| r.start)
+                        .max();
+                    (pruned, forgotten)
+                })
+                .collect::<Vec<_>>()
+        });
+        let last = match last {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("reading the run history for prunes: {e}");
+                return;
+            }
+        };
+        let due: Vec<_> = repos_hosts
+            .into_iter()
+            .zip(last)
+            .filter(|((loc, _), (pruned, forgotten))| {
+                let pruned = (*pruned).max(s.pruned.get(&loc.path).copied());
+                !s.pruning.contains(&loc.path)
+                    && schedule::prune_due(&schedule, pruned, *forgotten, now)
+            })
+            .map(|((loc, _), _)| (loc.path.clone(), loc))
+            .collect();
+        for (path, _) in &due {
+            s.pruning.insert(path.clone());
+            s.pruned.insert(path.clone(), now);
+        }
+        due
+    };
+    for (path, loc) in due {
+        let (shared, repos) = (shared.clone(), repos.clone());
+        tracing::info!(repository = %path.display(), "prune starting");
+        std::thread::spawn(move || {
+            let history = shared.lock().expect("daemon state").history.clone();
+            let start = Utc::now();
+            // A view of its own, loaded afresh: the daemon's stays with its pulls.
+            let result = repos
+                .open(&loc)
+                .and_then(|r| Ok(r.reloaded()?))
+                .inspect_err(|e| {
+                    let error = Err(format!("prune of {}: {e}", path.display()));
+                    if let Err(e) =
+                        history.record_local(("repository", RunKind::Prune), start, error)
+                    {
+                        tracing::error!("cannot record the prune: {e}");
+                    }
+                })
+                .and_then(|repo| {
+                    crate::commands::prune::run_recorded(
+                        &history,
+                        repo,
+                        &haul_repo::prune::PruneOptions::default(),
+                        &haul_repo::prune::RunOptions::default(),
+                        start,
+                    )
+                });
+            match result {
+                Ok(r) => tracing::info!(
+                    repository = %path.display(),
+                    "prune finished: {}",
+                    crate::output::prune_summary(&crate::record::PruneDetails::of(&r))
+                ),
+                Err(e) => tracing::error!(repository = %path.display(), "prune failed: {e}"),
+            }
+            shared.lock().expect("daemon state").pruning.remove(&path);
+        });
+    }
+}
+
 /// One pull through the pipeline (which records it); how it ended for the schedule.
 fn pull_host(
     history: &History,
@@ -290,6 +404,7 @@ fn locked<T>(
         site,
         schedule,
         history,
+        ..
     } = &mut *s;
     (f(site, schedule, history), history.clone())
 }
@@ -383,6 +498,7 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
         site: old,
         schedule,
         history,
+        ..
     } = &mut *s;
     let config = site.config.clone();
     if let Err(e) = history.with_records(|r| schedule.reload(&config, r, now, &mut jitter)) {

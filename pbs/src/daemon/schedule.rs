@@ -364,12 +364,68 @@ fn from_history(
 }
 
 /// `27 h` for long gaps, `3m 20s` for short ones.
+/// Whether a repository's prune is due at `now`: a snapshot was forgotten (at
+/// `forgotten`, the newest such run) since its last prune started (`pruned`), and the
+/// prune schedule's time after that prune has come (never pruned: due at once).
+pub fn prune_due(
+    schedule: &haul_config::Schedule,
+    pruned: Option<DateTime<Utc>>,
+    forgotten: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    let Some(forgotten) = forgotten else {
+        return false;
+    };
+    if pruned.is_some_and(|p| forgotten < p) {
+        return false;
+    }
+    schedule.next_after(pruned, now, 0.0) <= now
+}
+
 fn human_gap(gap: chrono::Duration) -> String {
     let secs = gap.num_seconds().max(0) as u64;
     if secs >= 3600 {
         format!("{:.0} h", secs as f64 / 3600.0)
     } else {
         humantime::format_duration(Duration::from_secs(secs)).to_string()
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::prune_due;
+    use chrono::{Duration, TimeZone, Utc};
+
+    #[test]
+    fn a_prune_is_due_on_schedule_and_only_after_a_forget() {
+        let weekly = haul_config::Schedule::parse("7d").unwrap();
+        let now = Utc.with_ymd_and_hms(2026, 12, 6, 12, 0, 0).unwrap();
+        let day = Duration::days(1);
+        // Nothing forgotten: never.
+        assert!(!prune_due(&weekly, None, None, now));
+        assert!(!prune_due(&weekly, Some(now - day * 30), None, now));
+        // Forgotten, never pruned: now.
+        assert!(prune_due(&weekly, None, Some(now - day), now));
+        // Pruned three days ago, forgotten since: in four days, not now.
+        assert!(!prune_due(
+            &weekly,
+            Some(now - day * 3),
+            Some(now - day),
+            now
+        ));
+        assert!(prune_due(
+            &weekly,
+            Some(now - day * 3),
+            Some(now - day),
+            now + day * 4
+        ));
+        // Pruned after the last forget: not even a week later.
+        assert!(!prune_due(
+            &weekly,
+            Some(now - day * 8),
+            Some(now - day * 9),
+            now
+        ));
     }
 }
 

@@ -1,7 +1,7 @@
 //! The append-only decorator: what an ingest session for a source host may do.
 //!
 //! It refuses every delete except of locks (a session removes its own lock) and every
-//! write of keys or the config. Overwrites are already refused by every backend's
+//! write of keys, the config, or a prune's records. Overwrites are already refused by every backend's
 //! `write_once`; this decorator makes sure no code path through it can shrink or
 //! rewrite history, whatever the caller asks.
 
@@ -24,7 +24,10 @@ impl<B: Backend> Backend for AppendOnly<B> {
         self.0.read_range(t, name, offset, length)
     }
     fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
-        if matches!(t, FileType::Key | FileType::Config) {
+        if matches!(
+            t,
+            FileType::Key | FileType::Config | FileType::Condemned | FileType::Epoch
+        ) {
             return Err(Error::AppendOnly {
                 action: "write",
                 what: format!("{t} {name}"),
@@ -33,7 +36,10 @@ impl<B: Backend> Backend for AppendOnly<B> {
         self.0.write_once(t, name, data)
     }
     fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>> {
-        if matches!(t, FileType::Key | FileType::Config) {
+        if matches!(
+            t,
+            FileType::Key | FileType::Config | FileType::Condemned | FileType::Epoch
+        ) {
             return Err(Error::AppendOnly {
                 action: "write",
                 what: t.to_string(),

@@ -98,7 +98,16 @@ impl LocalBackend {
             )));
         }
         let mut dirs = vec![root.to_path_buf()];
-        for d in ["keys", "data", "index", "snapshots", "locks", "tmp"] {
+        for d in [
+            "keys",
+            "data",
+            "index",
+            "snapshots",
+            "locks",
+            "condemned",
+            "epochs",
+            "tmp",
+        ] {
             dirs.push(root.join(d));
         }
         for i in 0..256 {
@@ -396,7 +405,22 @@ impl ObjectWriter for LocalWriter {
         file.sync_all().map_err(Error::io(what.clone()))?;
         drop(file);
         // A hard link fails if the name exists: write-once without a race.
-        let linked = fs::hard_link(&self.tmp, &path);
+        let mut linked = fs::hard_link(&self.tmp, &path);
+        if matches!(&linked, Err(e) if e.kind() == io::ErrorKind::NotFound)
+            && matches!(t, FileType::Condemned | FileType::Epoch)
+        {
+            // A repository made before prune existed has no such directory yet.
+            let dir = path.parent().expect("objects live in a directory");
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .or_else(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .map_err(Error::io(what.clone()))?;
+            linked = fs::hard_link(&self.tmp, &path);
+        }
         // Drop removes the temporary name.
         match linked {
             Ok(()) => {}

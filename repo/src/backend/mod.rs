@@ -45,6 +45,12 @@ pub enum FileType {
     Index,
     Snapshot,
     Lock,
+    /// A prune's condemnation records: packs to delete once no session can still be
+    /// using them (see `crate::prune`).
+    Condemned,
+    /// Markers of completed condemnations: a process whose index view predates the
+    /// newest one reloads it (see `crate::prune`).
+    Epoch,
 }
 
 impl FileType {
@@ -56,16 +62,20 @@ impl FileType {
             FileType::Index => "index",
             FileType::Snapshot => "snapshots",
             FileType::Lock => "locks",
+            FileType::Condemned => "condemned",
+            FileType::Epoch => "epochs",
         }
     }
 
-    pub const ALL: [FileType; 6] = [
+    pub const ALL: [FileType; 8] = [
         FileType::Config,
         FileType::Key,
         FileType::Data,
         FileType::Index,
         FileType::Snapshot,
         FileType::Lock,
+        FileType::Condemned,
+        FileType::Epoch,
     ];
 }
 
@@ -78,6 +88,8 @@ impl std::fmt::Display for FileType {
             FileType::Index => "index file",
             FileType::Snapshot => "snapshot",
             FileType::Lock => "lock",
+            FileType::Condemned => "condemnation record",
+            FileType::Epoch => "prune epoch",
         })
     }
 }

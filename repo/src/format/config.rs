@@ -79,6 +79,8 @@ mod tests {
                     if lock {
                         return serde_json::to_vec(&LockFile {
                             exclusive: seed.is_multiple_of(2),
+                            prune: seed.is_multiple_of(3),
+                            holder: format!("{seed:x}"),
                             time: chrono::DateTime::from_timestamp(min_size.into(), 0).unwrap(),
                             hostname: "pbs".into(),
                             pid: avg_size,

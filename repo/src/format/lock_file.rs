@@ -5,9 +5,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockFile {
-    /// Exclusive locks (prune) exclude every other lock; shared ones (backups,
-    /// checks, restores) only exclusive ones.
+    /// Exclusive locks (key removal, repairs) exclude every other lock; shared ones
+    /// (backups, checks, restores, forget) only exclusive ones.
     pub exclusive: bool,
+    /// A prune's lock: shared, but excluding another prune.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prune: bool,
+    /// The same for every refresh of one lock (its file name changes): a prune's sweep
+    /// waits for holders, not for files.
+    #[serde(default)]
+    pub holder: String,
     /// When the holder last confirmed it is alive.
     pub time: chrono::DateTime<chrono::Utc>,
     pub hostname: String,

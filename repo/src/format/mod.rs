@@ -4,6 +4,7 @@
 //! data key with associated data naming its role, so an observer of the storage learns
 //! only object sizes, and no object can be passed off as another kind.
 
+pub mod condemned;
 pub mod config;
 pub mod index_file;
 pub mod key_file;
@@ -18,6 +19,8 @@ pub(crate) mod ad {
     pub const SNAPSHOT: &[u8] = b"haul snapshot v1";
     pub const PACK_HEADER: &[u8] = b"haul pack header v1";
     pub const MASTER_KEY: &[u8] = b"haul master key v1";
+    pub const CONDEMNED: &[u8] = b"haul condemnation v1";
+    pub const EPOCH: &[u8] = b"haul prune epoch v1";
 
     /// A blob's associated data: its kind and full id.
     pub fn blob(kind: haul_protocol::BlobKind, id: &[u8; 32]) -> [u8; 33] {

@@ -185,6 +185,9 @@ pub fn repack(
         });
         if packer.len >= pack_size {
             written.extend(finish(packer, repo)?);
+            if written.len() == 1 {
+                super::pause_at(super::Step::Repacking);
+            }
         }
     }
     for packer in &mut packers {

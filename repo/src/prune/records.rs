@@ -1,0 +1,93 @@
+//! A prune's records in the repository: condemnation records (`condemned/`) and
+//! epoch markers (`epochs/`). See the module doc of `crate::prune` for what they mean.
+
+use crate::backend::FileType;
+use crate::error::{DamagedFile, Error, Result};
+use crate::format::ad;
+use crate::format::condemned::{self, Condemnation};
+use crate::repository::Repository;
+use haul_protocol::PackId;
+use std::collections::{BTreeSet, HashSet};
+
+/// The condemnation records in the repository, and those that cannot be read.
+#[derive(Debug, Default)]
+pub struct Condemnations {
+    pub records: Vec<(String, Condemnation)>,
+    pub damaged: Vec<DamagedFile>,
+}
+
+impl Condemnations {
+    pub fn packs(&self) -> HashSet<PackId> {
+        self.records
+            .iter()
+            .flat_map(|(_, c)| c.packs.iter().map(|p| p.pack))
+            .collect()
+    }
+}
+
+impl Repository {
+    /// The epoch markers' names.
+    pub(crate) fn epochs(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .backend()
+            .list(FileType::Epoch)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// Writes a new epoch marker, then removes the older ones: a process that saw any
+    /// other set of markers when it loaded its index sees a name it does not know.
+    pub(crate) fn write_epoch(&self) -> Result<String> {
+        let old = self.epochs()?;
+        let sealed = self
+            .data_key()
+            .seal(ad::EPOCH, chrono::Utc::now().to_rfc3339().as_bytes());
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.backend().write_once(FileType::Epoch, &name, &sealed)?;
+        for n in old {
+            match self.backend().delete(FileType::Epoch, &n) {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(name)
+    }
+
+    /// Every condemnation record. One that does not verify is listed as damaged: its
+    /// packs are then never deleted by a sweep (which cannot read it either).
+    pub fn condemnations(&self) -> Result<Condemnations> {
+        let mut out = Condemnations::default();
+        for (name, _) in self.backend().list(FileType::Condemned)? {
+            match self.read_condemnation(&name) {
+                Ok(c) => out.records.push((name, c)),
+                Err(Error::NotFound { .. }) => {}
+                Err(e @ Error::Corrupt { .. }) => {
+                    out.damaged
+                        .push(DamagedFile::new(FileType::Condemned, &name, &e))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        out.records.sort_by_key(|r| r.1.header.time);
+        Ok(out)
+    }
+
+    fn read_condemnation(&self, name: &str) -> Result<Condemnation> {
+        let what = format!("condemnation record {name}");
+        let sealed = self.backend().read(FileType::Condemned, name)?;
+        if blake3::hash(&sealed).to_hex().as_str() != name {
+            return Err(Error::corrupt(what, "content does not match its name"));
+        }
+        let plain = self.data_key().open(ad::CONDEMNED, &sealed, &what)?;
+        condemned::decode(&plain).map_err(|d| Error::corrupt(what, d))
+    }
+
+    pub(crate) fn write_condemnation(&self, c: &Condemnation) -> Result<String> {
+        let sealed = self.data_key().seal(ad::CONDEMNED, &condemned::encode(c));
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.backend()
+            .write_once(FileType::Condemned, &name, &sealed)?;
+        Ok(name)
+    }
+}
