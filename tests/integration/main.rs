@@ -16,6 +16,7 @@ mod ingest;
 mod keys;
 mod locks;
 mod pipeline;
+mod prune;
 mod pull;
 mod repair;
 mod roundtrip;

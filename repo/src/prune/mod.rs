@@ -219,6 +219,16 @@ pub fn prune(
             "index file {d} is damaged: run `haul-pbs repair index` before a prune"
         )));
     }
+    // Packs in no index file (left by a killed backup or prune) are indexed, so the
+    // mark decides about them too: a killed prune's copies go, as unused duplicates.
+    let orphans = view.index_orphan_packs()?;
+    let view = if orphans == 0 {
+        view
+    } else {
+        tracing::info!(packs = orphans, "indexed packs that no index file listed");
+        let (base, cache) = view.unload();
+        base.load_index(cache.as_deref())?
+    };
     let snapshots = view.snapshots()?;
     report.snapshots = snapshots.len();
     let marks = mark(&view, snapshots.iter().map(|(_, s)| s.tree))?;

@@ -185,13 +185,16 @@ pub fn repack(
         });
         if packer.len >= pack_size {
             written.extend(finish(packer, repo)?);
-            if written.len() == 1 {
-                super::pause_at(super::Step::Repacking);
-            }
+        }
+        if written.len() == 1 {
+            super::pause_at(super::Step::Repacking);
         }
     }
     for packer in &mut packers {
         written.extend(finish(packer, repo)?);
+        if written.len() == 1 {
+            super::pause_at(super::Step::Repacking);
+        }
     }
     if !written.is_empty() {
         repo.write_index_file(&written)?;
