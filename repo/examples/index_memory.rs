@@ -4,7 +4,8 @@
 //! packs give) as sealed index files into a local repository directory, loads them
 //! once (which builds the local cache), then loads the cache in a fresh child process
 //! and reports that process's resident-memory growth per entry, next to the table's
-//! own size, and what a prune's mark phase adds (`haul_repo::usage`). Run:
+//! own size, and what a prune's mark phase and plan add (`haul_repo::usage`,
+//! `haul_repo::prune`). Run:
 //! `cargo run --release -p haul-repo --example index_memory [N]`.
 
 use haul_protocol::{BlobKind, PackId};
@@ -13,6 +14,7 @@ use haul_repo::crypto::Key;
 use haul_repo::format::index_file::{encode, IndexedPack};
 use haul_repo::format::pack_header::PackEntry;
 use haul_repo::index::Index;
+use haul_repo::prune::{plan, MaxUnused, PruneOptions};
 use haul_repo::usage::{Marks, Usage};
 use std::path::Path;
 use std::time::Instant;
@@ -165,5 +167,28 @@ fn child(repo: &Path, cache: &Path, key_hex: &str, n: u64) {
         "mark phase: {:.2} resident bytes per entry over the index ({} packs)",
         (rss3 - rss2) as f64 * 1024.0 / n as f64,
         usage.packs.len()
+    );
+    // The plan and the set of condemned packs (every pack is partly used here, so
+    // the decision covers them all), which a prune holds until its sweep.
+    let plan = plan(
+        &usage,
+        &PruneOptions {
+            max_unused: MaxUnused::Bytes(0),
+            pack_size: 16 << 20,
+            ..Default::default()
+        },
+    );
+    let condemned: std::collections::HashSet<PackId> =
+        plan.delete.iter().chain(&plan.repack).copied().collect();
+    let rss4 = status_kib("VmRSS:");
+    assert_eq!(condemned.len() + plan.keep, usage.packs.len());
+    println!(
+        "mark, plan and condemned set: {:.2} resident bytes per entry over the index",
+        (rss4 - rss2) as f64 * 1024.0 / n as f64
+    );
+    println!(
+        "peak resident (VmHWM) of this process: {} MiB, of which the index table {} MiB",
+        status_kib("VmHWM:") / 1024,
+        index.table_bytes() >> 20
     );
 }

@@ -98,8 +98,6 @@ pub struct Index {
     covered: Files,
     /// Index files skipped because they do not verify.
     damaged: Vec<DamagedFile>,
-    /// See [`Index::first_extra_pack`].
-    first_extra: usize,
 }
 
 const MAGIC: &[u8; 8] = b"HAULIDX2";
@@ -166,36 +164,6 @@ impl Index {
             }
         }
         finish(cache_path.as_deref(), &covered, packs, full, damaged)
-    }
-
-    /// The index of `backend` with the `extra` packs after those of its index files,
-    /// built privately and never cached: a prune's sweep sees the packs it condemned
-    /// this way. A blob both list keeps the index files' copy.
-    pub(crate) fn load_with(
-        backend: &dyn Backend,
-        key: &Key,
-        extra: Vec<IndexedPack>,
-    ) -> Result<Index> {
-        let mut packs = Vec::new();
-        let mut full = (Vec::new(), Vec::new());
-        let mut covered = Files::new();
-        let mut damaged = Vec::new();
-        for (name, size) in backend.list(FileType::Index)? {
-            if add_or_note(backend, key, &name, &mut packs, &mut full, &mut damaged)? {
-                covered.insert(name, size);
-            }
-        }
-        let first_extra = packs.len();
-        add_packs(&mut packs, &mut full, extra);
-        let mut index = finish(None, &covered, packs, full, damaged)?;
-        index.first_extra = first_extra;
-        Ok(index)
-    }
-
-    /// The position in [`Index::table_packs`] of the first pack [`Index::load_with`]
-    /// added after the index files' (the number of packs when there are none).
-    pub fn first_extra_pack(&self) -> usize {
-        self.first_extra.min(self.packs.len())
     }
 
     /// The index files that were skipped because they do not verify.
@@ -742,7 +710,6 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
             added: RwLock::new(HashMap::new()),
             covered,
             damaged: Vec::new(),
-            first_extra: usize::MAX,
         })
     })();
     Ok(parsed)

@@ -480,20 +480,6 @@ impl Repository {
         scan.warn_unreadable();
         Ok(repo)
     }
-
-    /// The repository with the index files' packs and then `extra` (see
-    /// [`Index::load_with`]), never cached.
-    pub(crate) fn load_index_with(self, extra: Vec<IndexedPack>) -> Result<IndexedRepository> {
-        let epochs = self.epochs()?;
-        let index = Index::load_with(self.backend.as_ref(), &self.data_key, extra)?;
-        Ok(IndexedRepository {
-            repo: self,
-            index,
-            recovered: Mutex::new(HashSet::new()),
-            epochs,
-            cache_root: None,
-        })
-    }
 }
 
 /// Packs in `data/` that no readable index file lists, read from their own headers.

@@ -414,3 +414,68 @@ fn the_daemon_prunes_on_schedule_after_retention_removed_snapshots() {
     pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
     assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 }
+
+#[test]
+fn a_full_disk_fails_the_prune_cleanly_and_loses_nothing() {
+    use std::os::unix::fs::symlink;
+    let env = Env::new();
+    // The repository and the index cache on a small disk of their own.
+    let disk = Tmpfs::mount(&env.path("disk"), "64m");
+    for d in ["repo", "cache"] {
+        fs::create_dir(disk.path.join(d)).unwrap();
+        symlink(disk.path.join(d), env.path(d)).unwrap();
+    }
+    env.init();
+    let src = env.path("src");
+    for n in 1..=3 {
+        write_version(&src, n);
+        env.backup(&[&src], &[]);
+    }
+    let ids = snapshot_ids(&env);
+    env.pbs(&["forget", &ids[0], &ids[1]]).expect(0);
+    let before = repository_files(&env.repo());
+    // Room for a lock and an index file, not for the repacked copies.
+    disk.fill_leaving(256 * 1024);
+    let run = env.pbs(&["prune"]);
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("No space left on device"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("the disk is full"), "{}", run.stderr);
+    // Nothing the snapshots use is gone; what the failed prune left is reclaimable.
+    for (path, bytes) in &before {
+        if !path.starts_with("locks") {
+            assert_eq!(
+                fs::read(env.repo().join(path)).ok().as_ref(),
+                Some(bytes),
+                "{path:?}"
+            );
+        }
+    }
+    assert_eq!(env.count("condemned"), 0);
+    let report = check_clean(&env);
+    assert_eq!(report["snapshots"], 1);
+    restores_as(&env, &src);
+    let failed = env
+        .runs()
+        .into_iter()
+        .rev()
+        .find(|r| r["kind"] == "prune")
+        .unwrap();
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{failed:#}"
+    );
+    // With room again, the prune does its work.
+    disk.unfill();
+    env.pbs(&["prune"]).expect(0);
+    let report = check_clean(&env);
+    assert_eq!(report["unused"]["packs"], 0, "{report:#}");
+    restores_as(&env, &src);
+}

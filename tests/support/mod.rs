@@ -933,3 +933,89 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// A size-limited tmpfs mounted at `path` (we run as root), unmounted when dropped.
+pub struct Tmpfs {
+    pub path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        run_tool(
+            std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(path),
+            "mount (as root) of a size-limited tmpfs",
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills the filesystem to 100% with `fill`: writes until ENOSPC.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path.join("fill")).unwrap();
+        let block = vec![0xa5u8; 64 * 1024];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.path.display()),
+            }
+        }
+        assert_eq!(self.free(), 0, "{} is full", self.path.display());
+    }
+
+    /// Fills the filesystem, then gives `bytes` back.
+    pub fn fill_leaving(&self, bytes: u64) {
+        self.fill();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("fill"))
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(bytes)).unwrap();
+    }
+
+    /// Gives back everything [`Tmpfs::fill`] took.
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.path.join("fill")).unwrap();
+    }
+
+    pub fn free(&self) -> u64 {
+        let c = std::ffi::CString::new(self.path.to_str().unwrap()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    /// Unmounts, retrying for at most two seconds while a process still uses it, then
+    /// detaches it lazily: a test never hangs here.
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            let done = std::process::Command::new("umount")
+                .arg(&self.path)
+                .status()
+                .is_ok_and(|s| s.success());
+            if done {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}

@@ -4,23 +4,32 @@
 use crate::backend::FileType;
 use crate::error::{DamagedFile, Error, Result};
 use crate::format::ad;
-use crate::format::condemned::{self, Condemnation};
+use crate::format::condemned::{self, Condemnation, Header};
 use crate::repository::Repository;
 use haul_protocol::PackId;
 use std::collections::{BTreeSet, HashSet};
 
-/// The condemnation records in the repository, and those that cannot be read.
+/// The condemnation records in the repository (without the blobs of their packs,
+/// which [`Repository::read_condemnation`] reads one record at a time), and those that
+/// cannot be read.
 #[derive(Debug, Default)]
 pub struct Condemnations {
-    pub records: Vec<(String, Condemnation)>,
+    pub records: Vec<Record>,
     pub damaged: Vec<DamagedFile>,
+}
+
+#[derive(Debug)]
+pub struct Record {
+    pub name: String,
+    pub header: Header,
+    pub packs: Vec<PackId>,
 }
 
 impl Condemnations {
     pub fn packs(&self) -> HashSet<PackId> {
         self.records
             .iter()
-            .flat_map(|(_, c)| c.packs.iter().map(|p| p.pack))
+            .flat_map(|r| r.packs.iter().copied())
             .collect()
     }
 }
@@ -60,7 +69,11 @@ impl Repository {
         let mut out = Condemnations::default();
         for (name, _) in self.backend().list(FileType::Condemned)? {
             match self.read_condemnation(&name) {
-                Ok(c) => out.records.push((name, c)),
+                Ok(c) => out.records.push(Record {
+                    name,
+                    header: c.header,
+                    packs: c.packs.iter().map(|p| p.pack).collect(),
+                }),
                 Err(Error::NotFound { .. }) => {}
                 Err(e @ Error::Corrupt { .. }) => {
                     out.damaged
@@ -69,11 +82,12 @@ impl Repository {
                 Err(e) => return Err(e),
             }
         }
-        out.records.sort_by_key(|r| r.1.header.time);
+        out.records.sort_by_key(|r| r.header.time);
         Ok(out)
     }
 
-    fn read_condemnation(&self, name: &str) -> Result<Condemnation> {
+    /// One condemnation record, with the blobs of its packs.
+    pub(crate) fn read_condemnation(&self, name: &str) -> Result<Condemnation> {
         let what = format!("condemnation record {name}");
         let sealed = self.backend().read(FileType::Condemned, name)?;
         if blake3::hash(&sealed).to_hex().as_str() != name {

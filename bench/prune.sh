@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): `haul-pbs forget --keep-last 3` + `haul-pbs prune` against
+# `restic forget --keep-last 3 --prune`, on the same data and the same ten snapshots,
+# in one run.
+#
+# usage: bench/prune.sh [--mib N] [--snapshots N] [--work DIR]
+#        (defaults: 1024, 10, /tmp/haul-bench-prune)
+# env:   HAUL_BIN=dir     directory holding haul-pbs and haul-agent (default: the
+#                         workspace's target/release, built if missing)
+#
+# The dataset is made by gen_dataset.py; between snapshots it is changed with
+# gen_dataset.py --mutate. Both tools back up each version (not measured), then keep
+# the last three and reclaim the space (measured; page caches dropped first). Printed:
+# wall, CPU, peak RSS, bytes freed and repository size after, and the ratios.
+set -euo pipefail
+
+mib=1024 snapshots=10 work=/tmp/haul-bench-prune
+while (($#)); do
+  case $1 in
+    --mib) mib=${2:?--mib needs a value}; shift 2 ;;
+    --snapshots) snapshots=${2:?--snapshots needs a value}; shift 2 ;;
+    --work) work=${2:?--work needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "prune.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "prune.sh: --mib wants a positive integer" >&2; exit 2; }
+[[ $snapshots =~ ^[1-9][0-9]*$ && $snapshots -gt 3 ]] || { echo "prune.sh: --snapshots wants an integer above 3" >&2; exit 2; }
+
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
+root=$(cd "$here/.." && pwd -P)
+gen="$root/bench/gen_dataset.py"
+for t in restic python3 jq; do
+  command -v $t >/dev/null || { echo "prune.sh: needs $t (apt-get install -y restic python3 jq time)" >&2; exit 2; }
+done
+[[ -x /usr/bin/time ]] || { echo "prune.sh: needs /usr/bin/time (apt-get install -y time)" >&2; exit 2; }
+
+bin=${HAUL_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
+if [[ -z ${HAUL_BIN:-} && ( ! -x $bin/haul-pbs || ! -x $bin/haul-agent ) ]]; then
+  echo "building haul-pbs and haul-agent ..." >&2
+  (cd "$root" && cargo build --release -p haul-pbs -p haul-agent) >&2
+fi
+haul=$bin/haul-pbs
+
+mkdir -p "$work"
+work=$(cd "$work" && pwd -P)
+data="$work/data" logs="$work/logs"
+rm -rf "$data" "$logs" "$work"/{restic,haul}-{repo,cache} "$work/state"
+mkdir -p "$logs"
+exec > >(tee "$work/results.txt")
+unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD
+export RESTIC_PASSWORD=bench
+printf 'bench\n' >"$work/password"
+chmod 600 "$work/password"
+
+restic_=(restic -r "$work/restic-repo" --cache-dir "$work/restic-cache")
+haul_=("$haul" --repo "$work/haul-repo" --password-file "$work/password" --cache-dir "$work/haul-cache")
+"${restic_[@]}" -q init --repository-version 2 >"$logs/restic.init.log" 2>&1
+"${haul_[@]}" init >"$logs/haul.init.log" 2>&1
+
+echo "generating ${mib} MiB dataset and $snapshots snapshots of it ..." >&2
+python3 "$gen" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
+for ((i = 1; i <= snapshots; i++)); do
+  ((i == 1)) || python3 "$gen" "$data" --mutate >>"$logs/gen.log" 2>&1
+  "${restic_[@]}" backup -q "$data" >>"$logs/restic.backups.log" 2>&1
+  "${haul_[@]}" --json pull --local "$data" --state-dir "$work/state" >>"$logs/haul.backups.log" 2>&1
+done
+
+size() { du -sb "$1" | cut -f1; }
+declare -A wall cpu rss
+measure() { # name cmd...
+  local name=$1 t="$logs/$1.time"; shift
+  sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
+  if ! /usr/bin/time -f '%e %U %S %M' -o "$t" "$@" >"$logs/$name.log" 2>&1; then
+    echo "$name FAILED:"; tail -5 "$logs/$name.log" | sed 's/^/  | /'; exit 1
+  fi
+  local w u s m
+  read -r w u s m <"$t"
+  wall[$name]=$w cpu[$name]=$(awk -v u="$u" -v s="$s" 'BEGIN { print u + s }') rss[$name]=$((m / 1024))
+}
+
+r0=$(size "$work/restic-repo") h0=$(size "$work/haul-repo")
+measure restic "${restic_[@]}" forget --keep-last 3 --prune
+r1=$(size "$work/restic-repo")
+measure haul-forget "${haul_[@]}" forget --keep-last 3
+measure haul-prune "${haul_[@]}" --json prune
+h1=$(size "$work/haul-repo")
+"${haul_[@]}" check >"$logs/haul.check.log" 2>&1 || { echo "haul check FAILED (see $logs/haul.check.log)"; exit 1; }
+"${restic_[@]}" check >"$logs/restic.check.log" 2>&1 || { echo "restic check FAILED (see $logs/restic.check.log)"; exit 1; }
+
+hw=$(awk -v a="${wall[haul-forget]}" -v b="${wall[haul-prune]}" 'BEGIN { print a + b }')
+hc=$(awk -v a="${cpu[haul-forget]}" -v b="${cpu[haul-prune]}" 'BEGIN { print a + b }')
+hm=$((rss[haul-forget] > rss[haul-prune] ? rss[haul-forget] : rss[haul-prune]))
+mibs() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+printf '%-22s %8s %8s %8s %12s %12s %12s\n' tool wall_s cpu_s rss_mib before_mib freed_mib after_mib
+printf '%-22s %8s %8s %8d %12s %12s %12s\n' "restic forget --prune" "${wall[restic]}" "${cpu[restic]}" "${rss[restic]}" \
+  "$(mibs "$r0")" "$(mibs $((r0 - r1)))" "$(mibs "$r1")"
+printf '%-22s %8s %8s %8d %12s %12s %12s\n' "haul forget + prune" "$hw" "$hc" "$hm" \
+  "$(mibs "$h0")" "$(mibs $((h0 - h1)))" "$(mibs "$h1")"
+printf '%-22s %8s %8s %8d\n' "  of which prune" "${wall[haul-prune]}" "${cpu[haul-prune]}" "${rss[haul-prune]}"
+echo
+echo "haul/restic (below 1 = haul better):"
+awk -v hw="$hw" -v rw="${wall[restic]}" -v hm="$hm" -v rm="${rss[restic]}" -v h1="$h1" -v r1="$r1" \
+  'BEGIN { printf "wall %.2fx   peak rss %.2fx   size after %.3fx\n", hw / rw, hm / rm, h1 / r1 }'
+echo "logs: $logs" >&2
