@@ -99,7 +99,8 @@ fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
     let repo = Repository::init(
         backend,
         pass.as_bytes(),
-        KdfParams::default(),
+        // The passphrase is 256 random bits: see `KdfParams::RANDOM_SECRET`.
+        KdfParams::RANDOM_SECRET,
         RepoConfig::new(haul_repo::format::config::DEFAULT_COMPRESSION),
     )?;
     if json {

@@ -145,6 +145,18 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
+    /// For a passphrase that is itself a random 256-bit secret (the key files the pbs
+    /// generates for its repositories): 1 MiB, 1 pass. Memory-hard derivation slows
+    /// down the guessing of a passphrase a person chose; 256 random bits cannot be
+    /// guessed at any cost per guess, so the 64 MiB and quarter of a second of
+    /// [`KdfParams::default`] would buy nothing on every command that opens the
+    /// repository.
+    pub const RANDOM_SECRET: KdfParams = KdfParams {
+        m_cost: 1024,
+        t_cost: 1,
+        p_cost: 1,
+    };
+
     /// Tiny parameters for unit tests: derivation in microseconds, no strength at all.
     #[cfg(test)]
     pub(crate) const TESTS: KdfParams = KdfParams {
