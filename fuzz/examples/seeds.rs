@@ -129,6 +129,7 @@ fn main() {
         exclusive: false,
         prune: false,
         holder: "0f".repeat(16),
+        pid_ns: 4026531836,
         time,
         hostname: "pbs".into(),
         pid: 4242,

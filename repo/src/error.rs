@@ -76,6 +76,11 @@ pub enum Error {
         path: String,
     },
 
+    /// A held lock was not refreshed for so long that others may take it for stale
+    /// (see `crate::lock`): what it protected may be gone.
+    #[error("the lock of this {what} could not be refreshed for {minutes} minutes, so a prune may no longer wait for it: nothing more is written; run it again")]
+    LockLost { what: String, minutes: u64 },
+
     #[error("{0}")]
     InvalidInput(String),
 }
@@ -178,7 +183,7 @@ impl Error {
                             | io::ErrorKind::ConnectionReset
                     )
             }
-            Error::Locked { .. } => true,
+            Error::Locked { .. } | Error::LockLost { .. } => true,
             _ => false,
         }
     }

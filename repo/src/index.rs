@@ -385,6 +385,8 @@ fn add_or_note(
 ) -> Result<bool> {
     match add_index_file(backend, key, name, packs, full) {
         Ok(()) => Ok(true),
+        // Deleted since it was listed: a prune replaced it by a file written before.
+        Err(Error::NotFound { .. }) => Ok(false),
         Err(e @ Error::Corrupt { .. }) => {
             damaged.push(DamagedFile::new(FileType::Index, name, &e));
             Ok(false)

@@ -295,6 +295,20 @@ impl From<std::sync::Arc<IndexedRepository>> for RepoRef<'static> {
     }
 }
 
+/// Whether a session may build on snapshot `id`: its root tree is indexed, and every
+/// pending condemnation's mark walked it (one that did not may have condemned what it
+/// uses; see `crate::prune`).
+fn parent_settled(repo: &IndexedRepository, id: &SnapshotId, s: &Snapshot) -> Result<bool> {
+    if !repo.index().contains(BlobKind::Tree, &s.tree.0)? {
+        return Ok(false);
+    }
+    if repo.backend().list(FileType::Condemned)?.is_empty() {
+        return Ok(true);
+    }
+    let records = repo.condemnations()?;
+    Ok(records.damaged.is_empty() && records.records.iter().all(|r| r.header.marked.contains(id)))
+}
+
 impl<'r> IngestSession<'r> {
     /// Starts a session and resolves its parent snapshot.
     pub fn start(repo: impl Into<RepoRef<'r>>, info: SessionInfo) -> Result<IngestSession<'r>> {
@@ -323,12 +337,14 @@ impl<'r> IngestSession<'r> {
             tracing::info!("a prune condemned packs since the index was loaded: loading it again");
             RepoRef::Shared(std::sync::Arc::new(repo.reloaded()?))
         };
-        // A parent committed while a prune ran may have its trees in condemned packs
-        // until the prune's sweep takes them back: then the pull reads everything.
+        // A parent committed while a prune ran may use blobs of condemned packs until
+        // the prune's sweep takes them back; its trees are then not built on (a
+        // session trusts its parent's trees without looking below them), and the
+        // pull reads everything.
         let parent = match parent {
-            Some((id, s)) if !repo.index().contains(BlobKind::Tree, &s.tree.0)? => {
+            Some((id, s)) if !parent_settled(&repo, &id, &s)? => {
                 tracing::warn!(
-                    "the trees of parent snapshot {} are not in the index (a prune is still sweeping): every file is read again",
+                    "parent snapshot {} was committed while a prune ran and is not settled yet: every file is read again",
                     id.short()
                 );
                 None
@@ -809,6 +825,8 @@ impl<'r> IngestSession<'r> {
         self.flush()?;
         tracing::debug!("commit: open packs and the index written");
         self.check_complete(&root)?;
+        // Only while the lock is fresh: a prune's sweep waits for it (see `crate::prune`).
+        self._lock.ensure_fresh("backup session")?;
         tracing::debug!("commit: everything below the root tree is stored");
         summary.blobs_new = self.stats.blobs_new.load(Relaxed);
         summary.bytes_new = self.stats.bytes_new.load(Relaxed);
@@ -1036,6 +1054,26 @@ mod tests {
             .finalize_xof()
             .fill(&mut out);
         out
+    }
+
+    #[test]
+    fn a_session_whose_lock_was_lost_commits_nothing() {
+        let repo = Repository::init(
+            Arc::new(MemoryBackend::default()),
+            b"pw",
+            KdfParams::TESTS,
+            RepoConfig::new(3),
+        )
+        .unwrap()
+        .load_index(None)
+        .unwrap();
+        let session = IngestSession::start(&repo, SessionInfo::for_tests()).unwrap();
+        let (root, bytes) = Tree { nodes: vec![] }.encode_with_id();
+        session.add_plain(BlobKind::Tree, &root.0, bytes).unwrap();
+        session._lock.age_for_tests(Duration::from_secs(40 * 60));
+        let err = session.commit(root, Summary::default()).unwrap_err();
+        assert!(matches!(err, Error::LockLost { .. }), "{err}");
+        assert!(repo.snapshots().unwrap().is_empty());
     }
 
     #[test]

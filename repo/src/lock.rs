@@ -10,7 +10,8 @@
 //! Stale-lock rules (a stale lock is ignored, and removed by `unlock`):
 //! 1. A lock not refreshed for [`STALE_AFTER`] (30 minutes) is stale: its holder
 //!    refreshes it every [`REFRESH_EVERY`] (5 minutes) while it runs, so it is gone.
-//! 2. A lock written on this host by a process that no longer exists is stale at once.
+//! 2. A lock written on this host, in this PID namespace, by a process that no longer
+//!    exists is stale at once.
 //! 3. A lock that cannot be read (damaged, or sealed under another key) counts as an
 //!    exclusive lock of an unknown holder and is never stale: `unlock --all` removes it.
 //!
@@ -54,6 +55,8 @@ pub struct LockGuard {
     holder: String,
     name: Arc<Mutex<String>>,
     refresher: Option<haul_protocol::Ticker>,
+    /// When the lock file was last written.
+    written: Arc<Mutex<std::time::Instant>>,
 }
 
 /// What a lock lets its holder do beside others.
@@ -121,6 +124,12 @@ fn this_host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// This process's PID namespace (0 when it cannot be told).
+fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
 fn process_exists(pid: u32) -> bool {
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -140,6 +149,7 @@ fn write_lock(
         time: chrono::Utc::now(),
         hostname: this_host(),
         pid: std::process::id(),
+        pid_ns: pid_namespace(),
         purpose: purpose.to_string(),
     };
     let sealed = key.seal(AD, &serde_json::to_vec(&lock).expect("lock serializes"));
@@ -173,7 +183,10 @@ pub fn is_stale(lock: &LockFile, now: chrono::DateTime<chrono::Utc>, host: &str)
     if age.to_std().is_ok_and(|a| a > STALE_AFTER) {
         return true;
     }
-    lock.hostname == host && lock.pid != std::process::id() && !process_exists(lock.pid)
+    lock.hostname == host
+        && (lock.pid_ns == 0 || lock.pid_ns == pid_namespace())
+        && lock.pid != std::process::id()
+        && !process_exists(lock.pid)
 }
 
 impl Repository {
@@ -234,6 +247,7 @@ impl Repository {
             holder,
             name: Arc::new(Mutex::new(name)),
             refresher: None,
+            written: Arc::new(Mutex::new(std::time::Instant::now())),
         })
     }
 
@@ -284,8 +298,10 @@ impl Repository {
             .filter(|info| !info.stale)
             .map(|info| match info.lock {
                 Some(l) if !l.holder.is_empty() => l.holder,
-                // Written before locks named their holder: the file is the holder.
-                _ => format!("file {}", info.name),
+                // Written by an older haul, whose lock changes name on every refresh:
+                // one holder for them all, so a sweep waits until none is left.
+                Some(_) => "a lock without a holder id".to_string(),
+                None => format!("unreadable lock {}", info.name),
             })
             .filter(|h| *h != own.holder)
             .collect())
@@ -338,14 +354,41 @@ impl LockGuard {
         }
         let (backend, key, name) = (self.backend.clone(), self.key.clone(), self.name.clone());
         let (kind, purpose, holder) = (self.kind, self.purpose.clone(), self.holder.clone());
+        let written = self.written.clone();
         let refresh = move || match write_lock(backend.as_ref(), &key, kind, &purpose, &holder) {
             Ok(new) => {
+                *written.lock().expect("lock time") = std::time::Instant::now();
                 let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
                 let _ = backend.delete(FileType::Lock, &old);
             }
             Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
         };
         self.refresher = Some(haul_protocol::Ticker::start(REFRESH_EVERY, refresh, || {}));
+    }
+}
+
+impl LockGuard {
+    /// Fails with [`Error::LockLost`] when the lock file was last written so long ago
+    /// that it is about to count as stale (see the module doc): a session must not
+    /// commit, nor a prune delete, on the strength of a lock others may ignore.
+    pub fn ensure_fresh(&self, what: &str) -> Result<()> {
+        let age = self.written.lock().expect("lock time").elapsed();
+        if age + REFRESH_EVERY < STALE_AFTER {
+            return Ok(());
+        }
+        Err(Error::LockLost {
+            what: what.to_string(),
+            minutes: age.as_secs() / 60,
+        })
+    }
+}
+
+#[cfg(test)]
+impl LockGuard {
+    /// Makes the lock look last written `by` earlier (as after refreshes that failed).
+    pub(crate) fn age_for_tests(&self, by: Duration) {
+        let mut w = self.written.lock().expect("lock time");
+        *w = w.checked_sub(by).expect("the clock has run that long");
     }
 }
 
@@ -450,6 +493,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_not_refreshed_for_25_minutes_is_lost_to_its_holder() {
+        let repo = repo();
+        let lock = repo.lock(LockKind::Shared, "backup").unwrap();
+        lock.ensure_fresh("backup session").unwrap();
+        lock.age_for_tests(Duration::from_secs(26 * 60));
+        let err = lock.ensure_fresh("backup session").unwrap_err();
+        assert!(matches!(err, Error::LockLost { minutes: 26, .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the lock of this backup session could not be refreshed for 26 minutes, so a prune may no longer wait for it: nothing more is written; run it again"
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[test]
     fn stale_locks_are_ignored_and_removed_by_unlock() {
         let repo = repo();
         let host = this_host();
@@ -458,6 +516,7 @@ mod tests {
             exclusive: true,
             prune: false,
             holder: "old".into(),
+            pid_ns: 0,
             time: chrono::Utc::now() - chrono::Duration::minutes(31),
             hostname: "elsewhere".into(),
             pid: 1,

@@ -539,6 +539,11 @@ impl IndexedRepository {
         self.repo.clone().load_index(self.cache_root.as_deref())
     }
 
+    /// The index cache root it was loaded with.
+    pub fn cache_root(&self) -> Option<&std::path::Path> {
+        self.cache_root.as_deref()
+    }
+
     /// The repository without its index (whose memory is freed), and the index
     /// cache root it was loaded with.
     pub fn unload(self) -> (Repository, Option<PathBuf>) {

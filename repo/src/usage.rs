@@ -127,11 +127,21 @@ pub fn mark_snapshots(repo: &IndexedRepository) -> Result<Marks> {
 /// Marks every tree and chunk reachable from `roots` (trees and chunks the index does
 /// not hold are skipped: finding them is `check`'s work).
 pub fn mark(repo: &IndexedRepository, roots: impl IntoIterator<Item = TreeId>) -> Result<Marks> {
+    Ok(mark_counting(repo, roots)?.0)
+}
+
+/// [`mark`], and how many trees and chunks it met that the index does not hold.
+pub fn mark_counting(
+    repo: &IndexedRepository,
+    roots: impl IntoIterator<Item = TreeId>,
+) -> Result<(Marks, u64)> {
     let index = repo.index();
     let mut marks = Marks::new(index.table_len());
+    let mut missing = 0;
     let mut stack: Vec<TreeId> = roots.into_iter().collect();
     while let Some(id) = stack.pop() {
         let Some(slot) = index.slot(BlobKind::Tree, &id.0)? else {
+            missing += 1;
             continue;
         };
         if !marks.set(slot) {
@@ -143,13 +153,16 @@ pub fn mark(repo: &IndexedRepository, roots: impl IntoIterator<Item = TreeId>) -
                 stack.push(sub);
             }
             for c in &node.content {
-                if let Some(slot) = index.slot(BlobKind::Data, &c.0)? {
-                    marks.set(slot);
+                match index.slot(BlobKind::Data, &c.0)? {
+                    Some(slot) => {
+                        marks.set(slot);
+                    }
+                    None => missing += 1,
                 }
             }
         }
     }
-    Ok(marks)
+    Ok((marks, missing))
 }
 
 #[cfg(test)]

@@ -161,7 +161,13 @@ fn after_a_pull_the_default_repository_is_found_without_flags() {
     assert_eq!(keys.len(), 1);
     let key: serde_json::Value = serde_json::from_slice(&fs::read(&keys[0]).unwrap()).unwrap();
     assert_eq!(key["kdf"]["m_cost"], 1024, "{key}");
-    assert_eq!(fs::read_to_string(env.path("state/repo.key")).unwrap().trim().len(), 64);
+    assert_eq!(
+        fs::read_to_string(env.path("state/repo.key"))
+            .unwrap()
+            .trim()
+            .len(),
+        64
+    );
     // $HAUL_STATE_DIR as well as --state-dir.
     let mut cmd = Command::new(bin("haul-pbs"));
     cmd.args(["--json", "snapshots"])

@@ -219,7 +219,8 @@ fn pulls_and_prunes_run_together_and_every_snapshot_stays_whole() {
 }
 
 /// The steps a debug build's prune can pause at (`haul_repo::prune::Step`).
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
+    "listed",
     "marked",
     "repacking",
     "repacked",
@@ -230,6 +231,63 @@ const STEPS: [&str; 9] = [
     "pack-deleting",
     "swept",
 ];
+
+/// `prune` started in the background, once it says it paused at `step` (and goes on
+/// when the file `resume` appears, if given).
+fn prune_paused_at(env: &Env, step: &str, resume: Option<&Path>) -> KillOnDrop {
+    let mut cmd = env.pbs_command(&["prune"]);
+    cmd.env("HAUL_PRUNE_PAUSE_AT", step)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(r) = resume {
+        cmd.env("HAUL_PRUNE_RESUME", r);
+    }
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let wanted = format!("haul: prune paused at step {step}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == wanted => return child,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("step {step}: no pause ({e}); stderr: {seen:#?}"),
+        }
+    }
+}
+
+/// A snapshot committed after the prune listed the snapshots, built on one that is
+/// forgotten meanwhile: the prune walks it in its sweep and keeps what it uses.
+#[test]
+fn a_snapshot_committed_while_a_prune_starts_is_kept_whole() {
+    let (env, src) = Env::with_source();
+    write_version(&src, 1);
+    env.pull_local(&[&src], &[]).0.expect(0);
+    let first = snapshot_ids(&env);
+    write_version(&src, 2);
+    let resume = env.path("resume");
+    let mut prune = prune_paused_at(&env, "listed", Some(&resume));
+    env.pull_local(&[&src], &[]).0.expect(0);
+    env.pbs(&["forget", &first[0]]).expect(0);
+    fs::write(&resume, "").unwrap();
+    assert!(prune.0.wait().unwrap().success());
+    assert_eq!(env.count("condemned"), 0);
+    check_clean(&env);
+    restores_as(&env, &src);
+    // The next prune reclaims what only the forgotten snapshot used.
+    env.pbs(&["prune"]).expect(0);
+    let report = check_clean(&env);
+    assert_eq!(report["unused"]["packs"], 0, "{report:#}");
+    restores_as(&env, &src);
+}
 
 #[test]
 fn a_prune_killed_at_any_step_loses_nothing_and_the_next_one_finishes() {
@@ -261,32 +319,9 @@ fn a_prune_killed_at_any_step_loses_nothing_and_the_next_one_finishes() {
             .status()
             .unwrap();
         assert!(copied.success());
-        let mut cmd = env.pbs_command(&["prune"]);
-        cmd.env("HAUL_PRUNE_PAUSE_AT", step)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut child = KillOnDrop(cmd.spawn().unwrap());
-        let stderr = child.0.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let wanted = format!("haul: prune paused at step {step}");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line == wanted => break,
-                Ok(line) => seen.push(line),
-                Err(e) => panic!("step {step}: no pause ({e}); stderr: {seen:#?}"),
-            }
-        }
-        drop(child); // kill -9, reaped
-                     // Consistent as it is: clean, every snapshot restores.
+        // Killed (-9) and reaped once paused at the step.
+        drop(prune_paused_at(&env, step, None));
+        // Consistent as it is: clean, every snapshot restores.
         let report = check_clean(&env);
         assert_eq!(report["snapshots"], 1, "step {step}");
         restores_as(&env, &src);

@@ -87,7 +87,7 @@ pub fn components(path: &str) -> Vec<Vec<u8>> {
 
 pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
     let (spec, filter) = args.filter.select(&args.snapshot)?;
-    let repo = ctx.open_indexed_for(filter.host.as_deref())?;
+    let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "ls", true)?;
     let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
     let start = args.path.as_deref().unwrap_or("/");
     let comps = components(start);

@@ -64,8 +64,7 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
 
 fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckReport, CliError> {
     // Check what the repository says, not what a local cache remembers.
-    let repo = ctx.open()?.load_index(None)?;
-    let _lock = ctx.read_lock(&repo, "check")?;
+    let (repo, _lock) = ctx.open_for_reading(None, "check", false)?;
     let done = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
     let report = {
         let d = done.clone();

@@ -71,6 +71,22 @@ impl Context {
         self.open_indexed_for(None)
     }
 
+    /// The repository of `host` for a command that reads it, with its shared lock
+    /// ([`Context::read_lock`]) taken before the index is loaded: a prune's sweep then
+    /// either waits for this reader, or deleted its packs before the index was listed
+    /// (see `haul_repo::prune`).
+    pub fn open_for_reading(
+        &self,
+        host: Option<&str>,
+        purpose: &str,
+        cache: bool,
+    ) -> Result<(IndexedRepository, Option<haul_repo::lock::LockGuard>), CliError> {
+        let repo = self.open_for(host)?;
+        let lock = self.read_lock(&repo, purpose)?;
+        let cache = if cache { self.cache_dir() } else { None };
+        Ok((repo.load_index(cache.as_deref())?, lock))
+    }
+
     /// The repositories this process opens for runs (created on first use).
     pub fn repositories(&self) -> Repositories {
         Repositories::new(self.cache_dir(), self.global.json)

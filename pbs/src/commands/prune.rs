@@ -9,11 +9,12 @@ use crate::history::History;
 use crate::output::{bytes, json_line, prune_summary};
 use crate::record::{Details, PruneDetails, RunKind};
 use haul_repo::prune::{self, PruneOptions, PruneReport, RunOptions};
-use haul_repo::IndexedRepository;
+use haul_repo::Repository;
 
 pub fn prune(ctx: &Context, args: PruneArgs) -> Result<(), CliError> {
     let start = chrono::Utc::now();
-    let repo = ctx.open_indexed()?;
+    let repo = ctx.open()?;
+    let cache = ctx.cache_dir();
     let opts = PruneOptions {
         max_unused: args.max_unused,
         max_repack: args.max_repack,
@@ -26,12 +27,12 @@ pub fn prune(ctx: &Context, args: PruneArgs) -> Result<(), CliError> {
         ..Default::default()
     };
     if args.dry_run {
-        let report = prune::prune(repo, &opts, &run)?;
+        let report = prune::prune(repo, cache.as_deref(), &opts, &run)?;
         show(ctx, &report);
         return Ok(());
     }
     let history = ctx.site()?.history();
-    let report = run_recorded(&history, repo, &opts, &run, start)?;
+    let report = run_recorded(&history, repo, cache.as_deref(), &opts, &run, start)?;
     show(ctx, &report);
     Ok(())
 }
@@ -39,13 +40,14 @@ pub fn prune(ctx: &Context, args: PruneArgs) -> Result<(), CliError> {
 /// Prunes `repo` and records the run; a failure is recorded and returned.
 pub fn run_recorded(
     history: &History,
-    repo: IndexedRepository,
+    repo: Repository,
+    cache: Option<&std::path::Path>,
     opts: &PruneOptions,
     run: &RunOptions,
     start: chrono::DateTime<chrono::Utc>,
 ) -> Result<PruneReport, CliError> {
     let location = repo.backend().location();
-    let result = prune::prune(repo, opts, run).map_err(CliError::from);
+    let result = prune::prune(repo, cache, opts, run).map_err(CliError::from);
     let details = match &result {
         Ok(r) => Ok(Details::Prune(PruneDetails {
             repository: location.clone(),

@@ -27,8 +27,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         }
         _ => {}
     }
-    let repo = ctx.open_indexed_for(filter.host.as_deref())?;
-    let lock = ctx.read_lock(&repo, "restore")?;
+    let (repo, lock) = ctx.open_for_reading(filter.host.as_deref(), "restore", true)?;
     let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
     if args.via_agent || args.to_host.is_some() {
         return via_agent(ctx, args, repo, lock, id, target, started);

@@ -298,8 +298,12 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
             .zip(last)
             .filter(|((loc, _), (pruned, forgotten))| {
                 let pruned = (*pruned).max(s.pruned.get(&loc.path).copied());
+                // A prune that could not sweep left condemnation records (the
+                // daemon's repositories are local directories).
+                let pending = std::fs::read_dir(loc.path.join("condemned"))
+                    .is_ok_and(|mut d| d.next().is_some());
                 !s.pruning.contains(&loc.path)
-                    && schedule::prune_due(&schedule, pruned, *forgotten, now)
+                    && schedule::prune_due(&schedule, pruned, *forgotten, pending, now)
             })
             .map(|((loc, _), _)| (loc.path.clone(), loc))
             .collect();
@@ -314,38 +318,53 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
         tracing::info!(repository = %path.display(), "prune starting");
         std::thread::spawn(move || {
             let history = shared.lock().expect("daemon state").history.clone();
-            let start = Utc::now();
-            // A view of its own, loaded afresh: the daemon's stays with its pulls.
-            let result = repos
-                .open(&loc)
-                .and_then(|r| Ok(r.reloaded()?))
-                .inspect_err(|e| {
-                    let error = Err(format!("prune of {}: {e}", path.display()));
-                    if let Err(e) =
-                        history.record_local(("repository", RunKind::Prune), start, error)
-                    {
-                        tracing::error!("cannot record the prune: {e}");
-                    }
-                })
-                .and_then(|repo| {
-                    crate::commands::prune::run_recorded(
-                        &history,
-                        repo,
-                        &haul_repo::prune::PruneOptions::default(),
-                        &haul_repo::prune::RunOptions::default(),
-                        start,
-                    )
-                });
-            match result {
-                Ok(r) => tracing::info!(
-                    repository = %path.display(),
-                    "prune finished: {}",
-                    crate::output::prune_summary(&crate::record::PruneDetails::of(&r))
-                ),
-                Err(e) => tracing::error!(repository = %path.display(), "prune failed: {e}"),
+            // A prune that panics still ends for the schedule.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                prune_repository(&history, &repos, &path, &loc)
+            }));
+            if run.is_err() {
+                tracing::error!(repository = %path.display(), "the prune's thread panicked");
             }
             shared.lock().expect("daemon state").pruning.remove(&path);
         });
+    }
+}
+
+/// One scheduled prune, recorded; a repository that does not open is recorded too.
+fn prune_repository(
+    history: &History,
+    repos: &Repositories,
+    path: &std::path::Path,
+    loc: &crate::site::RepoLocation,
+) {
+    let start = Utc::now();
+    // The repository as the daemon's pulls have it (no key derivation); the prune
+    // loads an index of its own, and the pulls' views load theirs again after it.
+    let result = repos
+        .open(loc)
+        .inspect_err(|e| {
+            let error = Err(format!("prune of {}: {e}", path.display()));
+            if let Err(e) = history.record_local(("repository", RunKind::Prune), start, error) {
+                tracing::error!("cannot record the prune: {e}");
+            }
+        })
+        .and_then(|r| {
+            crate::commands::prune::run_recorded(
+                history,
+                haul_repo::Repository::clone(&r),
+                r.cache_root(),
+                &haul_repo::prune::PruneOptions::default(),
+                &haul_repo::prune::RunOptions::default(),
+                start,
+            )
+        });
+    match result {
+        Ok(r) => tracing::info!(
+            repository = %path.display(),
+            "prune finished: {}",
+            crate::output::prune_summary(&crate::record::PruneDetails::of(&r))
+        ),
+        Err(e) => tracing::error!(repository = %path.display(), "prune failed: {e}"),
     }
 }
 

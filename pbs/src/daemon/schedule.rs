@@ -364,15 +364,24 @@ fn from_history(
 }
 
 /// `27 h` for long gaps, `3m 20s` for short ones.
+/// How soon a prune runs again when the last one left packs to sweep.
+pub const PENDING_SWEEP_RETRY: Duration = Duration::from_secs(3600);
+
 /// Whether a repository's prune is due at `now`: a snapshot was forgotten (at
 /// `forgotten`, the newest such run) since its last prune started (`pruned`), and the
-/// prune schedule's time after that prune has come (never pruned: due at once).
+/// prune schedule's time after that prune has come (never pruned: due at once); or the
+/// last prune left condemned packs to sweep (`pending`: pulls older than it still ran)
+/// and an hour has passed.
 pub fn prune_due(
     schedule: &haul_config::Schedule,
     pruned: Option<DateTime<Utc>>,
     forgotten: Option<DateTime<Utc>>,
+    pending: bool,
     now: DateTime<Utc>,
 ) -> bool {
+    if pending {
+        return pruned.is_none_or(|p| after(p, PENDING_SWEEP_RETRY) <= now);
+    }
     let Some(forgotten) = forgotten else {
         return false;
     };
@@ -400,32 +409,27 @@ mod prune_tests {
     fn a_prune_is_due_on_schedule_and_only_after_a_forget() {
         let weekly = haul_config::Schedule::parse("7d").unwrap();
         let now = Utc.with_ymd_and_hms(2026, 12, 6, 12, 0, 0).unwrap();
-        let day = Duration::days(1);
+        let (day, hour) = (Duration::days(1), Duration::hours(1));
+        let due =
+            |pruned, forgotten, pending, at| prune_due(&weekly, pruned, forgotten, pending, at);
         // Nothing forgotten: never.
-        assert!(!prune_due(&weekly, None, None, now));
-        assert!(!prune_due(&weekly, Some(now - day * 30), None, now));
+        assert!(!due(None, None, false, now));
+        assert!(!due(Some(now - day * 30), None, false, now));
         // Forgotten, never pruned: now.
-        assert!(prune_due(&weekly, None, Some(now - day), now));
+        assert!(due(None, Some(now - day), false, now));
         // Pruned three days ago, forgotten since: in four days, not now.
-        assert!(!prune_due(
-            &weekly,
+        assert!(!due(Some(now - day * 3), Some(now - day), false, now));
+        assert!(due(
             Some(now - day * 3),
             Some(now - day),
-            now
-        ));
-        assert!(prune_due(
-            &weekly,
-            Some(now - day * 3),
-            Some(now - day),
+            false,
             now + day * 4
         ));
         // Pruned after the last forget: not even a week later.
-        assert!(!prune_due(
-            &weekly,
-            Some(now - day * 8),
-            Some(now - day * 9),
-            now
-        ));
+        assert!(!due(Some(now - day * 8), Some(now - day * 9), false, now));
+        // Packs left to sweep: an hour after the prune that left them.
+        assert!(!due(Some(now - hour / 2), None, true, now));
+        assert!(due(Some(now - hour), None, true, now));
     }
 }
 

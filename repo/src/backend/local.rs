@@ -219,10 +219,17 @@ impl Backend for LocalBackend {
                 if check_name(t, &name).is_err() {
                     continue;
                 }
-                let len = entry
-                    .metadata()
-                    .map_err(Error::io(entry.path().display().to_string()))?
-                    .len();
+                let len = match entry.metadata() {
+                    Ok(m) => m.len(),
+                    // Deleted since the directory was read (a prune): not there.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(Error::Io {
+                            what: entry.path().display().to_string(),
+                            source: e,
+                        })
+                    }
+                };
                 out.push((name, len));
             }
         }

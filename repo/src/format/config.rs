@@ -81,6 +81,7 @@ mod tests {
                             exclusive: seed.is_multiple_of(2),
                             prune: seed.is_multiple_of(3),
                             holder: format!("{seed:x}"),
+                            pid_ns: seed,
                             time: chrono::DateTime::from_timestamp(min_size.into(), 0).unwrap(),
                             hostname: "pbs".into(),
                             pid: avg_size,

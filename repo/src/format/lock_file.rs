@@ -19,6 +19,14 @@ pub struct LockFile {
     pub time: chrono::DateTime<chrono::Utc>,
     pub hostname: String,
     pub pid: u32,
+    /// The holder's PID namespace (the inode of `/proc/self/ns/pid`; 0: unknown): a
+    /// pid says whether a process lives only within its namespace.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pid_ns: u64,
     /// What the holder is doing, for messages ("backup-local", "prune").
     pub purpose: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -70,10 +70,11 @@ use crate::format::pack_header::PackEntry;
 use crate::index::BlobLocation;
 use crate::lock::{LockGuard, LockKind};
 use crate::repository::{IndexedRepository, Repository};
-use crate::usage::{mark, Marks, Usage};
+use crate::usage::{mark, mark_counting, Marks, Usage};
 use haul_protocol::tree::Tree;
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How a prune runs (what it decides is [`PruneOptions`]).
@@ -128,6 +129,7 @@ impl PruneReport {
 /// kill a prune there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    Listed,
     Marked,
     Repacking,
     Repacked,
@@ -140,7 +142,8 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 10] = [
+        Step::Listed,
         Step::Marked,
         Step::Repacking,
         Step::Repacked,
@@ -154,6 +157,7 @@ impl Step {
 
     pub fn name(self) -> &'static str {
         match self {
+            Step::Listed => "listed",
             Step::Marked => "marked",
             Step::Repacking => "repacking",
             Step::Repacked => "repacked",
@@ -167,16 +171,20 @@ impl Step {
     }
 }
 
-/// In a debug build, stops for good at `step` when `HAUL_PRUNE_PAUSE_AT` names it,
-/// after saying so on stderr (the test then kills the process). Bounded: it gives up
-/// after ten minutes.
+/// In a debug build, stops at `step` when `HAUL_PRUNE_PAUSE_AT` names it, after
+/// saying so on stderr: until the file `HAUL_PRUNE_RESUME` names exists, or for good
+/// (the test then kills the process). Bounded: it goes on after ten minutes.
 pub(crate) fn pause_at(step: Step) {
     if cfg!(debug_assertions)
         && std::env::var("HAUL_PRUNE_PAUSE_AT").is_ok_and(|s| s == step.name())
     {
         eprintln!("haul: prune paused at step {}", step.name());
-        for _ in 0..600 {
-            std::thread::sleep(Duration::from_secs(1));
+        let resume = std::env::var_os("HAUL_PRUNE_RESUME").map(std::path::PathBuf::from);
+        for _ in 0..6000 {
+            if resume.as_ref().is_some_and(|f| f.exists()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -184,15 +192,17 @@ pub(crate) fn pause_at(step: Step) {
 /// Records are written with at most this many blobs each.
 const RECORD_BLOBS: usize = 200_000;
 
-/// Prunes `repo`: see the module doc. It takes the repository so that its index
-/// can be freed before the sweep loads its own: memory holds one index at a time.
+/// Prunes `repo`, with its index cache in `cache` (see
+/// [`Repository::load_index`]): see the module doc. Memory holds one index at a time:
+/// the prune's, then the sweep's.
 pub fn prune(
-    repo: IndexedRepository,
+    repo: Repository,
+    cache: Option<&Path>,
     opts: &PruneOptions,
     run: &RunOptions,
 ) -> Result<PruneReport> {
     if run.dry_run {
-        return dry_run(&repo, opts);
+        return dry_run(repo, cache, opts);
     }
     let mut lock = repo.lock(LockKind::Prune, "prune")?;
     lock.refresh_in_background();
@@ -200,7 +210,7 @@ pub fn prune(
         storage_before: storage_bytes(&repo)?,
         ..Default::default()
     };
-    // Earlier condemnations first take effect, so the view used next holds none of
+    // Earlier condemnations first take effect, so the view loaded next holds none of
     // their packs.
     let earlier = repo.condemnations()?;
     warn_damaged(&earlier);
@@ -210,12 +220,13 @@ pub fn prune(
     if !earlier.records.is_empty() {
         repo.write_epoch()?;
     }
-    let view = if repo.is_current()? {
-        repo
-    } else {
-        let (base, cache) = repo.unload();
-        base.load_index(cache.as_deref())?
-    };
+    // The snapshots before the index: a snapshot is written only once everything it
+    // uses is in index files (see `IngestSession::commit`), so the index loaded next
+    // holds what every listed snapshot uses.
+    let snapshots = repo.snapshots()?;
+    report.snapshots = snapshots.len();
+    pause_at(Step::Listed);
+    let mut view = repo.load_index(cache)?;
     if let Some(d) = view.index().damaged().first() {
         return Err(Error::InvalidInput(format!(
             "index file {d} is damaged: run `haul-pbs repair index` before a prune"
@@ -224,16 +235,23 @@ pub fn prune(
     // Packs in no index file (left by a killed backup or prune) are indexed, so the
     // mark decides about them too: a killed prune's copies go, as unused duplicates.
     let orphans = view.index_orphan_packs()?;
-    let view = if orphans == 0 {
-        view
-    } else {
+    if orphans > 0 {
         tracing::info!(packs = orphans, "indexed packs that no index file listed");
         let (base, cache) = view.unload();
-        base.load_index(cache.as_deref())?
+        view = base.load_index(cache.as_deref())?;
+    }
+    let (marks, missing) = mark_counting(&view, snapshots.iter().map(|(_, s)| s.tree))?;
+    // What the mark did not find, the sweep looks at again: it walks every snapshot.
+    let marked: Vec<SnapshotId> = if missing == 0 {
+        snapshots.iter().map(|(id, _)| *id).collect()
+    } else {
+        tracing::warn!(
+            blobs = missing,
+            "the snapshots use blobs the index does not hold (`haul-pbs check` says which)"
+        );
+        Vec::new()
     };
-    let snapshots = view.snapshots()?;
-    report.snapshots = snapshots.len();
-    let marks = mark(&view, snapshots.iter().map(|(_, s)| s.tree))?;
+    drop(snapshots);
     pause_at(Step::Marked);
     let usage = Usage::of(view.index(), &marks);
     report.plan = plan(
@@ -255,20 +273,20 @@ pub fn prune(
         .copied()
         .collect();
     if !condemned.is_empty() {
-        let marked: Vec<SnapshotId> = snapshots.iter().map(|(id, _)| *id).collect();
+        lock.ensure_fresh("prune")?;
         condemn(&view, &condemned, marked)?;
     }
-    drop(snapshots);
-    let (base, cache) = view.unload();
-    sweep(&base, cache.as_deref(), &lock, run, &mut report)?;
+    let (base, _) = view.unload();
+    sweep(&base, cache, &lock, run, &mut report)?;
     report.storage_after = storage_bytes(&base)?;
     Ok(report)
 }
 
-fn dry_run(repo: &IndexedRepository, opts: &PruneOptions) -> Result<PruneReport> {
+fn dry_run(repo: Repository, cache: Option<&Path>, opts: &PruneOptions) -> Result<PruneReport> {
     let _lock = repo.lock_for_reading(true, "prune --dry-run")?;
     let snapshots = repo.snapshots()?;
-    let marks = mark(repo, snapshots.iter().map(|(_, s)| s.tree))?;
+    let repo = repo.load_index(cache)?;
+    let marks = mark(&repo, snapshots.iter().map(|(_, s)| s.tree))?;
     let plan = plan(
         &Usage::of(repo.index(), &marks),
         &PruneOptions {
@@ -276,7 +294,7 @@ fn dry_run(repo: &IndexedRepository, opts: &PruneOptions) -> Result<PruneReport>
             ..opts.clone()
         },
     );
-    let storage = storage_bytes(repo)?;
+    let storage = storage_bytes(&repo)?;
     let pending = repo.condemnations()?.packs().len();
     Ok(PruneReport {
         dry_run: true,
@@ -416,22 +434,30 @@ fn sweep(
         );
         return Ok(());
     }
-    let view = repo.clone().load_index(cache)?;
     // Snapshots some record's mark did not walk: committed since, by sessions that
-    // may have been told about condemned blobs.
+    // may have been told about condemned blobs. Listed before the index is loaded
+    // (as in the mark), so the index holds what they use outside condemned packs.
     let walked: HashSet<SnapshotId> = records
         .records
         .iter()
         .map(|r| r.header.marked.iter().copied().collect::<HashSet<_>>())
         .reduce(|a, b| a.intersection(&b).copied().collect())
         .unwrap_or_default();
-    let roots: Vec<TreeId> = view
+    let roots: Vec<TreeId> = repo
         .snapshots()?
         .into_iter()
         .filter(|(id, _)| !walked.contains(id))
         .map(|(_, s)| s.tree)
         .collect();
-    let rescued = rescue(&view, &records, roots)?;
+    // A pack a killed sweep already deleted is not looked in.
+    let present: HashSet<PackId> = repo
+        .backend()
+        .list(FileType::Data)?
+        .into_iter()
+        .filter_map(|(name, _)| name.parse().ok())
+        .collect();
+    let view = repo.clone().load_index(cache)?;
+    let rescued = rescue(&view, &records, &present, roots)?;
     if !rescued.is_empty() {
         tracing::info!(
             packs = rescued.len(),
@@ -451,6 +477,7 @@ fn sweep(
         .filter(|p| !kept.contains(p))
         .map(|p| p.to_hex())
         .collect();
+    lock.ensure_fresh("prune")?;
     delete_all(repo, FileType::Data, &doomed, Some(Step::PackDeleting))?;
     report.packs_deleted = doomed.len();
     pause_at(Step::Swept);
@@ -469,6 +496,7 @@ const SEARCH_BATCH: usize = 1 << 20;
 fn rescue(
     view: &IndexedRepository,
     records: &Condemnations,
+    present: &HashSet<PackId>,
     roots: Vec<TreeId>,
 ) -> Result<Vec<IndexedPack>> {
     let index = view.index();
@@ -518,7 +546,7 @@ fn rescue(
         let mut searching = std::mem::take(&mut wanted);
         for r in &records.records {
             let c = view.read_condemnation(&r.name)?;
-            for p in c.packs {
+            for p in c.packs.into_iter().filter(|p| present.contains(&p.pack)) {
                 let mut needed = false;
                 for e in &p.blobs {
                     let b = BlobRef {
@@ -621,7 +649,8 @@ mod tests {
         let repo = reopen(backend.clone());
         // A dry run decides the same and changes nothing.
         let dry = prune(
-            reopen(backend.clone()),
+            Repository::open(backend.clone(), b"pw").unwrap(),
+            None,
             &PruneOptions::default(),
             &RunOptions {
                 dry_run: true,
@@ -631,7 +660,13 @@ mod tests {
         .unwrap();
         assert!(dry.plan.bytes_freed() > 3 * 190_000, "{dry:#?}");
         assert_eq!(dry.storage_before, storage_bytes(&repo).unwrap());
-        let report = prune(reopen(backend.clone()), &PruneOptions::default(), &quick()).unwrap();
+        let report = prune(
+            Repository::open(backend.clone(), b"pw").unwrap(),
+            None,
+            &PruneOptions::default(),
+            &quick(),
+        )
+        .unwrap();
         assert_eq!(report.plan, dry.plan);
         assert_eq!(report.packs_pending, 0);
         assert_eq!(report.packs_rescued, 0);
@@ -654,7 +689,13 @@ mod tests {
             content(4, 200_000)
         );
         // A second prune finds nothing to do.
-        let again = prune(reopen(backend), &PruneOptions::default(), &quick()).unwrap();
+        let again = prune(
+            Repository::open(backend, b"pw").unwrap(),
+            None,
+            &PruneOptions::default(),
+            &quick(),
+        )
+        .unwrap();
         assert_eq!((again.packs_deleted, again.plan.repack.len()), (0, 0));
     }
 
@@ -681,7 +722,13 @@ mod tests {
         // cannot run while the session does.
         let other = reopen(backend.clone());
         other.forget(&[parent]).unwrap();
-        let first = prune(reopen(backend.clone()), &PruneOptions::default(), &quick()).unwrap();
+        let first = prune(
+            Repository::open(backend.clone(), b"pw").unwrap(),
+            None,
+            &PruneOptions::default(),
+            &quick(),
+        )
+        .unwrap();
         assert!(first.plan.delete.len() >= 2, "{first:#?}");
         assert_eq!(first.packs_deleted, 0);
         assert_eq!(first.packs_pending, first.plan.delete.len());
@@ -730,8 +777,24 @@ mod tests {
         .encode_with_id();
         session.add_plain(BlobKind::Tree, &root2.0, bytes).unwrap();
         let (kept, _) = session.commit(root2, Summary::default()).unwrap();
+        // Until a sweep has walked it, the new snapshot is no parent to build on: its
+        // trees may lead to condemned blobs.
+        let child = |view: &IndexedRepository| {
+            let info = SessionInfo {
+                parent: ParentChoice::Snapshot(kept),
+                ..SessionInfo::for_tests()
+            };
+            IngestSession::start(view, info).unwrap().parent().is_some()
+        };
+        assert!(!child(&reopen(backend.clone())));
         // The next prune sweeps: the chunk's pack is rescued, the rest deleted.
-        let second = prune(reopen(backend.clone()), &PruneOptions::default(), &quick()).unwrap();
+        let second = prune(
+            Repository::open(backend.clone(), b"pw").unwrap(),
+            None,
+            &PruneOptions::default(),
+            &quick(),
+        )
+        .unwrap();
         assert_eq!(second.packs_pending, 0);
         // Both packs of the parent's session: its trees and its data.
         assert_eq!(second.packs_rescued, 2, "{second:#?}");
@@ -743,6 +806,7 @@ mod tests {
         let old_dir = fresh.load_tree(&root.nodes[0].subtree.unwrap()).unwrap();
         assert_eq!(old_dir.nodes[0].content, [x]);
         assert_eq!(fresh.snapshots().unwrap()[0].0, kept);
+        assert!(child(&fresh));
     }
 
     #[test]
@@ -758,7 +822,13 @@ mod tests {
                     max_wait: Duration::from_secs(30),
                     ..quick()
                 };
-                prune(reopen(backend), &PruneOptions::default(), &run).unwrap()
+                prune(
+                    Repository::open(backend, b"pw").unwrap(),
+                    None,
+                    &PruneOptions::default(),
+                    &run,
+                )
+                .unwrap()
             })
         };
         // Until the session ends, the condemned packs stay.
