@@ -130,6 +130,7 @@ fn main() {
         prune: false,
         holder: "0f".repeat(16),
         pid_ns: 4026531836,
+        boot_id: "5f1b2c3d-0000-4000-8000-000000000000".into(),
         time,
         hostname: "pbs".into(),
         pid: 4242,

@@ -114,7 +114,23 @@ impl Index {
     /// meets it again until it is repaired. A cache that cannot be written (a full or
     /// read-only disk) does not fail the load: the table goes to a private temporary
     /// file instead, or to memory when even that has no room.
+    ///
+    /// An index file deleted between the listing and its reading (a prune replaced it)
+    /// makes the load start again from a new listing, which holds its replacement.
     pub fn load(backend: &dyn Backend, key: &Key, cache_dir: Option<&Path>) -> Result<Index> {
+        let mut attempt = 1;
+        loop {
+            match Index::load_once(backend, key, cache_dir) {
+                Err(Error::NotFound { what }) if attempt < 5 => {
+                    tracing::debug!("{what} went away while the index was loaded: again");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn load_once(backend: &dyn Backend, key: &Key, cache_dir: Option<&Path>) -> Result<Index> {
         let names: Files = backend.list(FileType::Index)?.into_iter().collect();
         let mut damaged = Vec::new();
         let cache_path = cache_dir.map(|d| d.join("index.cache"));
@@ -385,8 +401,6 @@ fn add_or_note(
 ) -> Result<bool> {
     match add_index_file(backend, key, name, packs, full) {
         Ok(()) => Ok(true),
-        // Deleted since it was listed: a prune replaced it by a file written before.
-        Err(Error::NotFound { .. }) => Ok(false),
         Err(e @ Error::Corrupt { .. }) => {
             damaged.push(DamagedFile::new(FileType::Index, name, &e));
             Ok(false)

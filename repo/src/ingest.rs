@@ -342,6 +342,14 @@ impl<'r> IngestSession<'r> {
         // session trusts its parent's trees without looking below them), and the
         // pull reads everything.
         let parent = match parent {
+            // Forgotten since it was chosen, and maybe pruned: gone.
+            Some((id, _)) if !repo.has_snapshot(&id)? => {
+                tracing::warn!(
+                    "parent snapshot {} was forgotten as the pull started: every file is read again",
+                    id.short()
+                );
+                None
+            }
             Some((id, s)) if !parent_settled(&repo, &id, &s)? => {
                 tracing::warn!(
                     "parent snapshot {} was committed while a prune ran and is not settled yet: every file is read again",

@@ -10,8 +10,9 @@
 //! Stale-lock rules (a stale lock is ignored, and removed by `unlock`):
 //! 1. A lock not refreshed for [`STALE_AFTER`] (30 minutes) is stale: its holder
 //!    refreshes it every [`REFRESH_EVERY`] (5 minutes) while it runs, so it is gone.
-//! 2. A lock written on this host, in this PID namespace, by a process that no longer
-//!    exists is stale at once.
+//! 2. A lock written on this machine since it booted (same boot id, or the same
+//!    hostname when the lock has none), in this PID namespace, by a process that no
+//!    longer exists is stale at once.
 //! 3. A lock that cannot be read (damaged, or sealed under another key) counts as an
 //!    exclusive lock of an unknown holder and is never stale: `unlock --all` removes it.
 //!
@@ -55,8 +56,46 @@ pub struct LockGuard {
     holder: String,
     name: Arc<Mutex<String>>,
     refresher: Option<haul_protocol::Ticker>,
-    /// When the lock file was last written.
-    written: Arc<Mutex<std::time::Instant>>,
+    /// When the lock file was last written, and whether it ever went unwritten too long.
+    freshness: Arc<Mutex<Freshness>>,
+}
+
+/// The time a holder last wrote into its lock file (taken before the write, as the
+/// file says), by the wall clock and the monotonic one.
+struct Freshness {
+    wall: chrono::DateTime<chrono::Utc>,
+    mono: std::time::Instant,
+    /// Set for good once the lock went unwritten so long that others may have taken it
+    /// for stale: the minutes it went unwritten.
+    lost: Option<u64>,
+}
+
+impl Freshness {
+    fn new(wall: chrono::DateTime<chrono::Utc>, mono: std::time::Instant) -> Self {
+        Freshness {
+            wall,
+            mono,
+            lost: None,
+        }
+    }
+
+    /// Notes that `now` has come without a newer write (by either clock).
+    fn note(&mut self, wall: chrono::DateTime<chrono::Utc>, mono: std::time::Instant) {
+        let by_wall = wall
+            .signed_duration_since(self.wall)
+            .to_std()
+            .unwrap_or_default();
+        let gap = by_wall.max(mono.saturating_duration_since(self.mono));
+        if gap + REFRESH_EVERY >= STALE_AFTER && self.lost.is_none() {
+            self.lost = Some(gap.as_secs() / 60);
+        }
+    }
+
+    /// Notes a write made with the time `wall` in the file.
+    fn written(&mut self, wall: chrono::DateTime<chrono::Utc>, mono: std::time::Instant) {
+        self.note(wall, mono);
+        (self.wall, self.mono) = (wall, mono);
+    }
 }
 
 /// What a lock lets its holder do beside others.
@@ -124,6 +163,13 @@ fn this_host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// This machine's boot id (empty when it cannot be told).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// This process's PID namespace (0 when it cannot be told).
 fn pid_namespace() -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -141,15 +187,17 @@ fn write_lock(
     kind: LockKind,
     purpose: &str,
     holder: &str,
+    time: chrono::DateTime<chrono::Utc>,
 ) -> Result<String> {
     let lock = LockFile {
         exclusive: kind == LockKind::Exclusive,
         prune: kind == LockKind::Prune,
         holder: holder.to_string(),
-        time: chrono::Utc::now(),
+        time,
         hostname: this_host(),
         pid: std::process::id(),
         pid_ns: pid_namespace(),
+        boot_id: boot_id(),
         purpose: purpose.to_string(),
     };
     let sealed = key.seal(AD, &serde_json::to_vec(&lock).expect("lock serializes"));
@@ -183,7 +231,12 @@ pub fn is_stale(lock: &LockFile, now: chrono::DateTime<chrono::Utc>, host: &str)
     if age.to_std().is_ok_and(|a| a > STALE_AFTER) {
         return true;
     }
-    lock.hostname == host
+    let this_machine = if lock.boot_id.is_empty() {
+        lock.hostname == host
+    } else {
+        lock.boot_id == boot_id()
+    };
+    this_machine
         && (lock.pid_ns == 0 || lock.pid_ns == pid_namespace())
         && lock.pid != std::process::id()
         && !process_exists(lock.pid)
@@ -218,12 +271,14 @@ impl Repository {
         let mut id = [0u8; 16];
         getrandom::getrandom(&mut id).expect("OS random numbers");
         let holder = hex::encode(id);
+        let (wall, mono) = (chrono::Utc::now(), std::time::Instant::now());
         let name = write_lock(
             self.backend().as_ref(),
             self.data_key(),
             kind,
             purpose,
             &holder,
+            wall,
         )
         .map_err(|e| match e {
             Error::Io { what, source } => Error::Io {
@@ -247,7 +302,7 @@ impl Repository {
             holder,
             name: Arc::new(Mutex::new(name)),
             refresher: None,
-            written: Arc::new(Mutex::new(std::time::Instant::now())),
+            freshness: Arc::new(Mutex::new(Freshness::new(wall, mono))),
         })
     }
 
@@ -354,32 +409,36 @@ impl LockGuard {
         }
         let (backend, key, name) = (self.backend.clone(), self.key.clone(), self.name.clone());
         let (kind, purpose, holder) = (self.kind, self.purpose.clone(), self.holder.clone());
-        let written = self.written.clone();
-        let refresh = move || match write_lock(backend.as_ref(), &key, kind, &purpose, &holder) {
-            Ok(new) => {
-                *written.lock().expect("lock time") = std::time::Instant::now();
-                let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
-                let _ = backend.delete(FileType::Lock, &old);
+        let freshness = self.freshness.clone();
+        let refresh = move || {
+            let (wall, mono) = (chrono::Utc::now(), std::time::Instant::now());
+            match write_lock(backend.as_ref(), &key, kind, &purpose, &holder, wall) {
+                Ok(new) => {
+                    freshness.lock().expect("lock time").written(wall, mono);
+                    let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
+                    let _ = backend.delete(FileType::Lock, &old);
+                }
+                Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
             }
-            Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
         };
         self.refresher = Some(haul_protocol::Ticker::start(REFRESH_EVERY, refresh, || {}));
     }
-}
 
-impl LockGuard {
-    /// Fails with [`Error::LockLost`] when the lock file was last written so long ago
-    /// that it is about to count as stale (see the module doc): a session must not
-    /// commit, nor a prune delete, on the strength of a lock others may ignore.
+    /// Fails with [`Error::LockLost`] once the lock went unwritten so long (by the
+    /// wall clock or the monotonic one, at any time since it was taken) that others
+    /// may have taken it for stale (see the module doc): a session must not commit,
+    /// nor a prune delete, on the strength of a lock others may have ignored. The
+    /// margin is [`REFRESH_EVERY`].
     pub fn ensure_fresh(&self, what: &str) -> Result<()> {
-        let age = self.written.lock().expect("lock time").elapsed();
-        if age + REFRESH_EVERY < STALE_AFTER {
-            return Ok(());
+        let mut f = self.freshness.lock().expect("lock time");
+        f.note(chrono::Utc::now(), std::time::Instant::now());
+        match f.lost {
+            None => Ok(()),
+            Some(minutes) => Err(Error::LockLost {
+                what: what.to_string(),
+                minutes,
+            }),
         }
-        Err(Error::LockLost {
-            what: what.to_string(),
-            minutes: age.as_secs() / 60,
-        })
     }
 }
 
@@ -387,8 +446,9 @@ impl LockGuard {
 impl LockGuard {
     /// Makes the lock look last written `by` earlier (as after refreshes that failed).
     pub(crate) fn age_for_tests(&self, by: Duration) {
-        let mut w = self.written.lock().expect("lock time");
-        *w = w.checked_sub(by).expect("the clock has run that long");
+        let mut f = self.freshness.lock().expect("lock time");
+        f.wall -= chrono::Duration::from_std(by).expect("a short duration");
+        f.mono = f.mono.checked_sub(by).expect("the clock has run that long");
     }
 }
 
@@ -493,11 +553,13 @@ mod tests {
     }
 
     #[test]
-    fn a_lock_not_refreshed_for_25_minutes_is_lost_to_its_holder() {
+    fn a_lock_not_refreshed_for_25_minutes_is_lost_to_its_holder_for_good() {
         let repo = repo();
-        let lock = repo.lock(LockKind::Shared, "backup").unwrap();
+        let mut lock = repo.lock(LockKind::Shared, "backup").unwrap();
         lock.ensure_fresh("backup session").unwrap();
-        lock.age_for_tests(Duration::from_secs(26 * 60));
+        lock.age_for_tests(Duration::from_secs(24 * 60));
+        lock.ensure_fresh("backup session").unwrap();
+        lock.age_for_tests(Duration::from_secs(2 * 60));
         let err = lock.ensure_fresh("backup session").unwrap_err();
         assert!(matches!(err, Error::LockLost { minutes: 26, .. }), "{err}");
         assert_eq!(
@@ -505,6 +567,13 @@ mod tests {
             "the lock of this backup session could not be refreshed for 26 minutes, so a prune may no longer wait for it: nothing more is written; run it again"
         );
         assert!(err.is_retryable());
+        // A refresh that succeeds later does not make it safe again: others may have
+        // ignored it meanwhile.
+        let (wall, mono) = (chrono::Utc::now(), std::time::Instant::now());
+        lock.freshness.lock().unwrap().written(wall, mono);
+        assert!(lock.ensure_fresh("backup session").is_err());
+        lock.refresh_in_background();
+        drop(lock);
     }
 
     #[test]
@@ -517,6 +586,7 @@ mod tests {
             prune: false,
             holder: "old".into(),
             pid_ns: 0,
+            boot_id: String::new(),
             time: chrono::Utc::now() - chrono::Duration::minutes(31),
             hostname: "elsewhere".into(),
             pid: 1,
@@ -534,18 +604,24 @@ mod tests {
         live.time = chrono::Utc::now() - chrono::Duration::minutes(29);
         live.exclusive = false;
         plant(&repo, &live);
+        // A dead pid of another machine of the same name (another boot id) says
+        // nothing of that machine's processes.
+        let mut elsewhere = dead.clone();
+        elsewhere.boot_id = "another machine".into();
+        elsewhere.exclusive = false;
+        plant(&repo, &elsewhere);
         let stale: Vec<bool> = {
             let mut v: Vec<bool> = repo.locks().unwrap().iter().map(|l| l.stale).collect();
             v.sort();
             v
         };
-        assert_eq!(stale, vec![false, true, true]);
+        assert_eq!(stale, vec![false, false, true, true]);
         // Stale exclusive locks do not block a backup; the live shared one blocks prune.
         drop(repo.lock(LockKind::Shared, "backup-local").unwrap());
         assert!(repo.lock(LockKind::Exclusive, "key remove").is_err());
         assert_eq!(repo.unlock(false).unwrap(), 2);
-        assert_eq!(repo.locks().unwrap().len(), 1);
-        assert_eq!(repo.unlock(true).unwrap(), 1);
+        assert_eq!(repo.locks().unwrap().len(), 2);
+        assert_eq!(repo.unlock(true).unwrap(), 2);
         repo.lock(LockKind::Exclusive, "key remove").unwrap();
     }
 }

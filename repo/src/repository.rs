@@ -342,6 +342,15 @@ impl Repository {
         Ok(list)
     }
 
+    /// Whether snapshot `id` is (still) in the repository.
+    pub fn has_snapshot(&self, id: &SnapshotId) -> Result<bool> {
+        match self.backend.read(FileType::Snapshot, &id.to_hex()) {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         let what = format!("snapshot {}", id.short());
         let sealed = self.backend.read(FileType::Snapshot, &id.to_hex())?;

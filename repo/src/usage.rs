@@ -127,42 +127,85 @@ pub fn mark_snapshots(repo: &IndexedRepository) -> Result<Marks> {
 /// Marks every tree and chunk reachable from `roots` (trees and chunks the index does
 /// not hold are skipped: finding them is `check`'s work).
 pub fn mark(repo: &IndexedRepository, roots: impl IntoIterator<Item = TreeId>) -> Result<Marks> {
-    Ok(mark_counting(repo, roots)?.0)
+    let roots: Vec<TreeId> = roots.into_iter().collect();
+    Ok(mark_each(repo, &roots)?.0)
 }
 
-/// [`mark`], and how many trees and chunks it met that the index does not hold.
-pub fn mark_counting(
-    repo: &IndexedRepository,
-    roots: impl IntoIterator<Item = TreeId>,
-) -> Result<(Marks, u64)> {
+/// [`mark`] root by root, and for each root whether the index holds everything below
+/// it. A bit per blob more says which trees lead to something the index lacks, so a
+/// tree met again is judged as it was the first time without being read again.
+pub fn mark_each(repo: &IndexedRepository, roots: &[TreeId]) -> Result<(Marks, Vec<bool>)> {
+    enum Frame {
+        Enter(TreeId),
+        /// After the subtrees: whether this tree is complete.
+        Exit {
+            slot: usize,
+            subtrees: Vec<TreeId>,
+            chunk_missing: bool,
+        },
+    }
     let index = repo.index();
     let mut marks = Marks::new(index.table_len());
-    let mut missing = 0;
-    let mut stack: Vec<TreeId> = roots.into_iter().collect();
-    while let Some(id) = stack.pop() {
-        let Some(slot) = index.slot(BlobKind::Tree, &id.0)? else {
-            missing += 1;
-            continue;
-        };
-        if !marks.set(slot) {
-            continue;
-        }
-        let tree = repo.load_tree(&id)?;
-        for node in &tree.nodes {
-            if let Some(sub) = node.subtree {
-                stack.push(sub);
-            }
-            for c in &node.content {
-                match index.slot(BlobKind::Data, &c.0)? {
-                    Some(slot) => {
-                        marks.set(slot);
+    let mut incomplete = Marks::new(index.table_len());
+    let mut complete = Vec::with_capacity(roots.len());
+    for root in roots {
+        let mut stack = vec![Frame::Enter(*root)];
+        while let Some(frame) = stack.pop() {
+            match frame {
+                Frame::Enter(id) => {
+                    // A tree the index lacks makes its parent incomplete (below).
+                    let Some(slot) = index.slot(BlobKind::Tree, &id.0)? else {
+                        continue;
+                    };
+                    if !marks.set(slot) {
+                        continue;
                     }
-                    None => missing += 1,
+                    let tree = repo.load_tree(&id)?;
+                    let mut chunk_missing = false;
+                    for c in tree.nodes.iter().flat_map(|n| &n.content) {
+                        match index.slot(BlobKind::Data, &c.0)? {
+                            Some(slot) => {
+                                marks.set(slot);
+                            }
+                            None => chunk_missing = true,
+                        }
+                    }
+                    let subtrees: Vec<TreeId> =
+                        tree.nodes.iter().filter_map(|n| n.subtree).collect();
+                    stack.push(Frame::Exit {
+                        slot,
+                        subtrees: subtrees.clone(),
+                        chunk_missing,
+                    });
+                    stack.extend(subtrees.into_iter().map(Frame::Enter));
+                }
+                Frame::Exit {
+                    slot,
+                    subtrees,
+                    chunk_missing,
+                } => {
+                    let mut bad = chunk_missing;
+                    for t in &subtrees {
+                        if bad {
+                            break;
+                        }
+                        bad = index
+                            .slot(BlobKind::Tree, &t.0)?
+                            .is_none_or(|s| incomplete.get(s));
+                    }
+                    if bad {
+                        incomplete.set(slot);
+                    }
                 }
             }
         }
+        complete.push(
+            index
+                .slot(BlobKind::Tree, &root.0)?
+                .is_some_and(|s| !incomplete.get(s)),
+        );
     }
-    Ok((marks, missing))
+    Ok((marks, complete))
 }
 
 #[cfg(test)]
@@ -231,6 +274,50 @@ pub(crate) mod tests {
             .unwrap()
             .load_index(None)
             .unwrap()
+    }
+
+    #[test]
+    fn a_root_is_complete_only_when_everything_below_it_is_indexed() {
+        let (backend, repo) = memory_repo();
+        let shared = vec![5u8; 30_000];
+        let a = backup(&repo, &[&shared, b"a"]);
+        let b = backup(&repo, &[&shared, b"b"]);
+        drop(repo);
+        // Drop the index file that lists `b`'s own data pack: its chunk is missing.
+        let repo = reopen(backend.clone());
+        let snaps = repo.snapshots().unwrap();
+        let roots: Vec<TreeId> = snaps.iter().map(|(_, s)| s.tree).collect();
+        let (_, complete) = mark_each(&repo, &roots).unwrap();
+        assert_eq!(complete, [true, true]);
+        let chunk_b = ChunkId::of(b"b");
+        let pack = repo
+            .index()
+            .get(BlobKind::Data, &chunk_b.0)
+            .unwrap()
+            .unwrap()
+            .pack;
+        for (name, _) in backend.list(crate::backend::FileType::Index).unwrap() {
+            let listed = repo.read_index_file(&name).unwrap();
+            if listed.iter().any(|p| p.pack == pack) {
+                backend
+                    .delete(crate::backend::FileType::Index, &name)
+                    .unwrap();
+            }
+        }
+        let repo = reopen(backend);
+        assert!(repo
+            .index()
+            .get(BlobKind::Data, &chunk_b.0)
+            .unwrap()
+            .is_none());
+        let by_id = |id| snaps.iter().position(|(s, _)| *s == id).unwrap();
+        let (_, complete) = mark_each(&repo, &roots).unwrap();
+        assert!(complete[by_id(a)], "a lacks nothing");
+        assert!(!complete[by_id(b)], "b's chunk is in no index file");
+        // In the other order, the shared directory tree is judged the same way.
+        let reversed: Vec<TreeId> = roots.iter().rev().copied().collect();
+        let (_, complete) = mark_each(&repo, &reversed).unwrap();
+        assert!(complete[1 - by_id(a)] && !complete[1 - by_id(b)]);
     }
 
     #[test]

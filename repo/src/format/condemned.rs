@@ -10,7 +10,7 @@
 //! to need, and index the pack again (rescue).
 
 use super::index_file::{self, IndexedPack};
-use haul_protocol::SnapshotId;
+use haul_protocol::{PackId, SnapshotId};
 use serde::{Deserialize, Serialize};
 
 const MAGIC: &[u8; 4] = b"HCD1";
@@ -44,6 +44,18 @@ pub fn encode(c: &Condemnation) -> Vec<u8> {
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Condemnation, String> {
+    let (header, rest) = split(bytes)?;
+    let packs = index_file::decode(rest)?;
+    Ok(Condemnation { header, packs })
+}
+
+/// The header and the condemned packs' ids, without their blobs.
+pub fn decode_summary(bytes: &[u8]) -> Result<(Header, Vec<PackId>), String> {
+    let (header, rest) = split(bytes)?;
+    Ok((header, index_file::pack_ids(rest)?))
+}
+
+fn split(bytes: &[u8]) -> Result<(Header, &[u8]), String> {
     let mut c = super::Cursor::new(bytes);
     if c.take(4) != Some(MAGIC) {
         return Err("bad condemnation record magic".into());
@@ -51,15 +63,14 @@ pub fn decode(bytes: &[u8]) -> Result<Condemnation, String> {
     let len = c.u32().ok_or("truncated")? as usize;
     let header = c.take(len).ok_or("truncated header")?;
     let header: Header = serde_json::from_slice(header).map_err(|e| e.to_string())?;
-    let packs = index_file::decode(&bytes[c.pos..])?;
-    Ok(Condemnation { header, packs })
+    Ok((header, &bytes[c.pos..]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::format::pack_header::PackEntry;
-    use haul_protocol::{BlobKind, PackId};
+    use haul_protocol::BlobKind;
 
     #[test]
     fn round_trips_and_refuses_damage() {
@@ -82,6 +93,10 @@ mod tests {
         };
         let bytes = encode(&c);
         assert_eq!(decode(&bytes).unwrap(), c);
+        assert_eq!(
+            decode_summary(&bytes).unwrap(),
+            (c.header.clone(), vec![PackId::of(b"p")])
+        );
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode(&bytes[..6]).is_err());
     }

@@ -82,6 +82,7 @@ mod tests {
                             prune: seed.is_multiple_of(3),
                             holder: format!("{seed:x}"),
                             pid_ns: seed,
+                            boot_id: String::new(),
                             time: chrono::DateTime::from_timestamp(min_size.into(), 0).unwrap(),
                             hostname: "pbs".into(),
                             pid: avg_size,

@@ -77,6 +77,30 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<IndexedPack>, &'static str> {
     Ok(out)
 }
 
+/// The packs an index file lists, without their blobs (which are checked only for
+/// their size: [`decode`] reads them).
+pub fn pack_ids(bytes: &[u8]) -> Result<Vec<PackId>, &'static str> {
+    let mut c = Cursor::new(bytes);
+    if c.take(4) != Some(MAGIC) {
+        return Err("bad index magic");
+    }
+    let packs = c.u32().ok_or("truncated")? as usize;
+    if packs > bytes.len() / 36 {
+        return Err("pack count larger than the file");
+    }
+    let mut out = Vec::with_capacity(packs);
+    for _ in 0..packs {
+        out.push(PackId(c.id().ok_or("truncated")?));
+        let count = c.u32().ok_or("truncated")? as usize;
+        c.take(count.checked_mul(45).ok_or("truncated")?)
+            .ok_or("truncated")?;
+    }
+    if !c.done() {
+        return Err("trailing bytes in index");
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

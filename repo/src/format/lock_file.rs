@@ -23,6 +23,10 @@ pub struct LockFile {
     /// pid says whether a process lives only within its namespace.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pid_ns: u64,
+    /// The holder's kernel boot id (`/proc/sys/kernel/random/boot_id`; empty: unknown):
+    /// which machine, and which boot of it, its pid belongs to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
     /// What the holder is doing, for messages ("backup-local", "prune").
     pub purpose: String,
 }

@@ -2,7 +2,11 @@
 //!
 //! # What a prune does
 //!
-//! 1. **Mark** every blob the snapshots reach ([`crate::usage`]: a bit per blob).
+//! 1. **Mark**: the snapshots are listed, *then* the index loaded, and every blob the
+//!    snapshots reach is marked ([`crate::usage`]: a bit per blob). A snapshot is
+//!    written only once all it uses is in index files, so the index holds what every
+//!    listed snapshot uses, except blobs of packs an earlier, unswept prune condemned
+//!    (or damage): a snapshot that reaches such a gap is not counted as walked.
 //! 2. **Plan** ([`plan`]): packs holding only unused blobs are deleted; partly used
 //!    ones are repacked, most wasteful first, until at most `max_unused` stays.
 //! 3. **Repack**: the used blobs of those packs are copied into new packs (their
@@ -10,12 +14,15 @@
 //! 4. **Condemn**: every index file that lists a condemned pack (deleted or repacked)
 //!    is replaced by one without it; a *condemnation record* (`condemned/`) lists the
 //!    condemned packs with their blobs, the replaced index files and the snapshots
-//!    the mark walked. Only then are the replaced index files deleted, and then an
-//!    *epoch marker* (`epochs/`) written.
-//! 5. **Sweep**, once no session that began before the epoch is running (see below):
-//!    the snapshots the mark did not walk are walked, over the index plus the
-//!    condemned packs; a condemned pack holding a blob one of them uses is
-//!    **rescued** (indexed again); the others are deleted, then the record.
+//!    the mark walked whole. Only then are the replaced index files deleted, and then
+//!    an *epoch marker* (`epochs/`) written.
+//! 5. **Sweep**, for every record in the repository: its replaced index files are
+//!    deleted again (a prune may have stopped halfway), an epoch marker is written,
+//!    the lock holders are listed, and once none of them runs any more, the snapshots
+//!    that some record's mark did not walk are walked (listed before the index is
+//!    loaded, as in 1), over the index, looking for what it lacks in the condemned
+//!    packs, one record at a time. A condemned pack holding a blob one of them uses is
+//!    **rescued** (indexed again); the others are deleted, then the records.
 //!
 //! # Why pulls never lose data to it (the lock and grace rules)
 //!
@@ -32,17 +39,24 @@
 //!   an interrupted backup) skips the packs of every record. So a view loaded after
 //!   the epoch marker was written cannot know a condemned pack.
 //! - **A view older than the newest epoch is never answered from.** A process records
-//!   the epoch markers it saw before it listed the index files. A session writes its
-//!   lock, *then* compares the markers; on a new one it loads the index again.
-//! - **The sweep waits for every lock holder that existed after the epoch.** Holders
+//!   the epoch markers it saw before it listed the index files. A session (and a
+//!   reader: restore, ls, check) writes its lock, *then* compares the markers (a reader
+//!   loads its index only then); on a new one it loads the index again.
+//! - **The sweep waits for every lock holder that existed after its epoch.** Holders
 //!   keep one id across the refreshes of their lock. Any session that may answer from
 //!   an older view wrote its lock before it looked at the markers, so either its lock
 //!   is among those the sweep waits for, or it looked after the epoch and loaded a
 //!   view without the condemned packs. Blobs a running session has been told exist
 //!   therefore stay until that session ends, and the snapshot it commits is walked by
 //!   the sweep, which rescues the packs it needs.
-//! - A lock not refreshed for 30 minutes, or of a process of this host that no longer
-//!   exists, is stale (see [`crate::lock`]): its holder is gone, and not waited for.
+//! - **A session does not build on a snapshot that is not settled.** It trusts its
+//!   parent's trees without looking below them; a parent committed after a pending
+//!   record's mark (or forgotten as the session starts) may lead to condemned blobs, so
+//!   the session then reads every file again instead.
+//! - A lock not refreshed for 30 minutes, or of a process of this machine and PID
+//!   namespace that no longer exists, is stale (see [`crate::lock`]) and not waited
+//!   for. A holder whose own lock once went 25 minutes without being written stops
+//!   before it commits a snapshot or deletes anything ([`LockGuard::ensure_fresh`]).
 //! - If the holders are still there after `max_wait`, the prune ends without the
 //!   sweep; the condemned packs stay (unindexed, never handed to a session) and the
 //!   next prune sweeps them.
@@ -50,11 +64,11 @@
 //! # Crash safety
 //!
 //! Every step only adds before it removes, and the records say what is left to do:
-//! killed while repacking, the new packs are unindexed copies (the next backup or
-//! prune indexes them); killed after the record, the next prune deletes the replaced
-//! index files, writes an epoch, and sweeps; killed while deleting packs, the next
-//! sweep deletes the rest (a pack already gone is no error). `check` reports the packs
-//! in no index as reclaimable, not as damage.
+//! killed while repacking, the new packs are unindexed copies (the next prune indexes
+//! them first, and deletes them as unused copies); killed after the record, the next
+//! prune deletes the replaced index files, writes an epoch, and sweeps; killed while
+//! deleting packs, the next sweep deletes the rest (a pack already gone is no error).
+//! `check` reports the packs in no index as reclaimable, not as damage.
 
 mod plan;
 mod records;
@@ -70,7 +84,7 @@ use crate::format::pack_header::PackEntry;
 use crate::index::BlobLocation;
 use crate::lock::{LockGuard, LockKind};
 use crate::repository::{IndexedRepository, Repository};
-use crate::usage::{mark, mark_counting, Marks, Usage};
+use crate::usage::{mark, mark_each, Marks, Usage};
 use haul_protocol::tree::Tree;
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeMap, HashSet};
@@ -240,17 +254,23 @@ pub fn prune(
         let (base, cache) = view.unload();
         view = base.load_index(cache.as_deref())?;
     }
-    let (marks, missing) = mark_counting(&view, snapshots.iter().map(|(_, s)| s.tree))?;
-    // What the mark did not find, the sweep looks at again: it walks every snapshot.
-    let marked: Vec<SnapshotId> = if missing == 0 {
-        snapshots.iter().map(|(id, _)| *id).collect()
-    } else {
+    let roots: Vec<TreeId> = snapshots.iter().map(|(_, s)| s.tree).collect();
+    let (marks, complete) = mark_each(&view, &roots)?;
+    drop(roots);
+    // A snapshot using what the index lacks (blobs of packs an earlier prune
+    // condemned, or damage) is walked again by the sweep, over the condemned packs.
+    let marked: Vec<SnapshotId> = snapshots
+        .iter()
+        .zip(&complete)
+        .filter(|(_, complete)| **complete)
+        .map(|((id, _), _)| *id)
+        .collect();
+    if marked.len() < snapshots.len() {
         tracing::warn!(
-            blobs = missing,
-            "the snapshots use blobs the index does not hold (`haul-pbs check` says which)"
+            snapshots = snapshots.len() - marked.len(),
+            "snapshots use blobs the index does not hold: the sweep looks for them in condemned packs (`haul-pbs check` names what is missing)"
         );
-        Vec::new()
-    };
+    }
     drop(snapshots);
     pause_at(Step::Marked);
     let usage = Usage::of(view.index(), &marks);
@@ -415,8 +435,14 @@ fn sweep(
     if records.records.is_empty() {
         return Ok(());
     }
-    // Listed after the epochs of every record (this prune's, and the one it wrote
-    // for earlier records).
+    // Every record swept takes effect before the holders are listed, whoever wrote
+    // it (a prune killed, or one whose lock was lost, may have stopped before its
+    // epoch): its replaced index files gone, then an epoch.
+    for r in &records.records {
+        delete_all(repo, FileType::Index, &r.header.superseded, None)?;
+    }
+    repo.write_epoch()?;
+    lock.ensure_fresh("prune")?;
     let holders = repo.lock_holders(lock)?;
     if !holders.is_empty() {
         tracing::info!(

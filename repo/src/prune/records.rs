@@ -10,8 +10,7 @@ use haul_protocol::PackId;
 use std::collections::{BTreeSet, HashSet};
 
 /// The condemnation records in the repository (without the blobs of their packs,
-/// which [`Repository::read_condemnation`] reads one record at a time), and those that
-/// cannot be read.
+/// which a sweep reads one record at a time), and those that cannot be read.
 #[derive(Debug, Default)]
 pub struct Condemnations {
     pub records: Vec<Record>,
@@ -68,11 +67,11 @@ impl Repository {
     pub fn condemnations(&self) -> Result<Condemnations> {
         let mut out = Condemnations::default();
         for (name, _) in self.backend().list(FileType::Condemned)? {
-            match self.read_condemnation(&name) {
-                Ok(c) => out.records.push(Record {
+            match self.read_condemnation_summary(&name) {
+                Ok((header, packs)) => out.records.push(Record {
                     name,
-                    header: c.header,
-                    packs: c.packs.iter().map(|p| p.pack).collect(),
+                    header,
+                    packs,
                 }),
                 Err(Error::NotFound { .. }) => {}
                 Err(e @ Error::Corrupt { .. }) => {
@@ -88,13 +87,24 @@ impl Repository {
 
     /// One condemnation record, with the blobs of its packs.
     pub(crate) fn read_condemnation(&self, name: &str) -> Result<Condemnation> {
+        let (plain, what) = self.open_condemnation(name)?;
+        condemned::decode(&plain).map_err(|d| Error::corrupt(what, d))
+    }
+
+    /// One condemnation record's header and packs, without their blobs.
+    fn read_condemnation_summary(&self, name: &str) -> Result<(Header, Vec<PackId>)> {
+        let (plain, what) = self.open_condemnation(name)?;
+        condemned::decode_summary(&plain).map_err(|d| Error::corrupt(what, d))
+    }
+
+    fn open_condemnation(&self, name: &str) -> Result<(Vec<u8>, String)> {
         let what = format!("condemnation record {name}");
         let sealed = self.backend().read(FileType::Condemned, name)?;
         if blake3::hash(&sealed).to_hex().as_str() != name {
             return Err(Error::corrupt(what, "content does not match its name"));
         }
-        let plain = self.data_key().open(ad::CONDEMNED, &sealed, &what)?;
-        condemned::decode(&plain).map_err(|d| Error::corrupt(what, d))
+        let plain = self.data_key().open_vec(ad::CONDEMNED, sealed, &what)?;
+        Ok((plain, what))
     }
 
     pub(crate) fn write_condemnation(&self, c: &Condemnation) -> Result<String> {
