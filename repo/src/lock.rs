@@ -165,15 +165,20 @@ fn this_host() -> String {
 
 /// This machine's boot id (empty when it cannot be told).
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// This process's PID namespace (0 when it cannot be told).
 fn pid_namespace() -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+    static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()))
 }
 
 fn process_exists(pid: u32) -> bool {
@@ -231,13 +236,15 @@ pub fn is_stale(lock: &LockFile, now: chrono::DateTime<chrono::Utc>, host: &str)
     if age.to_std().is_ok_and(|a| a > STALE_AFTER) {
         return true;
     }
-    let this_machine = if lock.boot_id.is_empty() {
-        lock.hostname == host
-    } else {
-        lock.boot_id == boot_id()
-    };
+    let ns = pid_namespace();
+    // Same machine and boot; where either PID namespace is unknown, the same name too
+    // (containers of one machine share its boot id).
+    let this_machine =
+        lock.hostname == host || (!lock.boot_id.is_empty() && lock.pid_ns != 0 && ns != 0);
+    let same_boot = lock.boot_id.is_empty() || lock.boot_id == boot_id();
     this_machine
-        && (lock.pid_ns == 0 || lock.pid_ns == pid_namespace())
+        && same_boot
+        && (lock.pid_ns == 0 || lock.pid_ns == ns)
         && lock.pid != std::process::id()
         && !process_exists(lock.pid)
 }
@@ -414,7 +421,11 @@ impl LockGuard {
             let (wall, mono) = (chrono::Utc::now(), std::time::Instant::now());
             match write_lock(backend.as_ref(), &key, kind, &purpose, &holder, wall) {
                 Ok(new) => {
-                    freshness.lock().expect("lock time").written(wall, mono);
+                    let mut f = freshness.lock().expect("lock time");
+                    // A write that took long left the old file alone meanwhile.
+                    f.note(chrono::Utc::now(), std::time::Instant::now());
+                    f.written(wall, mono);
+                    drop(f);
                     let old = std::mem::replace(&mut *name.lock().expect("lock name"), new);
                     let _ = backend.delete(FileType::Lock, &old);
                 }

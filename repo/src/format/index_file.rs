@@ -92,8 +92,15 @@ pub fn pack_ids(bytes: &[u8]) -> Result<Vec<PackId>, &'static str> {
     for _ in 0..packs {
         out.push(PackId(c.id().ok_or("truncated")?));
         let count = c.u32().ok_or("truncated")? as usize;
-        c.take(count.checked_mul(45).ok_or("truncated")?)
+        let blobs = c
+            .take(count.checked_mul(45).ok_or("truncated")?)
             .ok_or("truncated")?;
+        if blobs
+            .chunks_exact(45)
+            .any(|b| BlobKind::from_code(b[0]).is_none())
+        {
+            return Err("unknown blob kind");
+        }
     }
     if !c.done() {
         return Err("trailing bytes in index");

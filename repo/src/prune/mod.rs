@@ -56,7 +56,10 @@
 //! - A lock not refreshed for 30 minutes, or of a process of this machine and PID
 //!   namespace that no longer exists, is stale (see [`crate::lock`]) and not waited
 //!   for. A holder whose own lock once went 25 minutes without being written stops
-//!   before it commits a snapshot or deletes anything ([`LockGuard::ensure_fresh`]).
+//!   before it commits a snapshot, writes an index file or a record, or deletes
+//!   anything ([`LockGuard::ensure_fresh`]); what remains is the window of one write
+//!   after that look (a process stalled for five minutes right there), as with any
+//!   lease.
 //! - If the holders are still there after `max_wait`, the prune ends without the
 //!   sweep; the condemned packs stay (unindexed, never handed to a session) and the
 //!   next prune sweeps them.
@@ -248,6 +251,7 @@ pub fn prune(
     }
     // Packs in no index file (left by a killed backup or prune) are indexed, so the
     // mark decides about them too: a killed prune's copies go, as unused duplicates.
+    lock.ensure_fresh("prune")?;
     let orphans = view.index_orphan_packs()?;
     if orphans > 0 {
         tracing::info!(packs = orphans, "indexed packs that no index file listed");
@@ -293,8 +297,7 @@ pub fn prune(
         .copied()
         .collect();
     if !condemned.is_empty() {
-        lock.ensure_fresh("prune")?;
-        condemn(&view, &condemned, marked)?;
+        condemn(&view, &lock, &condemned, marked)?;
     }
     let (base, _) = view.unload();
     sweep(&base, cache, &lock, run, &mut report)?;
@@ -362,9 +365,12 @@ fn delete_all(repo: &Repository, t: FileType, names: &[String], step: Option<Ste
 /// records the condemnation, deletes the replaced files, and writes the epoch.
 fn condemn(
     repo: &IndexedRepository,
+    lock: &LockGuard,
     condemned: &HashSet<PackId>,
     marked: Vec<SnapshotId>,
 ) -> Result<()> {
+    // Each write of an index file or a record only while the lock holds: a prune
+    // whose lock was lost could otherwise list again a pack another prune deleted.
     let mut records: Vec<Condemnation> = Vec::new();
     let mut current = Condemnation {
         header: Header {
@@ -385,6 +391,7 @@ fn condemn(
         let (gone, kept): (Vec<IndexedPack>, Vec<IndexedPack>) =
             packs.into_iter().partition(|p| condemned.contains(&p.pack));
         if !kept.is_empty() {
+            lock.ensure_fresh("prune")?;
             repo.write_index_file(&kept)?;
         }
         blobs += gone.iter().map(|p| p.blobs.len()).sum::<usize>();
@@ -409,6 +416,7 @@ fn condemn(
     // Every record before any deletion: a pack missing from the index files is
     // always named by a record (see the module doc).
     for r in &records {
+        lock.ensure_fresh("prune")?;
         repo.write_condemnation(r)?;
     }
     pause_at(Step::Condemned);
@@ -489,6 +497,7 @@ fn sweep(
             packs = rescued.len(),
             "condemned packs rescued: a snapshot committed during the prune uses them"
         );
+        lock.ensure_fresh("prune")?;
         view.write_index_file(&rescued)?;
     }
     report.packs_rescued = rescued.len();
