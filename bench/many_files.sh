@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): many small files. For each tree size, haul and restic side by
+# side on the same files in one run: a full pull (restic backup), an unchanged re-pull,
+# `ls` of the whole snapshot, and a restore.
+#
+# usage: bench/many_files.sh [--files "100000 1000000"] [--flat N] [--work DIR]
+#        --files   tree sizes, in files (default "100000 1000000"); files of 64 to
+#                  2,048 bytes, 1,000 per directory
+#        --flat N  also a tree of N files in one single directory
+#        --work    where the trees, repositories and restores go
+#                  (default /tmp/haul-bench-many; a million files take about 4 GiB)
+# env:   HAUL_BIN=dir     directory holding haul-pbs and haul-agent (default: the
+#                         workspace's target/release, built if missing)
+#
+# haul runs on the repository the pbs manages (`pull --local` with --state-dir). For
+# haul pulls the pbs's and the agent's peak RSS come from the run record (VmHWM each
+# process reports); for the other phases, and for restic, from /usr/bin/time.
+set -euo pipefail
+
+files="100000 1000000" flat="" work=/tmp/haul-bench-many
+while (($#)); do
+  case $1 in
+    --files) files=${2:?--files needs a value}; shift 2 ;;
+    --flat) flat=${2:?--flat needs a value}; shift 2 ;;
+    --work) work=${2:?--work needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "many_files.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+for n in $files $flat; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "many_files.sh: $n is not a number of files" >&2; exit 2; }
+done
+
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
+root=$(cd "$here/.." && pwd -P)
+for t in restic python3 jq; do
+  command -v $t >/dev/null || { echo "many_files.sh: needs $t (apt-get install -y restic python3 jq time)" >&2; exit 2; }
+done
+[[ -x /usr/bin/time ]] || { echo "many_files.sh: needs /usr/bin/time (apt-get install -y time)" >&2; exit 2; }
+bin=${HAUL_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
+if [[ -z ${HAUL_BIN:-} && ( ! -x $bin/haul-pbs || ! -x $bin/haul-agent ) ]]; then
+  echo "building haul-pbs and haul-agent ..." >&2
+  (cd "$root" && cargo build --release -p haul-pbs -p haul-agent) >&2
+fi
+haul=$bin/haul-pbs
+
+mkdir -p "$work"
+work=$(cd "$work" && pwd -P)
+logs="$work/logs"
+rm -rf "$logs"
+mkdir -p "$logs"
+exec > >(tee "$work/results.txt")
+unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD HAUL_REPO
+export RESTIC_PASSWORD=bench
+
+# gen DIR N PER_DIR: N files of 64..2048 bytes, PER_DIR to a directory (deterministic).
+gen() {
+  python3 - "$1" "$2" "$3" <<'EOF'
+import os, random, sys
+root, n, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(n * 7919 + per)
+pool = rng.randbytes(1 << 20)
+for i in range(n):
+    d = os.path.join(root, f"d{i // per:05d}")
+    if i % per == 0:
+        os.makedirs(d, exist_ok=True)
+    size = rng.randint(64, 2048)
+    start = rng.randint(0, len(pool) - size)
+    with open(os.path.join(d, f"f{i:07d}"), "wb") as f:
+        f.write(b"%d\n" % i + pool[start:start + size])
+EOF
+}
+
+declare -A wall rss agent pbs
+measure() { # key what cmd...
+  local key=$1 what=$2 t="$logs/$1.time"; shift 2
+  sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
+  if ! /usr/bin/time -f '%e %M' -o "$t" "$@" >"$logs/$key.log" 2>&1; then
+    echo "$key FAILED:"; tail -5 "$logs/$key.log" | sed 's/^/  | /'; return 0
+  fi
+  local w m
+  read -r w m <"$t"
+  wall[$key]=$w rss[$key]=$((m / 1024)) agent[$key]=- pbs[$key]=-
+  if [[ $what == pull ]]; then
+    agent[$key]=$(($(jq -r 'select(.type=="run") | .run.agent_peak_rss_kib' "$logs/$key.log") / 1024))
+    pbs[$key]=$(($(jq -r 'select(.type=="run") | .run.pbs_peak_rss_kib' "$logs/$key.log") / 1024))
+  fi
+}
+
+run_tree() { # label N PER_DIR
+  local label=$1 n=$2 per=$3 data="$work/data-$1"
+  rm -rf "$data" "$work"/{restic,state,restore-restic,restore-haul}-"$label" "$work/restic-cache" "$work/haul-cache"
+  echo "generating $n files ($per per directory) ..." >&2
+  gen "$data" "$n" "$per"
+  local restic_=(restic -r "$work/restic-$label" --cache-dir "$work/restic-cache")
+  local haul_=("$haul" --state-dir "$work/state-$label" --config /dev/null --cache-dir "$work/haul-cache")
+  "${restic_[@]}" -q init --repository-version 2 >"$logs/$label.restic.init.log" 2>&1
+  measure "$label.restic.full" backup "${restic_[@]}" backup -q "$data"
+  measure "$label.haul.full" pull "${haul_[@]}" --json pull --local "$data"
+  measure "$label.restic.unchanged" backup "${restic_[@]}" backup -q "$data"
+  measure "$label.haul.unchanged" pull "${haul_[@]}" --json pull --local "$data"
+  measure "$label.restic.ls" ls "${restic_[@]}" ls latest
+  measure "$label.haul.ls" ls "${haul_[@]}" ls latest
+  measure "$label.restic.restore" restore "${restic_[@]}" restore latest --target "$work/restore-restic-$label"
+  measure "$label.haul.restore" restore "${haul_[@]}" restore latest --target "$work/restore-haul-$label"
+  for t in restic haul; do
+    if diff -r --no-dereference "$data" "$work/restore-$t-$label$data" >"$logs/$label.$t.verify.log" 2>&1; then
+      echo "$label $t restore-verify OK"
+    else
+      echo "$label $t restore-verify FAILED (see $logs/$label.$t.verify.log)"
+    fi
+  done
+  for phase in full unchanged ls restore; do
+    local h="$label.haul.$phase" r="$label.restic.$phase"
+    printf '%-10s %-10s %9s %9s %7s %10s %10s %10s %10s\n' "$label" "$phase" "${wall[$h]:--}" "${wall[$r]:--}" \
+      "$(awk -v h="${wall[$h]:-0}" -v r="${wall[$r]:-0}" 'BEGIN { if (r > 0) printf "%.2fx", h / r; else print "-" }')" \
+      "${pbs[$h]:--}" "${agent[$h]:--}" "${rss[$h]:--}" "${rss[$r]:--}"
+  done
+  rm -rf "$data" "$work"/{restic,state,restore-restic,restore-haul}-"$label"
+}
+
+printf '%-10s %-10s %9s %9s %7s %10s %10s %10s %10s\n' tree phase haul_s restic_s ratio pbs_mib agent_mib haul_mib restic_mib
+for n in $files; do run_tree "$n" "$n" 1000; done
+[[ -z $flat ]] || run_tree "flat$flat" "$flat" "$flat"
+echo "(pull rows: pbs_mib and agent_mib from the run record; haul_mib is /usr/bin/time's peak of the command)"
+echo "logs: $logs" >&2
