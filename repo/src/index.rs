@@ -27,7 +27,7 @@
 //! Merging or rebuilding briefly holds full entries (48 bytes each); steady state is
 //! the 24-byte table.
 //!
-//! Blobs added by the running session are kept in a small map with full ids.
+//! Blobs added since the load are kept apart, compactly ([`added`]).
 
 use crate::backend::{Backend, FileType};
 use crate::crypto::Key;
@@ -41,6 +41,9 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+
+mod added;
+use added::Added;
 
 /// Where a blob is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +96,7 @@ pub struct Index {
     tree: Vec<Entry>,
     ids: IdStore,
     /// Blobs stored by this process since the index was loaded.
-    added: RwLock<HashMap<BlobRef, BlobLocation>>,
+    added: RwLock<Added>,
     /// Index files the table covers: name → size.
     covered: Files,
     /// Index files skipped because they do not verify.
@@ -203,13 +206,8 @@ impl Index {
 
     /// Where blob `id` of `kind` is, if the repository holds it.
     pub fn get(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Option<BlobLocation>> {
-        if let Some(loc) = self
-            .added
-            .read()
-            .expect("index")
-            .get(&BlobRef { kind, id: *id })
-        {
-            return Ok(Some(*loc));
+        if let Some(loc) = self.added.read().expect("index").get(kind, id) {
+            return Ok(Some(loc));
         }
         Ok(self.table_position(kind, id)?.map(|(table, i)| {
             let e = &table[i];
@@ -306,7 +304,7 @@ impl Index {
     /// Every pack the index knows.
     pub fn pack_ids(&self) -> std::collections::HashSet<PackId> {
         let mut out: std::collections::HashSet<PackId> = self.packs.iter().copied().collect();
-        out.extend(self.added.read().expect("index").values().map(|l| l.pack));
+        out.extend(self.added.read().expect("index").packs().iter().copied());
         out
     }
 
@@ -346,7 +344,7 @@ impl Index {
                     });
             }
         }
-        for (r, loc) in self.added.read().expect("index").iter() {
+        for (r, loc) in self.added.read().expect("index").entries() {
             out.entry(loc.pack).or_default().push(PackEntry {
                 kind: r.kind,
                 id: r.id,
@@ -723,7 +721,7 @@ fn parse_cache(file: File) -> Result<Option<Index>> {
             },
             data,
             tree,
-            added: RwLock::new(HashMap::new()),
+            added: RwLock::new(Added::default()),
             covered,
             damaged: Vec::new(),
         })
