@@ -140,12 +140,15 @@ fn pulls_whose_agent_is_killed_at_random_moments_are_each_recorded() {
             )
             .unwrap();
         }
-        // Spread over the pull (about half a second here): at once, then every 15 ms
-        // up to 225 ms.
+        // Spread over the pull: at once, then every 15 ms up to 225 ms. Storing is
+        // slowed (a debug build's fault hook: 20 ms per megabyte) so that the pull
+        // lasts about a second however fast the machine is, and most kills land
+        // before its end.
         let delay = Duration::from_millis((i * 7 % 16) * 15);
         let (s, st) = (src.display().to_string(), state.display().to_string());
         let mut pbs = env
             .pbs_command(&["--json", "pull", "--local", &s, "--state-dir", &st])
+            .env("HAUL_FAULT_STORE_DELAY_MS", "20")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
