@@ -31,18 +31,9 @@ for n in $files $flat; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "many_files.sh: $n is not a number of files" >&2; exit 2; }
 done
 
-here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
-root=$(cd "$here/.." && pwd -P)
-for t in restic python3 jq; do
-  command -v $t >/dev/null || { echo "many_files.sh: needs $t (apt-get install -y restic python3 jq time)" >&2; exit 2; }
-done
-[[ -x /usr/bin/time ]] || { echo "many_files.sh: needs /usr/bin/time (apt-get install -y time)" >&2; exit 2; }
-bin=${HAUL_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
-if [[ -z ${HAUL_BIN:-} && ( ! -x $bin/haul-pbs || ! -x $bin/haul-agent ) ]]; then
-  echo "building haul-pbs and haul-agent ..." >&2
-  (cd "$root" && cargo build --release -p haul-pbs -p haul-agent) >&2
-fi
-haul=$bin/haul-pbs
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
+bench_needs
+bench_haul_binaries
 
 mkdir -p "$work"
 work=$(cd "$work" && pwd -P)

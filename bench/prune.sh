@@ -30,20 +30,11 @@ done
 [[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "prune.sh: --mib wants a positive integer" >&2; exit 2; }
 [[ $snapshots =~ ^[1-9][0-9]*$ && $snapshots -gt 3 ]] || { echo "prune.sh: --snapshots wants an integer above 3" >&2; exit 2; }
 
-here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
-root=$(cd "$here/.." && pwd -P)
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
 gen="$root/bench/gen_dataset.py"
-for t in restic python3 jq; do
-  command -v $t >/dev/null || { echo "prune.sh: needs $t (apt-get install -y restic python3 jq time)" >&2; exit 2; }
-done
-[[ -x /usr/bin/time ]] || { echo "prune.sh: needs /usr/bin/time (apt-get install -y time)" >&2; exit 2; }
+bench_needs
 
-bin=${HAUL_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
-if [[ -z ${HAUL_BIN:-} && ( ! -x $bin/haul-pbs || ! -x $bin/haul-agent ) ]]; then
-  echo "building haul-pbs and haul-agent ..." >&2
-  (cd "$root" && cargo build --release -p haul-pbs -p haul-agent) >&2
-fi
-haul=$bin/haul-pbs
+bench_haul_binaries
 
 mkdir -p "$work"
 work=$(cd "$work" && pwd -P)

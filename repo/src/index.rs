@@ -426,11 +426,8 @@ pub(crate) fn read_index_file(
     name: &str,
 ) -> Result<Vec<IndexedPack>> {
     let what = format!("index file {name}");
-    let sealed = backend.read(FileType::Index, name)?;
-    if blake3::hash(&sealed).to_hex().as_str() != name {
-        return Err(Error::corrupt(what, "content does not match its name"));
-    }
-    let plain = key.open(ad::INDEX, &sealed, &what)?;
+    let plain =
+        crate::repository::read_named(backend, key, FileType::Index, name, ad::INDEX, &what)?;
     index_file::decode(&plain).map_err(|d| Error::corrupt(&what, d))
 }
 

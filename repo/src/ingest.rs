@@ -302,9 +302,6 @@ fn parent_settled(repo: &IndexedRepository, id: &SnapshotId, s: &Snapshot) -> Re
     if !repo.index().contains(BlobKind::Tree, &s.tree.0)? {
         return Ok(false);
     }
-    if repo.backend().list(FileType::Condemned)?.is_empty() {
-        return Ok(true);
-    }
     let records = repo.condemnations()?;
     Ok(records.damaged.is_empty() && records.records.iter().all(|r| r.header.marked.contains(id)))
 }

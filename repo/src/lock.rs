@@ -205,10 +205,8 @@ fn write_lock(
         boot_id: boot_id(),
         purpose: purpose.to_string(),
     };
-    let sealed = key.seal(AD, &serde_json::to_vec(&lock).expect("lock serializes"));
-    let name = blake3::hash(&sealed).to_hex().to_string();
-    backend.write_once(FileType::Lock, &name, &sealed)?;
-    Ok(name)
+    let plain = serde_json::to_vec(&lock).expect("lock serializes");
+    crate::repository::write_named(backend, key, FileType::Lock, AD, &plain)
 }
 
 /// Whether `e` says the repository cannot take a new file: a full disk or quota, a

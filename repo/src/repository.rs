@@ -27,6 +27,39 @@ const DATA_KEY_CONTEXT: &str = "haul 2026-11 data key";
 /// Largest tree blob accepted (a directory of a few million entries).
 pub const MAX_TREE_BYTES: usize = 512 * 1024 * 1024;
 
+/// Seals `plain` under `ad` and stores it as a new object of type `t`, named by the
+/// BLAKE3 of its sealed bytes (index files, snapshots, a prune's records, locks);
+/// returns the name.
+pub(crate) fn write_named(
+    backend: &dyn Backend,
+    key: &Key,
+    t: FileType,
+    ad: &[u8],
+    plain: &[u8],
+) -> Result<String> {
+    let sealed = key.seal(ad, plain);
+    let name = blake3::hash(&sealed).to_hex().to_string();
+    backend.write_once(t, &name, &sealed)?;
+    Ok(name)
+}
+
+/// Reads object `name` of type `t` written by [`write_named`], checks its bytes
+/// against its name, and opens it under `ad`; `what` names it in errors.
+pub(crate) fn read_named(
+    backend: &dyn Backend,
+    key: &Key,
+    t: FileType,
+    name: &str,
+    ad: &[u8],
+    what: &str,
+) -> Result<Vec<u8>> {
+    let sealed = backend.read(t, name)?;
+    if blake3::hash(&sealed).to_hex().as_str() != name {
+        return Err(Error::corrupt(what, "content does not match its name"));
+    }
+    key.open_vec(ad, sealed, what)
+}
+
 /// An unlocked repository.
 #[derive(Clone)]
 pub struct Repository {
@@ -353,11 +386,14 @@ impl Repository {
 
     pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         let what = format!("snapshot {}", id.short());
-        let sealed = self.backend.read(FileType::Snapshot, &id.to_hex())?;
-        if SnapshotId::of(&sealed) != *id {
-            return Err(Error::corrupt(what, "content does not match its name"));
-        }
-        let plain = self.data_key.open(ad::SNAPSHOT, &sealed, &what)?;
+        let plain = read_named(
+            self.backend.as_ref(),
+            &self.data_key,
+            FileType::Snapshot,
+            &id.to_hex(),
+            ad::SNAPSHOT,
+            &what,
+        )?;
         serde_json::from_slice(&plain).map_err(|e| Error::corrupt(what, e))
     }
 
@@ -445,11 +481,14 @@ impl Repository {
 
     pub(crate) fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotId> {
         let json = serde_json::to_vec(snapshot).expect("snapshot serializes");
-        let sealed = self.data_key.seal(ad::SNAPSHOT, &json);
-        let id = SnapshotId::of(&sealed);
-        self.backend
-            .write_once(FileType::Snapshot, &id.to_hex(), &sealed)?;
-        Ok(id)
+        let name = write_named(
+            self.backend.as_ref(),
+            &self.data_key,
+            FileType::Snapshot,
+            ad::SNAPSHOT,
+            &json,
+        )?;
+        Ok(name.parse().expect("a BLAKE3 name is a snapshot id"))
     }
 
     /// Loads the index, using the local cache in `cache_root/<repo id>` if given.
@@ -644,15 +683,13 @@ impl IndexedRepository {
 
     /// Seals and writes one index file for `packs`; returns its name.
     pub fn write_index_file(&self, packs: &[IndexedPack]) -> Result<String> {
-        let sealed = self
-            .repo
-            .data_key
-            .seal(ad::INDEX, &crate::format::index_file::encode(packs));
-        let name = blake3::hash(&sealed).to_hex().to_string();
-        self.repo
-            .backend
-            .write_once(FileType::Index, &name, &sealed)?;
-        Ok(name)
+        write_named(
+            self.repo.backend.as_ref(),
+            &self.repo.data_key,
+            FileType::Index,
+            ad::INDEX,
+            &crate::format::index_file::encode(packs),
+        )
     }
 
     /// The packs in `data/` that no readable index file lists, with their blobs read

@@ -737,28 +737,12 @@ fn a_host_that_never_answers_is_cut_at_the_stall_limit() {
     let config = sshd.pbs_config("web-1", &[&src]);
     let silent = env.path("silent-agent");
     let honest = put_in_place_of_the_agent(&sshd, &silent, "#!/bin/sh\nexec sleep 600\n");
-    let (c, state) = (config.display().to_string(), env.path("state"));
-    let s = state.display().to_string();
-    let t = std::time::Instant::now();
-    let run = env.pbs(&[
-        "pull",
-        "web-1",
-        "--config",
-        &c,
-        "--state-dir",
-        &s,
-        "--stall-timeout",
-        "3s",
-    ]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(20),
-        "{:?}",
-        t.elapsed()
+    let (c, s) = (
+        config.display().to_string(),
+        env.path("state").display().to_string(),
     );
-    assert!(run.stderr.contains("the run stalled"), "{}", run.stderr);
-    let rec = env.runs().pop().unwrap();
-    assert_eq!(rec["status"], "failed");
+    let (stderr, rec) = pull_fails_within(&env, &config, ("--stall-timeout", "3s"), 20);
+    assert!(stderr.contains("the run stalled"), "{stderr}");
     assert!(
         rec["error"].as_str().unwrap().contains("the run stalled"),
         "{rec}"
@@ -826,7 +810,7 @@ sys.exit(1)
 "#,
     );
     let t = std::time::Instant::now();
-    let rec = pull_fails_within(&env, &config, "3s", 60);
+    let (_, rec) = pull_fails_within(&env, &config, ("--request-timeout", "3s"), 60);
     let rss = rec["pbs_peak_rss_kib"].as_u64().unwrap();
     eprintln!(
         "pbs peak: {rss} KiB under 16 unread channels, {normal_rss} KiB for a normal pull, {:?}",
@@ -846,17 +830,15 @@ sys.exit(1)
         .expect(0);
 }
 
-/// Writes `script` to `path` as an executable and makes the wrapper's policy run it
-/// instead of the agent (an attacker's program behind the forced command); returns the
-/// honest policy, to put back.
-/// `pull web-1` with `request_timeout`: it fails (exit 1) within `limit_s` seconds and
-/// records a failed run, which is returned.
+/// `pull web-1` with a time limit (`--request-timeout 2s`, `--stall-timeout 3s`): it
+/// fails (exit 1) within `limit_s` seconds and records a failed run; its stderr and
+/// that record are returned.
 fn pull_fails_within(
     env: &Env,
     config: &Path,
-    request_timeout: &str,
+    (flag, value): (&str, &str),
     limit_s: u64,
-) -> serde_json::Value {
+) -> (String, serde_json::Value) {
     let c = config.display().to_string();
     let s = env.path("state").display().to_string();
     let t = std::time::Instant::now();
@@ -867,8 +849,8 @@ fn pull_fails_within(
         &c,
         "--state-dir",
         &s,
-        "--request-timeout",
-        request_timeout,
+        flag,
+        value,
     ]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
@@ -878,9 +860,12 @@ fn pull_fails_within(
     );
     let rec = env.runs().pop().unwrap();
     assert_eq!(rec["status"], "failed", "{rec}");
-    rec
+    (run.stderr, rec)
 }
 
+/// Writes `script` to `path` as an executable and makes the wrapper's policy run it
+/// instead of the agent (an attacker's program behind the forced command); returns the
+/// honest policy, to put back.
 fn put_in_place_of_the_agent(sshd: &Sshd, path: &std::path::Path, script: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     fs::write(path, script).unwrap();
@@ -933,7 +918,7 @@ print("stalled head cut after %.0f s, stalled body cut after %.0f s"
 sys.exit(1)
 "#,
     );
-    let rec = pull_fails_within(&env, &config, "2s", 25);
+    let (_, rec) = pull_fails_within(&env, &config, ("--request-timeout", "2s"), 25);
     let said = rec["error"].as_str().unwrap();
     let secs = |what: &str| -> i64 {
         let at = said.find(what).unwrap_or_else(|| panic!("{rec}")) + what.len();

@@ -38,6 +38,51 @@ pub fn encode(packs: &[IndexedPack]) -> Vec<u8> {
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Vec<IndexedPack>, &'static str> {
+    let mut out = Vec::new();
+    for_each_pack(bytes, |pack, raw| {
+        let blobs = raw
+            .chunks_exact(45)
+            .map(|b| {
+                let mut c = Cursor::new(b);
+                Ok(PackEntry {
+                    kind: BlobKind::from_code(c.u8().ok_or("truncated")?)
+                        .ok_or("unknown blob kind")?,
+                    id: c.id().ok_or("truncated")?,
+                    offset: c.u32().ok_or("truncated")?,
+                    length: c.u32().ok_or("truncated")?,
+                    raw_length: c.u32().ok_or("truncated")?,
+                })
+            })
+            .collect::<Result<Vec<_>, &'static str>>()?;
+        out.push(IndexedPack { pack, blobs });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The packs an index file lists, without their blobs (whose kinds are checked as
+/// [`decode`] checks them).
+pub fn pack_ids(bytes: &[u8]) -> Result<Vec<PackId>, &'static str> {
+    let mut out = Vec::new();
+    for_each_pack(bytes, |pack, raw| {
+        if raw
+            .chunks_exact(45)
+            .any(|b| BlobKind::from_code(b[0]).is_none())
+        {
+            return Err("unknown blob kind");
+        }
+        out.push(pack);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Checks the layout and calls `each` with every pack and the bytes of its blobs (45
+/// per blob).
+fn for_each_pack(
+    bytes: &[u8],
+    mut each: impl FnMut(PackId, &[u8]) -> Result<(), &'static str>,
+) -> Result<(), &'static str> {
     let mut c = Cursor::new(bytes);
     if c.take(4) != Some(MAGIC) {
         return Err("bad index magic");
@@ -46,66 +91,18 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<IndexedPack>, &'static str> {
     if packs > bytes.len() / 36 {
         return Err("pack count larger than the file");
     }
-    let mut out = Vec::with_capacity(packs);
     for _ in 0..packs {
         let pack = PackId(c.id().ok_or("truncated")?);
         let count = c.u32().ok_or("truncated")? as usize;
         if count > bytes.len() / 45 {
             return Err("blob count larger than the file");
         }
-        let mut blobs = Vec::with_capacity(count);
-        for _ in 0..count {
-            let kind =
-                BlobKind::from_code(c.u8().ok_or("truncated")?).ok_or("unknown blob kind")?;
-            let id = c.id().ok_or("truncated")?;
-            let offset = c.u32().ok_or("truncated")?;
-            let length = c.u32().ok_or("truncated")?;
-            let raw_length = c.u32().ok_or("truncated")?;
-            blobs.push(PackEntry {
-                kind,
-                id,
-                offset,
-                length,
-                raw_length,
-            });
-        }
-        out.push(IndexedPack { pack, blobs });
+        each(pack, c.take(count * 45).ok_or("truncated")?)?;
     }
     if !c.done() {
         return Err("trailing bytes in index");
     }
-    Ok(out)
-}
-
-/// The packs an index file lists, without their blobs (which are checked only for
-/// their size: [`decode`] reads them).
-pub fn pack_ids(bytes: &[u8]) -> Result<Vec<PackId>, &'static str> {
-    let mut c = Cursor::new(bytes);
-    if c.take(4) != Some(MAGIC) {
-        return Err("bad index magic");
-    }
-    let packs = c.u32().ok_or("truncated")? as usize;
-    if packs > bytes.len() / 36 {
-        return Err("pack count larger than the file");
-    }
-    let mut out = Vec::with_capacity(packs);
-    for _ in 0..packs {
-        out.push(PackId(c.id().ok_or("truncated")?));
-        let count = c.u32().ok_or("truncated")? as usize;
-        let blobs = c
-            .take(count.checked_mul(45).ok_or("truncated")?)
-            .ok_or("truncated")?;
-        if blobs
-            .chunks_exact(45)
-            .any(|b| BlobKind::from_code(b[0]).is_none())
-        {
-            return Err("unknown blob kind");
-        }
-    }
-    if !c.done() {
-        return Err("trailing bytes in index");
-    }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

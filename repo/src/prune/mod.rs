@@ -14,10 +14,10 @@
 //! 4. **Condemn**: every index file that lists a condemned pack (deleted or repacked)
 //!    is replaced by one without it; a *condemnation record* (`condemned/`) lists the
 //!    condemned packs with their blobs, the replaced index files and the snapshots
-//!    the mark walked whole. Only then are the replaced index files deleted, and then
-//!    an *epoch marker* (`epochs/`) written.
+//!    the mark walked whole. Only then are the replaced index files deleted.
 //! 5. **Sweep**, for every record in the repository: its replaced index files are
-//!    deleted again (a prune may have stopped halfway), an epoch marker is written,
+//!    deleted again (a prune may have stopped halfway), an *epoch marker* (`epochs/`)
+//!    is written,
 //!    the lock holders are listed, and once none of them runs any more, the snapshots
 //!    that some record's mark did not walk are walked (listed before the index is
 //!    loaded, as in 1), over the index, looking for what it lacks in the condemned
@@ -228,14 +228,11 @@ pub fn prune(
         ..Default::default()
     };
     // Earlier condemnations first take effect, so the view loaded next holds none of
-    // their packs.
+    // their packs (the sweep writes the epoch that tells other processes).
     let earlier = repo.condemnations()?;
     warn_damaged(&earlier);
     for r in &earlier.records {
         delete_all(&repo, FileType::Index, &r.header.superseded, None)?;
-    }
-    if !earlier.records.is_empty() {
-        repo.write_epoch()?;
     }
     // The snapshots before the index: a snapshot is written only once everything it
     // uses is in index files (see `IngestSession::commit`), so the index loaded next
@@ -362,7 +359,7 @@ fn delete_all(repo: &Repository, t: FileType, names: &[String], step: Option<Ste
 }
 
 /// Step 4 of the module doc: replaces the index files that list a `condemned` pack,
-/// records the condemnation, deletes the replaced files, and writes the epoch.
+/// records the condemnation, and deletes the replaced files.
 fn condemn(
     repo: &IndexedRepository,
     lock: &LockGuard,
@@ -420,15 +417,13 @@ fn condemn(
         repo.write_condemnation(r)?;
     }
     pause_at(Step::Condemned);
+    // The epoch follows in the sweep, once every record's files are gone.
     delete_all(
         repo,
         FileType::Index,
         &superseded,
         Some(Step::IndexDeleting),
-    )?;
-    repo.write_epoch()?;
-    pause_at(Step::Epoch);
-    Ok(())
+    )
 }
 
 /// Step 5 of the module doc, for every record in the repository.
@@ -450,6 +445,7 @@ fn sweep(
         delete_all(repo, FileType::Index, &r.header.superseded, None)?;
     }
     repo.write_epoch()?;
+    pause_at(Step::Epoch);
     lock.ensure_fresh("prune")?;
     let holders = repo.lock_holders(lock)?;
     if !holders.is_empty() {
