@@ -11,7 +11,7 @@
 # The dataset is made by gen_dataset.py; between snapshots it is changed with
 # gen_dataset.py --mutate. Each tool backs up each version (not measured), then keeps
 # the last three and reclaims the space (measured; page caches dropped first). haul runs
-# twice: on a repository with a passphrase (`init`, Argon2id 64 MiB per opening, as
+# twice: on a repository with a passphrase (`init`, Argon2id 32 MiB per opening, as
 # restic's scrypt), and on the repository the pbs manages itself (created by the first
 # pull, its key a generated 256-bit secret, derived lightly). Printed: wall, CPU, peak
 # RSS, bytes freed and repository size after, and the ratios.
