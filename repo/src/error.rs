@@ -62,6 +62,11 @@ pub enum Error {
     #[error("commit refused: {count} referenced blob(s) are not in the repository, or not this host's to use (first: {first}); send them; no snapshot written")]
     MissingBlobs { count: usize, first: String },
 
+    /// A pack the session was writing could not be finished, so blobs it was told were
+    /// stored are not: its commit is refused.
+    #[error("commit refused: a pack of this backup could not be written ({detail}); no snapshot written; run the backup again")]
+    PackLost { detail: String },
+
     /// The append-only decorator refused a delete or an overwrite.
     #[error("append-only repository refuses to {action} {what}")]
     AppendOnly { action: &'static str, what: String },
@@ -183,7 +188,7 @@ impl Error {
                             | io::ErrorKind::ConnectionReset
                     )
             }
-            Error::Locked { .. } | Error::LockLost { .. } => true,
+            Error::Locked { .. } | Error::LockLost { .. } | Error::PackLost { .. } => true,
             _ => false,
         }
     }

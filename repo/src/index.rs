@@ -209,15 +209,9 @@ impl Index {
         if let Some(loc) = self.added.read().expect("index").get(kind, id) {
             return Ok(Some(loc));
         }
-        Ok(self.table_position(kind, id)?.map(|(table, i)| {
-            let e = &table[i];
-            BlobLocation {
-                pack: self.packs[e.pack as usize],
-                offset: e.offset,
-                length: e.length,
-                raw_length: e.raw_length,
-            }
-        }))
+        Ok(self
+            .table_position(kind, id)?
+            .map(|(table, i)| self.location(&table[i])))
     }
 
     /// The loaded table of `kind` and the position of blob `id` in it, confirmed
@@ -258,6 +252,33 @@ impl Index {
         }))
     }
 
+    /// Where blob `id` of `kind` is, with a number that stays its own while this index
+    /// lives: its slot in the loaded table (as [`Index::slot`]), or, for a blob only
+    /// this process added since, a number past the table, in the order of adding. A
+    /// session keeps a bit per blob by it ([`crate::usage::Marks`]), not a set of ids.
+    pub fn locate(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Option<(usize, BlobLocation)>> {
+        if let Some((table, i)) = self.table_position(kind, id)? {
+            let slot = match kind {
+                BlobKind::Data => i,
+                BlobKind::Tree => self.data.len() + i,
+            };
+            return Ok(Some((slot, self.location(&table[i]))));
+        }
+        let added = self.added.read().expect("index");
+        Ok(added
+            .locate(kind, id)
+            .map(|(n, loc)| (self.table_len() + n as usize, loc)))
+    }
+
+    fn location(&self, e: &Entry) -> BlobLocation {
+        BlobLocation {
+            pack: self.packs[e.pack as usize],
+            offset: e.offset,
+            length: e.length,
+            raw_length: e.raw_length,
+        }
+    }
+
     /// The pack (a position in [`Index::table_packs`]), stored length and plain length
     /// of the blob in `slot`.
     pub fn slot_entry(&self, slot: usize) -> (u32, u32, u32) {
@@ -279,17 +300,7 @@ impl Index {
             .file
             .read_exact_at(&mut id, column + (i * 32) as u64)
             .map_err(Error::io("index cache"))?;
-        let e = &table[i];
-        Ok((
-            kind,
-            id,
-            BlobLocation {
-                pack: self.packs[e.pack as usize],
-                offset: e.offset,
-                length: e.length,
-                raw_length: e.raw_length,
-            },
-        ))
+        Ok((kind, id, self.location(&table[i])))
     }
 
     /// The packs the loaded table refers to.

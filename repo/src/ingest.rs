@@ -29,8 +29,10 @@ use crate::format::ad;
 use crate::format::index_file::IndexedPack;
 use crate::format::pack_header::{self, PackEntry};
 use crate::format::snapshot::{Snapshot, SourceKind, Summary};
+use crate::index::BlobLocation;
 use crate::lock::LockGuard;
 use crate::repository::{IndexedRepository, MAX_TREE_BYTES};
+use crate::usage::Marks;
 use haul_protocol::chunker::{decode_blob_ref, encode_blob, ChunkerParams};
 use haul_protocol::tree::{NodeKind, Tree, VisitError};
 use haul_protocol::walk::{Sink, SinkError};
@@ -38,7 +40,7 @@ use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -81,6 +83,14 @@ pub struct SessionInfo {
     pub parent: ParentChoice,
     pub scope: DedupScope,
 }
+
+/// Chunks that trees named before they were sent, held for `commit` to check: about
+/// 40 bytes each, so at most about 40 MiB however much a hostile source sends.
+const MAX_PENDING_CHECKS: usize = 1 << 20;
+
+/// A commit stops looking after this many missing blobs: the refusal says how many it
+/// found and names the first.
+const MAX_MISSING_REPORTED: usize = 100_000;
 
 /// Write the index after this many packs, or this long after the last index write,
 /// whichever comes first, so an interrupted session loses little.
@@ -204,15 +214,16 @@ pub struct IngestSession<'r> {
     repo: RepoRef<'r>,
     info: SessionInfo,
     parent: Option<(SnapshotId, Snapshot)>,
-    /// Trees of the parent snapshot the source may read: its root, and the subtrees of
-    /// every tree read so far. They are also known to be complete (the parent was
-    /// checked when it was committed), so `commit` need not descend into them.
-    parent_trees: Mutex<HashSet<TreeId>>,
-    /// The chunks of the parent's trees read so far ([`DedupScope::OwnHistory`]).
-    parent_chunks: Mutex<HashSet<ChunkId>>,
-    /// Blobs the source sent in this session (verified): its own, wherever the index
-    /// points for them (another session may have stored the same bytes first).
-    sent: Mutex<HashSet<BlobRef>>,
+    /// What of the parent snapshot the source may read and build on, a bit per blob by
+    /// its index position ([`crate::index::Index::locate`]): the parent's root, the
+    /// subtrees of every tree read so far (known to be complete: the parent was checked
+    /// when it was committed, so `commit` need not descend into them), and, in the
+    /// own-history scope, their chunks.
+    parent_blobs: Mutex<Marks>,
+    /// Blobs the source sent in this session (verified) that were stored already,
+    /// maybe by another session first: its own now, wherever the index points for them.
+    /// (What it sent that this session stored is its own by `packs_written`.)
+    sent: Mutex<Marks>,
     /// What the source is told it added: blobs new *to it* (see [`SourceView`]).
     source_view: SourceView,
     /// The packs this session wrote, and those its caller says earlier sessions of
@@ -221,6 +232,13 @@ pub struct IngestSession<'r> {
     /// The trees added in this session, each with what `commit` still has to check
     /// below it (see [`Received`]).
     received: Mutex<HashMap<TreeId, Received>>,
+    /// Chunks held in `received` for `commit` to check, at most `pending_budget`
+    /// ([`MAX_PENDING_CHECKS`]).
+    pending_checks: AtomicUsize,
+    pending_budget: usize,
+    /// Why a pack of this session could not be written, if one could not: blobs sealed
+    /// into it were taken as stored, so nothing may be committed.
+    pack_lost: Mutex<Option<String>>,
     state: Mutex<State>,
     /// Blobs sealed into an open pack or being sealed: present, not yet readable.
     in_flight: Mutex<HashSet<BlobRef>>,
@@ -232,10 +250,13 @@ pub struct IngestSession<'r> {
 }
 
 /// A tree as it was added: decoded once to verify it, and looked at then, so `commit`
-/// need not read, decrypt and decode it again. Its chunks that were already in the
-/// index and visible to the source then stay so (nothing is removed under the
-/// session's lock, and what a source may see only grows); only the others are kept,
-/// with its subtrees, which `commit` walks as it walks any tree.
+/// need not read, decrypt and decode it again. Its chunks that the source could build
+/// on then stay so: nothing is removed under the session's lock, what a source may see
+/// only grows, and a chunk still being packed is written before the commit or the
+/// commit is refused (`pack_lost`). Only the others are kept (a well-behaved source
+/// sends a file's chunks before its tree, so few), with its subtrees, which `commit`
+/// walks as it walks any tree. Past [`MAX_PENDING_CHECKS`] such chunks, further trees
+/// are not noted, and `commit` reads them again as it reads trees it did not receive.
 #[derive(Debug, Default)]
 struct Received {
     subtrees: Vec<TreeId>,
@@ -365,17 +386,24 @@ impl<'r> IngestSession<'r> {
                 "indexed packs left by an interrupted backup"
             );
         }
-        let parent_trees = Mutex::new(parent.iter().map(|(_, s)| s.tree).collect());
+        let mut parent_blobs = Marks::default();
+        if let Some((_, s)) = &parent {
+            if let Some((at, _)) = repo.index().locate(BlobKind::Tree, &s.tree.0)? {
+                parent_blobs.set(at);
+            }
+        }
         Ok(IngestSession {
             repo,
             info,
             parent,
-            parent_trees,
-            parent_chunks: Mutex::new(HashSet::new()),
-            sent: Mutex::new(HashSet::new()),
+            parent_blobs: Mutex::new(parent_blobs),
+            sent: Mutex::new(Marks::default()),
             source_view: SourceView::default(),
             packs_written: OwnPacks::default(),
             received: Mutex::new(HashMap::new()),
+            pending_checks: AtomicUsize::new(0),
+            pending_budget: MAX_PENDING_CHECKS,
+            pack_lost: Mutex::new(None),
             state: Mutex::new(State {
                 data: Packer::new(BlobKind::Data),
                 tree: Packer::new(BlobKind::Tree),
@@ -427,19 +455,30 @@ impl<'r> IngestSession<'r> {
     /// Reads a tree of the parent snapshot, for change detection. Append-only means
     /// a source reads nothing else: any other tree is refused.
     pub fn read_tree(&self, id: &TreeId) -> Result<Tree> {
-        if !self.parent_trees.lock().expect("parent trees").contains(id) {
+        let index = self.repo.index();
+        let at = index.locate(BlobKind::Tree, &id.0)?;
+        if !at.is_some_and(|(at, _)| self.parent_blobs.lock().expect("parent").get(at)) {
             return Err(Error::AppendOnly {
                 action: "read",
                 what: format!("tree {id}, which is not part of the parent snapshot"),
             });
         }
         let tree = self.repo.load_tree(id)?;
-        let mut allowed = self.parent_trees.lock().expect("parent trees");
-        allowed.extend(tree.nodes.iter().filter_map(|n| n.subtree));
-        drop(allowed);
-        if self.info.scope == DedupScope::OwnHistory {
-            let mut chunks = self.parent_chunks.lock().expect("parent chunks");
-            chunks.extend(tree.nodes.iter().flat_map(|n| n.content.iter().copied()));
+        // Located before the lock is taken: each look-up may read the index cache.
+        let mut found = Vec::new();
+        for node in &tree.nodes {
+            if let Some(sub) = node.subtree {
+                found.extend(index.locate(BlobKind::Tree, &sub.0)?.map(|(at, _)| at));
+            }
+            if self.info.scope == DedupScope::OwnHistory {
+                for c in &node.content {
+                    found.extend(index.locate(BlobKind::Data, &c.0)?.map(|(at, _)| at));
+                }
+            }
+        }
+        let mut parent = self.parent_blobs.lock().expect("parent");
+        for at in found {
+            parent.set(at);
         }
         Ok(tree)
     }
@@ -449,57 +488,52 @@ impl<'r> IngestSession<'r> {
     pub fn missing(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>> {
         let mut out = Vec::new();
         for b in blobs {
-            if !(self.known(b)? && self.visible(b)?) {
+            if !self.usable(b)? {
                 out.push(*b);
             }
         }
         Ok(out)
     }
 
-    /// Whether the source may build on `b` without sending it (see [`DedupScope`]).
-    /// Says nothing of whether `b` is stored: ask [`IngestSession::known`] too.
-    fn visible(&self, b: &BlobRef) -> Result<bool> {
-        if self.info.scope == DedupScope::Repository {
-            return Ok(true);
+    /// Whether the source may build on `b` without sending it: it is stored (or being
+    /// stored by this session) and, in the own-history scope, the source's own (see
+    /// [`DedupScope`]).
+    fn usable(&self, b: &BlobRef) -> Result<bool> {
+        Ok(self.usable_at(b, self.repo.index().locate(b.kind, &b.id)?))
+    }
+
+    /// [`IngestSession::usable`] for a blob the index has `at` (its position and place).
+    fn usable_at(&self, b: &BlobRef, at: Option<(usize, BlobLocation)>) -> bool {
+        if self.in_flight.lock().expect("in flight").contains(b) {
+            return true;
         }
-        let from_parent = match b.kind {
-            BlobKind::Tree => self
-                .parent_trees
-                .lock()
-                .expect("parent trees")
-                .contains(&TreeId(b.id)),
-            BlobKind::Data => self
-                .parent_chunks
-                .lock()
-                .expect("parent chunks")
-                .contains(&ChunkId(b.id)),
+        let Some((at, loc)) = at else {
+            return false;
         };
-        if from_parent
-            || self.sent.lock().expect("sent").contains(b)
-            || self.in_flight.lock().expect("in flight").contains(b)
-        {
-            return Ok(true);
-        }
-        Ok(match self.repo.index().get(b.kind, &b.id)? {
-            Some(loc) => self
+        self.info.scope == DedupScope::Repository
+            || self.parent_blobs.lock().expect("parent").get(at)
+            || self.sent.lock().expect("sent").get(at)
+            || self
                 .packs_written
                 .lock()
                 .expect("packs written")
-                .contains(&loc.pack),
-            None => false,
-        })
+                .contains(&loc.pack)
     }
 
     /// The source sent `b` (verified): from now on it is its own. Returns whether it
-    /// was new to the source (not stored, or not visible to it before).
+    /// was new to the source (not stored, or not visible to it before). A blob not
+    /// stored yet becomes its own as this session stores it (see `store`).
     /// (Nothing to note in the whole repository's scope: there the source is told what
     /// the repository lacked, and `false` is returned without a look-up.)
     fn note_sent(&self, b: BlobRef) -> Result<bool> {
         if self.info.scope == DedupScope::Repository {
             return Ok(false);
         }
-        let new_to_source = !(self.known(&b)? && self.visible(&b)?);
-        self.sent.lock().expect("sent").insert(b);
+        let at = self.repo.index().locate(b.kind, &b.id)?;
+        let new_to_source = !self.usable_at(&b, at);
+        if let Some((at, _)) = at {
+            self.sent.lock().expect("sent").set(at);
+        }
         Ok(new_to_source)
     }
 
@@ -522,8 +556,8 @@ impl<'r> IngestSession<'r> {
     }
 
     fn known(&self, b: &BlobRef) -> Result<bool> {
-        Ok(self.repo.index().contains(b.kind, &b.id)?
-            || self.in_flight.lock().expect("in flight").contains(b))
+        Ok(self.in_flight.lock().expect("in flight").contains(b)
+            || self.repo.index().contains(b.kind, &b.id)?)
     }
 
     /// Adds a blob in its transfer encoding (format byte, then zstd frame or raw bytes)
@@ -642,7 +676,6 @@ impl<'r> IngestSession<'r> {
         {
             return Ok(()); // the same bytes (they hash to its id): valid
         }
-        let index = self.repo.index();
         let mut r = Received::default();
         Tree::for_each_node(plain, |node| {
             match node.subtree {
@@ -654,8 +687,7 @@ impl<'r> IngestSession<'r> {
             }
             let mut named = false;
             for c in &node.content {
-                let b = BlobRef::data(*c);
-                if !(index.contains(BlobKind::Data, &c.0)? && self.visible(&b)?) {
+                if !self.usable(&BlobRef::data(*c))? {
                     if !named {
                         r.names.push(node.name.clone());
                         named = true;
@@ -671,6 +703,12 @@ impl<'r> IngestSession<'r> {
             }
             VisitError::Visitor(e) => e,
         })?;
+        let held = self.pending_checks.load(Relaxed);
+        if held + r.chunks_to_check.len() > self.pending_budget {
+            return Ok(()); // read again at commit
+        }
+        self.pending_checks
+            .fetch_add(r.chunks_to_check.len(), Relaxed);
         self.received.lock().expect("received trees").insert(id, r);
         Ok(())
     }
@@ -683,9 +721,14 @@ impl<'r> IngestSession<'r> {
         encoded: Vec<u8>,
     ) -> Result<bool> {
         let blob = BlobRef { kind, id: *id };
-        if self.repo.index().contains(kind, id)?
-            || !self.in_flight.lock().expect("in flight").insert(blob)
-        {
+        if let Some((at, _)) = self.repo.index().locate(kind, id)? {
+            // Stored meanwhile by another session: the source sent it, so it is its own.
+            if self.info.scope == DedupScope::OwnHistory {
+                self.sent.lock().expect("sent").set(at);
+            }
+            return Ok(false);
+        }
+        if !self.in_flight.lock().expect("in flight").insert(blob) {
             return Ok(false);
         }
         let sealed = self.repo.data_key().seal_vec(&ad::blob(kind, id), encoded);
@@ -709,7 +752,8 @@ impl<'r> IngestSession<'r> {
                     // Part of the blob may be in the file: the pack's offsets and hash
                     // no longer describe it. Drop the whole pack (its temporary file
                     // goes with it) and forget its blobs, so they are stored again if
-                    // offered again; a commit referencing them is refused meanwhile.
+                    // offered again; the commit is refused.
+                    self.lose_pack(&e);
                     let broken = std::mem::replace(packer, Packer::new(kind));
                     let mut in_flight = self.in_flight.lock().expect("in flight");
                     in_flight.remove(&blob);
@@ -745,7 +789,10 @@ impl<'r> IngestSession<'r> {
     /// Appends the sealed header, finishes the pack under its name, and makes its
     /// blobs known.
     fn write_pack(&self, mut packer: Packer) -> Result<()> {
-        let Some(id) = packer.finish(self.repo.data_key(), self.repo.backend().as_ref())? else {
+        let finished = packer
+            .finish(self.repo.data_key(), self.repo.backend().as_ref())
+            .inspect_err(|e| self.lose_pack(e))?;
+        let Some(id) = finished else {
             return Ok(());
         };
         self.repo.index().add_pack(id, &packer.entries);
@@ -772,6 +819,14 @@ impl<'r> IngestSession<'r> {
             self.write_index()?;
         }
         Ok(())
+    }
+
+    /// Notes that a pack's blobs, taken as stored, are not: the commit is refused.
+    fn lose_pack(&self, e: &Error) {
+        self.pack_lost
+            .lock()
+            .expect("pack lost")
+            .get_or_insert_with(|| e.to_string());
     }
 
     fn write_index(&self) -> Result<()> {
@@ -867,62 +922,109 @@ impl<'r> IngestSession<'r> {
     /// read and looked at here if the scope lets the source build on it, and refused
     /// otherwise.
     fn check_complete(&self, root: &TreeId) -> Result<()> {
+        if let Some(detail) = self.pack_lost.lock().expect("pack lost").clone() {
+            return Err(Error::PackLost { detail });
+        }
         let index = self.repo.index();
-        let mut seen: HashSet<TreeId> = self.parent_trees.lock().expect("parent trees").clone();
         let received = self.received.lock().expect("received trees");
+        // Trees walked and chunks checked, by index position: a bit per blob.
+        let mut seen = Marks::default();
+        let mut missing = Missing::default();
         let mut stack = vec![*root];
-        let mut missing: Vec<String> = Vec::new();
-        let mut checked_chunks: HashSet<ChunkId> = HashSet::new();
         // A blob that is stored but not the source's to use is missing to it, with the
         // same refusal as one nobody stored: the answer must not tell it apart.
-        let mut check_chunk = |c: &ChunkId, name: &[u8], missing: &mut Vec<String>| {
-            if checked_chunks.insert(*c)
-                && !(index.contains(BlobKind::Data, &c.0)? && self.visible(&BlobRef::data(*c))?)
-            {
-                missing.push(format!("chunk {c} of {}", String::from_utf8_lossy(name)));
+        let mut check_chunk = |c: &ChunkId, name: &[u8], missing: &mut Missing| {
+            let b = BlobRef::data(*c);
+            let at = index.locate(BlobKind::Data, &c.0)?;
+            if at.is_some_and(|(at, _)| !seen.set(at)) {
+                return Ok(());
+            }
+            if !self.usable_at(&b, at) {
+                missing.note(b, || {
+                    format!("chunk {c} of {}", String::from_utf8_lossy(name))
+                });
             }
             Ok::<(), Error>(())
         };
+        let mut trees_seen = Marks::default();
         let no_subtree =
             |name: &[u8]| format!("subtree of directory {}", String::from_utf8_lossy(name));
         while let Some(id) = stack.pop() {
-            if !seen.insert(id) {
-                continue;
+            if missing.full() {
+                break;
             }
-            if !(index.contains(BlobKind::Tree, &id.0)? && self.visible(&BlobRef::tree(id))?) {
-                missing.push(format!("tree {id}"));
+            let b = BlobRef::tree(id);
+            let at = index.locate(BlobKind::Tree, &id.0)?;
+            if let Some((at, _)) = at {
+                if !trees_seen.set(at) || self.parent_blobs.lock().expect("parent").get(at) {
+                    continue; // walked already, or the parent's: complete
+                }
+            }
+            if !self.usable_at(&b, at) {
+                missing.note(b, || format!("tree {id}"));
                 continue;
             }
             if let Some(r) = received.get(&id) {
                 stack.extend(&r.subtrees);
-                missing.extend(r.dirs_without_subtree.iter().map(|n| no_subtree(n)));
+                for n in &r.dirs_without_subtree {
+                    missing.note_each(|| no_subtree(n));
+                }
                 for (c, node) in &r.chunks_to_check {
                     check_chunk(c, &r.names[*node as usize], &mut missing)?;
                 }
                 continue;
             }
             // Stored and the source's to use, but not looked at in this session: from
-            // another snapshot (the whole repository's scope), or sent by one of its own
-            // pulls that was cut short. Read and looked at here.
+            // another snapshot (the whole repository's scope), sent by one of its own
+            // pulls that was cut short, or past what the session notes. Read and
+            // looked at here.
             let tree = self.repo.load_tree(&id)?;
             for node in &tree.nodes {
                 if let Some(sub) = node.subtree {
                     stack.push(sub);
                 } else if node.kind == NodeKind::Dir {
-                    missing.push(no_subtree(&node.name));
+                    missing.note_each(|| no_subtree(&node.name));
                 }
                 for c in &node.content {
                     check_chunk(c, &node.name, &mut missing)?;
                 }
             }
         }
-        if let Some(first) = missing.first() {
-            return Err(Error::MissingBlobs {
-                count: missing.len(),
-                first: first.clone(),
-            });
+        match missing.first {
+            Some(first) => Err(Error::MissingBlobs {
+                count: missing.count,
+                first,
+            }),
+            None => Ok(()),
         }
-        Ok(())
+    }
+}
+
+/// What a commit found missing: how many, and the first, each blob counted once (up to
+/// [`MAX_MISSING_REPORTED`]: past it the walk stops).
+#[derive(Default)]
+struct Missing {
+    count: usize,
+    first: Option<String>,
+    blobs: HashSet<BlobRef>,
+}
+
+impl Missing {
+    fn note(&mut self, b: BlobRef, what: impl FnOnce() -> String) {
+        if !self.full() && self.blobs.insert(b) {
+            self.note_each(what);
+        }
+    }
+
+    fn note_each(&mut self, what: impl FnOnce() -> String) {
+        self.count = (self.count + 1).min(MAX_MISSING_REPORTED);
+        if self.first.is_none() {
+            self.first = Some(what());
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.count >= MAX_MISSING_REPORTED
     }
 }
 
@@ -984,6 +1086,7 @@ mod tests {
     use crate::crypto::KdfParams;
     use crate::format::config::RepoConfig;
     use crate::Repository;
+    use haul_protocol::tree::Node;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
@@ -1102,8 +1205,11 @@ mod tests {
             parent: ParentChoice::None,
             scope: DedupScope::OwnHistory,
         };
-        let s = IngestSession::start(&repo, info).unwrap();
+        let s = IngestSession::start(&repo, info.clone()).unwrap();
         let before = s.add_new(BlobKind::Data, chunk(1)).unwrap();
+        // A tree naming it while it is still being packed takes it as stored.
+        let (root, tree) = files_tree(&[ChunkId(before)]).encode_with_id();
+        s.add_plain(BlobKind::Tree, &root.0, tree.clone()).unwrap();
         full.store(true, Relaxed);
         let err = s.add_new(BlobKind::Data, chunk(2)).unwrap_err();
         assert!(matches!(err, Error::Io { .. }), "{err}");
@@ -1127,6 +1233,82 @@ mod tests {
         for (id, seed) in [(before, 1), (after, 3)] {
             assert_eq!(repo.load_blob(BlobKind::Data, &id).unwrap(), chunk(seed));
         }
-        drop(s);
+        // Its pack was lost after the tree was noted: the commit is refused, though the
+        // chunk came back, since the tree's look at it no longer holds.
+        let err = s.commit(root, Summary::default()).unwrap_err();
+        assert!(matches!(err, Error::PackLost { .. }), "{err}");
+        assert!(err.to_string().contains("run the backup again"), "{err}");
+        assert!(repo.snapshots().unwrap().is_empty());
+        // The next session commits the same tree.
+        let s = IngestSession::start(&repo, info).unwrap();
+        s.add_new(BlobKind::Data, chunk(1)).unwrap();
+        s.add_plain(BlobKind::Tree, &root.0, tree).unwrap();
+        s.commit(root, Summary::default()).unwrap();
+        assert_eq!(repo.snapshots().unwrap().len(), 1);
+    }
+
+    /// A directory of files, each one chunk.
+    fn files_tree(chunks: &[ChunkId]) -> Tree {
+        let nodes = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Node {
+                name: format!("f{i}").into_bytes(),
+                kind: NodeKind::File,
+                content: vec![*c],
+                ..Default::default()
+            })
+            .collect();
+        Tree { nodes }
+    }
+
+    /// Trees whose chunks come later are noted for the commit up to a budget; past it,
+    /// the commit reads them again, and finds what is missing there just the same.
+    #[test]
+    fn trees_past_the_budget_of_noted_chunks_are_read_again_at_commit() {
+        let (_, repo) = crate::usage::tests::memory_repo();
+        let chunks: Vec<Vec<u8>> = (1..=4).map(chunk).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        let (d1, d1_bytes) = files_tree(&ids[..2]).encode_with_id();
+        let (d2, d2_bytes) = files_tree(&ids[2..]).encode_with_id();
+        let dir = |name: &str, t| Node {
+            name: name.into(),
+            kind: NodeKind::Dir,
+            subtree: Some(t),
+            ..Default::default()
+        };
+        let (root, root_bytes) = Tree {
+            nodes: vec![dir("a", d1), dir("b", d2)],
+        }
+        .encode_with_id();
+        for complete in [false, true] {
+            let mut s = IngestSession::start(&repo, SessionInfo::for_tests()).unwrap();
+            s.pending_budget = 2;
+            for (id, bytes) in [(d1, &d1_bytes), (d2, &d2_bytes), (root, &root_bytes)] {
+                s.add_plain(BlobKind::Tree, &id.0, bytes.clone()).unwrap();
+            }
+            assert_eq!(s.pending_checks.load(Relaxed), 2, "d2 is past the budget");
+            let sent = if complete { 4 } else { 3 };
+            for c in &chunks[..sent] {
+                s.add_plain(BlobKind::Data, &ChunkId::of(c).0, c.clone())
+                    .unwrap();
+            }
+            match s.commit(root, Summary::default()) {
+                Ok((_, snap)) => {
+                    assert!(complete);
+                    assert_eq!(snap.tree, root);
+                }
+                Err(Error::MissingBlobs { count, first }) => {
+                    assert!(!complete);
+                    assert_eq!(count, 1);
+                    assert!(
+                        first.contains(&ids[3].to_hex()) && first.contains("f1"),
+                        "{first}"
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(repo.snapshots().unwrap().len(), 1);
     }
 }

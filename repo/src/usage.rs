@@ -14,7 +14,9 @@ use crate::index::Index;
 use crate::repository::IndexedRepository;
 use haul_protocol::{BlobKind, PackId, TreeId};
 
-/// A bit per blob of the loaded index.
+/// A bit per blob of the loaded index, by its slot (or, in an ingest session, by its
+/// [`Index::locate`] position, which may lie past the table: the bits grow to it).
+#[derive(Debug, Default, Clone)]
 pub struct Marks {
     bits: Vec<u64>,
 }
@@ -29,13 +31,21 @@ impl Marks {
     /// Marks `slot`; `true` if it was not marked before.
     pub fn set(&mut self, slot: usize) -> bool {
         let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if word >= self.bits.len() {
+            // Past the table: blobs added since it was loaded. Grow by half at least,
+            // so a session adding millions of blobs reallocates a few dozen times.
+            let len = (word + 1).max(self.bits.len() + self.bits.len() / 2);
+            self.bits.resize(len, 0);
+        }
         let new = self.bits[word] & bit == 0;
         self.bits[word] |= bit;
         new
     }
 
     pub fn get(&self, slot: usize) -> bool {
-        self.bits[slot / 64] & (1u64 << (slot % 64)) != 0
+        self.bits
+            .get(slot / 64)
+            .is_some_and(|w| w & (1u64 << (slot % 64)) != 0)
     }
 
     /// Bytes this takes.

@@ -1,13 +1,15 @@
 //! The blobs a process stored since its index was loaded, compactly: a full pull of a
 //! host with millions of files adds millions of them, and a hash map of full ids and
-//! locations cost about 150 bytes each. Here an entry takes 52 bytes (its full id, its
-//! kind, and its place with the pack as a number) in one sorted vector, and the newest
+//! locations cost about 150 bytes each. Here an entry takes 56 bytes (its full id, its
+//! kind, its place with the pack as a number, and its number in the order of adding) in
+//! one sorted vector, and the newest
 //! few in a small map that is merged into the vector (in place, from its end) once it
 //! holds a sixteenth as many: a look-up is a hash probe and a binary search, and each
 //! entry is moved about sixteen times in all.
 //!
 //! An id added twice (two sessions of one process stored the same bytes) keeps its
-//! newest place.
+//! newest place and its first number: the number stays the blob's while the index
+//! lives, so a session can keep a bit per blob by it (see `Index::locate`).
 
 use crate::index::BlobLocation;
 use haul_protocol::{BlobKind, BlobRef, PackId};
@@ -27,6 +29,8 @@ struct Entry {
     offset: u32,
     length: u32,
     raw_length: u32,
+    /// How many distinct ids were added before this one.
+    seq: u32,
 }
 
 impl Entry {
@@ -43,6 +47,8 @@ pub(crate) struct Added {
     sorted: Vec<Entry>,
     /// The newest entries.
     tail: HashMap<Key, Entry>,
+    /// Distinct ids added.
+    added: u32,
 }
 
 impl Added {
@@ -51,6 +57,14 @@ impl Added {
             self.packs.push(loc.pack);
             (self.packs.len() - 1) as u32
         });
+        let key = (b.kind.code(), b.id);
+        let seq = match self.entry(&key) {
+            Some(old) => old.seq,
+            None => {
+                self.added += 1;
+                self.added - 1
+            }
+        };
         let e = Entry {
             id: b.id,
             kind: b.kind.code(),
@@ -58,8 +72,9 @@ impl Added {
             offset: loc.offset,
             length: loc.length,
             raw_length: loc.raw_length,
+            seq,
         };
-        self.tail.insert(e.key(), e);
+        self.tail.insert(key, e);
         if self.tail.len() >= TAIL.max(self.sorted.len() / 16) {
             self.merge_tail();
         }
@@ -94,15 +109,23 @@ impl Added {
         self.tail.shrink_to(TAIL);
     }
 
-    pub fn get(&self, kind: BlobKind, id: &[u8; 32]) -> Option<BlobLocation> {
-        let key = (kind.code(), *id);
-        let found = self.tail.get(&key).or_else(|| {
+    fn entry(&self, key: &Key) -> Option<&Entry> {
+        self.tail.get(key).or_else(|| {
             self.sorted
-                .binary_search_by_key(&key, Entry::key)
+                .binary_search_by_key(key, Entry::key)
                 .ok()
                 .map(|i| &self.sorted[i])
-        })?;
-        Some(self.location(found))
+        })
+    }
+
+    pub fn get(&self, kind: BlobKind, id: &[u8; 32]) -> Option<BlobLocation> {
+        self.locate(kind, id).map(|(_, loc)| loc)
+    }
+
+    /// The blob's number in the order of adding (its first adding), and its place.
+    pub fn locate(&self, kind: BlobKind, id: &[u8; 32]) -> Option<(u32, BlobLocation)> {
+        let e = self.entry(&(kind.code(), *id))?;
+        Some((e.seq, self.location(e)))
     }
 
     fn location(&self, e: &Entry) -> BlobLocation {
@@ -167,13 +190,18 @@ mod tests {
             let kind = |t: bool| if t { BlobKind::Tree } else { BlobKind::Data };
             let mut added = Added::default();
             let mut model: HashMap<BlobRef, BlobLocation> = HashMap::new();
+            let mut numbers: HashMap<BlobRef, u32> = HashMap::new();
             for (n, t, pack, offset) in ops {
                 let b = BlobRef { kind: kind(t), id: id(n) };
                 added.insert(b, loc(pack, offset));
                 model.insert(b, loc(pack, offset));
+                let next = numbers.len() as u32;
+                numbers.entry(b).or_insert(next);
             }
             for (n, t) in probes {
-                prop_assert_eq!(added.get(kind(t), &id(n)), model.get(&BlobRef { kind: kind(t), id: id(n) }).copied());
+                let b = BlobRef { kind: kind(t), id: id(n) };
+                prop_assert_eq!(added.get(kind(t), &id(n)), model.get(&b).copied());
+                prop_assert_eq!(added.locate(kind(t), &id(n)).map(|(n, _)| n), numbers.get(&b).copied());
             }
             let mut entries = added.entries();
             entries.sort_by_key(|(b, _)| (b.kind.code(), b.id));
@@ -185,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_takes_52_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 52);
+    fn an_entry_takes_56_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
     }
 }
