@@ -219,6 +219,32 @@ async fn uploader(
     result
 }
 
+/// Blobs of this run asked about lately, so that content met twice close together is
+/// asked about and sent once: two generations of at most [`RECENT`] each, so memory
+/// stays flat however many files a run has (a set of every blob of a run of ten million
+/// files would take hundreds of MiB). A blob met again later is asked about again, and
+/// the server, which knows what this run sent, does not ask for it.
+#[derive(Default)]
+struct Recent {
+    current: HashSet<BlobRef>,
+    previous: HashSet<BlobRef>,
+}
+
+const RECENT: usize = 1 << 15;
+
+impl Recent {
+    /// Notes `r`; `false` if it was asked about lately.
+    fn insert(&mut self, r: BlobRef) -> bool {
+        if self.previous.contains(&r) || !self.current.insert(r) {
+            return false;
+        }
+        if self.current.len() >= RECENT {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        true
+    }
+}
+
 async fn batches(
     client: Arc<Client>,
     rx: &mut mpsc::UnboundedReceiver<Item>,
@@ -226,9 +252,7 @@ async fn batches(
 ) -> Result<(), ClientError> {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
-    // Blobs of this run already asked about: each is asked and sent once. Grows with
-    // the run's new blobs, not with the repository.
-    let mut seen: HashSet<BlobRef> = HashSet::new();
+    let mut seen = Recent::default();
     loop {
         // Wait for a free slot first: meanwhile blobs gather into a larger batch.
         let slot = in_flight
@@ -330,4 +354,27 @@ async fn send_batch(
     stats.bytes_new.fetch_add(plain, Relaxed);
     stats.bytes_sent.fetch_add(len, Relaxed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_met_lately_are_asked_about_once_and_the_memory_stays_bounded() {
+        let blob = |n: usize| {
+            let mut id = [7u8; 32];
+            id[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            BlobRef::data(ChunkId(id))
+        };
+        let mut recent = Recent::default();
+        for n in 0..RECENT * 5 {
+            assert!(recent.insert(blob(n)), "{n} is new");
+            assert!(!recent.insert(blob(n)), "{n} was just asked about");
+            assert!(recent.current.len() + recent.previous.len() <= 2 * RECENT);
+        }
+        // The last generation is still known; the first, long ago, is asked again.
+        assert!(!recent.insert(blob(RECENT * 4)));
+        assert!(recent.insert(blob(0)));
+    }
 }

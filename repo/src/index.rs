@@ -154,10 +154,10 @@ impl Index {
                         .collect();
                     tracing::debug!(new = new.len(), "merging new index files into the cache");
                     let mut packs = index.packs.clone();
-                    let mut full = index.full_entries()?;
+                    let mut added = (Vec::new(), Vec::new());
                     let mut covered = index.covered.clone();
                     for (name, size) in new {
-                        if add_or_note(backend, key, name, &mut packs, &mut full, &mut damaged)? {
+                        if add_or_note(backend, key, name, &mut packs, &mut added, &mut damaged)? {
                             covered.insert(name.clone(), *size);
                         }
                     }
@@ -166,7 +166,30 @@ impl Index {
                         index.damaged = damaged;
                         return Ok(index);
                     }
-                    return finish(Some(path), &covered, packs, full, damaged);
+                    sort_dedup(&mut added);
+                    let merged = write_cache_file(path, |file| {
+                        write_merged_cache(file, &covered, &packs, &index, &added)
+                    });
+                    match merged {
+                        Ok(()) => {
+                            drop((index, added));
+                            let mut index = read_cache(path)?.ok_or_else(|| {
+                                Error::corrupt(
+                                    path.display().to_string(),
+                                    "index cache unreadable right after writing it",
+                                )
+                            })?;
+                            index.damaged = damaged;
+                            return Ok(index);
+                        }
+                        Err(e) => {
+                            tracing::warn!("the index cache could not be written, so this run reads the index without it: {e}");
+                            let mut full = index.full_entries()?;
+                            full.0.append(&mut added.0);
+                            full.1.append(&mut added.1);
+                            return finish(None, &covered, packs, full, damaged);
+                        }
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -478,6 +501,28 @@ fn add_packs(packs: &mut Vec<PackId>, full: &mut Full, decoded: Vec<IndexedPack>
 /// `sum` is BLAKE3 of everything before it (what RAM is loaded from). Entries are sorted
 /// by full id; duplicates (a blob in two packs) keep the one of the pack met first.
 fn write_cache(file: File, names: &Files, packs: &[PackId], full: &Full) -> std::io::Result<()> {
+    let counts = (full.0.len() as u64, full.1.len() as u64);
+    write_cache_of(file, names, packs, counts, &mut |kind, f| {
+        for e in [&full.0, &full.1][kind] {
+            f(e)?;
+        }
+        Ok(())
+    })
+}
+
+/// Calls `f` with each entry of one kind (0 data, 1 tree), in the cache's order.
+type EachEntry<'a> =
+    dyn FnMut(usize, &mut dyn FnMut(&FullEntry) -> std::io::Result<()>) -> std::io::Result<()> + 'a;
+
+/// [`write_cache`] of `counts` entries (data, tree) that `each` gives, twice: for the
+/// table, then for the ids.
+fn write_cache_of(
+    file: File,
+    names: &Files,
+    packs: &[PackId],
+    counts: (u64, u64),
+    each: &mut EachEntry<'_>,
+) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut h = blake3::Hasher::new();
     let mut put = |w: &mut BufWriter<File>, b: &[u8]| -> std::io::Result<()> {
@@ -496,28 +541,108 @@ fn write_cache(file: File, names: &Files, packs: &[PackId], full: &Full) -> std:
     for p in packs {
         put(&mut w, &p.0)?;
     }
-    put(&mut w, &(full.0.len() as u64).to_le_bytes())?;
-    put(&mut w, &(full.1.len() as u64).to_le_bytes())?;
-    for list in [&full.0, &full.1] {
-        for e in list {
+    put(&mut w, &counts.0.to_le_bytes())?;
+    put(&mut w, &counts.1.to_le_bytes())?;
+    for (kind, count) in [counts.0, counts.1].into_iter().enumerate() {
+        let mut n = 0u64;
+        each(kind, &mut |e| {
+            n += 1;
             let mut b = [0u8; ENTRY_BYTES];
             b[..8].copy_from_slice(&prefix_of(&e.id).to_le_bytes());
             b[8..12].copy_from_slice(&e.pack.to_le_bytes());
             b[12..16].copy_from_slice(&e.offset.to_le_bytes());
             b[16..20].copy_from_slice(&e.length.to_le_bytes());
             b[20..24].copy_from_slice(&e.raw_length.to_le_bytes());
-            put(&mut w, &b)?;
+            put(&mut w, &b)
+        })?;
+        if n != count {
+            return Err(std::io::Error::other("index entries changed while written"));
         }
     }
     let sum = *h.finalize().as_bytes();
     w.write_all(&sum)?;
-    for list in [&full.0, &full.1] {
-        for e in list {
-            w.write_all(&e.id)?;
-        }
+    for kind in 0..2 {
+        each(kind, &mut |e| w.write_all(&e.id))?;
     }
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()
+}
+
+/// Writes the cache of `old`'s table merged with `new` (sorted and deduplicated, its
+/// pack numbers after `old`'s): what [`write_cache`] writes from all their entries, but
+/// `old`'s full ids are streamed from its cache file (three times: to count, for the
+/// table, for the ids), never held in memory. Loading a repository of ten million
+/// blobs after another process added a few then holds its table (24 bytes a blob) and
+/// the new entries, not 48 bytes more per blob.
+fn write_merged_cache(
+    file: File,
+    names: &Files,
+    packs: &[PackId],
+    old: &Index,
+    new: &Full,
+) -> std::io::Result<()> {
+    let tables = [
+        (&old.data, old.ids.data_ids, &new.0),
+        (&old.tree, old.ids.tree_ids, &new.1),
+    ];
+    let mut merge = |kind: usize, f: &mut dyn FnMut(&FullEntry) -> std::io::Result<()>| {
+        let (table, column, new) = tables[kind];
+        merge_entries(table, &old.ids.file, column, new, f)
+    };
+    let mut counts = [0u64; 2];
+    for (kind, count) in counts.iter_mut().enumerate() {
+        merge(kind, &mut |_| {
+            *count += 1;
+            Ok(())
+        })?;
+    }
+    write_cache_of(file, names, packs, (counts[0], counts[1]), &mut merge)
+}
+
+/// Ids read at once by [`merge_entries`] (1 MiB; a few in the tests, to cross batches).
+#[cfg(not(test))]
+const MERGE_BATCH: usize = 32 * 1024;
+#[cfg(test)]
+const MERGE_BATCH: usize = 7;
+
+/// Calls `f` with the entries of `table` (their ids read from `file` at `column`) and
+/// of `new`, in the order of their ids; an id in both is given once, from the pack
+/// with the lower number, as [`sort_dedup`] keeps it.
+fn merge_entries(
+    table: &[Entry],
+    file: &File,
+    column: u64,
+    new: &[FullEntry],
+    f: &mut dyn FnMut(&FullEntry) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut new = new.iter().peekable();
+    let mut buf = vec![0u8; 32 * MERGE_BATCH];
+    for (at, part) in table.chunks(MERGE_BATCH).enumerate() {
+        let ids = &mut buf[..part.len() * 32];
+        file.read_exact_at(ids, column + (at * 32 * MERGE_BATCH) as u64)?;
+        for (e, id) in part.iter().zip(ids.chunks_exact(32)) {
+            let mut old = FullEntry {
+                id: id.try_into().expect("32 bytes"),
+                pack: e.pack,
+                offset: e.offset,
+                length: e.length,
+                raw_length: e.raw_length,
+            };
+            while let Some(n) = new.next_if(|n| n.id < old.id) {
+                f(n)?;
+            }
+            if let Some(n) = new.next_if(|n| n.id == old.id) {
+                if n.pack < old.pack {
+                    old = *n;
+                }
+            }
+            f(&old)?;
+        }
+    }
+    for n in new {
+        f(n)?;
+    }
+    Ok(())
 }
 
 fn sort_dedup(full: &mut Full) {
@@ -538,32 +663,34 @@ fn finish(
 ) -> Result<Index> {
     sort_dedup(&mut full);
     let mut index = match path {
-        Some(path) => match write_cache_file(path, covered, &packs, &full) {
-            Ok(()) => {
-                drop(full);
-                read_cache(path)?.ok_or_else(|| {
-                    Error::corrupt(
-                        path.display().to_string(),
-                        "index cache unreadable right after writing it",
-                    )
-                })?
+        Some(path) => {
+            match write_cache_file(path, |file| write_cache(file, covered, &packs, &full)) {
+                Ok(()) => {
+                    drop(full);
+                    read_cache(path)?.ok_or_else(|| {
+                        Error::corrupt(
+                            path.display().to_string(),
+                            "index cache unreadable right after writing it",
+                        )
+                    })?
+                }
+                // The cache is an optimisation: a full or read-only disk must not stop a
+                // restore or a check (issue 14).
+                Err(e) => {
+                    tracing::warn!("the index cache could not be written, so this run reads the index without it: {e}");
+                    private_index(covered, &packs, full)?
+                }
             }
-            // The cache is an optimisation: a full or read-only disk must not stop a
-            // restore or a check (issue 14).
-            Err(e) => {
-                tracing::warn!("the index cache could not be written, so this run reads the index without it: {e}");
-                private_index(covered, &packs, full)?
-            }
-        },
+        }
         None => private_index(covered, &packs, full)?,
     };
     index.damaged = damaged;
     Ok(index)
 }
 
-/// Writes the cache file at `path` (through a temporary file, renamed into place);
-/// removes the temporary file if that fails.
-fn write_cache_file(path: &Path, names: &Files, packs: &[PackId], full: &Full) -> Result<()> {
+/// Writes the cache file at `path` with `write` (through a temporary file, renamed into
+/// place); removes the temporary file if that fails.
+fn write_cache_file(path: &Path, write: impl FnOnce(File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().expect("cache file in a directory");
     fs::DirBuilder::new()
         .recursive(true)
@@ -580,7 +707,7 @@ fn write_cache_file(path: &Path, names: &Files, packs: &[PackId], full: &Full) -
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|file| write_cache(file, names, packs, full))
+        .and_then(write)
         .and_then(|()| fs::rename(&tmp, path));
     written.map_err(|e| {
         let _ = fs::remove_file(&tmp);
@@ -814,6 +941,72 @@ mod tests {
         let idx = Index::load(&b, &key, None).unwrap();
         assert_eq!(idx.get(BlobKind::Tree, &a).unwrap().unwrap().pack, p2);
         assert_eq!(idx.len(), 3);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(32))]
+        /// Merging new index files into a cache streams the old ids from the cache
+        /// file; what it writes is byte for byte what writing all the entries from
+        /// memory writes (the same entries in the same order, the same copy kept of a
+        /// blob stored twice), and every blob of every file is found.
+        #[test]
+        fn a_merged_cache_is_the_cache_of_all_entries(
+            files in proptest::collection::vec(
+                proptest::collection::vec((0u8..6, proptest::collection::vec((0u16..400, proptest::bool::ANY), 1..40)), 1..4),
+                1..6,
+            ),
+        ) {
+            let b = MemoryBackend::default();
+            let key = Key::random();
+            let cache = tempfile::tempdir().unwrap();
+            let blob = |f: usize, n: u16, tree: bool| {
+                let mut id = [0u8; 32];
+                id[..2].copy_from_slice(&n.to_be_bytes());
+                id[31] = f as u8; // ids of different files share their prefix only
+                (if tree { BlobKind::Tree } else { BlobKind::Data }, id)
+            };
+            for (f, packs) in files.iter().enumerate() {
+                let old = Index::load(&b, &key, Some(cache.path())).unwrap();
+                let packs: Vec<IndexedPack> = packs.iter().map(|(pack, blobs)| IndexedPack {
+                    pack: PackId([*pack; 32]),
+                    blobs: blobs.iter().enumerate().map(|(i, (n, tree))| {
+                        let (kind, id) = blob(f, *n, *tree);
+                        entry(kind, id, i as u32 * 100)
+                    }).collect(),
+                }).collect();
+                let name = write_index(&b, &key, &packs);
+                let mut names = old.covered.clone();
+                names.insert(name.clone(), 0);
+                let mut pack_ids = old.packs.clone();
+                let mut added = (Vec::new(), Vec::new());
+                add_index_file(&b, &key, &name, &mut pack_ids, &mut added).unwrap();
+                sort_dedup(&mut added);
+                let merged = tempfile::tempfile().unwrap();
+                write_merged_cache(merged.try_clone().unwrap(), &names, &pack_ids, &old, &added).unwrap();
+                let mut all = old.full_entries().unwrap();
+                all.0.extend_from_slice(&added.0);
+                all.1.extend_from_slice(&added.1);
+                sort_dedup(&mut all);
+                let whole = tempfile::tempfile().unwrap();
+                write_cache(whole.try_clone().unwrap(), &names, &pack_ids, &all).unwrap();
+                let read = |mut file: File| {
+                    let mut bytes = Vec::new();
+                    std::io::Seek::rewind(&mut file).unwrap();
+                    file.read_to_end(&mut bytes).unwrap();
+                    bytes
+                };
+                proptest::prop_assert!(read(merged) == read(whole), "merged cache differs");
+            }
+            let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+            for (f, packs) in files.iter().enumerate() {
+                for (_, blobs) in packs {
+                    for (n, tree) in blobs {
+                        let (kind, id) = blob(f, *n, *tree);
+                        proptest::prop_assert!(idx.get(kind, &id).unwrap().is_some());
+                    }
+                }
+            }
+        }
     }
 
     #[test]

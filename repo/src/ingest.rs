@@ -95,6 +95,11 @@ const MAX_MISSING_REPORTED: usize = 100_000;
 /// Write the index after this many packs, or this long after the last index write,
 /// whichever comes first, so an interrupted session loses little.
 const INDEX_EVERY_PACKS: usize = 8;
+/// ... or once the packs not indexed yet hold this many blobs; and a pack holds at most
+/// this many. 16 MiB of small files would be a hundred thousand blobs, and their
+/// entries (48 bytes each, and as much again while the pack header or the index file
+/// is written) must not add up to hundreds of MiB over eight packs.
+const INDEX_EVERY_BLOBS: usize = 1 << 16;
 const INDEX_EVERY: Duration = Duration::from_secs(60);
 
 /// A pack being written: sealed blobs go straight into a new backend object and are
@@ -773,7 +778,9 @@ impl<'r> IngestSession<'r> {
                 length: sealed.len() as u32,
                 raw_length: plain_len as u32,
             });
-            if packer.len >= self.repo.config().pack_size as u64 {
+            if packer.len >= self.repo.config().pack_size as u64
+                || packer.entries.len() >= INDEX_EVERY_BLOBS
+            {
                 Some(std::mem::replace(packer, Packer::new(kind)))
             } else {
                 None
@@ -813,7 +820,10 @@ impl<'r> IngestSession<'r> {
                 pack: id,
                 blobs: packer.entries,
             });
-            st.unindexed.len() >= INDEX_EVERY_PACKS || st.last_index.elapsed() >= INDEX_EVERY
+            let blobs: usize = st.unindexed.iter().map(|p| p.blobs.len()).sum();
+            st.unindexed.len() >= INDEX_EVERY_PACKS
+                || blobs >= INDEX_EVERY_BLOBS
+                || st.last_index.elapsed() >= INDEX_EVERY
         };
         if due {
             self.write_index()?;

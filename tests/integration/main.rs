@@ -15,6 +15,7 @@ mod import;
 mod ingest;
 mod keys;
 mod locks;
+mod many_files;
 mod pipeline;
 mod prune;
 mod pull;

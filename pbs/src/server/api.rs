@@ -17,7 +17,6 @@ use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
 use haul_repo::format::snapshot::Summary;
 use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
 use http_body_util::BodyExt;
-use std::collections::HashSet;
 use std::sync::Arc;
 
 type St = State<Arc<Server>>;
@@ -617,6 +616,8 @@ async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::Restor
     })
     .await?;
     s.check_host(&snap.host)?;
+    let root = BlobRef::tree(snap.tree);
+    let root_at = s.position(&root)?;
     {
         let mut scope = s.restore.lock().expect("restore scope");
         match scope.as_ref() {
@@ -632,11 +633,9 @@ async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::Restor
             }
             Some(_) => {}
             None => {
-                *scope = Some(RestoreScope {
-                    snapshot: id,
-                    trees: HashSet::from([snap.tree]),
-                    chunks: HashSet::new(),
-                })
+                let mut new = RestoreScope::new(id);
+                new.add(root, root_at);
+                *scope = Some(new);
             }
         }
     }
@@ -673,15 +672,17 @@ async fn restore_chunk(State(s): St, id: IdPath) -> ApiResult<Response> {
 }
 
 impl Server {
+    /// Where the index has `r` (see `Index::locate`).
+    fn position(&self, r: &BlobRef) -> ApiResult<Option<usize>> {
+        Ok(self.repo.index().locate(r.kind, &r.id)?.map(|(at, _)| at))
+    }
+
     /// Checks that a restore session may read `r`.
     fn in_scope(&self, r: &BlobRef) -> ApiResult<()> {
+        let at = self.position(r)?;
         let scope = self.restore.lock().expect("restore scope");
         let scope = scope.as_ref().ok_or_else(no_restore)?;
-        let ok = match r.kind {
-            BlobKind::Tree => scope.trees.contains(&TreeId(r.id)),
-            BlobKind::Data => scope.chunks.contains(&ChunkId(r.id)),
-        };
-        if ok {
+        if scope.contains(r, at) {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -697,11 +698,18 @@ impl Server {
     fn restore_load_tree(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::Tree> {
         self.in_scope(&BlobRef::tree(*id))?;
         let tree = self.repo.load_tree(id)?;
+        // Located before the lock is taken: each look-up may read the index cache.
+        let mut named = Vec::new();
+        for n in &tree.nodes {
+            let blobs = n.subtree.map(BlobRef::tree).into_iter();
+            for b in blobs.chain(n.content.iter().map(|c| BlobRef::data(*c))) {
+                named.push((b, self.position(&b)?));
+            }
+        }
         let mut scope = self.restore.lock().expect("restore scope");
         if let Some(scope) = scope.as_mut() {
-            for n in &tree.nodes {
-                scope.trees.extend(n.subtree);
-                scope.chunks.extend(n.content.iter().copied());
+            for (b, at) in named {
+                scope.add(b, at);
             }
         }
         Ok(tree)

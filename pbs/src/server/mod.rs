@@ -16,9 +16,10 @@ pub mod conn;
 pub mod error;
 
 use crate::error::CliError;
-use haul_protocol::{ChunkId, SnapshotId, TreeId};
+use haul_protocol::{BlobRef, SnapshotId};
 use haul_repo::format::snapshot::{Snapshot, SourceKind};
 use haul_repo::ingest::{DedupScope, IngestSession, OwnPacks};
+use haul_repo::usage::Marks;
 use haul_repo::IndexedRepository;
 use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -77,11 +78,43 @@ pub struct Server {
 }
 
 /// What a restore session may read: the snapshot's trees and the chunks they name,
-/// learnt as its trees are read (so nothing else in the repository can be asked for).
+/// learnt as its trees are read (so nothing else in the repository can be asked for),
+/// a bit per blob by its index position, however many files the snapshot has.
 struct RestoreScope {
     snapshot: SnapshotId,
-    trees: HashSet<TreeId>,
-    chunks: HashSet<ChunkId>,
+    reached: Marks,
+    /// Blobs its trees name that the index lacks (a damaged repository): asking for
+    /// one says it is not found, not that it is out of scope.
+    absent: HashSet<BlobRef>,
+}
+
+impl RestoreScope {
+    fn new(snapshot: SnapshotId) -> RestoreScope {
+        RestoreScope {
+            snapshot,
+            reached: Marks::default(),
+            absent: HashSet::new(),
+        }
+    }
+
+    /// Adds `b`, found `at` its index position (or not found).
+    fn add(&mut self, b: BlobRef, at: Option<usize>) {
+        match at {
+            Some(at) => {
+                self.reached.set(at);
+            }
+            None => {
+                self.absent.insert(b);
+            }
+        }
+    }
+
+    fn contains(&self, b: &BlobRef, at: Option<usize>) -> bool {
+        match at {
+            Some(at) => self.reached.get(at),
+            None => self.absent.contains(b),
+        }
+    }
 }
 
 impl Server {
