@@ -450,7 +450,7 @@ fn restore_into(
     // `dirs` is in post-order (a directory after everything below it): children
     // before parents, so a parent's restrictive mode cannot lock us out of a child.
     for (path, node) in &dirs {
-        apply_metadata(path, node, &mut names, is_root)?;
+        apply_metadata(path, None, node, &mut names, is_root)?;
     }
     Ok(warnings)
 }
@@ -562,28 +562,35 @@ impl Restorer<'_> {
             _ => meta::make_special(path, node).map_err(io_err(path))?,
         }
         self.stats.others.fetch_add(1, Relaxed);
-        apply_metadata(path, node, &mut self.names, self.is_root)
+        apply_metadata(path, None, node, &mut self.names, self.is_root)
     }
 }
 
 /// Applies owner, xattrs, mode and mtime, in the order that keeps each one: chown
 /// clears setuid bits and file capabilities (`security.capability`), so the owner comes
-/// before both; the mode after the xattrs, whose ACL it may adjust; mtime last.
+/// before both; the mode after the xattrs, whose ACL it may adjust; mtime last. A file
+/// that was just written is given its open descriptor (`file`), saving four lookups
+/// of its path.
 fn apply_metadata(
     path: &Path,
+    file: Option<&File>,
     node: &Node,
     names: &mut NameCache,
     is_root: bool,
 ) -> Result<(), RestoreError> {
+    let to = match file {
+        Some(file) => meta::Target::File(file),
+        None => meta::Target::Path(path),
+    };
     if is_root {
-        meta::apply_owner(path, node, names).map_err(io_err(path))?;
+        meta::apply_owner(to, node, names).map_err(io_err(path))?;
     }
     if node.kind != NodeKind::Symlink || is_root {
         // user.* xattrs cannot be set on symlinks; trusted.*/security.* need root.
-        meta::apply_xattrs(path, node).map_err(io_err(path))?;
+        meta::apply_xattrs(to, node).map_err(io_err(path))?;
     }
-    meta::apply_mode(path, node).map_err(io_err(path))?;
-    meta::apply_mtime(path, node).map_err(io_err(path))?;
+    meta::apply_mode(to, node).map_err(io_err(path))?;
+    meta::apply_mtime(to, node).map_err(io_err(path))?;
     Ok(())
 }
 
@@ -641,7 +648,7 @@ fn write_file(
     if written != offset {
         file.set_len(offset).map_err(io_err(path))?;
     }
-    apply_metadata(path, &job.node, names, is_root)?;
+    apply_metadata(path, Some(file), &job.node, names, is_root)?;
     stats.files.fetch_add(1, Relaxed);
     Ok(())
 }

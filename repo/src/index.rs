@@ -54,6 +54,23 @@ pub struct BlobLocation {
     pub raw_length: u32,
 }
 
+impl BlobLocation {
+    /// The place an in-memory entry gives: its pack a position in `packs`, then its
+    /// offset, stored length and plain length.
+    pub(crate) fn in_packs(
+        packs: &[PackId],
+        pack: u32,
+        [offset, length, raw_length]: [u32; 3],
+    ) -> Self {
+        BlobLocation {
+            pack: packs[pack as usize],
+            offset,
+            length,
+            raw_length,
+        }
+    }
+}
+
 /// One blob in RAM: 24 bytes.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -294,12 +311,7 @@ impl Index {
     }
 
     fn location(&self, e: &Entry) -> BlobLocation {
-        BlobLocation {
-            pack: self.packs[e.pack as usize],
-            offset: e.offset,
-            length: e.length,
-            raw_length: e.raw_length,
-        }
+        BlobLocation::in_packs(&self.packs, e.pack, [e.offset, e.length, e.raw_length])
     }
 
     /// The pack (a position in [`Index::table_packs`]), stored length and plain length

@@ -129,12 +129,7 @@ impl Added {
     }
 
     fn location(&self, e: &Entry) -> BlobLocation {
-        BlobLocation {
-            pack: self.packs[e.pack as usize],
-            offset: e.offset,
-            length: e.length,
-            raw_length: e.raw_length,
-        }
+        BlobLocation::in_packs(&self.packs, e.pack, [e.offset, e.length, e.raw_length])
     }
 
     /// Entries held (an id added twice may count twice until the map is merged).
