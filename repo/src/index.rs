@@ -199,6 +199,15 @@ impl Index {
                             index.damaged = damaged;
                             return Ok(index);
                         }
+                        Err(Error::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::InvalidData =>
+                        {
+                            tracing::warn!(
+                                "index cache {} damaged ({source}): rebuilding it",
+                                path.display()
+                            );
+                            damaged.clear();
+                        }
                         Err(e) => {
                             tracing::warn!("the index cache could not be written, so this run reads the index without it: {e}");
                             let mut full = index.full_entries()?;
@@ -284,7 +293,7 @@ impl Index {
 
     /// Where blob `id` of `kind` sits in the loaded table, for a bit per blob (see
     /// `usage.rs`); `None` if the table does not hold it. A blob stored twice has the
-    /// slot of the copy [`Index::get`] finds.
+    /// slot of the copy the table keeps.
     pub fn slot(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Option<usize>> {
         Ok(self.table_position(kind, id)?.map(|(_, i)| match kind {
             BlobKind::Data => i,
@@ -628,13 +637,24 @@ fn merge_entries(
     f: &mut dyn FnMut(&FullEntry) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let mut new = new.iter().peekable();
+    let mut last: Option<[u8; 32]> = None;
     let mut buf = vec![0u8; 32 * MERGE_BATCH];
     for (at, part) in table.chunks(MERGE_BATCH).enumerate() {
         let ids = &mut buf[..part.len() * 32];
         file.read_exact_at(ids, column + (at * 32 * MERGE_BATCH) as u64)?;
         for (e, id) in part.iter().zip(ids.chunks_exact(32)) {
+            let id: [u8; 32] = id.try_into().expect("32 bytes");
+            // The ids are not under the cache's checksum: ids out of order would make
+            // a table whose search misses sound entries too. Such a cache is rebuilt.
+            if prefix_of(&id) != e.prefix || last.is_some_and(|l| l >= id) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the index cache's ids do not match its table",
+                ));
+            }
+            last = Some(id);
             let mut old = FullEntry {
-                id: id.try_into().expect("32 bytes"),
+                id,
                 pack: e.pack,
                 offset: e.offset,
                 length: e.length,
@@ -1019,6 +1039,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The ids of a cache are not under its checksum: a merge that meets one out of
+    /// place rebuilds the cache instead of writing a table whose search would miss
+    /// sound entries.
+    #[test]
+    fn a_merge_that_meets_a_damaged_id_rebuilds_the_cache() {
+        let b = MemoryBackend::default();
+        let key = Key::random();
+        let cache = tempfile::tempdir().unwrap();
+        let ids: Vec<[u8; 32]> = (1..=20u8).map(|n| [n; 32]).collect();
+        let blobs = |range: std::ops::Range<usize>| {
+            range
+                .map(|i| entry(BlobKind::Data, ids[i], i as u32 * 100))
+                .collect::<Vec<_>>()
+        };
+        let pack = |n: u8, blobs| IndexedPack {
+            pack: PackId([n; 32]),
+            blobs,
+        };
+        write_index(&b, &key, &[pack(1, blobs(0..10))]);
+        Index::load(&b, &key, Some(cache.path())).unwrap();
+        // The first id's prefix, in the id column at the end of the file.
+        let path = cache.path().join("index.cache");
+        let mut bytes = fs::read(&path).unwrap();
+        let first_id = bytes.len() - 10 * 32;
+        bytes[first_id] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        write_index(&b, &key, &[pack(2, blobs(10..20))]);
+        let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+        for id in &ids {
+            assert!(idx.get(BlobKind::Data, id).unwrap().is_some());
+        }
+        assert!(idx.damaged().is_empty());
+        // And the rebuilt cache is sound: loaded as it is, it answers the same.
+        let idx = Index::load(&b, &key, Some(cache.path())).unwrap();
+        assert_eq!(idx.len(), 20);
+        assert!(idx.get(BlobKind::Data, &ids[0]).unwrap().is_some());
     }
 
     #[test]

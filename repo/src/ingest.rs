@@ -84,9 +84,10 @@ pub struct SessionInfo {
     pub scope: DedupScope,
 }
 
-/// Chunks that trees named before they were sent, held for `commit` to check: about
-/// 40 bytes each, so at most about 40 MiB however much a hostile source sends.
-const MAX_PENDING_CHECKS: usize = 1 << 20;
+/// Bytes the trees noted for `commit` may hold (see [`Received::bytes`]): past it,
+/// further trees are read again at commit, however many directories a host has or
+/// however much a hostile source sends.
+const MAX_RECEIVED_BYTES: usize = 32 << 20;
 
 /// A commit stops looking after this many missing blobs: the refusal says how many it
 /// found and names the first.
@@ -225,9 +226,10 @@ pub struct IngestSession<'r> {
     /// when it was committed, so `commit` need not descend into them), and, in the
     /// own-history scope, their chunks.
     parent_blobs: Mutex<Marks>,
-    /// Blobs the source sent in this session (verified) that were stored already,
-    /// maybe by another session first: its own now, wherever the index points for them.
-    /// (What it sent that this session stored is its own by `packs_written`.)
+    /// Blobs the source sent in this session (verified), stored by this session or
+    /// before it: its own, wherever the index points for them (another session of this
+    /// process may store the same bytes first, or after it and be the place the index
+    /// names). Its own packs' blobs are also its own by `packs_written`.
     sent: Mutex<Marks>,
     /// What the source is told it added: blobs new *to it* (see [`SourceView`]).
     source_view: SourceView,
@@ -237,10 +239,9 @@ pub struct IngestSession<'r> {
     /// The trees added in this session, each with what `commit` still has to check
     /// below it (see [`Received`]).
     received: Mutex<HashMap<TreeId, Received>>,
-    /// Chunks held in `received` for `commit` to check, at most `pending_budget`
-    /// ([`MAX_PENDING_CHECKS`]).
-    pending_checks: AtomicUsize,
-    pending_budget: usize,
+    /// Bytes held in `received`, at most `received_budget` ([`MAX_RECEIVED_BYTES`]).
+    received_bytes: AtomicUsize,
+    received_budget: usize,
     /// Why a pack of this session could not be written, if one could not: blobs sealed
     /// into it were taken as stored, so nothing may be committed.
     pack_lost: Mutex<Option<String>>,
@@ -260,8 +261,9 @@ pub struct IngestSession<'r> {
 /// only grows, and a chunk still being packed is written before the commit or the
 /// commit is refused (`pack_lost`). Only the others are kept (a well-behaved source
 /// sends a file's chunks before its tree, so few), with its subtrees, which `commit`
-/// walks as it walks any tree. Past [`MAX_PENDING_CHECKS`] such chunks, further trees
-/// are not noted, and `commit` reads them again as it reads trees it did not receive.
+/// walks as it walks any tree. Past [`MAX_RECEIVED_BYTES`] of these notes, further
+/// trees are not noted, and `commit` reads them again as it reads trees it did not
+/// receive.
 #[derive(Debug, Default)]
 struct Received {
     subtrees: Vec<TreeId>,
@@ -271,6 +273,15 @@ struct Received {
     names: Vec<Vec<u8>>,
     /// Names of directory nodes that have no subtree.
     dirs_without_subtree: Vec<Vec<u8>>,
+}
+
+impl Received {
+    /// What this takes in memory, with its place in the map, about.
+    fn bytes(&self) -> usize {
+        let names: usize = self.names.iter().map(|n| n.len() + 24).sum();
+        let dirs: usize = self.dirs_without_subtree.iter().map(|n| n.len() + 24).sum();
+        160 + self.subtrees.len() * 32 + self.chunks_to_check.len() * 36 + names + dirs
+    }
 }
 
 thread_local! {
@@ -406,8 +417,8 @@ impl<'r> IngestSession<'r> {
             source_view: SourceView::default(),
             packs_written: OwnPacks::default(),
             received: Mutex::new(HashMap::new()),
-            pending_checks: AtomicUsize::new(0),
-            pending_budget: MAX_PENDING_CHECKS,
+            received_bytes: AtomicUsize::new(0),
+            received_budget: MAX_RECEIVED_BYTES,
             pack_lost: Mutex::new(None),
             state: Mutex::new(State {
                 data: Packer::new(BlobKind::Data),
@@ -708,13 +719,14 @@ impl<'r> IngestSession<'r> {
             }
             VisitError::Visitor(e) => e,
         })?;
-        let held = self.pending_checks.load(Relaxed);
-        if held + r.chunks_to_check.len() > self.pending_budget {
+        let bytes = r.bytes();
+        let mut received = self.received.lock().expect("received trees");
+        let held = self.received_bytes.load(Relaxed);
+        if held + bytes > self.received_budget {
             return Ok(()); // read again at commit
         }
-        self.pending_checks
-            .fetch_add(r.chunks_to_check.len(), Relaxed);
-        self.received.lock().expect("received trees").insert(id, r);
+        self.received_bytes.store(held + bytes, Relaxed);
+        received.insert(id, r);
         Ok(())
     }
 
@@ -798,12 +810,36 @@ impl<'r> IngestSession<'r> {
     fn write_pack(&self, mut packer: Packer) -> Result<()> {
         let finished = packer
             .finish(self.repo.data_key(), self.repo.backend().as_ref())
-            .inspect_err(|e| self.lose_pack(e))?;
+            .inspect_err(|e| {
+                // Its blobs are not stored: `missing` must say so again.
+                self.lose_pack(e);
+                let mut in_flight = self.in_flight.lock().expect("in flight");
+                for b in &packer.entries {
+                    in_flight.remove(&BlobRef {
+                        kind: b.kind,
+                        id: b.id,
+                    });
+                }
+            })?;
         let Some(id) = finished else {
             return Ok(());
         };
-        self.repo.index().add_pack(id, &packer.entries);
+        let index = self.repo.index();
+        index.add_pack(id, &packer.entries);
         self.packs_written.lock().expect("packs written").insert(id);
+        if self.info.scope == DedupScope::OwnHistory {
+            // The source's own wherever the index points for them later: another
+            // session of this process may store the same bytes after this one, and
+            // the index then names its pack.
+            let mut own = Vec::with_capacity(packer.entries.len());
+            for e in &packer.entries {
+                own.extend(index.locate(e.kind, &e.id)?.map(|(at, _)| at));
+            }
+            let mut sent = self.sent.lock().expect("sent");
+            for at in own {
+                sent.set(at);
+            }
+        }
         {
             let mut in_flight = self.in_flight.lock().expect("in flight");
             for e in &packer.entries {
@@ -1257,6 +1293,34 @@ mod tests {
         assert_eq!(repo.snapshots().unwrap().len(), 1);
     }
 
+    /// Two sessions of one process store the same chunk, each in its own pack; the
+    /// index then names the pack written last. The other session's source still
+    /// built on its own copy: its commit stands.
+    #[test]
+    fn a_chunk_two_sessions_stored_stays_each_sources_own() {
+        let (_, repo) = crate::usage::tests::memory_repo();
+        let info = |host: &str| SessionInfo {
+            host: host.into(),
+            ..SessionInfo::for_tests()
+        };
+        let a = IngestSession::start(&repo, info("a")).unwrap();
+        let b = IngestSession::start(&repo, info("b")).unwrap();
+        let x = chunk(9);
+        let id = ChunkId::of(&x);
+        assert!(a.add_plain(BlobKind::Data, &id.0, x.clone()).unwrap());
+        assert!(b.add_plain(BlobKind::Data, &id.0, x.clone()).unwrap());
+        a.flush().unwrap();
+        b.flush().unwrap();
+        let (tree, bytes) = files_tree(&[id]).encode_with_id();
+        for s in [&a, &b] {
+            assert!(s.missing(&[BlobRef::data(id)]).unwrap().is_empty());
+            s.add_plain(BlobKind::Tree, &tree.0, bytes.clone()).unwrap();
+        }
+        a.commit(tree, Summary::default()).unwrap();
+        b.commit(tree, Summary::default()).unwrap();
+        assert_eq!(repo.snapshots().unwrap().len(), 2);
+    }
+
     /// A directory of files, each one chunk.
     fn files_tree(chunks: &[ChunkId]) -> Tree {
         let nodes = chunks
@@ -1275,7 +1339,7 @@ mod tests {
     /// Trees whose chunks come later are noted for the commit up to a budget; past it,
     /// the commit reads them again, and finds what is missing there just the same.
     #[test]
-    fn trees_past_the_budget_of_noted_chunks_are_read_again_at_commit() {
+    fn trees_past_the_budget_of_notes_are_read_again_at_commit() {
         let (_, repo) = crate::usage::tests::memory_repo();
         let chunks: Vec<Vec<u8>> = (1..=4).map(chunk).collect();
         let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
@@ -1293,11 +1357,17 @@ mod tests {
         .encode_with_id();
         for complete in [false, true] {
             let mut s = IngestSession::start(&repo, SessionInfo::for_tests()).unwrap();
-            s.pending_budget = 2;
+            // Room for the notes of d1 (284 bytes: two chunks to check, two names),
+            // not for d2's or the root's after it.
+            s.received_budget = 400;
             for (id, bytes) in [(d1, &d1_bytes), (d2, &d2_bytes), (root, &root_bytes)] {
                 s.add_plain(BlobKind::Tree, &id.0, bytes.clone()).unwrap();
             }
-            assert_eq!(s.pending_checks.load(Relaxed), 2, "d2 is past the budget");
+            assert_eq!(
+                s.received.lock().unwrap().len(),
+                1,
+                "d2 and root past the budget"
+            );
             let sent = if complete { 4 } else { 3 };
             for c in &chunks[..sent] {
                 s.add_plain(BlobKind::Data, &ChunkId::of(c).0, c.clone())
