@@ -3,7 +3,8 @@
 //! `pull --all`'s hosts — so a process holds one repository's memory per repository,
 //! not one per run. The default repository is created here on first use, with a
 //! random passphrase in a key file only its owner can read. A repository whose index
-//! a prune has changed since it was loaded is loaded again for the next run.
+//! a prune has changed since it was loaded, or to whose view this process added a
+//! million blobs, is loaded again for the next run.
 
 use crate::error::CliError;
 use crate::output::json_line;
@@ -41,12 +42,15 @@ impl Repositories {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = open.get(&loc.path) {
             // After a prune condemned packs, later runs answer from a new view (runs
-            // still going keep theirs; see `haul_repo::prune`).
-            if r.is_current()? {
+            // still going keep theirs; see `haul_repo::prune`). So they do once this
+            // process added many blobs to its view: in the table of a new one they take
+            // 24 bytes each instead of 56, and a daemon's memory does not grow with
+            // what it pulled since it started.
+            if r.is_current()? && r.index().added_len() < RELOAD_AFTER_ADDED {
                 return Ok(r.clone());
             }
             let fresh = Arc::new(r.reloaded()?);
-            tracing::debug!(repository = %loc.path.display(), "index loaded again after a prune");
+            tracing::debug!(repository = %loc.path.display(), "index loaded again");
             open.insert(loc.path.clone(), fresh.clone());
             return Ok(fresh);
         }
@@ -67,6 +71,9 @@ impl Repositories {
         open.retain(|path, _| keep(path));
     }
 }
+
+/// Blobs a view may have added before later runs load the index again.
+const RELOAD_AFTER_ADDED: usize = 1 << 20;
 
 /// Creates a default repository with a random passphrase in a 0600 key file.
 fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
@@ -116,4 +123,53 @@ fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::site::KeySource;
+    use haul_protocol::{BlobKind, PackId};
+    use haul_repo::format::pack_header::PackEntry;
+
+    /// A view that added a million blobs is loaded again for the next run; one that
+    /// added fewer is shared as it is.
+    #[test]
+    fn a_view_that_added_a_million_blobs_is_loaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = RepoLocation {
+            path: dir.path().join("repo"),
+            key: KeySource::Generated(dir.path().join("repo.key")),
+        };
+        let repos = Repositories::new(Some(dir.path().join("cache")), true);
+        let first = repos.open(&loc).unwrap();
+        let entries = |from: usize, n: usize| -> Vec<PackEntry> {
+            (from..from + n)
+                .map(|i| {
+                    let mut id = [0u8; 32];
+                    id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    PackEntry {
+                        kind: BlobKind::Data,
+                        id,
+                        offset: 0,
+                        length: 1,
+                        raw_length: 1,
+                    }
+                })
+                .collect()
+        };
+        first
+            .index()
+            .add_pack(PackId([1; 32]), &entries(0, RELOAD_AFTER_ADDED - 1));
+        let same = repos.open(&loc).unwrap();
+        assert!(Arc::ptr_eq(&first, &same));
+        first
+            .index()
+            .add_pack(PackId([2; 32]), &entries(RELOAD_AFTER_ADDED, 1));
+        let fresh = repos.open(&loc).unwrap();
+        assert!(!Arc::ptr_eq(&first, &fresh));
+        assert_eq!(fresh.index().added_len(), 0);
+        // And the new view is the one shared from then on.
+        assert!(Arc::ptr_eq(&fresh, &repos.open(&loc).unwrap()));
+    }
 }

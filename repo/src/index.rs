@@ -244,6 +244,11 @@ impl Index {
         self.data.len() + self.tree.len() + self.added.read().expect("index").len()
     }
 
+    /// Number of blobs this process added since the table was loaded.
+    pub fn added_len(&self) -> usize {
+        self.added.read().expect("index").len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
