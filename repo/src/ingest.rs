@@ -772,14 +772,8 @@ impl<'r> IngestSession<'r> {
                     // offered again; the commit is refused.
                     self.lose_pack(&e);
                     let broken = std::mem::replace(packer, Packer::new(kind));
-                    let mut in_flight = self.in_flight.lock().expect("in flight");
-                    in_flight.remove(&blob);
-                    for e in &broken.entries {
-                        in_flight.remove(&BlobRef {
-                            kind: e.kind,
-                            id: e.id,
-                        });
-                    }
+                    self.in_flight.lock().expect("in flight").remove(&blob);
+                    self.out_of_flight(&broken.entries);
                     return Err(e);
                 }
             };
@@ -813,13 +807,7 @@ impl<'r> IngestSession<'r> {
             .inspect_err(|e| {
                 // Its blobs are not stored: `missing` must say so again.
                 self.lose_pack(e);
-                let mut in_flight = self.in_flight.lock().expect("in flight");
-                for b in &packer.entries {
-                    in_flight.remove(&BlobRef {
-                        kind: b.kind,
-                        id: b.id,
-                    });
-                }
+                self.out_of_flight(&packer.entries);
             })?;
         let Some(id) = finished else {
             return Ok(());
@@ -840,15 +828,7 @@ impl<'r> IngestSession<'r> {
                 sent.set(at);
             }
         }
-        {
-            let mut in_flight = self.in_flight.lock().expect("in flight");
-            for e in &packer.entries {
-                in_flight.remove(&BlobRef {
-                    kind: e.kind,
-                    id: e.id,
-                });
-            }
-        }
+        self.out_of_flight(&packer.entries);
         tracing::debug!(pack = %id.short(), kind = %packer.kind, blobs = packer.entries.len(), "pack written");
         let due = {
             let mut st = self.state.lock().expect("ingest state");
@@ -865,6 +845,17 @@ impl<'r> IngestSession<'r> {
             self.write_index()?;
         }
         Ok(())
+    }
+
+    /// Takes the blobs of a pack out of the in-flight set: written, or lost with it.
+    fn out_of_flight(&self, entries: &[PackEntry]) {
+        let mut in_flight = self.in_flight.lock().expect("in flight");
+        for e in entries {
+            in_flight.remove(&BlobRef {
+                kind: e.kind,
+                id: e.id,
+            });
+        }
     }
 
     /// Notes that a pack's blobs, taken as stored, are not: the commit is refused.
