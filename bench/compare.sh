@@ -23,15 +23,10 @@ while (($#)); do
 done
 [[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --mib wants a positive integer" >&2; exit 2; }
 
-here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd -P)
-root=$(cd "$here/.." && pwd -P)
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
 gen="$root/bench/gen_dataset.py"
 [[ -f $gen ]] || { echo "compare.sh: $gen not found" >&2; exit 2; }
-if ! command -v restic >/dev/null || [[ ! -x /usr/bin/time ]]; then
-  echo "compare.sh: needs restic and /usr/bin/time; install them with: apt-get install -y restic time" >&2
-  exit 2
-fi
-command -v python3 >/dev/null || { echo "compare.sh: needs python3 (apt-get install -y python3)" >&2; exit 2; }
+bench_needs restic python3
 
 haul=${HAUL_PBS:-${CARGO_TARGET_DIR:-$root/target}/release/haul-pbs}
 if [[ -z ${HAUL_PBS:-} && ! -x $haul ]]; then

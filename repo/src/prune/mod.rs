@@ -653,6 +653,15 @@ mod tests {
             .collect()
     }
 
+    /// A prune with the default options by a new process (its own repository handle).
+    fn prune_as_new_process(
+        backend: &std::sync::Arc<dyn crate::backend::Backend>,
+        run: &RunOptions,
+    ) -> PruneReport {
+        let repo = Repository::open(backend.clone(), b"pw").unwrap();
+        prune(repo, None, &PruneOptions::default(), run).unwrap()
+    }
+
     fn quick() -> RunOptions {
         RunOptions {
             dry_run: false,
@@ -679,25 +688,16 @@ mod tests {
         drop(repo);
         let repo = reopen(backend.clone());
         // A dry run decides the same and changes nothing.
-        let dry = prune(
-            Repository::open(backend.clone(), b"pw").unwrap(),
-            None,
-            &PruneOptions::default(),
+        let dry = prune_as_new_process(
+            &backend,
             &RunOptions {
                 dry_run: true,
                 ..quick()
             },
-        )
-        .unwrap();
+        );
         assert!(dry.plan.bytes_freed() > 3 * 190_000, "{dry:#?}");
         assert_eq!(dry.storage_before, storage_bytes(&repo).unwrap());
-        let report = prune(
-            Repository::open(backend.clone(), b"pw").unwrap(),
-            None,
-            &PruneOptions::default(),
-            &quick(),
-        )
-        .unwrap();
+        let report = prune_as_new_process(&backend, &quick());
         assert_eq!(report.plan, dry.plan);
         assert_eq!(report.packs_pending, 0);
         assert_eq!(report.packs_rescued, 0);
@@ -720,13 +720,7 @@ mod tests {
             content(4, 200_000)
         );
         // A second prune finds nothing to do.
-        let again = prune(
-            Repository::open(backend, b"pw").unwrap(),
-            None,
-            &PruneOptions::default(),
-            &quick(),
-        )
-        .unwrap();
+        let again = prune_as_new_process(&backend, &quick());
         assert_eq!((again.packs_deleted, again.plan.repack.len()), (0, 0));
     }
 
@@ -753,13 +747,7 @@ mod tests {
         // cannot run while the session does.
         let other = reopen(backend.clone());
         other.forget(&[parent]).unwrap();
-        let first = prune(
-            Repository::open(backend.clone(), b"pw").unwrap(),
-            None,
-            &PruneOptions::default(),
-            &quick(),
-        )
-        .unwrap();
+        let first = prune_as_new_process(&backend, &quick());
         assert!(first.plan.delete.len() >= 2, "{first:#?}");
         assert_eq!(first.packs_deleted, 0);
         assert_eq!(first.packs_pending, first.plan.delete.len());
@@ -819,13 +807,7 @@ mod tests {
         };
         assert!(!child(&reopen(backend.clone())));
         // The next prune sweeps: the chunk's pack is rescued, the rest deleted.
-        let second = prune(
-            Repository::open(backend.clone(), b"pw").unwrap(),
-            None,
-            &PruneOptions::default(),
-            &quick(),
-        )
-        .unwrap();
+        let second = prune_as_new_process(&backend, &quick());
         assert_eq!(second.packs_pending, 0);
         // Both packs of the parent's session: its trees and its data.
         assert_eq!(second.packs_rescued, 2, "{second:#?}");
@@ -853,13 +835,7 @@ mod tests {
                     max_wait: Duration::from_secs(30),
                     ..quick()
                 };
-                prune(
-                    Repository::open(backend, b"pw").unwrap(),
-                    None,
-                    &PruneOptions::default(),
-                    &run,
-                )
-                .unwrap()
+                prune_as_new_process(&backend, &run)
             })
         };
         // Until the session ends, the condemned packs stay.
