@@ -582,7 +582,12 @@ fn write_cache_of(
             put(&mut w, &b)
         })?;
         if n != count {
-            return Err(std::io::Error::other("index entries changed while written"));
+            // Ids in the old cache that do not match its table (they are not under its
+            // checksum): it is rebuilt.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the index cache's ids do not match its table",
+            ));
         }
     }
     let sum = *h.finalize().as_bytes();
@@ -596,8 +601,9 @@ fn write_cache_of(
 
 /// Writes the cache of `old`'s table merged with `new` (sorted and deduplicated, its
 /// pack numbers after `old`'s): what [`write_cache`] writes from all their entries, but
-/// `old`'s full ids are streamed from its cache file (three times: to count, for the
-/// table, for the ids), never held in memory. Loading a repository of ten million
+/// `old`'s full ids are streamed from its cache file (twice: for the table, for the
+/// ids), never held in memory; the counts are `old`'s and `new`'s less the new entries
+/// `old` has already. Loading a repository of ten million
 /// blobs after another process added a few then holds its table (24 bytes a blob) and
 /// the new entries, not 48 bytes more per blob.
 fn write_merged_cache(
@@ -616,11 +622,18 @@ fn write_merged_cache(
         merge_entries(table, &old.ids.file, column, new, f)
     };
     let mut counts = [0u64; 2];
-    for (kind, count) in counts.iter_mut().enumerate() {
-        merge(kind, &mut |_| {
-            *count += 1;
-            Ok(())
-        })?;
+    for (count, (kind, (table, _, new))) in counts
+        .iter_mut()
+        .zip([BlobKind::Data, BlobKind::Tree].into_iter().zip(tables))
+    {
+        let mut known = 0;
+        for e in new.iter() {
+            let found = old
+                .table_position(kind, &e.id)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            known += found.is_some() as usize;
+        }
+        *count = (table.len() + new.len() - known) as u64;
     }
     write_cache_of(file, names, packs, (counts[0], counts[1]), &mut merge)
 }

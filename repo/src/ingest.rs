@@ -40,7 +40,7 @@ use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -238,9 +238,8 @@ pub struct IngestSession<'r> {
     packs_written: OwnPacks,
     /// The trees added in this session, each with what `commit` still has to check
     /// below it (see [`Received`]).
-    received: Mutex<HashMap<TreeId, Received>>,
-    /// Bytes held in `received`, at most `received_budget` ([`MAX_RECEIVED_BYTES`]).
-    received_bytes: AtomicUsize,
+    received: Mutex<ReceivedTrees>,
+    /// What `received` may hold, in bytes ([`MAX_RECEIVED_BYTES`]).
     received_budget: usize,
     /// Why a pack of this session could not be written, if one could not: blobs sealed
     /// into it were taken as stored, so nothing may be committed.
@@ -273,6 +272,13 @@ struct Received {
     names: Vec<Vec<u8>>,
     /// Names of directory nodes that have no subtree.
     dirs_without_subtree: Vec<Vec<u8>>,
+}
+
+/// The trees noted for the commit, and the bytes they hold.
+#[derive(Debug, Default)]
+struct ReceivedTrees {
+    trees: HashMap<TreeId, Received>,
+    bytes: usize,
 }
 
 impl Received {
@@ -416,8 +422,7 @@ impl<'r> IngestSession<'r> {
             sent: Mutex::new(Marks::default()),
             source_view: SourceView::default(),
             packs_written: OwnPacks::default(),
-            received: Mutex::new(HashMap::new()),
-            received_bytes: AtomicUsize::new(0),
+            received: Mutex::default(),
             received_budget: MAX_RECEIVED_BYTES,
             pack_lost: Mutex::new(None),
             state: Mutex::new(State {
@@ -688,6 +693,7 @@ impl<'r> IngestSession<'r> {
             .received
             .lock()
             .expect("received trees")
+            .trees
             .contains_key(&id)
         {
             return Ok(()); // the same bytes (they hash to its id): valid
@@ -721,12 +727,11 @@ impl<'r> IngestSession<'r> {
         })?;
         let bytes = r.bytes();
         let mut received = self.received.lock().expect("received trees");
-        let held = self.received_bytes.load(Relaxed);
-        if held + bytes > self.received_budget {
+        if received.bytes + bytes > self.received_budget {
             return Ok(()); // read again at commit
         }
-        self.received_bytes.store(held + bytes, Relaxed);
-        received.insert(id, r);
+        received.bytes += bytes;
+        received.trees.insert(id, r);
         Ok(())
     }
 
@@ -964,13 +969,14 @@ impl<'r> IngestSession<'r> {
         }
         let index = self.repo.index();
         let received = self.received.lock().expect("received trees");
-        // Trees walked and chunks checked, by index position: a bit per blob.
+        // Trees walked and chunks checked, by index position (the kinds' positions
+        // never meet): a bit per blob.
         let mut seen = Marks::default();
         let mut missing = Missing::default();
         let mut stack = vec![*root];
         // A blob that is stored but not the source's to use is missing to it, with the
         // same refusal as one nobody stored: the answer must not tell it apart.
-        let mut check_chunk = |c: &ChunkId, name: &[u8], missing: &mut Missing| {
+        let check_chunk = |c: &ChunkId, name: &[u8], seen: &mut Marks, missing: &mut Missing| {
             let b = BlobRef::data(*c);
             let at = index.locate(BlobKind::Data, &c.0)?;
             if at.is_some_and(|(at, _)| !seen.set(at)) {
@@ -983,7 +989,6 @@ impl<'r> IngestSession<'r> {
             }
             Ok::<(), Error>(())
         };
-        let mut trees_seen = Marks::default();
         let no_subtree =
             |name: &[u8]| format!("subtree of directory {}", String::from_utf8_lossy(name));
         while let Some(id) = stack.pop() {
@@ -993,7 +998,7 @@ impl<'r> IngestSession<'r> {
             let b = BlobRef::tree(id);
             let at = index.locate(BlobKind::Tree, &id.0)?;
             if let Some((at, _)) = at {
-                if !trees_seen.set(at) || self.parent_blobs.lock().expect("parent").get(at) {
+                if !seen.set(at) || self.parent_blobs.lock().expect("parent").get(at) {
                     continue; // walked already, or the parent's: complete
                 }
             }
@@ -1001,13 +1006,13 @@ impl<'r> IngestSession<'r> {
                 missing.note(b, || format!("tree {id}"));
                 continue;
             }
-            if let Some(r) = received.get(&id) {
+            if let Some(r) = received.trees.get(&id) {
                 stack.extend(&r.subtrees);
                 for n in &r.dirs_without_subtree {
                     missing.note_each(|| no_subtree(n));
                 }
                 for (c, node) in &r.chunks_to_check {
-                    check_chunk(c, &r.names[*node as usize], &mut missing)?;
+                    check_chunk(c, &r.names[*node as usize], &mut seen, &mut missing)?;
                 }
                 continue;
             }
@@ -1023,7 +1028,7 @@ impl<'r> IngestSession<'r> {
                     missing.note_each(|| no_subtree(&node.name));
                 }
                 for c in &node.content {
-                    check_chunk(c, &node.name, &mut missing)?;
+                    check_chunk(c, &node.name, &mut seen, &mut missing)?;
                 }
             }
         }
@@ -1355,7 +1360,7 @@ mod tests {
                 s.add_plain(BlobKind::Tree, &id.0, bytes.clone()).unwrap();
             }
             assert_eq!(
-                s.received.lock().unwrap().len(),
+                s.received.lock().unwrap().trees.len(),
                 1,
                 "d2 and root past the budget"
             );

@@ -33,6 +33,7 @@ use crate::record::{
 use crate::repos::Repositories;
 use crate::site::Site;
 use chrono::{DateTime, Utc};
+use haul_repo::backend::FileType;
 use schedule::{Alert, Ended, Schedule};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -297,13 +298,15 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
             .into_iter()
             .zip(last)
             .filter(|((loc, _), (pruned, forgotten))| {
+                if s.pruning.contains(&loc.path) {
+                    return false;
+                }
                 let pruned = (*pruned).max(s.pruned.get(&loc.path).copied());
                 // A prune that could not sweep left condemnation records (the
                 // daemon's repositories are local directories).
-                let pending = std::fs::read_dir(loc.path.join("condemned"))
-                    .is_ok_and(|mut d| d.next().is_some());
-                !s.pruning.contains(&loc.path)
-                    && schedule::prune_due(&schedule, pruned, *forgotten, pending, now)
+                let records = loc.path.join(FileType::Condemned.dir());
+                let pending = std::fs::read_dir(records).is_ok_and(|mut d| d.next().is_some());
+                schedule::prune_due(&schedule, pruned, *forgotten, pending, now)
             })
             .map(|((loc, _), _)| (loc.path.clone(), loc))
             .collect();

@@ -5,7 +5,7 @@ use crate::backend::FileType;
 use crate::error::{DamagedFile, Error, Result};
 use crate::format::ad;
 use crate::format::condemned::{self, Condemnation, Header};
-use crate::repository::Repository;
+use crate::repository::{read_named, write_named, Repository};
 use haul_protocol::PackId;
 use std::collections::{BTreeSet, HashSet};
 
@@ -48,11 +48,14 @@ impl Repository {
     /// other set of markers when it loaded its index sees a name it does not know.
     pub(crate) fn write_epoch(&self) -> Result<String> {
         let old = self.epochs()?;
-        let sealed = self
-            .data_key()
-            .seal(ad::EPOCH, chrono::Utc::now().to_rfc3339().as_bytes());
-        let name = blake3::hash(&sealed).to_hex().to_string();
-        self.backend().write_once(FileType::Epoch, &name, &sealed)?;
+        let now = chrono::Utc::now().to_rfc3339();
+        let name = write_named(
+            self.backend().as_ref(),
+            self.data_key(),
+            FileType::Epoch,
+            ad::EPOCH,
+            now.as_bytes(),
+        )?;
         for n in old {
             match self.backend().delete(FileType::Epoch, &n) {
                 Ok(()) | Err(Error::NotFound { .. }) => {}
@@ -99,19 +102,24 @@ impl Repository {
 
     fn open_condemnation(&self, name: &str) -> Result<(Vec<u8>, String)> {
         let what = format!("condemnation record {name}");
-        let sealed = self.backend().read(FileType::Condemned, name)?;
-        if blake3::hash(&sealed).to_hex().as_str() != name {
-            return Err(Error::corrupt(what, "content does not match its name"));
-        }
-        let plain = self.data_key().open_vec(ad::CONDEMNED, sealed, &what)?;
+        let plain = read_named(
+            self.backend().as_ref(),
+            self.data_key(),
+            FileType::Condemned,
+            name,
+            ad::CONDEMNED,
+            &what,
+        )?;
         Ok((plain, what))
     }
 
     pub(crate) fn write_condemnation(&self, c: &Condemnation) -> Result<String> {
-        let sealed = self.data_key().seal(ad::CONDEMNED, &condemned::encode(c));
-        let name = blake3::hash(&sealed).to_hex().to_string();
-        self.backend()
-            .write_once(FileType::Condemned, &name, &sealed)?;
-        Ok(name)
+        write_named(
+            self.backend().as_ref(),
+            self.data_key(),
+            FileType::Condemned,
+            ad::CONDEMNED,
+            &condemned::encode(c),
+        )
     }
 }
