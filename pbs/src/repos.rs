@@ -38,9 +38,22 @@ impl Repositories {
     /// The repository at `loc`, opened on first use (and created when it is a
     /// default one that does not exist yet).
     pub fn open(&self, loc: &RepoLocation) -> Result<Arc<IndexedRepository>, CliError> {
+        self.get(loc, true)
+    }
+
+    /// [`Repositories::open`] without loading a stale view again: for a prune, which
+    /// loads an index of its own.
+    pub fn open_as_is(&self, loc: &RepoLocation) -> Result<Arc<IndexedRepository>, CliError> {
+        self.get(loc, false)
+    }
+
+    fn get(&self, loc: &RepoLocation, current: bool) -> Result<Arc<IndexedRepository>, CliError> {
         // One at a time: two runs of one repository must not both derive its key.
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = open.get(&loc.path) {
+            if !current {
+                return Ok(r.clone());
+            }
             // After a prune condemned packs, later runs answer from a new view (runs
             // still going keep theirs; see `haul_repo::prune`). So they do once this
             // process added many blobs to its view: in the table of a new one they take

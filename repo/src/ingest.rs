@@ -551,11 +551,19 @@ impl<'r> IngestSession<'r> {
             return Ok(false);
         }
         let at = self.repo.index().locate(b.kind, &b.id)?;
+        Ok(self.note_sent_at(b, at))
+    }
+
+    /// [`IngestSession::note_sent`] of a blob the index has `at`.
+    fn note_sent_at(&self, b: BlobRef, at: Option<(usize, BlobLocation)>) -> bool {
+        if self.info.scope == DedupScope::Repository {
+            return false;
+        }
         let new_to_source = !self.usable_at(&b, at);
         if let Some((at, _)) = at {
             self.sent.lock().expect("sent").set(at);
         }
-        Ok(new_to_source)
+        new_to_source
     }
 
     /// What the source may be told this session added: in the own-history scope, the
@@ -574,11 +582,6 @@ impl<'r> IngestSession<'r> {
             bytes_new: self.source_view.plain.load(Relaxed),
             bytes_stored: self.source_view.sealed.load(Relaxed),
         }
-    }
-
-    fn known(&self, b: &BlobRef) -> Result<bool> {
-        Ok(self.in_flight.lock().expect("in flight").contains(b)
-            || self.repo.index().contains(b.kind, &b.id)?)
     }
 
     /// Adds a blob in its transfer encoding (format byte, then zstd frame or raw bytes)
@@ -647,9 +650,11 @@ impl<'r> IngestSession<'r> {
             )));
         }
         let claimed = id;
-        self.note_sent(BlobRef { kind, id: *claimed })?;
-        if self.known(&BlobRef { kind, id: *claimed })? {
-            return Ok(false);
+        let b = BlobRef { kind, id: *claimed };
+        let at = self.repo.index().locate(kind, claimed)?;
+        self.note_sent_at(b, at);
+        if at.is_some() || self.in_flight.lock().expect("in flight").contains(&b) {
+            return Ok(false); // stored, or being stored
         }
         let plain_len = plain.len();
         let level = self.repo.config().compression_level;

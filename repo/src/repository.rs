@@ -632,7 +632,17 @@ impl IndexedRepository {
         let loc = self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
             what: format!("{kind} blob {}", hex::encode(id)),
         })?;
-        let (sealed, what) = self.read_sealed(kind, id, &loc)?;
+        self.load_encoded_at(kind, id, &loc)
+    }
+
+    /// [`IndexedRepository::load_encoded`] of a blob the caller has located.
+    pub fn load_encoded_at(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        loc: &BlobLocation,
+    ) -> Result<Vec<u8>> {
+        let (sealed, what) = self.read_sealed(kind, id, loc)?;
         self.repo
             .data_key
             .open_vec(&ad::blob(kind, id), sealed, &what)

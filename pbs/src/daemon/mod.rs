@@ -341,10 +341,11 @@ fn prune_repository(
     loc: &crate::site::RepoLocation,
 ) {
     let start = Utc::now();
-    // The repository as the daemon's pulls have it (no key derivation); the prune
-    // loads an index of its own, and the pulls' views load theirs again after it.
+    // The repository as the daemon's pulls have it (no key derivation, no index load:
+    // the prune loads an index of its own, and the pulls' views load theirs again
+    // after it).
     let result = repos
-        .open(loc)
+        .open_as_is(loc)
         .inspect_err(|e| {
             let error = Err(format!("prune of {}: {e}", path.display()));
             if let Err(e) = history.record_local(("repository", RunKind::Prune), start, error) {

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use haul_protocol::wire::{self, FRAME_HEADER_LEN};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
 use haul_repo::format::snapshot::Summary;
+use haul_repo::index::BlobLocation;
 use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
 use http_body_util::BodyExt;
 use std::sync::Arc;
@@ -665,25 +666,30 @@ async fn restore_tree(State(s): St, id: IdPath) -> ApiResult<Response> {
 
 async fn restore_chunk(State(s): St, id: IdPath) -> ApiResult<Response> {
     let id = ChunkId(path_id(id)?);
-    s.in_scope(&BlobRef::data(id))?;
+    let b = BlobRef::data(id);
+    let at = s.in_scope(&b)?;
     let server = s.clone();
-    let bytes = blocking(move || Ok(server.repo.load_encoded(BlobKind::Data, &id.0)?)).await?;
+    let bytes = blocking(move || server.load_in_scope(&b, at)).await?;
     Ok(octets(bytes))
 }
 
 impl Server {
-    /// Where the index has `r` (see `Index::locate`).
-    fn position(&self, r: &BlobRef) -> ApiResult<Option<usize>> {
-        Ok(self.repo.index().locate(r.kind, &r.id)?.map(|(at, _)| at))
+    /// Where the index has `r`: its position (see `Index::locate`) and place.
+    fn locate(&self, r: &BlobRef) -> ApiResult<Option<(usize, BlobLocation)>> {
+        Ok(self.repo.index().locate(r.kind, &r.id)?)
     }
 
-    /// Checks that a restore session may read `r`.
-    fn in_scope(&self, r: &BlobRef) -> ApiResult<()> {
-        let at = self.position(r)?;
+    fn position(&self, r: &BlobRef) -> ApiResult<Option<usize>> {
+        Ok(self.locate(r)?.map(|(at, _)| at))
+    }
+
+    /// Checks that a restore session may read `r`; where the index has it, if it does.
+    fn in_scope(&self, r: &BlobRef) -> ApiResult<Option<BlobLocation>> {
+        let found = self.locate(r)?;
         let scope = self.restore.lock().expect("restore scope");
         let scope = scope.as_ref().ok_or_else(no_restore)?;
-        if scope.contains(r, at) {
-            Ok(())
+        if scope.contains(r, found.map(|(at, _)| at)) {
+            Ok(found.map(|(_, loc)| loc))
         } else {
             Err(ApiError::new(
                 Code::Forbidden,
@@ -692,6 +698,14 @@ impl Server {
                 ),
             ))
         }
+    }
+
+    /// The stored (encoded) bytes of `r`, which [`Server::in_scope`] found `at`.
+    fn load_in_scope(&self, r: &BlobRef, at: Option<BlobLocation>) -> ApiResult<Vec<u8>> {
+        Ok(match at {
+            Some(loc) => self.repo.load_encoded_at(r.kind, &r.id, &loc)?,
+            None => self.repo.load_encoded(r.kind, &r.id)?, // says what is missing
+        })
     }
 
     /// Loads a tree of the snapshot being restored and widens the scope to what it names.
@@ -742,18 +756,15 @@ fn damaged_as_empty(loaded: ApiResult<Vec<u8>>) -> ApiResult<Vec<u8>> {
 
 async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
     let refs = refs_of(body, BlobKind::Data)?;
+    let mut found = Vec::with_capacity(refs.len());
     for r in &refs {
-        s.in_scope(r)?;
+        found.push(s.in_scope(r)?);
     }
     let server = s.clone();
     let out = blocking(move || {
+        let mut at = found.into_iter();
         frames(&refs, |r| {
-            damaged_as_empty(
-                server
-                    .repo
-                    .load_encoded(BlobKind::Data, &r.id)
-                    .map_err(ApiError::from),
-            )
+            damaged_as_empty(server.load_in_scope(r, at.next().flatten()))
         })
     })
     .await?;
