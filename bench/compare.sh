@@ -13,17 +13,17 @@
 set -euo pipefail
 
 mib=1024 work=/tmp/haul-bench
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --mib) mib=${2:?--mib needs a value}; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "compare.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) bench_help ;;
+    *) bench_unknown "$1" ;;
   esac
 done
-[[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --mib wants a positive integer" >&2; exit 2; }
+bench_count --mib "$mib"
 
-. "$(dirname "$(readlink -f "$0")")/lib.sh"
 gen="$root/bench/gen_dataset.py"
 [[ -f $gen ]] || { echo "compare.sh: $gen not found" >&2; exit 2; }
 bench_needs restic python3

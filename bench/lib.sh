@@ -1,5 +1,8 @@
 # Sourced by the bench scripts that run haul beside restic: what they share.
 #   root                   the workspace
+#   bench_help             prints the script's usage (its leading comment) and exits 0
+#   bench_unknown ARG      says ARG is no option of the script and exits 2
+#   bench_count FLAG N [MIN]  N must be an integer of at least MIN (default 1), or exit 2
 #   bench_needs [TOOL...]  the tools (default: restic python3 jq) and /usr/bin/time, or
 #                          exit 2 saying so
 #   bench_haul_binaries    sets bin and haul: $HAUL_BIN, else target/release (built
@@ -24,4 +27,23 @@ bench_haul_binaries() {
     (cd "$root" && cargo build --release -p haul-pbs -p haul-agent) >&2
   fi
   haul=$bin/haul-pbs
+}
+
+bench_help() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 0
+}
+
+bench_unknown() {
+  echo "$me: unknown argument: $1 (see --help)" >&2
+  exit 2
+}
+
+bench_count() {
+  local min=${3:-1}
+  if [[ ! $2 =~ ^[0-9]+$ ]] || ((10#$2 < min)); then
+    if ((min == 1)); then echo "$me: $1 wants a positive integer" >&2
+    else echo "$me: $1 wants an integer of at least $min" >&2; fi
+    exit 2
+  fi
 }

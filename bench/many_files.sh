@@ -18,20 +18,19 @@
 set -euo pipefail
 
 files="100000 1000000" flat="" work=/tmp/haul-bench-many
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --files) files=${2:?--files needs a value}; shift 2 ;;
     --flat) flat=${2:?--flat needs a value}; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "many_files.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) bench_help ;;
+    *) bench_unknown "$1" ;;
   esac
 done
-for n in $files $flat; do
-  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "many_files.sh: $n is not a number of files" >&2; exit 2; }
-done
+for n in $files; do bench_count --files "$n"; done
+[[ -z $flat ]] || bench_count --flat "$flat"
 
-. "$(dirname "$(readlink -f "$0")")/lib.sh"
 bench_needs
 bench_haul_binaries
 

@@ -18,19 +18,19 @@
 set -euo pipefail
 
 mib=1024 snapshots=10 work=/tmp/haul-bench-prune
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --mib) mib=${2:?--mib needs a value}; shift 2 ;;
     --snapshots) snapshots=${2:?--snapshots needs a value}; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "prune.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) bench_help ;;
+    *) bench_unknown "$1" ;;
   esac
 done
-[[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "prune.sh: --mib wants a positive integer" >&2; exit 2; }
-[[ $snapshots =~ ^[1-9][0-9]*$ && $snapshots -gt 3 ]] || { echo "prune.sh: --snapshots wants an integer above 3" >&2; exit 2; }
+bench_count --mib "$mib"
+bench_count --snapshots "$snapshots" 4
 
-. "$(dirname "$(readlink -f "$0")")/lib.sh"
 gen="$root/bench/gen_dataset.py"
 bench_needs
 

@@ -14,17 +14,17 @@
 set -euo pipefail
 
 mib=1024 work=/tmp/haul-bench-pull
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --mib) mib=${2:?--mib needs a value}; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "pull.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) bench_help ;;
+    *) bench_unknown "$1" ;;
   esac
 done
-[[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "pull.sh: --mib wants a positive integer" >&2; exit 2; }
+bench_count --mib "$mib"
 
-. "$(dirname "$(readlink -f "$0")")/lib.sh"
 gen="$root/bench/gen_dataset.py"
 [[ -f $gen ]] || { echo "pull.sh: $gen not found" >&2; exit 2; }
 bench_needs
