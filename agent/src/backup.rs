@@ -13,7 +13,7 @@ use crate::client::{Client, ClientError};
 use crate::prefetch::Prefetcher;
 use bytes::Bytes;
 use haul_protocol::chunker::encode_blob_with;
-use haul_protocol::tree::Tree;
+use haul_protocol::tree::TreeBlob;
 use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::wire;
 use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
@@ -162,7 +162,7 @@ impl RemoteSink {
 }
 
 impl Sink for RemoteSink {
-    fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SinkError> {
         let bytes = match self.trees.take(&id.0).map_err(SinkError::new)? {
             Some(b) => b,
             None => {
@@ -182,10 +182,9 @@ impl Sink for RemoteSink {
                 .into(),
             ));
         }
-        let tree = Tree::decode(&bytes).map_err(SinkError::new)?;
-        // The walker compares each subdirectory next: fetch their parent trees ahead.
-        self.trees
-            .hint(tree.nodes.iter().filter_map(|n| n.subtree.map(|t| t.0)));
+        let tree = TreeBlob::decode(&bytes).map_err(SinkError::new)?;
+        // The walker compares each subdirectory (or page) next: fetch them ahead.
+        self.trees.hint(tree.subtrees().into_iter().map(|t| t.0));
         Ok(tree)
     }
 

@@ -14,7 +14,7 @@ use haul_protocol::agent::{
 };
 use haul_protocol::chunker::decode_blob;
 use haul_protocol::restore::{self, BlobSource, RestoreOptions, RestoreStats, SourceError};
-use haul_protocol::tree::Tree;
+use haul_protocol::tree::TreeBlob;
 use haul_protocol::wire;
 use haul_protocol::{BlobKind, ChunkId, TreeId};
 use hyper::Method;
@@ -65,7 +65,7 @@ impl RemoteSource {
 }
 
 impl BlobSource for RemoteSource {
-    fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError> {
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError> {
         let bytes = match self.trees.take(&id.0).map_err(SourceError::new)? {
             // An empty frame: the server could not read it; asked alone for the reason.
             Some(b) if !b.is_empty() => b,
@@ -79,10 +79,9 @@ impl BlobSource for RemoteSource {
                 id.short()
             ))));
         }
-        let tree = Tree::decode(&bytes).map_err(SourceError::blob)?;
-        // The restorer descends into every subdirectory next: fetch them ahead.
-        self.trees
-            .hint(tree.nodes.iter().filter_map(|n| n.subtree.map(|t| t.0)));
+        let tree = TreeBlob::decode(&bytes).map_err(SourceError::blob)?;
+        // The restorer descends into every subdirectory (or page) next: fetch them ahead.
+        self.trees.hint(tree.subtrees().into_iter().map(|t| t.0));
         Ok(tree)
     }
 

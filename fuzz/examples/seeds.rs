@@ -35,6 +35,16 @@ fn main() {
     for tree in trees() {
         seed("tree_decode", tree.encode());
     }
+    // A large directory's page index.
+    let pages = haul_protocol::tree::Pages {
+        pages: (0..3u8)
+            .map(|i| haul_protocol::tree::PageRef {
+                first: vec![b'a' + i; 1 + i as usize],
+                id: haul_protocol::TreeId([i; 32]),
+            })
+            .collect(),
+    };
+    seed("tree_decode", pages.encode());
 
     let mut c = zstd::bulk::Compressor::new(1).unwrap();
     for plain in [

@@ -1,10 +1,11 @@
-//! `Tree::decode` (protocol/src/tree.rs): the canonical tree encoding, read from agents
-//! (uploads, which are untrusted) and from the repository. Accepted bytes must encode
+//! `TreeBlob::decode` (protocol/src/tree.rs and tree/pages.rs): the canonical tree
+//! encoding and a large directory's page index, read from agents (uploads, which are
+//! untrusted) and from the repository. Accepted bytes must encode
 //! back to themselves; memory must stay in proportion to the input.
 #![no_main]
 
 use haul_fuzz::bounded;
-use haul_protocol::tree::Tree;
+use haul_protocol::tree::TreeBlob;
 use libfuzzer_sys::fuzz_target;
 
 /// Bytes a decode may allocate per input byte. A decoded node takes about 13 bytes of
@@ -14,8 +15,8 @@ use libfuzzer_sys::fuzz_target;
 const PER_INPUT_BYTE: usize = 32;
 
 fuzz_target!(|data: &[u8]| {
-    let tree = bounded(data.len(), PER_INPUT_BYTE, "Tree::decode", || {
-        Tree::decode(data)
+    let tree = bounded(data.len(), PER_INPUT_BYTE, "TreeBlob::decode", || {
+        TreeBlob::decode(data)
     });
     if let Ok(tree) = tree {
         assert_eq!(tree.encode(), data, "an accepted tree is not canonical");

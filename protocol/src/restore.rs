@@ -26,7 +26,7 @@
 
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{self, NameCache};
-use crate::tree::{Node, NodeFlags, NodeKind, Tree};
+use crate::tree::{check_page, find_node, Node, NodeFlags, NodeKind, PageError, Pages, TreeBlob};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -39,7 +39,8 @@ use std::sync::{mpsc, Mutex};
 
 /// Where the restorer gets trees and chunks.
 pub trait BlobSource: Sync {
-    fn load_tree(&self, id: &TreeId) -> Result<Tree, SourceError>;
+    /// A directory's tree: its nodes, or the pages of a large one (and then each page).
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError>;
     /// The plaintext of a chunk. The restorer verifies its BLAKE3.
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError>;
     /// These chunks will be loaded soon, in this order (a file was just queued for
@@ -79,6 +80,14 @@ impl SourceError {
             error: Box::new(e),
             scope: FailureScope::Blob,
         }
+    }
+}
+
+/// A page not what its index says is a damaged blob: the entries it should hold are
+/// not restored, the rest is.
+impl From<PageError> for SourceError {
+    fn from(e: PageError) -> Self {
+        SourceError::blob(e)
     }
 }
 
@@ -281,12 +290,12 @@ pub fn restore(
 
 fn include_exists(
     source: &dyn BlobSource,
-    root: &Tree,
+    root: &TreeBlob,
     path: &[Vec<u8>],
 ) -> Result<bool, RestoreError> {
     let mut tree = root.clone();
     for (i, comp) in path.iter().enumerate() {
-        let Some(node) = tree.find(comp) else {
+        let Some(node) = find_node(&tree, comp, |id| source.load_tree(id))? else {
             return Ok(false);
         };
         if i + 1 == path.len() {
@@ -421,7 +430,7 @@ fn restore_into(
             .map_err(RestoreError::from)
             .and_then(|tree| {
                 let filter: Vec<&[Vec<u8>]> = includes.iter().map(|v| v.as_slice()).collect();
-                r.dir(staging, &tree, &filter)
+                r.dir(staging, tree, &filter)
             });
         r.jobs = None; // workers finish the queue and exit
         (walked, r.dirs, r.warnings, r.names, r.other_links)
@@ -456,13 +465,67 @@ fn restore_into(
 }
 
 impl Restorer<'_> {
+    /// A directory's entries: its tree's, or those of each of its pages (only the pages
+    /// an include can reach into, if there are includes).
     fn dir(
         &mut self,
         path: &Path,
-        tree: &Tree,
+        tree: TreeBlob,
         includes: &[&[Vec<u8>]],
     ) -> Result<(), RestoreError> {
-        for node in &tree.nodes {
+        let pages = match tree {
+            TreeBlob::Nodes(t) => return self.nodes(path, &t.nodes, includes),
+            TreeBlob::Pages(p) => p,
+        };
+        let mut wanted: Vec<usize> = if includes.is_empty() {
+            (0..pages.pages.len()).collect()
+        } else {
+            includes
+                .iter()
+                .filter_map(|inc| pages.page_for(inc.first()?))
+                .collect()
+        };
+        // Includes come in no order; a page listed twice would be restored twice.
+        wanted.sort_unstable();
+        wanted.dedup();
+        for at in wanted {
+            match self.page(&pages, at) {
+                Ok(nodes) => self.nodes(path, &nodes, includes)?,
+                Err(e) if e.scope == FailureScope::Blob => {
+                    let page = &pages.pages[at];
+                    let to = match pages.pages.get(at + 1) {
+                        Some(next) => format!("before {}", String::from_utf8_lossy(&next.first)),
+                        None => "the last".into(),
+                    };
+                    self.warnings.push(not_restored(
+                        path,
+                        format!(
+                            "its entries from {} to {to} are in a page of its listing that cannot be read: {e}",
+                            String::from_utf8_lossy(&page.first)
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Page `at` of a paged directory, checked against its index.
+    fn page(&self, pages: &Pages, at: usize) -> Result<Vec<Node>, SourceError> {
+        let id = pages.pages[at].id;
+        let tree = self.source.load_tree(&id)?.into_page(&id)?;
+        check_page(pages, at, &tree)?;
+        Ok(tree.nodes)
+    }
+
+    fn nodes(
+        &mut self,
+        path: &Path,
+        nodes: &[Node],
+        includes: &[&[Vec<u8>]],
+    ) -> Result<(), RestoreError> {
+        for node in nodes {
             // Which include paths reach into this node?
             let below: Vec<&[Vec<u8>]> = if includes.is_empty() {
                 Vec::new()
@@ -512,7 +575,7 @@ impl Restorer<'_> {
                 };
                 fs::create_dir(path).map_err(io_err(path))?;
                 self.stats.dirs.fetch_add(1, Relaxed);
-                if let Some(sub) = &sub {
+                if let Some(sub) = sub {
                     self.dir(path, sub, includes)?;
                 }
                 self.dirs.push((path.to_path_buf(), node.clone()));
@@ -680,4 +743,149 @@ fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<Option<u64>
         start = stop;
     }
     Ok(end_written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::{Pager, Tree, PAGE_MAX};
+    use std::collections::HashMap;
+
+    /// Trees and chunks in memory; a blob in `lost` is missing.
+    #[derive(Default)]
+    struct MemSource {
+        blobs: HashMap<[u8; 32], Vec<u8>>,
+        lost: Vec<[u8; 32]>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("blob {0} is missing")]
+    struct Lost(String);
+
+    impl MemSource {
+        fn get(&self, id: &[u8; 32]) -> Result<&Vec<u8>, SourceError> {
+            match self.blobs.get(id) {
+                Some(b) if !self.lost.contains(id) => Ok(b),
+                _ => Err(SourceError::blob(Lost(hex::encode(&id[..4])))),
+            }
+        }
+    }
+
+    impl BlobSource for MemSource {
+        fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError> {
+            TreeBlob::decode(self.get(&id.0)?).map_err(SourceError::blob)
+        }
+        fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
+            self.get(&id.0).cloned()
+        }
+    }
+
+    /// A snapshot of one directory `big` of `n` one-chunk files, paged.
+    fn paged_snapshot(n: usize) -> (MemSource, TreeId, Vec<Node>) {
+        let mut trees = HashMap::new();
+        let mut chunks = HashMap::new();
+        let mut offer = |b: Vec<u8>| {
+            let id = TreeId::of(&b);
+            trees.insert(id.0, b);
+            Ok::<_, SourceError>(id)
+        };
+        let mut files = Vec::new();
+        let mut pager = Pager::new();
+        for i in 0..n {
+            let body = format!("file {i}\n").into_bytes();
+            let chunk = ChunkId::of(&body);
+            let node = Node {
+                name: format!("f{i:06}").into_bytes(),
+                mode: 0o640,
+                size: body.len() as u64,
+                nlink: 1,
+                content: vec![chunk],
+                ..Default::default()
+            };
+            pager.push(&node, &mut offer).unwrap();
+            files.push(node);
+            chunks.insert(chunk.0, body);
+        }
+        let big = pager.finish(&mut offer).unwrap();
+        let dir = Node {
+            name: b"big".to_vec(),
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            subtree: Some(big),
+            ..Default::default()
+        };
+        let root = offer(Tree { nodes: vec![dir] }.encode()).unwrap();
+        trees.extend(chunks);
+        let src = MemSource {
+            blobs: trees,
+            lost: Vec::new(),
+        };
+        (src, root, files)
+    }
+
+    fn run(
+        src: &MemSource,
+        root: &TreeId,
+        target: &Path,
+        includes: &[&str],
+    ) -> Vec<RestoreWarning> {
+        let opts = RestoreOptions {
+            target: target.to_path_buf(),
+            includes: includes.iter().map(|s| s.to_string()).collect(),
+            threads: 2,
+        };
+        restore(src, root, &opts, &RestoreStats::default()).unwrap()
+    }
+
+    #[test]
+    fn a_paged_directory_restores_whole_and_an_unreadable_page_loses_only_its_entries() {
+        let (mut src, root, files) = paged_snapshot(3 * PAGE_MAX);
+        let dir = tempfile::tempdir().unwrap();
+        let whole = dir.path().join("whole");
+        assert!(run(&src, &root, &whole, &[]).is_empty());
+        for f in &files {
+            let body = fs::read(whole.join("big").join(OsStr::from_bytes(&f.name))).unwrap();
+            assert_eq!(body.len() as u64, f.size);
+        }
+        assert_eq!(
+            fs::read_dir(whole.join("big")).unwrap().count(),
+            files.len()
+        );
+
+        // One file, found through the one page that can hold it.
+        let one = dir.path().join("one");
+        assert!(run(&src, &root, &one, &["big/f040000"]).is_empty());
+        let names: Vec<_> = fs::read_dir(one.join("big"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f040000"]);
+
+        // The second page lost: its entries are reported, the others restored.
+        let TreeBlob::Pages(pages) = src
+            .load_tree(&src.load_tree(&root).unwrap().subtrees()[0])
+            .unwrap()
+        else {
+            panic!("not paged")
+        };
+        src.lost.push(pages.pages[1].id.0);
+        let part = dir.path().join("part");
+        let warnings = run(&src, &root, &part, &[]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let first = String::from_utf8_lossy(&pages.pages[1].first).into_owned();
+        let next = String::from_utf8_lossy(&pages.pages[2].first).into_owned();
+        assert!(
+            warnings[0].message.starts_with(&format!("its entries from {first} to before {next} are in a page of its listing that cannot be read")),
+            "{warnings:?}"
+        );
+        assert_eq!(warnings[0].path, part.join("big").display().to_string());
+        let restored = fs::read_dir(part.join("big")).unwrap().count();
+        let lost = files
+            .iter()
+            .filter(|f| f.name >= pages.pages[1].first && f.name < pages.pages[2].first)
+            .count();
+        assert_eq!(restored, files.len() - lost);
+        assert!(!part.join("big").join(&first).exists());
+        assert!(part.join("big").join(&next).exists());
+    }
 }

@@ -33,6 +33,12 @@
 
 use crate::id::{ChunkId, TreeId};
 
+mod pages;
+pub use pages::{
+    check_page, find_node, for_each_page, is_pages, Lookup, PageError, PageRef, Pager, Pages,
+    TreeBlob, PAGE_BYTES, PAGE_MAX, PAGE_MIN,
+};
+
 const MAGIC: &[u8; 4] = b"HTR1";
 const MAGIC_FLAGS: &[u8; 4] = b"HTR2";
 /// The fewest bytes a node encodes to: a one-byte name with its length, then a byte for

@@ -16,8 +16,8 @@
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{node_from_metadata, read_xattrs, NameCache};
-use crate::tree::{Node, NodeFlags, NodeKind, Timestamp, Tree};
-use std::collections::BTreeMap;
+use crate::tree::{Lookup, Node, NodeFlags, NodeKind, PageError, Pager, Timestamp, Tree, TreeBlob};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -29,8 +29,9 @@ use std::sync::{mpsc, Mutex};
 /// Where the walker sends what it produces. Implementations must be usable from
 /// several worker threads at once.
 pub trait Sink: Sync {
-    /// Loads a tree of the parent snapshot, for change detection.
-    fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError>;
+    /// Loads a tree of the parent snapshot, for change detection: a directory's nodes,
+    /// or the pages of a large one (and then each page).
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SinkError>;
     /// Offers a chunk and returns its id (BLAKE3 of `plain`); the sink stores it unless
     /// the repository already has it. The sink names the chunk so that it is hashed
     /// once: an in-process repository computes the id itself, a remote sink hashes
@@ -139,8 +140,8 @@ pub fn backup(
         return Err(WalkError::NoPaths);
     }
     let root = virtual_root(&opts.paths)?;
-    let parent = match &opts.parent {
-        Some(id) => Some(sink.load_tree(id)?),
+    let mut parent = match &opts.parent {
+        Some(id) => Some(ParentDir::new(sink.load_tree(id)?)),
         None => None,
     };
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(JOB_QUEUE);
@@ -229,7 +230,7 @@ pub fn backup(
             warnings: &warnings,
         };
         let walked = walker
-            .virtual_dir(Path::new("/"), &root, parent.as_ref(), None)
+            .virtual_dir(Path::new("/"), &root, parent.as_mut(), None)
             .and_then(|()| walker.send_events());
         drop(walker); // closes both queues: workers and the assembler finish and exit
         let assembled = assembler.join().expect("assembler thread");
@@ -270,19 +271,72 @@ const EVENT_BATCH: usize = 512;
 
 /// What the walker tells the assembler, in walk order.
 enum Event {
-    /// A directory's entries follow.
-    Open,
+    /// A directory's entries follow; `path` names it in warnings.
+    Open { path: PathBuf },
     /// One entry of the open directory; its content is still being read if `pending`.
     Entry {
         node: Node,
         pending: Option<Pending>,
     },
     /// The open directory is complete; `node` is its own node in its parent (none for
-    /// the root), `path` names it in warnings.
-    Close { path: PathBuf, node: Option<Node> },
+    /// the root).
+    Close { node: Option<Node> },
 }
 
-type Frame = Vec<(Node, Option<Pending>)>;
+/// Entries of an open directory the assembler holds before it waits for the oldest's
+/// content: past them, entries go into the directory's pages as they are settled, so a
+/// directory of millions of files costs a page, not its listing.
+const HOLD_ENTRIES: usize = 4096;
+
+/// An open directory in the assembler.
+struct Frame {
+    path: PathBuf,
+    /// Entries not settled yet, in name order.
+    entries: VecDeque<(Node, Option<Pending>)>,
+    /// Results of the file batch being settled.
+    batch: VecDeque<FileResult>,
+    pager: Pager,
+}
+
+impl Frame {
+    /// Settles the oldest entry: waits for its content if it is being read, then adds
+    /// it to the directory's pages (a file that could not be read is left out).
+    fn settle_one(
+        &mut self,
+        sink: &dyn Sink,
+        warnings: &Mutex<Vec<Warning>>,
+    ) -> Result<(), WalkError> {
+        let Some((node, pending)) = self.entries.pop_front() else {
+            return Ok(());
+        };
+        let node = match pending {
+            None => node,
+            Some(pending) => {
+                // A worker that stopped early (its sink failed) sends fewer results, or
+                // none: the walk is over either way.
+                if let Pending::First(rx) = pending {
+                    self.batch = rx.recv().map_err(|_| WalkError::Interrupted)?.into();
+                }
+                let file = self.path.join(std::ffi::OsStr::from_bytes(&node.name));
+                match self.batch.pop_front().ok_or(WalkError::Interrupted)? {
+                    FileResult::Read { node, warning } => {
+                        if let Some(w) = warning {
+                            push_warning(warnings, &file, w);
+                        }
+                        *node
+                    }
+                    FileResult::Skipped(msg) => {
+                        push_warning(warnings, &file, msg);
+                        return Ok(());
+                    }
+                    FileResult::Fatal(e) => return Err(e.into()),
+                }
+            }
+        };
+        self.pager.push(&node, &mut |b| sink.offer_tree(b))?;
+        Ok(())
+    }
+}
 
 /// Where an entry's file content will come from: files are read in batches (up to
 /// [`BATCH_FILES`] small files of one directory per job), so a tree of small files
@@ -310,48 +364,33 @@ fn assemble(
     let mut root = None;
     for event in events.into_iter().flatten() {
         match event {
-            Event::Open => stack.push(Vec::new()),
-            Event::Entry { node, pending } => stack
-                .last_mut()
-                .expect("entry inside a directory")
-                .push((node, pending)),
-            Event::Close { path, node } => {
-                let frame = stack.pop().expect("close of an open directory");
-                let mut nodes = Vec::with_capacity(frame.len());
-                let mut batch: std::collections::VecDeque<FileResult> = Default::default();
-                for (node, pending) in frame {
-                    match pending {
-                        None => {
-                            nodes.push(node);
-                            continue;
-                        }
-                        // A worker that stopped early (its sink failed) sends fewer
-                        // results, or none: the walk is over either way.
-                        Some(Pending::First(rx)) => {
-                            batch = rx.recv().map_err(|_| WalkError::Interrupted)?.into()
-                        }
-                        Some(Pending::Next) => {}
-                    }
-                    let file = path.join(std::ffi::OsStr::from_bytes(&node.name));
-                    match batch.pop_front().ok_or(WalkError::Interrupted)? {
-                        FileResult::Read { node, warning } => {
-                            if let Some(w) = warning {
-                                push_warning(warnings, &file, w);
-                            }
-                            nodes.push(*node);
-                        }
-                        FileResult::Skipped(msg) => push_warning(warnings, &file, msg),
-                        FileResult::Fatal(e) => return Err(e.into()),
-                    }
+            Event::Open { path } => stack.push(Frame {
+                path,
+                entries: VecDeque::new(),
+                batch: VecDeque::new(),
+                pager: Pager::new(),
+            }),
+            Event::Entry { node, pending } => {
+                let frame = stack.last_mut().expect("entry inside a directory");
+                frame.entries.push_back((node, pending));
+                if frame.entries.len() > HOLD_ENTRIES {
+                    frame.settle_one(sink, warnings)?;
                 }
-                let id = sink.offer_tree(Tree { nodes }.encode())?;
+            }
+            Event::Close { node } => {
+                let mut frame = stack.pop().expect("close of an open directory");
+                while !frame.entries.is_empty() {
+                    frame.settle_one(sink, warnings)?;
+                }
+                let id = frame.pager.finish(&mut |b| sink.offer_tree(b))?;
                 match node {
                     Some(mut dir) => {
                         dir.subtree = Some(id);
                         stack
                             .last_mut()
                             .expect("a directory inside a directory")
-                            .push((dir, None));
+                            .entries
+                            .push_back((dir, None));
                     }
                     None => root = Some(id),
                 }
@@ -557,7 +596,7 @@ impl Walker<'_> {
     }
 
     fn emit(&mut self, event: Event) -> Result<(), WalkError> {
-        if matches!(event, Event::Close { .. } | Event::Open) {
+        if matches!(event, Event::Close { .. } | Event::Open { .. }) {
             self.flush_batch()?;
         }
         self.outbox.push(event);
@@ -594,7 +633,7 @@ impl Walker<'_> {
         &mut self,
         path: &Path,
         dir: &VirtualDir,
-        parent: Option<&Tree>,
+        mut parent: Option<&mut ParentDir>,
         own: Option<Node>,
     ) -> Result<(), WalkError> {
         // The "/" backup path: its listing is the root tree itself.
@@ -605,10 +644,13 @@ impl Walker<'_> {
             })?;
             return self.listed_dir(Path::new("/"), parent, meta.dev(), None);
         }
-        self.emit(Event::Open)?;
+        self.emit(Event::Open {
+            path: path.to_path_buf(),
+        })?;
+        let sink = self.sink;
         for (name, entry) in &dir.children {
             let child = path.join(std::ffi::OsStr::from_bytes(name));
-            let parent_node = parent.and_then(|t| t.find(name));
+            let parent_node = parent.as_deref_mut().and_then(|p| p.find(sink, name));
             let meta = fs::symlink_metadata(&child).map_err(|source| WalkError::BadPath {
                 path: child.clone(),
                 source,
@@ -622,24 +664,21 @@ impl Walker<'_> {
                     let mut node = node_from_metadata(name, &meta, &mut self.names);
                     node.xattrs = read_xattrs(&child).unwrap_or_default();
                     self.stats.dirs.fetch_add(1, Relaxed);
-                    let parent_sub = self.parent_subtree(parent_node);
-                    self.virtual_dir(&child, sub, parent_sub.as_ref(), Some(node))?;
+                    let mut parent_sub = self.parent_subtree(parent_node);
+                    self.virtual_dir(&child, sub, parent_sub.as_mut(), Some(node))?;
                 }
             }
         }
-        self.emit(Event::Close {
-            path: path.to_path_buf(),
-            node: own,
-        })
+        self.emit(Event::Close { node: own })
     }
 
     /// The parent snapshot's tree for a directory, if it had one.
-    fn parent_subtree(&mut self, parent_node: Option<&Node>) -> Option<Tree> {
+    fn parent_subtree(&mut self, parent_node: Option<&Node>) -> Option<ParentDir> {
         let id = parent_node
             .filter(|n| n.kind == NodeKind::Dir)
             .and_then(|n| n.subtree)?;
         match self.sink.load_tree(&id) {
-            Ok(t) => Some(t),
+            Ok(t) => Some(ParentDir::new(t)),
             Err(e) => {
                 tracing::warn!(
                     "parent tree {} unreadable, files below are read again: {e}",
@@ -654,7 +693,7 @@ impl Walker<'_> {
     fn listed_dir(
         &mut self,
         path: &Path,
-        parent: Option<&Tree>,
+        mut parent: Option<&mut ParentDir>,
         device: u64,
         own: Option<Node>,
     ) -> Result<(), WalkError> {
@@ -689,7 +728,10 @@ impl Walker<'_> {
         {
             names.retain(|n| n == b"CACHEDIR.TAG");
         }
-        self.emit(Event::Open)?;
+        self.emit(Event::Open {
+            path: path.to_path_buf(),
+        })?;
+        let sink = self.sink;
         for name in names {
             let child = path.join(std::ffi::OsStr::from_bytes(&name));
             let meta = match fs::symlink_metadata(&child) {
@@ -703,13 +745,10 @@ impl Walker<'_> {
                     continue;
                 }
             };
-            let parent_node = parent.and_then(|t| t.find(&name));
+            let parent_node = parent.as_deref_mut().and_then(|p| p.find(sink, &name));
             self.entry(&child, &name, meta, parent_node, device)?;
         }
-        self.emit(Event::Close {
-            path: path.to_path_buf(),
-            node: own,
-        })
+        self.emit(Event::Close { node: own })
     }
 
     /// Emits one entry: a file's content is queued for reading, a directory is walked.
@@ -763,8 +802,8 @@ impl Walker<'_> {
                     let id = self.sink.offer_tree(Tree::default().encode())?;
                     node.subtree = Some(id);
                 } else {
-                    let parent = self.parent_subtree(parent_node);
-                    return self.listed_dir(path, parent.as_ref(), meta.dev(), Some(node));
+                    let mut parent = self.parent_subtree(parent_node);
+                    return self.listed_dir(path, parent.as_mut(), meta.dev(), Some(node));
                 }
             }
             NodeKind::Symlink => {
@@ -822,6 +861,33 @@ impl Walker<'_> {
             self.jobs.send(job).map_err(|_| WalkError::Interrupted)?;
         }
         Ok(())
+    }
+}
+
+/// The parent snapshot's listing of a directory. A page of it that cannot be read
+/// counts as empty: its files are read again.
+struct ParentDir(Lookup);
+
+impl ParentDir {
+    fn new(blob: TreeBlob) -> Self {
+        ParentDir(Lookup::new(blob))
+    }
+
+    fn find(&mut self, sink: &dyn Sink, name: &[u8]) -> Option<&Node> {
+        self.0
+            .find(name, |id| sink.load_tree(id))
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    "a page of a parent tree is unreadable, its files are read again: {e}"
+                );
+                None
+            })
+    }
+}
+
+impl From<PageError> for SinkError {
+    fn from(e: PageError) -> Self {
+        SinkError::new(e)
     }
 }
 
@@ -990,9 +1056,9 @@ mod tests {
     struct Full;
 
     impl Sink for MemSink {
-        fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
+        fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SinkError> {
             let blobs = self.blobs.lock().unwrap();
-            Ok(Tree::decode(&blobs[&id.0]).unwrap())
+            Ok(TreeBlob::decode(&blobs[&id.0]).unwrap())
         }
         fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError> {
             if self.chunks.fetch_add(1, Relaxed) >= self.fail_after {
@@ -1055,7 +1121,14 @@ mod tests {
 
     /// The tree under `id` as (path, content) pairs.
     fn files(sink: &MemSink, id: TreeId, prefix: &str, out: &mut Vec<(String, Vec<u8>)>) {
-        for n in sink.load_tree(&id).unwrap().nodes {
+        for n in sink
+            .load_tree(&id)
+            .unwrap()
+            .as_nodes()
+            .unwrap()
+            .nodes
+            .clone()
+        {
             let path = format!("{prefix}/{}", String::from_utf8_lossy(&n.name));
             match n.subtree {
                 Some(sub) => files(sink, sub, &path, out),
@@ -1152,5 +1225,77 @@ mod tests {
                 "after {fail_after} chunks"
             );
         }
+    }
+
+    /// A directory of more files than a page holds: written in pages, read back whole,
+    /// and walked again against its paged parent, where one changed file and one added
+    /// before all the others write two pages and the index again.
+    #[test]
+    fn a_large_directory_is_walked_in_pages_against_a_paged_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 2 * crate::tree::PAGE_MAX + 1000;
+        for i in 0..n {
+            fs::write(dir.path().join(format!("m{i:06}")), format!("{i}")).unwrap();
+        }
+        let s = sink(usize::MAX);
+        let stats = WalkStats::default();
+        let first = backup(&s, &opts(dir.path()), &stats).unwrap().root;
+        let mut out = Vec::new();
+        let path = dir.path().display().to_string();
+        let top = find_dir(&s, first, &path);
+        let TreeBlob::Pages(pages) = s.load_tree(&top).unwrap() else {
+            panic!("not paged")
+        };
+        assert!(pages.pages.len() >= 3, "{pages:?}");
+        files_paged(&s, top, "", &mut out);
+        assert_eq!(out.len(), n);
+        let before: std::collections::HashSet<[u8; 32]> =
+            s.blobs.lock().unwrap().keys().copied().collect();
+
+        fs::write(dir.path().join("m020000"), "changed").unwrap();
+        fs::write(dir.path().join("a-new"), "new").unwrap();
+        let stats = WalkStats::default();
+        let mut o = opts(dir.path());
+        o.parent = Some(first);
+        backup(&s, &o, &stats).unwrap();
+        assert_eq!(stats.files_unchanged.load(Relaxed), n as u64 - 1);
+        let new_trees = s
+            .blobs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, b)| !before.contains(*k) && crate::tree::TreeBlob::decode(b).is_ok())
+            .count();
+        // Two pages, and the trees of the directory (its index) and of those above it.
+        assert_eq!(new_trees, 2 + dir.path().components().count());
+    }
+
+    fn find_dir(sink: &MemSink, root: TreeId, path: &str) -> TreeId {
+        let mut id = root;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            let t = sink.load_tree(&id).unwrap();
+            id = t
+                .as_nodes()
+                .unwrap()
+                .find(c.as_bytes())
+                .unwrap()
+                .subtree
+                .unwrap();
+        }
+        id
+    }
+
+    fn files_paged(sink: &MemSink, id: TreeId, prefix: &str, out: &mut Vec<String>) {
+        crate::tree::for_each_page(
+            sink.load_tree(&id).unwrap(),
+            |id| Ok::<_, SinkError>(sink.load_tree(id).unwrap()),
+            |page| {
+                for n in page.nodes {
+                    out.push(format!("{prefix}/{}", String::from_utf8_lossy(&n.name)));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
     }
 }

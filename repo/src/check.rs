@@ -14,7 +14,7 @@ use crate::error::{DamagedFile, Error, Result};
 use crate::format::pack_header::PackEntry;
 use crate::repository::{decode_blob, IndexedRepository, SnapshotList, MAX_TREE_BYTES};
 use crate::usage::{Marks, Usage};
-use haul_protocol::tree::{NodeKind, Tree};
+use haul_protocol::tree::{NodeKind, TreeBlob};
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -222,6 +222,13 @@ pub fn check(
                 },
             };
             report.trees_checked += 1;
+            let tree = match tree {
+                TreeBlob::Nodes(t) => t,
+                TreeBlob::Pages(p) => {
+                    stack.extend(p.pages.iter().map(|p| p.id));
+                    continue;
+                }
+            };
             let mut disagree = Vec::new();
             for node in &tree.nodes {
                 if let Some(sub) = node.subtree {
@@ -369,7 +376,7 @@ fn check_pack_data(
             &what,
         ) {
             Ok(plain) if e.kind == BlobKind::Tree => {
-                if let Err(err) = Tree::decode(&plain) {
+                if let Err(err) = TreeBlob::decode(&plain) {
                     bad.insert(r, (Some(*pack), format!("tree does not parse: {err}")));
                 }
             }
@@ -441,8 +448,29 @@ fn walk(
     if clean.contains(&id) {
         return Ok(false);
     }
-    let Ok(tree) = repo.load_tree(&id) else {
-        return Ok(true);
+    let tree = match repo.load_tree(&id) {
+        Ok(TreeBlob::Nodes(t)) => t,
+        // A page's entries stand under the directory's path, as its own would.
+        Ok(TreeBlob::Pages(p)) => {
+            let mut any = false;
+            for page in p.pages {
+                let r = BlobRef::tree(page.id);
+                if bad.contains_key(&r) {
+                    affected.entry(r).or_default().insert(Affected {
+                        snapshot: snapshot.into(),
+                        path: path.into(),
+                    });
+                    any = true;
+                } else if walk(repo, snapshot, page.id, path, bad, clean, affected)? {
+                    any = true;
+                }
+            }
+            if !any {
+                clean.insert(id);
+            }
+            return Ok(any);
+        }
+        Err(_) => return Ok(true),
     };
     let mut any = false;
     for node in &tree.nodes {

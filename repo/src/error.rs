@@ -162,6 +162,14 @@ impl std::fmt::Display for DamagedFile {
     }
 }
 
+/// A page of a directory's listing that is not what its index says: damage, as a
+/// blob that does not decode is.
+impl From<haul_protocol::tree::PageError> for Error {
+    fn from(e: haul_protocol::tree::PageError) -> Self {
+        Error::corrupt(format!("tree page {}", e.page.short()), e.reason)
+    }
+}
+
 impl Error {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
         let what = what.into();

@@ -34,7 +34,7 @@ use crate::lock::LockGuard;
 use crate::repository::{IndexedRepository, MAX_TREE_BYTES};
 use crate::usage::Marks;
 use haul_protocol::chunker::{decode_blob_ref, encode_blob, ChunkerParams};
-use haul_protocol::tree::{NodeKind, Tree, VisitError};
+use haul_protocol::tree::{is_pages, NodeKind, Pages, Tree, TreeBlob, VisitError};
 use haul_protocol::walk::{Sink, SinkError};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, PackId, SnapshotId, TreeId};
 use std::cell::RefCell;
@@ -475,7 +475,7 @@ impl<'r> IngestSession<'r> {
 
     /// Reads a tree of the parent snapshot, for change detection. Append-only means
     /// a source reads nothing else: any other tree is refused.
-    pub fn read_tree(&self, id: &TreeId) -> Result<Tree> {
+    pub fn read_tree(&self, id: &TreeId) -> Result<TreeBlob> {
         let index = self.repo.index();
         let at = index.locate(BlobKind::Tree, &id.0)?;
         if !at.is_some_and(|(at, _)| self.parent_blobs.lock().expect("parent").get(at)) {
@@ -487,14 +487,12 @@ impl<'r> IngestSession<'r> {
         let tree = self.repo.load_tree(id)?;
         // Located before the lock is taken: each look-up may read the index cache.
         let mut found = Vec::new();
-        for node in &tree.nodes {
-            if let Some(sub) = node.subtree {
-                found.extend(index.locate(BlobKind::Tree, &sub.0)?.map(|(at, _)| at));
-            }
-            if self.info.scope == DedupScope::OwnHistory {
-                for c in &node.content {
-                    found.extend(index.locate(BlobKind::Data, &c.0)?.map(|(at, _)| at));
-                }
+        for sub in tree.subtrees() {
+            found.extend(index.locate(BlobKind::Tree, &sub.0)?.map(|(at, _)| at));
+        }
+        if self.info.scope == DedupScope::OwnHistory {
+            for c in tree.chunks() {
+                found.extend(index.locate(BlobKind::Data, &c.0)?.map(|(at, _)| at));
             }
         }
         let mut parent = self.parent_blobs.lock().expect("parent");
@@ -704,6 +702,13 @@ impl<'r> IngestSession<'r> {
             return Ok(()); // the same bytes (they hash to its id): valid
         }
         let mut r = Received::default();
+        if is_pages(plain) {
+            // A large directory's page index: its pages are walked as subtrees are.
+            let pages = Pages::decode(plain)
+                .map_err(|d| Error::InvalidInput(format!("tree {}: {d}", hex::encode(id.0))))?;
+            r.subtrees = pages.pages.into_iter().map(|p| p.id).collect();
+            return self.note_received(id, r);
+        }
         Tree::for_each_node(plain, |node| {
             match node.subtree {
                 Some(sub) => r.subtrees.push(sub),
@@ -730,6 +735,10 @@ impl<'r> IngestSession<'r> {
             }
             VisitError::Visitor(e) => e,
         })?;
+        self.note_received(id, r)
+    }
+
+    fn note_received(&self, id: TreeId, r: Received) -> Result<()> {
         let bytes = r.bytes();
         let mut received = self.received.lock().expect("received trees");
         if received.bytes + bytes > self.received_budget {
@@ -1025,7 +1034,13 @@ impl<'r> IngestSession<'r> {
             // another snapshot (the whole repository's scope), sent by one of its own
             // pulls that was cut short, or past what the session notes. Read and
             // looked at here.
-            let tree = self.repo.load_tree(&id)?;
+            let tree = match self.repo.load_tree(&id)? {
+                TreeBlob::Nodes(t) => t,
+                TreeBlob::Pages(p) => {
+                    stack.extend(p.pages.iter().map(|p| p.id));
+                    continue;
+                }
+            };
             for node in &tree.nodes {
                 if let Some(sub) = node.subtree {
                     stack.push(sub);
@@ -1088,7 +1103,7 @@ impl Drop for IngestSession<'_> {
 
 /// In-process sources (`backup-local`, the rdiff-backup import) feed a session directly.
 impl Sink for IngestSession<'_> {
-    fn load_tree(&self, id: &TreeId) -> Result<Tree, SinkError> {
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SinkError> {
         self.read_tree(id).map_err(SinkError::new)
     }
     fn offer_chunk(&self, plain: Vec<u8>) -> Result<ChunkId, SinkError> {

@@ -15,7 +15,7 @@ use crate::format::snapshot::Snapshot;
 use crate::format::{ad, pack_header};
 use crate::index::{BlobLocation, Index};
 use haul_protocol::chunker::decode_blob as decode_encoded;
-use haul_protocol::tree::Tree;
+use haul_protocol::tree::TreeBlob;
 use haul_protocol::{BlobKind, ChunkId, PackId, SnapshotId, TreeId};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -682,9 +682,10 @@ impl IndexedRepository {
         Ok((sealed, what))
     }
 
-    pub fn load_tree(&self, id: &TreeId) -> Result<Tree> {
+    /// A directory's tree: its nodes, or the pages of a large one.
+    pub fn load_tree(&self, id: &TreeId) -> Result<TreeBlob> {
         let bytes = self.load_blob(BlobKind::Tree, &id.0)?;
-        Tree::decode(&bytes).map_err(|e| Error::corrupt(format!("tree {}", id.short()), e))
+        TreeBlob::decode(&bytes).map_err(|e| Error::corrupt(format!("tree {}", id.short()), e))
     }
 
     pub fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
@@ -818,7 +819,7 @@ pub(crate) fn decode_blob(
 /// skips what needs it and restores the rest. An I/O error of the disk ends the restore
 /// rather than leave it hollow.
 impl haul_protocol::restore::BlobSource for IndexedRepository {
-    fn load_tree(&self, id: &TreeId) -> Result<Tree, haul_protocol::restore::SourceError> {
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, haul_protocol::restore::SourceError> {
         IndexedRepository::load_tree(self, id).map_err(source_error)
     }
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, haul_protocol::restore::SourceError> {

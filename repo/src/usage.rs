@@ -172,7 +172,7 @@ pub fn mark_each(repo: &IndexedRepository, roots: &[TreeId]) -> Result<(Marks, V
                     }
                     let tree = repo.load_tree(&id)?;
                     let mut chunk_missing = false;
-                    for c in tree.nodes.iter().flat_map(|n| &n.content) {
+                    for c in tree.chunks() {
                         match index.slot(BlobKind::Data, &c.0)? {
                             Some(slot) => {
                                 marks.set(slot);
@@ -180,8 +180,7 @@ pub fn mark_each(repo: &IndexedRepository, roots: &[TreeId]) -> Result<(Marks, V
                             None => chunk_missing = true,
                         }
                     }
-                    let subtrees: Vec<TreeId> =
-                        tree.nodes.iter().filter_map(|n| n.subtree).collect();
+                    let subtrees: Vec<TreeId> = tree.subtrees();
                     stack.push(Frame::Exit {
                         slot,
                         subtrees: subtrees.clone(),

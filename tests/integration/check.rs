@@ -1,5 +1,6 @@
 //! `check`: clean repositories pass; damage is found and named down to the file.
 
+use haul_protocol::tree::find_node;
 use haul_tests::*;
 use std::fs;
 
@@ -213,10 +214,10 @@ fn blob_location(env: &Env, path: &std::path::Path) -> (std::path::PathBuf, u64)
     let comps: Vec<_> = path.components().skip(1).collect();
     let mut found = None;
     for (i, comp) in comps.iter().enumerate() {
-        let node = tree
-            .find(comp.as_os_str().as_encoded_bytes())
+        let name = comp.as_os_str().as_encoded_bytes();
+        let node = find_node(&tree, name, |id| repo.load_tree(id))
             .unwrap()
-            .clone();
+            .unwrap();
         if i + 1 == comps.len() {
             found = Some(match node.subtree {
                 Some(t) => (BlobKind::Tree, t.0),

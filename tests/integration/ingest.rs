@@ -1,7 +1,7 @@
 //! The ingest session's guarantees, through the engine's API: claims are verified,
 //! commits are complete, interrupted sessions lose nothing.
 
-use haul_protocol::tree::{Node, NodeKind, Tree};
+use haul_protocol::tree::{Node, NodeKind, Tree, TreeBlob};
 use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
 use haul_repo::backend::{Backend, FileType, LocalBackend};
 use haul_repo::crypto::KdfParams;
@@ -395,11 +395,11 @@ fn a_source_reads_only_its_parent_trees() {
     );
     // A subtree is readable only once its parent tree has been read.
     assert!(s.read_tree(&sub_id).is_err());
+    assert_eq!(s.read_tree(&root_id).unwrap().subtrees(), vec![sub_id]);
     assert_eq!(
-        s.read_tree(&root_id).unwrap().nodes[0].subtree,
-        Some(sub_id)
+        s.read_tree(&sub_id).unwrap(),
+        TreeBlob::Nodes(Tree::default())
     );
-    assert_eq!(s.read_tree(&sub_id).unwrap(), Tree::default());
     // Committing the unchanged root again is complete at once.
     let (snap, _) = s.commit(root_id, Summary::default()).unwrap();
     assert_eq!(repo.load_snapshot(&snap).unwrap().tree, root_id);

@@ -123,3 +123,106 @@ fn a_pull_of_200000_files_fits_in_a_capped_pbs_and_restores() {
     // A check of the whole repository, data included, under the cap too.
     capped(&env, &["check", "--read-data"]).expect(0);
 }
+
+/// Files in the one large directory: paged (more than `PAGE_MAX`, 16,384, nodes).
+const FLAT: usize = 60_000;
+
+/// Tree bytes a pull stored: what it added less file content.
+fn tree_bytes(run: &serde_json::Value) -> u64 {
+    run["counters"]["bytes_new"].as_u64().unwrap() - run["counters"]["data_new"].as_u64().unwrap()
+}
+
+#[test]
+fn a_directory_of_60000_files_is_stored_in_pages_and_a_change_writes_few_of_them() {
+    let env = Env::new();
+    let src = env.path("src");
+    let flat = src.join("flat");
+    fs::create_dir_all(&flat).unwrap();
+    for n in 0..FLAT {
+        fs::write(flat.join(format!("m{n:05}")), format!("mail {n}\n")).unwrap();
+    }
+    let local = src.display().to_string();
+    let pull = || {
+        let run = capped(&env, &["--json", "pull", "--local", &local]);
+        assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+        run.json_of("run")["run"].clone()
+    };
+    let full = pull();
+    assert_eq!(full["counters"]["files_new"], FLAT as u64, "{full}");
+
+    // One file changed, one added before all the others: one page each, not every
+    // page after the insertion, plus the index and the directories above.
+    fs::write(flat.join("m31000"), "changed\n").unwrap();
+    fs::write(flat.join("a-new"), "new\n").unwrap();
+    let again = pull();
+    assert_eq!(
+        again["counters"]["files_unchanged"],
+        FLAT as u64 - 1,
+        "{again}"
+    );
+    assert_eq!(again["counters"]["files_changed"], 1, "{again}");
+    assert_eq!(again["counters"]["files_new"], 1, "{again}");
+    // New: two chunks, two pages, and the trees of the directories from the root
+    // down to this one (its own is its page index).
+    let trees = flat.components().count() as u64;
+    assert_eq!(again["counters"]["blobs_new"], 2 + 2 + trees, "{again}");
+    assert!(
+        tree_bytes(&again) * 2 < tree_bytes(&full),
+        "a change to two entries stored {} bytes of trees, the whole listing {}",
+        tree_bytes(&again),
+        tree_bytes(&full)
+    );
+
+    // `ls` walks every page in order.
+    let ls = capped(
+        &env,
+        &[
+            "ls",
+            "latest",
+            "--no-recursive",
+            &flat.display().to_string(),
+        ],
+    )
+    .expect(0);
+    let listed: Vec<&str> = ls.stdout.lines().filter(|l| l.starts_with('-')).collect();
+    assert_eq!(listed.len(), FLAT + 1);
+    assert!(listed[0].ends_with("/flat/a-new"), "{}", listed[0]);
+    assert!(listed[FLAT].ends_with("/flat/m59999"), "{}", listed[FLAT]);
+
+    // Restored whole through the agent, bytes and metadata compared.
+    let target = env.path("restored");
+    let restore = capped(
+        &env,
+        &[
+            "restore",
+            "latest",
+            "--via-agent",
+            "--target",
+            &target.display().to_string(),
+        ],
+    );
+    assert_eq!(restore.code, 0, "{}\n{}", restore.stdout, restore.stderr);
+    assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // One file of the directory, reached through the one page that holds it.
+    let one = env.path("one");
+    let path = flat.join("m31000").display().to_string();
+    let restore = capped(
+        &env,
+        &[
+            "restore",
+            "latest",
+            "--via-agent",
+            "--include",
+            &path,
+            "--target",
+            &one.display().to_string(),
+        ],
+    );
+    assert_eq!(restore.code, 0, "{}\n{}", restore.stdout, restore.stderr);
+    let got = one.join(flat.strip_prefix("/").unwrap());
+    assert_eq!(fs::read_dir(&got).unwrap().count(), 1);
+    assert_eq!(fs::read(got.join("m31000")).unwrap(), b"changed\n");
+
+    capped(&env, &["check", "--read-data"]).expect(0);
+}

@@ -4,7 +4,7 @@ use super::Context;
 use crate::cli::{LsArgs, SnapshotFilter, SnapshotsArgs};
 use crate::error::CliError;
 use crate::output::{bytes, json_line};
-use haul_protocol::tree::{Node, NodeKind, Tree};
+use haul_protocol::tree::{find_node, for_each_page, Node, NodeKind, TreeBlob};
 use haul_repo::IndexedRepository;
 
 impl SnapshotFilter {
@@ -96,9 +96,7 @@ pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
     let mut prefix = String::new();
     let mut at_node: Option<Node> = None;
     for (i, c) in comps.iter().enumerate() {
-        let node = tree
-            .find(c)
-            .cloned()
+        let node = find_node(&tree, c, |id| repo.load_tree(id))?
             .ok_or_else(|| CliError::usage(format!("{start} is not in snapshot {}", id.short())))?;
         prefix.push('/');
         prefix.push_str(&String::from_utf8_lossy(c));
@@ -119,37 +117,44 @@ pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
                 list(
                     ctx,
                     &repo,
-                    &repo.load_tree(&sub)?,
+                    repo.load_tree(&sub)?,
                     &prefix,
                     !args.no_recursive,
                 )?;
             }
         }
-        None => list(ctx, &repo, &tree, "", !args.no_recursive)?,
+        None => list(ctx, &repo, tree, "", !args.no_recursive)?,
     }
     Ok(())
 }
 
+/// Prints a directory's entries a page at a time: a listing of millions is never held.
 fn list(
     ctx: &Context,
     repo: &IndexedRepository,
-    tree: &Tree,
+    tree: TreeBlob,
     prefix: &str,
     recursive: bool,
-) -> Result<(), CliError> {
-    for node in &tree.nodes {
-        if crate::output::stdout_closed() {
-            return Ok(()); // `ls | head`: nobody reads the rest
-        }
-        let path = format!("{prefix}/{}", String::from_utf8_lossy(&node.name));
-        print_node(ctx, &path, node);
-        if recursive {
-            if let Some(sub) = node.subtree {
-                list(ctx, repo, &repo.load_tree(&sub)?, &path, recursive)?;
+) -> haul_repo::Result<()> {
+    for_each_page(
+        tree,
+        |id| repo.load_tree(id),
+        |page| {
+            for node in &page.nodes {
+                if crate::output::stdout_closed() {
+                    return Ok(()); // `ls | head`: nobody reads the rest
+                }
+                let path = format!("{prefix}/{}", String::from_utf8_lossy(&node.name));
+                print_node(ctx, &path, node);
+                if recursive {
+                    if let Some(sub) = node.subtree {
+                        list(ctx, repo, repo.load_tree(&sub)?, &path, recursive)?;
+                    }
+                }
             }
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 fn mode_string(node: &Node) -> String {

@@ -13,7 +13,7 @@ use crate::error::CliError;
 use crate::output::{bytes, json_line};
 use crate::record::ImportDetails;
 use haul_protocol::chunker::Chunker;
-use haul_protocol::tree::{Node, NodeKind, Timestamp, Tree};
+use haul_protocol::tree::{find_node, Lookup, Node, NodeKind, Pager, Timestamp, Tree};
 use haul_protocol::SnapshotId;
 use haul_protocol::{BlobKind, ChunkId, TreeId};
 use haul_rdiff::meta::{Kind, Record};
@@ -285,8 +285,7 @@ pub fn verify(
     let path = snap.paths.first().cloned().unwrap_or_else(|| "/".into());
     for comp in std::path::Path::new(&path).components() {
         if let std::path::Component::Normal(n) = comp {
-            let sub = tree
-                .find(n.as_encoded_bytes())
+            let sub = find_node(&tree, n.as_encoded_bytes(), |id| repo.load_tree(id))?
                 .and_then(|n| n.subtree)
                 .ok_or_else(|| {
                     CliError::Failed(format!("snapshot {}: no {path} in it", snapshot.to_hex()))
@@ -301,18 +300,18 @@ pub fn verify(
             rec.display()
         ))
     };
-    let mut trees: HashMap<Vec<Vec<u8>>, Tree> = HashMap::new();
-    trees.insert(Vec::new(), tree);
+    let mut trees: HashMap<Vec<Vec<u8>>, Lookup> = HashMap::new();
+    trees.insert(Vec::new(), Lookup::new(tree));
     let mut files = 0;
     for rec in meta.values() {
         let Some((name, parent)) = rec.path.split_last() else {
             continue;
         };
-        let node = trees
-            .get(parent)
-            .and_then(|t| t.find(name))
-            .cloned()
-            .ok_or_else(|| mismatch(rec, "missing from the snapshot".into()))?;
+        let node = match trees.get_mut(parent) {
+            Some(t) => t.find(name, |id| repo.load_tree(id))?.cloned(),
+            None => None,
+        }
+        .ok_or_else(|| mismatch(rec, "missing from the snapshot".into()))?;
         let want = node_of(rec, &Default::default());
         let same = node.kind == want.kind
             && node.mode == want.mode
@@ -333,7 +332,7 @@ pub fn verify(
                 let sub = node
                     .subtree
                     .ok_or_else(|| mismatch(rec, "a directory without a tree".into()))?;
-                trees.insert(rec.path.clone(), repo.load_tree(&sub)?);
+                trees.insert(rec.path.clone(), Lookup::new(repo.load_tree(&sub)?));
             }
             Kind::Reg => {
                 let mirror = rd
@@ -461,8 +460,8 @@ fn build(
             Kind::Dir => {
                 let mut nodes = children.remove(&rec.path).unwrap_or_default();
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
-                let tree = Tree { nodes };
-                node.subtree = Some(TreeId(session.add_new(BlobKind::Tree, tree.encode())?));
+                let mut offer = |b| session.add_new(BlobKind::Tree, b).map(TreeId);
+                node.subtree = Some(Pager::write(&nodes, &mut offer)?);
                 summary.dirs += 1;
             }
             _ => {}

@@ -709,16 +709,15 @@ impl Server {
     }
 
     /// Loads a tree of the snapshot being restored and widens the scope to what it names.
-    fn restore_load_tree(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::Tree> {
+    /// (A page index names its pages.)
+    fn restore_load_tree(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::TreeBlob> {
         self.in_scope(&BlobRef::tree(*id))?;
         let tree = self.repo.load_tree(id)?;
         // Located before the lock is taken: each look-up may read the index cache.
         let mut named = Vec::new();
-        for n in &tree.nodes {
-            let blobs = n.subtree.map(BlobRef::tree).into_iter();
-            for b in blobs.chain(n.content.iter().map(|c| BlobRef::data(*c))) {
-                named.push((b, self.position(&b)?));
-            }
+        let trees = tree.subtrees().into_iter().map(BlobRef::tree);
+        for b in trees.chain(tree.chunks().map(|c| BlobRef::data(*c))) {
+            named.push((b, self.position(&b)?));
         }
         let mut scope = self.restore.lock().expect("restore scope");
         if let Some(scope) = scope.as_mut() {

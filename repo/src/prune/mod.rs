@@ -88,7 +88,7 @@ use crate::index::BlobLocation;
 use crate::lock::{LockGuard, LockKind};
 use crate::repository::{IndexedRepository, Repository};
 use crate::usage::{mark, mark_each, Marks, Usage};
-use haul_protocol::tree::Tree;
+use haul_protocol::tree::TreeBlob;
 use haul_protocol::{BlobKind, BlobRef, PackId, SnapshotId, TreeId};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -536,13 +536,11 @@ fn rescue(
     let mut wanted: HashSet<BlobRef> = HashSet::new();
     let mut rescued: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
     let mut stack = roots;
-    let visit = |tree: &Tree, stack: &mut Vec<TreeId>, wanted: &mut HashSet<BlobRef>| {
-        for node in &tree.nodes {
-            stack.extend(node.subtree);
-            for c in &node.content {
-                if index.slot(BlobKind::Data, &c.0)?.is_none() {
-                    wanted.insert(BlobRef::data(*c));
-                }
+    let visit = |tree: &TreeBlob, stack: &mut Vec<TreeId>, wanted: &mut HashSet<BlobRef>| {
+        stack.extend(tree.subtrees());
+        for c in tree.chunks() {
+            if index.slot(BlobKind::Data, &c.0)?.is_none() {
+                wanted.insert(BlobRef::data(*c));
             }
         }
         Ok::<(), Error>(())
@@ -596,7 +594,7 @@ fn rescue(
                             raw_length: e.raw_length,
                         };
                         let bytes = view.load_blob_at(BlobKind::Tree, &e.id, &loc)?;
-                        let tree = Tree::decode(&bytes).map_err(|d| {
+                        let tree = TreeBlob::decode(&bytes).map_err(|d| {
                             Error::corrupt(format!("tree {}", TreeId(e.id).short()), d)
                         })?;
                         visit(&tree, &mut stack, &mut wanted)?;
@@ -712,8 +710,18 @@ mod tests {
         // The kept snapshot reads back whole, from a new process.
         let fresh = reopen(repo.backend().clone());
         let (_, snap) = fresh.snapshots().unwrap().pop().unwrap();
-        let root = fresh.load_tree(&snap.tree).unwrap();
-        let dir = fresh.load_tree(&root.nodes[0].subtree.unwrap()).unwrap();
+        let root = fresh
+            .load_tree(&snap.tree)
+            .unwrap()
+            .as_nodes()
+            .cloned()
+            .unwrap();
+        let dir = fresh
+            .load_tree(&root.nodes[0].subtree.unwrap())
+            .unwrap()
+            .as_nodes()
+            .cloned()
+            .unwrap();
         assert_eq!(fresh.load_chunk(&dir.nodes[0].content[0]).unwrap(), shared);
         assert_eq!(
             fresh.load_chunk(&dir.nodes[1].content[0]).unwrap(),
@@ -739,8 +747,18 @@ mod tests {
         };
         let session = IngestSession::start(&view, info).unwrap();
         // The source learns the parent's tree, and that the chunk need not be sent.
-        let root = session.read_tree(&session.parent_tree().unwrap()).unwrap();
-        let dir = session.read_tree(&root.nodes[0].subtree.unwrap()).unwrap();
+        let root = session
+            .read_tree(&session.parent_tree().unwrap())
+            .unwrap()
+            .as_nodes()
+            .cloned()
+            .unwrap();
+        let dir = session
+            .read_tree(&root.nodes[0].subtree.unwrap())
+            .unwrap()
+            .as_nodes()
+            .cloned()
+            .unwrap();
         let x = dir.nodes[0].content[0];
         assert!(session.missing(&[BlobRef::data(x)]).unwrap().is_empty());
         // Meanwhile the parent is forgotten and a prune condemns its packs; the sweep
@@ -816,7 +834,12 @@ mod tests {
         assert_eq!(report.snapshots, 1);
         let fresh = reopen(backend);
         assert_eq!(fresh.load_chunk(&ChunkId(x.0)).unwrap(), old);
-        let old_dir = fresh.load_tree(&root.nodes[0].subtree.unwrap()).unwrap();
+        let old_dir = fresh
+            .load_tree(&root.nodes[0].subtree.unwrap())
+            .unwrap()
+            .as_nodes()
+            .cloned()
+            .unwrap();
         assert_eq!(old_dir.nodes[0].content, [x]);
         assert_eq!(fresh.snapshots().unwrap()[0].0, kept);
         assert!(child(&fresh));
