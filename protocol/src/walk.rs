@@ -26,6 +26,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Mutex};
 
+mod listing;
+use listing::Listing;
+
 /// Where the walker sends what it produces. Implementations must be usable from
 /// several worker threads at once.
 pub trait Sink: Sync {
@@ -697,7 +700,8 @@ impl Walker<'_> {
         device: u64,
         own: Option<Node>,
     ) -> Result<(), WalkError> {
-        let mut names: Vec<Vec<u8>> = Vec::new();
+        let mut names = Listing::new(None);
+        let mut cache_tag = false;
         match fs::read_dir(path) {
             Ok(rd) => {
                 for e in rd {
@@ -708,7 +712,14 @@ impl Walker<'_> {
                             if e.file_type().is_ok_and(|t| t.is_dir()) {
                                 let _ = self.prefetch.try_send(e.path());
                             }
-                            names.push(e.file_name().as_bytes().to_vec())
+                            let name = e.file_name();
+                            cache_tag |= name == "CACHEDIR.TAG";
+                            if let Err(e) = names.push(name.as_bytes()) {
+                                self.warn(
+                                    path,
+                                    format!("its listing is kept in memory, a temporary file for it failed: {e}"),
+                                );
+                            }
                         }
                         Err(e) => {
                             self.warn(path, format!("listing directory: {e}"));
@@ -721,18 +732,25 @@ impl Walker<'_> {
         }
         // By name, after the listing is closed: a directory handle held open while
         // the walk descends would cost a descriptor per level of depth.
-        names.sort();
-        if self.opts.exclude_caches
-            && names.iter().any(|n| n == b"CACHEDIR.TAG")
-            && is_cache_dir(path)
-        {
-            names.retain(|n| n == b"CACHEDIR.TAG");
+        if self.opts.exclude_caches && cache_tag && is_cache_dir(path) {
+            names = Listing::new(None);
+            let _ = names.push(b"CACHEDIR.TAG");
         }
         self.emit(Event::Open {
             path: path.to_path_buf(),
         })?;
         let sink = self.sink;
-        for name in names {
+        for name in names.sorted() {
+            let name = match name {
+                Ok(name) => name,
+                Err(e) => {
+                    self.warn(
+                        path,
+                        format!("reading back its listing from a temporary file: {e}"),
+                    );
+                    break;
+                }
+            };
             let child = path.join(std::ffi::OsStr::from_bytes(&name));
             let meta = match fs::symlink_metadata(&child) {
                 Ok(m) => m,
