@@ -5,7 +5,9 @@
 //! once (which builds the local cache), then loads the cache in a fresh child process
 //! and reports that process's resident-memory growth per entry, next to the table's
 //! own size, and what a prune's mark phase and plan add (`haul_repo::usage`,
-//! `haul_repo::prune`). Run:
+//! `haul_repo::prune`). Then, in another fresh process, what N blobs added by the
+//! process itself cost (a pull storing N new blobs keeps them beside the table until
+//! the index is loaded again). Run:
 //! `cargo run --release -p haul-repo --example index_memory [N]`.
 
 use haul_protocol::{BlobKind, PackId};
@@ -34,6 +36,14 @@ fn id_of(n: u64) -> [u8; 32] {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--added") {
+        return added(
+            Path::new(&args[2]),
+            Path::new(&args[3]),
+            &args[4],
+            args[5].parse().unwrap(),
+        );
+    }
     if args.get(1).map(String::as_str) == Some("--child") {
         return child(
             Path::new(&args[2]),
@@ -90,21 +100,24 @@ fn main() {
     assert_eq!(index.len() as u64, n);
     drop(index);
     let key_hex = hex::encode(key.to_bytes());
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--child",
-            dir.path().join("repo").to_str().unwrap(),
-            cache.to_str().unwrap(),
-            &key_hex,
-            &n.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = |mode: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                mode,
+                dir.path().join("repo").to_str().unwrap(),
+                cache.to_str().unwrap(),
+                &key_hex,
+                &n.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     println!("entries               {n}");
     println!("packs                 {pack_no}");
     println!(
@@ -112,7 +125,42 @@ fn main() {
         n.div_ceil(per_file),
         build.as_secs_f64()
     );
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", run("--child"));
+    print!("{}", run("--added"));
+}
+
+/// Adds `n` more blobs to a loaded index, as a pull of `n` small files would (a pack of
+/// 65,536 at a time), and reports the growth of resident memory and of its peak.
+fn added(repo: &Path, cache: &Path, key_hex: &str, n: u64) {
+    let mut raw = [0u8; 32];
+    hex::decode_to_slice(key_hex, &mut raw).unwrap();
+    let backend = LocalBackend::open(repo).unwrap();
+    let index = Index::load(&backend, &Key::from_bytes(raw), Some(cache)).unwrap();
+    let (rss0, hwm0) = (status_kib("VmRSS:"), status_kib("VmHWM:"));
+    // The peak below is over the loaded index only if adding set a new one.
+    let mut i = 0u64;
+    while i < n {
+        let blobs: Vec<PackEntry> = (i..(i + 65_536).min(n))
+            .map(|k| PackEntry {
+                kind: BlobKind::Data,
+                id: id_of(u64::MAX - k),
+                offset: ((k - i) * 1_000) as u32,
+                length: 1_000,
+                raw_length: 1_500,
+            })
+            .collect();
+        i += blobs.len() as u64;
+        index.add_pack(PackId::of(&i.to_le_bytes()), &blobs);
+    }
+    assert_eq!(index.added_len() as u64, n);
+    let rss1 = status_kib("VmRSS:");
+    let hwm1 = status_kib("VmHWM:");
+    println!(
+        "{n} blobs added by the process: resident {:.1} bytes each, peak {:.1} bytes each over the loaded index",
+        (rss1 - rss0) as f64 * 1024.0 / n as f64,
+        (hwm1 - rss0) as f64 * 1024.0 / n as f64
+    );
+    assert!(hwm1 > hwm0, "adding {n} blobs set no new peak: add more");
 }
 
 fn child(repo: &Path, cache: &Path, key_hex: &str, n: u64) {

@@ -6,7 +6,7 @@
 //! changed, and afterwards a normal pull succeeds and `check --read-data` is clean.
 
 use haul_protocol::chunker::BLOB_RAW;
-use haul_protocol::tree::{Node, NodeKind, Tree};
+use haul_protocol::tree::{Node, NodeKind, PageRef, Pages, Tree};
 use haul_protocol::wire;
 use haul_protocol::{ChunkId, TreeId};
 use haul_tests::{bin, random_bytes, walk_files, Env};
@@ -831,6 +831,32 @@ fn hostile_client_gets_documented_refusals_and_repository_stays_intact() {
         &commit_body(&wrapper_id.to_hex()),
     )
     .refused(409, "missing_blobs");
+    assert_eq!(env.count("snapshots"), snapshots_before);
+    // Nor as a page of a large directory's page index.
+    post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
+    let index = Pages {
+        pages: vec![
+            PageRef {
+                first: b"a".to_vec(),
+                id: other_tree_id,
+            },
+            PageRef {
+                first: b"b".to_vec(),
+                id: other_tree_id,
+            },
+        ],
+    }
+    .encode();
+    let index_id = TreeId::of(&index);
+    post(
+        &sock,
+        "/v1/backup/upload",
+        &frame(TREE, &index_id.0, &raw(&index)),
+    )
+    .ok_json();
+    let m = post_json(&sock, "/v1/backup/commit", &commit_body(&index_id.to_hex()))
+        .refused(409, "missing_blobs");
+    assert!(m.contains(&other_tree), "{m}");
     assert_eq!(env.count("snapshots"), snapshots_before);
     post_json(&sock, "/v1/backup/start", &start_body("web-1", "none")).ok_json();
     let unsent = TreeId::of(b"a tree the client never uploads");

@@ -374,6 +374,10 @@ impl Pager {
         if !self.ends.is_empty() {
             self.write_page(self.ends.len(), offer)?;
         }
+        // Past a page's bytes only at its last node: the one page is the directory.
+        if let [only] = self.pages.as_slice() {
+            return Ok(only.id);
+        }
         offer(
             Pages {
                 pages: std::mem::take(&mut self.pages),
@@ -477,11 +481,7 @@ mod tests {
             blobs.insert(id, b);
             Ok::<_, PageError>(id)
         };
-        let mut pager = Pager::new();
-        for n in nodes {
-            pager.push(n, &mut offer).unwrap();
-        }
-        pager.finish(&mut offer).unwrap()
+        Pager::write(nodes, &mut offer).unwrap()
     }
 
     fn read_all(id: TreeId, blobs: &HashMap<TreeId, Vec<u8>>) -> Vec<Node> {
@@ -565,6 +565,19 @@ mod tests {
         assert!(blobs.values().all(|b| b.len() <= PAGE_BYTES + 4096));
         assert!(blobs.len() >= 4);
         assert_eq!(read_all(id, &blobs), nodes);
+    }
+
+    #[test]
+    fn a_directory_past_a_page_of_bytes_only_at_its_last_node_is_one_tree() {
+        let big = |i| Node {
+            content: vec![crate::id::ChunkId([1; 32]); PAGE_BYTES / 32 / 2 + 1000],
+            ..node(i)
+        };
+        let nodes = vec![big(0), big(1)];
+        let mut blobs = HashMap::new();
+        let id = page(&nodes, &mut blobs);
+        assert_eq!(blobs.len(), 1);
+        assert_eq!(blobs[&id], Tree { nodes }.encode());
     }
 
     #[test]
