@@ -3,10 +3,11 @@
 # side on the same files in one run: a full pull (restic backup), an unchanged re-pull,
 # `ls` of the whole snapshot, and a restore.
 #
-# usage: bench/many_files.sh [--files "100000 1000000"] [--flat N] [--work DIR]
+# usage: bench/many_files.sh [--files "100000 1000000"] [--flat N] [--work DIR] [--haul-only]
 #        --files   tree sizes, in files (default "100000 1000000"); files of 64 to
 #                  2,048 bytes, 1,000 per directory
 #        --flat N  also a tree of N files in one single directory
+#        --haul-only  without restic (haul's memory on a tree restic takes an hour on)
 #        --work    where the trees, repositories and restores go
 #                  (default /tmp/haul-bench-many; a million files take about 4 GiB, and
 #                  a tree is there twice while its restore is checked)
@@ -18,13 +19,14 @@
 # process reports); for the other phases, and for restic, from /usr/bin/time.
 set -euo pipefail
 
-files="100000 1000000" flat="" work=/tmp/haul-bench-many
+files="100000 1000000" flat="" work=/tmp/haul-bench-many tools="restic haul"
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --files) files=${2:?--files needs a value}; shift 2 ;;
     --flat) flat=${2:?--flat needs a value}; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
+    --haul-only) tools=haul; shift ;;
     -h|--help) bench_help ;;
     *) bench_unknown "$1" ;;
   esac
@@ -85,16 +87,20 @@ run_tree() { # label N PER_DIR
   gen "$data" "$n" "$per"
   local restic_=(restic -r "$work/restic-$label" --cache-dir "$work/restic-cache")
   local haul_=("$haul" --state-dir "$work/state-$label" --config /dev/null --cache-dir "$work/haul-cache")
-  "${restic_[@]}" -q init --repository-version 2 >"$logs/$label.restic.init.log" 2>&1
-  measure "$label.restic.full" backup "${restic_[@]}" backup -q "$data"
+  local restic=false
+  [[ $tools == *restic* ]] && restic=true
+  if $restic; then
+    "${restic_[@]}" -q init --repository-version 2 >"$logs/$label.restic.init.log" 2>&1
+    measure "$label.restic.full" backup "${restic_[@]}" backup -q "$data"
+  fi
   measure "$label.haul.full" pull "${haul_[@]}" --json pull --local "$data"
-  measure "$label.restic.unchanged" backup "${restic_[@]}" backup -q "$data"
+  ! $restic || measure "$label.restic.unchanged" backup "${restic_[@]}" backup -q "$data"
   measure "$label.haul.unchanged" pull "${haul_[@]}" --json pull --local "$data"
-  measure "$label.restic.ls" ls "${restic_[@]}" ls latest
+  ! $restic || measure "$label.restic.ls" ls "${restic_[@]}" ls latest
   measure "$label.haul.ls" ls "${haul_[@]}" ls latest
   # One restore at a time, checked and removed before the next: a tree of five
   # million files takes 20 GiB.
-  for t in restic haul; do
+  for t in $tools; do
     local into="$work/restore-$t-$label"
     if [[ $t == restic ]]; then
       measure "$label.$t.restore" restore "${restic_[@]}" restore latest --target "$into"
