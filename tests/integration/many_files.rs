@@ -73,6 +73,15 @@ fn capped(env: &Env, args: &[&str]) -> Run {
     Run::from_output(cmd.output().expect("run haul-pbs"))
 }
 
+/// `haul-pbs restore latest --via-agent ARGS --target TARGET`, capped; it must succeed.
+fn restore_via_agent(env: &Env, target: &Path, args: &[&str]) {
+    let target = target.display().to_string();
+    let mut all = vec!["restore", "latest", "--via-agent", "--target", &target];
+    all.extend_from_slice(args);
+    let restore = capped(env, &all);
+    assert_eq!(restore.code, 0, "{}\n{}", restore.stdout, restore.stderr);
+}
+
 #[test]
 fn a_pull_of_200000_files_fits_in_a_capped_pbs_and_restores() {
     let env = Env::new();
@@ -107,17 +116,7 @@ fn a_pull_of_200000_files_fits_in_a_capped_pbs_and_restores() {
     // A restore through the agent (the read-only server keeps a bit per blob of the
     // snapshot it may stream, not sets of ids), compared in bytes and metadata.
     let target = env.path("restored");
-    let restore = capped(
-        &env,
-        &[
-            "restore",
-            "latest",
-            "--via-agent",
-            "--target",
-            &target.display().to_string(),
-        ],
-    );
-    assert_eq!(restore.code, 0, "{}\n{}", restore.stdout, restore.stderr);
+    restore_via_agent(&env, &target, &[]);
     assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
     // A check of the whole repository, data included, under the cap too.
@@ -191,35 +190,13 @@ fn a_directory_of_60000_files_is_stored_in_pages_and_a_change_writes_few_of_them
 
     // Restored whole through the agent, bytes and metadata compared.
     let target = env.path("restored");
-    let restore = capped(
-        &env,
-        &[
-            "restore",
-            "latest",
-            "--via-agent",
-            "--target",
-            &target.display().to_string(),
-        ],
-    );
-    assert_eq!(restore.code, 0, "{}\n{}", restore.stdout, restore.stderr);
+    restore_via_agent(&env, &target, &[]);
     assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
     // One file of the directory, reached through the one page that holds it.
     let one = env.path("one");
     let path = flat.join("m31000").display().to_string();
-    let restore = capped(
-        &env,
-        &[
-            "restore",
-            "latest",
-            "--via-agent",
-            "--include",
-            &path,
-            "--target",
-            &one.display().to_string(),
-        ],
-    );
-    assert_eq!(restore.code, 0, "{}\n{}", restore.stdout, restore.stderr);
+    restore_via_agent(&env, &one, &["--include", &path]);
     let got = one.join(flat.strip_prefix("/").unwrap());
     assert_eq!(fs::read_dir(&got).unwrap().count(), 1);
     assert_eq!(fs::read(got.join("m31000")).unwrap(), b"changed\n");
