@@ -26,7 +26,7 @@
 
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{self, NameCache};
-use crate::tree::{check_page, find_node, Node, NodeFlags, NodeKind, PageError, Pages, TreeBlob};
+use crate::tree::{find_node, read_page, Node, NodeFlags, NodeKind, PageError, Pages, TreeBlob};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -513,10 +513,7 @@ impl Restorer<'_> {
 
     /// Page `at` of a paged directory, checked against its index.
     fn page(&self, pages: &Pages, at: usize) -> Result<Vec<Node>, SourceError> {
-        let id = pages.pages[at].id;
-        let tree = self.source.load_tree(&id)?.into_page(&id)?;
-        check_page(pages, at, &tree)?;
-        Ok(tree.nodes)
+        Ok(read_page(pages, at, |id| self.source.load_tree(id))?.nodes)
     }
 
     fn nodes(

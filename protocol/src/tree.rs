@@ -35,8 +35,8 @@ use crate::id::{ChunkId, TreeId};
 
 mod pages;
 pub use pages::{
-    check_page, find_node, for_each_page, is_pages, Lookup, PageError, PageRef, Pager, Pages,
-    TreeBlob, PAGE_BYTES, PAGE_MAX, PAGE_MIN,
+    check_page, find_node, for_each_page, is_pages, read_page, Lookup, PageError, PageRef, Pager,
+    Pages, TreeBlob, PAGE_BYTES, PAGE_MAX, PAGE_MIN,
 };
 
 const MAGIC: &[u8; 4] = b"HTR1";

@@ -448,58 +448,40 @@ fn walk(
     if clean.contains(&id) {
         return Ok(false);
     }
-    let tree = match repo.load_tree(&id) {
-        Ok(TreeBlob::Nodes(t)) => t,
-        // A page's entries stand under the directory's path, as its own would.
-        Ok(TreeBlob::Pages(p)) => {
-            let mut any = false;
-            for page in p.pages {
-                let r = BlobRef::tree(page.id);
-                if bad.contains_key(&r) {
-                    affected.entry(r).or_default().insert(Affected {
-                        snapshot: snapshot.into(),
-                        path: path.into(),
-                    });
-                    any = true;
-                } else if walk(repo, snapshot, page.id, path, bad, clean, affected)? {
-                    any = true;
-                }
+    // What the tree refers to, each under the path it stands for; a page's entries
+    // stand under the directory's path, as its own would.
+    let mut refs: Vec<(BlobRef, String)> = Vec::new();
+    match repo.load_tree(&id) {
+        Ok(TreeBlob::Pages(p)) => refs.extend(
+            p.pages
+                .iter()
+                .map(|p| (BlobRef::tree(p.id), path.to_string())),
+        ),
+        Ok(TreeBlob::Nodes(t)) => {
+            for node in &t.nodes {
+                let child = format!("{path}/{}", String::from_utf8_lossy(&node.name));
+                refs.extend(
+                    node.content
+                        .iter()
+                        .map(|c| (BlobRef::data(*c), child.clone())),
+                );
+                refs.extend(node.subtree.map(|sub| (BlobRef::tree(sub), child)));
             }
-            if !any {
-                clean.insert(id);
-            }
-            return Ok(any);
         }
         Err(_) => return Ok(true),
-    };
+    }
     let mut any = false;
-    for node in &tree.nodes {
-        let child = format!("{path}/{}", String::from_utf8_lossy(&node.name));
-        for c in &node.content {
-            if bad.contains_key(&BlobRef::data(*c)) {
-                affected
-                    .entry(BlobRef::data(*c))
-                    .or_default()
-                    .insert(Affected {
-                        snapshot: snapshot.into(),
-                        path: child.clone(),
-                    });
-                any = true;
-            }
-        }
-        if let Some(sub) = node.subtree {
-            if bad.contains_key(&BlobRef::tree(sub)) {
-                affected
-                    .entry(BlobRef::tree(sub))
-                    .or_default()
-                    .insert(Affected {
-                        snapshot: snapshot.into(),
-                        path: child.clone(),
-                    });
-                any = true;
-            } else if walk(repo, snapshot, sub, &child, bad, clean, affected)? {
-                any = true;
-            }
+    for (r, at) in refs {
+        if bad.contains_key(&r) {
+            affected.entry(r).or_default().insert(Affected {
+                snapshot: snapshot.into(),
+                path: at,
+            });
+            any = true;
+        } else if r.kind == BlobKind::Tree
+            && walk(repo, snapshot, TreeId(r.id), &at, bad, clean, affected)?
+        {
+            any = true;
         }
     }
     if !any {

@@ -600,10 +600,14 @@ impl IndexedRepository {
 
     /// Reads, opens, decodes and verifies a blob.
     pub fn load_blob(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Vec<u8>> {
-        let loc = self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
+        self.load_blob_at(kind, id, &self.located(kind, id)?)
+    }
+
+    /// Where the index puts a blob; not found if it has none.
+    fn located(&self, kind: BlobKind, id: &[u8; 32]) -> Result<BlobLocation> {
+        self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
             what: format!("{kind} blob {}", hex::encode(id)),
-        })?;
-        self.load_blob_at(kind, id, &loc)
+        })
     }
 
     pub(crate) fn load_blob_at(
@@ -629,10 +633,7 @@ impl IndexedRepository {
     /// (kind and id are its associated data) already proves the bytes are the ones
     /// stored under this id.
     pub fn load_encoded(&self, kind: BlobKind, id: &[u8; 32]) -> Result<Vec<u8>> {
-        let loc = self.index.get(kind, id)?.ok_or_else(|| Error::NotFound {
-            what: format!("{kind} blob {}", hex::encode(id)),
-        })?;
-        self.load_encoded_at(kind, id, &loc)
+        self.load_encoded_at(kind, id, &self.located(kind, id)?)
     }
 
     /// [`IndexedRepository::load_encoded`] of a blob the caller has located.

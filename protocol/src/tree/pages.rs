@@ -204,6 +204,18 @@ pub fn check_page(pages: &Pages, at: usize, tree: &Tree) -> Result<(), PageError
     Ok(())
 }
 
+/// Page `at` of `pages`, loaded by `load` and checked against the index.
+pub fn read_page<E: From<PageError>>(
+    pages: &Pages,
+    at: usize,
+    mut load: impl FnMut(&TreeId) -> Result<TreeBlob, E>,
+) -> Result<Tree, E> {
+    let id = pages.pages[at].id;
+    let tree = load(&id)?.into_page(&id)?;
+    check_page(pages, at, &tree)?;
+    Ok(tree)
+}
+
 /// A directory's nodes, a page at a time, in name order: the directory's tree itself,
 /// or each page it lists, loaded by `load` (and checked) when it is reached.
 pub fn for_each_page<E: From<PageError>>(
@@ -214,10 +226,8 @@ pub fn for_each_page<E: From<PageError>>(
     match blob {
         TreeBlob::Nodes(t) => visit(t),
         TreeBlob::Pages(pages) => {
-            for (at, page) in pages.pages.iter().enumerate() {
-                let tree = load(&page.id)?.into_page(&page.id)?;
-                check_page(&pages, at, &tree)?;
-                visit(tree)?;
+            for at in 0..pages.pages.len() {
+                visit(read_page(&pages, at, &mut load)?)?;
             }
             Ok(())
         }
@@ -229,7 +239,7 @@ pub fn for_each_page<E: From<PageError>>(
 pub fn find_node<E: From<PageError>>(
     blob: &TreeBlob,
     name: &[u8],
-    mut load: impl FnMut(&TreeId) -> Result<TreeBlob, E>,
+    load: impl FnMut(&TreeId) -> Result<TreeBlob, E>,
 ) -> Result<Option<Node>, E> {
     match blob {
         TreeBlob::Nodes(t) => Ok(t.find(name).cloned()),
@@ -237,10 +247,7 @@ pub fn find_node<E: From<PageError>>(
             let Some(at) = pages.page_for(name) else {
                 return Ok(None);
             };
-            let id = pages.pages[at].id;
-            let tree = load(&id)?.into_page(&id)?;
-            check_page(pages, at, &tree)?;
-            Ok(tree.find(name).cloned())
+            Ok(read_page(pages, at, load)?.find(name).cloned())
         }
     }
 }
@@ -262,7 +269,7 @@ impl Lookup {
     pub fn find<E: From<PageError>>(
         &mut self,
         name: &[u8],
-        mut load: impl FnMut(&TreeId) -> Result<TreeBlob, E>,
+        load: impl FnMut(&TreeId) -> Result<TreeBlob, E>,
     ) -> Result<Option<&Node>, E> {
         let pages = match &self.blob {
             TreeBlob::Nodes(t) => return Ok(t.find(name)),
@@ -272,13 +279,7 @@ impl Lookup {
             return Ok(None);
         };
         if self.page.as_ref().map(|p| p.0) != Some(at) {
-            let id = pages.pages[at].id;
-            let read = load(&id).and_then(|b| {
-                let t = b.into_page(&id)?;
-                check_page(pages, at, &t)?;
-                Ok(t)
-            });
-            match read {
+            match read_page(pages, at, load) {
                 Ok(t) => self.page = Some((at, t)),
                 Err(e) => {
                     self.page = Some((at, Tree::default()));
@@ -495,13 +496,17 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_directory_that_fits_one_page_keeps_the_single_tree_form() {
-        let nodes: Vec<Node> = (0..PAGE_MAX).map(node).collect();
+    /// Paging `nodes` gives one tree: the single-tree encoding of them all.
+    fn assert_one_tree(nodes: Vec<Node>) {
         let mut blobs = HashMap::new();
         let id = page(&nodes, &mut blobs);
         assert_eq!(blobs.len(), 1);
         assert_eq!(blobs[&id], Tree { nodes }.encode());
+    }
+
+    #[test]
+    fn a_directory_that_fits_one_page_keeps_the_single_tree_form() {
+        assert_one_tree((0..PAGE_MAX).map(node).collect());
     }
 
     #[test]
@@ -573,11 +578,7 @@ mod tests {
             content: vec![crate::id::ChunkId([1; 32]); PAGE_BYTES / 32 / 2 + 1000],
             ..node(i)
         };
-        let nodes = vec![big(0), big(1)];
-        let mut blobs = HashMap::new();
-        let id = page(&nodes, &mut blobs);
-        assert_eq!(blobs.len(), 1);
-        assert_eq!(blobs[&id], Tree { nodes }.encode());
+        assert_one_tree(vec![big(0), big(1)]);
     }
 
     #[test]
