@@ -24,10 +24,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 mod listing;
+mod warm;
 use listing::Listing;
+use warm::{Warm, Warmer};
 
 /// Where the walker sends what it produces. Implementations must be usable from
 /// several worker threads at once.
@@ -152,8 +154,7 @@ pub fn backup(
     // Owned by the workers: if they all die, the queue closes and the walker's next
     // send fails instead of blocking for ever.
     let job_rx = std::sync::Arc::new(Mutex::new(job_rx));
-    let (prefetch_tx, prefetch_rx) = mpsc::sync_channel::<PathBuf>(PREFETCH_QUEUE);
-    let prefetch_rx = Mutex::new(prefetch_rx);
+    let (warmer, warm_queue) = Warmer::new();
     let (readahead_tx, readahead_rx) = mpsc::sync_channel::<Vec<(PathBuf, u64)>>(JOB_QUEUE);
     let readahead = ReadAhead {
         queue: Mutex::new(readahead_rx),
@@ -192,23 +193,9 @@ pub fn backup(
                 }
             });
         }
-        // Prefetchers stat the entries of directories the walker will reach soon, so
-        // its own lstat calls find the inodes in memory instead of waiting for the
-        // disk one at a time (a cold unchanged backup is mostly that wait).
-        for _ in 0..PREFETCH_THREADS {
-            let prefetch_rx = &prefetch_rx;
-            scope.spawn(move || loop {
-                let dir = match prefetch_rx.lock().expect("prefetch queue").recv() {
-                    Ok(dir) => dir,
-                    Err(_) => return,
-                };
-                if let Ok(rd) = fs::read_dir(&dir) {
-                    for e in rd.flatten() {
-                        // Relative to the directory (fstatat): no walk of the path.
-                        let _ = e.metadata();
-                    }
-                }
-            });
+        for _ in 0..warm::THREADS {
+            let warm_queue = &warm_queue;
+            scope.spawn(move || warm::run(warm_queue));
         }
         for _ in 0..READAHEAD_THREADS {
             let readahead = &readahead;
@@ -225,7 +212,7 @@ pub fn backup(
             stats,
             jobs: job_tx,
             batch: None,
-            prefetch: prefetch_tx,
+            warmer,
             readahead: readahead_tx,
             events: event_tx,
             outbox: Vec::with_capacity(EVENT_BATCH),
@@ -254,10 +241,6 @@ const JOB_QUEUE: usize = 256;
 /// Walk events ahead of the assembler: lets the walker run past a directory whose
 /// files are still being read.
 const EVENT_QUEUE: usize = 8192;
-/// Threads warming the inode cache ahead of the walker, and their queue of
-/// directories (when it is full, the walker simply does not prefetch).
-const PREFETCH_THREADS: usize = 4;
-const PREFETCH_QUEUE: usize = 256;
 /// Threads asking the kernel to read the contents of queued files ahead of the
 /// workers, and how far ahead they may go (bytes asked for but not yet read by a worker).
 /// A worker reading a cold small file waits for the disk one request at a time; with
@@ -271,6 +254,9 @@ const READAHEAD_PER_FILE: u64 = 8 * 1024 * 1024;
 /// Events travel in batches: one per entry cost two thread wake-ups per file even
 /// when nothing had changed (a quarter of an unchanged backup's time).
 const EVENT_BATCH: usize = 512;
+
+/// Entries the walker takes between handing warming jobs to their threads.
+const FEED_EVERY: usize = 64;
 
 /// What the walker tells the assembler, in walk order.
 enum Event {
@@ -585,7 +571,7 @@ struct Walker<'a> {
     stats: &'a WalkStats,
     jobs: mpsc::SyncSender<Job>,
     batch: Option<Batch>,
-    prefetch: mpsc::SyncSender<PathBuf>,
+    warmer: Warmer,
     readahead: mpsc::SyncSender<Vec<(PathBuf, u64)>>,
     events: mpsc::SyncSender<Vec<Event>>,
     outbox: Vec<Event>,
@@ -701,16 +687,21 @@ impl Walker<'_> {
         own: Option<Node>,
     ) -> Result<(), WalkError> {
         let mut names = Listing::new(None);
+        let mut count = 0;
+        let mut subdirs = Vec::new();
         let mut cache_tag = false;
         match fs::read_dir(path) {
             Ok(rd) => {
                 for e in rd {
                     match e {
                         Ok(e) => {
+                            count += 1;
                             // The directory entry's type is free (no stat): enough
-                            // to send subdirectories to the prefetchers.
-                            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                                let _ = self.prefetch.try_send(e.path());
+                            // to have subdirectories warmed.
+                            if e.file_type().is_ok_and(|t| t.is_dir())
+                                && subdirs.len() < warm::PENDING
+                            {
+                                subdirs.push(e.path());
                             }
                             let name = e.file_name();
                             cache_tag |= name == "CACHEDIR.TAG";
@@ -736,11 +727,44 @@ impl Walker<'_> {
             names = Listing::new(None);
             let _ = names.push(b"CACHEDIR.TAG");
         }
+        subdirs.sort_unstable();
+        self.warmer.first(subdirs.into_iter().map(Warm::Dir));
         self.emit(Event::Open {
             path: path.to_path_buf(),
         })?;
         let sink = self.sink;
-        for name in names.sorted() {
+        // A directory too large to be warmed whole ahead of the walk is warmed a batch
+        // of names ahead of it.
+        let by_names = (count > warm::BATCH).then(|| Arc::new(path.to_path_buf()));
+        let mut sorted = names.sorted();
+        let mut ahead = VecDeque::new();
+        let mut since_feed = 0;
+        loop {
+            if let Some(dir) = &by_names {
+                if ahead.len() < warm::BATCH {
+                    let batch: Vec<io::Result<Vec<u8>>> =
+                        sorted.by_ref().take(warm::BATCH).collect();
+                    let warm: Vec<Vec<u8>> = batch
+                        .iter()
+                        .filter_map(|n| n.as_ref().ok().cloned())
+                        .collect();
+                    if !warm.is_empty() {
+                        self.warmer
+                            .first(std::iter::once(Warm::Names(dir.clone(), warm)));
+                    }
+                    ahead.extend(batch);
+                }
+            }
+            since_feed += 1;
+            if since_feed == FEED_EVERY {
+                since_feed = 0;
+                self.warmer.feed();
+            }
+            let next = match by_names {
+                Some(_) => ahead.pop_front(),
+                None => sorted.next(),
+            };
+            let Some(name) = next else { break };
             let name = match name {
                 Ok(name) => name,
                 Err(e) => {
