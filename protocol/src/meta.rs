@@ -214,12 +214,25 @@ pub enum Target<'a> {
 /// Sets owner (by name where this system knows the name, else by number), not following
 /// symlinks.
 pub fn apply_owner(to: Target, node: &Node, names: &mut NameCache) -> io::Result<()> {
-    let uid = names.uid_of(&node.user).unwrap_or(node.uid);
-    let gid = names.gid_of(&node.group).unwrap_or(node.gid);
+    let (uid, gid) = owner_of(node, names);
     match to {
         Target::Path(path) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
         Target::File(file) => std::os::unix::fs::fchown(file, Some(uid), Some(gid)),
     }
+}
+
+/// The owner [`apply_owner`] gives: the user and group by name where this system
+/// knows them, else by number.
+fn owner_of(node: &Node, names: &mut NameCache) -> (u32, u32) {
+    (
+        names.uid_of(&node.user).unwrap_or(node.uid),
+        names.gid_of(&node.group).unwrap_or(node.gid),
+    )
+}
+
+/// Whether a file with metadata `now` already has the owner [`apply_owner`] would give.
+pub fn has_owner(now: &Metadata, node: &Node, names: &mut NameCache) -> bool {
+    owner_of(node, names) == (now.uid(), now.gid())
 }
 
 /// Sets permission bits. Symlinks have none to set on Linux.
