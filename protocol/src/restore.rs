@@ -350,7 +350,8 @@ struct Lanes {
 }
 
 impl Lanes {
-    fn send(&mut self, job: FileJob) -> Result<(), mpsc::SendError<FileJob>> {
+    /// Queues `job`; false if its writer is gone.
+    fn send(&mut self, job: FileJob) -> bool {
         let dir = job.path.parent().unwrap_or(Path::new(""));
         if dir != self.dir || self.run == LANE_FILES {
             self.at = (self.at + 1) % self.queues.len();
@@ -360,7 +361,7 @@ impl Lanes {
             }
         }
         self.run += 1;
-        self.queues[self.at].send(job)
+        self.queues[self.at].send(job).is_ok()
     }
 }
 
@@ -638,7 +639,7 @@ impl Restorer<'_> {
                     file,
                     node: node.clone(),
                 };
-                if self.jobs.as_mut().expect("queue open").send(job).is_err() {
+                if !self.jobs.as_mut().expect("queue open").send(job) {
                     // The worker is gone (it failed): its error is reported.
                     return Err(RestoreError::Io {
                         path: path.to_path_buf(),
