@@ -336,6 +336,16 @@ pub fn make_fixture(root: &Path) {
     fs::write(root.join("private"), b"secret").unwrap();
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(root.join("dir/sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    // Bits a umask takes from a new file, and setgid with sticky: a restore creates a
+    // file with its permission bits and must set these after.
+    fs::write(root.join("shared"), b"everyone writes").unwrap();
+    fs::set_permissions(root.join("shared"), fs::Permissions::from_mode(0o666)).unwrap();
+    fs::write(root.join("setgid-sticky"), b"rare").unwrap();
+    fs::set_permissions(
+        root.join("setgid-sticky"),
+        fs::Permissions::from_mode(0o3751),
+    )
+    .unwrap();
     // Extended attributes on a file and a directory.
     xattr::set(root.join("small.txt"), "user.haul.note", b"kept").unwrap();
     xattr::set(root.join("small.txt"), "user.haul.bin", &[0u8, 255, 7]).unwrap();
