@@ -31,7 +31,9 @@ struct RemoteSource {
     chunks: Arc<Prefetcher>,
 }
 
-/// Bytes of trees and of chunks held ahead of their use.
+/// Bytes of trees and of chunks held ahead of their use. The restorer's writers take
+/// their files in parallel, each up to 2 MiB of content in a row (see
+/// `haul_protocol::restore`): the chunk budget covers eight of them.
 const TREE_BUDGET: usize = 4 << 20;
 const CHUNK_BUDGET: usize = 16 << 20;
 

@@ -336,31 +336,39 @@ fn staging_path(target: &Path) -> PathBuf {
 /// [`BlobSource::will_need`]) sees far enough to batch many small files per request;
 /// a job is a path and a node, not file contents.
 const LANE_FILES: usize = 2048;
+/// Bytes of content given to a writer in a row at most. Writers take their files in
+/// parallel, so a source fetching chunks in the walk's order must hold about this much
+/// per writer ahead of them (the agent holds 16 MiB: eight writers of 2 MiB).
+const LANE_BYTES: u64 = 2 << 20;
 
 /// The writers' queues, one each. A directory's files go to one writer (up to
-/// [`LANE_FILES`] in a row), the next directory's to the next writer: writers creating
-/// files in one directory at once wait on its lock, spinning, and a tenth of the CPU
-/// of a restore of many small files went to that.
+/// [`LANE_FILES`] files or [`LANE_BYTES`] in a row), the next directory's to the next
+/// writer: writers creating files in one directory at once wait on its lock, spinning,
+/// and a tenth of the CPU of a restore of many small files went to that.
 struct Lanes {
     queues: Vec<mpsc::SyncSender<FileJob>>,
     at: usize,
-    /// The directory of the last file sent, and how many of its files went in a row.
+    /// The directory of the last file sent, and how many of its files and bytes went
+    /// in a row.
     dir: PathBuf,
     run: usize,
+    run_bytes: u64,
 }
 
 impl Lanes {
     /// Queues `job`; false if its writer is gone.
     fn send(&mut self, job: FileJob) -> bool {
         let dir = job.path.parent().unwrap_or(Path::new(""));
-        if dir != self.dir || self.run == LANE_FILES {
+        if dir != self.dir || self.run == LANE_FILES || self.run_bytes >= LANE_BYTES {
             self.at = (self.at + 1) % self.queues.len();
             self.run = 0;
+            self.run_bytes = 0;
             if dir != self.dir {
                 self.dir = dir.to_path_buf();
             }
         }
         self.run += 1;
+        self.run_bytes += job.node.size;
         self.queues[self.at].send(job).is_ok()
     }
 }
@@ -455,6 +463,7 @@ fn restore_into(
                 at: 0,
                 dir: PathBuf::new(),
                 run: 0,
+                run_bytes: 0,
             }),
             names: NameCache::default(),
             is_root,
