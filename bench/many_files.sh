@@ -124,7 +124,14 @@ off_image() { # LABEL
   if mountpoint -q "$mnt"; then
     local dev
     dev=$(findmnt -n -o SOURCE "$mnt")
-    umount "$mnt"
+    # Busy while anything still reads it (a shell cd'd there, a check run by hand):
+    # tried for a minute before the run gives up.
+    local try
+    for try in 1 2 3 4 5 6 7 8 9 10 11 12; do
+      umount "$mnt" 2>/dev/null && break
+      ((try < 12)) || { echo "$me: $mnt stays busy; unmount it by hand" >&2; return 1; }
+      sleep 5
+    done
     losetup -d "$dev"
   fi
   [[ ! -d $mnt ]] || rmdir "$mnt"
