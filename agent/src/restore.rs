@@ -9,11 +9,12 @@ use crate::prefetch::Prefetcher;
 use crate::{event, runtime, Failure, Outcome, Progress};
 use bytes::Bytes;
 use haul_protocol::agent::{
-    AgentEvent, AgentProgress, AgentSummary, ErrorCode, RestoreCommand, RestoreParams,
-    RestoreProgress, RestoreSummary, WarningEvent,
+    AgentEvent, AgentProgress, AgentSummary, ErrorCode, ImportOutcome, RestoreCommand,
+    RestoreParams, RestoreProgress, RestoreSummary, StandbySummary, WarningEvent,
 };
 use haul_protocol::chunker::decode_blob;
 use haul_protocol::restore::{self, BlobSource, RestoreOptions, RestoreStats, SourceError};
+use haul_protocol::standby::{self, StandbyOptions, StandbyStats};
 use haul_protocol::tree::TreeBlob;
 use haul_protocol::wire;
 use haul_protocol::{BlobKind, ChunkId, TreeId};
@@ -113,6 +114,16 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
     }
     let target = std::path::absolute(&a.target)
         .map_err(|e| Failure::usage(format!("restore target {}: {e}", a.target)))?;
+    if a.standby && !a.includes.is_empty() {
+        return Err(Failure::usage(
+            "--include cannot be given with --standby: a standby copy is the whole snapshot",
+        ));
+    }
+    if (a.import || !a.import_command.is_empty()) && !a.standby {
+        return Err(Failure::usage(
+            "--import and --import-command go with --standby only",
+        ));
+    }
     let rt = runtime()?;
     let client = Arc::new(Client::new(a.socket.into()));
     let snap: wire::RestoreStarted = rt
@@ -159,6 +170,7 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
             .max(1),
     };
     let stats = Arc::new(RestoreStats::default());
+    let standby_stats = StandbyStats::default();
     let warnings = {
         let (s, s2) = (stats.clone(), stats.clone());
         let _progress = Progress::start(
@@ -176,7 +188,16 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
                 )
             },
         );
-        let result = restore::restore(&source, &root, &opts, &stats);
+        let result = if a.standby {
+            let opts = StandbyOptions {
+                target: opts.target.clone(),
+                snapshot: snap.snapshot.clone(),
+                threads: opts.threads,
+            };
+            standby::push(&source, &root, &opts, &stats, &standby_stats)
+        } else {
+            restore::restore(&source, &root, &opts, &stats)
+        };
         source.trees.close();
         source.chunks.close();
         result.map_err(Failure::from)?
@@ -189,9 +210,18 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
         }));
         eprintln!("warning: {}: {}", w.path, w.message);
     }
+    // The copy is replaced: the import command may run (the clone's policy chose it).
+    let import = (a.standby && a.import && !a.import_command.is_empty())
+        .then(|| run_import(&a.import_command, &target, &snap.snapshot));
+    let import_failed = import.as_ref().is_some_and(|i| !i.succeeded());
+    let standby = a.standby.then(|| StandbySummary {
+        files_linked: standby_stats.files_linked.load(Relaxed),
+        bytes_local: standby_stats.bytes_local.load(Relaxed),
+        import: import.clone(),
+    });
     event(&AgentEvent::Summary(AgentSummary::Restore(
         RestoreSummary {
-            snapshot: snap.snapshot,
+            snapshot: snap.snapshot.clone(),
             target: target.display().to_string(),
             files: stats.files.load(Relaxed),
             dirs: stats.dirs.load(Relaxed),
@@ -201,11 +231,92 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
             connections: client.connections_opened(),
             peak_rss_kib: haul_protocol::peak_rss_kib(),
             duration_ms: started.elapsed().as_millis() as u64,
+            standby,
         },
     )));
+    if let Some(i) = import.filter(|_| import_failed) {
+        let how = match (i.exit, &i.error) {
+            (_, Some(e)) => format!("could not start: {e}"),
+            (Some(code), None) => format!("exited with code {code}"),
+            (None, None) => "was killed by a signal".into(),
+        };
+        let last = i
+            .tail
+            .last()
+            .map(|l| format!(" (last line: {l})"))
+            .unwrap_or_default();
+        return Err(Failure::new(
+            ErrorCode::Import,
+            format!(
+                "the standby copy {} holds snapshot {}, but the import command {:?} {how}{last}",
+                target.display(),
+                snap.snapshot,
+                i.command.join(" ")
+            ),
+        ));
+    }
     Ok(if warnings.is_empty() {
         Outcome::Ok
     } else {
         Outcome::Warnings
     })
+}
+
+/// Lines of the import command's output kept for the run record.
+const IMPORT_TAIL: usize = 20;
+
+/// Runs the clone's import command in the standby directory, with `HAUL_STANDBY_DIR`
+/// and `HAUL_SNAPSHOT` set, and keeps the end of what it printed.
+fn run_import(command: &[String], dir: &std::path::Path, snapshot: &str) -> ImportOutcome {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let started = Instant::now();
+    let mut outcome = ImportOutcome {
+        command: command.to_vec(),
+        ..ImportOutcome::default()
+    };
+    let (read, write) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            outcome.error = Some(e.to_string());
+            return outcome;
+        }
+    };
+    let child = write.try_clone().and_then(|w2| {
+        Command::new(&command[0])
+            .args(&command[1..])
+            .current_dir(dir)
+            .env("HAUL_STANDBY_DIR", dir)
+            .env("HAUL_SNAPSHOT", snapshot)
+            .stdin(Stdio::null())
+            .stdout(write)
+            .stderr(w2)
+            .spawn()
+    });
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            outcome.error = Some(format!("{}: {e}", command[0]));
+            return outcome;
+        }
+    };
+    let mut tail = std::collections::VecDeque::new();
+    for line in BufReader::new(read).split(b'\n').map_while(Result::ok) {
+        if tail.len() == IMPORT_TAIL {
+            tail.pop_front();
+        }
+        let mut line = String::from_utf8_lossy(&line).into_owned();
+        if line.len() > 1024 {
+            let mut end = 1024;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
+        tail.push_back(line);
+    }
+    outcome.exit = child.wait().ok().and_then(|s| s.code());
+    outcome.tail = tail.into();
+    outcome.duration_ms = started.elapsed().as_millis() as u64;
+    outcome
 }

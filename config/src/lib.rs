@@ -259,8 +259,9 @@ impl Host {
     }
 }
 
-/// A clone host that snapshots are pushed to (`[[clone]]`; pushing comes in a later
-/// release, the entries are parsed and checked now).
+/// A clone host that snapshots are pushed to (`[[clone]]`): it keeps a standby copy
+/// of each host it receives, a directory holding that host's newest snapshot. The SSH
+/// keys mean what they mean for a `[[host]]`.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloneTarget {
@@ -272,13 +273,75 @@ pub struct CloneTarget {
     pub user: String,
     #[serde(default = "default_identity")]
     pub identity: PathBuf,
+    pub identity_passphrase_file: Option<PathBuf>,
     #[serde(default = "default_known_hosts")]
     pub known_hosts: PathBuf,
-    /// The repository on the clone host.
-    pub repository: PathBuf,
+    /// Where sshd on the clone creates the run's forwarded socket.
+    #[serde(default = "default_socket_dir")]
+    pub socket_dir: PathBuf,
+    #[serde(default = "default_window_mib")]
+    pub window_mib: u32,
+    /// The directory on the clone holding each host's standby copy, as
+    /// `standby_dir/<host>` (unless `dirs` names another for the host).
+    pub standby_dir: Option<PathBuf>,
+    /// A host's standby directory on the clone, where it is not `standby_dir/<host>`.
+    #[serde(default)]
+    pub dirs: std::collections::BTreeMap<String, PathBuf>,
     /// The hosts whose snapshots go there (default: every host).
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Ask the clone to run its import command after each complete push (the command
+    /// itself is the clone's choice, in its wrapper policy).
+    #[serde(default)]
+    pub import: bool,
+    /// Stale after this long without a successful push (default: `[server].alert_window`).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub alert_window: Option<Duration>,
+}
+
+impl CloneTarget {
+    /// Whether snapshots of `host` go to this clone.
+    pub fn receives(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+
+    /// The standby directory of `host` on the clone.
+    pub fn standby_dir_of(&self, host: &str) -> Option<PathBuf> {
+        self.dirs
+            .get(host)
+            .cloned()
+            .or_else(|| self.standby_dir.as_ref().map(|d| d.join(host)))
+    }
+
+    pub fn alert_window(&self, config: &Config) -> Duration {
+        self.alert_window.unwrap_or(config.server.alert_window)
+    }
+
+    /// The clone as an SSH destination, in the shape the SSH transport takes.
+    pub fn ssh_host(&self) -> Host {
+        Host {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            identity: self.identity.clone(),
+            identity_passphrase_file: self.identity_passphrase_file.clone(),
+            known_hosts: self.known_hosts.clone(),
+            transport: Transport::Ssh,
+            paths: Vec::new(),
+            excludes: Vec::new(),
+            schedule: None,
+            alert_window: self.alert_window,
+            tags: Vec::new(),
+            legacy_rdiff_dir: None,
+            keep_legacy_rdiff_dir: false,
+            socket_dir: self.socket_dir.clone(),
+            agent: None,
+            repository: default_repository(),
+            retention: None,
+            window_mib: self.window_mib,
+        }
+    }
 }
 
 fn default_port() -> u16 {
@@ -473,11 +536,20 @@ impl Config {
                 ));
             }
             for (k, p) in [
-                ("repository", &c.repository),
                 ("identity", &c.identity),
                 ("known_hosts", &c.known_hosts),
+                ("socket_dir", &c.socket_dir),
             ] {
                 abs(p).map_err(|why| (key(k), why))?;
+            }
+            if let Some(d) = &c.standby_dir {
+                abs(d).map_err(|why| (key("standby_dir"), why))?;
+            }
+            if !(1..=256).contains(&c.window_mib) {
+                return Err((
+                    key("window_mib"),
+                    format!("{} is not from 1 to 256", c.window_mib),
+                ));
             }
             if let Some((j, h)) = c
                 .hosts
@@ -488,6 +560,28 @@ impl Config {
                 let mut k = key("hosts");
                 k.push(Seg::Index(j));
                 return Err((k, format!("{h:?} is not a [[host]] of this file")));
+            }
+            for (h, d) in &c.dirs {
+                if !c.receives(h) || !names.contains(h.as_str()) {
+                    return Err((
+                        key("dirs"),
+                        format!("{h:?} is not a host this clone receives"),
+                    ));
+                }
+                abs(d).map_err(|why| (key("dirs"), format!("{h}: {why}")))?;
+            }
+            if let Some(h) = self
+                .hosts
+                .iter()
+                .find(|h| c.receives(&h.name) && c.standby_dir_of(&h.name).is_none())
+            {
+                return Err((
+                    key("standby_dir"),
+                    format!(
+                        "clone {:?} receives {:?} but has no standby_dir (nor a dirs entry for it): where does its copy go?",
+                        c.name, h.name
+                    ),
+                ));
             }
         }
         Ok(())
@@ -576,7 +670,7 @@ mod tests {
                      [[host]]\nname = \"web-1\"\naddress = \"192.0.2.10\"\npaths = [\"/srv\"]\nschedule = \"{host}\"\n\
                      port = {port}\nwindow_mib = {window_mib}\nalert_window = \"{window}\"\n\
                      [[host]]\nname = \"db-1\"\naddress = \"db\"\npaths = [\"/var\"]\n\
-                     [[clone]]\nname = \"off\"\naddress = \"z\"\nrepository = \"/r\"\nhosts = [\"web-1\"]\n"
+                     [[clone]]\nname = \"off\"\naddress = \"z\"\nstandby_dir = \"/r\"\nhosts = [\"web-1\"]\n"
                 )
                 .into_bytes()
             })
@@ -667,9 +761,11 @@ mod tests {
             (format!("{HOST}legacy_rdiff_dir = \"old\"\n"), "pbs.toml:5:20: host[0].legacy_rdiff_dir: old is not an absolute path"),
             (format!("{HOST}repository = \"../x\"\n"), "pbs.toml:5:14: host[0].repository: \"../x\" is not a repository name"),
             (format!("{HOST}window_mib = 0\n"), "pbs.toml:5:14: host[0].window_mib: 0 is not from 1 to 256"),
-            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nrepository = \"/r\"\nhosts = [\"web-2\"]\n"), "pbs.toml:9:10: clone[0].hosts[0]: \"web-2\" is not a [[host]] of this file"),
-            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nrepository = \"r\"\n"), "pbs.toml:8:14: clone[0].repository: r is not an absolute path"),
-            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\n"), "pbs.toml:5:1: clone[0]: missing field `repository`"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nstandby_dir = \"/r\"\nhosts = [\"web-2\"]\n"), "pbs.toml:9:10: clone[0].hosts[0]: \"web-2\" is not a [[host]] of this file"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nstandby_dir = \"r\"\n"), "pbs.toml:8:15: clone[0].standby_dir: r is not an absolute path"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\n"), "pbs.toml:6:1: clone[0].standby_dir: clone \"c1\" receives \"web-1\" but has no standby_dir"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nrepository = \"/r\"\n"), "pbs.toml:8:1: clone[0].repository: unknown field `repository`"),
+            (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nhosts = []\ndirs = {{ db = \"/s\" }}\n"), "pbs.toml:9:1: clone[0].dirs: \"db\" is not a host this clone receives"),
         ];
         let mut wrong = Vec::new();
         for (text, want) in &cases {
@@ -691,7 +787,9 @@ mod tests {
              retention = { keep_daily = 7, keep_weekly = 4 }\n[feed]\ntitle = \"backups\"\n\
              [[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/srv\"]\nschedule = \"0 */6 * * *\"\n\
              [[host]]\nname = \"b\"\naddress = \"y\"\npaths = [\"/srv\"]\nrepository = \"b\"\nalert_window = \"2h\"\n\
-             [[clone]]\nname = \"off-site\"\naddress = \"z\"\nrepository = \"/backup/haul\"\nhosts = [\"a\"]\n",
+             [[clone]]\nname = \"off-site\"\naddress = \"z\"\nstandby_dir = \"/standby\"\nhosts = [\"a\"]\n\
+             dirs = { a = \"/srv/a\" }\nimport = true\n\
+             [[clone]]\nname = \"second\"\naddress = \"w\"\nstandby_dir = \"/standby\"\n",
             "pbs.toml",
         )
         .unwrap();
@@ -706,6 +804,16 @@ mod tests {
         assert_eq!(c.server.status_listen.to_string(), "127.0.0.1:9470");
         assert_eq!(c.feed_link(), "http://127.0.0.1:9470/");
         assert_eq!(c.clones[0].hosts, ["a"]);
+        let (off, second) = (&c.clones[0], &c.clones[1]);
+        assert!(off.receives("a") && !off.receives("b") && off.import);
+        assert_eq!(off.standby_dir_of("a"), Some(PathBuf::from("/srv/a")));
+        assert!(second.receives("a") && second.receives("b") && !second.import);
+        assert_eq!(
+            second.standby_dir_of("b"),
+            Some(PathBuf::from("/standby/b"))
+        );
+        assert_eq!(second.ssh_host().socket_dir, PathBuf::from("/run/haul"));
+        assert_eq!(second.alert_window(&c), Duration::from_secs(30 * 3600));
     }
 
     #[test]

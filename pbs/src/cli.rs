@@ -78,6 +78,9 @@ pub enum Command {
     /// `--local PATH...` with the agent on this machine. Without --repo, uses (and on
     /// first use creates) the default repository in the state directory.
     Pull(PullArgs),
+    /// Push a host's newest snapshot (or the one named) to the standby copies its
+    /// clones keep: only what they lack is sent, and each copy is replaced in one step.
+    Push(PushArgs),
     /// List recorded runs, newest last.
     Runs(RunsArgs),
     /// Check the configuration file.
@@ -253,6 +256,21 @@ pub struct RunArgs {
     /// body, or the reading of its answer) (default: `[server].request_timeout`, else 60 s).
     #[arg(long, value_parser = parse_duration)]
     pub request_timeout: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The host whose snapshot is pushed, by its name in the configuration.
+    #[arg(value_name = "HOST")]
+    pub host: String,
+    /// Only to this clone (default: every clone that receives the host).
+    #[arg(long, value_name = "NAME")]
+    pub clone: Option<String>,
+    /// The snapshot: an id or unique prefix of the host's (default: its newest).
+    #[arg(long, value_name = "ID", default_value = "latest")]
+    pub snapshot: String,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]

@@ -95,9 +95,21 @@ fn item(r: &RunRecord) -> rss::Item {
             format!("{} snapshots, {} packs checked", d.snapshots, d.packs)
         }
         (None, None, Some(Details::Prune(d))) => crate::output::prune_summary(d),
+        (None, None, Some(Details::Push(d))) => crate::output::push_summary(d),
         (None, None, None) => format!("{secs:.0} s"),
     };
-    let title = format!("{}: {} {} — {what}", r.host, r.kind, r.status.shout());
+    let title = match &r.details {
+        // Said from the clone's side: `off-site: push OK — web-1 8c1f2e3a, …`.
+        Some(Details::Push(d)) => format!(
+            "{}: {} {} — {} {}, {what}",
+            d.clone,
+            r.kind,
+            r.status.shout(),
+            r.host,
+            r.short_snapshot()
+        ),
+        _ => format!("{}: {} {} — {what}", r.host, r.kind, r.status.shout()),
+    };
     let mut description = format!(
         "{} — {} of {} ({}), {} to {}, {secs:.1} s.\n",
         r.status.shout(),
@@ -145,7 +157,7 @@ fn item(r: &RunRecord) -> rss::Item {
         .build()
 }
 
-fn group_thousands(n: u64) -> String {
+pub fn group_thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {

@@ -45,6 +45,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Restore(a) => commands::restore::restore(&ctx, a),
         Command::Check(a) => commands::check::check(&ctx, a),
         Command::Pull(a) => commands::pull::pull(&ctx, a),
+        Command::Push(a) => commands::push::push(&ctx, a),
         Command::Serve(a) => commands::serve::serve(&ctx, a),
         Command::SshSetup(a) => commands::pull::ssh_setup(&ctx, a),
         Command::Runs(a) => commands::pull::runs(&ctx, a),

@@ -127,6 +127,23 @@ impl Progress {
 }
 
 /// A prune in a line: `2.1 GiB freed, 14 packs deleted, 9 repacked`.
+/// A push in a few words: `1,203 files changed, 54 MiB sent, import OK`.
+pub fn push_summary(d: &crate::record::PushDetails) -> String {
+    let mut s = format!(
+        "{} files changed, {} sent",
+        crate::feed::group_thousands(d.files_changed()),
+        bytes(d.bytes_sent)
+    );
+    if let Some(i) = &d.import {
+        s.push_str(if i.succeeded() {
+            ", import OK"
+        } else {
+            ", import FAILED"
+        });
+    }
+    s
+}
+
 pub fn prune_summary(d: &crate::record::PruneDetails) -> String {
     let mut s = format!(
         "{} freed, {} packs deleted, {} repacked",

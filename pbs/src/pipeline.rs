@@ -16,16 +16,17 @@ use crate::agent::AgentRun;
 use crate::error::CliError;
 use crate::history::{History, Running};
 use crate::output::{bytes, json_line};
-use crate::plan::{LegacyTree, PullPlan};
+use crate::plan::{LegacyTree, PullPlan, PushPlan};
 use crate::record::{
-    new_run_id, Counters, Details, ErrorKind, ImportDetails, RunError, RunKind, RunRecord,
-    RunStatus, TransportKind,
+    new_run_id, Counters, Details, ErrorKind, ImportDetails, PushDetails, RunError, RunKind,
+    RunRecord, RunStatus, TransportKind,
 };
 use crate::repos::Repositories;
 use crate::server::{Mode, Server};
 use crate::transport::Transport;
 use haul_protocol::agent::{
-    AgentEvent, AgentExit, AgentProgress, BackupProgress, ErrorCode, WrapperExit,
+    AgentEvent, AgentExit, AgentProgress, AgentSummary, BackupProgress, ErrorCode, RestoreCommand,
+    RestoreParams, SnapshotChoice, WrapperExit,
 };
 use haul_repo::format::snapshot::SourceKind;
 use haul_repo::IndexedRepository;
@@ -163,6 +164,171 @@ pub fn pull(
         error,
         unrecorded,
     })
+}
+
+/// What a push did.
+pub struct PushOutcome {
+    pub record: RunRecord,
+    /// What the clone's agent printed, when it ran.
+    pub agent: Option<AgentRun>,
+    pub error: Option<RunError>,
+    /// Why the record could not be written, if it could not.
+    pub unrecorded: Option<CliError>,
+}
+
+/// Runs `plan`: a read-only server of this process streams the host's snapshot (and
+/// nothing else) through the clone's SSH tunnel to `haul-agent restore --standby`
+/// there, which replaces the standby copy in one step (see
+/// `haul_protocol::standby`) and runs the clone's import command if asked. Recorded
+/// in `history` as a `push` run. An error means the run could not start (its
+/// repository did not open, or the host has no such snapshot).
+pub fn push(
+    history: &History,
+    repos: &Repositories,
+    plan: &PushPlan,
+    observer: &dyn Observer,
+) -> Result<PushOutcome, CliError> {
+    let start = chrono::Utc::now();
+    let (repo, transport) = std::thread::scope(|s| {
+        let opening = s.spawn(|| repos.open_as_is(&plan.repository));
+        let transport = plan.source.connect();
+        (
+            opening.join().expect("the thread opening the repository"),
+            transport,
+        )
+    });
+    let repo = repo?;
+    // A prune's sweep waits for this reader (or finished before it began).
+    let _lock = repo.lock_for_reading(true, "push")?;
+    let (snapshot, _) = repo.find_snapshot_of(&plan.snapshot, Some(&plan.host))?;
+    let id = new_run_id(start);
+    history.begin(&Running {
+        id: id.clone(),
+        host: plan.host.clone(),
+        kind: RunKind::Push,
+        transport: plan.source.kind(),
+        start,
+        pid: std::process::id(),
+        snapshot: Some(snapshot.to_hex()),
+    })?;
+    let server = Server::new(repo.clone(), Mode::ReadOnly, Some(plan.host.clone()))
+        .pinned_to(snapshot)
+        .with_limits(plan.limits);
+    let dir = plan.dir.to_str().ok_or_else(|| {
+        CliError::usage(format!(
+            "standby directory {} is not UTF-8",
+            plan.dir.display()
+        ))
+    })?;
+    let command = RestoreCommand {
+        socket: String::new(),
+        snapshot: SnapshotChoice::Snapshot(snapshot.to_hex().parse().expect("an id is a prefix")),
+        target: dir.to_string(),
+        includes: Vec::new(),
+        threads: None,
+        params_stdin: true,
+        standby: true,
+        import: plan.import,
+        import_command: Vec::new(),
+    };
+    let call = crate::transport::AgentCall::restore(command, RestoreParams::default());
+    let outcome = transport.and_then(|t: Box<dyn Transport>| {
+        t.run_agent(server.clone(), call, &|v| observer.agent_event(v))
+    });
+    let mut details = PushDetails {
+        clone: plan.clone.clone(),
+        dir: dir.to_string(),
+        bytes_sent: server.bytes_sent(),
+        ..PushDetails::default()
+    };
+    if let Ok(r) = &outcome {
+        if let Some(AgentSummary::Restore(s)) = &r.summary {
+            details.files = s.files;
+            details.dirs = s.dirs;
+            details.others = s.others;
+            details.bytes_written = s.bytes;
+            if let Some(st) = &s.standby {
+                details.replaced = true;
+                details.files_linked = st.files_linked;
+                details.bytes_local = st.bytes_local;
+                details.import = st.import.clone();
+            }
+        }
+    }
+    let (status, error) = conclude_push(&outcome, details.replaced);
+    let error = error.map(|e| RunError::new(e.kind, cut_to(e.message, MAX_ERROR)));
+    let mut record = RunRecord::new(id, &plan.host, RunKind::Push, plan.source.kind(), start)
+        .with_details(Details::Push(details));
+    record.status = status;
+    record.snapshot = Some(snapshot.to_hex());
+    if let Some(e) = &error {
+        record.error = Some(e.message.clone());
+        record.error_kind = Some(e.kind);
+    }
+    if let Ok(r) = &outcome {
+        record.connections = r.connections;
+        record.agent_peak_rss_kib = r.agent_peak_rss_kib;
+        record.output_tail = r.tail.clone();
+    }
+    let unrecorded = history.record(&record).err();
+    if let Some(e) = &unrecorded {
+        crate::errln!("haul-pbs: the run {} could not be recorded: {e}", record.id);
+    }
+    Ok(PushOutcome {
+        record,
+        agent: outcome.ok(),
+        error,
+        unrecorded,
+    })
+}
+
+/// How a push ended, from whether the clone replaced its copy and how its agent ended.
+/// A copy replaced whose import command failed is a failed push: what the clone was
+/// to do with it did not happen.
+fn conclude_push(
+    outcome: &Result<AgentRun, RunError>,
+    replaced: bool,
+) -> (RunStatus, Option<RunError>) {
+    let r = match outcome {
+        Err(e) if replaced => {
+            let message = format!("the standby copy was replaced, but then {}", e.message);
+            return (RunStatus::Warning, Some(RunError::new(e.kind, message)));
+        }
+        Err(e) => return (RunStatus::Failed, Some(e.clone())),
+        Ok(r) => r,
+    };
+    let exit = r.exit.and_then(AgentExit::from_code);
+    match (replaced, exit, r.error_code) {
+        (true, Some(AgentExit::Ok), _) => (RunStatus::Ok, None),
+        (true, Some(AgentExit::Warnings), _) => (RunStatus::Warning, None),
+        (true, _, Some(ErrorCode::Import)) => (
+            RunStatus::Failed,
+            Some(RunError::new(
+                ErrorKind::Agent,
+                r.error
+                    .clone()
+                    .unwrap_or_else(|| "the import command failed".into()),
+            )),
+        ),
+        (true, _, _) => (
+            RunStatus::Warning,
+            Some(RunError::new(
+                ErrorKind::Agent,
+                "the standby copy was replaced, but the agent ended abnormally after",
+            )),
+        ),
+        // Not replaced: as a pull that saved nothing (refused, cut, failed).
+        (false, _, _) => {
+            let (_, error) = conclude(outcome, false);
+            let error = error.map(|e| {
+                RunError::new(
+                    e.kind,
+                    format!("{}; the standby copy is as it was", e.message),
+                )
+            });
+            (RunStatus::Failed, error)
+        }
+    }
 }
 
 /// The append-only server of this pull: sessions of its host only, its packs of

@@ -120,6 +120,64 @@ impl PullPlan {
     }
 }
 
+/// A push, planned once: which host's snapshot, to which clone's standby directory,
+/// through which repository. `push HOST` and the daemon (after a pull) plan it with
+/// [`PushPlan::for_clone`] and run it with `pipeline::push`.
+#[derive(Debug, Clone)]
+pub struct PushPlan {
+    /// The host whose snapshot is pushed.
+    pub host: String,
+    /// The clone, by its name in the configuration.
+    pub clone: String,
+    pub source: Source,
+    pub repository: RepoLocation,
+    /// `latest` (the host's newest), or a snapshot id or prefix of the host's.
+    pub snapshot: String,
+    /// The host's standby directory on the clone.
+    pub dir: PathBuf,
+    /// Ask the clone to run its import command after the copy is replaced.
+    pub import: bool,
+    pub limits: Limits,
+}
+
+impl PushPlan {
+    /// The push of `host`'s snapshot (`latest` or an id) to `clone`, which must
+    /// receive the host.
+    pub fn for_clone(
+        site: &Site,
+        host: &Host,
+        clone: &haul_config::CloneTarget,
+        snapshot: &str,
+        opts: &PullOptions,
+    ) -> Result<PushPlan, CliError> {
+        if !clone.receives(&host.name) {
+            return Err(CliError::usage(format!(
+                "clone {:?} does not receive host {:?} (its `hosts` in {} are {}): nothing is pushed there",
+                clone.name,
+                host.name,
+                site.config_name(),
+                clone.hosts.join(", ")
+            )));
+        }
+        let dir = clone.standby_dir_of(&host.name).ok_or_else(|| {
+            CliError::usage(format!(
+                "clone {:?} has no standby_dir for {:?}",
+                clone.name, host.name
+            ))
+        })?;
+        Ok(PushPlan {
+            host: host.name.clone(),
+            clone: clone.name.clone(),
+            source: Source::Ssh(Box::new(clone.ssh_host())),
+            repository: site.repository(Some(&host.name)),
+            snapshot: snapshot.to_string(),
+            dir,
+            import: clone.import,
+            limits: limits(site, opts),
+        })
+    }
+}
+
 fn limits(site: &Site, opts: &PullOptions) -> Limits {
     Limits {
         stall: opts

@@ -26,6 +26,8 @@ pub enum RunKind {
     Check,
     /// The space of data no snapshot uses reclaimed.
     Prune,
+    /// A snapshot pushed to a clone's standby copy.
+    Push,
     /// No run: the daemon's warning about a host (stale, or a failure it will not
     /// retry by itself).
     Alert,
@@ -40,6 +42,7 @@ impl RunKind {
             RunKind::Forget => "forget",
             RunKind::Check => "check",
             RunKind::Prune => "prune",
+            RunKind::Push => "push",
             RunKind::Alert => "alert",
         }
     }
@@ -159,6 +162,39 @@ pub enum Details {
     Forget(ForgetDetails),
     Check(CheckDetails),
     Prune(PruneDetails),
+    Push(PushDetails),
+}
+
+/// What a push did, as the clone's agent reported it and the server counted it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PushDetails {
+    /// The clone, by its name in the configuration.
+    pub clone: String,
+    /// The standby directory on the clone.
+    pub dir: String,
+    /// Whether the standby copy now holds the snapshot.
+    pub replaced: bool,
+    pub files: u64,
+    pub dirs: u64,
+    pub others: u64,
+    /// Files unchanged since the copy it replaced (hard links there, nothing sent).
+    pub files_linked: u64,
+    /// Bytes of content written on the clone.
+    pub bytes_written: u64,
+    /// Of those, bytes taken from chunks the clone already held.
+    pub bytes_local: u64,
+    /// Response bytes the server sent (trees and chunks, compressed).
+    pub bytes_sent: u64,
+    /// The clone's import command, when it ran.
+    pub import: Option<haul_protocol::agent::ImportOutcome>,
+}
+
+impl PushDetails {
+    /// Files written anew (changed or new since the copy it replaced).
+    pub fn files_changed(&self) -> u64 {
+        self.files.saturating_sub(self.files_linked)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ pub mod params;
 pub use args::{AgentCommand, BackupCommand, CommandError, RestoreCommand};
 pub use events::{
     AgentEvent, AgentProgress, AgentSummary, BackupProgress, BackupSummary, ErrorCode, ErrorEvent,
-    RestoreProgress, RestoreSummary, WarningEvent,
+    ImportOutcome, RestoreProgress, RestoreSummary, StandbySummary, WarningEvent,
 };
 pub use exit::{AgentExit, WrapperExit};
 pub use params::{

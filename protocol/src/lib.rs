@@ -10,6 +10,7 @@
 //! - [`chunker`]: FastCDC chunking and per-chunk zstd encoding.
 //! - [`walk`]: the backup walker with change detection, feeding a [`walk::Sink`].
 //! - [`restore`]: the restorer, fed by a [`restore::BlobSource`].
+//! - [`standby`]: standby copies a clone host keeps, replaced in one step push after push.
 //! - [`meta`]: reading and applying file metadata.
 //! - [`wire`]: the HTTP protocol between the agent and the repository server.
 //! - [`agent`]: the agent's command line, run parameters, output events and exit
@@ -22,6 +23,7 @@ pub mod command;
 pub mod id;
 pub mod meta;
 pub mod restore;
+pub mod standby;
 pub mod tree;
 pub mod walk;
 

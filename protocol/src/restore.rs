@@ -48,6 +48,20 @@ pub trait BlobSource: Sync {
     fn will_need(&self, _ids: &[ChunkId]) {}
 }
 
+/// What a standby push adds to the restorer's walk (see [`crate::standby`]): files it
+/// can take from the copy being replaced, and the record of the new one. Files are
+/// numbered in walk order; each numbered file is then either made by
+/// [`Reuse::file`], or written ([`Reuse::written`]) or given up ([`Reuse::failed`])
+/// by a writer.
+pub(crate) trait Reuse: Sync {
+    /// File `seq` (one link), about to be restored at `path`: true if this made it.
+    fn file(&self, seq: u64, path: &Path, node: &Node) -> Result<bool, RestoreError>;
+    /// A writer wrote file `seq`; its chunks were `lens` bytes long.
+    fn written(&self, seq: u64, lens: &[u32]);
+    /// File `seq` could not be restored (it is not there).
+    fn failed(&self, seq: u64);
+}
+
 /// A failure of the blob source.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
@@ -115,7 +129,7 @@ pub enum RestoreError {
     Source(#[from] SourceError),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -262,6 +276,7 @@ pub fn restore(
         &includes,
         opts.threads.max(1),
         stats,
+        None,
     );
     match result {
         Ok(mut warnings) => {
@@ -310,7 +325,7 @@ fn include_exists(
 }
 
 /// This process's umask, read without changing it (Linux 4.7+); 022 when unknown.
-fn umask() -> u32 {
+pub(crate) fn umask() -> u32 {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -374,6 +389,8 @@ impl Lanes {
 }
 
 struct FileJob {
+    /// Its number for [`Reuse`], if a standby push numbers files.
+    seq: Option<u64>,
     path: PathBuf,
     /// Already created (files with several links must exist before their other
     /// names are linked); otherwise the worker creates it, so file creation, the
@@ -410,15 +427,20 @@ struct Restorer<'a> {
     /// if its content cannot be restored.
     other_links: HashMap<PathBuf, Vec<PathBuf>>,
     warnings: Vec<RestoreWarning>,
+    reuse: Option<&'a dyn Reuse>,
+    /// The next file's number for `reuse`.
+    seq: u64,
 }
 
-fn restore_into(
+/// Restores the tree `root` into the directory `staging`, which exists and is empty.
+pub(crate) fn restore_into(
     source: &dyn BlobSource,
     root: &TreeId,
     staging: &Path,
     includes: &[Vec<Vec<u8>>],
     threads: usize,
     stats: &RestoreStats,
+    reuse: Option<&dyn Reuse>,
 ) -> Result<Vec<RestoreWarning>, RestoreError> {
     let worker_error: Mutex<Option<RestoreError>> = Mutex::new(None);
     // Files the workers could not restore (removed), with why.
@@ -433,6 +455,7 @@ fn restore_into(
             let (worker_error, failed) = (&worker_error, &failed);
             scope.spawn(move || {
                 let mut names = NameCache::default();
+                let mut lens = Vec::new();
                 loop {
                     let job = match rx.recv() {
                         Ok(j) => j,
@@ -441,7 +464,15 @@ fn restore_into(
                     if worker_error.lock().expect("error slot").is_some() {
                         continue; // drain the queue after a failure
                     }
-                    match write_file(source, &job, stats, &mut names, is_root) {
+                    lens.clear();
+                    let written = write_file(source, &job, stats, &mut names, is_root, &mut lens);
+                    if let (Some(r), Some(seq)) = (reuse, job.seq) {
+                        match &written {
+                            Ok(()) => r.written(seq, &lens),
+                            Err(_) => r.failed(seq),
+                        }
+                    }
+                    match written {
                         Ok(()) => {}
                         // Removed once every worker and the walk are done: the walk may
                         // still make other names of this file from this one.
@@ -471,6 +502,8 @@ fn restore_into(
             dirs: Vec::new(),
             other_links: HashMap::new(),
             warnings: Vec::new(),
+            reuse,
+            seq: 0,
         };
         let walked = source
             .load_tree(root)
@@ -642,8 +675,18 @@ impl Restorer<'_> {
                         .insert((node.device, node.inode), path.to_path_buf());
                     file = Some(create_file(path, node)?);
                 }
+                let mut seq = None;
+                if let Some(reuse) = self.reuse.filter(|_| file.is_none()) {
+                    seq = Some(self.seq);
+                    self.seq += 1;
+                    if reuse.file(self.seq - 1, path, node)? {
+                        self.stats.files.fetch_add(1, Relaxed);
+                        return Ok(());
+                    }
+                }
                 self.source.will_need(&node.content);
                 let job = FileJob {
+                    seq,
                     path: path.to_path_buf(),
                     file,
                     node: node.clone(),
@@ -710,12 +753,14 @@ fn apply_metadata(
 /// Blocks of zeros this large or larger are skipped, leaving a hole.
 const HOLE_BLOCK: usize = 64 * 1024;
 
+/// Writes the file of `job`, noting its chunks' lengths in `lens`.
 fn write_file(
     source: &dyn BlobSource,
     job: &FileJob,
     stats: &RestoreStats,
     names: &mut NameCache,
     is_root: bool,
+    lens: &mut Vec<u32>,
 ) -> Result<(), RestoreError> {
     let path = &job.path;
     let created;
@@ -747,6 +792,7 @@ fn write_file(
             written = end;
         }
         offset += data.len() as u64;
+        lens.push(data.len() as u32);
         stats.bytes.fetch_add(data.len() as u64, Relaxed);
     }
     if offset != job.node.size {

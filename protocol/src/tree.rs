@@ -164,6 +164,41 @@ pub struct Node {
     pub flags: NodeFlags,
 }
 
+impl Node {
+    /// BLAKE3 of what a restore makes of this node (kind, permissions, owner, size,
+    /// mtime, device number, link target, xattrs, content, flags), not of what it says
+    /// of its source (inode, ctime, link count): two nodes with one digest restore to
+    /// the same entry. A standby copy keeps a file whose digest did not change.
+    pub fn restore_digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        let bytes = |h: &mut blake3::Hasher, b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        h.update(&[self.kind.code()]);
+        for n in [self.mode, self.uid, self.gid, self.mtime.nsec] {
+            h.update(&n.to_le_bytes());
+        }
+        for n in [self.size, self.rdev, self.flags.0] {
+            h.update(&n.to_le_bytes());
+        }
+        h.update(&self.mtime.sec.to_le_bytes());
+        bytes(&mut h, &self.user);
+        bytes(&mut h, &self.group);
+        bytes(&mut h, &self.target);
+        h.update(&(self.xattrs.len() as u64).to_le_bytes());
+        for (name, value) in &self.xattrs {
+            bytes(&mut h, name);
+            bytes(&mut h, value);
+        }
+        h.update(&(self.content.len() as u64).to_le_bytes());
+        for c in &self.content {
+            h.update(&c.0);
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
 /// A directory listing: nodes sorted by name, names unique.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Tree {

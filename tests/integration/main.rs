@@ -19,6 +19,7 @@ mod many_files;
 mod pipeline;
 mod prune;
 mod pull;
+mod push;
 mod repair;
 mod roundtrip;
 mod ssh;

@@ -60,6 +60,12 @@ fn main() {
                 list(&policy.restore_targets)
             }
         );
+        if !policy.import_command.is_empty() {
+            println!(
+                "after a standby push it runs: {}",
+                policy.import_command.join(" ")
+            );
+        }
         return;
     }
     let Some(requested) = std::env::var_os("SSH_ORIGINAL_COMMAND") else {

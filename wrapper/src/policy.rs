@@ -27,6 +27,12 @@ pub struct Policy {
     /// Restores may write only into directories inside these; none: no restores.
     #[serde(default)]
     pub restore_targets: Vec<PathBuf>,
+    /// What a standby push runs once the standby copy is replaced, when the pbs asks
+    /// for it (`--import`): the program (absolute) and its arguments, run in the
+    /// standby directory with `HAUL_STANDBY_DIR` and `HAUL_SNAPSHOT` set. Chosen here
+    /// only: the pbs can trigger it, never name it.
+    #[serde(default)]
+    pub import_command: Vec<String>,
 }
 
 /// Longest command accepted (sshd itself takes up to 256 KiB).
@@ -81,6 +87,14 @@ impl Policy {
                 ));
             }
         }
+        if let Some(program) = policy.import_command.first() {
+            if !absolute(Path::new(program)) {
+                return Err(bad(
+                    "import_command",
+                    &format!("its program {program:?} is not an absolute path without `..`"),
+                ));
+            }
+        }
         Ok(policy)
     }
 
@@ -88,7 +102,13 @@ impl Policy {
     /// returned arguments follow the agent binary; they are rebuilt from what was
     /// checked ([`AgentCommand::to_args`]), not copied from the input.
     pub fn admit(&self, command: &str) -> Result<Vec<String>, Denied> {
-        self.check(command).map(|c| c.to_args())
+        let mut command = self.check(command)?;
+        if let AgentCommand::Restore(r) = &mut command {
+            if r.import {
+                r.import_command = self.import_command.clone();
+            }
+        }
+        Ok(command.to_args())
     }
 
     fn check(&self, command: &str) -> Result<AgentCommand, Denied> {
@@ -153,6 +173,23 @@ impl Policy {
             "restore_targets",
         )?;
         no_flag_like("--include", &r.includes)?;
+        if !r.import_command.is_empty() {
+            return deny(
+                "--import-command is not an allowed argument: the import command is this host's choice (import_command in its policy)",
+            );
+        }
+        // Its state directory is made beside it: inside the roots too.
+        if r.standby
+            && self
+                .restore_targets
+                .iter()
+                .any(|root| Path::new(&r.target) == root.as_path())
+        {
+            return deny(format!(
+                "standby directory {:?} is a restore_targets directory itself; a standby copy goes in a directory inside one (its state is kept beside it)",
+                r.target
+            ));
+        }
         if let Some(n) = r.threads {
             if !(1..=64).contains(&n) {
                 return deny(format!("--threads {n} is not a number from 1 to 64"));
@@ -293,6 +330,59 @@ restore_targets = ["/var/restore"]
 
     fn policy() -> Policy {
         Policy::parse(POLICY, "wrapper.toml").unwrap()
+    }
+
+    #[test]
+    fn a_standby_push_gets_the_policys_import_command_and_never_the_pbss() {
+        let text = format!("{POLICY}import_command = [\"/usr/local/sbin/import\", \"--quiet\"]\n");
+        let p = Policy::parse(&text, "wrapper.toml").unwrap();
+        let push = "haul-agent restore --socket /run/haul/r.sock --snapshot 0a1b2c3d --target /var/restore/web-1 --standby --params-stdin";
+        // Asked for: the policy's command follows, word by word.
+        let args = p.admit(&format!("{push} --import")).unwrap();
+        let tail: Vec<&str> = args
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "--import-command",
+                "/usr/local/sbin/import",
+                "--import-command",
+                "--quiet"
+            ]
+        );
+        // Not asked for: none.
+        assert!(!p
+            .admit(push)
+            .unwrap()
+            .iter()
+            .any(|a| a == "--import-command"));
+        // Named by the pbs: refused, whatever it names.
+        let e = p
+            .admit(&format!("{push} --import --import-command /bin/sh"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("--import-command is not an allowed argument"),
+            "{e}"
+        );
+        // The root of restore_targets itself: refused (the copy's state goes beside it).
+        let e = p
+            .admit("haul-agent restore --socket /run/haul/r.sock --snapshot latest --target /var/restore --standby")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("is a restore_targets directory itself"), "{e}");
+        // A relative program: the policy is refused.
+        let bad = format!("{POLICY}import_command = [\"import\"]\n");
+        let e = Policy::parse(&bad, "wrapper.toml").unwrap_err().0;
+        assert!(
+            e.contains("import_command: its program \"import\" is not an absolute path"),
+            "{e}"
+        );
     }
 
     fn refused(cmd: &str) -> String {

@@ -8,6 +8,7 @@ pub mod forget;
 pub mod import;
 pub mod prune;
 pub mod pull;
+pub mod push;
 pub mod repair;
 pub mod restore;
 pub mod serve;

@@ -120,6 +120,9 @@ fn via_agent(
         includes: args.include.clone(),
         threads: args.threads.map(|t| t.min(u32::MAX as usize) as u32),
         params_stdin: true,
+        standby: false,
+        import: false,
+        import_command: Vec::new(),
     };
     let json = ctx.global.json;
     let relay = |event: &AgentEvent| {

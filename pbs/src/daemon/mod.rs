@@ -26,7 +26,7 @@ use crate::commands::Context;
 use crate::error::CliError;
 use crate::history::History;
 use crate::pipeline::{self, Quiet};
-use crate::plan::{PullOptions, PullPlan};
+use crate::plan::{PullOptions, PullPlan, PushPlan};
 use crate::record::{
     new_run_id, ErrorKind, RunError, RunKind, RunRecord, RunStatus, TransportKind,
 };
@@ -210,12 +210,20 @@ fn start_due(
             .map(|name| {
                 let host = site.config.host(&name).expect("due hosts are configured");
                 let plan = PullPlan::for_host(site, host, &PullOptions::default());
-                (name, plan)
+                // Its pushes, to every clone that receives it, after a saved pull.
+                let pushes: Vec<Result<PushPlan, CliError>> = site
+                    .config
+                    .clones
+                    .iter()
+                    .filter(|c| c.receives(&name))
+                    .map(|c| PushPlan::for_clone(site, host, c, "latest", &PullOptions::default()))
+                    .collect();
+                (name, plan, pushes)
             })
             .collect();
         (due, schedule.wake_in(now))
     });
-    for (name, plan) in due {
+    for (name, plan, pushes) in due {
         let (history, repos, done) = (history.clone(), repos.clone(), done.clone());
         tracing::info!(host = %name, "pull starting");
         std::thread::spawn(move || {
@@ -223,7 +231,13 @@ fn start_due(
             // A run that panics still ends for the schedule: the host is not left
             // "running" for ever, holding a place of max_concurrent.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                pull_host(&history, &repos, &name, plan)
+                let (started, ended, saved) = pull_host(&history, &repos, &name, plan);
+                if let Some(snapshot) = saved {
+                    for push in pushes {
+                        push_snapshot(&history, &repos, &name, &snapshot, push);
+                    }
+                }
+                (started, ended)
             }));
             let (started, ended) = run.unwrap_or_else(|_| {
                 tracing::error!(host = %name, "the pull's thread panicked");
@@ -372,18 +386,64 @@ fn prune_repository(
     }
 }
 
-/// One pull through the pipeline (which records it); how it ended for the schedule.
+/// One push of the snapshot a pull of `host` just saved, through the pipeline (which
+/// records it); a push that cannot even start is recorded as failed too.
+fn push_snapshot(
+    history: &History,
+    repos: &Repositories,
+    host: &str,
+    snapshot: &str,
+    plan: Result<PushPlan, CliError>,
+) {
+    let started = Utc::now();
+    let result = plan.and_then(|mut plan| {
+        plan.snapshot = snapshot.to_string();
+        tracing::info!(host, clone = %plan.clone, "push starting");
+        pipeline::push(history, repos, &plan, &Quiet).map(|o| (plan.clone, o))
+    });
+    match result {
+        Ok((clone, outcome)) => match outcome.error {
+            None => tracing::info!(host, clone = %clone, "push finished"),
+            Some(e) => {
+                tracing::warn!(host, clone = %clone, kind = ?e.kind, "push {}: {}", outcome.record.status, e.message)
+            }
+        },
+        Err(e) => {
+            tracing::error!(host, "push failed before it started: {e}");
+            let error = RunError::new(ErrorKind::Setup, e.to_string());
+            let record = RunRecord::new(
+                new_run_id(started),
+                host,
+                RunKind::Push,
+                TransportKind::Ssh,
+                started,
+            )
+            .failed(&error);
+            if let Err(e) = history.record(&record) {
+                tracing::error!("cannot record the run: {e}");
+            }
+        }
+    }
+}
+
+/// One pull through the pipeline (which records it); how it ended for the schedule,
+/// and the snapshot it saved.
 fn pull_host(
     history: &History,
     repos: &Repositories,
     name: &str,
     plan: Result<PullPlan, CliError>,
-) -> (DateTime<Utc>, Ended) {
+) -> (DateTime<Utc>, Ended, Option<String>) {
     let started = Utc::now();
     let transport = plan
         .as_ref()
         .map_or(TransportKind::None, |p| p.source.kind());
     let result = plan.and_then(|plan| pipeline::pull(history, repos, &plan, &Quiet));
+    let saved = result
+        .as_ref()
+        .ok()
+        .filter(|o| o.record.status.saved())
+        .and_then(|o| o.record.snapshot.clone());
     let ended = match result {
         Ok(outcome) if outcome.record.status.saved() => Ended::Saved,
         Ok(outcome) => {
@@ -413,7 +473,7 @@ fn pull_host(
         }
     };
     tracing::info!(host = %name, saved = matches!(ended, Ended::Saved), "pull finished");
-    (started, ended)
+    (started, ended, saved)
 }
 
 /// Calls `f` with the site and the schedule, under the lock; returns what it returns

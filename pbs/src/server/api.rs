@@ -661,7 +661,7 @@ async fn restore_tree(State(s): St, id: IdPath) -> ApiResult<Response> {
     let id = TreeId(path_id(id)?);
     let server = s.clone();
     let tree = blocking(move || server.restore_load_tree(&id)).await?;
-    Ok(octets(tree.encode()))
+    Ok(octets(s.sending(tree.encode())))
 }
 
 async fn restore_chunk(State(s): St, id: IdPath) -> ApiResult<Response> {
@@ -670,7 +670,7 @@ async fn restore_chunk(State(s): St, id: IdPath) -> ApiResult<Response> {
     let at = s.in_scope(&b)?;
     let server = s.clone();
     let bytes = blocking(move || server.load_in_scope(&b, at)).await?;
-    Ok(octets(bytes))
+    Ok(octets(s.sending(bytes)))
 }
 
 impl Server {
@@ -738,7 +738,7 @@ async fn restore_trees(State(s): St, body: Whole) -> ApiResult<Response> {
         })
     })
     .await?;
-    Ok(octets(out))
+    Ok(octets(s.sending(out)))
 }
 
 /// In a restore's batch read, a blob that cannot be read (missing, damaged) is an
@@ -767,7 +767,7 @@ async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
         })
     })
     .await?;
-    Ok(octets(out))
+    Ok(octets(s.sending(out)))
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub struct Server {
     /// restore onto a host: the agent there must not pick another).
     pinned: Option<SnapshotId>,
     connections: AtomicU64,
+    /// Bytes of trees and chunks a read-only server sent (response bodies).
+    sent: AtomicU64,
     /// Time limits of its connections.
     limits: conn::Limits,
     /// What a backup session's source may build on without sending it.
@@ -134,6 +136,7 @@ impl Server {
             restore: Mutex::new(None),
             pinned: None,
             connections: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             limits: conn::Limits::default(),
             scope: DedupScope::default(),
             own_packs: None,
@@ -145,6 +148,18 @@ impl Server {
                     .unwrap_or(2),
             )),
         })
+    }
+
+    /// Bytes of trees and chunks this server sent to restores.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a restore response's body.
+    pub(crate) fn sending(&self, bytes: Vec<u8>) -> Vec<u8> {
+        self.sent
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        bytes
     }
 
     /// Request body bytes this server received.

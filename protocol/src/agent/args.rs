@@ -54,6 +54,15 @@ pub struct RestoreCommand {
     pub threads: Option<u32>,
     /// Run parameters follow as one JSON line on stdin.
     pub params_stdin: bool,
+    /// Keep `target` as a standby copy: replace what it holds with the snapshot in one
+    /// step, taking unchanged files and known chunks from what it held (see
+    /// [`crate::standby`]).
+    pub standby: bool,
+    /// After a standby copy is replaced, run the import command.
+    pub import: bool,
+    /// The import command, as words (never from the pbs over SSH: the wrapper puts
+    /// its policy's `import_command` here).
+    pub import_command: Vec<String>,
 }
 
 /// How often a flag may be given.
@@ -196,6 +205,24 @@ pub const RESTORE: Subcommand = Subcommand {
             Arity::Switch,
             "Read run parameters as one JSON line from stdin",
         ),
+        flag(
+            "--standby",
+            "",
+            Arity::Switch,
+            "Keep the target as a standby copy: replace its contents with the snapshot in one step, reusing unchanged files and known chunks",
+        ),
+        flag(
+            "--import",
+            "",
+            Arity::Switch,
+            "After the standby copy is replaced, run the import command",
+        ),
+        flag(
+            "--import-command",
+            "WORD",
+            ANY,
+            "The import command, a word at a time (over SSH: the wrapper's policy, never the pbs)",
+        ),
     ],
 };
 
@@ -319,6 +346,9 @@ impl AgentCommand {
                     out.value("--threads", &t.to_string());
                 }
                 out.switch("--params-stdin", r.params_stdin);
+                out.switch("--standby", r.standby);
+                out.switch("--import", r.import);
+                out.values("--import-command", &r.import_command);
             }
         }
         out.0
@@ -468,6 +498,9 @@ impl RestoreCommand {
             includes: f.all("--include"),
             threads: f.threads()?,
             params_stdin: f.switch("--params-stdin"),
+            standby: f.switch("--standby"),
+            import: f.switch("--import"),
+            import_command: f.all("--import-command"),
         })
     }
 }
@@ -510,6 +543,9 @@ mod tests {
                 includes: vec!["/srv".into()],
                 threads: Some(4),
                 params_stdin: false,
+                standby: false,
+                import: false,
+                import_command: Vec::new(),
             })
         );
         let c =
@@ -650,6 +686,9 @@ mod tests {
                 includes: vec!["i".into()],
                 threads: Some(3),
                 params_stdin: true,
+                standby: true,
+                import: true,
+                import_command: vec!["c".into()],
             }),
         ];
         for (command, table) in full.iter().zip(SUBCOMMANDS) {
@@ -728,15 +767,29 @@ mod tests {
             proptest::collection::vec(text(), 0..3),
             proptest::option::of(any::<u32>()),
             any::<bool>(),
+            (any::<bool>(), any::<bool>()),
+            proptest::collection::vec(text(), 0..3),
         )
             .prop_map(
-                |(socket, snapshot, target, includes, threads, params_stdin)| RestoreCommand {
+                |(
                     socket,
                     snapshot,
                     target,
                     includes,
                     threads,
                     params_stdin,
+                    (standby, import),
+                    import_command,
+                )| RestoreCommand {
+                    socket,
+                    snapshot,
+                    target,
+                    includes,
+                    threads,
+                    params_stdin,
+                    standby,
+                    import,
+                    import_command,
                 },
             )
     }

@@ -121,6 +121,43 @@ pub struct RestoreSummary {
     pub connections: u64,
     pub peak_rss_kib: u64,
     pub duration_ms: u64,
+    /// A standby push (`--standby`): what it took from the copy it replaced, and how
+    /// its import command ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbySummary>,
+}
+
+/// What a standby push did beyond a restore. The copy was replaced when this is sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbySummary {
+    /// Files unchanged since the copy it replaced: hard links to them, nothing read.
+    pub files_linked: u64,
+    /// Bytes of changed files taken from chunks the copy it replaced already held.
+    pub bytes_local: u64,
+    /// The import command, when one was asked for and the policy has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportOutcome>,
+}
+
+/// How the clone's import command ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportOutcome {
+    /// The command, as its words.
+    pub command: Vec<String>,
+    /// Its exit code; none if a signal ended it or it could not start.
+    pub exit: Option<i32>,
+    /// Why it could not start, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last lines it printed (standard output and error, interleaved).
+    pub tail: Vec<String>,
+    pub duration_ms: u64,
+}
+
+impl ImportOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.exit == Some(0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +200,9 @@ pub enum ErrorCode {
     Io,
     /// The agent itself failed (its runtime could not start, a thread panicked).
     Internal,
+    /// The standby copy was replaced, but the clone's import command failed (its
+    /// outcome is in the summary).
+    Import,
     /// A code this side does not know (a newer agent), or none (an older one).
     #[default]
     #[serde(other)]
@@ -187,6 +227,7 @@ impl ErrorCode {
                 | ErrorCode::Server
                 | ErrorCode::Io
                 | ErrorCode::Internal
+                | ErrorCode::Import
                 | ErrorCode::Unknown
         )
     }

@@ -1,0 +1,826 @@
+//! Standby copies (`haul-agent restore --standby`): a directory on a clone host that
+//! always holds one complete snapshot, the one pushed last, brought up to the next
+//! with as little sent as can be.
+//!
+//! Beside the standby directory `T` lives its state directory `.T.haul-standby`, which
+//! only its owner may enter:
+//!
+//! - `record`: what `T` holds. A header names the snapshot and the inode of the
+//!   directory; then, for each file in walk order, its path, the digest of its node
+//!   ([`Node::restore_digest`]), its size and its chunks' lengths.
+//! - `chunks`: the chunks of those files sorted by id, each with the record entry of a
+//!   file holding it and its offset there.
+//! - `next/`, `record.new`, `chunks.new`: the version being built, while it is built.
+//! - `lock`: held by the push running.
+//!
+//! A push (1) finishes or undoes what a push killed before it left; (2) builds `next/`:
+//! a file whose digest is as recorded and whose size, mtime, mode and owner in `T` are
+//! still what the snapshot says is a hard link to `T`'s (nothing read, nothing sent);
+//! a changed file is written from the chunks `T` already holds (each checked against
+//! its id) and only the chunks `T` lacks come from the source; (3) syncs the
+//! filesystem; (4) exchanges `T` and `next/` in one step (`renameat2` with
+//! `RENAME_EXCHANGE`; a first push renames `next/` to `T`); (5) renames the new record
+//! into place; (6) removes the old version. Until (4) `T` is the old version, from (4)
+//! on the new one: whoever reads `T` never sees a mix. A push killed between (4) and
+//! (5) is finished by the next one: `record.new` is taken when `T` is the directory it
+//! names.
+//!
+//! Memory: the restorer's, plus the records of the files being written at once, plus
+//! the chunk index of the old version and of the new one (52 bytes a chunk each).
+
+use crate::id::{ChunkId, TreeId};
+use crate::meta::{self, NameCache};
+use crate::restore::{
+    self, io_err, BlobSource, RestoreError, RestoreStats, RestoreWarning, Reuse, SourceError,
+};
+use crate::tree::{Node, TreeBlob};
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+const RECORD_MAGIC: &[u8; 22] = b"haul-standby-record 1\n";
+const CHUNKS_MAGIC: &[u8; 22] = b"haul-standby-chunks 1\n";
+/// An entry of `chunks`: id, record entry offset, offset in that file, length.
+const INDEX_ENTRY: usize = 32 + 8 + 8 + 4;
+
+/// What a standby push is asked to do.
+#[derive(Debug, Clone)]
+pub struct StandbyOptions {
+    /// The standby directory.
+    pub target: PathBuf,
+    /// The snapshot pushed, as the record names it.
+    pub snapshot: String,
+    pub threads: usize,
+}
+
+/// What a standby push took from the copy it replaced.
+#[derive(Debug, Default)]
+pub struct StandbyStats {
+    /// Files unchanged: hard links, nothing read.
+    pub files_linked: AtomicU64,
+    /// Bytes of changed files read from the old copy's chunks rather than sent.
+    pub bytes_local: AtomicU64,
+}
+
+/// The state directory of the standby directory `target`.
+pub fn state_dir(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "standby".into());
+    let mut state = std::ffi::OsString::from(".");
+    state.push(name);
+    state.push(".haul-standby");
+    target.with_file_name(state)
+}
+
+/// Brings the standby directory `opts.target` to the snapshot of `root`, in one step
+/// for whoever reads it (see the module doc). On an error `target` is as it was.
+pub fn push(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    opts: &StandbyOptions,
+    stats: &RestoreStats,
+    standby: &StandbyStats,
+) -> Result<Vec<RestoreWarning>, RestoreError> {
+    let target = &opts.target;
+    let state = state_dir(target);
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(&state) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(&state)(e)),
+        _ => {}
+    }
+    let _lock = lock(&state)?;
+    recover(&state, target)?;
+    let now = match fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => Some(m),
+        Ok(_) => return Err(RestoreError::TargetNotEmpty(target.clone())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(target)(e)),
+    };
+    let old = match &now {
+        Some(m) => Old::open(&state, target, m.ino())?,
+        None => None,
+    };
+    // A directory this never filled is not taken over unless it is empty: it may hold
+    // what someone wants kept.
+    if now.is_some() && old.is_none() && !state.join("record").exists() {
+        let mut entries = fs::read_dir(target).map_err(io_err(target))?;
+        if entries.next().is_some() {
+            return Err(RestoreError::TargetNotEmpty(target.clone()));
+        }
+    }
+    let next = state.join("next");
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&next)
+        .map_err(io_err(&next))?;
+    let built = build(source, root, opts, &state, old.as_ref(), stats, standby);
+    let warnings = match built {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = remove_tree(&next);
+            let _ = fs::remove_file(state.join("record.new"));
+            let _ = fs::remove_file(state.join("chunks.new"));
+            return Err(e);
+        }
+    };
+    drop(old);
+    let mode = now
+        .as_ref()
+        .map_or_else(|| 0o777 & !restore::umask(), |m| m.mode() & 0o7777);
+    fs::set_permissions(&next, fs::Permissions::from_mode(mode)).map_err(io_err(&next))?;
+    syncfs(&next).map_err(io_err(&next))?;
+    if now.is_some() {
+        exchange(target, &next).map_err(io_err(target))?;
+    } else {
+        fs::rename(&next, target).map_err(io_err(target))?;
+    }
+    if let Some(parent) = target.parent() {
+        sync_dir(parent).map_err(io_err(parent))?;
+    }
+    take_new_record(&state)?;
+    if now.is_some() {
+        remove_tree(&next).map_err(io_err(&next))?;
+    }
+    Ok(warnings)
+}
+
+/// Builds the new version in `state/next` (made, empty) and writes its record and
+/// chunk index beside it.
+fn build(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    opts: &StandbyOptions,
+    state: &Path,
+    old: Option<&Old>,
+    stats: &RestoreStats,
+    standby: &StandbyStats,
+) -> Result<Vec<RestoreWarning>, RestoreError> {
+    let next = &state.join("next");
+    let inode = fs::metadata(next).map_err(io_err(next))?.ino();
+    let record = state.join("record.new");
+    let writer = Writer::create(&record, &opts.snapshot, inode).map_err(io_err(&record))?;
+    let hook = Hook {
+        old,
+        next: next.to_path_buf(),
+        writer: Mutex::new(writer),
+        names: Mutex::new(NameCache::default()),
+        is_root: meta::is_root(),
+        stats: standby,
+    };
+    let local = LocalFirst {
+        remote: source,
+        old,
+        stats: standby,
+    };
+    let warnings = restore::restore_into(
+        &local,
+        root,
+        next,
+        &[],
+        opts.threads.max(1),
+        stats,
+        Some(&hook),
+    )?;
+    let writer = hook.writer.into_inner().expect("record writer");
+    let chunks = state.join("chunks.new");
+    writer.finish(&chunks, inode).map_err(io_err(&record))?;
+    Ok(warnings)
+}
+
+/// Holds the state directory's lock, or says another push is running.
+fn lock(state: &Path) -> Result<File, RestoreError> {
+    let path = state.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        let e = if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::other("another push into this standby directory is running")
+        } else {
+            e
+        };
+        return Err(io_err(&path)(e));
+    }
+    Ok(file)
+}
+
+/// Finishes a push killed after its exchange (the new record names the directory now
+/// in place), and removes what any killed push left.
+fn recover(state: &Path, target: &Path) -> Result<(), RestoreError> {
+    let in_place = fs::symlink_metadata(target)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| m.ino());
+    let new = state.join("record.new");
+    if let Some(header) = read_header(&new, RECORD_MAGIC) {
+        if Some(header.1) == in_place {
+            take_new_record(state)?;
+        }
+    }
+    for name in ["record.new", "chunks.new"] {
+        let p = state.join(name);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
+            _ => {}
+        }
+    }
+    let next = state.join("next");
+    match remove_tree(&next) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&next)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Renames `chunks.new` and then `record.new` into place: a `chunks` newer than the
+/// record names another directory and is not used.
+fn take_new_record(state: &Path) -> Result<(), RestoreError> {
+    let chunks = state.join("chunks.new");
+    if chunks.exists() {
+        fs::rename(&chunks, state.join("chunks")).map_err(io_err(&chunks))?;
+    }
+    let record = state.join("record.new");
+    fs::rename(&record, state.join("record")).map_err(io_err(&record))?;
+    sync_dir(state).map_err(io_err(state))
+}
+
+/// A file's header: the snapshot it names and the directory inode.
+fn read_header(path: &Path, magic: &[u8; 22]) -> Option<(String, u64)> {
+    let mut r = BufReader::new(File::open(path).ok()?);
+    header(&mut r, magic).ok()
+}
+
+fn header(r: &mut impl Read, magic: &[u8; 22]) -> io::Result<(String, u64)> {
+    let mut m = [0u8; 22];
+    r.read_exact(&mut m)?;
+    if &m != magic {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a standby record",
+        ));
+    }
+    let inode = read_u64(r)?;
+    let len = read_u32(r)? as usize;
+    if len > 256 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad snapshot name",
+        ));
+    }
+    let mut name = vec![0u8; len];
+    r.read_exact(&mut name)?;
+    let name = String::from_utf8(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad snapshot name"))?;
+    Ok((name, inode))
+}
+
+fn write_header(
+    w: &mut impl Write,
+    magic: &[u8; 22],
+    snapshot: &str,
+    inode: u64,
+) -> io::Result<u64> {
+    w.write_all(magic)?;
+    w.write_all(&inode.to_le_bytes())?;
+    w.write_all(&(snapshot.len() as u32).to_le_bytes())?;
+    w.write_all(snapshot.as_bytes())?;
+    Ok((magic.len() + 8 + 4 + snapshot.len()) as u64)
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The order the restorer walks in: by path component, each compared by bytes (a
+/// `/` sorts before any byte a name may hold).
+fn walk_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let key = |c: &u8| if *c == b'/' { 0 } else { *c };
+    a.iter().map(key).cmp(b.iter().map(key))
+}
+
+/// A file of the record.
+struct Entry {
+    path: Vec<u8>,
+    digest: [u8; 32],
+    size: u64,
+    lens: Vec<u32>,
+}
+
+/// Longest path and most chunks an entry may have (a damaged record must not make the
+/// reader allocate without bound).
+const MAX_PATH: usize = 64 * 1024;
+const MAX_CHUNKS: usize = 1 << 24;
+
+fn read_entry(r: &mut impl Read) -> io::Result<Option<Entry>> {
+    let mut b = [0u8; 4];
+    match r.read_exact(&mut b) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        other => other?,
+    }
+    let len = u32::from_le_bytes(b) as usize;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "damaged standby record");
+    if len > MAX_PATH {
+        return Err(bad());
+    }
+    let mut path = vec![0u8; len];
+    r.read_exact(&mut path)?;
+    let mut digest = [0u8; 32];
+    r.read_exact(&mut digest)?;
+    let size = read_u64(r)?;
+    let n = read_u32(r)? as usize;
+    if n > MAX_CHUNKS {
+        return Err(bad());
+    }
+    let mut lens = Vec::with_capacity(n);
+    for _ in 0..n {
+        lens.push(read_u32(r)?);
+    }
+    Ok(Some(Entry {
+        path,
+        digest,
+        size,
+        lens,
+    }))
+}
+
+fn entry_len(path_len: usize, chunks: usize) -> u64 {
+    (4 + path_len + 32 + 8 + 4 + 4 * chunks) as u64
+}
+
+/// The version in place, as its record says.
+struct Old {
+    dir: PathBuf,
+    /// For reading an entry's path at its offset.
+    record: File,
+    /// The record read in walk order, one entry ahead.
+    cursor: Mutex<Cursor>,
+    /// Sorted by id.
+    index: Vec<IndexEntry>,
+}
+
+struct Cursor {
+    reader: BufReader<File>,
+    ahead: Option<Entry>,
+    /// A damaged record ends the reuse of files (not the push).
+    broken: bool,
+}
+
+#[derive(Clone, Copy)]
+struct IndexEntry {
+    id: [u8; 32],
+    entry: u64,
+    offset: u64,
+    len: u32,
+}
+
+impl Old {
+    /// The record of `target` (whose inode is `inode`), if there is one and it is of
+    /// that directory.
+    fn open(state: &Path, target: &Path, inode: u64) -> Result<Option<Old>, RestoreError> {
+        let path = state.join("record");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut reader = BufReader::new(file.try_clone().map_err(io_err(&path))?);
+        match header(&mut reader, RECORD_MAGIC) {
+            Ok((_, ino)) if ino == inode => {}
+            // Not the directory in place (someone replaced it): nothing to take from it.
+            _ => return Ok(None),
+        }
+        let index = read_index(&state.join("chunks"), inode).unwrap_or_default();
+        Ok(Some(Old {
+            dir: target.to_path_buf(),
+            record: file,
+            cursor: Mutex::new(Cursor {
+                reader,
+                ahead: None,
+                broken: false,
+            }),
+            index,
+        }))
+    }
+
+    /// The entry of `rel`, reading on in walk order (paths are asked for in that
+    /// order).
+    fn entry(&self, rel: &[u8]) -> Option<Entry> {
+        let mut c = self.cursor.lock().expect("record cursor");
+        loop {
+            if c.broken {
+                return None;
+            }
+            if c.ahead.is_none() {
+                match read_entry(&mut c.reader) {
+                    Ok(Some(e)) => c.ahead = Some(e),
+                    Ok(None) => return None,
+                    Err(_) => {
+                        c.broken = true;
+                        return None;
+                    }
+                }
+            }
+            let ahead = c.ahead.as_ref().expect("read ahead");
+            match walk_order(&ahead.path, rel) {
+                std::cmp::Ordering::Less => c.ahead = None,
+                std::cmp::Ordering::Equal => return c.ahead.take(),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+    }
+
+    fn find(&self, id: &ChunkId) -> Option<IndexEntry> {
+        self.index
+            .binary_search_by(|e| e.id.cmp(&id.0))
+            .ok()
+            .map(|i| self.index[i])
+    }
+
+    /// The chunk `id` as the old version holds it, if it does and it still hashes to
+    /// its id.
+    fn read_chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let e = self.find(id)?;
+        let mut len = [0u8; 4];
+        self.record.read_exact_at(&mut len, e.entry).ok()?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_PATH {
+            return None;
+        }
+        let mut rel = vec![0u8; len];
+        self.record.read_exact_at(&mut rel, e.entry + 4).ok()?;
+        let file = File::open(self.dir.join(std::ffi::OsStr::from_bytes(&rel))).ok()?;
+        let mut data = vec![0u8; e.len as usize];
+        file.read_exact_at(&mut data, e.offset).ok()?;
+        (ChunkId::of(&data) == *id).then_some(data)
+    }
+}
+
+/// The chunk index of the directory `inode`; none if it is of another or damaged.
+fn read_index(path: &Path, inode: u64) -> Option<Vec<IndexEntry>> {
+    let mut r = BufReader::new(File::open(path).ok()?);
+    let (_, ino) = header(&mut r, CHUNKS_MAGIC).ok()?;
+    if ino != inode {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut b = [0u8; INDEX_ENTRY];
+    loop {
+        match r.read_exact(&mut b) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(_) => return None,
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[..32]);
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        out.push(IndexEntry {
+            id,
+            entry: u64_at(32),
+            offset: u64_at(40),
+            len: u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")),
+        });
+    }
+    out.windows(2).all(|w| w[0].id < w[1].id).then_some(out)
+}
+
+/// A file of the new version waiting for its writer (files are recorded in walk
+/// order; writers finish in any).
+struct Pending {
+    rel: Vec<u8>,
+    digest: [u8; 32],
+    size: u64,
+    content: Vec<ChunkId>,
+    lens: Option<Vec<u32>>,
+    gone: bool,
+}
+
+/// Writes the new version's record in walk order, and gathers its chunk index.
+struct Writer {
+    out: BufWriter<File>,
+    file: File,
+    at: u64,
+    next: u64,
+    pending: BTreeMap<u64, Pending>,
+    index: Vec<IndexEntry>,
+    error: Option<io::Error>,
+}
+
+impl Writer {
+    fn create(path: &Path, snapshot: &str, inode: u64) -> io::Result<Writer> {
+        let file = OpenOptions::new().create_new(true).write(true).open(path)?;
+        let mut out = BufWriter::with_capacity(1 << 16, file.try_clone()?);
+        let at = write_header(&mut out, RECORD_MAGIC, snapshot, inode)?;
+        Ok(Writer {
+            out,
+            file,
+            at,
+            next: 0,
+            pending: BTreeMap::new(),
+            index: Vec::new(),
+            error: None,
+        })
+    }
+
+    fn add(&mut self, seq: u64, p: Pending) {
+        self.pending.insert(seq, p);
+        self.flush();
+    }
+
+    fn written(&mut self, seq: u64, lens: &[u32]) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.lens = Some(lens.to_vec());
+        }
+        self.flush();
+    }
+
+    fn failed(&mut self, seq: u64) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.gone = true;
+        }
+        self.flush();
+    }
+
+    /// Writes the entries ready in walk order.
+    fn flush(&mut self) {
+        while let Some(p) = self.pending.get(&self.next) {
+            if !p.gone && p.lens.is_none() {
+                return;
+            }
+            let mut p = self.pending.remove(&self.next).expect("pending");
+            self.next += 1;
+            if p.gone || self.error.is_some() {
+                continue;
+            }
+            let lens = p.lens.take().expect("written");
+            if lens.len() != p.content.len() {
+                continue; // not a file the record can describe: never reused
+            }
+            if let Err(e) = self.write(&p, &lens) {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn write(&mut self, p: &Pending, lens: &[u32]) -> io::Result<()> {
+        let entry = self.at;
+        self.out.write_all(&(p.rel.len() as u32).to_le_bytes())?;
+        self.out.write_all(&p.rel)?;
+        self.out.write_all(&p.digest)?;
+        self.out.write_all(&p.size.to_le_bytes())?;
+        self.out.write_all(&(lens.len() as u32).to_le_bytes())?;
+        let mut offset = 0u64;
+        for (id, len) in p.content.iter().zip(lens) {
+            self.out.write_all(&len.to_le_bytes())?;
+            self.index.push(IndexEntry {
+                id: id.0,
+                entry,
+                offset,
+                len: *len,
+            });
+            offset += u64::from(*len);
+        }
+        self.at += entry_len(p.rel.len(), lens.len());
+        Ok(())
+    }
+
+    /// Ends the record and writes the chunk index to `chunks`, both synced.
+    fn finish(mut self, chunks: &Path, inode: u64) -> io::Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if !self.pending.is_empty() {
+            return Err(io::Error::other(format!(
+                "{} files were neither written nor given up",
+                self.pending.len()
+            )));
+        }
+        self.out.flush()?;
+        drop(self.out);
+        self.file.sync_all()?;
+        let mut index = self.index;
+        index.sort_unstable_by_key(|e| e.id);
+        index.dedup_by(|a, b| a.id == b.id);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(chunks)?;
+        let mut out = BufWriter::with_capacity(1 << 16, file.try_clone()?);
+        write_header(&mut out, CHUNKS_MAGIC, "", inode)?;
+        for e in &index {
+            out.write_all(&e.id)?;
+            out.write_all(&e.entry.to_le_bytes())?;
+            out.write_all(&e.offset.to_le_bytes())?;
+            out.write_all(&e.len.to_le_bytes())?;
+        }
+        out.flush()?;
+        drop(out);
+        file.sync_all()
+    }
+}
+
+/// The restorer's [`Reuse`] for a standby push.
+struct Hook<'a> {
+    old: Option<&'a Old>,
+    /// The directory being built.
+    next: PathBuf,
+    writer: Mutex<Writer>,
+    names: Mutex<NameCache>,
+    is_root: bool,
+    stats: &'a StandbyStats,
+}
+
+impl Hook<'_> {
+    /// Whether the old version's file at `path` is still what the restorer made of
+    /// `node` (nobody wrote, moved, chmod'ed or linked it since).
+    fn untouched(&self, path: &Path, node: &Node) -> bool {
+        let Ok(m) = fs::symlink_metadata(path) else {
+            return false;
+        };
+        m.is_file()
+            && m.len() == node.size
+            && m.mtime() == node.mtime.sec
+            && m.mtime_nsec() == i64::from(node.mtime.nsec)
+            && m.mode() & 0o7777 == node.mode
+            && m.nlink() == 1
+            && (!self.is_root || meta::has_owner(&m, node, &mut self.names.lock().expect("names")))
+    }
+}
+
+impl Reuse for Hook<'_> {
+    fn file(&self, seq: u64, path: &Path, node: &Node) -> Result<bool, RestoreError> {
+        let rel = path
+            .strip_prefix(&self.next)
+            .expect("files are restored below the directory built")
+            .as_os_str()
+            .as_bytes();
+        let digest = node.restore_digest();
+        let mut lens = None;
+        if let Some(old) = self.old {
+            if let Some(e) = old.entry(rel) {
+                let from = old.dir.join(std::ffi::OsStr::from_bytes(rel));
+                if e.digest == digest
+                    && e.size == node.size
+                    && e.lens.len() == node.content.len()
+                    && self.untouched(&from, node)
+                {
+                    match fs::hard_link(&from, path) {
+                        Ok(()) => lens = Some(e.lens),
+                        // Too many links, another filesystem: written instead.
+                        Err(err)
+                            if matches!(err.raw_os_error(), Some(libc::EMLINK | libc::EXDEV)) => {}
+                        Err(err) => return Err(io_err(path)(err)),
+                    }
+                }
+            }
+        }
+        let linked = lens.is_some();
+        self.writer.lock().expect("record writer").add(
+            seq,
+            Pending {
+                rel: rel.to_vec(),
+                digest,
+                size: node.size,
+                content: node.content.clone(),
+                lens,
+                gone: false,
+            },
+        );
+        if linked {
+            self.stats.files_linked.fetch_add(1, Relaxed);
+        }
+        Ok(linked)
+    }
+
+    fn written(&self, seq: u64, lens: &[u32]) {
+        self.writer
+            .lock()
+            .expect("record writer")
+            .written(seq, lens);
+    }
+
+    fn failed(&self, seq: u64) {
+        self.writer.lock().expect("record writer").failed(seq);
+    }
+}
+
+/// Chunks from the old version where it has them (checked against their ids), else
+/// from the source.
+struct LocalFirst<'a> {
+    remote: &'a dyn BlobSource,
+    old: Option<&'a Old>,
+    stats: &'a StandbyStats,
+}
+
+impl BlobSource for LocalFirst<'_> {
+    fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError> {
+        self.remote.load_tree(id)
+    }
+
+    fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
+        if let Some(data) = self.old.and_then(|o| o.read_chunk(id)) {
+            self.stats.bytes_local.fetch_add(data.len() as u64, Relaxed);
+            return Ok(data);
+        }
+        self.remote.load_chunk(id)
+    }
+
+    fn will_need(&self, ids: &[ChunkId]) {
+        match self.old {
+            None => self.remote.will_need(ids),
+            Some(old) => {
+                let lacking: Vec<ChunkId> = ids
+                    .iter()
+                    .filter(|id| old.find(id).is_none())
+                    .copied()
+                    .collect();
+                if !lacking.is_empty() {
+                    self.remote.will_need(&lacking);
+                }
+            }
+        }
+    }
+}
+
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))
+}
+
+/// Exchanges two directories in one step.
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    let (a, b) = (cpath(a)?, cpath(b)?);
+    let done = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes everything of the filesystem holding `dir` to disk.
+fn syncfs(dir: &Path) -> io::Result<()> {
+    let d = File::open(dir)?;
+    if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes a directory tree, also one whose directories were made unwritable (a
+/// snapshot's read-only directories, restored as they were).
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            open_up(dir);
+            fs::remove_dir_all(dir)
+        }
+        other => other,
+    }
+}
+
+/// Makes every directory below `dir` (and it) writable and searchable by its owner.
+fn open_up(dir: &Path) {
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                open_up(&e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Pushes to clone hosts: a real OpenSSH sshd plays the clone (and the source host),
+//! its haul-wrapper admits `haul-agent restore --standby` into its restore_targets.
+
+use haul_tests::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A host `web-1` pulled through `sshd` from `src`, and a clone `standby` (the same
+/// sshd) keeping its copy in `standby_root/web-1`; more `[[clone]]` text may follow.
+fn config_with_clone(sshd: &Sshd, src: &Path, standby_root: &Path, extra: &str) -> PathBuf {
+    let config = sshd.pbs_config("web-1", &[src]);
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[clone]]\nname = \"standby\"\naddress = \"127.0.0.1\"\nport = {}\nuser = {:?}\n\
+         identity = {:?}\nknown_hosts = {:?}\nsocket_dir = {:?}\nstandby_dir = {:?}\n{extra}",
+        sshd.port,
+        Sshd::user(),
+        sshd.dir.join("id_ed25519").display().to_string(),
+        sshd.dir.join("known_hosts").display().to_string(),
+        sshd.dir.join("sockets").display().to_string(),
+        standby_root.display().to_string(),
+    ));
+    fs::write(&config, text).unwrap();
+    config
+}
+
+fn run_record(run: &Run) -> serde_json::Value {
+    run.json()
+        .into_iter()
+        .find(|v| v["type"] == "run")
+        .unwrap_or_else(|| panic!("no run record:\n{}\n{}", run.stdout, run.stderr))["run"]
+        .clone()
+}
+
+fn pbs_run(env: &Env, config: &Path, args: &[&str]) -> (Run, serde_json::Value) {
+    let c = config.display().to_string();
+    let state = env.path("state").display().to_string();
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.extend(["--config", &c, "--state-dir", &state]);
+    let run = env.pbs(&all);
+    let record = run_record(&run);
+    (run, record)
+}
+
+fn pull(env: &Env, config: &Path) -> serde_json::Value {
+    let (run, record) = pbs_run(env, config, &["pull", "web-1"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    record
+}
+
+fn push(env: &Env, config: &Path) -> (Run, serde_json::Value) {
+    pbs_run(env, config, &["push", "web-1"])
+}
+
+/// The snapshot `spec` of web-1 restored by the pbs itself into `dir` (the
+/// reference a standby copy must equal).
+fn reference(env: &Env, config: &Path, spec: &str, dir: &Path) {
+    let c = config.display().to_string();
+    let state = env.path("state").display().to_string();
+    let t = dir.display().to_string();
+    env.pbs(&[
+        "restore",
+        spec,
+        "--host",
+        "web-1",
+        "--config",
+        &c,
+        "--state-dir",
+        &state,
+        "--target",
+        &t,
+    ])
+    .expect(0);
+}
+
+/// Whether two trees are equal in bytes and metadata (as `assert_same_tree` has it).
+fn same_tree(a: &Path, b: &Path) -> bool {
+    snapshot_of(a) == snapshot_of(b)
+}
+
+/// A change of about 1% of `src` (made by `make_fixture` plus `data/`): a few bytes in
+/// the middle of a large file, a new file, a file removed, a file renamed, a mode
+/// changed.
+fn change_a_little(src: &Path) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let big = fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("data/large.bin"))
+        .unwrap();
+    big.write_all_at(b"a few changed bytes", 9 * 1024 * 1024 + 77)
+        .unwrap();
+    fs::write(src.join("data/new.txt"), random_bytes(40, 60_000)).unwrap();
+    fs::remove_file(src.join("dir/text.txt")).unwrap();
+    fs::rename(src.join("data/part-3.bin"), src.join("data/moved-3.bin")).unwrap();
+    fs::set_permissions(src.join("small.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+}
+
+/// `make_fixture`, plus 24 MiB of data a push can reuse: a large file and parts.
+fn make_source(src: &Path) {
+    make_fixture(src);
+    fs::create_dir_all(src.join("data")).unwrap();
+    fs::write(src.join("data/large.bin"), random_bytes(30, 16 << 20)).unwrap();
+    for i in 0..8 {
+        fs::write(
+            src.join(format!("data/part-{i}.bin")),
+            random_bytes(31 + i, 1 << 20),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_changed() {
+    let (env, src) = Env::with_source();
+    make_source(&src);
+    let standby_root = env.path("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let copy = standby_root.join("web-1");
+    let inside = |copy: &Path| copy.join(src.strip_prefix("/").unwrap());
+
+    let first = pull(&env, &config);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(record["kind"], "push");
+    assert_eq!(record["status"], "ok", "{record}");
+    assert_eq!(record["snapshot"], first["snapshot"]);
+    let d = &record["details"]["push"];
+    assert_eq!(d["clone"], "standby");
+    assert_eq!(d["replaced"], true, "{record}");
+    assert_eq!(d["files_linked"], 0, "{record}");
+    assert_same_tree(&src, &inside(&copy));
+    let full_sent = d["bytes_sent"].as_u64().unwrap();
+    assert!(
+        full_sent > 20 << 20,
+        "a first push sends everything: {record}"
+    );
+
+    // About 1% changed; the new pull's bytes on the wire are what changed.
+    change_a_little(&src);
+    let second = pull(&env, &config);
+    let pulled = second["counters"]["bytes_received"].as_u64().unwrap();
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(record["snapshot"], second["snapshot"]);
+    assert_same_tree(&src, &inside(&copy));
+    let d = &record["details"]["push"];
+    let sent = d["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= 2 * pulled,
+        "the second push sent {sent} bytes where the pull of the change took {pulled}: {record}"
+    );
+    assert!(sent < full_sent / 8, "{sent} of {full_sent}: {record}");
+    // Unchanged files are links to the old copy's; the renamed part and the large
+    // file's unchanged chunks came from the clone's own copy.
+    assert!(d["files_linked"].as_u64().unwrap() > 10, "{record}");
+    assert!(
+        d["bytes_local"].as_u64().unwrap() >= 14 << 20,
+        "the large file and the moved part are rebuilt from the clone's chunks: {record}"
+    );
+    // What the clone keeps beside the copy is not in it, and nothing of a build is left.
+    let state = standby_root.join(".web-1.haul-standby");
+    let mut left: Vec<String> = fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["chunks", "lock", "record"]);
+
+    // The push is in the feed, as its monitors read it.
+    let feed = feedparser(&env.path("state").join("feed.xml"));
+    let title = feed["entries"][0]["title"].as_str().unwrap().to_string();
+    let short = &second["snapshot"].as_str().unwrap()[..8];
+    assert!(
+        title.starts_with(&format!("standby: push OK — web-1 {short}, "))
+            && title.contains(" sent"),
+        "{title}"
+    );
+
+    // Nothing changed: nothing but the listings is sent, every file is linked but the
+    // three names of the fixture's multiply-linked file, made again from its chunk.
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let d = &record["details"]["push"];
+    assert_eq!(
+        d["files_linked"].as_u64().unwrap() + 3,
+        d["files"].as_u64().unwrap(),
+        "{record}"
+    );
+    assert!(d["bytes_sent"].as_u64().unwrap() < 64 << 10, "{record}");
+    assert_same_tree(&src, &inside(&copy));
+}
+
+#[test]
+fn a_copy_changed_on_the_clone_is_noticed_and_replaced() {
+    let (env, src) = Env::with_source();
+    make_source(&src);
+    let standby_root = env.path("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let inside = standby_root
+        .join("web-1")
+        .join(src.strip_prefix("/").unwrap());
+    pull(&env, &config);
+    let (run, _) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // Someone writes into the copy, keeping size and mtime of one file (a chunk of it
+    // must not be taken as the snapshot's), and replaces another.
+    flip_byte(&inside.join("data/large.bin"), 3 << 20);
+    set_mtime_like(&src.join("data/large.bin"), &inside.join("data/large.bin"));
+    fs::write(inside.join("data/part-1.bin"), b"not what was pushed").unwrap();
+    change_a_little(&src);
+    pull(&env, &config);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{record}", run.stderr);
+    assert_same_tree(&src, &inside);
+}
+
+fn set_mtime_like(from: &Path, to: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(from).unwrap();
+    let c = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).unwrap();
+    let ts = libc::timespec {
+        tv_sec: m.mtime(),
+        tv_nsec: m.mtime_nsec(),
+    };
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [ts, ts].as_ptr(), 0) },
+        0
+    );
+}
+
+#[test]
+fn a_push_killed_at_any_moment_leaves_one_whole_snapshot_and_the_next_completes() {
+    let (env, src) = Env::with_source();
+    make_source(&src);
+    let standby_root = env.path("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let copy = standby_root.join("web-1");
+    let rel = src.strip_prefix("/").unwrap();
+    pull(&env, &config);
+    let (run, _) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let ref_a = env.path("ref-a");
+    reference(&env, &config, "latest", &ref_a);
+    change_a_little(&src);
+    pull(&env, &config);
+    let ref_b = env.path("ref-b");
+    reference(&env, &config, "latest", &ref_b);
+    let (a, b) = (ref_a.join(rel), ref_b.join(rel));
+
+    // Kill the clone's agent (kill -9), or cut the pbs's connection by killing the pbs,
+    // at moments spread over the push; the copy is A or B, whole, every time.
+    let c = config.display().to_string();
+    let state = env.path("state").display().to_string();
+    let mut seen_b = false;
+    for round in 0..8u64 {
+        let mut child = env
+            .pbs_command(&["push", "web-1", "--config", &c, "--state-dir", &state])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let wait = Duration::from_millis(40 + round * 60);
+        std::thread::sleep(wait);
+        if round % 2 == 0 {
+            for (pid, name) in descendants(sshd.pid()) {
+                if name == "haul-agent" {
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        } else {
+            let _ = child.kill();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the push did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The agent on the clone ends once its connection is gone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while descendants(sshd.pid())
+            .iter()
+            .any(|(_, n)| n == "haul-agent")
+        {
+            assert!(Instant::now() < deadline, "the clone's agent did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let now = snapshot_of(&copy.join(rel));
+        let is_b = now == snapshot_of(&b);
+        assert!(
+            is_b || now == snapshot_of(&a),
+            "round {round}: the standby copy is neither snapshot"
+        );
+        seen_b |= is_b;
+        if is_b {
+            break; // a later push has nothing left to do
+        }
+    }
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{record}", run.stderr);
+    assert!(same_tree(&b, &copy.join(rel)));
+    let _ = seen_b;
+}
+
+#[test]
+fn the_import_command_runs_after_a_complete_push_only_and_its_failure_fails_the_run() {
+    let (env, src) = Env::with_source();
+    make_source(&src);
+    let standby_root = env.path("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let script = env.path("import.sh");
+    let log = env.path("imported.log");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"importing $HAUL_SNAPSHOT from $HAUL_STANDBY_DIR in $(pwd)\" >> {log}\n\
+             ls {rel} >/dev/null || exit 3\necho imported\n[ -e {fail} ] && {{ echo 'import broke' >&2; exit 7; }}\nexit 0\n",
+            log = log.display(),
+            rel = src.strip_prefix("/").unwrap().join("data/large.bin").display(),
+            fail = env.path("fail").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = sshd.dir.join("wrapper.toml");
+    let mut text = fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!(
+        "import_command = [{:?}]\n",
+        script.display().to_string()
+    ));
+    fs::write(&policy, text).unwrap();
+    let config = config_with_clone(&sshd, &src, &standby_root, "import = true\n");
+
+    let first = pull(&env, &config);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{record}", run.stderr);
+    let import = &record["details"]["push"]["import"];
+    assert_eq!(import["exit"], 0, "{record}");
+    assert_eq!(import["tail"], serde_json::json!(["imported"]), "{record}");
+    let copy = standby_root.join("web-1");
+    let logged = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        logged.trim(),
+        format!(
+            "importing {} from {} in {}",
+            first["snapshot"].as_str().unwrap(),
+            copy.display(),
+            copy.display()
+        )
+    );
+
+    // A failing import: the copy is replaced, the run FAILED with its output.
+    fs::write(env.path("fail"), b"").unwrap();
+    change_a_little(&src);
+    let second = pull(&env, &config);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 1, "{}\n{record}", run.stderr);
+    assert_eq!(record["status"], "failed", "{record}");
+    let error = record["error"].as_str().unwrap();
+    assert!(
+        error.contains("exited with code 7") && error.contains("import broke"),
+        "{error}"
+    );
+    assert_eq!(record["details"]["push"]["replaced"], true);
+    assert_same_tree(&src, &copy.join(src.strip_prefix("/").unwrap()));
+    let feed = feedparser(&env.path("state").join("feed.xml"));
+    let title = feed["entries"][0]["title"].as_str().unwrap();
+    assert!(
+        title.starts_with("standby: push FAILED — web-1 "),
+        "{title}"
+    );
+    let _ = second;
+
+    // A push that fails before the swap never runs the import command.
+    fs::remove_file(env.path("fail")).unwrap();
+    let before = fs::read_to_string(&log).unwrap();
+    // (A policy the wrapper cannot read refuses everything.)
+    let text = fs::read_to_string(&policy).unwrap();
+    fs::write(&policy, format!("{text}not_a_key = 1\n")).unwrap();
+    let (run, record) = push(&env, &config);
+    assert_ne!(run.code, 0, "{record}");
+    assert_eq!(fs::read_to_string(&log).unwrap(), before);
+}
+
+#[test]
+fn pushes_go_only_where_the_policy_and_the_configuration_allow() {
+    let (env, src) = Env::with_source();
+    make_fixture(&src);
+    let standby_root = env.path("standby");
+    let elsewhere = env.path("elsewhere");
+    fs::create_dir_all(&standby_root).unwrap();
+    fs::create_dir_all(&elsewhere).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+
+    // A clone whose standby_dir is outside the clone's restore_targets: refused there.
+    let config = config_with_clone(&sshd, &src, &elsewhere, "");
+    pull(&env, &config);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error_kind"], "refused", "{record}");
+    let error = record["error"].as_str().unwrap();
+    assert!(
+        error.contains("outside the policy's restore_targets"),
+        "{error}"
+    );
+    assert!(error.contains("the standby copy is as it was"), "{error}");
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+    // A host the clone does not receive: never pushed there.
+    let config = config_with_clone(&sshd, &src, &standby_root, "hosts = []\n");
+    let mut text = fs::read_to_string(&config).unwrap();
+    text = text.replace("hosts = []\n", "");
+    text.push_str("hosts = [\"web-2\"]\n");
+    text.push_str(&format!(
+        "\n[[host]]\nname = \"web-2\"\naddress = \"127.0.0.1\"\npaths = [{:?}]\n",
+        src.display().to_string()
+    ));
+    fs::write(&config, &text).unwrap();
+    let c = config.display().to_string();
+    let state = env.path("state").display().to_string();
+    let r = env.pbs(&["push", "web-1", "--config", &c, "--state-dir", &state]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no [[clone]] in"), "{}", r.stderr);
+    let r = env.pbs(&[
+        "push",
+        "web-1",
+        "--clone",
+        "standby",
+        "--config",
+        &c,
+        "--state-dir",
+        &state,
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not receive host \"web-1\""),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read_dir(&standby_root).unwrap().count(), 0);
+
+    // The pbs cannot choose the clone's import command, nor put a copy at the root of
+    // restore_targets (its state would be outside).
+    for (command, why) in [
+        (
+            format!(
+                "haul-agent restore --socket {}/x.sock --snapshot latest --target {}/web-1 --standby --import --import-command /bin/sh",
+                sshd.dir.join("sockets").display(),
+                standby_root.display()
+            ),
+            "--import-command is not an allowed argument",
+        ),
+        (
+            format!(
+                "haul-agent restore --socket {}/x.sock --snapshot latest --target {} --standby",
+                sshd.dir.join("sockets").display(),
+                standby_root.display()
+            ),
+            "is a restore_targets directory itself",
+        ),
+    ] {
+        let r = sshd.ssh(&command);
+        assert_eq!(r.code, 126, "{command}: {}", r.stderr);
+        assert!(r.stderr.contains(why), "{}", r.stderr);
+    }
+}
+
+#[test]
+fn a_full_disk_on_the_clone_fails_the_push_clearly_and_keeps_the_previous_copy() {
+    let (env, src) = Env::with_source();
+    make_source(&src);
+    let disk = Tmpfs::mount(&env.path("clone-disk"), "72m");
+    let standby_root = disk.path.join("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let inside = standby_root
+        .join("web-1")
+        .join(src.strip_prefix("/").unwrap());
+    pull(&env, &config);
+    let (run, _) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let ref_a = env.path("ref-a");
+    reference(&env, &config, "latest", &ref_a);
+    let a = ref_a.join(src.strip_prefix("/").unwrap());
+
+    // The large file changes: rebuilding it needs 16 MiB the clone no longer has.
+    change_a_little(&src);
+    pull(&env, &config);
+    disk.fill_leaving(4 << 20);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 1, "{}\n{record}", run.stderr);
+    assert_eq!(record["status"], "failed");
+    let error = record["error"].as_str().unwrap();
+    assert!(
+        error.contains("No space left on device")
+            && error.contains("the standby copy is as it was"),
+        "{error}"
+    );
+    assert_eq!(record["details"]["push"]["replaced"], false);
+    assert_same_tree(&a, &inside);
+    // Nothing of the failed build is left to take the space.
+    let state = standby_root.join(".web-1.haul-standby");
+    assert!(!state.join("next").exists());
+
+    disk.unfill();
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{record}", run.stderr);
+    assert_same_tree(&src, &inside);
+}
