@@ -96,6 +96,7 @@ fn item(r: &RunRecord) -> rss::Item {
         }
         (None, None, Some(Details::Prune(d))) => crate::output::prune_summary(d),
         (None, None, Some(Details::Push(d))) => crate::output::push_summary(d),
+        (None, None, Some(Details::CloneAlert(d))) => format!("clone {}", d.clone),
         (None, None, None) => format!("{secs:.0} s"),
     };
     let title = match &r.details {

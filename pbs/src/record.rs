@@ -163,6 +163,15 @@ pub enum Details {
     Check(CheckDetails),
     Prune(PruneDetails),
     Push(PushDetails),
+    /// An alert about a clone's copy of the host, not about the host's own backups.
+    CloneAlert(CloneAlertDetails),
+}
+
+/// Which clone an alert is about.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CloneAlertDetails {
+    pub clone: String,
 }
 
 /// What a push did, as the clone's agent reported it and the server counted it.

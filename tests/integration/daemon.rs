@@ -621,3 +621,124 @@ fn fresh_run(running_dir: &Path) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn the_daemon_pushes_each_saved_pull_to_its_clones_and_alerts_for_a_clone_that_is_down() {
+    let env = Env::new();
+    let src = env.path("src/web-1");
+    fs::create_dir_all(src.join("docs")).unwrap();
+    for i in 0..30 {
+        fs::write(
+            src.join("docs").join(format!("page-{i}.html")),
+            format!("<p>page {i}</p>\n").repeat(200),
+        )
+        .unwrap();
+    }
+    let standby = env.path("standby");
+    fs::create_dir_all(&standby).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[], &[&standby]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // Nothing listens there: the clone is down.
+    let down_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let state = env.path("state");
+    let key = |k: &str| sshd.dir.join(k).display().to_string();
+    let clone = |name: &str, port: u16, extra: &str| {
+        format!(
+            "\n[[clone]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nuser = {:?}\n\
+             identity = {:?}\nknown_hosts = {:?}\nsocket_dir = {:?}\nstandby_dir = {:?}\n{extra}",
+            Sshd::user(),
+            key("id_ed25519"),
+            key("known_hosts"),
+            key("sockets"),
+            standby.join(name).display().to_string(),
+        )
+    };
+    let mut config = format!(
+        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\n\n\
+         [[host]]\nname = \"web-1\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"5s\"\n",
+        state.display().to_string(),
+        src.display().to_string()
+    );
+    config.push_str(&clone("near", sshd.port, ""));
+    config.push_str(&clone("far", sshd.port, ""));
+    config.push_str(&clone("down", down_port, "alert_window = \"1s\"\n"));
+    let config_file = env.path("pbs.toml");
+    fs::write(&config_file, &config).unwrap();
+    let daemon = format!(
+        "{} daemon --config {} --grace 30s",
+        bin("haul-pbs").display(),
+        config_file.display()
+    );
+    let sup_dir = env.path("supervisor");
+    fs::create_dir_all(&sup_dir).unwrap();
+    let _sup = Supervisor::start(
+        &sup_dir,
+        &daemon,
+        &[
+            ("HAUL_AGENT", bin("haul-agent").display().to_string()),
+            ("HAUL_CACHE_DIR", env.path("cache").display().to_string()),
+        ],
+    );
+
+    // The pull, then a push to each clone; the one that is down fails, and alerts
+    // once its window has passed.
+    let r = wait_records(&state, Duration::from_secs(120), |r| {
+        r.iter().filter(|v| v["kind"] == "push").count() >= 3
+            && r.iter().any(|v| v["kind"] == "alert")
+    });
+    let pull = r.iter().find(|v| v["kind"] == "pull").unwrap();
+    assert_eq!(pull["status"], "ok", "{pull}");
+    let push_to = |name: &str| {
+        r.iter()
+            .find(|v| v["kind"] == "push" && v["details"]["push"]["clone"] == name)
+            .unwrap_or_else(|| panic!("no push to {name}: {r:#?}"))
+    };
+    for name in ["near", "far"] {
+        let p = push_to(name);
+        assert_eq!(p["status"], "ok", "{p}");
+        assert_eq!(p["snapshot"], pull["snapshot"]);
+        let copy = standby.join(name).join("web-1");
+        haul_tests::assert_same_tree(&src, &copy.join(src.strip_prefix("/").unwrap()));
+    }
+    let down = push_to("down");
+    assert_eq!(down["status"], "failed", "{down}");
+    assert_eq!(down["error_kind"], "unreachable", "{down}");
+    let alert = r.iter().find(|v| v["kind"] == "alert").unwrap();
+    assert_eq!(alert["host"], "web-1");
+    assert_eq!(alert["details"]["clone_alert"]["clone"], "down", "{alert}");
+    let message = alert["error"].as_str().unwrap();
+    assert!(
+        message.starts_with("clone down: no successful push of web-1 since the daemon started"),
+        "{message}"
+    );
+
+    // What monitors read: the push items, by a feed parser nobody here wrote.
+    let feed = feedparser(&state.join("feed.xml"));
+    assert_eq!(feed["bozo"], false);
+    let titles: Vec<&str> = feed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["title"].as_str().unwrap())
+        .collect();
+    let short = &pull["snapshot"].as_str().unwrap()[..8];
+    for name in ["near", "far"] {
+        let want = format!("{name}: push OK — web-1 {short}, ");
+        assert!(
+            titles.iter().any(|t| t.starts_with(&want)),
+            "{want} in {titles:#?}"
+        );
+    }
+    assert!(
+        titles
+            .iter()
+            .any(|t| t.starts_with(&format!("down: push FAILED — web-1 {short}, "))),
+        "{titles:#?}"
+    );
+}

@@ -518,12 +518,16 @@ fn raise_stale_alerts(shared: &SharedRef) {
     let (alerts, history) = locked(shared, |site, schedule, history| {
         let now = Utc::now();
         // Pulls other processes recorded count too (the history is read incrementally).
-        if let Err(e) =
-            history.with_records(|r| schedule.observe(&site.config, r, now, &mut jitter))
-        {
-            tracing::warn!("reading the run history: {e}");
+        let clones = history.with_records(|r| {
+            schedule.observe(&site.config, r, now, &mut jitter);
+            schedule.stale_clones(&site.config, r, now)
+        });
+        let mut alerts = schedule.stale_alerts(&site.config, now);
+        match clones {
+            Ok(c) => alerts.extend(c),
+            Err(e) => tracing::warn!("reading the run history: {e}"),
         }
-        schedule.stale_alerts(&site.config, now)
+        alerts
     });
     for alert in alerts {
         record_alert(&history, alert, RunStatus::Warning);
@@ -542,6 +546,11 @@ fn record_alert(history: &History, alert: Alert, status: RunStatus) {
     );
     record.status = status;
     record.error = Some(alert.message);
+    if let Some(clone) = alert.clone {
+        record.details = Some(crate::record::Details::CloneAlert(
+            crate::record::CloneAlertDetails { clone },
+        ));
+    }
     if let Err(e) = history.record(&record) {
         tracing::error!("cannot record the alert: {e}");
     }

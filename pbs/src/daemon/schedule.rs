@@ -61,6 +61,8 @@ pub enum Ended {
 pub struct Alert {
     pub host: String,
     pub message: String,
+    /// The clone whose copy of the host is stale, for an alert about a clone.
+    pub clone: Option<String>,
 }
 
 /// Per host: when it last succeeded and whether it is stale.
@@ -247,6 +249,7 @@ impl Schedule {
                     message: format!(
                         "not retried until it is fixed: {error}; then reload the daemon (SIGHUP) or restart it"
                     ),
+                    clone: None,
                 })
             }
         }
@@ -321,7 +324,75 @@ impl Schedule {
                     "{what} (alert window {})",
                     humantime::format_duration(health.window)
                 ),
+                clone: None,
             });
+        }
+        alerts
+    }
+}
+
+/// The clone an alert record is about, if it is about one.
+fn clone_of(r: &RunRecord) -> Option<&str> {
+    match &r.details {
+        Some(crate::record::Details::CloneAlert(d)) => Some(&d.clone),
+        _ => None,
+    }
+}
+
+impl Schedule {
+    /// Each clone's copy of each host it receives with no successful push for longer
+    /// than the clone's alert window (counted from when this daemon started if there
+    /// was none) and not alerted within that window yet.
+    pub fn stale_clones(
+        &self,
+        config: &Config,
+        records: &[RunRecord],
+        now: DateTime<Utc>,
+    ) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        for c in &config.clones {
+            let window = c.alert_window(config);
+            for h in config.hosts.iter().filter(|h| c.receives(&h.name)) {
+                let about = |r: &&RunRecord| r.host == h.name;
+                let pushed = records
+                    .iter()
+                    .filter(about)
+                    .filter(|r| r.kind == RunKind::Push && r.status.saved())
+                    .filter(|r| matches!(&r.details, Some(crate::record::Details::Push(d)) if d.clone == c.name))
+                    .map(|r| r.end)
+                    .max();
+                let since = pushed.unwrap_or(self.started);
+                if (now - since).to_std().unwrap_or_default() <= window {
+                    continue;
+                }
+                let alerted = records
+                    .iter()
+                    .filter(about)
+                    .filter(|r| r.kind == RunKind::Alert && clone_of(r) == Some(c.name.as_str()))
+                    .map(|r| r.end)
+                    .max()
+                    .is_some_and(|a| a > since && (now - a).to_std().unwrap_or_default() < window);
+                if alerted {
+                    continue;
+                }
+                let gap = human_gap(now - since);
+                let what = match pushed {
+                    Some(_) => format!("no successful push of {} for {gap}", h.name),
+                    None => format!(
+                        "no successful push of {} since the daemon started {gap} ago",
+                        h.name
+                    ),
+                };
+                alerts.push(Alert {
+                    host: h.name.clone(),
+                    message: format!(
+                        "clone {}: {what} (alert window {})",
+                        c.name,
+                        humantime::format_duration(window)
+                    ),
+                    clone: Some(c.name.clone()),
+                });
+            }
         }
         alerts
     }
@@ -356,7 +427,7 @@ fn from_history(
             .max(),
         last_alert: records
             .iter()
-            .filter(|r| r.host == h.name && r.kind == RunKind::Alert)
+            .filter(|r| r.host == h.name && r.kind == RunKind::Alert && clone_of(r).is_none())
             .map(|r| r.end)
             .max(),
         held: None,
