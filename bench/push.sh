@@ -32,7 +32,8 @@ while (($#)); do
   esac
 done
 bench_needs restic rsync jq python3 ssh ssh-keygen /usr/sbin/sshd
-(cd "$root" && cargo build --release -q -p haul-pbs -p haul-agent -p haul-wrapper --example delay_proxy)
+(cd "$root" && cargo build --release -q -p haul-pbs -p haul-agent -p haul-wrapper \
+  && cargo build --release -q -p haul-pbs --example delay_proxy)
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 export RESTIC_PASSWORD=bench
 unset HAUL_REPO HAUL_PASSWORD
