@@ -7,6 +7,10 @@
 #                          exit 2 saying so
 #   bench_haul_binaries    sets bin and haul: $HAUL_BIN, else target/release (built
 #                          when missing)
+#   bench_sshd_config DIR PORT  writes DIR/sshd_config: a private sshd on 127.0.0.1:PORT
+#                          with DIR's hostkey and authorized_keys, forwards for haul
+#   bench_login DIR        sets login: a uid-0 account whose shell is /bin/sh, made
+#                          (home in DIR) if missing, removed by bench_login_off
 
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd -P)
 me=$(basename "$0")
@@ -47,3 +51,36 @@ bench_count() {
     exit 2
   fi
 }
+
+bench_sshd_config() {
+  cat >"$1/sshd_config" <<EOF
+Port $2
+ListenAddress 127.0.0.1
+HostKey $1/hostkey
+PidFile $1/sshd.pid
+AuthorizedKeysFile $1/authorized_keys
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+AllowTcpForwarding remote
+PermitListen none
+AllowStreamLocalForwarding remote
+StreamLocalBindUnlink yes
+EOF
+}
+
+# Both haul and the tool it is measured against log in as this account: sshd runs a
+# forced command through the login shell, and bash sourcing a heavy ~/.bashrc there (on
+# the machine this was written on, root's runs `pyenv init`: 0.14 s) would be counted
+# against one side only. `--force` on removal: uid 0 always has processes.
+bench_login() {
+  login=haulbench made_login=
+  if ! getent passwd "$login" >/dev/null; then
+    mkdir -p "$1/home"
+    useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir "$1/home" --shell /bin/sh "$login" 2>/dev/null
+    usermod --password '*' "$login"   # no password, not locked: key logins only
+    made_login=1
+  fi
+}
+bench_login_off() { [[ -z $made_login ]] || userdel --force "$login" 2>/dev/null || true; }

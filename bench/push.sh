@@ -56,34 +56,12 @@ printf 'restrict %s\n' "$(cat "$d/id_rsync.pub")" >>"$d/authorized_keys"   # rsy
   printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$d/hostkey.pub")"
   printf '[127.0.0.1]:%s %s\n' "$slow" "$(cut -d' ' -f1,2 "$d/hostkey.pub")"
 } >"$d/known_hosts"
-cat >"$d/sshd_config" <<EOF
-Port $port
-ListenAddress 127.0.0.1
-HostKey $d/hostkey
-PidFile $d/sshd.pid
-AuthorizedKeysFile $d/authorized_keys
-StrictModes no
-UsePAM no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-AllowTcpForwarding remote
-PermitListen none
-AllowStreamLocalForwarding remote
-StreamLocalBindUnlink yes
-EOF
-# A uid-0 login whose shell is /bin/sh (see bench/ssh_pull.sh): root's own shell may
-# source a heavy ~/.bashrc for every forced command.
-login=haulbench made_login=
-if ! getent passwd "$login" >/dev/null; then
-  mkdir -p "$work/home"
-  useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir "$work/home" --shell /bin/sh "$login" 2>/dev/null
-  usermod --password '*' "$login"
-  made_login=1
-fi
+bench_sshd_config "$d" "$port"
+bench_login "$work"
 /usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
 proxy=
 "$bin/examples/delay_proxy" "127.0.0.1:$slow" "127.0.0.1:$port" 25 & proxy=$!
-trap 'kill $sshd $proxy 2>/dev/null; [[ -z $made_login ]] || userdel --force "$login" 2>/dev/null' EXIT
+trap 'kill $sshd $proxy 2>/dev/null; bench_login_off' EXIT
 sleep 1
 
 # The pbs: host `bench` (its agent run here) pushed to clone `clone` through the sshd,

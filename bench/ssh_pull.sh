@@ -24,6 +24,7 @@ while (($#)); do
   esac
 done
 root=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd -P)
+. "$root/bench/lib.sh"
 (cd "$root" && cargo build --release -q -p haul-pbs -p haul-agent -p haul-wrapper)
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 rm -rf "$work" && mkdir -p "$work/sshd/sockets" /run/sshd && chmod 700 "$work/sshd/sockets"
@@ -37,37 +38,11 @@ printf 'agent = "%s"\nsocket_dir = "%s"\nbackup_roots = ["%s"]\n' "$bin/haul-age
 printf 'command="%s --policy %s",restrict,port-forwarding %s\n' "$bin/haul-wrapper" "$d/wrapper.toml" "$(cat "$d/id_ed25519.pub")" >"$d/authorized_keys"
 printf 'restrict %s\n' "$(cat "$d/id_restic.pub")" >>"$d/authorized_keys"   # restic: sftp only
 printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$d/hostkey.pub")" >"$d/known_hosts"
-cat >"$d/sshd_config" <<EOF
-Port $port
-ListenAddress 127.0.0.1
-HostKey $d/hostkey
-PidFile $d/sshd.pid
-AuthorizedKeysFile $d/authorized_keys
-StrictModes no
-UsePAM no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-AllowTcpForwarding remote
-PermitListen none
-AllowStreamLocalForwarding remote
-StreamLocalBindUnlink yes
-Subsystem sftp internal-sftp
-EOF
-# Both log in as a uid-0 account whose shell is /bin/sh (as BSD's `toor`): sshd runs a
-# forced command through the login shell, and bash sourcing a heavy ~/.bashrc there (on
-# the machine this was written on, root's runs `pyenv init`: 0.14 s) would be counted
-# against haul only, since restic's sftp subsystem runs inside sshd. Created here if
-# missing, removed at exit (`--force`: uid 0 always has processes).
-login=haulbench
-made_login=
-if ! getent passwd "$login" >/dev/null; then
-  mkdir -p "$work/home"
-  useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir "$work/home" --shell /bin/sh "$login" 2>/dev/null
-  usermod --password '*' "$login"   # no password, not locked: key logins only
-  made_login=1
-fi
+bench_sshd_config "$d" "$port"
+echo "Subsystem sftp internal-sftp" >>"$d/sshd_config"
+bench_login "$work"
 /usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
-trap 'kill $sshd 2>/dev/null; [[ -z $made_login ]] || userdel --force "$login" 2>/dev/null' EXIT
+trap 'kill $sshd 2>/dev/null; bench_login_off' EXIT
 sleep 1
 printf 'x\n' >"$work/pass"
 # Machine-wide busy CPU (user, nice, system, irq, softirq, steal) in seconds: with

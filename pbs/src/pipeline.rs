@@ -48,8 +48,8 @@ impl Observer for Quiet {
     }
 }
 
-/// What a pull did.
-pub struct PullOutcome {
+/// What a pull or a push did.
+pub struct RunOutcome {
     pub record: RunRecord,
     /// What its agent printed, when it ran (warnings for the report).
     pub agent: Option<AgentRun>,
@@ -57,6 +57,40 @@ pub struct PullOutcome {
     pub error: Option<RunError>,
     /// Why the record could not be written, if it could not.
     pub unrecorded: Option<CliError>,
+}
+
+/// Completes `record` with how the run ended (`status`, `error`, what its agent
+/// printed) and writes it to `history`. A record that cannot be written (a full disk,
+/// a feed directory another user owns) does not undo the run: it is said, and the
+/// outcome stands.
+fn record_run(
+    history: &History,
+    mut record: RunRecord,
+    status: RunStatus,
+    error: Option<RunError>,
+    outcome: Result<AgentRun, RunError>,
+) -> RunOutcome {
+    let error = error.map(|e| RunError::new(e.kind, cut_to(e.message, MAX_ERROR)));
+    record.status = status;
+    if let Some(e) = &error {
+        record.error = Some(e.message.clone());
+        record.error_kind = Some(e.kind);
+    }
+    if let Ok(r) = &outcome {
+        record.connections = r.connections;
+        record.agent_peak_rss_kib = r.agent_peak_rss_kib;
+        record.output_tail = r.tail.clone();
+    }
+    let unrecorded = history.record(&record).err();
+    if let Some(e) = &unrecorded {
+        crate::errln!("haul-pbs: the run {} could not be recorded: {e}", record.id);
+    }
+    RunOutcome {
+        record,
+        agent: outcome.ok(),
+        error,
+        unrecorded,
+    }
 }
 
 /// Runs `plan`, records it in `history`, and applies the host's retention. An error
@@ -67,7 +101,7 @@ pub fn pull(
     repos: &Repositories,
     plan: &PullPlan,
     observer: &dyn Observer,
-) -> Result<PullOutcome, CliError> {
+) -> Result<RunOutcome, CliError> {
     let start = chrono::Utc::now();
     tracing::debug!(host = %plan.host, "pull starting");
     // A host that has saved snapshots before finds no repository: its disk is not
@@ -127,29 +161,13 @@ pub fn pull(
         tracing::warn!("{e}: the next pull sends again what this one sent");
     }
     let (status, error) = conclude(&outcome, committed.is_some());
-    let error = error.map(|e| RunError::new(e.kind, cut_to(e.message, MAX_ERROR)));
     let mut record = RunRecord::new(id, &plan.host, RunKind::Pull, plan.source.kind(), start);
-    record.status = status;
-    if let Some(e) = &error {
-        record.error = Some(e.message.clone());
-        record.error_kind = Some(e.kind);
-    }
     record.snapshot = committed.as_ref().map(|(id, _)| id.to_hex());
     record.counters = committed.as_ref().map(|(_, snap)| Counters {
         snapshot: snap.summary.clone(),
         bytes_received: server.bytes_received(),
     });
-    if let Ok(r) = &outcome {
-        record.connections = r.connections;
-        record.agent_peak_rss_kib = r.agent_peak_rss_kib;
-        record.output_tail = r.tail.clone();
-    }
-    // A record that cannot be written (a full disk, a feed directory another user
-    // owns) does not undo the run: it is said, and the outcome stands.
-    let unrecorded = history.record(&record).err();
-    if let Some(e) = &unrecorded {
-        crate::errln!("haul-pbs: the run {} could not be recorded: {e}", record.id);
-    }
+    let done = record_run(history, record, status, error, outcome);
     // Retention only after a fully successful pull: its snapshot is the newest, which
     // retention never removes. A failure here is recorded as a failed `forget` run
     // (and reported); the pull itself stands.
@@ -158,22 +176,7 @@ pub fn pull(
             crate::errln!("haul-pbs: {e}");
         }
     }
-    Ok(PullOutcome {
-        record,
-        agent: outcome.ok(),
-        error,
-        unrecorded,
-    })
-}
-
-/// What a push did.
-pub struct PushOutcome {
-    pub record: RunRecord,
-    /// What the clone's agent printed, when it ran.
-    pub agent: Option<AgentRun>,
-    pub error: Option<RunError>,
-    /// Why the record could not be written, if it could not.
-    pub unrecorded: Option<CliError>,
+    Ok(done)
 }
 
 /// Runs `plan`: a read-only server of this process streams the host's snapshot (and
@@ -187,7 +190,7 @@ pub fn push(
     repos: &Repositories,
     plan: &PushPlan,
     observer: &dyn Observer,
-) -> Result<PushOutcome, CliError> {
+) -> Result<RunOutcome, CliError> {
     let start = chrono::Utc::now();
     let (repo, transport) = std::thread::scope(|s| {
         let opening = s.spawn(|| repos.open_as_is(&plan.repository));
@@ -256,30 +259,10 @@ pub fn push(
         }
     }
     let (status, error) = conclude_push(&outcome, details.replaced);
-    let error = error.map(|e| RunError::new(e.kind, cut_to(e.message, MAX_ERROR)));
     let mut record = RunRecord::new(id, &plan.host, RunKind::Push, plan.source.kind(), start)
         .with_details(Details::Push(details));
-    record.status = status;
     record.snapshot = Some(snapshot.to_hex());
-    if let Some(e) = &error {
-        record.error = Some(e.message.clone());
-        record.error_kind = Some(e.kind);
-    }
-    if let Ok(r) = &outcome {
-        record.connections = r.connections;
-        record.agent_peak_rss_kib = r.agent_peak_rss_kib;
-        record.output_tail = r.tail.clone();
-    }
-    let unrecorded = history.record(&record).err();
-    if let Some(e) = &unrecorded {
-        crate::errln!("haul-pbs: the run {} could not be recorded: {e}", record.id);
-    }
-    Ok(PushOutcome {
-        record,
-        agent: outcome.ok(),
-        error,
-        unrecorded,
-    })
+    Ok(record_run(history, record, status, error, outcome))
 }
 
 /// How a push ended, from whether the clone replaced its copy and how its agent ended.

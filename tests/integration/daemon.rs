@@ -89,6 +89,27 @@ impl Drop for Supervisor {
     }
 }
 
+/// `config` written to the environment's `pbs.toml`, and `haul-pbs daemon` on it under
+/// a supervisord of the test's, with the built agent, a cache of the test's and `env`.
+fn supervised_daemon(env: &Env, config: &str, extra: &[(&str, String)]) -> (PathBuf, Supervisor) {
+    let config_file = env.path("pbs.toml");
+    fs::write(&config_file, config).unwrap();
+    let daemon = format!(
+        "{} daemon --config {} --grace 30s",
+        bin("haul-pbs").display(),
+        config_file.display()
+    );
+    let sup_dir = env.path("supervisor");
+    fs::create_dir_all(&sup_dir).unwrap();
+    let mut vars = vec![
+        ("HAUL_AGENT", bin("haul-agent").display().to_string()),
+        ("HAUL_CACHE_DIR", env.path("cache").display().to_string()),
+    ];
+    vars.extend(extra.iter().cloned());
+    let sup = Supervisor::start(&sup_dir, &daemon, &vars);
+    (config_file, sup)
+}
+
 fn get(port: u16, path: &str) -> (u16, String) {
     http_get(&format!("127.0.0.1:{port}"), path)
 }
@@ -165,25 +186,12 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
     let sshd = Sshd::start(&env.path("sshd"), &[&ssh_src]);
     let ssh_host = fs::read_to_string(sshd.pbs_config("ssh1", &[&ssh_src])).unwrap();
     config.push_str(&format!("\n{ssh_host}schedule = \"4s\"\n"));
-    let config_file = env.path("pbs.toml");
-    fs::write(&config_file, &config).unwrap();
-    let daemon = format!(
-        "{} daemon --config {} --grace 30s",
-        bin("haul-pbs").display(),
-        config_file.display()
-    );
-    let sup_dir = env.path("supervisor");
-    fs::create_dir_all(&sup_dir).unwrap();
-    let sup = Supervisor::start(
-        &sup_dir,
-        &daemon,
-        &[
-            ("HAUL_AGENT", bin("haul-agent").display().to_string()),
-            ("HAUL_CACHE_DIR", env.path("cache").display().to_string()),
-            // Each pull stores slowly (a debug-build fault hook), so runs overlap and
-            // a stop or a kill finds one running.
-            ("HAUL_FAULT_STORE_DELAY_MS", "1500".into()),
-        ],
+    let (config_file, sup) = supervised_daemon(
+        &env,
+        &config,
+        // Each pull stores slowly (a debug-build fault hook), so runs overlap and a stop
+        // or a kill finds one running.
+        &[("HAUL_FAULT_STORE_DELAY_MS", "1500".into())],
     );
 
     // Each host is pulled again and again on its schedule.
@@ -311,9 +319,9 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
         "stop took {:?}",
         t.elapsed()
     );
-    let log = fs::read_to_string(sup_dir.join("supervisord.log")).unwrap();
+    let log = fs::read_to_string(env.path("supervisor").join("supervisord.log")).unwrap();
     assert!(log.contains("stopped: haul (exit status 0)"), "{log}");
-    let err = fs::read_to_string(sup_dir.join("haul.err")).unwrap();
+    let err = fs::read_to_string(env.path("supervisor").join("haul.err")).unwrap();
     assert!(
         err.contains("waiting for running pulls") && err.contains("daemon stopped"),
         "{err}"
@@ -668,23 +676,7 @@ fn the_daemon_pushes_each_saved_pull_to_its_clones_and_alerts_for_a_clone_that_i
     config.push_str(&clone("near", sshd.port, ""));
     config.push_str(&clone("far", sshd.port, ""));
     config.push_str(&clone("down", down_port, "alert_window = \"1s\"\n"));
-    let config_file = env.path("pbs.toml");
-    fs::write(&config_file, &config).unwrap();
-    let daemon = format!(
-        "{} daemon --config {} --grace 30s",
-        bin("haul-pbs").display(),
-        config_file.display()
-    );
-    let sup_dir = env.path("supervisor");
-    fs::create_dir_all(&sup_dir).unwrap();
-    let _sup = Supervisor::start(
-        &sup_dir,
-        &daemon,
-        &[
-            ("HAUL_AGENT", bin("haul-agent").display().to_string()),
-            ("HAUL_CACHE_DIR", env.path("cache").display().to_string()),
-        ],
-    );
+    let (_, _sup) = supervised_daemon(&env, &config, &[]);
 
     // The pull, then a push to each clone; the one that is down fails, and alerts
     // once its window has passed.

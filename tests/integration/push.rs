@@ -25,6 +25,33 @@ fn config_with_clone(sshd: &Sshd, src: &Path, standby_root: &Path, extra: &str) 
     config
 }
 
+/// A source (`make_source`), an sshd playing both the host and the clone, whose
+/// restore_targets is `standby_root`, and the pbs's configuration with `extra` for the
+/// clone.
+struct Setup {
+    env: Env,
+    src: PathBuf,
+    standby_root: PathBuf,
+    sshd: Sshd,
+    config: PathBuf,
+}
+
+fn setup(extra: &str) -> Setup {
+    let (env, src) = Env::with_source();
+    make_source(&src);
+    let standby_root = env.path("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let config = config_with_clone(&sshd, &src, &standby_root, extra);
+    Setup {
+        env,
+        src,
+        standby_root,
+        sshd,
+        config,
+    }
+}
+
 fn run_record(run: &Run) -> serde_json::Value {
     run.json()
         .into_iter()
@@ -113,12 +140,13 @@ fn make_source(src: &Path) {
 
 #[test]
 fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_changed() {
-    let (env, src) = Env::with_source();
-    make_source(&src);
-    let standby_root = env.path("standby");
-    fs::create_dir_all(&standby_root).unwrap();
-    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
-    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let Setup {
+        env,
+        src,
+        standby_root,
+        sshd: _sshd,
+        config,
+    } = setup("");
     let copy = standby_root.join("web-1");
     let inside = |copy: &Path| copy.join(src.strip_prefix("/").unwrap());
 
@@ -196,12 +224,13 @@ fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_change
 
 #[test]
 fn a_copy_changed_on_the_clone_is_noticed_and_replaced() {
-    let (env, src) = Env::with_source();
-    make_source(&src);
-    let standby_root = env.path("standby");
-    fs::create_dir_all(&standby_root).unwrap();
-    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
-    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let Setup {
+        env,
+        src,
+        standby_root,
+        sshd: _sshd,
+        config,
+    } = setup("");
     let inside = standby_root
         .join("web-1")
         .join(src.strip_prefix("/").unwrap());
@@ -236,12 +265,13 @@ fn set_mtime_like(from: &Path, to: &Path) {
 
 #[test]
 fn a_push_killed_at_any_moment_leaves_one_whole_snapshot_and_the_next_completes() {
-    let (env, src) = Env::with_source();
-    make_source(&src);
-    let standby_root = env.path("standby");
-    fs::create_dir_all(&standby_root).unwrap();
-    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
-    let config = config_with_clone(&sshd, &src, &standby_root, "");
+    let Setup {
+        env,
+        src,
+        standby_root,
+        sshd,
+        config,
+    } = setup("");
     let copy = standby_root.join("web-1");
     let rel = src.strip_prefix("/").unwrap();
     pull(&env, &config);
@@ -311,11 +341,13 @@ fn a_push_killed_at_any_moment_leaves_one_whole_snapshot_and_the_next_completes(
 
 #[test]
 fn the_import_command_runs_after_a_complete_push_only_and_its_failure_fails_the_run() {
-    let (env, src) = Env::with_source();
-    make_source(&src);
-    let standby_root = env.path("standby");
-    fs::create_dir_all(&standby_root).unwrap();
-    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let Setup {
+        env,
+        src,
+        standby_root,
+        sshd,
+        config,
+    } = setup("import = true\n");
     let script = env.path("import.sh");
     let log = env.path("imported.log");
     fs::write(
@@ -338,7 +370,6 @@ fn the_import_command_runs_after_a_complete_push_only_and_its_failure_fails_the_
         script.display().to_string()
     ));
     fs::write(&policy, text).unwrap();
-    let config = config_with_clone(&sshd, &src, &standby_root, "import = true\n");
 
     let first = pull(&env, &config);
     let (run, record) = push(&env, &config);

@@ -8,7 +8,7 @@ use crate::agent::AgentRun;
 use crate::cli::PullArgs;
 use crate::error::CliError;
 use crate::output::{bytes, json_line};
-use crate::pipeline::{self, Console, PullOutcome};
+use crate::pipeline::{self, Console, RunOutcome};
 use crate::plan::{PullOptions, PullPlan};
 use crate::record::{RunRecord, RunStatus};
 
@@ -89,7 +89,7 @@ fn pull_one(
     repos: &crate::repos::Repositories,
     plan: &PullPlan,
 ) -> Result<(), CliError> {
-    let PullOutcome {
+    let RunOutcome {
         record,
         agent,
         error,

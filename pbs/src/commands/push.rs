@@ -5,7 +5,7 @@ use super::Context;
 use crate::cli::PushArgs;
 use crate::error::CliError;
 use crate::output::{bytes, json_line};
-use crate::pipeline::{self, Console, PushOutcome};
+use crate::pipeline::{self, Console, RunOutcome};
 use crate::plan::{PullOptions, PushPlan};
 use crate::record::{Details, RunRecord, RunStatus};
 
@@ -59,7 +59,7 @@ pub fn push(ctx: &Context, args: PushArgs) -> Result<(), CliError> {
     let repos = ctx.repositories();
     let (mut failed, mut warned) = (Vec::new(), Vec::new());
     for plan in &plans {
-        let PushOutcome {
+        let RunOutcome {
             record,
             error,
             unrecorded,
