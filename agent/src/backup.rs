@@ -94,6 +94,8 @@ impl RemoteSink {
             BlobKind::Tree,
             TREE_BUDGET,
             1,
+            // Excluded directories are not read: only what the walker hints.
+            false,
             &rt,
         );
         let sink = RemoteSink {

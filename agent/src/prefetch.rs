@@ -31,9 +31,33 @@ pub struct Prefetcher {
     path: &'static str,
     kind: BlobKind,
     budget: usize,
+    /// Trees only: each tree fetched ahead has its subtrees hinted as it arrives, so a
+    /// walk that reads every directory finds the next level on its way, not one round
+    /// trip per directory.
+    expand: bool,
     st: Mutex<State>,
     arrived: Condvar,
     wake: tokio::sync::Notify,
+}
+
+impl State {
+    /// Notes the hinted blobs; true if any is to be asked for.
+    fn hint(&mut self, ids: impl IntoIterator<Item = [u8; 32]>) -> bool {
+        let mut added = false;
+        for id in ids {
+            let w = self.wanted.entry(id).or_insert(0);
+            *w += 1;
+            if *w == 1
+                && !self.ready.contains_key(&id)
+                && !self.requested.contains(&id)
+                && self.queued.insert(id)
+            {
+                self.queue.push_back(id);
+                added = true;
+            }
+        }
+        added
+    }
 }
 
 #[derive(Default)]
@@ -60,6 +84,7 @@ impl Prefetcher {
         kind: BlobKind,
         budget: usize,
         tasks: usize,
+        expand: bool,
         rt: &tokio::runtime::Handle,
     ) -> Arc<Prefetcher> {
         let p = Arc::new(Prefetcher {
@@ -67,6 +92,7 @@ impl Prefetcher {
             path,
             kind,
             budget,
+            expand: expand && kind == BlobKind::Tree,
             st: Mutex::new(State::default()),
             arrived: Condvar::new(),
             wake: tokio::sync::Notify::new(),
@@ -79,24 +105,15 @@ impl Prefetcher {
 
     /// These blobs will be needed, in this order.
     pub fn hint(&self, ids: impl IntoIterator<Item = [u8; 32]>) {
-        let mut st = self.st.lock().expect("prefetch");
-        let mut added = false;
-        for id in ids {
-            let w = st.wanted.entry(id).or_insert(0);
-            *w += 1;
-            if *w == 1
-                && !st.ready.contains_key(&id)
-                && !st.requested.contains(&id)
-                && st.queued.insert(id)
-            {
-                st.queue.push_back(id);
-                added = true;
-            }
-        }
-        drop(st);
+        let added = self.st.lock().expect("prefetch").hint(ids);
         if added {
             self.wake.notify_waiters();
         }
+    }
+
+    /// Whether a tree taken from here had its subtrees hinted already (see `expand`).
+    pub fn expands(&self) -> bool {
+        self.expand
     }
 
     /// The blob `id` if it was fetched ahead (waiting for it if it is on its way);
@@ -131,6 +148,13 @@ impl Prefetcher {
                 st = self.arrived.wait(st).expect("prefetch");
                 continue;
             }
+            // Hinted and next in line while the fetchers have budget: it will be asked
+            // for in its turn, sooner than a request of its own on a long link. (Past
+            // the budget the fetchers wait for blobs to be taken: not this one.)
+            if st.queued.contains(id) && st.bytes < self.budget && !st.closed {
+                st = self.arrived.wait(st).expect("prefetch");
+                continue;
+            }
             // Not asked for yet (or never hinted): withdraw this use of the hint.
             if let Some(w) = st.wanted.get_mut(id) {
                 *w -= 1;
@@ -147,6 +171,7 @@ impl Prefetcher {
     pub fn close(&self) {
         self.st.lock().expect("prefetch").closed = true;
         self.wake.notify_waiters();
+        self.arrived.notify_all();
     }
 
     /// Takes the next batch to ask for, unless the budget is spent.
@@ -204,6 +229,7 @@ impl Prefetcher {
                     Ok(frames)
                 });
             let mut st = self.st.lock().expect("prefetch");
+            let mut more = false;
             match answer {
                 Ok(frames) if frames.is_empty() => {
                     st.failed = Some(Failure::new(
@@ -218,6 +244,13 @@ impl Prefetcher {
                 Ok(frames) => {
                     for (id, bytes) in frames {
                         if st.requested.remove(&id) && st.wanted.contains_key(&id) {
+                            if self.expand {
+                                // Checked against its id when it is taken; one that
+                                // does not decode has no subtrees to fetch.
+                                if let Ok(tree) = haul_protocol::tree::TreeBlob::decode(&bytes) {
+                                    more |= st.hint(tree.subtrees().into_iter().map(|t| t.0));
+                                }
+                            }
                             st.bytes += bytes.len();
                             st.ready.insert(id, bytes);
                         }
@@ -237,6 +270,9 @@ impl Prefetcher {
             }
             drop(st);
             self.arrived.notify_all();
+            if more {
+                self.wake.notify_waiters();
+            }
         }
     }
 }

@@ -69,12 +69,14 @@ impl RemoteSource {
 
 impl BlobSource for RemoteSource {
     fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError> {
-        let bytes = match self.trees.take(&id.0).map_err(SourceError::new)? {
+        let (bytes, ahead) = match self.trees.take(&id.0).map_err(SourceError::new)? {
             // An empty frame: the server could not read it; asked alone for the reason.
-            Some(b) if !b.is_empty() => b,
-            _ => self
-                .get(format!("/v1/restore/tree/{}", id.to_hex()))?
-                .to_vec(),
+            Some(b) if !b.is_empty() => (b, true),
+            _ => (
+                self.get(format!("/v1/restore/tree/{}", id.to_hex()))?
+                    .to_vec(),
+                false,
+            ),
         };
         if blake3::hash(&bytes).as_bytes() != &id.0 {
             return Err(SourceError::blob(Bad(format!(
@@ -83,8 +85,11 @@ impl BlobSource for RemoteSource {
             ))));
         }
         let tree = TreeBlob::decode(&bytes).map_err(SourceError::blob)?;
-        // The restorer descends into every subdirectory (or page) next: fetch them ahead.
-        self.trees.hint(tree.subtrees().into_iter().map(|t| t.0));
+        // The restorer descends into every subdirectory (or page) next: fetch them ahead
+        // (the prefetcher did so for a tree it fetched, when it expands).
+        if !(ahead && self.trees.expands()) {
+            self.trees.hint(tree.subtrees().into_iter().map(|t| t.0));
+        }
         Ok(tree)
     }
 
@@ -150,6 +155,8 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
             BlobKind::Tree,
             TREE_BUDGET,
             1,
+            // Every tree is read, unless includes pick some.
+            a.includes.is_empty(),
             rt.handle(),
         ),
         chunks: Prefetcher::start(
@@ -158,6 +165,7 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
             BlobKind::Data,
             CHUNK_BUDGET,
             2,
+            false,
             rt.handle(),
         ),
     };
