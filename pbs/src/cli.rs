@@ -93,8 +93,8 @@ pub enum Command {
     /// Pull every configured host on its schedule, in the foreground (for supervisord
     /// or systemd), and serve feeds, status and metrics over HTTP.
     Daemon(DaemonArgs),
-    /// Print what a host needs for SSH pulls: the authorized_keys line, the wrapper's
-    /// policy and the sshd settings.
+    /// Print what a host needs for SSH pulls (or a clone for pushes): the
+    /// authorized_keys line, the wrapper's policy and the sshd settings.
     SshSetup(SshSetupArgs),
     /// Serve the repository on a Unix socket (append-only for backups, read-only for
     /// restores) until SIGTERM or SIGINT.
@@ -318,7 +318,7 @@ pub struct RunsArgs {
 
 #[derive(Debug, Args)]
 pub struct SshSetupArgs {
-    /// The host, by its name in the configuration.
+    /// The host, or a clone, by its name in the configuration.
     pub host: String,
     /// Where haul-wrapper is installed on the host.
     #[arg(long, default_value = "/usr/local/bin/haul-wrapper")]

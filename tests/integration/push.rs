@@ -549,3 +549,66 @@ fn a_full_disk_on_the_clone_fails_the_push_clearly_and_keeps_the_previous_copy()
     assert_eq!(run.code, 0, "{}\n{record}", run.stderr);
     assert_same_tree(&src, &inside);
 }
+
+#[test]
+fn ssh_setup_and_config_check_cover_clones() {
+    let (env, src) = Env::with_one_file();
+    let standby_root = env.path("standby");
+    fs::create_dir_all(&standby_root).unwrap();
+    let sshd = Sshd::start_with(&env.path("sshd"), &[&src], &[&standby_root]);
+    let config = config_with_clone(&sshd, &src, &standby_root, "import = true\n");
+    let c = config.display().to_string();
+    let out = env
+        .pbs(&["ssh-setup", "standby", "--config", &c])
+        .expect(0)
+        .stdout;
+    let public = fs::read_to_string(sshd.dir.join("id_ed25519.pub")).unwrap();
+    let key_material = public.split_whitespace().nth(1).unwrap();
+    for want in [
+        "backup_roots = []".to_string(),
+        format!(
+            "restore_targets = [{:?}]",
+            standby_root.display().to_string()
+        ),
+        "import_command = [\"/usr/local/sbin/import-standby\"]".into(),
+        format!("socket_dir = \"{}\"", sshd.dir.join("sockets").display()),
+        "AllowStreamLocalForwarding remote".into(),
+    ] {
+        assert!(out.contains(&want), "{want:?} missing from:\n{out}");
+    }
+    let line = out.lines().find(|l| l.starts_with("command=")).unwrap();
+    assert!(line.contains(key_material), "{line}");
+    // The policy it prints is one the wrapper takes, and admits the push it is for.
+    let policy: String = out
+        .lines()
+        .skip_while(|l| !l.starts_with("agent = "))
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = env.path("printed-wrapper.toml");
+    fs::write(&file, format!("{policy}\n")).unwrap();
+    let checked = std::process::Command::new(bin("haul-wrapper"))
+        .args(["--policy", file.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    let r = env.pbs(&["config", "check", "--config", &c]).expect(0);
+    assert!(
+        r.stdout.contains("clone standby (127.0.0.1:"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("standby copies of web-1"), "{}", r.stdout);
+    let r = env.pbs(&["ssh-setup", "nope", "--config", &c]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("no host or clone \"nope\""),
+        "{}",
+        r.stderr
+    );
+}

@@ -247,7 +247,11 @@ fn ssh_setup_prints_the_key_line_policy_and_sshd_settings_that_work() {
     }
     let r = env.pbs(&["ssh-setup", "nope", "--config", &c]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("no host \"nope\""), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no host or clone \"nope\""),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

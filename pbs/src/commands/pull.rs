@@ -155,9 +155,46 @@ fn report(ctx: &Context, r: &RunRecord, run: Option<&AgentRun>) {
     );
 }
 
-/// `ssh-setup HOST`: what the host needs, printed to be pasted there.
+/// `ssh-setup NAME`: what a host (or a clone) needs, printed to be pasted there.
 pub fn ssh_setup(ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), CliError> {
-    let h = ctx.site()?.host(&args.host)?;
+    let site = ctx.site()?;
+    let config = site.require_config()?;
+    // A host by that name, else a clone: its destination as a host, and its policy.
+    let clone = config.clones.iter().find(|c| c.name == args.host);
+    let (h, policy) = match (config.host(&args.host), clone) {
+        (Some(h), _) => {
+            let roots: Vec<String> = h
+                .paths
+                .iter()
+                .map(|p| format!("{:?}", p.display().to_string()))
+                .collect();
+            (
+                h.clone(),
+                format!(
+                    "backup_roots = [{}]\nrestore_targets = []",
+                    roots.join(", ")
+                ),
+            )
+        }
+        (None, Some(c)) => (c.ssh_host(), clone_policy(config, c)),
+        (None, None) => {
+            let names = |n: Vec<&str>| {
+                if n.is_empty() {
+                    "none".into()
+                } else {
+                    n.join(", ")
+                }
+            };
+            return Err(CliError::usage(format!(
+                "no host or clone {:?} in {} (hosts there: {}; clones: {})",
+                args.host,
+                site.config_name(),
+                names(config.hosts.iter().map(|h| h.name.as_str()).collect()),
+                names(config.clones.iter().map(|c| c.name.as_str()).collect()),
+            )));
+        }
+    };
+    let h = &h;
     let key = russh::keys::load_secret_key(&h.identity, None).map_err(|e| {
         CliError::usage(format!(
             "identity {}: {e} (create one with `ssh-keygen -t ed25519 -N '' -f {}`)",
@@ -169,19 +206,13 @@ pub fn ssh_setup(ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), Cl
         .public_key()
         .to_openssh()
         .map_err(|e| CliError::Failed(format!("public key of {}: {e}", h.identity.display())))?;
-    let roots: Vec<String> = h
-        .paths
-        .iter()
-        .map(|p| format!("{:?}", p.display().to_string()))
-        .collect();
     crate::outln!(
         r#"# On {name} ({address}), as root.
 # 1. Install haul-agent and haul-wrapper as {agent} and {wrapper}.
 # 2. /etc/haul/wrapper.toml, the wrapper's policy:
 agent = "{agent}"
 socket_dir = "{socket_dir}"
-backup_roots = [{roots}]
-restore_targets = []
+{policy}
 
 # 3. The socket directory, writable by {user} only:
 #    install -d -m 0700 -o {user} {socket_dir}
@@ -212,11 +243,33 @@ Match User {user}
         agent = args.agent.display(),
         wrapper = args.wrapper.display(),
         socket_dir = h.socket_dir.display(),
-        roots = roots.join(", "),
         known_hosts = h.known_hosts.display(),
         public = public.trim(),
     );
     Ok(())
+}
+
+/// A clone's wrapper policy: no backups; restores (standby copies) into the directories
+/// holding its copies; the import command left for the clone's operator to choose.
+fn clone_policy(config: &haul_config::Config, c: &haul_config::CloneTarget) -> String {
+    let mut targets: Vec<String> = config
+        .hosts
+        .iter()
+        .filter(|h| c.receives(&h.name))
+        .filter_map(|h| c.standby_dir_of(&h.name))
+        .filter_map(|d| d.parent().map(|p| format!("{:?}", p.display().to_string())))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let import = if c.import {
+        "import_command = [\"/usr/local/sbin/import-standby\"]   # yours: run after each complete push"
+    } else {
+        "# import_command = [\"/usr/local/sbin/import-standby\"]   # run after each push (with import = true in [[clone]])"
+    };
+    format!(
+        "backup_roots = []\nrestore_targets = [{}]   # standby copies go in directories inside these\n{import}",
+        targets.join(", ")
+    )
 }
 
 /// `runs`: the run history, newest last.
@@ -269,16 +322,32 @@ pub fn config_check(ctx: &Context) -> Result<(), CliError> {
     let site = ctx.site()?;
     let config = site.require_config()?;
     let path = site.config_path.as_deref().expect("a configuration file");
-    // Files an SSH host needs must be there and readable by the pbs.
+    // Files an SSH host or a clone needs must be there and readable by the pbs.
     let mut problems = Vec::new();
-    for (i, h) in config.hosts.iter().enumerate() {
-        if h.transport != haul_config::Transport::Ssh {
-            continue;
-        }
-        for (key, file) in [("identity", &h.identity), ("known_hosts", &h.known_hosts)] {
+    let ssh_hosts = config
+        .hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.transport == haul_config::Transport::Ssh)
+        .map(|(i, h)| {
+            (
+                format!("host[{i}]"),
+                h.identity.clone(),
+                h.known_hosts.clone(),
+            )
+        });
+    let clones = config.clones.iter().enumerate().map(|(i, c)| {
+        (
+            format!("clone[{i}]"),
+            c.identity.clone(),
+            c.known_hosts.clone(),
+        )
+    });
+    for (at, identity, known_hosts) in ssh_hosts.chain(clones) {
+        for (key, file) in [("identity", &identity), ("known_hosts", &known_hosts)] {
             if let Err(e) = std::fs::File::open(file) {
                 problems.push(format!(
-                    "config {}: host[{i}].{key}: {} cannot be read: {e}",
+                    "config {}: {at}.{key}: {} cannot be read: {e}",
                     path.display(),
                     file.display()
                 ));
@@ -290,7 +359,8 @@ pub fn config_check(ctx: &Context) -> Result<(), CliError> {
     }
     if ctx.global.json {
         json_line(
-            &serde_json::json!({"type": "config", "file": path, "hosts": config.hosts.iter().map(|h| &h.name).collect::<Vec<_>>()}),
+            &serde_json::json!({"type": "config", "file": path, "hosts": config.hosts.iter().map(|h| &h.name).collect::<Vec<_>>(),
+                "clones": config.clones.iter().map(|c| &c.name).collect::<Vec<_>>()}),
         );
     } else {
         crate::outln!(
@@ -312,6 +382,21 @@ pub fn config_check(ctx: &Context) -> Result<(), CliError> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        for c in &config.clones {
+            let receives: Vec<&str> = config
+                .hosts
+                .iter()
+                .filter(|h| c.receives(&h.name))
+                .map(|h| h.name.as_str())
+                .collect();
+            crate::outln!(
+                "clone {} ({}:{}): standby copies of {}",
+                c.name,
+                c.address,
+                c.port,
+                receives.join(", ")
+            );
+        }
     }
     Ok(())
 }
