@@ -50,6 +50,8 @@ pub struct Shared {
     /// When this process last started a prune of each repository (a prune that could
     /// not even open its repository has no record to tell).
     pruned: HashMap<PathBuf, DateTime<Utc>>,
+    /// Pushes being tried again, as (host, clone).
+    retrying: HashSet<(String, String)>,
 }
 
 pub type SharedRef = Arc<Mutex<Shared>>;
@@ -87,6 +89,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         history,
         pruning: HashSet::new(),
         pruned: HashMap::new(),
+        retrying: HashSet::new(),
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -148,6 +151,7 @@ async fn scheduler(
     loop {
         let wake = start_due(shared, &repos, &done_tx);
         start_prunes(shared, &repos);
+        retry_pushes(shared, &repos);
         raise_stale_alerts(shared);
         tokio::select! {
             _ = tokio::time::sleep(wake) => {}
@@ -343,6 +347,62 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
                 tracing::error!(repository = %path.display(), "the prune's thread panicked");
             }
             shared.lock().expect("daemon state").pruning.remove(&path);
+        });
+    }
+}
+
+/// Starts the pushes due again (see [`schedule::push_retries`]), each in a thread of
+/// its own, but none of a host being pulled (its pull pushes when it ends).
+fn retry_pushes(shared: &SharedRef, repos: &Arc<Repositories>) {
+    let now = Utc::now();
+    let due: Vec<(String, String, Result<PushPlan, CliError>)> = {
+        let mut s = shared.lock().expect("daemon state");
+        let found = s
+            .history
+            .with_records(|r| schedule::push_retries(&s.site.config, r, now));
+        let found = match found {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("reading the run history for push retries: {e}");
+                return;
+            }
+        };
+        let mut due = Vec::new();
+        for (host, clone) in found {
+            let running = s.schedule.host(&host).is_some_and(|h| h.running());
+            if running || !s.retrying.insert((host.clone(), clone.clone())) {
+                continue;
+            }
+            let config = &s.site.config;
+            let plan = match (
+                config.host(&host),
+                config.clones.iter().find(|c| c.name == clone),
+            ) {
+                (Some(h), Some(c)) => {
+                    PushPlan::for_clone(&s.site, h, c, "latest", &PullOptions::default())
+                }
+                _ => continue,
+            };
+            due.push((host, clone, plan));
+        }
+        due
+    };
+    for (host, clone, plan) in due {
+        let (shared, repos) = (shared.clone(), repos.clone());
+        tracing::info!(host = %host, clone = %clone, "push tried again");
+        std::thread::spawn(move || {
+            let history = shared.lock().expect("daemon state").history.clone();
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                push_snapshot(&history, &repos, &host, "latest", plan)
+            }));
+            if run.is_err() {
+                tracing::error!(host = %host, clone = %clone, "the push's thread panicked");
+            }
+            shared
+                .lock()
+                .expect("daemon state")
+                .retrying
+                .remove(&(host, clone));
         });
     }
 }

@@ -398,6 +398,43 @@ impl Schedule {
     }
 }
 
+/// The pushes to try again at `now`, as (host, clone): each clone's copy of a host
+/// whose newest push failed in a way that trying again may help by itself, once the
+/// backoff after its consecutive failed pushes has passed (as for pulls, with the
+/// host's schedule). A push that needs a person (refused, set up wrong) waits for the
+/// next pull.
+pub fn push_retries(
+    config: &Config,
+    records: &[RunRecord],
+    now: DateTime<Utc>,
+) -> Vec<(String, String)> {
+    let mut due = Vec::new();
+    for c in &config.clones {
+        for h in config.hosts.iter().filter(|h| c.receives(&h.name)) {
+            let pushes: Vec<&RunRecord> = records
+                .iter()
+                .filter(|r| r.host == h.name && r.kind == RunKind::Push)
+                .filter(|r| matches!(&r.details, Some(crate::record::Details::Push(d)) if d.clone == c.name))
+                .collect();
+            let Some(newest) = pushes.last() else {
+                continue;
+            };
+            if newest.status.saved() || !newest.error_kind.is_some_and(|k| k.retry()) {
+                continue;
+            }
+            let failures = pushes
+                .iter()
+                .rev()
+                .take_while(|r| !r.status.saved())
+                .count() as u32;
+            if now >= after(newest.end, backoff(failures, h.schedule(config).period())) {
+                due.push((h.name.clone(), c.name.clone()));
+            }
+        }
+    }
+    due
+}
+
 /// Where `h`'s schedule stands, from its recorded runs.
 fn from_history(
     config: &Config,
@@ -509,6 +546,48 @@ mod tests {
     use super::*;
     use crate::record::RunStatus;
     use chrono::TimeZone;
+
+    #[test]
+    fn a_failed_push_is_tried_again_after_its_backoff_unless_a_person_must_act() {
+        let c = config(
+            "[[host]]\nname = \"a\"\naddress = \"x\"\npaths = [\"/a\"]\nschedule = \"1h\"\n\
+             [[clone]]\nname = \"off\"\naddress = \"y\"\nstandby_dir = \"/s\"\n",
+        );
+        let push =
+            |end: DateTime<Utc>, status: RunStatus, kind: Option<crate::record::ErrorKind>| {
+                let mut r = crate::history::tests::record("p", "a", status);
+                r.kind = RunKind::Push;
+                r.end = end;
+                r.error_kind = kind;
+                r.details = Some(crate::record::Details::Push(crate::record::PushDetails {
+                    clone: "off".into(),
+                    ..Default::default()
+                }));
+                r
+            };
+        use crate::record::ErrorKind::{Refused, Unreachable};
+        let t = at(10, 0, 0);
+        let due = |records: &[RunRecord], now| push_retries(&c, records, now);
+        // None yet, or the newest succeeded: nothing to retry.
+        assert!(due(&[], t).is_empty());
+        assert!(due(&[push(t, RunStatus::Ok, None)], t).is_empty());
+        // One failure: 30 s later; two in a row: a minute later.
+        let one = [push(t, RunStatus::Failed, Some(Unreachable))];
+        assert!(due(&one, t + chrono::Duration::seconds(29)).is_empty());
+        assert_eq!(
+            due(&one, t + chrono::Duration::seconds(30)),
+            [("a".to_string(), "off".to_string())]
+        );
+        let two = [
+            push(t, RunStatus::Failed, Some(Unreachable)),
+            push(t, RunStatus::Failed, Some(Unreachable)),
+        ];
+        assert!(due(&two, t + chrono::Duration::seconds(59)).is_empty());
+        assert_eq!(due(&two, t + chrono::Duration::seconds(60)).len(), 1);
+        // Refused by the clone's wrapper: a person must act; the next pull pushes again.
+        let refused = [push(t, RunStatus::Failed, Some(Refused))];
+        assert!(due(&refused, t + chrono::Duration::hours(2)).is_empty());
+    }
 
     fn config(text: &str) -> Config {
         Config::parse(text, "pbs.toml").unwrap()
