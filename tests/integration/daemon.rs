@@ -110,6 +110,26 @@ fn supervised_daemon(env: &Env, config: &str, extra: &[(&str, String)]) -> (Path
     (config_file, sup)
 }
 
+/// The daemon's metrics as prometheus_client parses them: family → [labels, value].
+fn metrics_of(port: u16) -> serde_json::Value {
+    let mut python = std::process::Command::new("/usr/bin/python3");
+    python
+        .arg("-c")
+        .arg(
+            "import sys, json, urllib.request\n\
+             from prometheus_client.parser import text_string_to_metric_families\n\
+             text = urllib.request.urlopen(sys.argv[1]).read().decode()\n\
+             out = {}\n\
+             for f in text_string_to_metric_families(text):\n\
+             \x20   for s in f.samples:\n\
+             \x20       out.setdefault(f.name, []).append([s.labels, s.value])\n\
+             print(json.dumps(out))",
+        )
+        .arg(format!("http://127.0.0.1:{port}/metrics"));
+    let metrics = run_tool(&mut python, "python3-prometheus-client");
+    serde_json::from_slice(&metrics).unwrap()
+}
+
 fn get(port: u16, path: &str) -> (u16, String) {
     http_get(&format!("127.0.0.1:{port}"), path)
 }
@@ -263,22 +283,7 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
         .unwrap()
         .iter()
         .all(|h| h["stale"] == false && h["last_success"].is_string()));
-    let mut python = std::process::Command::new("/usr/bin/python3");
-    python
-        .arg("-c")
-        .arg(
-            "import sys, json, urllib.request\n\
-             from prometheus_client.parser import text_string_to_metric_families\n\
-             text = urllib.request.urlopen(sys.argv[1]).read().decode()\n\
-             out = {}\n\
-             for f in text_string_to_metric_families(text):\n\
-             \x20   for s in f.samples:\n\
-             \x20       out.setdefault(f.name, []).append([s.labels, s.value])\n\
-             print(json.dumps(out))",
-        )
-        .arg(format!("http://127.0.0.1:{port}/metrics"));
-    let metrics = run_tool(&mut python, "python3-prometheus-client");
-    let metrics: serde_json::Value = serde_json::from_slice(&metrics).unwrap();
+    let metrics = metrics_of(port);
     for family in [
         "haul_host_last_success_timestamp_seconds",
         "haul_host_last_run_status",
@@ -732,5 +737,33 @@ fn the_daemon_pushes_each_saved_pull_to_its_clones_and_alerts_for_a_clone_that_i
             .iter()
             .any(|t| t.starts_with(&format!("down: push FAILED — web-1 {short}, "))),
         "{titles:#?}"
+    );
+
+    // The status document and the metrics say which copy is stale.
+    let status = status_json(port);
+    let copies = status["clones"].as_array().unwrap();
+    assert_eq!(copies.len(), 3, "{status}");
+    for c in copies {
+        assert_eq!(c["host"], "web-1");
+        let down = c["clone"] == "down";
+        assert_eq!(c["stale"], down, "{c}");
+        assert_eq!(
+            c["last_push"]["status"],
+            if down { "failed" } else { "ok" },
+            "{c}"
+        );
+    }
+    let metrics = metrics_of(port);
+    let stale = metrics["haul_clone_stale"].as_array().unwrap();
+    for (clone, want) in [("near", 0.0), ("far", 0.0), ("down", 1.0)] {
+        let sample = stale
+            .iter()
+            .find(|s| s[0]["clone"] == clone && s[0]["host"] == "web-1")
+            .unwrap_or_else(|| panic!("no haul_clone_stale for {clone}: {metrics}"));
+        assert_eq!(sample[1], want, "{clone}");
+    }
+    assert!(
+        metrics["haul_clone_last_push_bytes_sent"].is_array(),
+        "{metrics}"
     );
 }

@@ -136,8 +136,45 @@ fn rows(s: &SharedRef) -> (Vec<Row>, Config) {
     (rows, config)
 }
 
+/// Every clone's copy of every host it receives.
+fn copies(s: &SharedRef) -> Vec<super::schedule::Copy> {
+    let (config, history, started) = {
+        let g = s.lock().expect("daemon state");
+        (
+            g.site.config.clone(),
+            g.history.clone(),
+            g.schedule.started(),
+        )
+    };
+    history
+        .with_records(|r| super::schedule::copies(&config, r, Utc::now(), started))
+        .unwrap_or_default()
+}
+
 fn status(s: &SharedRef) -> serde_json::Value {
     let (rows, config) = rows(s);
+    let clones: Vec<serde_json::Value> = copies(s)
+        .iter()
+        .map(|c| {
+            let details = c.last_push.as_ref().and_then(|l| match &l.details {
+                Some(crate::record::Details::Push(d)) => Some(d),
+                _ => None,
+            });
+            serde_json::json!({
+                "clone": c.clone,
+                "host": c.host,
+                "last_push": c.last_push.as_ref().map(|l| serde_json::json!({
+                    "id": l.id, "status": l.status, "start": l.start.to_rfc3339(),
+                    "end": l.end.to_rfc3339(), "error": l.error, "error_kind": l.error_kind,
+                    "snapshot": l.snapshot, "bytes_sent": details.map(|d| d.bytes_sent),
+                })),
+                "last_success": c.last_success.map(|t| t.to_rfc3339()),
+                "consecutive_failures": c.failures,
+                "alert_window_s": c.window.as_secs(),
+                "stale": c.stale,
+            })
+        })
+        .collect();
     let hosts: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
@@ -161,6 +198,7 @@ fn status(s: &SharedRef) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "hosts": hosts,
+        "clones": clones,
         "running": rows.iter().filter(|r| r.state.running()).count(),
         "max_concurrent": config.server.max_concurrent,
     })
@@ -243,6 +281,50 @@ fn metrics(s: &SharedRef) -> String {
         "haul_host_running",
         "1 while a pull of the host runs.",
         &|r| vec![(String::new(), if r.state.running() { 1.0 } else { 0.0 })],
+    );
+    // Each clone's copy of each host.
+    let copies = copies(s);
+    let mut clone_family =
+        |name: &str, help: &str, value: &dyn Fn(&super::schedule::Copy) -> f64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for c in &copies {
+                let _ = writeln!(
+                    out,
+                    "{name}{{clone=\"{}\",host=\"{}\"}} {}",
+                    c.clone,
+                    c.host,
+                    value(c)
+                );
+            }
+        };
+    clone_family(
+        "haul_clone_last_success_timestamp_seconds",
+        "Unix time of the end of the last successful push of the host to the clone (0: never).",
+        &|c| c.last_success.map_or(0.0, |t| t.timestamp() as f64),
+    );
+    clone_family(
+        "haul_clone_consecutive_failures",
+        "Failed pushes of the host to the clone since its last successful one.",
+        &|c| c.failures as f64,
+    );
+    clone_family(
+        "haul_clone_stale",
+        "1 when the clone's copy of the host had no successful push within the clone's alert window.",
+        &|c| if c.stale { 1.0 } else { 0.0 },
+    );
+    clone_family(
+        "haul_clone_last_push_bytes_sent",
+        "Bytes the last push of the host to the clone sent (trees and chunks, compressed).",
+        &|c| {
+            c.last_push
+                .as_ref()
+                .and_then(|l| match &l.details {
+                    Some(crate::record::Details::Push(d)) => Some(d.bytes_sent as f64),
+                    _ => None,
+                })
+                .unwrap_or(0.0)
+        },
     );
     let _ = writeln!(
         out,

@@ -339,6 +339,62 @@ fn clone_of(r: &RunRecord) -> Option<&str> {
     }
 }
 
+/// A clone's copy of one host, as the run history tells it.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub clone: String,
+    pub host: String,
+    /// The newest push to it.
+    pub last_push: Option<RunRecord>,
+    /// The end of the newest successful push.
+    pub last_success: Option<DateTime<Utc>>,
+    /// Failed pushes since the last successful one.
+    pub failures: u32,
+    pub window: Duration,
+    /// No successful push within the window (counted from `started` if none ever).
+    pub stale: bool,
+}
+
+/// Every clone's copy of every host it receives.
+pub fn copies(
+    config: &Config,
+    records: &[RunRecord],
+    now: DateTime<Utc>,
+    started: DateTime<Utc>,
+) -> Vec<Copy> {
+    let mut out = Vec::new();
+    for c in &config.clones {
+        let window = c.alert_window(config);
+        for h in config.hosts.iter().filter(|h| c.receives(&h.name)) {
+            let pushes: Vec<&RunRecord> = records
+                .iter()
+                .filter(|r| r.host == h.name && r.kind == RunKind::Push)
+                .filter(|r| matches!(&r.details, Some(crate::record::Details::Push(d)) if d.clone == c.name))
+                .collect();
+            let last_success = pushes
+                .iter()
+                .filter(|r| r.status.saved())
+                .map(|r| r.end)
+                .max();
+            let since = last_success.unwrap_or(started);
+            out.push(Copy {
+                clone: c.name.clone(),
+                host: h.name.clone(),
+                last_push: pushes.last().map(|r| (*r).clone()),
+                last_success,
+                failures: pushes
+                    .iter()
+                    .rev()
+                    .take_while(|r| !r.status.saved())
+                    .count() as u32,
+                window,
+                stale: (now - since).to_std().unwrap_or_default() > window,
+            });
+        }
+    }
+    out
+}
+
 impl Schedule {
     /// Each clone's copy of each host it receives with no successful push for longer
     /// than the clone's alert window (counted from when this daemon started if there
@@ -350,51 +406,45 @@ impl Schedule {
         now: DateTime<Utc>,
     ) -> Vec<Alert> {
         let mut alerts = Vec::new();
-        for c in &config.clones {
-            let window = c.alert_window(config);
-            for h in config.hosts.iter().filter(|h| c.receives(&h.name)) {
-                let about = |r: &&RunRecord| r.host == h.name;
-                let pushed = records
-                    .iter()
-                    .filter(about)
-                    .filter(|r| r.kind == RunKind::Push && r.status.saved())
-                    .filter(|r| matches!(&r.details, Some(crate::record::Details::Push(d)) if d.clone == c.name))
-                    .map(|r| r.end)
-                    .max();
-                let since = pushed.unwrap_or(self.started);
-                if (now - since).to_std().unwrap_or_default() <= window {
-                    continue;
-                }
-                let alerted = records
-                    .iter()
-                    .filter(about)
-                    .filter(|r| r.kind == RunKind::Alert && clone_of(r) == Some(c.name.as_str()))
-                    .map(|r| r.end)
-                    .max()
-                    .is_some_and(|a| a > since && (now - a).to_std().unwrap_or_default() < window);
-                if alerted {
-                    continue;
-                }
-                let gap = human_gap(now - since);
-                let what = match pushed {
-                    Some(_) => format!("no successful push of {} for {gap}", h.name),
-                    None => format!(
-                        "no successful push of {} since the daemon started {gap} ago",
-                        h.name
-                    ),
-                };
-                alerts.push(Alert {
-                    host: h.name.clone(),
-                    message: format!(
-                        "clone {}: {what} (alert window {})",
-                        c.name,
-                        humantime::format_duration(window)
-                    ),
-                    clone: Some(c.name.clone()),
-                });
+        for copy in copies(config, records, now, self.started) {
+            if !copy.stale {
+                continue;
             }
+            let since = copy.last_success.unwrap_or(self.started);
+            let alerted = records
+                .iter()
+                .filter(|r| r.host == copy.host && r.kind == RunKind::Alert)
+                .filter(|r| clone_of(r) == Some(copy.clone.as_str()))
+                .map(|r| r.end)
+                .max()
+                .is_some_and(|a| a > since && (now - a).to_std().unwrap_or_default() < copy.window);
+            if alerted {
+                continue;
+            }
+            let gap = human_gap(now - since);
+            let what = match copy.last_success {
+                Some(_) => format!("no successful push of {} for {gap}", copy.host),
+                None => format!(
+                    "no successful push of {} since the daemon started {gap} ago",
+                    copy.host
+                ),
+            };
+            alerts.push(Alert {
+                message: format!(
+                    "clone {}: {what} (alert window {})",
+                    copy.clone,
+                    humantime::format_duration(copy.window)
+                ),
+                host: copy.host,
+                clone: Some(copy.clone),
+            });
         }
         alerts
+    }
+
+    /// When this daemon started.
+    pub fn started(&self) -> DateTime<Utc> {
+        self.started
     }
 }
 
@@ -408,31 +458,21 @@ pub fn push_retries(
     records: &[RunRecord],
     now: DateTime<Utc>,
 ) -> Vec<(String, String)> {
-    let mut due = Vec::new();
-    for c in &config.clones {
-        for h in config.hosts.iter().filter(|h| c.receives(&h.name)) {
-            let pushes: Vec<&RunRecord> = records
-                .iter()
-                .filter(|r| r.host == h.name && r.kind == RunKind::Push)
-                .filter(|r| matches!(&r.details, Some(crate::record::Details::Push(d)) if d.clone == c.name))
-                .collect();
-            let Some(newest) = pushes.last() else {
-                continue;
+    copies(config, records, now, now)
+        .into_iter()
+        .filter(|copy| {
+            let Some(newest) = &copy.last_push else {
+                return false;
             };
-            if newest.status.saved() || !newest.error_kind.is_some_and(|k| k.retry()) {
-                continue;
-            }
-            let failures = pushes
-                .iter()
-                .rev()
-                .take_while(|r| !r.status.saved())
-                .count() as u32;
-            if now >= after(newest.end, backoff(failures, h.schedule(config).period())) {
-                due.push((h.name.clone(), c.name.clone()));
-            }
-        }
-    }
-    due
+            let period = config
+                .host(&copy.host)
+                .map_or(copy.window, |h| h.schedule(config).period());
+            !newest.status.saved()
+                && newest.error_kind.is_some_and(|k| k.retry())
+                && now >= after(newest.end, backoff(copy.failures, period))
+        })
+        .map(|copy| (copy.host, copy.clone))
+        .collect()
 }
 
 /// Where `h`'s schedule stands, from its recorded runs.
