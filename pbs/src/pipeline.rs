@@ -272,12 +272,29 @@ fn conclude_push(
     outcome: &Result<AgentRun, RunError>,
     replaced: bool,
 ) -> (RunStatus, Option<RunError>) {
+    // What the clone holds after a failure: the previous copy when the agent never ran
+    // or ended before the swap; when the connection went away (a stall, a cut), it may
+    // have got as far as the swap.
+    const KEPT: &str = "the standby copy is as it was";
+    const EITHER: &str = "the standby copy holds one whole snapshot, the previous one or, if the push got as far as the swap, this one; the next push finishes either way";
     let r = match outcome {
         Err(e) if replaced => {
             let message = format!("the standby copy was replaced, but then {}", e.message);
             return (RunStatus::Warning, Some(RunError::new(e.kind, message)));
         }
-        Err(e) => return (RunStatus::Failed, Some(e.clone())),
+        Err(e) => {
+            let before = matches!(
+                e.kind,
+                ErrorKind::Unreachable
+                    | ErrorKind::HostKey
+                    | ErrorKind::Authentication
+                    | ErrorKind::Setup
+                    | ErrorKind::Refused
+            );
+            let state = if before { KEPT } else { EITHER };
+            let message = format!("{}; {state}", e.message);
+            return (RunStatus::Failed, Some(RunError::new(e.kind, message)));
+        }
         Ok(r) => r,
     };
     let exit = r.exit.and_then(AgentExit::from_code);
@@ -303,12 +320,8 @@ fn conclude_push(
         // Not replaced: as a pull that saved nothing (refused, cut, failed).
         (false, _, _) => {
             let (_, error) = conclude(outcome, false);
-            let error = error.map(|e| {
-                RunError::new(
-                    e.kind,
-                    format!("{}; the standby copy is as it was", e.message),
-                )
-            });
+            let state = if r.cut { EITHER } else { KEPT };
+            let error = error.map(|e| RunError::new(e.kind, format!("{}; {state}", e.message)));
             (RunStatus::Failed, error)
         }
     }
@@ -586,5 +599,41 @@ mod tests {
         assert_eq!(kind(stalled(), false), Some(ErrorKind::Stalled));
         // Saved before the transport failed: the snapshot stands.
         assert_eq!(conclude(&stalled(), true).0, RunStatus::Warning);
+    }
+
+    #[test]
+    fn a_push_is_concluded_from_the_swap_and_says_what_the_clone_holds() {
+        let message = |r: &Result<AgentRun, RunError>, replaced| {
+            conclude_push(r, replaced)
+                .1
+                .map(|e| e.message)
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            conclude_push(&run(Some(0), &[]), true),
+            (RunStatus::Ok, None)
+        );
+        // The import command failed after the swap: FAILED with its words.
+        let import =
+            r#"{"type":"error","message":"the import command exited with code 7","code":"import"}"#;
+        let (status, error) = conclude_push(&run(Some(1), &[import]), true);
+        assert_eq!(status, RunStatus::Failed);
+        assert_eq!(
+            error.unwrap().message,
+            "the import command exited with code 7"
+        );
+        // Refused, or failed before the swap: the copy is as it was.
+        assert!(message(&run(Some(126), &[]), false).ends_with("; the standby copy is as it was"));
+        let unreachable = Err(RunError::new(ErrorKind::Unreachable, "no route"));
+        assert!(message(&unreachable, false).ends_with("the standby copy is as it was"));
+        // Cut off or stalled: it may have got as far as the swap.
+        let stalled = Err(RunError::new(ErrorKind::Stalled, "silent"));
+        assert!(message(&stalled, false)
+            .contains("the previous one or, if the push got as far as the swap, this one"));
+        let mut cut = run(None, &[]).unwrap();
+        cut.cut = true;
+        assert!(message(&Ok(cut), false).contains("if the push got as far as the swap"));
+        // Replaced, then the connection went: the copy stands.
+        assert_eq!(conclude_push(&stalled, true).0, RunStatus::Warning);
     }
 }
