@@ -8,7 +8,8 @@
 #      `restic restore` of the same data (restic's local repository) and against
 #      `rsync -a --delete` over the same sshd into an empty directory;
 #   2. incremental: after `gen_dataset.py --mutate` and a new pull, `haul-pbs push`
-#      against `rsync -a --delete` (each onto its copy of step 1);
+#      against `rsync -a --delete` (each onto its copy of step 1), then a push with
+#      nothing changed (what it sends is the snapshot's trees);
 #   3. WAN: the pull of the dataset and the full push, on loopback and through a
 #      delaying proxy that adds 50 ms to every round trip (pbs/examples/delay_proxy.rs,
 #      25 ms each way; this kernel has no `tc netem`), and their ratio.
@@ -127,6 +128,8 @@ python3 "$root/bench/gen_dataset.py" "$data" --mutate >/dev/null
 haul_push "incremental: haul push"
 rsync_copy "incremental: rsync -a --delete" "$work/clone/rsync"
 diff -r --no-dereference "$data" "$work/clone/bench$data" >/dev/null && echo "(the standby copy equals the data)" || echo "THE STANDBY COPY DIFFERS FROM THE DATA"
+# Nothing changed: what a push sends then is the snapshot's trees.
+haul_push "unchanged: haul push"
 
 [[ -n $wan ]] || exit 0
 # WAN: an SSH pull (fresh repository each) and a full push (fresh standby directory
