@@ -25,8 +25,10 @@
 //! (5) is finished by the next one: `record.new` is taken when `T` is the directory it
 //! names.
 //!
-//! Memory: the restorer's, plus the records of the files being written at once, plus
-//! the chunk index of the old version and of the new one (52 bytes a chunk each).
+//! Memory: the restorer's, plus the records of the files being written at once. The
+//! chunk indexes stay on disk: the old one is searched through a table of where each
+//! 16-bit prefix of ids starts (512 KiB), the new one is sorted in 256 parts by first
+//! byte when it is large.
 
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{self, NameCache};
@@ -129,6 +131,7 @@ pub fn push(
         Ok(w) => w,
         Err(e) => {
             let _ = remove_tree(&next);
+            let _ = remove_tree(&state.join("sort"));
             let _ = fs::remove_file(state.join("record.new"));
             let _ = fs::remove_file(state.join("chunks.new"));
             return Err(e);
@@ -169,7 +172,8 @@ fn build(
     let next = &state.join("next");
     let inode = fs::metadata(next).map_err(io_err(next))?.ino();
     let record = state.join("record.new");
-    let writer = Writer::create(&record, &opts.snapshot, inode).map_err(io_err(&record))?;
+    let writer = Writer::create(&record, &state.join("sort"), &opts.snapshot, inode)
+        .map_err(io_err(&record))?;
     let hook = Hook {
         old,
         next: next.to_path_buf(),
@@ -239,11 +243,14 @@ fn recover(state: &Path, target: &Path) -> Result<(), RestoreError> {
             _ => {}
         }
     }
-    let next = state.join("next");
-    match remove_tree(&next) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&next)(e)),
-        _ => Ok(()),
+    for dir in ["next", "sort"] {
+        let d = state.join(dir);
+        match remove_tree(&d) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&d)(e)),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 /// Renames `chunks.new` and then `record.new` into place: a `chunks` newer than the
@@ -376,8 +383,7 @@ struct Old {
     record: File,
     /// The record read in walk order, one entry ahead.
     cursor: Mutex<Cursor>,
-    /// Sorted by id.
-    index: Vec<IndexEntry>,
+    index: Option<ChunkIndex>,
 }
 
 struct Cursor {
@@ -387,12 +393,155 @@ struct Cursor {
     broken: bool,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct IndexEntry {
     id: [u8; 32],
     entry: u64,
     offset: u64,
     len: u32,
+}
+
+impl IndexEntry {
+    fn encode(&self) -> [u8; INDEX_ENTRY] {
+        let mut b = [0u8; INDEX_ENTRY];
+        b[..32].copy_from_slice(&self.id);
+        b[32..40].copy_from_slice(&self.entry.to_le_bytes());
+        b[40..48].copy_from_slice(&self.offset.to_le_bytes());
+        b[48..52].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> IndexEntry {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[..32]);
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        IndexEntry {
+            id,
+            entry: u64_at(32),
+            offset: u64_at(40),
+            len: u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")),
+        }
+    }
+
+    fn prefix(id: &[u8; 32]) -> usize {
+        usize::from(u16::from_be_bytes([id[0], id[1]]))
+    }
+}
+
+/// A sorted chunk index on disk, searched through where each 16-bit prefix starts.
+struct ChunkIndex {
+    file: File,
+    /// Where the entries begin (after the header).
+    base: u64,
+    /// Entry number where each prefix starts, and the count at the end.
+    starts: Vec<u64>,
+}
+
+impl ChunkIndex {
+    /// The index at `path` of the directory `inode`; none if it is of another, not
+    /// sorted, or damaged (then nothing is taken from the old version's chunks).
+    fn open(path: &Path, inode: u64) -> Option<ChunkIndex> {
+        let file = File::open(path).ok()?;
+        let mut r = BufReader::with_capacity(1 << 16, file.try_clone().ok()?);
+        let (name, ino) = header(&mut r, CHUNKS_MAGIC).ok()?;
+        if ino != inode {
+            return None;
+        }
+        let base = (CHUNKS_MAGIC.len() + 8 + 4 + name.len()) as u64;
+        let mut counts = vec![0u64; 1 << 16];
+        let mut last: Option<[u8; 32]> = None;
+        let mut b = [0u8; INDEX_ENTRY];
+        loop {
+            match r.read_exact(&mut b) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(_) => return None,
+            }
+            let e = IndexEntry::decode(&b);
+            if last.is_some_and(|l| l >= e.id) {
+                return None;
+            }
+            last = Some(e.id);
+            counts[IndexEntry::prefix(&e.id)] += 1;
+        }
+        let mut starts = Vec::with_capacity((1 << 16) + 1);
+        let mut at = 0;
+        for c in counts {
+            starts.push(at);
+            at += c;
+        }
+        starts.push(at);
+        Some(ChunkIndex { file, base, starts })
+    }
+
+    fn find(&self, id: &[u8; 32]) -> Option<IndexEntry> {
+        let p = IndexEntry::prefix(id);
+        let (lo, hi) = (self.starts[p], self.starts[p + 1]);
+        if lo == hi {
+            return None;
+        }
+        let mut bucket = vec![0u8; ((hi - lo) as usize) * INDEX_ENTRY];
+        self.file
+            .read_exact_at(&mut bucket, self.base + lo * INDEX_ENTRY as u64)
+            .ok()?;
+        let entries: Vec<&[u8]> = bucket.chunks_exact(INDEX_ENTRY).collect();
+        entries
+            .binary_search_by(|e| e[..32].cmp(&id[..]))
+            .ok()
+            .map(|i| IndexEntry::decode(entries[i]))
+    }
+}
+
+/// Entries of a new chunk index sorted in memory at most; past that they are split by
+/// first byte into 256 parts sorted one at a time (ids are uniform).
+const SORT_IN_MEMORY: u64 = 1 << 19;
+
+/// Writes the `count` entries of `spill` (in any order) to `out` sorted by id, each id
+/// once, using `dir` for the parts when there are more than `in_memory`.
+fn sort_spill(
+    spill: &Path,
+    count: u64,
+    dir: &Path,
+    in_memory: u64,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let sort_part = |path: &Path, out: &mut dyn Write| -> io::Result<()> {
+        let bytes = fs::read(path)?;
+        let mut entries: Vec<IndexEntry> = bytes
+            .chunks_exact(INDEX_ENTRY)
+            .map(IndexEntry::decode)
+            .collect();
+        entries.sort_unstable_by_key(|e| e.id);
+        entries.dedup_by(|a, b| a.id == b.id);
+        for e in &entries {
+            out.write_all(&e.encode())?;
+        }
+        Ok(())
+    };
+    if count <= in_memory {
+        return sort_part(spill, out);
+    }
+    let part = |b: usize| dir.join(format!("part-{b:02x}"));
+    {
+        let mut parts = Vec::with_capacity(256);
+        for b in 0..256 {
+            parts.push(BufWriter::with_capacity(8 << 10, File::create(part(b))?));
+        }
+        let mut r = BufReader::with_capacity(1 << 16, File::open(spill)?);
+        let mut e = [0u8; INDEX_ENTRY];
+        for _ in 0..count {
+            r.read_exact(&mut e)?;
+            parts[usize::from(e[0])].write_all(&e)?;
+        }
+        for mut p in parts {
+            p.flush()?;
+        }
+    }
+    for b in 0..256 {
+        sort_part(&part(b), out)?;
+        fs::remove_file(part(b))?;
+    }
+    Ok(())
 }
 
 impl Old {
@@ -411,7 +560,7 @@ impl Old {
             // Not the directory in place (someone replaced it): nothing to take from it.
             _ => return Ok(None),
         }
-        let index = read_index(&state.join("chunks"), inode).unwrap_or_default();
+        let index = ChunkIndex::open(&state.join("chunks"), inode);
         Ok(Some(Old {
             dir: target.to_path_buf(),
             record: file,
@@ -452,10 +601,7 @@ impl Old {
     }
 
     fn find(&self, id: &ChunkId) -> Option<IndexEntry> {
-        self.index
-            .binary_search_by(|e| e.id.cmp(&id.0))
-            .ok()
-            .map(|i| self.index[i])
+        self.index.as_ref()?.find(&id.0)
     }
 
     /// The chunk `id` as the old version holds it, if it does and it still hashes to
@@ -477,34 +623,6 @@ impl Old {
     }
 }
 
-/// The chunk index of the directory `inode`; none if it is of another or damaged.
-fn read_index(path: &Path, inode: u64) -> Option<Vec<IndexEntry>> {
-    let mut r = BufReader::new(File::open(path).ok()?);
-    let (_, ino) = header(&mut r, CHUNKS_MAGIC).ok()?;
-    if ino != inode {
-        return None;
-    }
-    let mut out = Vec::new();
-    let mut b = [0u8; INDEX_ENTRY];
-    loop {
-        match r.read_exact(&mut b) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(_) => return None,
-        }
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&b[..32]);
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        out.push(IndexEntry {
-            id,
-            entry: u64_at(32),
-            offset: u64_at(40),
-            len: u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")),
-        });
-    }
-    out.windows(2).all(|w| w[0].id < w[1].id).then_some(out)
-}
-
 /// A file of the new version waiting for its writer (files are recorded in walk
 /// order; writers finish in any).
 struct Pending {
@@ -516,29 +634,37 @@ struct Pending {
     gone: bool,
 }
 
-/// Writes the new version's record in walk order, and gathers its chunk index.
+/// Writes the new version's record in walk order, and its chunk index's entries (in
+/// the record's order, sorted at the end) to `sort/spill`.
 struct Writer {
     out: BufWriter<File>,
     file: File,
     at: u64,
     next: u64,
     pending: BTreeMap<u64, Pending>,
-    index: Vec<IndexEntry>,
+    /// Where the index is sorted (under the state directory).
+    sort: PathBuf,
+    spill: BufWriter<File>,
+    spilled: u64,
     error: Option<io::Error>,
 }
 
 impl Writer {
-    fn create(path: &Path, snapshot: &str, inode: u64) -> io::Result<Writer> {
+    fn create(path: &Path, sort: &Path, snapshot: &str, inode: u64) -> io::Result<Writer> {
         let file = OpenOptions::new().create_new(true).write(true).open(path)?;
         let mut out = BufWriter::with_capacity(1 << 16, file.try_clone()?);
         let at = write_header(&mut out, RECORD_MAGIC, snapshot, inode)?;
+        fs::create_dir(sort)?;
+        let spill = BufWriter::with_capacity(1 << 16, File::create(sort.join("spill"))?);
         Ok(Writer {
             out,
             file,
             at,
             next: 0,
             pending: BTreeMap::new(),
-            index: Vec::new(),
+            sort: sort.to_path_buf(),
+            spill,
+            spilled: 0,
             error: None,
         })
     }
@@ -593,12 +719,14 @@ impl Writer {
         let mut offset = 0u64;
         for (id, len) in p.content.iter().zip(lens) {
             self.out.write_all(&len.to_le_bytes())?;
-            self.index.push(IndexEntry {
+            let e = IndexEntry {
                 id: id.0,
                 entry,
                 offset,
                 len: *len,
-            });
+            };
+            self.spill.write_all(&e.encode())?;
+            self.spilled += 1;
             offset += u64::from(*len);
         }
         self.at += entry_len(p.rel.len(), lens.len());
@@ -619,24 +747,20 @@ impl Writer {
         self.out.flush()?;
         drop(self.out);
         self.file.sync_all()?;
-        let mut index = self.index;
-        index.sort_unstable_by_key(|e| e.id);
-        index.dedup_by(|a, b| a.id == b.id);
+        self.spill.flush()?;
+        drop(self.spill);
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
             .open(chunks)?;
         let mut out = BufWriter::with_capacity(1 << 16, file.try_clone()?);
         write_header(&mut out, CHUNKS_MAGIC, "", inode)?;
-        for e in &index {
-            out.write_all(&e.id)?;
-            out.write_all(&e.entry.to_le_bytes())?;
-            out.write_all(&e.offset.to_le_bytes())?;
-            out.write_all(&e.len.to_le_bytes())?;
-        }
+        let spill = self.sort.join("spill");
+        sort_spill(&spill, self.spilled, &self.sort, SORT_IN_MEMORY, &mut out)?;
         out.flush()?;
         drop(out);
-        file.sync_all()
+        file.sync_all()?;
+        remove_tree(&self.sort)
     }
 }
 
@@ -822,5 +946,100 @@ fn open_up(dir: &Path) {
                 open_up(&e.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: u64, seed: u64) -> Vec<IndexEntry> {
+        (0..n)
+            .map(|i| {
+                // Every third id repeats an earlier one: a chunk in several files.
+                let k = if i % 3 == 2 { i / 2 } else { i };
+                let id = *blake3::hash(&(k ^ seed).to_le_bytes()).as_bytes();
+                IndexEntry {
+                    id,
+                    entry: i * 100,
+                    offset: i * 7,
+                    len: (i % 1000) as u32,
+                }
+            })
+            .collect()
+    }
+
+    /// The index as sorting in memory makes it: by id, each id at its first entry.
+    fn expected(all: &[IndexEntry]) -> Vec<IndexEntry> {
+        let mut e = all.to_vec();
+        e.sort_by_key(|e| e.id); // stable: the first of equal ids stays first
+        e.dedup_by(|a, b| a.id == b.id);
+        e
+    }
+
+    #[test]
+    fn a_large_index_is_sorted_in_parts_as_a_small_one_is_in_memory_and_found_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = entries(5000, 7);
+        let spill = dir.path().join("spill");
+        let mut bytes = Vec::new();
+        for e in &all {
+            bytes.extend_from_slice(&e.encode());
+        }
+        fs::write(&spill, &bytes).unwrap();
+        let want = expected(&all);
+        for in_memory in [u64::MAX, 10] {
+            let mut out = Vec::new();
+            sort_spill(&spill, all.len() as u64, dir.path(), in_memory, &mut out).unwrap();
+            let got: Vec<IndexEntry> = out
+                .chunks_exact(INDEX_ENTRY)
+                .map(IndexEntry::decode)
+                .collect();
+            // Which of two equal ids is kept may differ between the two ways; the ids
+            // and their count may not.
+            let ids = |v: &[IndexEntry]| v.iter().map(|e| e.id).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&want), "in memory up to {in_memory}");
+            assert_eq!(
+                fs::read_dir(dir.path()).unwrap().count(),
+                1,
+                "parts left behind"
+            );
+        }
+
+        // Written with its header, it is found by id through the prefix table.
+        let file = dir.path().join("chunks");
+        let mut out = Vec::new();
+        write_header(&mut out, CHUNKS_MAGIC, "", 42).unwrap();
+        for e in &want {
+            out.extend_from_slice(&e.encode());
+        }
+        fs::write(&file, &out).unwrap();
+        let index = ChunkIndex::open(&file, 42).unwrap();
+        for e in &want {
+            assert_eq!(index.find(&e.id), Some(*e));
+        }
+        for k in 0..50u64 {
+            let absent = *blake3::hash(format!("absent {k}").as_bytes()).as_bytes();
+            assert_eq!(index.find(&absent), None);
+        }
+        // Of another directory, or out of order: not used.
+        assert!(ChunkIndex::open(&file, 43).is_none());
+        let (a, b) = (INDEX_ENTRY * 3, INDEX_ENTRY * 4);
+        let base = out.len() - want.len() * INDEX_ENTRY;
+        let mut swapped = out.clone();
+        swapped[base + a..base + b].copy_from_slice(&out[base + b..base + b + INDEX_ENTRY]);
+        swapped[base + b..base + b + INDEX_ENTRY].copy_from_slice(&out[base + a..base + b]);
+        fs::write(&file, &swapped).unwrap();
+        assert!(ChunkIndex::open(&file, 42).is_none());
+    }
+
+    #[test]
+    fn the_walk_order_is_by_component() {
+        use std::cmp::Ordering::*;
+        assert_eq!(walk_order(b"a/x", b"a b"), Less);
+        assert_eq!(walk_order(b"a/x", b"a.txt"), Less);
+        assert_eq!(walk_order(b"a", b"a/x"), Less);
+        assert_eq!(walk_order(b"b", b"a/z"), Greater);
+        assert_eq!(walk_order(b"d/f", b"d/f"), Equal);
     }
 }
