@@ -591,6 +591,10 @@ impl Config {
         self.hosts.iter().find(|h| h.name == name)
     }
 
+    pub fn clone_target(&self, name: &str) -> Option<&CloneTarget> {
+        self.clones.iter().find(|c| c.name == name)
+    }
+
     /// Where the feed's channel links to.
     pub fn feed_link(&self) -> String {
         self.feed

@@ -130,6 +130,23 @@ impl Site {
         })
     }
 
+    /// The configured clone `name`.
+    pub fn clone_target(&self, name: &str) -> Result<&haul_config::CloneTarget, CliError> {
+        let config = self.require_config()?;
+        config.clone_target(name).ok_or_else(|| {
+            CliError::usage(format!(
+                "no clone {name:?} in {} (clones there: {})",
+                self.config_name(),
+                config
+                    .clones
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
     /// The run history, with the feeds the configuration describes.
     pub fn history(&self) -> History {
         History::new(self.state.clone())

@@ -197,7 +197,7 @@ fn lookup_group(gid: u32) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-fn cpath(path: &Path) -> io::Result<CString> {
+pub(crate) fn cpath(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }

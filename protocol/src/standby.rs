@@ -37,7 +37,6 @@ use crate::restore::{
 };
 use crate::tree::{Node, TreeBlob};
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -887,14 +886,9 @@ impl BlobSource for LocalFirst<'_> {
     }
 }
 
-fn cpath(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("a path with a NUL byte"))
-}
-
 /// Exchanges two directories in one step.
 fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    let (a, b) = (cpath(a)?, cpath(b)?);
+    let (a, b) = (meta::cpath(a)?, meta::cpath(b)?);
     let done = unsafe {
         libc::renameat2(
             libc::AT_FDCWD,

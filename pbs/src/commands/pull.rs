@@ -160,7 +160,7 @@ pub fn ssh_setup(ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), Cl
     let site = ctx.site()?;
     let config = site.require_config()?;
     // A host by that name, else a clone: its destination as a host, and its policy.
-    let clone = config.clones.iter().find(|c| c.name == args.host);
+    let clone = config.clone_target(&args.host);
     let (h, policy) = match (config.host(&args.host), clone) {
         (Some(h), _) => {
             let roots: Vec<String> = h

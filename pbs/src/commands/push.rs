@@ -14,25 +14,7 @@ pub fn push(ctx: &Context, args: PushArgs) -> Result<(), CliError> {
     let config = site.require_config()?;
     let host = site.host(&args.host)?;
     let clones: Vec<&haul_config::CloneTarget> = match &args.clone {
-        Some(name) => {
-            let c = config
-                .clones
-                .iter()
-                .find(|c| &c.name == name)
-                .ok_or_else(|| {
-                    CliError::usage(format!(
-                        "no clone {name:?} in {} (clones there: {})",
-                        site.config_name(),
-                        config
-                            .clones
-                            .iter()
-                            .map(|c| c.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })?;
-            vec![c]
-        }
+        Some(name) => vec![site.clone_target(name)?],
         None => config
             .clones
             .iter()

@@ -374,10 +374,7 @@ fn retry_pushes(shared: &SharedRef, repos: &Arc<Repositories>) {
                 continue;
             }
             let config = &s.site.config;
-            let plan = match (
-                config.host(&host),
-                config.clones.iter().find(|c| c.name == clone),
-            ) {
+            let plan = match (config.host(&host), config.clone_target(&clone)) {
                 (Some(h), Some(c)) => {
                     PushPlan::for_clone(&s.site, h, c, "latest", &PullOptions::default())
                 }
@@ -471,18 +468,31 @@ fn push_snapshot(
         Err(e) => {
             tracing::error!(host, "push failed before it started: {e}");
             let error = RunError::new(ErrorKind::Setup, e.to_string());
-            let record = RunRecord::new(
-                new_run_id(started),
+            record_unstarted(
+                history,
                 host,
                 RunKind::Push,
                 TransportKind::Ssh,
                 started,
-            )
-            .failed(&error);
-            if let Err(e) = history.record(&record) {
-                tracing::error!("cannot record the run: {e}");
-            }
+                &error,
+            );
         }
+    }
+}
+
+/// Records a run that failed before the pipeline could start it (which would have
+/// recorded it itself).
+fn record_unstarted(
+    history: &History,
+    host: &str,
+    kind: RunKind,
+    transport: TransportKind,
+    started: DateTime<Utc>,
+    error: &RunError,
+) {
+    let record = RunRecord::new(new_run_id(started), host, kind, transport, started).failed(error);
+    if let Err(e) = history.record(&record) {
+        tracing::error!("cannot record the run: {e}");
     }
 }
 
@@ -520,12 +530,7 @@ fn pull_host(
         Err(e) => {
             tracing::error!(host = %name, "pull failed before it started: {e}");
             let error = RunError::new(ErrorKind::Repository, e.to_string());
-            let record =
-                RunRecord::new(new_run_id(started), name, RunKind::Pull, transport, started)
-                    .failed(&error);
-            if let Err(e) = history.record(&record) {
-                tracing::error!("cannot record the run: {e}");
-            }
+            record_unstarted(history, name, RunKind::Pull, transport, started, &error);
             Ended::Failed {
                 retry: true,
                 error: error.message,
