@@ -5,9 +5,13 @@
 //! server which ids it lacks, then uploads only those, many per request. Up to
 //! [`BATCHES_IN_FLIGHT`] batches are under way at once, so the question of one batch
 //! travels while another uploads and a link with latency stays busy. The blobs
-//! waiting for upload hold a byte budget ([`UPLOAD_BUDGET`]); when it is spent the
-//! walker's workers wait, so the agent's memory does not depend on the size of the
-//! tree or of the repository.
+//! waiting for upload hold a byte budget; when it is spent the walker's workers wait,
+//! so the agent's memory does not depend on the size of the tree or of the repository.
+//!
+//! The budget is [`UPLOAD_BUDGET`] on a short link, and grows with the round trip
+//! ([`upload_budget`]) up to [`MAX_UPLOAD_BUDGET`]: a blob holds its share from when
+//! it is compressed until its upload is answered, two round trips later at least, so
+//! a fixed budget would bound a long link's throughput to budget / (2 × RTT).
 
 use crate::client::{Client, ClientError};
 use crate::prefetch::Prefetcher;
@@ -24,10 +28,17 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// Batches being asked about or uploaded at once.
-pub const BATCHES_IN_FLIGHT: usize = 2;
-/// Encoded bytes of blobs waiting to be uploaded, at most.
+/// Batches being asked about or uploaded at once: as many as the server uploads at once.
+pub const BATCHES_IN_FLIGHT: usize = wire::MAX_UPLOADS_IN_FLIGHT;
+/// Encoded bytes of blobs waiting to be uploaded, at most, on a short link.
 pub const UPLOAD_BUDGET: usize = 6 << 20;
+/// ... and on the longest.
+pub const MAX_UPLOAD_BUDGET: usize = 64 << 20;
+/// The upload rate the budget is sized for: more than a server takes in, so that the
+/// budget is never what bounds a run.
+const LINK_RATE: f64 = 640.0 * 1048576.0;
+/// A batch closes at most at this many encoded bytes, however large the budget.
+const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Bytes of parent trees held ahead of their use.
 const TREE_BUDGET: usize = 4 << 20;
 /// A batch closes at this many encoded bytes (plus one blob) or blobs.
@@ -186,7 +197,7 @@ impl Sink for RemoteSink {
         }
         let tree = TreeBlob::decode(&bytes).map_err(SinkError::new)?;
         // The walker compares each subdirectory (or page) next: fetch them ahead.
-        self.trees.hint(tree.subtrees().into_iter().map(|t| t.0));
+        self.trees.hint(tree.subtrees().into_iter().map(|t| t.0), 0);
         Ok(tree)
     }
 
@@ -210,7 +221,7 @@ async fn uploader(
     budget: Arc<Semaphore>,
     failure: Arc<Mutex<Option<String>>>,
 ) -> Result<(), ClientError> {
-    let result = batches(client, &mut rx, stats).await;
+    let result = batches(client, &mut rx, stats, &budget).await;
     if let Err(e) = &result {
         *failure.lock().expect("failure") = Some(format!("upload failed: {e}"));
         // Wake walker threads waiting for budget: they fail instead of waiting.
@@ -246,15 +257,37 @@ impl Recent {
     }
 }
 
+/// The upload budget for a link of round trip `rtt`: what it carries at [`LINK_RATE`]
+/// in two round trips (a batch's question and its upload), within
+/// [`UPLOAD_BUDGET`]..=[`MAX_UPLOAD_BUDGET`].
+pub fn upload_budget(rtt: std::time::Duration) -> usize {
+    ((2.0 * rtt.as_secs_f64() * LINK_RATE) as usize).clamp(UPLOAD_BUDGET, MAX_UPLOAD_BUDGET)
+}
+
 async fn batches(
     client: Arc<Client>,
     rx: &mut mpsc::UnboundedReceiver<Item>,
     stats: Arc<UploadStats>,
+    budget: &Semaphore,
 ) -> Result<(), ClientError> {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
     let mut seen = Recent::default();
+    let mut granted = UPLOAD_BUDGET;
     loop {
+        // The round trip is known after the first small request, and may shorten as
+        // more are timed (their time includes the server's work).
+        if let Some(rtt) = client.round_trip() {
+            let want = upload_budget(rtt);
+            if want > granted {
+                budget.add_permits(want - granted);
+                granted = want;
+            } else if want < granted {
+                granted -= budget.forget_permits(granted - want);
+            }
+        }
+        // Batches in flight share the budget.
+        let batch_bytes = (granted / BATCHES_IN_FLIGHT).clamp(BATCH_BYTES, MAX_BATCH_BYTES);
         // Wait for a free slot first: meanwhile blobs gather into a larger batch.
         let slot = in_flight
             .clone()
@@ -276,7 +309,7 @@ async fn batches(
             }
             // The server takes at most MAX_UPLOAD_PLAIN per request; a blob is at most
             // one chunk.
-            if bytes >= BATCH_BYTES
+            if bytes >= batch_bytes
                 || batch.len() >= BATCH_BLOBS
                 || plain >= wire::MAX_UPLOAD_PLAIN / 2
             {
@@ -360,6 +393,19 @@ async fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upload_budget_covers_two_round_trips_within_its_bounds() {
+        use std::time::Duration;
+        assert_eq!(upload_budget(Duration::from_micros(150)), UPLOAD_BUDGET);
+        assert_eq!(upload_budget(Duration::from_secs(3)), MAX_UPLOAD_BUDGET);
+        let at_20ms = upload_budget(Duration::from_millis(20));
+        assert!(
+            at_20ms > UPLOAD_BUDGET && at_20ms < MAX_UPLOAD_BUDGET,
+            "{at_20ms}"
+        );
+        assert_eq!(at_20ms, (0.04 * LINK_RATE) as usize);
+    }
 
     #[test]
     fn blobs_met_lately_are_asked_about_once_and_the_memory_stays_bounded() {

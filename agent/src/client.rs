@@ -16,12 +16,14 @@ use hyper_util::rt::TokioIo;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use haul_protocol::wire;
 
-/// Connections one agent opens at most.
-pub const MAX_CONNECTIONS: usize = 4;
+pub use wire::MAX_CONNECTIONS;
+
+/// A request and its answer of at most this many bytes in all time the round trip.
+const SMALL_EXCHANGE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -50,6 +52,8 @@ pub struct Client {
     idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
     slots: tokio::sync::Semaphore,
     opened: AtomicU64,
+    /// The shortest small exchange so far, in microseconds (see [`Client::round_trip`]).
+    rtt_us: AtomicU64,
 }
 
 impl Client {
@@ -59,7 +63,15 @@ impl Client {
             idle: Mutex::new(Vec::new()),
             slots: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
             opened: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// About the round-trip time to the server: the shortest time a small request
+    /// took to be answered (server work included), once one was.
+    pub fn round_trip(&self) -> Option<Duration> {
+        let us = self.rtt_us.load(Relaxed);
+        (us != u64::MAX).then(|| Duration::from_micros(us))
     }
 
     /// Connections opened so far.
@@ -104,6 +116,8 @@ impl Client {
     ) -> Result<Bytes, ClientError> {
         let _slot = self.slots.acquire().await.expect("never closed");
         let mut sender = self.connection().await?;
+        let sent_bytes = body.len();
+        let started = Instant::now();
         let req = Request::builder()
             .method(method.clone())
             .uri(path)
@@ -114,6 +128,10 @@ impl Client {
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
+        if sent_bytes + bytes.len() <= SMALL_EXCHANGE {
+            let us = started.elapsed().as_micros().min(u64::MAX as u128 - 1) as u64;
+            self.rtt_us.fetch_min(us, Relaxed);
+        }
         self.idle
             .lock()
             .expect("pool")

@@ -18,13 +18,22 @@ use crate::client::Client;
 use crate::failure::Failure;
 use haul_protocol::agent::ErrorCode;
 use haul_protocol::wire;
-use haul_protocol::{BlobKind, BlobRef};
+use haul_protocol::{BlobKind, BlobRef, TreeId};
 use hyper::Method;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 
+/// The blobs of an answer, by id.
+type Frames = Vec<([u8; 32], Vec<u8>)>;
+
 /// Most refs in one batch request.
 const BATCH: usize = 512;
+/// A batch request closes at about this many bytes of hinted blobs. A whole answer
+/// arrives before any of its blobs can be used, and a channel over SSH moves about its
+/// window (2 MiB from OpenSSH's sshd) per round trip: requests of about that size, several
+/// at once on their own connections, keep a long link busy and the blobs flowing in the
+/// order they are needed.
+const BATCH_BYTES: usize = 2 << 20;
 
 pub struct Prefetcher {
     client: Arc<Client>,
@@ -41,22 +50,78 @@ pub struct Prefetcher {
 }
 
 impl State {
-    /// Notes the hinted blobs; true if any is to be asked for.
-    fn hint(&mut self, ids: impl IntoIterator<Item = [u8; 32]>) -> bool {
+    /// Notes the hinted blobs, of about `each` bytes each; true if any is to be asked
+    /// for.
+    fn hint(&mut self, ids: impl IntoIterator<Item = [u8; 32]>, each: u32) -> bool {
         let mut added = false;
         for id in ids {
+            if self.held.as_ref().is_some_and(|h| h.contains(&TreeId(id))) {
+                continue;
+            }
             let w = self.wanted.entry(id).or_insert(0);
             *w += 1;
             if *w == 1
                 && !self.ready.contains_key(&id)
-                && !self.requested.contains(&id)
+                && !self.requested.contains_key(&id)
                 && self.queued.insert(id)
             {
-                self.queue.push_back(id);
+                self.queue.push_back((id, each));
                 added = true;
             }
         }
         added
+    }
+
+    /// Takes the answer to `batch`: the blobs that came are ready (a tree's subtrees
+    /// hinted if `expand`), those it left out (it stops at a size limit) go back in
+    /// front of the queue. True if more is to be asked for.
+    fn answered(
+        &mut self,
+        batch: &[[u8; 32]],
+        answer: Result<Frames, Failure>,
+        expand: bool,
+    ) -> bool {
+        let mut more = false;
+        match answer {
+            Ok(frames) if frames.is_empty() => {
+                self.failed = Some(Failure::new(
+                    ErrorCode::Protocol,
+                    format!(
+                        "the server answered none of {} blobs asked for",
+                        batch.len()
+                    ),
+                ));
+                self.requested.clear();
+            }
+            Ok(frames) => {
+                for (id, bytes) in frames {
+                    if self.requested.remove(&id).is_some() && self.wanted.contains_key(&id) {
+                        if expand {
+                            // Checked against its id when it is taken; one that does not
+                            // decode has no subtrees to fetch.
+                            if let Ok(tree) = haul_protocol::tree::TreeBlob::decode(&bytes) {
+                                more |= self.hint(tree.subtrees().into_iter().map(|t| t.0), 0);
+                            }
+                        }
+                        self.bytes += bytes.len();
+                        self.ready.insert(id, bytes);
+                    }
+                }
+                for id in batch.iter().rev() {
+                    if let Some(each) = self.requested.remove(id) {
+                        if self.wanted.contains_key(id) {
+                            self.queued.insert(*id);
+                            self.queue.push_front((*id, each));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.failed = Some(e.context("fetching ahead from the server"));
+                self.requested.clear();
+            }
+        }
+        more
     }
 }
 
@@ -64,16 +129,18 @@ impl State {
 struct State {
     /// Hinted, not yet asked for, in order of need. Entries no longer in `queued`
     /// were withdrawn and are skipped.
-    queue: VecDeque<[u8; 32]>,
+    queue: VecDeque<([u8; 32], u32)>,
     queued: HashSet<[u8; 32]>,
-    /// Asked for, answer pending.
-    requested: HashSet<[u8; 32]>,
+    /// Asked for, answer pending, with the size hinted.
+    requested: HashMap<[u8; 32], u32>,
     /// Uses still expected per blob (a chunk may be in several files).
     wanted: HashMap<[u8; 32], usize>,
     ready: HashMap<[u8; 32], Vec<u8>>,
     bytes: usize,
     failed: Option<Failure>,
     closed: bool,
+    /// Trees read from elsewhere: never hinted (see [`Prefetcher::held`]).
+    held: Option<Arc<HashSet<TreeId>>>,
 }
 
 impl Prefetcher {
@@ -103,12 +170,20 @@ impl Prefetcher {
         p
     }
 
-    /// These blobs will be needed, in this order.
-    pub fn hint(&self, ids: impl IntoIterator<Item = [u8; 32]>) {
-        let added = self.st.lock().expect("prefetch").hint(ids);
+    /// These blobs, of about `each` bytes each (0: unknown), will be needed, in this
+    /// order.
+    pub fn hint(&self, ids: impl IntoIterator<Item = [u8; 32]>, each: u32) {
+        let added = self.st.lock().expect("prefetch").hint(ids, each);
         if added {
             self.wake.notify_waiters();
         }
+    }
+
+    /// These blobs are read from elsewhere (a standby copy's own trees): hints of them
+    /// are ignored, so that neither the user nor the expansion of a fetched tree asks
+    /// for them.
+    pub fn held(&self, ids: Arc<HashSet<TreeId>>) {
+        self.st.lock().expect("prefetch").held = Some(ids);
     }
 
     /// Whether a tree taken from here had its subtrees hinted already (see `expand`).
@@ -144,7 +219,7 @@ impl Prefetcher {
                 }
                 return Ok(Some(v));
             }
-            if st.requested.contains(id) {
+            if st.requested.contains_key(id) {
                 st = self.arrived.wait(st).expect("prefetch");
                 continue;
             }
@@ -181,13 +256,15 @@ impl Prefetcher {
             return None;
         }
         let mut batch = Vec::new();
-        while batch.len() < BATCH {
-            let Some(id) = st.queue.pop_front() else {
+        let mut bytes = 0usize;
+        while batch.len() < BATCH && bytes < BATCH_BYTES {
+            let Some((id, each)) = st.queue.pop_front() else {
                 break;
             };
             if st.queued.remove(&id) {
-                st.requested.insert(id);
+                st.requested.insert(id, each);
                 batch.push(id);
+                bytes += each as usize;
             }
         }
         (!batch.is_empty()).then_some(batch)
@@ -228,51 +305,73 @@ impl Prefetcher {
                         .collect::<Vec<_>>();
                     Ok(frames)
                 });
-            let mut st = self.st.lock().expect("prefetch");
-            let mut more = false;
-            match answer {
-                Ok(frames) if frames.is_empty() => {
-                    st.failed = Some(Failure::new(
-                        ErrorCode::Protocol,
-                        format!(
-                            "the server answered none of {} blobs asked for",
-                            batch.len()
-                        ),
-                    ));
-                    st.requested.clear();
-                }
-                Ok(frames) => {
-                    for (id, bytes) in frames {
-                        if st.requested.remove(&id) && st.wanted.contains_key(&id) {
-                            if self.expand {
-                                // Checked against its id when it is taken; one that
-                                // does not decode has no subtrees to fetch.
-                                if let Ok(tree) = haul_protocol::tree::TreeBlob::decode(&bytes) {
-                                    more |= st.hint(tree.subtrees().into_iter().map(|t| t.0));
-                                }
-                            }
-                            st.bytes += bytes.len();
-                            st.ready.insert(id, bytes);
-                        }
-                    }
-                    // The answer stops at a size limit: the rest goes back in front.
-                    for id in batch.iter().rev() {
-                        if st.requested.remove(id) && st.wanted.contains_key(id) {
-                            st.queued.insert(*id);
-                            st.queue.push_front(*id);
-                        }
-                    }
-                }
-                Err(e) => {
-                    st.failed = Some(e.context("fetching ahead from the server"));
-                    st.requested.clear();
-                }
-            }
-            drop(st);
+            let more = self
+                .st
+                .lock()
+                .expect("prefetch")
+                .answered(&batch, answer, self.expand);
             self.arrived.notify_all();
             if more {
                 self.wake.notify_waiters();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefetcher() -> Prefetcher {
+        Prefetcher {
+            client: Arc::new(Client::new("/nonexistent".into())),
+            path: "/v1/restore/chunks",
+            kind: BlobKind::Data,
+            budget: 16 << 20,
+            expand: false,
+            st: Mutex::new(State::default()),
+            arrived: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn id(n: u32) -> [u8; 32] {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&n.to_le_bytes());
+        id
+    }
+
+    #[test]
+    fn a_batch_closes_at_its_byte_size_or_its_count() {
+        let p = prefetcher();
+        // Chunks of 1 MiB: two to a request, in the order hinted.
+        p.hint((0..5).map(id), 1 << 20);
+        assert_eq!(p.next_batch(), Some(vec![id(0), id(1)]));
+        assert_eq!(p.next_batch(), Some(vec![id(2), id(3)]));
+        // Small ones and those of unknown size: by count.
+        p.hint((10..2000).map(id), 100);
+        let b = p.next_batch().expect("a batch");
+        assert_eq!(b.len(), BATCH);
+        assert_eq!(b[0], id(4));
+        p.hint((3000..3600).map(id), 0);
+        while let Some(b) = p.next_batch() {
+            assert!(b.len() <= BATCH);
+        }
+    }
+
+    #[test]
+    fn what_an_answer_left_out_is_asked_for_again_first_with_its_size() {
+        let p = prefetcher();
+        p.hint((0..4).map(id), 1 << 20);
+        let b = p.next_batch().expect("a batch");
+        assert_eq!(b, vec![id(0), id(1)]);
+        // The answer held only the first (a size limit): the second goes back in front.
+        let more =
+            p.st.lock()
+                .unwrap()
+                .answered(&b, Ok(vec![(id(0), vec![0; 10])]), false);
+        assert!(!more);
+        assert_eq!(p.next_batch(), Some(vec![id(1), id(2)]));
+        assert_eq!(p.take(&id(0)).unwrap(), Some(vec![0; 10]));
     }
 }

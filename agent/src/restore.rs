@@ -37,6 +37,10 @@ struct RemoteSource {
 /// `haul_protocol::restore`): the chunk budget covers eight of them.
 const TREE_BUDGET: usize = 4 << 20;
 const CHUNK_BUDGET: usize = 16 << 20;
+/// Tasks fetching chunks ahead, each on its own connection: all the connections but
+/// one for trees and one for a blob a writer asks for itself. Each asks for about
+/// 2 MiB at a time (see `prefetch`), so a long link has many answers on their way.
+const CHUNK_FETCHERS: usize = crate::client::MAX_CONNECTIONS - 2;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -88,7 +92,7 @@ impl BlobSource for RemoteSource {
         // The restorer descends into every subdirectory (or page) next: fetch them ahead
         // (the prefetcher did so for a tree it fetched, when it expands).
         if !(ahead && self.trees.expands()) {
-            self.trees.hint(tree.subtrees().into_iter().map(|t| t.0));
+            self.trees.hint(tree.subtrees().into_iter().map(|t| t.0), 0);
         }
         Ok(tree)
     }
@@ -106,8 +110,13 @@ impl BlobSource for RemoteSource {
             .map_err(|e| SourceError::blob(Bad(format!("chunk {}: {e}", id.short()))))
     }
 
-    fn will_need(&self, ids: &[ChunkId]) {
-        self.chunks.hint(ids.iter().map(|c| c.0));
+    fn held_trees(&self, ids: Arc<std::collections::HashSet<TreeId>>) {
+        self.trees.held(ids);
+    }
+
+    fn will_need(&self, ids: &[ChunkId], bytes: u64) {
+        let each = (bytes / ids.len().max(1) as u64).min(u32::MAX as u64) as u32;
+        self.chunks.hint(ids.iter().map(|c| c.0), each);
     }
 }
 
@@ -164,7 +173,7 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
             "/v1/restore/chunks",
             BlobKind::Data,
             CHUNK_BUDGET,
-            2,
+            CHUNK_FETCHERS,
             false,
             rt.handle(),
         ),

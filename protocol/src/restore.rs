@@ -43,9 +43,13 @@ pub trait BlobSource: Sync {
     fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError>;
     /// The plaintext of a chunk. The restorer verifies its BLAKE3.
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError>;
-    /// These chunks will be loaded soon, in this order (a file was just queued for
-    /// writing). A remote source fetches them ahead; the default does nothing.
-    fn will_need(&self, _ids: &[ChunkId]) {}
+    /// These chunks, of `bytes` bytes in all, will be loaded soon, in this order (a
+    /// file was just queued for writing). A remote source fetches them ahead; the
+    /// default does nothing.
+    fn will_need(&self, _ids: &[ChunkId], _bytes: u64) {}
+    /// These trees are read from elsewhere (a standby copy's own): a remote source
+    /// does not fetch them ahead. The default does nothing.
+    fn held_trees(&self, _ids: std::sync::Arc<std::collections::HashSet<TreeId>>) {}
 }
 
 /// What a standby push adds to the restorer's walk (see [`crate::standby`]): files it
@@ -684,7 +688,7 @@ impl Restorer<'_> {
                         return Ok(());
                     }
                 }
-                self.source.will_need(&node.content);
+                self.source.will_need(&node.content, node.size);
                 let job = FileJob {
                     seq,
                     path: path.to_path_buf(),

@@ -10,7 +10,12 @@
 //!   ([`Node::restore_digest`]), its size and its chunks' lengths.
 //! - `chunks`: the chunks of those files sorted by id, each with the record entry of a
 //!   file holding it and its offset there.
-//! - `next/`, `record.new`, `chunks.new`: the version being built, while it is built.
+//! - `trees`: the snapshot's trees (directory listings), each with its id. A push reads
+//!   the trees it already has from here (each checked against its id) and asks the
+//!   source only for the others: those of the directories that changed, since a
+//!   directory's tree names its subdirectories' trees.
+//! - `next/`, `record.new`, `chunks.new`, `trees.new`: the version being built, while
+//!   it is built.
 //! - `lock`: held by the push running.
 //!
 //! A push (1) finishes or undoes what a push killed before it left; (2) builds `next/`:
@@ -48,6 +53,7 @@ use std::sync::Mutex;
 
 const RECORD_MAGIC: &[u8; 22] = b"haul-standby-record 1\n";
 const CHUNKS_MAGIC: &[u8; 22] = b"haul-standby-chunks 1\n";
+const TREES_MAGIC: &[u8; 22] = b"haul-standby-trees 1\n\n";
 /// An entry of `chunks`: id, record entry offset, offset in that file, length.
 const INDEX_ENTRY: usize = 32 + 8 + 8 + 4;
 
@@ -125,18 +131,33 @@ pub fn push(
         .mode(0o700)
         .create(&next)
         .map_err(io_err(&next))?;
-    let built = build(source, root, opts, &state, old.as_ref(), stats, standby);
+    let trees = TreeCache::open(&state.join("trees"));
+    if let Some(t) = &trees {
+        source.held_trees(t.ids());
+    }
+    let built = build(
+        source,
+        root,
+        opts,
+        &state,
+        old.as_ref(),
+        trees.as_ref(),
+        stats,
+        standby,
+    );
     let warnings = match built {
         Ok(w) => w,
         Err(e) => {
             let _ = remove_tree(&next);
             let _ = remove_tree(&state.join("sort"));
-            let _ = fs::remove_file(state.join("record.new"));
-            let _ = fs::remove_file(state.join("chunks.new"));
+            for name in NEW_FILES {
+                let _ = fs::remove_file(state.join(name));
+            }
             return Err(e);
         }
     };
     drop(old);
+    drop(trees);
     let mode = now
         .as_ref()
         .map_or_else(|| 0o777 & !restore::umask(), |m| m.mode() & 0o7777);
@@ -157,14 +178,19 @@ pub fn push(
     Ok(warnings)
 }
 
-/// Builds the new version in `state/next` (made, empty) and writes its record and
-/// chunk index beside it.
+/// What a push writes beside `next/` (see the module doc).
+const NEW_FILES: [&str; 3] = ["record.new", "chunks.new", "trees.new"];
+
+/// Builds the new version in `state/next` (made, empty) and writes its record, chunk
+/// index and trees beside it.
+#[allow(clippy::too_many_arguments)]
 fn build(
     source: &dyn BlobSource,
     root: &TreeId,
     opts: &StandbyOptions,
     state: &Path,
     old: Option<&Old>,
+    trees: Option<&TreeCache>,
     stats: &RestoreStats,
     standby: &StandbyStats,
 ) -> Result<Vec<RestoreWarning>, RestoreError> {
@@ -181,9 +207,14 @@ fn build(
         is_root: meta::is_root(),
         stats: standby,
     };
+    let trees_new = state.join("trees.new");
     let local = LocalFirst {
         remote: source,
         old,
+        trees,
+        new_trees: Mutex::new(
+            TreeWriter::create(&trees_new, &opts.snapshot).map_err(io_err(&trees_new))?,
+        ),
         stats: standby,
     };
     let warnings = restore::restore_into(
@@ -195,6 +226,12 @@ fn build(
         stats,
         Some(&hook),
     )?;
+    local
+        .new_trees
+        .into_inner()
+        .expect("tree writer")
+        .finish()
+        .map_err(io_err(&trees_new))?;
     let writer = hook.writer.into_inner().expect("record writer");
     let chunks = state.join("chunks.new");
     writer.finish(&chunks, inode).map_err(io_err(&record))?;
@@ -235,7 +272,7 @@ fn recover(state: &Path, target: &Path) -> Result<(), RestoreError> {
             take_new_record(state)?;
         }
     }
-    for name in ["record.new", "chunks.new"] {
+    for name in NEW_FILES {
         let p = state.join(name);
         match fs::remove_file(&p) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
@@ -252,12 +289,15 @@ fn recover(state: &Path, target: &Path) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Renames `chunks.new` and then `record.new` into place: a `chunks` newer than the
-/// record names another directory and is not used.
+/// Renames `chunks.new`, `trees.new` and then `record.new` into place: a `chunks`
+/// newer than the record names another directory and is not used (trees are checked
+/// against their ids, whichever version they come from).
 fn take_new_record(state: &Path) -> Result<(), RestoreError> {
-    let chunks = state.join("chunks.new");
-    if chunks.exists() {
-        fs::rename(&chunks, state.join("chunks")).map_err(io_err(&chunks))?;
+    for (new, name) in [("chunks.new", "chunks"), ("trees.new", "trees")] {
+        let new = state.join(new);
+        if new.exists() {
+            fs::rename(&new, state.join(name)).map_err(io_err(&new))?;
+        }
     }
     let record = state.join("record.new");
     fs::rename(&record, state.join("record")).map_err(io_err(&record))?;
@@ -848,17 +888,29 @@ impl Reuse for Hook<'_> {
     }
 }
 
-/// Chunks from the old version where it has them (checked against their ids), else
-/// from the source.
+/// Trees and chunks from the old version where it has them (checked against their
+/// ids), else from the source; every tree of the new version is kept for the next.
 struct LocalFirst<'a> {
     remote: &'a dyn BlobSource,
     old: Option<&'a Old>,
+    trees: Option<&'a TreeCache>,
+    new_trees: Mutex<TreeWriter>,
     stats: &'a StandbyStats,
 }
 
 impl BlobSource for LocalFirst<'_> {
     fn load_tree(&self, id: &TreeId) -> Result<TreeBlob, SourceError> {
-        self.remote.load_tree(id)
+        if let Some((bytes, tree)) = self.trees.and_then(|t| t.read(id)) {
+            self.new_trees.lock().expect("tree writer").add(id, &bytes);
+            return Ok(tree);
+        }
+        let tree = self.remote.load_tree(id)?;
+        // Kept as the source encodes it: what hashes to its id.
+        let bytes = tree.encode();
+        if blake3::hash(&bytes).as_bytes() == &id.0 {
+            self.new_trees.lock().expect("tree writer").add(id, &bytes);
+        }
+        Ok(tree)
     }
 
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
@@ -869,9 +921,9 @@ impl BlobSource for LocalFirst<'_> {
         self.remote.load_chunk(id)
     }
 
-    fn will_need(&self, ids: &[ChunkId]) {
+    fn will_need(&self, ids: &[ChunkId], bytes: u64) {
         match self.old {
-            None => self.remote.will_need(ids),
+            None => self.remote.will_need(ids, bytes),
             Some(old) => {
                 let lacking: Vec<ChunkId> = ids
                     .iter()
@@ -879,10 +931,107 @@ impl BlobSource for LocalFirst<'_> {
                     .copied()
                     .collect();
                 if !lacking.is_empty() {
-                    self.remote.will_need(&lacking);
+                    let share = bytes / ids.len() as u64 * lacking.len() as u64;
+                    self.remote.will_need(&lacking, share);
                 }
             }
         }
+    }
+}
+
+/// The trees of the version in place (`trees`): where each is in the file.
+struct TreeCache {
+    file: File,
+    at: std::collections::HashMap<[u8; 32], (u64, u32)>,
+}
+
+/// Largest tree kept (a page of a large directory is far smaller).
+const MAX_TREE: u32 = 64 << 20;
+
+impl TreeCache {
+    /// The trees in `path`, as far as it can be read; `None` if there are none.
+    fn open(path: &Path) -> Option<TreeCache> {
+        let file = File::open(path).ok()?;
+        let mut r = BufReader::with_capacity(1 << 16, file.try_clone().ok()?);
+        let mut at = std::collections::HashMap::new();
+        let mut offset = {
+            let (name, _) = header(&mut r, TREES_MAGIC).ok()?;
+            (TREES_MAGIC.len() + 8 + 4 + name.len()) as u64
+        };
+        // Entries: id, length, the tree's bytes. A damaged tail ends the reading; a tree
+        // damaged in place fails its check when read, and is asked for instead.
+        loop {
+            let mut id = [0u8; 32];
+            if r.read_exact(&mut id).is_err() {
+                break;
+            }
+            let Ok(len) = read_u32(&mut r) else { break };
+            if len > MAX_TREE || r.seek_relative(len as i64).is_err() {
+                break;
+            }
+            at.insert(id, (offset + 36, len));
+            offset += 36 + len as u64;
+        }
+        (!at.is_empty()).then_some(TreeCache { file, at })
+    }
+
+    /// The ids of the trees held.
+    fn ids(&self) -> std::sync::Arc<std::collections::HashSet<TreeId>> {
+        std::sync::Arc::new(self.at.keys().map(|id| TreeId(*id)).collect())
+    }
+
+    /// The tree `id` and its bytes, if held and they hash to `id` and decode.
+    fn read(&self, id: &TreeId) -> Option<(Vec<u8>, TreeBlob)> {
+        let &(offset, len) = self.at.get(&id.0)?;
+        let mut bytes = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut bytes, offset).ok()?;
+        if blake3::hash(&bytes).as_bytes() != &id.0 {
+            return None;
+        }
+        let tree = TreeBlob::decode(&bytes).ok()?;
+        Some((bytes, tree))
+    }
+}
+
+/// Writes `trees.new`: each tree of the new version once.
+struct TreeWriter {
+    out: BufWriter<File>,
+    written: std::collections::HashSet<[u8; 32]>,
+    error: Option<io::Error>,
+}
+
+impl TreeWriter {
+    fn create(path: &Path, snapshot: &str) -> io::Result<TreeWriter> {
+        let file = OpenOptions::new().create_new(true).write(true).open(path)?;
+        let mut out = BufWriter::with_capacity(1 << 16, file);
+        write_header(&mut out, TREES_MAGIC, snapshot, 0)?;
+        Ok(TreeWriter {
+            out,
+            written: Default::default(),
+            error: None,
+        })
+    }
+
+    fn add(&mut self, id: &TreeId, bytes: &[u8]) {
+        if self.error.is_some() || bytes.len() > MAX_TREE as usize || !self.written.insert(id.0) {
+            return;
+        }
+        let r = (|| {
+            self.out.write_all(&id.0)?;
+            self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+            self.out.write_all(bytes)
+        })();
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        self.out.flush()?;
+        self.out.get_ref().sync_all()
     }
 }
 

@@ -57,6 +57,13 @@ pub const MAX_REFS_PER_REQUEST: usize = 65_536;
 /// it closes would be lost.
 pub const CLIENT_IDLE_REUSE: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Connections one agent opens to its server at most. Over SSH each is a channel, and
+/// a channel moves about its window per round trip (OpenSSH's sshd offers 2 MiB): on a
+/// long link, requests on several connections at once are what keeps it busy.
+pub const MAX_CONNECTIONS: usize = 8;
+/// Upload requests a server handles at once; more are refused with `busy`.
+pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
+
 /// A batch read's answer stops after this many bytes of frames.
 pub const MAX_FRAMES_RESPONSE: usize = 8 * 1024 * 1024;
 /// Most bytes the blobs of one upload request may decompress to.

@@ -968,6 +968,66 @@ fn a_read_only_server_streams_only_its_snapshot() {
     get(&sock, &format!("/v1/restore/tree/{}", tree("b"))).refused(403, "forbidden");
 }
 
+/// A client that reads the trees from elsewhere (a standby copy keeps its own) asks
+/// for chunks of its snapshot it did not reach through the server's trees: the server
+/// finds them in the snapshot's trees itself. A chunk of another snapshot of the same
+/// repository stays out of reach, before and after the server read every tree.
+#[test]
+fn chunks_of_the_snapshot_are_served_without_its_trees_asked_for_and_no_others() {
+    let (env, src) = Env::with_one_file();
+    let s = src.display().to_string();
+    env.pbs(&["backup-local", &s, "--host", "a"]).expect(0);
+    std::fs::write(src.join("g"), b"only in the second snapshot").unwrap();
+    env.pbs(&["backup-local", &s, "--host", "a"]).expect(0);
+    let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+    let ids: Vec<String> = snaps
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    // Every chunk of a snapshot, read through its trees from a server of its own.
+    let chunks_of = |snap: &str| -> Vec<String> {
+        let server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", snap]);
+        let root = restore_start(&server.socket, snap).ok_json()["tree"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (mut todo, mut chunks) = (vec![root], Vec::new());
+        while let Some(t) = todo.pop() {
+            let bytes = get(&server.socket, &format!("/v1/restore/tree/{t}"))
+                .ok_octets()
+                .to_vec();
+            let tree = haul_protocol::tree::TreeBlob::decode(&bytes).unwrap();
+            todo.extend(tree.subtrees().iter().map(|t| t.to_hex()));
+            chunks.extend(tree.chunks().map(|c| c.to_hex()));
+        }
+        chunks
+    };
+    // The first snapshot has fewer chunks: the second added a file.
+    let mut both: Vec<(&String, Vec<String>)> = ids.iter().map(|i| (i, chunks_of(i))).collect();
+    both.sort_by_key(|(_, c)| c.len());
+    let [(older_id, older), (_, newer)] = &both[..] else {
+        unreachable!()
+    };
+    let foreign: Vec<&String> = newer.iter().filter(|c| !older.contains(c)).collect();
+    assert!(!foreign.is_empty() && !older.is_empty());
+
+    let server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", older_id]);
+    let sock = server.socket.clone();
+    restore_start(&sock, older_id).ok_json();
+    let chunk = |c: &str| get(&sock, &format!("/v1/restore/chunk/{c}"));
+    chunk(foreign[0]).refused(403, "forbidden");
+    for c in older {
+        assert!(!chunk(c).ok_octets().is_empty());
+    }
+    let m = chunk(foreign[0]).refused(403, "forbidden");
+    assert!(m.contains("not part of the snapshot being restored"), "{m}");
+    let mut body = Vec::new();
+    let foreign_ref = haul_protocol::BlobRef::data(foreign[0].parse().unwrap());
+    haul_protocol::wire::encode_ref(&mut body, &foreign_ref);
+    post(&sock, "/v1/restore/chunks", &body).refused(403, "forbidden");
+}
+
 /// An agent (or whatever answers in its place) that prints 100,000 warnings and an
 /// endless line: the pbs keeps a bounded number of them, counts the rest, and its
 /// memory stays what a normal pull needs.

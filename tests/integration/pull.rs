@@ -3,6 +3,9 @@
 
 use haul_tests::{assert_same_tree, bin, feedparser, is_root, make_fixture, Env, Run};
 use std::fs;
+
+/// Connections an agent opens at most.
+const MAX_CONNECTIONS: u64 = haul_protocol::wire::MAX_CONNECTIONS as u64;
 use std::path::{Path, PathBuf};
 
 fn restore_via_agent(env: &Env, target: &Path, extra: &[&str]) -> Run {
@@ -43,7 +46,7 @@ fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes(
     // Few, kept-alive connections, whatever the number of files.
     let conns = rec["connections"].as_u64().unwrap();
     assert!(
-        (1..=4).contains(&conns),
+        (1..=MAX_CONNECTIONS).contains(&conns),
         "server accepted {conns} connections"
     );
     assert!(rec["snapshot"].as_str().unwrap().len() == 64);
@@ -51,7 +54,10 @@ fn a_pull_of_20000_files_round_trips_through_the_agent_and_rereads_only_changes(
     let target = env.path("restored");
     let r = restore_via_agent(&env, &target, &[]).expect(0);
     let summary = r.json_of("summary");
-    assert!(summary["connections"].as_u64().unwrap() <= 4, "{summary}");
+    assert!(
+        summary["connections"].as_u64().unwrap() <= MAX_CONNECTIONS,
+        "{summary}"
+    );
     assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
     // Nothing changed: no file content is read.

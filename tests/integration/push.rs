@@ -196,7 +196,7 @@ fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_change
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, ["chunks", "lock", "record"]);
+    assert_eq!(left, ["chunks", "lock", "record", "trees"]);
 
     // The push is in the feed, as its monitors read it.
     let feed = feedparser(&env.path("state").join("feed.xml"));
@@ -208,8 +208,9 @@ fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_change
         "{title}"
     );
 
-    // Nothing changed: nothing but the listings is sent, every file is linked but the
-    // three names of the fixture's multiply-linked file, made again from its chunk.
+    // Nothing changed: every file is linked but the three names of the fixture's
+    // multiply-linked file, made again from its chunk, and no listing is sent: the
+    // clone has every tree of the snapshot.
     let (run, record) = push(&env, &config);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let d = &record["details"]["push"];
@@ -218,7 +219,23 @@ fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_change
         d["files"].as_u64().unwrap(),
         "{record}"
     );
-    assert!(d["bytes_sent"].as_u64().unwrap() < 64 << 10, "{record}");
+    assert!(d["bytes_sent"].as_u64().unwrap() < 4 << 10, "{record}");
+    assert_same_tree(&src, &inside(&copy));
+
+    // The clone's trees damaged in the middle: those are asked for again, and the copy
+    // is still the snapshot.
+    let trees = state.join("trees");
+    let len = fs::metadata(&trees).unwrap().len();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&trees).unwrap();
+        f.write_all_at(&vec![0xa5; 4096], len / 2).unwrap();
+    }
+    fs::write(src.join("dir/later.txt"), random_bytes(41, 30_000)).unwrap();
+    pull(&env, &config);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(record["status"], "ok", "{record}");
     assert_same_tree(&src, &inside(&copy));
 }
 

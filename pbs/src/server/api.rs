@@ -667,9 +667,12 @@ async fn restore_tree(State(s): St, id: IdPath) -> ApiResult<Response> {
 async fn restore_chunk(State(s): St, id: IdPath) -> ApiResult<Response> {
     let id = ChunkId(path_id(id)?);
     let b = BlobRef::data(id);
-    let at = s.in_scope(&b)?;
     let server = s.clone();
-    let bytes = blocking(move || server.load_in_scope(&b, at)).await?;
+    let bytes = blocking(move || {
+        let at = server.in_scope(&b)?;
+        server.load_in_scope(&b, at)
+    })
+    .await?;
     Ok(octets(s.sending(bytes)))
 }
 
@@ -683,21 +686,71 @@ impl Server {
         Ok(self.locate(r)?.map(|(at, _)| at))
     }
 
-    /// Checks that a restore session may read `r`; where the index has it, if it does.
+    /// Checks that a restore session may read `r`, reading the snapshot's unread trees
+    /// for it if it is not reached yet (see `RestoreScope`); where the index has it, if
+    /// it does. Blocks: call it off the async workers.
     fn in_scope(&self, r: &BlobRef) -> ApiResult<Option<BlobLocation>> {
         let found = self.locate(r)?;
-        let scope = self.restore.lock().expect("restore scope");
-        let scope = scope.as_ref().ok_or_else(no_restore)?;
-        if scope.contains(r, found.map(|(at, _)| at)) {
-            Ok(found.map(|(_, loc)| loc))
-        } else {
-            Err(ApiError::new(
-                Code::Forbidden,
-                format!(
-                    "{r} is not part of the snapshot being restored (or not yet reached through its trees)"
-                ),
-            ))
+        let at = found.map(|(at, _)| at);
+        let reached = |server: &Server| -> ApiResult<bool> {
+            let scope = server.restore.lock().expect("restore scope");
+            Ok(scope.as_ref().ok_or_else(no_restore)?.contains(r, at))
+        };
+        if reached(self)? {
+            return Ok(found.map(|(_, loc)| loc));
         }
+        let _one = self.widening.lock().expect("widening");
+        loop {
+            if reached(self)? {
+                return Ok(found.map(|(_, loc)| loc));
+            }
+            let next = {
+                let mut scope = self.restore.lock().expect("restore scope");
+                scope.as_mut().and_then(|s| s.unread.pop())
+            };
+            let Some(tree) = next else {
+                return Err(ApiError::new(
+                    Code::Forbidden,
+                    format!("{r} is not part of the snapshot being restored"),
+                ));
+            };
+            if self.tree_was_read(&tree)? {
+                continue;
+            }
+            self.read_into_scope(&tree)?;
+        }
+    }
+
+    /// Whether the names of `tree` (reached) are in the scope already.
+    fn tree_was_read(&self, tree: &TreeId) -> ApiResult<bool> {
+        let Some(at) = self.position(&BlobRef::tree(*tree))? else {
+            return Ok(true); // absent: there is nothing to read
+        };
+        let scope = self.restore.lock().expect("restore scope");
+        Ok(scope.as_ref().is_some_and(|s| s.read.get(at)))
+    }
+
+    /// Reads `tree` (in scope) and widens the scope to what it names. (A page index
+    /// names its pages.)
+    fn read_into_scope(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::TreeBlob> {
+        let tree = self.repo.load_tree(id)?;
+        // Located before the lock is taken: each look-up may read the index cache.
+        let own = self.position(&BlobRef::tree(*id))?;
+        let mut named = Vec::new();
+        let trees = tree.subtrees().into_iter().map(BlobRef::tree);
+        for b in trees.chain(tree.chunks().map(|c| BlobRef::data(*c))) {
+            named.push((b, self.position(&b)?));
+        }
+        let mut scope = self.restore.lock().expect("restore scope");
+        if let Some(scope) = scope.as_mut() {
+            if let Some(at) = own {
+                scope.read.set(at);
+            }
+            for (b, at) in named {
+                scope.add(b, at);
+            }
+        }
+        Ok(tree)
     }
 
     /// The stored (encoded) bytes of `r`, which [`Server::in_scope`] found `at`.
@@ -709,23 +762,9 @@ impl Server {
     }
 
     /// Loads a tree of the snapshot being restored and widens the scope to what it names.
-    /// (A page index names its pages.)
     fn restore_load_tree(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::TreeBlob> {
         self.in_scope(&BlobRef::tree(*id))?;
-        let tree = self.repo.load_tree(id)?;
-        // Located before the lock is taken: each look-up may read the index cache.
-        let mut named = Vec::new();
-        let trees = tree.subtrees().into_iter().map(BlobRef::tree);
-        for b in trees.chain(tree.chunks().map(|c| BlobRef::data(*c))) {
-            named.push((b, self.position(&b)?));
-        }
-        let mut scope = self.restore.lock().expect("restore scope");
-        if let Some(scope) = scope.as_mut() {
-            for (b, at) in named {
-                scope.add(b, at);
-            }
-        }
-        Ok(tree)
+        self.read_into_scope(id)
     }
 }
 
@@ -755,12 +794,12 @@ fn damaged_as_empty(loaded: ApiResult<Vec<u8>>) -> ApiResult<Vec<u8>> {
 
 async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
     let refs = refs_of(body, BlobKind::Data)?;
-    let mut found = Vec::with_capacity(refs.len());
-    for r in &refs {
-        found.push(s.in_scope(r)?);
-    }
     let server = s.clone();
     let out = blocking(move || {
+        let mut found = Vec::with_capacity(refs.len());
+        for r in &refs {
+            found.push(server.in_scope(r)?);
+        }
         let mut at = found.into_iter();
         frames(&refs, |r| {
             damaged_as_empty(server.load_in_scope(r, at.next().flatten()))

@@ -16,7 +16,7 @@ pub mod conn;
 pub mod error;
 
 use crate::error::CliError;
-use haul_protocol::{BlobRef, SnapshotId};
+use haul_protocol::{BlobKind, BlobRef, SnapshotId, TreeId};
 use haul_repo::format::snapshot::{Snapshot, SourceKind};
 use haul_repo::ingest::{DedupScope, IngestSession, OwnPacks};
 use haul_repo::usage::Marks;
@@ -35,7 +35,7 @@ pub enum Mode {
 
 /// Most upload requests handled at once; more are refused with `busy`. With the
 /// largest body this bounds what the server holds of uploads in memory.
-pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
+pub use haul_protocol::wire::MAX_UPLOADS_IN_FLIGHT;
 
 /// A backup session with no request for this long is abandoned when a new one
 /// starts, so a long-running server is not blocked for ever by a client that died.
@@ -59,6 +59,8 @@ pub struct Server {
     /// Called when a session's snapshot is saved, before the agent is answered.
     on_commit: Option<CommitHook>,
     restore: Mutex<Option<RestoreScope>>,
+    /// Held by whoever reads unread trees for a blob out of reach (one at a time).
+    widening: Mutex<()>,
     /// The one snapshot a read-only server may stream, when the pbs chose it (a
     /// restore onto a host: the agent there must not pick another).
     pinned: Option<SnapshotId>,
@@ -82,9 +84,20 @@ pub struct Server {
 /// What a restore session may read: the snapshot's trees and the chunks they name,
 /// learnt as its trees are read (so nothing else in the repository can be asked for),
 /// a bit per blob by its index position, however many files the snapshot has.
+///
+/// A client may read some trees from elsewhere (a standby copy keeps the trees of the
+/// snapshot it holds) and ask for what they name without having asked for them. So a
+/// blob not reached yet is looked for by reading, here, the trees reached and not read
+/// yet (`unread`), until it is found or none is left: the scope is the same, only
+/// learnt by the server itself.
 struct RestoreScope {
     snapshot: SnapshotId,
     reached: Marks,
+    /// Trees whose names are in the scope (by index position).
+    read: Marks,
+    /// Trees reached and perhaps not read yet: at most one entry per tree of the
+    /// snapshot.
+    unread: Vec<TreeId>,
     /// Blobs its trees name that the index lacks (a damaged repository): asking for
     /// one says it is not found, not that it is out of scope.
     absent: HashSet<BlobRef>,
@@ -95,6 +108,8 @@ impl RestoreScope {
         RestoreScope {
             snapshot,
             reached: Marks::default(),
+            read: Marks::default(),
+            unread: Vec::new(),
             absent: HashSet::new(),
         }
     }
@@ -103,7 +118,9 @@ impl RestoreScope {
     fn add(&mut self, b: BlobRef, at: Option<usize>) {
         match at {
             Some(at) => {
-                self.reached.set(at);
+                if self.reached.set(at) && b.kind == BlobKind::Tree {
+                    self.unread.push(TreeId(b.id));
+                }
             }
             None => {
                 self.absent.insert(b);
@@ -134,6 +151,7 @@ impl Server {
             committed: Mutex::new(None),
             on_commit: None,
             restore: Mutex::new(None),
+            widening: Mutex::new(()),
             pinned: None,
             connections: AtomicU64::new(0),
             sent: AtomicU64::new(0),

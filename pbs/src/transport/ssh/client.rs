@@ -21,10 +21,12 @@ pub(super) struct Served {
     pub(super) open: Arc<tokio::sync::Semaphore>,
 }
 
-/// Forwarded connections one run serves at once (the agent opens at most 4). Each may
-/// hold up to [`CHANNEL_BUFFER`] packets of 32 KiB its handler has not read yet: with
-/// this cap, a host can make the pbs hold at most 8 × 8 MiB however it behaves.
-pub(super) const MAX_CHANNELS: usize = 8;
+/// Forwarded connections one run serves at once: the agent's
+/// [`wire::MAX_CONNECTIONS`](haul_protocol::wire::MAX_CONNECTIONS), and room for some
+/// it closed while their close is on its way. Each may hold up to [`CHANNEL_BUFFER`]
+/// packets of 32 KiB its handler has not read yet: with this cap, a host can make the
+/// pbs hold at most 12 × 8 MiB however it behaves.
+pub(super) const MAX_CHANNELS: usize = haul_protocol::wire::MAX_CONNECTIONS + 4;
 
 /// Packets a channel may have received and not yet been read: room for an upload
 /// batch (2 MiB), so one busy channel does not stop the others' traffic, and a bound

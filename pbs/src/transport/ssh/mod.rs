@@ -14,8 +14,9 @@
 //!   reads every request body as it arrives (`server/api.rs`), each channel may hold
 //!   a bounded number of unread packets (`client::CHANNEL_BUFFER`), and a connection
 //!   whose answers go unread is cut (`server/conn.rs`).
-//! - Upload throughput is about window / 2 per round trip: the window is the host's
-//!   `window_mib`.
+//! - Upload throughput per channel is about window / 2 per round trip: the window is
+//!   the host's `window_mib`; the agent uploads on several channels at once, with a
+//!   budget grown with the round trip (`agent/src/backup.rs`).
 //! - Channels the pbs did not ask for are refused, and a forwarded channel must come
 //!   from this run's socket path.
 
