@@ -201,8 +201,11 @@ pub fn push(
         )
     });
     let repo = repo?;
-    // A prune's sweep waits for this reader (or finished before it began).
+    // A prune's sweep waits for this reader, or finished before it began: then the view
+    // opened above may name packs it deleted, and is loaded again now (the lock comes
+    // before the view, as in `Context::open_for_reading`).
     let _lock = repo.lock_for_reading(true, "push")?;
+    let repo = repos.open(&plan.repository)?;
     let (snapshot, _) = repo.find_snapshot_of(&plan.snapshot, Some(&plan.host))?;
     let id = new_run_id(start);
     history.begin(&Running {

@@ -50,8 +50,9 @@ pub struct Shared {
     /// When this process last started a prune of each repository (a prune that could
     /// not even open its repository has no record to tell).
     pruned: HashMap<PathBuf, DateTime<Utc>>,
-    /// Pushes being tried again, as (host, clone).
-    retrying: HashSet<(String, String)>,
+    /// Pushes running, as (host, clone): two pushes into one standby directory would
+    /// meet at its lock, and the second would fail.
+    pushing: HashSet<(String, String)>,
 }
 
 pub type SharedRef = Arc<Mutex<Shared>>;
@@ -89,7 +90,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         history,
         pruning: HashSet::new(),
         pruned: HashMap::new(),
-        retrying: HashSet::new(),
+        pushing: HashSet::new(),
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -229,6 +230,7 @@ fn start_due(
     });
     for (name, plan, pushes) in due {
         let (history, repos, done) = (history.clone(), repos.clone(), done.clone());
+        let shared = shared.clone();
         tracing::info!(host = %name, "pull starting");
         std::thread::spawn(move || {
             let started = Utc::now();
@@ -238,6 +240,11 @@ fn start_due(
                 let (started, ended, saved) = pull_host(&history, &repos, &name, plan);
                 if let Some(snapshot) = saved {
                     for push in pushes {
+                        // A push tried again may still be running to that clone.
+                        let _slot = push
+                            .as_ref()
+                            .ok()
+                            .map(|p| PushSlot::wait(&shared, &name, &p.clone, PUSH_SLOT_WAIT));
                         push_snapshot(&history, &repos, &name, &snapshot, push);
                     }
                 }
@@ -370,7 +377,7 @@ fn retry_pushes(shared: &SharedRef, repos: &Arc<Repositories>) {
         let mut due = Vec::new();
         for (host, clone) in found {
             let running = s.schedule.host(&host).is_some_and(|h| h.running());
-            if running || !s.retrying.insert((host.clone(), clone.clone())) {
+            if running || !s.pushing.insert((host.clone(), clone.clone())) {
                 continue;
             }
             let config = &s.site.config;
@@ -389,17 +396,17 @@ fn retry_pushes(shared: &SharedRef, repos: &Arc<Repositories>) {
         tracing::info!(host = %host, clone = %clone, "push tried again");
         std::thread::spawn(move || {
             let history = shared.lock().expect("daemon state").history.clone();
+            // Noted in `pushing` above; ended when this thread ends, however it ends.
+            let _slot = PushSlot {
+                shared,
+                key: Some((host.clone(), clone.clone())),
+            };
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 push_snapshot(&history, &repos, &host, "latest", plan)
             }));
             if run.is_err() {
                 tracing::error!(host = %host, clone = %clone, "the push's thread panicked");
             }
-            shared
-                .lock()
-                .expect("daemon state")
-                .retrying
-                .remove(&(host, clone));
         });
     }
 }
@@ -440,6 +447,59 @@ fn prune_repository(
             crate::output::prune_summary(&crate::record::PruneDetails::of(&r))
         ),
         Err(e) => tracing::error!(repository = %path.display(), "prune failed: {e}"),
+    }
+}
+
+/// How long a pull's push waits for another push of its host to that clone to end; then
+/// it goes on (and fails at the standby directory's lock, recorded, if that one still
+/// runs).
+const PUSH_SLOT_WAIT: Duration = Duration::from_secs(6 * 3600);
+
+/// A push of a host to a clone noted in `pushing` while it runs.
+struct PushSlot {
+    shared: SharedRef,
+    key: Option<(String, String)>,
+}
+
+impl PushSlot {
+    /// Waits (at most `limit`) until no other push of `host` to `clone` runs, and notes
+    /// this one.
+    fn wait(shared: &SharedRef, host: &str, clone: &str, limit: Duration) -> PushSlot {
+        let key = (host.to_string(), clone.to_string());
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if shared
+                .lock()
+                .expect("daemon state")
+                .pushing
+                .insert(key.clone())
+            {
+                return PushSlot {
+                    shared: shared.clone(),
+                    key: Some(key),
+                };
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(host, clone, "another push to this clone is still running");
+                return PushSlot {
+                    shared: shared.clone(),
+                    key: None,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for PushSlot {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.shared
+                .lock()
+                .expect("daemon state")
+                .pushing
+                .remove(&key);
+        }
     }
 }
 
