@@ -10,24 +10,28 @@
 #   2. incremental: after `gen_dataset.py --mutate` and a new pull, `haul-pbs push`
 #      against `rsync -a --delete` (each onto its copy of step 1), then a push with
 #      nothing changed (what it sends is the snapshot's trees);
-#   3. WAN: the pull of the dataset and the full push, on loopback and through a
-#      delaying proxy that adds 50 ms to every round trip (pbs/examples/delay_proxy.rs,
-#      25 ms each way; this kernel has no `tc netem`), and their ratio.
+#   3. WAN: the pull of the dataset and the full push, on loopback, through the
+#      delaying proxy (pbs/examples/delay_proxy.rs; this kernel has no `tc netem`) with
+#      no delay, and through it adding 50 ms to every round trip (25 ms each way), and
+#      the ratios. The proxy copies every byte on the same two cores: the run through
+#      it without delay tells its own cost from the link's.
 #
 # Reported per step: wall, bytes sent (haul: response bytes its server counted; rsync:
 # its --stats "Total bytes sent"), peak RSS of each side (pbs and clone agent from the
 # run record; restic and the local rsync from /usr/bin/time).
 #
-# usage: bench/push.sh [--mib N] [--work DIR] [--no-wan]   (defaults: 1024, /tmp/haul-bench-push)
+# usage: bench/push.sh [--mib N] [--work DIR] [--no-wan | --wan-only]
+#        (defaults: 1024 MiB, /tmp/haul-bench-push)
 # needs: root (sshd, drop_caches), openssh-server, openssh-client, rsync, restic, jq, python3, time
 set -euo pipefail
-mib=1024 work=/tmp/haul-bench-push wan=1
+mib=1024 work=/tmp/haul-bench-push wan=1 local=1
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --mib) mib=${2:?--mib needs a value}; bench_count --mib "$mib"; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
     --no-wan) wan=; shift ;;
+    --wan-only) local=; shift ;;
     -h|--help) bench_help ;;
     *) bench_unknown "$1" ;;
   esac
@@ -49,6 +53,7 @@ ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_rsync"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 slow=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+flat=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 printf 'agent = "%s"\nsocket_dir = "%s"\nbackup_roots = ["%s"]\nrestore_targets = ["%s"]\n' \
   "$bin/haul-agent" "$d/sockets" "$data" "$work/clone" >"$d/wrapper.toml"
 printf 'command="%s --policy %s",restrict,port-forwarding %s\n' "$bin/haul-wrapper" "$d/wrapper.toml" "$(cat "$d/id_ed25519.pub")" >"$d/authorized_keys"
@@ -56,13 +61,14 @@ printf 'restrict %s\n' "$(cat "$d/id_rsync.pub")" >>"$d/authorized_keys"   # rsy
 {
   printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$d/hostkey.pub")"
   printf '[127.0.0.1]:%s %s\n' "$slow" "$(cut -d' ' -f1,2 "$d/hostkey.pub")"
+  printf '[127.0.0.1]:%s %s\n' "$flat" "$(cut -d' ' -f1,2 "$d/hostkey.pub")"
 } >"$d/known_hosts"
 bench_sshd_config "$d" "$port"
 bench_login "$work"
 /usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
-proxy=
 "$bin/examples/delay_proxy" "127.0.0.1:$slow" "127.0.0.1:$port" 25 & proxy=$!
-trap 'kill $sshd $proxy 2>/dev/null; bench_login_off' EXIT
+"$bin/examples/delay_proxy" "127.0.0.1:$flat" "127.0.0.1:$port" 0 & proxy0=$!
+trap 'kill $sshd $proxy $proxy0 2>/dev/null; bench_login_off' EXIT
 sleep 1
 
 # The pbs: host `bench` (its agent run here) pushed to clone `clone` through the sshd,
@@ -109,8 +115,10 @@ rsync_copy() { # label, target
   row "$1" "$w" "$(mib_of "$sent")" "$((m / 1024)) (rsync)" -
 }
 
-echo "pulling into the pbs's repository, backing up with restic ..." >&2
+echo "pulling into the pbs's repository ..." >&2
 "${pbs[@]}" pull bench >/dev/null
+if [[ -n $local ]]; then
+echo "backing up with restic ..." >&2
 restic -q -r "$work/restic" init --repository-version 2 >/dev/null
 restic -q -r "$work/restic" --cache-dir "$work/restic-cache" backup "$data" >/dev/null
 
@@ -130,6 +138,7 @@ rsync_copy "incremental: rsync -a --delete" "$work/clone/rsync"
 diff -r --no-dereference "$data" "$work/clone/bench$data" >/dev/null && echo "(the standby copy equals the data)" || echo "THE STANDBY COPY DIFFERS FROM THE DATA"
 # Nothing changed: what a push sends then is the snapshot's trees.
 haul_push "unchanged: haul push"
+fi
 
 [[ -n $wan ]] || exit 0
 # WAN: an SSH pull (fresh repository each) and a full push (fresh standby directory
@@ -153,10 +162,14 @@ push_over() { # label, clone port
   haul_push "$1"
 }
 pull_over "wan: pull, loopback" "$port"
+pull_over "wan: pull, proxy 0 ms" "$flat"
 pull_over "wan: pull, 50 ms RTT" "$slow"
 push_over "wan: push, loopback" "$port"
+push_over "wan: push, proxy 0 ms" "$flat"
 push_over "wan: push, 50 ms RTT" "$slow"
 for what in pull push; do
-  awk -v l="$(cat "$work/wall.wan: $what, loopback")" -v s="$(cat "$work/wall.wan: $what, 50 ms RTT")" -v w="$what" \
-    'BEGIN { printf "%s at 50 ms RTT keeps %.0f%% of its loopback throughput\n", w, 100 * l / s }'
+  for base in loopback "proxy 0 ms"; do
+    awk -v l="$(cat "$work/wall.wan: $what, $base")" -v s="$(cat "$work/wall.wan: $what, 50 ms RTT")" -v w="$what" -v b="$base" \
+      'BEGIN { printf "%s at 50 ms RTT keeps %.0f%% of its throughput on %s\n", w, 100 * l / s, b }'
+  done
 done

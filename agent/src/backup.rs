@@ -9,7 +9,7 @@
 //! so the agent's memory does not depend on the size of the tree or of the repository.
 //!
 //! The budget is [`UPLOAD_BUDGET`] on a short link, and grows with the round trip
-//! ([`upload_budget`]) up to [`MAX_UPLOAD_BUDGET`]: a blob holds its share from when
+//! ([`in_flight_budget`]) up to [`MAX_UPLOAD_BUDGET`]: a blob holds its share from when
 //! it is compressed until its upload is answered, two round trips later at least, so
 //! a fixed budget would bound a long link's throughput to budget / (2 × RTT).
 
@@ -257,10 +257,10 @@ impl Recent {
     }
 }
 
-/// The upload budget for a link of round trip `rtt`: what it carries at [`LINK_RATE`]
-/// in two round trips (a batch's question and its upload), within
-/// [`UPLOAD_BUDGET`]..=[`MAX_UPLOAD_BUDGET`].
-pub fn upload_budget(rtt: std::time::Duration) -> usize {
+/// The bytes to keep in flight on a link of round trip `rtt` (the upload budget; what a
+/// restore holds ahead): what it carries at [`LINK_RATE`] in two round trips (a
+/// batch's question and its upload), within [`UPLOAD_BUDGET`]..=[`MAX_UPLOAD_BUDGET`].
+pub fn in_flight_budget(rtt: std::time::Duration) -> usize {
     ((2.0 * rtt.as_secs_f64() * LINK_RATE) as usize).clamp(UPLOAD_BUDGET, MAX_UPLOAD_BUDGET)
 }
 
@@ -278,7 +278,7 @@ async fn batches(
         // The round trip is known after the first small request, and may shorten as
         // more are timed (their time includes the server's work).
         if let Some(rtt) = client.round_trip() {
-            let want = upload_budget(rtt);
+            let want = in_flight_budget(rtt);
             if want > granted {
                 budget.add_permits(want - granted);
                 granted = want;
@@ -395,11 +395,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_upload_budget_covers_two_round_trips_within_its_bounds() {
+    fn the_in_flight_budget_covers_two_round_trips_within_its_bounds() {
         use std::time::Duration;
-        assert_eq!(upload_budget(Duration::from_micros(150)), UPLOAD_BUDGET);
-        assert_eq!(upload_budget(Duration::from_secs(3)), MAX_UPLOAD_BUDGET);
-        let at_20ms = upload_budget(Duration::from_millis(20));
+        assert_eq!(in_flight_budget(Duration::from_micros(150)), UPLOAD_BUDGET);
+        assert_eq!(in_flight_budget(Duration::from_secs(3)), MAX_UPLOAD_BUDGET);
+        let at_20ms = in_flight_budget(Duration::from_millis(20));
         assert!(
             at_20ms > UPLOAD_BUDGET && at_20ms < MAX_UPLOAD_BUDGET,
             "{at_20ms}"

@@ -7,6 +7,9 @@
 //! background tasks ask the server for them many at a time (`POST .../trees` or
 //! `.../chunks`, answered with frames) and keep what arrives until it is taken. What
 //! is held is bounded by a byte budget: when it is spent, fetching pauses until blobs
+//! are taken. On a link with a long round trip the budget grows (to what arrives in
+//! two round trips at a high rate, see [`Prefetcher::budget`]): fetching that paused
+//! takes a round trip to deliver again.
 //! are taken.
 //!
 //! [`Prefetcher::take`] never waits for a blob that has not been asked for yet: it
@@ -18,7 +21,7 @@ use crate::client::Client;
 use crate::failure::Failure;
 use haul_protocol::agent::ErrorCode;
 use haul_protocol::wire;
-use haul_protocol::{BlobKind, BlobRef, TreeId};
+use haul_protocol::{BlobKind, BlobRef, ChunkId, TreeId};
 use hyper::Method;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
@@ -95,6 +98,7 @@ impl State {
             }
             Ok(frames) => {
                 for (id, bytes) in frames {
+                    self.bases.remove(&id);
                     if self.requested.remove(&id).is_some() && self.wanted.contains_key(&id) {
                         if expand {
                             // Checked against its id when it is taken; one that does not
@@ -141,6 +145,9 @@ struct State {
     closed: bool,
     /// Trees read from elsewhere: never hinted (see [`Prefetcher::held`]).
     held: Option<Arc<HashSet<TreeId>>>,
+    /// The chunk each hinted one may come as a delta against, until it came
+    /// ([`Prefetcher::hint_from`]).
+    bases: HashMap<[u8; 32], Vec<ChunkId>>,
 }
 
 impl Prefetcher {
@@ -179,11 +186,38 @@ impl Prefetcher {
         }
     }
 
+    /// [`Prefetcher::hint`], each chunk with one the caller holds that it may come as
+    /// a delta against (asked for from [`wire::RESTORE_DELTAS`]).
+    pub fn hint_from(&self, ids: impl IntoIterator<Item = (ChunkId, Vec<ChunkId>)>, each: u32) {
+        let mut st = self.st.lock().expect("prefetch");
+        let mut plain = Vec::new();
+        for (id, bases) in ids {
+            if !bases.is_empty() {
+                st.bases.insert(id.0, bases);
+            }
+            plain.push(id.0);
+        }
+        let added = st.hint(plain, each);
+        drop(st);
+        if added {
+            self.wake.notify_waiters();
+        }
+    }
+
     /// These blobs are read from elsewhere (a standby copy's own trees): hints of them
     /// are ignored, so that neither the user nor the expansion of a fetched tree asks
     /// for them.
     pub fn held(&self, ids: Arc<HashSet<TreeId>>) {
         self.st.lock().expect("prefetch").held = Some(ids);
+    }
+
+    /// Bytes held ahead at most: the budget given, or on a long link what arrives in two
+    /// round trips at the rate the agent's upload budget is sized for (64 MiB at most).
+    fn budget(&self) -> usize {
+        match self.client.round_trip() {
+            Some(rtt) => self.budget.max(crate::backup::in_flight_budget(rtt)),
+            None => self.budget,
+        }
     }
 
     /// Whether a tree taken from here had its subtrees hinted already (see `expand`).
@@ -210,7 +244,7 @@ impl Prefetcher {
                 }
                 st.wanted.remove(id);
                 let v = st.ready.remove(id).expect("checked");
-                let was_full = st.bytes >= self.budget;
+                let was_full = st.bytes >= self.budget();
                 st.bytes -= v.len();
                 drop(st);
                 if was_full {
@@ -226,7 +260,7 @@ impl Prefetcher {
             // Hinted and next in line while the fetchers have budget: it will be asked
             // for in its turn, sooner than a request of its own on a long link. (Past
             // the budget the fetchers wait for blobs to be taken: not this one.)
-            if st.queued.contains(id) && st.bytes < self.budget && !st.closed {
+            if st.queued.contains(id) && st.bytes < self.budget() && !st.closed {
                 st = self.arrived.wait(st).expect("prefetch");
                 continue;
             }
@@ -236,6 +270,7 @@ impl Prefetcher {
                 if *w == 0 {
                     st.wanted.remove(id);
                     st.queued.remove(id);
+                    st.bases.remove(id);
                 }
             }
             return Ok(None);
@@ -249,10 +284,11 @@ impl Prefetcher {
         self.arrived.notify_all();
     }
 
-    /// Takes the next batch to ask for, unless the budget is spent.
-    fn next_batch(&self) -> Option<Vec<[u8; 32]>> {
+    /// Takes the next batch to ask for, unless the budget is spent: each blob with the
+    /// base it may come as a delta against.
+    fn next_batch(&self) -> Option<Vec<([u8; 32], Vec<ChunkId>)>> {
         let mut st = self.st.lock().expect("prefetch");
-        if st.closed || st.failed.is_some() || st.bytes >= self.budget {
+        if st.closed || st.failed.is_some() || st.bytes >= self.budget() {
             return None;
         }
         let mut batch = Vec::new();
@@ -263,7 +299,8 @@ impl Prefetcher {
             };
             if st.queued.remove(&id) {
                 st.requested.insert(id, each);
-                batch.push(id);
+                let bases = st.bases.get(&id).cloned().unwrap_or_default();
+                batch.push((id, bases));
                 bytes += each as usize;
             }
         }
@@ -282,16 +319,21 @@ impl Prefetcher {
                 notified.await;
                 continue;
             };
-            let mut body = Vec::with_capacity(batch.len() * wire::REF_LEN);
-            for id in &batch {
-                wire::encode_ref(
-                    &mut body,
-                    &BlobRef {
-                        kind: self.kind,
-                        id: *id,
-                    },
-                );
+            let mut body = Vec::with_capacity(batch.len() * 2 * wire::REF_LEN);
+            for (id, bases) in &batch {
+                if self.path == wire::RESTORE_DELTAS {
+                    wire::encode_delta_ask(&mut body, &ChunkId(*id), bases);
+                } else {
+                    wire::encode_ref(
+                        &mut body,
+                        &BlobRef {
+                            kind: self.kind,
+                            id: *id,
+                        },
+                    );
+                }
             }
+            let batch: Vec<[u8; 32]> = batch.into_iter().map(|(id, _)| id).collect();
             let answer = self
                 .client
                 .request(Method::POST, self.path, body.into())
@@ -335,6 +377,10 @@ mod tests {
         }
     }
 
+    fn ids(batch: Option<Vec<([u8; 32], Vec<ChunkId>)>>) -> Option<Vec<[u8; 32]>> {
+        batch.map(|b| b.into_iter().map(|(id, _)| id).collect())
+    }
+
     fn id(n: u32) -> [u8; 32] {
         let mut id = [0u8; 32];
         id[..4].copy_from_slice(&n.to_le_bytes());
@@ -346,11 +392,11 @@ mod tests {
         let p = prefetcher();
         // Chunks of 1 MiB: two to a request, in the order hinted.
         p.hint((0..5).map(id), 1 << 20);
-        assert_eq!(p.next_batch(), Some(vec![id(0), id(1)]));
-        assert_eq!(p.next_batch(), Some(vec![id(2), id(3)]));
+        assert_eq!(ids(p.next_batch()), Some(vec![id(0), id(1)]));
+        assert_eq!(ids(p.next_batch()), Some(vec![id(2), id(3)]));
         // Small ones and those of unknown size: by count.
         p.hint((10..2000).map(id), 100);
-        let b = p.next_batch().expect("a batch");
+        let b = ids(p.next_batch()).expect("a batch");
         assert_eq!(b.len(), BATCH);
         assert_eq!(b[0], id(4));
         p.hint((3000..3600).map(id), 0);
@@ -363,7 +409,7 @@ mod tests {
     fn what_an_answer_left_out_is_asked_for_again_first_with_its_size() {
         let p = prefetcher();
         p.hint((0..4).map(id), 1 << 20);
-        let b = p.next_batch().expect("a batch");
+        let b = ids(p.next_batch()).expect("a batch");
         assert_eq!(b, vec![id(0), id(1)]);
         // The answer held only the first (a size limit): the second goes back in front.
         let more =
@@ -371,7 +417,7 @@ mod tests {
                 .unwrap()
                 .answered(&b, Ok(vec![(id(0), vec![0; 10])]), false);
         assert!(!more);
-        assert_eq!(p.next_batch(), Some(vec![id(1), id(2)]));
+        assert_eq!(ids(p.next_batch()), Some(vec![id(1), id(2)]));
         assert_eq!(p.take(&id(0)).unwrap(), Some(vec![0; 10]));
     }
 }

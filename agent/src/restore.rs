@@ -12,8 +12,10 @@ use haul_protocol::agent::{
     AgentEvent, AgentProgress, AgentSummary, ErrorCode, ImportOutcome, RestoreCommand,
     RestoreParams, RestoreProgress, RestoreSummary, StandbySummary, WarningEvent,
 };
-use haul_protocol::chunker::decode_blob;
-use haul_protocol::restore::{self, BlobSource, RestoreOptions, RestoreStats, SourceError};
+use haul_protocol::chunker::{decode_blob, decode_delta, delta_bases};
+use haul_protocol::restore::{
+    self, BlobSource, HeldChunks, RestoreOptions, RestoreStats, SourceError,
+};
 use haul_protocol::standby::{self, StandbyOptions, StandbyStats};
 use haul_protocol::tree::TreeBlob;
 use haul_protocol::wire;
@@ -99,15 +101,47 @@ impl BlobSource for RemoteSource {
 
     /// Decodes the chunk; the restorer checks its BLAKE3 before writing it.
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
-        let encoded = match self.chunks.take(&id.0).map_err(SourceError::new)? {
-            Some(b) if !b.is_empty() => b,
-            _ => self
+        self.load_chunk_from(id, &NothingHeld)
+    }
+
+    /// A chunk fetched ahead may have come as a delta against a chunk `held` has: it is
+    /// decoded with that one. One whose base is gone (changed on the clone since) is
+    /// asked for again whole.
+    fn load_chunk_from(&self, id: &ChunkId, held: &dyn HeldChunks) -> Result<Vec<u8>, SourceError> {
+        let whole = || -> Result<Vec<u8>, SourceError> {
+            Ok(self
                 .get(format!("/v1/restore/chunk/{}", id.to_hex()))?
-                .to_vec(),
+                .to_vec())
         };
+        let mut encoded = match self.chunks.take(&id.0).map_err(SourceError::new)? {
+            Some(b) if !b.is_empty() => b,
+            _ => whole()?,
+        };
+        if let Some(bases) = delta_bases(&encoded) {
+            let mut base = Vec::new();
+            let all = bases.iter().all(|b| match held.read(b) {
+                Some(plain) => {
+                    base.extend_from_slice(&plain);
+                    true
+                }
+                None => false,
+            });
+            let plain = all
+                .then(|| decode_delta(&base, &encoded, self.max_chunk).ok())
+                .flatten();
+            match plain {
+                Some(p) => return Ok(p),
+                None => encoded = whole()?,
+            }
+        }
         DECOMPRESSOR
             .with(|d| decode_blob(&mut d.borrow_mut(), encoded, self.max_chunk))
             .map_err(|e| SourceError::blob(Bad(format!("chunk {}: {e}", id.short()))))
+    }
+
+    fn will_need_from(&self, ids: &[(ChunkId, Vec<ChunkId>)], bytes: u64) {
+        let each = (bytes / ids.len().max(1) as u64).min(u32::MAX as u64) as u32;
+        self.chunks.hint_from(ids.iter().cloned(), each);
     }
 
     fn held_trees(&self, ids: Arc<std::collections::HashSet<TreeId>>) {
@@ -117,6 +151,15 @@ impl BlobSource for RemoteSource {
     fn will_need(&self, ids: &[ChunkId], bytes: u64) {
         let each = (bytes / ids.len().max(1) as u64).min(u32::MAX as u64) as u32;
         self.chunks.hint(ids.iter().map(|c| c.0), each);
+    }
+}
+
+/// Holds no chunk: a delta has nothing to be decoded with.
+struct NothingHeld;
+
+impl HeldChunks for NothingHeld {
+    fn read(&self, _id: &ChunkId) -> Option<Vec<u8>> {
+        None
     }
 }
 
@@ -170,7 +213,12 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
         ),
         chunks: Prefetcher::start(
             client.clone(),
-            "/v1/restore/chunks",
+            // A standby copy's chunks may come as deltas against those of its old copy.
+            if a.standby {
+                wire::RESTORE_DELTAS
+            } else {
+                "/v1/restore/chunks"
+            },
             BlobKind::Data,
             CHUNK_BUDGET,
             CHUNK_FETCHERS,

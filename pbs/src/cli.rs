@@ -347,6 +347,10 @@ pub struct ServeArgs {
     /// Read-only: stream this snapshot only (an id or unique prefix).
     #[arg(long)]
     pub snapshot: Option<String>,
+    /// Read-only: a client may name chunks of this snapshot as the bases of deltas
+    /// (`POST /v1/restore/deltas`): one it was pushed before (repeatable).
+    #[arg(long = "delta-base", value_name = "SNAPSHOT")]
+    pub delta_bases: Vec<String>,
     /// A client that sends nothing for this long in the middle of a request (its head
     /// or its body), or reads nothing of an answer, is cut off; an idle connection is
     /// closed after it too.

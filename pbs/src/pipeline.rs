@@ -28,6 +28,7 @@ use haul_protocol::agent::{
     AgentEvent, AgentExit, AgentProgress, AgentSummary, BackupProgress, ErrorCode, RestoreCommand,
     RestoreParams, SnapshotChoice, WrapperExit,
 };
+use haul_protocol::SnapshotId;
 use haul_repo::format::snapshot::SourceKind;
 use haul_repo::IndexedRepository;
 use std::sync::Arc;
@@ -217,8 +218,10 @@ pub fn push(
         pid: std::process::id(),
         snapshot: Some(snapshot.to_hex()),
     })?;
+    let bases = earlier_pushes(history, &plan.host, &plan.clone, &snapshot)?;
     let server = Server::new(repo.clone(), Mode::ReadOnly, Some(plan.host.clone()))
         .pinned_to(snapshot)
+        .with_bases(bases)
         .with_limits(plan.limits);
     let dir = plan.dir.to_str().ok_or_else(|| {
         CliError::usage(format!(
@@ -245,6 +248,7 @@ pub fn push(
         clone: plan.clone.clone(),
         dir: dir.to_string(),
         bytes_sent: server.bytes_sent(),
+        chunks_delta: server.deltas_sent(),
         ..PushDetails::default()
     };
     if let Ok(r) = &outcome {
@@ -266,6 +270,42 @@ pub fn push(
         .with_details(Details::Push(details));
     record.snapshot = Some(snapshot.to_hex());
     Ok(record_run(history, record, status, error, outcome))
+}
+
+/// How many earlier pushes' snapshots a push may build deltas on.
+const DELTA_BASES: usize = 2;
+
+/// The snapshots of the latest pushes of `host` to `clone` (whatever became of them:
+/// the clone was allowed to read each), newest first, other than `now`: what its copy
+/// may hold, so what a push may send deltas against.
+fn earlier_pushes(
+    history: &History,
+    host: &str,
+    clone: &str,
+    now: &SnapshotId,
+) -> Result<Vec<SnapshotId>, CliError> {
+    history.with_records(|records| {
+        let mut found: Vec<SnapshotId> = Vec::new();
+        for r in records.iter().rev() {
+            if found.len() == DELTA_BASES {
+                break;
+            }
+            let to_clone = matches!(&r.details, Some(Details::Push(d)) if d.clone == clone);
+            let snapshot = r
+                .snapshot
+                .as_deref()
+                .and_then(|s| s.parse::<SnapshotId>().ok());
+            if let (true, Some(s)) = (
+                r.kind == RunKind::Push && r.host == host && to_clone,
+                snapshot,
+            ) {
+                if s != *now && !found.contains(&s) {
+                    found.push(s);
+                }
+            }
+        }
+        found
+    })
 }
 
 /// How a push ended, from whether the clone replaced its copy and how its agent ended.

@@ -195,6 +195,8 @@ pub struct PushDetails {
     pub bytes_local: u64,
     /// Response bytes the server sent (trees and chunks, compressed).
     pub bytes_sent: u64,
+    /// Chunks sent as deltas against chunks of the clone's old copy.
+    pub chunks_delta: u64,
     /// The clone's import command, when it ran.
     pub import: Option<haul_protocol::agent::ImportOutcome>,
 }

@@ -10,6 +10,7 @@
 //! at the end of the bytes read so far and go on when more arrive, which `cut_gear`
 //! cannot (see [`Chunker::cut`]).
 
+use crate::id::ChunkId;
 use fastcdc::v2020::{get_gear_with_seed, logarithm2, Normalization, MASKS};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read};
@@ -214,6 +215,115 @@ pub const READ_STEP: usize = 1024 * 1024;
 pub const BLOB_RAW: u8 = 0;
 /// See [`BLOB_RAW`].
 pub const BLOB_ZSTD: u8 = 1;
+/// A zstd frame of the plaintext compressed with other chunks' plaintext as its
+/// prefix, then those chunks' ids and their count (see [`encode_delta`]): only ever on
+/// the wire of a push, never stored.
+pub const BLOB_DELTA: u8 = 2;
+/// Most chunks one delta is made against.
+pub const MAX_DELTA_BASES: usize = 4;
+
+/// Encodes `plain` as a delta against `base`, the plaintext of the chunks `base_ids`
+/// one after the other: a zstd frame compressed with `base` as its prefix (what the two
+/// share costs a few bytes), the ids, their count, then [`BLOB_DELTA`]. Decoding needs
+/// those chunks ([`delta_bases`], [`decode_delta`]).
+pub fn encode_delta(
+    base_ids: &[ChunkId],
+    base: &[u8],
+    plain: &[u8],
+    level: i32,
+) -> io::Result<Vec<u8>> {
+    if base_ids.is_empty() || base_ids.len() > MAX_DELTA_BASES {
+        return Err(io::Error::other(format!(
+            "a delta is made against 1 to {MAX_DELTA_BASES} chunks"
+        )));
+    }
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let zerr =
+        |code: usize| io::Error::other(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)));
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(level))
+        .map_err(zerr)?;
+    cctx.set_parameter(CParameter::WindowLog(delta_window_log(
+        base.len() + plain.len(),
+    )))
+    .map_err(zerr)?;
+    cctx.set_parameter(CParameter::ContentSizeFlag(true))
+        .map_err(zerr)?;
+    // Long-distance matching finds the base's runs anywhere in it: without it the fast
+    // levels keep too few positions of a prefix of megabytes to find them.
+    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true))
+        .map_err(zerr)?;
+    cctx.ref_prefix(base).map_err(zerr)?;
+    let mut out =
+        Vec::with_capacity(zstd::zstd_safe::compress_bound(plain.len()) + 32 * base_ids.len() + 2);
+    cctx.compress2(&mut out, plain).map_err(zerr)?;
+    for id in base_ids {
+        out.extend_from_slice(&id.0);
+    }
+    out.push(base_ids.len() as u8);
+    out.push(BLOB_DELTA);
+    Ok(out)
+}
+
+/// The chunks an encoded blob is a delta against, in order, if it is a delta; and
+/// where its frame ends.
+fn split_delta(encoded: &[u8]) -> Option<(Vec<ChunkId>, usize)> {
+    let (&format, rest) = encoded.split_last()?;
+    let (&n, rest) = rest.split_last()?;
+    let n = n as usize;
+    if format != BLOB_DELTA || n == 0 || n > MAX_DELTA_BASES || rest.len() < 32 * n {
+        return None;
+    }
+    let end = rest.len() - 32 * n;
+    let ids = rest[end..]
+        .chunks_exact(32)
+        .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+        .collect();
+    Some((ids, end))
+}
+
+/// The chunks an encoded blob is a delta against, in order, if it is a delta.
+pub fn delta_bases(encoded: &[u8]) -> Option<Vec<ChunkId>> {
+    split_delta(encoded).map(|(ids, _)| ids)
+}
+
+/// The window a delta needs: the prefix and the plaintext after it.
+fn delta_window_log(len: usize) -> u32 {
+    (usize::BITS - len.max(1 << 10).next_power_of_two().leading_zeros() - 1).clamp(10, 27)
+}
+
+/// Decodes what [`encode_delta`] made of a plaintext with `base` (the plaintext of
+/// the chunks [`delta_bases`] names, one after the other), up to `limit` bytes.
+pub fn decode_delta(base: &[u8], encoded: &[u8], limit: usize) -> Result<Vec<u8>, BlobDecodeError> {
+    use zstd::zstd_safe::{DCtx, DParameter};
+    let Some((_, end)) = split_delta(encoded) else {
+        return Err(match encoded.last() {
+            Some(&f) if f != BLOB_DELTA => BlobDecodeError::UnknownFormat(f),
+            _ => BlobDecodeError::Empty,
+        });
+    };
+    let frame = &encoded[..end];
+    let corrupt =
+        |why: String| BlobDecodeError::Zstd(io::Error::new(io::ErrorKind::InvalidData, why));
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(size)) if size > limit as u64 => {
+            return Err(BlobDecodeError::TooLarge {
+                actual: size,
+                limit,
+            })
+        }
+        Ok(Some(_)) => {}
+        _ => return Err(corrupt("not a zstd frame that declares its size".into())),
+    }
+    let zerr = |code: usize| corrupt(zstd::zstd_safe::get_error_name(code).to_string());
+    let mut dctx = DCtx::create();
+    dctx.set_parameter(DParameter::WindowLogMax(27))
+        .map_err(zerr)?;
+    dctx.ref_prefix(base).map_err(zerr)?;
+    let mut out = Vec::with_capacity(limit);
+    dctx.decompress(&mut out, frame).map_err(zerr)?;
+    Ok(out)
+}
 
 /// Room to leave at the end of an encoded blob for sealing (tag and nonce).
 const SEAL_ROOM: usize = 64;
@@ -301,6 +411,8 @@ pub enum BlobDecodeError {
     Empty,
     #[error("unknown blob format byte {0}")]
     UnknownFormat(u8),
+    #[error("a delta, which only its base decodes")]
+    NeedsBase,
     #[error("zstd: {0}")]
     Zstd(io::Error),
     #[error("decoded size {actual} exceeds the limit {limit}")]
@@ -325,6 +437,7 @@ pub fn decode_blob(
             Ok(encoded)
         }
         BLOB_ZSTD => decompress_frame(decompressor, &encoded, limit),
+        BLOB_DELTA => Err(BlobDecodeError::NeedsBase),
         other => Err(BlobDecodeError::UnknownFormat(other)),
     }
 }
@@ -358,6 +471,7 @@ pub fn decode_blob_ref<'a>(
             Ok(std::borrow::Cow::Borrowed(body))
         }
         BLOB_ZSTD => decompress_frame(decompressor, body, limit).map(std::borrow::Cow::Owned),
+        BLOB_DELTA => Err(BlobDecodeError::NeedsBase),
         other => Err(BlobDecodeError::UnknownFormat(other)),
     }
 }
@@ -426,6 +540,65 @@ fn decompress_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_carries_what_changed_and_decodes_only_with_its_base() {
+        let mut rng = 7u64;
+        let mut random = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect()
+        };
+        let base = random(1 << 20);
+        let mut plain = base.clone();
+        plain[300_000..300_100].copy_from_slice(&random(100));
+        plain.splice(700_000..700_000, random(50));
+        let base_id = ChunkId::of(&base);
+        let delta = encode_delta(&[base_id], &base, &plain, 1).unwrap();
+        assert_eq!(*delta.last().unwrap(), BLOB_DELTA);
+        assert_eq!(delta_bases(&delta), Some(vec![base_id]));
+        assert!(delta.len() < 2_000, "{} bytes", delta.len());
+        assert_eq!(decode_delta(&base, &delta, 2 << 20).unwrap(), plain);
+        // Bounded, and useless without its base.
+        assert!(matches!(
+            decode_delta(&base, &delta, 1 << 20),
+            Err(BlobDecodeError::TooLarge { .. })
+        ));
+        let other = random(1 << 20);
+        assert_ne!(
+            decode_delta(&other, &delta, 2 << 20).ok(),
+            Some(plain.clone())
+        );
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        assert!(matches!(
+            decode_blob(&mut d, delta.clone(), 2 << 20),
+            Err(BlobDecodeError::NeedsBase)
+        ));
+        // A chunk that took in its neighbour (a cut point gone): a delta against both.
+        let next = random(1 << 19);
+        let mut merged = base.clone();
+        merged.extend_from_slice(&next);
+        merged[100] ^= 1;
+        let both = [base.clone(), next.clone()].concat();
+        let ids = [base_id, ChunkId::of(&next)];
+        let delta = encode_delta(&ids, &both, &merged, 1).unwrap();
+        assert!(delta.len() < 2_000, "{} bytes", delta.len());
+        assert_eq!(delta_bases(&delta), Some(ids.to_vec()));
+        assert_eq!(decode_delta(&both, &delta, 2 << 20).unwrap(), merged);
+        assert!(encode_delta(&[], &both, &merged, 3).is_err());
+        // A stored blob is no delta.
+        assert!(decode_delta(
+            &base,
+            &encode_blob(&mut zstd::bulk::Compressor::new(3).unwrap(), plain.clone()).unwrap(),
+            2 << 20
+        )
+        .is_err());
+    }
     use proptest::prelude::*;
 
     fn small_params(seed: u64) -> ChunkerParams {

@@ -50,6 +50,26 @@ pub trait BlobSource: Sync {
     /// These trees are read from elsewhere (a standby copy's own): a remote source
     /// does not fetch them ahead. The default does nothing.
     fn held_trees(&self, _ids: std::sync::Arc<std::collections::HashSet<TreeId>>) {}
+    /// [`BlobSource::will_need`], each chunk with chunks the caller holds (see
+    /// [`BlobSource::load_chunk_from`]) that it may come as a delta against.
+    fn will_need_from(&self, ids: &[(ChunkId, Vec<ChunkId>)], bytes: u64) {
+        let ids: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
+        self.will_need(&ids, bytes)
+    }
+    /// [`BlobSource::load_chunk`] of a chunk that may come as a delta against a chunk
+    /// `held` has (a remote source then sends what differs).
+    fn load_chunk_from(
+        &self,
+        id: &ChunkId,
+        _held: &dyn HeldChunks,
+    ) -> Result<Vec<u8>, SourceError> {
+        self.load_chunk(id)
+    }
+}
+
+/// Chunks the caller holds, each checked against its id when read.
+pub trait HeldChunks: Sync {
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>>;
 }
 
 /// What a standby push adds to the restorer's walk (see [`crate::standby`]): files it

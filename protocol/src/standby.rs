@@ -7,7 +7,7 @@
 //!
 //! - `record`: what `T` holds. A header names the snapshot and the inode of the
 //!   directory; then, for each file in walk order, its path, the digest of its node
-//!   ([`Node::restore_digest`]), its size and its chunks' lengths.
+//!   ([`Node::restore_digest`]), its size and its chunks' lengths and ids.
 //! - `chunks`: the chunks of those files sorted by id, each with the record entry of a
 //!   file holding it and its offset there.
 //! - `trees`: the snapshot's trees (directory listings), each with its id. A push reads
@@ -22,7 +22,8 @@
 //! a file whose digest is as recorded and whose size, mtime, mode and owner in `T` are
 //! still what the snapshot says is a hard link to `T`'s (nothing read, nothing sent);
 //! a changed file is written from the chunks `T` already holds (each checked against
-//! its id) and only the chunks `T` lacks come from the source; (3) syncs the
+//! its id) and only the chunks `T` lacks come from the source, each asked for as a
+//! delta against the old version's chunks in its place ([`delta_bases`]); (3) syncs the
 //! filesystem; (4) exchanges `T` and `next/` in one step (`renameat2` with
 //! `RENAME_EXCHANGE`; a first push renames `next/` to `T`); (5) renames the new record
 //! into place; (6) removes the old version. Until (4) `T` is the old version, from (4)
@@ -35,10 +36,12 @@
 //! 16-bit prefix of ids starts (512 KiB), the new one is sorted in 256 parts by first
 //! byte when it is large.
 
+use crate::chunker::MAX_DELTA_BASES;
 use crate::id::{ChunkId, TreeId};
 use crate::meta::{self, NameCache};
 use crate::restore::{
-    self, io_err, BlobSource, RestoreError, RestoreStats, RestoreWarning, Reuse, SourceError,
+    self, io_err, BlobSource, HeldChunks, RestoreError, RestoreStats, RestoreWarning, Reuse,
+    SourceError,
 };
 use crate::tree::{Node, TreeBlob};
 use std::collections::BTreeMap;
@@ -51,7 +54,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-const RECORD_MAGIC: &[u8; 22] = b"haul-standby-record 1\n";
+const RECORD_MAGIC: &[u8; 22] = b"haul-standby-record 2\n";
 const CHUNKS_MAGIC: &[u8; 22] = b"haul-standby-chunks 1\n";
 const TREES_MAGIC: &[u8; 22] = b"haul-standby-trees 1\n\n";
 /// An entry of `chunks`: id, record entry offset, offset in that file, length.
@@ -199,8 +202,10 @@ fn build(
     let record = state.join("record.new");
     let writer = Writer::create(&record, &state.join("sort"), &opts.snapshot, inode)
         .map_err(io_err(&record))?;
+    let bases = Mutex::new(std::collections::HashMap::new());
     let hook = Hook {
         old,
+        bases: &bases,
         next: next.to_path_buf(),
         writer: Mutex::new(writer),
         names: Mutex::new(NameCache::default()),
@@ -211,6 +216,7 @@ fn build(
     let local = LocalFirst {
         remote: source,
         old,
+        bases: &bases,
         trees,
         new_trees: Mutex::new(
             TreeWriter::create(&trees_new, &opts.snapshot).map_err(io_err(&trees_new))?,
@@ -372,6 +378,7 @@ struct Entry {
     digest: [u8; 32],
     size: u64,
     lens: Vec<u32>,
+    ids: Vec<ChunkId>,
 }
 
 /// Longest path and most chunks an entry may have (a damaged record must not make the
@@ -400,19 +407,24 @@ fn read_entry(r: &mut impl Read) -> io::Result<Option<Entry>> {
         return Err(bad());
     }
     let mut lens = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
         lens.push(read_u32(r)?);
+        let mut id = [0u8; 32];
+        r.read_exact(&mut id)?;
+        ids.push(ChunkId(id));
     }
     Ok(Some(Entry {
         path,
         digest,
         size,
         lens,
+        ids,
     }))
 }
 
 fn entry_len(path_len: usize, chunks: usize) -> u64 {
-    (4 + path_len + 32 + 8 + 4 + 4 * chunks) as u64
+    (4 + path_len + 32 + 8 + 4 + (4 + 32) * chunks) as u64
 }
 
 /// The version in place, as its record says.
@@ -662,6 +674,56 @@ impl Old {
     }
 }
 
+impl HeldChunks for Old {
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.read_chunk(id)
+    }
+}
+
+/// For each chunk of a changed file's new version (`new`) that `lacks` says must be
+/// sent, chunks of its old version (`old`) to send it as a delta against: outside what
+/// changed, a file keeps its chunks; inside it, the new chunks and the old ones that
+/// differ cover the same stretch of the file, more or less, so each new chunk gets the
+/// old ones in its share of that stretch (a chunk that took in a neighbour whose cut
+/// point the change removed gets both).
+fn delta_bases(
+    old: &[ChunkId],
+    new: &[ChunkId],
+    lacks: impl Fn(&ChunkId) -> bool,
+) -> Vec<(ChunkId, Vec<ChunkId>)> {
+    if old.is_empty() {
+        return Vec::new();
+    }
+    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let most = old.len().min(new.len()) - prefix;
+    let suffix = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take(most)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let old_mid = &old[prefix..old.len() - suffix];
+    let new_mid = &new[prefix..new.len() - suffix];
+    new_mid
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| lacks(id))
+        .map(|(i, id)| {
+            let bases = match (old_mid.len(), new_mid.len()) {
+                // Only added: the old chunk where the new ones went in.
+                (0, _) => vec![old[prefix.min(old.len() - 1)]],
+                (m, k) => {
+                    let from = i * m / k;
+                    let to = ((i + 1) * m).div_ceil(k).clamp(from + 1, m);
+                    old_mid[from..to.min(from + MAX_DELTA_BASES)].to_vec()
+                }
+            };
+            (*id, bases)
+        })
+        .collect()
+}
+
 /// A file of the new version waiting for its writer (files are recorded in walk
 /// order; writers finish in any).
 struct Pending {
@@ -758,6 +820,7 @@ impl Writer {
         let mut offset = 0u64;
         for (id, len) in p.content.iter().zip(lens) {
             self.out.write_all(&len.to_le_bytes())?;
+            self.out.write_all(&id.0)?;
             let e = IndexEntry {
                 id: id.0,
                 entry,
@@ -806,6 +869,9 @@ impl Writer {
 /// The restorer's [`Reuse`] for a standby push.
 struct Hook<'a> {
     old: Option<&'a Old>,
+    /// Chunks of changed files the old version lacks, each with a chunk of the file's
+    /// old version to ask for it as a delta against (taken by [`LocalFirst`]).
+    bases: &'a Mutex<std::collections::HashMap<ChunkId, Vec<ChunkId>>>,
     /// The directory being built.
     next: PathBuf,
     writer: Mutex<Writer>,
@@ -856,6 +922,12 @@ impl Reuse for Hook<'_> {
                         Err(err) => return Err(io_err(path)(err)),
                     }
                 }
+                if lens.is_none() {
+                    let pairs = delta_bases(&e.ids, &node.content, |id| old.find(id).is_none());
+                    if !pairs.is_empty() {
+                        self.bases.lock().expect("bases").extend(pairs);
+                    }
+                }
             }
         }
         let linked = lens.is_some();
@@ -893,6 +965,7 @@ impl Reuse for Hook<'_> {
 struct LocalFirst<'a> {
     remote: &'a dyn BlobSource,
     old: Option<&'a Old>,
+    bases: &'a Mutex<std::collections::HashMap<ChunkId, Vec<ChunkId>>>,
     trees: Option<&'a TreeCache>,
     new_trees: Mutex<TreeWriter>,
     stats: &'a StandbyStats,
@@ -914,25 +987,32 @@ impl BlobSource for LocalFirst<'_> {
     }
 
     fn load_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SourceError> {
-        if let Some(data) = self.old.and_then(|o| o.read_chunk(id)) {
-            self.stats.bytes_local.fetch_add(data.len() as u64, Relaxed);
-            return Ok(data);
+        match self.old {
+            Some(old) => {
+                if let Some(data) = old.read_chunk(id) {
+                    self.stats.bytes_local.fetch_add(data.len() as u64, Relaxed);
+                    return Ok(data);
+                }
+                self.remote.load_chunk_from(id, old)
+            }
+            None => self.remote.load_chunk(id),
         }
-        self.remote.load_chunk(id)
     }
 
     fn will_need(&self, ids: &[ChunkId], bytes: u64) {
         match self.old {
             None => self.remote.will_need(ids, bytes),
             Some(old) => {
-                let lacking: Vec<ChunkId> = ids
+                let mut bases = self.bases.lock().expect("bases");
+                let lacking: Vec<(ChunkId, Vec<ChunkId>)> = ids
                     .iter()
                     .filter(|id| old.find(id).is_none())
-                    .copied()
+                    .map(|id| (*id, bases.remove(id).unwrap_or_default()))
                     .collect();
+                drop(bases);
                 if !lacking.is_empty() {
                     let share = bytes / ids.len() as u64 * lacking.len() as u64;
-                    self.remote.will_need(&lacking, share);
+                    self.remote.will_need_from(&lacking, share);
                 }
             }
         }
@@ -1174,6 +1254,42 @@ mod tests {
         swapped[base + b..base + b + INDEX_ENTRY].copy_from_slice(&out[base + a..base + b]);
         fs::write(&file, &swapped).unwrap();
         assert!(ChunkIndex::open(&file, 42).is_none());
+    }
+
+    #[test]
+    fn a_changed_chunk_is_sent_against_the_old_ones_in_its_place() {
+        let c = |n: u8| ChunkId([n; 32]);
+        let all = |_: &ChunkId| true;
+        // Changed in place: each new chunk against the old one it replaced.
+        let old = [c(1), c(2), c(3), c(4)];
+        assert_eq!(
+            delta_bases(&old, &[c(1), c(20), c(30), c(4)], all),
+            [(c(20), vec![c(2)]), (c(30), vec![c(3)])]
+        );
+        // A cut point gone: the merged chunk against both it replaced.
+        assert_eq!(
+            delta_bases(&old, &[c(1), c(23), c(4)], all),
+            [(c(23), vec![c(2), c(3)])]
+        );
+        // A chunk split in two: each half against the old whole.
+        assert_eq!(
+            delta_bases(&old, &[c(1), c(2), c(31), c(32), c(4)], all),
+            [(c(31), vec![c(3)]), (c(32), vec![c(3)])]
+        );
+        // Only added: against the old chunk where it went in; a new file has no base.
+        assert_eq!(
+            delta_bases(&old, &[c(1), c(2), c(9), c(3), c(4)], all),
+            [(c(9), vec![c(3)])]
+        );
+        assert!(delta_bases(&[], &[c(9)], all).is_empty());
+        // Only what must be sent; never more than a delta takes.
+        assert_eq!(
+            delta_bases(&old, &[c(1), c(20), c(30), c(4)], |id| *id != c(20)),
+            [(c(30), vec![c(3)])]
+        );
+        let many: Vec<ChunkId> = (10..30).map(c).collect();
+        let got = delta_bases(&many, &[c(99)], all);
+        assert_eq!(got[0].1.len(), MAX_DELTA_BASES);
     }
 
     #[test]

@@ -23,6 +23,12 @@
 //! | `GET /v1/restore/chunk/{id}` | — | the chunk in its transfer encoding ([`crate::chunker::decode_blob`]) |
 //! | `POST /v1/restore/trees` | tree refs | frames of trees |
 //! | `POST /v1/restore/chunks` | data refs | frames of chunks in their transfer encoding |
+//! | `POST /v1/restore/deltas` | asks ([`encode_delta_ask`]): a chunk, and chunks the client holds | frames of the chunks, each in its transfer encoding or as a delta against the chunks of its ask |
+//!
+//! `deltas` is for pushes to a clone, whose old copy holds chunks like the new ones: a
+//! chunk comes as a delta ([`crate::chunker::BLOB_DELTA`]) when its base is a chunk of a
+//! snapshot pushed to that clone before (the pbs names them; any other base is ignored)
+//! and the delta is the smaller. The chunk itself must be in the snapshot being pushed.
 //!
 //! The batch reads (`trees`, `chunks`) answer with frames for the refs in the order
 //! asked, and stop after [`MAX_FRAMES_RESPONSE`] bytes (at least one frame): the
@@ -43,7 +49,7 @@
 //! (`serve --cross-host-dedup`, `[server].cross_host_dedup`).
 
 use crate::chunker::ChunkerParams;
-use crate::id::{BlobKind, BlobRef};
+use crate::id::{BlobKind, BlobRef, ChunkId};
 use serde::{Deserialize, Serialize};
 
 /// One blob reference on the wire: a kind byte ([`BlobKind::code`]) and the 32-byte id.
@@ -190,6 +196,53 @@ pub fn decode_refs(bytes: &[u8]) -> Result<Vec<BlobRef>, String> {
         .collect()
 }
 
+/// The route of a `deltas` request.
+pub const RESTORE_DELTAS: &str = "/v1/restore/deltas";
+
+/// Writes one ask of a `deltas` request: the ref of `chunk`, how many `bases` follow
+/// (one byte, at most [`MAX_DELTA_BASES`](crate::chunker::MAX_DELTA_BASES)), and
+/// their 32-byte ids: chunks it may come as a delta against, one after the other.
+pub fn encode_delta_ask(out: &mut Vec<u8>, chunk: &ChunkId, bases: &[ChunkId]) {
+    let bases = &bases[..bases.len().min(crate::chunker::MAX_DELTA_BASES)];
+    encode_ref(out, &BlobRef::data(*chunk));
+    out.push(bases.len() as u8);
+    for b in bases {
+        out.extend_from_slice(&b.0);
+    }
+}
+
+/// Decodes a `deltas` request: each chunk and its bases.
+pub fn decode_delta_asks(mut bytes: &[u8]) -> Result<Vec<(ChunkId, Vec<ChunkId>)>, String> {
+    let mut asks = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < REF_LEN + 1 {
+            return Err("a deltas request ends inside an ask".into());
+        }
+        if bytes[0] != BlobKind::Data.code() {
+            return Err("a deltas request names chunks only".into());
+        }
+        let chunk = ChunkId(bytes[1..REF_LEN].try_into().expect("32 bytes"));
+        let n = bytes[REF_LEN] as usize;
+        if n > crate::chunker::MAX_DELTA_BASES {
+            return Err(format!(
+                "an ask names {n} bases, at most {} are taken",
+                crate::chunker::MAX_DELTA_BASES
+            ));
+        }
+        let rest = &bytes[REF_LEN + 1..];
+        if rest.len() < 32 * n {
+            return Err("a deltas request ends inside an ask".into());
+        }
+        let bases = rest[..32 * n]
+            .chunks_exact(32)
+            .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+            .collect();
+        asks.push((chunk, bases));
+        bytes = &rest[32 * n..];
+    }
+    Ok(asks)
+}
+
 /// Writes an upload frame's header; the `len` encoded bytes follow it.
 pub fn encode_frame_header(out: &mut Vec<u8>, r: &BlobRef, len: u32) {
     encode_ref(out, r);
@@ -227,6 +280,33 @@ mod tests {
     use super::*;
     use crate::id::ChunkId;
     use proptest::prelude::*;
+
+    #[test]
+    fn delta_asks_round_trip_and_bad_ones_are_refused() {
+        let c = |n: u8| ChunkId([n; 32]);
+        let mut body = Vec::new();
+        encode_delta_ask(&mut body, &c(1), &[]);
+        encode_delta_ask(&mut body, &c(2), &[c(3), c(4)]);
+        // More bases than a delta takes: the first ones.
+        encode_delta_ask(&mut body, &c(5), &[c(6); 9]);
+        let asks = decode_delta_asks(&body).unwrap();
+        assert_eq!(
+            asks,
+            [
+                (c(1), vec![]),
+                (c(2), vec![c(3), c(4)]),
+                (c(5), vec![c(6); crate::chunker::MAX_DELTA_BASES])
+            ]
+        );
+        assert!(decode_delta_asks(&body[..body.len() - 1]).is_err());
+        let mut tree = body.clone();
+        tree[0] = BlobKind::Tree.code();
+        assert!(decode_delta_asks(&tree).is_err());
+        let mut many = body[..REF_LEN].to_vec();
+        many.push(200);
+        many.extend(std::iter::repeat_n(0u8, 200 * 32));
+        assert!(decode_delta_asks(&many).unwrap_err().contains("200 bases"));
+    }
 
     fn arb_ref() -> impl Strategy<Value = BlobRef> {
         (any::<bool>(), any::<[u8; 32]>()).prop_map(|(tree, id)| BlobRef {

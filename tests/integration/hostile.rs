@@ -968,6 +968,145 @@ fn a_read_only_server_streams_only_its_snapshot() {
     get(&sock, &format!("/v1/restore/tree/{}", tree("b"))).refused(403, "forbidden");
 }
 
+/// Every chunk of a snapshot (hex ids), read through its trees from a read-only server
+/// of its own.
+fn chunks_of(env: &Env, snap: &str) -> Vec<String> {
+    let server = Served::start_with(env, &["--mode", "read-only", "--snapshot", snap]);
+    let root = restore_start(&server.socket, snap).ok_json()["tree"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut todo, mut chunks) = (vec![root], Vec::new());
+    while let Some(t) = todo.pop() {
+        let bytes = get(&server.socket, &format!("/v1/restore/tree/{t}"))
+            .ok_octets()
+            .to_vec();
+        let tree = haul_protocol::tree::TreeBlob::decode(&bytes).unwrap();
+        todo.extend(tree.subtrees().iter().map(|t| t.to_hex()));
+        chunks.extend(tree.chunks().map(|c| c.to_hex()));
+    }
+    chunks
+}
+
+/// A push asks for chunks as deltas against chunks its clone holds: it gets one only
+/// against chunks of a snapshot the pbs says was pushed there before (`--delta-base`);
+/// any other base (another snapshot's chunk, or no base snapshot at all) gets the chunk
+/// whole, and a chunk outside the snapshot pushed is refused as always.
+#[test]
+fn deltas_are_made_only_against_chunks_of_a_snapshot_pushed_before() {
+    use haul_protocol::chunker::{decode_delta, delta_bases, BLOB_DELTA};
+    use haul_protocol::ChunkId;
+    let (env, src) = Env::with_source();
+    let big = haul_tests::random_bytes(5, 3 << 20);
+    std::fs::write(src.join("big"), &big).unwrap();
+    let s = src.display().to_string();
+    let ids = || -> Vec<String> {
+        let snaps = env.pbs(&["--json", "snapshots"]).expect(0).json();
+        snaps
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    env.pbs(&["backup-local", &s, "--host", "a"]).expect(0);
+    let first = ids().remove(0);
+    let mut changed = big.clone();
+    changed[1 << 20..(1 << 20) + 16].copy_from_slice(b"sixteen changed!");
+    std::fs::write(src.join("big"), &changed).unwrap();
+    env.pbs(&["backup-local", &s, "--host", "a"]).expect(0);
+    let second = ids().into_iter().find(|i| *i != first).unwrap();
+    // A third snapshot, of another host, never pushed anywhere.
+    let other = env.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("o"), haul_tests::random_bytes(6, 1 << 20)).unwrap();
+    env.pbs(&["backup-local", &other.display().to_string(), "--host", "b"])
+        .expect(0);
+    let third = ids()
+        .into_iter()
+        .find(|i| *i != first && *i != second)
+        .unwrap();
+    let (first, second) = (&first, &second);
+    let (old, new) = (chunks_of(&env, first), chunks_of(&env, second));
+    let gone: Vec<&String> = old.iter().filter(|c| !new.contains(c)).collect();
+    let came: Vec<&String> = new.iter().filter(|c| !old.contains(c)).collect();
+    assert!(!gone.is_empty() && !came.is_empty(), "{old:?} {new:?}");
+    let foreign = chunks_of(&env, &third);
+    let id = |hex: &str| -> ChunkId { hex.parse().unwrap() };
+    let ask = |chunk: &str, bases: &[&str]| {
+        let mut body = Vec::new();
+        let bases: Vec<ChunkId> = bases.iter().map(|b| id(b)).collect();
+        haul_protocol::wire::encode_delta_ask(&mut body, &id(chunk), &bases);
+        body
+    };
+    let one_frame = |reply: &Reply| -> Vec<u8> {
+        let frames = haul_protocol::wire::decode_frames(reply.ok_octets()).unwrap();
+        assert_eq!(frames.len(), 1);
+        frames[0].1.to_vec()
+    };
+
+    let decode = |encoded: &[u8]| {
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        haul_protocol::chunker::decode_blob(&mut d, encoded.to_vec(), 16 << 20).unwrap()
+    };
+    // What the clone holds: the old chunks.
+    let base: Vec<u8> = {
+        let old_server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", first]);
+        restore_start(&old_server.socket, first).ok_json();
+        gone.iter()
+            .flat_map(|c| {
+                decode(get(&old_server.socket, &format!("/v1/restore/chunk/{c}")).ok_octets())
+            })
+            .collect()
+    };
+    let server = Served::start_with(
+        &env,
+        &[
+            "--mode",
+            "read-only",
+            "--snapshot",
+            second,
+            "--delta-base",
+            first,
+        ],
+    );
+    let sock = server.socket.clone();
+    restore_start(&sock, second).ok_json();
+    // Against the old chunks the change replaced: a delta of a few hundred bytes, which
+    // those chunks decode to the new one.
+    let olds: Vec<&str> = gone.iter().map(|s| s.as_str()).collect();
+    let got = one_frame(&post(&sock, "/v1/restore/deltas", &ask(came[0], &olds)));
+    assert_eq!(*got.last().unwrap(), BLOB_DELTA);
+    assert!(got.len() < 4096, "{} bytes", got.len());
+    let named: Vec<String> = delta_bases(&got)
+        .unwrap()
+        .iter()
+        .map(|b| b.to_hex())
+        .collect();
+    assert_eq!(named, olds);
+    let whole = decode(get(&sock, &format!("/v1/restore/chunk/{}", came[0])).ok_octets());
+    assert_eq!(decode_delta(&base, &got, 16 << 20).unwrap(), whole);
+    // Against a chunk of a snapshot never pushed there: the chunk whole.
+    let got = one_frame(&post(
+        &sock,
+        "/v1/restore/deltas",
+        &ask(came[0], &[&foreign[0]]),
+    ));
+    assert_ne!(*got.last().unwrap(), BLOB_DELTA);
+    // A chunk outside the snapshot, whatever its base: refused.
+    post(&sock, "/v1/restore/deltas", &ask(&foreign[0], &olds)).refused(403, "forbidden");
+    post(&sock, "/v1/restore/deltas", &[1, 2, 3]).refused(400, "bad_request");
+    drop(server);
+
+    // No snapshot named as pushed before: no delta at all.
+    let server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", second]);
+    restore_start(&server.socket, second).ok_json();
+    let got = one_frame(&post(
+        &server.socket,
+        "/v1/restore/deltas",
+        &ask(came[0], &olds),
+    ));
+    assert_ne!(*got.last().unwrap(), BLOB_DELTA);
+}
+
 /// A client that reads the trees from elsewhere (a standby copy keeps its own) asks
 /// for chunks of its snapshot it did not reach through the server's trees: the server
 /// finds them in the snapshot's trees itself. A chunk of another snapshot of the same
@@ -985,24 +1124,7 @@ fn chunks_of_the_snapshot_are_served_without_its_trees_asked_for_and_no_others()
         .map(|v| v["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), 2);
-    // Every chunk of a snapshot, read through its trees from a server of its own.
-    let chunks_of = |snap: &str| -> Vec<String> {
-        let server = Served::start_with(&env, &["--mode", "read-only", "--snapshot", snap]);
-        let root = restore_start(&server.socket, snap).ok_json()["tree"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let (mut todo, mut chunks) = (vec![root], Vec::new());
-        while let Some(t) = todo.pop() {
-            let bytes = get(&server.socket, &format!("/v1/restore/tree/{t}"))
-                .ok_octets()
-                .to_vec();
-            let tree = haul_protocol::tree::TreeBlob::decode(&bytes).unwrap();
-            todo.extend(tree.subtrees().iter().map(|t| t.to_hex()));
-            chunks.extend(tree.chunks().map(|c| c.to_hex()));
-        }
-        chunks
-    };
+    let chunks_of = |snap: &str| chunks_of(&env, snap);
     // The first snapshot has fewer chunks: the second added a file.
     let mut both: Vec<(&String, Vec<String>)> = ids.iter().map(|i| (i, chunks_of(i))).collect();
     both.sort_by_key(|(_, c)| c.len());

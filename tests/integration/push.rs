@@ -182,6 +182,14 @@ fn a_push_keeps_a_standby_copy_equal_to_each_snapshot_and_sends_only_what_change
         "the second push sent {sent} bytes where the pull of the change took {pulled}: {record}"
     );
     assert!(sent < full_sent / 8, "{sent} of {full_sent}: {record}");
+    // The large file's changed chunk went as a delta against its old one (the pull of
+    // the change sent it whole): what the push sent is about the new 60 KB file and the
+    // changed listings.
+    assert!(d["chunks_delta"].as_u64().unwrap() >= 1, "{record}");
+    assert!(
+        sent < 100 << 10 && 8 * sent < pulled,
+        "the second push sent {sent} bytes where the pull of the change took {pulled}: {record}"
+    );
     // Unchanged files are links to the old copy's; the renamed part and the large
     // file's unchanged chunks came from the clone's own copy.
     assert!(d["files_linked"].as_u64().unwrap() > 10, "{record}");

@@ -21,6 +21,16 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         Some(spec) => Some(repo.find_snapshot(spec)?.0),
         None => None,
     };
+    if !args.delta_bases.is_empty() && mode == Mode::AppendOnly {
+        return Err(CliError::usage(
+            "--delta-base goes with --mode read-only: deltas are sent, never received",
+        ));
+    }
+    let bases = args
+        .delta_bases
+        .iter()
+        .map(|spec| Ok(repo.find_snapshot(spec)?.0))
+        .collect::<Result<Vec<_>, CliError>>()?;
     let mut server = Server::new(std::sync::Arc::new(repo), mode, args.host.clone()).with_limits(
         server::conn::Limits {
             request: args.request_timeout,
@@ -30,6 +40,9 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
     );
     if let Some(id) = pinned {
         server = server.pinned_to(id);
+    }
+    if !bases.is_empty() {
+        server = server.with_bases(bases);
     }
     if args.cross_host_dedup {
         server = server.with_scope(haul_repo::ingest::DedupScope::Repository);

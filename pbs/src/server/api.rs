@@ -18,7 +18,7 @@ use haul_repo::format::snapshot::Summary;
 use haul_repo::index::BlobLocation;
 use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
 use http_body_util::BodyExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 type St = State<Arc<Server>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -44,6 +44,10 @@ pub fn router(server: Arc<Server>) -> Router {
             .route(
                 "/v1/restore/chunks",
                 post(restore_chunks).layer(refs_limit()),
+            )
+            .route(
+                wire::RESTORE_DELTAS,
+                post(restore_deltas).layer(refs_limit()),
             ),
     };
     r.fallback(|| async { ApiError::new(Code::NotFound, "no such API route on this server") })
@@ -619,7 +623,7 @@ async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::Restor
     s.check_host(&snap.host)?;
     let root = BlobRef::tree(snap.tree);
     let root_at = s.position(&root)?;
-    {
+    let started = {
         let mut scope = s.restore.lock().expect("restore scope");
         match scope.as_ref() {
             // One snapshot per server: a second start may not move the scope.
@@ -632,13 +636,19 @@ async fn restore_start(State(s): St, body: Whole) -> ApiResult<Json<wire::Restor
                     ),
                 ))
             }
-            Some(_) => {}
+            Some(_) => false,
             None => {
                 let mut new = RestoreScope::new(id);
                 new.add(root, root_at);
                 *scope = Some(new);
+                true
             }
         }
+    };
+    if started && !s.bases.is_empty() {
+        let server = s.clone();
+        let base = blocking(move || server.base_scope()).await?;
+        *s.base.lock().expect("base scope") = Some(base);
     }
     Ok(Json(wire::RestoreStarted {
         snapshot: id.to_hex(),
@@ -690,49 +700,85 @@ impl Server {
     /// for it if it is not reached yet (see `RestoreScope`); where the index has it, if
     /// it does. Blocks: call it off the async workers.
     fn in_scope(&self, r: &BlobRef) -> ApiResult<Option<BlobLocation>> {
+        if self.restore.lock().expect("restore scope").is_none() {
+            return Err(no_restore());
+        }
         let found = self.locate(r)?;
-        let at = found.map(|(at, _)| at);
-        let reached = |server: &Server| -> ApiResult<bool> {
-            let scope = server.restore.lock().expect("restore scope");
-            Ok(scope.as_ref().ok_or_else(no_restore)?.contains(r, at))
+        if self.reach(&self.restore, r, found.map(|(at, _)| at))? {
+            Ok(found.map(|(_, loc)| loc))
+        } else {
+            Err(ApiError::new(
+                Code::Forbidden,
+                format!("{r} is not part of the snapshot being restored"),
+            ))
+        }
+    }
+
+    /// Whether `r` (found `at` in the index) is in `scope`, reading the scope's unread
+    /// trees for it if it is not reached yet. False without a scope.
+    fn reach(
+        &self,
+        scope: &Mutex<Option<RestoreScope>>,
+        r: &BlobRef,
+        at: Option<usize>,
+    ) -> ApiResult<bool> {
+        let reached = || {
+            let scope = scope.lock().expect("restore scope");
+            scope.as_ref().is_some_and(|s| s.contains(r, at))
         };
-        if reached(self)? {
-            return Ok(found.map(|(_, loc)| loc));
+        if reached() {
+            return Ok(true);
         }
         let _one = self.widening.lock().expect("widening");
         loop {
-            if reached(self)? {
-                return Ok(found.map(|(_, loc)| loc));
+            if reached() {
+                return Ok(true);
             }
-            let next = {
-                let mut scope = self.restore.lock().expect("restore scope");
-                scope.as_mut().and_then(|s| s.unread.pop())
-            };
+            let next = scope
+                .lock()
+                .expect("restore scope")
+                .as_mut()
+                .and_then(|s| s.unread.pop());
             let Some(tree) = next else {
-                return Err(ApiError::new(
-                    Code::Forbidden,
-                    format!("{r} is not part of the snapshot being restored"),
-                ));
+                return Ok(false);
             };
-            if self.tree_was_read(&tree)? {
+            if self.tree_was_read(scope, &tree)? {
                 continue;
             }
-            self.read_into_scope(&tree)?;
+            self.read_into_scope(scope, &tree)?;
         }
     }
 
-    /// Whether the names of `tree` (reached) are in the scope already.
-    fn tree_was_read(&self, tree: &TreeId) -> ApiResult<bool> {
+    /// Whether the names of `tree` (reached) are in `scope` already.
+    fn tree_was_read(&self, scope: &Mutex<Option<RestoreScope>>, tree: &TreeId) -> ApiResult<bool> {
         let Some(at) = self.position(&BlobRef::tree(*tree))? else {
             return Ok(true); // absent: there is nothing to read
         };
-        let scope = self.restore.lock().expect("restore scope");
+        let scope = scope.lock().expect("restore scope");
         Ok(scope.as_ref().is_some_and(|s| s.read.get(at)))
     }
 
-    /// Reads `tree` (in scope) and widens the scope to what it names. (A page index
+    /// The scope of the chunks a client may name as bases: the trees of the snapshots
+    /// pushed to it before (those still in the repository).
+    fn base_scope(&self) -> ApiResult<RestoreScope> {
+        let mut scope = RestoreScope::new(self.bases[0]);
+        for id in &self.bases {
+            let Ok(snap) = self.repo.load_snapshot(id) else {
+                continue; // forgotten since: nothing of it is a base
+            };
+            let root = BlobRef::tree(snap.tree);
+            scope.add(root, self.position(&root)?);
+        }
+        Ok(scope)
+    }
+
+    /// Reads `tree` (in `scope`) and widens the scope to what it names. (A page index
     /// names its pages.)
-    fn read_into_scope(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::TreeBlob> {
+    fn read_into_scope(
+        &self,
+        scope: &Mutex<Option<RestoreScope>>,
+        id: &TreeId,
+    ) -> ApiResult<haul_protocol::tree::TreeBlob> {
         let tree = self.repo.load_tree(id)?;
         // Located before the lock is taken: each look-up may read the index cache.
         let own = self.position(&BlobRef::tree(*id))?;
@@ -741,7 +787,7 @@ impl Server {
         for b in trees.chain(tree.chunks().map(|c| BlobRef::data(*c))) {
             named.push((b, self.position(&b)?));
         }
-        let mut scope = self.restore.lock().expect("restore scope");
+        let mut scope = scope.lock().expect("restore scope");
         if let Some(scope) = scope.as_mut() {
             if let Some(at) = own {
                 scope.read.set(at);
@@ -764,7 +810,7 @@ impl Server {
     /// Loads a tree of the snapshot being restored and widens the scope to what it names.
     fn restore_load_tree(&self, id: &TreeId) -> ApiResult<haul_protocol::tree::TreeBlob> {
         self.in_scope(&BlobRef::tree(*id))?;
-        self.read_into_scope(id)
+        self.read_into_scope(&self.restore, id)
     }
 }
 
@@ -808,6 +854,70 @@ async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
     .await?;
     Ok(octets(s.sending(out)))
 }
+
+/// Chunks for a push, each in its transfer encoding or, when its pair names a base the
+/// client may build on (a chunk of a snapshot pushed to it before, see
+/// `Server::with_bases`) and that is smaller, as a delta against that base. Each chunk
+/// must be in the snapshot being pushed; a base out of reach is ignored (the client's
+/// copy may be older or newer than the pbs knows), never an error.
+async fn restore_deltas(State(s): St, body: Whole) -> ApiResult<Response> {
+    let asks =
+        wire::decode_delta_asks(&whole(body)?).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+    let server = s.clone();
+    let out = blocking(move || {
+        let mut found = Vec::with_capacity(asks.len());
+        for (chunk, _) in &asks {
+            found.push(server.in_scope(&BlobRef::data(*chunk))?);
+        }
+        let refs: Vec<BlobRef> = asks.iter().map(|(c, _)| BlobRef::data(*c)).collect();
+        let mut at = found.into_iter();
+        let mut bases = asks.iter().map(|(_, b)| b);
+        frames(&refs, |r| {
+            let stored = damaged_as_empty(server.load_in_scope(r, at.next().flatten()))?;
+            match bases.next() {
+                Some(b) if !b.is_empty() && !stored.is_empty() => {
+                    server.as_delta(&ChunkId(r.id), b, stored)
+                }
+                _ => Ok(stored),
+            }
+        })
+    })
+    .await?;
+    Ok(octets(s.sending(out)))
+}
+
+impl Server {
+    /// `chunk` (whose transfer encoding is `stored`) as a delta against `bases`, if the
+    /// client may build on each of them and the delta is smaller; else `stored`.
+    fn as_delta(&self, chunk: &ChunkId, bases: &[ChunkId], stored: Vec<u8>) -> ApiResult<Vec<u8>> {
+        let mut old = Vec::new();
+        for base in bases {
+            let b = BlobRef::data(*base);
+            if !self.reach(&self.base, &b, self.position(&b)?)? {
+                return Ok(stored);
+            }
+            match self.repo.load_chunk(base) {
+                Ok(plain) => old.extend_from_slice(&plain),
+                Err(_) => return Ok(stored),
+            }
+        }
+        let Ok(plain) = self.repo.load_chunk(chunk) else {
+            return Ok(stored);
+        };
+        match haul_protocol::chunker::encode_delta(bases, &old, &plain, DELTA_LEVEL) {
+            Ok(delta) if delta.len() < stored.len() => {
+                self.deltas
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(delta)
+            }
+            _ => Ok(stored),
+        }
+    }
+}
+
+/// The zstd level of deltas: they are made for each push, and what they carry is the
+/// few bytes that changed.
+const DELTA_LEVEL: i32 = 1;
 
 #[cfg(test)]
 mod tests {

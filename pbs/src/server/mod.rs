@@ -61,6 +61,12 @@ pub struct Server {
     restore: Mutex<Option<RestoreScope>>,
     /// Held by whoever reads unread trees for a blob out of reach (one at a time).
     widening: Mutex<()>,
+    /// Snapshots pushed to a clone before: their chunks may be the bases of deltas
+    /// (`POST /v1/restore/deltas`), and the scope of those bases once a restore starts.
+    bases: Vec<SnapshotId>,
+    base: Mutex<Option<RestoreScope>>,
+    /// Chunks sent as deltas.
+    deltas: AtomicU64,
     /// The one snapshot a read-only server may stream, when the pbs chose it (a
     /// restore onto a host: the agent there must not pick another).
     pinned: Option<SnapshotId>,
@@ -152,6 +158,9 @@ impl Server {
             on_commit: None,
             restore: Mutex::new(None),
             widening: Mutex::new(()),
+            bases: Vec::new(),
+            base: Mutex::new(None),
+            deltas: AtomicU64::new(0),
             pinned: None,
             connections: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -171,6 +180,11 @@ impl Server {
     /// Bytes of trees and chunks this server sent to restores.
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Chunks this server sent as deltas against a chunk of an earlier push.
+    pub fn deltas_sent(&self) -> u64 {
+        self.deltas.load(Relaxed)
     }
 
     /// Counts a restore response's body.
@@ -216,6 +230,12 @@ impl Server {
     /// Restricts a read-only server to one snapshot.
     pub fn pinned_to(self: Arc<Self>, snapshot: SnapshotId) -> Arc<Self> {
         self.configured(|s| s.pinned = Some(snapshot))
+    }
+
+    /// Lets a client name chunks of these snapshots (pushed to it before, so it was
+    /// allowed to read them) as the bases of deltas.
+    pub fn with_bases(self: Arc<Self>, snapshots: Vec<SnapshotId>) -> Arc<Self> {
+        self.configured(|s| s.bases = snapshots)
     }
 
     /// Calls `hook` with each snapshot a session of this server saves (a run notes it
