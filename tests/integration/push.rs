@@ -637,3 +637,98 @@ fn ssh_setup_and_config_check_cover_clones() {
         r.stderr
     );
 }
+
+/// A clone that runs an attacker's program in place of the agent, speaking to the
+/// push's server through the tunnel: it gets the snapshot being pushed and nothing
+/// else (not another snapshot, not a chunk of one, no delta against a chunk of a
+/// snapshot never pushed to it), and the honest push after it completes.
+#[test]
+fn a_hostile_clone_reads_nothing_but_the_snapshot_pushed() {
+    let Setup {
+        env,
+        src,
+        standby_root,
+        sshd,
+        config,
+    } = setup("");
+    let secret = b"an old secret, deleted before the second pull".to_vec();
+    fs::write(src.join("secret.txt"), &secret).unwrap();
+    let first = pull(&env, &config)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fs::remove_file(src.join("secret.txt")).unwrap();
+    let fresh = b"what the second snapshot added".to_vec();
+    fs::write(src.join("fresh.txt"), &fresh).unwrap();
+    let second = pull(&env, &config)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Small files are one chunk each, named by the BLAKE3 of their bytes.
+    let (secret_id, fresh_id) = (
+        haul_protocol::ChunkId::of(&secret).to_hex(),
+        haul_protocol::ChunkId::of(&fresh).to_hex(),
+    );
+
+    let out = env.path("hostile.json");
+    let script = format!(
+        r#"#!/usr/bin/python3
+import json, socket, sys
+args = sys.argv[1:]
+sock = args[args.index("--socket") + 1]
+def req(method, path, body=b""):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (method, path, len(body))).encode() + body)
+    data = b""
+    while True:
+        c = s.recv(65536)
+        if not c:
+            break
+        data += c
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+r = {{}}
+r["other_snapshot"] = req("POST", "/v1/restore/start", json.dumps({{"snapshot": "{first}"}}).encode())[0]
+r["latest"] = req("POST", "/v1/restore/start", b'{{"snapshot": "latest"}}')[0]
+r["old_chunk"] = req("GET", "/v1/restore/chunk/{secret_id}")[0]
+r["old_chunks"] = req("POST", "/v1/restore/chunks", bytes([0]) + bytes.fromhex("{secret_id}"))[0]
+st, body = req("POST", "/v1/restore/deltas", bytes([0]) + bytes.fromhex("{fresh_id}") + bytes([1]) + bytes.fromhex("{secret_id}"))
+r["delta"] = st
+r["delta_format"] = body[-1] if body else None
+json.dump(r, open("{out}", "w"))
+sys.exit(3)
+"#,
+        out = out.display()
+    );
+    let honest = sshd.put_in_place_of_the_agent(&env.path("hostile-agent"), &script);
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(record["status"], "failed", "{record}");
+    let got: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    assert_eq!(got["other_snapshot"], 403, "{got}");
+    assert_eq!(got["latest"], 200, "{got}");
+    assert_eq!(got["old_chunk"], 403, "{got}");
+    assert_eq!(got["old_chunks"], 403, "{got}");
+    // The chunk it may have, whole: the chunk of a snapshot never pushed to it is no
+    // base (a delta against it would tell what it holds).
+    assert_eq!(got["delta"], 200, "{got}");
+    assert_ne!(
+        got["delta_format"],
+        haul_protocol::chunker::BLOB_DELTA,
+        "{got}"
+    );
+    assert!(!standby_root.join("web-1").exists());
+
+    fs::write(sshd.dir.join("wrapper.toml"), honest).unwrap();
+    let (run, record) = push(&env, &config);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(record["snapshot"], second.as_str());
+    assert_same_tree(
+        &src,
+        &standby_root
+            .join("web-1")
+            .join(src.strip_prefix("/").unwrap()),
+    );
+}

@@ -741,7 +741,7 @@ fn a_host_that_never_answers_is_cut_at_the_stall_limit() {
     let sshd = Sshd::start(&env.path("sshd"), &[&src]);
     let config = sshd.pbs_config("web-1", &[&src]);
     let silent = env.path("silent-agent");
-    let honest = put_in_place_of_the_agent(&sshd, &silent, "#!/bin/sh\nexec sleep 600\n");
+    let honest = sshd.put_in_place_of_the_agent(&silent, "#!/bin/sh\nexec sleep 600\n");
     let (c, s) = (
         config.display().to_string(),
         env.path("state").display().to_string(),
@@ -787,8 +787,7 @@ fn sixteen_unread_channels_do_not_grow_the_pbs() {
         .unwrap();
 
     let flood = env.path("unread-channels");
-    let honest = put_in_place_of_the_agent(
-        &sshd,
+    let honest = sshd.put_in_place_of_the_agent(
         &flood,
         r#"#!/usr/bin/python3
 import socket, sys, time
@@ -868,26 +867,6 @@ fn pull_fails_within(
     (run.stderr, rec)
 }
 
-/// Writes `script` to `path` as an executable and makes the wrapper's policy run it
-/// instead of the agent (an attacker's program behind the forced command); returns the
-/// honest policy, to put back.
-fn put_in_place_of_the_agent(sshd: &Sshd, path: &std::path::Path, script: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    fs::write(path, script).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-    let policy = sshd.dir.join("wrapper.toml");
-    let honest = fs::read_to_string(&policy).unwrap();
-    let agent_line = honest.lines().next().unwrap().to_string();
-    assert!(agent_line.starts_with("agent = "), "{honest}");
-    let replaced = honest.replacen(
-        &agent_line,
-        &format!("agent = {:?}", path.display().to_string()),
-        1,
-    );
-    fs::write(&policy, replaced).unwrap();
-    honest
-}
-
 /// An attacker's program behind a real sshd that sends half a request head on one
 /// forwarded connection and half a body on another, then waits: the pbs cuts both at
 /// its request limit (the program sees them closed), and the run is recorded with the
@@ -898,8 +877,7 @@ fn stalled_heads_and_bodies_through_the_tunnel_are_cut_at_the_request_limit() {
     let sshd = Sshd::start(&env.path("sshd"), &[&src]);
     let config = sshd.pbs_config("web-1", &[&src]);
     let staller = env.path("staller");
-    let honest = put_in_place_of_the_agent(
-        &sshd,
+    let honest = sshd.put_in_place_of_the_agent(
         &staller,
         r#"#!/usr/bin/python3
 import socket, sys, time

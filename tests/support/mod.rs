@@ -697,6 +697,25 @@ impl Sshd {
     }
 
     /// The listening sshd's process id.
+    /// Writes `script` to `path` as an executable and makes the wrapper's policy run it
+    /// instead of the agent (an attacker's program behind the forced command); returns
+    /// the honest policy, to put back.
+    pub fn put_in_place_of_the_agent(&self, path: &Path, script: &str) -> String {
+        fs::write(path, script).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+        let policy = self.dir.join("wrapper.toml");
+        let honest = fs::read_to_string(&policy).unwrap();
+        let agent_line = honest.lines().next().unwrap().to_string();
+        assert!(agent_line.starts_with("agent = "), "{honest}");
+        let replaced = honest.replacen(
+            &agent_line,
+            &format!("agent = {:?}", path.display().to_string()),
+            1,
+        );
+        fs::write(&policy, replaced).unwrap();
+        honest
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
