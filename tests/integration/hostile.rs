@@ -1084,6 +1084,16 @@ fn deltas_are_made_only_against_chunks_of_a_snapshot_pushed_before() {
     assert_eq!(named, olds);
     let whole = decode(get(&sock, &format!("/v1/restore/chunk/{}", came[0])).ok_octets());
     assert_eq!(decode_delta(&base, &got, 16 << 20).unwrap(), whole);
+    // The same ask a thousand times: the answer stops when its deltas have read their
+    // share of plaintext (64 MiB), and the client asks again for the rest.
+    let many = ask(came[0], &olds).repeat(1000);
+    let reply = post(&sock, "/v1/restore/deltas", &many);
+    let frames = haul_protocol::wire::decode_frames(reply.ok_octets()).unwrap();
+    assert!(
+        (1..1000).contains(&frames.len()),
+        "{} frames for 1000 asks",
+        frames.len()
+    );
     // Against a chunk of a snapshot never pushed there: the chunk whole.
     let got = one_frame(&post(
         &sock,

@@ -869,18 +869,26 @@ async fn restore_deltas(State(s): St, body: Whole) -> ApiResult<Response> {
         for (chunk, _) in &asks {
             found.push(server.in_scope(&BlobRef::data(*chunk))?);
         }
-        let refs: Vec<BlobRef> = asks.iter().map(|(c, _)| BlobRef::data(*c)).collect();
-        let mut at = found.into_iter();
-        let mut bases = asks.iter().map(|(_, b)| b);
-        frames(&refs, |r| {
-            let stored = damaged_as_empty(server.load_in_scope(r, at.next().flatten()))?;
-            match bases.next() {
-                Some(b) if !b.is_empty() && !stored.is_empty() => {
-                    server.as_delta(&ChunkId(r.id), b, stored)
-                }
-                _ => Ok(stored),
+        // Like `frames`, and also stops once the deltas made read MAX_DELTA_WORK bytes
+        // of plaintext: small deltas must not let one request make the server read and
+        // compress without end.
+        let mut out = Vec::new();
+        let mut work = 0usize;
+        for ((chunk, bases), at) in asks.iter().zip(found) {
+            if out.len() >= wire::MAX_FRAMES_RESPONSE || work >= MAX_DELTA_WORK {
+                break;
             }
-        })
+            let r = BlobRef::data(*chunk);
+            let stored = damaged_as_empty(server.load_in_scope(&r, at))?;
+            let bytes = if bases.is_empty() || stored.is_empty() {
+                stored
+            } else {
+                server.as_delta(chunk, bases, stored, &mut work)?
+            };
+            wire::encode_frame_header(&mut out, &r, bytes.len() as u32);
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out)
     })
     .await?;
     Ok(octets(s.sending(out)))
@@ -888,8 +896,15 @@ async fn restore_deltas(State(s): St, body: Whole) -> ApiResult<Response> {
 
 impl Server {
     /// `chunk` (whose transfer encoding is `stored`) as a delta against `bases`, if the
-    /// client may build on each of them and the delta is smaller; else `stored`.
-    fn as_delta(&self, chunk: &ChunkId, bases: &[ChunkId], stored: Vec<u8>) -> ApiResult<Vec<u8>> {
+    /// client may build on each of them and the delta is smaller; else `stored`. Adds
+    /// the plaintext it read to `work`.
+    fn as_delta(
+        &self,
+        chunk: &ChunkId,
+        bases: &[ChunkId],
+        stored: Vec<u8>,
+        work: &mut usize,
+    ) -> ApiResult<Vec<u8>> {
         let mut old = Vec::new();
         for base in bases {
             let b = BlobRef::data(*base);
@@ -904,6 +919,7 @@ impl Server {
         let Ok(plain) = self.repo.load_chunk(chunk) else {
             return Ok(stored);
         };
+        *work += old.len() + plain.len();
         match haul_protocol::chunker::encode_delta(bases, &old, &plain, DELTA_LEVEL) {
             Ok(delta) if delta.len() < stored.len() => {
                 self.deltas
@@ -914,6 +930,10 @@ impl Server {
         }
     }
 }
+
+/// Plaintext one `deltas` answer reads to make its deltas, about: past it the answer
+/// stops (the client asks for the rest).
+const MAX_DELTA_WORK: usize = 64 << 20;
 
 /// The zstd level of deltas: they are made for each push, and what they carry is the
 /// few bytes that changed.
