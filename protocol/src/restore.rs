@@ -489,13 +489,7 @@ pub(crate) fn restore_into(
                         continue; // drain the queue after a failure
                     }
                     lens.clear();
-                    let file = FileWrite {
-                        names: &mut names,
-                        is_root,
-                        // A standby copy is synced before it is swapped in.
-                        writeback: reuse.is_some(),
-                    };
-                    let written = write_file(source, &job, stats, file, &mut lens);
+                    let written = write_file(source, &job, stats, &mut names, is_root, &mut lens);
                     if let (Some(r), Some(seq)) = (reuse, job.seq) {
                         match &written {
                             Ok(()) => r.written(seq, &lens),
@@ -784,21 +778,12 @@ fn apply_metadata(
 const HOLE_BLOCK: usize = 64 * 1024;
 
 /// Writes the file of `job`, noting its chunks' lengths in `lens`.
-/// How a writer writes its files.
-struct FileWrite<'a> {
-    names: &'a mut NameCache,
-    is_root: bool,
-    /// Start each file's writeback as soon as it is written, for a copy that is synced
-    /// at the end: the sync then finds little left (the kernel would start it only past
-    /// its dirty-page threshold, gigabytes on a large machine).
-    writeback: bool,
-}
-
 fn write_file(
     source: &dyn BlobSource,
     job: &FileJob,
     stats: &RestoreStats,
-    how: FileWrite<'_>,
+    names: &mut NameCache,
+    is_root: bool,
     lens: &mut Vec<u32>,
 ) -> Result<(), RestoreError> {
     let path = &job.path;
@@ -846,13 +831,8 @@ fn write_file(
     if written != offset {
         file.set_len(offset).map_err(io_err(path))?;
     }
-    if how.writeback && offset > 0 {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: an open descriptor; the call only schedules writeback, without waiting.
-        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    }
     let now = file.metadata().map_err(io_err(path))?;
-    apply_metadata(path, Some((file, &now)), &job.node, how.names, how.is_root)?;
+    apply_metadata(path, Some((file, &now)), &job.node, names, is_root)?;
     stats.files.fetch_add(1, Relaxed);
     Ok(())
 }
