@@ -869,7 +869,7 @@ impl Writer {
 /// The restorer's [`Reuse`] for a standby push.
 struct Hook<'a> {
     old: Option<&'a Old>,
-    /// Chunks of changed files the old version lacks, each with a chunk of the file's
+    /// Chunks of changed files the old version lacks, each with chunks of the file's
     /// old version to ask for it as a delta against (taken by [`LocalFirst`]).
     bases: &'a Mutex<std::collections::HashMap<ChunkId, Vec<ChunkId>>>,
     /// The directory being built.

@@ -855,9 +855,9 @@ async fn restore_chunks(State(s): St, body: Whole) -> ApiResult<Response> {
     Ok(octets(s.sending(out)))
 }
 
-/// Chunks for a push, each in its transfer encoding or, when its pair names a base the
-/// client may build on (a chunk of a snapshot pushed to it before, see
-/// `Server::with_bases`) and that is smaller, as a delta against that base. Each chunk
+/// Chunks for a push, each in its transfer encoding or, when its ask names bases the
+/// client may build on (chunks of a snapshot pushed to it before, see
+/// `Server::with_bases`) and the delta is smaller, as a delta against those. Each chunk
 /// must be in the snapshot being pushed; a base out of reach is ignored (the client's
 /// copy may be older or newer than the pbs knows), never an error.
 async fn restore_deltas(State(s): St, body: Whole) -> ApiResult<Response> {
