@@ -106,36 +106,10 @@ verify() {
 # tree's files go; else $work. Prints the directory.
 on_image() {
   if [[ -z $loop ]]; then echo "$work"; return; fi
-  local img="$work/fs-$1.img" mnt="$work/fs-$1"
-  off_image "$1"
-  truncate -s "${loop}G" "$img"
-  mkfs.ext4 -q -F -i 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$img" >&2
-  mkdir -p "$mnt"
-  # Direct I/O: a buffered loop device caches every page twice and copies it once
-  # more, which made a restore of a million files slower by a third.
-  local dev
-  dev=$(losetup --direct-io=on -f --show "$img")
-  mount -o noatime "$dev" "$mnt"
-  echo "$mnt"
+  bench_image_on "$work/fs-$1" "$loop"
 }
 off_image() { # LABEL
-  [[ -n $loop ]] || return 0
-  local mnt="$work/fs-$1"
-  if mountpoint -q "$mnt"; then
-    local dev
-    dev=$(findmnt -n -o SOURCE "$mnt")
-    # Busy while anything still reads it (a shell cd'd there, a check run by hand):
-    # tried for a minute before the run gives up.
-    local try
-    for try in 1 2 3 4 5 6 7 8 9 10 11 12; do
-      umount "$mnt" 2>/dev/null && break
-      ((try < 12)) || { echo "$me: $mnt stays busy; unmount it by hand" >&2; return 1; }
-      sleep 5
-    done
-    losetup -d "$dev"
-  fi
-  [[ ! -d $mnt ]] || rmdir "$mnt"
-  rm -f "$work/fs-$1.img"
+  [[ -z $loop ]] || bench_image_off "$work/fs-$1"
 }
 images_off() { # every image this run left, on any exit
   local m

@@ -16,15 +16,21 @@
 #      the ratios. The proxy copies every byte on the same two cores: the run through
 #      it without delay tells its own cost from the link's.
 #
+# With --loop GIB, the clone's directory and restic's restore target are each a fresh
+# ext4 image of that size (with a journal, as a server's disk has) mounted by loop: the
+# files a push or a restore creates then go to a filesystem like a clone's, whatever
+# the machine's own disk is (this one's has no journal, and its inode allocator looks
+# up each candidate's inode table block: a third of a full push's CPU).
+#
 # Reported per step: wall, bytes sent (haul: response bytes its server counted; rsync:
 # its --stats "Total bytes sent"), peak RSS of each side (pbs and clone agent from the
 # run record; restic and the local rsync from /usr/bin/time).
 #
-# usage: bench/push.sh [--mib N] [--work DIR] [--no-wan | --wan-only]
+# usage: bench/push.sh [--mib N] [--work DIR] [--no-wan | --wan-only] [--loop GIB]
 #        (defaults: 1024 MiB, /tmp/haul-bench-push)
 # needs: root (sshd, drop_caches), openssh-server, openssh-client, rsync, restic, jq, python3, time
 set -euo pipefail
-mib=1024 work=/tmp/haul-bench-push wan=1 local=1
+mib=1024 work=/tmp/haul-bench-push wan=1 local=1 loop=
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
@@ -32,11 +38,15 @@ while (($#)); do
     --work) work=${2:?--work needs a value}; shift 2 ;;
     --no-wan) wan=; shift ;;
     --wan-only) local=; shift ;;
+    --loop) loop=${2:?--loop needs a size in GiB}; bench_count --loop "$loop"; shift 2 ;;
     -h|--help) bench_help ;;
     *) bench_unknown "$1" ;;
   esac
 done
 bench_needs restic rsync jq python3 ssh ssh-keygen /usr/sbin/sshd
+[[ -z $loop ]] || bench_needs mkfs.ext4 losetup
+images_off() { [[ -z $loop ]] || { bench_image_off "$work/clone"; bench_image_off "$work/restic-restore"; }; }
+images_off
 (cd "$root" && cargo build --release -q -p haul-pbs -p haul-agent -p haul-wrapper \
   && cargo build --release -q -p haul-pbs --example delay_proxy)
 bin=${CARGO_TARGET_DIR:-$root/target}/release
@@ -44,6 +54,7 @@ export RESTIC_PASSWORD=bench
 unset HAUL_REPO HAUL_PASSWORD
 
 rm -rf "$work" && mkdir -p "$work/sshd/sockets" "$work/clone" /run/sshd && chmod 700 "$work/sshd/sockets"
+[[ -z $loop ]] || bench_image_on "$work/clone" "$loop" >/dev/null
 data=$work/data
 echo "generating $mib MiB ..." >&2
 python3 "$root/bench/gen_dataset.py" "$data" --mib "$mib" >/dev/null
@@ -68,7 +79,7 @@ bench_login "$work"
 /usr/sbin/sshd -D -f "$d/sshd_config" -E "$d/sshd.log" & sshd=$!
 "$bin/examples/delay_proxy" "127.0.0.1:$slow" "127.0.0.1:$port" 25 & proxy=$!
 "$bin/examples/delay_proxy" "127.0.0.1:$flat" "127.0.0.1:$port" 0 & proxy0=$!
-trap 'kill $sshd $proxy $proxy0 2>/dev/null; bench_login_off' EXIT
+trap 'kill $sshd $proxy $proxy0 2>/dev/null; bench_login_off; images_off' EXIT
 sleep 1
 
 # The pbs: host `bench` (its agent run here) pushed to clone `clone` through the sshd,
@@ -123,11 +134,12 @@ restic -q -r "$work/restic" init --repository-version 2 >/dev/null
 restic -q -r "$work/restic" --cache-dir "$work/restic-cache" backup "$data" >/dev/null
 
 haul_push "full: haul push"
+[[ -z $loop ]] || bench_image_on "$work/restic-restore" "$loop" >/dev/null
 drop
 /usr/bin/time -f '%e %M' -o "$work/t" restic -q -r "$work/restic" --cache-dir "$work/restic-cache" restore latest --target "$work/restic-restore" >/dev/null
 read -r w m <"$work/t"
 row "full: restic restore" "$w" - "$((m / 1024)) (restic)" -
-rm -rf "$work/restic-restore"
+if [[ -n $loop ]]; then bench_image_off "$work/restic-restore"; else rm -rf "$work/restic-restore"; fi
 rsync_copy "full: rsync -a --delete" "$work/clone/rsync"
 diff -r --no-dereference "$data" "$work/clone/bench$data" >/dev/null && echo "(the standby copy equals the data)" || echo "THE STANDBY COPY DIFFERS FROM THE DATA"
 
