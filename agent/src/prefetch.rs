@@ -10,7 +10,6 @@
 //! are taken. On a link with a long round trip the budget grows (to what arrives in
 //! two round trips at a high rate, see [`Prefetcher::budget`]): fetching that paused
 //! takes a round trip to deliver again.
-//! are taken.
 //!
 //! [`Prefetcher::take`] never waits for a blob that has not been asked for yet: it
 //! withdraws the hint and the caller fetches the blob itself. So a hint that is never

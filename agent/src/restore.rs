@@ -149,8 +149,8 @@ impl BlobSource for RemoteSource {
     }
 
     fn will_need(&self, ids: &[ChunkId], bytes: u64) {
-        let each = (bytes / ids.len().max(1) as u64).min(u32::MAX as u64) as u32;
-        self.chunks.hint(ids.iter().map(|c| c.0), each);
+        let ids: Vec<(ChunkId, Vec<ChunkId>)> = ids.iter().map(|id| (*id, Vec::new())).collect();
+        self.will_need_from(&ids, bytes);
     }
 }
 

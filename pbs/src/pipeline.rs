@@ -208,6 +208,8 @@ pub fn push(
     let _lock = repo.lock_for_reading(true, "push")?;
     let repo = repos.open(&plan.repository)?;
     let (snapshot, _) = repo.find_snapshot_of(&plan.snapshot, Some(&plan.host))?;
+    // Read before this run is begun: it is no earlier push.
+    let bases = earlier_pushes(history, &plan.host, &plan.clone, &snapshot)?;
     let id = new_run_id(start);
     history.begin(&Running {
         id: id.clone(),
@@ -218,7 +220,6 @@ pub fn push(
         pid: std::process::id(),
         snapshot: Some(snapshot.to_hex()),
     })?;
-    let bases = earlier_pushes(history, &plan.host, &plan.clone, &snapshot)?;
     let server = Server::new(repo.clone(), Mode::ReadOnly, Some(plan.host.clone()))
         .pinned_to(snapshot)
         .with_bases(bases)
@@ -286,22 +287,16 @@ fn earlier_pushes(
 ) -> Result<Vec<SnapshotId>, CliError> {
     history.with_records(|records| {
         let mut found: Vec<SnapshotId> = Vec::new();
-        for r in records.iter().rev() {
+        for r in crate::record::pushes_of(records, host, clone).rev() {
             if found.len() == DELTA_BASES {
                 break;
             }
-            let to_clone = matches!(&r.details, Some(Details::Push(d)) if d.clone == clone);
             let snapshot = r
                 .snapshot
                 .as_deref()
                 .and_then(|s| s.parse::<SnapshotId>().ok());
-            if let (true, Some(s)) = (
-                r.kind == RunKind::Push && r.host == host && to_clone,
-                snapshot,
-            ) {
-                if s != *now && !found.contains(&s) {
-                    found.push(s);
-                }
+            if let Some(s) = snapshot.filter(|s| s != now && !found.contains(s)) {
+                found.push(s);
             }
         }
         found

@@ -486,6 +486,19 @@ impl From<OnDisk> for RunRecord {
     }
 }
 
+/// The push runs of `host` to `clone` among `records`, in their order.
+pub fn pushes_of<'a>(
+    records: &'a [RunRecord],
+    host: &'a str,
+    clone: &'a str,
+) -> impl DoubleEndedIterator<Item = &'a RunRecord> {
+    records.iter().filter(move |r| {
+        r.host == host
+            && r.kind == RunKind::Push
+            && matches!(&r.details, Some(Details::Push(d)) if d.clone == clone)
+    })
+}
+
 impl RunRecord {
     /// A run of `kind` on `host` that started at `start` and ends now, without figures
     /// yet: `ok` until told otherwise.

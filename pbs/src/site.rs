@@ -117,16 +117,7 @@ impl Site {
     pub fn host(&self, name: &str) -> Result<&Host, CliError> {
         let config = self.require_config()?;
         config.host(name).ok_or_else(|| {
-            CliError::usage(format!(
-                "no host {name:?} in {} (hosts there: {})",
-                self.config_name(),
-                config
-                    .hosts
-                    .iter()
-                    .map(|h| h.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+            self.none_named("host", name, config.hosts.iter().map(|h| h.name.as_str()))
         })
     }
 
@@ -134,17 +125,22 @@ impl Site {
     pub fn clone_target(&self, name: &str) -> Result<&haul_config::CloneTarget, CliError> {
         let config = self.require_config()?;
         config.clone_target(name).ok_or_else(|| {
-            CliError::usage(format!(
-                "no clone {name:?} in {} (clones there: {})",
-                self.config_name(),
-                config
-                    .clones
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+            self.none_named("clone", name, config.clones.iter().map(|c| c.name.as_str()))
         })
+    }
+
+    /// No `what` called `name` in the configuration, which has `there`.
+    fn none_named<'a>(
+        &self,
+        what: &str,
+        name: &str,
+        there: impl Iterator<Item = &'a str>,
+    ) -> CliError {
+        CliError::usage(format!(
+            "no {what} {name:?} in {} ({what}s there: {})",
+            self.config_name(),
+            there.collect::<Vec<_>>().join(", ")
+        ))
     }
 
     /// The run history, with the feeds the configuration describes.

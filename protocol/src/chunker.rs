@@ -305,22 +305,24 @@ pub fn decode_delta(base: &[u8], encoded: &[u8], limit: usize) -> Result<Vec<u8>
     let frame = &encoded[..end];
     let corrupt =
         |why: String| BlobDecodeError::Zstd(io::Error::new(io::ErrorKind::InvalidData, why));
-    match zstd::zstd_safe::get_frame_content_size(frame) {
+    // The declared size, checked, is what is allocated: a delta's frame is small by
+    // nature, so its size says nothing about what it decodes to (unlike a stored one).
+    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
         Ok(Some(size)) if size > limit as u64 => {
             return Err(BlobDecodeError::TooLarge {
                 actual: size,
                 limit,
             })
         }
-        Ok(Some(_)) => {}
+        Ok(Some(size)) => size as usize,
         _ => return Err(corrupt("not a zstd frame that declares its size".into())),
-    }
+    };
     let zerr = |code: usize| corrupt(zstd::zstd_safe::get_error_name(code).to_string());
     let mut dctx = DCtx::create();
     dctx.set_parameter(DParameter::WindowLogMax(27))
         .map_err(zerr)?;
     dctx.ref_prefix(base).map_err(zerr)?;
-    let mut out = Vec::with_capacity(limit);
+    let mut out = Vec::with_capacity(size);
     dctx.decompress(&mut out, frame).map_err(zerr)?;
     Ok(out)
 }

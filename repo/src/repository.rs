@@ -693,6 +693,13 @@ impl IndexedRepository {
         self.load_blob(BlobKind::Data, &id.0)
     }
 
+    /// The plaintext of chunk `id` from its transfer encoding (what
+    /// [`IndexedRepository::load_encoded`] gave), checked against its id.
+    pub fn decode_chunk(&self, id: &ChunkId, encoded: Vec<u8>) -> Result<Vec<u8>> {
+        let what = format!("chunk {}", id.short());
+        decode_verified(&id.0, encoded, self.limit(BlobKind::Data), &what)
+    }
+
     /// Seals and writes one index file for `packs`; returns its name.
     pub fn write_index_file(&self, packs: &[IndexedPack]) -> Result<String> {
         write_named(
@@ -801,11 +808,17 @@ pub(crate) fn decode_blob(
     limit: usize,
     what: &str,
 ) -> Result<Vec<u8>> {
+    let encoded = key.open_vec(&ad::blob(kind, id), sealed, what)?;
+    decode_verified(id, encoded, limit, what)
+}
+
+/// Decodes a blob's transfer encoding (at most `limit` bytes) and checks it hashes to
+/// `id`.
+fn decode_verified(id: &[u8; 32], encoded: Vec<u8>, limit: usize, what: &str) -> Result<Vec<u8>> {
     thread_local! {
         static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
             std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
     }
-    let encoded = key.open_vec(&ad::blob(kind, id), sealed, what)?;
     let plain = DECOMPRESSOR
         .with(|d| decode_encoded(&mut d.borrow_mut(), encoded, limit))
         .map_err(|e| Error::corrupt(what, e))?;

@@ -366,11 +366,8 @@ pub fn copies(
     for c in &config.clones {
         let window = c.alert_window(config);
         for h in config.hosts.iter().filter(|h| c.receives(&h.name)) {
-            let pushes: Vec<&RunRecord> = records
-                .iter()
-                .filter(|r| r.host == h.name && r.kind == RunKind::Push)
-                .filter(|r| matches!(&r.details, Some(crate::record::Details::Push(d)) if d.clone == c.name))
-                .collect();
+            let pushes: Vec<&RunRecord> =
+                crate::record::pushes_of(records, &h.name, &c.name).collect();
             let last_success = pushes
                 .iter()
                 .filter(|r| r.status.saved())

@@ -739,23 +739,18 @@ impl Server {
                 .expect("restore scope")
                 .as_mut()
                 .and_then(|s| s.unread.pop());
-            let Some(tree) = next else {
+            let Some((tree, at)) = next else {
                 return Ok(false);
             };
-            if self.tree_was_read(scope, &tree)? {
-                continue;
+            let read = scope
+                .lock()
+                .expect("restore scope")
+                .as_ref()
+                .is_some_and(|s| s.read.get(at));
+            if !read {
+                self.read_into_scope(scope, &tree)?;
             }
-            self.read_into_scope(scope, &tree)?;
         }
-    }
-
-    /// Whether the names of `tree` (reached) are in `scope` already.
-    fn tree_was_read(&self, scope: &Mutex<Option<RestoreScope>>, tree: &TreeId) -> ApiResult<bool> {
-        let Some(at) = self.position(&BlobRef::tree(*tree))? else {
-            return Ok(true); // absent: there is nothing to read
-        };
-        let scope = scope.lock().expect("restore scope");
-        Ok(scope.as_ref().is_some_and(|s| s.read.get(at)))
     }
 
     /// The scope of the chunks a client may name as bases: the trees of the snapshots
@@ -916,7 +911,8 @@ impl Server {
                 Err(_) => return Ok(stored),
             }
         }
-        let Ok(plain) = self.repo.load_chunk(chunk) else {
+        // The chunk itself is `stored` (read and opened already).
+        let Ok(plain) = self.repo.decode_chunk(chunk, stored.clone()) else {
             return Ok(stored);
         };
         *work += old.len() + plain.len();

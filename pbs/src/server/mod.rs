@@ -101,9 +101,9 @@ struct RestoreScope {
     reached: Marks,
     /// Trees whose names are in the scope (by index position).
     read: Marks,
-    /// Trees reached and perhaps not read yet: at most one entry per tree of the
-    /// snapshot.
-    unread: Vec<TreeId>,
+    /// Trees reached and perhaps not read yet, with their index positions: at most one
+    /// entry per tree of the snapshot.
+    unread: Vec<(TreeId, usize)>,
     /// Blobs its trees name that the index lacks (a damaged repository): asking for
     /// one says it is not found, not that it is out of scope.
     absent: HashSet<BlobRef>,
@@ -125,7 +125,7 @@ impl RestoreScope {
         match at {
             Some(at) => {
                 if self.reached.set(at) && b.kind == BlobKind::Tree {
-                    self.unread.push(TreeId(b.id));
+                    self.unread.push((TreeId(b.id), at));
                 }
             }
             None => {
