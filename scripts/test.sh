@@ -11,9 +11,12 @@ cd "$(dirname "$0")/.."
 # metrics (the tests call /usr/bin/python3); supervisor runs the daemon as in production.
 # rdiff-backup (with attr, acl and its Python EA/ACL modules) builds the import fixtures.
 # libcap2-bin's setcap and getcap give a fixture file a capability and read it back.
+# prometheus brings promtool (checks the metrics and the example alert rules); chromium
+# loads the status pages headless.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
           supervisor openssh-server openssh-client util-linux
-          rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin)
+          rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin
+          prometheus chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

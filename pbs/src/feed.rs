@@ -68,9 +68,10 @@ pub fn render_with(records: &[RunRecord], host: Option<&str>, o: &FeedOptions) -
         .to_string()
 }
 
-fn item(r: &RunRecord) -> rss::Item {
+/// What a run did, in a few words: its error's first line, or its figures.
+pub fn summary(r: &RunRecord) -> String {
     let secs = r.seconds();
-    let what = match (&r.error, &r.counters, &r.details) {
+    match (&r.error, &r.counters, &r.details) {
         (Some(e), _, _) => e
             .lines()
             .next()
@@ -98,7 +99,12 @@ fn item(r: &RunRecord) -> rss::Item {
         (None, None, Some(Details::Push(d))) => crate::output::push_summary(d),
         (None, None, Some(Details::CloneAlert(d))) => format!("clone {}", d.clone),
         (None, None, None) => format!("{secs:.0} s"),
-    };
+    }
+}
+
+fn item(r: &RunRecord) -> rss::Item {
+    let secs = r.seconds();
+    let what = summary(r);
     let title = match &r.details {
         // Said from the clone's side: `off-site: push OK — web-1 8c1f2e3a, …`.
         Some(Details::Push(d)) => format!(

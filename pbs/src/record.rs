@@ -11,7 +11,7 @@ use haul_repo::format::snapshot::Summary;
 use serde::{Deserialize, Serialize};
 
 /// What a run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
     /// A backup through an agent.
@@ -55,7 +55,7 @@ impl std::fmt::Display for RunKind {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Ok,
@@ -277,6 +277,8 @@ pub struct ForgetDetails {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CheckDetails {
+    /// Where the repository checked is (its storage's location).
+    pub repository: String,
     pub snapshots: u64,
     pub packs: u64,
     pub blobs: u64,
@@ -460,7 +462,7 @@ impl From<OnDisk> for RunRecord {
                     bytes_read: number(&c, "bytes_read"),
                     errors: number(&c, "errors"),
                     read_data: c["read_data"].as_bool().unwrap_or(false),
-                    unused_bytes: 0,
+                    ..CheckDetails::default()
                 })),
             ),
             _ => (None, None),

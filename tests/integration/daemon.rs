@@ -130,6 +130,59 @@ fn metrics_of(port: u16) -> serde_json::Value {
     serde_json::from_slice(&metrics).unwrap()
 }
 
+/// `promtool check metrics`: the scraped text is valid and follows Prometheus' naming
+/// conventions (it prints what it objects to and exits non-zero).
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The example alert rules are valid, and each fires on the series that should raise
+/// it and not on healthy ones (`promtool test rules`, on series written for it).
+#[test]
+fn the_example_alert_rules_are_valid_and_fire_as_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = root.join("examples/alerts.yml");
+    let out = run_tool(
+        Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .arg(&rules),
+        "promtool (apt-get install prometheus)",
+    );
+    assert!(
+        String::from_utf8_lossy(&out).contains("SUCCESS: 8 rules found"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let out = run_tool(
+        Command::new("promtool")
+            .args(["test", "rules", "alerts_test.yml"])
+            .current_dir(root.join("tests/fixtures")),
+        "promtool test rules",
+    );
+    assert!(String::from_utf8_lossy(&out).contains("SUCCESS"));
+}
+
 fn get(port: u16, path: &str) -> (u16, String) {
     http_get(&format!("127.0.0.1:{port}"), path)
 }
@@ -288,7 +341,9 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
         "haul_host_last_success_timestamp_seconds",
         "haul_host_last_run_status",
         "haul_host_last_run_duration_seconds",
-        "haul_host_last_run_bytes_new",
+        "haul_host_last_run_new_bytes",
+        "haul_host_snapshots",
+        "haul_host_next_run_timestamp_seconds",
         "haul_host_consecutive_failures",
         "haul_host_stale",
     ] {
@@ -312,6 +367,37 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
             .all(|s| (now - s[1].as_f64().unwrap()).abs() < 300.0),
         "{metrics}"
     );
+
+    // Runs counted by host, kind and status; the repository's own figures.
+    let sample = |family: &str, labels: &[(&str, &str)]| -> f64 {
+        metrics[family]
+            .as_array()
+            .unwrap_or_else(|| panic!("{family}: {metrics}"))
+            .iter()
+            .find(|s| labels.iter().all(|(k, v)| s[0][*k] == *v))
+            .unwrap_or_else(|| panic!("{family} {labels:?}: {metrics}"))[1]
+            .as_f64()
+            .unwrap()
+    };
+    for h in hosts {
+        let ok_runs = sample(
+            "haul_runs",
+            &[("host", h), ("kind", "pull"), ("status", "ok")],
+        );
+        assert!(ok_runs >= 2.0, "{h}: {ok_runs} ok pulls counted");
+        assert!(sample("haul_host_snapshots", &[("host", h)]) >= 2.0);
+    }
+    assert_eq!(sample("haul_repository_up", &[("repository", "repo")]), 1.0);
+    assert!(sample("haul_repository_stored_bytes", &[("repository", "repo")]) > 0.0);
+    assert!(
+        sample(
+            "haul_repository_filesystem_avail_bytes",
+            &[("repository", "repo")]
+        ) > 0.0
+    );
+    let (_, text) = get(port, "/metrics");
+    assert!(text.contains("haul_build_info{version=\""), "{text}");
+    promtool_check_metrics(&text);
 
     // A stop while a pull runs ends it within the grace period, with that pull recorded.
     let running_dir = state.join("running");
@@ -763,7 +849,155 @@ fn the_daemon_pushes_each_saved_pull_to_its_clones_and_alerts_for_a_clone_that_i
         assert_eq!(sample[1], want, "{clone}");
     }
     assert!(
-        metrics["haul_clone_last_push_bytes_sent"].is_array(),
+        metrics["haul_clone_last_push_sent_bytes"].is_array(),
         "{metrics}"
+    );
+}
+
+/// Headless Chromium (Debian's `chromium`) with a profile of its own, as root needs it
+/// (no sandbox); returns what it printed.
+fn chromium(profile: &Path, args: &[&str]) -> String {
+    let out = run_tool(
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args),
+        "chromium (apt-get install chromium)",
+    );
+    String::from_utf8(out).unwrap()
+}
+
+/// The targets of a page's links, in order.
+fn hrefs(dom: &str) -> Vec<String> {
+    dom.split("href=\"")
+        .skip(1)
+        .filter_map(|s| s.split_once('"').map(|(h, _)| h.replace("&amp;", "&")))
+        .collect()
+}
+
+#[test]
+fn the_status_pages_render_in_chromium_and_every_link_resolves() {
+    let env = Env::new();
+    let good = env.path("src/good");
+    fs::create_dir_all(&good).unwrap();
+    for i in 0..5 {
+        fs::write(good.join(format!("f{i}")), format!("file {i}\n").repeat(50)).unwrap();
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let state = env.path("state");
+    let config = format!(
+        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\n\n[feed]\ntitle = \"fleet <&> backups\"\n\
+         \n[[host]]\nname = \"good\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n\
+         \n[[host]]\nname = \"bad\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n",
+        state.display().to_string(),
+        good.display().to_string(),
+        env.path("src/not-there").display().to_string(),
+    );
+    let (_config, _sup) = supervised_daemon(&env, &config, &[]);
+    let r = wait_records(&state, Duration::from_secs(60), |r| {
+        pulls_of(r, "good").filter(|v| v["status"] == "ok").count() >= 2
+            && pulls_of(r, "bad").any(|v| v["status"] == "failed")
+    });
+    let bad_run = pulls_of(&r, "bad").next().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let profile = env.path("chromium");
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+
+    // The overview: both hosts with their status words, the failing one first; the
+    // title escaped, not taken for markup; times with their zone.
+    let dom = chromium(&profile, &["--dump-dom", &url("/")]);
+    assert!(
+        dom.contains("<h1>fleet &lt;&amp;&gt; backups</h1>"),
+        "{dom}"
+    );
+    let bad_at = dom
+        .find(r#"data-host="bad" data-status="FAILED""#)
+        .unwrap_or_else(|| panic!("no FAILED row for bad: {dom}"));
+    let good_at = dom
+        .find(r#"data-host="good" data-status="OK""#)
+        .unwrap_or_else(|| panic!("no OK row for good: {dom}"));
+    assert!(bad_at < good_at, "the failing host is listed first: {dom}");
+    assert!(dom.contains(" UTC"), "{dom}");
+    assert!(dom.contains(r#"<tr class="repository" data-repository="repo">"#));
+
+    // Every link of the pages, followed from the overview, resolves.
+    let mut seen = std::collections::HashSet::new();
+    let mut queue = vec!["/".to_string()];
+    while let Some(p) = queue.pop() {
+        if !seen.insert(p.clone()) || seen.len() > 80 {
+            continue;
+        }
+        let (code, body) = get(port, &p);
+        assert_eq!(code, 200, "{p}: {body}");
+        if p == "/" || p.starts_with("/hosts/") && !p.ends_with(".xml") {
+            let dom = chromium(&profile, &["--dump-dom", &url(&p)]);
+            for h in hrefs(&dom) {
+                assert!(h.starts_with('/'), "{p} links outside: {h}");
+                queue.push(h);
+            }
+        }
+    }
+    for p in [
+        "/hosts/good",
+        "/hosts/bad",
+        &format!("/runs/{bad_run}"),
+        "/feed.xml",
+    ] {
+        assert!(seen.contains(p), "{p} is not linked: {seen:?}");
+    }
+
+    // A host's page: its runs and its snapshots.
+    let dom = chromium(&profile, &["--dump-dom", &url("/hosts/good")]);
+    assert!(
+        dom.matches(r#"<tr class="run" data-status="OK">"#).count() >= 2,
+        "{dom}"
+    );
+    assert!(
+        dom.matches(r#"<tr class="snapshot">"#).count() >= 2,
+        "{dom}"
+    );
+    // A failed run's page: its status, its error and the agent's output.
+    let dom = chromium(&profile, &["--dump-dom", &url(&format!("/runs/{bad_run}"))]);
+    assert!(dom.contains(r#"id="status">FAILED<"#), "{dom}");
+    let error = dom
+        .split(r#"<p class="error" id="error">"#)
+        .nth(1)
+        .expect("the error");
+    assert!(error.starts_with("backup path ") && error.contains("No such file or directory"));
+    assert!(
+        dom.contains(r#"<pre id="output">stderr: haul-agent: backup path"#),
+        "{dom}"
+    );
+    assert_eq!(get(port, "/runs/nothing").0, 404);
+    assert_eq!(get(port, "/hosts/nobody").0, 404);
+
+    // A screenshot of the overview, kept as the test's artifact.
+    let shot = haul_tests::bin_dir().join("test-artifacts/status-page.png");
+    fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let _ = fs::remove_file(&shot);
+    chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,720",
+            "--hide-scrollbars",
+            &url("/"),
+        ],
+    );
+    let png = fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{}",
+        png.len()
     );
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     let start = chrono::Utc::now();
     let history = ctx.site()?.history();
-    let result = check_repository(ctx, &args);
+    let mut location = String::new();
+    let result = check_repository(ctx, &args, &mut location);
     let mut record = RunRecord::new(
         new_run_id(start),
         "repository",
@@ -27,6 +28,7 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     match &result {
         Ok(r) => {
             record.details = Some(Details::Check(CheckDetails {
+                repository: location.clone(),
                 snapshots: r.snapshots as u64,
                 packs: r.packs as u64,
                 blobs: r.blobs as u64,
@@ -62,9 +64,15 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn check_repository(ctx: &Context, args: &CheckArgs) -> Result<check::CheckReport, CliError> {
+/// Checks the repository; `location` is set to where it is once it is open.
+fn check_repository(
+    ctx: &Context,
+    args: &CheckArgs,
+    location: &mut String,
+) -> Result<check::CheckReport, CliError> {
     // Check what the repository says, not what a local cache remembers.
     let (repo, _lock) = ctx.open_for_reading(None, "check", false)?;
+    *location = repo.backend().location();
     let done = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
     let report = {
         let d = done.clone();

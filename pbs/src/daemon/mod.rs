@@ -19,6 +19,9 @@
 //! (`repos.rs`).
 
 pub mod http;
+pub mod metrics;
+pub mod overview;
+pub mod page;
 pub mod schedule;
 
 use crate::cli::DaemonArgs;
@@ -53,6 +56,8 @@ pub struct Shared {
     /// Pushes running, as (host, clone): two pushes into one standby directory would
     /// meet at its lock, and the second would fail.
     pushing: HashSet<(String, String)>,
+    /// The repositories' figures the status server shows.
+    facts: Arc<overview::Facts>,
 }
 
 pub type SharedRef = Arc<Mutex<Shared>>;
@@ -91,6 +96,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         pruning: HashSet::new(),
         pruned: HashMap::new(),
         pushing: HashSet::new(),
+        facts: Arc::default(),
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -619,6 +625,8 @@ fn locked<T>(
 
 fn finished(shared: &SharedRef, done: Done) {
     let now = Utc::now();
+    // The pull (and its pushes) changed what the repositories hold.
+    shared.lock().expect("daemon state").facts.expire();
     let (alert, history) = locked(shared, |site, schedule, _| {
         let alert = schedule.finished(
             &site.config,
