@@ -12,11 +12,11 @@ cd "$(dirname "$0")/.."
 # rdiff-backup (with attr, acl and its Python EA/ACL modules) builds the import fixtures.
 # libcap2-bin's setcap and getcap give a fixture file a capability and read it back.
 # prometheus brings promtool (checks the metrics and the example alert rules); chromium
-# loads the status pages headless.
+# loads the status pages headless; iproute2 makes the network namespace a test binds in.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
           supervisor openssh-server openssh-client util-linux
           rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin
-          prometheus chromium)
+          prometheus chromium iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

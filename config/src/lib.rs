@@ -76,8 +76,14 @@ pub struct ServerSettings {
     /// Where the pbs puts the Unix sockets of its runs' repository servers, each in a
     /// private directory of its own (default: the system's temporary directory).
     pub socket_dir: Option<PathBuf>,
-    /// The status HTTP server (feeds, status, metrics): loopback by default.
+    /// The status HTTP server (status pages, feeds, status.json, metrics): loopback by
+    /// default.
     pub status_listen: std::net::SocketAddr,
+    /// Who may read the status server: a file of `USER:ARGON2-HASH` lines (HTTP Basic)
+    /// and `bearer:ARGON2-HASH` lines (a token, `Authorization: Bearer`), as
+    /// `haul-pbs status-credentials` prints them. Required when `status_listen` is not
+    /// a loopback address; when set, every request needs one of them.
+    pub status_credentials: Option<PathBuf>,
     /// Runs at once, at most.
     pub max_concurrent: usize,
     /// A host's schedule unless it sets one.
@@ -114,6 +120,7 @@ impl Default for ServerSettings {
             repositories_dir: None,
             socket_dir: None,
             status_listen: ([127, 0, 0, 1], 9470).into(),
+            status_credentials: None,
             max_concurrent: 2,
             schedule: Schedule::Every(Duration::from_secs(24 * 3600)),
             prune_schedule: Schedule::Every(Duration::from_secs(7 * 24 * 3600)),
@@ -444,10 +451,20 @@ impl Config {
             ("state_dir", Some(&s.state_dir)),
             ("repositories_dir", s.repositories_dir.as_ref()),
             ("socket_dir", s.socket_dir.as_ref()),
+            ("status_credentials", s.status_credentials.as_ref()),
         ] {
             if let Some(p) = p {
                 abs(p).map_err(|why| at(&[Seg::Key("server"), Seg::Key(key)], why))?;
             }
+        }
+        if !s.status_listen.ip().is_loopback() && s.status_credentials.is_none() {
+            return Err(at(
+                &[Seg::Key("server"), Seg::Key("status_listen")],
+                format!(
+                    "{} is not a loopback address: set [server].status_credentials to a file of credentials (`haul-pbs status-credentials` makes its lines), or listen on 127.0.0.1 behind a reverse proxy",
+                    s.status_listen
+                ),
+            ));
         }
         if !(1..=64).contains(&s.max_concurrent) {
             return Err(at(
@@ -749,6 +766,7 @@ mod tests {
         let cases: Vec<(String, &str)> = vec![
             ("[server]\nmax_concurrent = 0\n".into(), "pbs.toml:2:18: server.max_concurrent: 0 is not from 1 to 64"),
             ("[server]\nstatus_listen = \"localhost\"\n".into(), "pbs.toml:2:17: server.status_listen: invalid socket address syntax"),
+            ("[server]\nstatus_listen = \"0.0.0.0:9470\"\n".into(), "pbs.toml:2:17: server.status_listen: 0.0.0.0:9470 is not a loopback address: set [server].status_credentials to a file of credentials (`haul-pbs status-credentials` makes its lines), or listen on 127.0.0.1 behind a reverse proxy"),
             ("[server]\nalert_window = \"a day\"\n".into(), "pbs.toml:2:16: server.alert_window: \"a day\" is not a duration; use e.g. \"30m\", \"26h\" or \"7d\""),
             ("[server]\nstate_dir = \"var/lib/haul\"\n".into(), "pbs.toml:2:13: server.state_dir: var/lib/haul is not an absolute path"),
             ("[server]\nretention = { keep_daily = -1 }\n".into(), "pbs.toml:2:28: server.retention.keep_daily: invalid value: integer `-1`, expected u32"),

@@ -96,6 +96,10 @@ pub enum Command {
     /// Print what a host needs for SSH pulls (or a clone for pushes): the
     /// authorized_keys line, the wrapper's policy and the sshd settings.
     SshSetup(SshSetupArgs),
+    /// Print a line for `[server].status_credentials`: USER with a password (asked
+    /// twice, or $HAUL_STATUS_PASSWORD), or with --token a new random token for
+    /// `Authorization: Bearer` (shown on stderr; only its hash goes to stdout).
+    StatusCredentials(StatusCredentialsArgs),
     /// Serve the repository on a Unix socket (append-only for backups, read-only for
     /// restores) until SIGTERM or SIGINT.
     Serve(ServeArgs),
@@ -314,6 +318,16 @@ pub struct RunsArgs {
     /// Only the last N runs.
     #[arg(long)]
     pub last: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusCredentialsArgs {
+    /// The user name for HTTP Basic authentication.
+    #[arg(required_unless_present = "token", conflicts_with = "token")]
+    pub user: Option<String>,
+    /// Make a bearer token instead (for a scraper such as Prometheus).
+    #[arg(long)]
+    pub token: bool,
 }
 
 #[derive(Debug, Args)]

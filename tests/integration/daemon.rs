@@ -1001,3 +1001,213 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         png.len()
     );
 }
+
+/// A network namespace of the test's own with a non-loopback address (on its `lo`),
+/// deleted when dropped: a server bound there is reachable from this test only.
+struct Netns {
+    name: String,
+    addr: &'static str,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "haul-t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let addr = "10.250.0.1";
+        let ip = |args: &[&str]| {
+            run_tool(
+                Command::new("ip").args(args),
+                "ip (apt-get install iproute2)",
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name, addr };
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `GET path` with an optional `Authorization` header, from inside the
+    /// namespace: (status, headers, body).
+    fn get(&self, port: u16, path: &str, auth: Option<&str>) -> (u16, String, String) {
+        let ns = fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        let (addr, path, auth) = (self.addr, path.to_string(), auth.map(String::from));
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            use std::os::fd::AsRawFd;
+            // This thread alone enters the namespace.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let mut s = std::net::TcpStream::connect((addr, port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            (
+                head[9..12].parse().unwrap(),
+                head.to_string(),
+                body.to_string(),
+            )
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_status_server_off_loopback_requires_credentials() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "data\n").unwrap();
+    let ns = Netns::new();
+    let port = 9470;
+    let state = env.path("state");
+    let config = |creds: &str| {
+        format!(
+            "[server]\nstate_dir = {:?}\nstatus_listen = \"{}:{port}\"\n{creds}\
+             \n[[host]]\nname = \"web-1\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"1h\"\n",
+            state.display().to_string(),
+            ns.addr,
+            src.display().to_string(),
+        )
+    };
+    let file = env.path("pbs.toml");
+    // Without credentials, such a configuration is refused, saying what to do.
+    fs::write(&file, config("")).unwrap();
+    let check = env.pbs(&["--config", file.to_str().unwrap(), "config", "check"]);
+    assert_ne!(check.code, 0);
+    assert!(
+        check.stderr.contains(&format!(
+            "server.status_listen: {}:{port} is not a loopback address: set [server].status_credentials",
+            ns.addr
+        )),
+        "{}",
+        check.stderr
+    );
+
+    // Credentials made by the pbs: a user with a password, and a token.
+    let user = env.pbs_with(
+        &["status-credentials", "alice"],
+        &[("HAUL_STATUS_PASSWORD", "correct horse")],
+    );
+    assert_eq!(user.code, 0, "{}", user.stderr);
+    assert!(
+        user.stdout.starts_with("alice:$argon2id$"),
+        "{}",
+        user.stdout
+    );
+    let token = env.pbs(&["status-credentials", "--token"]);
+    assert_eq!(token.code, 0, "{}", token.stderr);
+    assert!(
+        token.stdout.starts_with("bearer:$argon2id$"),
+        "{}",
+        token.stdout
+    );
+    let secret = token.stderr.trim().rsplit(' ').next().unwrap().to_string();
+    assert_eq!(secret.len(), 64, "{}", token.stderr);
+    assert!(
+        !token.stdout.contains(&secret),
+        "the token itself is not stored"
+    );
+    let creds = env.path("status-credentials");
+    fs::write(&creds, format!("{}{}", user.stdout, token.stdout)).unwrap();
+    fs::write(
+        &file,
+        config(&format!(
+            "status_credentials = {:?}\n",
+            creds.display().to_string()
+        )),
+    )
+    .unwrap();
+    let check = env.pbs(&["--config", file.to_str().unwrap(), "config", "check"]);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+
+    let mut daemon = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(bin("haul-pbs"))
+        .arg("--config")
+        .arg(&file)
+        .arg("daemon")
+        .env("HAUL_AGENT", bin("haul-agent"))
+        .env("HAUL_CACHE_DIR", env.path("cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(env.path("daemon.err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut daemon);
+    let log = || fs::read_to_string(env.path("daemon.err")).unwrap_or_default();
+    wait_until(Duration::from_secs(30), "the status server", || {
+        log().contains("status server listening")
+    });
+
+    // No credentials, wrong ones, a token used as a password: 401 with a challenge.
+    for auth in [
+        None,
+        Some(basic("alice", "wrong")),
+        Some(basic("bob", "correct horse")),
+        Some(basic("bearer", &secret)),
+        Some("Bearer 0000".to_string()),
+    ] {
+        for path in ["/", "/metrics", "/feed.xml", "/status.json", "/hosts/web-1"] {
+            let (code, head, body) = ns.get(port, path, auth.as_deref());
+            assert_eq!(code, 401, "{path} with {auth:?}: {body}");
+            assert!(
+                head.contains("www-authenticate: Basic realm=\"haul\""),
+                "{head}"
+            );
+            assert!(!body.contains("web-1"), "{body}");
+        }
+    }
+    // The user's password, and the token, let them in.
+    let (code, _, body) = ns.get(port, "/", Some(&basic("alice", "correct horse")));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#"data-host="web-1""#), "{body}");
+    let (code, _, body) = ns.get(port, "/metrics", Some(&format!("Bearer {secret}")));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("haul_host_stale{host=\"web-1\"}"), "{body}");
+}
+
+/// An HTTP Basic `Authorization` value.
+fn basic(user: &str, pass: &str) -> String {
+    use base64ct::Encoding;
+    format!(
+        "Basic {}",
+        base64ct::Base64::encode_string(format!("{user}:{pass}").as_bytes())
+    )
+}

@@ -133,7 +133,47 @@ pub fn router(shared: SharedRef) -> axum::Router {
                 )
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authenticate,
+        ))
         .with_state(shared)
+}
+
+/// Lets a request through when no credentials are configured or it carries valid
+/// ones; otherwise `401` with a Basic challenge.
+async fn authenticate(
+    axum::extract::State(s): axum::extract::State<SharedRef>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let credentials = s.lock().expect("daemon state").credentials.clone();
+    let Some(credentials) = credentials else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // Argon2 takes its time: off the async threads.
+    let admitted = tokio::task::spawn_blocking(move || credentials.admits(given.as_deref()))
+        .await
+        .unwrap_or(false);
+    if admitted {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"haul\", charset=\"UTF-8\"",
+        )],
+        "credentials required: see [server].status_credentials\n",
+    )
+        .into_response()
 }
 
 fn parts(s: &SharedRef) -> (Config, crate::history::History) {

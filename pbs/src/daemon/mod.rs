@@ -18,6 +18,7 @@
 //! Each repository is opened once for the daemon's lifetime and shared by its runs
 //! (`repos.rs`).
 
+pub mod auth;
 pub mod http;
 pub mod metrics;
 pub mod overview;
@@ -58,6 +59,8 @@ pub struct Shared {
     pushing: HashSet<(String, String)>,
     /// The repositories' figures the status server shows.
     facts: Arc<overview::Facts>,
+    /// Who may read the status server (`[server].status_credentials`).
+    credentials: Option<Arc<auth::Credentials>>,
 }
 
 pub type SharedRef = Arc<Mutex<Shared>>;
@@ -89,6 +92,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         tracing::info!(host = %h.name, schedule = %h.schedule(&site.config), next = ?next.map(|t| t.to_rfc3339()), "scheduled");
     }
     let listen = site.config.server.status_listen;
+    let credentials = load_credentials(&site.config)?;
     let shared = Arc::new(Mutex::new(Shared {
         site,
         schedule,
@@ -97,6 +101,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         pruned: HashMap::new(),
         pushing: HashSet::new(),
         facts: Arc::default(),
+        credentials,
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -691,6 +696,17 @@ fn record_alert(history: &History, alert: Alert, status: RunStatus) {
 
 /// SIGHUP: read the configuration file the daemon started with again; keep the old
 /// configuration when the file is invalid or gone.
+fn load_credentials(
+    config: &haul_config::Config,
+) -> Result<Option<Arc<auth::Credentials>>, CliError> {
+    config
+        .server
+        .status_credentials
+        .as_deref()
+        .map(|p| auth::Credentials::load(p).map(Arc::new))
+        .transpose()
+}
+
 fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
     let path = shared
         .lock()
@@ -711,8 +727,16 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
             return;
         }
     };
+    let credentials = match load_credentials(&site.config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: the old configuration stays in use: {e}");
+            return;
+        }
+    };
     let now = Utc::now();
     let mut s = shared.lock().expect("daemon state");
+    s.credentials = credentials;
     if site.config.server.status_listen != s.site.config.server.status_listen {
         tracing::warn!("SIGHUP: [server].status_listen changes only when the daemon restarts");
     }
