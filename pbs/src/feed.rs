@@ -6,6 +6,7 @@
 use crate::error::CliError;
 use crate::output::bytes;
 use crate::record::{Details, RunRecord};
+use askama::Template;
 use rss::{ChannelBuilder, GuidBuilder, ItemBuilder};
 use std::io::Write;
 use std::path::Path;
@@ -52,20 +53,37 @@ pub fn render_with(records: &[RunRecord], host: Option<&str>, o: &FeedOptions) -
         .iter()
         .rev()
         .filter(|r| host.is_none_or(|h| r.host == h))
+        .filter(|r| worth_an_item(r))
         .take(o.items)
-        .map(item)
+        .map(|r| item(r, o))
         .collect();
     let title = match host {
         Some(h) => format!("{}: {h}", o.title),
         None => format!("{}: all hosts", o.title),
     };
+    let built = records
+        .iter()
+        .rev()
+        .filter(|r| host.is_none_or(|h| r.host == h))
+        .map(|r| r.end)
+        .max()
+        .unwrap_or_else(chrono::Utc::now);
     ChannelBuilder::default()
         .title(title)
         .link(o.link.clone())
+        .last_build_date(built.to_rfc2822())
         .description("Backup runs of the haul backup server, newest first")
         .items(items)
         .build()
         .to_string()
+}
+
+/// Whether a run gets a feed item: a retention run only when it removed something.
+fn worth_an_item(r: &RunRecord) -> bool {
+    !matches!(
+        (&r.details, r.status, &r.error),
+        (Some(Details::Forget(d)), crate::record::RunStatus::Ok, None) if d.removed.is_empty()
+    )
 }
 
 /// What a run did, in a few words: its error's first line, or its figures.
@@ -102,7 +120,56 @@ pub fn summary(r: &RunRecord) -> String {
     }
 }
 
-fn item(r: &RunRecord) -> rss::Item {
+/// A feed item's description: HTML, the error once, the output tail without what the
+/// error says again and without the agent's JSON events.
+#[derive(askama::Template)]
+#[template(path = "feed_item.html")]
+struct ItemDescription<'a> {
+    word: &'a str,
+    kind: &'a str,
+    host: &'a str,
+    transport: &'a str,
+    start: String,
+    end: String,
+    took: String,
+    facts: Vec<(&'static str, String)>,
+    error: Option<&'a str>,
+    output: Vec<&'a str>,
+    link: Option<String>,
+}
+
+/// The lines of a run's output tail worth showing beside its error: the last 10,
+/// less the agent's JSON events and the lines that repeat the error.
+fn shown_output(r: &RunRecord) -> Vec<&str> {
+    let error = r
+        .error
+        .as_deref()
+        .and_then(|e| e.lines().next())
+        .unwrap_or("");
+    let lines: Vec<&str> = r
+        .output_tail
+        .iter()
+        .map(String::as_str)
+        .filter(|l| {
+            let text = l
+                .strip_prefix("stderr: ")
+                .or_else(|| l.strip_prefix("stdout: "))
+                .unwrap_or(l)
+                .trim();
+            let json =
+                text.starts_with('{') && serde_json::from_str::<serde_json::Value>(text).is_ok();
+            !json && (error.is_empty() || !text.contains(error))
+        })
+        .collect();
+    lines[lines.len().saturating_sub(10)..].to_vec()
+}
+
+/// The address of a run's page on the status server, under the feed's link.
+fn run_link(o: &FeedOptions, id: &str) -> Option<String> {
+    (!o.link.is_empty()).then(|| format!("{}/runs/{id}", o.link.trim_end_matches('/')))
+}
+
+fn item(r: &RunRecord, o: &FeedOptions) -> rss::Item {
     let secs = r.seconds();
     let what = summary(r);
     let title = match &r.details {
@@ -117,42 +184,29 @@ fn item(r: &RunRecord) -> rss::Item {
         ),
         _ => format!("{}: {} {} — {what}", r.host, r.kind, r.status.shout()),
     };
-    let mut description = format!(
-        "{} — {} of {} ({}), {} to {}, {secs:.1} s.\n",
-        r.status.shout(),
-        r.kind,
-        r.host,
-        r.transport.word(),
-        r.start.to_rfc3339(),
-        r.end.to_rfc3339()
-    );
-    if let Some(c) = &r.counters {
-        description.push_str(&format!(
-            "Files: {} new, {} changed, {} unchanged; {} read, {} new, {} received; {} warnings.\n",
-            c.files_new,
-            c.files_changed,
-            c.files_unchanged,
-            bytes(c.bytes_read),
-            bytes(c.bytes_new),
-            bytes(c.bytes_received),
-            c.warnings
-        ));
+    let link = run_link(o, &r.id);
+    let description = ItemDescription {
+        word: r.status.shout(),
+        kind: r.kind.word(),
+        host: &r.host,
+        transport: r.transport.word(),
+        start: crate::daemon::page::when(r.start),
+        end: crate::daemon::page::when(r.end),
+        took: format!("{secs:.1} s"),
+        // Kind, transport and times are said above.
+        facts: crate::daemon::page::run_facts(r)
+            .into_iter()
+            .filter(|(k, _)| !["Run", "Kind", "Transport", "Started", "Ended", "Took"].contains(k))
+            .collect(),
+        error: r.error.as_deref(),
+        output: shown_output(r),
+        link: link.clone(),
     }
-    if let Some(s) = &r.snapshot {
-        description.push_str(&format!("Snapshot: {s}\n"));
-    }
-    if let Some(e) = &r.error {
-        description.push_str(&format!("Error: {e}\n"));
-    }
-    if !r.output_tail.is_empty() {
-        description.push_str("Output:\n");
-        for l in r.output_tail.iter().rev().take(10).rev() {
-            description.push_str(l);
-            description.push('\n');
-        }
-    }
+    .render()
+    .expect("the feed item template renders");
     ItemBuilder::default()
         .title(title)
+        .link(link)
         .description(description)
         .guid(
             GuidBuilder::default()
@@ -205,10 +259,59 @@ mod tests {
             .unwrap()
             .starts_with("web-1: pull WARNING — a ]]> b"));
         let d = item.description().unwrap();
-        assert!(d.starts_with("WARNING"), "{d}");
-        assert!(d.contains("<b>&amp;</b> ]]> done"), "{d}");
+        assert!(d.starts_with("<p><b>WARNING</b> — pull of web-1"), "{d}");
+        // The output is text in the HTML, escaped; the error is said once.
+        assert!(
+            d.contains("<pre>&#60;b&#62;&#38;amp;&#60;/b&#62; ]]&#62; done\n</pre>"),
+            "{d}"
+        );
+        assert_eq!(d.matches("a ]]&#62; b").count(), 1, "{d}");
+        assert_eq!(item.link(), Some("http://localhost/runs/r1"));
         assert_eq!(item.guid().unwrap().value(), "r1");
         assert!(!item.guid().unwrap().is_permalink());
+    }
+
+    #[test]
+    fn a_retention_run_is_an_item_only_when_it_removed_something_and_json_is_not_shown() {
+        use crate::record::{Details, ForgetDetails, RunKind, RunStatus};
+        let forget = |id: &str, removed: Vec<String>| {
+            let mut r = crate::history::tests::record(id, "web-1", RunStatus::Ok);
+            r.kind = RunKind::Forget;
+            r.counters = None;
+            r.details = Some(Details::Forget(ForgetDetails {
+                removed,
+                kept: 5,
+                ..Default::default()
+            }));
+            r
+        };
+        let mut failed = crate::history::tests::record("p1", "web-1", RunStatus::Failed);
+        failed.error = Some("agent exited with status 2".into());
+        failed.output_tail = vec![
+            r#"stdout: {"type":"progress","files":3}"#.into(),
+            "stderr: haul-agent: cannot read /x".into(),
+            "stderr: agent exited with status 2".into(),
+        ];
+        let records = [
+            failed,
+            forget("f1", vec![]),
+            forget("f2", vec!["aa".into(), "bb".into()]),
+        ];
+        let ch = rss::Channel::read_from(render(&records, None).as_bytes()).unwrap();
+        let titles: Vec<&str> = ch.items().iter().map(|i| i.title().unwrap()).collect();
+        assert_eq!(titles.len(), 2, "{titles:?}");
+        assert_eq!(titles[0], "web-1: forget OK — 2 snapshots removed, 5 kept");
+        let d = ch.items()[1].description().unwrap();
+        assert!(
+            d.contains("<pre>stderr: haul-agent: cannot read /x\n</pre>"),
+            "{d}"
+        );
+        assert_eq!(d.matches("agent exited with status 2").count(), 1, "{d}");
+        assert!(!d.contains("progress"), "{d}");
+        assert_eq!(
+            ch.last_build_date(),
+            Some(records[2].end.to_rfc2822().as_str())
+        );
     }
 
     #[test]

@@ -316,6 +316,25 @@ fn the_daemon_under_supervisord_pulls_on_schedule_stops_cleanly_and_survives_kil
         entries[0]["title"].as_str().unwrap().contains(" OK — "),
         "{feed}"
     );
+    // The channel links the status page and says when it was built; each item links
+    // its run's page, which the status server serves.
+    assert_eq!(feed["link"], format!("http://127.0.0.1:{port}/"));
+    assert!(feed["updated"].is_string(), "{feed}");
+    let link = entries[0]["link"].as_str().unwrap();
+    assert_eq!(
+        link,
+        format!(
+            "http://127.0.0.1:{port}/runs/{}",
+            entries[0]["id"].as_str().unwrap()
+        )
+    );
+    let (code, page) = get(
+        port,
+        link.strip_prefix(&format!("http://127.0.0.1:{port}"))
+            .unwrap(),
+    );
+    assert_eq!(code, 200);
+    assert!(page.contains(entries[0]["id"].as_str().unwrap()), "{page}");
     let h1 = feedparser(Path::new(&format!(
         "http://127.0.0.1:{port}/hosts/h1/feed.xml"
     )));

@@ -204,7 +204,10 @@ fn a_failed_pull_is_recorded_and_leaves_the_repository_intact() {
         "{newest}"
     );
     assert!(
-        newest["summary"].as_str().unwrap().starts_with("FAILED"),
+        newest["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("<p><b>FAILED</b> — pull of "),
         "{newest}"
     );
     assert!(

@@ -887,8 +887,9 @@ pub fn feedparser(path: &Path) -> serde_json::Value {
     let script = r#"
 import json, sys, feedparser
 d = feedparser.parse(sys.argv[1])
-print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"), "entries": [
-    {"title": e.get("title"), "summary": e.get("summary"), "id": e.get("id"),
+print(json.dumps({"bozo": bool(d.bozo), "title": d.feed.get("title"),
+  "link": d.feed.get("link"), "updated": d.feed.get("updated"), "entries": [
+    {"title": e.get("title"), "summary": e.get("summary"), "id": e.get("id"), "link": e.get("link"),
      "guidislink": e.get("guidislink"), "published_parsed": list(e.published_parsed) if e.get("published_parsed") else None}
     for e in d.entries]}))
 "#;
