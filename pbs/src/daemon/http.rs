@@ -54,15 +54,7 @@ pub fn router(shared: SharedRef) -> axum::Router {
                             feed::render_with(r, Some(&name), &FeedOptions::from_config(&config))
                         })
                     });
-                    match body {
-                        Ok(Some(b)) => xml(b).into_response(),
-                        Ok(None) => {
-                            (StatusCode::NOT_FOUND, format!("no host {name:?}\n")).into_response()
-                        }
-                        Err(e) => {
-                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
-                        }
-                    }
+                    answer(body.map(|b| b.map(xml)), || format!("no host {name:?}"))
                 },
             ),
         )
@@ -78,15 +70,10 @@ pub fn router(shared: SharedRef) -> axum::Router {
                 |State(s): State<SharedRef>, Path(name): Path<String>| async move {
                     let o = overview(&s).await;
                     let (_, history) = parts(&s);
-                    match history.with_records(|r| super::page::host(&o, &name, r)) {
-                        Ok(Some(page)) => axum::response::Html(page).into_response(),
-                        Ok(None) => {
-                            (StatusCode::NOT_FOUND, format!("no host {name:?}\n")).into_response()
-                        }
-                        Err(e) => {
-                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
-                        }
-                    }
+                    let page = history.with_records(|r| super::page::host(&o, &name, r));
+                    answer(page.map(|p| p.map(axum::response::Html)), || {
+                        format!("no host {name:?}")
+                    })
                 },
             ),
         )
@@ -102,19 +89,9 @@ pub fn router(shared: SharedRef) -> axum::Router {
                             .find(|r| r.id == id)
                             .map(|r| super::page::run(&o, r))
                     });
-                    match page {
-                        Ok(Some(page)) => axum::response::Html(page).into_response(),
-                        Ok(None) => (
-                            StatusCode::NOT_FOUND,
-                            format!(
-                                "no run {id:?} in the history (it keeps each host's newest runs)\n"
-                            ),
-                        )
-                            .into_response(),
-                        Err(e) => {
-                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
-                        }
-                    }
+                    answer(page.map(|p| p.map(axum::response::Html)), || {
+                        format!("no run {id:?} in the history (it keeps each host's newest runs)")
+                    })
                 },
             ),
         )
@@ -138,6 +115,21 @@ pub fn router(shared: SharedRef) -> axum::Router {
             authenticate,
         ))
         .with_state(shared)
+}
+
+/// A page, `404` with `missing` when there is none, or `500` when the history could
+/// not be read.
+fn answer<T: axum::response::IntoResponse>(
+    body: Result<Option<T>, crate::error::CliError>,
+    missing: impl FnOnce() -> String,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    match body {
+        Ok(Some(b)) => b.into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, format!("{}\n", missing())).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
 /// Lets a request through when no credentials are configured or it carries valid
