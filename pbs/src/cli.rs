@@ -340,6 +340,15 @@ pub struct SshSetupArgs {
     /// Where haul-agent is installed on the host.
     #[arg(long, default_value = "/usr/local/bin/haul-agent")]
     pub agent: PathBuf,
+    /// This server's address as the host sees it, for the key's `from=` (default: the
+    /// address this machine's traffic to the host leaves from).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The host's configuration directory: the wrapper's policy goes in DIR/haul, the
+    /// socket directory's entry in DIR/tmpfiles.d, the sshd settings in
+    /// DIR/ssh/sshd_config.d.
+    #[arg(long, default_value = "/etc")]
+    pub etc: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

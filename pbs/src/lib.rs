@@ -47,7 +47,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pull(a) => commands::pull::pull(&ctx, a),
         Command::Push(a) => commands::push::push(&ctx, a),
         Command::Serve(a) => commands::serve::serve(&ctx, a),
-        Command::SshSetup(a) => commands::pull::ssh_setup(&ctx, a),
+        Command::SshSetup(a) => commands::setup::ssh_setup(&ctx, a),
         Command::StatusCredentials(a) => daemon::auth::credentials_line(a),
         Command::Runs(a) => commands::pull::runs(&ctx, a),
         Command::Config(cli::ConfigCommand::Check) => commands::pull::config_check(&ctx),

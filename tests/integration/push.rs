@@ -601,13 +601,34 @@ fn ssh_setup_and_config_check_cover_clones() {
     ] {
         assert!(out.contains(&want), "{want:?} missing from:\n{out}");
     }
-    let line = out.lines().find(|l| l.starts_with("command=")).unwrap();
-    assert!(line.contains(key_material), "{line}");
+    let line = out.lines().find(|l| l.starts_with("from=")).unwrap();
+    assert!(
+        line.contains(key_material) && line.contains(",restrict,port-forwarding "),
+        "{line}"
+    );
+    // As root (this clone's user), only root may run the agent; a dedicated user's
+    // agent gets the powers a restore as any owner needs, for that user only.
+    assert!(out.contains("chmod 0700 "), "{out}");
+    let dedicated = fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("user = {:?}", Sshd::user()), "user = \"haul\"");
+    fs::write(env.path("dedicated.toml"), dedicated).unwrap();
+    let d = env.path("dedicated.toml").display().to_string();
+    let out_dedicated = env
+        .pbs(&["ssh-setup", "standby", "--config", &d])
+        .expect(0)
+        .stdout;
+    assert!(
+        out_dedicated.contains("setcap cap_chown,cap_dac_override,cap_dac_read_search,cap_fowner,cap_fsetid,cap_mknod+ep")
+            && out_dedicated.contains("chown root:\"$user\" ")
+            && out_dedicated.contains("chmod 0750 "),
+        "{out_dedicated}"
+    );
     // The policy it prints is one the wrapper takes, and admits the push it is for.
     let policy: String = out
         .lines()
         .skip_while(|l| !l.starts_with("agent = "))
-        .take_while(|l| !l.is_empty())
+        .take_while(|l| *l != "HAUL_EOF")
         .collect::<Vec<_>>()
         .join("\n");
     let file = env.path("printed-wrapper.toml");

@@ -1,7 +1,7 @@
 //! Pulls over SSH against a real OpenSSH sshd (started by the test on 127.0.0.1 with
 //! its own host key and authorized_keys), through the real `haul-wrapper`.
 
-use haul_tests::{assert_same_tree, make_fixture, Env, Run, Sshd};
+use haul_tests::{assert_same_tree, bin, make_fixture, Env, Run, Sshd};
 use std::fs;
 use std::path::Path;
 
@@ -216,36 +216,277 @@ fn the_forced_command_refuses_everything_but_the_agent_it_allows() {
     assert_eq!(rec["status"], "ok");
 }
 
+/// A system user of the test's, removed with its home and group when dropped.
+struct TestUser(String);
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .args(["-r", &self.0])
+            .output();
+    }
+}
+
+/// `program --version` started by a shell running as `user` and `group` (with the
+/// user's groups, or none), as a local user would start it.
+fn run_as(user: &str, group: &str, groups: bool, program: &Path) -> std::process::Output {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid", user, "--regid", group]);
+    if groups {
+        cmd.arg("--init-groups");
+    } else {
+        cmd.arg("--clear-groups");
+    }
+    cmd.args(["/bin/sh", "-c", "exec \"$0\" --version"])
+        .arg(program)
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
 #[test]
-fn ssh_setup_prints_the_key_line_policy_and_sshd_settings_that_work() {
-    let (env, src) = Env::with_one_file();
-    let sshd = Sshd::start(&env.path("sshd"), &[&src]);
-    let config = sshd.pbs_config("web-1", &[&src]);
+fn the_printed_ssh_setup_applied_to_a_private_sshd_lets_the_pbs_pull_and_no_other_user_run_the_agent(
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let (env, src) = Env::with_source();
+    // Others must reach the installed programs and the socket directory through it.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::create_dir_all(src.join("private")).unwrap();
+    fs::write(src.join("private/secret"), b"only root reads this").unwrap();
+    fs::set_permissions(
+        src.join("private/secret"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    fs::set_permissions(src.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    // The programs as installed on the host: copies, whose owner, mode and
+    // capabilities the setup changes.
+    let inst = env.path("inst");
+    fs::create_dir_all(&inst).unwrap();
+    fs::set_permissions(&inst, fs::Permissions::from_mode(0o755)).unwrap();
+    for b in ["haul-agent", "haul-wrapper"] {
+        fs::copy(bin(b), inst.join(b)).unwrap();
+    }
+    let (agent, wrapper) = (inst.join("haul-agent"), inst.join("haul-wrapper"));
+    let user = TestUser(format!("hault{}", std::process::id()));
+    let sshd_dir = env.path("sshd");
+    fs::create_dir_all(&sshd_dir).unwrap();
+    for (name, file) in [("host", "hostkey"), ("pbs", "id_ed25519")] {
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(sshd_dir.join(file))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let host_pub = fs::read_to_string(sshd_dir.join("hostkey.pub")).unwrap();
+    let mut fields = host_pub.split_whitespace();
+    let (algo, key) = (fields.next().unwrap(), fields.next().unwrap());
+    fs::write(
+        sshd_dir.join("known_hosts"),
+        format!("[127.0.0.1]:{port} {algo} {key}\n"),
+    )
+    .unwrap();
+    let sockets = env.path("run/haul");
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[[host]]\nname = \"web-1\"\naddress = \"127.0.0.1\"\nport = {port}\nuser = {:?}\n\
+             identity = {:?}\nknown_hosts = {:?}\nsocket_dir = {:?}\npaths = [{:?}]\n",
+            user.0,
+            sshd_dir.join("id_ed25519").display().to_string(),
+            sshd_dir.join("known_hosts").display().to_string(),
+            sockets.display().to_string(),
+            src.display().to_string(),
+        ),
+    )
+    .unwrap();
     let c = config.display().to_string();
-    let out = env
-        .pbs(&["ssh-setup", "web-1", "--config", &c])
+    let etc = env.path("etc");
+
+    // The setup as printed, run as root on the "host".
+    let script = env
+        .pbs(&[
+            "ssh-setup",
+            "web-1",
+            "--config",
+            &c,
+            "--etc",
+            etc.to_str().unwrap(),
+            "--agent",
+            agent.to_str().unwrap(),
+            "--wrapper",
+            wrapper.to_str().unwrap(),
+        ])
         .expect(0)
         .stdout;
-    let public = fs::read_to_string(sshd.dir.join("id_ed25519.pub")).unwrap();
-    let key_material = public.split_whitespace().nth(1).unwrap();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("command="))
-        .unwrap_or_else(|| panic!("no authorized_keys line in:\n{out}"));
+    assert!(script.contains("from=\"127.0.0.1\",command="), "{script}");
+    fs::write(env.path("setup.sh"), &script).unwrap();
+    let ran = std::process::Command::new("sh")
+        .arg(env.path("setup.sh"))
+        .output()
+        .unwrap();
     assert!(
-        line.contains(",restrict,port-forwarding ssh-ed25519 ") && line.contains(key_material),
-        "{line}"
+        ran.status.success(),
+        "{}\n{}\n{script}",
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
     );
-    for setting in [
-        "AllowTcpForwarding remote",
-        "PermitListen none",
-        "AllowStreamLocalForwarding remote",
-        "StreamLocalBindUnlink yes",
-        &*format!("socket_dir = \"{}\"", sshd.dir.join("sockets").display()),
-        &*format!("backup_roots = [\"{}\"]", src.display()),
-    ] {
-        assert!(out.contains(setting), "{setting:?} missing from:\n{out}");
+    assert!(String::from_utf8_lossy(&ran.stdout).contains("haul: web-1 is set up"));
+    // Run twice, it changes nothing and adds no second key line.
+    let again = std::process::Command::new("sh")
+        .arg(env.path("setup.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let home = format!("/var/lib/{}", user.0);
+    let keys = fs::read_to_string(format!("{home}/.ssh/authorized_keys")).unwrap();
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+
+    // A private sshd that reads the drop-in first, and forbids forwarding to everyone
+    // else: only the printed Match block lets this user forward its socket.
+    let d = sshd_dir.display();
+    fs::write(
+        sshd_dir.join("sshd_config"),
+        format!(
+            "Include {}/ssh/sshd_config.d/*.conf\nPort {port}\nListenAddress 127.0.0.1\n\
+             HostKey {d}/hostkey\nPidFile {d}/sshd.pid\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nAllowTcpForwarding no\nAllowStreamLocalForwarding no\n\
+             PermitTTY no\nLogLevel VERBOSE\n",
+            etc.display()
+        ),
+    )
+    .unwrap();
+    let test = std::process::Command::new("/usr/sbin/sshd")
+        .args(["-t", "-f"])
+        .arg(sshd_dir.join("sshd_config"))
+        .output()
+        .unwrap();
+    assert!(
+        test.status.success(),
+        "{}",
+        String::from_utf8_lossy(&test.stderr)
+    );
+    fs::create_dir_all("/run/sshd").ok();
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
+    let _sshd = Daemon(
+        std::process::Command::new("/usr/sbin/sshd")
+            .args(["-D", "-f"])
+            .arg(sshd_dir.join("sshd_config"))
+            .arg("-E")
+            .arg(sshd_dir.join("sshd.log"))
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sshd_log = || fs::read_to_string(sshd_dir.join("sshd.log")).unwrap_or_default();
+
+    // A socket an earlier run left behind, older than a minute: the wrapper removes it.
+    let stale = sockets.join("haul-0123456789abcdef.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    {
+        // As sshd leaves it: the user's.
+        use std::os::unix::fs::MetadataExt;
+        let owner = fs::metadata(&home).unwrap();
+        std::os::unix::fs::chown(&stale, Some(owner.uid()), Some(owner.gid())).unwrap();
+    }
+    let touched = std::process::Command::new("touch")
+        .args(["-h", "-d", "2 hours ago"])
+        .arg(&stale)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+
+    // The pull goes through, and the agent read what only root may read.
+    let (run, rec) = pull(&env, &config, "web-1");
+    assert_eq!(
+        run.code,
+        0,
+        "{}\n{}\nsshd log:\n{}",
+        run.stdout,
+        run.stderr,
+        sshd_log()
+    );
+    assert_eq!(rec["status"], "ok", "{rec}");
+    let target = env.path("restored");
+    env.restore(&target, &[]).expect(0);
+    let inside = target.join(src.strip_prefix("/").unwrap());
+    assert_eq!(
+        fs::read(inside.join("private/secret")).unwrap(),
+        b"only root reads this"
+    );
+    assert!(!stale.exists(), "the stale socket is still there");
+    assert!(
+        fs::read_dir(&sockets).unwrap().count() <= 1,
+        "sockets left: {:?}",
+        fs::read_dir(&sockets).unwrap().collect::<Vec<_>>()
+    );
+
+    // The dedicated user may run the agent; another unprivileged user may not.
+    let mine = run_as(&user.0, &user.0, true, &agent);
+    assert!(
+        mine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mine.stderr)
+    );
+    let other = run_as("nobody", "nogroup", false, &agent);
+    assert_eq!(other.status.code(), Some(126), "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let caps = std::process::Command::new("getcap")
+        .arg(&agent)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&caps.stdout).contains("cap_dac_read_search=ep"),
+        "{}",
+        String::from_utf8_lossy(&caps.stdout)
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(&agent).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o750));
+}
+
+#[test]
+fn ssh_setup_says_a_local_host_needs_none_and_names_an_unknown_one() {
+    let env = Env::new();
+    let config = env.path("pbs.toml");
+    fs::write(
+        &config,
+        "[[host]]\nname = \"here\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [\"/etc\"]\n",
+    )
+    .unwrap();
+    let c = config.display().to_string();
+    let out = env
+        .pbs(&["ssh-setup", "here", "--config", &c])
+        .expect(0)
+        .stdout;
+    assert!(
+        out.contains("here uses transport = \"local\"") && out.contains("No SSH setup is needed"),
+        "{out}"
+    );
     let r = env.pbs(&["ssh-setup", "nope", "--config", &c]);
     assert_eq!(r.code, 2);
     assert!(

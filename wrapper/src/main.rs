@@ -84,6 +84,18 @@ fn main() {
         Ok(args) => args,
         Err(denied) => refuse(requested, &denied.0),
     };
+    let socket = args
+        .iter()
+        .position(|a| a == "--socket")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let removed = remove_stale_sockets(&policy.socket_dir, socket.as_deref());
+    if removed > 0 {
+        eprintln!(
+            "haul-wrapper: removed {removed} socket(s) of earlier runs from {}",
+            policy.socket_dir.display()
+        );
+    }
     eprintln!(
         "haul-wrapper: running {} {}",
         policy.agent.display(),
@@ -103,6 +115,46 @@ fn main() {
         policy.agent.display()
     );
     std::process::exit(WrapperExit::AgentNotStarted.code());
+}
+
+/// A socket file this old that nobody listens on is left by a run that ended (sshd
+/// does not remove the sockets of its forwards).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the `*.sock` files in `dir` (the runs' sockets) that no one listens on any
+/// more and that are older than [`STALE_AFTER`] (a socket being set up for a run that
+/// starts now is younger), except `current`; returns how many. Errors are ignored: what
+/// is left is tried again by the next run.
+fn remove_stale_sockets(dir: &std::path::Path, current: Option<&std::path::Path>) -> usize {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(meta) = e.metadata() else { continue };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > STALE_AFTER);
+        if !meta.file_type().is_socket()
+            || path.extension().is_none_or(|x| x != "sock")
+            || Some(path.as_path()) == current
+            || !old
+        {
+            continue;
+        }
+        let refused = matches!(
+            std::os::unix::net::UnixStream::connect(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        );
+        if refused && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn refuse(requested: &str, why: &str) -> ! {

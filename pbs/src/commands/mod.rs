@@ -12,6 +12,7 @@ pub mod push;
 pub mod repair;
 pub mod restore;
 pub mod serve;
+pub mod setup;
 
 use crate::cli::Global;
 use crate::error::CliError;
