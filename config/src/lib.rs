@@ -62,6 +62,78 @@ pub struct Config {
     pub hosts: Vec<Host>,
     #[serde(default, rename = "clone")]
     pub clones: Vec<CloneTarget>,
+    #[serde(default, rename = "notify")]
+    pub notify: Vec<Notify>,
+}
+
+/// The statuses a run can end with, as `[[notify]].on` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyStatus {
+    Ok,
+    Warning,
+    Failed,
+}
+
+/// How a `[[notify]]` URL is called.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    /// healthchecks.io style: a POST of the run's summary to `url` when it saved its
+    /// work (ok, warning), to `url/fail` when it failed.
+    #[default]
+    Ping,
+    /// A POST of the run as a JSON object.
+    Json,
+}
+
+/// The kinds of run a `[[notify]]` may select (`kinds`).
+pub const RUN_KINDS: [&str; 8] = [
+    "pull", "restore", "import", "forget", "check", "prune", "push", "alert",
+];
+
+/// `[[notify]]`: at the end of each run (and each alert), a command is run or a URL
+/// called, if the run matches the filters. A notifier that fails is logged; it never
+/// changes the run's outcome.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// Names it in logs (default: `notify[N]`).
+    pub name: Option<String>,
+    /// A URL to call (`http://` or `https://`); `{host}` in it is replaced by the run's
+    /// host.
+    pub url: Option<String>,
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// A command to run instead (its words; no shell): the run in `HAUL_*` variables
+    /// and as JSON on its standard input.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// The statuses that trigger it (default: all).
+    #[serde(default)]
+    pub on: Vec<NotifyStatus>,
+    /// The kinds of run that trigger it (default: all; see [`RUN_KINDS`]).
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    /// The hosts whose runs trigger it (default: all).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// How long the call or the command may take (default 10 s).
+    #[serde(default = "default_notify_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Notify {
+    /// Whether a run of `kind` on `host` that ended with `status` triggers it.
+    pub fn selects(&self, host: &str, kind: &str, status: NotifyStatus) -> bool {
+        (self.on.is_empty() || self.on.contains(&status))
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind))
+            && (self.hosts.is_empty() || self.hosts.iter().any(|h| h == host))
+    }
 }
 
 /// `[server]`.
@@ -538,6 +610,44 @@ impl Config {
                     key("window_mib"),
                     format!("{} is not from 1 to 256", h.window_mib),
                 ));
+            }
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            let key = |k: &'static str| vec![Seg::Key("notify"), Seg::Index(i), Seg::Key(k)];
+            match (&n.url, n.command.is_empty()) {
+                (Some(_), false) | (None, true) => {
+                    return Err((
+                        vec![Seg::Key("notify"), Seg::Index(i)],
+                        "give either url or command".into(),
+                    ))
+                }
+                (Some(u), true) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    return Err((
+                        key("url"),
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(k) = n.kinds.iter().find(|k| !RUN_KINDS.contains(&k.as_str())) {
+                return Err((
+                    key("kinds"),
+                    format!("{k:?} is not a kind of run ({})", RUN_KINDS.join(", ")),
+                ));
+            }
+            // Checks and prunes are runs of host "repository".
+            if let Some(h) = n
+                .hosts
+                .iter()
+                .find(|h| !names.contains(h.as_str()) && *h != "repository")
+            {
+                return Err((
+                    key("hosts"),
+                    format!("{h:?} is not a [[host]] of this file (nor \"repository\", for checks and prunes)"),
+                ));
+            }
+            if n.timeout.is_zero() || n.timeout > Duration::from_secs(300) {
+                return Err((key("timeout"), "is not from 1 s to 5 min".into()));
             }
         }
         let mut clones = std::collections::HashSet::new();

@@ -37,6 +37,8 @@ pub struct History {
     cache: Arc<Mutex<Option<Cache>>>,
     /// [`COMPACT_AT`] and [`KEEP_PER_HOST`], smaller in tests.
     compaction: (usize, usize),
+    /// Told of each record once it is written (`[[notify]]`).
+    notifiers: crate::notify::Notifiers,
 }
 
 /// The history file as this process has read it.
@@ -84,6 +86,7 @@ impl History {
             feed: feed::FeedOptions::default(),
             cache: Arc::default(),
             compaction: (COMPACT_AT, KEEP_PER_HOST),
+            notifiers: Default::default(),
         }
     }
 
@@ -259,7 +262,20 @@ impl History {
 
     /// Appends `record` durably, removes its run's marker, then rewrites the feeds
     /// (all hosts, and its host's).
+    /// Then tells the notifiers, outside every lock (they may take their time).
     pub fn record(&self, record: &RunRecord) -> Result<(), CliError> {
+        self.write_record(record)?;
+        self.notifiers.notify(record);
+        Ok(())
+    }
+
+    /// The notifiers told of each record.
+    pub fn with_notifiers(mut self, notifiers: crate::notify::Notifiers) -> History {
+        self.notifiers = notifiers;
+        self
+    }
+
+    fn write_record(&self, record: &RunRecord) -> Result<(), CliError> {
         let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         // The feeds too are written under the file lock: two processes recording at

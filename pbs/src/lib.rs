@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod error;
 pub mod feed;
 pub mod history;
+pub mod notify;
 pub mod output;
 pub mod password;
 pub mod pipeline;

@@ -17,8 +17,11 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HAUL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour only for a person at a terminal: not in supervisord's or journald's logs.
+    use std::io::IsTerminal;
     let log = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_target(false);
     if json_log {

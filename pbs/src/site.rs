@@ -147,6 +147,7 @@ impl Site {
     pub fn history(&self) -> History {
         History::new(self.state.clone())
             .with_feed(crate::feed::FeedOptions::from_config(&self.config))
+            .with_notifiers(crate::notify::Notifiers::from_config(&self.config))
     }
 
     fn repositories_dir(&self) -> PathBuf {

@@ -16,6 +16,7 @@ mod ingest;
 mod keys;
 mod locks;
 mod many_files;
+mod notify;
 mod pipeline;
 mod prune;
 mod pull;

@@ -145,10 +145,12 @@ pub fn ssh_setup(ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), Cl
         .or_else(|| source_address(&h.address, h.port))
     {
         Some(a) => a,
-        None => return Err(CliError::usage(format!(
+        None => {
+            return Err(CliError::usage(format!(
             "cannot tell which address {} sees this server connect from: give it with --from ADDR",
             h.address
-        ))),
+        )))
+        }
     };
     if from.contains(['"', ',', ' ']) {
         return Err(CliError::usage(format!(

@@ -737,6 +737,10 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
     let now = Utc::now();
     let mut s = shared.lock().expect("daemon state");
     s.credentials = credentials;
+    s.history = s
+        .history
+        .clone()
+        .with_notifiers(crate::notify::Notifiers::from_config(&site.config));
     if site.config.server.status_listen != s.site.config.server.status_listen {
         tracing::warn!("SIGHUP: [server].status_listen changes only when the daemon restarts");
     }
