@@ -291,8 +291,9 @@ pub struct ImportRdiffArgs {
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// Log JSON lines instead of human-readable ones (stderr either way).
-    #[arg(long)]
+    /// Log JSON lines instead of human-readable ones (stderr either way; nothing goes
+    /// to stdout).
+    #[arg(long, env = "HAUL_LOG_JSON")]
     pub log_json: bool,
     /// On SIGTERM, how long running pulls may take to finish before they are stopped
     /// and recorded as failed.

@@ -47,8 +47,22 @@ fn failed_write(e: std::io::Error) {
     }
 }
 
+/// Set by the daemon: every line goes through the logger (`tracing`), so that its
+/// log (`--log-json` or not) holds nothing else.
+static LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// From now on, [`outln!`](crate::outln), [`errln!`](crate::errln) and [`json_line`]
+/// write through the logger (info, warn and info), not to stdout and stderr.
+pub fn to_the_logger() {
+    LOGGED.store(true, Relaxed);
+}
+
 /// Writes `args` and a newline to stdout; a failed write is noted, never fatal.
 pub fn write_out(args: std::fmt::Arguments<'_>) {
+    if LOGGED.load(Relaxed) {
+        tracing::info!("{args}");
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
         failed_write(e);
@@ -57,6 +71,10 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
 
 /// Writes `args` to stderr (with a newline if `newline`); a failed write is dropped.
 pub fn write_err(args: std::fmt::Arguments<'_>, newline: bool) {
+    if LOGGED.load(Relaxed) {
+        tracing::warn!("{args}");
+        return;
+    }
     let mut err = std::io::stderr().lock();
     let _ = err.write_fmt(args);
     if newline {
@@ -78,6 +96,11 @@ macro_rules! errln {
 
 /// Prints one JSON object on its own line.
 pub fn json_line<T: Serialize>(value: &T) {
+    if LOGGED.load(Relaxed) {
+        let line = serde_json::to_string(value).unwrap_or_default();
+        tracing::info!(json = %line, "event");
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = serde_json::to_writer(&mut out, value)
         .map_err(std::io::Error::from)
@@ -85,6 +108,15 @@ pub fn json_line<T: Serialize>(value: &T) {
     {
         failed_write(e);
     }
+}
+
+/// Prints `value` (an object) as one JSON line with `"type": tag` added.
+pub fn typed_line<T: Serialize>(tag: &str, value: &T) {
+    let mut v = serde_json::to_value(value).expect("a value of ours serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.insert("type".into(), serde_json::Value::String(tag.into()));
+    }
+    json_line(&v);
 }
 
 /// Bytes for people: `1.5 GiB`.

@@ -920,11 +920,22 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         good.display().to_string(),
         env.path("src/not-there").display().to_string(),
     );
-    let (_config, _sup) = supervised_daemon(&env, &config, &[]);
+    let (_config, _sup) = supervised_daemon(&env, &config, &[("HAUL_LOG_JSON", "true".into())]);
     let r = wait_records(&state, Duration::from_secs(60), |r| {
         pulls_of(r, "good").filter(|v| v["status"] == "ok").count() >= 2
             && pulls_of(r, "bad").any(|v| v["status"] == "failed")
     });
+    // With --log-json the daemon's log is JSON lines only, even what its runs say (the
+    // repository its first pull created), and nothing goes to stdout.
+    let sup_dir = env.path("supervisor");
+    let log = fs::read_to_string(sup_dir.join("haul.err")).unwrap();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}\n{log}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(log.contains("created repository"), "{log}");
+    assert_eq!(fs::read_to_string(sup_dir.join("haul.out")).unwrap(), "");
     let bad_run = pulls_of(&r, "bad").next().unwrap()["id"]
         .as_str()
         .unwrap()

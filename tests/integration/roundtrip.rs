@@ -349,3 +349,40 @@ fn output_that_cannot_be_written_fails_the_command_and_a_gone_reader_does_not() 
     let status = ls.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+#[test]
+fn every_json_line_of_every_command_is_an_object_with_a_type() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    env.backup(&[&src], &[]);
+    env.backup(&[&src], &[]);
+    let target = env.path("restored").display().to_string();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["snapshots"],
+        vec!["ls", "latest"],
+        vec!["key", "list"],
+        vec!["check"],
+        vec!["runs"],
+        vec!["restore", "latest", "--target", &target],
+        vec!["forget", "--keep-last", "1", "--dry-run"],
+        vec!["prune", "--dry-run"],
+        vec!["snapshots", "--host", "no-such-host"],
+    ];
+    for args in commands {
+        let mut all = vec!["--json"];
+        all.extend(&args);
+        let run = env.pbs(&all).expect(0);
+        for line in run.stdout.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{args:?}: {e}: {line:?}"));
+            assert!(v["type"].is_string(), "{args:?}: no type in {line}");
+        }
+    }
+    // A failure too is one typed object.
+    let run = env.pbs(&["--json", "restore", "nope", "--target", &target]);
+    assert_ne!(run.code, 0);
+    let last: serde_json::Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "error");
+}

@@ -49,7 +49,7 @@ pub fn key_list(ctx: &Context) -> Result<(), CliError> {
     let keys = repo.list_keys()?;
     if ctx.global.json {
         for k in &keys {
-            json_line(k);
+            crate::output::typed_line("key", k);
         }
         return Ok(());
     }

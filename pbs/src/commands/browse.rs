@@ -50,6 +50,7 @@ pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
             let mut v = serde_json::to_value(s).expect("snapshot serializes");
             v["id"] = serde_json::Value::String(id.to_hex());
             v["short_id"] = serde_json::Value::String(id.short());
+            v["type"] = serde_json::Value::String("snapshot".into());
             json_line(&v);
         }
         return Ok(());

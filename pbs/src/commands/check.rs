@@ -3,7 +3,7 @@
 use super::Context;
 use crate::cli::CheckArgs;
 use crate::error::CliError;
-use crate::output::{bytes, json_line, Progress};
+use crate::output::{bytes, Progress};
 use crate::record::{
     new_run_id, CheckDetails, Details, RunKind, RunRecord, RunStatus, TransportKind,
 };
@@ -96,7 +96,7 @@ fn check_repository(
         )?
     };
     if ctx.global.json {
-        json_line(&report);
+        crate::output::typed_line("check", &report);
     } else {
         crate::outln!(
             "{} snapshots, {} packs, {} blobs, {} trees checked{}",

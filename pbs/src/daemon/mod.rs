@@ -72,6 +72,8 @@ fn jitter() -> f64 {
 }
 
 pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
+    // Every line the daemon and its runs write goes to its log.
+    crate::output::to_the_logger();
     let site = Site::resolve(&ctx.global)?;
     site.require_config()?;
     let history = site.history();
