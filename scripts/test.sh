@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.."
 # rdiff-backup (with attr, acl and its Python EA/ACL modules) builds the import fixtures.
 # libcap2-bin's setcap and getcap give a fixture file a capability and read it back.
 # prometheus brings promtool (checks the metrics and the example alert rules); chromium
-# loads the status pages headless; iproute2 makes the network namespace a test binds in.
+# loads the status pages headless; iproute2 makes the network namespace a test binds in;
+# man-db and systemd (for systemd-analyze) check the installed package.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
           supervisor openssh-server openssh-client util-linux
           rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin
-          prometheus chromium iproute2)
+          prometheus chromium iproute2 man-db systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -31,4 +32,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The integration tests run the real binaries: build them first.
 cargo build --workspace --bins
+# The Debian package: built, installed with dpkg, checked, purged (needs root).
+if [[ $(id -u) -eq 0 ]]; then
+  scripts/check-package.sh
+else
+  echo "scripts/check-package.sh skipped: it installs a package, run it as root"
+fi
 cargo test --workspace

@@ -100,6 +100,12 @@ pub enum Command {
     /// twice, or $HAUL_STATUS_PASSWORD), or with --token a new random token for
     /// `Authorization: Bearer` (shown on stderr; only its hash goes to stdout).
     StatusCredentials(StatusCredentialsArgs),
+    /// Print the shell completions of haul-pbs for SHELL (bash, zsh, fish, elvish,
+    /// powershell), e.g. `haul-pbs completions bash > /etc/bash_completion.d/haul-pbs`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages of haul-pbs and its commands into DIR (packaging).
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
     /// Serve the repository on a Unix socket (append-only for backups, read-only for
     /// restores) until SIGTERM or SIGINT.
     Serve(ServeArgs),
@@ -335,11 +341,11 @@ pub struct StatusCredentialsArgs {
 pub struct SshSetupArgs {
     /// The host, or a clone, by its name in the configuration.
     pub host: String,
-    /// Where haul-wrapper is installed on the host.
-    #[arg(long, default_value = "/usr/local/bin/haul-wrapper")]
+    /// Where haul-wrapper is installed on the host (the package's place by default).
+    #[arg(long, default_value = "/usr/bin/haul-wrapper")]
     pub wrapper: PathBuf,
-    /// Where haul-agent is installed on the host.
-    #[arg(long, default_value = "/usr/local/bin/haul-agent")]
+    /// Where haul-agent is installed on the host (the package's place by default).
+    #[arg(long, default_value = "/usr/bin/haul-agent")]
     pub agent: PathBuf,
     /// This server's address as the host sees it, for the key's `from=` (default: the
     /// address this machine's traffic to the host leaves from).

@@ -50,6 +50,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(a) => commands::serve::serve(&ctx, a),
         Command::SshSetup(a) => commands::setup::ssh_setup(&ctx, a),
         Command::StatusCredentials(a) => daemon::auth::credentials_line(a),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cli::Cli::command(), "haul-pbs", &mut out);
+            output::write_bytes(&out);
+            Ok(())
+        }
+        Command::ManPages { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(cli::Cli::command(), &dir))
+                .map_err(|e| error::CliError::Io(format!("manual pages in {}", dir.display()), e))
+        }
         Command::Runs(a) => commands::pull::runs(&ctx, a),
         Command::Config(cli::ConfigCommand::Check) => commands::pull::config_check(&ctx),
         Command::Unlock { all } => commands::admin::unlock(&ctx, all),

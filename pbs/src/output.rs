@@ -69,6 +69,13 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes `bytes` to stdout as they are; a failed write is noted, never fatal.
+pub fn write_bytes(bytes: &[u8]) {
+    if let Err(e) = std::io::stdout().lock().write_all(bytes) {
+        failed_write(e);
+    }
+}
+
 /// Writes `args` to stderr (with a newline if `newline`); a failed write is dropped.
 pub fn write_err(args: std::fmt::Arguments<'_>, newline: bool) {
     if LOGGED.load(Relaxed) {
@@ -135,22 +142,63 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// A line redrawn on stderr while a long operation runs, if stderr is a terminal.
+/// What a progress line shows: words, and how far it is (with a total, a bar with the
+/// percentage, the rate and the time left).
+pub struct Shown {
+    pub text: String,
+    pub done: u64,
+    pub total: Option<u64>,
+    /// `done` and `total` are bytes (else a count).
+    pub bytes: bool,
+}
+
+/// A progress line on stderr while a long operation runs, drawn by `indicatif` if
+/// stderr is a terminal (nothing otherwise), cleared when dropped.
 pub struct Progress {
     _ticker: Option<haul_protocol::Ticker>,
 }
 
 impl Progress {
-    /// `line` is called about five times a second to produce the text.
-    pub fn start(enabled: bool, line: impl Fn() -> String + Send + 'static) -> Progress {
-        if !enabled || !std::io::stderr().is_terminal() {
+    /// `shown` is called about five times a second.
+    pub fn start(enabled: bool, shown: impl Fn() -> Shown + Send + 'static) -> Progress {
+        use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        if !enabled || !std::io::stderr().is_terminal() || LOGGED.load(Relaxed) {
             return Progress { _ticker: None };
         }
-        write_err(format_args!("\r\x1b[K{}", line()), false);
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let style = |template: &str| {
+            ProgressStyle::with_template(template).expect("a valid progress template")
+        };
+        let (with_bytes, with_count, open_bytes, open_count) = (
+            style("{msg} [{bar:24}] {percent:>3}% {binary_bytes_per_sec} ETA {eta}"),
+            style("{msg} [{bar:24}] {percent:>3}% {per_sec} ETA {eta}"),
+            style("{spinner} {msg} {binary_bytes_per_sec}"),
+            style("{spinner} {msg}"),
+        );
+        let update = move |bar: &ProgressBar| {
+            let s = shown();
+            let style = match (s.total.is_some(), s.bytes) {
+                (true, true) => &with_bytes,
+                (true, false) => &with_count,
+                (false, true) => &open_bytes,
+                (false, false) => &open_count,
+            };
+            bar.set_style(style.clone());
+            if let Some(t) = s.total {
+                bar.set_length(t);
+            }
+            bar.set_position(s.done);
+            bar.set_message(s.text);
+        };
+        update(&bar);
+        let (b, end) = (bar.clone(), bar);
         let ticker = haul_protocol::Ticker::start(
             Duration::from_millis(200),
-            move || write_err(format_args!("\r\x1b[K{}", line()), false),
-            || write_err(format_args!("\r\x1b[K"), false),
+            move || {
+                update(&b);
+                b.tick();
+            },
+            move || end.finish_and_clear(),
         );
         Progress {
             _ticker: Some(ticker),

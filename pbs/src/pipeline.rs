@@ -553,12 +553,17 @@ impl Console {
         let l = last.clone();
         let progress = crate::output::Progress::start(!json, move || {
             let p = l.lock().expect("progress").clone();
-            format!(
-                "{} files, {} read, {} sent",
-                p.files,
-                bytes(p.bytes_read),
-                bytes(p.bytes_sent)
-            )
+            crate::output::Shown {
+                text: format!(
+                    "{} files, {} read, {} sent",
+                    p.files,
+                    bytes(p.bytes_read),
+                    bytes(p.bytes_sent)
+                ),
+                done: p.bytes_read,
+                total: None,
+                bytes: true,
+            }
         });
         Console {
             json,

@@ -3,7 +3,7 @@
 # {{ from }} (its address as {{ name }} sees it; `haul-pbs ssh-setup --from ADDR` to change it).
 #
 # Install haul-agent as {{ agent }} and haul-wrapper as {{ wrapper }} on {{ name }}
-# first (the package does), then run this there as root:
+# first (the haul package does), then run this there as root:
 #   haul-pbs ssh-setup {{ name }} > setup-{{ name }}.sh   # here; read it
 #   scp setup-{{ name }}.sh root@{{ address }}: && ssh root@{{ address }} sh setup-{{ name }}.sh
 # Running it again changes nothing that is already right.
@@ -20,6 +20,14 @@ usermod -p '*' "$user"
 #    of "$user" may run it, so that no other local user gets that power.
 chown root:"$user" {{ q_agent }}
 chmod 0750 {{ q_agent }}
+# Installed by the package: dpkg keeps that owner and mode across upgrades, and the
+# package's postinst gives the capabilities in /etc/haul/agent.caps again.
+if command -v dpkg-statoverride >/dev/null 2>&1 && dpkg -S {{ q_agent }} >/dev/null 2>&1; then
+    dpkg-statoverride --remove {{ q_agent }} >/dev/null 2>&1 || true
+    dpkg-statoverride --update --add root "$user" 0750 {{ q_agent }}
+    install -d -m 0755 /etc/haul
+    echo {{ caps }} > /etc/haul/agent.caps
+fi
 setcap {{ caps }} {{ q_agent }}
 chown root:root {{ q_wrapper }}
 chmod 0755 {{ q_wrapper }}

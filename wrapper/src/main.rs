@@ -33,10 +33,23 @@ struct Cli {
     /// Check the policy file and print what it allows, then exit.
     #[arg(long)]
     check: bool,
+    /// Print the manual page (roff) and exit (packaging).
+    #[arg(long, hide = true)]
+    man_page: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
+    if cli.man_page {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut out)
+            .expect("rendering to memory");
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&out);
+        return;
+    }
     let file = cli.policy.display().to_string();
     let policy = match std::fs::read_to_string(&cli.policy)
         .map_err(|e| policy::PolicyError(format!("policy {file}: {e}")))

@@ -4,7 +4,7 @@
 use super::{hostname, Context};
 use crate::cli::BackupLocalArgs;
 use crate::error::CliError;
-use crate::output::{bytes, json_line, Progress};
+use crate::output::{bytes, json_line, Progress, Shown};
 use haul_protocol::walk::{self, BackupOptions, WalkStats};
 use haul_repo::format::snapshot::{SourceKind, Summary};
 use haul_repo::ingest::{DedupScope, IngestSession, ParentChoice, SessionInfo};
@@ -53,15 +53,18 @@ pub fn backup_local(ctx: &Context, args: BackupLocalArgs) -> Result<(), CliError
     let stats = Arc::new(WalkStats::default());
     let outcome = {
         let s = stats.clone();
-        let _progress = Progress::start(!ctx.global.json, move || {
-            format!(
+        let _progress = Progress::start(!ctx.global.json, move || Shown {
+            text: format!(
                 "{} files, {} read, {} dirs",
                 s.files_new.load(Relaxed)
                     + s.files_changed.load(Relaxed)
                     + s.files_unchanged.load(Relaxed),
                 bytes(s.bytes_read.load(Relaxed)),
                 s.dirs.load(Relaxed)
-            )
+            ),
+            done: s.bytes_read.load(Relaxed),
+            total: None,
+            bytes: true,
         });
         walk::backup(&session, &opts, &stats)
     };

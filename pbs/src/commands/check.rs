@@ -3,7 +3,7 @@
 use super::Context;
 use crate::cli::CheckArgs;
 use crate::error::CliError;
-use crate::output::{bytes, Progress};
+use crate::output::{bytes, Progress, Shown};
 use crate::record::{
     new_run_id, CheckDetails, Details, RunKind, RunRecord, RunStatus, TransportKind,
 };
@@ -76,12 +76,15 @@ fn check_repository(
     let done = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
     let report = {
         let d = done.clone();
-        let _progress = Progress::start(!ctx.global.json, move || {
-            format!(
+        let _progress = Progress::start(!ctx.global.json, move || Shown {
+            text: format!(
                 "checking packs: {} of {}",
                 d.0.load(Relaxed),
                 d.1.load(Relaxed)
-            )
+            ),
+            done: d.0.load(Relaxed) as u64,
+            total: Some(d.1.load(Relaxed) as u64).filter(|t| *t > 0),
+            bytes: false,
         });
         let progress = |n: usize, total: usize| {
             done.0.store(n, Relaxed);

@@ -3,7 +3,7 @@
 use super::Context;
 use crate::cli::RestoreArgs;
 use crate::error::CliError;
-use crate::output::{bytes, json_line, Progress};
+use crate::output::{bytes, json_line, Progress, Shown};
 use haul_protocol::restore::{self, RestoreOptions, RestoreStats};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -44,13 +44,16 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let warnings = {
         let s = stats.clone();
         let total = snap.summary.bytes_total;
-        let _progress = Progress::start(!ctx.global.json, move || {
-            format!(
+        let _progress = Progress::start(!ctx.global.json, move || Shown {
+            text: format!(
                 "{} files, {} of {}",
                 s.files.load(Relaxed),
                 bytes(s.bytes.load(Relaxed)),
                 bytes(total)
-            )
+            ),
+            done: s.bytes.load(Relaxed),
+            total: Some(total),
+            bytes: true,
         });
         restore::restore(&repo, &snap.tree, &opts, &stats)?
     };

@@ -119,6 +119,10 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
             )
         })?;
         tracing::info!(%listen, "status server listening");
+        // systemd (Type=notify): ready once the status server listens.
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!("cannot tell systemd the daemon is ready: {e}");
+        }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let status = tokio::spawn(crate::server::conn::serve_listener(
             listener,
@@ -170,7 +174,11 @@ async fn scheduler(
         tokio::select! {
             _ = tokio::time::sleep(wake) => {}
             Some(done) = done_rx.recv() => finished(shared, done),
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                break;
+            }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => reload(ctx, shared, repos.clone()),
         }
