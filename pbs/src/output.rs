@@ -126,19 +126,31 @@ pub fn typed_line<T: Serialize>(tag: &str, value: &T) {
     json_line(&v);
 }
 
-/// Bytes for people: `1.5 GiB`.
+/// Bytes for people, in binary units: `87 B`, `1.5 GiB` (the `bytesize` crate).
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+/// A table for people: a header and rows, columns aligned, numbers (the columns named
+/// in `right`) to the right, no borders (the `comfy-table` crate). Printed line by line.
+pub fn table(header: &[&str], right: &[usize], rows: Vec<Vec<String>>) {
+    use comfy_table::{CellAlignment, Table};
+    let mut t = Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_header(header.iter().copied());
+    for r in rows {
+        t.add_row(r);
     }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
+    for col in t.column_iter_mut() {
+        col.set_padding((0, 2));
+    }
+    for &c in right {
+        if let Some(col) = t.column_mut(c) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    for line in t.lines() {
+        write_out(format_args!("{}", line.trim_end()));
     }
 }
 

@@ -53,25 +53,31 @@ pub fn key_list(ctx: &Context) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    crate::outln!(" {:<10} {:<20} {:<16} HOST", "ID", "CREATED", "USER");
-    for k in &keys {
-        match (k.created, &k.damaged) {
-            (Some(created), None) => crate::outln!(
-                "{}{:<10} {:<20} {:<16} {}",
-                if k.current { "*" } else { " " },
-                &k.id[..8],
-                created.format("%Y-%m-%d %H:%M:%S"),
-                k.username,
-                k.hostname
-            ),
-            (_, reason) => crate::outln!(
-                " {:<10} DAMAGED: {} (keys/{}): put back a copy, or remove it with `haul-pbs key remove {}`",
-                &k.id[..8],
-                reason.as_deref().unwrap_or("unreadable"),
-                k.id,
-                &k.id[..8]
-            ),
-        }
+    let rows = keys
+        .iter()
+        .filter_map(|k| {
+            let created = k.created.filter(|_| k.damaged.is_none())?;
+            Some(vec![
+                format!("{}{}", if k.current { "*" } else { " " }, &k.id[..8]),
+                created.format("%Y-%m-%d %H:%M:%S").to_string(),
+                k.username.clone(),
+                k.hostname.clone(),
+            ])
+        })
+        .collect();
+    crate::output::table(&[" ID", "CREATED", "USER", "HOST"], &[], rows);
+    // Damaged key files after the table, each on a line of its own.
+    for k in keys
+        .iter()
+        .filter(|k| k.created.is_none() || k.damaged.is_some())
+    {
+        crate::outln!(
+            " {:<10} DAMAGED: {} (keys/{}): put back a copy, or remove it with `haul-pbs key remove {}`",
+            &k.id[..8],
+            k.damaged.as_deref().unwrap_or("unreadable"),
+            k.id,
+            &k.id[..8]
+        );
     }
     Ok(())
 }

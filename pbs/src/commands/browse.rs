@@ -55,25 +55,22 @@ pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    crate::outln!(
-        "{:<9} {:<20} {:<16} {:>10} {:<20} PATHS",
-        "ID",
-        "TIME (UTC)",
-        "HOST",
-        "SIZE",
-        "TAGS"
+    crate::output::table(
+        &["ID", "TIME (UTC)", "HOST", "SIZE", "TAGS", "PATHS"],
+        &[3],
+        list.iter()
+            .map(|(id, s)| {
+                vec![
+                    id.short(),
+                    s.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    s.host.clone(),
+                    bytes(s.summary.bytes_total),
+                    s.tags.join(","),
+                    s.paths.join(" "),
+                ]
+            })
+            .collect(),
     );
-    for (id, s) in &list {
-        crate::outln!(
-            "{:<9} {:<20} {:<16} {:>10} {:<20} {}",
-            id.short(),
-            s.time.format("%Y-%m-%d %H:%M:%S"),
-            s.host,
-            bytes(s.summary.bytes_total),
-            s.tags.join(","),
-            s.paths.join(" ")
-        );
-    }
     crate::outln!("{} snapshot(s)", list.len());
     Ok(())
 }

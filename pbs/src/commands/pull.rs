@@ -173,29 +173,34 @@ pub fn runs(ctx: &Context, args: crate::cli::RunsArgs) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    crate::outln!(
-        "{:<28} {:<16} {:<6} {:<8} {:<20} {:>8} {:<9} ERROR",
-        "RUN",
-        "HOST",
-        "KIND",
-        "STATUS",
-        "START (UTC)",
-        "SECONDS",
-        "SNAPSHOT"
+    crate::output::table(
+        &[
+            "RUN",
+            "HOST",
+            "KIND",
+            "STATUS",
+            "START (UTC)",
+            "SECONDS",
+            "SNAPSHOT",
+            "ERROR",
+        ],
+        &[5],
+        records
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.clone(),
+                    r.host.clone(),
+                    r.kind.word().into(),
+                    r.status.word().into(),
+                    r.start.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    format!("{:.1}", r.seconds()),
+                    r.short_snapshot().into(),
+                    r.error.as_deref().unwrap_or("").into(),
+                ]
+            })
+            .collect(),
     );
-    for r in &records {
-        crate::outln!(
-            "{:<28} {:<16} {:<6} {:<8} {:<20} {:>8.1} {:<9} {}",
-            r.id,
-            r.host,
-            r.kind.word(),
-            r.status.word(),
-            r.start.format("%Y-%m-%d %H:%M:%S"),
-            r.seconds(),
-            r.short_snapshot(),
-            r.error.as_deref().unwrap_or("")
-        );
-    }
     crate::outln!("{} run(s)", records.len());
     Ok(())
 }
