@@ -43,6 +43,10 @@ pub struct RunEvent<'a> {
 pub struct Notifiers {
     list: Arc<Vec<Notify>>,
     link: String,
+    /// The daemon's: records go to one thread that calls the notifiers, so that a slow
+    /// one holds up no run and no scheduler. A command calls them itself, before it
+    /// exits.
+    background: Option<std::sync::mpsc::Sender<RunRecord>>,
 }
 
 fn status_of(s: RunStatus) -> NotifyStatus {
@@ -58,11 +62,39 @@ impl Notifiers {
         Notifiers {
             list: Arc::new(c.notify.clone()),
             link: c.feed_link(),
+            background: None,
         }
     }
 
-    /// Calls every notifier that selects `r`; failures are logged, not returned.
+    /// These notifiers, called from a thread of their own (see `background`).
+    pub fn in_background(mut self) -> Notifiers {
+        if self.list.is_empty() {
+            return self;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<RunRecord>();
+        let worker = Notifiers {
+            background: None,
+            ..self.clone()
+        };
+        std::thread::Builder::new()
+            .name("notify".into())
+            .spawn(move || {
+                for r in rx {
+                    worker.notify(&r);
+                }
+            })
+            .expect("a thread for the notifiers");
+        self.background = Some(tx);
+        self
+    }
+
+    /// Calls every notifier that selects `r` (or hands `r` to the notifiers' thread);
+    /// failures are logged, not returned.
     pub fn notify(&self, r: &RunRecord) {
+        if let Some(tx) = &self.background {
+            let _ = tx.send(r.clone());
+            return;
+        }
         for (i, n) in self.list.iter().enumerate() {
             if !n.selects(&r.host, r.kind.word(), status_of(r.status)) {
                 continue;
@@ -101,6 +133,9 @@ impl Notifiers {
         match &n.url {
             Some(url) => {
                 let url = url.replace("{host}", &r.host);
+                // Errors name the server, never the whole URL: its path or user part
+                // is often the secret (a ping key, a token).
+                let server = server_of(&url);
                 let agent = http_agent(n.timeout);
                 let sent = match n.format {
                     NotifyFormat::Ping => {
@@ -119,19 +154,27 @@ impl Notifiers {
                                 r.status.shout(),
                                 event.summary
                             ))
-                            .map_err(|e| format!("POST {url}: {e}"))
+                            .map_err(|e| format!("POST to {server}: {e}"))
                     }
                     NotifyFormat::Json => agent
                         .post(&url)
                         .header("Content-Type", "application/json")
                         .send(serde_json::to_vec(&event).expect("an event serializes"))
-                        .map_err(|e| format!("POST {url}: {e}")),
+                        .map_err(|e| format!("POST to {server}: {e}")),
                 };
                 sent.map(|_| ())
             }
             None => run_command(&n.command, &event, n.timeout),
         }
     }
+}
+
+/// `scheme://host:port` of `url`, without its user part or path.
+fn server_of(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}")
 }
 
 /// An HTTP client for one call: rustls with aws-lc (as russh uses), the system's
@@ -157,6 +200,10 @@ fn run_command(command: &[String], e: &RunEvent<'_>, timeout: Duration) -> Resul
     let shown = command.join(" ");
     let mut child = std::process::Command::new(&command[0])
         .args(&command[1..])
+        // Nothing of the pbs's environment (a passphrase in $HAUL_PASSWORD) reaches it.
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
         .env("HAUL_RUN_ID", e.id)
         .env("HAUL_HOST", e.host)
         .env("HAUL_KIND", e.kind.word())
@@ -172,14 +219,18 @@ fn run_command(command: &[String], e: &RunEvent<'_>, timeout: Duration) -> Resul
         .map_err(|err| format!("{shown}: cannot start: {err}"))?;
     let json = serde_json::to_vec(e).expect("an event serializes");
     if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input is not an error.
-        let _ = stdin.write_all(&json);
+        // From a thread: a command that does not read its input neither blocks this
+        // one past its timeout nor is an error.
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&json);
+        });
     }
     let mut stderr = child.stderr.take().expect("piped");
-    let reader = std::thread::spawn(move || {
+    let (text_tx, text_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut text = Vec::new();
         let _ = stderr.read_to_end(&mut text);
-        text
+        let _ = text_tx.send(text);
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -194,10 +245,13 @@ fn run_command(command: &[String], e: &RunEvent<'_>, timeout: Duration) -> Resul
             Err(err) => return Err(format!("{shown}: {err}")),
         }
     };
-    let text = reader.join().unwrap_or_default();
     if status.success() {
         return Ok(());
     }
+    // What it printed, unless a process it left behind still holds its stderr.
+    let text = text_rx
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let tail: String = text
         .trim()

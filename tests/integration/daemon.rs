@@ -915,10 +915,12 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
     let config = format!(
         "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\n\n[feed]\ntitle = \"fleet <&> backups\"\n\
          \n[[host]]\nname = \"good\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n\
-         \n[[host]]\nname = \"bad\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n",
+         \n[[host]]\nname = \"bad\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n\
+         \n[[notify]]\non = [\"failed\"]\ncommand = [\"/bin/sh\", \"-c\", \"echo $HAUL_HOST $HAUL_STATUS >> \\\"$0\\\"\", {:?}]\n",
         state.display().to_string(),
         good.display().to_string(),
         env.path("src/not-there").display().to_string(),
+        env.path("notified").display().to_string(),
     );
     let (_config, _sup) = supervised_daemon(&env, &config, &[("HAUL_LOG_JSON", "true".into())]);
     let r = wait_records(&state, Duration::from_secs(60), |r| {
@@ -935,6 +937,10 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
     assert!(log.contains("created repository"), "{log}");
+    // The daemon's notifier (called from a thread of its own) was told of the failures.
+    wait_until(Duration::from_secs(20), "the notifier", || {
+        fs::read_to_string(env.path("notified")).is_ok_and(|t| t.starts_with("bad failed\n"))
+    });
     assert_eq!(fs::read_to_string(sup_dir.join("haul.out")).unwrap(), "");
     let bad_run = pulls_of(&r, "bad").next().unwrap()["id"]
         .as_str()

@@ -76,7 +76,10 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
     crate::output::to_the_logger();
     let site = Site::resolve(&ctx.global)?;
     site.require_config()?;
-    let history = site.history();
+    // Notifiers are called off the scheduler's threads, one after another.
+    let history = site
+        .history()
+        .with_notifiers(crate::notify::Notifiers::from_config(&site.config).in_background());
     let recovered = history.recover(
         false,
         "interrupted: haul-pbs (pid {pid}) stopped during the run (killed, or the machine went down)",
@@ -641,7 +644,8 @@ fn locked<T>(
 fn finished(shared: &SharedRef, done: Done) {
     let now = Utc::now();
     // The pull (and its pushes) changed what the repositories hold.
-    shared.lock().expect("daemon state").facts.expire();
+    let facts = shared.lock().expect("daemon state").facts.clone();
+    facts.expire();
     let (alert, history) = locked(shared, |site, schedule, _| {
         let alert = schedule.finished(
             &site.config,
@@ -744,13 +748,18 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
             return;
         }
     };
+    let notifiers = crate::notify::Notifiers::from_config(&site.config).in_background();
     let now = Utc::now();
     let mut s = shared.lock().expect("daemon state");
-    s.credentials = credentials;
-    s.history = s
-        .history
-        .clone()
-        .with_notifiers(crate::notify::Notifiers::from_config(&site.config));
+    // The status server stays on the address it was bound to: off loopback, it keeps
+    // requiring credentials whatever the new file says.
+    let bound = s.site.config.server.status_listen;
+    if !bound.ip().is_loopback() && credentials.is_none() {
+        tracing::error!(
+            "SIGHUP: the old configuration stays in use: the status server listens on {bound}, not a loopback address, and the new configuration has no [server].status_credentials"
+        );
+        return;
+    }
     if site.config.server.status_listen != s.site.config.server.status_listen {
         tracing::warn!("SIGHUP: [server].status_listen changes only when the daemon restarts");
     }
@@ -783,6 +792,8 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
         state: old.state.clone(),
         ..site
     };
+    s.credentials = credentials;
+    s.history = s.history.clone().with_notifiers(notifiers);
 }
 
 /// SIGTERM to this process's haul-agent children: their pulls then fail and are

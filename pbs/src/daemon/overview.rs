@@ -165,6 +165,8 @@ pub struct RepoFacts {
 #[derive(Default)]
 pub struct Facts {
     repos: Mutex<HashMap<PathBuf, Cached>>,
+    /// Raised by [`Facts::expire`]: figures read before are read again.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 struct Cached {
@@ -173,14 +175,17 @@ struct Cached {
     hosts: HashMap<String, SnapInfo>,
     facts: RepoFacts,
     at: Instant,
+    generation: u64,
 }
 
 impl Facts {
     /// The figures of the repository at `loc`, read again when older than the TTL.
     pub fn of(&self, loc: &RepoLocation) -> RepoFacts {
+        use std::sync::atomic::Ordering::Relaxed;
+        let generation = self.generation.load(Relaxed);
         let mut repos = self.repos.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = repos.get(&loc.path) {
-            if c.at.elapsed() < FACTS_TTL {
+            if c.at.elapsed() < FACTS_TTL && c.generation == generation {
                 return c.facts.clone();
             }
         }
@@ -189,7 +194,9 @@ impl Facts {
             hosts: HashMap::new(),
             facts: RepoFacts::default(),
             at: Instant::now(),
+            generation,
         });
+        c.generation = generation;
         c.facts = read_facts(loc, c).unwrap_or_else(|e| RepoFacts {
             error: Some(e),
             ..RepoFacts::default()
@@ -202,11 +209,10 @@ impl Facts {
     }
 
     /// Forgets the figures, so the next look reads them (after a run changed them).
+    /// Takes no lock: a look that is reading them meanwhile is not waited for.
     pub fn expire(&self) {
-        let mut repos = self.repos.lock().unwrap_or_else(|p| p.into_inner());
-        for c in repos.values_mut() {
-            c.at = Instant::now() - FACTS_TTL;
-        }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
