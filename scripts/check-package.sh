@@ -8,7 +8,9 @@ fail() { echo "check-package: FAILED: $*" >&2; exit 1; }
 
 deb=$(scripts/package.sh --debug | tail -1)
 dpkg-deb --info "$deb" >/dev/null || fail "dpkg-deb cannot read $deb"
-if dpkg -s haul >/dev/null 2>&1; then dpkg --purge haul >/dev/null; fi
+if dpkg -s haul >/dev/null 2>&1; then
+  fail "haul is installed on this machine: this check would replace and purge it; run it elsewhere"
+fi
 trap 'dpkg --purge haul >/dev/null 2>&1 || true' EXIT
 dpkg -i "$deb" || fail "dpkg -i $deb"
 
@@ -30,7 +32,7 @@ words=$(bash -c 'source /usr/share/bash-completion/completions/haul-pbs
 getent passwd haul >/dev/null || fail "no user haul"
 [[ -f /usr/lib/tmpfiles.d/haul.conf ]] || fail "no tmpfiles.d entry"
 unit=/lib/systemd/system/haul-pbs.service
-for d in "Type=notify" "ProtectSystem=strict" "NoNewPrivileges=yes" "PrivateTmp=yes" "ReadWritePaths=/var/lib/haul"; do
+for d in "Type=notify" "KillMode=mixed" "ProtectSystem=strict" "NoNewPrivileges=yes" "PrivateTmp=yes" "ReadWritePaths=/var/lib/haul"; do
   grep -qx "$d" "$unit" || fail "$unit lacks $d"
 done
 if command -v systemd-analyze >/dev/null 2>&1; then

@@ -57,7 +57,7 @@ License: Apache-2.0
  /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
 
-install -m 0755 packaging/postinst packaging/postrm "$root/DEBIAN/"
+install -m 0755 packaging/postinst packaging/prerm packaging/postrm "$root/DEBIAN/"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: haul

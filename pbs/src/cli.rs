@@ -93,8 +93,9 @@ pub enum Command {
     /// Pull every configured host on its schedule, in the foreground (for supervisord
     /// or systemd), and serve feeds, status and metrics over HTTP.
     Daemon(DaemonArgs),
-    /// Print what a host needs for SSH pulls (or a clone for pushes): the
-    /// authorized_keys line, the wrapper's policy and the sshd settings.
+    /// Print a shell script that sets a host up for SSH pulls (or a clone for pushes),
+    /// to run there as root: a dedicated user, the agent's permissions, the wrapper's
+    /// policy, the socket directory, the authorized_keys line and the sshd settings.
     SshSetup(SshSetupArgs),
     /// Print a line for `[server].status_credentials`: USER with a password (asked
     /// twice, or $HAUL_STATUS_PASSWORD), or with --token a new random token for

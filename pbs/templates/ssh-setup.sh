@@ -14,11 +14,16 @@ user={{ q_user }}
 #    account is not "locked", which sshd would refuse); its shell lets sshd run the
 #    forced command, which is all it may run.
 getent passwd "$user" >/dev/null || useradd --system --user-group --create-home --home-dir {{ q_home }} --shell /bin/sh "$user"
-usermod -p '*' "$user"
+# Only an account that never had a password ("!", as useradd leaves it) gets "*": a
+# password someone set is left alone.
+if [ "$(getent shadow "$user" | cut -d: -f2)" = '!' ]; then usermod -p '*' "$user"; fi
 
 # 2. The agent {{ agent_power }}: only root and the group
 #    of "$user" may run it, so that no other local user gets that power.
-chown root:"$user" {{ q_agent }}
+caps={{ caps }}
+{% if !clone %}# An agent also set up for standby copies (a clone) keeps the powers they need.
+if getcap {{ q_agent }} 2>/dev/null | grep -q cap_chown; then caps={{ clone_caps }}; fi
+{% endif %}chown root:"$user" {{ q_agent }}
 chmod 0750 {{ q_agent }}
 # Installed by the package: dpkg keeps that owner and mode across upgrades, and the
 # package's postinst gives the capabilities in /etc/haul/agent.caps again.
@@ -26,9 +31,9 @@ if command -v dpkg-statoverride >/dev/null 2>&1 && dpkg -S {{ q_agent }} >/dev/n
     dpkg-statoverride --remove {{ q_agent }} >/dev/null 2>&1 || true
     dpkg-statoverride --update --add root "$user" 0750 {{ q_agent }}
     install -d -m 0755 /etc/haul
-    echo {{ caps }} > /etc/haul/agent.caps
+    echo "$caps" > /etc/haul/agent.caps
 fi
-setcap {{ caps }} {{ q_agent }}
+setcap "$caps" {{ q_agent }}
 chown root:root {{ q_wrapper }}
 chmod 0755 {{ q_wrapper }}
 {% else %}
@@ -75,7 +80,7 @@ chown "$user":{{ q_group }} "$keys.new"
 chmod 0600 "$keys.new"
 mv "$keys.new" "$keys"
 
-# 6. What sshd lets this user do. Debian's sshd_config reads sshd_config.d/*.conf
+{% if dedicated %}# 6. What sshd lets this user do. Debian's sshd_config reads sshd_config.d/*.conf
 #    before its own settings; a Match block in such a file ends with the file.
 install -d -m 0755 {{ q_sshd_dir }}
 cat > {{ q_sshd }} <<'HAUL_EOF'
@@ -92,7 +97,12 @@ Match User {{ user }}
     ClientAliveInterval 30
     ClientAliveCountMax 3
 HAUL_EOF
-echo "haul: {{ name }} is set up; now check and reload sshd: sshd -t && systemctl reload ssh"
+{% else %}# 6. sshd: no Match block for root (it would bind every root login); the key's own
+#    options (restrict,port-forwarding and the forced command) confine this key, and
+#    sshd's global settings must allow remote stream-local forwarding
+#    (AllowStreamLocalForwarding yes or remote; AllowTcpForwarding not "no"), and
+#    StreamLocalBindUnlink yes with StreamLocalBindMask 0177 are recommended.
+{% endif %}echo "haul: {{ name }} is set up; now check and reload sshd: sshd -t && systemctl reload ssh"
 
 # 7. Then, on the backup server, pin {{ name }}'s host key in {{ known_hosts }}:
 #    ssh-keyscan -p {{ port }} {{ address }} >> {{ known_hosts }}   (and compare the fingerprint)

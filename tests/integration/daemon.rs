@@ -1164,7 +1164,7 @@ fn a_status_server_off_loopback_requires_credentials() {
     let token = env.pbs(&["status-credentials", "--token"]);
     assert_eq!(token.code, 0, "{}", token.stderr);
     assert!(
-        token.stdout.starts_with("bearer:$argon2id$"),
+        token.stdout.starts_with("bearer:blake3:"),
         "{}",
         token.stdout
     );

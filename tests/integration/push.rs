@@ -597,7 +597,8 @@ fn ssh_setup_and_config_check_cover_clones() {
         ),
         "import_command = [\"/usr/local/sbin/import-standby\"]".into(),
         format!("socket_dir = \"{}\"", sshd.dir.join("sockets").display()),
-        "AllowStreamLocalForwarding remote".into(),
+        // As root: no Match block, which would bind every root login.
+        "# 6. sshd: no Match block for root".into(),
     ] {
         assert!(out.contains(&want), "{want:?} missing from:\n{out}");
     }
@@ -619,9 +620,11 @@ fn ssh_setup_and_config_check_cover_clones() {
         .expect(0)
         .stdout;
     assert!(
-        out_dedicated.contains("setcap cap_chown,cap_dac_override,cap_dac_read_search,cap_fowner,cap_fsetid,cap_mknod+ep")
+        out_dedicated.contains("caps=cap_chown,cap_dac_override,cap_dac_read_search,cap_fowner,cap_fsetid,cap_mknod+ep\n")
+            && out_dedicated.contains("setcap \"$caps\" ")
             && out_dedicated.contains("chown root:\"$user\" ")
-            && out_dedicated.contains("chmod 0750 "),
+            && out_dedicated.contains("chmod 0750 ")
+            && out_dedicated.contains("Match User haul\n    AllowTcpForwarding remote"),
         "{out_dedicated}"
     );
     // The policy it prints is one the wrapper takes, and admits the push it is for.

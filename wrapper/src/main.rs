@@ -134,12 +134,30 @@ fn main() {
 /// does not remove the sockets of its forwards).
 const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Removes the `*.sock` files in `dir` (the runs' sockets) that no one listens on any
-/// more and that are older than [`STALE_AFTER`] (a socket being set up for a run that
-/// starts now is younger), except `current`; returns how many. Errors are ignored: what
-/// is left is tried again by the next run.
+/// The paths of the Unix sockets bound on this machine (`/proc/net/unix`), or none if
+/// that cannot be read.
+fn bound_sockets() -> Option<std::collections::HashSet<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/net/unix").ok()?;
+    Some(
+        text.lines()
+            .skip(1)
+            // Num RefCount Protocol Flags Type St Inode Path: the path is the eighth.
+            .filter_map(|l| l.split_whitespace().nth(7))
+            .map(PathBuf::from)
+            .collect(),
+    )
+}
+
+/// Removes the `*.sock` files in `dir` (the runs' sockets) that no socket is bound to
+/// any more (`/proc/net/unix`: nothing is connected to find out) and that are older
+/// than [`STALE_AFTER`] (a socket being set up for a run that starts now is younger),
+/// except `current`; returns how many. Errors are ignored: what is left is tried again
+/// by the next run.
 fn remove_stale_sockets(dir: &std::path::Path, current: Option<&std::path::Path>) -> usize {
     use std::os::unix::fs::FileTypeExt;
+    let Some(bound) = bound_sockets() else {
+        return 0;
+    };
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -159,11 +177,7 @@ fn remove_stale_sockets(dir: &std::path::Path, current: Option<&std::path::Path>
         {
             continue;
         }
-        let refused = matches!(
-            std::os::unix::net::UnixStream::connect(&path),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-        );
-        if refused && std::fs::remove_file(&path).is_ok() {
+        if !bound.contains(&path) && std::fs::remove_file(&path).is_ok() {
             removed += 1;
         }
     }

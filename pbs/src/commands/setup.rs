@@ -19,6 +19,43 @@ use askama::Template;
 use haul_config::Transport;
 use std::path::Path;
 
+/// What a source host's agent may do: read every file.
+const HOST_CAPS: &str = "cap_dac_read_search+ep";
+/// What a clone's agent may do: write files as any owner, with any mode.
+const CLONE_CAPS: &str =
+    "cap_chown,cap_dac_override,cap_dac_read_search,cap_fowner,cap_fsetid,cap_mknod+ep";
+
+/// Refuses a value that would not stay one word, one line or one quoted string in the
+/// script, the policy, the key's options or sshd's settings.
+fn plain<'a>(what: &str, value: &'a str) -> Result<&'a str, CliError> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+    {
+        return Err(CliError::usage(format!(
+            "{what} {value:?} cannot go into the setup: it is empty or holds a quote, a backslash or a control character"
+        )));
+    }
+    Ok(value)
+}
+
+/// A user name as useradd and sshd's `Match User` take it, whatever the system.
+fn user_name(user: &str) -> Result<&str, CliError> {
+    let ok = (1..=32).contains(&user.len())
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(user)
+    } else {
+        Err(CliError::usage(format!(
+            "user {user:?}: a user name for the setup is 1 to 32 lower-case letters, digits, `_` and `-`, beginning with a letter or `_`"
+        )))
+    }
+}
+
 #[derive(Template)]
 #[template(path = "ssh-setup.sh", escape = "none")]
 struct Script {
@@ -30,8 +67,10 @@ struct Script {
     agent: String,
     wrapper: String,
     dedicated: bool,
+    clone: bool,
     agent_power: &'static str,
     caps: &'static str,
+    clone_caps: &'static str,
     user: String,
     group: String,
     socket_dir: String,
@@ -157,6 +196,30 @@ pub fn ssh_setup(ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), Cl
             "--from {from:?}: an address or pattern (as sshd's from= takes it), without quotes, commas or spaces"
         )));
     }
+    user_name(&h.user)?;
+    plain("address", &h.address)?;
+    if h.address.contains(char::is_whitespace) {
+        return Err(CliError::usage(format!(
+            "address {:?} holds white space",
+            h.address
+        )));
+    }
+    plain("--from", &from)?;
+    for (what, p) in [
+        ("--agent", &args.agent),
+        ("--wrapper", &args.wrapper),
+        ("--etc", &args.etc),
+        ("known_hosts", &h.known_hosts),
+        ("socket_dir", &h.socket_dir),
+    ] {
+        plain(what, &p.display().to_string())?;
+        if !p.is_absolute() {
+            return Err(CliError::usage(format!(
+                "{what} {} is not an absolute path",
+                p.display()
+            )));
+        }
+    }
     let socket_dir = h.socket_dir.display().to_string();
     if socket_dir.contains(char::is_whitespace) {
         return Err(CliError::usage(format!(
@@ -206,11 +269,9 @@ pub fn ssh_setup(ctx: &Context, args: crate::cli::SshSetupArgs) -> Result<(), Cl
         } else {
             "reads every file (cap_dac_read_search)"
         },
-        caps: if clone {
-            "cap_chown,cap_dac_override,cap_dac_read_search,cap_fowner,cap_fsetid,cap_mknod+ep"
-        } else {
-            "cap_dac_read_search+ep"
-        },
+        caps: if clone { CLONE_CAPS } else { HOST_CAPS },
+        clone_caps: CLONE_CAPS,
+        clone,
         user: h.user.clone(),
         q_user: sh_quote(&h.user),
         q_group: sh_quote(&group),
@@ -245,7 +306,7 @@ fn clone_policy(config: &haul_config::Config, c: &haul_config::CloneTarget) -> S
         .iter()
         .filter(|h| c.receives(&h.name))
         .filter_map(|h| c.standby_dir_of(&h.name))
-        .filter_map(|d| d.parent().map(|p| format!("{:?}", p.display().to_string())))
+        .filter_map(|d| d.parent().map(|p| toml_str(&p.display().to_string())))
         .collect();
     targets.sort();
     targets.dedup();

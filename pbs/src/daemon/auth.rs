@@ -1,11 +1,16 @@
 //! Who may read the status server: `[server].status_credentials` names a file of
-//! `USER:HASH` lines (HTTP Basic) and `bearer:HASH` lines (`Authorization: Bearer
-//! TOKEN`), each hash an Argon2id PHC string as `haul-pbs status-credentials` prints
-//! it. A request without matching credentials gets `401` with a Basic challenge.
+//! `USER:HASH` lines (HTTP Basic, an Argon2id PHC string of the password) and
+//! `bearer:blake3:HEX` lines (`Authorization: Bearer TOKEN`, the BLAKE3 hash of a
+//! 256-bit random token: nothing to guess, so a fast hash, compared in constant time),
+//! as `haul-pbs status-credentials` prints them. A request without matching
+//! credentials gets `401` with a Basic challenge.
 //!
-//! Argon2 is slow on purpose; so that a page's requests do not each pay for it, a
+//! Argon2 is slow on purpose. So that a page's requests do not each pay for it, a
 //! header that verified is remembered (by its BLAKE3 hash, never in clear) for
-//! [`REMEMBER`], at most [`REMEMBERED`] of them.
+//! [`REMEMBER`], at most [`REMEMBERED`] of them; so that unauthenticated callers cannot
+//! take the machine's memory and cores with it, at most [`VERIFYING`] run at once
+//! (see `http.rs`); and an unknown user costs as much as a known one, so that the time
+//! of an answer does not tell which users exist.
 
 use crate::error::CliError;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -20,12 +25,21 @@ pub const REMEMBER: Duration = Duration::from_secs(300);
 /// Verified headers remembered at most.
 pub const REMEMBERED: usize = 256;
 
+/// Argon2 verifications at once, at most.
+pub const VERIFYING: usize = 2;
+
 /// The user name of token lines.
 pub const BEARER: &str = "bearer";
+/// How a token's hash is written after `bearer:`.
+const TOKEN_HASH: &str = "blake3:";
 
 pub struct Credentials {
-    /// (user, hash); the user [`BEARER`] for tokens.
-    entries: Vec<(String, String)>,
+    /// (user, Argon2 PHC hash of the password).
+    users: Vec<(String, String)>,
+    /// BLAKE3 hashes of the tokens.
+    tokens: Vec<blake3::Hash>,
+    /// Verified against when the user is unknown.
+    decoy: String,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
@@ -35,7 +49,7 @@ impl Credentials {
     pub fn load(path: &Path) -> Result<Credentials, CliError> {
         let what = format!("status credentials {}", path.display());
         let text = std::fs::read_to_string(path).map_err(|e| CliError::Io(what.clone(), e))?;
-        let mut entries = Vec::new();
+        let (mut users, mut tokens) = (Vec::new(), Vec::new());
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -48,19 +62,31 @@ impl Credentials {
                 ))
             };
             let (user, hash) = line.split_once(':').ok_or_else(|| bad("no `:`"))?;
+            if user == BEARER {
+                let hex = hash
+                    .strip_prefix(TOKEN_HASH)
+                    .ok_or_else(|| bad("a token's hash is blake3:HEX"))?;
+                tokens.push(
+                    blake3::Hash::from_hex(hex)
+                        .map_err(|e| bad(&format!("not a token hash ({e})")))?,
+                );
+                continue;
+            }
             PasswordHash::new(hash).map_err(|e| bad(&format!("not a password hash ({e})")))?;
             if user.is_empty() {
                 return Err(bad("no user name"));
             }
-            entries.push((user.to_string(), hash.to_string()));
+            users.push((user.to_string(), hash.to_string()));
         }
-        if entries.is_empty() {
+        if users.is_empty() && tokens.is_empty() {
             return Err(CliError::usage(format!(
                 "{what} holds no credentials: nobody could read the status server"
             )));
         }
         Ok(Credentials {
-            entries,
+            users,
+            tokens,
+            decoy: hash("a password nobody has"),
             verified: Mutex::default(),
         })
     }
@@ -80,7 +106,9 @@ impl Credentials {
         }
         let ok = match header.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                self.verify(BEARER, token.trim())
+                let given = blake3::hash(token.trim().as_bytes());
+                // blake3::Hash compares in constant time.
+                self.tokens.contains(&given)
             }
             Some((scheme, b64)) if scheme.eq_ignore_ascii_case("basic") => {
                 use base64ct::Encoding;
@@ -105,16 +133,33 @@ impl Credentials {
     }
 
     fn verify(&self, user: &str, secret: &str) -> bool {
-        self.entries
-            .iter()
-            .filter(|(u, _)| u == user)
-            .any(|(_, h)| {
-                PasswordHash::new(h).is_ok_and(|h| {
-                    Argon2::default()
-                        .verify_password(secret.as_bytes(), &h)
-                        .is_ok()
-                })
+        let check = |h: &str| {
+            PasswordHash::new(h).is_ok_and(|h| {
+                Argon2::default()
+                    .verify_password(secret.as_bytes(), &h)
+                    .is_ok()
             })
+        };
+        let mut known = false;
+        let mut ok = false;
+        for (_, h) in self.users.iter().filter(|(u, _)| u == user) {
+            known = true;
+            ok |= check(h);
+        }
+        if !known {
+            // As long as for a known user.
+            check(&self.decoy);
+        }
+        ok
+    }
+
+    /// Whether `header` is one that verified lately (no Argon2 needed).
+    pub fn remembered(&self, header: Option<&str>) -> bool {
+        let Some(header) = header else { return false };
+        let key = *blake3::hash(header.as_bytes()).as_bytes();
+        let mut seen = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, at| at.elapsed() < REMEMBER);
+        seen.contains_key(&key)
     }
 }
 
@@ -133,9 +178,15 @@ pub fn hash(secret: &str) -> String {
 pub fn credentials_line(args: crate::cli::StatusCredentialsArgs) -> Result<(), CliError> {
     match args.user {
         Some(user) => {
-            if user == BEARER || user.contains(':') || user.is_empty() {
+            if user == BEARER
+                || user.is_empty()
+                || user.starts_with('#')
+                || user
+                    .chars()
+                    .any(|c| c == ':' || c.is_whitespace() || c.is_control())
+            {
                 return Err(CliError::usage(format!(
-                    "{user:?} cannot be a user name: it must not be empty, be {BEARER:?} or hold a `:`"
+                    "{user:?} cannot be a user name: it must not be empty, be {BEARER:?}, begin with `#`, or hold a `:`, a space or a control character"
                 )));
             }
             let pass = crate::password::new(None, "HAUL_STATUS_PASSWORD")?;
@@ -146,7 +197,10 @@ pub fn credentials_line(args: crate::cli::StatusCredentialsArgs) -> Result<(), C
         None => {
             let token = new_token();
             crate::errln!("the token (give it to the client, e.g. Prometheus' authorization.credentials_file; it is not stored): {token}");
-            crate::outln!("{BEARER}:{}", hash(&token));
+            crate::outln!(
+                "{BEARER}:{TOKEN_HASH}{}",
+                blake3::hash(token.as_bytes()).to_hex()
+            );
         }
     }
     Ok(())
@@ -172,9 +226,9 @@ mod tests {
         std::fs::write(
             &f,
             format!(
-                "# who reads the status\nalice:{}\n\n{BEARER}:{}\n",
+                "# who reads the status\nalice:{}\n\n{BEARER}:{TOKEN_HASH}{}\n",
                 hash("s3cret:with colon"),
-                hash(&token)
+                blake3::hash(token.as_bytes()).to_hex()
             ),
         )
         .unwrap();
@@ -205,6 +259,9 @@ mod tests {
         std::fs::write(&f, format!("alice:{}\nbob:plain-password\n", hash("x"))).unwrap();
         let e = Credentials::load(&f).err().unwrap().to_string();
         assert!(e.contains("line 2: not a password hash"), "{e}");
+        std::fs::write(&f, format!("{BEARER}:{}\n", hash("x"))).unwrap();
+        let e = Credentials::load(&f).err().unwrap().to_string();
+        assert!(e.contains("line 1: a token's hash is blake3:HEX"), "{e}");
         std::fs::write(&f, "# nothing\n").unwrap();
         let e = Credentials::load(&f).err().unwrap().to_string();
         assert!(e.contains("holds no credentials"), "{e}");

@@ -150,10 +150,17 @@ async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    // Argon2 takes its time: off the async threads.
-    let admitted = tokio::task::spawn_blocking(move || credentials.admits(given.as_deref()))
-        .await
-        .unwrap_or(false);
+    // Argon2 takes its time and memory: off the async threads, a few at once.
+    static VERIFYING: tokio::sync::Semaphore =
+        tokio::sync::Semaphore::const_new(super::auth::VERIFYING);
+    let admitted = if credentials.remembered(given.as_deref()) {
+        true
+    } else {
+        let _turn = VERIFYING.acquire().await;
+        tokio::task::spawn_blocking(move || credentials.admits(given.as_deref()))
+            .await
+            .unwrap_or(false)
+    };
     if admitted {
         return next.run(req).await;
     }
