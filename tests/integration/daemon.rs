@@ -1187,6 +1187,12 @@ fn a_status_server_off_loopback_requires_credentials() {
     let check = env.pbs(&["--config", file.to_str().unwrap(), "config", "check"]);
     assert_eq!(check.code, 0, "{}", check.stderr);
 
+    // systemd's readiness protocol: a datagram socket named in $NOTIFY_SOCKET.
+    let notify_path = env.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut daemon = Command::new("ip")
         .args(["netns", "exec", &ns.name])
         .arg(bin("haul-pbs"))
@@ -1195,6 +1201,7 @@ fn a_status_server_off_loopback_requires_credentials() {
         .arg("daemon")
         .env("HAUL_AGENT", bin("haul-agent"))
         .env("HAUL_CACHE_DIR", env.path("cache"))
+        .env("NOTIFY_SOCKET", &notify_path)
         .stdout(std::process::Stdio::null())
         .stderr(fs::File::create(env.path("daemon.err")).unwrap())
         .spawn()
@@ -1207,10 +1214,12 @@ fn a_status_server_off_loopback_requires_credentials() {
         }
     }
     let _kill = Kill(&mut daemon);
-    let log = || fs::read_to_string(env.path("daemon.err")).unwrap_or_default();
-    wait_until(Duration::from_secs(30), "the status server", || {
-        log().contains("status server listening")
-    });
+    // Ready once the status server listens, as Type=notify units expect.
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 on $NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    let log = fs::read_to_string(env.path("daemon.err")).unwrap_or_default();
+    assert!(log.contains("status server listening"), "{log}");
 
     // No credentials, wrong ones, a token used as a password: 401 with a challenge.
     for auth in [

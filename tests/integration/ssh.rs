@@ -326,27 +326,22 @@ fn the_printed_ssh_setup_applied_to_a_private_sshd_lets_the_pbs_pull_and_no_othe
         .stdout;
     assert!(script.contains("from=\"127.0.0.1\",command="), "{script}");
     fs::write(env.path("setup.sh"), &script).unwrap();
-    let ran = std::process::Command::new("sh")
-        .arg(env.path("setup.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        ran.status.success(),
-        "{}\n{}\n{script}",
-        String::from_utf8_lossy(&ran.stdout),
-        String::from_utf8_lossy(&ran.stderr)
-    );
-    assert!(String::from_utf8_lossy(&ran.stdout).contains("haul: web-1 is set up"));
+    let run_setup = || {
+        let ran = std::process::Command::new("sh")
+            .arg(env.path("setup.sh"))
+            .output()
+            .unwrap();
+        assert!(
+            ran.status.success(),
+            "{}\n{}\n{script}",
+            String::from_utf8_lossy(&ran.stdout),
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        assert!(String::from_utf8_lossy(&ran.stdout).contains("haul: web-1 is set up"));
+    };
+    run_setup();
     // Run twice, it changes nothing and adds no second key line.
-    let again = std::process::Command::new("sh")
-        .arg(env.path("setup.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    run_setup();
     let home = format!("/var/lib/{}", user.0);
     let keys = fs::read_to_string(format!("{home}/.ssh/authorized_keys")).unwrap();
     assert_eq!(keys.lines().count(), 1, "{keys}");
