@@ -871,6 +871,19 @@ fn the_daemon_pushes_each_saved_pull_to_its_clones_and_alerts_for_a_clone_that_i
         metrics["haul_clone_last_push_sent_bytes"].is_array(),
         "{metrics}"
     );
+    // The status page, as Chromium renders it, lists each copy, the stale one first.
+    let dom = chromium(
+        &env.path("chromium"),
+        &["--dump-dom", &format!("http://127.0.0.1:{port}/")],
+    );
+    let at = |clone: &str, word: &str| {
+        dom.find(&format!(
+            r#"data-clone="{clone}" data-host="web-1" data-status="{word}""#
+        ))
+        .unwrap_or_else(|| panic!("no {word} row for {clone}: {dom}"))
+    };
+    let down = at("down", "STALE");
+    assert!(down < at("near", "OK") && down < at("far", "OK"), "{dom}");
 }
 
 /// Headless Chromium (Debian's `chromium`) with a profile of its own, as root needs it

@@ -28,6 +28,7 @@ pub struct Overview {
     pub started: DateTime<Utc>,
     /// Stale hosts first, then failing ones, then by name.
     pub hosts: Vec<HostRow>,
+    /// Each clone's copy of each host, in the same order.
     pub copies: Vec<Copy>,
     pub repositories: Vec<RepoRow>,
     /// Runs in the history, by host, kind and status.
@@ -399,6 +400,12 @@ impl Overview {
         overview
             .hosts
             .sort_by(|a, b| a.condition().cmp(&b.condition()).then(a.name.cmp(&b.name)));
+        overview.copies.sort_by(|a, b| {
+            Condition::of_copy(a)
+                .cmp(&Condition::of_copy(b))
+                .then(a.clone.cmp(&b.clone))
+                .then(a.host.cmp(&b.host))
+        });
         overview
     }
 
