@@ -63,6 +63,11 @@ pub enum Command {
     Snapshots(SnapshotsArgs),
     /// List the contents of a snapshot.
     Ls(LsArgs),
+    /// Compare two snapshots: what was added (+), removed (-), changed in content (M),
+    /// in metadata only (U) or in type (T), with totals.
+    Diff(DiffArgs),
+    /// Find the entries whose name matches a pattern in every snapshot, newest first.
+    Find(FindArgs),
     /// Restore a snapshot into a new or empty directory.
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
@@ -415,6 +420,29 @@ pub struct SnapshotFilter {
     /// Only snapshots with this tag (repeatable: all of them).
     #[arg(long)]
     pub tag: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The older snapshot: an id or unique prefix, `latest`, or `HOST:latest`.
+    pub first: String,
+    /// The newer snapshot.
+    pub second: String,
+    /// Compare only below this path inside the snapshots.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FindArgs {
+    /// Glob patterns matched against entry names (`*.conf`, `id_?sa`); an entry that
+    /// matches any is listed.
+    #[arg(required = true)]
+    pub patterns: Vec<String>,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
+    /// Search only the newest N snapshots the filters select.
+    #[arg(long)]
+    pub newest: Option<usize>,
 }
 
 #[derive(Debug, Args)]

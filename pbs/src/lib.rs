@@ -43,6 +43,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::BackupLocal(a) => commands::backup::backup_local(&ctx, a),
         Command::Snapshots(a) => commands::browse::snapshots(&ctx, a),
         Command::Ls(a) => commands::browse::ls(&ctx, a),
+        Command::Diff(a) => commands::compare::diff(&ctx, a),
+        Command::Find(a) => commands::compare::find(&ctx, a),
         Command::Restore(a) => commands::restore::restore(&ctx, a),
         Command::Check(a) => commands::check::check(&ctx, a),
         Command::Pull(a) => commands::pull::pull(&ctx, a),

@@ -6,6 +6,7 @@
 //! build the binaries first (`cargo build --workspace --bins`, as scripts/test.sh does).
 
 mod check;
+mod compare;
 mod daemon;
 mod dedup;
 mod faults;

@@ -166,14 +166,21 @@ fn mode_string(node: &Node) -> String {
         NodeKind::BlockDevice => 'b',
     };
     let mut s = String::from(t);
-    for shift in [6, 3, 0] {
+    // setuid, setgid and sticky show in the owner's, group's and others' x, as ls -l.
+    for (shift, special, on) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
         let bits = (node.mode >> shift) & 7;
         s.push(if bits & 4 != 0 { 'r' } else { '-' });
         s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+        s.push(match (bits & 1 != 0, node.mode & special != 0) {
+            (true, true) => on,
+            (false, true) => on.to_ascii_uppercase(),
+            (true, false) => 'x',
+            (false, false) => '-',
+        });
     }
     s
 }
+
 
 fn print_node(ctx: &Context, path: &str, node: &Node) {
     let mtime =
@@ -209,4 +216,23 @@ fn print_node(ctx: &Context, path: &str, node: &Node) {
         line.push_str(&String::from_utf8_lossy(&node.target));
     }
     crate::outln!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_bits_show_as_ls_shows_them() {
+        let node = |kind, mode| Node {
+            kind,
+            mode,
+            ..Node::default()
+        };
+        assert_eq!(mode_string(&node(NodeKind::File, 0o4755)), "-rwsr-xr-x");
+        assert_eq!(mode_string(&node(NodeKind::File, 0o2644)), "-rw-r-Sr--");
+        assert_eq!(mode_string(&node(NodeKind::Dir, 0o1777)), "drwxrwxrwt");
+        assert_eq!(mode_string(&node(NodeKind::Dir, 0o1770)), "drwxrwx--T");
+        assert_eq!(mode_string(&node(NodeKind::File, 0o640)), "-rw-r-----");
+    }
 }

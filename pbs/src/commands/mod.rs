@@ -4,6 +4,7 @@ pub mod admin;
 pub mod backup;
 pub mod browse;
 pub mod check;
+pub mod compare;
 pub mod forget;
 pub mod import;
 pub mod prune;

@@ -1,0 +1,199 @@
+//! `diff` and `find`: what changed between two snapshots, and where a name exists in
+//! the history, read from the trees alone.
+
+use haul_tests::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+/// `--json diff A B [PATH]`: each path below `under` with its modifier, and the totals.
+fn diff(env: &Env, args: &[&str], under: &str) -> (BTreeMap<String, String>, serde_json::Value) {
+    let mut all = vec!["--json", "diff"];
+    all.extend(args);
+    let lines = env.pbs(&all).expect(0).json();
+    let changes = lines
+        .iter()
+        .filter(|v| v["type"] == "change")
+        .filter_map(|v| {
+            let p = v["path"].as_str().unwrap();
+            p.strip_prefix(under).map(|rest| {
+                (
+                    rest.to_string(),
+                    v["modifier"].as_str().unwrap().to_string(),
+                )
+            })
+        })
+        .collect();
+    let stats = lines
+        .iter()
+        .find(|v| v["type"] == "statistics")
+        .expect("the totals")
+        .clone();
+    (changes, stats)
+}
+
+#[test]
+fn diff_names_every_kind_of_change_and_skips_what_did_not_change() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("same/deep")).unwrap();
+    fs::write(src.join("same/deep/kept"), "kept\n").unwrap();
+    fs::write(src.join("keep.txt"), "keep\n").unwrap();
+    fs::write(src.join("change.txt"), "before\n").unwrap();
+    fs::write(src.join("meta.txt"), "meta\n").unwrap();
+    fs::write(src.join("gone.txt"), "gone, 17 bytes.\n").unwrap();
+    fs::write(src.join("flip"), "a file, then a directory\n").unwrap();
+    let first = env.backup(&[&src], &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    fs::write(src.join("change.txt"), "after, longer\n").unwrap();
+    fs::set_permissions(src.join("meta.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(src.join("gone.txt")).unwrap();
+    fs::remove_file(src.join("flip")).unwrap();
+    fs::create_dir(src.join("flip")).unwrap();
+    fs::write(src.join("flip/inner"), "inner\n").unwrap();
+    fs::write(src.join("new.txt"), "new\n").unwrap();
+    fs::create_dir(src.join("newdir")).unwrap();
+    fs::write(src.join("newdir/x"), "x\n").unwrap();
+    let second = env.backup(&[&src], &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let under = src.display().to_string();
+    let (changes, stats) = diff(&env, &[&first, &second], &under);
+    let want: BTreeMap<String, String> = [
+        ("", "U"), // the directory itself: its mtime
+        ("/change.txt", "M"),
+        ("/meta.txt", "U"),
+        ("/gone.txt", "-"),
+        ("/flip", "T"),
+        ("/flip/inner", "+"),
+        ("/new.txt", "+"),
+        ("/newdir", "+"),
+        ("/newdir/x", "+"),
+    ]
+    .into_iter()
+    .map(|(p, m)| (p.to_string(), m.to_string()))
+    .collect();
+    assert_eq!(changes, want);
+    assert_eq!(stats["files_added"], 3, "{stats}");
+    assert_eq!(stats["files_removed"], 1);
+    assert_eq!(stats["files_changed"], 1);
+    assert_eq!(stats["dirs_added"], 1);
+    assert_eq!(stats["type_changed"], 1);
+    assert_eq!(stats["bytes_removed"], 16);
+    // The other way round, what was added is removed.
+    let (back, _) = diff(&env, &[&second, &first], &under);
+    assert_eq!(back["/newdir/x"], "-");
+    assert_eq!(back["/gone.txt"], "+");
+    assert_eq!(back["/change.txt"], "M");
+    // Below a path only, and nothing between a snapshot and itself.
+    let newdir = format!("{under}/newdir");
+    let (only, _) = diff(&env, &[&first, &second, &newdir], &under);
+    assert_eq!(only.keys().collect::<Vec<_>>(), ["/newdir/x"]);
+    let (none, stats) = diff(&env, &[&second, &second], "");
+    assert!(none.is_empty() && stats["files_changed"] == 0, "{none:?}");
+    // The human form, with restic's modifiers.
+    let text = env.pbs(&["diff", &first, &second]).expect(0).stdout;
+    assert!(
+        text.contains(&format!("M    {under}/change.txt\n")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("+    {under}/newdir/\n")), "{text}");
+    assert!(
+        text.contains("Files: 3 new, 1 removed, 1 changed"),
+        "{text}"
+    );
+    // A snapshot that is not there is named.
+    let r = env.pbs(&["diff", &first, "ffffffff"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("ffffffff"), "{}", r.stderr);
+}
+
+#[test]
+fn find_lists_every_snapshot_holding_a_matching_name_newest_first() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("etc/deep")).unwrap();
+    // In a directory that never changes: found in every snapshot all the same.
+    fs::write(src.join("etc/deep/x.conf"), "x = 1\n").unwrap();
+    fs::write(src.join("a.conf"), "a = 1\n").unwrap();
+    let mut ids = Vec::new();
+    ids.push(
+        env.backup(&[&src], &[])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    fs::write(src.join("a.conf"), "a = 22\n").unwrap();
+    ids.push(
+        env.backup(&[&src], &[])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    fs::remove_file(src.join("a.conf")).unwrap();
+    fs::write(src.join("b.conf"), "b = 333\n").unwrap();
+    ids.push(
+        env.backup(&[&src], &[])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+
+    let under = src.display().to_string();
+    let found = |args: &[&str]| -> Vec<(String, String, u64)> {
+        let mut all = vec!["--json", "find"];
+        all.extend(args);
+        env.pbs(&all)
+            .expect(0)
+            .json()
+            .into_iter()
+            .filter(|v| v["type"] == "match")
+            .map(|v| {
+                (
+                    v["snapshot"].as_str().unwrap().to_string(),
+                    v["path"]
+                        .as_str()
+                        .unwrap()
+                        .strip_prefix(&under)
+                        .unwrap()
+                        .to_string(),
+                    v["size"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let m = |i: usize, p: &str, size: u64| (ids[i].clone(), p.to_string(), size);
+    assert_eq!(
+        found(&["*.conf"]),
+        [
+            m(2, "/b.conf", 8),
+            m(2, "/etc/deep/x.conf", 6),
+            m(1, "/a.conf", 7),
+            m(1, "/etc/deep/x.conf", 6),
+            m(0, "/a.conf", 6),
+            m(0, "/etc/deep/x.conf", 6),
+        ]
+    );
+    assert_eq!(
+        found(&["a.*", "b.*", "--newest", "1"]),
+        [m(2, "/b.conf", 8)]
+    );
+    assert_eq!(found(&["deep"]).len(), 3);
+    assert!(found(&["*.nothing"]).is_empty());
+    let text = env.pbs(&["find", "b.conf"]).expect(0).stdout;
+    assert!(text.contains(&format!("{under}/b.conf")), "{text}");
+    assert!(
+        text.contains("1 match(es) in 3 snapshot(s) searched"),
+        "{text}"
+    );
+    let r = env.pbs(&["find", "[oops"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("pattern \"[oops\""), "{}", r.stderr);
+}
