@@ -68,6 +68,9 @@ pub enum Command {
     Diff(DiffArgs),
     /// Find the entries whose name matches a pattern in every snapshot, newest first.
     Find(FindArgs),
+    /// Write a file of a snapshot to stdout, or a directory (or the whole snapshot) as
+    /// a tar stream with owners, modes, times, xattrs, hard links and devices.
+    Dump(DumpArgs),
     /// Restore a snapshot into a new or empty directory.
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
@@ -430,6 +433,17 @@ pub struct DiffArgs {
     pub second: String,
     /// Compare only below this path inside the snapshots.
     pub path: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// Snapshot: an id (or unique prefix), `latest` (the newest that the filters
+    /// select), or `HOST:latest`.
+    pub snapshot: String,
+    /// The file or directory inside the snapshot (`/`: all of it, as a tar).
+    pub path: String,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
 }
 
 #[derive(Debug, Args)]

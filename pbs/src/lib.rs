@@ -45,6 +45,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Ls(a) => commands::browse::ls(&ctx, a),
         Command::Diff(a) => commands::compare::diff(&ctx, a),
         Command::Find(a) => commands::compare::find(&ctx, a),
+        Command::Dump(a) => commands::dump::dump(&ctx, a),
         Command::Restore(a) => commands::restore::restore(&ctx, a),
         Command::Check(a) => commands::check::check(&ctx, a),
         Command::Pull(a) => commands::pull::pull(&ctx, a),

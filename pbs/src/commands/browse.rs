@@ -181,7 +181,6 @@ fn mode_string(node: &Node) -> String {
     s
 }
 
-
 fn print_node(ctx: &Context, path: &str, node: &Node) {
     let mtime =
         chrono::DateTime::from_timestamp(node.mtime.sec, node.mtime.nsec).unwrap_or_default();
