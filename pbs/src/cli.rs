@@ -71,6 +71,9 @@ pub enum Command {
     /// Write a file of a snapshot to stdout, or a directory (or the whole snapshot) as
     /// a tar stream with owners, modes, times, xattrs, hard links and devices.
     Dump(DumpArgs),
+    /// How big snapshots are: what a restore of each writes (restore-size), or the
+    /// distinct data they use with its deduplication and compression (raw-data).
+    Stats(StatsArgs),
     /// Restore a snapshot into a new or empty directory.
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
@@ -444,6 +447,25 @@ pub struct DumpArgs {
     pub path: String,
     #[command(flatten)]
     pub filter: SnapshotFilter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsMode {
+    /// What restores of the snapshots would write, added up.
+    RestoreSize,
+    /// The distinct blobs the snapshots use, once each, plain and stored.
+    RawData,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Snapshots (ids, prefixes, `latest`, `HOST:latest`); default: every snapshot the
+    /// filters select.
+    pub snapshots: Vec<String>,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
+    #[arg(long, value_enum, default_value = "restore-size")]
+    pub mode: StatsMode,
 }
 
 #[derive(Debug, Args)]

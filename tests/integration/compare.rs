@@ -283,3 +283,56 @@ fn dump_writes_a_file_as_it_is_and_a_directory_as_a_tar_gnu_tar_extracts_to_the_
         r.stderr
     );
 }
+
+#[test]
+fn stats_adds_up_restores_and_counts_distinct_data_as_check_does() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("copy")).unwrap();
+    let random = random_bytes(7, 3 << 20);
+    fs::write(src.join("a.bin"), &random).unwrap();
+    fs::write(src.join("copy/a.bin"), &random).unwrap();
+    let text = "the same line, again and again\n".repeat(40_000);
+    fs::write(src.join("text.txt"), &text).unwrap();
+    env.backup(&[&src], &[]);
+    env.backup(&[&src], &[]);
+    let size = (2 * random.len() + text.len()) as u64;
+
+    let stats = |args: &[&str]| {
+        let mut all = vec!["--json", "stats"];
+        all.extend(args);
+        env.pbs(&all).expect(0).json_of("stats")
+    };
+    // Two snapshots of three files each, every one counted.
+    let r = stats(&[]);
+    assert_eq!(r["snapshots"], 2);
+    assert_eq!(r["files"], 6);
+    assert_eq!(r["restore_size"], 2 * size);
+    let one = stats(&["latest"]);
+    assert_eq!(
+        (one["files"].as_u64(), one["restore_size"].as_u64()),
+        (Some(3), Some(size))
+    );
+
+    // The distinct data: the random file once, the text compressed.
+    let raw = stats(&["--mode", "raw-data"]);
+    let dedup = raw["dedup_ratio"].as_f64().unwrap();
+    assert!(dedup > 3.0, "{raw}");
+    assert!(raw["compression_ratio"].as_f64().unwrap() > 1.2, "{raw}");
+    assert!(raw["raw_size"].as_u64().unwrap() < size, "{raw}");
+    // As check counts them: every blob and every pack is used by these snapshots.
+    let check = env.pbs(&["--json", "check"]).expect(0).json_of("check");
+    assert_eq!(raw["blobs"], check["blobs"], "{raw} {check}");
+    assert_eq!(raw["packs"], check["packs"], "{raw} {check}");
+    let packs: u64 = walk_files(&env.repo().join("data"))
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(raw["stored_size"].as_u64().unwrap() <= packs, "{raw}");
+    let text = env.pbs(&["stats", "--mode", "raw-data"]).expect(0).stdout;
+    assert!(
+        text.contains("deduplication: ") && text.contains("x, compression: "),
+        "{text}"
+    );
+}

@@ -15,6 +15,7 @@ pub mod repair;
 pub mod restore;
 pub mod serve;
 pub mod setup;
+pub mod stats;
 
 use crate::cli::Global;
 use crate::error::CliError;
