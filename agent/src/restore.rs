@@ -229,6 +229,7 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
     let opts = RestoreOptions {
         target: target.clone(),
         includes: a.includes,
+        excludes: Vec::new(),
         threads: a
             .threads
             .map_or_else(restore::default_threads, |t| t as usize)

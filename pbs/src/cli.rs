@@ -508,6 +508,10 @@ pub struct RestoreArgs {
     /// Restore only this path of the snapshot and what is below it (repeatable).
     #[arg(long, short = 'i')]
     pub include: Vec<String>,
+    /// Do not restore entries whose path in the snapshot, or whose name, matches this
+    /// glob (repeatable; as a backup's --exclude). On this machine only.
+    #[arg(long, short = 'e', conflicts_with_all = ["via_agent", "to_host"])]
+    pub exclude: Vec<String>,
     /// Writing threads (default: four per CPU, 4 to 16: a writer mostly waits in the
     /// kernel).
     #[arg(long)]

@@ -177,6 +177,9 @@ pub struct RestoreOptions {
     /// Paths inside the snapshot (like `/srv/www` or `srv/www/index.html`); when not
     /// empty, only these and what lies below them are restored (with their parents).
     pub includes: Vec<String>,
+    /// Glob patterns (as a backup's `--exclude`): entries whose path inside the
+    /// snapshot, or whose name, matches one are not restored, nor what is below them.
+    pub excludes: Vec<glob::Pattern>,
     pub threads: usize,
 }
 
@@ -298,6 +301,7 @@ pub fn restore(
         root,
         &staging,
         &includes,
+        &opts.excludes,
         opts.threads.max(1),
         stats,
         None,
@@ -454,6 +458,10 @@ struct Restorer<'a> {
     reuse: Option<&'a dyn Reuse>,
     /// The next file's number for `reuse`.
     seq: u64,
+    /// Entries not to restore, and the directory the snapshot's root is restored
+    /// into (an entry's path in the snapshot is its path below it).
+    excludes: &'a [glob::Pattern],
+    root: PathBuf,
 }
 
 /// Restores the tree `root` into the directory `staging`, which exists and is empty.
@@ -462,6 +470,7 @@ pub(crate) fn restore_into(
     root: &TreeId,
     staging: &Path,
     includes: &[Vec<Vec<u8>>],
+    excludes: &[glob::Pattern],
     threads: usize,
     stats: &RestoreStats,
     reuse: Option<&dyn Reuse>,
@@ -528,6 +537,8 @@ pub(crate) fn restore_into(
             warnings: Vec::new(),
             reuse,
             seq: 0,
+            excludes,
+            root: staging.to_path_buf(),
         };
         let walked = source
             .load_tree(root)
@@ -647,6 +658,12 @@ impl Restorer<'_> {
                 }
             };
             let child = path.join(OsStr::from_bytes(&node.name));
+            if !self.excludes.is_empty() {
+                let inside = Path::new("/").join(child.strip_prefix(&self.root).unwrap_or(&child));
+                if crate::walk::excluded(self.excludes, &inside, &node.name) {
+                    continue;
+                }
+            }
             self.node(&child, node, &below)?;
         }
         Ok(())
@@ -953,6 +970,7 @@ mod tests {
         let opts = RestoreOptions {
             target: target.to_path_buf(),
             includes: includes.iter().map(|s| s.to_string()).collect(),
+            excludes: Vec::new(),
             threads: 2,
         };
         restore(src, root, &opts, &RestoreStats::default()).unwrap()

@@ -228,6 +228,7 @@ fn build(
         root,
         next,
         &[],
+        &[],
         opts.threads.max(1),
         stats,
         Some(&hook),

@@ -121,6 +121,23 @@ pub struct WalkOutcome {
 }
 
 /// Patterns that exclude entries.
+/// Whether an entry at `path` named `name` matches one of `patterns`: against its full
+/// path, or against its name (`*` does not cross a `/`). Backups and restores exclude
+/// alike.
+pub fn excluded(patterns: &[glob::Pattern], path: &Path, name: &[u8]) -> bool {
+    if patterns.is_empty() {
+        return false;
+    }
+    let name = String::from_utf8_lossy(name);
+    let opts = glob::MatchOptions {
+        require_literal_separator: true,
+        ..Default::default()
+    };
+    patterns
+        .iter()
+        .any(|p| p.matches_path_with(path, opts) || p.matches_with(&name, opts))
+}
+
 pub fn compile_excludes(patterns: &[String]) -> Result<Vec<glob::Pattern>, String> {
     patterns
         .iter()
@@ -603,18 +620,7 @@ impl Walker<'_> {
     }
 
     fn excluded(&self, path: &Path, name: &[u8]) -> bool {
-        if self.opts.excludes.is_empty() {
-            return false;
-        }
-        let name = String::from_utf8_lossy(name);
-        let opts = glob::MatchOptions {
-            require_literal_separator: true,
-            ..Default::default()
-        };
-        self.opts
-            .excludes
-            .iter()
-            .any(|p| p.matches_path_with(path, opts) || p.matches_with(&name, opts))
+        excluded(&self.opts.excludes, path, name)
     }
 
     /// A directory above the backup paths (or the virtual root, when `own` is None).

@@ -336,3 +336,66 @@ fn stats_adds_up_restores_and_counts_distinct_data_as_check_does() {
         "{text}"
     );
 }
+
+#[test]
+fn restore_exclude_leaves_out_matching_names_and_paths_and_keeps_the_rest_whole() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    env.backup(&[&src], &[]);
+    let (all, some) = (env.path("all"), env.path("some"));
+    env.restore(&all, &[]).expect(0);
+    let sub = format!("{}/dir/sub", src.display());
+    env.pbs(&[
+        "restore",
+        "latest",
+        "--target",
+        some.to_str().unwrap(),
+        "--exclude",
+        "*.bin",
+        "--exclude",
+        &sub,
+    ])
+    .expect(0);
+    let rel = src.strip_prefix("/").unwrap();
+    let files = |root: &std::path::Path| -> Vec<String> {
+        let base = root.join(rel);
+        let mut v: Vec<String> = walk_files(&base)
+            .iter()
+            .map(|p| p.strip_prefix(&base).unwrap().display().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let want: Vec<String> = files(&all)
+        .into_iter()
+        .filter(|p| !p.ends_with(".bin") && !p.starts_with("dir/sub"))
+        .collect();
+    assert!(files(&all).len() > want.len() + 2);
+    assert_eq!(files(&some), want);
+    assert!(!some.join(rel).join("dir/sub").exists());
+    assert!(some.join(rel).join("dir").is_dir());
+    for f in &want {
+        let (a, b) = (all.join(rel).join(f), some.join(rel).join(f));
+        if fs::symlink_metadata(&a).unwrap().is_file() {
+            assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap(), "{f}");
+        }
+    }
+    // Through the agent it is refused, saying so.
+    let r = env.pbs(&[
+        "restore",
+        "latest",
+        "--target",
+        env.path("x").to_str().unwrap(),
+        "--via-agent",
+        "--exclude",
+        "*.bin",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--exclude") && r.stderr.contains("--via-agent"),
+        "{}",
+        r.stderr
+    );
+}

@@ -35,6 +35,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
     let opts = RestoreOptions {
         target: target.clone(),
         includes: args.include.clone(),
+        excludes: haul_protocol::walk::compile_excludes(&args.exclude).map_err(CliError::usage)?,
         threads: args
             .threads
             .unwrap_or_else(haul_protocol::restore::default_threads)
