@@ -300,8 +300,10 @@ pub fn restore(
         source,
         root,
         &staging,
-        &includes,
-        &opts.excludes,
+        Selection {
+            includes: &includes,
+            excludes: &opts.excludes,
+        },
         opts.threads.max(1),
         stats,
         None,
@@ -464,13 +466,20 @@ struct Restorer<'a> {
     root: PathBuf,
 }
 
+/// What of a snapshot a restore writes: with includes, only those paths (split into
+/// names) and what is below them; never an entry an exclude matches.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Selection<'a> {
+    pub includes: &'a [Vec<Vec<u8>>],
+    pub excludes: &'a [glob::Pattern],
+}
+
 /// Restores the tree `root` into the directory `staging`, which exists and is empty.
 pub(crate) fn restore_into(
     source: &dyn BlobSource,
     root: &TreeId,
     staging: &Path,
-    includes: &[Vec<Vec<u8>>],
-    excludes: &[glob::Pattern],
+    select: Selection<'_>,
     threads: usize,
     stats: &RestoreStats,
     reuse: Option<&dyn Reuse>,
@@ -537,14 +546,15 @@ pub(crate) fn restore_into(
             warnings: Vec::new(),
             reuse,
             seq: 0,
-            excludes,
+            excludes: select.excludes,
             root: staging.to_path_buf(),
         };
         let walked = source
             .load_tree(root)
             .map_err(RestoreError::from)
             .and_then(|tree| {
-                let filter: Vec<&[Vec<u8>]> = includes.iter().map(|v| v.as_slice()).collect();
+                let filter: Vec<&[Vec<u8>]> =
+                    select.includes.iter().map(|v| v.as_slice()).collect();
                 r.dir(staging, tree, &filter)
             });
         r.jobs = None; // workers finish the queue and exit
