@@ -623,4 +623,16 @@ pub struct CheckArgs {
     /// Also read, decrypt, decompress and re-hash every blob.
     #[arg(long)]
     pub read_data: bool,
+    /// Read only part of the packs whole: N/M (part N of M: parts 1 to M together read
+    /// every pack once) or P% (that share, drawn at random). Implies --read-data.
+    #[arg(long, value_name = "N/M|P%", value_parser = parse_subset)]
+    pub read_data_subset: Option<haul_repo::check::Subset>,
+    /// Stop reading packs whole after this long (`30m`, `2h`); their headers are still
+    /// checked, and the report says how many were left. Implies --read-data.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_duration: Option<std::time::Duration>,
+}
+
+fn parse_subset(text: &str) -> Result<haul_repo::check::Subset, String> {
+    haul_repo::check::Subset::parse(text)
 }

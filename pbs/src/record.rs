@@ -285,6 +285,8 @@ pub struct CheckDetails {
     pub bytes_read: u64,
     pub errors: u64,
     pub read_data: bool,
+    /// Packs read whole (a subset, or all with read_data).
+    pub packs_read: u64,
     /// Stored bytes no snapshot uses.
     pub unused_bytes: u64,
 }

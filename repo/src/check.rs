@@ -21,6 +21,61 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 #[derive(Debug, Clone, Default)]
 pub struct CheckOptions {
     pub read_data: bool,
+    /// With `read_data`: read only these packs whole (the others' headers are checked).
+    pub subset: Option<Subset>,
+    /// With `read_data`: past this moment no more packs are read whole (their headers
+    /// are still checked); the report says how many were read.
+    pub deadline: Option<std::time::Instant>,
+}
+
+/// A part of the packs a check reads whole.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Subset {
+    /// Part `n` of `m` (1-based): a pack belongs to exactly one part, by its id, so
+    /// parts 1 to m together read every pack once.
+    Part { n: u32, m: u32 },
+    /// About this percentage of the packs, drawn at random for each check.
+    Percent(f64),
+}
+
+impl Subset {
+    /// `N/M` or `P%`.
+    pub fn parse(text: &str) -> std::result::Result<Subset, String> {
+        let bad = || {
+            format!("{text:?} is not a subset: give N/M (part N of M, like 2/7) or P% (like 10%)")
+        };
+        if let Some(p) = text.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!("{text:?}: the percentage is from above 0 to 100"));
+            }
+            return Ok(Subset::Percent(p));
+        }
+        let (n, m) = text.split_once('/').ok_or_else(bad)?;
+        let (n, m): (u32, u32) = (
+            n.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if m == 0 || n == 0 || n > m {
+            return Err(format!("{text:?}: part N of M needs 1 <= N <= M"));
+        }
+        Ok(Subset::Part { n, m })
+    }
+
+    /// Whether `pack` is in this part; `seed` draws the random share.
+    pub fn holds(&self, pack: &PackId, seed: &[u8; 32]) -> bool {
+        match *self {
+            Subset::Part { n, m } => {
+                let at = u64::from_le_bytes(pack.0[..8].try_into().expect("8 bytes"));
+                at % m as u64 == (n - 1) as u64
+            }
+            Subset::Percent(p) => {
+                let h = blake3::keyed_hash(seed, &pack.0);
+                let draw = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+                (draw as f64 / u64::MAX as f64) * 100.0 < p
+            }
+        }
+    }
 }
 
 /// A file or directory a damaged blob makes unrestorable.
@@ -44,6 +99,10 @@ pub struct Damage {
 pub struct CheckReport {
     pub snapshots: usize,
     pub packs: usize,
+    /// Packs read whole (all of them with `read_data` and no subset).
+    pub packs_read: usize,
+    /// Packs of the subset not read because the time was up.
+    pub packs_left_unread: usize,
     pub blobs: usize,
     pub trees_checked: usize,
     pub bytes_read: u64,
@@ -121,6 +180,8 @@ pub fn check(
 
     // Packs against the index.
     let mut done = 0;
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).expect("OS random numbers");
     let mut packs: Vec<(&PackId, &Vec<PackEntry>)> = indexed.iter().collect();
     packs.sort_by_key(|(id, _)| **id);
     for (pack, entries) in packs {
@@ -142,7 +203,13 @@ pub fn check(
             }
             continue;
         };
-        if opts.read_data {
+        let chosen = opts.subset.is_none_or(|s| s.holds(pack, &seed));
+        let in_time = opts.deadline.is_none_or(|d| std::time::Instant::now() < d);
+        if opts.read_data && chosen && !in_time {
+            report.packs_left_unread += 1;
+        }
+        if opts.read_data && chosen && in_time {
+            report.packs_read += 1;
             check_pack_data(repo, pack, size, entries, &mut report, &mut bad)?;
             continue;
         }

@@ -365,3 +365,74 @@ fn check_reports_the_unused_share_left_by_forgotten_snapshots() {
         "{text}"
     );
 }
+
+#[test]
+fn subset_checks_find_damage_only_in_their_part_and_together_read_every_pack_once() {
+    let (env, src) = Env::with_source();
+    // Several sessions, several packs.
+    for i in 0..6 {
+        fs::write(
+            src.join(format!("f{i}.bin")),
+            random_bytes(100 + i, 1 << 20),
+        )
+        .unwrap();
+        env.backup(&[&src], &[]);
+    }
+    let report = |args: &[&str], code: i32| {
+        let mut all = vec!["--json", "check"];
+        all.extend(args);
+        env.pbs(&all).expect(code).json_of("check")
+    };
+    let packs = report(&[], 0)["packs"].as_u64().unwrap();
+    assert!(packs >= 6, "{packs} packs");
+    let pack = walk_files(&env.repo().join("data"))
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    flip_byte(&pack, 1000);
+
+    // Parts 1 to 3: disjoint, every pack read once, the damage found by one part only.
+    let (mut read, mut found) = (0, 0);
+    for n in 1..=3 {
+        let part = format!("{n}/3");
+        let run = env.pbs(&["--json", "check", "--read-data-subset", &part]);
+        assert!(run.code == 0 || run.code == 3, "{part}: {}", run.stderr);
+        let r = run.json_of("check");
+        read += r["packs_read"].as_u64().unwrap();
+        if run.code == 3 {
+            found += 1;
+            assert!(
+                r["errors"]
+                    .to_string()
+                    .contains(&pack.file_name().unwrap().to_string_lossy()[..8]),
+                "{r}"
+            );
+        }
+    }
+    assert_eq!(read, packs);
+    assert_eq!(found, 1);
+    // All of them, as a share; none, when the time is up at once.
+    assert_eq!(
+        report(&["--read-data-subset", "100%"], 3)["packs_read"],
+        packs
+    );
+    let r = report(&["--read-data-subset", "100%", "--max-duration", "0s"], 0);
+    assert_eq!(
+        (r["packs_read"].as_u64(), r["packs_left_unread"].as_u64()),
+        (Some(0), Some(packs))
+    );
+    let runs = env.runs();
+    let last = runs.iter().rev().find(|r| r["kind"] == "check").unwrap();
+    assert_eq!(last["details"]["check"]["packs_read"], 0);
+    for bad in ["0/3", "4/3", "x", "0%", "150%"] {
+        let r = env.pbs(&["check", "--read-data-subset", bad]);
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("subset")
+                || r.stderr.contains("N <= M")
+                || r.stderr.contains("percentage"),
+            "{bad}: {}",
+            r.stderr
+        );
+    }
+}

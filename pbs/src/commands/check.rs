@@ -34,7 +34,8 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
                 blobs: r.blobs as u64,
                 bytes_read: r.bytes_read,
                 errors: r.errors.len() as u64,
-                read_data: args.read_data,
+                read_data: reads(&args),
+                packs_read: r.packs_read as u64,
                 unused_bytes: r.unused.bytes,
             }));
             if !r.ok() {
@@ -64,12 +65,18 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Whether the check reads packs whole (some or all of them).
+fn reads(args: &CheckArgs) -> bool {
+    args.read_data || args.read_data_subset.is_some() || args.max_duration.is_some()
+}
+
 /// Checks the repository; `location` is set to where it is once it is open.
 fn check_repository(
     ctx: &Context,
     args: &CheckArgs,
     location: &mut String,
 ) -> Result<check::CheckReport, CliError> {
+    let started = std::time::Instant::now();
     // Check what the repository says, not what a local cache remembers.
     let (repo, _lock) = ctx.open_for_reading(None, "check", false)?;
     *location = repo.backend().location();
@@ -93,7 +100,9 @@ fn check_repository(
         check::check(
             &repo,
             &CheckOptions {
-                read_data: args.read_data,
+                read_data: reads(args),
+                subset: args.read_data_subset,
+                deadline: args.max_duration.map(|d| started + d),
             },
             &progress,
         )?
@@ -107,12 +116,22 @@ fn check_repository(
             report.packs,
             report.blobs,
             report.trees_checked,
-            if args.read_data {
-                format!(", {} read and verified", bytes(report.bytes_read))
+            if reads(args) {
+                format!(
+                    ", {} packs ({}) read and verified",
+                    report.packs_read,
+                    bytes(report.bytes_read)
+                )
             } else {
                 String::new()
             }
         );
+        if report.packs_left_unread > 0 {
+            crate::outln!(
+                "time was up: {} packs of the subset were not read (their headers were checked)",
+                report.packs_left_unread
+            );
+        }
         let u = &report.unused;
         crate::outln!(
             "unused: {} of {} stored ({:.1}%) in {} blobs; {} packs hold only unused blobs, {} some",

@@ -670,7 +670,16 @@ mod tests {
 
     fn clean(repo: &IndexedRepository) -> crate::check::CheckReport {
         let fresh = reopen(repo.backend().clone());
-        let report = check(&fresh, &CheckOptions { read_data: true }, &|_, _| {}).unwrap();
+        let report = check(
+            &fresh,
+            &CheckOptions {
+                read_data: true,
+                subset: None,
+                deadline: None,
+            },
+            &|_, _| {},
+        )
+        .unwrap();
         assert!(report.ok(), "{:?}", report.errors);
         report
     }

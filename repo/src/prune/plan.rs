@@ -406,7 +406,11 @@ mod tests {
         let reopened = crate::usage::tests::reopen(repo.backend().clone());
         let report = crate::check::check(
             &reopened,
-            &crate::check::CheckOptions { read_data: true },
+            &crate::check::CheckOptions {
+                read_data: true,
+                subset: None,
+                deadline: None,
+            },
             &|_, _| {},
         )
         .unwrap();
