@@ -163,6 +163,14 @@ pub struct ServerSettings {
     /// When the daemon prunes each repository, if a snapshot of it was forgotten
     /// since its last prune (default: weekly).
     pub prune_schedule: Schedule,
+    /// When the daemon checks each repository (default: never). Each check is a run
+    /// in the history and the feed.
+    pub check_schedule: Option<Schedule>,
+    /// With `check_schedule`: read every pack whole within this period, one part of
+    /// them at each check (`"30d"`: with a daily check, part 1 of 30, then 2 of 30 ...).
+    /// Without it, the scheduled checks read no pack whole.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub check_read_data_period: Option<Duration>,
     /// A host without a successful run for this long is stale: a warning item in the
     /// feed, and `stale` in status and metrics.
     #[serde(deserialize_with = "de_duration")]
@@ -196,6 +204,8 @@ impl Default for ServerSettings {
             max_concurrent: 2,
             schedule: Schedule::Every(Duration::from_secs(24 * 3600)),
             prune_schedule: Schedule::Every(Duration::from_secs(7 * 24 * 3600)),
+            check_schedule: None,
+            check_read_data_period: None,
             alert_window: Duration::from_secs(26 * 3600),
             retention: Retention::default(),
             stall_timeout: Duration::from_secs(10 * 60),
@@ -536,6 +546,12 @@ impl Config {
                     "{} is not a loopback address: set [server].status_credentials to a file of credentials (`haul-pbs status-credentials` makes its lines), or listen on 127.0.0.1 behind a reverse proxy",
                     s.status_listen
                 ),
+            ));
+        }
+        if s.check_read_data_period.is_some() && s.check_schedule.is_none() {
+            return Err(at(
+                &[Seg::Key("server"), Seg::Key("check_read_data_period")],
+                "is set without [server].check_schedule: set when the daemon checks".into(),
             ));
         }
         if !(1..=64).contains(&s.max_concurrent) {

@@ -287,6 +287,9 @@ pub struct CheckDetails {
     pub read_data: bool,
     /// Packs read whole (a subset, or all with read_data).
     pub packs_read: u64,
+    /// The part of the packs read whole (`2/30`, `10%`), if not all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
     /// Stored bytes no snapshot uses.
     pub unused_bytes: u64,
 }

@@ -926,7 +926,7 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
     };
     let state = env.path("state");
     let config = format!(
-        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\n\n[feed]\ntitle = \"fleet <&> backups\"\n\
+        "[server]\nstate_dir = {:?}\nstatus_listen = \"127.0.0.1:{port}\"\ncheck_schedule = \"2s\"\ncheck_read_data_period = \"6s\"\n\n[feed]\ntitle = \"fleet <&> backups\"\n\
          \n[[host]]\nname = \"good\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n\
          \n[[host]]\nname = \"bad\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{:?}]\nschedule = \"3s\"\n\
          \n[[notify]]\non = [\"failed\"]\ncommand = [\"/bin/sh\", \"-c\", \"echo $HAUL_HOST $HAUL_STATUS >> \\\"$0\\\"\", {:?}]\n",
@@ -936,7 +936,7 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         env.path("notified").display().to_string(),
     );
     let (_config, _sup) = supervised_daemon(&env, &config, &[("HAUL_LOG_JSON", "true".into())]);
-    let r = wait_records(&state, Duration::from_secs(60), |r| {
+    wait_records(&state, Duration::from_secs(60), |r| {
         pulls_of(r, "good").filter(|v| v["status"] == "ok").count() >= 2
             && pulls_of(r, "bad").any(|v| v["status"] == "failed")
     });
@@ -950,6 +950,24 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
     assert!(log.contains("created repository"), "{log}");
+    // Scheduled checks read the packs a third at a time (a 6 s period, every 2 s), in
+    // turn, each a run in the history and the feed.
+    let r = wait_records(&state, Duration::from_secs(60), |r| {
+        r.iter().filter(|v| v["kind"] == "check").count() >= 4
+    });
+    let checks: Vec<&serde_json::Value> = r.iter().filter(|v| v["kind"] == "check").collect();
+    let parts: Vec<&str> = checks
+        .iter()
+        .map(|c| c["details"]["check"]["subset"].as_str().unwrap())
+        .collect();
+    assert_eq!(parts[..4], ["1/3", "2/3", "3/3", "1/3"], "{checks:#?}");
+    assert!(checks.iter().all(|c| c["status"] == "ok"), "{checks:#?}");
+    let read: u64 = checks[..3]
+        .iter()
+        .map(|c| c["details"]["check"]["packs_read"].as_u64().unwrap())
+        .sum();
+    let packs = checks[2]["details"]["check"]["packs"].as_u64().unwrap();
+    assert!(read >= 1 && read <= packs + 2, "{read} of {packs}");
     // The daemon's notifier (called from a thread of its own) was told of the failures.
     wait_until(Duration::from_secs(20), "the notifier", || {
         fs::read_to_string(env.path("notified")).is_ok_and(|t| t.starts_with("bad failed\n"))

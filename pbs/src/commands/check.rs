@@ -18,6 +18,32 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     let history = ctx.site()?.history();
     let mut location = String::new();
     let result = check_repository(ctx, &args, &mut location);
+    record_check(
+        &history,
+        start,
+        &location,
+        (reads(&args), args.read_data_subset),
+        &result,
+    );
+    let report = result?;
+    if !report.ok() {
+        return Err(CliError::Incomplete(format!(
+            "check found {} error(s); the damaged blobs and the files they affect are listed above",
+            report.errors.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Records a check as a run (host `repository`, kind `check`): `failed` when it found
+/// damage, with the first error. `reading`: whether it read packs whole, and which.
+pub fn record_check(
+    history: &crate::history::History,
+    start: chrono::DateTime<chrono::Utc>,
+    location: &str,
+    (read_data, subset): (bool, Option<check::Subset>),
+    result: &Result<check::CheckReport, CliError>,
+) {
     let mut record = RunRecord::new(
         new_run_id(start),
         "repository",
@@ -25,17 +51,18 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
         TransportKind::Local,
         start,
     );
-    match &result {
+    match result {
         Ok(r) => {
             record.details = Some(Details::Check(CheckDetails {
-                repository: location.clone(),
+                repository: location.to_string(),
                 snapshots: r.snapshots as u64,
                 packs: r.packs as u64,
                 blobs: r.blobs as u64,
                 bytes_read: r.bytes_read,
                 errors: r.errors.len() as u64,
-                read_data: reads(&args),
+                read_data,
                 packs_read: r.packs_read as u64,
+                subset: subset.map(|s| s.to_string()),
                 unused_bytes: r.unused.bytes,
             }));
             if !r.ok() {
@@ -55,14 +82,6 @@ pub fn check(ctx: &Context, args: CheckArgs) -> Result<(), CliError> {
     if let Err(e) = history.record(&record) {
         crate::errln!("haul-pbs: the check's run record: {e}");
     }
-    let report = result?;
-    if !report.ok() {
-        return Err(CliError::Incomplete(format!(
-            "check found {} error(s); the damaged blobs and the files they affect are listed above",
-            report.errors.len()
-        )));
-    }
-    Ok(())
 }
 
 /// Whether the check reads packs whole (some or all of them).
@@ -103,6 +122,7 @@ fn check_repository(
                 read_data: reads(args),
                 subset: args.read_data_subset,
                 deadline: args.max_duration.map(|d| started + d),
+                only_snapshots: None,
             },
             &progress,
         )?

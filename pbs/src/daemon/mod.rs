@@ -57,6 +57,9 @@ pub struct Shared {
     /// Pushes running, as (host, clone): two pushes into one standby directory would
     /// meet at its lock, and the second would fail.
     pushing: HashSet<(String, String)>,
+    /// Repositories being checked, and when this process last started a check of each.
+    checking: HashSet<PathBuf>,
+    checked: HashMap<PathBuf, DateTime<Utc>>,
     /// The repositories' figures the status server shows.
     facts: Arc<overview::Facts>,
     /// Who may read the status server (`[server].status_credentials`).
@@ -105,6 +108,8 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         pruning: HashSet::new(),
         pruned: HashMap::new(),
         pushing: HashSet::new(),
+        checking: HashSet::new(),
+        checked: HashMap::new(),
         facts: Arc::default(),
         credentials,
     }));
@@ -172,6 +177,7 @@ async fn scheduler(
     loop {
         let wake = start_due(shared, &repos, &done_tx);
         start_prunes(shared, &repos);
+        start_checks(shared, &repos);
         retry_pushes(shared, &repos);
         raise_stale_alerts(shared);
         tokio::select! {
@@ -436,6 +442,134 @@ fn retry_pushes(shared: &SharedRef, repos: &Arc<Repositories>) {
 }
 
 /// One scheduled prune, recorded; a repository that does not open is recorded too.
+/// Starts the checks that are due (`[server].check_schedule`), each in a thread of its
+/// own. With `check_read_data_period`, each reads the next part of the packs whole:
+/// parts of `period / schedule`, in turn, so that every pack is read within the
+/// period; the part is in each check's record, where the next one continues.
+fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
+    let now = Utc::now();
+    let due: Vec<(crate::site::RepoLocation, Option<haul_repo::check::Subset>)> = {
+        let mut s = shared.lock().expect("daemon state");
+        let Some(schedule) = s.site.config.server.check_schedule.clone() else {
+            return;
+        };
+        let parts = s.site.config.server.check_read_data_period.map(|period| {
+            let every = schedule.period().as_secs_f64().max(1.0);
+            (period.as_secs_f64() / every).ceil().clamp(1.0, 100_000.0) as u32
+        });
+        let mut locations: Vec<crate::site::RepoLocation> = Vec::new();
+        for h in &s.site.config.hosts {
+            let loc = s.site.repository(Some(&h.name));
+            if !locations.iter().any(|l| l.path == loc.path) {
+                locations.push(loc);
+            }
+        }
+        let mut due = Vec::new();
+        for loc in locations {
+            if s.checking.contains(&loc.path) || !loc.path.join("config").exists() {
+                continue;
+            }
+            let here = loc.path.display().to_string();
+            let last = s.history.with_records(|runs| {
+                runs.iter()
+                    .rev()
+                    .find(|r| matches!(&r.details, Some(crate::record::Details::Check(d)) if d.repository == here))
+                    .map(|r| {
+                        let part = match &r.details {
+                            Some(crate::record::Details::Check(d)) => d.subset.clone(),
+                            _ => None,
+                        };
+                        (r.start, part)
+                    })
+            });
+            let last = match last {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("reading the run history for checks: {e}");
+                    return;
+                }
+            };
+            let started = last
+                .as_ref()
+                .map(|(t, _)| *t)
+                .max(s.checked.get(&loc.path).copied());
+            if schedule.next_after(started, now, 0.0) > now {
+                continue;
+            }
+            let subset = parts.map(|m| {
+                let previous = last
+                    .as_ref()
+                    .and_then(|(_, p)| p.as_deref())
+                    .and_then(|p| haul_repo::check::Subset::parse(p).ok());
+                let n = match previous {
+                    Some(haul_repo::check::Subset::Part { n, m: was }) if was == m => n % m + 1,
+                    _ => 1,
+                };
+                haul_repo::check::Subset::Part { n, m }
+            });
+            s.checking.insert(loc.path.clone());
+            s.checked.insert(loc.path.clone(), now);
+            due.push((loc, subset));
+        }
+        due
+    };
+    for (loc, subset) in due {
+        let (shared, repos) = (shared.clone(), repos.clone());
+        tracing::info!(repository = %loc.path.display(), subset = ?subset.map(|s| s.to_string()), "check starting");
+        std::thread::spawn(move || {
+            let history = shared.lock().expect("daemon state").history.clone();
+            let start = Utc::now();
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let result = repos.open(&loc).and_then(|shared_view| {
+                    let _lock = shared_view.lock_for_reading(true, "scheduled check")?;
+                    // The snapshots committed so far, then an index that holds their
+                    // blobs (a commit writes its index first): pulls go on meanwhile.
+                    let names = shared_view
+                        .backend()
+                        .list(haul_repo::backend::FileType::Snapshot)?
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .collect();
+                    let repo = shared_view.reloaded()?;
+                    let opts = haul_repo::check::CheckOptions {
+                        read_data: subset.is_some(),
+                        subset,
+                        deadline: None,
+                        only_snapshots: Some(names),
+                    };
+                    Ok(haul_repo::check::check(&repo, &opts, &|_, _| {})?)
+                });
+                crate::commands::check::record_check(
+                    &history,
+                    start,
+                    &loc.path.display().to_string(),
+                    (subset.is_some(), subset),
+                    &result,
+                );
+                match result {
+                    Ok(r) if r.ok() => {
+                        tracing::info!(repository = %loc.path.display(), packs_read = r.packs_read, "check finished: no damage")
+                    }
+                    Ok(r) => {
+                        tracing::error!(repository = %loc.path.display(), errors = r.errors.len(), "check found damage")
+                    }
+                    Err(e) => {
+                        tracing::error!(repository = %loc.path.display(), "check failed: {e}")
+                    }
+                }
+            }));
+            if run.is_err() {
+                tracing::error!(repository = %loc.path.display(), "the check's thread panicked");
+            }
+            shared
+                .lock()
+                .expect("daemon state")
+                .checking
+                .remove(&loc.path);
+        });
+    }
+}
+
 fn prune_repository(
     history: &History,
     repos: &Repositories,

@@ -676,6 +676,7 @@ mod tests {
                 read_data: true,
                 subset: None,
                 deadline: None,
+                only_snapshots: None,
             },
             &|_, _| {},
         )

@@ -410,6 +410,7 @@ mod tests {
                 read_data: true,
                 subset: None,
                 deadline: None,
+                only_snapshots: None,
             },
             &|_, _| {},
         )
