@@ -184,6 +184,20 @@ impl Site {
         self.named_repository(name)
     }
 
+    /// Each repository the configured hosts use, once, in the order of the hosts: its
+    /// name (`repository = "..."`), where it is, and the hosts that use it.
+    pub fn host_repositories(&self) -> Vec<(String, RepoLocation, Vec<String>)> {
+        let mut out: Vec<(String, RepoLocation, Vec<String>)> = Vec::new();
+        for h in &self.config.hosts {
+            let loc = self.repository(Some(&h.name));
+            match out.iter_mut().find(|(_, l, _)| l.path == loc.path) {
+                Some((_, _, hosts)) => hosts.push(h.name.clone()),
+                None => out.push((h.repository.clone(), loc, vec![h.name.clone()])),
+            }
+        }
+        out
+    }
+
     /// Like [`Site::repository`], for a command that only uses an existing one: a
     /// repository that is not there is an error that says how to get one.
     pub fn existing_repository(&self, host: Option<&str>) -> Result<RepoLocation, CliError> {

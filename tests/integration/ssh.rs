@@ -270,26 +270,11 @@ fn the_printed_ssh_setup_applied_to_a_private_sshd_lets_the_pbs_pull_and_no_othe
     let user = TestUser(format!("hault{}", std::process::id()));
     let sshd_dir = env.path("sshd");
     fs::create_dir_all(&sshd_dir).unwrap();
-    for (name, file) in [("host", "hostkey"), ("pbs", "id_ed25519")] {
-        let out = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(sshd_dir.join(file))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-    }
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let host_pub = fs::read_to_string(sshd_dir.join("hostkey.pub")).unwrap();
-    let mut fields = host_pub.split_whitespace();
-    let (algo, key) = (fields.next().unwrap(), fields.next().unwrap());
-    fs::write(
-        sshd_dir.join("known_hosts"),
-        format!("[127.0.0.1]:{port} {algo} {key}\n"),
-    )
-    .unwrap();
+    Sshd::make_keys(&sshd_dir, port);
     let sockets = env.path("run/haul");
     let config = env.path("pbs.toml");
     fs::write(

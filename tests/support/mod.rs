@@ -586,16 +586,9 @@ pub struct Sshd {
 }
 
 impl Sshd {
-    /// Starts sshd under `dir` (created). `backup_roots` go into the wrapper's policy.
-    pub fn start(dir: &Path, backup_roots: &[&Path]) -> Sshd {
-        Sshd::start_with(dir, backup_roots, &[])
-    }
-
-    /// Like [`Sshd::start`], with restores allowed into `restore_targets`.
-    pub fn start_with(dir: &Path, backup_roots: &[&Path], restore_targets: &[&Path]) -> Sshd {
-        fs::create_dir_all(dir.join("sockets")).unwrap();
-        fs::set_permissions(dir.join("sockets"), fs::Permissions::from_mode(0o700)).unwrap();
-        fs::create_dir_all("/run/sshd").ok();
+    /// Makes in `dir` an sshd host key (`hostkey`), the pbs's key (`id_ed25519`) and a
+    /// `known_hosts` that pins the host key for 127.0.0.1:`port`.
+    pub fn make_keys(dir: &Path, port: u16) {
         for (name, file) in [("host", "hostkey"), ("client", "id_ed25519")] {
             let out = Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
@@ -608,6 +601,31 @@ impl Sshd {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let host_pub = fs::read_to_string(dir.join("hostkey.pub")).unwrap();
+        let mut fields = host_pub.split_whitespace();
+        let (algo, key) = (fields.next().unwrap(), fields.next().unwrap());
+        fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {algo} {key}\n"),
+        )
+        .unwrap();
+    }
+
+    /// Starts sshd under `dir` (created). `backup_roots` go into the wrapper's policy.
+    pub fn start(dir: &Path, backup_roots: &[&Path]) -> Sshd {
+        Sshd::start_with(dir, backup_roots, &[])
+    }
+
+    /// Like [`Sshd::start`], with restores allowed into `restore_targets`.
+    pub fn start_with(dir: &Path, backup_roots: &[&Path], restore_targets: &[&Path]) -> Sshd {
+        fs::create_dir_all(dir.join("sockets")).unwrap();
+        fs::set_permissions(dir.join("sockets"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all("/run/sshd").ok();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        Sshd::make_keys(dir, port);
         let list = |paths: &[&Path]| {
             paths
                 .iter()
@@ -635,18 +653,6 @@ impl Sshd {
                 dir.join("wrapper.toml").display(),
                 client_pub.trim()
             ),
-        )
-        .unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let host_pub = fs::read_to_string(dir.join("hostkey.pub")).unwrap();
-        let mut fields = host_pub.split_whitespace();
-        let (algo, key) = (fields.next().unwrap(), fields.next().unwrap());
-        fs::write(
-            dir.join("known_hosts"),
-            format!("[127.0.0.1]:{port} {algo} {key}\n"),
         )
         .unwrap();
         fs::write(

@@ -122,7 +122,7 @@ fn check_repository(
                 read_data: reads(args),
                 subset: args.read_data_subset,
                 deadline: args.max_duration.map(|d| started + d),
-                only_snapshots: None,
+                ..Default::default()
             },
             &progress,
         )?

@@ -101,7 +101,10 @@ impl DiffStats {
 }
 
 /// Every node of a directory, across its pages.
-fn entries(repo: &IndexedRepository, tree: Option<&TreeId>) -> haul_repo::Result<Vec<Node>> {
+pub(crate) fn entries(
+    repo: &IndexedRepository,
+    tree: Option<&TreeId>,
+) -> haul_repo::Result<Vec<Node>> {
     let mut out = Vec::new();
     if let Some(id) = tree {
         for_each_page(
@@ -207,16 +210,39 @@ fn subtree_at(
     root: &TreeId,
     path: &str,
 ) -> Result<Option<TreeId>, CliError> {
-    let mut at = Some(*root);
-    for c in super::browse::components(path) {
-        let Some(id) = at else { return Ok(None) };
-        let node =
-            haul_protocol::tree::find_node(&repo.load_tree(&id)?, &c, |id| repo.load_tree(id))?;
-        at = node
-            .filter(|n| n.kind == NodeKind::Dir)
-            .and_then(|n| n.subtree);
+    let comps = super::browse::components(path);
+    if comps.is_empty() {
+        return Ok(Some(*root));
     }
-    Ok(at)
+    Ok(node_at(repo, root, &comps)?
+        .filter(|n| n.kind == NodeKind::Dir)
+        .and_then(|n| n.subtree))
+}
+
+/// The node named by `comps` (at least one name) below the tree `root`: none if a name
+/// on the way is missing or not a directory.
+pub(crate) fn node_at(
+    repo: &IndexedRepository,
+    root: &TreeId,
+    comps: &[Vec<u8>],
+) -> Result<Option<Node>, CliError> {
+    let mut tree = *root;
+    let mut node = None;
+    for (i, c) in comps.iter().enumerate() {
+        let Some(found) =
+            haul_protocol::tree::find_node(&repo.load_tree(&tree)?, c, |t| repo.load_tree(t))?
+        else {
+            return Ok(None);
+        };
+        if i + 1 < comps.len() {
+            match found.subtree.filter(|_| found.kind == NodeKind::Dir) {
+                Some(t) => tree = t,
+                None => return Ok(None),
+            }
+        }
+        node = Some(found);
+    }
+    Ok(node)
 }
 
 pub fn diff(ctx: &Context, args: DiffArgs) -> Result<(), CliError> {

@@ -12,8 +12,8 @@
 use super::Context;
 use crate::cli::DumpArgs;
 use crate::error::CliError;
-use haul_protocol::tree::{for_each_page, Node, NodeKind};
-use haul_protocol::{ChunkId, TreeId};
+use haul_protocol::tree::{Node, NodeKind};
+use haul_protocol::ChunkId;
 use haul_repo::IndexedRepository;
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -150,11 +150,7 @@ impl<W: Write> Tar<'_, W> {
                 self.out
                     .append_data(&mut h, path, std::io::empty())
                     .map_err(io)?;
-                let mut children = Vec::new();
-                if let Some(sub) = &node.subtree {
-                    collect(self.repo, sub, &mut children)?;
-                }
-                for c in children {
+                for c in super::compare::entries(self.repo, node.subtree.as_ref())? {
                     let mut child = rel.to_vec();
                     child.push(b'/');
                     child.extend_from_slice(&c.name);
@@ -188,43 +184,21 @@ impl<W: Write> Tar<'_, W> {
     }
 }
 
-/// Every node of a directory, across its pages.
-fn collect(repo: &IndexedRepository, tree: &TreeId, out: &mut Vec<Node>) -> Result<(), CliError> {
-    for_each_page(
-        repo.load_tree(tree)?,
-        |id| repo.load_tree(id),
-        |page| {
-            out.extend(page.nodes);
-            Ok::<(), haul_repo::Error>(())
-        },
-    )?;
-    Ok(())
-}
-
 pub fn dump(ctx: &Context, args: DumpArgs) -> Result<(), CliError> {
     let (spec, filter) = args.filter.select(&args.snapshot)?;
     let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "dump", true)?;
     let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
     let comps = super::browse::components(&args.path);
     // The node at PATH; the snapshot's root is a directory without a node of its own.
-    let mut tree = snap.tree;
-    let mut node: Option<Node> = None;
-    for (i, c) in comps.iter().enumerate() {
-        let found =
-            haul_protocol::tree::find_node(&repo.load_tree(&tree)?, c, |t| repo.load_tree(t))?
-                .ok_or_else(|| {
-                    CliError::usage(format!("{} is not in snapshot {}", args.path, id.short()))
-                })?;
-        if i + 1 < comps.len() {
-            tree = found
-                .subtree
-                .filter(|_| found.kind == NodeKind::Dir)
-                .ok_or_else(|| {
-                    CliError::usage(format!("{} is not in snapshot {}", args.path, id.short()))
-                })?;
-        }
-        node = Some(found);
-    }
+    let node = if comps.is_empty() {
+        None
+    } else {
+        Some(
+            super::compare::node_at(&repo, &snap.tree, &comps)?.ok_or_else(|| {
+                CliError::usage(format!("{} is not in snapshot {}", args.path, id.short()))
+            })?,
+        )
+    };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     let io = |e: std::io::Error| CliError::Io("standard output".into(), e);
@@ -257,9 +231,7 @@ pub fn dump(ctx: &Context, args: DumpArgs) -> Result<(), CliError> {
                 out: tar::Builder::new(&mut out),
                 linked: HashMap::new(),
             };
-            let mut top = Vec::new();
-            collect(&repo, &snap.tree, &mut top)?;
-            for n in top {
+            for n in super::compare::entries(&repo, Some(&snap.tree))? {
                 tar.entry(&n.name.clone(), &n)?;
             }
             tar.out.finish().map_err(io)?;

@@ -308,14 +308,12 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
     let due: Vec<(PathBuf, crate::site::RepoLocation)> = {
         let mut s = shared.lock().expect("daemon state");
         // Each repository once, with the hosts that use it.
-        let mut repos_hosts: Vec<(crate::site::RepoLocation, Vec<String>)> = Vec::new();
-        for h in &s.site.config.hosts {
-            let loc = s.site.repository(Some(&h.name));
-            match repos_hosts.iter_mut().find(|(l, _)| l.path == loc.path) {
-                Some((_, hosts)) => hosts.push(h.name.clone()),
-                None => repos_hosts.push((loc, vec![h.name.clone()])),
-            }
-        }
+        let repos_hosts: Vec<(crate::site::RepoLocation, Vec<String>)> = s
+            .site
+            .host_repositories()
+            .into_iter()
+            .map(|(_, loc, hosts)| (loc, hosts))
+            .collect();
         let schedule = s.site.config.server.prune_schedule.clone();
         let last = s.history.with_records(|runs| {
             repos_hosts
@@ -457,15 +455,8 @@ fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
             let every = schedule.period().as_secs_f64().max(1.0);
             (period.as_secs_f64() / every).ceil().clamp(1.0, 100_000.0) as u32
         });
-        let mut locations: Vec<crate::site::RepoLocation> = Vec::new();
-        for h in &s.site.config.hosts {
-            let loc = s.site.repository(Some(&h.name));
-            if !locations.iter().any(|l| l.path == loc.path) {
-                locations.push(loc);
-            }
-        }
         let mut due = Vec::new();
-        for loc in locations {
+        for (_, loc, _) in s.site.host_repositories() {
             if s.checking.contains(&loc.path) || !loc.path.join("config").exists() {
                 continue;
             }

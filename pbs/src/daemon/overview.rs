@@ -59,12 +59,9 @@ impl HostRow {
         } else if self.state.running() {
             Condition::Running
         } else {
-            match self.last.as_ref().map(|l| l.status) {
-                None => Condition::Never,
-                Some(RunStatus::Ok) => Condition::Ok,
-                Some(RunStatus::Warning) => Condition::Warning,
-                Some(RunStatus::Failed) => Condition::Failed,
-            }
+            self.last
+                .as_ref()
+                .map_or(Condition::Never, |l| l.status.into())
         }
     }
 }
@@ -78,6 +75,16 @@ pub enum Condition {
     Running,
     Never,
     Ok,
+}
+
+impl From<RunStatus> for Condition {
+    fn from(s: RunStatus) -> Condition {
+        match s {
+            RunStatus::Ok => Condition::Ok,
+            RunStatus::Warning => Condition::Warning,
+            RunStatus::Failed => Condition::Failed,
+        }
+    }
 }
 
 impl Condition {
@@ -106,12 +113,9 @@ impl Condition {
         if c.stale {
             return Condition::Stale;
         }
-        match c.last_push.as_ref().map(|l| l.status) {
-            None => Condition::Never,
-            Some(RunStatus::Ok) => Condition::Ok,
-            Some(RunStatus::Warning) => Condition::Warning,
-            Some(RunStatus::Failed) => Condition::Failed,
-        }
+        c.last_push
+            .as_ref()
+            .map_or(Condition::Never, |l| l.status.into())
     }
 }
 
@@ -312,12 +316,12 @@ impl Overview {
                     ))
                 })
                 .collect();
-            let mut locations: Vec<(String, RepoLocation)> = Vec::new();
-            for h in &config.hosts {
-                if !locations.iter().any(|(n, _)| *n == h.repository) {
-                    locations.push((h.repository.clone(), g.site.repository(Some(&h.name))));
-                }
-            }
+            let locations: Vec<(String, RepoLocation)> = g
+                .site
+                .host_repositories()
+                .into_iter()
+                .map(|(name, loc, _)| (name, loc))
+                .collect();
             (
                 config,
                 g.history.clone(),

@@ -7,7 +7,7 @@
 use super::overview::{Condition, HostRow, Overview, HOST_RUNS};
 use crate::feed;
 use crate::output::bytes;
-use crate::record::{Details, RunRecord, RunStatus};
+use crate::record::{Details, RunRecord};
 use askama::Template;
 use chrono::{DateTime, Utc};
 
@@ -31,14 +31,6 @@ fn span(s: i64) -> String {
         60..3600 => format!("{} min", s / 60),
         3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
         _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
-    }
-}
-
-fn run_condition(s: RunStatus) -> Condition {
-    match s {
-        RunStatus::Ok => Condition::Ok,
-        RunStatus::Warning => Condition::Warning,
-        RunStatus::Failed => Condition::Failed,
     }
 }
 
@@ -303,7 +295,7 @@ pub fn host(o: &Overview, name: &str, records: &[RunRecord]) -> Option<String> {
         .filter(|r| r.host == name)
         .take(HOST_RUNS)
         .map(|r| {
-            let c = run_condition(r.status);
+            let c = Condition::from(r.status);
             RunLine {
                 href: run_href(&r.id),
                 when: when(r.start),
@@ -474,7 +466,7 @@ pub fn run_facts(r: &RunRecord) -> Vec<(&'static str, String)> {
 
 /// `/runs/<id>`.
 pub fn run(o: &Overview, r: &RunRecord) -> String {
-    let c = run_condition(r.status);
+    let c = Condition::from(r.status);
     RunPage {
         site_title: o.title.clone(),
         now: when(o.now),

@@ -674,9 +674,7 @@ mod tests {
             &fresh,
             &CheckOptions {
                 read_data: true,
-                subset: None,
-                deadline: None,
-                only_snapshots: None,
+                ..Default::default()
             },
             &|_, _| {},
         )

@@ -408,9 +408,7 @@ mod tests {
             &reopened,
             &crate::check::CheckOptions {
                 read_data: true,
-                subset: None,
-                deadline: None,
-                only_snapshots: None,
+                ..Default::default()
             },
             &|_, _| {},
         )
