@@ -968,6 +968,22 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         .sum();
     let packs = checks[2]["details"]["check"]["packs"].as_u64().unwrap();
     assert!(read >= 1 && read <= packs + 2, "{read} of {packs}");
+    // The metrics say when the repository was last checked, and that it is sound.
+    let metrics = metrics_of(port);
+    let repo_sample = |family: &str| -> f64 {
+        metrics[family]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s[0]["repository"] == "repo"))
+            .unwrap_or_else(|| panic!("{family}: {metrics}"))[1]
+            .as_f64()
+            .unwrap()
+    };
+    let checked = repo_sample("haul_repository_last_check_timestamp_seconds");
+    assert!(
+        (chrono::Utc::now().timestamp() as f64 - checked).abs() < 120.0,
+        "{metrics}"
+    );
+    assert_eq!(repo_sample("haul_repository_check_errors"), 0.0);
     // The daemon's notifier (called from a thread of its own) was told of the failures.
     wait_until(Duration::from_secs(20), "the notifier", || {
         fs::read_to_string(env.path("notified")).is_ok_and(|t| t.starts_with("bad failed\n"))

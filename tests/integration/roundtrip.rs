@@ -386,3 +386,53 @@ fn every_json_line_of_every_command_is_an_object_with_a_type() {
     let last: serde_json::Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(last["type"], "error");
 }
+
+#[test]
+fn a_terminal_gets_a_progress_bar_with_percent_rate_and_eta_and_a_pipe_does_not() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("big.bin"), random_bytes(3, 64 << 20)).unwrap();
+    env.backup(&[&src], &[]);
+    // On a terminal (util-linux's `script` gives the command one).
+    let target = env.path("on-a-terminal");
+    let cmd = env.pbs_command(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = std::process::Command::new("script");
+    script.args(["-qefc", &line, "/dev/null"]);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let shell = script
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    let shown = String::from_utf8_lossy(&shell.stdout);
+    assert!(shell.status.success(), "{shown}");
+    assert!(
+        shown.contains("% ") && shown.contains("ETA") && shown.contains("B/s"),
+        "{shown}"
+    );
+    // Through a pipe: no bar, no escape codes.
+    let piped = env
+        .pbs(&[
+            "restore",
+            "latest",
+            "--target",
+            env.path("piped").to_str().unwrap(),
+        ])
+        .expect(0);
+    assert!(
+        !piped.stderr.contains("ETA") && !piped.stderr.contains('\u{1b}'),
+        "{}",
+        piped.stderr
+    );
+}
