@@ -101,6 +101,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
     }
     let listen = site.config.server.status_listen;
     let credentials = load_credentials(&site.config)?;
+    let repos = Arc::new(ctx.repositories());
     let shared = Arc::new(Mutex::new(Shared {
         site,
         schedule,
@@ -110,7 +111,7 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         pushing: HashSet::new(),
         checking: HashSet::new(),
         checked: HashMap::new(),
-        facts: Arc::default(),
+        facts: Arc::new(overview::Facts::new(repos.clone())),
         credentials,
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -118,7 +119,6 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::Failed(format!("cannot start the runtime: {e}")))?;
-    let repos = Arc::new(ctx.repositories());
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
             CliError::Io(

@@ -8,8 +8,7 @@ use super::SharedRef;
 use crate::record::{Details, RunKind, RunRecord, RunStatus};
 use crate::site::RepoLocation;
 use chrono::{DateTime, Utc};
-use haul_repo::backend::{FileType, LocalBackend};
-use haul_repo::Repository;
+use haul_repo::backend::FileType;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -164,18 +163,19 @@ pub struct RepoFacts {
     pub error: Option<String>,
 }
 
-/// The repositories' figures, read at most once per [`FACTS_TTL`]. Each repository is
-/// opened once (its key derived) and its snapshots read once each: a later look reads
-/// only the snapshot files that are new.
-#[derive(Default)]
+/// The repositories' figures, read at most once per [`FACTS_TTL`], from the repository
+/// the daemon's pulls have open (opened here if no pull has yet), each snapshot file
+/// read once: a later look reads only the snapshot files that are new.
 pub struct Facts {
+    /// The daemon's open repositories: a repository its pulls use is not opened (its
+    /// key derived) a second time for the status.
+    open: Arc<crate::repos::Repositories>,
     repos: Mutex<HashMap<PathBuf, Cached>>,
     /// Raised by [`Facts::expire`]: figures read before are read again.
     generation: std::sync::atomic::AtomicU64,
 }
 
 struct Cached {
-    repo: Option<Arc<Repository>>,
     /// Each snapshot file, read once.
     hosts: HashMap<String, SnapInfo>,
     facts: RepoFacts,
@@ -184,6 +184,14 @@ struct Cached {
 }
 
 impl Facts {
+    pub fn new(open: Arc<crate::repos::Repositories>) -> Facts {
+        Facts {
+            open,
+            repos: Mutex::default(),
+            generation: Default::default(),
+        }
+    }
+
     /// The figures of the repository at `loc`, read again when older than the TTL.
     pub fn of(&self, loc: &RepoLocation) -> RepoFacts {
         use std::sync::atomic::Ordering::Relaxed;
@@ -195,14 +203,13 @@ impl Facts {
             }
         }
         let c = repos.entry(loc.path.clone()).or_insert_with(|| Cached {
-            repo: None,
             hosts: HashMap::new(),
             facts: RepoFacts::default(),
             at: Instant::now(),
             generation,
         });
         c.generation = generation;
-        c.facts = read_facts(loc, c).unwrap_or_else(|e| RepoFacts {
+        c.facts = read_facts(&self.open, loc, c).unwrap_or_else(|e| RepoFacts {
             error: Some(e),
             ..RepoFacts::default()
         });
@@ -221,29 +228,24 @@ impl Facts {
     }
 }
 
-fn read_facts(loc: &RepoLocation, c: &mut Cached) -> Result<RepoFacts, String> {
+fn read_facts(
+    open: &crate::repos::Repositories,
+    loc: &RepoLocation,
+    c: &mut Cached,
+) -> Result<RepoFacts, String> {
     if !loc.path.join("config").exists() {
         return Err(format!(
             "no repository at {} yet (the first pull creates it)",
             loc.path.display()
         ));
     }
-    let repo = match &c.repo {
-        Some(r) => r.clone(),
-        None => {
-            let pass = loc.passphrase().map_err(|e| e.to_string())?;
-            let backend = LocalBackend::open(&loc.path).map_err(|e| e.to_string())?;
-            let r =
-                Arc::new(Repository::open(Arc::new(backend), &pass).map_err(|e| e.to_string())?);
-            c.repo = Some(r.clone());
-            r
-        }
-    };
+    // As the pulls have it: no view is loaded again for the status.
+    let repo = open.open_as_is(loc).map_err(|e| e.to_string())?;
     let listed = |t| repo.backend().list(t).map_err(|e| e.to_string());
     let stored_bytes = listed(FileType::Data)?.iter().map(|(_, n)| n).sum();
     let names = listed(FileType::Snapshot)?;
-    c.hosts
-        .retain(|name, _| names.iter().any(|(n, _)| n == name));
+    let present: std::collections::HashSet<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+    c.hosts.retain(|name, _| present.contains(name.as_str()));
     let mut snapshots = BTreeMap::new();
     let mut list = Vec::new();
     for (name, _) in names {
