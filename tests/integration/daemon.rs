@@ -962,12 +962,17 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
         .collect();
     assert_eq!(parts[..4], ["1/3", "2/3", "3/3", "1/3"], "{checks:#?}");
     assert!(checks.iter().all(|c| c["status"] == "ok"), "{checks:#?}");
-    let read: u64 = checks[..3]
-        .iter()
-        .map(|c| c["details"]["check"]["packs_read"].as_u64().unwrap())
-        .sum();
-    let packs = checks[2]["details"]["check"]["packs"].as_u64().unwrap();
-    assert!(read >= 1 && read <= packs + 2, "{read} of {packs}");
+    // Which packs a part holds is exact (see
+    // `check::subset_checks_find_damage_only_in_their_part_...`); here every pull adds a pack (the metadata of the source's parents, like /tmp,
+    // changes under other tests), so each check sees a different set and reads only
+    // a share of what it sees.
+    for c in &checks {
+        let c = &c["details"]["check"];
+        assert!(
+            c["packs_read"].as_u64().unwrap() <= c["packs"].as_u64().unwrap(),
+            "{c}"
+        );
+    }
     // The metrics say when the repository was last checked, and that it is sound.
     let metrics = metrics_of(port);
     let repo_sample = |family: &str| -> f64 {
