@@ -66,7 +66,7 @@ Architecture: $arch
 Maintainer: haul developers <haul@localhost>
 Installed-Size: $size
 Depends: libc6 (>= 2.34), passwd
-Recommends: libcap2-bin
+Recommends: libcap2-bin, fuse3
 Suggests: openssh-server, prometheus
 Section: admin
 Priority: optional

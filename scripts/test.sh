@@ -13,11 +13,12 @@ cd "$(dirname "$0")/.."
 # libcap2-bin's setcap and getcap give a fixture file a capability and read it back.
 # prometheus brings promtool (checks the metrics and the example alert rules); chromium
 # loads the status pages headless; iproute2 makes the network namespace a test binds in;
-# man-db and systemd (for systemd-analyze) check the installed package.
+# man-db and systemd (for systemd-analyze) check the installed package; fuse3 (its
+# fusermount3, with the kernel's /dev/fuse) mounts a repository.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
           supervisor openssh-server openssh-client util-linux
           rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin
-          prometheus chromium iproute2 man-db systemd)
+          prometheus chromium iproute2 man-db systemd fuse3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -74,6 +74,10 @@ pub enum Command {
     /// How big snapshots are: what a restore of each writes (restore-size), or the
     /// distinct data they use with its deduplication and compression (raw-data).
     Stats(StatsArgs),
+    /// Mount the repository read-only (FUSE) to browse its snapshots: snapshots/,
+    /// hosts/HOST/, tags/TAG/ and ids/ID/, each snapshot a directory named by its
+    /// time. Runs until Ctrl-C, SIGTERM or `fusermount3 -u MOUNTPOINT`.
+    Mount(MountArgs),
     /// Restore a snapshot into a new or empty directory.
     Restore(RestoreArgs),
     /// Check the repository's structure, and with --read-data every stored byte.
@@ -436,6 +440,25 @@ pub struct DiffArgs {
     pub second: String,
     /// Compare only below this path inside the snapshots.
     pub path: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// An existing directory to mount on.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
+    /// Let users other than the one mounting in (needs `user_allow_other` in
+    /// /etc/fuse.conf unless mounting as root); the recorded permissions still apply.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Do not check the recorded permissions: with --allow-other, every user reads
+    /// every file.
+    #[arg(long)]
+    pub no_default_permissions: bool,
+    /// Memory for decrypted chunks, in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub cache_mib: usize,
 }
 
 #[derive(Debug, Args)]

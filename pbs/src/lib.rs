@@ -47,6 +47,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Find(a) => commands::compare::find(&ctx, a),
         Command::Dump(a) => commands::dump::dump(&ctx, a),
         Command::Stats(a) => commands::stats::stats(&ctx, a),
+        Command::Mount(a) => commands::mount::mount(&ctx, a),
         Command::Restore(a) => commands::restore::restore(&ctx, a),
         Command::Check(a) => commands::check::check(&ctx, a),
         Command::Pull(a) => commands::pull::pull(&ctx, a),

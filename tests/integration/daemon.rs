@@ -2,7 +2,7 @@
 //! restarts, a kill -9 in the middle of a run, and the status server read by parsers
 //! nobody here wrote (python3-feedparser, prometheus_client).
 
-use haul_tests::{bin, feedparser, http_get, run_tool, Env, Sshd};
+use haul_tests::{bin, feedparser, http_get, run_tool, wait_until, Env, Sshd};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -523,14 +523,6 @@ fn status_json(port: u16) -> serde_json::Value {
     let (code, body) = get(port, "/status.json");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
-}
-
-fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !pred() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

@@ -17,6 +17,7 @@ mod ingest;
 mod keys;
 mod locks;
 mod many_files;
+mod mount;
 mod notify;
 mod pipeline;
 mod prune;

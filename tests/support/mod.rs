@@ -933,6 +933,15 @@ pub fn pull_records(state: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (up to `limit`, checking every 200 ms) until `pred` holds.
+pub fn wait_until(limit: std::time::Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !pred() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// A child process killed and reaped however the test ends.
 pub struct KillOnDrop(pub std::process::Child);
 

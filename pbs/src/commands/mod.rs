@@ -8,6 +8,7 @@ pub mod compare;
 pub mod dump;
 pub mod forget;
 pub mod import;
+pub mod mount;
 pub mod prune;
 pub mod pull;
 pub mod push;
