@@ -227,6 +227,7 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
         ),
     };
     let opts = RestoreOptions {
+        overwrite: None,
         target: target.clone(),
         includes: a.includes,
         excludes: Vec::new(),

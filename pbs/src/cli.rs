@@ -525,9 +525,16 @@ pub struct RestoreArgs {
     pub snapshot: String,
     #[command(flatten)]
     pub filter: SnapshotFilter,
-    /// Directory to restore into: must not exist or be empty.
+    /// Directory to restore into: must not exist or be empty, unless --overwrite.
     #[arg(long, short = 't')]
     pub target: PathBuf,
+    /// Restore into a directory that is not empty: overwrite the entries that differ
+    /// from the snapshot in content or metadata (`if-changed`: size and mtime tell a
+    /// file's content, and unchanged files are not touched), every entry of the
+    /// snapshot (`always`), or none (`never`: only missing entries are added). What the
+    /// directory holds beyond the snapshot stays. On this machine only.
+    #[arg(long, value_name = "MODE", conflicts_with_all = ["via_agent", "to_host"])]
+    pub overwrite: Option<haul_protocol::in_place::Overwrite>,
     /// Restore only this path of the snapshot and what is below it (repeatable).
     #[arg(long, short = 'i')]
     pub include: Vec<String>,

@@ -21,6 +21,7 @@ pub mod agent;
 pub mod chunker;
 pub mod command;
 pub mod id;
+pub mod in_place;
 pub mod meta;
 pub mod restore;
 pub mod standby;

@@ -131,7 +131,7 @@ impl From<PageError> for SourceError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("restore target {0} exists and is not an empty directory; choose a new or empty one")]
+    #[error("restore target {0} exists and is not an empty directory; choose a new or empty one, or restore into it with --overwrite if-changed (or always, or never)")]
     TargetNotEmpty(PathBuf),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -181,6 +181,9 @@ pub struct RestoreOptions {
     /// snapshot, or whose name, matches one are not restored, nor what is below them.
     pub excludes: Vec<glob::Pattern>,
     pub threads: usize,
+    /// Into a directory that is not empty: what to overwrite (see
+    /// [`crate::in_place`]). `None` refuses such a target.
+    pub overwrite: Option<crate::in_place::Overwrite>,
 }
 
 #[derive(Debug, Default)]
@@ -189,6 +192,9 @@ pub struct RestoreStats {
     pub dirs: AtomicU64,
     pub others: AtomicU64,
     pub bytes: AtomicU64,
+    /// Files of a restore into a non-empty directory left as they were (counted in
+    /// `files` too).
+    pub kept: AtomicU64,
 }
 
 /// A problem that did not stop the restore.
@@ -246,7 +252,10 @@ pub fn restore(
                 .next()
                 .is_some()
             {
-                return Err(RestoreError::TargetNotEmpty(target.clone()));
+                return match opts.overwrite {
+                    Some(mode) => restore_in_place(source, root, opts, mode, stats),
+                    None => Err(RestoreError::TargetNotEmpty(target.clone())),
+                };
             }
             true
         }
@@ -259,30 +268,7 @@ pub fn restore(
             })
         }
     };
-    let includes: Vec<Vec<Vec<u8>>> = opts
-        .includes
-        .iter()
-        .map(|p| {
-            p.split('/')
-                .filter(|c| !c.is_empty() && *c != ".")
-                .map(|c| c.as_bytes().to_vec())
-                .collect()
-        })
-        .collect();
-    // Every include must name something in the snapshot: checked before any work.
-    if !includes.is_empty() {
-        let root_tree = source.load_tree(root)?;
-        for inc in &includes {
-            if !include_exists(source, &root_tree, inc)? {
-                return Err(RestoreError::IncludeNotFound(
-                    inc.iter()
-                        .map(|c| String::from_utf8_lossy(c))
-                        .collect::<Vec<_>>()
-                        .join("/"),
-                ));
-            }
-        }
-    }
+    let includes = checked_includes(source, root, opts)?;
     let staging = staging_path(target);
     // A target in a directory that does not exist yet: made, as restic does.
     if let Some(parent) = target.parent() {
@@ -309,14 +295,8 @@ pub fn restore(
         None,
     );
     match result {
-        Ok(mut warnings) => {
-            // Problems were noted under the staging directory's name.
-            let staged = staging.display().to_string();
-            for w in &mut warnings {
-                if let Some(rest) = w.path.strip_prefix(&staged) {
-                    w.path = format!("{}{rest}", target.display());
-                }
-            }
+        Ok(warnings) => {
+            let warnings = renamed(warnings, &staging, target);
             let mode = final_mode.unwrap_or_else(|| 0o777 & !umask());
             fs::set_permissions(&staging, fs::Permissions::from_mode(mode))
                 .map_err(io_err(&staging))?;
@@ -331,6 +311,99 @@ pub fn restore(
             Err(e)
         }
     }
+}
+
+/// The include paths split into names, each checked to name something in the
+/// snapshot (before any work).
+fn checked_includes(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    opts: &RestoreOptions,
+) -> Result<Vec<Vec<Vec<u8>>>, RestoreError> {
+    let includes: Vec<Vec<Vec<u8>>> = opts
+        .includes
+        .iter()
+        .map(|p| {
+            p.split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .map(|c| c.as_bytes().to_vec())
+                .collect()
+        })
+        .collect();
+    // Every include must name something in the snapshot: checked before any work.
+    if !includes.is_empty() {
+        let root_tree = source.load_tree(root)?;
+        for inc in &includes {
+            if !include_exists(source, &root_tree, inc)? {
+                return Err(RestoreError::IncludeNotFound(
+                    inc.iter()
+                        .map(|c| String::from_utf8_lossy(c))
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                ));
+            }
+        }
+    }
+    Ok(includes)
+}
+
+/// Problems noted under the staging directory's name, named under the target's.
+fn renamed(
+    mut warnings: Vec<RestoreWarning>,
+    staging: &Path,
+    target: &Path,
+) -> Vec<RestoreWarning> {
+    let staged = staging.display().to_string();
+    for w in &mut warnings {
+        if let Some(rest) = w.path.strip_prefix(&staged) {
+            w.path = format!("{}{rest}", target.display());
+        }
+    }
+    warnings
+}
+
+/// A restore into the non-empty directory `opts.target` (see [`crate::in_place`]).
+fn restore_in_place(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    opts: &RestoreOptions,
+    mode: crate::in_place::Overwrite,
+    stats: &RestoreStats,
+) -> Result<Vec<RestoreWarning>, RestoreError> {
+    let includes = checked_includes(source, root, opts)?;
+    let target = &opts.target;
+    let staging = staging_path(target);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(io_err(&staging))?;
+    let is_root = meta::is_root();
+    let keep = crate::in_place::Keep {
+        staging: &staging,
+        target,
+        mode,
+        stats,
+        is_root,
+        names: Mutex::new(NameCache::default()),
+    };
+    let result = restore_into(
+        source,
+        root,
+        &staging,
+        Selection {
+            includes: &includes,
+            excludes: &opts.excludes,
+        },
+        opts.threads.max(1),
+        stats,
+        (mode != crate::in_place::Overwrite::Always).then_some(&keep as &dyn Reuse),
+    )
+    .and_then(|warnings| {
+        crate::in_place::merge(&staging, target, mode, is_root)?;
+        Ok(renamed(warnings, &staging, target))
+    });
+    let _ = fs::remove_dir_all(&staging);
+    result
 }
 
 fn include_exists(
@@ -978,6 +1051,7 @@ mod tests {
         includes: &[&str],
     ) -> Vec<RestoreWarning> {
         let opts = RestoreOptions {
+            overwrite: None,
             target: target.to_path_buf(),
             includes: includes.iter().map(|s| s.to_string()).collect(),
             excludes: Vec::new(),

@@ -3,6 +3,8 @@
 
 use haul_tests::*;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
 #[test]
 fn every_file_kind_round_trips() {
@@ -133,6 +135,160 @@ fn restore_refuses_a_non_empty_target_and_leaves_it_alone() {
     let fresh = env.path("fresh-target");
     env.restore(&fresh, &[]).expect(0);
     assert_eq!(mode(&fresh), 0o777 & !umask);
+}
+
+/// (inode, ctime) of every regular file below `root` with one link, by path.
+fn file_identities(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, (u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    walk_files(root)
+        .into_iter()
+        .filter_map(|p| {
+            let m = fs::symlink_metadata(&p).unwrap();
+            (m.is_file() && m.nlink() == 1).then(|| (p, (m.ino(), m.ctime(), m.ctime_nsec())))
+        })
+        .collect()
+}
+
+#[test]
+fn restore_over_a_directory_rewrites_only_what_differs() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    let snap = env.backup(&[&src], &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = env.path("target");
+    env.restore(&target, &[]).expect(0);
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    let before = file_identities(&target);
+    // The target drifts: content, mode, a deleted file, a changed link, a directory
+    // where a file was, and a file of its own.
+    fs::write(restored.join("dir/text.txt"), "edited\n").unwrap();
+    fs::set_permissions(restored.join("shared"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(restored.join("dir/sub/deeper/mid.bin")).unwrap();
+    fs::remove_file(restored.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", restored.join("rel-link")).unwrap();
+    fs::remove_file(restored.join("empty")).unwrap();
+    fs::create_dir(restored.join("empty")).unwrap();
+    fs::write(restored.join("empty/inside"), "x").unwrap();
+    fs::write(restored.join("mine.txt"), "not in the snapshot").unwrap();
+    let drifted: Vec<PathBuf> = ["dir/text.txt", "shared", "dir/sub/deeper/mid.bin", "empty"]
+        .iter()
+        .map(|p| restored.join(p))
+        .collect();
+
+    // Without --overwrite the directory is refused, and the message says what to add.
+    let run = env.restore(&target, &[]).expect(2);
+    assert!(
+        run.stderr.contains("--overwrite if-changed"),
+        "{}",
+        run.stderr
+    );
+
+    // if-changed: the snapshot is back, the directory's own file stays, and every
+    // file that did not drift is the same inode, never written (its ctime unchanged).
+    let run = env
+        .pbs(&[
+            "--json",
+            "restore",
+            &snap,
+            "--target",
+            target.to_str().unwrap(),
+            "--overwrite",
+            "if-changed",
+        ])
+        .expect(0);
+    let summary = run.json_of("summary");
+    assert_eq!(
+        fs::read(restored.join("mine.txt")).unwrap(),
+        b"not in the snapshot"
+    );
+    fs::remove_file(restored.join("mine.txt")).unwrap();
+    assert_same_tree(&src, &restored);
+    let after = file_identities(&target);
+    let mut kept = 0;
+    for (path, id) in &before {
+        if drifted.contains(path) {
+            continue;
+        }
+        assert_eq!(after.get(path), Some(id), "{} was touched", path.display());
+        kept += 1;
+    }
+    assert_eq!(kept, before.len() - drifted.len());
+    assert_eq!(summary["unchanged"], kept, "{summary}");
+    // What drifted was written again.
+    assert_ne!(
+        after[&restored.join("dir/text.txt")],
+        before[&restored.join("dir/text.txt")]
+    );
+    assert_eq!(
+        fs::read_dir(env.path(""))
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("haul-staging"))
+            .count(),
+        0
+    );
+
+    // never: what exists stays as it is (even when it differs); what is missing comes back.
+    fs::write(restored.join("small.txt"), "mine now").unwrap();
+    fs::remove_file(restored.join("dir/sub/big.bin")).unwrap();
+    env.pbs(&[
+        "restore",
+        &snap,
+        "--target",
+        target.to_str().unwrap(),
+        "--overwrite",
+        "never",
+    ])
+    .expect(0);
+    assert_eq!(fs::read(restored.join("small.txt")).unwrap(), b"mine now");
+    assert_eq!(
+        fs::read(restored.join("dir/sub/big.bin")).unwrap(),
+        fs::read(src.join("dir/sub/big.bin")).unwrap()
+    );
+
+    // always: every file is written again, and the tree is the snapshot's.
+    let before = file_identities(&target);
+    env.pbs(&[
+        "restore",
+        &snap,
+        "--target",
+        target.to_str().unwrap(),
+        "--overwrite",
+        "always",
+    ])
+    .expect(0);
+    assert_same_tree(&src, &restored);
+    let after = file_identities(&target);
+    for (path, (ino, ..)) in &before {
+        assert_ne!(
+            after[path].0,
+            *ino,
+            "{} was not written again",
+            path.display()
+        );
+    }
+
+    // Not through an agent yet: refused by name.
+    let run = env
+        .pbs(&[
+            "restore",
+            &snap,
+            "--target",
+            target.to_str().unwrap(),
+            "--overwrite",
+            "always",
+            "--via-agent",
+        ])
+        .expect(2);
+    assert!(run.stderr.contains("--via-agent"), "{}", run.stderr);
 }
 
 #[test]

@@ -33,6 +33,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         return via_agent(ctx, args, repo, lock, id, target, started);
     }
     let opts = RestoreOptions {
+        overwrite: args.overwrite,
         target: target.clone(),
         includes: args.include.clone(),
         excludes: haul_protocol::walk::compile_excludes(&args.exclude).map_err(CliError::usage)?,
@@ -58,11 +59,12 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         });
         restore::restore(&repo, &snap.tree, &opts, &stats)?
     };
-    let (files, dirs, others, written) = (
+    let (files, dirs, others, written, kept) = (
         stats.files.load(Relaxed),
         stats.dirs.load(Relaxed),
         stats.others.load(Relaxed),
         stats.bytes.load(Relaxed),
+        stats.kept.load(Relaxed),
     );
     if ctx.global.json {
         for w in &warnings {
@@ -72,14 +74,18 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         }
         json_line(&serde_json::json!({
             "type": "summary", "snapshot": id.to_hex(), "target": target, "files": files, "dirs": dirs,
-            "others": others, "bytes": written, "warnings": warnings.len(), "duration_ms": started.elapsed().as_millis() as u64,
+            "others": others, "bytes": written, "unchanged": kept, "warnings": warnings.len(), "duration_ms": started.elapsed().as_millis() as u64,
         }));
     } else {
         for w in &warnings {
             crate::errln!("not restored: {}: {}", w.path, w.message);
         }
+        let unchanged = match args.overwrite {
+            Some(_) => format!(" ({kept} files left as they were)"),
+            None => String::new(),
+        };
         crate::outln!(
-            "restored snapshot {} to {}: {files} files, {dirs} dirs, {others} other entries, {} in {:.1} s",
+            "restored snapshot {} to {}: {files} files{unchanged}, {dirs} dirs, {others} other entries, {} in {:.1} s",
             id.short(),
             target.display(),
             bytes(written),
