@@ -516,6 +516,10 @@ pub struct LsArgs {
     /// List only the named directory's entries, not everything below it.
     #[arg(long)]
     pub no_recursive: bool,
+    /// Mode, owner, size and mtime before each path (and a symlink's target after
+    /// it), as `ls -l`.
+    #[arg(long, short = 'l')]
+    pub long: bool,
 }
 
 #[derive(Debug, Args)]

@@ -109,7 +109,7 @@ fn a_pull_of_200000_files_fits_in_a_capped_pbs_and_restores() {
     assert_eq!(again["counters"]["files_new"], 0, "{again}");
 
     // `ls` streams the listing: every file, under the same cap.
-    let ls = capped(&env, &["ls", "latest"]).expect(0);
+    let ls = capped(&env, &["ls", "--long", "latest"]).expect(0);
     let listed = ls.stdout.lines().filter(|l| l.starts_with('-')).count();
     assert_eq!(listed, FILES, "files listed");
 
@@ -177,6 +177,7 @@ fn a_directory_of_60000_files_is_stored_in_pages_and_a_change_writes_few_of_them
         &env,
         &[
             "ls",
+            "--long",
             "latest",
             "--no-recursive",
             &flat.display().to_string(),

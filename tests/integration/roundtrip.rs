@@ -356,11 +356,31 @@ fn excludes_and_listing() {
         .pbs(&["--json", "ls", "latest", src.to_str().unwrap()])
         .expect(0)
         .json();
-    let paths: Vec<String> = ls
-        .iter()
-        .map(|v| v["path"].as_str().unwrap().to_string())
-        .collect();
     let base = src.display().to_string();
+    // The snapshot first, then a line per entry, as restic's `ls --json`.
+    assert_eq!(ls[0]["struct_type"], "snapshot", "{:?}", ls[0]);
+    let paths: Vec<String> = ls[1..]
+        .iter()
+        .map(|v| {
+            assert_eq!(v["struct_type"], "node", "{v}");
+            v["path"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Without --json, the paths alone; with --long, as `ls -l`.
+    let short = env.pbs(&["ls", "latest", src.to_str().unwrap()]).expect(0);
+    assert_eq!(short.stdout.lines().collect::<Vec<_>>(), paths);
+    let long = env
+        .pbs(&["ls", "-l", "latest", &format!("{base}/keep/a.txt")])
+        .expect(0);
+    assert!(
+        long.stdout.starts_with("-rw-r--r-- ")
+            && long
+                .stdout
+                .trim_end()
+                .ends_with(&format!("{base}/keep/a.txt")),
+        "{}",
+        long.stdout
+    );
     assert!(paths.contains(&format!("{base}/keep/a.txt")), "{paths:?}");
     assert!(!paths.contains(&format!("{base}/keep/b.log")), "{paths:?}");
     assert!(

@@ -87,6 +87,15 @@ pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
     let (spec, filter) = args.filter.select(&args.snapshot)?;
     let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "ls", true)?;
     let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
+    if ctx.global.json {
+        // First the snapshot, as restic's `ls --json` starts.
+        json_line(&serde_json::json!({
+            "type": "snapshot", "struct_type": "snapshot", "id": id.to_hex(), "short_id": id.short(),
+            "time": snap.time, "host": snap.host, "paths": snap.paths, "tags": snap.tags,
+            "tree": snap.tree.to_hex(),
+        }));
+    }
+    let long = args.long;
     let start = args.path.as_deref().unwrap_or("/");
     let comps = components(start);
     // Find the node at `start`.
@@ -108,9 +117,9 @@ pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
         }
     }
     match at_node {
-        Some(node) if node.kind != NodeKind::Dir => print_node(ctx, &prefix, &node),
+        Some(node) if node.kind != NodeKind::Dir => print_node(ctx, long, &prefix, &node),
         Some(node) => {
-            print_node(ctx, &prefix, &node);
+            print_node(ctx, long, &prefix, &node);
             if let Some(sub) = node.subtree {
                 list(
                     ctx,
@@ -118,10 +127,11 @@ pub fn ls(ctx: &Context, args: LsArgs) -> Result<(), CliError> {
                     repo.load_tree(&sub)?,
                     &prefix,
                     !args.no_recursive,
+                    long,
                 )?;
             }
         }
-        None => list(ctx, &repo, tree, "", !args.no_recursive)?,
+        None => list(ctx, &repo, tree, "", !args.no_recursive, long)?,
     }
     Ok(())
 }
@@ -133,6 +143,7 @@ fn list(
     tree: TreeBlob,
     prefix: &str,
     recursive: bool,
+    long: bool,
 ) -> haul_repo::Result<()> {
     for_each_page(
         tree,
@@ -143,10 +154,10 @@ fn list(
                     return Ok(()); // `ls | head`: nobody reads the rest
                 }
                 let path = format!("{prefix}/{}", String::from_utf8_lossy(&node.name));
-                print_node(ctx, &path, node);
+                print_node(ctx, long, &path, node);
                 if recursive {
                     if let Some(sub) = node.subtree {
-                        list(ctx, repo, repo.load_tree(&sub)?, &path, recursive)?;
+                        list(ctx, repo, repo.load_tree(&sub)?, &path, recursive, long)?;
                     }
                 }
             }
@@ -181,17 +192,29 @@ fn mode_string(node: &Node) -> String {
     s
 }
 
-fn print_node(ctx: &Context, path: &str, node: &Node) {
-    let mtime =
-        chrono::DateTime::from_timestamp(node.mtime.sec, node.mtime.nsec).unwrap_or_default();
+/// One entry: its path (restic's `ls`), with `long` as `ls -l`; with `--json` every
+/// field, as restic's node lines.
+fn print_node(ctx: &Context, long: bool, path: &str, node: &Node) {
+    let time = |t: &haul_protocol::tree::Timestamp| {
+        chrono::DateTime::from_timestamp(t.sec, t.nsec).unwrap_or_default()
+    };
+    let mtime = time(&node.mtime);
     if ctx.global.json {
+        let name = String::from_utf8_lossy(&node.name);
         json_line(&serde_json::json!({
-            "path": path, "type": node.kind.word(), "mode": node.mode, "uid": node.uid, "gid": node.gid,
+            "type": node.kind.word(), "struct_type": "node", "name": name, "path": path,
+            "mode": node.mode, "permissions": mode_string(node), "uid": node.uid, "gid": node.gid,
             "user": String::from_utf8_lossy(&node.user), "group": String::from_utf8_lossy(&node.group),
             "size": node.size, "mtime": mtime.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "ctime": time(&node.ctime).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "inode": node.inode, "device_id": node.device,
             "target": (node.kind == NodeKind::Symlink).then(|| String::from_utf8_lossy(&node.target).into_owned()),
             "chunks": node.content.len(), "nlink": node.nlink,
         }));
+        return;
+    }
+    if !long {
+        crate::outln!("{path}");
         return;
     }
     let owner = |name: &[u8], id: u32| {
