@@ -9,6 +9,8 @@
 #                          when missing)
 #   bench_sshd_config DIR PORT  writes DIR/sshd_config: a private sshd on 127.0.0.1:PORT
 #                          with DIR's hostkey and authorized_keys, forwards for haul
+#   bench_verify TOOL DATA RESTORED LOG  prints whether RESTORED equals DATA (diff -r,
+#                          differences in LOG)
 #   bench_login DIR        sets login: a uid-0 account whose shell is /bin/sh, made
 #                          (home in DIR) if missing, removed by bench_login_off
 
@@ -119,4 +121,12 @@ bench_image_off() {
   # (A directory with files in it is not an image's: it is left to whoever made it.)
   [[ ! -d $mnt ]] || rmdir "$mnt" 2>/dev/null || true
   rm -f "$mnt.img"
+}
+
+bench_verify() {
+  if diff -r --no-dereference "$2" "$3" >"$4" 2>&1; then
+    printf '%-7s restore-verify OK\n' "$1"
+  else
+    printf '%-7s restore-verify FAILED (see %s)\n' "$1" "$4"
+  fi
 }

@@ -88,11 +88,7 @@ measure restic restore "${restic_[@]}" restore latest --target "$work/restore-re
 measure haul restore "${haul_[@]}" --json restore latest --via-agent --target "$work/restore-haul"
 
 for t in restic haul; do
-  if diff -r --no-dereference "$data" "$work/restore-$t$data" >"$logs/$t.verify.log" 2>&1; then
-    printf '%-7s restore-verify OK\n' "$t"
-  else
-    printf '%-7s restore-verify FAILED (see %s)\n' "$t" "$logs/$t.verify.log"
-  fi
+  bench_verify "$t" "$data" "$work/restore-$t$data" "$logs/$t.verify.log"
 done
 echo
 echo "haul/restic (below 1 = haul better):"

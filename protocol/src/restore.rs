@@ -278,22 +278,7 @@ pub fn restore(
     // restored directory may be writable by others (a snapshot of /tmp), and nobody
     // must be able to swap a directory below it for a symlink while files are being
     // written by path (as root, they could then land anywhere).
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&staging)
-        .map_err(io_err(&staging))?;
-    let result = restore_into(
-        source,
-        root,
-        &staging,
-        Selection {
-            includes: &includes,
-            excludes: &opts.excludes,
-        },
-        opts.threads.max(1),
-        stats,
-        None,
-    );
+    let result = staged(source, root, &staging, &includes, opts, stats, None);
     match result {
         Ok(warnings) => {
             let warnings = renamed(warnings, &staging, target);
@@ -362,6 +347,35 @@ fn renamed(
     warnings
 }
 
+/// Makes the staging directory, which only this user can enter until the restore is
+/// complete (see [`restore`]), and restores into it what `opts` selects.
+fn staged(
+    source: &dyn BlobSource,
+    root: &TreeId,
+    staging: &Path,
+    includes: &[Vec<Vec<u8>>],
+    opts: &RestoreOptions,
+    stats: &RestoreStats,
+    reuse: Option<&dyn Reuse>,
+) -> Result<Vec<RestoreWarning>, RestoreError> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .map_err(io_err(staging))?;
+    restore_into(
+        source,
+        root,
+        staging,
+        Selection {
+            includes,
+            excludes: &opts.excludes,
+        },
+        opts.threads.max(1),
+        stats,
+        reuse,
+    )
+}
+
 /// A restore into the non-empty directory `opts.target` (see [`crate::in_place`]).
 fn restore_in_place(
     source: &dyn BlobSource,
@@ -373,10 +387,6 @@ fn restore_in_place(
     let includes = checked_includes(source, root, opts)?;
     let target = &opts.target;
     let staging = staging_path(target);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&staging)
-        .map_err(io_err(&staging))?;
     let is_root = meta::is_root();
     let keep = crate::in_place::Keep {
         staging: &staging,
@@ -386,22 +396,12 @@ fn restore_in_place(
         is_root,
         names: Mutex::new(NameCache::default()),
     };
-    let result = restore_into(
-        source,
-        root,
-        &staging,
-        Selection {
-            includes: &includes,
-            excludes: &opts.excludes,
-        },
-        opts.threads.max(1),
-        stats,
-        (mode != crate::in_place::Overwrite::Always).then_some(&keep as &dyn Reuse),
-    )
-    .and_then(|warnings| {
-        crate::in_place::merge(&staging, target, mode, is_root)?;
-        Ok(renamed(warnings, &staging, target))
-    });
+    let reuse = (mode != crate::in_place::Overwrite::Always).then_some(&keep as &dyn Reuse);
+    let result =
+        staged(source, root, &staging, &includes, opts, stats, reuse).and_then(|warnings| {
+            crate::in_place::merge(&staging, target, mode, is_root)?;
+            Ok(renamed(warnings, &staging, target))
+        });
     let _ = fs::remove_dir_all(&staging);
     result
 }

@@ -189,18 +189,18 @@ fn restore_over_a_directory_rewrites_only_what_differs() {
 
     // if-changed: the snapshot is back, the directory's own file stays, and every
     // file that did not drift is the same inode, never written (its ctime unchanged).
-    let run = env
-        .pbs(&[
+    let overwrite = |mode: &str| {
+        env.pbs(&[
             "--json",
             "restore",
             &snap,
             "--target",
             target.to_str().unwrap(),
             "--overwrite",
-            "if-changed",
+            mode,
         ])
-        .expect(0);
-    let summary = run.json_of("summary");
+    };
+    let summary = overwrite("if-changed").expect(0).json_of("summary");
     assert_eq!(
         fs::read(restored.join("mine.txt")).unwrap(),
         b"not in the snapshot"
@@ -239,15 +239,7 @@ fn restore_over_a_directory_rewrites_only_what_differs() {
     // never: what exists stays as it is (even when it differs); what is missing comes back.
     fs::write(restored.join("small.txt"), "mine now").unwrap();
     fs::remove_file(restored.join("dir/sub/big.bin")).unwrap();
-    env.pbs(&[
-        "restore",
-        &snap,
-        "--target",
-        target.to_str().unwrap(),
-        "--overwrite",
-        "never",
-    ])
-    .expect(0);
+    overwrite("never").expect(0);
     assert_eq!(fs::read(restored.join("small.txt")).unwrap(), b"mine now");
     assert_eq!(
         fs::read(restored.join("dir/sub/big.bin")).unwrap(),
@@ -256,15 +248,7 @@ fn restore_over_a_directory_rewrites_only_what_differs() {
 
     // always: every file is written again, and the tree is the snapshot's.
     let before = file_identities(&target);
-    env.pbs(&[
-        "restore",
-        &snap,
-        "--target",
-        target.to_str().unwrap(),
-        "--overwrite",
-        "always",
-    ])
-    .expect(0);
+    overwrite("always").expect(0);
     assert_same_tree(&src, &restored);
     let after = file_identities(&target);
     for (path, (ino, ..)) in &before {
