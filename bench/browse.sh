@@ -3,7 +3,8 @@
 # in one run. Both repositories get the same 20 snapshots (the gen_dataset.py tree,
 # then 19 rounds of --mutate); then, caches dropped before each:
 #
-#   ls-R      `ls -lR` of the newest snapshot through each one's FUSE mount
+#   ls-R      `ls -R` of the newest snapshot through each one's FUSE mount
+#   ls-lR     `ls -lR` of it (a stat and the xattr calls of `ls -l` per entry)
 #   cat-all   every file of the newest snapshot read through the mount (cat)
 #   restore   the newest snapshot restored (what cat-all is held against)
 #   find      one name searched in all 20 snapshots (`find` of each tool)
@@ -13,21 +14,23 @@
 # mount's. Targets: haul's cat-all at least half its restore's speed; each of the
 # four at most 1/3 of restic's wall time; haul's mount peak RSS at most restic's.
 #
-# usage: bench/browse.sh [--mib N] [--snapshots N] [--work DIR]
-#        (defaults: 1024, 20, /tmp/haul-bench-browse)
+# usage: bench/browse.sh [--mib N] [--snapshots N] [--work DIR] [--reuse]
+#        (defaults: 1024, 20, /tmp/haul-bench-browse; --reuse: keep the dataset and
+#        both repositories of the last run in DIR, and measure again)
 # env:   HAUL_BIN=dir   directory holding haul-pbs and haul-agent (default: the
 #                       workspace's target/release, built if missing)
 # needs: restic, fuse3 (fusermount3, /dev/fuse), python3, jq, /usr/bin/time; root (to
 #        drop the page cache; without it the caches stay warm)
 set -euo pipefail
 
-mib=1024 snapshots=20 work=/tmp/haul-bench-browse
+mib=1024 snapshots=20 work=/tmp/haul-bench-browse reuse=false
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
 while (($#)); do
   case $1 in
     --mib) mib=${2:?--mib needs a value}; shift 2 ;;
     --snapshots) snapshots=${2:?--snapshots needs a value}; shift 2 ;;
     --work) work=${2:?--work needs a value}; shift 2 ;;
+    --reuse) reuse=true; shift ;;
     -h|--help) bench_help ;;
     *) bench_unknown "$1" ;;
   esac
@@ -43,7 +46,11 @@ mkdir -p "$work"
 work=$(cd "$work" && pwd -P)
 data="$work/data" logs="$work/logs" mnt="$work/mnt"
 for m in "$mnt"/*; do mountpoint -q "$m" 2>/dev/null && fusermount3 -u -z "$m"; done
-rm -rf "$data" "$logs" "$mnt" "$work"/{restic,haul}-{repo,cache} "$work"/restore-*
+if $reuse; then
+  rm -rf "$logs" "$mnt" "$work"/restore-*
+else
+  rm -rf "$data" "$logs" "$mnt" "$work"/{restic,haul}-{repo,cache} "$work"/restore-*
+fi
 mkdir -p "$logs" "$mnt/restic" "$mnt/haul"
 exec > >(tee "$work/results.txt")
 unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD
@@ -53,15 +60,17 @@ chmod 600 "$work/password"
 restic_=(restic -r "$work/restic-repo" --cache-dir "$work/restic-cache")
 haul_=("$haul" --repo "$work/haul-repo" --password-file "$work/password" --cache-dir "$work/haul-cache")
 
-echo "generating ${mib} MiB dataset and $snapshots snapshots of it in each repository ..." >&2
-python3 "$gen" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
-"${restic_[@]}" -q init --repository-version 2 >"$logs/restic.init.log" 2>&1
-"${haul_[@]}" init >"$logs/haul.init.log" 2>&1
-for ((i = 1; i <= snapshots; i++)); do
-  ((i == 1)) || python3 "$gen" "$data" --mutate --seed "$i" >>"$logs/gen.log" 2>&1
-  "${restic_[@]}" backup -q "$data" >>"$logs/restic.backup.log" 2>&1
-  "${haul_[@]}" backup-local "$data" >>"$logs/haul.backup.log" 2>&1
-done
+if ! $reuse; then
+  echo "generating ${mib} MiB dataset and $snapshots snapshots of it in each repository ..." >&2
+  python3 "$gen" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
+  "${restic_[@]}" -q init --repository-version 2 >"$logs/restic.init.log" 2>&1
+  "${haul_[@]}" init >"$logs/haul.init.log" 2>&1
+  for ((i = 1; i <= snapshots; i++)); do
+    ((i == 1)) || python3 "$gen" "$data" --mutate --seed "$i" >>"$logs/gen.log" 2>&1
+    "${restic_[@]}" backup -q "$data" >>"$logs/restic.backup.log" 2>&1
+    "${haul_[@]}" backup-local "$data" >>"$logs/haul.backup.log" 2>&1
+  done
+fi
 rid=($("${restic_[@]}" snapshots --json | jq -r 'sort_by(.time) | .[].id'))
 hid=($("${haul_[@]}" --json snapshots | jq -r 'select(.type == "snapshot") | .id'))
 ((${#rid[@]} == snapshots && ${#hid[@]} == snapshots)) || {
@@ -107,7 +116,7 @@ mount_stop() {
   kill -INT "$child"
   wait "$mount_pid" || true
   mountpoint -q "$mnt/$tool" && fusermount3 -u -z "$mnt/$tool"
-  rss[$tool.mount]=$(($(cat "$logs/$tool.mount.time") / 1024))
+  rss[$tool.mount]=$(($(tail -1 "$logs/$tool.mount.time") / 1024))
   printf '%-7s %-8s %10s %8d MiB\n' "$tool" mount "(peak)" "${rss[$tool.mount]}"
 }
 
@@ -118,7 +127,8 @@ latest_in() { # the newest snapshot's copy of the data, through TOOL's mount
 printf '%-7s %-8s %10s %12s\n' tool phase wall rss
 for tool in restic haul; do
   mount_start "$tool"
-  measure "$tool" ls-R ls -lR "$(latest_in "$tool")"
+  measure "$tool" ls-R ls -R "$(latest_in "$tool")"
+  measure "$tool" ls-lR ls -lR "$(latest_in "$tool")"
   measure "$tool" cat-all sh -c 'find "$1" -type f -print0 | xargs -0 cat | wc -c' sh "$(latest_in "$tool")"
   mount_stop "$tool"
 done
@@ -132,8 +142,8 @@ measure haul diff "${haul_[@]}" diff "${hid[0]}" "${hid[-1]}"
 # What the mounts gave is what was backed up.
 for t in restic haul; do
   bytes=$(tail -1 "$logs/$t.cat-all.log")
-  want=$(du -sb --apparent-size "$data" | cut -f1)
-  printf '%-7s cat-all read %s bytes (the tree holds %s in all)\n' "$t" "$bytes" "$want"
+  want=$(find "$data" -type f -printf '%s\n' | awk '{ s += $1 } END { print s }')
+  printf '%-7s cat-all read %s bytes (its files hold %s)\n' "$t" "$bytes" "$want"
 done
 for t in restic haul; do
   bench_verify "$t" "$data" "$work/restore-$t$data" "$logs/$t.verify.log"
@@ -141,7 +151,7 @@ done
 
 echo
 echo "haul/restic (below 1 = haul better):"
-for phase in ls-R cat-all find diff restore; do
+for phase in ls-R ls-lR cat-all find diff restore; do
   hw=${wall[haul.$phase]:-} rw=${wall[restic.$phase]:-}
   [[ -n $hw && -n $rw ]] || { printf '%-8s n/a\n' "$phase"; continue; }
   awk -v p="$phase" -v hw="$hw" -v rw="$rw" 'BEGIN { printf "%-8s wall %.2fx  (%s s vs %s s)\n", p, hw / rw, hw, rw }'

@@ -203,6 +203,15 @@ fn every_snapshot_through_the_mount_equals_its_restore_and_sigterm_unmounts() {
         fs::read(mnt.join("ids").join(&third).join(rel).join("third")).unwrap(),
         b"taken while mounted\n"
     );
+    // `latest` moves on to it (the kernel keeps link targets: a moved link is a new
+    // inode).
+    wait_until(Duration::from_secs(30), "latest to move on", || {
+        fs::read(mnt.join("snapshots/latest").join(rel).join("third")).is_ok()
+    });
+    assert_eq!(
+        fs::read(by_host.join("latest").join(rel).join("third")).unwrap(),
+        b"taken while mounted\n"
+    );
 
     // SIGTERM unmounts and ends the process, with nothing left behind.
     let pid = m.pid();

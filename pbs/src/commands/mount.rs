@@ -15,7 +15,8 @@
 //! Memory stays bounded whatever is browsed: the kernel holds the inodes it uses and
 //! forgets them (so does the table here); directories and decrypted chunks live in
 //! caches of a fixed budget. A read fetches and decrypts only the chunks it touches;
-//! when a file is read in order, the next chunks are fetched ahead by two threads. The
+//! the next chunks of a file read in order, and the first ones of the files after it
+//! in its directory, are fetched ahead by threads of their own. The
 //! snapshot list is read again when the top folders are looked at (at most every few
 //! seconds), so new snapshots appear without remounting.
 //!
@@ -25,9 +26,8 @@ use super::Context;
 use crate::cli::MountArgs;
 use crate::error::CliError;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyXattr, Request,
-    SessionACL,
+    Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, LockOwner, MountOption, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
 };
 use haul_protocol::tree::{Node, NodeKind, Timestamp};
 use haul_protocol::{BlobKind, ChunkId, SnapshotId, TreeId};
@@ -48,7 +48,18 @@ const FOLDER_TTL: Duration = Duration::from_secs(1);
 /// The snapshot list is read again at most this often.
 const LIST_EVERY: Duration = Duration::from_secs(5);
 /// How many chunks ahead of an in-order reader are fetched.
-const READ_AHEAD: usize = 2;
+const READ_AHEAD: usize = 8;
+/// When a file is opened, the chunks of the files after it in its directory are
+/// fetched ahead, up to this many files and bytes: a reader going through a
+/// directory (`cp -r`, `tar`, `grep -r`) finds them decrypted.
+const AHEAD_FILES: usize = 128;
+const AHEAD_BYTES: u64 = 32 << 20;
+/// Files remembered as queued ahead (not queued again).
+const QUEUED_FILES: usize = 4096;
+/// Threads fetching chunks ahead.
+const FETCHERS: usize = 8;
+/// Files whose chunk lengths are kept for reads.
+const OPEN_FILES: usize = 256;
 /// Budget of decoded directories (estimated bytes).
 const TREE_BUDGET: usize = 32 << 20;
 
@@ -89,12 +100,30 @@ enum Entry {
 }
 
 impl Entry {
+    /// What its inode number is made of besides its directory: its name, and for a
+    /// `latest` link the name it points to too. The kernel keeps link targets
+    /// (FUSE_CACHE_SYMLINKS), so a `latest` that moves on is another inode.
+    fn key_name<'a>(&self, name: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        match self {
+            Entry::Latest(target) => [name, b"\0", target.as_bytes()].concat().into(),
+            _ => name.into(),
+        }
+    }
+
     fn node(&self) -> Option<&Node> {
         match self {
             Entry::Node(n) => Some(n),
             _ => None,
         }
     }
+}
+
+/// An entry of a directory listing.
+enum Child<'a> {
+    /// `.` or `..`.
+    Dot,
+    Node(&'a Node),
+    Virtual(&'a Entry),
 }
 
 struct Inode {
@@ -203,8 +232,17 @@ impl Chunks {
     }
 }
 
-/// An open file: its chunks and where each ends.
+/// A chunk to fetch ahead of a reader, and where to put it in the kernel's page cache
+/// (inode and offset), if it is the start of a file the kernel knows.
+struct Fetch {
+    repo: Arc<IndexedRepository>,
+    id: ChunkId,
+    into: Option<(u64, u64)>,
+}
+
+/// A file being read: its chunks and where each ends.
 struct Open {
+    ino: u64,
     chunks: Vec<ChunkId>,
     ends: Vec<u64>,
     /// Where the last read ended: a read starting there is in order.
@@ -218,9 +256,11 @@ struct Haul {
     inodes: Mutex<HashMap<u64, Inode>>,
     trees: Mutex<Budgeted<TreeId, Arc<Vec<Node>>>>,
     chunks: Arc<Chunks>,
-    open: Mutex<HashMap<u64, Arc<Open>>>,
-    next_fh: AtomicU64,
-    ahead: mpsc::Sender<(Arc<IndexedRepository>, ChunkId)>,
+    /// The files read last, by inode.
+    files: Mutex<Budgeted<u64, Arc<Open>>>,
+    ahead: mpsc::Sender<Fetch>,
+    /// Files already queued ahead, by inode.
+    queued: Mutex<Budgeted<u64, ()>>,
     /// Owner and time of the folders above the snapshots.
     uid: u32,
     gid: u32,
@@ -386,6 +426,95 @@ impl Haul {
         Ok(nodes)
     }
 
+    /// Notes that the kernel looked `name` up in `parent` (it holds one more
+    /// reference to its inode), and returns the inode's number.
+    fn looked_up(&self, parent: u64, name: &[u8], e: Entry) -> Result<u64, Errno> {
+        let root = self.root_of(parent);
+        let key = Key::of(parent, root, &e.key_name(name), e.node());
+        let ino = key.ino();
+        let root = if matches!(e, Entry::Snapshot(_)) {
+            ino
+        } else {
+            root
+        };
+        let mut inodes = self.inodes.lock().unwrap();
+        let i = inodes.entry(ino).or_insert_with(|| Inode {
+            entry: e.clone(),
+            key: key.clone(),
+            parent,
+            root,
+            lookups: 0,
+        });
+        if i.key != key {
+            tracing::error!(
+                "inode number {ino} of {:?} is taken by {:?}",
+                String::from_utf8_lossy(name),
+                i.key
+            );
+            return Err(Errno::EIO);
+        }
+        i.entry = e;
+        i.lookups += 1;
+        Ok(ino)
+    }
+
+    /// The entries of directory `ino` from `offset` on (`.` and `..` first), given to
+    /// `add` with their index and inode number until it says the reply is full.
+    fn list(
+        &self,
+        ino: u64,
+        offset: usize,
+        mut add: impl FnMut(usize, u64, &[u8], Child<'_>) -> bool,
+    ) -> Result<(), Errno> {
+        let e = self.entry_of(ino).ok_or(Errno::ESTALE)?;
+        let (parent, root) = self
+            .inodes
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .map_or((ino, 0), |i| (i.parent, i.root));
+        for (i, (child, name)) in [(ino, &b"."[..]), (parent, &b".."[..])]
+            .into_iter()
+            .enumerate()
+            .skip(offset)
+        {
+            if add(i, child, name, Child::Dot) {
+                return Ok(());
+            }
+        }
+        // A snapshot's directories are listed from the cached tree, without a copy.
+        let tree = match &e {
+            Entry::Snapshot(s) => Some(Some(s.tree)),
+            Entry::Node(n) if n.kind == NodeKind::Dir => Some(n.subtree),
+            _ => None,
+        };
+        if let Some(tree) = tree {
+            let dir = match tree {
+                Some(t) => self.dir(&t)?,
+                None => Arc::new(Vec::new()),
+            };
+            for (i, n) in dir.iter().enumerate().skip(offset.saturating_sub(2)) {
+                let child = Key::of(ino, root, &n.name, Some(n)).ino();
+                if add(i + 2, child, &n.name, Child::Node(n)) {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        for (i, (name, c)) in self
+            .children(&e)?
+            .iter()
+            .enumerate()
+            .skip(offset.saturating_sub(2))
+        {
+            let child = Key::of(ino, root, &c.key_name(name), c.node()).ino();
+            if add(i + 2, child, name, Child::Virtual(c)) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The inode of the snapshot `ino` is in, 0 above the snapshots.
     fn root_of(&self, ino: u64) -> u64 {
         self.inodes.lock().unwrap().get(&ino).map_or(0, |i| i.root)
@@ -544,14 +673,151 @@ impl Haul {
         }
     }
 
+    /// What reads of file `ino` need: its chunks and where each ends (from the
+    /// index), kept for the files read last.
+    fn file(&self, ino: u64) -> Result<Arc<Open>, Errno> {
+        if let Some(f) = self.files.lock().unwrap().get(&ino) {
+            return Ok(f);
+        }
+        let n = match self.entry_of(ino) {
+            Some(Entry::Node(n)) if n.kind == NodeKind::File => n,
+            Some(_) => return Err(Errno::EISDIR),
+            None => return Err(Errno::ESTALE),
+        };
+        let repo = self.repo();
+        let mut ends = Vec::with_capacity(n.content.len());
+        let mut end = 0u64;
+        for id in &n.content {
+            match repo.index().get(BlobKind::Data, &id.0) {
+                Ok(Some(loc)) => end += loc.raw_length as u64,
+                Ok(None) => {
+                    tracing::error!(
+                        "chunk {} of {:?} is not in the index",
+                        id.to_hex(),
+                        String::from_utf8_lossy(&n.name)
+                    );
+                    return Err(Errno::EIO);
+                }
+                Err(e) => {
+                    tracing::error!("the index: {e}");
+                    return Err(Errno::EIO);
+                }
+            }
+            ends.push(end);
+        }
+        let f = Arc::new(Open {
+            ino,
+            chunks: n.content.clone(),
+            ends,
+            next: AtomicU64::new(0),
+        });
+        self.files.lock().unwrap().put(ino, f.clone(), 1);
+        Ok(f)
+    }
+
+    /// Queues the chunks of the files after `ino` in its directory for fetching (see
+    /// [`AHEAD_FILES`]).
+    fn fetch_next_files(&self, ino: u64) {
+        // The name and directory of an inode, and that directory's tree.
+        let place = |ino: u64| -> Option<(Vec<u8>, u64, TreeId)> {
+            let (parent, name) = match self.inodes.lock().unwrap().get(&ino) {
+                Some(Inode {
+                    key: Key::Path { parent, name },
+                    ..
+                }) => (*parent, name.clone()),
+                _ => return None,
+            };
+            let tree = match self.entry_of(parent)? {
+                Entry::Snapshot(s) => s.tree,
+                Entry::Node(n) => n.subtree?,
+                _ => return None,
+            };
+            Some((name, parent, tree))
+        };
+        let after = |tree: &TreeId, name: &[u8]| -> Option<(Arc<Vec<Node>>, usize)> {
+            let dir = self.dir(tree).ok()?;
+            let at = dir.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
+            Some((dir, at + 1))
+        };
+        let repo = self.repo();
+        let (mut files, mut bytes) = (0, 0);
+        // Queues file `n` of the directory at inode `dir`; false when enough is.
+        let mut queue = |dir: u64, root: u64, n: &Node| -> bool {
+            if n.kind != NodeKind::File {
+                return true;
+            }
+            if files >= AHEAD_FILES || bytes >= AHEAD_BYTES {
+                return false;
+            }
+            files += 1;
+            let ino = Key::of(dir, root, &n.name, Some(n)).ino();
+            let mut queued = self.queued.lock().unwrap();
+            if queued.get(&ino).is_some() {
+                return true;
+            }
+            queued.put(ino, (), 1);
+            drop(queued);
+            let mut offset = 0;
+            for id in &n.content {
+                if bytes >= AHEAD_BYTES {
+                    return false;
+                }
+                let _ = self.ahead.send(Fetch {
+                    repo: repo.clone(),
+                    id: *id,
+                    into: Some((ino, offset)),
+                });
+                // Where the next chunk starts: its length is in the index.
+                let len = match repo.index().get(BlobKind::Data, &id.0) {
+                    Ok(Some(loc)) => loc.raw_length as u64,
+                    _ => return false,
+                };
+                offset += len;
+                bytes += len;
+            }
+            true
+        };
+        let Some((name, parent, tree)) = place(ino) else {
+            return;
+        };
+        let root = self.root_of(parent);
+        let Some((dir, from)) = after(&tree, &name) else {
+            return;
+        };
+        if !dir[from..].iter().all(|n| queue(parent, root, n)) {
+            return;
+        }
+        // Then the files of the directories after this one in its parent (a reader
+        // going through a tree goes there next).
+        let Some((name, grandparent, tree)) = place(parent) else {
+            return;
+        };
+        let Some((dir, from)) = after(&tree, &name) else {
+            return;
+        };
+        for d in &dir[from..] {
+            let Some(sub) = d.subtree.filter(|_| d.kind == NodeKind::Dir) else {
+                continue;
+            };
+            let sub_ino = Key::of(grandparent, root, &d.name, Some(d)).ino();
+            let Ok(sub) = self.dir(&sub) else { return };
+            if !sub.iter().all(|n| queue(sub_ino, root, n)) {
+                return;
+            }
+        }
+    }
+
     /// The chunk at `i` of an open file, fetching the next ones ahead when `ahead`.
     fn chunk(&self, f: &Open, i: usize, ahead: bool) -> Result<Arc<Vec<u8>>, Errno> {
         let repo = self.repo();
         if ahead {
-            let tx = &self.ahead;
-            for id in f.chunks.iter().skip(i + 1).take(READ_AHEAD) {
-                if self.chunks.missing(id) {
-                    let _ = tx.send((repo.clone(), *id));
+            for j in (i + 1..f.chunks.len()).take(READ_AHEAD) {
+                if self.chunks.missing(&f.chunks[j]) {
+                    let _ = self.ahead.send(Fetch {
+                        repo: repo.clone(),
+                        id: f.chunks[j],
+                        into: Some((f.ino, f.ends[j - 1])),
+                    });
                 }
             }
         }
@@ -564,6 +830,16 @@ impl Haul {
 }
 
 impl fuser::Filesystem for Haul {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Listings always with attributes (READDIRPLUS): whoever lists a directory of
+        // a snapshot mostly goes on to its entries (`ls -l`, `find`, `cp -r`), and
+        // each would otherwise be a LOOKUP round trip.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
+        // Link targets kept by the kernel: a path through `latest` costs no READLINK.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = u64::from(parent);
         let Some(pe) = self.entry_of(parent) else {
@@ -573,31 +849,10 @@ impl fuser::Filesystem for Haul {
             Ok(e) => e,
             Err(err) => return reply.error(err),
         };
-        let root = self.root_of(parent);
-        let key = Key::of(parent, root, name.as_bytes(), e.node());
-        let ino = key.ino();
-        let root = if matches!(e, Entry::Snapshot(_)) {
-            ino
-        } else {
-            root
-        };
-        {
-            let mut inodes = self.inodes.lock().unwrap();
-            let i = inodes.entry(ino).or_insert_with(|| Inode {
-                entry: e.clone(),
-                key: key.clone(),
-                parent,
-                root,
-                lookups: 0,
-            });
-            if i.key != key {
-                tracing::error!("inode number {ino} of {name:?} is taken by {:?}", i.key);
-                return reply.error(Errno::EIO);
-            }
-            i.entry = e.clone();
-            i.lookups += 1;
+        match self.looked_up(parent, name.as_bytes(), e.clone()) {
+            Ok(ino) => reply.entry(&Self::ttl(&e), &self.attr(ino, &e), Generation(0)),
+            Err(err) => reply.error(err),
         }
-        reply.entry(&Self::ttl(&e), &self.attr(ino, &e), Generation(0));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -627,62 +882,49 @@ impl fuser::Filesystem for Haul {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        let n = match self.entry_of(u64::from(ino)) {
-            Some(Entry::Node(n)) if n.kind == NodeKind::File => n,
-            Some(_) => return reply.error(Errno::EISDIR),
-            None => return reply.error(Errno::ESTALE),
-        };
-        let repo = self.repo();
-        let mut ends = Vec::with_capacity(n.content.len());
-        let mut end = 0u64;
-        for id in &n.content {
-            match repo.index().get(BlobKind::Data, &id.0) {
-                Ok(Some(loc)) => end += loc.raw_length as u64,
-                Ok(None) => {
-                    tracing::error!(
-                        "chunk {} of {:?} is not in the index",
-                        id.to_hex(),
-                        String::from_utf8_lossy(&n.name)
-                    );
-                    return reply.error(Errno::EIO);
-                }
-                Err(e) => {
-                    tracing::error!("the index: {e}");
-                    return reply.error(Errno::EIO);
-                }
-            }
-            ends.push(end);
-        }
-        let fh = self.next_fh.fetch_add(1, Relaxed);
-        self.open.lock().unwrap().insert(
-            fh,
-            Arc::new(Open {
-                chunks: n.content.clone(),
-                ends,
-                next: AtomicU64::new(0),
-            }),
-        );
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    // No OPEN, OPENDIR or FLUSH: the first of each answered ENOSYS, the kernel stops
+    // sending them (and RELEASE) and opens every file with its page cache kept. What
+    // a read needs of a file is kept by its inode (see `Haul::file`), which spares
+    // three round trips to this process per file read: through FUSE they cost more
+    // than reading a small file.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(f) = self.open.lock().unwrap().get(&u64::from(fh)).cloned() else {
-            return reply.error(Errno::EBADF);
+        let ino = u64::from(ino);
+        let f = match self.file(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
         };
+        if offset == 0 {
+            self.fetch_next_files(ino);
+        }
         let in_order = f.next.swap(offset + size as u64, Relaxed) == offset;
         let mut out = Vec::with_capacity(size as usize);
         let mut at = offset;
@@ -707,31 +949,6 @@ impl fuser::Filesystem for Haul {
         reply.data(&out);
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: fuser::ReplyEmpty,
-    ) {
-        self.open.lock().unwrap().remove(&u64::from(fh));
-        reply.ok();
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: fuser::ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
     fn readdir(
         &self,
         _req: &Request,
@@ -740,60 +957,54 @@ impl fuser::Filesystem for Haul {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let ino = u64::from(ino);
-        let Some(e) = self.entry_of(ino) else {
-            return reply.error(Errno::ESTALE);
-        };
-        let (parent, root) = self
-            .inodes
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .map_or((ino, 0), |i| (i.parent, i.root));
-        let mut out = |i: usize, child: u64, kind: FileType, name: &[u8]| {
-            reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name))
-        };
-        let offset = offset as usize;
-        for (i, (child, name)) in [(ino, &b"."[..]), (parent, &b".."[..])]
-            .into_iter()
-            .enumerate()
-            .skip(offset)
-        {
-            if out(i, child, FileType::Directory, name) {
-                return reply.ok();
-            }
-        }
-        // A snapshot's directories are listed from the cached tree, without a copy.
-        let tree = match &e {
-            Entry::Snapshot(s) => Some(Some(s.tree)),
-            Entry::Node(n) if n.kind == NodeKind::Dir => Some(n.subtree),
-            _ => None,
-        };
-        if let Some(tree) = tree {
-            let dir = match tree.map(|t| self.dir(&t)) {
-                Some(Ok(d)) => d,
-                Some(Err(err)) => return reply.error(err),
-                None => Arc::new(Vec::new()),
+        let listed = self.list(u64::from(ino), offset as usize, |i, child, name, c| {
+            let kind = match c {
+                Child::Dot => FileType::Directory,
+                Child::Node(n) => file_type(n.kind),
+                Child::Virtual(e) => self.attr(0, e).kind,
             };
-            for (i, n) in dir.iter().enumerate().skip(offset.saturating_sub(2)) {
-                let child = Key::of(ino, root, &n.name, Some(n)).ino();
-                if out(i + 2, child, file_type(n.kind), &n.name) {
-                    break;
-                }
-            }
-            return reply.ok();
+            reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        let children = match self.children(&e) {
-            Ok(c) => c,
-            Err(err) => return reply.error(err),
-        };
-        for (i, (name, c)) in children.iter().enumerate().skip(offset.saturating_sub(2)) {
-            let child = Key::of(ino, root, name, c.node()).ino();
-            if out(i + 2, child, self.attr(0, c).kind, name) {
-                break;
+    }
+
+    /// READDIR and LOOKUP in one: the kernel takes each entry (but `.` and `..`) as
+    /// looked up, which spares `ls -l` and `find` a round trip per entry.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let ino = u64::from(ino);
+        let listed = self.list(ino, offset as usize, |i, child, name, c| {
+            let (e, dot) = match c {
+                Child::Dot => (self.entry_of(child).unwrap_or(Entry::Root), true),
+                Child::Node(n) => (Entry::Node(Arc::new(n.clone())), false),
+                Child::Virtual(e) => (e.clone(), false),
+            };
+            let full = reply.add(
+                INodeNo(child),
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &Self::ttl(&e),
+                &self.attr(child, &e),
+                Generation(0),
+            );
+            if !full && !dot {
+                let _ = self.looked_up(ino, name, e);
             }
+            full
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -917,18 +1128,26 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
             .collect(),
     );
     let count = snapshots.len();
-    // Two threads fetch chunks ahead of in-order readers.
+    // Threads fetch chunks ahead of readers: more than the CPUs, since a fetch mostly
+    // waits for the disk when the packs are not in the page cache.
     let chunks = Arc::new(Chunks::new(args.cache_mib.max(8) << 20));
-    let (tx, rx) = mpsc::channel::<(Arc<IndexedRepository>, ChunkId)>();
+    // A fetched chunk also goes into the kernel's page cache (FUSE_NOTIFY_STORE): a
+    // read of it then costs no round trip to this process.
+    let notifier: Arc<std::sync::OnceLock<fuser::Notifier>> = Arc::default();
+    let (tx, rx) = mpsc::channel::<Fetch>();
     let rx = Arc::new(Mutex::new(rx));
     let mut fetchers = Vec::new();
-    for _ in 0..2 {
-        let (rx, chunks) = (rx.clone(), chunks.clone());
+    for _ in 0..FETCHERS {
+        let (rx, chunks, notifier) = (rx.clone(), chunks.clone(), notifier.clone());
         fetchers.push(std::thread::spawn(move || loop {
             let next = rx.lock().unwrap().recv();
-            let Ok((repo, id)) = next else { break };
-            if chunks.missing(&id) {
-                let _ = chunks.get(&id, || repo.load_chunk(&id));
+            let Ok(job) = next else { break };
+            let Ok(data) = chunks.get(&job.id, || job.repo.load_chunk(&job.id)) else {
+                continue;
+            };
+            if let (Some((ino, offset)), Some(n)) = (job.into, notifier.get()) {
+                // Refused when the kernel has forgotten the inode: nothing lost.
+                let _ = n.store(INodeNo(ino), offset, &data);
             }
         }));
     }
@@ -942,9 +1161,9 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
         inodes: Mutex::new(HashMap::new()),
         trees: Mutex::new(Budgeted::new(TREE_BUDGET)),
         chunks,
-        open: Mutex::new(HashMap::new()),
-        next_fh: AtomicU64::new(1),
+        files: Mutex::new(Budgeted::new(OPEN_FILES)),
         ahead: tx,
+        queued: Mutex::new(Budgeted::new(QUEUED_FILES)),
         uid: unsafe { libc::getuid() },
         gid: unsafe { libc::getgid() },
         mounted: SystemTime::now(),
@@ -966,7 +1185,12 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(4);
+    config.n_threads = Some(
+        std::env::var("HAUL_FUSE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4),
+    );
     config.clone_fd = true;
     // Signals wait in a thread of their own (blocked in every other thread).
     let (signals_tx, signals_rx) = mpsc::channel::<fuser::SessionUnmounter>();
@@ -989,6 +1213,7 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
     let mut session = fuser::Session::new(fs, &at, &config)
         .map_err(|e| CliError::Io(format!("mounting on {}", at.display()), e))?;
     let _ = signals_tx.send(session.unmount_callable());
+    let _ = notifier.set(session.notifier());
     crate::outln!(
         "{} mounted: {count} snapshot(s) in snapshots/, hosts/, tags/ and ids/; unmount with Ctrl-C, SIGTERM or `fusermount3 -u {}`",
         at.display(),
