@@ -260,3 +260,40 @@ fn a_mount_point_that_is_missing_or_a_file_is_named_and_nothing_is_mounted() {
     assert_eq!(fs::read_dir(mnt.join("snapshots")).unwrap().count(), 0);
     assert_eq!(fs::read_dir(mnt.join("hosts")).unwrap().count(), 0);
 }
+
+#[test]
+fn a_damaged_chunk_reads_as_an_error_naming_it_and_the_other_files_read() {
+    let (env, src) = Env::with_source();
+    fs::write(src.join("victim.bin"), random_bytes(30, 3 * 1024 * 1024)).unwrap();
+    let fine = "fine\n".repeat(1000);
+    fs::write(src.join("bystander.txt"), &fine).unwrap();
+    env.backup(&[&src], &[]);
+    // The data pack is the largest file under data/; its start is the victim's.
+    let pack = walk_files(&env.repo().join("data"))
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    flip_byte(&pack, 1000);
+
+    let mnt = env.path("mnt");
+    let m = Mounted::start(&env, &mnt, &[]);
+    let dir = mnt
+        .join("snapshots/latest")
+        .join(src.strip_prefix("/").unwrap());
+    // The bystander first: reading it fetches the victim ahead, which must not put
+    // anything of it in the kernel's cache.
+    assert_eq!(
+        fs::read(dir.join("bystander.txt")).unwrap(),
+        fine.as_bytes()
+    );
+    let err = fs::read(dir.join("victim.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Its metadata still reads, and the log names the damaged chunk.
+    assert_eq!(
+        fs::metadata(dir.join("victim.bin")).unwrap().len(),
+        3 * 1024 * 1024
+    );
+    drop(m);
+    let log = fs::read_to_string(env.path("mount.log")).unwrap();
+    assert!(log.contains("chunk ") && log.contains("ERROR"), "{log}");
+}
