@@ -171,11 +171,12 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
     }
     let target = std::path::absolute(&a.target)
         .map_err(|e| Failure::usage(format!("restore target {}: {e}", a.target)))?;
-    if a.standby && !a.includes.is_empty() {
+    if a.standby && !(a.includes.is_empty() && a.excludes.is_empty()) {
         return Err(Failure::usage(
-            "--include cannot be given with --standby: a standby copy is the whole snapshot",
+            "--include and --exclude cannot be given with --standby: a standby copy is the whole snapshot",
         ));
     }
+    let excludes = haul_protocol::walk::compile_excludes(&a.excludes).map_err(Failure::usage)?;
     if (a.import || !a.import_command.is_empty()) && !a.standby {
         return Err(Failure::usage(
             "--import and --import-command go with --standby only",
@@ -230,7 +231,7 @@ pub fn run(a: RestoreCommand) -> Result<Outcome, Failure> {
         overwrite: None,
         target: target.clone(),
         includes: a.includes,
-        excludes: Vec::new(),
+        excludes,
         threads: a
             .threads
             .map_or_else(restore::default_threads, |t| t as usize)

@@ -543,8 +543,8 @@ pub struct RestoreArgs {
     #[arg(long, short = 'i')]
     pub include: Vec<String>,
     /// Do not restore entries whose path in the snapshot, or whose name, matches this
-    /// glob (repeatable; as a backup's --exclude). On this machine only.
-    #[arg(long, short = 'e', conflicts_with_all = ["via_agent", "to_host"])]
+    /// glob (repeatable; as a backup's --exclude).
+    #[arg(long, short = 'e')]
     pub exclude: Vec<String>,
     /// Writing threads (default: four per CPU, 4 to 16: a writer mostly waits in the
     /// kernel).

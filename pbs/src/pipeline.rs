@@ -235,6 +235,7 @@ pub fn push(
         snapshot: SnapshotChoice::Snapshot(snapshot.to_hex().parse().expect("an id is a prefix")),
         target: dir.to_string(),
         includes: Vec::new(),
+        excludes: Vec::new(),
         threads: None,
         params_stdin: true,
         standby: true,

@@ -382,7 +382,23 @@ fn restore_exclude_leaves_out_matching_names_and_paths_and_keeps_the_rest_whole(
             assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap(), "{f}");
         }
     }
-    // Through the agent it is refused, saying so.
+    // Through the agent (as onto a host): the same entries.
+    let agent = env.path("through-agent");
+    env.pbs(&[
+        "restore",
+        "latest",
+        "--target",
+        agent.to_str().unwrap(),
+        "--via-agent",
+        "--exclude",
+        "*.bin",
+        "--exclude",
+        &sub,
+    ])
+    .expect(0);
+    assert_eq!(files(&agent), want);
+    assert_same_tree(&some.join(rel), &agent.join(rel));
+    // A pattern that is no glob is refused before anything starts.
     let r = env.pbs(&[
         "restore",
         "latest",
@@ -390,12 +406,9 @@ fn restore_exclude_leaves_out_matching_names_and_paths_and_keeps_the_rest_whole(
         env.path("x").to_str().unwrap(),
         "--via-agent",
         "--exclude",
-        "*.bin",
+        "[",
     ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("--exclude") && r.stderr.contains("--via-agent"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("\"[\""), "{}", r.stderr);
+    assert!(!env.path("x").exists());
 }

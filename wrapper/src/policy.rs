@@ -173,6 +173,7 @@ impl Policy {
             "restore_targets",
         )?;
         no_flag_like("--include", &r.includes)?;
+        no_flag_like("--exclude", &r.excludes)?;
         if !r.import_command.is_empty() {
             return deny(
                 "--import-command is not an allowed argument: the import command is this host's choice (import_command in its policy)",
@@ -511,7 +512,7 @@ restore_targets = ["/var/restore"]
             ]
         );
         let args = p
-            .admit("haul-agent restore --socket /run/haul/r2.sock --params-stdin --snapshot 0a1b2c3d --target /var/restore/web --include /srv --threads 4")
+            .admit("haul-agent restore --socket /run/haul/r2.sock --params-stdin --snapshot 0a1b2c3d --target /var/restore/web --include /srv --exclude '*.log' --threads 4")
             .unwrap();
         assert_eq!(
             args,
@@ -525,6 +526,8 @@ restore_targets = ["/var/restore"]
                 "/var/restore/web",
                 "--include",
                 "/srv",
+                "--exclude",
+                "*.log",
                 "--threads",
                 "4",
                 "--params-stdin"
@@ -587,7 +590,7 @@ restore_targets = ["/var/restore"]
             ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --threads 65", "from 1 to 64"),
             ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --threads x", "--threads \"x\" is not a number"),
             ("haul-agent restore --socket /run/haul/a.sock --snapshot ABCD --target /var/restore/x", "not a snapshot id"),
-            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --exclude x", "\"--exclude\" is not an allowed argument of haul-agent restore"),
+            ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /var/restore/x --exclude --threads", "--exclude needs a value"),
             ("haul-agent backup --socket /run/haul/a.sock --path /srv; rm -rf /", "not allowed in the command"),
             ("haul-agent backup --socket /run/haul/a.sock --path $(id)", "not allowed in the command"),
             ("haul-agent restore --socket /run/haul/a.sock --snapshot latest --target /tmp/x", "outside the policy's restore_targets"),

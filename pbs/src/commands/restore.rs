@@ -27,6 +27,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         }
         _ => {}
     }
+    let excludes = haul_protocol::walk::compile_excludes(&args.exclude).map_err(CliError::usage)?;
     let (repo, lock) = ctx.open_for_reading(filter.host.as_deref(), "restore", true)?;
     let (id, snap) = repo.find_snapshot_matching(&spec, &filter)?;
     if args.via_agent || args.to_host.is_some() {
@@ -36,7 +37,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> Result<(), CliError> {
         overwrite: args.overwrite,
         target: target.clone(),
         includes: args.include.clone(),
-        excludes: haul_protocol::walk::compile_excludes(&args.exclude).map_err(CliError::usage)?,
+        excludes,
         threads: args
             .threads
             .unwrap_or_else(haul_protocol::restore::default_threads)
@@ -128,6 +129,7 @@ fn via_agent(
             })?
             .to_string(),
         includes: args.include.clone(),
+        excludes: args.exclude.clone(),
         threads: args.threads.map(|t| t.min(u32::MAX as usize) as u32),
         params_stdin: true,
         standby: false,

@@ -51,6 +51,9 @@ pub struct RestoreCommand {
     pub target: String,
     /// Paths of the snapshot to restore (none: all of it).
     pub includes: Vec<String>,
+    /// Glob patterns: entries whose path in the snapshot, or whose name, matches one
+    /// are not restored (as a backup's `--exclude`).
+    pub excludes: Vec<String>,
     pub threads: Option<u32>,
     /// Run parameters follow as one JSON line on stdin.
     pub params_stdin: bool,
@@ -192,6 +195,12 @@ pub const RESTORE: Subcommand = Subcommand {
             "PATH",
             ANY,
             "Restore only this path of the snapshot (repeat for several)",
+        ),
+        flag(
+            "--exclude",
+            "PATTERN",
+            ANY,
+            "Leave out entries whose path or name matches this glob (repeat for several)",
         ),
         flag(
             "--threads",
@@ -342,6 +351,7 @@ impl AgentCommand {
                 out.value("--snapshot", &r.snapshot.to_string());
                 out.value("--target", &r.target);
                 out.values("--include", &r.includes);
+                out.values("--exclude", &r.excludes);
                 if let Some(t) = r.threads {
                     out.value("--threads", &t.to_string());
                 }
@@ -496,6 +506,7 @@ impl RestoreCommand {
                 .map_err(bad_snapshot("--snapshot"))?,
             target: f.required("--target"),
             includes: f.all("--include"),
+            excludes: f.all("--exclude"),
             threads: f.threads()?,
             params_stdin: f.switch("--params-stdin"),
             standby: f.switch("--standby"),
@@ -541,6 +552,7 @@ mod tests {
                 snapshot: SnapshotChoice::Snapshot("0a1b2c3d".parse().unwrap()),
                 target: "/var/restore/x".into(),
                 includes: vec!["/srv".into()],
+                excludes: Vec::new(),
                 threads: Some(4),
                 params_stdin: false,
                 standby: false,
@@ -598,8 +610,8 @@ mod tests {
                 "\"--include\" is not an argument of haul-agent backup",
             ),
             (
-                "restore --socket s --snapshot latest --target t --exclude x",
-                "\"--exclude\" is not an argument of haul-agent restore",
+                "restore --socket s --snapshot latest --target t --one-file-system",
+                "\"--one-file-system\" is not an argument of haul-agent restore",
             ),
             ("backup --socket s --path", "--path needs a value"),
             (
@@ -684,6 +696,7 @@ mod tests {
                 snapshot: SnapshotChoice::Latest,
                 target: "t".into(),
                 includes: vec!["i".into()],
+                excludes: vec!["e".into()],
                 threads: Some(3),
                 params_stdin: true,
                 standby: true,
@@ -764,7 +777,10 @@ mod tests {
             text(),
             snapshot,
             text(),
-            proptest::collection::vec(text(), 0..3),
+            (
+                proptest::collection::vec(text(), 0..3),
+                proptest::collection::vec(text(), 0..3),
+            ),
             proptest::option::of(any::<u32>()),
             any::<bool>(),
             (any::<bool>(), any::<bool>()),
@@ -775,7 +791,7 @@ mod tests {
                     socket,
                     snapshot,
                     target,
-                    includes,
+                    (includes, excludes),
                     threads,
                     params_stdin,
                     (standby, import),
@@ -785,6 +801,7 @@ mod tests {
                     snapshot,
                     target,
                     includes,
+                    excludes,
                     threads,
                     params_stdin,
                     standby,
