@@ -386,7 +386,17 @@ fn restore_in_place(
 ) -> Result<Vec<RestoreWarning>, RestoreError> {
     let includes = checked_includes(source, root, opts)?;
     let target = &opts.target;
-    let staging = staging_path(target);
+    // Inside the target: every rename of the merge stays on its filesystem.
+    let area = target.join(format!(".haul-restore-{}", std::process::id()));
+    let (staging, trash) = (area.join("new"), area.join("old"));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&area)
+        .map_err(io_err(&area))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&trash)
+        .map_err(io_err(&trash))?;
     let is_root = meta::is_root();
     let keep = crate::in_place::Keep {
         staging: &staging,
@@ -395,14 +405,19 @@ fn restore_in_place(
         stats,
         is_root,
         names: Mutex::new(NameCache::default()),
+        last_dir: Mutex::new(None),
     };
     let reuse = (mode != crate::in_place::Overwrite::Always).then_some(&keep as &dyn Reuse);
     let result =
         staged(source, root, &staging, &includes, opts, stats, reuse).and_then(|warnings| {
-            crate::in_place::merge(&staging, target, mode, is_root)?;
+            crate::in_place::merge(&staging, target, &trash, &area, mode, is_root)?;
             Ok(renamed(warnings, &staging, target))
         });
-    let _ = fs::remove_dir_all(&staging);
+    // What was not moved, and the entries replaced.
+    crate::standby::open_up(&area);
+    if let Err(e) = fs::remove_dir_all(&area) {
+        tracing::warn!("removing {}: {e}", area.display());
+    }
     result
 }
 

@@ -1161,7 +1161,7 @@ fn remove_tree(dir: &Path) -> io::Result<()> {
 }
 
 /// Makes every directory below `dir` (and it) writable and searchable by its owner.
-fn open_up(dir: &Path) {
+pub(crate) fn open_up(dir: &Path) {
     let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {

@@ -199,6 +199,13 @@ fn every_snapshot_through_the_mount_equals_its_restore_and_sigterm_unmounts() {
     wait_until(Duration::from_secs(30), "the new snapshot", || {
         mnt.join("ids").join(&third).is_dir()
     });
+    // ... and in the listings the kernel keeps (their mtime moved on).
+    wait_until(Duration::from_secs(30), "the new snapshot listed", || {
+        fs::read_dir(mnt.join("ids"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name() == third.as_str())
+    });
+    assert_eq!(fs::read_dir(mnt.join("snapshots")).unwrap().count(), 4);
     assert_eq!(
         fs::read(mnt.join("ids").join(&third).join(rel).join("third")).unwrap(),
         b"taken while mounted\n"

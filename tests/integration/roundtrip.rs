@@ -246,6 +246,21 @@ fn restore_over_a_directory_rewrites_only_what_differs() {
         fs::read(src.join("dir/sub/big.bin")).unwrap()
     );
 
+    // A directory of the target swapped for a link to elsewhere: the restore puts the
+    // directory back and writes nothing through the link.
+    let elsewhere = env.path("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(elsewhere.join("text.txt"), "not the target's").unwrap();
+    fs::rename(restored.join("dir"), env.path("dir-moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, restored.join("dir")).unwrap();
+    overwrite("if-changed").expect(0);
+    assert_eq!(
+        fs::read(elsewhere.join("text.txt")).unwrap(),
+        b"not the target's"
+    );
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 1);
+    assert!(fs::symlink_metadata(restored.join("dir")).unwrap().is_dir());
+
     // always: every file is written again, and the tree is the snapshot's.
     let before = file_identities(&target);
     overwrite("always").expect(0);

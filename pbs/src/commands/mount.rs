@@ -101,11 +101,14 @@ enum Entry {
 
 impl Entry {
     /// What its inode number is made of besides its directory: its name, and for a
-    /// `latest` link the name it points to too. The kernel keeps link targets
+    /// `latest` link the name it points to too, for a snapshot its id. The kernel keeps link targets
     /// (FUSE_CACHE_SYMLINKS), so a `latest` that moves on is another inode.
     fn key_name<'a>(&self, name: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         match self {
             Entry::Latest(target) => [name, b"\0", target.as_bytes()].concat().into(),
+            // A name like `2026-12-07T10:55:27Z-2` may move to another snapshot (one of
+            // the same second forgotten): the id makes it another inode.
+            Entry::Snapshot(s) => [name, b"\0", s.id.to_hex().as_bytes()].concat().into(),
             _ => name.into(),
         }
     }
@@ -141,6 +144,9 @@ struct Inode {
 struct Listing {
     snapshots: Vec<Arc<Listed>>,
     read: Instant,
+    /// When the list last changed: the folders' mtime. The kernel keeps a folder's
+    /// listing until its mtime moves on (there is no OPENDIR to tell it otherwise).
+    changed: SystemTime,
 }
 
 /// A least-recently-used map with a budget in bytes.
@@ -232,12 +238,12 @@ impl Chunks {
     }
 }
 
-/// A chunk to fetch ahead of a reader, and where to put it in the kernel's page cache
-/// (inode and offset), if it is the start of a file the kernel knows.
+/// A chunk to fetch ahead of a reader, and where to put it in the kernel's page cache:
+/// inode, offset and the length the index gives it (stored only if it has that length).
 struct Fetch {
     repo: Arc<IndexedRepository>,
     id: ChunkId,
-    into: Option<(u64, u64)>,
+    into: Option<(u64, u64, u64)>,
 }
 
 /// A file being read: its chunks and where each ends.
@@ -247,6 +253,8 @@ struct Open {
     ends: Vec<u64>,
     /// Where the last read ended: a read starting there is in order.
     next: AtomicU64,
+    /// The last chunk queued ahead.
+    queued_to: std::sync::atomic::AtomicUsize,
 }
 
 struct Haul {
@@ -360,6 +368,12 @@ fn listed(list: Vec<(SnapshotId, Snapshot)>) -> Vec<Arc<Listed>> {
         .collect()
 }
 
+/// Whether a host or tag can be a directory's name (`release/1.2` cannot: it is left
+/// out of `hosts/` and `tags/`, and its snapshots stay in `snapshots/` and `ids/`).
+fn fit_for_a_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && name.len() <= 255
+}
+
 /// Estimated memory of a directory's nodes.
 fn tree_cost(nodes: &[Node]) -> usize {
     nodes
@@ -402,7 +416,12 @@ impl Haul {
                             Err(e) => tracing::error!("reading the index again: {e}"),
                         }
                     }
-                    l.snapshots = listed(all);
+                    let all = listed(all);
+                    let ids = |v: &[Arc<Listed>]| v.iter().map(|s| s.id).collect::<Vec<_>>();
+                    if ids(&all) != ids(&l.snapshots) {
+                        l.changed = SystemTime::now();
+                    }
+                    l.snapshots = all;
                 }
                 Err(e) => tracing::error!("reading the snapshot list again: {e}"),
             }
@@ -553,8 +572,12 @@ impl Haul {
                 named("tags", Entry::Folder(Folder::Tags)),
             ],
             Entry::Folder(Folder::Hosts) => {
-                let hosts: std::collections::BTreeSet<String> =
-                    self.snapshots().iter().map(|s| s.host.clone()).collect();
+                let hosts: std::collections::BTreeSet<String> = self
+                    .snapshots()
+                    .iter()
+                    .map(|s| s.host.clone())
+                    .filter(|h| fit_for_a_name(h))
+                    .collect();
                 hosts
                     .into_iter()
                     .map(|h| named(&h.clone(), Entry::Folder(Folder::Host(h))))
@@ -565,6 +588,7 @@ impl Haul {
                     .snapshots()
                     .iter()
                     .flat_map(|s| s.tags.iter().cloned())
+                    .filter(|t| fit_for_a_name(t))
                     .collect();
                 tags.into_iter()
                     .map(|t| named(&t.clone(), Entry::Folder(Folder::Tag(t))))
@@ -634,7 +658,10 @@ impl Haul {
             flags: 0,
         };
         match e {
-            Entry::Root | Entry::Folder(_) => virt(FileType::Directory, 0o555, 0, self.mounted),
+            Entry::Root | Entry::Folder(_) => {
+                let changed = self.listing.lock().unwrap().changed;
+                virt(FileType::Directory, 0o555, 0, changed)
+            }
             Entry::Latest(target) => {
                 virt(FileType::Symlink, 0o777, target.len() as u64, self.mounted)
             }
@@ -710,6 +737,7 @@ impl Haul {
             chunks: n.content.clone(),
             ends,
             next: AtomicU64::new(0),
+            queued_to: Default::default(),
         });
         self.files.lock().unwrap().put(ino, f.clone(), 1);
         Ok(f)
@@ -762,16 +790,16 @@ impl Haul {
                 if bytes >= AHEAD_BYTES {
                     return false;
                 }
-                let _ = self.ahead.send(Fetch {
-                    repo: repo.clone(),
-                    id: *id,
-                    into: Some((ino, offset)),
-                });
                 // Where the next chunk starts: its length is in the index.
                 let len = match repo.index().get(BlobKind::Data, &id.0) {
                     Ok(Some(loc)) => loc.raw_length as u64,
                     _ => return false,
                 };
+                let _ = self.ahead.send(Fetch {
+                    repo: repo.clone(),
+                    id: *id,
+                    into: Some((ino, offset, len)),
+                });
                 offset += len;
                 bytes += len;
             }
@@ -811,12 +839,15 @@ impl Haul {
     fn chunk(&self, f: &Open, i: usize, ahead: bool) -> Result<Arc<Vec<u8>>, Errno> {
         let repo = self.repo();
         if ahead {
-            for j in (i + 1..f.chunks.len()).take(READ_AHEAD) {
+            // Each chunk is queued once (`queued_to`: the last one queued).
+            let last = (i + READ_AHEAD).min(f.chunks.len() - 1);
+            let from = f.queued_to.fetch_max(last, Relaxed).max(i) + 1;
+            for j in from..=last {
                 if self.chunks.missing(&f.chunks[j]) {
                     let _ = self.ahead.send(Fetch {
                         repo: repo.clone(),
                         id: f.chunks[j],
-                        into: Some((f.ino, f.ends[j - 1])),
+                        into: Some((f.ino, f.ends[j - 1], f.ends[j] - f.ends[j - 1])),
                     });
                 }
             }
@@ -936,7 +967,16 @@ impl fuser::Filesystem for Haul {
                 Ok(d) => d,
                 Err(e) => return reply.error(e),
             };
-            let start = f.ends[i] - data.len() as u64;
+            let start = if i == 0 { 0 } else { f.ends[i - 1] };
+            if f.ends[i] - start != data.len() as u64 {
+                tracing::error!(
+                    "chunk {} is {} bytes, the index says {}",
+                    f.chunks[i].to_hex(),
+                    data.len(),
+                    f.ends[i] - start
+                );
+                return reply.error(Errno::EIO);
+            }
             let from = (at - start) as usize;
             let to = ((end - start) as usize).min(data.len());
             if from >= to {
@@ -975,7 +1015,7 @@ impl fuser::Filesystem for Haul {
     /// looked up, which spares `ls -l` and `find` a round trip per entry.
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -988,6 +1028,10 @@ impl fuser::Filesystem for Haul {
                 Child::Node(n) => (Entry::Node(Arc::new(n.clone())), false),
                 Child::Virtual(e) => (e.clone(), false),
             };
+            // Counted before it is added: an entry whose number clashes is left out.
+            if !dot && self.looked_up(ino, name, e.clone()).is_err() {
+                return false;
+            }
             let full = reply.add(
                 INodeNo(child),
                 i as u64 + 1,
@@ -996,8 +1040,9 @@ impl fuser::Filesystem for Haul {
                 &self.attr(child, &e),
                 Generation(0),
             );
-            if !full && !dot {
-                let _ = self.looked_up(ino, name, e);
+            if full && !dot {
+                // Not sent after all.
+                fuser::Filesystem::forget(self, req, INodeNo(child), 1);
             }
             full
         });
@@ -1055,14 +1100,15 @@ fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and in those it starts from now on (the
-/// lock's refresher, FUSE's workers): they wait for [`wait_signal`].
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and in those it starts from now
+/// on (the lock's refresher, FUSE's workers): they wait for [`wait_signal`].
 fn block_signals() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -1118,7 +1164,38 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
                 .into(),
         ));
     }
+    // Signals wait in a thread of their own (blocked in every other thread). The first
+    // unmounts (or, before the mount, ends the command); a second ends the process
+    // whatever still uses the mount.
     let signals = block_signals();
+    let unmounter: Arc<Mutex<Option<fuser::SessionUnmounter>>> = Arc::default();
+    {
+        let (unmounter, at) = (unmounter.clone(), at.clone());
+        std::thread::spawn(move || {
+            let sig = wait_signal(&signals);
+            let name = match sig {
+                libc::SIGINT => "SIGINT",
+                libc::SIGHUP => "SIGHUP",
+                _ => "SIGTERM",
+            };
+            match unmounter.lock().unwrap().take() {
+                Some(mut u) => {
+                    tracing::info!("{name}: unmounting {}", at.display());
+                    unmount(&at, &mut u);
+                }
+                None => {
+                    crate::errln!("haul-pbs: {name} before {} was mounted", at.display());
+                    std::process::exit(128 + sig);
+                }
+            }
+            let sig = wait_signal(&signals);
+            crate::errln!(
+                "haul-pbs: a second signal: stopping; {} stays mounted until its last user leaves it",
+                at.display()
+            );
+            std::process::exit(128 + sig);
+        });
+    }
     let filter = args.filter.to_filter();
     let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "mount", true)?;
     let snapshots = listed(
@@ -1145,9 +1222,13 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
             let Ok(data) = chunks.get(&job.id, || job.repo.load_chunk(&job.id)) else {
                 continue;
             };
-            if let (Some((ino, offset)), Some(n)) = (job.into, notifier.get()) {
-                // Refused when the kernel has forgotten the inode: nothing lost.
-                let _ = n.store(INodeNo(ino), offset, &data);
+            if let (Some((ino, offset, len)), Some(n)) = (job.into, notifier.get()) {
+                // Refused when the kernel has forgotten the inode: nothing lost. A
+                // chunk of another length than the index says is left to the read,
+                // which fails.
+                if data.len() as u64 == len {
+                    let _ = n.store(INodeNo(ino), offset, &data);
+                }
             }
         }));
     }
@@ -1157,6 +1238,7 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
         listing: Mutex::new(Listing {
             snapshots,
             read: Instant::now(),
+            changed: SystemTime::now(),
         }),
         inodes: Mutex::new(HashMap::new()),
         trees: Mutex::new(Budgeted::new(TREE_BUDGET)),
@@ -1192,27 +1274,9 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
             .unwrap_or(4),
     );
     config.clone_fd = true;
-    // Signals wait in a thread of their own (blocked in every other thread).
-    let (signals_tx, signals_rx) = mpsc::channel::<fuser::SessionUnmounter>();
-    let where_ = at.clone();
-    std::thread::spawn(move || {
-        let sig = wait_signal(&signals);
-        tracing::info!(
-            "{}: unmounting {}",
-            if sig == libc::SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            },
-            where_.display()
-        );
-        if let Ok(mut u) = signals_rx.recv() {
-            unmount(&where_, &mut u);
-        }
-    });
     let mut session = fuser::Session::new(fs, &at, &config)
         .map_err(|e| CliError::Io(format!("mounting on {}", at.display()), e))?;
-    let _ = signals_tx.send(session.unmount_callable());
+    *unmounter.lock().unwrap() = Some(session.unmount_callable());
     let _ = notifier.set(session.notifier());
     crate::outln!(
         "{} mounted: {count} snapshot(s) in snapshots/, hosts/, tags/ and ids/; unmount with Ctrl-C, SIGTERM or `fusermount3 -u {}`",
