@@ -9,6 +9,8 @@
 #                          when missing)
 #   bench_sshd_config DIR PORT  writes DIR/sshd_config: a private sshd on 127.0.0.1:PORT
 #                          with DIR's hostkey and authorized_keys, forwards for haul
+#   bench_passwords WORK   restic's password in the environment (only it), haul's in
+#                          WORK/password (0600): both "bench"
 #   bench_verify TOOL DATA RESTORED LOG  prints whether RESTORED equals DATA (diff -r,
 #                          differences in LOG)
 #   bench_login DIR        sets login: a uid-0 account whose shell is /bin/sh, made
@@ -129,4 +131,11 @@ bench_verify() {
   else
     printf '%-7s restore-verify FAILED (see %s)\n' "$1" "$4"
   fi
+}
+
+bench_passwords() {
+  unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD
+  export RESTIC_PASSWORD=bench
+  printf 'bench\n' >"$1/password"
+  chmod 600 "$1/password"
 }

@@ -42,10 +42,7 @@ data="$work/data" logs="$work/logs"
 rm -rf "$data" "$logs" "$work"/{restic,haul}-{repo,cache} "$work"/state{,-managed}
 mkdir -p "$logs"
 exec > >(tee "$work/results.txt")
-unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD
-export RESTIC_PASSWORD=bench
-printf 'bench\n' >"$work/password"
-chmod 600 "$work/password"
+bench_passwords "$work"
 
 restic_=(restic -r "$work/restic-repo" --cache-dir "$work/restic-cache")
 haul_=("$haul" --repo "$work/haul-repo" --password-file "$work/password" --cache-dir "$work/haul-cache")

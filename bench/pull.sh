@@ -37,10 +37,7 @@ data="$work/data" logs="$work/logs"
 rm -rf "$data" "$logs" "$work"/{restic,haul}-{repo,cache} "$work"/restore-* "$work/state"
 mkdir -p "$logs"
 exec > >(tee "$work/results.txt")
-unset RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND HAUL_PASSWORD
-export RESTIC_PASSWORD=bench
-printf 'bench\n' >"$work/password"
-chmod 600 "$work/password"
+bench_passwords "$work"
 
 echo "generating ${mib} MiB dataset in $data ..." >&2
 python3 "$gen" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
