@@ -348,6 +348,16 @@ impl Repository {
         Ok(list.snapshots)
     }
 
+    /// The readable snapshots `filter` selects, oldest first.
+    pub fn snapshots_matching(
+        &self,
+        filter: &SnapshotFilter,
+    ) -> Result<Vec<(SnapshotId, Snapshot)>> {
+        let mut all = self.snapshots()?;
+        all.retain(|(_, s)| filter.matches(s));
+        Ok(all)
+    }
+
     /// Every snapshot, oldest first, and the snapshot files that could not be read:
     /// damaged, truncated, sealed under another key, or not named like a snapshot.
     /// One damaged snapshot must not hide the others (issue 14); a file removed while

@@ -40,11 +40,7 @@ impl SnapshotFilter {
 pub fn snapshots(ctx: &Context, args: SnapshotsArgs) -> Result<(), CliError> {
     let filter = args.filter.to_filter();
     let repo = ctx.open_for(filter.host.as_deref())?;
-    let list: Vec<_> = repo
-        .snapshots()?
-        .into_iter()
-        .filter(|(_, s)| filter.matches(s))
-        .collect();
+    let list = repo.snapshots_matching(&filter)?;
     if ctx.global.json {
         for (id, s) in &list {
             let mut v = serde_json::to_value(s).expect("snapshot serializes");

@@ -377,11 +377,7 @@ pub fn find(ctx: &Context, args: FindArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let filter = args.filter.to_filter();
     let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "find", true)?;
-    let mut snapshots: Vec<_> = repo
-        .snapshots()?
-        .into_iter()
-        .filter(|(_, s)| filter.matches(s))
-        .collect();
+    let mut snapshots = repo.snapshots_matching(&filter)?;
     snapshots.reverse();
     if let Some(n) = args.newest {
         snapshots.truncate(n);

@@ -132,8 +132,7 @@ fn decide(
     filter: &SnapshotFilter,
     policy: &KeepPolicy,
 ) -> Result<Vec<Decision>, CliError> {
-    let mut snaps = repo.snapshots()?;
-    snaps.retain(|(_, s)| filter.matches(s));
+    let snaps = repo.snapshots_matching(filter)?;
     Ok(plan(&snaps, policy, &chrono::Local))
 }
 

@@ -56,6 +56,8 @@ const AHEAD_FILES: usize = 128;
 const AHEAD_BYTES: u64 = 32 << 20;
 /// Files remembered as queued ahead (not queued again).
 const QUEUED_FILES: usize = 4096;
+/// Threads answering the kernel (two or four measured alike, see docs/benchmarks.md).
+const FUSE_THREADS: usize = 4;
 /// Threads fetching chunks ahead.
 const FETCHERS: usize = 8;
 /// Files whose chunk lengths are kept for reads.
@@ -117,6 +119,14 @@ impl Entry {
         match self {
             Entry::Node(n) => Some(n),
             _ => None,
+        }
+    }
+
+    fn kind(&self) -> FileType {
+        match self {
+            Entry::Root | Entry::Folder(_) | Entry::Snapshot(_) => FileType::Directory,
+            Entry::Latest(_) => FileType::Symlink,
+            Entry::Node(n) => file_type(n.kind),
         }
     }
 }
@@ -269,10 +279,9 @@ struct Haul {
     ahead: mpsc::Sender<Fetch>,
     /// Files already queued ahead, by inode.
     queued: Mutex<Budgeted<u64, ()>>,
-    /// Owner and time of the folders above the snapshots.
+    /// Owner of the folders above the snapshots.
     uid: u32,
     gid: u32,
-    mounted: SystemTime,
 }
 
 fn system_time(t: &Timestamp) -> SystemTime {
@@ -374,6 +383,21 @@ fn fit_for_a_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && name.len() <= 255
 }
 
+/// A chunk's plain length, from the index.
+fn chunk_length(repo: &IndexedRepository, id: &ChunkId) -> Result<u64, Errno> {
+    match repo.index().get(BlobKind::Data, &id.0) {
+        Ok(Some(loc)) => Ok(loc.raw_length as u64),
+        Ok(None) => {
+            tracing::error!("chunk {} is not in the index", id.to_hex());
+            Err(Errno::EIO)
+        }
+        Err(e) => {
+            tracing::error!("the index: {e}");
+            Err(Errno::EIO)
+        }
+    }
+}
+
 /// Estimated memory of a directory's nodes.
 fn tree_cost(nodes: &[Node]) -> usize {
     nodes
@@ -403,25 +427,21 @@ impl Haul {
         let mut l = self.listing.lock().unwrap();
         if l.read.elapsed() >= LIST_EVERY {
             let repo = self.repo();
-            match repo.snapshots() {
+            match repo.snapshots_matching(&self.filter) {
                 Ok(all) => {
-                    let all: Vec<_> = all
-                        .into_iter()
-                        .filter(|(_, s)| self.filter.matches(s))
-                        .collect();
                     let known: HashSet<SnapshotId> = l.snapshots.iter().map(|s| s.id).collect();
-                    if all.iter().any(|(id, _)| !known.contains(id)) {
+                    let new = all.iter().any(|(id, _)| !known.contains(id));
+                    if new {
                         match repo.reloaded() {
                             Ok(r) => *self.repo.write().unwrap() = Arc::new(r),
                             Err(e) => tracing::error!("reading the index again: {e}"),
                         }
                     }
-                    let all = listed(all);
-                    let ids = |v: &[Arc<Listed>]| v.iter().map(|s| s.id).collect::<Vec<_>>();
-                    if ids(&all) != ids(&l.snapshots) {
+                    // Nothing new and as many: the same snapshots.
+                    if new || all.len() != l.snapshots.len() {
                         l.changed = SystemTime::now();
                     }
-                    l.snapshots = all;
+                    l.snapshots = listed(all);
                 }
                 Err(e) => tracing::error!("reading the snapshot list again: {e}"),
             }
@@ -640,7 +660,7 @@ impl Haul {
     }
 
     fn attr(&self, ino: u64, e: &Entry) -> FileAttr {
-        let virt = |kind: FileType, perm: u16, size: u64, time: SystemTime| FileAttr {
+        let virt = |perm: u16, size: u64, time: SystemTime| FileAttr {
             ino: INodeNo(ino),
             size,
             blocks: 0,
@@ -648,9 +668,13 @@ impl Haul {
             mtime: time,
             ctime: time,
             crtime: time,
-            kind,
+            kind: e.kind(),
             perm,
-            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            nlink: if e.kind() == FileType::Directory {
+                2
+            } else {
+                1
+            },
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
@@ -658,14 +682,13 @@ impl Haul {
             flags: 0,
         };
         match e {
-            Entry::Root | Entry::Folder(_) => {
-                let changed = self.listing.lock().unwrap().changed;
-                virt(FileType::Directory, 0o555, 0, changed)
-            }
-            Entry::Latest(target) => {
-                virt(FileType::Symlink, 0o777, target.len() as u64, self.mounted)
-            }
-            Entry::Snapshot(s) => virt(FileType::Directory, 0o555, 0, s.time),
+            Entry::Root | Entry::Folder(_) => virt(0o555, 0, self.listing.lock().unwrap().changed),
+            Entry::Latest(target) => virt(
+                0o777,
+                target.len() as u64,
+                self.listing.lock().unwrap().changed,
+            ),
+            Entry::Snapshot(s) => virt(0o555, 0, s.time),
             Entry::Node(n) => {
                 let size = match n.kind {
                     NodeKind::File => n.size,
@@ -680,7 +703,7 @@ impl Haul {
                     mtime: system_time(&n.mtime),
                     ctime: system_time(&n.ctime),
                     crtime: system_time(&n.mtime),
-                    kind: file_type(n.kind),
+                    kind: e.kind(),
                     perm: (n.mode & 0o7777) as u16,
                     nlink: n.nlink.clamp(1, u32::MAX as u64) as u32,
                     uid: n.uid,
@@ -715,21 +738,7 @@ impl Haul {
         let mut ends = Vec::with_capacity(n.content.len());
         let mut end = 0u64;
         for id in &n.content {
-            match repo.index().get(BlobKind::Data, &id.0) {
-                Ok(Some(loc)) => end += loc.raw_length as u64,
-                Ok(None) => {
-                    tracing::error!(
-                        "chunk {} of {:?} is not in the index",
-                        id.to_hex(),
-                        String::from_utf8_lossy(&n.name)
-                    );
-                    return Err(Errno::EIO);
-                }
-                Err(e) => {
-                    tracing::error!("the index: {e}");
-                    return Err(Errno::EIO);
-                }
-            }
+            end += chunk_length(&repo, id)?;
             ends.push(end);
         }
         let f = Arc::new(Open {
@@ -791,9 +800,8 @@ impl Haul {
                     return false;
                 }
                 // Where the next chunk starts: its length is in the index.
-                let len = match repo.index().get(BlobKind::Data, &id.0) {
-                    Ok(Some(loc)) => loc.raw_length as u64,
-                    _ => return false,
+                let Ok(len) = chunk_length(&repo, id) else {
+                    return false;
                 };
                 let _ = self.ahead.send(Fetch {
                     repo: repo.clone(),
@@ -1001,7 +1009,7 @@ impl fuser::Filesystem for Haul {
             let kind = match c {
                 Child::Dot => FileType::Directory,
                 Child::Node(n) => file_type(n.kind),
-                Child::Virtual(e) => self.attr(0, e).kind,
+                Child::Virtual(e) => e.kind(),
             };
             reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name))
         });
@@ -1198,12 +1206,7 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
     }
     let filter = args.filter.to_filter();
     let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "mount", true)?;
-    let snapshots = listed(
-        repo.snapshots()?
-            .into_iter()
-            .filter(|(_, s)| filter.matches(s))
-            .collect(),
-    );
+    let snapshots = listed(repo.snapshots_matching(&filter)?);
     let count = snapshots.len();
     // Threads fetch chunks ahead of readers: more than the CPUs, since a fetch mostly
     // waits for the disk when the packs are not in the page cache.
@@ -1248,7 +1251,6 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
         queued: Mutex::new(Budgeted::new(QUEUED_FILES)),
         uid: unsafe { libc::getuid() },
         gid: unsafe { libc::getgid() },
-        mounted: SystemTime::now(),
     };
     let mut options = vec![
         MountOption::RO,
@@ -1267,12 +1269,7 @@ pub fn mount(ctx: &Context, args: MountArgs) -> Result<(), CliError> {
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(
-        std::env::var("HAUL_FUSE_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(4),
-    );
+    config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
     let mut session = fuser::Session::new(fs, &at, &config)
         .map_err(|e| CliError::Io(format!("mounting on {}", at.display()), e))?;

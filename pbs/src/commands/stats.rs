@@ -127,10 +127,7 @@ pub fn stats(ctx: &Context, args: StatsArgs) -> Result<(), CliError> {
     let filter = args.filter.to_filter();
     let (repo, _lock) = ctx.open_for_reading(filter.host.as_deref(), "stats", true)?;
     let selected: Vec<_> = if args.snapshots.is_empty() {
-        repo.snapshots()?
-            .into_iter()
-            .filter(|(_, s)| filter.matches(s))
-            .collect()
+        repo.snapshots_matching(&filter)?
     } else {
         args.snapshots
             .iter()
