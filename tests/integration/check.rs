@@ -14,10 +14,7 @@ fn flipped_byte_in_a_pack_is_found_with_the_file_named() {
     env.pbs(&["check", "--read-data"]).expect(0);
 
     // The data pack is the largest file under data/.
-    let pack = walk_files(&env.repo().join("data"))
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
+    let pack = env.largest_pack();
     flip_byte(&pack, 1000);
 
     // The structure is intact, so a plain check passes ...
@@ -184,10 +181,7 @@ fn missing_pack_is_an_error_naming_the_affected_files() {
     let (env, src) = Env::with_source();
     fs::write(src.join("gone.bin"), random_bytes(31, 1024 * 1024)).unwrap();
     env.backup(&[&src], &[]);
-    let pack = walk_files(&env.repo().join("data"))
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
+    let pack = env.largest_pack();
     fs::remove_file(&pack).unwrap();
     let run = env.pbs(&["check"]).expect(3);
     assert!(
@@ -385,10 +379,7 @@ fn subset_checks_find_damage_only_in_their_part_and_together_read_every_pack_onc
     };
     let packs = report(&[], 0)["packs"].as_u64().unwrap();
     assert!(packs >= 6, "{packs} packs");
-    let pack = walk_files(&env.repo().join("data"))
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
+    let pack = env.largest_pack();
     flip_byte(&pack, 1000);
 
     // Parts 1 to 3: disjoint, every pack read once, the damage found by one part only.

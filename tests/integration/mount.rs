@@ -276,10 +276,7 @@ fn a_damaged_chunk_reads_as_an_error_naming_it_and_the_other_files_read() {
     fs::write(src.join("bystander.txt"), &fine).unwrap();
     env.backup(&[&src], &[]);
     // The data pack is the largest file under data/; its start is the victim's.
-    let pack = walk_files(&env.repo().join("data"))
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
+    let pack = env.largest_pack();
     flip_byte(&pack, 1000);
 
     let mnt = env.path("mnt");

@@ -134,6 +134,14 @@ impl Env {
             .collect()
     }
 
+    /// The largest pack file of this env's repository (a data pack: trees are few).
+    pub fn largest_pack(&self) -> PathBuf {
+        walk_files(&self.repo().join("data"))
+            .into_iter()
+            .max_by_key(|p| fs::metadata(p).unwrap().len())
+            .expect("a pack")
+    }
+
     pub fn init(&self) {
         self.pbs(&["init"]).expect(0);
     }
