@@ -994,8 +994,16 @@ fn the_status_pages_render_in_chromium_and_every_link_resolves() {
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
 
     // The overview: both hosts with their status words, the failing one first; the
-    // title escaped, not taken for markup; times with their zone.
-    let dom = chromium(&profile, &["--dump-dom", &url("/")]);
+    // title escaped, not taken for markup; times with their zone. Both hosts are pulled
+    // every 3 s, so a row may say RUNNING: load the page again until neither does.
+    let mut dom = String::new();
+    for _ in 0..20 {
+        dom = chromium(&profile, &["--dump-dom", &url("/")]);
+        if !dom.contains(r#"data-status="RUNNING""#) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
     assert!(
         dom.contains("<h1>fleet &lt;&amp;&gt; backups</h1>"),
         "{dom}"
