@@ -14,11 +14,14 @@ cd "$(dirname "$0")/.."
 # prometheus brings promtool (checks the metrics and the example alert rules); chromium
 # loads the status pages headless; iproute2 makes the network namespace a test binds in;
 # man-db and systemd (for systemd-analyze) check the installed package; fuse3 (its
-# fusermount3, with the kernel's /dev/fuse) mounts a repository.
+# fusermount3, with the kernel's /dev/fuse) mounts a repository. ceph-mon, ceph-osd,
+# radosgw and ceph-common make the Ceph cluster (three OSDs, S3 through the RADOS
+# Gateway) the object-storage tests start; curl makes its buckets.
 packages=(build-essential pkg-config python3 python3-feedparser python3-prometheus-client
           supervisor openssh-server openssh-client util-linux
           rdiff-backup attr acl python3-pyxattr python3-pylibacl libcap2-bin
-          prometheus chromium iproute2 man-db systemd fuse3)
+          prometheus chromium iproute2 man-db systemd fuse3
+          ceph-mon ceph-osd radosgw ceph-common curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -19,6 +19,7 @@ mod locks;
 mod many_files;
 mod mount;
 mod notify;
+mod object_store;
 mod pipeline;
 mod prune;
 mod pull;
