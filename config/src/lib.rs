@@ -191,6 +191,9 @@ pub struct ServerSettings {
     /// other hosts stored (stored once all the same), and can neither learn what they
     /// store nor borrow their data.
     pub cross_host_dedup: Vec<String>,
+    /// A file of `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines (mode
+    /// 0600) for repositories on object storage; default: the environment.
+    pub s3_credentials_file: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -211,6 +214,7 @@ impl Default for ServerSettings {
             stall_timeout: Duration::from_secs(10 * 60),
             request_timeout: Duration::from_secs(60),
             cross_host_dedup: Vec::new(),
+            s3_credentials_file: None,
         }
     }
 }
@@ -534,6 +538,7 @@ impl Config {
             ("repositories_dir", s.repositories_dir.as_ref()),
             ("socket_dir", s.socket_dir.as_ref()),
             ("status_credentials", s.status_credentials.as_ref()),
+            ("s3_credentials_file", s.s3_credentials_file.as_ref()),
         ] {
             if let Some(p) = p {
                 abs(p).map_err(|why| at(&[Seg::Key("server"), Seg::Key(key)], why))?;

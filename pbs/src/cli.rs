@@ -1,6 +1,7 @@
 //! The command line of `haul-pbs` (clap derive only; validation happens in the commands).
 
 use clap::{Args, Parser, Subcommand};
+use haul_repo::backend::Location;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -18,9 +19,11 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct Global {
-    /// Repository directory.
-    #[arg(long, short = 'r', env = "HAUL_REPO", global = true)]
-    pub repo: Option<PathBuf>,
+    /// The repository: a directory, or object storage as
+    /// s3:https://HOST[:PORT]/BUCKET/PREFIX (credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, or the file of [server].s3_credentials_file).
+    #[arg(long, short = 'r', env = "HAUL_REPO", global = true, value_parser = parse_location)]
+    pub repo: Option<Location>,
     /// File holding the repository passphrase (else $HAUL_PASSWORD, $HAUL_PASSWORD_FILE, or a prompt).
     #[arg(long, env = "HAUL_PASSWORD_FILE", global = true)]
     pub password_file: Option<PathBuf>,
@@ -665,6 +668,10 @@ pub struct CheckArgs {
     /// checked, and the report says how many were left. Implies --read-data.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub max_duration: Option<std::time::Duration>,
+}
+
+fn parse_location(text: &str) -> Result<Location, String> {
+    Location::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_subset(text: &str) -> Result<haul_repo::check::Subset, String> {

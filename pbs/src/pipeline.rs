@@ -116,7 +116,7 @@ pub fn pull(
         if pulled {
             return Err(CliError::Failed(format!(
                 "no repository at {}, but {} has saved snapshots before: is its disk mounted, or did [server].repositories_dir or the host's repository change? (a repository is created only for a host's first pull)",
-                plan.repository.path.display(),
+                plan.repository.location,
                 plan.host
             )));
         }

@@ -9,7 +9,7 @@
 use crate::error::CliError;
 use crate::output::json_line;
 use crate::site::RepoLocation;
-use haul_repo::backend::LocalBackend;
+use haul_repo::backend::Location;
 use haul_repo::crypto::KdfParams;
 use haul_repo::format::config::RepoConfig;
 use haul_repo::{IndexedRepository, Repository};
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub struct Repositories {
-    open: Mutex<HashMap<PathBuf, Arc<IndexedRepository>>>,
+    open: Mutex<HashMap<Location, Arc<IndexedRepository>>>,
     cache_dir: Option<PathBuf>,
     /// Announce a created repository as a JSON line (else a sentence on stderr).
     json: bool,
@@ -50,7 +50,7 @@ impl Repositories {
     fn get(&self, loc: &RepoLocation, current: bool) -> Result<Arc<IndexedRepository>, CliError> {
         // One at a time: two runs of one repository must not both derive its key.
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = open.get(&loc.path) {
+        if let Some(r) = open.get(&loc.location) {
             if !current {
                 return Ok(r.clone());
             }
@@ -63,23 +63,23 @@ impl Repositories {
                 return Ok(r.clone());
             }
             let fresh = Arc::new(r.reloaded()?);
-            tracing::debug!(repository = %loc.path.display(), "index loaded again");
-            open.insert(loc.path.clone(), fresh.clone());
+            tracing::debug!(repository = %loc.location, "index loaded again");
+            open.insert(loc.location.clone(), fresh.clone());
             return Ok(fresh);
         }
         if let Some(key) = loc.creatable() {
-            create_default(&loc.path, key, self.json)?;
+            create_default(loc, key, self.json)?;
         }
         let pass = loc.passphrase()?;
-        let repo = Repository::open(Arc::new(LocalBackend::open(&loc.path)?), &pass)?;
+        let repo = Repository::open(loc.open_backend()?, &pass)?;
         let repo = Arc::new(repo.load_index(self.cache_dir.as_deref())?);
-        tracing::debug!(repository = %loc.path.display(), "repository open");
-        open.insert(loc.path.clone(), repo.clone());
+        tracing::debug!(repository = %loc.location, "repository open");
+        open.insert(loc.location.clone(), repo.clone());
         Ok(repo)
     }
 
     /// Forgets the repositories no run uses any more (after the configuration changed).
-    pub fn retain(&self, keep: impl Fn(&Path) -> bool) {
+    pub fn retain(&self, keep: impl Fn(&Location) -> bool) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.retain(|path, _| keep(path));
     }
@@ -89,7 +89,7 @@ impl Repositories {
 const RELOAD_AFTER_ADDED: usize = 1 << 20;
 
 /// Creates a default repository with a random passphrase in a 0600 key file.
-fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
+fn create_default(loc: &RepoLocation, key: &Path, json: bool) -> Result<(), CliError> {
     let dir = key.parent().expect("a key file in a directory");
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::Io(format!("repositories directory {}", dir.display()), e))?;
@@ -106,7 +106,7 @@ fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
                 format!(
                     "cannot create key file {} (if it is left from an earlier attempt and {} holds no repository, remove it)",
                     key.display(),
-                    path.display()
+                    loc.location
                 ),
                 e,
             )
@@ -115,7 +115,7 @@ fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
         .and_then(|_| f.write_all(b"\n"))
         .and_then(|_| f.sync_all())
         .map_err(|e| CliError::Io(format!("key file {}", key.display()), e))?;
-    let backend = Arc::new(LocalBackend::create(path)?);
+    let backend = loc.location.create(loc.credentials.as_deref())?;
     let repo = Repository::init(
         backend,
         pass.as_bytes(),
@@ -125,13 +125,13 @@ fn create_default(path: &Path, key: &Path, json: bool) -> Result<(), CliError> {
     )?;
     if json {
         json_line(
-            &serde_json::json!({"type": "init", "repository": path, "key_file": key, "id": repo.config().id}),
+            &serde_json::json!({"type": "init", "repository": loc.location.to_string(), "key_file": key, "id": repo.config().id}),
         );
     } else {
         crate::errln!(
             "created repository {} at {}\nits key is in {}: keep a copy of that file somewhere safe, without it nothing in the repository can be read",
             &repo.config().id[..8],
-            path.display(),
+            loc.location,
             key.display()
         );
     }
@@ -151,8 +151,9 @@ mod tests {
     fn a_view_that_added_a_million_blobs_is_loaded_again() {
         let dir = tempfile::tempdir().unwrap();
         let loc = RepoLocation {
-            path: dir.path().join("repo"),
+            location: Location::Local(dir.path().join("repo")),
             key: KeySource::Generated(dir.path().join("repo.key")),
+            credentials: None,
         };
         let repos = Repositories::new(Some(dir.path().join("cache")), true);
         let first = repos.open(&loc).unwrap();

@@ -19,6 +19,7 @@ use crate::cli::Global;
 use crate::error::CliError;
 use crate::history::History;
 use haul_config::{Config, Host};
+use haul_repo::backend::Location;
 use std::path::{Path, PathBuf};
 
 /// The configuration file used when none is named and it exists.
@@ -35,7 +36,7 @@ pub struct Site {
     /// The state directory.
     pub state: PathBuf,
     /// `--repo`: one repository for everything this command does.
-    pub(crate) explicit_repo: Option<PathBuf>,
+    pub(crate) explicit_repo: Option<Location>,
     /// `--password-file`.
     pub(crate) password_file: Option<PathBuf>,
 }
@@ -43,8 +44,11 @@ pub struct Site {
 /// Where a repository is and how its passphrase is found.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RepoLocation {
-    pub path: PathBuf,
+    pub location: Location,
     pub key: KeySource,
+    /// Where object-storage credentials are (`[server].s3_credentials_file`); else
+    /// the environment.
+    pub credentials: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -161,21 +165,23 @@ impl Site {
     pub fn named_repository(&self, name: &str) -> RepoLocation {
         let dir = self.repositories_dir();
         RepoLocation {
-            path: dir.join(name),
+            location: Location::Local(dir.join(name)),
             key: match &self.password_file {
                 Some(f) => KeySource::Given(Some(f.clone())),
                 None => KeySource::Generated(dir.join(format!("{name}.key"))),
             },
+            credentials: self.config.server.s3_credentials_file.clone(),
         }
     }
 
     /// The repository of `host` (a configured host's own, else the default one), or
     /// `--repo` when given.
     pub fn repository(&self, host: Option<&str>) -> RepoLocation {
-        if let Some(path) = &self.explicit_repo {
+        if let Some(location) = &self.explicit_repo {
             return RepoLocation {
-                path: path.clone(),
+                location: location.clone(),
                 key: KeySource::Given(self.password_file.clone()),
+                credentials: self.config.server.s3_credentials_file.clone(),
             };
         }
         let name = host
@@ -190,7 +196,7 @@ impl Site {
         let mut out: Vec<(String, RepoLocation, Vec<String>)> = Vec::new();
         for h in &self.config.hosts {
             let loc = self.repository(Some(&h.name));
-            match out.iter_mut().find(|(_, l, _)| l.path == loc.path) {
+            match out.iter_mut().find(|(_, l, _)| l.location == loc.location) {
                 Some((_, _, hosts)) => hosts.push(h.name.clone()),
                 None => out.push((h.repository.clone(), loc, vec![h.name.clone()])),
             }
@@ -202,10 +208,10 @@ impl Site {
     /// repository that is not there is an error that says how to get one.
     pub fn existing_repository(&self, host: Option<&str>) -> Result<RepoLocation, CliError> {
         let loc = self.repository(host);
-        if self.explicit_repo.is_none() && !loc.path.join("config").exists() {
+        if self.explicit_repo.is_none() && !loc.is_there() {
             return Err(CliError::usage(format!(
                 "no repository at {} (the default one is created by the first `haul-pbs pull`): give --repo DIR or set HAUL_REPO, or --config/--state-dir to find the pbs's own",
-                loc.path.display()
+                loc.location
             )));
         }
         Ok(loc)
@@ -227,8 +233,24 @@ impl RepoLocation {
     /// Whether a pull may create it: a generated key, and nothing there yet.
     pub fn creatable(&self) -> Option<&Path> {
         match &self.key {
-            KeySource::Generated(key) if !self.path.join("config").exists() => Some(key),
+            KeySource::Generated(key) if !self.is_there() => Some(key),
             _ => None,
         }
+    }
+
+    /// Whether a repository is there. Object storage is asked when the repository is
+    /// opened (which says so clearly if it is not there): this is for local ones.
+    pub fn is_there(&self) -> bool {
+        match &self.location {
+            Location::Local(p) => p.join("config").exists(),
+            Location::S3(_) => true,
+        }
+    }
+
+    /// The repository's storage.
+    pub fn open_backend(
+        &self,
+    ) -> Result<std::sync::Arc<dyn haul_repo::backend::Backend>, CliError> {
+        Ok(self.location.open(self.credentials.as_deref())?)
     }
 }

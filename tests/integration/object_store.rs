@@ -91,3 +91,113 @@ fn the_s3_backend_keeps_the_backend_contract_on_a_ceph_cluster() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     S3Backend::open(&loc, &S3Credentials::from_file(&file).unwrap()).unwrap();
 }
+
+/// Pull, restore, check --read-data, forget and prune on the object store, with one of
+/// the three OSDs killed in the middle of a pull: the pull completes on the two left
+/// (the pools are written with two of three), and the repository checks clean.
+#[test]
+fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
+    let mut env = Env::new();
+    let mut ceph = Ceph::start(&env.path("ceph"));
+    env.location = Some(ceph.bucket("fleet", "pbs/web-1"));
+    let creds = ceph.credentials_env();
+    let creds: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let pbs = |args: &[&str]| env.pbs_with(args, &creds);
+
+    // Without credentials: refused, saying what is missing and where it may come from.
+    let run = env.pbs(&["init"]).expect(2);
+    assert!(
+        run.stderr.contains("AWS_ACCESS_KEY_ID") && run.stderr.contains("s3_credentials_file"),
+        "{}",
+        run.stderr
+    );
+    let run = pbs(&["--json", "init"]).expect(0);
+    let loc = env.location.clone().unwrap();
+    assert_eq!(run.json_of("init")["repository"], loc.as_str());
+
+    let src = env.path("src");
+    haul_tests::make_fixture(&src);
+    let (_, first) = env_pull(&env, &src, &creds);
+    assert_eq!(first["status"], "ok", "{first:#}");
+    let target = env.path("restored-1");
+    pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
+    haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // A second pull with 160 MiB of new data (about 7 s here); one OSD is killed while
+    // it runs.
+    std::fs::write(src.join("big.bin"), haul_tests::random_bytes(7, 160 << 20)).unwrap();
+    let mut pull = env.pbs_command(&[
+        "--json",
+        "pull",
+        "--local",
+        src.to_str().unwrap(),
+        "--state-dir",
+        env.path("state").to_str().unwrap(),
+    ]);
+    for (k, v) in &creds {
+        pull.env(k, v);
+    }
+    let mut child = pull
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    ceph.kill_osd(1);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the pull ended before the OSD was killed: the test proves nothing"
+    );
+    let out = child.wait_with_output().unwrap();
+    let run = haul_tests::Run::from_output(out).expect(0);
+    let second = run.json().into_iter().find(|v| v["type"] == "run").unwrap()["run"].clone();
+    assert_eq!(second["status"], "ok", "{second:#}");
+    eprintln!(
+        "the pull with an OSD killed ran from {} to {}",
+        second["start"], second["end"]
+    );
+    assert!(ceph.ceph(&["osd", "stat"]).contains("2 up"));
+
+    let check = pbs(&["--json", "check", "--read-data"]).expect(0);
+    assert_eq!(check.json_of("check")["errors"], serde_json::json!([]));
+    let target = env.path("restored-2");
+    pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
+    haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // Forget the first snapshot and prune what only it used.
+    std::fs::remove_file(src.join("big.bin")).unwrap();
+    let (_, third) = env_pull(&env, &src, &creds);
+    assert_eq!(third["status"], "ok");
+    pbs(&["forget", "--keep-last", "1"]).expect(0);
+    let prune = pbs(&["--json", "prune", "--max-unused", "0"]).expect(0);
+    let p = prune.json_of("prune");
+    assert!(p["report"]["packs_deleted"].as_u64().unwrap() >= 1, "{p:#}");
+    let snaps = pbs(&["--json", "snapshots"]).expect(0).json();
+    assert_eq!(snaps.iter().filter(|v| v["type"] == "snapshot").count(), 1);
+    pbs(&["check", "--read-data"]).expect(0);
+    let target = env.path("restored-3");
+    pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
+    haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+}
+
+fn env_pull(
+    env: &Env,
+    src: &std::path::Path,
+    creds: &[(&str, &str)],
+) -> (haul_tests::Run, serde_json::Value) {
+    let run = env
+        .pbs_with(
+            &[
+                "--json",
+                "pull",
+                "--local",
+                src.to_str().unwrap(),
+                "--state-dir",
+                env.path("state").to_str().unwrap(),
+            ],
+            creds,
+        )
+        .expect(0);
+    let record = run.json().into_iter().find(|v| v["type"] == "run").unwrap()["run"].clone();
+    (run, record)
+}

@@ -31,6 +31,8 @@ pub fn bin(name: &str) -> PathBuf {
 /// A scratch area with a repository path, a passphrase file and a cache dir.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// `--repo` of its commands when not the local `repo` directory (object storage).
+    pub location: Option<String>,
 }
 
 pub struct Run {
@@ -81,7 +83,10 @@ impl Env {
             .tempdir()
             .expect("tempdir");
         fs::write(dir.path().join("pass"), "correct horse battery staple\n").unwrap();
-        Env { dir }
+        Env {
+            dir,
+            location: None,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -108,7 +113,10 @@ impl Env {
     /// The `haul-pbs` command [`Env::pbs`] runs, to start it in the background.
     pub fn pbs_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("haul-pbs"));
-        cmd.arg("--repo").arg(self.repo());
+        match &self.location {
+            Some(l) => cmd.arg("--repo").arg(l),
+            None => cmd.arg("--repo").arg(self.repo()),
+        };
         if !args.contains(&"--password-file") {
             cmd.arg("--password-file").arg(self.path("pass"));
         }
@@ -122,6 +130,8 @@ impl Env {
             .env_remove("HAUL_REPO")
             .env_remove("HAUL_PASSWORD")
             .env_remove("HAUL_PASSWORD_FILE")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
             .stdin(std::process::Stdio::null());
         cmd
     }

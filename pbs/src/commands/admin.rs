@@ -5,27 +5,28 @@ use crate::cli::InitArgs;
 use crate::error::CliError;
 use crate::output::json_line;
 use crate::password;
-use haul_repo::backend::LocalBackend;
 use haul_repo::crypto::KdfParams;
 use haul_repo::format::config::RepoConfig;
 use haul_repo::Repository;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 pub fn init(ctx: &Context, args: InitArgs) -> Result<(), CliError> {
-    let path = ctx.repo_path()?;
+    let location = ctx.repo_location()?;
     let config = RepoConfig::new(args.compression);
     config.validate().map_err(CliError::usage)?;
     let pass = password::new(ctx.global.password_file.as_deref(), "HAUL_PASSWORD")?;
-    let backend = Arc::new(LocalBackend::create(&path)?);
+    let credentials = ctx.site()?.config.server.s3_credentials_file.clone();
+    let backend = location.create(credentials.as_deref())?;
     let repo = Repository::init(backend, &pass, KdfParams::default(), config)?;
     if ctx.global.json {
-        json_line(&serde_json::json!({"type": "init", "repository": path, "id": repo.config().id}));
+        json_line(
+            &serde_json::json!({"type": "init", "repository": location.to_string(), "id": repo.config().id}),
+        );
     } else {
         crate::outln!(
             "created haul repository {} at {}",
             &repo.config().id[..8],
-            path.display()
+            location
         );
         crate::outln!("Keep the passphrase safe: without it nothing in this repository can be read or restored.");
     }

@@ -22,10 +22,10 @@ use crate::cli::Global;
 use crate::error::CliError;
 use crate::repos::Repositories;
 use crate::site::Site;
-use haul_repo::backend::LocalBackend;
+use haul_repo::backend::Location;
 use haul_repo::{IndexedRepository, Repository};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 pub struct Context {
     pub global: Global,
@@ -50,7 +50,7 @@ impl Context {
     }
 
     /// The repository directory `init` creates: only ever the one named.
-    pub fn repo_path(&self) -> Result<PathBuf, CliError> {
+    pub fn repo_location(&self) -> Result<Location, CliError> {
         self.global.repo.clone().ok_or_else(|| {
             CliError::usage("no repository given: use --repo DIR or set HAUL_REPO (a pull creates the default one by itself)")
         })
@@ -60,8 +60,7 @@ impl Context {
     /// host's configured one, else the default one.
     pub fn open_for(&self, host: Option<&str>) -> Result<Repository, CliError> {
         let loc = self.site()?.existing_repository(host)?;
-        let backend = Arc::new(LocalBackend::open(&loc.path)?);
-        Ok(Repository::open(backend, &loc.passphrase()?)?)
+        Ok(Repository::open(loc.open_backend()?, &loc.passphrase()?)?)
     }
 
     pub fn open(&self) -> Result<Repository, CliError> {

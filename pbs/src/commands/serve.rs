@@ -52,7 +52,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
         let (listener, _guard) = server::bind(&args.socket)?;
         crate::errln!(
             "haul-pbs: serving {} ({}) on {}",
-            ctx.site()?.existing_repository(None)?.path.display(),
+            ctx.site()?.existing_repository(None)?.location,
             match mode {
                 Mode::AppendOnly => "append-only",
                 Mode::ReadOnly => "read-only",

@@ -38,9 +38,9 @@ use crate::repos::Repositories;
 use crate::site::Site;
 use chrono::{DateTime, Utc};
 use haul_repo::backend::FileType;
+use haul_repo::backend::Location;
 use schedule::{Alert, Ended, Schedule};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,16 +50,16 @@ pub struct Shared {
     schedule: Schedule,
     history: History,
     /// Repositories being pruned.
-    pruning: HashSet<PathBuf>,
+    pruning: HashSet<Location>,
     /// When this process last started a prune of each repository (a prune that could
     /// not even open its repository has no record to tell).
-    pruned: HashMap<PathBuf, DateTime<Utc>>,
+    pruned: HashMap<Location, DateTime<Utc>>,
     /// Pushes running, as (host, clone): two pushes into one standby directory would
     /// meet at its lock, and the second would fail.
     pushing: HashSet<(String, String)>,
     /// Repositories being checked, and when this process last started a check of each.
-    checking: HashSet<PathBuf>,
-    checked: HashMap<PathBuf, DateTime<Utc>>,
+    checking: HashSet<Location>,
+    checked: HashMap<Location, DateTime<Utc>>,
     /// The repositories' figures the status server shows.
     facts: Arc<overview::Facts>,
     /// Who may read the status server (`[server].status_credentials`).
@@ -305,7 +305,7 @@ fn start_due(
 /// its own: pulls go on meanwhile.
 fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
     let now = Utc::now();
-    let due: Vec<(PathBuf, crate::site::RepoLocation)> = {
+    let due: Vec<crate::site::RepoLocation> = {
         let mut s = shared.lock().expect("daemon state");
         // Each repository once, with the hosts that use it.
         let repos_hosts: Vec<(crate::site::RepoLocation, Vec<String>)> = s
@@ -319,7 +319,7 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
             repos_hosts
                 .iter()
                 .map(|(loc, hosts)| {
-                    let location = loc.path.display().to_string();
+                    let location = loc.location.to_string();
                     let pruned = runs
                         .iter()
                         .filter(|r| {
@@ -351,37 +351,43 @@ fn start_prunes(shared: &SharedRef, repos: &Arc<Repositories>) {
             .into_iter()
             .zip(last)
             .filter(|((loc, _), (pruned, forgotten))| {
-                if s.pruning.contains(&loc.path) {
+                if s.pruning.contains(&loc.location) {
                     return false;
                 }
-                let pruned = (*pruned).max(s.pruned.get(&loc.path).copied());
+                let pruned = (*pruned).max(s.pruned.get(&loc.location).copied());
                 // A prune that could not sweep left condemnation records (the
                 // daemon's repositories are local directories).
-                let records = loc.path.join(FileType::Condemned.dir());
-                let pending = std::fs::read_dir(records).is_ok_and(|mut d| d.next().is_some());
+                let pending = loc.location.as_local().is_some_and(|dir| {
+                    std::fs::read_dir(dir.join(FileType::Condemned.dir()))
+                        .is_ok_and(|mut d| d.next().is_some())
+                });
                 schedule::prune_due(&schedule, pruned, *forgotten, pending, now)
             })
-            .map(|((loc, _), _)| (loc.path.clone(), loc))
+            .map(|((loc, _), _)| loc)
             .collect();
-        for (path, _) in &due {
-            s.pruning.insert(path.clone());
-            s.pruned.insert(path.clone(), now);
+        for loc in &due {
+            s.pruning.insert(loc.location.clone());
+            s.pruned.insert(loc.location.clone(), now);
         }
         due
     };
-    for (path, loc) in due {
+    for loc in due {
         let (shared, repos) = (shared.clone(), repos.clone());
-        tracing::info!(repository = %path.display(), "prune starting");
+        tracing::info!(repository = %loc.location, "prune starting");
         std::thread::spawn(move || {
             let history = shared.lock().expect("daemon state").history.clone();
             // A prune that panics still ends for the schedule.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                prune_repository(&history, &repos, &path, &loc)
+                prune_repository(&history, &repos, &loc)
             }));
             if run.is_err() {
-                tracing::error!(repository = %path.display(), "the prune's thread panicked");
+                tracing::error!(repository = %loc.location, "the prune's thread panicked");
             }
-            shared.lock().expect("daemon state").pruning.remove(&path);
+            shared
+                .lock()
+                .expect("daemon state")
+                .pruning
+                .remove(&loc.location);
         });
     }
 }
@@ -457,10 +463,10 @@ fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
         });
         let mut due = Vec::new();
         for (_, loc, _) in s.site.host_repositories() {
-            if s.checking.contains(&loc.path) || !loc.path.join("config").exists() {
+            if s.checking.contains(&loc.location) || !loc.is_there() {
                 continue;
             }
-            let here = loc.path.display().to_string();
+            let here = loc.location.to_string();
             let last = s.history.with_records(|runs| {
                 runs.iter()
                     .rev()
@@ -483,7 +489,7 @@ fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
             let started = last
                 .as_ref()
                 .map(|(t, _)| *t)
-                .max(s.checked.get(&loc.path).copied());
+                .max(s.checked.get(&loc.location).copied());
             if schedule.next_after(started, now, 0.0) > now {
                 continue;
             }
@@ -498,15 +504,15 @@ fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
                 };
                 haul_repo::check::Subset::Part { n, m }
             });
-            s.checking.insert(loc.path.clone());
-            s.checked.insert(loc.path.clone(), now);
+            s.checking.insert(loc.location.clone());
+            s.checked.insert(loc.location.clone(), now);
             due.push((loc, subset));
         }
         due
     };
     for (loc, subset) in due {
         let (shared, repos) = (shared.clone(), repos.clone());
-        tracing::info!(repository = %loc.path.display(), subset = ?subset.map(|s| s.to_string()), "check starting");
+        tracing::info!(repository = %loc.location, subset = ?subset.map(|s| s.to_string()), "check starting");
         std::thread::spawn(move || {
             let history = shared.lock().expect("daemon state").history.clone();
             let start = Utc::now();
@@ -533,40 +539,35 @@ fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
                 crate::commands::check::record_check(
                     &history,
                     start,
-                    &loc.path.display().to_string(),
+                    &loc.location.to_string(),
                     (subset.is_some(), subset),
                     &result,
                 );
                 match result {
                     Ok(r) if r.ok() => {
-                        tracing::info!(repository = %loc.path.display(), packs_read = r.packs_read, "check finished: no damage")
+                        tracing::info!(repository = %loc.location, packs_read = r.packs_read, "check finished: no damage")
                     }
                     Ok(r) => {
-                        tracing::error!(repository = %loc.path.display(), errors = r.errors.len(), "check found damage")
+                        tracing::error!(repository = %loc.location, errors = r.errors.len(), "check found damage")
                     }
                     Err(e) => {
-                        tracing::error!(repository = %loc.path.display(), "check failed: {e}")
+                        tracing::error!(repository = %loc.location, "check failed: {e}")
                     }
                 }
             }));
             if run.is_err() {
-                tracing::error!(repository = %loc.path.display(), "the check's thread panicked");
+                tracing::error!(repository = %loc.location, "the check's thread panicked");
             }
             shared
                 .lock()
                 .expect("daemon state")
                 .checking
-                .remove(&loc.path);
+                .remove(&loc.location);
         });
     }
 }
 
-fn prune_repository(
-    history: &History,
-    repos: &Repositories,
-    path: &std::path::Path,
-    loc: &crate::site::RepoLocation,
-) {
+fn prune_repository(history: &History, repos: &Repositories, loc: &crate::site::RepoLocation) {
     let start = Utc::now();
     // The repository as the daemon's pulls have it (no key derivation, no index load:
     // the prune loads an index of its own, and the pulls' views load theirs again
@@ -574,7 +575,7 @@ fn prune_repository(
     let result = repos
         .open_as_is(loc)
         .inspect_err(|e| {
-            let error = Err(format!("prune of {}: {e}", path.display()));
+            let error = Err(format!("prune of {}: {e}", loc.location));
             if let Err(e) = history.record_local(("repository", RunKind::Prune), start, error) {
                 tracing::error!("cannot record the prune: {e}");
             }
@@ -591,11 +592,11 @@ fn prune_repository(
         });
     match result {
         Ok(r) => tracing::info!(
-            repository = %path.display(),
+            repository = %loc.location,
             "prune finished: {}",
             crate::output::prune_summary(&crate::record::PruneDetails::of(&r))
         ),
-        Err(e) => tracing::error!(repository = %path.display(), "prune failed: {e}"),
+        Err(e) => tracing::error!(repository = %loc.location, "prune failed: {e}"),
     }
 }
 
@@ -908,7 +909,7 @@ fn reload(ctx: &Context, shared: &SharedRef, repos: Arc<Repositories>) {
     let used: Vec<_> = config
         .hosts
         .iter()
-        .map(|h| site.repository(Some(&h.name)).path)
+        .map(|h| site.repository(Some(&h.name)).location)
         .collect();
     // Off this task: a repository being opened holds the map for as long as that takes.
     std::thread::spawn(move || repos.retain(|p| used.iter().any(|u| u == p)));

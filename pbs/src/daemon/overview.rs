@@ -10,7 +10,7 @@ use crate::site::RepoLocation;
 use chrono::{DateTime, Utc};
 use haul_repo::backend::FileType;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,7 +170,7 @@ pub struct Facts {
     /// The daemon's open repositories: a repository its pulls use is not opened (its
     /// key derived) a second time for the status.
     open: Arc<crate::repos::Repositories>,
-    repos: Mutex<HashMap<PathBuf, Cached>>,
+    repos: Mutex<HashMap<haul_repo::backend::Location, Cached>>,
     /// Raised by [`Facts::expire`]: figures read before are read again.
     generation: std::sync::atomic::AtomicU64,
 }
@@ -197,12 +197,12 @@ impl Facts {
         use std::sync::atomic::Ordering::Relaxed;
         let generation = self.generation.load(Relaxed);
         let mut repos = self.repos.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = repos.get(&loc.path) {
+        if let Some(c) = repos.get(&loc.location) {
             if c.at.elapsed() < FACTS_TTL && c.generation == generation {
                 return c.facts.clone();
             }
         }
-        let c = repos.entry(loc.path.clone()).or_insert_with(|| Cached {
+        let c = repos.entry(loc.location.clone()).or_insert_with(|| Cached {
             hosts: HashMap::new(),
             facts: RepoFacts::default(),
             at: Instant::now(),
@@ -214,7 +214,8 @@ impl Facts {
             ..RepoFacts::default()
         });
         c.at = Instant::now();
-        let (size, avail) = fs_space(&loc.path);
+        // Object storage has no file system to measure.
+        let (size, avail) = loc.location.as_local().map_or((0, 0), fs_space);
         c.facts.fs_size_bytes = size;
         c.facts.fs_avail_bytes = avail;
         c.facts.clone()
@@ -233,10 +234,10 @@ fn read_facts(
     loc: &RepoLocation,
     c: &mut Cached,
 ) -> Result<RepoFacts, String> {
-    if !loc.path.join("config").exists() {
+    if !loc.is_there() {
         return Err(format!(
             "no repository at {} yet (the first pull creates it)",
-            loc.path.display()
+            loc.location
         ));
     }
     // As the pulls have it: no view is loaded again for the status.
@@ -355,7 +356,7 @@ impl Overview {
         };
         let heres: Vec<String> = locations
             .iter()
-            .map(|(_, loc)| loc.path.display().to_string())
+            .map(|(_, loc)| loc.location.to_string())
             .collect();
         let read = history.with_records(|records| {
             let mut last: HashMap<&str, &RunRecord> = HashMap::new();
