@@ -535,7 +535,13 @@ impl Config {
         let s = &self.server;
         for (key, p) in [
             ("state_dir", Some(&s.state_dir)),
-            ("repositories_dir", s.repositories_dir.as_ref()),
+            // Object storage (`s3:...`) is checked where it is used.
+            (
+                "repositories_dir",
+                s.repositories_dir
+                    .as_ref()
+                    .filter(|p| !p.to_string_lossy().starts_with("s3:")),
+            ),
             ("socket_dir", s.socket_dir.as_ref()),
             ("status_credentials", s.status_credentials.as_ref()),
             ("s3_credentials_file", s.s3_credentials_file.as_ref()),

@@ -39,6 +39,8 @@ pub struct Site {
     pub(crate) explicit_repo: Option<Location>,
     /// `--password-file`.
     pub(crate) password_file: Option<PathBuf>,
+    /// `[server].repositories_dir`: a directory, or a prefix in a bucket.
+    pub(crate) repositories: Location,
 }
 
 /// Where a repository is and how its passphrase is found.
@@ -82,22 +84,32 @@ impl Site {
             },
             None => (Config::default(), None),
         };
-        Ok(Site::with_config(config, config_path, global))
+        Site::with_config(config, config_path, global)
     }
 
     /// The site of a configuration already read (the daemon's, after a reload).
-    pub fn with_config(config: Config, config_path: Option<PathBuf>, global: &Global) -> Site {
+    pub fn with_config(
+        config: Config,
+        config_path: Option<PathBuf>,
+        global: &Global,
+    ) -> Result<Site, CliError> {
         let state = global
             .state_dir
             .clone()
             .unwrap_or_else(|| config.server.state_dir.clone());
-        Site {
+        let repositories = match &config.server.repositories_dir {
+            Some(d) => Location::parse(&d.to_string_lossy())
+                .map_err(|e| CliError::usage(format!("[server].repositories_dir: {e}")))?,
+            None => Location::Local(state.clone()),
+        };
+        Ok(Site {
             config,
             config_path,
             state,
             explicit_repo: global.repo.clone(),
             password_file: global.password_file.clone(),
-        }
+            repositories,
+        })
     }
 
     /// The configuration file's name, for messages.
@@ -154,21 +166,15 @@ impl Site {
             .with_notifiers(crate::notify::Notifiers::from_config(&self.config))
     }
 
-    fn repositories_dir(&self) -> PathBuf {
-        match &self.config.server.repositories_dir {
-            Some(d) => d.clone(),
-            None => self.state.clone(),
-        }
-    }
-
-    /// The repository named `name` in the repositories directory, with its key file.
+    /// The repository named `name` in the repositories directory, with its key file:
+    /// beside it in a directory; in the state directory for object storage.
     pub fn named_repository(&self, name: &str) -> RepoLocation {
-        let dir = self.repositories_dir();
+        let keys = self.repositories.as_local().unwrap_or(&self.state);
         RepoLocation {
-            location: Location::Local(dir.join(name)),
+            location: self.repositories.join(name),
             key: match &self.password_file {
                 Some(f) => KeySource::Given(Some(f.clone())),
-                None => KeySource::Generated(dir.join(format!("{name}.key"))),
+                None => KeySource::Generated(keys.join(format!("{name}.key"))),
             },
             credentials: self.config.server.s3_credentials_file.clone(),
         }
@@ -238,12 +244,14 @@ impl RepoLocation {
         }
     }
 
-    /// Whether a repository is there. Object storage is asked when the repository is
-    /// opened (which says so clearly if it is not there): this is for local ones.
+    /// Whether a repository is there. Object storage is not asked (opening it says
+    /// clearly if it is not there): one with a generated key is there once its key
+    /// file is, since the key is written just before the repository is made.
     pub fn is_there(&self) -> bool {
-        match &self.location {
-            Location::Local(p) => p.join("config").exists(),
-            Location::S3(_) => true,
+        match (&self.location, &self.key) {
+            (Location::Local(p), _) => p.join("config").exists(),
+            (Location::S3(_), KeySource::Generated(key)) => key.exists(),
+            (Location::S3(_), KeySource::Given(_)) => true,
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use haul_repo::backend::{contract, Backend, S3Backend, S3Credentials, S3Location};
+use haul_repo::backend::{contract, Backend, FileType, S3Backend, S3Credentials, S3Location};
 use haul_repo::Error;
 use haul_tests::ceph::Ceph;
 use haul_tests::Env;
@@ -123,6 +123,32 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
     pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
     haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
+    // Pulls need no right to delete: the bucket policy of the README gives the pulls'
+    // key reading, listing and writing, and deleting only of locks (a run removes its
+    // own). Everything below until the forget runs with that key.
+    let (puller_key, puller_secret) = ceph.user("puller");
+    ceph.put_policy(
+        "fleet",
+        &haul_tests::ceph::append_only_policy("fleet", "pbs/web-1", "puller"),
+    );
+    let puller = [
+        ("AWS_ACCESS_KEY_ID", puller_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", puller_secret.as_str()),
+    ];
+    let pulls_key = S3Credentials {
+        access_key_id: puller_key.clone(),
+        secret_access_key: puller_secret.clone(),
+        region: "us-east-1".into(),
+    };
+    let guarded = S3Backend::open(&location(&loc), &pulls_key).unwrap();
+    let snapshot = guarded.list(FileType::Snapshot).unwrap()[0].0.clone();
+    let e = guarded
+        .delete(FileType::Snapshot, &snapshot)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AccessDenied") || e.contains("403"), "{e}");
+    assert_eq!(guarded.list(FileType::Snapshot).unwrap().len(), 1);
+
     // A second pull with 160 MiB of new data (about 7 s here); one OSD is killed while
     // it runs.
     std::fs::write(src.join("big.bin"), haul_tests::random_bytes(7, 160 << 20)).unwrap();
@@ -134,7 +160,7 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
         "--state-dir",
         env.path("state").to_str().unwrap(),
     ]);
-    for (k, v) in &creds {
+    for (k, v) in &puller {
         pull.env(k, v);
     }
     let mut child = pull
@@ -166,8 +192,25 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
 
     // Forget the first snapshot and prune what only it used.
     std::fs::remove_file(src.join("big.bin")).unwrap();
-    let (_, third) = env_pull(&env, &src, &creds);
+    let (_, third) = env_pull(&env, &src, &puller);
     assert_eq!(third["status"], "ok");
+    // With the pulls' key a forget is refused by the store; with the owner's it runs.
+    let run = env.pbs_with(&["forget", "--keep-last", "1"], &puller);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("AccessDenied") || run.stderr.contains("403"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        pbs(&["--json", "snapshots"])
+            .expect(0)
+            .json()
+            .iter()
+            .filter(|v| v["type"] == "snapshot")
+            .count(),
+        3
+    );
     pbs(&["forget", "--keep-last", "1"]).expect(0);
     let prune = pbs(&["--json", "prune", "--max-unused", "0"]).expect(0);
     let p = prune.json_of("prune");
@@ -178,6 +221,71 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
     let target = env.path("restored-3");
     pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
     haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+
+    // The configuration's repositories on object storage: a host's first pull creates
+    // its repository there (its key in the state directory), with the access key from
+    // the file the configuration names.
+    let state = env.path("state-2");
+    let key_file = env.path("s3.env");
+    std::fs::write(
+        &key_file,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            ceph.access_key, ceph.secret_key
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = env.path("pbs.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = {state:?}\nrepositories_dir = \"s3:{}/fleet/configured\"\ns3_credentials_file = {key_file:?}\n\n\
+             [[host]]\nname = \"web-1\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{src:?}]\n",
+            ceph.endpoint
+        ),
+    )
+    .unwrap();
+    let configured = |args: &[&str]| {
+        let out = std::process::Command::new(haul_tests::bin("haul-pbs"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("HAUL_REPO")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .output()
+            .unwrap();
+        haul_tests::Run::from_output(out)
+    };
+    configured(&["config", "check"]).expect(0);
+    for _ in 0..2 {
+        let run = configured(&["--json", "pull", "web-1"]).expect(0);
+        assert_eq!(run.json_of("run")["run"]["status"], "ok", "{}", run.stderr);
+    }
+    assert!(state.join("repo.key").exists());
+    let snaps = configured(&["--json", "snapshots", "--host", "web-1"]).expect(0);
+    assert_eq!(
+        snaps
+            .json()
+            .iter()
+            .filter(|v| v["type"] == "snapshot")
+            .count(),
+        2
+    );
+    configured(&["check"]).expect(0);
+    // A location that is not one is refused by name.
+    std::fs::write(
+        &config,
+        "[server]\nrepositories_dir = \"s3:ftp://host/bucket\"\n",
+    )
+    .unwrap();
+    let run = configured(&["snapshots"]).expect(2);
+    assert!(
+        run.stderr.contains("[server].repositories_dir") && run.stderr.contains("s3:https://HOST"),
+        "{}",
+        run.stderr
+    );
 }
 
 fn env_pull(

@@ -272,6 +272,48 @@ impl Ceph {
         format!("s3:{}/{bucket}/{prefix}", self.endpoint)
     }
 
+    /// A second user of the gateway, with its own access key: (access, secret). It
+    /// owns nothing; a bucket policy gives it what it may do.
+    pub fn user(&self, uid: &str) -> (String, String) {
+        let access = format!("HAUL{}", uid.to_uppercase());
+        let secret = format!("{uid}-{}", &uuid()[..8]);
+        self.radosgw_admin(&[
+            "user",
+            "create",
+            &format!("--uid={uid}"),
+            &format!("--display-name={uid}"),
+            &format!("--access-key={access}"),
+            &format!("--secret={secret}"),
+        ]);
+        (access, secret)
+    }
+
+    /// Sets a bucket's policy (as its owner, with curl).
+    pub fn put_policy(&self, bucket: &str, policy: &str) {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+                "--data-binary",
+                policy,
+            ])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3"])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .arg("--user")
+            .arg(format!("{}:{}", self.access_key, self.secret_key))
+            .arg(format!("{}/{bucket}?policy=", self.endpoint))
+            .output()
+            .expect("curl (apt-get install curl)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.ends_with("204") || text.ends_with("200"),
+            "policy of {bucket}: {text}"
+        );
+    }
+
     /// The environment that gives a haul command the cluster's access key.
     pub fn credentials_env(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -306,4 +348,21 @@ impl Drop for Ceph {
             let _ = c.wait();
         }
     }
+}
+
+/// The bucket policy the README shows for the pulls' key (`user`): read, list and
+/// write the repository at `prefix`, delete only its locks. (Written once, here, and
+/// copied into the README.)
+pub fn append_only_policy(bucket: &str, prefix: &str, user: &str) -> String {
+    format!(
+        r#"{{"Version": "2012-10-17", "Statement": [
+  {{"Effect": "Allow", "Principal": {{"AWS": ["arn:aws:iam:::user/{user}"]}},
+   "Action": ["s3:ListBucket"], "Resource": ["arn:aws:s3:::{bucket}"]}},
+  {{"Effect": "Allow", "Principal": {{"AWS": ["arn:aws:iam:::user/{user}"]}},
+   "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+   "Resource": ["arn:aws:s3:::{bucket}/{prefix}/*"]}},
+  {{"Effect": "Allow", "Principal": {{"AWS": ["arn:aws:iam:::user/{user}"]}},
+   "Action": ["s3:DeleteObject"], "Resource": ["arn:aws:s3:::{bucket}/{prefix}/locks/*"]}}
+]}}"#
+    )
 }

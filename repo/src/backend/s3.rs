@@ -34,8 +34,8 @@ use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::limit::LimitStore;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
 };
 
 use super::{check_name, Backend, FileType, ObjectWriter};
@@ -281,6 +281,15 @@ impl S3Backend {
             retry_timeout: Duration::from_secs(180),
         };
         let s3 = AmazonS3Builder::new()
+            // First: the options below (allow_http) are kept in the client options.
+            .with_client_options(
+                // Objects written with a key other than the bucket owner's (the pulls'
+                // append-only key) stay readable and deletable by the owner's (prune).
+                ClientOptions::new().with_default_headers(http::HeaderMap::from_iter([(
+                    http::HeaderName::from_static("x-amz-acl"),
+                    http::HeaderValue::from_static("bucket-owner-full-control"),
+                )])),
+            )
             .with_endpoint(&location.endpoint)
             .with_allow_http(location.endpoint.starts_with("http://"))
             .with_bucket_name(&location.bucket)
