@@ -107,6 +107,7 @@ fn main() {
             bytes_read: 12345,
             ..Summary::default()
         },
+        original: None,
     };
     seed("snapshot", serde_json::to_vec(&snapshot).unwrap());
     seed(

@@ -92,6 +92,10 @@ pub enum Command {
     /// Reclaim the space of data no snapshot uses any more: delete packs that hold only
     /// such data, repack those where it is worth it, while pulls go on.
     Prune(PruneArgs),
+    /// Copy snapshots into another repository (a directory or object storage, with keys
+    /// of its own): only the data it lacks is sent, a snapshot already there is
+    /// skipped, and a copy cut short sends only the rest when run again.
+    Copy(CopyArgs),
     /// Back up a source through its agent: `HOST` (from the configuration) over SSH, or
     /// `--local PATH...` with the agent on this machine. Without --repo, uses (and on
     /// first use creates) the default repository in the state directory.
@@ -593,6 +597,24 @@ pub struct ForgetArgs {
     /// Say what would be removed, remove nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The repository to copy into (it must exist: `haul-pbs --repo LOCATION init`):
+    /// a directory, or s3:https://HOST[:PORT]/BUCKET/PREFIX.
+    #[arg(long, value_name = "LOCATION")]
+    pub to: String,
+    /// File holding the target repository's passphrase (else $HAUL_TO_PASSWORD, or a
+    /// prompt).
+    #[arg(long, env = "HAUL_TO_PASSWORD_FILE")]
+    pub to_password_file: Option<PathBuf>,
+    /// Only these snapshots (ids or unique prefixes; repeatable). Default: all that
+    /// match the filter.
+    #[arg(long = "snapshot", value_name = "ID")]
+    pub snapshots: Vec<String>,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
 }
 
 #[derive(Debug, Args)]

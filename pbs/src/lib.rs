@@ -75,6 +75,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::ImportRdiff(a) => commands::import::import_rdiff(&ctx, a),
         Command::Forget(a) => commands::forget::forget(&ctx, a),
         Command::Prune(a) => commands::prune::prune(&ctx, a),
+        Command::Copy(a) => commands::copy::copy(&ctx, a),
         Command::Repair(c) => commands::repair::repair(&ctx, c),
     }
 }

@@ -9,6 +9,11 @@ pub fn current(file: Option<&Path>) -> Result<Vec<u8>, CliError> {
     from_sources(file, "HAUL_PASSWORD", "Repository passphrase: ")
 }
 
+/// The passphrase of the repository a `copy` writes to.
+pub fn target(file: Option<&Path>) -> Result<Vec<u8>, CliError> {
+    from_sources(file, "HAUL_TO_PASSWORD", "Target repository passphrase: ")
+}
+
 /// A new passphrase for `init` or `key add`; prompted twice.
 pub fn new(file: Option<&Path>, env: &str) -> Result<Vec<u8>, CliError> {
     if file.is_some() || std::env::var_os(env).is_some() {

@@ -186,6 +186,7 @@ mod tests {
             parent: None,
             source: SourceKind::Pull,
             summary: Summary::default(),
+            original: None,
         };
         (SnapshotId::of(format!("{host}{time}").as_bytes()), s)
     }

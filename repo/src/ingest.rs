@@ -938,12 +938,7 @@ impl<'r> IngestSession<'r> {
         mut summary: Summary,
         time: chrono::DateTime<chrono::Utc>,
     ) -> Result<(SnapshotId, Snapshot)> {
-        self.flush()?;
-        tracing::debug!("commit: open packs and the index written");
-        self.check_complete(&root)?;
-        // Only while the lock is fresh: a prune's sweep waits for it (see `crate::prune`).
-        self._lock.ensure_fresh("backup session")?;
-        tracing::debug!("commit: everything below the root tree is stored");
+        self.settle(&root)?;
         summary.blobs_new = self.stats.blobs_new.load(Relaxed);
         summary.bytes_new = self.stats.bytes_new.load(Relaxed);
         summary.data_new = self.stats.data_new.load(Relaxed);
@@ -958,10 +953,33 @@ impl<'r> IngestSession<'r> {
             parent: self.parent.as_ref().map(|(id, _)| *id),
             source: self.info.source,
             summary,
+            original: None,
         };
         let id = self.repo.save_snapshot(&snapshot)?;
         self.finished = true;
         Ok((id, snapshot))
+    }
+
+    /// Writes `snapshot` as it is (a copy from another repository keeps its time,
+    /// paths, tags and figures) once everything below its root is stored, as
+    /// [`IngestSession::commit`] does.
+    pub fn commit_snapshot(mut self, snapshot: Snapshot) -> Result<(SnapshotId, Snapshot)> {
+        self.settle(&snapshot.tree)?;
+        let id = self.repo.save_snapshot(&snapshot)?;
+        self.finished = true;
+        Ok((id, snapshot))
+    }
+
+    /// Before a snapshot is written: the open packs and the index are written, every
+    /// blob below `root` is stored, and the session's lock is fresh (a prune's sweep
+    /// waits for it; see `crate::prune`).
+    fn settle(&mut self, root: &TreeId) -> Result<()> {
+        self.flush()?;
+        tracing::debug!("commit: open packs and the index written");
+        self.check_complete(root)?;
+        self._lock.ensure_fresh("backup session")?;
+        tracing::debug!("commit: everything below the root tree is stored");
+        Ok(())
     }
 
     /// Ends the session without a snapshot; what was stored stays usable.

@@ -45,6 +45,7 @@
 
 pub mod backend;
 pub mod check;
+pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod forget;

@@ -7,6 +7,7 @@
 
 mod check;
 mod compare;
+mod copy;
 mod daemon;
 mod dedup;
 mod faults;

@@ -222,6 +222,31 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
     pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
     haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
 
+    // A copy into another repository on the store, with its own key: it restores the
+    // same tree, and checks clean.
+    let mut copy = Env::new();
+    std::fs::write(copy.path("pass"), "the copy's own passphrase\n").unwrap();
+    copy.location = Some(format!("s3:{}/fleet/copies/web-1", ceph.endpoint));
+    copy.pbs_with(&["init"], &creds).expect(0);
+    let run = pbs(&[
+        "--json",
+        "copy",
+        "--to",
+        copy.location.as_deref().unwrap(),
+        "--to-password-file",
+        copy.path("pass").to_str().unwrap(),
+    ])
+    .expect(0);
+    assert_eq!(run.json_of("copy-summary")["copied"], 1);
+    let target = copy.path("restored-copy");
+    copy.pbs_with(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        &creds,
+    )
+    .expect(0);
+    haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+    copy.pbs_with(&["check", "--read-data"], &creds).expect(0);
+
     // The configuration's repositories on object storage: a host's first pull creates
     // its repository there (its key in the state directory), with the access key from
     // the file the configuration names.

@@ -5,6 +5,7 @@ pub mod backup;
 pub mod browse;
 pub mod check;
 pub mod compare;
+pub mod copy;
 pub mod dump;
 pub mod forget;
 pub mod import;

@@ -51,6 +51,9 @@ pub struct Snapshot {
     pub parent: Option<haul_protocol::SnapshotId>,
     pub source: SourceKind,
     pub summary: Summary,
+    /// The snapshot this one was copied from (`haul-pbs copy`), in another repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<haul_protocol::SnapshotId>,
 }
 
 #[cfg(test)]
@@ -82,6 +85,7 @@ mod tests {
                             bytes_new,
                             ..Summary::default()
                         },
+                        original: parent.map(|p| haul_protocol::SnapshotId([p[0]; 32])),
                     };
                     if pretty {
                         serde_json::to_vec_pretty(&s).unwrap()

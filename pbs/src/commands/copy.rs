@@ -1,0 +1,127 @@
+//! `copy --to LOCATION`: snapshots into another repository, which has keys of its own
+//! (see `haul_repo::copy`).
+
+use super::Context;
+use crate::cli::CopyArgs;
+use crate::error::CliError;
+use crate::output::{bytes, typed_line};
+use haul_repo::backend::Location;
+use haul_repo::copy::{copy_in, copy_snapshot, CopyReport};
+use haul_repo::Repository;
+
+pub fn copy(ctx: &Context, args: CopyArgs) -> Result<(), CliError> {
+    let (source, _lock) = ctx.open_for_reading(args.filter.host.as_deref(), "copy", true)?;
+    let target_location = Location::parse(&args.to)?;
+    if Some(&target_location) == ctx.global.repo.as_ref() {
+        return Err(CliError::usage(
+            "--to names the repository copied from: give another one",
+        ));
+    }
+    let credentials = ctx.site()?.config.server.s3_credentials_file.clone();
+    let pass = crate::password::target(args.to_password_file.as_deref())?;
+    let target = Repository::open(target_location.open(credentials.as_deref())?, &pass)?;
+    if target.config().id == source.config().id {
+        return Err(CliError::usage(format!(
+            "{} is the repository copied from (the same repository id): give another one",
+            args.to
+        )));
+    }
+    let target = target.load_index(ctx.cache_dir().as_deref())?;
+
+    let mut chosen = source.snapshots_matching(&args.filter.to_filter())?;
+    if !args.snapshots.is_empty() {
+        let mut wanted = Vec::new();
+        for spec in &args.snapshots {
+            wanted.push(source.find_snapshot(spec)?.0);
+        }
+        chosen.retain(|(id, _)| wanted.contains(id));
+    }
+    // Oldest first: a snapshot's parent is copied before it, and the copy names its
+    // copy as parent.
+    chosen.sort_by_key(|(_, s)| s.time);
+    let mut there = target.snapshots()?;
+    let (mut copied, mut skipped, mut sent) = (0u64, 0u64, 0u64);
+    for (id, snapshot) in &chosen {
+        if let Some(existing) = copy_in(&there, id, snapshot) {
+            skipped += 1;
+            say(
+                ctx,
+                id,
+                snapshot,
+                &CopyReport {
+                    copy: Some(existing),
+                    skipped: true,
+                    ..CopyReport::default()
+                },
+            );
+            continue;
+        }
+        let parent = snapshot
+            .parent
+            .as_ref()
+            .and_then(|p| there.iter().find(|(_, t)| t.original.as_ref() == Some(p)))
+            .map(|(tid, _)| *tid);
+        let report = copy_snapshot(&source, &target, id, snapshot, parent).map_err(|e| {
+            CliError::Failed(format!(
+                "copying snapshot {} to {}: {e}; what arrived stays there, and running the copy again sends only the rest",
+                id.short(),
+                args.to
+            ))
+        })?;
+        copied += 1;
+        sent += report.bytes_copied;
+        say(ctx, id, snapshot, &report);
+        if let Some(new) = report.copy {
+            let mut copy = snapshot.clone();
+            copy.original = Some(snapshot.original.unwrap_or(*id));
+            there.push((new, copy));
+        }
+    }
+    if ctx.global.json {
+        typed_line(
+            "copy-summary",
+            &serde_json::json!({"copied": copied, "skipped": skipped, "bytes_copied": sent, "to": args.to}),
+        );
+    } else {
+        crate::outln!(
+            "{copied} snapshot(s) copied, {skipped} already there; {} sent to {}",
+            bytes(sent),
+            args.to
+        );
+    }
+    Ok(())
+}
+
+fn say(
+    ctx: &Context,
+    id: &haul_protocol::SnapshotId,
+    s: &haul_repo::format::snapshot::Snapshot,
+    r: &CopyReport,
+) {
+    if ctx.global.json {
+        typed_line(
+            "copy",
+            &serde_json::json!({"snapshot": id, "host": s.host, "time": s.time, "report": r}),
+        );
+        return;
+    }
+    let copy = r.copy.map(|c| c.short()).unwrap_or_default();
+    if r.skipped {
+        crate::outln!(
+            "snapshot {} of {} at {}: already there as {copy}",
+            id.short(),
+            s.host,
+            s.time.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    } else {
+        crate::outln!(
+            "snapshot {} of {} at {}: copied as {copy}, {} new blob(s), {} sent, {} blob(s) already there",
+            id.short(),
+            s.host,
+            s.time.format("%Y-%m-%d %H:%M:%S UTC"),
+            r.blobs_copied,
+            bytes(r.bytes_copied),
+            r.blobs_present
+        );
+    }
+}

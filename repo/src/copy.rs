@@ -1,0 +1,215 @@
+//! Copying snapshots into another repository (restic `copy`, borg `transfer`, a Proxmox
+//! Backup Server sync job).
+//!
+//! The target has its own keys and never needs the source's: every blob is opened
+//! with the source's key and sealed again with the target's. Blob ids are the hashes of
+//! their plaintext, so trees and chunks keep their ids (and deduplicate against what
+//! the target already holds); a snapshot's id is the hash of its sealed file, so the
+//! copy gets an id of its own and records the one it was copied from as `original`.
+//!
+//! Order and safety: a snapshot is copied in one ingest session of the target, which
+//! stores the blobs the target lacks (a subtree's before the tree that names it), then
+//! writes the snapshot only after its commit check found every blob below its root
+//! stored. A copy killed part way leaves stored blobs and no snapshot; run again, it
+//! sends only what did not arrive (the target's index and the packs of the killed
+//! session, which the next session indexes, tell what is there). A snapshot whose
+//! copy is already in the target (same `original`, or the same time, host and tree)
+//! is skipped.
+
+use std::collections::HashSet;
+
+use haul_protocol::tree::TreeBlob;
+use haul_protocol::{BlobRef, SnapshotId, TreeId};
+
+use crate::error::Result;
+use crate::format::snapshot::Snapshot;
+use crate::ingest::{DedupScope, IngestSession, ParentChoice, SessionInfo};
+use crate::repository::IndexedRepository;
+
+/// What copying one snapshot did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CopyReport {
+    /// The copy's id in the target (the one already there when `skipped`).
+    pub copy: Option<SnapshotId>,
+    pub skipped: bool,
+    /// Blobs the target lacked and got, and their bytes as read from the source
+    /// (compressed, as stored).
+    pub blobs_copied: u64,
+    pub bytes_copied: u64,
+    /// Blobs the snapshot uses that the target already had.
+    pub blobs_present: u64,
+    /// Bytes sent to the target's storage (sealed and compressed).
+    pub bytes_stored: u64,
+}
+
+/// The target's copy of `(id, snapshot)`, if it has one: recorded as copied from `id`,
+/// or (a copy made before `original` existed, or the same backup imported twice) with
+/// the same time, host, paths and root tree.
+pub fn copy_in(
+    target_snapshots: &[(SnapshotId, Snapshot)],
+    id: &SnapshotId,
+    snapshot: &Snapshot,
+) -> Option<SnapshotId> {
+    target_snapshots
+        .iter()
+        .find(|(_, t)| {
+            t.original.as_ref() == Some(id)
+                || (t.time == snapshot.time
+                    && t.host == snapshot.host
+                    && t.paths == snapshot.paths
+                    && t.tree == snapshot.tree)
+        })
+        .map(|(tid, _)| *tid)
+}
+
+/// Copies snapshot `id` of `source` into `target` (see the module doc). `parent` is
+/// the target's copy of the snapshot's parent, if it has one: the copy records it as
+/// its parent.
+pub fn copy_snapshot(
+    source: &IndexedRepository,
+    target: &IndexedRepository,
+    id: &SnapshotId,
+    snapshot: &Snapshot,
+    parent: Option<SnapshotId>,
+) -> Result<CopyReport> {
+    let session = IngestSession::start(
+        target,
+        SessionInfo {
+            host: snapshot.host.clone(),
+            paths: snapshot.paths.clone(),
+            tags: snapshot.tags.clone(),
+            source: snapshot.source,
+            parent: parent.map_or(ParentChoice::None, ParentChoice::Snapshot),
+            // Everything the target holds is the copy's to build on: the target's
+            // owner is the one copying.
+            scope: DedupScope::Repository,
+        },
+    )?;
+    let mut report = CopyReport::default();
+    let copied = (|| {
+        let mut walked: HashSet<TreeId> = HashSet::new();
+        copy_tree(source, &session, snapshot.tree, &mut walked, &mut report)?;
+        let mut copy = snapshot.clone();
+        copy.original = Some(snapshot.original.unwrap_or(*id));
+        copy.parent = parent;
+        Ok::<_, crate::Error>(copy)
+    })();
+    let copy = match copied {
+        Ok(c) => c,
+        Err(e) => {
+            // What was stored stays usable by the next attempt.
+            let _ = session.abandon();
+            return Err(e);
+        }
+    };
+    report.bytes_stored = session
+        .stats()
+        .bytes_stored
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (new_id, _) = session.commit_snapshot(copy)?;
+    report.copy = Some(new_id);
+    Ok(report)
+}
+
+/// Stores what the target lacks of tree `id` and everything below it, children first
+/// (depth-first, with an explicit stack: a deep tree does not deepen the call stack).
+fn copy_tree(
+    source: &IndexedRepository,
+    session: &IngestSession<'_>,
+    root: TreeId,
+    walked: &mut HashSet<TreeId>,
+    report: &mut CopyReport,
+) -> Result<()> {
+    // (tree, whether its children were pushed already)
+    let mut stack: Vec<(TreeId, bool)> = vec![(root, false)];
+    while let Some((id, expanded)) = stack.pop() {
+        if expanded {
+            copy_blobs(source, session, &[BlobRef::tree(id)], report)?;
+            continue;
+        }
+        if !walked.insert(id) {
+            continue;
+        }
+        stack.push((id, true));
+        match source.load_tree(&id)? {
+            TreeBlob::Pages(p) => {
+                stack.extend(p.pages.iter().map(|p| (p.id, false)));
+            }
+            TreeBlob::Nodes(t) => {
+                let mut chunks = Vec::new();
+                for node in &t.nodes {
+                    chunks.extend(node.content.iter().map(|c| BlobRef::data(*c)));
+                    if let Some(sub) = node.subtree {
+                        stack.push((sub, false));
+                    }
+                }
+                copy_blobs(source, session, &chunks, report)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores the blobs of `refs` the target lacks, read from the source in their
+/// transfer encoding (compressed as stored: nothing is decompressed to be compressed
+/// again) and verified against their ids as the target takes them.
+fn copy_blobs(
+    source: &IndexedRepository,
+    session: &IngestSession<'_>,
+    refs: &[BlobRef],
+    report: &mut CopyReport,
+) -> Result<()> {
+    if refs.is_empty() {
+        return Ok(());
+    }
+    let missing = session.missing(refs)?;
+    report.blobs_present += (refs.len() - missing.len()) as u64;
+    for b in missing {
+        let encoded = source.load_encoded(b.kind, &b.id)?;
+        let len = encoded.len() as u64;
+        if session.add_encoded(b.kind, &b.id, encoded)? {
+            report.blobs_copied += 1;
+            report.bytes_copied += len;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_is_known_by_its_original_or_by_time_host_paths_and_tree() {
+        let s = Snapshot {
+            time: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            host: "web-1".into(),
+            paths: vec!["/srv".into()],
+            tags: vec![],
+            tree: TreeId([1; 32]),
+            parent: None,
+            source: crate::format::snapshot::SourceKind::Pull,
+            summary: Default::default(),
+            original: None,
+        };
+        let id = SnapshotId([9; 32]);
+        let by_original = Snapshot {
+            original: Some(id),
+            tree: TreeId([2; 32]),
+            ..s.clone()
+        };
+        assert_eq!(
+            copy_in(&[(SnapshotId([3; 32]), by_original)], &id, &s),
+            Some(SnapshotId([3; 32]))
+        );
+        assert_eq!(
+            copy_in(&[(SnapshotId([4; 32]), s.clone())], &id, &s),
+            Some(SnapshotId([4; 32]))
+        );
+        let other_host = Snapshot {
+            host: "web-2".into(),
+            ..s.clone()
+        };
+        assert_eq!(copy_in(&[(SnapshotId([5; 32]), other_host)], &id, &s), None);
+    }
+}
