@@ -64,6 +64,39 @@ pub struct Config {
     pub clones: Vec<CloneTarget>,
     #[serde(default, rename = "notify")]
     pub notify: Vec<Notify>,
+    #[serde(default, rename = "copy")]
+    pub copies: Vec<CopyJob>,
+}
+
+/// `[[copy]]`: the daemon copies hosts' snapshots into another repository on a
+/// schedule (`haul-pbs copy`), each host's copy a run in the history and the feed.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyJob {
+    pub name: String,
+    /// The repository copied into (it must exist): a directory, or
+    /// `s3:https://HOST[:PORT]/BUCKET/PREFIX` (credentials as for
+    /// `[server].repositories_dir`).
+    pub to: String,
+    /// The file holding its passphrase.
+    pub password_file: PathBuf,
+    /// The hosts whose snapshots go there (default: every host).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// When (default: daily).
+    #[serde(default = "default_copy_schedule")]
+    pub schedule: Schedule,
+}
+
+impl CopyJob {
+    /// Whether snapshots of `host` go there.
+    pub fn copies(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+}
+
+fn default_copy_schedule() -> Schedule {
+    Schedule::Every(Duration::from_secs(24 * 3600))
 }
 
 /// The statuses a run can end with, as `[[notify]].on` names them.
@@ -675,6 +708,33 @@ impl Config {
             }
             if n.timeout.is_zero() || n.timeout > Duration::from_secs(300) {
                 return Err((key("timeout"), "is not from 1 s to 5 min".into()));
+            }
+        }
+        let mut jobs = std::collections::HashSet::new();
+        for (i, c) in self.copies.iter().enumerate() {
+            let key = |k: &'static str| vec![Seg::Key("copy"), Seg::Index(i), Seg::Key(k)];
+            if !valid_name(&c.name) {
+                return Err((key("name"), format!("{:?} is not a copy name", c.name)));
+            }
+            if !jobs.insert(c.name.as_str()) {
+                return Err((
+                    key("name"),
+                    format!("{:?} is used by another copy too", c.name),
+                ));
+            }
+            if !c.to.starts_with("s3:") {
+                abs(&PathBuf::from(&c.to)).map_err(|why| (key("to"), why))?;
+            }
+            abs(&c.password_file).map_err(|why| (key("password_file"), why))?;
+            if let Some((j, h)) = c
+                .hosts
+                .iter()
+                .enumerate()
+                .find(|(_, h)| !names.contains(h.as_str()))
+            {
+                let mut k = key("hosts");
+                k.push(Seg::Index(j));
+                return Err((k, format!("{h:?} is not a [[host]] of this file")));
             }
         }
         let mut clones = std::collections::HashSet::new();

@@ -115,6 +115,7 @@ pub fn summary(r: &RunRecord) -> String {
         }
         (None, None, Some(Details::Prune(d))) => crate::output::prune_summary(d),
         (None, None, Some(Details::Push(d))) => crate::output::push_summary(d),
+        (None, None, Some(Details::Copy(d))) => d.summary(),
         (None, None, Some(Details::CloneAlert(d))) => format!("clone {}", d.clone),
         (None, None, None) => format!("{secs:.0} s"),
     }

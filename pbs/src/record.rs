@@ -28,6 +28,8 @@ pub enum RunKind {
     Prune,
     /// A snapshot pushed to a clone's standby copy.
     Push,
+    /// A host's snapshots copied into another repository (`[[copy]]`).
+    Copy,
     /// No run: the daemon's warning about a host (stale, or a failure it will not
     /// retry by itself).
     Alert,
@@ -43,6 +45,7 @@ impl RunKind {
             RunKind::Check => "check",
             RunKind::Prune => "prune",
             RunKind::Push => "push",
+            RunKind::Copy => "copy",
             RunKind::Alert => "alert",
         }
     }
@@ -163,6 +166,7 @@ pub enum Details {
     Check(CheckDetails),
     Prune(PruneDetails),
     Push(PushDetails),
+    Copy(CopyDetails),
     /// An alert about a clone's copy of the host, not about the host's own backups.
     CloneAlert(CloneAlertDetails),
 }
@@ -272,6 +276,37 @@ pub struct ForgetDetails {
     pub kept: u64,
     /// The legacy rdiff-backup tree removed after this retention.
     pub legacy_rdiff_dir_removed: Option<String>,
+}
+
+/// What a copy into another repository did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CopyDetails {
+    /// The `[[copy]]` it ran for (empty for the command line's).
+    pub copy: String,
+    /// Where it copied to.
+    pub to: String,
+    pub copied: u64,
+    pub skipped: u64,
+    /// Bytes read from this repository and stored in that one.
+    pub bytes_copied: u64,
+}
+
+impl CopyDetails {
+    /// `1 snapshot copied to offsite, 2 already there, 54.0 MiB sent`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} snapshot(s) copied to {}, {} already there, {} sent",
+            self.copied,
+            if self.copy.is_empty() {
+                &self.to
+            } else {
+                &self.copy
+            },
+            self.skipped,
+            crate::output::bytes(self.bytes_copied)
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,6 +37,11 @@ impl Repositories {
 
     /// The repository at `loc`, opened on first use (and created when it is a
     /// default one that does not exist yet).
+    /// The index cache root of the repositories it opens.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache_dir.as_deref()
+    }
+
     pub fn open(&self, loc: &RepoLocation) -> Result<Arc<IndexedRepository>, CliError> {
         self.get(loc, true)
     }

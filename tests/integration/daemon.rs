@@ -1308,3 +1308,112 @@ fn basic(user: &str, pass: &str) -> String {
         base64ct::Base64::encode_string(format!("{user}:{pass}").as_bytes())
     )
 }
+
+/// `[[copy]]`: the daemon copies a host's snapshots into another repository (with a
+/// key of its own) on schedule, each copy a run of the host in the history and the
+/// feed; a copy whose target is not there fails, recorded, and the other goes on.
+#[test]
+fn the_daemon_copies_each_host_into_another_repository_on_schedule() {
+    let env = Env::new();
+    let src = env.path("src/web");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..20 {
+        fs::write(
+            src.join(format!("f{i}")),
+            haul_tests::random_bytes(i, 40_000),
+        )
+        .unwrap();
+    }
+    // The off-site repository: made beforehand, with a passphrase of its own.
+    let offsite = env.path("offsite");
+    let pass = env.path("offsite.pass");
+    fs::write(&pass, "the off-site passphrase\n").unwrap();
+    let offsite_pbs = |args: &[&str]| {
+        let out = Command::new(bin("haul-pbs"))
+            .arg("--repo")
+            .arg(&offsite)
+            .arg("--password-file")
+            .arg(&pass)
+            .args(args)
+            .env("HAUL_CONFIG", "/dev/null")
+            .env("HAUL_STATE_DIR", env.path("offsite-state"))
+            .output()
+            .unwrap();
+        haul_tests::Run::from_output(out)
+    };
+    offsite_pbs(&["init"]).expect(0);
+    let state = env.path("state");
+    let config = format!(
+        "[server]\nstate_dir = {state:?}\n\n\
+         [[host]]\nname = \"web\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{src:?}]\nschedule = \"2s\"\n\n\
+         [[copy]]\nname = \"offsite\"\nto = {offsite:?}\npassword_file = {pass:?}\nschedule = \"2s\"\n\n\
+         [[copy]]\nname = \"gone\"\nto = {:?}\npassword_file = {pass:?}\nschedule = \"1h\"\n",
+        env.path("not-there").display().to_string(),
+    );
+    let (_config, _sup) = supervised_daemon(&env, &config, &[]);
+    let copies_of = |r: &[serde_json::Value], job: &str| -> Vec<serde_json::Value> {
+        r.iter()
+            .filter(|v| {
+                v["kind"] == "copy"
+                    && (v["details"]["copy"]["copy"] == job
+                        || v["error"]
+                            .as_str()
+                            .is_some_and(|e| e.starts_with(&format!("copy {job}: "))))
+            })
+            .cloned()
+            .collect()
+    };
+    let r = wait_records(&state, Duration::from_secs(90), |r| {
+        pulls_of(r, "web").filter(|v| v["status"] == "ok").count() >= 2
+            && copies_of(r, "offsite")
+                .iter()
+                .filter(|c| {
+                    c["status"] == "ok" && c["details"]["copy"]["copied"].as_u64() > Some(0)
+                })
+                .count()
+                >= 2
+            && !copies_of(r, "gone").is_empty()
+    });
+    let ok = copies_of(&r, "offsite");
+    assert!(
+        ok.iter().all(|c| c["host"] == "web" && c["status"] == "ok"),
+        "{ok:#?}"
+    );
+    let gone = &copies_of(&r, "gone")[0];
+    assert_eq!(gone["status"], "failed");
+    assert!(
+        gone["error"]
+            .as_str()
+            .unwrap()
+            .contains("no haul repository at"),
+        "{gone:#}"
+    );
+    // Every copied snapshot is one of the host's, by its original id; the newest
+    // restores to the source.
+    let copies: Vec<serde_json::Value> = offsite_pbs(&["--json", "snapshots"])
+        .expect(0)
+        .json()
+        .into_iter()
+        .filter(|v| v["type"] == "snapshot")
+        .collect();
+    assert!(copies.len() >= 2, "{copies:#?}");
+    let originals: Vec<String> = pulls_of(&r, "web")
+        .filter_map(|p| p["snapshot"].as_str().map(String::from))
+        .collect();
+    for c in &copies {
+        assert_eq!(c["host"], "web");
+        let original = c["original"].as_str().unwrap();
+        assert!(
+            originals
+                .iter()
+                .any(|o| original.starts_with(o.as_str()) || o.starts_with(original)),
+            "{original} not in {originals:?}"
+        );
+    }
+    let target = env.path("restored");
+    offsite_pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
+    haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+    // The feed tells of the copies.
+    let feed = fs::read_to_string(state.join("feed.xml")).unwrap();
+    assert!(feed.contains("snapshot(s) copied to offsite"), "{feed}");
+}

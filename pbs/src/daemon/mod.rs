@@ -60,6 +60,9 @@ pub struct Shared {
     /// Repositories being checked, and when this process last started a check of each.
     checking: HashSet<Location>,
     checked: HashMap<Location, DateTime<Utc>>,
+    /// Copies running, as (`[[copy]]`, host), and when this process last started each.
+    copying: HashSet<(String, String)>,
+    copied: HashMap<(String, String), DateTime<Utc>>,
     /// The repositories' figures the status server shows.
     facts: Arc<overview::Facts>,
     /// Who may read the status server (`[server].status_credentials`).
@@ -111,6 +114,8 @@ pub fn daemon(ctx: &Context, args: DaemonArgs) -> Result<(), CliError> {
         pushing: HashSet::new(),
         checking: HashSet::new(),
         checked: HashMap::new(),
+        copying: HashSet::new(),
+        copied: HashMap::new(),
         facts: Arc::new(overview::Facts::new(repos.clone())),
         credentials,
     }));
@@ -178,6 +183,7 @@ async fn scheduler(
         let wake = start_due(shared, &repos, &done_tx);
         start_prunes(shared, &repos);
         start_checks(shared, &repos);
+        start_copies(shared, &repos);
         retry_pushes(shared, &repos);
         raise_stale_alerts(shared);
         tokio::select! {
@@ -565,6 +571,122 @@ fn start_checks(shared: &SharedRef, repos: &Arc<Repositories>) {
                 .remove(&loc.location);
         });
     }
+}
+
+/// Starts the copies that are due (`[[copy]]`), a host's at a time, each in a thread
+/// of its own and recorded as a run of the host.
+fn start_copies(shared: &SharedRef, repos: &Arc<Repositories>) {
+    let now = Utc::now();
+    let due: Vec<(haul_config::CopyJob, String, crate::site::RepoLocation)> = {
+        let mut s = shared.lock().expect("daemon state");
+        let mut due = Vec::new();
+        for job in s.site.config.copies.clone() {
+            let hosts: Vec<String> = s
+                .site
+                .config
+                .hosts
+                .iter()
+                .filter(|h| job.copies(&h.name))
+                .map(|h| h.name.clone())
+                .collect();
+            for host in hosts {
+                let key = (job.name.clone(), host.clone());
+                let loc = s.site.repository(Some(&host));
+                // Nothing to copy before the host's first pull made its repository.
+                if s.copying.contains(&key) || !loc.is_there() {
+                    continue;
+                }
+                let last = s.history.with_records(|runs| {
+                    runs.iter()
+                        .rev()
+                        .find(|r| {
+                            // A failed copy has no details: its error names the job.
+                            let of_job = match &r.details {
+                                Some(crate::record::Details::Copy(d)) => d.copy == job.name,
+                                _ => r.error.as_deref().is_some_and(|e| {
+                                    e.starts_with(&format!("copy {}: ", job.name))
+                                }),
+                            };
+                            r.host == host && r.kind == RunKind::Copy && of_job
+                        })
+                        .map(|r| r.start)
+                });
+                let last = match last {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!("reading the run history for copies: {e}");
+                        return;
+                    }
+                };
+                let started = last.max(s.copied.get(&key).copied());
+                if job.schedule.next_after(started, now, 0.0) > now {
+                    continue;
+                }
+                s.copying.insert(key.clone());
+                s.copied.insert(key, now);
+                due.push((job.clone(), host, loc));
+            }
+        }
+        due
+    };
+    for (job, host, loc) in due {
+        let (shared, repos) = (shared.clone(), repos.clone());
+        tracing::info!(copy = %job.name, host = %host, to = %job.to, "copy starting");
+        std::thread::spawn(move || {
+            let history = shared.lock().expect("daemon state").history.clone();
+            let start = Utc::now();
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let result = copy_host(&repos, &job, &host, &loc);
+                match &result {
+                    Ok(d) => {
+                        tracing::info!(copy = %job.name, host = %host, "copy finished: {}", d.summary())
+                    }
+                    Err(e) => tracing::error!(copy = %job.name, host = %host, "copy failed: {e}"),
+                }
+                let result = result
+                    .map(crate::record::Details::Copy)
+                    .map_err(|e| format!("copy {}: {e}", job.name));
+                if let Err(e) = history.record_local((&host, RunKind::Copy), start, result) {
+                    tracing::error!("cannot record the copy: {e}");
+                }
+            }));
+            if run.is_err() {
+                tracing::error!(copy = %job.name, host = %host, "the copy's thread panicked");
+            }
+            shared
+                .lock()
+                .expect("daemon state")
+                .copying
+                .remove(&(job.name.clone(), host));
+        });
+    }
+}
+
+/// One `[[copy]]` of one host's snapshots.
+fn copy_host(
+    repos: &Repositories,
+    job: &haul_config::CopyJob,
+    host: &str,
+    loc: &crate::site::RepoLocation,
+) -> Result<crate::record::CopyDetails, CliError> {
+    let source = repos.open(loc)?;
+    let _lock = source.lock_for_reading(true, "scheduled copy")?;
+    let pass = crate::password::target(Some(&job.password_file))?;
+    let target = crate::commands::copy::open_target(
+        &source,
+        &Location::parse(&job.to)?,
+        &pass,
+        loc.credentials.as_deref(),
+        repos.cache_dir(),
+    )?;
+    let chosen = source.snapshots_matching(&haul_repo::SnapshotFilter {
+        host: Some(host.to_string()),
+        ..Default::default()
+    })?;
+    let mut done =
+        crate::commands::copy::copy_all(&source, &target, &job.to, chosen, |_, _, _| {})?;
+    done.copy = job.name.clone();
+    Ok(done)
 }
 
 fn prune_repository(history: &History, repos: &Repositories, loc: &crate::site::RepoLocation) {

@@ -423,6 +423,7 @@ pub fn run_facts(r: &RunRecord) -> Vec<(&'static str, String)> {
             }
         }
         Some(Details::Prune(d)) => f.push(("Prune", crate::output::prune_summary(d))),
+        Some(Details::Copy(d)) => f.push(("Copy", d.summary())),
         Some(Details::Forget(d)) => {
             f.push((
                 "Forget",
