@@ -4,7 +4,8 @@
 # own, started as Ceph's vstart.sh starts one for its CI (cephx on, OSDs on memstore,
 # pools replicated three times and writable with two).
 #
-# usage: scripts/ceph-cluster.sh start DIR [OSD_MIB]   (OSD_MIB: memory per OSD, 1024)
+# usage: scripts/ceph-cluster.sh start DIR [OSD_MIB [COPIES]]
+#                          (OSD_MIB: memory per OSD, 1024; COPIES: replicas, 3, written with 2)
 #        scripts/ceph-cluster.sh stop DIR              (kill -9 of every daemon)
 #        scripts/ceph-cluster.sh kill-osd DIR N        (kill -9 of OSD N: a node dies)
 #        scripts/ceph-cluster.sh bucket DIR NAME       (a bucket of the S3 user)
@@ -43,7 +44,7 @@ wait_for() { # WHAT SECONDS CMD...
 
 case $cmd in
 start)
-  osd_mib=${3:-1024}
+  osd_mib=${3:-1024} copies=${4:-3}
   for t in ceph-mon ceph-osd radosgw ceph ceph-authtool monmaptool curl; do
     command -v "$t" >/dev/null || { echo "ceph-cluster.sh: $t is missing (apt-get install ceph-mon ceph-osd radosgw ceph-common curl)" >&2; exit 2; }
   done
@@ -57,8 +58,10 @@ auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
 auth allow insecure global id reclaim = true
-osd pool default size = 3
-osd pool default min size = 2
+osd pool default size = $copies
+osd pool default min size = $(((copies + 1) / 2))
+mon allow pool size one = true
+mon warn on pool no redundancy = false
 osd crush chooseleaf type = 0
 osd objectstore = memstore
 memstore device bytes = $((osd_mib << 20))

@@ -53,6 +53,7 @@ pub mod format;
 pub mod index;
 pub mod ingest;
 pub mod lock;
+pub mod pack_cache;
 pub mod prune;
 pub mod repair;
 pub mod repository;

@@ -513,7 +513,17 @@ impl Repository {
         // Before the index files: see `IndexedRepository::is_current`.
         let epochs = self.epochs()?;
         let index = Index::load(self.backend.as_ref(), &self.data_key, dir.as_deref())?;
+        let tree_packs = match &dir {
+            Some(d) if self.backend.is_remote() => {
+                let indexed = index.pack_ids();
+                Some(crate::pack_cache::PackCache::open(&d.join("packs"), |p| {
+                    indexed.contains(p)
+                })?)
+            }
+            _ => None,
+        };
         let repo = IndexedRepository {
+            tree_packs,
             repo: self,
             index,
             recovered: Mutex::new(HashSet::new()),
@@ -571,6 +581,8 @@ pub struct IndexedRepository {
     /// The prune epoch markers there were just before the index was loaded.
     epochs: std::collections::BTreeSet<String>,
     cache_root: Option<PathBuf>,
+    /// The local copy of the tree packs of a repository on remote storage.
+    tree_packs: Option<crate::pack_cache::PackCache>,
 }
 
 impl std::ops::Deref for IndexedRepository {
@@ -684,12 +696,20 @@ impl IndexedRepository {
                 format!("indexed length {} is larger than any blob", loc.length),
             ));
         }
-        let sealed = self.repo.backend.read_range(
-            FileType::Data,
-            &loc.pack.to_hex(),
-            loc.offset as u64,
-            loc.length,
-        )?;
+        let sealed = match &self.tree_packs {
+            Some(cache) if kind == BlobKind::Tree => cache.read_range(
+                self.repo.backend.as_ref(),
+                &loc.pack,
+                loc.offset as u64,
+                loc.length,
+            )?,
+            _ => self.repo.backend.read_range(
+                FileType::Data,
+                &loc.pack.to_hex(),
+                loc.offset as u64,
+                loc.length,
+            )?,
+        };
         Ok((sealed, what))
     }
 

@@ -122,6 +122,14 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
     let target = env.path("restored-1");
     pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
     haul_tests::assert_same_tree(&src, &target.join(src.strip_prefix("/").unwrap()));
+    // The tree packs were read whole once and are kept in the local cache.
+    let cached = haul_tests::walk_files(&env.path("cache"));
+    assert!(
+        cached
+            .iter()
+            .any(|p| p.parent().is_some_and(|d| d.ends_with("packs"))),
+        "{cached:?}"
+    );
 
     // Pulls need no right to delete: the bucket policy of the README gives the pulls'
     // key reading, listing and writing, and deleting only of locks (a run removes its

@@ -14,6 +14,9 @@ impl<B: Backend> Backend for AppendOnly<B> {
     fn location(&self) -> String {
         self.0.location()
     }
+    fn is_remote(&self) -> bool {
+        self.0.is_remote()
+    }
     fn list(&self, t: FileType) -> Result<Vec<(String, u64)>> {
         self.0.list(t)
     }

@@ -180,6 +180,11 @@ pub trait Backend: Send + Sync {
     /// writer owns what it needs: a session that owns its repository (through an
     /// `Arc`) can keep one open.
     fn writer(&self, t: FileType) -> Result<Box<dyn ObjectWriter>>;
+    /// Whether each read is a network round trip (object storage): the repository then
+    /// keeps a local copy of its tree packs (see `crate::pack_cache`).
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// A new object written in pieces (see the module doc).

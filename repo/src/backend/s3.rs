@@ -47,6 +47,11 @@ pub const CONCURRENCY: usize = 16;
 pub const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// The part size of larger uploads.
 pub const PART_SIZE: usize = 8 << 20;
+/// Ranged reads of packs fetch this much around what is asked (aligned), and the last
+/// [`WINDOWS`] such windows are kept: a restore reads a pack's blobs in order, and one
+/// request per blob would spend its time in round trips.
+pub const WINDOW: u64 = 4 << 20;
+pub const WINDOWS: usize = 12;
 
 /// Where an S3 repository is: `s3:http(s)://host[:port]/bucket[/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -219,6 +224,8 @@ pub struct Inner {
     /// Taken when dropped: a runtime is shut down without waiting, which is allowed
     /// on a runtime's own threads too (the last user may be async code).
     runtime: Option<tokio::runtime::Runtime>,
+    /// Windows of packs recently read: (pack name, start, bytes), newest last.
+    windows: std::sync::Mutex<std::collections::VecDeque<(String, u64, bytes::Bytes)>>,
 }
 
 impl Drop for Inner {
@@ -305,6 +312,7 @@ impl S3Backend {
             location: location.clone(),
             store: Arc::new(LimitStore::new(s3, CONCURRENCY)),
             runtime: Some(runtime),
+            windows: Default::default(),
         })))
     }
 }
@@ -340,6 +348,14 @@ impl Inner {
             FileType::Config => self.path("config"),
             _ => self.path(&format!("{}/{name}", t.dir())),
         })
+    }
+
+    /// Drops the kept windows of an object that goes away.
+    fn forget_windows(&self, name: &str) {
+        self.windows
+            .lock()
+            .expect("windows")
+            .retain(|(n, _, _)| n != name);
     }
 
     /// Whether an object exists.
@@ -438,6 +454,10 @@ impl Backend for S3Backend {
         self.location.to_string()
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn list(&self, t: FileType) -> Result<Vec<(String, u64)>> {
         let prefix = match t {
             FileType::Config => {
@@ -478,9 +498,40 @@ impl Backend for S3Backend {
 
     fn read_range(&self, t: FileType, name: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
         let path = self.object_path(t, name)?;
-        let store = self.store.clone();
         let end = offset + length as u64;
-        let got = self.run(async move { store.get_range(&path, offset..end).await });
+        let window = (t == FileType::Data).then(|| {
+            let start = offset / WINDOW * WINDOW;
+            (start, end.div_ceil(WINDOW).max(start / WINDOW + 1) * WINDOW)
+        });
+        if let Some((start, _)) = window {
+            let windows = self.windows.lock().expect("windows");
+            if let Some((_, ws, b)) = windows
+                .iter()
+                .rev()
+                .find(|(n, ws, b)| n == name && *ws <= offset && end <= *ws + b.len() as u64)
+            {
+                let at = (offset - ws) as usize;
+                return Ok(b[at..at + length as usize].to_vec());
+            }
+            drop(windows);
+            debug_assert!(start <= offset);
+        }
+        let (from, to) = window.unwrap_or((offset, end));
+        let store = self.store.clone();
+        let got = self.run(async move { store.get_range(&path, from..to).await });
+        let got = match (got, window) {
+            (Ok(b), Some((ws, _))) if b.len() as u64 >= end - ws => {
+                let at = (offset - ws) as usize;
+                let out = b[at..at + length as usize].to_vec();
+                let mut windows = self.windows.lock().expect("windows");
+                if windows.len() >= WINDOWS {
+                    windows.pop_front();
+                }
+                windows.push_back((name.to_string(), ws, b));
+                return Ok(out);
+            }
+            (got, _) => got,
+        };
         match got {
             Ok(b) if b.len() == length as usize => Ok(b.to_vec()),
             Ok(b) => Err(Error::corrupt(
@@ -509,6 +560,7 @@ impl Backend for S3Backend {
 
     fn delete(&self, t: FileType, name: &str) -> Result<()> {
         let path = self.object_path(t, name)?;
+        self.forget_windows(name);
         let what = format!("{t} {name}");
         if !self.head(&path)? {
             return Err(Error::NotFound { what });
@@ -522,6 +574,7 @@ impl Backend for S3Backend {
     /// then deletes it.
     fn move_aside(&self, t: FileType, name: &str) -> Result<String> {
         let from = self.object_path(t, name)?;
+        self.forget_windows(name);
         let what = format!("{t} {name}");
         if !self.head(&from)? {
             return Err(Error::NotFound { what });
