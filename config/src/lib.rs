@@ -710,45 +710,49 @@ impl Config {
                 return Err((key("timeout"), "is not from 1 s to 5 min".into()));
             }
         }
-        let mut jobs = std::collections::HashSet::new();
-        for (i, c) in self.copies.iter().enumerate() {
-            let key = |k: &'static str| vec![Seg::Key("copy"), Seg::Index(i), Seg::Key(k)];
-            if !valid_name(&c.name) {
-                return Err((key("name"), format!("{:?} is not a copy name", c.name)));
+        // A `[[copy]]`'s or `[[clone]]`'s name (valid, used once) and hosts (this
+        // file's).
+        let entry = |section: &'static str,
+                     i: usize,
+                     name: &str,
+                     hosts: &[String],
+                     seen: &mut std::collections::HashSet<String>| {
+            let key = |k: &'static str| vec![Seg::Key(section), Seg::Index(i), Seg::Key(k)];
+            if !valid_name(name) {
+                return Err((key("name"), format!("{name:?} is not a {section} name")));
             }
-            if !jobs.insert(c.name.as_str()) {
+            if !seen.insert(name.to_string()) {
                 return Err((
                     key("name"),
-                    format!("{:?} is used by another copy too", c.name),
+                    format!("{name:?} is used by another {section} too"),
                 ));
             }
-            if !c.to.starts_with("s3:") {
-                abs(&PathBuf::from(&c.to)).map_err(|why| (key("to"), why))?;
-            }
-            abs(&c.password_file).map_err(|why| (key("password_file"), why))?;
-            if let Some((j, h)) = c
-                .hosts
+            match hosts
                 .iter()
                 .enumerate()
                 .find(|(_, h)| !names.contains(h.as_str()))
             {
-                let mut k = key("hosts");
-                k.push(Seg::Index(j));
-                return Err((k, format!("{h:?} is not a [[host]] of this file")));
+                Some((j, h)) => {
+                    let mut k = key("hosts");
+                    k.push(Seg::Index(j));
+                    Err((k, format!("{h:?} is not a [[host]] of this file")))
+                }
+                None => Ok(()),
             }
+        };
+        let mut jobs = std::collections::HashSet::new();
+        for (i, c) in self.copies.iter().enumerate() {
+            let key = |k: &'static str| vec![Seg::Key("copy"), Seg::Index(i), Seg::Key(k)];
+            entry("copy", i, &c.name, &c.hosts, &mut jobs)?;
+            if !c.to.starts_with("s3:") {
+                abs(&PathBuf::from(&c.to)).map_err(|why| (key("to"), why))?;
+            }
+            abs(&c.password_file).map_err(|why| (key("password_file"), why))?;
         }
         let mut clones = std::collections::HashSet::new();
         for (i, c) in self.clones.iter().enumerate() {
             let key = |k: &'static str| vec![Seg::Key("clone"), Seg::Index(i), Seg::Key(k)];
-            if !valid_name(&c.name) {
-                return Err((key("name"), format!("{:?} is not a clone name", c.name)));
-            }
-            if !clones.insert(c.name.as_str()) {
-                return Err((
-                    key("name"),
-                    format!("{:?} is used by another clone too", c.name),
-                ));
-            }
+            entry("clone", i, &c.name, &c.hosts, &mut clones)?;
             for (k, p) in [
                 ("identity", &c.identity),
                 ("known_hosts", &c.known_hosts),
@@ -764,16 +768,6 @@ impl Config {
                     key("window_mib"),
                     format!("{} is not from 1 to 256", c.window_mib),
                 ));
-            }
-            if let Some((j, h)) = c
-                .hosts
-                .iter()
-                .enumerate()
-                .find(|(_, h)| !names.contains(h.as_str()))
-            {
-                let mut k = key("hosts");
-                k.push(Seg::Index(j));
-                return Err((k, format!("{h:?} is not a [[host]] of this file")));
             }
             for (h, d) in &c.dirs {
                 if !c.receives(h) || !names.contains(h.as_str()) {
@@ -984,6 +978,8 @@ mod tests {
             (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nstandby_dir = \"r\"\n"), "pbs.toml:8:15: clone[0].standby_dir: r is not an absolute path"),
             (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\n"), "pbs.toml:6:1: clone[0].standby_dir: clone \"c1\" receives \"web-1\" but has no standby_dir"),
             (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nrepository = \"/r\"\n"), "pbs.toml:8:1: clone[0].repository: unknown field `repository`"),
+            (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"rel/dir\"\npassword_file = \"/p\"\n"), "pbs.toml:7:6: copy[0].to: rel/dir is not an absolute path"),
+            (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"s3:https://h/b\"\npassword_file = \"/p\"\nhosts = [\"web-1\", \"nope\"]\n"), "pbs.toml:9:19: copy[0].hosts[1]: \"nope\" is not a [[host]] of this file"),
             (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nhosts = []\ndirs = {{ db = \"/s\" }}\n"), "pbs.toml:9:1: clone[0].dirs: \"db\" is not a host this clone receives"),
         ];
         let mut wrong = Vec::new();
