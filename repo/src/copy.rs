@@ -111,8 +111,13 @@ pub fn copy_snapshot(
     Ok(report)
 }
 
-/// Stores what the target lacks of tree `id` and everything below it, children first
-/// (depth-first, with an explicit stack: a deep tree does not deepen the call stack).
+/// Stores what the target lacks of tree `root` and everything below it. The trees are
+/// walked with an explicit stack (a deep tree does not deepen the call stack) and the
+/// blobs they name are copied in batches by [`THREADS`] threads: reading a blob and
+/// storing it wait on storage (a round trip each on object storage, a pack's upload now
+/// and then), so one at a time would leave the CPUs idle. The order blobs arrive in
+/// does not matter: the commit checks that everything below the root is there, and a
+/// copy run again after a kill looks at every blob again.
 fn copy_tree(
     source: &IndexedRepository,
     session: &IngestSession<'_>,
@@ -120,35 +125,33 @@ fn copy_tree(
     walked: &mut HashSet<TreeId>,
     report: &mut CopyReport,
 ) -> Result<()> {
-    // (tree, whether its children were pushed already)
-    let mut stack: Vec<(TreeId, bool)> = vec![(root, false)];
-    while let Some((id, expanded)) = stack.pop() {
-        if expanded {
-            copy_blobs(source, session, &[BlobRef::tree(id)], report)?;
-            continue;
-        }
+    let mut stack = vec![root];
+    let mut batch: Vec<BlobRef> = Vec::new();
+    while let Some(id) = stack.pop() {
         if !walked.insert(id) {
             continue;
         }
-        stack.push((id, true));
+        batch.push(BlobRef::tree(id));
         match source.load_tree(&id)? {
-            TreeBlob::Pages(p) => {
-                stack.extend(p.pages.iter().map(|p| (p.id, false)));
-            }
+            TreeBlob::Pages(p) => stack.extend(p.pages.iter().map(|p| p.id)),
             TreeBlob::Nodes(t) => {
-                let mut chunks = Vec::new();
                 for node in &t.nodes {
-                    chunks.extend(node.content.iter().map(|c| BlobRef::data(*c)));
-                    if let Some(sub) = node.subtree {
-                        stack.push((sub, false));
-                    }
+                    batch.extend(node.content.iter().map(|c| BlobRef::data(*c)));
+                    stack.extend(node.subtree);
                 }
-                copy_blobs(source, session, &chunks, report)?;
             }
         }
+        if batch.len() >= BATCH {
+            copy_blobs(source, session, &std::mem::take(&mut batch), report)?;
+        }
     }
-    Ok(())
+    copy_blobs(source, session, &batch, report)
 }
+
+/// Threads that copy blobs at once.
+const THREADS: usize = 8;
+/// Blobs looked up in the target at once.
+const BATCH: usize = 4096;
 
 /// Stores the blobs of `refs` the target lacks, read from the source in their
 /// transfer encoding (compressed as stored: nothing is decompressed to be compressed
@@ -159,20 +162,47 @@ fn copy_blobs(
     refs: &[BlobRef],
     report: &mut CopyReport,
 ) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
     if refs.is_empty() {
         return Ok(());
     }
     let missing = session.missing(refs)?;
     report.blobs_present += (refs.len() - missing.len()) as u64;
-    for b in missing {
+    let (next, blobs, bytes) = (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let copy_one = |b: &BlobRef| -> Result<()> {
         let encoded = source.load_encoded(b.kind, &b.id)?;
         let len = encoded.len() as u64;
         if session.add_encoded(b.kind, &b.id, encoded)? {
-            report.blobs_copied += 1;
-            report.bytes_copied += len;
+            blobs.fetch_add(1, Relaxed);
+            bytes.fetch_add(len, Relaxed);
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    let work = || -> Result<()> {
+        while let Some(b) = missing.get(next.fetch_add(1, Relaxed)) {
+            if let Err(e) = copy_one(b) {
+                // The others stop at their next blob.
+                next.store(missing.len(), Relaxed);
+                return Err(e);
+            }
+        }
+        Ok(())
+    };
+    let threads = THREADS.min(missing.len().div_ceil(16));
+    let result = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut result = work();
+        for h in handles {
+            let r = h.join().expect("a copy thread panicked");
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    });
+    report.blobs_copied += blobs.load(Relaxed);
+    report.bytes_copied += bytes.load(Relaxed);
+    result
 }
 
 #[cfg(test)]
