@@ -259,16 +259,7 @@ fn pull_restore_check_forget_and_prune_on_ceph_with_an_osd_killed_mid_pull() {
     // its repository there (its key in the state directory), with the access key from
     // the file the configuration names.
     let state = env.path("state-2");
-    let key_file = env.path("s3.env");
-    std::fs::write(
-        &key_file,
-        format!(
-            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
-            ceph.access_key, ceph.secret_key
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key_file = ceph.credentials_file();
     let config = env.path("pbs.toml");
     std::fs::write(
         &config,

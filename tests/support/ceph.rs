@@ -98,6 +98,12 @@ impl Ceph {
         self.script(&["policy", bucket, file.to_str().unwrap()]);
     }
 
+    /// The file of `NAME=value` lines (mode 0600) holding the endpoint and the
+    /// cluster's access key, as `scripts/ceph-cluster.sh start` wrote it.
+    pub fn credentials_file(&self) -> PathBuf {
+        self.dir.join("s3.env")
+    }
+
     /// The environment that gives a haul command the cluster's access key.
     pub fn credentials_env(&self) -> Vec<(&'static str, String)> {
         vec![

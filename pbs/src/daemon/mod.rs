@@ -579,6 +579,26 @@ fn start_copies(shared: &SharedRef, repos: &Arc<Repositories>) {
     let now = Utc::now();
     let due: Vec<(haul_config::CopyJob, String, crate::site::RepoLocation)> = {
         let mut s = shared.lock().expect("daemon state");
+        if s.site.config.copies.is_empty() {
+            return;
+        }
+        // The start of the last run of each (copy, host), from one pass over the history.
+        let last = s.history.with_records(|runs| {
+            let mut last: HashMap<(String, String), DateTime<Utc>> = HashMap::new();
+            for r in runs.iter().filter(|r| r.kind == RunKind::Copy) {
+                if let Some(job) = copy_job_of(r) {
+                    last.insert((job.to_string(), r.host.clone()), r.start);
+                }
+            }
+            last
+        });
+        let last = match last {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("reading the run history for copies: {e}");
+                return;
+            }
+        };
         let mut due = Vec::new();
         for job in s.site.config.copies.clone() {
             let hosts: Vec<String> = s
@@ -596,28 +616,7 @@ fn start_copies(shared: &SharedRef, repos: &Arc<Repositories>) {
                 if s.copying.contains(&key) || !loc.is_there() {
                     continue;
                 }
-                let last = s.history.with_records(|runs| {
-                    runs.iter()
-                        .rev()
-                        .find(|r| {
-                            // A failed copy has no details: its error names the job.
-                            let of_job = match &r.details {
-                                Some(crate::record::Details::Copy(d)) => d.copy == job.name,
-                                _ => r.error.as_deref().is_some_and(|e| {
-                                    e.starts_with(&format!("copy {}: ", job.name))
-                                }),
-                            };
-                            r.host == host && r.kind == RunKind::Copy && of_job
-                        })
-                        .map(|r| r.start)
-                });
-                let last = match last {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!("reading the run history for copies: {e}");
-                        return;
-                    }
-                };
+                let last = last.get(&key).copied();
                 let started = last.max(s.copied.get(&key).copied());
                 if job.schedule.next_after(started, now, 0.0) > now {
                     continue;
@@ -659,6 +658,20 @@ fn start_copies(shared: &SharedRef, repos: &Arc<Repositories>) {
                 .copying
                 .remove(&(job.name.clone(), host));
         });
+    }
+}
+
+/// The `[[copy]]` a copy run was made for: its details say, and a failed one's error
+/// starts with `copy NAME: ` (see [`start_copies`]).
+fn copy_job_of(r: &crate::record::RunRecord) -> Option<&str> {
+    match &r.details {
+        Some(crate::record::Details::Copy(d)) => Some(&d.copy),
+        _ => r
+            .error
+            .as_deref()?
+            .strip_prefix("copy ")?
+            .split_once(": ")
+            .map(|(job, _)| job),
     }
 }
 
