@@ -2,7 +2,7 @@
 //! state directory holds the default repository, its generated key file and the run
 //! history) and the TOML file of the server, its feed, hosts and clones.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The state directory when none is configured: `$HAUL_STATE_DIR`; for root
 /// `/var/lib/haul`; else `$XDG_STATE_HOME/haul` or `~/.local/state/haul`.
@@ -66,7 +66,49 @@ pub struct Config {
     pub notify: Vec<Notify>,
     #[serde(default, rename = "copy")]
     pub copies: Vec<CopyJob>,
+    #[serde(default, rename = "remote")]
+    pub remotes: Vec<RemotePbs>,
 }
+
+/// `[[remote]]`: another haul-pbs that takes copies over SSH (`copy --to pbs:NAME`,
+/// `[[copy]] to = "pbs:NAME"`). Its key's forced command there is `haul-pbs receive`,
+/// which chooses the repository; this side needs no passphrase of it. The SSH keys
+/// mean what they mean for a `[[host]]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemotePbs {
+    pub name: String,
+    pub address: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default = "default_identity")]
+    pub identity: PathBuf,
+    pub identity_passphrase_file: Option<PathBuf>,
+    #[serde(default = "default_known_hosts")]
+    pub known_hosts: PathBuf,
+    #[serde(default = "default_window_mib")]
+    pub window_mib: u32,
+}
+
+impl RemotePbs {
+    /// The remote as an SSH destination, in the shape the SSH transport takes.
+    pub fn ssh_host(&self) -> Host {
+        Host::destination(
+            &self.name,
+            &self.address,
+            self.port,
+            &self.user,
+            (&self.identity, self.identity_passphrase_file.as_ref()),
+            &self.known_hosts,
+            self.window_mib,
+        )
+    }
+}
+
+/// What `[[copy]] to` and `copy --to` name with `pbs:NAME`: a `[[remote]]`.
+pub const REMOTE_PREFIX: &str = "pbs:";
 
 /// `[[copy]]`: the daemon copies hosts' snapshots into another repository on a
 /// schedule (`haul-pbs copy`), each host's copy a run in the history and the feed.
@@ -74,12 +116,12 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct CopyJob {
     pub name: String,
-    /// The repository copied into (it must exist): a directory, or
+    /// The repository copied into (it must exist): a directory,
     /// `s3:https://HOST[:PORT]/BUCKET/PREFIX` (credentials as for
-    /// `[server].repositories_dir`).
+    /// `[server].repositories_dir`), or `pbs:NAME`, another pbs (a `[[remote]]`).
     pub to: String,
-    /// The file holding its passphrase.
-    pub password_file: PathBuf,
+    /// The file holding its passphrase (not for `pbs:NAME`: that pbs has its own).
+    pub password_file: Option<PathBuf>,
     /// The hosts whose snapshots go there (default: every host).
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -383,6 +425,41 @@ impl Host {
     pub fn repository_path(&self, config: &Config) -> PathBuf {
         config.server.repositories_dir().join(&self.repository)
     }
+
+    /// An SSH destination that is not a source host (a clone, a remote pbs): only what
+    /// a connection needs, the rest as defaults.
+    fn destination(
+        name: &str,
+        address: &str,
+        port: u16,
+        user: &str,
+        (identity, identity_passphrase_file): (&PathBuf, Option<&PathBuf>),
+        known_hosts: &Path,
+        window_mib: u32,
+    ) -> Host {
+        Host {
+            name: name.to_string(),
+            address: address.to_string(),
+            port,
+            user: user.to_string(),
+            identity: identity.clone(),
+            identity_passphrase_file: identity_passphrase_file.cloned(),
+            known_hosts: known_hosts.to_path_buf(),
+            transport: Transport::Ssh,
+            paths: Vec::new(),
+            excludes: Vec::new(),
+            schedule: None,
+            alert_window: None,
+            tags: Vec::new(),
+            legacy_rdiff_dir: None,
+            keep_legacy_rdiff_dir: false,
+            socket_dir: default_socket_dir(),
+            agent: None,
+            repository: default_repository(),
+            retention: None,
+            window_mib,
+        }
+    }
 }
 
 /// A clone host that snapshots are pushed to (`[[clone]]`): it keeps a standby copy
@@ -446,26 +523,17 @@ impl CloneTarget {
     /// The clone as an SSH destination, in the shape the SSH transport takes.
     pub fn ssh_host(&self) -> Host {
         Host {
-            name: self.name.clone(),
-            address: self.address.clone(),
-            port: self.port,
-            user: self.user.clone(),
-            identity: self.identity.clone(),
-            identity_passphrase_file: self.identity_passphrase_file.clone(),
-            known_hosts: self.known_hosts.clone(),
-            transport: Transport::Ssh,
-            paths: Vec::new(),
-            excludes: Vec::new(),
-            schedule: None,
-            alert_window: self.alert_window,
-            tags: Vec::new(),
-            legacy_rdiff_dir: None,
-            keep_legacy_rdiff_dir: false,
             socket_dir: self.socket_dir.clone(),
-            agent: None,
-            repository: default_repository(),
-            retention: None,
-            window_mib: self.window_mib,
+            alert_window: self.alert_window,
+            ..Host::destination(
+                &self.name,
+                &self.address,
+                self.port,
+                &self.user,
+                (&self.identity, self.identity_passphrase_file.as_ref()),
+                &self.known_hosts,
+                self.window_mib,
+            )
         }
     }
 }
@@ -744,10 +812,49 @@ impl Config {
         for (i, c) in self.copies.iter().enumerate() {
             let key = |k: &'static str| vec![Seg::Key("copy"), Seg::Index(i), Seg::Key(k)];
             entry("copy", i, &c.name, &c.hosts, &mut jobs)?;
-            if !c.to.starts_with("s3:") {
-                abs(&PathBuf::from(&c.to)).map_err(|why| (key("to"), why))?;
+            match (c.to.strip_prefix(REMOTE_PREFIX), &c.password_file) {
+                (Some(remote), None) => {
+                    if self.remote(remote).is_none() {
+                        return Err((key("to"), format!("no [[remote]] named {remote:?}")));
+                    }
+                }
+                (Some(_), Some(_)) => return Err((
+                    key("password_file"),
+                    "is not for another pbs (pbs:NAME): it opens its repository with its own key"
+                        .into(),
+                )),
+                (None, None) => {
+                    return Err((
+                        key("to"),
+                        "a repository needs password_file, the file holding its passphrase".into(),
+                    ))
+                }
+                (None, Some(pass)) => {
+                    if !c.to.starts_with("s3:") {
+                        abs(&PathBuf::from(&c.to)).map_err(|why| (key("to"), why))?;
+                    }
+                    abs(pass).map_err(|why| (key("password_file"), why))?;
+                }
             }
-            abs(&c.password_file).map_err(|why| (key("password_file"), why))?;
+        }
+        let mut remotes = std::collections::HashSet::new();
+        for (i, r) in self.remotes.iter().enumerate() {
+            let key = |k: &'static str| vec![Seg::Key("remote"), Seg::Index(i), Seg::Key(k)];
+            if !valid_name(&r.name) || !remotes.insert(r.name.as_str()) {
+                return Err((
+                    key("name"),
+                    format!("{:?} is not a name (letters, digits, `.`, `_`, `-`) or is used by another remote", r.name),
+                ));
+            }
+            for (k, p) in [("identity", &r.identity), ("known_hosts", &r.known_hosts)] {
+                abs(p).map_err(|why| (key(k), why))?;
+            }
+            if !(1..=256).contains(&r.window_mib) {
+                return Err((
+                    key("window_mib"),
+                    format!("{} is not from 1 to 256", r.window_mib),
+                ));
+            }
         }
         let mut clones = std::collections::HashSet::new();
         for (i, c) in self.clones.iter().enumerate() {
@@ -797,6 +904,10 @@ impl Config {
 
     pub fn host(&self, name: &str) -> Option<&Host> {
         self.hosts.iter().find(|h| h.name == name)
+    }
+
+    pub fn remote(&self, name: &str) -> Option<&RemotePbs> {
+        self.remotes.iter().find(|r| r.name == name)
     }
 
     pub fn clone_target(&self, name: &str) -> Option<&CloneTarget> {

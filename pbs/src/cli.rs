@@ -132,6 +132,10 @@ pub enum Command {
     /// Serve the repository on a Unix socket (append-only for backups, read-only for
     /// restores) until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// The forced command of the key another pbs copies snapshots in with (`copy --to
+    /// pbs:NAME` there): serves this repository, append-only, on standard input and
+    /// output until the sender is done. Nothing can be read, deleted or overwritten.
+    Receive(ReceiveArgs),
     /// Repair damaged repository files, as `check` names them.
     #[command(subcommand)]
     Repair(RepairCommand),
@@ -184,6 +188,7 @@ impl Command {
             Command::ImportRdiff(_) => "import-rdiff",
             Command::Daemon(_) => "daemon",
             Command::Serve(a) if a.mode == ServeMode::AppendOnly => "serve --mode append-only",
+            Command::Receive(_) => "receive",
             Command::Repair(RepairCommand::Index { dry_run: false }) => "repair index",
             Command::Repair(RepairCommand::Snapshots { dry_run: false }) => "repair snapshots",
             Command::Unlock { .. } => "unlock",
@@ -416,6 +421,21 @@ pub struct ServeArgs {
     /// its host's own history (for hosts that trust each other; see README, Security).
     #[arg(long)]
     pub cross_host_dedup: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Take snapshots of this host only (repeatable; default: of any host).
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Let a copy build on any content of the repository, not only on its host's
+    /// copies (when the sender may know what other hosts stored here).
+    #[arg(long)]
+    pub cross_host_dedup: bool,
+    /// A sender that sends nothing for this long in the middle of a request, or reads
+    /// nothing of an answer, is cut off; an idle one too.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

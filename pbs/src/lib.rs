@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cli;
 pub mod commands;
+pub mod copy_remote;
 pub mod daemon;
 pub mod error;
 pub mod feed;
@@ -53,6 +54,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pull(a) => commands::pull::pull(&ctx, a),
         Command::Push(a) => commands::push::push(&ctx, a),
         Command::Serve(a) => commands::serve::serve(&ctx, a),
+        Command::Receive(a) => commands::receive::receive(&ctx, a),
         Command::SshSetup(a) => commands::setup::ssh_setup(&ctx, a),
         Command::StatusCredentials(a) => daemon::auth::credentials_line(a),
         Command::Completions { shell } => {

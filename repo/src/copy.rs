@@ -1,5 +1,6 @@
 //! Copying snapshots into another repository (restic `copy`, borg `transfer`, a Proxmox
-//! Backup Server sync job).
+//! Backup Server sync job): one opened here ([`LocalTarget`]), or one another pbs
+//! receives into over SSH (a [`CopyTarget`] of the pbs's).
 //!
 //! The target has its own keys and never needs the source's: every blob is opened
 //! with the source's key and sealed again with the target's. Blob ids are the hashes of
@@ -7,7 +8,7 @@
 //! the target already holds); a snapshot's id is the hash of its sealed file, so the
 //! copy gets an id of its own and records the one it was copied from as `original`.
 //!
-//! Order and safety: a snapshot is copied in one ingest session of the target, which
+//! Order and safety: a snapshot is copied in one session of the target, which
 //! stores the blobs the target lacks (a subtree's before the tree that names it), then
 //! writes the snapshot only after its commit check found every blob below its root
 //! stored. A copy killed part way leaves stored blobs and no snapshot; run again, it
@@ -17,9 +18,10 @@
 //! is skipped.
 
 use std::collections::HashSet;
+use std::sync::Mutex;
 
 use haul_protocol::tree::TreeBlob;
-use haul_protocol::{BlobRef, SnapshotId, TreeId};
+use haul_protocol::{BlobKind, BlobRef, SnapshotId, TreeId};
 
 use crate::error::Result;
 use crate::format::snapshot::Snapshot;
@@ -42,6 +44,37 @@ pub struct CopyReport {
     pub bytes_stored: u64,
 }
 
+/// Where copies go: another repository opened here ([`LocalTarget`]), or another pbs
+/// that receives them over SSH (`haul-pbs receive`).
+pub trait CopyTarget {
+    /// For each `(id, snapshot)` of the source, the target's copy of it, if it has one
+    /// (see [`copy_in`]).
+    fn copies_of(&self, snapshots: &[(SnapshotId, Snapshot)]) -> Result<Vec<Option<SnapshotId>>>;
+
+    /// Starts a session that stores the copy of `snapshot`. `parent_original` is the
+    /// original id of its parent: the target builds on its copy of it, if it has one.
+    fn start(
+        &self,
+        snapshot: &Snapshot,
+        parent_original: Option<SnapshotId>,
+    ) -> Result<Box<dyn CopySession + '_>>;
+}
+
+/// One snapshot's copy on its way into the target.
+pub trait CopySession: Sync {
+    /// The refs of `refs` the target lacks.
+    fn missing(&self, refs: &[BlobRef]) -> Result<Vec<BlobRef>>;
+    /// Stores a blob given in its transfer encoding (verified against its id by the
+    /// target); says whether it was taken as new.
+    fn add(&self, kind: BlobKind, id: &[u8; 32], encoded: Vec<u8>) -> Result<bool>;
+    /// Writes the copy once everything below its root is stored; its parent is the
+    /// snapshot the session built on. Returns its id and the bytes the session added
+    /// to the target's storage.
+    fn commit(self: Box<Self>, copy: Snapshot) -> Result<(SnapshotId, u64)>;
+    /// Ends the session without a snapshot; what it stored stays usable.
+    fn abandon(self: Box<Self>);
+}
+
 /// The target's copy of `(id, snapshot)`, if it has one: recorded as copied from `id`,
 /// or (a copy made before `original` existed, or the same backup imported twice) with
 /// the same time, host, paths and root tree.
@@ -62,52 +95,124 @@ pub fn copy_in(
         .map(|(tid, _)| *tid)
 }
 
-/// Copies snapshot `id` of `source` into `target` (see the module doc). `parent` is
-/// the target's copy of the snapshot's parent, if it has one: the copy records it as
-/// its parent.
+/// A repository opened here, as a copy's target. Everything it holds is a copy's to
+/// build on: its owner is the one copying.
+pub struct LocalTarget<'r> {
+    repo: &'r IndexedRepository,
+    /// Its snapshots, with the copies made since it was opened.
+    snapshots: Mutex<Vec<(SnapshotId, Snapshot)>>,
+}
+
+impl<'r> LocalTarget<'r> {
+    pub fn new(repo: &'r IndexedRepository) -> Result<LocalTarget<'r>> {
+        Ok(LocalTarget {
+            repo,
+            snapshots: Mutex::new(repo.snapshots()?),
+        })
+    }
+}
+
+impl CopyTarget for LocalTarget<'_> {
+    fn copies_of(&self, snapshots: &[(SnapshotId, Snapshot)]) -> Result<Vec<Option<SnapshotId>>> {
+        let there = self.snapshots.lock().expect("snapshots");
+        Ok(snapshots
+            .iter()
+            .map(|(id, s)| copy_in(&there, id, s))
+            .collect())
+    }
+
+    fn start(
+        &self,
+        snapshot: &Snapshot,
+        parent_original: Option<SnapshotId>,
+    ) -> Result<Box<dyn CopySession + '_>> {
+        let parent = parent_original.and_then(|p| {
+            self.snapshots
+                .lock()
+                .expect("snapshots")
+                .iter()
+                .find(|(_, t)| t.original == Some(p))
+                .map(|(id, _)| *id)
+        });
+        let session = IngestSession::start(
+            self.repo,
+            SessionInfo {
+                host: snapshot.host.clone(),
+                paths: snapshot.paths.clone(),
+                tags: snapshot.tags.clone(),
+                source: snapshot.source,
+                parent: parent.map_or(ParentChoice::None, ParentChoice::Snapshot),
+                scope: DedupScope::Repository,
+            },
+        )?;
+        Ok(Box::new(LocalSession {
+            session,
+            target: self,
+        }))
+    }
+}
+
+struct LocalSession<'t, 'r> {
+    session: IngestSession<'r>,
+    target: &'t LocalTarget<'r>,
+}
+
+impl CopySession for LocalSession<'_, '_> {
+    fn missing(&self, refs: &[BlobRef]) -> Result<Vec<BlobRef>> {
+        self.session.missing(refs)
+    }
+
+    fn add(&self, kind: BlobKind, id: &[u8; 32], encoded: Vec<u8>) -> Result<bool> {
+        self.session.add_encoded(kind, id, encoded)
+    }
+
+    fn commit(self: Box<Self>, mut copy: Snapshot) -> Result<(SnapshotId, u64)> {
+        // Written out first, so that the figure counts the last packs.
+        self.session.flush()?;
+        let stored = self
+            .session
+            .stats()
+            .bytes_stored
+            .load(std::sync::atomic::Ordering::Relaxed);
+        copy.parent = self.session.parent().map(|(id, _)| *id);
+        let (id, copy) = self.session.commit_snapshot(copy)?;
+        self.target
+            .snapshots
+            .lock()
+            .expect("snapshots")
+            .push((id, copy));
+        Ok((id, stored))
+    }
+
+    fn abandon(self: Box<Self>) {
+        if let Err(e) = self.session.abandon() {
+            tracing::warn!("ending a copy's session: {e}");
+        }
+    }
+}
+
+/// Copies snapshot `id` of `source` into `target` (see the module doc).
+/// `parent_original` is the original id of the snapshot's parent.
 pub fn copy_snapshot(
     source: &IndexedRepository,
-    target: &IndexedRepository,
+    target: &dyn CopyTarget,
     id: &SnapshotId,
     snapshot: &Snapshot,
-    parent: Option<SnapshotId>,
+    parent_original: Option<SnapshotId>,
 ) -> Result<CopyReport> {
-    let session = IngestSession::start(
-        target,
-        SessionInfo {
-            host: snapshot.host.clone(),
-            paths: snapshot.paths.clone(),
-            tags: snapshot.tags.clone(),
-            source: snapshot.source,
-            parent: parent.map_or(ParentChoice::None, ParentChoice::Snapshot),
-            // Everything the target holds is the copy's to build on: the target's
-            // owner is the one copying.
-            scope: DedupScope::Repository,
-        },
-    )?;
+    let session = target.start(snapshot, parent_original)?;
     let mut report = CopyReport::default();
-    let copied = (|| {
-        let mut walked: HashSet<TreeId> = HashSet::new();
-        copy_tree(source, &session, snapshot.tree, &mut walked, &mut report)?;
-        let mut copy = snapshot.clone();
-        copy.original = Some(snapshot.original.unwrap_or(*id));
-        copy.parent = parent;
-        Ok::<_, crate::Error>(copy)
-    })();
-    let copy = match copied {
-        Ok(c) => c,
-        Err(e) => {
-            // What was stored stays usable by the next attempt.
-            let _ = session.abandon();
-            return Err(e);
-        }
-    };
-    report.bytes_stored = session
-        .stats()
-        .bytes_stored
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let (new_id, _) = session.commit_snapshot(copy)?;
+    let mut walked: HashSet<TreeId> = HashSet::new();
+    if let Err(e) = copy_tree(source, &*session, snapshot.tree, &mut walked, &mut report) {
+        // What was stored stays usable by the next attempt.
+        session.abandon();
+        return Err(e);
+    }
+    let mut copy = snapshot.clone();
+    copy.original = Some(snapshot.original.unwrap_or(*id));
+    let (new_id, stored) = session.commit(copy)?;
     report.copy = Some(new_id);
+    report.bytes_stored = stored;
     Ok(report)
 }
 
@@ -120,7 +225,7 @@ pub fn copy_snapshot(
 /// copy run again after a kill looks at every blob again.
 fn copy_tree(
     source: &IndexedRepository,
-    session: &IngestSession<'_>,
+    session: &dyn CopySession,
     root: TreeId,
     walked: &mut HashSet<TreeId>,
     report: &mut CopyReport,
@@ -158,7 +263,7 @@ const BATCH: usize = 4096;
 /// again) and verified against their ids as the target takes them.
 fn copy_blobs(
     source: &IndexedRepository,
-    session: &IngestSession<'_>,
+    session: &dyn CopySession,
     refs: &[BlobRef],
     report: &mut CopyReport,
 ) -> Result<()> {
@@ -172,7 +277,7 @@ fn copy_blobs(
     let copy_one = |b: &BlobRef| -> Result<()> {
         let encoded = source.load_encoded(b.kind, &b.id)?;
         let len = encoded.len() as u64;
-        if session.add_encoded(b.kind, &b.id, encoded)? {
+        if session.add(b.kind, &b.id, encoded)? {
             blobs.fetch_add(1, Relaxed);
             bytes.fetch_add(len, Relaxed);
         }

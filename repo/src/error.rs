@@ -88,6 +88,10 @@ pub enum Error {
 
     #[error("{0}")]
     InvalidInput(String),
+
+    /// What another pbs receiving a copy said, or why it could not be reached.
+    #[error("{0}")]
+    Remote(String),
 }
 
 const DISK_FULL_ADVICE: &str =

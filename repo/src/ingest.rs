@@ -459,6 +459,11 @@ impl<'r> IngestSession<'r> {
         self.repo.config().chunker
     }
 
+    /// What the session was started with.
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
     /// The parent snapshot, if one was chosen.
     pub fn parent(&self) -> Option<&(SnapshotId, Snapshot)> {
         self.parent.as_ref()

@@ -722,7 +722,17 @@ impl Sshd {
         panic!("sshd did not listen on {}: {}", self.port, self.log());
     }
 
-    /// The listening sshd's process id.
+    /// Makes `command` the forced command of the pbs's key (no forwarding, no pty: the
+    /// `restrict` of a key that only runs that command).
+    pub fn force_command(&self, command: &str) {
+        let client_pub = fs::read_to_string(self.dir.join("id_ed25519.pub")).unwrap();
+        fs::write(
+            self.dir.join("authorized_keys"),
+            format!("command={command:?},restrict {}\n", client_pub.trim()),
+        )
+        .unwrap();
+    }
+
     /// Writes `script` to `path` as an executable and makes the wrapper's policy run it
     /// instead of the agent (an attacker's program behind the forced command); returns
     /// the honest policy, to put back.
@@ -742,6 +752,7 @@ impl Sshd {
         honest
     }
 
+    /// The listening sshd's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,34 +1,47 @@
 //! `copy --to LOCATION`: snapshots into another repository, which has keys of its own
-//! (see `haul_repo::copy`).
+//! (see `haul_repo::copy`): a directory, object storage, or another pbs over SSH
+//! (`pbs:NAME`, see `crate::copy_remote`).
 
 use super::Context;
 use crate::cli::CopyArgs;
+use crate::copy_remote::RemoteTarget;
 use crate::error::CliError;
 use crate::output::{bytes, typed_line};
 use crate::record::CopyDetails;
 use haul_protocol::SnapshotId;
 use haul_repo::backend::Location;
-use haul_repo::copy::{copy_in, copy_snapshot, CopyReport};
+use haul_repo::copy::{copy_snapshot, CopyReport, CopyTarget, LocalTarget};
 use haul_repo::format::snapshot::Snapshot;
 use haul_repo::{IndexedRepository, Repository};
 
 pub fn copy(ctx: &Context, args: CopyArgs) -> Result<(), CliError> {
     let (source, _lock) = ctx.open_for_reading(args.filter.host.as_deref(), "copy", true)?;
-    let target_location = Location::parse(&args.to)?;
-    if Some(&target_location) == ctx.global.repo.as_ref() {
-        return Err(CliError::usage(
-            "--to names the repository copied from: give another one",
-        ));
-    }
-    let credentials = ctx.site()?.config.server.s3_credentials_file.clone();
-    let pass = crate::password::target(args.to_password_file.as_deref())?;
-    let target = open_target(
-        &source,
-        &target_location,
-        &pass,
-        credentials.as_deref(),
-        ctx.cache_dir().as_deref(),
-    )?;
+    let site = ctx.site()?;
+    let target = match args.to.strip_prefix(haul_config::REMOTE_PREFIX) {
+        Some(_) if args.to_password_file.is_some() => {
+            return Err(CliError::usage(
+                "--to-password-file is not for another pbs (pbs:NAME): it opens its repository with its own key",
+            ))
+        }
+        Some(_) => Target::open(&site.config, &source, &args.to, None, None, None)?,
+        None => {
+            let target_location = Location::parse(&args.to)?;
+            if Some(&target_location) == ctx.global.repo.as_ref() {
+                return Err(CliError::usage(
+                    "--to names the repository copied from: give another one",
+                ));
+            }
+            let pass = crate::password::target(args.to_password_file.as_deref())?;
+            Target::open(
+                &site.config,
+                &source,
+                &args.to,
+                Some(&pass),
+                site.config.server.s3_credentials_file.as_deref(),
+                ctx.cache_dir().as_deref(),
+            )?
+        }
+    };
     let mut chosen = source.snapshots_matching(&args.filter.to_filter())?;
     if !args.snapshots.is_empty() {
         let mut wanted = Vec::new();
@@ -39,7 +52,9 @@ pub fn copy(ctx: &Context, args: CopyArgs) -> Result<(), CliError> {
     }
     let done = copy_all(&source, &target, &args.to, chosen, |id, s, r| {
         say(ctx, id, s, r)
-    })?;
+    });
+    target.close();
+    let done = done?;
     if ctx.global.json {
         typed_line(
             "copy-summary",
@@ -57,42 +72,100 @@ pub fn copy(ctx: &Context, args: CopyArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Opens the repository a copy writes to, with its own passphrase; the repository
-/// copied from is refused.
-pub fn open_target(
-    source: &IndexedRepository,
-    location: &Location,
-    pass: &[u8],
-    credentials: Option<&std::path::Path>,
-    cache: Option<&std::path::Path>,
-) -> Result<IndexedRepository, CliError> {
-    let target = Repository::open(location.open(credentials)?, pass)?;
-    if target.config().id == source.config().id {
-        return Err(CliError::usage(format!(
-            "{location} is the repository copied from (the same repository id): give another one"
-        )));
+/// Where a copy goes, opened.
+pub enum Target {
+    /// A repository opened here, with its own passphrase.
+    Repository(Box<IndexedRepository>),
+    /// Another pbs (`pbs:NAME`, a `[[remote]]`), receiving over SSH.
+    Pbs(Box<RemoteTarget>),
+}
+
+impl Target {
+    /// Opens `to`: `pbs:NAME` is the `[[remote]]` of that name; anything else a
+    /// repository location, opened with `pass` (the repository copied from is refused).
+    pub fn open(
+        config: &haul_config::Config,
+        source: &IndexedRepository,
+        to: &str,
+        pass: Option<&[u8]>,
+        credentials: Option<&std::path::Path>,
+        cache: Option<&std::path::Path>,
+    ) -> Result<Target, CliError> {
+        if let Some(name) = to.strip_prefix(haul_config::REMOTE_PREFIX) {
+            let remote = config.remote(name).ok_or_else(|| {
+                CliError::usage(format!(
+                    "--to {to}: the configuration has no [[remote]] named {name:?} (give its address and SSH keys there)"
+                ))
+            })?;
+            return Ok(Target::Pbs(Box::new(
+                RemoteTarget::open(remote).map_err(CliError::Failed)?,
+            )));
+        }
+        let location = Location::parse(to)?;
+        let pass = pass.expect("a repository's passphrase");
+        let target = Repository::open(location.open(credentials)?, pass)?;
+        if target.config().id == source.config().id {
+            return Err(CliError::usage(format!(
+                "{location} is the repository copied from (the same repository id): give another one"
+            )));
+        }
+        Ok(Target::Repository(Box::new(target.load_index(cache)?)))
     }
-    Ok(target.load_index(cache)?)
+
+    /// Ends a remote's receiving command and connection.
+    pub fn close(self) {
+        if let Target::Pbs(p) = self {
+            p.close();
+        }
+    }
 }
 
 /// Copies `chosen` oldest first (a snapshot's parent is copied before it, and its copy
-/// names the parent's copy as parent), skipping those already there; `each` is told
-/// what became of each.
+/// builds on the parent's copy), skipping those already there; `each` is told what
+/// became of each.
 pub fn copy_all(
     source: &IndexedRepository,
-    target: &IndexedRepository,
+    target: &Target,
+    to: &str,
+    chosen: Vec<(SnapshotId, Snapshot)>,
+    each: impl FnMut(&SnapshotId, &Snapshot, &CopyReport),
+) -> Result<CopyDetails, CliError> {
+    match target {
+        Target::Repository(repo) => copy_each(source, &LocalTarget::new(repo)?, to, chosen, each),
+        Target::Pbs(remote) => copy_each(source, &**remote, to, chosen, each),
+    }
+}
+
+fn copy_each(
+    source: &IndexedRepository,
+    target: &dyn CopyTarget,
     to: &str,
     mut chosen: Vec<(SnapshotId, Snapshot)>,
     mut each: impl FnMut(&SnapshotId, &Snapshot, &CopyReport),
 ) -> Result<CopyDetails, CliError> {
     chosen.sort_by_key(|(_, s)| s.time);
-    let mut there = target.snapshots()?;
+    let failed = |id: &SnapshotId, e: haul_repo::Error| {
+        CliError::Failed(format!(
+            "copying snapshot {} to {to}: {e}; what arrived stays there, and running the copy again sends only the rest",
+            id.short(),
+        ))
+    };
+    let there = target
+        .copies_of(&chosen)
+        .map_err(|e| CliError::Failed(format!("copying to {to}: {e}")))?;
+    // A parent's original id, from the source's snapshots (a parent that is itself
+    // a copy names the one it was copied from).
+    let originals: std::collections::HashMap<SnapshotId, SnapshotId> = source
+        .snapshots()?
+        .into_iter()
+        .map(|(id, s)| (id, s.original.unwrap_or(id)))
+        .collect();
     let mut done = CopyDetails {
         to: to.to_string(),
         ..CopyDetails::default()
     };
-    for (id, snapshot) in &chosen {
-        if let Some(existing) = copy_in(&there, id, snapshot) {
+    for ((id, snapshot), existing) in chosen.iter().zip(there) {
+        if let Some(existing) = existing {
             done.skipped += 1;
             each(
                 id,
@@ -107,23 +180,12 @@ pub fn copy_all(
         }
         let parent = snapshot
             .parent
-            .as_ref()
-            .and_then(|p| there.iter().find(|(_, t)| t.original.as_ref() == Some(p)))
-            .map(|(tid, _)| *tid);
-        let report = copy_snapshot(source, target, id, snapshot, parent).map_err(|e| {
-            CliError::Failed(format!(
-                "copying snapshot {} to {to}: {e}; what arrived stays there, and running the copy again sends only the rest",
-                id.short(),
-            ))
-        })?;
+            .map(|p| originals.get(&p).copied().unwrap_or(p));
+        let report =
+            copy_snapshot(source, target, id, snapshot, parent).map_err(|e| failed(id, e))?;
         done.copied += 1;
         done.bytes_copied += report.bytes_copied;
         each(id, snapshot, &report);
-        if let Some(new) = report.copy {
-            let mut copy = snapshot.clone();
-            copy.original = Some(snapshot.original.unwrap_or(*id));
-            there.push((new, copy));
-        }
     }
     Ok(done)
 }

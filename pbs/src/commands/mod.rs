@@ -13,6 +13,7 @@ pub mod mount;
 pub mod prune;
 pub mod pull;
 pub mod push;
+pub mod receive;
 pub mod repair;
 pub mod restore;
 pub mod serve;

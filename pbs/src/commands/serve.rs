@@ -54,7 +54,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<(), CliError> {
             "haul-pbs: serving {} ({}) on {}",
             ctx.site()?.existing_repository(None)?.location,
             match mode {
-                Mode::AppendOnly => "append-only",
+                Mode::AppendOnly | Mode::Receive => "append-only",
                 Mode::ReadOnly => "read-only",
             },
             args.socket.display()

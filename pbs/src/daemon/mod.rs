@@ -632,10 +632,13 @@ fn start_copies(shared: &SharedRef, repos: &Arc<Repositories>) {
         let (shared, repos) = (shared.clone(), repos.clone());
         tracing::info!(copy = %job.name, host = %host, to = %job.to, "copy starting");
         std::thread::spawn(move || {
-            let history = shared.lock().expect("daemon state").history.clone();
+            let (history, config) = {
+                let s = shared.lock().expect("daemon state");
+                (s.history.clone(), s.site.config.clone())
+            };
             let start = Utc::now();
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let result = copy_host(&repos, &job, &host, &loc);
+                let result = copy_host(&repos, &config, &job, &host, &loc);
                 match &result {
                     Ok(d) => {
                         tracing::info!(copy = %job.name, host = %host, "copy finished: {}", d.summary())
@@ -678,17 +681,22 @@ fn copy_job_of(r: &crate::record::RunRecord) -> Option<&str> {
 /// One `[[copy]]` of one host's snapshots.
 fn copy_host(
     repos: &Repositories,
+    config: &haul_config::Config,
     job: &haul_config::CopyJob,
     host: &str,
     loc: &crate::site::RepoLocation,
 ) -> Result<crate::record::CopyDetails, CliError> {
     let source = repos.open(loc)?;
     let _lock = source.lock_for_reading(true, "scheduled copy")?;
-    let pass = crate::password::target(Some(&job.password_file))?;
-    let target = crate::commands::copy::open_target(
+    let pass = match &job.password_file {
+        Some(f) => Some(crate::password::target(Some(f))?),
+        None => None,
+    };
+    let target = crate::commands::copy::Target::open(
+        config,
         &source,
-        &Location::parse(&job.to)?,
-        &pass,
+        &job.to,
+        pass.as_deref(),
         loc.credentials.as_deref(),
         repos.cache_dir(),
     )?;
@@ -696,8 +704,9 @@ fn copy_host(
         host: Some(host.to_string()),
         ..Default::default()
     })?;
-    let mut done =
-        crate::commands::copy::copy_all(&source, &target, &job.to, chosen, |_, _, _| {})?;
+    let done = crate::commands::copy::copy_all(&source, &target, &job.to, chosen, |_, _, _| {});
+    target.close();
+    let mut done = done?;
     done.copy = job.name.clone();
     Ok(done)
 }

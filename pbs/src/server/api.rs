@@ -4,7 +4,7 @@
 //! route that deletes, overwrites or lists anything.
 
 use super::error::{ApiError, Code};
-use super::{Mode, RestoreScope, Server};
+use super::{receive, Mode, RestoreScope, Server};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -20,8 +20,8 @@ use haul_repo::ingest::{IngestSession, ParentChoice, SessionInfo};
 use http_body_util::BodyExt;
 use std::sync::{Arc, Mutex};
 
-type St = State<Arc<Server>>;
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type St = State<Arc<Server>>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(server: Arc<Server>) -> Router {
     let r = match server.mode {
@@ -35,6 +35,17 @@ pub fn router(server: Arc<Server>) -> Router {
             )
             .route("/v1/backup/upload", post(backup_upload))
             .route("/v1/backup/commit", post(backup_commit))
+            .route("/v1/backup/abandon", post(backup_abandon)),
+        // No route reads anything: the sender has the data, and needs nothing back.
+        Mode::Receive => Router::new()
+            .route(receive::HAVE, post(receive::have))
+            .route(receive::START, post(receive::start))
+            .route(
+                "/v1/backup/missing",
+                post(backup_missing).layer(refs_limit()),
+            )
+            .route("/v1/backup/upload", post(backup_upload))
+            .route(receive::COMMIT, post(receive::commit))
             .route("/v1/backup/abandon", post(backup_abandon)),
         Mode::ReadOnly => Router::new()
             .route("/v1/restore/start", post(restore_start))
@@ -100,7 +111,7 @@ fn frames(
 }
 
 /// Runs engine work on a blocking thread.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
@@ -148,7 +159,7 @@ fn octets(bytes: Vec<u8>) -> Response {
 
 /// A whole small body (JSON or a list of refs); axum's own refusals (too large,
 /// truncated) become API errors with their machine code.
-type Whole = Result<Bytes, BytesRejection>;
+pub(super) type Whole = Result<Bytes, BytesRejection>;
 
 fn whole(body: Whole) -> ApiResult<Bytes> {
     body.map_err(|e| {
@@ -161,7 +172,7 @@ fn whole(body: Whole) -> ApiResult<Bytes> {
     })
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: Whole) -> ApiResult<T> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: Whole) -> ApiResult<T> {
     serde_json::from_slice(&whole(body)?)
         .map_err(|e| ApiError::new(Code::BadRequest, format!("request body: {e}")))
 }
@@ -184,7 +195,7 @@ impl Server {
     }
 
     /// Refuses a new session while one is in use; abandons one left idle.
-    fn check_no_session(&self) -> ApiResult<()> {
+    pub(super) fn check_no_session(&self) -> ApiResult<()> {
         let mut slot = self.session.lock().expect("session");
         if slot.is_none() {
             return Ok(());
@@ -533,7 +544,7 @@ fn too_large(len: u64) -> ApiError {
 
 /// Takes the session out for good (commit or abandon). Refused while uploads still
 /// hold it: their blobs must be in before the completeness check.
-fn take_session(s: &Server) -> ApiResult<IngestSession<'static>> {
+pub(super) fn take_session(s: &Server) -> ApiResult<IngestSession<'static>> {
     let mut slot = s.session.lock().expect("session");
     let arc = slot.take().ok_or_else(|| {
         ApiError::new(
@@ -592,6 +603,9 @@ async fn backup_commit(State(s): St, body: Whole) -> ApiResult<Json<wire::Commit
 async fn backup_abandon(State(s): St) -> ApiResult<Json<serde_json::Value>> {
     let session = take_session(&s)?;
     blocking(move || Ok(session.abandon()?)).await?;
+    if let Some(r) = &s.receiving {
+        r.settle(false);
+    }
     Ok(Json(serde_json::json!({})))
 }
 

@@ -4,6 +4,8 @@
 //! - [`Mode::AppendOnly`]: one backup session at a time (start, parent trees, which are
 //!   missing, upload, commit); nothing can be read but the parent's trees, nothing
 //!   deleted or overwritten.
+//! - [`Mode::Receive`]: copies from another pbs ([`receive`]): sessions as append-only,
+//!   for the hosts the forced command allows, keeping the originals' times.
 //! - [`Mode::ReadOnly`]: one snapshot is streamed out; only trees and chunks reachable
 //!   from it can be read.
 //!
@@ -14,6 +16,7 @@
 mod api;
 pub mod conn;
 pub mod error;
+pub mod receive;
 
 use crate::error::CliError;
 use haul_protocol::{BlobKind, BlobRef, SnapshotId, TreeId};
@@ -31,6 +34,7 @@ use std::sync::{Arc, Mutex};
 pub enum Mode {
     AppendOnly,
     ReadOnly,
+    Receive,
 }
 
 /// Most upload requests handled at once; more are refused with `busy`. With the
@@ -85,6 +89,8 @@ pub struct Server {
     uploads: Arc<tokio::sync::Semaphore>,
     /// Verification work running at once (one per CPU).
     verifiers: Arc<tokio::sync::Semaphore>,
+    /// What a server in [`Mode::Receive`] keeps besides its session.
+    receiving: Option<receive::Receiving>,
 }
 
 /// What a restore session may read: the snapshot's trees and the chunks they name,
@@ -174,6 +180,23 @@ impl Server {
                     .map(|n| n.get())
                     .unwrap_or(2),
             )),
+            receiving: None,
+        })
+    }
+
+    /// A server for copies from another pbs ([`Mode::Receive`]): snapshots of `hosts`
+    /// (empty: any), the packs of each host's cut-short copies remembered in `history`.
+    pub fn receiving(
+        repo: Arc<IndexedRepository>,
+        hosts: Vec<String>,
+        history: crate::history::History,
+    ) -> Arc<Server> {
+        Server::new(repo, Mode::Receive, None).configured(|s| {
+            s.receiving = Some(receive::Receiving {
+                hosts,
+                history,
+                own: Mutex::new(None),
+            })
         })
     }
 
@@ -278,6 +301,35 @@ impl Server {
         if let Some(s) = session {
             // Dropping the last reference flushes its packs and index.
             drop(s);
+        }
+        if let Some(r) = &self.receiving {
+            r.settle(false);
+        }
+    }
+
+    /// Ends a receiving server's session that was not committed (its sender went
+    /// away): waits (a bounded time) for the verifications of its last upload, which
+    /// hold it, writes its last packs, and only then notes the packs it wrote for the
+    /// host's next copy. Called outside the runtime.
+    pub fn end_receiving(&self) {
+        let mut slot = self.session.lock().expect("session").take();
+        for _ in 0..1200 {
+            match slot.map(Arc::try_unwrap) {
+                None => break,
+                Some(Ok(session)) => {
+                    if let Err(e) = session.abandon() {
+                        tracing::warn!("ending the session: {e}");
+                    }
+                    break;
+                }
+                Some(Err(shared)) => {
+                    slot = Some(shared);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+        if let Some(r) = &self.receiving {
+            r.settle(false);
         }
     }
 }

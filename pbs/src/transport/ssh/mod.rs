@@ -8,6 +8,8 @@
 //! - [`client`]: the russh handler (host key, which channels are served).
 //! - [`tunnel`]: making the connection and the forward.
 //! - [`exec`]: running the command and reading its output.
+//! - [`receive`]: the channel of a copy to another pbs (no forward: HTTP on the
+//!   channel of its `haul-pbs receive`).
 //!
 //! Around russh's limits (`docs/reference/russh-tunnel.md`):
 //! - One forwarded channel whose reader stalls blocks the whole connection: the server
@@ -22,6 +24,7 @@
 
 mod client;
 mod exec;
+pub mod receive;
 mod tunnel;
 
 use super::{runtime, AgentCall, Transport};

@@ -120,18 +120,21 @@ pub(super) struct Tunnel {
     quick_acks: Arc<AtomicBool>,
 }
 
-impl Tunnel {
-    /// Connects, checks the host key, authenticates and asks for the forward; errors
-    /// are sentences about the host (the caller prefixes its name).
-    pub(super) async fn open(host: &Host) -> Result<Tunnel, RunError> {
+/// An authenticated SSH session to a host.
+pub(super) struct Session {
+    pub(super) handle: client::Handle<Client>,
+    /// What serves the channels forwarded from `socket` (see [`Client`]).
+    served: Arc<OnceLock<Served>>,
+    /// Cleared when the session is set up (see [`QuickAcks`]).
+    pub(super) quick_acks: Arc<AtomicBool>,
+}
+
+impl Session {
+    /// Connects, checks the host key and authenticates. Channels forwarded from
+    /// `socket` will be served once [`Tunnel::serve`] says how; every other channel
+    /// the host opens is refused.
+    pub(super) async fn open(host: &Host, socket: String) -> Result<Session, RunError> {
         let fail = |kind, what: String| RunError::new(kind, format!("{}: {what}", host.name));
-        let mut id = [0u8; 8];
-        getrandom::getrandom(&mut id).expect("OS random numbers");
-        let socket = host
-            .socket_dir
-            .join(format!("haul-{}.sock", hex::encode(id)))
-            .display()
-            .to_string();
         // AES-GCM costs about a third less CPU than chacha20-poly1305 where the CPU has AES
         // instructions (measured); the first of these the server also offers is used (RFC 4253:
         // the client's order decides).
@@ -244,6 +247,31 @@ impl Tunnel {
             )));
         }
         tracing::debug!(host = %host.name, user = %host.user, "authenticated");
+        Ok(Session {
+            handle: session,
+            served,
+            quick_acks,
+        })
+    }
+}
+
+impl Tunnel {
+    /// Connects, checks the host key, authenticates and asks for the forward; errors
+    /// are sentences about the host (the caller prefixes its name).
+    pub(super) async fn open(host: &Host) -> Result<Tunnel, RunError> {
+        let fail = |kind, what: String| RunError::new(kind, format!("{}: {what}", host.name));
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id).expect("OS random numbers");
+        let socket = host
+            .socket_dir
+            .join(format!("haul-{}.sock", hex::encode(id)))
+            .display()
+            .to_string();
+        let Session {
+            handle: session,
+            served,
+            quick_acks,
+        } = Session::open(host, socket.clone()).await?;
         if let Err(e) = session.streamlocal_forward(socket.clone()).await {
             // Refused by the host's sshd: its setup. Anything else: the connection.
             let kind = match e {
