@@ -840,10 +840,19 @@ impl Config {
         let mut remotes = std::collections::HashSet::new();
         for (i, r) in self.remotes.iter().enumerate() {
             let key = |k: &'static str| vec![Seg::Key("remote"), Seg::Index(i), Seg::Key(k)];
-            if !valid_name(&r.name) || !remotes.insert(r.name.as_str()) {
+            if !valid_name(&r.name) {
                 return Err((
                     key("name"),
-                    format!("{:?} is not a name (letters, digits, `.`, `_`, `-`) or is used by another remote", r.name),
+                    format!(
+                        "{:?} is not a name (letters, digits, `.`, `_`, `-`)",
+                        r.name
+                    ),
+                ));
+            }
+            if !remotes.insert(r.name.as_str()) {
+                return Err((
+                    key("name"),
+                    format!("{:?} is used by another remote", r.name),
                 ));
             }
             for (k, p) in [("identity", &r.identity), ("known_hosts", &r.known_hosts)] {
@@ -1092,6 +1101,11 @@ mod tests {
             (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"rel/dir\"\npassword_file = \"/p\"\n"), "pbs.toml:7:6: copy[0].to: rel/dir is not an absolute path"),
             (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"s3:https://h/b\"\npassword_file = \"/p\"\nhosts = [\"web-1\", \"nope\"]\n"), "pbs.toml:9:19: copy[0].hosts[1]: \"nope\" is not a [[host]] of this file"),
             (format!("{HOST}[[clone]]\nname = \"c1\"\naddress = \"x\"\nhosts = []\ndirs = {{ db = \"/s\" }}\n"), "pbs.toml:9:1: clone[0].dirs: \"db\" is not a host this clone receives"),
+            (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"pbs:far\"\n"), "pbs.toml:7:6: copy[0].to: no [[remote]] named \"far\""),
+            (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\n[[copy]]\nname = \"off\"\nto = \"pbs:far\"\npassword_file = \"/p\"\n"), "pbs.toml:11:17: copy[0].password_file: is not for another pbs (pbs:NAME)"),
+            (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"/srv/copy\"\n"), "pbs.toml:7:6: copy[0].to: a repository needs password_file"),
+            (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\nidentity = \"id\"\n"), "pbs.toml:8:12: remote[0].identity: id is not an absolute path"),
+            (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\n[[remote]]\nname = \"far\"\naddress = \"y\"\n"), "pbs.toml:9:8: remote[1].name: \"far\" is used by another remote"),
         ];
         let mut wrong = Vec::new();
         for (text, want) in &cases {

@@ -186,28 +186,15 @@ struct OtherPbs {
 
 impl OtherPbs {
     fn start(env: &Env, tgt: &Env, receive_args: &str, extra_env: &str) -> OtherPbs {
-        let sshd = haul_tests::Sshd::start(&env.path("sshd"), &[]);
-        let pbs = haul_tests::bin("haul-pbs");
-        sshd.force_command(&format!(
-            "env HAUL_STATE_DIR={} HAUL_CONFIG=/dev/null {extra_env} {} --repo {} --password-file {} --cache-dir {} receive {receive_args}",
-            tgt.path("state").display(),
-            pbs.display(),
-            tgt.repo().display(),
-            tgt.path("pass").display(),
-            tgt.path("cache").display(),
-        ));
+        let sshd = haul_tests::Sshd::receiving(
+            &env.path("sshd"),
+            (&tgt.repo(), &tgt.path("pass")),
+            (&tgt.path("state"), &tgt.path("cache")),
+            receive_args,
+            extra_env,
+        );
         let cfg = env.path("pbs.toml");
-        fs::write(
-            &cfg,
-            format!(
-                "[[remote]]\nname = \"offsite\"\naddress = \"127.0.0.1\"\nport = {}\nuser = {:?}\nidentity = {:?}\nknown_hosts = {:?}\n",
-                sshd.port,
-                haul_tests::Sshd::user(),
-                sshd.dir.join("id_ed25519").display().to_string(),
-                sshd.dir.join("known_hosts").display().to_string(),
-            ),
-        )
-        .unwrap();
+        fs::write(&cfg, sshd.remote_config("offsite")).unwrap();
         OtherPbs { sshd, cfg }
     }
 
@@ -387,4 +374,181 @@ fn a_copy_to_another_pbs_over_ssh_restores_byte_for_byte_and_resumes_after_kill_
         "{}",
         run.stderr
     );
+}
+
+/// Speaks HTTP by hand to the receiving pbs, as a sender that holds the key would:
+/// `requests` are sent on one channel through OpenSSH's client (the last one should
+/// say `Connection: close`); returns everything that came back.
+fn by_hand(other: &OtherPbs, requests: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut child = std::process::Command::new("ssh")
+        .args([
+            "-q",
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-i",
+        ])
+        .arg(other.sshd.dir.join("id_ed25519"))
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            other.sshd.dir.join("known_hosts").display()
+        ))
+        .args(["-p", &other.sshd.port.to_string()])
+        .arg(format!("{}@127.0.0.1", haul_tests::Sshd::user()))
+        .arg("anything: the forced command runs")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(requests).unwrap();
+    stdin.flush().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    drop(stdin);
+    child.wait().unwrap();
+    out
+}
+
+fn request(method: &str, path: &str, body: &[u8], close: bool) -> Vec<u8> {
+    let mut r = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n{}\r\n",
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+#[test]
+fn the_receiving_pbs_refuses_reads_deletes_forgeries_other_hosts_and_future_times() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    make_fixture(&src);
+    env.pull_local(&[&src], &[]).0.expect(0);
+    let orig = snapshots(&env);
+    let host = orig[0]["host"].as_str().unwrap().to_string();
+    let tgt = target();
+    let other = OtherPbs::start(&env, &tgt, &format!("--host {host}"), "");
+    let check_answers = |requests: Vec<u8>, expected: &[(&str, &str)]| {
+        let out = by_hand(&other, &requests);
+        let answers: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(answers.len(), expected.len(), "{out}");
+        for (answer, (status, words)) in answers.iter().zip(expected) {
+            assert!(
+                answer.starts_with(status) && answer.contains(words),
+                "wanted {status} with {words:?}, got: {answer}"
+            );
+        }
+    };
+
+    // Nothing can be deleted, listed or read: those routes do not exist.
+    let id = "ab".repeat(32);
+    let mut r = request("DELETE", "/v1/backup/upload", b"", false);
+    r.extend(request(
+        "GET",
+        &format!("/v1/restore/tree/{id}"),
+        b"",
+        false,
+    ));
+    r.extend(request("GET", &format!("/v1/backup/tree/{id}"), b"", false));
+    let mut one_ref = vec![1u8];
+    one_ref.extend_from_slice(&[0xab; 32]);
+    r.extend(request("POST", "/v1/backup/trees", &one_ref, false));
+    r.extend(request("PUT", "/v1/receive/commit", b"{}", true));
+    check_answers(
+        r,
+        &[
+            ("405", "\"code\":\"method_not_allowed\""),
+            ("404", "\"code\":\"not_found\""),
+            ("404", "\"code\":\"not_found\""),
+            ("404", "\"code\":\"not_found\""),
+            ("405", "never deletes or replaces anything"),
+        ],
+    );
+
+    // Another host than the forced command allows: neither a session nor a question.
+    let start = |h: &str| {
+        serde_json::json!({"host": h, "paths": ["/srv"], "tags": [], "parent_original": null})
+            .to_string()
+            .into_bytes()
+    };
+    let mut foreign = orig[0].clone();
+    foreign["host"] = "intruder".into();
+    let ask = serde_json::json!({"snapshots": [[orig[0]["id"], foreign]]}).to_string();
+    let mut r = request("POST", "/v1/receive/start", &start("intruder"), false);
+    r.extend(request("POST", "/v1/receive/have", ask.as_bytes(), true));
+    check_answers(
+        r,
+        &[
+            (
+                "403",
+                &format!(r#"receives snapshots of \"{host}\" only, not of \"intruder\""#),
+            ),
+            ("403", "\"code\":\"forbidden\""),
+        ],
+    );
+
+    // In a session of the allowed host: a blob that does not hash to its id (an
+    // attempt to put other content under an id) and a snapshot dated ahead of the
+    // receiving pbs's clock are refused; so is a snapshot whose data never came.
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&[0x11; 32]);
+    let content = b"not what the id says\0";
+    frame.extend_from_slice(&(content.len() as u32).to_le_bytes());
+    frame.extend_from_slice(content);
+    let commit = |time: &str| {
+        serde_json::json!({
+            "time": time, "tree": orig[0]["tree"], "source": "pull",
+            "summary": orig[0]["summary"], "original": orig[0]["id"],
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let mut r = request("POST", "/v1/receive/start", &start(&host), false);
+    r.extend(request("POST", "/v1/backup/upload", &frame, false));
+    r.extend(request(
+        "POST",
+        "/v1/receive/commit",
+        &commit("2099-01-01T00:00:00Z"),
+        false,
+    ));
+    r.extend(request(
+        "POST",
+        "/v1/receive/commit",
+        &commit("2020-01-01T00:00:00Z"),
+        true,
+    ));
+    check_answers(
+        r,
+        &[
+            ("200", "\"max_upload_body\""),
+            ("422", "\"code\":\"id_mismatch\""),
+            ("403", "ahead of this pbs's clock"),
+            ("409", "\"code\":\"missing_blobs\""),
+        ],
+    );
+    assert!(snapshots(&tgt).is_empty(), "nothing was committed");
+
+    // The honest sender, through the same forced command, still gets through.
+    let run = other.copy(&env, &[]).expect(0);
+    assert_eq!(run.json_of("copy-summary")["copied"], 1);
+    let copies = snapshots(&tgt);
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0]["original"], orig[0]["id"]);
+    let a = restore(&env, orig[0]["id"].as_str().unwrap(), "a");
+    let b = restore(&tgt, copies[0]["id"].as_str().unwrap(), "b");
+    assert_same_tree(&a, &b);
+    tgt.pbs(&["check", "--read-data"]).expect(0);
 }

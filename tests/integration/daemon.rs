@@ -1342,13 +1342,25 @@ fn the_daemon_copies_each_host_into_another_repository_on_schedule() {
         haul_tests::Run::from_output(out)
     };
     offsite_pbs(&["init"]).expect(0);
+    // And another pbs, behind a real sshd, receiving into a repository of its own.
+    let far = Env::new();
+    far.init();
+    let far_sshd = haul_tests::Sshd::receiving(
+        &env.path("sshd"),
+        (&far.repo(), &far.path("pass")),
+        (&far.path("state"), &far.path("cache")),
+        "--host web",
+        "",
+    );
     let state = env.path("state");
     let config = format!(
         "[server]\nstate_dir = {state:?}\n\n\
          [[host]]\nname = \"web\"\naddress = \"localhost\"\ntransport = \"local\"\npaths = [{src:?}]\nschedule = \"2s\"\n\n\
          [[copy]]\nname = \"offsite\"\nto = {offsite:?}\npassword_file = {pass:?}\nschedule = \"2s\"\n\n\
-         [[copy]]\nname = \"gone\"\nto = {:?}\npassword_file = {pass:?}\nschedule = \"1h\"\n",
+         [[copy]]\nname = \"far\"\nto = \"pbs:far\"\nschedule = \"2s\"\n\n\
+         [[copy]]\nname = \"gone\"\nto = {:?}\npassword_file = {pass:?}\nschedule = \"1h\"\n\n{}",
         env.path("not-there").display().to_string(),
+        far_sshd.remote_config("far"),
     );
     let (_config, _sup) = supervised_daemon(&env, &config, &[]);
     let copies_of = |r: &[serde_json::Value], job: &str| -> Vec<serde_json::Value> {
@@ -1372,8 +1384,32 @@ fn the_daemon_copies_each_host_into_another_repository_on_schedule() {
                 })
                 .count()
                 >= 2
+            && copies_of(r, "far")
+                .iter()
+                .any(|c| c["status"] == "ok" && c["details"]["copy"]["copied"].as_u64() > Some(0))
             && !copies_of(r, "gone").is_empty()
     });
+    // The other pbs got the host's snapshots over SSH, each with its original's tree.
+    let far_copies: Vec<serde_json::Value> = far
+        .pbs(&["--json", "snapshots"])
+        .expect(0)
+        .json()
+        .into_iter()
+        .filter(|v| v["type"] == "snapshot")
+        .collect();
+    assert!(!far_copies.is_empty());
+    assert!(far_copies
+        .iter()
+        .all(|c| c["host"] == "web" && c["original"].is_string()));
+    let newest = far_copies.last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let restored = env.path("far-restored");
+    far.pbs(&["restore", &newest, "--target", restored.to_str().unwrap()])
+        .expect(0);
+    haul_tests::assert_same_tree(&src, &restored.join(src.strip_prefix("/").unwrap()));
+    far.pbs(&["check", "--read-data"]).expect(0);
     let ok = copies_of(&r, "offsite");
     assert!(
         ok.iter().all(|c| c["host"] == "web" && c["status"] == "ok"),

@@ -733,6 +733,39 @@ impl Sshd {
         .unwrap();
     }
 
+    /// An sshd playing another pbs: its key's forced command is `haul-pbs receive
+    /// RECEIVE_ARGS` into `repo` (opened with `pass`, its state and cache in
+    /// `state`, `cache`), with `extra_env` (`NAME=value ...`) in its environment.
+    pub fn receiving(
+        dir: &Path,
+        (repo, pass): (&Path, &Path),
+        (state, cache): (&Path, &Path),
+        receive_args: &str,
+        extra_env: &str,
+    ) -> Sshd {
+        let sshd = Sshd::start(dir, &[]);
+        sshd.force_command(&format!(
+            "env HAUL_STATE_DIR={} HAUL_CONFIG=/dev/null {extra_env} {} --repo {} --password-file {} --cache-dir {} receive {receive_args}",
+            state.display(),
+            bin("haul-pbs").display(),
+            repo.display(),
+            pass.display(),
+            cache.display(),
+        ));
+        sshd
+    }
+
+    /// A `[[remote]]` of a pbs configuration for the pbs behind this sshd.
+    pub fn remote_config(&self, name: &str) -> String {
+        format!(
+            "[[remote]]\nname = {name:?}\naddress = \"127.0.0.1\"\nport = {}\nuser = {:?}\nidentity = {:?}\nknown_hosts = {:?}\n",
+            self.port,
+            Sshd::user(),
+            self.dir.join("id_ed25519").display().to_string(),
+            self.dir.join("known_hosts").display().to_string(),
+        )
+    }
+
     /// Writes `script` to `path` as an executable and makes the wrapper's policy run it
     /// instead of the agent (an attacker's program behind the forced command); returns
     /// the honest policy, to put back.

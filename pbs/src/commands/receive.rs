@@ -31,6 +31,9 @@ pub fn receive(ctx: &Context, args: ReceiveArgs) -> Result<(), CliError> {
         limits,
         None,
     ));
+    // Not waited for: the thread reading stdin may be blocked in a read until the
+    // sender closes the channel, which one that holds it open never does.
+    rt.shutdown_background();
     // A session the sender did not commit ends here; what it stored is kept, and its
     // packs are remembered for the host's next copy.
     server.end_receiving();
