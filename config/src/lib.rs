@@ -840,21 +840,7 @@ impl Config {
         let mut remotes = std::collections::HashSet::new();
         for (i, r) in self.remotes.iter().enumerate() {
             let key = |k: &'static str| vec![Seg::Key("remote"), Seg::Index(i), Seg::Key(k)];
-            if !valid_name(&r.name) {
-                return Err((
-                    key("name"),
-                    format!(
-                        "{:?} is not a name (letters, digits, `.`, `_`, `-`)",
-                        r.name
-                    ),
-                ));
-            }
-            if !remotes.insert(r.name.as_str()) {
-                return Err((
-                    key("name"),
-                    format!("{:?} is used by another remote", r.name),
-                ));
-            }
+            entry("remote", i, &r.name, &[], &mut remotes)?;
             for (k, p) in [("identity", &r.identity), ("known_hosts", &r.known_hosts)] {
                 abs(p).map_err(|why| (key(k), why))?;
             }
@@ -1105,7 +1091,7 @@ mod tests {
             (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\n[[copy]]\nname = \"off\"\nto = \"pbs:far\"\npassword_file = \"/p\"\n"), "pbs.toml:11:17: copy[0].password_file: is not for another pbs (pbs:NAME)"),
             (format!("{HOST}[[copy]]\nname = \"off\"\nto = \"/srv/copy\"\n"), "pbs.toml:7:6: copy[0].to: a repository needs password_file"),
             (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\nidentity = \"id\"\n"), "pbs.toml:8:12: remote[0].identity: id is not an absolute path"),
-            (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\n[[remote]]\nname = \"far\"\naddress = \"y\"\n"), "pbs.toml:9:8: remote[1].name: \"far\" is used by another remote"),
+            (format!("{HOST}[[remote]]\nname = \"far\"\naddress = \"x\"\n[[remote]]\nname = \"far\"\naddress = \"y\"\n"), "pbs.toml:9:8: remote[1].name: \"far\" is used by another remote too"),
         ];
         let mut wrong = Vec::new();
         for (text, want) in &cases {

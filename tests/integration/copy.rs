@@ -38,6 +38,26 @@ fn restore(env: &Env, id: &str, name: &str) -> std::path::PathBuf {
     target
 }
 
+/// Waits until `n` packs more than `before` are in `tgt`'s repository (the copy
+/// `child` is under way), then kills the copy with SIGKILL.
+fn kill_when_packs_arrive(mut child: std::process::Child, tgt: &Env, before: usize, n: usize) {
+    let packs = || walk_files(&tgt.repo().join("data")).len();
+    let start = Instant::now();
+    while packs() < before + n {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the copy ended before it was killed"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no pack arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn a_copy_restores_byte_for_byte_skips_what_is_there_and_resumes_after_kill_9() {
     let env = Env::new();
@@ -104,25 +124,12 @@ fn a_copy_restores_byte_for_byte_skips_what_is_there_and_resumes_after_kill_9() 
     let before = packs(&tgt);
     let to = tgt.repo().display().to_string();
     let pass = tgt.path("pass").display().to_string();
-    let mut child = env
+    let child = env
         .pbs_command(&["copy", "--to", &to, "--to-password-file", &pass])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while packs(&tgt) < before + 3 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the copy ended before it was killed"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no pack arrived"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_packs_arrive(child, &tgt, before, 3);
     assert_eq!(
         snapshots(&tgt).len(),
         2,
@@ -298,26 +305,13 @@ fn a_copy_to_another_pbs_over_ssh_restores_byte_for_byte_and_resumes_after_kill_
         .iter()
         .map(|p| fs::metadata(p).unwrap().len())
         .sum();
-    let mut child = other
+    let child = other
         .copy_command(&env)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while packs(&tgt) < before + 2 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the copy ended before it was killed"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no pack arrived"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_packs_arrive(child, &tgt, before, 2);
     assert_eq!(
         snapshots(&tgt).len(),
         2,
@@ -381,25 +375,9 @@ fn a_copy_to_another_pbs_over_ssh_restores_byte_for_byte_and_resumes_after_kill_
 /// say `Connection: close`); returns everything that came back.
 fn by_hand(other: &OtherPbs, requests: &[u8]) -> String {
     use std::io::{Read, Write};
-    let mut child = std::process::Command::new("ssh")
-        .args([
-            "-q",
-            "-T",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-i",
-        ])
-        .arg(other.sshd.dir.join("id_ed25519"))
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            other.sshd.dir.join("known_hosts").display()
-        ))
-        .args(["-p", &other.sshd.port.to_string()])
-        .arg(format!("{}@127.0.0.1", haul_tests::Sshd::user()))
-        .arg("anything: the forced command runs")
+    let mut child = other
+        .sshd
+        .ssh_command("anything: the forced command runs")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -876,27 +876,34 @@ impl Sshd {
         file
     }
 
+    /// OpenSSH's own client with the pbs's key, asking to run `command`.
+    pub fn ssh_command(&self, command: &str) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args([
+            "-q",
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-i",
+        ])
+        .arg(self.dir.join("id_ed25519"))
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            self.dir.join("known_hosts").display()
+        ))
+        .args(["-p", &self.port.to_string()])
+        .arg(format!("{}@127.0.0.1", Sshd::user()))
+        .arg(command);
+        cmd
+    }
+
     /// Runs OpenSSH's own client with the pbs's key: `command` is what it asks to run.
     pub fn ssh(&self, command: &str) -> Run {
-        let out = Command::new("ssh")
-            .args([
-                "-q",
-                "-T",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-i",
-            ])
-            .arg(self.dir.join("id_ed25519"))
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                self.dir.join("known_hosts").display()
-            ))
-            .args(["-p", &self.port.to_string()])
-            .arg(format!("{}@127.0.0.1", Sshd::user()))
-            .arg(command)
+        let out = self
+            .ssh_command(command)
             .stdin(std::process::Stdio::null())
             .output()
             .expect("ssh (apt-get install openssh-client)");
