@@ -13,6 +13,10 @@
 #                          WORK/password (0600): both "bench"
 #   bench_verify TOOL DATA RESTORED LOG  prints whether RESTORED equals DATA (diff -r,
 #                          differences in LOG)
+#   bench_measure TOOL PHASE CMD...  runs CMD with the page caches dropped before, output
+#                          in $logs/TOOL.PHASE.log; prints wall, user+sys CPU and peak
+#                          RSS, and keeps the wall in wall[TOOL.PHASE] (declare -A wall)
+#   bench_ratios PHASE...  prints haul's wall over restic's for each phase measured
 #   bench_login DIR        sets login: a uid-0 account whose shell is /bin/sh, made
 #                          (home in DIR) if missing, removed by bench_login_off
 
@@ -131,6 +135,31 @@ bench_verify() {
   else
     printf '%-7s restore-verify FAILED (see %s)\n' "$1" "$4"
   fi
+}
+
+bench_measure() {
+  local tool=$1 phase=$2 t="$logs/$1.$2.time"; shift 2
+  sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
+  if ! /usr/bin/time -f '%e %U %S %M' -o "$t" "$@" >"$logs/$tool.$phase.log" 2>&1; then
+    printf '%-7s %-10s FAILED\n' "$tool" "$phase"; tail -3 "$logs/$tool.$phase.log" | sed 's/^/        | /'
+    return 0
+  fi
+  local w u s m
+  read -r w u s m <"$t"
+  wall[$tool.$phase]=$w
+  printf '%-7s %-10s %8s %8.2f %10d\n' "$tool" "$phase" "$w" \
+    "$(awk -v u="$u" -v s="$s" 'BEGIN { print u + s }')" $((m / 1024))
+}
+
+bench_ratios() {
+  echo
+  echo "haul/restic (below 1 = haul better):"
+  local phase hw rw
+  for phase in "$@"; do
+    hw=${wall[haul.$phase]:-} rw=${wall[restic.$phase]:-}
+    [[ -n $hw && -n $rw ]] || { printf '%-10s n/a\n' "$phase"; continue; }
+    awk -v p="$phase" -v hw="$hw" -v rw="$rw" 'BEGIN { printf "%-10s wall %.2fx\n", p, hw / rw }'
+  done
 }
 
 bench_passwords() {

@@ -61,19 +61,7 @@ restic -r "s3:$ENDPOINT/bench/restic-copy" -q init --repository-version 2 \
 "$haul" --repo "s3:$ENDPOINT/bench/haul-copy" --password-file "$work/password" init >"$logs/haul.init-copy.log" 2>&1
 
 declare -A wall
-measure() { # tool phase cmd...
-  local tool=$1 phase=$2 t="$logs/$1.$2.time"; shift 2
-  sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true
-  if ! /usr/bin/time -f '%e %U %S %M' -o "$t" "$@" >"$logs/$tool.$phase.log" 2>&1; then
-    printf '%-7s %-10s FAILED\n' "$tool" "$phase"; tail -3 "$logs/$tool.$phase.log" | sed 's/^/        | /'
-    return 0
-  fi
-  local w u s m
-  read -r w u s m <"$t"
-  wall[$tool.$phase]=$w
-  printf '%-7s %-10s %8s %8.2f %10d\n' "$tool" "$phase" "$w" \
-    "$(awk -v u="$u" -v s="$s" 'BEGIN { print u + s }')" $((m / 1024))
-}
+measure() { bench_measure "$@"; }
 
 printf '%-7s %-10s %8s %8s %10s\n' tool phase wall_s cpu_s rss_mib
 for phase in full unchanged; do
@@ -89,11 +77,5 @@ measure haul copy "${haul_[@]}" --json copy --to "s3:$ENDPOINT/bench/haul-copy" 
 for t in restic haul; do
   bench_verify "$t" "$data" "$work/restore-$t$data" "$logs/$t.verify.log"
 done
-echo
-echo "haul/restic (below 1 = haul better):"
-for phase in full unchanged restore copy; do
-  hw=${wall[haul.$phase]:-} rw=${wall[restic.$phase]:-}
-  [[ -n $hw && -n $rw ]] || { printf '%-10s n/a\n' "$phase"; continue; }
-  awk -v p="$phase" -v hw="$hw" -v rw="$rw" 'BEGIN { printf "%-10s wall %.2fx\n", p, hw / rw }'
-done
+bench_ratios full unchanged restore copy
 echo "logs: $logs" >&2

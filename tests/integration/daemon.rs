@@ -1433,18 +1433,23 @@ fn the_daemon_copies_each_host_into_another_repository_on_schedule() {
         .filter(|v| v["type"] == "snapshot")
         .collect();
     assert!(copies.len() >= 2, "{copies:#?}");
-    let originals: Vec<String> = pulls_of(&r, "web")
-        .filter_map(|p| p["snapshot"].as_str().map(String::from))
-        .collect();
+    // The daemon goes on pulling and copying (a pull's snapshot can be copied just
+    // before the pull is recorded): the records are read until they name them all.
+    let originals = || -> Vec<String> {
+        pulls_of(&haul_tests::pull_records(&state), "web")
+            .filter_map(|p| p["snapshot"].as_str().map(String::from))
+            .collect()
+    };
+    let known = |original: &str| {
+        originals()
+            .iter()
+            .any(|o| original.starts_with(o.as_str()) || o.starts_with(original))
+    };
     for c in &copies {
         assert_eq!(c["host"], "web");
         let original = c["original"].as_str().unwrap();
-        assert!(
-            originals
-                .iter()
-                .any(|o| original.starts_with(o.as_str()) || o.starts_with(original)),
-            "{original} not in {originals:?}"
-        );
+        let what = format!("a pull of web recorded as having made {original}");
+        haul_tests::wait_until(Duration::from_secs(30), &what, || known(original));
     }
     let target = env.path("restored");
     offsite_pbs(&["restore", "latest", "--target", target.to_str().unwrap()]).expect(0);
