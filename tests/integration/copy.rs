@@ -529,4 +529,24 @@ fn the_receiving_pbs_refuses_reads_deletes_forgeries_other_hosts_and_future_time
     let b = restore(&tgt, copies[0]["id"].as_str().unwrap(), "b");
     assert_same_tree(&a, &b);
     tgt.pbs(&["check", "--read-data"]).expect(0);
+
+    // A receiving side that cannot open its repository (the wrong passphrase there):
+    // the copy fails, naming how the command ended and what it said.
+    fs::write(tgt.path("wrong"), "not the passphrase\n").unwrap();
+    let broken = haul_tests::Sshd::receiving(
+        &env.path("sshd-broken"),
+        (&tgt.repo(), &tgt.path("wrong")),
+        (&tgt.path("state"), &tgt.path("cache")),
+        "",
+        "",
+    );
+    fs::write(&other.cfg, broken.remote_config("offsite")).unwrap();
+    let run = other.copy(&env, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("the command ended with exit status")
+            && run.stderr.contains("wrong passphrase"),
+        "{}",
+        run.stderr
+    );
 }
