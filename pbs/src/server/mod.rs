@@ -196,6 +196,7 @@ impl Server {
                 hosts,
                 history,
                 own: Mutex::new(None),
+                known: Mutex::new(None),
             })
         })
     }

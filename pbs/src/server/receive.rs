@@ -99,9 +99,26 @@ pub struct Receiving {
     pub history: crate::history::History,
     /// The running session's host and its packs of cut-short copies.
     pub own: std::sync::Mutex<Option<(String, OwnPacks)>>,
+    /// The repository's snapshots as this connection knows them: listed once, with
+    /// the copies it commits added (a copy of many snapshots lists them once, not once
+    /// per snapshot).
+    pub known: std::sync::Mutex<Option<Vec<(SnapshotId, Snapshot)>>>,
 }
 
 impl Receiving {
+    /// Calls `f` with the repository's snapshots (see `known`).
+    fn snapshots<T>(
+        &self,
+        repo: &haul_repo::IndexedRepository,
+        f: impl FnOnce(&[(SnapshotId, Snapshot)]) -> T,
+    ) -> haul_repo::Result<T> {
+        let mut known = self.known.lock().expect("snapshots");
+        if known.is_none() {
+            *known = Some(repo.snapshots()?);
+        }
+        Ok(f(known.as_deref().expect("listed")))
+    }
+
     /// The resume record of `host`'s copies (apart from its pulls').
     fn key(host: &str) -> String {
         format!("receive {host}")
@@ -161,21 +178,24 @@ pub(super) async fn have(State(s): St, body: Whole) -> ApiResult<Json<Have>> {
     for (_, snap) in &ask.snapshots {
         check_host(&s, &snap.host)?;
     }
-    let repo = s.repo.clone();
+    let server = s.clone();
     let copies = blocking(move || {
-        let here = repo.snapshots()?;
-        Ok(ask
-            .snapshots
-            .iter()
-            .map(|(id, snap)| {
-                let same_host: Vec<_> = here
-                    .iter()
-                    .filter(|(_, t)| t.host == snap.host)
-                    .cloned()
-                    .collect();
-                haul_repo::copy::copy_in(&same_host, id, snap)
-            })
-            .collect())
+        Ok(receiving(&server).snapshots(&server.repo, |here| {
+            let mut by_host: std::collections::HashMap<&str, Vec<(SnapshotId, Snapshot)>> =
+                std::collections::HashMap::new();
+            ask.snapshots
+                .iter()
+                .map(|(id, snap)| {
+                    let same_host = by_host.entry(snap.host.as_str()).or_insert_with(|| {
+                        here.iter()
+                            .filter(|(_, t)| t.host == snap.host)
+                            .cloned()
+                            .collect()
+                    });
+                    haul_repo::copy::copy_in(same_host, id, snap)
+                })
+                .collect()
+        })?)
     })
     .await?;
     Ok(Json(Have { copies }))
@@ -189,11 +209,11 @@ pub(super) async fn start(State(s): St, body: Whole) -> ApiResult<Json<ReceiveSt
     let session = blocking(move || {
         let repo = server.repo.clone();
         let parent = match req.parent_original {
-            Some(p) => repo
-                .snapshots()?
-                .into_iter()
-                .find(|(_, t)| t.host == req.host && t.original == Some(p))
-                .map(|(id, _)| ParentChoice::Snapshot(id)),
+            Some(p) => receiving(&server).snapshots(&repo, |here| {
+                here.iter()
+                    .find(|(_, t)| t.host == req.host && t.original == Some(p))
+                    .map(|(id, _)| ParentChoice::Snapshot(*id))
+            })?,
             None => None,
         }
         .unwrap_or(ParentChoice::Latest);
@@ -289,6 +309,9 @@ pub(super) async fn commit(State(s): St, body: Whole) -> ApiResult<Json<ReceiveC
         let committed = session.commit_snapshot(snapshot)?;
         tracing::info!(snapshot = %committed.0.short(), host = %committed.1.host, "copy received");
         server.committed_now(&committed);
+        if let Some(known) = receiving(&server).known.lock().expect("snapshots").as_mut() {
+            known.push(committed.clone());
+        }
         Ok(ReceiveCommitted {
             snapshot: committed.0,
             bytes_stored,
