@@ -78,13 +78,13 @@ pub trait CopySession: Sync {
 /// The target's copy of `(id, snapshot)`, if it has one: recorded as copied from `id`,
 /// or (a copy made before `original` existed, or the same backup imported twice) with
 /// the same time, host, paths and root tree.
-pub fn copy_in(
-    target_snapshots: &[(SnapshotId, Snapshot)],
+pub fn copy_in<'a>(
+    target_snapshots: impl IntoIterator<Item = &'a (SnapshotId, Snapshot)>,
     id: &SnapshotId,
     snapshot: &Snapshot,
 ) -> Option<SnapshotId> {
     target_snapshots
-        .iter()
+        .into_iter()
         .find(|(_, t)| {
             t.original.as_ref() == Some(id)
                 || (t.time == snapshot.time
@@ -117,7 +117,7 @@ impl CopyTarget for LocalTarget<'_> {
         let there = self.snapshots.lock().expect("snapshots");
         Ok(snapshots
             .iter()
-            .map(|(id, s)| copy_in(&there, id, s))
+            .map(|(id, s)| copy_in(there.iter(), id, s))
             .collect())
     }
 
@@ -167,21 +167,14 @@ impl CopySession for LocalSession<'_, '_> {
     }
 
     fn commit(self: Box<Self>, mut copy: Snapshot) -> Result<(SnapshotId, u64)> {
-        // Written out first, so that the figure counts the last packs.
-        self.session.flush()?;
-        let stored = self
-            .session
-            .stats()
-            .bytes_stored
-            .load(std::sync::atomic::Ordering::Relaxed);
         copy.parent = self.session.parent().map(|(id, _)| *id);
-        let (id, copy) = self.session.commit_snapshot(copy)?;
+        let ((id, copy), added) = self.session.commit_snapshot(copy)?;
         self.target
             .snapshots
             .lock()
             .expect("snapshots")
             .push((id, copy));
-        Ok((id, stored))
+        Ok((id, added.bytes_stored))
     }
 
     fn abandon(self: Box<Self>) {

@@ -73,6 +73,14 @@ pub enum DedupScope {
     Repository,
 }
 
+/// What a committed session added to the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Added {
+    pub blobs: u64,
+    /// Sealed and compressed, its last packs included.
+    pub bytes_stored: u64,
+}
+
 /// What identifies the snapshot a session will write.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -967,12 +975,20 @@ impl<'r> IngestSession<'r> {
 
     /// Writes `snapshot` as it is (a copy from another repository keeps its time,
     /// paths, tags and figures) once everything below its root is stored, as
-    /// [`IngestSession::commit`] does.
-    pub fn commit_snapshot(mut self, snapshot: Snapshot) -> Result<(SnapshotId, Snapshot)> {
+    /// [`IngestSession::commit`] does. Also returns what the session added: its blobs
+    /// and bytes stored (sealed and compressed), its last packs included.
+    pub fn commit_snapshot(
+        mut self,
+        snapshot: Snapshot,
+    ) -> Result<((SnapshotId, Snapshot), Added)> {
         self.settle(&snapshot.tree)?;
         let id = self.repo.save_snapshot(&snapshot)?;
         self.finished = true;
-        Ok((id, snapshot))
+        let added = Added {
+            blobs: self.stats.blobs_new.load(Relaxed),
+            bytes_stored: self.stats.bytes_stored.load(Relaxed),
+        };
+        Ok(((id, snapshot), added))
     }
 
     /// Before a snapshot is written: the open packs and the index are written, every

@@ -303,9 +303,6 @@ impl Server {
             // Dropping the last reference flushes its packs and index.
             drop(s);
         }
-        if let Some(r) = &self.receiving {
-            r.settle(false);
-        }
     }
 
     /// Ends a receiving server's session that was not committed (its sender went

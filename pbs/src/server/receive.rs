@@ -181,17 +181,10 @@ pub(super) async fn have(State(s): St, body: Whole) -> ApiResult<Json<Have>> {
     let server = s.clone();
     let copies = blocking(move || {
         Ok(receiving(&server).snapshots(&server.repo, |here| {
-            let mut by_host: std::collections::HashMap<&str, Vec<(SnapshotId, Snapshot)>> =
-                std::collections::HashMap::new();
             ask.snapshots
                 .iter()
                 .map(|(id, snap)| {
-                    let same_host = by_host.entry(snap.host.as_str()).or_insert_with(|| {
-                        here.iter()
-                            .filter(|(_, t)| t.host == snap.host)
-                            .cloned()
-                            .collect()
-                    });
+                    let same_host = here.iter().filter(|(_, t)| t.host == snap.host);
                     haul_repo::copy::copy_in(same_host, id, snap)
                 })
                 .collect()
@@ -299,14 +292,7 @@ pub(super) async fn commit(State(s): St, body: Whole) -> ApiResult<Json<ReceiveC
             summary: req.summary,
             original: Some(req.original),
         };
-        // Written out first, so that the figures count the last packs.
-        session.flush()?;
-        let stats = session.stats();
-        let bytes_stored = stats
-            .bytes_stored
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let blobs_new = stats.blobs_new.load(std::sync::atomic::Ordering::Relaxed);
-        let committed = session.commit_snapshot(snapshot)?;
+        let (committed, added) = session.commit_snapshot(snapshot)?;
         tracing::info!(snapshot = %committed.0.short(), host = %committed.1.host, "copy received");
         server.committed_now(&committed);
         if let Some(known) = receiving(&server).known.lock().expect("snapshots").as_mut() {
@@ -314,8 +300,8 @@ pub(super) async fn commit(State(s): St, body: Whole) -> ApiResult<Json<ReceiveC
         }
         Ok(ReceiveCommitted {
             snapshot: committed.0,
-            bytes_stored,
-            blobs_new,
+            bytes_stored: added.bytes_stored,
+            blobs_new: added.blobs,
         })
     })
     .await;
