@@ -160,6 +160,19 @@ impl Packer {
         key: &crypto::Key,
         backend: &dyn Backend,
     ) -> Result<Option<PackId>> {
+        let Some((id, writer)) = self.seal(key, backend)? else {
+            return Ok(None);
+        };
+        store_pack(id, writer).map(|()| Some(id))
+    }
+
+    /// Seals the header, appends it and its length, and hands back the pack's name and
+    /// its writer, for [`store_pack`]. `None` for a pack nothing was appended to.
+    fn seal(
+        &mut self,
+        key: &crypto::Key,
+        backend: &dyn Backend,
+    ) -> Result<Option<(PackId, Box<dyn ObjectWriter>)>> {
         if self.entries.is_empty() {
             return Ok(None);
         }
@@ -171,11 +184,112 @@ impl Packer {
         let writer = writer
             .into_inner()
             .map_err(|e| Error::io(format!("pack {}", id.short()))(e.into_error()))?;
-        match writer.finish(&id.to_hex()) {
-            // The same bytes under the same name: already stored.
-            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(Some(id)),
-            Err(e) => Err(e),
+        Ok(Some((id, writer)))
+    }
+}
+
+/// Makes a sealed pack durable under its name.
+fn store_pack(id: PackId, writer: Box<dyn ObjectWriter>) -> Result<()> {
+    match writer.finish(&id.to_hex()) {
+        // The same bytes under the same name: already stored.
+        Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Packs at most in upload at once by a session on a remote backend.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
+/// A session's packs being stored in the background, where storing one takes a
+/// remote store's round trips and time (object storage): the threads that fill packs
+/// go on meanwhile. A pack's blobs stay in flight (present to `missing`, not yet
+/// readable or indexed) until its upload is done and the session takes the result
+/// ([`IngestSession::reap`]); `flush` waits for every upload, so an index file and a
+/// snapshot are written only after the packs they name.
+struct Uploads {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Upload>>>,
+    state: Mutex<UploadState>,
+    changed: std::sync::Condvar,
+}
+
+/// A sealed pack to store: its name, its writer, and its entries.
+type Upload = (PackId, Box<dyn ObjectWriter>, Packer);
+
+#[derive(Default)]
+struct UploadState {
+    /// Handed over and not done yet.
+    running: usize,
+    done: Vec<(PackId, Packer, Result<()>)>,
+}
+
+impl Uploads {
+    /// Starts the upload threads; `None` if no thread could be started (packs are then
+    /// stored by the threads that fill them).
+    fn start() -> Option<std::sync::Arc<Uploads>> {
+        let (tx, rx) = std::sync::mpsc::channel::<Upload>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let uploads = std::sync::Arc::new(Uploads {
+            jobs: Mutex::new(Some(tx)),
+            state: Mutex::default(),
+            changed: std::sync::Condvar::new(),
+        });
+        let mut started = 0;
+        for _ in 0..UPLOADS_IN_FLIGHT {
+            let (rx, me) = (rx.clone(), std::sync::Arc::downgrade(&uploads));
+            let spawned = std::thread::Builder::new()
+                .name("haul-pack-upload".into())
+                .spawn(move || loop {
+                    let job = rx.lock().expect("upload queue").recv();
+                    let Ok((id, writer, packer)) = job else {
+                        return;
+                    };
+                    let result = store_pack(id, writer);
+                    let Some(me) = me.upgrade() else { return };
+                    let mut st = me.state.lock().expect("uploads");
+                    st.running -= 1;
+                    st.done.push((id, packer, result));
+                    me.changed.notify_all();
+                });
+            started += spawned.is_ok() as usize;
         }
+        (started > 0).then_some(uploads)
+    }
+
+    /// Hands a sealed pack to the upload threads, once fewer than
+    /// [`UPLOADS_IN_FLIGHT`] are under way.
+    fn push(&self, id: PackId, writer: Box<dyn ObjectWriter>, packer: Packer) {
+        let mut st = self.state.lock().expect("uploads");
+        while st.running >= UPLOADS_IN_FLIGHT {
+            st = self.changed.wait(st).expect("uploads");
+        }
+        st.running += 1;
+        drop(st);
+        let jobs = self.jobs.lock().expect("upload queue");
+        let tx = jobs.as_ref().expect("open until the session ends");
+        if let Err(std::sync::mpsc::SendError((id, writer, packer))) = tx.send((id, writer, packer))
+        {
+            // No upload thread is left: store it here.
+            let result = store_pack(id, writer);
+            let mut st = self.state.lock().expect("uploads");
+            st.running -= 1;
+            st.done.push((id, packer, result));
+        }
+    }
+
+    /// The uploads done since the last call; with `all`, after waiting for every one.
+    fn take(&self, all: bool) -> Vec<(PackId, Packer, Result<()>)> {
+        let mut st = self.state.lock().expect("uploads");
+        while all && st.running > 0 {
+            st = self.changed.wait(st).expect("uploads");
+        }
+        std::mem::take(&mut st.done)
+    }
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        // The threads end once the queue is closed.
+        self.jobs.lock().expect("upload queue").take();
     }
 }
 
@@ -253,8 +367,11 @@ pub struct IngestSession<'r> {
     /// into it were taken as stored, so nothing may be committed.
     pack_lost: Mutex<Option<String>>,
     state: Mutex<State>,
-    /// Blobs sealed into an open pack or being sealed: present, not yet readable.
+    /// Blobs sealed into an open pack or being sealed, or in a pack being uploaded:
+    /// present, not yet readable.
     in_flight: Mutex<HashSet<BlobRef>>,
+    /// Where the backend is remote: the packs being uploaded.
+    uploads: Option<std::sync::Arc<Uploads>>,
     stats: IngestStats,
     started: Instant,
     finished: bool,
@@ -422,6 +539,7 @@ impl<'r> IngestSession<'r> {
                 parent_blobs.set(at);
             }
         }
+        let uploads = repo.backend().is_remote().then(Uploads::start).flatten();
         Ok(IngestSession {
             repo,
             info,
@@ -440,6 +558,7 @@ impl<'r> IngestSession<'r> {
                 last_index: Instant::now(),
             }),
             in_flight: Mutex::new(HashSet::new()),
+            uploads,
             stats: IngestStats::default(),
             started: Instant::now(),
             finished: false,
@@ -831,19 +950,56 @@ impl<'r> IngestSession<'r> {
         Ok(true)
     }
 
-    /// Appends the sealed header, finishes the pack under its name, and makes its
-    /// blobs known.
+    /// Appends the sealed header, finishes the pack under its name (in the background
+    /// where the backend is remote), and makes its blobs known.
     fn write_pack(&self, mut packer: Packer) -> Result<()> {
-        let finished = packer
-            .finish(self.repo.data_key(), self.repo.backend().as_ref())
+        let sealed = packer
+            .seal(self.repo.data_key(), self.repo.backend().as_ref())
             .inspect_err(|e| {
                 // Its blobs are not stored: `missing` must say so again.
                 self.lose_pack(e);
                 self.out_of_flight(&packer.entries);
             })?;
-        let Some(id) = finished else {
+        let Some((id, writer)) = sealed else {
             return Ok(());
         };
+        match &self.uploads {
+            Some(uploads) => {
+                uploads.push(id, writer, packer);
+                self.reap(false)
+            }
+            None => {
+                let result = store_pack(id, writer);
+                self.packed(id, packer, result)
+            }
+        }
+    }
+
+    /// Takes the results of the background uploads done (with `all`, of every one,
+    /// after waiting for them); the first failure is returned.
+    fn reap(&self, all: bool) -> Result<()> {
+        let Some(uploads) = &self.uploads else {
+            return Ok(());
+        };
+        let mut first = Ok(());
+        for (id, packer, result) in uploads.take(all) {
+            let r = self.packed(id, packer, result);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// What follows a pack's storing: on success its blobs are made known and the
+    /// index is written when due; on failure the session can commit nothing.
+    fn packed(&self, id: PackId, packer: Packer, stored: Result<()>) -> Result<()> {
+        if let Err(e) = stored {
+            // Its blobs are not stored: `missing` must say so again.
+            self.lose_pack(&e);
+            self.out_of_flight(&packer.entries);
+            return Err(e);
+        }
         let index = self.repo.index();
         index.add_pack(id, &packer.entries);
         self.packs_written.lock().expect("packs written").insert(id);
@@ -932,8 +1088,12 @@ impl<'r> IngestSession<'r> {
                 std::mem::replace(&mut st.tree, Packer::new(BlobKind::Tree)),
             )
         };
-        self.write_pack(data)?;
-        self.write_pack(tree)?;
+        let written = self.write_pack(data).and(self.write_pack(tree));
+        // Every upload is waited for, whatever failed: the index names only what they
+        // stored.
+        let uploaded = self.reap(true);
+        written?;
+        uploaded?;
         self.write_index()
     }
 
@@ -1191,16 +1351,21 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    /// Memory storage whose pack writes fail while `full` is set, like a full disk.
+    /// Memory storage whose pack writes fail while `full` is set, like a full disk;
+    /// with `remote`, it passes for a remote store, and the storing of a pack under its
+    /// name fails while `refuse` is set.
     #[derive(Default)]
     struct Flaky {
         inner: MemoryBackend,
         full: Arc<AtomicBool>,
+        remote: bool,
+        refuse: Arc<AtomicBool>,
     }
 
     struct FlakyWriter<'a> {
         inner: Box<dyn ObjectWriter + 'a>,
         full: Arc<AtomicBool>,
+        refuse: Arc<AtomicBool>,
     }
 
     impl Write for FlakyWriter<'_> {
@@ -1220,6 +1385,12 @@ mod tests {
 
     impl ObjectWriter for FlakyWriter<'_> {
         fn finish(self: Box<Self>, name: &str) -> Result<()> {
+            if self.refuse.load(Relaxed) {
+                return Err(Error::Io {
+                    what: format!("pack {name}"),
+                    source: std::io::Error::other("503 Slow Down"),
+                });
+            }
             self.inner.finish(name)
         }
     }
@@ -1227,6 +1398,9 @@ mod tests {
     impl Backend for Flaky {
         fn location(&self) -> String {
             "flaky".into()
+        }
+        fn is_remote(&self) -> bool {
+            self.remote
         }
         fn list(&self, t: FileType) -> Result<Vec<(String, u64)>> {
             self.inner.list(t)
@@ -1250,6 +1424,7 @@ mod tests {
             Ok(Box::new(FlakyWriter {
                 inner: self.inner.writer(t)?,
                 full: self.full.clone(),
+                refuse: self.refuse.clone(),
             }))
         }
     }
@@ -1346,6 +1521,69 @@ mod tests {
         s.add_plain(BlobKind::Tree, &root.0, tree).unwrap();
         s.commit(root, Summary::default()).unwrap();
         assert_eq!(repo.snapshots().unwrap().len(), 1);
+    }
+
+    /// On a remote store packs are stored in the background: a pack whose upload
+    /// fails is lost like one whose write failed (its blobs missing again, the commit
+    /// refused), and the packs uploaded are indexed and readable after `flush`.
+    #[test]
+    fn a_pack_whose_background_upload_fails_is_lost_and_claims_nothing() {
+        let flaky = Arc::new(Flaky {
+            remote: true,
+            ..Default::default()
+        });
+        let refuse = flaky.refuse.clone();
+        let kdf = KdfParams {
+            m_cost: 64,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        let repo = Repository::init(flaky, b"pw", kdf, RepoConfig::new(3))
+            .unwrap()
+            .load_index(None)
+            .unwrap();
+        let info = SessionInfo::for_tests();
+        let s = IngestSession::start(&repo, info.clone()).unwrap();
+        assert!(
+            s.uploads.is_some(),
+            "a remote store's packs go up in the background"
+        );
+        let stored = s.add_new(BlobKind::Data, chunk(1)).unwrap();
+        s.flush().unwrap();
+        assert_eq!(repo.load_blob(BlobKind::Data, &stored).unwrap(), chunk(1));
+        let lost = s.add_new(BlobKind::Data, chunk(2)).unwrap();
+        let (root, tree) = files_tree(&[ChunkId(stored), ChunkId(lost)]).encode_with_id();
+        s.add_plain(BlobKind::Tree, &root.0, tree.clone()).unwrap();
+        refuse.store(true, Relaxed);
+        let err = s.flush().unwrap_err();
+        assert!(err.to_string().contains("503 Slow Down"), "{err}");
+        refuse.store(false, Relaxed);
+        let missing = |s: &IngestSession, id| {
+            s.missing(&[BlobRef {
+                kind: BlobKind::Data,
+                id,
+            }])
+            .unwrap()
+            .len()
+        };
+        assert_eq!(
+            missing(&s, lost),
+            1,
+            "a blob of the lost pack is missing again"
+        );
+        assert_eq!(missing(&s, stored), 0);
+        assert!(repo.load_blob(BlobKind::Data, &lost).is_err());
+        let err = s.commit(root, Summary::default()).unwrap_err();
+        assert!(matches!(err, Error::PackLost { .. }), "{err}");
+        assert!(repo.snapshots().unwrap().is_empty());
+        // The next session stores it again and commits (its source sends both: a
+        // source builds on what it sent).
+        let s = IngestSession::start(&repo, info).unwrap();
+        s.add_new(BlobKind::Data, chunk(1)).unwrap();
+        s.add_new(BlobKind::Data, chunk(2)).unwrap();
+        s.add_plain(BlobKind::Tree, &root.0, tree).unwrap();
+        s.commit(root, Summary::default()).unwrap();
+        assert_eq!(repo.load_blob(BlobKind::Data, &lost).unwrap(), chunk(2));
     }
 
     /// Two sessions of one process store the same chunk, each in its own pack; the
