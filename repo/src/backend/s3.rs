@@ -499,59 +499,69 @@ impl Backend for S3Backend {
     fn read_range(&self, t: FileType, name: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
         let path = self.object_path(t, name)?;
         let end = offset + length as u64;
-        let window = (t == FileType::Data).then(|| {
-            let start = offset / WINDOW * WINDOW;
-            (start, end.div_ceil(WINDOW).max(start / WINDOW + 1) * WINDOW)
-        });
-        if let Some((start, _)) = window {
-            let windows = self.windows.lock().expect("windows");
-            if let Some((_, ws, b)) = windows
-                .iter()
-                .rev()
-                .find(|(n, ws, b)| n == name && *ws <= offset && end <= *ws + b.len() as u64)
-            {
-                let at = (offset - ws) as usize;
-                return Ok(b[at..at + length as usize].to_vec());
-            }
-            drop(windows);
-            debug_assert!(start <= offset);
-        }
-        let (from, to) = window.unwrap_or((offset, end));
-        let store = self.store.clone();
-        let got = self.run(async move { store.get_range(&path, from..to).await });
-        let got = match (got, window) {
-            (Ok(b), Some((ws, _))) if b.len() as u64 >= end - ws => {
-                let at = (offset - ws) as usize;
-                let out = b[at..at + length as usize].to_vec();
-                let mut windows = self.windows.lock().expect("windows");
-                if windows.len() >= WINDOWS {
-                    windows.pop_front();
-                }
-                windows.push_back((name.to_string(), ws, b));
-                return Ok(out);
-            }
-            (got, _) => got,
-        };
-        match got {
-            Ok(b) if b.len() == length as usize => Ok(b.to_vec()),
-            Ok(b) => Err(Error::corrupt(
-                format!("{t} {name}"),
-                format!(
-                    "range {offset}+{length} past its end ({} bytes read)",
-                    b.len()
-                ),
-            )),
+        let failed = |e: object_store::Error| match e {
             // A range starting past the end: the server says 416, `object_store` an
             // invalid range.
-            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound {
+            object_store::Error::NotFound { .. } => Error::NotFound {
                 what: format!("{t} {name}"),
-            }),
-            Err(e) if is_range_error(&e) => Err(Error::corrupt(
+            },
+            e if is_range_error(&e) => Error::corrupt(
                 format!("{t} {name}"),
                 format!("range {offset}+{length} past its end"),
-            )),
-            Err(e) => Err(self.error(format!("{t} {name}"), e)),
+            ),
+            e => self.error(format!("{t} {name}"), e),
+        };
+        let past_end = |read: usize| {
+            Error::corrupt(
+                format!("{t} {name}"),
+                format!("range {offset}+{length} past its end ({read} bytes read)"),
+            )
+        };
+        if t != FileType::Data {
+            let store = self.store.clone();
+            return match self.run(async move { store.get_range(&path, offset..end).await }) {
+                Ok(b) if b.len() == length as usize => Ok(b.to_vec()),
+                Ok(b) => Err(past_end(b.len())),
+                Err(e) => Err(failed(e)),
+            };
         }
+        // A pack's bytes: taken from the windows kept, piece by piece (a blob may
+        // straddle two), and what they lack fetched in aligned windows from there on,
+        // so no byte is fetched twice while its window is kept.
+        let mut out = Vec::with_capacity(length as usize);
+        let mut at = offset;
+        while at < end {
+            let kept = self
+                .windows
+                .lock()
+                .expect("windows")
+                .iter()
+                .rev()
+                .find(|(n, ws, b)| n == name && *ws <= at && at < *ws + b.len() as u64)
+                .map(|(_, ws, b)| (*ws, b.clone()));
+            if let Some((ws, b)) = kept {
+                let upto = end.min(ws + b.len() as u64);
+                out.extend_from_slice(&b[(at - ws) as usize..(upto - ws) as usize]);
+                at = upto;
+                continue;
+            }
+            let (from, to) = (at / WINDOW * WINDOW, end.div_ceil(WINDOW) * WINDOW);
+            let store = self.store.clone();
+            let p = path.clone();
+            let b = self
+                .run(async move { store.get_range(&p, from..to).await })
+                .map_err(failed)?;
+            if b.len() as u64 <= at - from {
+                // The object ends before `at`.
+                return Err(past_end(out.len()));
+            }
+            let mut windows = self.windows.lock().expect("windows");
+            if windows.len() >= WINDOWS {
+                windows.pop_front();
+            }
+            windows.push_back((name.to_string(), from, b));
+        }
+        Ok(out)
     }
 
     fn write_once(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
