@@ -1460,19 +1460,24 @@ mod tests {
         assert!(repo.snapshots().unwrap().is_empty());
     }
 
-    #[test]
-    fn a_failed_pack_write_never_leaves_blobs_claimed_present() {
-        let flaky = Arc::new(Flaky::default());
-        let full = flaky.full.clone();
+    /// A new repository on `backend`, with a cheap key derivation.
+    fn repository_on(backend: Arc<Flaky>) -> IndexedRepository {
         let kdf = KdfParams {
             m_cost: 64,
             t_cost: 1,
             p_cost: 1,
         };
-        let repo = Repository::init(flaky, b"pw", kdf, RepoConfig::new(3))
+        Repository::init(backend, b"pw", kdf, RepoConfig::new(3))
             .unwrap()
             .load_index(None)
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failed_pack_write_never_leaves_blobs_claimed_present() {
+        let flaky = Arc::new(Flaky::default());
+        let full = flaky.full.clone();
+        let repo = repository_on(flaky);
         let info = SessionInfo {
             host: "h".into(),
             paths: vec!["/".into()],
@@ -1533,15 +1538,7 @@ mod tests {
             ..Default::default()
         });
         let refuse = flaky.refuse.clone();
-        let kdf = KdfParams {
-            m_cost: 64,
-            t_cost: 1,
-            p_cost: 1,
-        };
-        let repo = Repository::init(flaky, b"pw", kdf, RepoConfig::new(3))
-            .unwrap()
-            .load_index(None)
-            .unwrap();
+        let repo = repository_on(flaky);
         let info = SessionInfo::for_tests();
         let s = IngestSession::start(&repo, info.clone()).unwrap();
         assert!(
