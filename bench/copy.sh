@@ -18,15 +18,7 @@ set -euo pipefail
 
 mib=1024 work=/tmp/haul-bench-copy
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
-while (($#)); do
-  case $1 in
-    --mib) mib=${2:?--mib needs a value}; shift 2 ;;
-    --work) work=${2:?--work needs a value}; shift 2 ;;
-    -h|--help) bench_help ;;
-    *) bench_unknown "$1" ;;
-  esac
-done
-bench_count --mib "$mib"
+bench_mib_work_args "$@"
 bench_needs restic python3 jq ssh ssh-keygen /usr/sbin/sshd
 bench_haul_binaries
 
@@ -43,7 +35,7 @@ python3 "$root/bench/gen_dataset.py" "$data" --mib "$mib" >"$logs/gen.log" 2>&1
 ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_haul"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_restic"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(bench_free_port)
 printf 'command="env HAUL_STATE_DIR=%s HAUL_CONFIG=/dev/null %s --repo %s --password-file %s --cache-dir %s receive",restrict %s\n' \
   "$work/far-state" "$haul" "$work/haul-far" "$work/password" "$work/far-cache" "$(cat "$d/id_haul.pub")" >"$d/authorized_keys"
 printf 'restrict %s\n' "$(cat "$d/id_restic.pub")" >>"$d/authorized_keys"

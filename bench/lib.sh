@@ -9,6 +9,9 @@
 #                          when missing)
 #   bench_sshd_config DIR PORT  writes DIR/sshd_config: a private sshd on 127.0.0.1:PORT
 #                          with DIR's hostkey and authorized_keys, forwards for haul
+#   bench_mib_work_args ARGS...  parses --mib N and --work DIR (and --help) into mib and
+#                          work, or exits 2
+#   bench_free_port        prints a TCP port free on 127.0.0.1
 #   bench_passwords WORK   restic's password in the environment (only it), haul's in
 #                          WORK/password (0600): both "bench"
 #   bench_verify TOOL DATA RESTORED LOG  prints whether RESTORED equals DATA (diff -r,
@@ -167,4 +170,24 @@ bench_passwords() {
   export RESTIC_PASSWORD=bench
   printf 'bench\n' >"$1/password"
   chmod 600 "$1/password"
+}
+
+# The usual arguments of a benchmark that takes only a dataset size and a work
+# directory: sets $mib and $work (their defaults set by the caller), or prints help, or
+# refuses anything else.
+bench_mib_work_args() {
+  while (($#)); do
+    case $1 in
+      --mib) mib=${2:?--mib needs a value}; shift 2 ;;
+      --work) work=${2:?--work needs a value}; shift 2 ;;
+      -h|--help) bench_help ;;
+      *) bench_unknown "$1" ;;
+    esac
+  done
+  bench_count --mib "$mib"
+}
+
+# A TCP port free on 127.0.0.1 now.
+bench_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

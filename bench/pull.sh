@@ -15,15 +15,7 @@ set -euo pipefail
 
 mib=1024 work=/tmp/haul-bench-pull
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
-while (($#)); do
-  case $1 in
-    --mib) mib=${2:?--mib needs a value}; shift 2 ;;
-    --work) work=${2:?--work needs a value}; shift 2 ;;
-    -h|--help) bench_help ;;
-    *) bench_unknown "$1" ;;
-  esac
-done
-bench_count --mib "$mib"
+bench_mib_work_args "$@"
 
 gen="$root/bench/gen_dataset.py"
 [[ -f $gen ]] || { echo "pull.sh: $gen not found" >&2; exit 2; }

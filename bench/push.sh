@@ -62,9 +62,9 @@ d=$work/sshd
 ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_rsync"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-slow=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-flat=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(bench_free_port)
+slow=$(bench_free_port)
+flat=$(bench_free_port)
 printf 'agent = "%s"\nsocket_dir = "%s"\nbackup_roots = ["%s"]\nrestore_targets = ["%s"]\n' \
   "$bin/haul-agent" "$d/sockets" "$data" "$work/clone" >"$d/wrapper.toml"
 printf 'command="%s --policy %s",restrict,port-forwarding %s\n' "$bin/haul-wrapper" "$d/wrapper.toml" "$(cat "$d/id_ed25519.pub")" >"$d/authorized_keys"

@@ -33,7 +33,7 @@ python3 "$root/bench/gen_dataset.py" "$data" --mib "$mib" >/dev/null
 d=$work/sshd
 ssh-keygen -q -t ed25519 -N '' -f "$d/hostkey" && ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519"
 ssh-keygen -q -t ed25519 -N '' -f "$d/id_restic"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(bench_free_port)
 printf 'agent = "%s"\nsocket_dir = "%s"\nbackup_roots = ["%s"]\n' "$bin/haul-agent" "$d/sockets" "$data" >"$d/wrapper.toml"
 printf 'command="%s --policy %s",restrict,port-forwarding %s\n' "$bin/haul-wrapper" "$d/wrapper.toml" "$(cat "$d/id_ed25519.pub")" >"$d/authorized_keys"
 printf 'restrict %s\n' "$(cat "$d/id_restic.pub")" >>"$d/authorized_keys"   # restic: sftp only
