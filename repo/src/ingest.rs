@@ -243,7 +243,16 @@ impl Uploads {
                     let Ok((id, writer, packer)) = job else {
                         return;
                     };
-                    let result = store_pack(id, writer);
+                    // A panic is an upload that failed: `flush` must not wait for it.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        store_pack(id, writer)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Io {
+                            what: format!("pack {}", id.short()),
+                            source: std::io::Error::other("its upload failed unexpectedly"),
+                        })
+                    });
                     let Some(me) = me.upgrade() else { return };
                     let mut st = me.state.lock().expect("uploads");
                     st.running -= 1;
@@ -264,16 +273,13 @@ impl Uploads {
         }
         st.running += 1;
         drop(st);
-        let jobs = self.jobs.lock().expect("upload queue");
-        let tx = jobs.as_ref().expect("open until the session ends");
-        if let Err(std::sync::mpsc::SendError((id, writer, packer))) = tx.send((id, writer, packer))
-        {
-            // No upload thread is left: store it here.
-            let result = store_pack(id, writer);
-            let mut st = self.state.lock().expect("uploads");
-            st.running -= 1;
-            st.done.push((id, packer, result));
-        }
+        self.jobs
+            .lock()
+            .expect("upload queue")
+            .as_ref()
+            .expect("open until the session ends")
+            .send((id, writer, packer))
+            .expect("the upload threads end only when the queue is closed");
     }
 
     /// The uploads done since the last call; with `all`, after waiting for every one.
